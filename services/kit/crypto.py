@@ -1,0 +1,148 @@
+"""Encryption of protected health information at rest.
+
+Envelope encryption: each agency has data keys (AES-256-GCM) stored in the
+service's own database, wrapped by a master key that never touches the
+database (from the environment in production, generated into the run folder
+in development). Every ciphertext names the data key that sealed it, so keys
+rotate without re-encrypting old data: new writes use the newest key, reads use
+whichever key the ciphertext names. The additional authenticated data binds a
+ciphertext to its agency, record and field, so a sealed value copied to another
+record or agency fails to open.
+
+Ciphertext layout (bytes): version 0x01 | key-id length (1 byte) | key id (utf-8) | nonce (12) | ciphertext+tag
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from services.kit.mongo import now_ms
+
+VERSION = 1
+DATA_KEYS = "phi_data_keys"
+
+
+class DecryptionError(Exception):
+    """The ciphertext cannot be opened (wrong key, record, field or agency, or damaged)."""
+
+
+class KeyRing:
+    """Per-agency data keys in `phi_data_keys`, wrapped with the master key."""
+
+    def __init__(self, db: Database, master_keys: dict[str, bytes], active_master_id: str):
+        if active_master_id not in master_keys:
+            raise ValueError("the active master key id must be one of the master keys")
+        self.collection = db[DATA_KEYS]
+        self.master_keys = master_keys
+        self.active_master_id = active_master_id
+        self._plain: dict[str, bytes] = {}
+        self._active: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def ensure_indexes(self) -> None:
+        self.collection.create_index([("agency_id", 1), ("generation", -1)])
+
+    def _wrap(self, key_id: str, agency_id: str, plain: bytes) -> dict:
+        nonce = os.urandom(12)
+        sealed = AESGCM(self.master_keys[self.active_master_id]).encrypt(nonce, plain, f"{agency_id}|{key_id}".encode())
+        return {"master_key_id": self.active_master_id, "wrapped": nonce + sealed}
+
+    def _unwrap(self, doc: dict) -> bytes:
+        master = self.master_keys.get(doc["master_key_id"])
+        if master is None:
+            raise DecryptionError(f"master key {doc['master_key_id']!r} is not configured")
+        wrapped = bytes(doc["wrapped"])
+        try:
+            return AESGCM(master).decrypt(wrapped[:12], wrapped[12:], f"{doc['agency_id']}|{doc['_id']}".encode())
+        except InvalidTag as exc:
+            raise DecryptionError("data key cannot be unwrapped") from exc
+
+    def key(self, key_id: str) -> bytes:
+        with self._lock:
+            plain = self._plain.get(key_id)
+        if plain is not None:
+            return plain
+        doc = self.collection.find_one({"_id": {"$eq": key_id}})
+        if doc is None:
+            raise DecryptionError("unknown data key")
+        plain = self._unwrap(doc)
+        with self._lock:
+            self._plain[key_id] = plain
+        return plain
+
+    def active_key(self, agency_id: str) -> tuple[str, bytes]:
+        with self._lock:
+            key_id = self._active.get(agency_id)
+        if key_id is None:
+            newest = list(self.collection.find({"agency_id": {"$eq": agency_id}}).sort("generation", -1).limit(1))
+            key_id = newest[0]["_id"] if newest else self.rotate(agency_id)
+            with self._lock:
+                self._active[agency_id] = key_id
+        return key_id, self.key(key_id)
+
+    def rotate(self, agency_id: str) -> str:
+        """Create the agency's next data key and make it the one new writes use."""
+        newest = list(self.collection.find({"agency_id": {"$eq": agency_id}}).sort("generation", -1).limit(1))
+        generation = newest[0]["generation"] + 1 if newest else 1
+        key_id = f"{agency_id}:{generation}"
+        doc = {"_id": key_id, "agency_id": agency_id, "generation": generation, "created_at": now_ms()}
+        doc.update(self._wrap(key_id, agency_id, AESGCM.generate_key(bit_length=256)))
+        try:
+            self.collection.insert_one(doc)
+        except DuplicateKeyError:
+            pass  # another process created this generation first; both use theirs
+        with self._lock:
+            self._active[agency_id] = key_id
+        return key_id
+
+    def rewrap_all(self) -> int:
+        """Re-wrap every data key with the active master key (master key rotation)."""
+        count = 0
+        for doc in self.collection.find({"master_key_id": {"$ne": self.active_master_id}}):
+            plain = self._unwrap(doc)
+            self.collection.update_one(
+                {"_id": {"$eq": doc["_id"]}}, {"$set": self._wrap(doc["_id"], doc["agency_id"], plain)}
+            )
+            count += 1
+        return count
+
+
+class PhiCipher:
+    """Seals and opens PHI fields for one agency at a time."""
+
+    def __init__(self, keyring: KeyRing):
+        self.keyring = keyring
+
+    @staticmethod
+    def _aad(agency_id: str, record_id: str, field: str) -> bytes:
+        return f"{agency_id}|{record_id}|{field}".encode()
+
+    def seal(self, agency_id: str, record_id: str, field: str, plaintext: str) -> bytes:
+        key_id, key = self.keyring.active_key(agency_id)
+        nonce = os.urandom(12)
+        sealed = AESGCM(key).encrypt(nonce, plaintext.encode("utf-8"), self._aad(agency_id, record_id, field))
+        encoded_id = key_id.encode()
+        return bytes([VERSION, len(encoded_id)]) + encoded_id + nonce + sealed
+
+    def open(self, agency_id: str, record_id: str, field: str, blob: bytes) -> str:
+        blob = bytes(blob)
+        if len(blob) < 2 or blob[0] != VERSION:
+            raise DecryptionError("unknown ciphertext format")
+        id_len = blob[1]
+        key_id = blob[2 : 2 + id_len].decode()
+        if not key_id.startswith(f"{agency_id}:"):
+            raise DecryptionError("ciphertext belongs to another agency")
+        rest = blob[2 + id_len :]
+        try:
+            plain = AESGCM(self.keyring.key(key_id)).decrypt(
+                rest[:12], rest[12:], self._aad(agency_id, record_id, field)
+            )
+        except InvalidTag as exc:
+            raise DecryptionError("ciphertext does not open for this record") from exc
+        return plain.decode("utf-8")

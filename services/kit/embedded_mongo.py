@@ -1,0 +1,100 @@
+"""The embedded MongoDB default: an nx-27017 server (MongoDB wire protocol over SQLite).
+
+Started by the project when MONGO_URI is unset. Production points MONGO_URI at a
+MongoDB replica set instead; nothing else in the code changes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pymongo
+
+
+class EmbeddedMongoError(RuntimeError):
+    pass
+
+
+@dataclass
+class EmbeddedMongo:
+    data_dir: Path
+    port: int
+    host: str = "127.0.0.1"
+    log_file: Path | None = None
+    pid_file: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/"
+
+    def start(self, timeout: float = 20.0) -> str:
+        """Start the server (if this port is not already served by one) and wait until it answers."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_file = self.log_file or self.data_dir / "nx-27017.log"
+        pid_file = self.pid_file or self.data_dir / "nx-27017.pid"
+        if answers(self.uri, timeout=0.5):
+            return self.uri
+        exe = Path(sys.executable).with_name("nx-27017")
+        cmd = [
+            str(exe),
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-file",
+            str(log_file),
+            "--pid-file",
+            str(pid_file),
+        ]
+        with open(log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        pid_file.write_text(str(self.process.pid))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedMongoError(f"nx-27017 exited with {self.process.returncode}; see {log_file}")
+            if answers(self.uri, timeout=0.5):
+                return self.uri
+            time.sleep(0.1)
+        self.stop()
+        raise EmbeddedMongoError(f"nx-27017 did not answer on {self.uri} within {timeout}s; see {log_file}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+
+def answers(uri: str, timeout: float = 1.0) -> bool:
+    try:
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=int(timeout * 1000), connect=True)
+        try:
+            client.admin.command("ping")
+            return True
+        finally:
+            client.close()
+    except pymongo.errors.PyMongoError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,60 @@
+"""Domain errors with a stable code, shared by the HTTP and gRPC edges."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class DomainError(Exception):
+    http_status = 400
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, code: str, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidInput(DomainError):
+    http_status = 400
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unauthenticated(DomainError):
+    http_status = 401
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Forbidden(DomainError):
+    http_status = 403
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(DomainError):
+    http_status = 404
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+class Conflict(DomainError):
+    http_status = 409
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unavailable(DomainError):
+    http_status = 503
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+# gRPC status of a dependency -> the error our edge reports for it.
+def from_grpc_error(exc: grpc.RpcError, dependency: str) -> DomainError:
+    code = exc.code() if hasattr(exc, "code") else None
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound("not_found", f"{dependency}: not found")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput("invalid_request", f"{dependency} rejected the request: {exc.details()}")
+    if code in (grpc.StatusCode.UNAUTHENTICATED,):
+        return Unauthenticated("unauthenticated", f"{dependency} did not accept the caller's credentials")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return Forbidden("forbidden", f"{dependency} refused the request")
+    return Unavailable("dependency_unavailable", f"{dependency} is unavailable, try again")

@@ -1,0 +1,136 @@
+"""Flask application factory for HTTP edges.
+
+JSON errors only: every error has a stable `code` and a human `message`; no
+stack trace and no HTML page ever leaves a service. Request bodies are parsed
+strictly (see services.kit.validation).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
+from services.kit.errors import DomainError
+from services.kit.logs import correlation_id_var
+
+log = logging.getLogger("http")
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None):
+    body = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    response = jsonify(body)
+    response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="clinic"'
+    return response
+
+
+def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int = 256 * 1024) -> Flask:
+    app = Flask(service)
+    app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, JSON_SORT_KEYS=False, PROPAGATE_EXCEPTIONS=False)
+    app.json.sort_keys = False
+    app.extensions["clinic.verifier"] = verifier
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Correlation-ID", "")
+        g.correlation_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        g.correlation_token = correlation_id_var.set(g.correlation_id)
+
+    @app.after_request
+    def _finish(response):
+        response.headers["X-Correlation-ID"] = g.get("correlation_id", "")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "route": route,
+                "status": response.status_code,
+                "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
+            },
+        )
+        return response
+
+    @app.teardown_request
+    def _teardown(_exc):
+        token = g.pop("correlation_token", None)
+        if token is not None:
+            correlation_id_var.reset(token)
+        identity_token = g.pop("identity_token", None)
+        if identity_token is not None:
+            current_identity.reset(identity_token)
+
+    @app.errorhandler(DomainError)
+    def _domain_error(exc: DomainError):
+        return error_response(exc.http_status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        code = HTTP_CODES.get(status, "http_error")
+        message = {
+            404: "no such resource",
+            405: "method not allowed on this resource",
+            413: f"request body exceeds {max_body_bytes} bytes",
+        }.get(status, exc.description or exc.name)
+        return error_response(status, code, message)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error", extra={"route": request.url_rule.rule if request.url_rule else "unmatched"})
+        return error_response(500, "internal_error", "internal error; the request was not completed")
+
+    @app.get("/healthz")
+    def _healthz():
+        return {"status": "ok", "service": service}
+
+    return app
+
+
+def require_auth(view: Callable) -> Callable:
+    """Verify the bearer token and expose the caller as `g.identity` (and current_identity)."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        from flask import current_app
+
+        verifier: TokenVerifier = current_app.extensions["clinic.verifier"]
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            return error_response(401, "unauthenticated", "a bearer access token is required")
+        try:
+            identity = verifier.verify(token)
+        except AuthError as exc:
+            status = 503 if exc.code == "auth_unavailable" else 401
+            return error_response(status, exc.code, exc.message)
+        g.identity = identity
+        g.identity_token = current_identity.set(identity)
+        return view(*args, **kwargs)
+
+    return wrapper

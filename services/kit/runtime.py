@@ -1,0 +1,78 @@
+"""Process lifecycle: start a service's servers and workers, drain them on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+import waitress
+from flask import Flask
+
+from services.kit.grpc_server import GrpcServer
+
+log = logging.getLogger(__name__)
+
+
+class ServiceProcess:
+    """Owns the servers and background workers of one service process."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.stop_event = threading.Event()
+        self._stoppers: list[tuple[str, Callable[[], None]]] = []
+        self._threads: list[threading.Thread] = []
+
+    def serve_http(self, app: Flask, host: str, port: int, threads: int = 8) -> int:
+        server = waitress.create_server(
+            app, host=host, port=port, threads=threads, ident="", channel_timeout=60, connection_limit=1000
+        )
+        bound = server.effective_port
+        thread = threading.Thread(target=server.run, name=f"{self.name}-http", daemon=True)
+        thread.start()
+        self._stoppers.append(("http", server.close))
+        log.info("HTTP server listening", extra={"port": bound})
+        return bound
+
+    def serve_grpc(self, server: GrpcServer) -> int:
+        server.start()
+        self._stoppers.append(("grpc", lambda: server.stop(5.0)))
+        return server.port
+
+    def background(self, name: str, target: Callable[[threading.Event], None]) -> None:
+        """Run `target(stop_event)` in a thread; it must return soon after stop_event is set."""
+
+        def guarded():
+            try:
+                target(self.stop_event)
+            except Exception:
+                log.exception("background worker failed", extra={"route": name})
+                self.stop_event.set()
+
+        thread = threading.Thread(target=guarded, name=f"{self.name}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def on_stop(self, name: str, stop: Callable[[], None]) -> None:
+        self._stoppers.append((name, stop))
+
+    def wait(self) -> None:
+        """Block until SIGTERM/SIGINT (or a failed worker), then drain everything in reverse order."""
+
+        def _signal(signum, _frame):
+            log.info("stopping on signal", extra={"code": signal.Signals(signum).name})
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        while not self.stop_event.wait(0.5):
+            pass
+        for name, stop in reversed(self._stoppers):
+            try:
+                stop()
+            except Exception:
+                log.exception("error while stopping", extra={"route": name})
+        for thread in self._threads:
+            thread.join(timeout=10)
+        log.info("stopped")

@@ -1,0 +1,225 @@
+"""Settings from the environment, validated once at start-up.
+
+Each service's config.py builds its settings with `Env`; every problem is
+collected and reported together, so an operator fixes them in one pass.
+Development mode generates missing keys and secrets into the git-ignored run
+folder; production mode refuses to start without them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODES = ("development", "production")
+
+
+class SettingsError(SystemExit):
+    """Raised with every invalid or missing setting listed; exits the process with status 2."""
+
+    def __init__(self, service: str, problems: list[str]):
+        self.problems = problems
+        text = f"{service}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        super().__init__(text)
+        self.code = 2
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Env:
+    """Typed reads of environment variables that record problems instead of failing one at a time."""
+
+    def __init__(self, service: str, environ: Mapping[str, str] | None = None):
+        self.service = service
+        self.environ = dict(os.environ if environ is None else environ)
+        self.problems: list[str] = []
+        self.mode = self.choice("CLINIC_MODE", MODES, "development")
+        self.run_dir = Path(self.str("CLINIC_RUN_DIR", str(REPO_ROOT / ".run"))).resolve()
+
+    @property
+    def production(self) -> bool:
+        return self.mode == "production"
+
+    def _raw(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self._raw(name)
+        if value is None:
+            if required or default is None:
+                self.problems.append(f"{name} is required")
+                return ""
+            return default
+        return value
+
+    def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be an integer, got {raw!r}")
+            return default
+        if minimum is not None and value < minimum or maximum is not None and value > maximum:
+            self.problems.append(f"{name} must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be a number, got {raw!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self._raw(name) or default
+        if value not in choices:
+            self.problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+    def url(self, name: str, default: str | None, schemes: tuple[str, ...]) -> str:
+        value = self.str(name, default)
+        if value:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in schemes or not parts.hostname:
+                self.problems.append(f"{name} must be a {'/'.join(schemes)} URL, got {redact_url(value)!r}")
+        return value
+
+    def secret(self, name: str, file_name: str, generate: Callable[[], str]) -> str:
+        """A secret from the environment (or NAME_FILE); in development generated once into the run folder."""
+        value = self._raw(name)
+        file_path = self._raw(f"{name}_FILE")
+        if value is None and file_path:
+            try:
+                value = Path(file_path).read_text().strip()
+            except OSError as exc:
+                self.problems.append(f"{name}_FILE cannot be read: {exc.strerror}")
+                return ""
+        if value is not None:
+            return value
+        if self.production:
+            self.problems.append(f"{name} (or {name}_FILE) is required in production")
+            return ""
+        return dev_secret(self.run_dir, file_name, generate)
+
+    def done(self) -> None:
+        if self.problems:
+            raise SettingsError(self.service, self.problems)
+
+
+def dev_secret(run_dir: Path, file_name: str, generate: Callable[[], str]) -> str:
+    """Read a development secret, creating it atomically if absent (safe when processes race)."""
+    secrets_dir = run_dir / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = secrets_dir / file_name
+    if not path.exists():
+        tmp = secrets_dir / f".{file_name}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(generate())
+        tmp.chmod(0o600)
+        try:
+            os.link(tmp, path)  # fails if another process won the race; theirs is kept
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
+def random_key_b64() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def redact_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """What every service process needs."""
+
+    service: str
+    mode: str
+    run_dir: Path
+    mongo_uri: str
+    mongo_db: str
+    amqp_url: str
+    events_exchange: str
+    phi_master_keys: dict[str, bytes]
+    phi_master_key_id: str
+    log_level: str
+    grpc_host: str
+    http_host: str
+
+    @property
+    def production(self) -> bool:
+        return self.mode == "production"
+
+
+EMBEDDED_MONGO_URI = "mongodb://127.0.0.1:27018/"
+
+
+def common_settings(env: Env) -> CommonSettings:
+    service = env.service
+    mongo_uri = env.url("MONGO_URI", None if env.production else EMBEDDED_MONGO_URI, ("mongodb", "mongodb+srv"))
+    prefix = env.str("MONGO_DB_PREFIX", "clinic_")
+    master_raw = env.secret("PHI_MASTER_KEYS", "phi-master-keys", lambda: f"dev1:{random_key_b64()}")
+    keys = parse_master_keys(master_raw, env.problems)
+    default_id = next(iter(keys), "")
+    active = env.str("PHI_MASTER_KEY_ID", default_id) if keys else ""
+    if keys and active not in keys:
+        env.problems.append(f"PHI_MASTER_KEY_ID {active!r} is not one of the ids in PHI_MASTER_KEYS")
+    return CommonSettings(
+        service=service,
+        mode=env.mode,
+        run_dir=env.run_dir,
+        mongo_uri=mongo_uri,
+        mongo_db=f"{prefix}{service}",
+        amqp_url=env.url("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", ("amqp", "amqps")),
+        events_exchange=env.str("EVENTS_EXCHANGE", "clinic.events"),
+        phi_master_keys=keys,
+        phi_master_key_id=active,
+        log_level=env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        grpc_host=env.str("GRPC_HOST", "127.0.0.1"),
+        http_host=env.str("HTTP_HOST", "127.0.0.1"),
+    )
+
+
+def parse_master_keys(raw: str, problems: list[str]) -> dict[str, bytes]:
+    """PHI_MASTER_KEYS is 'id:base64key[,id:base64key...]'; each key is 32 random bytes (AES-256)."""
+    keys: dict[str, bytes] = {}
+    if not raw:
+        return keys
+    for item in raw.split(","):
+        key_id, _, encoded = item.strip().partition(":")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            key = b""
+        if not key_id or len(key) != 32:
+            problems.append("PHI_MASTER_KEYS entries must be 'id:<base64 of 32 bytes>'")
+            continue
+        keys[key_id] = key
+    return keys

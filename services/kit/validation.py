@@ -1,0 +1,172 @@
+"""Strict request validation for the HTTP edges.
+
+A body must be a JSON object of known fields with the declared types. Anything
+else (malformed JSON, an unknown field, a wrong type, an operator object such
+as {"$gt": ""} where a string belongs) is rejected with a stable code before
+any code touches the database.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import request
+from werkzeug.exceptions import BadRequest
+
+from services.kit.errors import InvalidInput
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def json_body() -> dict:
+    if not request.is_json:
+        raise InvalidInput("unsupported_media_type", "the request body must be application/json")
+    try:
+        body = request.get_json(force=False, silent=False)
+    except BadRequest as exc:
+        raise InvalidInput("malformed_json", "the request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise InvalidInput("invalid_body", "the request body must be a JSON object")
+    return body
+
+
+class Spec:
+    required: bool = True
+
+    def clean(self, path: str, value: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _type_error(path: str, expected: str) -> InvalidInput:
+    return InvalidInput("invalid_type", f"{path} must be {expected}", {"field": path})
+
+
+@dataclass
+class Str(Spec):
+    max_len: int = 200
+    min_len: int = 1
+    required: bool = True
+    strip: bool = True
+    pattern: re.Pattern | None = None
+
+    def clean(self, path: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _type_error(path, "a string")
+        text = value.strip() if self.strip else value
+        if len(text) < self.min_len:
+            raise InvalidInput("invalid_value", f"{path} must not be empty", {"field": path})
+        if len(text) > self.max_len:
+            raise InvalidInput("too_long", f"{path} must be at most {self.max_len} characters", {"field": path})
+        if "\x00" in text:
+            raise InvalidInput("invalid_value", f"{path} must not contain NUL characters", {"field": path})
+        if self.pattern is not None and not self.pattern.fullmatch(text):
+            raise InvalidInput("invalid_value", f"{path} has an invalid format", {"field": path})
+        return text
+
+
+@dataclass
+class Id(Str):
+    max_len: int = 64
+    pattern: re.Pattern | None = ID_PATTERN
+
+
+@dataclass
+class Bool(Spec):
+    required: bool = False
+
+    def clean(self, path: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _type_error(path, "true or false")
+        return value
+
+
+@dataclass
+class Choice(Spec):
+    choices: tuple[str, ...] = ()
+    required: bool = False
+
+    def clean(self, path: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _type_error(path, "a string")
+        if value not in self.choices:
+            raise InvalidInput("invalid_value", f"{path} must be one of: {', '.join(self.choices)}", {"field": path})
+        return value
+
+
+@dataclass
+class Link(Str):
+    max_len: int = 2048
+
+    def clean(self, path: str, value: Any) -> str:
+        text = super().clean(path, value)
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            raise InvalidInput("invalid_link", f"{path} must be an http or https URL", {"field": path})
+        return text
+
+
+@dataclass
+class ListOf(Spec):
+    item: Spec = field(default_factory=Id)
+    max_items: int = 100
+    required: bool = False
+    unique: bool = True
+
+    def clean(self, path: str, value: Any) -> list:
+        if not isinstance(value, list):
+            raise _type_error(path, "a list")
+        if len(value) > self.max_items:
+            raise InvalidInput("too_many", f"{path} may hold at most {self.max_items} items", {"field": path})
+        cleaned = [self.item.clean(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        if self.unique:
+            cleaned = list(dict.fromkeys(cleaned))
+        return cleaned
+
+
+def validate(body: dict, specs: dict[str, Spec]) -> dict:
+    unknown = sorted(k for k in body if k not in specs)
+    if unknown:
+        raise InvalidInput("unknown_field", f"unknown field: {unknown[0]}", {"field": unknown[0]})
+    cleaned: dict[str, Any] = {}
+    for name, spec in specs.items():
+        if name not in body or body[name] is None:
+            if spec.required:
+                raise InvalidInput("missing_field", f"{name} is required", {"field": name})
+            continue
+        cleaned[name] = spec.clean(name, body[name])
+    return cleaned
+
+
+def query_int(name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise InvalidInput("invalid_query", f"{name} must be a whole number", {"field": name})
+    value = int(raw)
+    if not minimum <= value <= maximum:
+        raise InvalidInput("invalid_query", f"{name} must be between {minimum} and {maximum}", {"field": name})
+    return value
+
+
+def query_bool(name: str) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no", ""):
+        return False
+    raise InvalidInput("invalid_query", f"{name} must be true or false", {"field": name})
+
+
+def path_id(value: str, what: str = "id") -> str:
+    """A path id that is malformed can't exist: answer 404 like an unknown one."""
+    from services.kit.errors import NotFound
+
+    if not ID_PATTERN.fullmatch(value):
+        raise NotFound("not_found", f"no such {what}")
+    return value

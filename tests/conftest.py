@@ -1,0 +1,81 @@
+"""Shared fixtures: the real embedded database server and a private RabbitMQ vhost.
+
+Set TEST_MONGO_URI to run the suite against a real MongoDB instead of nx-27017.
+Set TEST_AMQP_URL (a broker where this user may create vhosts) to use another broker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import urllib.parse
+import uuid
+
+import pika
+import pymongo
+import pytest
+
+from services.kit.embedded_mongo import EmbeddedMongo, free_port
+
+AMQP_BASE = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory):
+    external = os.environ.get("TEST_MONGO_URI")
+    if external:
+        yield external
+        return
+    server = EmbeddedMongo(data_dir=tmp_path_factory.mktemp("nx-27017"), port=free_port())
+    server.start()
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_client(mongo_uri):
+    client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def db_name(mongo_client):
+    """A database name of this test's own; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    try:
+        mongo_client.drop_database(name)
+    except pymongo.errors.PyMongoError:
+        pass
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def vhost_url(vhost: str) -> str:
+    parts = urllib.parse.urlsplit(AMQP_BASE)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    """A RabbitMQ vhost private to this test session, deleted at the end."""
+    if not shutil.which("rabbitmqctl"):
+        pytest.fail("rabbitmqctl not found: the integration suite needs a local RabbitMQ (see README)")
+    vhost = f"clinic-test-{uuid.uuid4().hex[:8]}"
+    user = urllib.parse.urlsplit(AMQP_BASE).username or "guest"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    url = vhost_url(vhost)
+    pika.BlockingConnection(pika.URLParameters(url)).close()
+    yield url
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def name_prefix():
+    """A prefix for exchange and queue names so tests sharing the vhost never meet."""
+    return f"t{uuid.uuid4().hex[:8]}"
