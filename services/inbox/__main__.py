@@ -1,0 +1,80 @@
+"""python -m services.inbox: the mailbox of record (HTTP edge, gRPC, outbox relay)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
+from services.inbox import config, store
+from services.inbox.directory_client import DirectoryClient
+from services.inbox.grpc_api import InboxServicer
+from services.inbox.http_api import build_app
+from services.inbox.mailbox import Mailbox
+from services.kit import mongo
+from services.kit.auth import JwksKeySource, TokenVerifier
+from services.kit.bus import Publisher
+from services.kit.crypto import KeyRing, PhiCipher
+from services.kit.grpc_server import GrpcServer, ServiceBinding
+from services.kit.logs import configure_logging
+from services.kit.outbox import OutboxRelay
+from services.kit.runtime import ServiceProcess
+from services.kit.settings import SettingsError
+
+log = logging.getLogger("inbox")
+
+
+def main() -> int:
+    configure_logging("inbox")
+    try:
+        settings = config.load()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    common = settings.common
+    configure_logging("inbox", common.log_level)
+    db = mongo.database(common.mongo_uri, common.mongo_db)
+    mongo.wait_until_ready(db)
+    inbox_store = store.InboxStore(db)
+    inbox_store.ensure_indexes()
+    keyring = KeyRing(db, common.phi_master_keys, common.phi_master_key_id)
+    keyring.ensure_indexes()
+    directory = DirectoryClient(settings.directory_grpc_target)
+    mailbox = Mailbox(inbox_store, PhiCipher(keyring), directory.resolve)
+    verifier = TokenVerifier(JwksKeySource(settings.directory_jwks_url))
+
+    publisher = Publisher(common.amqp_url, exchange=common.events_exchange)
+    relay = OutboxRelay(db, [store.MESSAGES, store.BOARD_ITEMS], publisher, batch_size=settings.relay_batch_size)
+    relay.ensure_indexes()
+
+    process = ServiceProcess("inbox")
+    app = build_app(
+        mailbox,
+        verifier,
+        max_subject=settings.max_subject_chars,
+        max_body=settings.max_body_chars,
+        max_request_bytes=settings.max_request_bytes,
+    )
+    process.serve_http(app, common.http_host, settings.http_port)
+    grpc_server = GrpcServer(
+        [
+            ServiceBinding(
+                inbox_pb2_grpc.add_InboxServiceServicer_to_server,
+                InboxServicer(mailbox, settings.max_subject_chars, settings.max_body_chars),
+                inbox_pb2.DESCRIPTOR.services_by_name["InboxService"].full_name,
+            )
+        ],
+        verifier,
+        host=common.grpc_host,
+        port=settings.grpc_port,
+    )
+    process.serve_grpc(grpc_server)
+    process.background("outbox-relay", relay.run_forever)
+    process.background("fanout-repair", mailbox.repair_fanouts)
+    process.on_stop("directory-client", directory.close)
+    process.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Inbox settings: the only reader of the environment for this service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.kit.settings import CommonSettings, Env, common_settings
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    common: CommonSettings
+    http_port: int
+    grpc_port: int
+    directory_grpc_target: str
+    directory_jwks_url: str
+    max_body_chars: int
+    max_subject_chars: int
+    max_request_bytes: int
+    relay_batch_size: int
+
+
+def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
+    env = Env("inbox", environ)
+    common = common_settings(env)
+    settings = InboxSettings(
+        common=common,
+        http_port=env.int("INBOX_HTTP_PORT", 8102, minimum=0, maximum=65535),
+        grpc_port=env.int("INBOX_GRPC_PORT", 50052, minimum=0, maximum=65535),
+        directory_grpc_target=env.str("DIRECTORY_GRPC_TARGET", "127.0.0.1:50051"),
+        directory_jwks_url=env.url("DIRECTORY_JWKS_URL", "http://127.0.0.1:8101/api/v1/auth/jwks", ("http", "https")),
+        max_body_chars=env.int("MESSAGE_MAX_BODY_CHARS", 20_000, minimum=1, maximum=200_000),
+        max_subject_chars=env.int("MESSAGE_MAX_SUBJECT_CHARS", 200, minimum=1, maximum=1000),
+        max_request_bytes=env.int("INBOX_MAX_REQUEST_BYTES", 256 * 1024, minimum=1024, maximum=8 * 1024 * 1024),
+        relay_batch_size=env.int("OUTBOX_BATCH_SIZE", 500, minimum=1, maximum=5000),
+    )
+    env.done()
+    return settings

@@ -1,0 +1,257 @@
+"""The mailbox of record: send, list, read and mark unread, scoped to the caller.
+
+A send is one message document (encrypted subject and body, recipients and the
+held `message.delivered` events) followed by a repeatable fan-out of board
+items; the events are released only once every board item exists. A crash in
+between leaves `fanout_pending_at` set, and the repair loop finishes the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clinic.audit.v1 import audit_pb2
+from clinic.inbox.v1 import inbox_pb2
+from services.inbox import domain
+from services.inbox.directory_client import Resolution
+from services.inbox.store import InboxStore
+from services.kit.auth import Identity
+from services.kit.crypto import PhiCipher
+from services.kit.errors import InvalidInput, NotFound
+from services.kit.events import new_envelope
+from services.kit.logs import correlation_id_var
+from services.kit.mongo import now_ms
+from services.kit.outbox import outbox_fields, outbox_update, release_update
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "inbox"
+PRIORITY_PB = {"normal": inbox_pb2.PRIORITY_NORMAL, "urgent": inbox_pb2.PRIORITY_URGENT}
+FANOUT_REPAIR_AFTER_MS = 10_000
+
+
+@dataclass(frozen=True)
+class SendResult:
+    message_id: str
+    recipient_ids: list[str]
+    created: bool
+
+
+class Mailbox:
+    def __init__(self, store: InboxStore, cipher: PhiCipher, resolve):
+        self.store = store
+        self.cipher = cipher
+        self.resolve = resolve  # Callable[[Addressing], Resolution]
+
+    # --- send -------------------------------------------------------------
+    def send(self, caller: Identity, draft: domain.Draft, idempotency_key: str | None = None) -> SendResult:
+        if draft.addressing.is_empty():
+            raise InvalidInput("no_recipients", "address the message to a colleague, a team or the whole agency")
+        resolution: Resolution = self.resolve(draft.addressing)
+        if resolution.missing_staff_ids or resolution.missing_team_ids:
+            raise InvalidInput(
+                "unknown_recipients",
+                "some recipients do not exist in your agency",
+                {"staff_ids": resolution.missing_staff_ids, "team_ids": resolution.missing_team_ids},
+            )
+        recipients = domain.final_recipients(resolution.staff_ids, draft.addressing, caller.staff_id)
+        message_id = domain.new_message_id()
+        if idempotency_key:
+            digest = hashlib.sha256(f"{caller.agency_id}|{caller.staff_id}|{idempotency_key}".encode()).hexdigest()
+            message_id = self.store.claim_idempotency_key(digest, message_id)
+            existing = self.store.message(message_id)
+            if existing is not None:
+                self._complete_fanout(existing)
+                return SendResult(message_id, existing["recipient_ids"], created=False)
+
+        sent_at = now_ms()
+        agency = caller.agency_id
+        doc = {
+            "_id": message_id,
+            "agency_id": agency,
+            "thread_id": message_id,
+            "sender_id": caller.staff_id,
+            "sender_name": caller.name,
+            "to_staff_ids": list(draft.addressing.staff_ids),
+            "to_team_ids": list(draft.addressing.team_ids),
+            "to_whole_agency": int(draft.addressing.whole_agency),
+            "recipient_ids": recipients,
+            "priority": draft.priority,
+            "links": list(draft.links),
+            "subject": self.cipher.seal(agency, message_id, "subject", draft.subject),
+            "body": self.cipher.seal(agency, message_id, "body", draft.body),
+            "sent_at": sent_at,
+            "fanout_pending_at": sent_at,
+        }
+        envelopes = [self._delivered_event(doc, staff_id) for staff_id in recipients]
+        doc.update(outbox_fields(envelopes, ready=False))
+        created = self.store.insert_message(doc)
+        if not created:
+            existing = self.store.message(message_id)
+            self._complete_fanout(existing)
+            return SendResult(message_id, existing["recipient_ids"], created=False)
+        self._complete_fanout(doc)
+        log.info(
+            "message sent",
+            extra={
+                "message_id": message_id,
+                "agency_id": agency,
+                "staff_id": caller.staff_id,
+                "recipients": len(recipients),
+            },
+        )
+        return SendResult(message_id, recipients, created=True)
+
+    def _delivered_event(self, doc: dict, recipient_id: str):
+        sent_at = Timestamp()
+        sent_at.FromMilliseconds(doc["sent_at"])
+        payload = inbox_pb2.MessageDelivered(
+            message_id=doc["_id"],
+            thread_id=doc["thread_id"],
+            agency_id=doc["agency_id"],
+            sender_staff_id=doc["sender_id"],
+            recipient_staff_id=recipient_id,
+            priority=PRIORITY_PB[doc["priority"]],
+            sent_at=sent_at,
+            board_kind=domain.FOLDER_MESSAGES,
+            to_whole_agency=bool(doc["to_whole_agency"]),
+            team_ids=doc["to_team_ids"],
+        )
+        return new_envelope(
+            "message.delivered.v1",
+            payload,
+            agency_id=doc["agency_id"],
+            producer=PRODUCER,
+            correlation_id=correlation_id_var.get(),
+            event_id=f"{doc['_id']}-{recipient_id}-delivered",
+        )
+
+    def _board_item(self, doc: dict, owner: str, folder: str) -> dict:
+        board = domain.owner_folder(doc["agency_id"], owner, folder)
+        unread = folder == domain.FOLDER_MESSAGES
+        return {
+            "_id": domain.board_item_id(doc["_id"], owner, folder),
+            "agency_id": doc["agency_id"],
+            "owner_id": owner,
+            "folder": folder,
+            "board": board,
+            "unread_board": board if unread else None,
+            "read_at": None if unread else doc["sent_at"],
+            "message_id": doc["_id"],
+            "thread_id": doc["thread_id"],
+            "sender_id": doc["sender_id"],
+            "sender_name": doc.get("sender_name", ""),
+            "recipient_count": len(doc["recipient_ids"]),
+            "priority": doc["priority"],
+            "subject": doc["subject"],
+            "sent_at": doc["sent_at"],
+            "sort_key": domain.sort_key(doc["sent_at"], doc["_id"]),
+        }
+
+    def _complete_fanout(self, doc: dict) -> None:
+        if "fanout_pending_at" not in doc:
+            return
+        items = [self._board_item(doc, staff_id, domain.FOLDER_MESSAGES) for staff_id in doc["recipient_ids"]]
+        items.append(self._board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
+        for start in range(0, len(items), 1000):
+            self.store.insert_board_items(items[start : start + 1000])
+        self.store.finish_fanout(doc["_id"], release_update(now_ms()))
+
+    def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
+        """Finish sends interrupted between the message write and the board items."""
+        while not stop.wait(interval_s):
+            for doc in self.store.pending_fanouts(now_ms() - FANOUT_REPAIR_AFTER_MS):
+                self._complete_fanout(doc)
+                log.info("finished interrupted fan-out", extra={"message_id": doc["_id"]})
+
+    # --- read -------------------------------------------------------------
+    def page(self, caller: Identity, folder: str, unread_only: bool, cursor: str | None, limit: int) -> dict:
+        board = domain.owner_folder(caller.agency_id, caller.staff_id, folder)
+        before = domain.decode_cursor(cursor) if cursor else None
+        docs = self.store.page(board, unread_only, before, limit + 1)
+        more = len(docs) > limit
+        docs = docs[:limit]
+        items = [self._summary(caller, d) for d in docs]
+        next_cursor = domain.encode_cursor(docs[-1]["sort_key"]) if more and docs else None
+        return {"items": items, "next_cursor": next_cursor}
+
+    def _summary(self, caller: Identity, item: dict) -> dict:
+        return {
+            "id": item["message_id"],
+            "thread_id": item["thread_id"],
+            "folder": item["folder"],
+            "sender": {"id": item["sender_id"], "name": item.get("sender_name", "")},
+            "recipient_count": item.get("recipient_count", 0),
+            "subject": self.cipher.open(caller.agency_id, item["message_id"], "subject", item["subject"]),
+            "priority": item["priority"],
+            "sent_at": iso(item["sent_at"]),
+            "read": bool(item.get("read_at")),
+        }
+
+    def _find_item(self, caller: Identity, message_id: str) -> dict:
+        for folder in (domain.FOLDER_MESSAGES, domain.FOLDER_SENT):
+            item = self.store.item(domain.board_item_id(message_id, caller.staff_id, folder))
+            if item is not None and item["agency_id"] == caller.agency_id:
+                return item
+        raise NotFound("message_not_found", "no such message")
+
+    def read(self, caller: Identity, message_id: str) -> dict:
+        item = self._find_item(caller, message_id)
+        message = self.store.message(message_id)
+        if message is None or message["agency_id"] != caller.agency_id:
+            raise NotFound("message_not_found", "no such message")
+        audit = self._accessed_event(caller, message_id)
+        read_at = item.get("read_at") or now_ms()
+        item = self.store.mark_read(item["_id"], read_at, outbox_update([audit])) or item
+        agency = caller.agency_id
+        return {
+            **self._summary(caller, item),
+            "body": self.cipher.open(agency, message_id, "body", message["body"]),
+            "links": message.get("links", []),
+            "to": {
+                "staff_ids": message.get("to_staff_ids", []),
+                "team_ids": message.get("to_team_ids", []),
+                "whole_agency": bool(message.get("to_whole_agency")),
+            },
+            "read_at": iso(item["read_at"]) if item.get("read_at") else None,
+        }
+
+    def _accessed_event(self, caller: Identity, message_id: str):
+        accessed_at = Timestamp()
+        accessed_at.GetCurrentTime()
+        payload = audit_pb2.PhiAccessed(
+            agency_id=caller.agency_id,
+            actor_id=caller.subject,
+            actor_kind=caller.kind,
+            resource_type="message",
+            resource_id=message_id,
+            action="read",
+            outcome="allowed",
+            accessed_at=accessed_at,
+            service=PRODUCER,
+        )
+        return new_envelope(
+            "phi.accessed.v1",
+            payload,
+            agency_id=caller.agency_id,
+            producer=PRODUCER,
+            correlation_id=correlation_id_var.get(),
+        )
+
+    def mark_unread(self, caller: Identity, message_id: str) -> dict:
+        item = self.store.item(domain.board_item_id(message_id, caller.staff_id, domain.FOLDER_MESSAGES))
+        if item is None or item["agency_id"] != caller.agency_id:
+            raise NotFound("message_not_found", "no such message")
+        self.store.mark_unread(item["_id"], item["board"])
+        return {"id": message_id, "read": False}
+
+
+def iso(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
