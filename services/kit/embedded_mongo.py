@@ -56,11 +56,11 @@ class EmbeddedMongo:
             "--pid-file",
             str(pid_file),
         ]
+        # nx-27017 writes its own pid file (and refuses to start if it names a live process).
         with open(log_file, "ab") as log:
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

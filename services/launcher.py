@@ -1,0 +1,373 @@
+"""Starts and stops the whole system on one machine: `make run`, `make stop`, and the test suite's stack.
+
+    python -m services.launcher start    # broker check, embedded database, services, gateway, demo data
+    python -m services.launcher stop     # stops everything `start` started
+    python -m services.launcher status
+
+Every process is started in its own session with its log in <run dir>/logs and
+its pid in <run dir>/pids, so `stop` finds them after the launcher has exited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jwt
+import pika
+import requests
+from cryptography.hazmat.primitives import serialization
+
+from services.kit.embedded_mongo import EmbeddedMongo
+from services.kit.settings import REPO_ROOT, dev_secret
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Ports:
+    gateway: int = 8000
+    directory_http: int = 8101
+    directory_grpc: int = 50051
+    inbox_http: int = 8102
+    inbox_grpc: int = 50052
+    mongo: int = 27018
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(*(free_port() for _ in range(6)))
+
+
+@dataclass
+class StackConfig:
+    run_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    mongo_uri: str | None = None  # None: start the embedded nx-27017
+    amqp_url: str = DEFAULT_AMQP_URL
+    extra_env: dict[str, str] = field(default_factory=dict)
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    seed_demo: bool = True
+
+
+class Stack:
+    """The processes of the system, started in dependency order."""
+
+    SERVICES = ("directory", "inbox", "gateway")
+
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.run_dir = config.run_dir
+        self.logs = self.run_dir / "logs"
+        self.pids = self.run_dir / "pids"
+        self.mongo: EmbeddedMongo | None = None
+        self.demo_logins: list[dict] = []
+        self.patient_portal_api_key = ""
+
+    # --- addresses ----------------------------------------------------------
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.gateway}"
+
+    @property
+    def directory_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.directory_http}"
+
+    @property
+    def inbox_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.inbox_http}"
+
+    @property
+    def mongo_uri(self) -> str:
+        return self.config.mongo_uri or f"mongodb://127.0.0.1:{self.config.ports.mongo}/"
+
+    def service_env(self) -> dict[str, str]:
+        p = self.config.ports
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DECK_", "GATEWAY_"))}
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "CLINIC_RUN_DIR": str(self.run_dir),
+                "MONGO_URI": self.mongo_uri,
+                "AMQP_URL": self.config.amqp_url,
+                "DIRECTORY_HTTP_PORT": str(p.directory_http),
+                "DIRECTORY_GRPC_PORT": str(p.directory_grpc),
+                "INBOX_HTTP_PORT": str(p.inbox_http),
+                "INBOX_GRPC_PORT": str(p.inbox_grpc),
+                "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
+                "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
+            }
+        )
+        env.update(self.config.extra_env)
+        return env
+
+    # --- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        for folder in (self.run_dir, self.logs, self.pids):
+            folder.mkdir(parents=True, exist_ok=True)
+        ensure_broker(self.config.amqp_url)
+        if self.config.mongo_uri is None:
+            self.mongo = EmbeddedMongo(
+                data_dir=self.run_dir / "mongo",
+                port=self.config.ports.mongo,
+                log_file=self.logs / "nx-27017.log",
+                pid_file=self.pids / "nx-27017.pid",
+            )
+            self.mongo.start()
+        env = self.service_env()
+        self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
+        wait_http(f"{self.directory_url}/healthz", "directory", self.logs / "directory.log")
+        if self.config.seed_demo:
+            self.demo_logins = self._seed(env)
+        self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
+        self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
+        self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
+        wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log")
+        wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log")
+
+    def gateway_env(self) -> dict[str, str]:
+        p = self.config.ports
+        env = {
+            "GATEWAY_PORT": str(p.gateway),
+            "GATEWAY_CONFIG": str(REPO_ROOT / "gateway" / "kong.yml"),
+            "DECK_DIRECTORY_URL": self.directory_url,
+            "DECK_INBOX_URL": self.inbox_url,
+            "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
+            "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
+            "DECK_RATE_LIMIT_MINUTE": "6000",
+            "DECK_AUTH_RATE_LIMIT_MINUTE": "120",
+            "DECK_CORS_ORIGIN": self.gateway_url,
+        }
+        env.update(self.config.gateway_env)
+        return env
+
+    def _seed(self, env: dict[str, str]) -> list[dict]:
+        result = subprocess.run(
+            [sys.executable, "-m", "services.directory", "seed-demo"],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LaunchError(f"seeding demo data failed:\n{result.stderr[-2000:]}")
+        return json.loads(result.stdout)["logins"]
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        pid_file = self.pids / f"{name}.pid"
+        if pid_file.exists() and pid_alive(int(pid_file.read_text() or 0)):
+            raise LaunchError(f"{name} is already running (pid {pid_file.read_text()}); run `make stop` first")
+        log_file = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        process = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log_file.close()
+        pid_file.write_text(str(process.pid))
+        return process
+
+    def stop(self) -> list[str]:
+        stopped = []
+        for name in (*reversed(self.SERVICES), "nx-27017"):
+            pid_file = self.pids / f"{name}.pid"
+            if not pid_file.exists():
+                continue
+            try:
+                pid = int(pid_file.read_text().strip() or 0)
+            except ValueError:
+                pid = 0
+            if pid and stop_process_group(pid):
+                stopped.append(name)
+            pid_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> dict[str, bool]:
+        result = {}
+        for name in (*self.SERVICES, "nx-27017"):
+            pid_file = self.pids / f"{name}.pid"
+            result[name] = pid_file.exists() and pid_alive(int(pid_file.read_text().strip() or 0))
+        return result
+
+
+# --- helpers ------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def stop_process_group(pid: int, timeout_s: float = 15.0) -> bool:
+    """SIGTERM the process group (graceful drain), SIGKILL whatever is left after the timeout."""
+    if not pid_alive(pid):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def wait_http(url: str, name: str, log_file: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(url, timeout=2)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.2)
+    tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else "(no log)"
+    raise LaunchError(f"{name} did not become healthy at {url} ({last}); last log lines:\n{tail}")
+
+
+def jwks_public_pem(jwks_url: str) -> str:
+    """The active signing key from directory's JWKS, as the PEM that Kong's jwt credential wants."""
+    keys = requests.get(jwks_url, timeout=5).json()["keys"]
+    public_key = jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(keys[0]))
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def broker_answers(amqp_url: str, timeout_s: float = 3.0) -> bool:
+    params = pika.URLParameters(amqp_url)
+    params.socket_timeout = timeout_s
+    params.blocked_connection_timeout = timeout_s
+    params.connection_attempts = 1
+    try:
+        pika.BlockingConnection(params).close()
+        return True
+    except pika.exceptions.AMQPError:
+        return False
+
+
+def ensure_broker(amqp_url: str) -> None:
+    """Make sure RabbitMQ answers: start the local server, or install it, or say exactly what to do."""
+    if broker_answers(amqp_url):
+        return
+    host = urllib.parse.urlsplit(amqp_url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise LaunchError(f"RabbitMQ at {host} does not answer; check AMQP_URL and that the broker is running")
+    if not shutil.which("rabbitmq-server") and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("RabbitMQ is not installed; installing Debian's rabbitmq-server ...", flush=True)
+        subprocess.run(["apt-get", "update", "-q"], check=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "rabbitmq-server"],
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    if shutil.which("rabbitmq-server"):
+        print("RabbitMQ is not answering; starting rabbitmq-server ...", flush=True)
+        subprocess.run(["rabbitmq-server", "-detached"], check=False)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if broker_answers(amqp_url):
+                return
+            time.sleep(1)
+    raise LaunchError(
+        "RabbitMQ does not answer at AMQP_URL. Install and start it, e.g. on Debian/Ubuntu:\n"
+        "  sudo apt-get update && sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached\n"
+        "or point AMQP_URL at a running broker (amqp://user:password@host:5672/vhost)."
+    )
+
+
+def _default_config() -> StackConfig:
+    run_dir = Path(os.environ.get("CLINIC_RUN_DIR", REPO_ROOT / ".run")).resolve()
+    return StackConfig(
+        run_dir=run_dir,
+        mongo_uri=os.environ.get("MONGO_URI") or None,
+        amqp_url=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.launcher")
+    parser.add_argument("command", choices=("start", "stop", "status"))
+    args = parser.parse_args(argv)
+    stack = Stack(_default_config())
+    if args.command == "stop":
+        stopped = stack.stop()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    if args.command == "status":
+        for name, alive in stack.status().items():
+            print(f"{name:10s} {'running' if alive else 'stopped'}")
+        return 0
+    try:
+        stack.start()
+    except LaunchError as exc:
+        print(f"\nmake run failed: {exc}", file=sys.stderr)
+        stack.stop()
+        return 1
+    print_welcome(stack)
+    return 0
+
+
+def print_welcome(stack: Stack) -> None:
+    print()
+    print("Clinic Message Board is running.")
+    print(f"  Gateway (the one address to use): {stack.gateway_url}")
+    print(f"  Logs: {stack.logs}/   Stop with: make stop")
+    if stack.config.mongo_uri is None:
+        print(f"  Embedded database (nx-27017): {stack.mongo_uri}")
+    print()
+    print("Demo logins (development only):")
+    for login in stack.demo_logins:
+        roles = ",".join(login.get("roles", []))
+        print(f"  {login['username']:<20} {login['password']:<22} {login.get('agency', ''):<30} {roles}")
+    print()
+    print(f"Partner API key for the patient portal consumer: {stack.patient_portal_api_key}")
+    print("Try it:")
+    print(
+        f"  curl -s -X POST {stack.gateway_url}/api/v1/auth/token -H 'Content-Type: application/json' "
+        '-d \'{"username":"admin","password":"demo-Password-2026"}\''
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
