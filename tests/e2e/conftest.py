@@ -1,0 +1,78 @@
+"""The whole system started as `make run` starts it, on free ports, against the
+session's embedded database and private RabbitMQ vhost."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+
+from services.launcher import Ports, Stack, StackConfig
+
+DEMO_PASSWORD = "demo-Password-2026"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, mongo_uri, amqp_url):
+    prefix = f"e2e{uuid.uuid4().hex[:6]}_"
+    config = StackConfig(
+        run_dir=tmp_path_factory.mktemp("run"),
+        ports=Ports.free(),
+        mongo_uri=mongo_uri,
+        amqp_url=amqp_url,
+        extra_env={"MONGO_DB_PREFIX": prefix, "PASSWORD_HASH_PROFILE": "fast"},
+    )
+    system = Stack(config)
+    system.db_prefix = prefix
+    try:
+        system.start()
+    except Exception:
+        system.stop()
+        raise
+    yield system
+    system.stop()
+
+
+class Client:
+    """A staff member's session through the gateway."""
+
+    def __init__(self, base_url: str, username: str, password: str = DEMO_PASSWORD):
+        self.base_url = base_url
+        self.http = requests.Session()
+        reply = self.http.post(f"{base_url}/api/v1/auth/token", json={"username": username, "password": password})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        self.token = body["access_token"]
+        self.refresh_token = body["refresh_token"]
+        self.staff_id = body["staff"]["id"]
+        self.agency_id = body["staff"]["agency_id"]
+        self.http.headers["Authorization"] = f"Bearer {self.token}"
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.http.get(f"{self.base_url}{path}", **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return self.http.post(f"{self.base_url}{path}", **kwargs)
+
+    def send(self, **body) -> requests.Response:
+        body.setdefault("subject", "Schedule question")
+        body.setdefault("body", "Can we move the 3pm intake?")
+        return self.post("/api/v1/messages", json=body)
+
+    def board(self, **params) -> dict:
+        reply = self.get("/api/v1/messages", params=params)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+
+@pytest.fixture(scope="session")
+def login(stack):
+    sessions: dict[str, Client] = {}
+
+    def _login(username: str) -> Client:
+        if username not in sessions:
+            sessions[username] = Client(stack.gateway_url, username)
+        return sessions[username]
+
+    return _login

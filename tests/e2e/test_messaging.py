@@ -1,0 +1,288 @@
+"""The first journey end to end through the gateway: log in, send, list, read."""
+
+from __future__ import annotations
+
+import uuid
+
+import pika
+import pymongo
+import pytest
+
+from clinic.audit.v1 import audit_pb2
+from clinic.inbox.v1 import inbox_pb2
+from services.kit.events import decode_envelope, unpack
+
+
+@pytest.fixture(scope="module")
+def admin(login):
+    return login("admin")
+
+
+@pytest.fixture(scope="module")
+def reyes(login):
+    return login("dr.reyes")
+
+
+@pytest.fixture(scope="module")
+def kim(login):
+    return login("nurse.kim")
+
+
+@pytest.fixture(scope="module")
+def outsider(login):
+    return login("lakeside.admin")
+
+
+@pytest.fixture(scope="module")
+def inbox_db(stack, mongo_client):
+    return mongo_client[f"{stack.db_prefix}inbox"]
+
+
+def unique_subject() -> str:
+    return f"Intake follow-up {uuid.uuid4().hex[:8]}"
+
+
+def find_on_board(client, message_id: str, **params) -> dict | None:
+    cursor = None
+    for _ in range(20):
+        page = client.board(**params, **({"cursor": cursor} if cursor else {}))
+        for item in page["items"]:
+            if item["id"] == message_id:
+                return item
+        cursor = page["next_cursor"]
+        if not cursor:
+            return None
+    return None
+
+
+def test_colleague_lists_and_reads_a_message(admin, reyes):
+    subject = unique_subject()
+    sent = admin.send(to_staff_ids=[reyes.staff_id], subject=subject, body="Please call the client back.")
+    assert sent.status_code == 201, sent.text
+    message_id = sent.json()["id"]
+    assert sent.json()["recipient_ids"] == [reyes.staff_id]
+
+    listed = find_on_board(reyes, message_id)
+    assert listed is not None
+    assert listed["subject"] == subject
+    assert listed["read"] is False
+    assert listed["sender"]["id"] == admin.staff_id
+    assert find_on_board(reyes, message_id, unread="true") is not None
+
+    opened = reyes.get(f"/api/v1/messages/{message_id}")
+    assert opened.status_code == 200, opened.text
+    assert opened.json()["body"] == "Please call the client back."
+    assert opened.json()["read"] is True
+    assert find_on_board(reyes, message_id, unread="true") is None
+    assert find_on_board(reyes, message_id)["read"] is True
+
+    # The sender sees it in Sent, already read, and the read was the recipient's alone.
+    assert find_on_board(admin, message_id, folder="sent") is not None
+    assert find_on_board(admin, message_id) is None
+
+
+def test_mark_unread_is_per_recipient(admin, reyes, kim):
+    sent = admin.send(to_staff_ids=[reyes.staff_id, kim.staff_id], subject=unique_subject())
+    message_id = sent.json()["id"]
+    assert reyes.get(f"/api/v1/messages/{message_id}").status_code == 200
+    assert kim.get(f"/api/v1/messages/{message_id}").status_code == 200
+    unread = reyes.post(f"/api/v1/messages/{message_id}/unread")
+    assert unread.status_code == 200
+    assert find_on_board(reyes, message_id, unread="true") is not None
+    assert find_on_board(kim, message_id)["read"] is True
+
+
+def test_team_members_each_get_it_exactly_once(admin, stack):
+    teams = admin.get("/api/v1/directory/teams").json()["teams"]
+    team = max(teams, key=lambda t: len(t["member_ids"]))
+    members = [m for m in team["member_ids"] if m != admin.staff_id]
+    assert len(members) >= 2
+    # Address one member directly as well as through the team: still once.
+    sent = admin.send(to_team_ids=[team["id"]], to_staff_ids=[members[0]], subject=unique_subject())
+    assert sent.status_code == 201, sent.text
+    recipients = sent.json()["recipient_ids"]
+    assert sorted(recipients) == sorted(set(members))
+    message_id = sent.json()["id"]
+    for staff_id in members[:3]:
+        username = next(
+            s["username"] for s in admin.get("/api/v1/directory/staff").json()["staff"] if s["id"] == staff_id
+        )
+        from tests.e2e.conftest import Client
+
+        member = Client(stack.gateway_url, username)
+        page = member.board(limit=100)
+        assert [i["id"] for i in page["items"]].count(message_id) == 1
+
+
+def test_other_agency_and_unaddressed_staff_get_404(admin, reyes, kim, outsider):
+    message_id = admin.send(to_staff_ids=[reyes.staff_id], subject=unique_subject()).json()["id"]
+    for stranger in (outsider, kim):
+        reply = stranger.get(f"/api/v1/messages/{message_id}")
+        assert reply.status_code == 404
+        assert reply.json()["code"] == "message_not_found"
+        assert stranger.post(f"/api/v1/messages/{message_id}/unread").status_code == 404
+        assert find_on_board(stranger, message_id) is None
+
+
+def test_another_agencys_staff_cannot_be_addressed(admin, outsider):
+    reply = admin.send(to_staff_ids=[outsider.staff_id])
+    assert reply.status_code == 400
+    assert reply.json()["code"] == "unknown_recipients"
+
+
+def test_subject_and_body_are_ciphertext_in_the_database(admin, reyes, inbox_db):
+    subject, body = unique_subject(), f"Client reports side effects {uuid.uuid4().hex}"
+    message_id = admin.send(to_staff_ids=[reyes.staff_id], subject=subject, body=body).json()["id"]
+    stored = inbox_db.messages.find_one({"_id": message_id})
+    assert isinstance(stored["body"], bytes) and isinstance(stored["subject"], bytes)
+    raw = repr(stored).encode() + b"".join(v for v in stored.values() if isinstance(v, bytes))
+    assert body.encode() not in raw and subject.encode() not in raw
+    for item in inbox_db.board_items.find({"message_id": message_id}):
+        assert subject.encode() not in repr(item).encode() + bytes(item["subject"])
+
+
+def test_phi_never_reaches_the_logs(admin, reyes, stack):
+    marker = f"PHI-MARKER-{uuid.uuid4().hex}"
+    message_id = admin.send(to_staff_ids=[reyes.staff_id], subject=marker, body=marker).json()["id"]
+    assert reyes.get(f"/api/v1/messages/{message_id}").json()["body"] == marker
+    for log_file in stack.logs.glob("*.log"):
+        assert marker not in log_file.read_text(errors="replace"), log_file.name
+
+
+def test_delivery_and_read_events_are_published(admin, reyes, kim, stack):
+    connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
+    channel = connection.channel()
+    queue = channel.queue_declare(queue="", exclusive=True).method.queue
+    channel.queue_bind(queue, "clinic.events", routing_key="message.delivered.v1")
+    channel.queue_bind(queue, "clinic.events", routing_key="phi.accessed.v1")
+    try:
+        message_id = admin.send(to_staff_ids=[reyes.staff_id, kim.staff_id], subject=unique_subject()).json()["id"]
+        reyes.get(f"/api/v1/messages/{message_id}")
+        delivered, accessed = {}, []
+        for _method, _props, body in channel.consume(queue, inactivity_timeout=10):
+            if body is None:
+                break
+            envelope = decode_envelope(body)
+            if envelope.event_type == "message.delivered.v1":
+                event = unpack(envelope, inbox_pb2.MessageDelivered)
+                if event.message_id == message_id:
+                    delivered[event.recipient_staff_id] = envelope
+            elif envelope.event_type == "phi.accessed.v1":
+                event = unpack(envelope, audit_pb2.PhiAccessed)
+                if event.resource_id == message_id:
+                    accessed.append(event)
+            if len(delivered) == 2 and accessed:
+                break
+        assert set(delivered) == {reyes.staff_id, kim.staff_id}
+        for envelope in delivered.values():
+            assert envelope.producer == "inbox" and envelope.agency_id == admin.agency_id
+            assert envelope.correlation_id
+        assert accessed[0].actor_id == reyes.staff_id and accessed[0].outcome == "allowed"
+    finally:
+        connection.close()
+
+
+def test_idempotency_key_makes_a_retried_send_one_message(admin, reyes):
+    key = uuid.uuid4().hex
+    first = admin.post(
+        "/api/v1/messages",
+        json={"to_staff_ids": [reyes.staff_id], "subject": "s", "body": "b"},
+        headers={"Idempotency-Key": key},
+    )
+    again = admin.post(
+        "/api/v1/messages",
+        json={"to_staff_ids": [reyes.staff_id], "subject": "s", "body": "b"},
+        headers={"Idempotency-Key": key},
+    )
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+
+
+def test_cursor_pagination_is_newest_first_and_complete(admin, kim):
+    ids = [admin.send(to_staff_ids=[kim.staff_id], subject=f"page {i}").json()["id"] for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        page = kim.board(limit=2, **({"cursor": cursor} if cursor else {}))
+        seen.extend(item["id"] for item in page["items"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert [i for i in seen if i in ids] == list(reversed(ids))
+    assert len(seen) == len(set(seen))
+
+
+def test_inbox_verifies_tokens_itself(stack, reyes):
+    import requests
+
+    assert requests.get(f"{stack.inbox_url}/api/v1/messages", timeout=5).status_code == 401
+    forged = reyes.token[:-4] + ("AAAA" if not reyes.token.endswith("AAAA") else "BBBB")
+    reply = requests.get(f"{stack.inbox_url}/api/v1/messages", headers={"Authorization": f"Bearer {forged}"}, timeout=5)
+    assert reply.status_code == 401
+    assert reply.json()["code"] == "invalid_token"
+
+
+def count(db: pymongo.database.Database) -> tuple[int, int]:
+    return db.messages.count_documents({}), db.board_items.count_documents({})
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"to_staff_ids": "stf_x", "subject": "s", "body": "b"}, "invalid_type"),
+        ({"to_staff_ids": [{"$gt": ""}], "subject": "s", "body": "b"}, "invalid_type"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": {"$gt": ""}, "body": "b"}, "invalid_type"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": {"$ne": None}}, "invalid_type"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "b", "priority": {"$in": ["urgent"]}}, "invalid_type"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "b", "$where": "1"}, "unknown_field"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "b", "to_whole_agency": "yes"}, "invalid_type"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "b", "priority": "critical"}, "invalid_value"),
+        (
+            {"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "b", "links": ["javascript:alert(1)"]},
+            "invalid_link",
+        ),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "", "body": "b"}, "invalid_value"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "x" * 201, "body": "b"}, "too_long"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "x" * 20_001}, "too_long"),
+        ({"to_staff_ids": ["stf_nobody_here"], "subject": "s", "body": "b"}, "unknown_recipients"),
+        ({"subject": "s", "body": "b"}, "no_recipients"),
+        ([1, 2, 3], "invalid_body"),
+    ],
+)
+def test_bad_input_is_rejected_and_nothing_is_stored(admin, reyes, inbox_db, body, code):
+    if isinstance(body, dict) and body.get("to_staff_ids") == ["RECIPIENT"]:
+        body["to_staff_ids"] = [reyes.staff_id]
+    before = count(inbox_db)
+    reply = admin.post("/api/v1/messages", json=body)
+    assert 400 <= reply.status_code < 500, reply.text
+    assert reply.json()["code"] == code
+    assert "Traceback" not in reply.text
+    assert count(inbox_db) == before
+
+
+def test_malformed_json_and_oversize_bodies_are_rejected(admin, inbox_db, stack):
+    before = count(inbox_db)
+    reply = admin.post("/api/v1/messages", data=b'{"subject": "s", ', headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["code"] == "malformed_json"
+    reply = admin.post(
+        "/api/v1/messages", data=b"subject=s", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert reply.status_code == 415 or reply.json()["code"] == "unsupported_media_type"
+    # Over the gateway's request-size limit: Kong's own 413.
+    huge = b'{"subject": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    reply = admin.post("/api/v1/messages", data=huge, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 413
+    assert reply.json()["message"] == "Request size limit exceeded"
+    assert count(inbox_db) == before
+    # And the service keeps serving.
+    assert admin.board()["items"] is not None
+
+
+def test_malformed_ids_and_cursors(admin):
+    assert admin.get("/api/v1/messages/..%2F..%2Fetc").status_code == 404
+    assert admin.get("/api/v1/messages/msg_doesnotexist").status_code == 404
+    reply = admin.get("/api/v1/messages", params={"cursor": "!!notacursor"})
+    assert reply.status_code == 400 and reply.json()["code"] == "invalid_cursor"
+    reply = admin.get("/api/v1/messages", params={"folder": {"$gt": ""}})
+    assert reply.status_code == 400
+    reply = admin.get("/api/v1/messages", params={"limit": "1000"})
+    assert reply.status_code == 400 and reply.json()["code"] == "invalid_query"

@@ -1,0 +1,61 @@
+import pytest
+from flask import Flask
+
+from services.kit.errors import InvalidInput
+from services.kit.validation import Bool, Choice, Id, Link, ListOf, Str, json_body, validate
+
+SPEC = {
+    "to": ListOf(Id(), max_items=3),
+    "subject": Str(max_len=10),
+    "urgent": Bool(),
+    "priority": Choice(choices=("normal", "urgent")),
+    "links": ListOf(Link()),
+}
+
+
+def code_of(body) -> str:
+    with pytest.raises(InvalidInput) as caught:
+        validate(body, SPEC)
+    return caught.value.code
+
+
+def test_valid_body_is_cleaned():
+    cleaned = validate({"to": ["a", "a", "b"], "subject": "  hi  ", "links": ["https://x.org/a"]}, SPEC)
+    assert cleaned == {"to": ["a", "b"], "subject": "hi", "links": ["https://x.org/a"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"subject": {"$gt": ""}}, "invalid_type"),
+        ({"subject": "s", "to": [{"$ne": 1}]}, "invalid_type"),
+        ({"subject": "s", "$where": "x"}, "unknown_field"),
+        ({"subject": "s", "urgent": 1}, "invalid_type"),
+        ({"subject": "s", "priority": "high"}, "invalid_value"),
+        ({"subject": "s", "links": ["javascript:alert(1)"]}, "invalid_link"),
+        ({"subject": "s", "links": ["data:text/html,x"]}, "invalid_link"),
+        ({"subject": "s", "to": ["../etc"]}, "invalid_value"),
+        ({"subject": "s", "to": ["a", "b", "c", "d"]}, "too_many"),
+        ({"subject": "x" * 11}, "too_long"),
+        ({}, "missing_field"),
+        ({"subject": "a\x00b"}, "invalid_value"),
+    ],
+)
+def test_bad_fields_have_stable_codes(body, code):
+    assert code_of(body) == code
+
+
+def test_json_body_rejects_malformed_and_non_objects():
+    app = Flask("t")
+    with app.test_request_context(data=b"{nope", content_type="application/json"):
+        with pytest.raises(InvalidInput) as caught:
+            json_body()
+        assert caught.value.code == "malformed_json"
+    with app.test_request_context(data=b"[1]", content_type="application/json"):
+        with pytest.raises(InvalidInput) as caught:
+            json_body()
+        assert caught.value.code == "invalid_body"
+    with app.test_request_context(data=b"a=b", content_type="application/x-www-form-urlencoded"):
+        with pytest.raises(InvalidInput) as caught:
+            json_body()
+        assert caught.value.code == "unsupported_media_type"
