@@ -56,12 +56,14 @@ status: protos
 
 test: protos $(BUF)
 	$(BUF) lint
+	$(PY) -m services.launcher ensure-broker
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: protos
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: protos
+	$(PY) -m services.launcher ensure-broker
 	$(PY) -m bench $(BENCH_ARGS)
 
 lock:

@@ -327,9 +327,16 @@ def _default_config() -> StackConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.launcher")
-    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("command", choices=("start", "stop", "status", "ensure-broker"))
     args = parser.parse_args(argv)
     stack = Stack(_default_config())
+    if args.command == "ensure-broker":
+        try:
+            ensure_broker(stack.config.amqp_url)
+        except LaunchError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
     if args.command == "stop":
         stopped = stack.stop()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
