@@ -20,8 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODES = ("development", "production")
 
 
-class SettingsError(SystemExit):
-    """Raised with every invalid or missing setting listed; exits the process with status 2."""
+class SettingsError(Exception):
+    """Every invalid or missing setting, listed; a service's main prints it and exits with `code` (2)."""
 
     def __init__(self, service: str, problems: list[str]):
         self.problems = problems
