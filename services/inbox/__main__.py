@@ -13,7 +13,7 @@ from services.inbox.http_api import build_app
 from services.inbox.mailbox import Mailbox
 from services.kit import mongo
 from services.kit.auth import JwksKeySource, TokenVerifier
-from services.kit.bus import Publisher
+from services.kit.bus import BatchPublisher, Topology
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.grpc_server import GrpcServer, ServiceBinding
 from services.kit.logs import configure_logging
@@ -43,7 +43,8 @@ def main() -> int:
     mailbox = Mailbox(inbox_store, PhiCipher(keyring), directory.resolve)
     verifier = TokenVerifier(JwksKeySource(settings.directory_jwks_url))
 
-    publisher = Publisher(common.amqp_url, exchange=common.events_exchange)
+    # The relay thread owns its publisher (a pika connection belongs to one thread).
+    publisher = BatchPublisher(common.amqp_url, Topology(exchange=common.events_exchange), connection_name="inbox-outbox")
     relay = OutboxRelay(db, [store.MESSAGES, store.BOARD_ITEMS], publisher, batch_size=settings.relay_batch_size)
     relay.ensure_indexes()
 
