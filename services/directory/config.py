@@ -1,0 +1,83 @@
+"""Directory settings: the only place this service reads the environment.
+
+JWT_SIGNING_KEYS holds one or more PEM keys, concatenated. The first must be an
+RSA private key: it signs new access tokens. The others (private or public PEM)
+are earlier keys kept only so tokens they signed still verify until they
+expire; publish them in the JWKS during a rotation, drop them after one access
+token lifetime. In development a 2048-bit key is generated once into the run
+folder; production refuses to start without the variable (or JWT_SIGNING_KEYS_FILE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.directory import tokens
+from services.directory.passwords import PROFILES
+from services.kit.auth import ACCESS_TOKEN_TTL_S
+from services.kit.settings import CommonSettings, Env, common_settings
+
+SERVICE = "directory"
+
+
+@dataclass(frozen=True)
+class LoginPolicy:
+    """N failed logins for one username within the window lock it for lockout_s."""
+
+    max_failures: int = 10
+    window_s: int = 15 * 60
+    lockout_s: int = 15 * 60
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    common: CommonSettings
+    http_port: int
+    grpc_port: int
+    signing_keys: tokens.KeySet
+    access_token_ttl_s: int
+    refresh_token_ttl_s: int
+    password_hash_profile: str
+    login_policy: LoginPolicy
+
+    @property
+    def production(self) -> bool:
+        return self.common.production
+
+
+def load(environ: Mapping[str, str] | None = None) -> DirectorySettings:
+    """Read and validate every setting; raises SettingsError listing all problems at once."""
+    env = Env(SERVICE, environ)
+    common = common_settings(env)
+    http_port = env.int("DIRECTORY_HTTP_PORT", 8101, minimum=0, maximum=65535)
+    grpc_port = env.int("DIRECTORY_GRPC_PORT", 50051, minimum=0, maximum=65535)
+    pem = env.secret("JWT_SIGNING_KEYS", "jwt-signing-key.pem", tokens.generate_private_key_pem)
+    signing_keys = None
+    if pem:
+        try:
+            signing_keys = tokens.KeySet.from_pem(pem)
+        except ValueError as exc:
+            env.problems.append(f"JWT_SIGNING_KEYS: {exc}")
+    access_ttl = env.int("ACCESS_TOKEN_TTL_S", ACCESS_TOKEN_TTL_S, minimum=60, maximum=ACCESS_TOKEN_TTL_S)
+    refresh_ttl = env.int("REFRESH_TOKEN_TTL_S", 8 * 3600, minimum=300, maximum=30 * 24 * 3600)
+    profile = env.choice("PASSWORD_HASH_PROFILE", tuple(PROFILES), "standard")
+    if env.production and profile != "standard":
+        env.problems.append("PASSWORD_HASH_PROFILE=fast is for tests only and is refused in production")
+    policy = LoginPolicy(
+        max_failures=env.int("LOGIN_MAX_FAILURES", LoginPolicy.max_failures, minimum=1, maximum=1000),
+        window_s=env.int("LOGIN_FAILURE_WINDOW_S", LoginPolicy.window_s, minimum=1, maximum=24 * 3600),
+        lockout_s=env.int("LOGIN_LOCKOUT_S", LoginPolicy.lockout_s, minimum=1, maximum=24 * 3600),
+    )
+    env.done()
+    assert signing_keys is not None  # env.done() raised otherwise
+    return DirectorySettings(
+        common=common,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        signing_keys=signing_keys,
+        access_token_ttl_s=access_ttl,
+        refresh_token_ttl_s=refresh_ttl,
+        password_hash_profile=profile,
+        login_policy=policy,
+    )

@@ -1,0 +1,185 @@
+"""Demo agencies, staff, teams and a portal patient for development.
+
+Fixed ids so docs and tests can name them. Seeding only inserts what is absent,
+so running it again changes nothing (not even records edited since). Every
+demo login shares DEMO_PASSWORD, which is for development only: seeding is
+refused in production mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.directory.domain import Agency, PortalPatient, StaffMember, Team, Terminology
+from services.directory.passwords import PasswordHasher
+from services.directory.store import DirectoryStore
+from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, ROLE_PRESCRIBER, ROLE_STAFF
+from services.kit.errors import Conflict
+
+DEMO_PASSWORD = "demo-Password-2026"  # development only  # noqa: S105
+
+RIVERBEND = Agency(
+    id="agy_riverbend",
+    name="Riverbend Behavioral Health",
+    time_zone="America/Chicago",
+    notify_linked_staff_on_schedule_change=True,
+    terminology=Terminology(patient_singular="Client", patient_plural="Clients"),
+)
+LAKESIDE = Agency(id="agy_lakeside", name="Lakeside Family Clinic", time_zone="America/New_York")
+AGENCIES = (RIVERBEND, LAKESIDE)
+
+S = (ROLE_STAFF,)
+ADMIN = (ROLE_STAFF, ROLE_ADMIN)
+PRESCRIBER = (ROLE_STAFF, ROLE_PRESCRIBER)
+COMPLIANCE = (ROLE_STAFF, ROLE_COMPLIANCE_OFFICER)
+
+
+def _staff(agency: Agency, key: str, username: str, name: str, roles=S, *, lab=False, erx=False, active=True):
+    return StaffMember(
+        id=f"stf_{agency.id.removeprefix('agy_')}_{key}",
+        agency_id=agency.id,
+        username=username,
+        display_name=name,
+        email=f"{username.replace('.', '_')}@{agency.id.removeprefix('agy_')}.example",
+        roles=roles,
+        lab_result_notification=lab,
+        eprescribing_enabled=erx,
+        active=active,
+    )
+
+
+R = RIVERBEND
+STAFF = (
+    _staff(R, "admin", "admin", "Alex Morgan", ADMIN),
+    _staff(R, "reyes", "dr.reyes", "Dr. Elena Reyes", PRESCRIBER, lab=True, erx=True),
+    _staff(R, "kim", "nurse.kim", "Jordan Kim, RN", lab=True),
+    _staff(R, "ortiz", "compliance.ortiz", "Sam Ortiz", COMPLIANCE),
+    _staff(R, "chen", "dr.chen", "Dr. Wei Chen", PRESCRIBER, lab=True, erx=True),
+    _staff(R, "brooks", "np.brooks", "Taylor Brooks, PMHNP", PRESCRIBER, lab=True, erx=True),
+    _staff(R, "white", "nurse.white", "Rachel White, RN", lab=True),
+    _staff(R, "patel", "therapist.patel", "Priya Patel, LCSW"),
+    _staff(R, "nguyen", "therapist.nguyen", "Minh Nguyen, LPC"),
+    _staff(R, "johnson", "therapist.johnson", "Marcus Johnson, LMFT"),
+    _staff(R, "hall", "therapist.hall", "Jordan Hall, PsyD"),
+    _staff(R, "garcia", "casemgr.garcia", "Lucia Garcia"),
+    _staff(R, "oconnor", "casemgr.oconnor", "Sean O'Connor"),
+    _staff(R, "martin", "peer.martin", "Riley Martin"),
+    _staff(R, "wilson", "intake.wilson", "Chris Wilson"),
+    _staff(R, "thompson", "intake.thompson", "Dana Thompson"),
+    _staff(R, "davis", "frontdesk.davis", "Jamie Davis"),
+    _staff(R, "lopez", "frontdesk.lopez", "Ana Lopez"),
+    _staff(R, "lee", "billing.lee", "Morgan Lee"),
+    _staff(R, "young", "former.young", "Casey Young", active=False),  # deactivated: never a recipient
+    _staff(LAKESIDE, "admin", "lakeside.admin", "Pat Quinn", ADMIN),
+    _staff(LAKESIDE, "ramirez", "dr.ramirez", "Dr. Luis Ramirez", PRESCRIBER, lab=True, erx=True),
+    _staff(LAKESIDE, "foster", "nurse.foster", "Kelly Foster, RN", lab=True),
+    _staff(LAKESIDE, "baker", "frontdesk.baker", "Jesse Baker"),
+)
+
+TEAMS = (
+    Team(
+        "team_riverbend_intake",
+        R.id,
+        "Intake",
+        (
+            "stf_riverbend_wilson",
+            "stf_riverbend_thompson",
+            "stf_riverbend_davis",
+            "stf_riverbend_lopez",
+            "stf_riverbend_garcia",
+        ),
+    ),
+    Team(
+        "team_riverbend_outpatient",
+        R.id,
+        "Outpatient Therapy",
+        (
+            "stf_riverbend_patel",
+            "stf_riverbend_nguyen",
+            "stf_riverbend_johnson",
+            "stf_riverbend_hall",
+            "stf_riverbend_martin",
+            "stf_riverbend_oconnor",
+            "stf_riverbend_young",
+        ),
+    ),
+    Team(
+        "team_riverbend_medical",
+        R.id,
+        "Medical",
+        (
+            "stf_riverbend_reyes",
+            "stf_riverbend_chen",
+            "stf_riverbend_brooks",
+            "stf_riverbend_kim",
+            "stf_riverbend_white",
+        ),
+    ),
+    Team("team_lakeside_clinical", LAKESIDE.id, "Clinical", ("stf_lakeside_ramirez", "stf_lakeside_foster")),
+)
+
+PATIENTS = (
+    PortalPatient(
+        id="pat_riverbend_demo",
+        agency_id=R.id,
+        portal_user_id="portal_riverbend_0001",
+        display_name="Jane Demo-Client",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    created: int
+    logins: list[dict]
+
+
+def seed(store: DirectoryStore, hasher: PasswordHasher) -> SeedResult:
+    """Insert whatever demo record is absent; leave existing ones untouched."""
+    created = 0
+    for agency in AGENCIES:
+        if store.get_agency(agency.id) is None:
+            created += _insert(lambda a=agency: store.create_agency(a), lambda a=agency: store.get_agency(a.id))
+    password_hash = ""
+    for member in STAFF:
+        if store.get_staff(member.agency_id, member.id) is None:
+            password_hash = password_hash or hasher.hash(DEMO_PASSWORD)  # one hash is enough for demo data
+            created += _insert(
+                lambda m=member, h=password_hash: store.create_staff(m, h),
+                lambda m=member: store.get_staff(m.agency_id, m.id),
+            )
+    for team in TEAMS:
+        if store.get_team(team.agency_id, team.id) is None:
+            created += _insert(lambda t=team: store.create_team(t), lambda t=team: store.get_team(t.agency_id, t.id))
+    for patient in PATIENTS:
+        if store.get_patient(patient.agency_id, patient.id) is None:
+            created += _insert(
+                lambda p=patient: store.create_patient(p), lambda p=patient: store.get_patient(p.agency_id, p.id)
+            )
+    return SeedResult(created=created, logins=demo_logins())
+
+
+def _insert(create, find) -> int:
+    try:
+        create()
+        return 1
+    except Conflict:
+        if find() is None:  # a clash with a non-demo record (e.g. the username is taken)
+            raise
+        return 0  # a concurrent seeding inserted it first
+
+
+def demo_logins() -> list[dict]:
+    names = {agency.id: agency.name for agency in AGENCIES}
+    return [
+        {
+            "username": member.username,
+            "password": DEMO_PASSWORD,
+            "agency": names[member.agency_id],
+            "agency_id": member.agency_id,
+            "staff_id": member.id,
+            "roles": list(member.roles),
+        }
+        for member in STAFF
+        if member.active
+    ]

@@ -1,0 +1,251 @@
+"""The directory's rules, free of storage and transport.
+
+Agencies, their staff, teams and portal patients; which names, roles and
+passwords are acceptable; who a message addressed to people, teams or the whole
+agency actually reaches; and when repeated failed sign-ins lock a username.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import zoneinfo
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+
+from services.kit.auth import ROLE_ADMIN, ROLE_STAFF, ROLES
+from services.kit.errors import InvalidInput
+from services.kit.validation import ID_PATTERN
+
+AGENCY_PREFIX = "agy"
+STAFF_PREFIX = "stf"
+TEAM_PREFIX = "team"
+PATIENT_PREFIX = "pat"
+SESSION_PREFIX = "ses"
+
+MAX_IDS_PER_CALL = 1000
+PASSWORD_MIN_LENGTH = 12
+PASSWORD_MAX_LENGTH = 256
+USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,62}[a-z0-9]$")
+EMAIL_PATTERN = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+DEFAULT_PATIENT_SINGULAR = "Patient"
+DEFAULT_PATIENT_PLURAL = "Patients"
+
+
+def new_id(prefix: str) -> str:
+    """`<prefix>_<random>`; always matches [A-Za-z0-9_-]{1,64}."""
+    return f"{prefix}_{secrets.token_urlsafe(12)}"
+
+
+def is_well_formed_id(value: str) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class Terminology:
+    patient_singular: str = DEFAULT_PATIENT_SINGULAR
+    patient_plural: str = DEFAULT_PATIENT_PLURAL
+
+
+@dataclass(frozen=True)
+class Agency:
+    id: str
+    name: str
+    time_zone: str = "UTC"
+    notify_linked_staff_on_schedule_change: bool = False
+    terminology: Terminology = field(default_factory=Terminology)
+
+
+@dataclass(frozen=True)
+class StaffMember:
+    id: str
+    agency_id: str
+    username: str
+    display_name: str
+    email: str = ""
+    roles: tuple[str, ...] = (ROLE_STAFF,)
+    lab_result_notification: bool = False
+    eprescribing_enabled: bool = False
+    active: bool = True
+
+    @property
+    def is_admin(self) -> bool:
+        return ROLE_ADMIN in self.roles
+
+
+@dataclass(frozen=True)
+class Team:
+    id: str
+    agency_id: str
+    name: str
+    member_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PortalPatient:
+    """A patient's identity in the patient portal. The display name is PHI."""
+
+    id: str
+    agency_id: str
+    portal_user_id: str
+    display_name: str
+    created_at: int = 0
+
+
+# --- names, roles, passwords -------------------------------------------------------------------
+
+
+def username_key(raw: str) -> str:
+    """Usernames are unique regardless of case: stored and looked up lowercased."""
+    return raw.strip().lower()
+
+
+def check_new_username(raw: str) -> str:
+    username = username_key(raw)
+    if not USERNAME_PATTERN.fullmatch(username):
+        raise InvalidInput(
+            "invalid_username",
+            "username must be 3-64 characters: letters, digits, '.', '_', '-' or '@', "
+            "starting and ending with a letter or digit",
+            {"field": "username"},
+        )
+    return username
+
+
+def normalize_roles(roles: Iterable[str]) -> tuple[str, ...]:
+    """Known roles only, in canonical order; every staff member holds `staff`."""
+    wanted = set(roles)
+    unknown = sorted(wanted - set(ROLES))
+    if unknown:
+        raise InvalidInput("unknown_role", f"unknown role: {unknown[0]}", {"field": "roles", "allowed": list(ROLES)})
+    wanted.add(ROLE_STAFF)
+    return tuple(role for role in ROLES if role in wanted)
+
+
+def check_password(password: str, username: str) -> str:
+    if len(password) < PASSWORD_MIN_LENGTH:
+        raise InvalidInput(
+            "weak_password", f"password must be at least {PASSWORD_MIN_LENGTH} characters", {"field": "password"}
+        )
+    if len(password) > PASSWORD_MAX_LENGTH:
+        raise InvalidInput(
+            "weak_password", f"password must be at most {PASSWORD_MAX_LENGTH} characters", {"field": "password"}
+        )
+    if password.strip().lower() == username_key(username):
+        raise InvalidInput("weak_password", "password must not be the username", {"field": "password"})
+    return password
+
+
+def check_email(email: str) -> str:
+    email = email.strip()
+    if email and not EMAIL_PATTERN.fullmatch(email):
+        raise InvalidInput("invalid_email", "email is not a valid address", {"field": "email"})
+    return email
+
+
+@cache
+def _time_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_time_zone(name: str) -> str:
+    if name not in _time_zones():
+        raise InvalidInput("invalid_time_zone", "time_zone must be an IANA name such as America/Chicago")
+    return name
+
+
+def team_name_key(name: str) -> str:
+    """Team names are unique within an agency regardless of case and surrounding spaces."""
+    return " ".join(name.split()).casefold()
+
+
+def agency_keeps_an_admin(staff: Iterable[StaffMember], changed: StaffMember) -> bool:
+    """After `changed` replaces its earlier version, does the agency still have an active admin?"""
+    for member in staff:
+        current = changed if member.id == changed.id else member
+        if current.active and current.is_admin:
+            return True
+    return changed.active and changed.is_admin
+
+
+# --- recipients ---------------------------------------------------------------------------------
+
+
+def distinct_ids(ids: Iterable[str], what: str = "ids") -> list[str]:
+    unique = list(dict.fromkeys(ids))
+    if len(unique) > MAX_IDS_PER_CALL:
+        raise InvalidInput("too_many_ids", f"at most {MAX_IDS_PER_CALL} {what} per call")
+    return unique
+
+
+@dataclass(frozen=True)
+class Resolution:
+    staff_ids: list[str]
+    missing_staff_ids: list[str]
+    missing_team_ids: list[str]
+
+
+def resolve_recipients(
+    staff: Mapping[str, StaffMember],
+    teams: Mapping[str, Team],
+    staff_ids: Iterable[str],
+    team_ids: Iterable[str],
+    whole_agency: bool,
+) -> Resolution:
+    """Who a message reaches: distinct active staff, sorted by id so the answer is stable.
+
+    `staff` and `teams` hold what exists in the caller's agency; anything asked for
+    that is not there (unknown, or another agency's) is reported as missing.
+    Deactivated staff are known but never reached.
+    """
+    wanted: set[str] = set()
+    missing_staff = []
+    for staff_id in dict.fromkeys(staff_ids):
+        if staff_id in staff:
+            wanted.add(staff_id)
+        else:
+            missing_staff.append(staff_id)
+    missing_teams = []
+    for team_id in dict.fromkeys(team_ids):
+        team = teams.get(team_id)
+        if team is None:
+            missing_teams.append(team_id)
+        else:
+            wanted.update(member for member in team.member_ids if member in staff)
+    if whole_agency:
+        wanted.update(staff)
+    reached = sorted(staff_id for staff_id in wanted if staff[staff_id].active)
+    return Resolution(reached, missing_staff, missing_teams)
+
+
+def team_ids_by_member(teams: Iterable[Team]) -> dict[str, list[str]]:
+    by_member: dict[str, list[str]] = {}
+    for team in sorted(teams, key=lambda t: t.id):
+        for member in team.member_ids:
+            by_member.setdefault(member, []).append(team.id)
+    return by_member
+
+
+# --- failed sign-ins ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoginAttempts:
+    """Failed sign-ins for one username in the current window (times in epoch ms)."""
+
+    failures: int = 0
+    window_started_at: int = 0
+    locked_until: int = 0
+
+
+def is_locked_out(attempts: LoginAttempts | None, now_ms: int) -> bool:
+    return attempts is not None and attempts.locked_until > now_ms
+
+
+def lock_reached(failures: int, max_failures: int) -> bool:
+    return failures >= max_failures
+
+
+def retry_after_s(attempts: LoginAttempts, now_ms: int) -> int:
+    return max(1, -(-(attempts.locked_until - now_ms) // 1000))

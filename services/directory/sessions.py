@@ -1,0 +1,150 @@
+"""Staff sign-in, refresh-token rotation and sign-out.
+
+A session starts at sign-in and lasts at most REFRESH_TOKEN_TTL_S (a shift); it
+is never extended. Each refresh token works once: refreshing returns a new one
+and retires the old. Presenting a retired token again means two parties hold
+it, so the whole session is revoked (theft detection) and both must sign in;
+clients therefore refresh from one place (e.g. one refresher shared by tabs).
+Deactivation and password resets revoke every session of that staff member;
+access tokens already issued stay valid until they expire (at most 15 minutes).
+Usernames are never logged: a mistyped password often lands in that field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.directory import domain, tokens
+from services.directory.config import LoginPolicy
+from services.directory.domain import StaffMember
+from services.directory.passwords import PasswordHasher
+from services.directory.store import DirectoryStore
+from services.kit.errors import DomainError, Unauthenticated
+from services.kit.mongo import now_ms
+
+log = logging.getLogger(__name__)
+
+
+class TooManyAttempts(DomainError):
+    http_status = 429
+
+    def __init__(self, retry_after_s: int):
+        super().__init__("too_many_attempts", "too many failed sign-in attempts; try again later")
+        self.retry_after_s = retry_after_s
+
+
+def invalid_credentials() -> Unauthenticated:
+    return Unauthenticated("invalid_credentials", "the username or password is incorrect")
+
+
+def invalid_refresh_token() -> Unauthenticated:
+    return Unauthenticated("invalid_refresh_token", "the refresh token is not valid; sign in again")
+
+
+@dataclass(frozen=True)
+class Grant:
+    access: tokens.AccessToken
+    refresh_token: str
+    staff: StaffMember
+
+
+class Sessions:
+    def __init__(
+        self,
+        store: DirectoryStore,
+        hasher: PasswordHasher,
+        keys: tokens.KeySet,
+        *,
+        access_ttl_s: int,
+        session_ttl_s: int,
+        policy: LoginPolicy,
+        clock: Callable[[], int] = now_ms,
+    ):
+        self.store = store
+        self.hasher = hasher
+        self.keys = keys
+        self.access_ttl_s = access_ttl_s
+        self.session_ttl_s = session_ttl_s
+        self.policy = policy
+        self.clock = clock
+
+    def login(self, username: str, password: str) -> Grant:
+        key = domain.username_key(username)
+        now = self.clock()
+        attempts = self.store.get_login_attempts(key)
+        if domain.is_locked_out(attempts, now):
+            log.info("sign-in refused while locked", extra={"code": "too_many_attempts"})
+            raise TooManyAttempts(domain.retry_after_s(attempts, now))
+        found = self.store.credentials(key)
+        if found is None:
+            self.hasher.burn_time(password)
+            raise self._failed(key, now)
+        member, password_hash = found
+        if not self.hasher.verify(password_hash, password) or not member.active:
+            raise self._failed(key, now, member)
+        if attempts is not None:
+            self.store.clear_login_failures(key)
+        if self.hasher.needs_rehash(password_hash):
+            self.store.set_password_hash(member.id, self.hasher.hash(password))
+        session_id = domain.new_id(domain.SESSION_PREFIX)
+        session_expires = now + self.session_ttl_s * 1000
+        session = self.store.create_session(session_id, member, now, session_expires)
+        grant = self._grant(member, session, now)
+        log.info("staff signed in", extra={"staff_id": member.id, "agency_id": member.agency_id})
+        return grant
+
+    def _failed(self, key: str, now: int, member: StaffMember | None = None) -> Unauthenticated:
+        """Count the failure (locking the username at the limit); returns the error to raise."""
+        failures = self.store.count_login_failure(key, now, self.policy.window_s)
+        if domain.lock_reached(failures, self.policy.max_failures):
+            self.store.lock_username(key, now + self.policy.lockout_s * 1000)
+        extra = {"code": "invalid_credentials", "count": failures}
+        if member is not None:
+            extra.update(staff_id=member.id, agency_id=member.agency_id)
+        log.info("sign-in failed", extra=extra)
+        return invalid_credentials()
+
+    def refresh(self, refresh_token: str) -> Grant:
+        token_hash = tokens.refresh_token_hash(refresh_token)
+        now = self.clock()
+        record = self.store.find_refresh_token(token_hash)
+        if record is None:
+            raise invalid_refresh_token()
+        if not self.store.use_refresh_token(token_hash, now):
+            self.store.revoke_session(record["session_id"], "refresh_token_reuse")
+            log.warning(
+                "refresh token presented twice; session revoked",
+                extra={"staff_id": record["staff_id"], "agency_id": record["agency_id"], "code": "refresh_token_reuse"},
+            )
+            raise invalid_refresh_token()
+        session = self.store.get_session(record["session_id"])
+        if session is None or session["revoked_at"] or session["expires_at"] <= now or record["expires_at"] <= now:
+            raise invalid_refresh_token()
+        member = self.store.get_staff(record["agency_id"], record["staff_id"])
+        if member is None or not member.active:
+            self.store.revoke_session(session["_id"], "staff_deactivated")
+            raise invalid_refresh_token()
+        return self._grant(member, session, now)
+
+    def logout(self, refresh_token: str) -> None:
+        """Ends the token's session; unknown or already-ended sessions are not an error."""
+        record = self.store.find_refresh_token(tokens.refresh_token_hash(refresh_token))
+        if record is not None and self.store.revoke_session(record["session_id"], "logout"):
+            log.info("staff signed out", extra={"staff_id": record["staff_id"], "agency_id": record["agency_id"]})
+
+    def _grant(self, member: StaffMember, session: dict, now: int) -> Grant:
+        refresh_token = tokens.new_refresh_token()
+        self.store.add_refresh_token(tokens.refresh_token_hash(refresh_token), session, now)
+        access = tokens.issue_access_token(
+            self.keys,
+            staff_id=member.id,
+            agency_id=member.agency_id,
+            roles=list(member.roles),
+            name=member.display_name,
+            session_id=session["_id"],
+            ttl_s=self.access_ttl_s,
+            now=now // 1000,
+        )
+        return Grant(access=access, refresh_token=refresh_token, staff=member)

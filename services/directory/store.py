@@ -1,0 +1,389 @@
+"""The directory's MongoDB collections and the queries on them.
+
+Query shapes (kept fast on nx-27017 and correct on MongoDB): equality is always
+an explicit `$eq` on a scalar; lists (roles, team members) are written whole
+with `$set` and never queried by element; flags are stored as booleans but read
+through bool() because the embedded server returns them as 0/1; times are
+epoch milliseconds. Every read of agency data takes the agency id and checks
+it, so another agency's ids behave as unknown ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pymongo import ReturnDocument
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from services.directory.domain import (
+    Agency,
+    LoginAttempts,
+    PortalPatient,
+    StaffMember,
+    Team,
+    Terminology,
+    team_name_key,
+)
+from services.kit.crypto import PhiCipher
+from services.kit.errors import Conflict
+from services.kit.mongo import IndexSpec, ensure_indexes, eq, now_ms
+
+AGENCIES = "agencies"
+STAFF = "staff"
+TEAMS = "teams"
+PORTAL_PATIENTS = "portal_patients"
+SESSIONS = "sessions"
+REFRESH_TOKENS = "refresh_tokens"
+LOGIN_ATTEMPTS = "login_attempts"
+
+INDEXES = [
+    IndexSpec(STAFF, [("username", 1)], unique=True, name="staff_username_unique"),
+    IndexSpec(STAFF, [("agency_id", 1), ("sort_key", 1)], name="staff_by_agency"),
+    IndexSpec(TEAMS, [("agency_id", 1), ("name_key", 1)], unique=True, name="team_name_unique_in_agency"),
+    IndexSpec(
+        PORTAL_PATIENTS, [("agency_id", 1), ("portal_user_id", 1)], unique=True, name="portal_user_unique_in_agency"
+    ),
+    IndexSpec(PORTAL_PATIENTS, [("agency_id", 1), ("sort_key", -1)], name="portal_patients_by_agency"),
+    IndexSpec(SESSIONS, [("staff_id", 1), ("created_at", 1)], name="sessions_by_staff"),
+    IndexSpec(REFRESH_TOKENS, [("session_id", 1)], name="refresh_tokens_by_session"),
+]
+
+PATIENT_NAME_FIELD = "display_name"
+
+
+def _staff_sort_key(display_name: str, staff_id: str) -> str:
+    return f"{display_name.casefold()}\x1f{staff_id}"
+
+
+def _agency(doc: dict) -> Agency:
+    return Agency(
+        id=doc["_id"],
+        name=doc["name"],
+        time_zone=doc.get("time_zone", "UTC"),
+        notify_linked_staff_on_schedule_change=bool(doc.get("notify_linked_staff_on_schedule_change", False)),
+        terminology=Terminology(
+            patient_singular=doc.get("patient_singular") or Terminology.patient_singular,
+            patient_plural=doc.get("patient_plural") or Terminology.patient_plural,
+        ),
+    )
+
+
+def _staff(doc: dict) -> StaffMember:
+    return StaffMember(
+        id=doc["_id"],
+        agency_id=doc["agency_id"],
+        username=doc["username"],
+        display_name=doc["display_name"],
+        email=doc.get("email", ""),
+        roles=tuple(doc.get("roles") or ()),
+        lab_result_notification=bool(doc.get("lab_result_notification", False)),
+        eprescribing_enabled=bool(doc.get("eprescribing_enabled", False)),
+        active=not doc.get("deactivated_at"),
+    )
+
+
+def _team(doc: dict) -> Team:
+    return Team(doc["_id"], doc["agency_id"], doc["name"], tuple(doc.get("member_ids") or ()))
+
+
+def _staff_fields(member: StaffMember, now: int) -> dict:
+    return {
+        "agency_id": member.agency_id,
+        "username": member.username,
+        "display_name": member.display_name,
+        "sort_key": _staff_sort_key(member.display_name, member.id),
+        "email": member.email,
+        "roles": list(member.roles),
+        "lab_result_notification": member.lab_result_notification,
+        "eprescribing_enabled": member.eprescribing_enabled,
+        "updated_at": now,
+    }
+
+
+def _team_name_taken() -> Conflict:
+    return Conflict("team_name_taken", "the agency already has a team with this name", {"field": "name"})
+
+
+class DirectoryStore:
+    # Up to this many ids are fetched one by one (primary key); more load the agency's staff at once.
+    POINT_LOOKUP_LIMIT = 16
+
+    def __init__(self, db: Database, cipher: PhiCipher):
+        self.db = db
+        self.cipher = cipher
+        self.agencies = db[AGENCIES]
+        self.staff = db[STAFF]
+        self.teams = db[TEAMS]
+        self.patients = db[PORTAL_PATIENTS]
+        self.sessions = db[SESSIONS]
+        self.refresh_tokens = db[REFRESH_TOKENS]
+        self.login_attempts = db[LOGIN_ATTEMPTS]
+
+    def ensure_indexes(self) -> None:
+        ensure_indexes(self.db, INDEXES)
+        self.cipher.keyring.ensure_indexes()
+
+    # --- agencies ---------------------------------------------------------------------------
+
+    def get_agency(self, agency_id: str) -> Agency | None:
+        doc = self.agencies.find_one({"_id": eq(agency_id)})
+        return _agency(doc) if doc else None
+
+    def create_agency(self, agency: Agency) -> None:
+        now = now_ms()
+        try:
+            self.agencies.insert_one(
+                {"_id": agency.id, **self._agency_fields(agency), "created_at": now, "updated_at": now}
+            )
+        except DuplicateKeyError as exc:
+            raise Conflict("agency_exists", "an agency with this id exists") from exc
+
+    def save_agency(self, agency: Agency) -> None:
+        self.agencies.update_one(
+            {"_id": eq(agency.id)}, {"$set": {**self._agency_fields(agency), "updated_at": now_ms()}}
+        )
+
+    @staticmethod
+    def _agency_fields(agency: Agency) -> dict:
+        return {
+            "name": agency.name,
+            "time_zone": agency.time_zone,
+            "notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change,
+            "patient_singular": agency.terminology.patient_singular,
+            "patient_plural": agency.terminology.patient_plural,
+        }
+
+    # --- staff ------------------------------------------------------------------------------
+
+    def credentials(self, username: str) -> tuple[StaffMember, str] | None:
+        """The staff member signing in with this (lowercased) username and their password hash."""
+        doc = self.staff.find_one({"username": eq(username)})
+        return (_staff(doc), doc.get("password_hash", "")) if doc else None
+
+    def set_password_hash(self, staff_id: str, password_hash: str) -> None:
+        now = now_ms()
+        self.staff.update_one(
+            {"_id": eq(staff_id)}, {"$set": {"password_hash": password_hash, "password_changed_at": now}}
+        )
+
+    def get_staff(self, agency_id: str, staff_id: str) -> StaffMember | None:
+        doc = self.staff.find_one({"_id": eq(staff_id)})
+        if doc is None or doc.get("agency_id") != agency_id:
+            return None
+        return _staff(doc)
+
+    def list_staff(self, agency_id: str) -> list[StaffMember]:
+        """Every staff member of the agency, by display name."""
+        cursor = self.staff.find({"agency_id": eq(agency_id)}, {"password_hash": 0}).sort("sort_key", 1)
+        return [_staff(doc) for doc in cursor]
+
+    def staff_by_ids(self, agency_id: str, staff_ids: list[str]) -> dict[str, StaffMember]:
+        """The agency's staff among these ids (unknown and other agencies' ids are left out)."""
+        if len(staff_ids) <= self.POINT_LOOKUP_LIMIT:
+            found = (self.get_staff(agency_id, staff_id) for staff_id in staff_ids)
+            return {member.id: member for member in found if member is not None}
+        wanted = set(staff_ids)
+        return {member.id: member for member in self.list_staff(agency_id) if member.id in wanted}
+
+    def create_staff(self, member: StaffMember, password_hash: str) -> None:
+        now = now_ms()
+        doc = {"_id": member.id, **_staff_fields(member, now), "password_hash": password_hash}
+        doc.update(created_at=now, password_changed_at=now, deactivated_at=0 if member.active else now)
+        try:
+            self.staff.insert_one(doc)
+        except DuplicateKeyError as exc:
+            raise Conflict("username_taken", "this username is already in use", {"field": "username"}) from exc
+
+    def save_staff(self, member: StaffMember, password_hash: str | None = None) -> None:
+        now = now_ms()
+        fields = _staff_fields(member, now)
+        if member.active:
+            fields["deactivated_at"] = 0
+        if password_hash is not None:
+            fields.update(password_hash=password_hash, password_changed_at=now)
+        self.staff.update_one({"_id": eq(member.id), "agency_id": eq(member.agency_id)}, {"$set": fields})
+        if not member.active:
+            # Keeps the first deactivation time when an inactive member is edited again.
+            self.staff.update_one({"_id": eq(member.id), "deactivated_at": eq(0)}, {"$set": {"deactivated_at": now}})
+
+    # --- teams ------------------------------------------------------------------------------
+
+    def list_teams(self, agency_id: str) -> list[Team]:
+        return [_team(doc) for doc in self.teams.find({"agency_id": eq(agency_id)}).sort("name_key", 1)]
+
+    def get_team(self, agency_id: str, team_id: str) -> Team | None:
+        doc = self.teams.find_one({"_id": eq(team_id)})
+        if doc is None or doc.get("agency_id") != agency_id:
+            return None
+        return _team(doc)
+
+    def create_team(self, team: Team) -> None:
+        now = now_ms()
+        doc = {"_id": team.id, **self._team_fields(team), "created_at": now, "updated_at": now}
+        try:
+            self.teams.insert_one(doc)
+        except DuplicateKeyError as exc:
+            raise _team_name_taken() from exc
+
+    def save_team(self, team: Team) -> None:
+        try:
+            self.teams.update_one(
+                {"_id": eq(team.id), "agency_id": eq(team.agency_id)},
+                {"$set": {**self._team_fields(team), "updated_at": now_ms()}},
+            )
+        except DuplicateKeyError as exc:
+            raise _team_name_taken() from exc
+
+    def delete_team(self, agency_id: str, team_id: str) -> bool:
+        result = self.teams.delete_one({"_id": eq(team_id), "agency_id": eq(agency_id)})
+        return result.deleted_count == 1
+
+    @staticmethod
+    def _team_fields(team: Team) -> dict:
+        return {
+            "agency_id": team.agency_id,
+            "name": team.name,
+            "name_key": team_name_key(team.name),
+            "member_ids": list(team.member_ids),
+        }
+
+    # --- portal patients (display names sealed: PHI) ----------------------------------------
+
+    def create_patient(self, patient: PortalPatient) -> PortalPatient:
+        now = now_ms()
+        sealed = self.cipher.seal(patient.agency_id, patient.id, PATIENT_NAME_FIELD, patient.display_name)
+        doc = {
+            "_id": patient.id,
+            "agency_id": patient.agency_id,
+            "portal_user_id": patient.portal_user_id,
+            "display_name_sealed": sealed,
+            "sort_key": f"{now:015d}.{patient.id}",  # newest first; same-millisecond ties by id
+            "created_at": now,
+        }
+        try:
+            self.patients.insert_one(doc)
+        except DuplicateKeyError as exc:
+            raise Conflict(
+                "portal_user_taken", "this portal user is already linked", {"field": "portal_user_id"}
+            ) from exc
+        return replace(patient, created_at=now)
+
+    def get_patient(self, agency_id: str, patient_id: str) -> PortalPatient | None:
+        doc = self.patients.find_one({"_id": eq(patient_id)})
+        if doc is None or doc.get("agency_id") != agency_id:
+            return None
+        return self._patient(doc)
+
+    def list_patients(self, agency_id: str, limit: int, before: str | None = None) -> tuple[list[PortalPatient], str]:
+        """Newest first; returns the page and the cursor for the next one ("" when done)."""
+        query: dict = {"agency_id": eq(agency_id)}
+        if before:
+            query["sort_key"] = {"$lt": before}
+        docs = list(self.patients.find(query).sort("sort_key", -1).limit(limit + 1))
+        cursor = docs[limit - 1]["sort_key"] if len(docs) > limit else ""
+        return [self._patient(doc) for doc in docs[:limit]], cursor
+
+    def _patient(self, doc: dict) -> PortalPatient:
+        name = self.cipher.open(doc["agency_id"], doc["_id"], PATIENT_NAME_FIELD, doc["display_name_sealed"])
+        return PortalPatient(
+            id=doc["_id"],
+            agency_id=doc["agency_id"],
+            portal_user_id=doc["portal_user_id"],
+            display_name=name,
+            created_at=doc.get("created_at", 0),
+        )
+
+    # --- sessions and refresh tokens --------------------------------------------------------
+
+    def create_session(self, session_id: str, member: StaffMember, now: int, expires_at: int) -> dict:
+        session = {
+            "_id": session_id,
+            "staff_id": member.id,
+            "agency_id": member.agency_id,
+            "created_at": now,
+            "expires_at": expires_at,
+            "revoked_at": 0,
+            "revoked_reason": "",
+        }
+        self.sessions.insert_one(dict(session))
+        return session
+
+    def get_session(self, session_id: str) -> dict | None:
+        return self.sessions.find_one({"_id": eq(session_id)})
+
+    def revoke_session(self, session_id: str, reason: str) -> bool:
+        result = self.sessions.update_one(
+            {"_id": eq(session_id), "revoked_at": eq(0)},
+            {"$set": {"revoked_at": now_ms(), "revoked_reason": reason}},
+        )
+        return result.modified_count == 1
+
+    def revoke_staff_sessions(self, staff_id: str, reason: str) -> int:
+        result = self.sessions.update_many(
+            {"staff_id": eq(staff_id), "revoked_at": eq(0)},
+            {"$set": {"revoked_at": now_ms(), "revoked_reason": reason}},
+        )
+        return result.modified_count
+
+    def add_refresh_token(self, token_hash: str, session: dict, now: int) -> None:
+        self.refresh_tokens.insert_one(
+            {
+                "_id": token_hash,
+                "session_id": session["_id"],
+                "staff_id": session["staff_id"],
+                "agency_id": session["agency_id"],
+                "issued_at": now,
+                "expires_at": session["expires_at"],
+                "used_at": 0,
+            }
+        )
+
+    def find_refresh_token(self, token_hash: str) -> dict | None:
+        return self.refresh_tokens.find_one({"_id": eq(token_hash)})
+
+    def use_refresh_token(self, token_hash: str, now: int) -> bool:
+        """Mark the token used; False if it had been used already (so this is a replay)."""
+        doc = self.refresh_tokens.find_one_and_update(
+            {"_id": eq(token_hash), "used_at": eq(0)},
+            {"$set": {"used_at": now}},
+            return_document=ReturnDocument.BEFORE,
+        )
+        return doc is not None
+
+    # --- failed sign-ins --------------------------------------------------------------------
+
+    def get_login_attempts(self, username: str) -> LoginAttempts | None:
+        doc = self.login_attempts.find_one({"_id": eq(username)})
+        if doc is None:
+            return None
+        return LoginAttempts(
+            failures=doc.get("failures", 0),
+            window_started_at=doc.get("window_started_at", 0),
+            locked_until=doc.get("locked_until", 0),
+        )
+
+    def count_login_failure(self, username: str, now: int, window_s: int) -> int:
+        """Add one failure to the username's open window (or start a new one); returns the count."""
+        doc = self.login_attempts.find_one_and_update(
+            {"_id": eq(username), "window_started_at": {"$gt": now - window_s * 1000}},
+            {"$inc": {"failures": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return doc["failures"]
+        try:
+            self.login_attempts.update_one(
+                {"_id": eq(username)},
+                {"$set": {"failures": 1, "window_started_at": now, "locked_until": 0}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            return self.count_login_failure(username, now, window_s)  # a concurrent failure opened the window
+        return 1
+
+    def lock_username(self, username: str, until: int) -> None:
+        self.login_attempts.update_one({"_id": eq(username)}, {"$set": {"locked_until": until}})
+
+    def clear_login_failures(self, username: str) -> None:
+        self.login_attempts.delete_one({"_id": eq(username)})

@@ -1,0 +1,350 @@
+"""The staff directory and its administration over HTTP: roles, agency isolation, validation."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.integration.directory_fixtures import start_directory
+
+
+@pytest.fixture
+def dut(mongo_uri, db_name, tmp_path):
+    return start_directory(mongo_uri, db_name, tmp_path)
+
+
+@pytest.fixture
+def admin(dut):
+    return dut.as_user("admin")
+
+
+@pytest.fixture
+def clinician(dut):
+    return dut.as_user("dr.reyes")
+
+
+NEW_STAFF = {
+    "username": "Therapist.Quinn",
+    "display_name": "Avery Quinn, LCSW",
+    "email": "avery.quinn@riverbend.example",
+    "password": "long-enough-password",
+    "roles": ["staff"],
+    "lab_result_notification": True,
+}
+
+ADMIN_ONLY = [
+    ("post", "/api/v1/directory/staff", NEW_STAFF),
+    ("patch", "/api/v1/directory/staff/stf_riverbend_kim", {"display_name": "Someone"}),
+    ("post", "/api/v1/directory/teams", {"name": "Night Shift", "member_ids": []}),
+    ("patch", "/api/v1/directory/teams/team_riverbend_intake", {"name": "Renamed"}),
+    ("delete", "/api/v1/directory/teams/team_riverbend_intake", None),
+    ("patch", "/api/v1/directory/agency", {"name": "Taken Over"}),
+    ("get", "/api/v1/directory/patients", None),
+    ("get", "/api/v1/directory/patients/pat_riverbend_demo", None),
+    ("post", "/api/v1/directory/patients", {"portal_user_id": "p1", "display_name": "A Person"}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_ONLY)
+def test_administration_needs_the_admin_role(dut, clinician, method, path, body):
+    response = getattr(dut.client, method)(path, json=body, headers=clinician)
+    assert response.status_code == 403
+    assert response.get_json()["code"] == "forbidden"
+
+
+def test_directory_endpoints_need_a_token(dut):
+    response = dut.client.get("/api/v1/directory/staff")
+    assert response.status_code == 401
+    assert response.get_json()["code"] == "unauthenticated"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_me_describes_the_caller_with_their_teams(dut, clinician):
+    body = dut.client.get("/api/v1/directory/me", headers=clinician).get_json()
+    assert body["id"] == "stf_riverbend_reyes"
+    assert body["username"] == "dr.reyes"
+    assert body["eprescribing_enabled"] is True and body["lab_result_notification"] is True
+    assert body["team_ids"] == ["team_riverbend_medical"]
+    assert "password_hash" not in body
+
+
+def test_staff_list_holds_only_the_callers_agency_without_secrets(dut, clinician):
+    staff = dut.client.get("/api/v1/directory/staff", headers=clinician).get_json()["staff"]
+    assert len(staff) == 20
+    assert {member["agency_id"] for member in staff} == {"agy_riverbend"}
+    names = [member["display_name"] for member in staff]
+    assert names == sorted(names, key=str.casefold)
+    young = next(member for member in staff if member["id"] == "stf_riverbend_young")
+    assert young["active"] is False
+    assert not any("password" in key or key == "username" for member in staff for key in member)
+
+
+def test_teams_list_holds_the_agencys_teams(dut, clinician):
+    teams = dut.client.get("/api/v1/directory/teams", headers=clinician).get_json()["teams"]
+    assert [team["name"] for team in teams] == ["Intake", "Medical", "Outpatient Therapy"]
+    medical = next(team for team in teams if team["id"] == "team_riverbend_medical")
+    assert "stf_riverbend_reyes" in medical["member_ids"]
+
+
+def test_admin_creates_staff_who_can_then_sign_in(dut, admin):
+    response = dut.client.post("/api/v1/directory/staff", json=NEW_STAFF, headers=admin)
+    assert response.status_code == 201
+    created = response.get_json()
+    assert created["id"].startswith("stf_")
+    assert created["username"] == "therapist.quinn"
+    assert created["roles"] == ["staff"]
+    assert created["agency_id"] == "agy_riverbend"
+    assert response.headers["Location"] == f"/api/v1/directory/staff/{created['id']}"
+    signed_in = dut.sign_in("therapist.quinn", NEW_STAFF["password"])
+    assert signed_in.status_code == 200
+    assert signed_in.get_json()["staff"]["id"] == created["id"]
+    raw = dut.store.staff.find_one({"_id": {"$eq": created["id"]}})
+    assert raw["password_hash"].startswith("$argon2id$")
+    assert NEW_STAFF["password"] not in json.dumps(raw, default=str)
+
+
+def test_usernames_are_unique_regardless_of_case_across_agencies(dut):
+    lakeside_admin = dut.as_user("lakeside.admin")
+    response = dut.client.post(
+        "/api/v1/directory/staff", json={**NEW_STAFF, "username": "DR.REYES"}, headers=lakeside_admin
+    )
+    assert response.status_code == 409
+    assert response.get_json()["code"] == "username_taken"
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"password": "too-short"}, "weak_password"),
+        ({"roles": ["staff", "superuser"]}, "unknown_role"),
+        ({"username": "x"}, "invalid_username"),
+        ({"username": "has space"}, "invalid_username"),
+        ({"email": "not-an-address"}, "invalid_email"),
+        ({"roles": "admin"}, "invalid_type"),
+        ({"lab_result_notification": "yes"}, "invalid_type"),
+        ({"display_name": ""}, "invalid_value"),
+        ({"agency_id": "agy_lakeside"}, "unknown_field"),
+    ],
+)
+def test_new_staff_is_validated(dut, admin, change, code):
+    response = dut.client.post("/api/v1/directory/staff", json={**NEW_STAFF, **change}, headers=admin)
+    assert response.status_code == 400
+    assert response.get_json()["code"] == code
+
+
+def test_roles_always_include_staff(dut, admin):
+    body = {**NEW_STAFF, "roles": ["compliance_officer"]}
+    created = dut.client.post("/api/v1/directory/staff", json=body, headers=admin).get_json()
+    assert created["roles"] == ["staff", "compliance_officer"]
+
+
+def test_admin_updates_staff_flags_and_roles(dut, admin):
+    response = dut.client.patch(
+        "/api/v1/directory/staff/stf_riverbend_kim",
+        json={"eprescribing_enabled": True, "roles": ["staff", "prescriber"], "display_name": "Jordan Kim, NP"},
+        headers=admin,
+    )
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["eprescribing_enabled"] is True
+    assert body["lab_result_notification"] is True
+    assert body["roles"] == ["staff", "prescriber"]
+    assert body["team_ids"] == ["team_riverbend_medical"]
+    again = dut.client.get("/api/v1/directory/staff/stf_riverbend_kim", headers=admin).get_json()
+    assert again["display_name"] == "Jordan Kim, NP" and again["eprescribing_enabled"] is True
+
+
+def test_a_reactivated_staff_member_can_sign_in_again(dut, admin):
+    assert dut.sign_in("former.young").status_code == 401
+    response = dut.client.patch("/api/v1/directory/staff/stf_riverbend_young", json={"active": True}, headers=admin)
+    assert response.get_json()["active"] is True
+    assert dut.sign_in("former.young").status_code == 200
+
+
+def test_the_last_active_admin_cannot_be_removed(dut, admin):
+    for change in ({"active": False}, {"roles": ["staff"]}):
+        response = dut.client.patch("/api/v1/directory/staff/stf_riverbend_admin", json=change, headers=admin)
+        assert response.status_code == 409
+        assert response.get_json()["code"] == "last_admin"
+
+
+def test_a_demoted_admin_loses_admin_rights_at_once(dut, admin):
+    dut.client.patch("/api/v1/directory/staff/stf_riverbend_ortiz", json={"roles": ["staff", "admin"]}, headers=admin)
+    ortiz = dut.as_user("compliance.ortiz")
+    demoted = dut.client.patch("/api/v1/directory/staff/stf_riverbend_admin", json={"roles": ["staff"]}, headers=ortiz)
+    assert demoted.status_code == 200
+    # The old admin still holds a token that says "admin"; the stored record decides.
+    response = dut.client.patch("/api/v1/directory/agency", json={"name": "Mine Now"}, headers=admin)
+    assert response.status_code == 403
+
+
+def test_admin_creates_renames_refills_and_deletes_a_team(dut, admin, clinician):
+    created = dut.client.post(
+        "/api/v1/directory/teams",
+        json={"name": "Crisis Response", "member_ids": ["stf_riverbend_patel", "stf_riverbend_kim"]},
+        headers=admin,
+    )
+    assert created.status_code == 201
+    team = created.get_json()
+    assert team["id"].startswith("team_") and team["member_ids"] == ["stf_riverbend_patel", "stf_riverbend_kim"]
+    path = f"/api/v1/directory/teams/{team['id']}"
+    patched = dut.client.patch(path, json={"name": "Crisis Team", "member_ids": ["stf_riverbend_hall"]}, headers=admin)
+    assert patched.get_json() == {"id": team["id"], "name": "Crisis Team", "member_ids": ["stf_riverbend_hall"]}
+    assert dut.client.get(path, headers=clinician).get_json()["name"] == "Crisis Team"
+    assert dut.client.delete(path, headers=admin).status_code == 204
+    assert dut.client.get(path, headers=clinician).status_code == 404
+    assert dut.client.delete(path, headers=admin).status_code == 404
+
+
+@pytest.mark.parametrize("member_id", ["stf_nobody", "stf_lakeside_ramirez"])
+def test_team_members_must_be_staff_of_the_agency(dut, admin, member_id):
+    response = dut.client.post(
+        "/api/v1/directory/teams", json={"name": "Mixed", "member_ids": ["stf_riverbend_kim", member_id]}, headers=admin
+    )
+    assert response.status_code == 400
+    body = response.get_json()
+    assert body["code"] == "unknown_staff"
+    assert body["details"]["staff_ids"] == [member_id]
+    patched = dut.client.patch(
+        "/api/v1/directory/teams/team_riverbend_intake", json={"member_ids": [member_id]}, headers=admin
+    )
+    assert patched.get_json()["code"] == "unknown_staff"
+
+
+def test_team_names_are_unique_within_an_agency_only(dut, admin):
+    clash = dut.client.post("/api/v1/directory/teams", json={"name": "  intake "}, headers=admin)
+    assert clash.status_code == 409
+    assert clash.get_json()["code"] == "team_name_taken"
+    rename = dut.client.patch("/api/v1/directory/teams/team_riverbend_medical", json={"name": "INTAKE"}, headers=admin)
+    assert rename.status_code == 409
+    lakeside = dut.as_user("lakeside.admin")
+    assert dut.client.post("/api/v1/directory/teams", json={"name": "Intake"}, headers=lakeside).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("get", "/api/v1/directory/staff/stf_lakeside_ramirez", None),
+        ("patch", "/api/v1/directory/staff/stf_lakeside_ramirez", {"active": False}),
+        ("get", "/api/v1/directory/teams/team_lakeside_clinical", None),
+        ("patch", "/api/v1/directory/teams/team_lakeside_clinical", {"name": "Ours"}),
+        ("delete", "/api/v1/directory/teams/team_lakeside_clinical", None),
+        ("get", "/api/v1/directory/patients/pat_riverbend_demo", None),
+        ("get", "/api/v1/directory/staff/not%20an%20id", None),
+    ],
+)
+def test_another_agencys_ids_are_not_found(dut, method, path, body):
+    lakeside_admin_for_patient = path.endswith("pat_riverbend_demo")
+    headers = dut.as_user("lakeside.admin" if lakeside_admin_for_patient else "admin")
+    response = getattr(dut.client, method)(path, json=body, headers=headers)
+    assert response.status_code == 404
+    assert response.get_json()["code"] == "not_found"
+    assert dut.store.get_staff("agy_lakeside", "stf_lakeside_ramirez").active
+    assert dut.store.get_team("agy_lakeside", "team_lakeside_clinical").name == "Clinical"
+
+
+def test_agency_settings_are_read_by_anyone_and_changed_by_admins(dut, admin, clinician):
+    body = dut.client.get("/api/v1/directory/agency", headers=clinician).get_json()
+    assert body == {
+        "id": "agy_riverbend",
+        "name": "Riverbend Behavioral Health",
+        "time_zone": "America/Chicago",
+        "options": {"notify_linked_staff_on_schedule_change": True},
+        "terminology": {"patient_singular": "Client", "patient_plural": "Clients"},
+    }
+    response = dut.client.patch(
+        "/api/v1/directory/agency",
+        json={
+            "time_zone": "America/Denver",
+            "options": {"notify_linked_staff_on_schedule_change": False},
+            "terminology": {"patient_singular": "Member"},
+        },
+        headers=admin,
+    )
+    assert response.status_code == 200
+    after = dut.client.get("/api/v1/directory/agency", headers=clinician).get_json()
+    assert after["time_zone"] == "America/Denver"
+    assert after["options"]["notify_linked_staff_on_schedule_change"] is False
+    assert after["terminology"] == {"patient_singular": "Member", "patient_plural": "Clients"}
+    lakeside = dut.client.get("/api/v1/directory/agency", headers=dut.as_user("dr.ramirez")).get_json()
+    assert lakeside["terminology"] == {"patient_singular": "Patient", "patient_plural": "Patients"}
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"time_zone": "Mars/Olympus_Mons"}, "invalid_time_zone"),
+        ({"options": {"notify_everyone": True}}, "unknown_field"),
+        ({"options": {"notify_linked_staff_on_schedule_change": 1}}, "invalid_type"),
+        ({"terminology": {"patient_singular": {"$gt": ""}}}, "invalid_type"),
+        ({"terminology": "Client"}, "invalid_type"),
+    ],
+)
+def test_agency_changes_are_validated(dut, admin, body, code):
+    response = dut.client.patch("/api/v1/directory/agency", json=body, headers=admin)
+    assert response.status_code == 400
+    assert response.get_json()["code"] == code
+
+
+def test_portal_patient_names_are_sealed_at_rest_and_read_by_admins(dut, admin):
+    created = dut.client.post(
+        "/api/v1/directory/patients",
+        json={"portal_user_id": "portal_42", "display_name": "Rosa Example"},
+        headers=admin,
+    )
+    assert created.status_code == 201
+    patient = created.get_json()
+    raw = dut.store.patients.find_one({"_id": {"$eq": patient["id"]}})
+    assert "Rosa Example" not in json.dumps(raw, default=str)
+    assert b"Rosa Example" not in bytes(raw["display_name_sealed"])
+    fetched = dut.client.get(f"/api/v1/directory/patients/{patient['id']}", headers=admin).get_json()
+    assert fetched["display_name"] == "Rosa Example"
+    duplicate = dut.client.post(
+        "/api/v1/directory/patients",
+        json={"portal_user_id": "portal_42", "display_name": "Someone Else"},
+        headers=admin,
+    )
+    assert duplicate.status_code == 409
+
+
+def test_portal_patients_are_listed_newest_first_in_pages(dut, admin):
+    for number in range(3):
+        time.sleep(0.002)  # distinct creation milliseconds, so "newest first" is one order
+        dut.client.post(
+            "/api/v1/directory/patients",
+            json={"portal_user_id": f"portal_{number}", "display_name": f"Person {number}"},
+            headers=admin,
+        )
+    first = dut.client.get("/api/v1/directory/patients?limit=2", headers=admin).get_json()
+    assert [p["portal_user_id"] for p in first["patients"]] == ["portal_2", "portal_1"]
+    second = dut.client.get(f"/api/v1/directory/patients?limit=2&before={first['next_before']}", headers=admin)
+    page = second.get_json()
+    assert [p["portal_user_id"] for p in page["patients"]] == ["portal_0", "portal_riverbend_0001"]
+    assert page["next_before"] is None
+    bad = dut.client.get("/api/v1/directory/patients?before=%7B%22%24gt%22%3A1%7D", headers=admin)
+    assert bad.status_code == 400
+
+
+def test_partner_whoami_reports_the_gateway_consumer(dut):
+    headers = {"X-Consumer-Username": "patient-portal", "X-Credential-Identifier": "cred-123"}
+    response = dut.client.get("/api/v1/partner/whoami", headers=headers)
+    assert response.status_code == 200
+    assert response.get_json() == {"consumer": "patient-portal", "credential": "cred-123"}
+
+
+def test_partner_whoami_without_a_gateway_consumer_is_401(dut):
+    missing = dut.client.get("/api/v1/partner/whoami")
+    assert missing.status_code == 401
+    assert missing.get_json()["code"] == "unauthenticated"
+    anonymous = dut.client.get(
+        "/api/v1/partner/whoami", headers={"X-Consumer-Username": "anonymous", "X-Anonymous-Consumer": "true"}
+    )
+    assert anonymous.status_code == 401
+
+
+def test_unknown_routes_and_health_answer_json(dut):
+    missing = dut.client.get("/api/v1/directory/nothing-here")
+    assert missing.status_code == 404 and missing.get_json()["code"] == "not_found"
+    assert dut.client.get("/healthz").get_json() == {"status": "ok", "service": "directory"}

@@ -1,0 +1,164 @@
+"""The directory's pure rules: names, roles, passwords, recipients, the last admin, failed sign-ins."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.directory import domain
+from services.directory.domain import LoginAttempts, StaffMember, Team
+from services.kit.errors import InvalidInput
+from services.kit.validation import ID_PATTERN
+
+
+def member(staff_id: str, *, active: bool = True, roles=("staff",)) -> StaffMember:
+    return StaffMember(staff_id, "agy_a", staff_id, staff_id.title(), roles=roles, active=active)
+
+
+STAFF = {
+    m.id: m
+    for m in (
+        member("stf_ann"),
+        member("stf_bob"),
+        member("stf_cat"),
+        member("stf_dan", active=False),
+        member("stf_eve"),
+    )
+}
+TEAMS = {
+    "team_intake": Team("team_intake", "agy_a", "Intake", ("stf_bob", "stf_dan", "stf_cat")),
+    "team_medical": Team("team_medical", "agy_a", "Medical", ("stf_eve", "stf_bob")),
+}
+
+
+def test_new_ids_have_their_prefix_and_fit_the_id_pattern():
+    ids = {domain.new_id("stf") for _ in range(200)}
+    assert len(ids) == 200
+    assert all(i.startswith("stf_") and ID_PATTERN.fullmatch(i) for i in ids)
+
+
+def test_usernames_are_compared_lowercased_and_trimmed():
+    assert domain.username_key("  Dr.Reyes ") == "dr.reyes"
+    assert domain.check_new_username("Nurse.Kim") == "nurse.kim"
+
+
+@pytest.mark.parametrize("username", ["ab", ".admin", "admin.", "has space", "tab\tname", "x" * 65, "ünicode"])
+def test_unacceptable_usernames_are_refused(username):
+    with pytest.raises(InvalidInput) as caught:
+        domain.check_new_username(username)
+    assert caught.value.code == "invalid_username"
+
+
+def test_every_staff_member_holds_the_staff_role_in_canonical_order():
+    assert domain.normalize_roles([]) == ("staff",)
+    assert domain.normalize_roles(["prescriber", "admin"]) == ("staff", "admin", "prescriber")
+    assert domain.normalize_roles(["staff", "staff"]) == ("staff",)
+
+
+def test_unknown_roles_are_refused():
+    with pytest.raises(InvalidInput) as caught:
+        domain.normalize_roles(["staff", "root"])
+    assert caught.value.code == "unknown_role"
+
+
+@pytest.mark.parametrize("password", ["short-pass", "x" * 257, "Nurse.Kim", "  nurse.kim  "])
+def test_weak_passwords_are_refused(password):
+    with pytest.raises(InvalidInput) as caught:
+        domain.check_password(password, "nurse.kim")
+    assert caught.value.code == "weak_password"
+
+
+def test_a_twelve_character_password_is_enough():
+    assert domain.check_password("twelve-chars", "nurse.kim") == "twelve-chars"
+
+
+def test_emails_are_optional_but_must_look_like_addresses():
+    assert domain.check_email("") == ""
+    assert domain.check_email(" kim@riverbend.example ") == "kim@riverbend.example"
+    with pytest.raises(InvalidInput):
+        domain.check_email("kim@localhost")
+
+
+def test_time_zones_are_iana_names():
+    assert domain.check_time_zone("America/Chicago") == "America/Chicago"
+    with pytest.raises(InvalidInput) as caught:
+        domain.check_time_zone("Central Time")
+    assert caught.value.code == "invalid_time_zone"
+
+
+def test_team_names_clash_regardless_of_case_and_spacing():
+    assert domain.team_name_key("  Outpatient   Therapy ") == domain.team_name_key("outpatient therapy")
+
+
+def test_recipients_combine_people_and_teams_distinct_and_sorted():
+    resolution = domain.resolve_recipients(STAFF, TEAMS, ["stf_eve", "stf_ann", "stf_eve"], ["team_intake"], False)
+    assert resolution.staff_ids == ["stf_ann", "stf_bob", "stf_cat", "stf_eve"]
+    assert resolution.missing_staff_ids == [] and resolution.missing_team_ids == []
+
+
+def test_deactivated_staff_are_never_recipients_nor_missing():
+    resolution = domain.resolve_recipients(STAFF, TEAMS, ["stf_dan"], ["team_intake"], False)
+    assert "stf_dan" not in resolution.staff_ids
+    assert resolution.missing_staff_ids == []
+
+
+def test_whole_agency_reaches_every_active_member():
+    resolution = domain.resolve_recipients(STAFF, TEAMS, ["stf_ann"], ["team_medical"], True)
+    assert resolution.staff_ids == ["stf_ann", "stf_bob", "stf_cat", "stf_eve"]
+
+
+def test_unknown_people_and_teams_are_reported_in_request_order():
+    resolution = domain.resolve_recipients(
+        STAFF, TEAMS, ["stf_zed", "stf_ann", "stf_other_agency", "stf_zed"], ["team_gone", "team_medical"], False
+    )
+    assert resolution.missing_staff_ids == ["stf_zed", "stf_other_agency"]
+    assert resolution.missing_team_ids == ["team_gone"]
+    assert resolution.staff_ids == ["stf_ann", "stf_bob", "stf_eve"]
+
+
+def test_a_team_member_unknown_to_the_agency_is_skipped():
+    teams = {"team_x": Team("team_x", "agy_a", "X", ("stf_ann", "stf_left_agency"))}
+    assert domain.resolve_recipients(STAFF, teams, [], ["team_x"], False).staff_ids == ["stf_ann"]
+
+
+def test_no_more_than_a_thousand_ids_per_call():
+    assert domain.distinct_ids(["a"] * 5000) == ["a"]
+    with pytest.raises(InvalidInput) as caught:
+        domain.distinct_ids([str(i) for i in range(1001)])
+    assert caught.value.code == "too_many_ids"
+
+
+def test_team_ids_by_member():
+    assert domain.team_ids_by_member(TEAMS.values()) == {
+        "stf_bob": ["team_intake", "team_medical"],
+        "stf_dan": ["team_intake"],
+        "stf_cat": ["team_intake"],
+        "stf_eve": ["team_medical"],
+    }
+
+
+def test_the_agency_must_keep_an_active_admin():
+    admin = member("stf_boss", roles=("staff", "admin"))
+    staff = [admin, member("stf_ann")]
+    demoted = StaffMember(**{**admin.__dict__, "roles": ("staff",)})
+    deactivated = StaffMember(**{**admin.__dict__, "active": False})
+    assert not domain.agency_keeps_an_admin(staff, demoted)
+    assert not domain.agency_keeps_an_admin(staff, deactivated)
+    second = member("stf_second", roles=("staff", "admin"))
+    assert domain.agency_keeps_an_admin([*staff, second], demoted)
+    inactive_second = member("stf_second", roles=("staff", "admin"), active=False)
+    assert not domain.agency_keeps_an_admin([*staff, inactive_second], demoted)
+
+
+def test_failed_sign_ins_lock_until_the_lockout_ends():
+    now = 10_000_000
+    assert not domain.is_locked_out(None, now)
+    locked = LoginAttempts(failures=10, window_started_at=now - 60_000, locked_until=now + 900_000)
+    assert domain.is_locked_out(locked, now)
+    assert not domain.is_locked_out(locked, now + 900_000)
+    assert domain.retry_after_s(locked, now) == 900
+    assert domain.retry_after_s(locked, now + 899_999) == 1
+
+
+def test_the_limit_locks_on_the_last_allowed_failure():
+    assert not domain.lock_reached(9, 10)
+    assert domain.lock_reached(10, 10)
