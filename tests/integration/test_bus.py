@@ -1,0 +1,273 @@
+"""The event bus against the real broker: delivery, retries, parking, idempotency, reconnection."""
+
+from __future__ import annotations
+
+import threading
+
+import pika
+import pytest
+
+from clinic.inbox.v1.inbox_pb2 import MessageDelivered
+from services.kit.bus import (
+    HEADER_ERROR_REASON,
+    HEADER_ERROR_TYPE,
+    HEADER_RETRY_COUNT,
+    BatchPublisher,
+    PermanentError,
+    ProcessedEvents,
+    Publisher,
+    PublishError,
+    Topology,
+)
+from services.kit.events import decode_envelope, new_envelope, unpack
+from tests.integration.conftest import wait_for
+
+DELIVERED = "message.delivered.v1"
+
+
+def delivered(message_id: str = "m-1", **fields) -> object:
+    payload = MessageDelivered(message_id=message_id, agency_id="agency-1", recipient_staff_id="staff-9", **fields)
+    return new_envelope(DELIVERED, payload, agency_id="agency-1", producer="inbox", correlation_id="corr-1")
+
+
+class Recorder:
+    """A handler that records envelopes and can be told to fail."""
+
+    def __init__(self, fail_with: BaseException | None = None):
+        self.calls: list = []
+        self.fail_with = fail_with
+        self._lock = threading.Lock()
+
+    def __call__(self, envelope) -> None:
+        with self._lock:
+            self.calls.append(envelope)
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [envelope.event_id for envelope in self.calls]
+
+
+def test_confirmed_event_reaches_subscriber_with_payload_intact(event_bus):
+    handler = Recorder()
+    consumer = event_bus.consumer("inbox-watch", [DELIVERED], handler)
+    event = delivered("m-42", team_ids=["t1", "t2"])
+    publisher = Publisher(event_bus.amqp_url, event_bus.topology)
+    with consumer.running():
+        publisher.publish([event])
+        wait_for(lambda: handler.calls)
+    publisher.close()
+
+    received = handler.calls[0]
+    assert received.event_id == event.event_id
+    assert received.correlation_id == "corr-1"
+    assert received.producer == "inbox"
+    payload = unpack(received, MessageDelivered)
+    assert payload.message_id == "m-42"
+    assert list(payload.team_ids) == ["t1", "t2"]
+    assert event_bus.message_count(consumer.queue) == 0
+
+
+def test_message_properties_carry_ids_and_no_payload(event_bus):
+    consumer = event_bus.consumer("props", [DELIVERED], Recorder())
+    with consumer.running():
+        consumer.stop()
+    event = delivered()
+    Publisher(event_bus.amqp_url, event_bus.topology).publish([event])
+    properties, body = event_bus.get(consumer.queue)
+    assert properties.message_id == event.event_id
+    assert properties.type == DELIVERED
+    assert properties.delivery_mode == 2
+    assert properties.content_type == "application/x-protobuf"
+    assert properties.correlation_id == "corr-1"
+    assert properties.headers == {"x-producer": "inbox", "x-agency-id": "agency-1"}
+    assert decode_envelope(body) == event
+
+
+def test_failing_handler_is_parked_after_exactly_max_retries(event_bus):
+    handler = Recorder(fail_with=RuntimeError("could not deliver to Jane Doe"))
+    consumer = event_bus.consumer("always-fails", [DELIVERED], handler, max_retries=3)
+    event = delivered()
+    with consumer.running():
+        Publisher(event_bus.amqp_url, event_bus.topology).publish([event])
+        properties, body = event_bus.get(consumer.parking_queue)
+
+    assert handler.ids() == [event.event_id] * 4  # the first attempt and 3 retries
+    assert decode_envelope(body).event_id == event.event_id
+    headers = properties.headers
+    assert headers[HEADER_RETRY_COUNT] == 3
+    assert headers[HEADER_ERROR_TYPE] == "RuntimeError"
+    assert headers[HEADER_ERROR_REASON] == "failed after 3 retries"
+    assert "Jane" not in repr(headers)  # the exception text never leaves the process
+    assert "x-death" not in headers
+    assert event_bus.message_count(consumer.retry_queue) == 0
+    assert event_bus.message_count(consumer.queue) == 0
+
+
+def test_handler_that_recovers_on_a_retry_is_not_parked(event_bus):
+    attempts = []
+
+    def flaky(envelope):
+        attempts.append(envelope.event_id)
+        if len(attempts) < 3:
+            raise ConnectionError("downstream busy")
+
+    consumer = event_bus.consumer("recovers", [DELIVERED], flaky, max_retries=5)
+    with consumer.running():
+        Publisher(event_bus.amqp_url, event_bus.topology).publish([delivered()])
+        wait_for(lambda: len(attempts) == 3)
+    assert event_bus.message_count(consumer.parking_queue) == 0
+
+
+def test_permanent_error_goes_straight_to_parking(event_bus):
+    handler = Recorder(fail_with=PermanentError("unknown_recipient"))
+    consumer = event_bus.consumer("permanent", [DELIVERED], handler)
+    with consumer.running():
+        Publisher(event_bus.amqp_url, event_bus.topology).publish([delivered()])
+        properties, _ = event_bus.get(consumer.parking_queue)
+
+    assert len(handler.calls) == 1
+    assert properties.headers[HEADER_RETRY_COUNT] == 0
+    assert properties.headers[HEADER_ERROR_TYPE] == "services.kit.events.PermanentError"
+    assert properties.headers[HEADER_ERROR_REASON] == "unknown_recipient"
+
+
+def test_same_event_delivered_twice_has_its_effect_once(event_bus, mongo_client, db_name):
+    effects: list[str] = []
+    handler = Recorder()
+
+    def deliver(envelope):
+        handler(envelope)
+        effects.append(envelope.event_id)
+
+    processed = ProcessedEvents(mongo_client[db_name], "board-writer")
+    consumer = event_bus.consumer("dedupe", [DELIVERED], deliver, processed=processed, prefetch=1)
+    event, sentinel = delivered("m-1"), delivered("m-2")
+    publisher = Publisher(event_bus.amqp_url, event_bus.topology)
+    with consumer.running():
+        publisher.publish([event, event, sentinel])
+        wait_for(lambda: sentinel.event_id in effects)
+
+    assert effects == [event.event_id, sentinel.event_id]
+    assert processed.seen(event.event_id)
+    stored = mongo_client[db_name][ProcessedEvents.COLLECTION].find_one({"_id": f"board-writer:{event.event_id}"})
+    assert isinstance(stored["processed_at"], int)
+
+
+def test_consumer_survives_a_broker_connection_drop(event_bus, name_prefix):
+    handler = Recorder()
+    connection_name = f"{name_prefix}-consumer"
+    consumer = event_bus.consumer("survivor", [DELIVERED], handler, connection_name=connection_name)
+    publisher = Publisher(event_bus.amqp_url, event_bus.topology)
+    before, after = delivered("m-before"), delivered("m-after")
+    with consumer.running():
+        publisher.publish([before])
+        wait_for(lambda: before.event_id in handler.ids())
+
+        assert event_bus.close_connections_named(connection_name) == 1
+        publisher.publish([after])
+        wait_for(lambda: after.event_id in handler.ids(), timeout=20)
+        assert consumer.sessions == 2  # it reconnected rather than carrying on by chance
+    assert handler.ids().count(before.event_id) == 1
+
+
+def test_event_nobody_subscribes_to_is_kept_in_unrouted(event_bus):
+    event = new_envelope("lab_result.received.v1", MessageDelivered(), agency_id="agency-1", producer="notifications")
+    Publisher(event_bus.amqp_url, event_bus.topology).publish([event])
+    properties, body = event_bus.get(event_bus.topology.unrouted_name)
+    assert properties.message_id == event.event_id
+    assert decode_envelope(body).event_type == "lab_result.received.v1"
+
+
+def test_publish_to_a_missing_exchange_raises_publish_error(event_bus):
+    missing = Topology(exchange="no-such-exchange", prefix=event_bus.topology.prefix)
+    publisher = Publisher(event_bus.amqp_url, missing, declare_topology=False)
+    with pytest.raises(PublishError):
+        publisher.publish([delivered()])
+    # The publisher recovers for the next call rather than staying broken.
+    with pytest.raises(PublishError):
+        publisher.publish([delivered()])
+    publisher.close()
+
+
+def test_malformed_bytes_are_parked_and_the_consumer_keeps_serving(event_bus):
+    handler = Recorder()
+    consumer = event_bus.consumer("sturdy", [DELIVERED], handler)
+    good = delivered()
+    with consumer.running():
+        event_bus.publish_raw(DELIVERED, b"\xff\x00 definitely not an envelope")
+        Publisher(event_bus.amqp_url, event_bus.topology).publish([good])
+        wait_for(lambda: good.event_id in handler.ids())
+        properties, body = event_bus.get(consumer.parking_queue)
+
+    assert body == b"\xff\x00 definitely not an envelope"
+    assert properties.headers[HEADER_ERROR_TYPE] == "services.kit.events.MalformedEvent"
+    assert properties.headers[HEADER_ERROR_REASON] == "body is not a protobuf envelope"
+    assert handler.ids() == [good.event_id]
+
+
+def test_stop_lets_the_in_flight_message_finish(event_bus):
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(envelope):
+        started.set()
+        release.wait(10)
+        finished.set()
+
+    consumer = event_bus.consumer("graceful", [DELIVERED], slow)
+    thread = consumer.start()
+    assert consumer.wait_until_consuming(10)
+    Publisher(event_bus.amqp_url, event_bus.topology).publish([delivered()])
+    assert started.wait(10)
+    consumer.stop()
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert finished.is_set()
+    assert event_bus.message_count(consumer.queue) == 0  # acked, not requeued
+
+
+def test_batch_publisher_confirms_all_and_leaves_out_returned_events(event_bus):
+    subscriber = event_bus.consumer("batch", [DELIVERED], Recorder())
+    with subscriber.running():
+        subscriber.stop()
+    publisher = BatchPublisher(event_bus.amqp_url, event_bus.topology)
+    batch = [delivered(f"m-{i}") for i in range(300)]
+    assert publisher.publish_batch(batch) == {event.event_id for event in batch}
+    assert event_bus.message_count(subscriber.queue) == 300
+
+    # With its queue gone the alternate exchange routes nowhere: the broker returns the event.
+    connection = pika.BlockingConnection(pika.URLParameters(event_bus.amqp_url))
+    connection.channel().queue_delete(event_bus.topology.unrouted_name)
+    connection.close()
+    unroutable = new_envelope("nobody.listens.v1", MessageDelivered(), agency_id="a", producer="inbox")
+    routable = delivered("m-last")
+    assert publisher.publish_batch([unroutable, routable]) == {routable.event_id}
+    publisher.close()
+
+
+def test_batch_publisher_to_a_missing_exchange_confirms_nothing(event_bus):
+    missing = Topology(exchange="no-such-exchange", prefix=event_bus.topology.prefix)
+    publisher = BatchPublisher(event_bus.amqp_url, missing, declare_topology=False, confirm_timeout_s=5)
+    assert publisher.publish_batch([delivered(), delivered("m-2")]) == set()
+    publisher.close()
+
+
+def test_publishers_reconnect_after_a_broker_connection_drop(event_bus, name_prefix):
+    subscriber = event_bus.consumer("after-drop", [DELIVERED], Recorder())
+    with subscriber.running():
+        subscriber.stop()
+    name = f"{name_prefix}-publishers"
+    single = Publisher(event_bus.amqp_url, event_bus.topology, connection_name=name)
+    batch = BatchPublisher(event_bus.amqp_url, event_bus.topology, connection_name=name)
+    single.publish([delivered("m-1")])
+    assert len(batch.publish_batch([delivered("m-2")])) == 1
+
+    assert event_bus.close_connections_named(name) == 2
+    single.publish([delivered("m-3")])
+    after = [delivered(f"m-{i}") for i in range(4, 54)]
+    assert batch.publish_batch(after) == {event.event_id for event in after}
+    assert event_bus.message_count(subscriber.queue) == 53
+    single.close()
+    batch.close()
