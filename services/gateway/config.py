@@ -1,0 +1,44 @@
+"""Gateway settings: the only place this service reads the environment.
+
+GATEWAY_HOST (default 127.0.0.1), GATEWAY_PORT (default 8000) and
+GATEWAY_CONFIG (default gateway/kong.yml) say where to listen and what to
+serve; GATEWAY_DRAIN_SECONDS bounds the wait for in-flight requests on
+SIGTERM; GATEWAY_ACCESS_LOG=off silences the per-request log line. The DECK_*
+variables are handed to the decK template renderer untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.kit.settings import REPO_ROOT, Env
+
+SERVICE = "gateway"
+DEFAULT_CONFIG = REPO_ROOT / "gateway" / "kong.yml"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str
+    port: int
+    config_path: Path
+    drain_seconds: float
+    access_log: bool
+    log_level: str
+    deck_env: Mapping[str, str]
+
+
+def load(environ: Mapping[str, str] | None = None, config_path: str | None = None) -> GatewaySettings:
+    """Read and validate every setting; raises SettingsError listing all problems at once."""
+    env = Env(SERVICE, environ)
+    host = env.str("GATEWAY_HOST", "127.0.0.1")
+    port = env.int("GATEWAY_PORT", 8000, minimum=0, maximum=65535)
+    path = Path(config_path or env.str("GATEWAY_CONFIG", str(DEFAULT_CONFIG)))
+    drain = env.float("GATEWAY_DRAIN_SECONDS", 30.0)
+    access_log = env.choice("GATEWAY_ACCESS_LOG", ("on", "off"), "on") == "on"
+    level = env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+    env.done()
+    deck_env = {k: v for k, v in env.environ.items() if k.startswith("DECK_")}
+    return GatewaySettings(host, port, path, drain, access_log, level, deck_env)

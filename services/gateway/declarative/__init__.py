@@ -1,0 +1,1 @@
+"""Kong's declarative configuration as decK writes it: templating, schema and loading."""

@@ -1,0 +1,102 @@
+"""The validated configuration the gateway serves: Kong's entities after defaults and references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class Service:
+    id: str
+    name: str | None
+    protocol: str
+    host: str
+    port: int
+    path: str | None
+    retries: int
+    connect_timeout: int  # milliseconds, as in Kong
+    write_timeout: int
+    read_timeout: int
+    enabled: bool
+
+    @property
+    def host_header(self) -> str:
+        """The Host Kong sends upstream when preserve_host is off: the port only when not the default."""
+        default = 443 if self.protocol == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(eq=False)
+class Route:
+    id: str
+    name: str | None
+    service: Service
+    protocols: list[str]
+    methods: list[str]
+    hosts: list[str]
+    paths: list[str]
+    strip_path: bool
+    preserve_host: bool
+    https_redirect_status_code: int
+    order: int  # declaration order, the last tie-breaker between equally specific routes
+
+
+@dataclass(eq=False)
+class Consumer:
+    id: str
+    username: str | None
+    custom_id: str | None
+    groups: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class JwtSecret:
+    id: str
+    key: str
+    algorithm: str
+    secret: str | None
+    rsa_public_key: str | None
+    consumer: Consumer
+    verifier: Any = None  # the parsed public key (or HMAC secret bytes), prepared once at load
+
+
+@dataclass(eq=False)
+class KeyAuthCredential:
+    id: str
+    key: str
+    consumer: Consumer
+
+
+Credential = JwtSecret | KeyAuthCredential
+
+
+@dataclass(eq=False)
+class PluginInstance:
+    """One `plugins:` entry: where it applies and its validated config (defaults filled in)."""
+
+    id: str
+    name: str
+    config: dict
+    protocols: list[str]
+    enabled: bool
+    route: Route | None = None
+    service: Service | None = None
+    path: str = ""  # where it was declared, for messages
+
+
+@dataclass
+class GatewayModel:
+    services: list[Service]
+    routes: list[Route]
+    consumers: list[Consumer]
+    plugins: list[PluginInstance]
+    jwt_secrets: dict[str, JwtSecret]
+    keyauth_credentials: dict[str, KeyAuthCredential]
+    format_version: str = "3.0"
+
+    def consumer_by_id_or_username(self, ref: str) -> Consumer | None:
+        for consumer in self.consumers:
+            if ref in (consumer.id, consumer.username):
+                return consumer
+        return None

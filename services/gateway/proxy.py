@@ -1,0 +1,409 @@
+"""One request through the gateway: route, run the plugins, proxy, answer — as Kong 3.9 does.
+
+Phases follow Kong's: the router picks the route; the plugins that apply to it
+(one instance per plugin name, the most specific scope winning) run their
+access phase in priority order until one answers; otherwise the request goes
+to the service with Kong's upstream headers, retried on connection failures
+as nginx retries; every response, proxied or not, passes the plugins'
+header_filter phase and gets Kong's response headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.parse
+from email.utils import formatdate
+
+from services.gateway.context import IncomingRequest, RequestContext, apply_header_ops
+from services.gateway.model import GatewayModel, PluginInstance, Route
+from services.gateway.plugins import REGISTRY
+from services.gateway.plugins.base import Plugin
+from services.gateway.responses import SERVER, VIA, Exit, error, exit_json, reason
+from services.gateway.router import Router
+from services.gateway.server import ClientConnection, ClientGone
+from services.gateway.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+
+log = logging.getLogger("services.gateway")
+access_log = logging.getLogger("services.gateway.access")
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                        "upgrade"})
+# Request headers the gateway writes itself (or must not forward as they came).
+REPLACED = HOP_BY_HOP | {"host", "content-length", "expect", "x-real-ip", "x-forwarded-for", "x-forwarded-proto",
+                         "x-forwarded-host", "x-forwarded-port", "x-forwarded-path", "x-forwarded-prefix",
+                         "x-kong-request-id"}
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+SMALL_BODY_DRAIN = 64 * 1024
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()  # Kong's request id: 32 hex characters
+
+
+_date_cache = [0, ""]
+
+
+def http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
+    return _date_cache[1]
+
+
+def strip_query_args(query: str, names: set[str]) -> str:
+    kept = [part for part in query.split("&")
+            if part and urllib.parse.unquote_plus(part.partition("=")[0]) not in names]
+    return "&".join(kept)
+
+
+def plugins_for_route(route: Route, instances: list[PluginInstance]) -> list[PluginInstance]:
+    """Kong's precedence: for each plugin name, the instance of the most specific scope applies."""
+    best: dict[str, tuple[int, PluginInstance]] = {}
+    for instance in instances:
+        if not instance.enabled or "http" not in instance.protocols:
+            continue
+        if instance.route is not None and instance.route is not route:
+            continue
+        if instance.service is not None and instance.service is not route.service:
+            continue
+        level = (0 if instance.route and instance.service else 1 if instance.route else 2 if instance.service else 3)
+        if instance.name not in best or level < best[instance.name][0]:
+            best[instance.name] = (level, instance)
+    chosen = [instance for _, instance in best.values()]
+    chosen.sort(key=lambda i: (-REGISTRY[i.name].priority, i.name))
+    return chosen
+
+
+class Gateway:
+    def __init__(self, model: GatewayModel, server_port: int, pool: UpstreamPool, access_log_enabled: bool = True):
+        self.model = model
+        self.server_port = server_port
+        self.pool = pool
+        self.router = Router(model.routes)
+        self.access_log_enabled = access_log_enabled
+        self.draining = False
+        handlers: dict[str, Plugin] = {}
+        for instance in model.plugins:
+            handlers[instance.id] = REGISTRY[instance.name].handler(instance, model)
+        self.handlers = handlers
+        self.by_route: dict[str, tuple[list[Plugin], list[Plugin]]] = {}
+        for route in model.routes:
+            plugins = [handlers[i.id] for i in plugins_for_route(route, model.plugins)]
+            self.by_route[route.id] = ([p for p in plugins if p.has_access],
+                                       [p for p in plugins if p.has_header_filter])
+
+    def startup_notes(self) -> list[tuple[int, str]]:
+        """What to tell the operator at start: (log level, text)."""
+        notes = [(logging.INFO, note) for h in self.handlers.values() if (note := h.describe())]
+        for instance in self.model.plugins:
+            if instance.enabled and "http" not in instance.protocols:
+                notes.append((logging.WARNING, f"{instance.path} ({instance.name}): protocols {instance.protocols} "
+                                               "exclude http, so it never runs on the local gateway (plain http)"))
+        return notes
+
+    # --- one request ---------------------------------------------------------------------------
+    async def handle(self, request: IncomingRequest, conn: ClientConnection) -> bool:
+        ctx = RequestContext(request, new_request_id(), conn.client_ip, client_port=conn.client_port,
+                             server_port=self.server_port, connection_serial=conn.serial,
+                             connection_requests=conn.requests_seen)
+        try:
+            return await self._handle(ctx, conn)
+        finally:
+            if self.access_log_enabled:
+                access_log.info("request", extra={
+                    "request_id": ctx.request_id,
+                    "method": request.method,
+                    "route": ctx.route.name or ctx.route.id if ctx.route else None,
+                    "status": ctx.status or None,
+                    "duration_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+                    "upstream_ms": ctx.upstream_ms,
+                })
+
+    async def _handle(self, ctx: RequestContext, conn: ClientConnection) -> bool:
+        request = ctx.request
+        match = self.router.match(request.method, request.raw_path, request.header("host"))
+        if match is None:
+            return await self.send_exit(ctx, conn, error(404, ctx.request_id, request.header("accept"),
+                                                         "no Route matched with those values"), [])
+        route = match.route
+        ctx.match, ctx.route, ctx.service = match, route, route.service
+        if "http" not in route.protocols:
+            return await self.send_exit(ctx, conn, self._https_required(ctx, route), [])
+        access, filters = self.by_route[route.id]
+        try:
+            for plugin in access:
+                result = plugin.access(ctx)
+                if result is not None:
+                    return await self.send_exit(ctx, conn, result, filters)
+        except Exception:
+            log.exception("plugin access phase failed", extra={"request_id": ctx.request_id})
+            return await self.send_exit(ctx, conn, error(500, ctx.request_id, request.header("accept")), filters)
+        body = None
+        if ctx.buffer_body_limit is not None and request.chunked:
+            if request.body is not None and request.body.received == 0 and _expects_continue(request):
+                conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = await self._read_limited(request, ctx.buffer_body_limit)
+            if body is None:
+                exit_ = error(ctx.size_limit_status, ctx.request_id, request.header("accept"),
+                              "Request size limit exceeded")
+                return await self.send_exit(ctx, conn, exit_, filters)
+        return await self._proxy(ctx, conn, filters, body)
+
+    def _https_required(self, ctx: RequestContext, route: Route) -> Exit:
+        code = route.https_redirect_status_code
+        if code == 426:
+            return exit_json(426, {"message": "Please use HTTPS protocol"},
+                             [("Connection", "Upgrade"), ("Upgrade", "TLS/1.2, HTTP/1.1")])
+        host = (ctx.request.header("host") or "kong").split(":")[0]
+        return Exit(code, b"", [("Location", f"https://{host}{ctx.request.target}")])
+
+    async def _read_limited(self, request: IncomingRequest, limit: int) -> bytes | None:
+        assert request.body is not None
+        parts, size = [], 0
+        while True:
+            data = await request.body.read()
+            if not data:
+                return b"".join(parts)
+            size += len(data)
+            if size > limit:
+                return None
+            parts.append(data)
+
+    # --- answers from the gateway itself ---------------------------------------------------------
+    def _run_header_filters(self, ctx: RequestContext, filters: list[Plugin]) -> None:
+        for plugin in filters:
+            try:
+                plugin.header_filter(ctx)
+            except Exception:
+                log.exception("plugin header_filter failed", extra={"request_id": ctx.request_id})
+
+    def _keep_alive(self, request: IncomingRequest) -> bool:
+        if not request.keep_alive or self.draining:
+            return False
+        body = request.body
+        if body is None or body.eof:
+            return True
+        if _expects_continue(request) and body.received == 0:
+            return False
+        remaining = (request.content_length or 0) - body.received
+        return request.content_length is not None and remaining <= SMALL_BODY_DRAIN
+
+    async def send_exit(self, ctx: RequestContext, conn: ClientConnection, exit_: Exit, filters: list[Plugin]) -> bool:
+        self._run_header_filters(ctx, filters)
+        request = ctx.request
+        keep_alive = self._keep_alive(request)
+        latency = int((time.perf_counter() - ctx.started) * 1000)
+        headers = [
+            ("Date", http_date()),
+            *exit_.headers,
+            ("Content-Length", str(len(exit_.body))),
+            ("Connection", "keep-alive" if keep_alive else "close"),
+        ]
+        headers = apply_header_ops(headers, ctx.response_header_ops)
+        if not any(n.lower() == "via" for n, _ in headers):
+            headers.append(("Server", SERVER))
+        headers += [("X-Kong-Response-Latency", str(latency)), ("X-Kong-Request-Id", ctx.request_id)]
+        head = _head(exit_.status, headers)
+        conn.write(head if request.method == "HEAD" else head + exit_.body)
+        ctx.status = exit_.status
+        if not keep_alive and request.body is not None and not request.body.eof:
+            request.body.discard()
+        return keep_alive
+
+    # --- proxying ----------------------------------------------------------------------------------
+    def _upstream_head(self, ctx: RequestContext, uri: str, content_length: int | None, chunked: bool) -> bytes:
+        request, route, service = ctx.request, ctx.route, ctx.service
+        assert route is not None and service is not None and ctx.match is not None
+        skip = REPLACED | ctx.upstream_headers.keys()
+        for value in request.header_values("connection"):
+            skip = skip | {token.strip().lower() for token in value.split(",")}
+        client_host = request.header("host")
+        host = client_host if route.preserve_host and client_host else service.host_header
+        lines = [f"{request.method} {uri} HTTP/1.1", f"Host: {host}"]
+        lines += [f"{name}: {value}" for name, value in request.headers if name.lower() not in skip]
+        forwarded_for = request.header_values("x-forwarded-for")
+        forwarded_host = (client_host or "kong").lower()
+        if forwarded_host.startswith("["):
+            forwarded_host = forwarded_host.split("]")[0] + "]"
+        else:
+            forwarded_host = forwarded_host.split(":")[0]
+        lines += [
+            f"X-Forwarded-For: {', '.join([*forwarded_for, ctx.client_ip])}",
+            "X-Forwarded-Proto: http",
+            f"X-Forwarded-Host: {forwarded_host}",
+            f"X-Forwarded-Port: {self.server_port}",
+            f"X-Forwarded-Path: {request.raw_path}",
+        ]
+        if ctx.match.prefix:
+            lines.append(f"X-Forwarded-Prefix: {ctx.match.prefix}")
+        lines += [f"X-Real-IP: {ctx.client_ip}", f"X-Kong-Request-Id: {ctx.request_id}"]
+        lines += [f"{name}: {value}" for name, value in ctx.upstream_headers.values() if value is not None]
+        if content_length is not None:
+            lines.append(f"Content-Length: {content_length}")
+        elif chunked:
+            lines.append("Transfer-Encoding: chunked")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _proxy(self, ctx: RequestContext, conn: ClientConnection, filters: list[Plugin],
+                     buffered: bytes | None) -> bool:
+        request, service, match = ctx.request, ctx.service, ctx.match
+        assert service is not None and match is not None and request.body is not None
+        query = strip_query_args(request.query, ctx.cleared_query_args) if ctx.cleared_query_args else request.query
+        uri = match.upstream_path + ("?" + query if query else "")
+
+        streaming = False
+        body = buffered
+        if body is None and request.has_body:
+            body = request.body.take_complete()
+            streaming = body is None
+        if streaming and request.body.received == 0 and _expects_continue(request):
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if streaming:
+            head = self._upstream_head(ctx, uri, request.content_length, request.content_length is None)
+        else:
+            head = self._upstream_head(ctx, uri, len(body) if body is not None else None, False)
+
+        tries_left = service.retries
+        idempotent = request.method in IDEMPOTENT
+        ctx.proxy_started = time.perf_counter()
+        up: UpstreamConnection | None = None
+        released = False
+        try:
+            while True:
+                up = self.pool.idle_connection(service.host, service.port)
+                reused = up is not None
+                try:
+                    if up is None:
+                        up = await self.pool.connect(service.host, service.port, service.connect_timeout / 1000)
+                    up.begin(request.method == "HEAD")
+                    sent_at = time.perf_counter()
+                    if streaming:
+                        up.write(head)
+                        await self._stream_body(request, up, request.content_length is None,
+                                                service.write_timeout / 1000)
+                    else:
+                        up.write(head + body if body else head)
+                    up.arm_read_timeout(service.read_timeout / 1000)
+                    await up.headers_future  # type: ignore[misc]
+                    break
+                except UpstreamError as exc:
+                    got_bytes = up.got_bytes if up is not None else False
+                    if up is not None:
+                        up.close()
+                        up = None
+                    if reused and not got_bytes and not streaming:
+                        continue  # a kept-alive connection the upstream had already closed: not a try
+                    if tries_left > 0 and (not exc.sent or (idempotent and not streaming)):
+                        tries_left -= 1
+                        continue
+                    return await self.send_exit(ctx, conn, error(exc.status, ctx.request_id, request.header("accept")),
+                                                filters)
+            ctx.upstream_ms = int((time.perf_counter() - sent_at) * 1000)
+            keep_alive = await self._respond(ctx, conn, up, filters)
+            if up.complete:
+                self.pool.release(up)
+                released = True
+            return keep_alive
+        except ClientGone:
+            return False
+        finally:
+            conn.upstream = None
+            if up is not None and not released:
+                up.close()
+
+    async def _stream_body(self, request: IncomingRequest, up: UpstreamConnection, chunked: bool,
+                           write_timeout_s: float) -> None:
+        assert request.body is not None
+        while True:
+            data = await request.body.read()
+            if up.closed:
+                raise UpstreamError("upstream closed the connection while receiving the body")
+            if not data:
+                break
+            up.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            await up.drain(write_timeout_s)
+        if chunked:
+            up.write(b"0\r\n\r\n")
+
+    async def _respond(self, ctx: RequestContext, conn: ClientConnection, up: UpstreamConnection,
+                       filters: list[Plugin]) -> bool:
+        request = ctx.request
+        status = up.status
+        self._run_header_filters(ctx, filters)
+        drop = set(HOP_BY_HOP)
+        headers: list[tuple[str, str]] = []
+        has_length = has_date = False
+        via = None
+        for raw_name, raw_value in up.headers:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            lower = name.lower()
+            if lower == "connection":
+                drop |= {token.strip().lower() for token in value.split(",")}
+                continue
+            if lower == "via":
+                via = value if via is None else f"{via}, {value}"
+                continue
+            has_length = has_length or lower == "content-length"
+            has_date = has_date or lower == "date"
+            headers.append((name, value))
+        headers = [(n, v) for n, v in headers if n.lower() not in drop]
+
+        no_body = request.method == "HEAD" or status in (204, 304)
+        chunked = False
+        keep_alive = self._keep_alive(request)
+        if not no_body and not has_length:
+            if request.http_version == "1.1":
+                chunked = True
+                headers.append(("Transfer-Encoding", "chunked"))
+            else:
+                keep_alive = False
+        if not has_date:
+            headers.insert(0, ("Date", http_date()))
+        proxy_latency = int((ctx.proxy_started - ctx.started) * 1000)
+        headers += [
+            ("Connection", "keep-alive" if keep_alive else "close"),
+            ("X-Kong-Upstream-Latency", str(ctx.upstream_ms)),
+            ("X-Kong-Proxy-Latency", str(proxy_latency)),
+            ("Via", f"{via}, {VIA}" if via else VIA),
+            ("X-Kong-Request-Id", ctx.request_id),
+        ]
+        headers = apply_header_ops(headers, ctx.response_header_ops)
+        head = _head(status, headers)
+        ctx.status = status
+        if up.complete and not chunked:
+            conn.write(head + b"".join(up.pending) if up.pending else head)  # the whole answer in one write
+            up.pending = []
+            return keep_alive and not conn.closing_after_response
+        conn.write(head)
+
+        if not up.complete or up.pending:
+            if chunked:
+                def sink(data: bytes) -> None:
+                    conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                sink = conn.write
+            conn.upstream = up
+            up.start_sink(sink)
+            if conn.write_paused:
+                up.pause_reading()
+            try:
+                await up.done_future  # type: ignore[misc]
+            except UpstreamError:
+                conn.close()  # the head is already out: cutting the connection is the only honest signal
+                return False
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+        return keep_alive and not conn.closing_after_response
+
+
+def _expects_continue(request: IncomingRequest) -> bool:
+    return (request.header("expect") or "").strip().lower() == "100-continue"
+
+
+def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason(status)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+

@@ -1,0 +1,141 @@
+"""Start-up validation of decK files: the real gateway/kong.yml, and broken files that must be refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.gateway.conftest import REPO_ROOT, gateway_env, run_check, start_gateway
+
+GOOD = """\
+_format_version: "3.0"
+services:
+  - name: echo
+    url: ${{ env "DECK_ECHO_URL" }}
+    routes:
+      - name: open
+        paths: [/open]
+        plugins:
+          - name: rate-limiting
+            config: {minute: 10}
+consumers:
+  - username: portal
+    acls: [{group: partners}]
+"""
+
+
+def product_env(upstream, keys) -> dict[str, str]:
+    return gateway_env({
+        "DECK_DIRECTORY_URL": upstream.url,
+        "DECK_INBOX_URL": upstream.url,
+        "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
+        "DECK_PATIENT_PORTAL_API_KEY": "portal-test-key-0123456789",
+        "DECK_RATE_LIMIT_MINUTE": "600",
+        "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
+        "DECK_CORS_ORIGIN": "http://127.0.0.1:8000",
+    })
+
+
+def test_the_product_kong_yml_validates(upstream, keys):
+    result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
+    assert result.returncode == 0, result.stderr
+    assert "OK (2 services, 4 routes, 2 consumers" in result.stdout
+
+
+def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):
+    gateway = start_gateway(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys), tmp_path)
+    try:
+        with requests.Session() as http:
+            login = http.post(f"{gateway.url}/api/v1/auth/token", json={"username": "u"})
+            assert login.status_code == 200
+            assert login.json()["path"] == "/api/v1/auth/token"
+            assert login.headers["X-RateLimit-Limit-Minute"] == "30"  # the stricter auth limit
+            assert http.get(f"{gateway.url}/api/v1/messages").status_code == 401
+            assert http.get(f"{gateway.url}/api/v1/directory/staff").status_code == 401
+            partner = http.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": "portal-test-key-0123456789"})
+            assert partner.status_code == 200
+            assert partner.headers["X-RateLimit-Limit-Minute"] == "600"
+            assert "X-Correlation-ID" in partner.headers
+    finally:
+        assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("broken", "expected"),
+    [
+        (GOOD.replace("name: rate-limiting", "name: rate-limitting"),
+         "services[0].routes[0].plugins[0].name: plugin 'rate-limitting' not enabled"),
+        (GOOD.replace("paths: [/open]", "paths: [/open]\n        colour: blue"),
+         "services[0].routes[0].colour: unknown field"),
+        (GOOD.replace("minute: 10", "minute: ten"),
+         "services[0].routes[0].plugins[0].config.minute: expected a number"),
+        (GOOD.replace("minute: 10", "minute: -1"),
+         "services[0].routes[0].plugins[0].config.minute: value must be greater than 0"),
+        (GOOD.replace("minute: 10", "minute: 10, policy: cluster"),
+         "services[0].routes[0].plugins[0].config.policy: expected one of: local, redis"),
+        (GOOD.replace("{group: partners}", "{grup: partners}"),
+         "consumers[0].acls[0].group: required field missing"),
+        (GOOD.replace("url: ${{ env \"DECK_ECHO_URL\" }}", "port: 80"),
+         "services[0].host: required field missing"),
+        (GOOD.replace("DECK_ECHO_URL", "DECK_NOT_SET"),
+         "line 4: environment variable 'DECK_NOT_SET' present in state file but not set"),
+        (GOOD.replace("DECK_ECHO_URL", "ECHO_URL"),
+         "environment variables in the state file must be prefixed with 'DECK_', found: 'ECHO_URL'"),
+        (GOOD.replace("{minute: 10}", "{minute: 10, hour: 5}"),
+         "The limit for hour(5.0) cannot be lower than the limit for minute(10.0)"),
+        (GOOD.replace("paths: [/open]", "paths: [/open]\n        headers: {x-tenant: [a]}"),
+         "services[0].routes[0].headers: unsupported by the local gateway"),
+        (GOOD.replace('_format_version: "3.0"\n', ""), "_format_version: required field missing"),
+    ],
+    ids=["unknown-plugin", "unknown-field", "wrong-type", "out-of-range", "enum", "missing-required",
+         "missing-host", "missing-env", "unprefixed-env", "period-order", "unsupported-field", "no-version"],
+)
+def test_broken_files_are_refused_naming_the_field(tmp_path, upstream, broken, expected):
+    config = tmp_path / "kong.yml"
+    config.write_text(broken)
+    result = run_check(config, gateway_env({"DECK_ECHO_URL": upstream.url}))
+    assert result.returncode == 1
+    assert expected in result.stderr
+
+
+def test_a_good_file_passes_the_check(tmp_path, upstream):
+    config = tmp_path / "kong.yml"
+    config.write_text(GOOD)
+    result = run_check(config, gateway_env({"DECK_ECHO_URL": upstream.url}))
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_server_itself_refuses_to_start_on_a_broken_file(tmp_path):
+    config = tmp_path / "kong.yml"
+    config.write_text(GOOD)  # DECK_ECHO_URL deliberately not set
+    result = subprocess.run([sys.executable, "-m", "services.gateway", "--config", str(config)],
+                            cwd=REPO_ROOT, env=gateway_env(), capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert result.returncode == 1
+    assert "environment variable 'DECK_ECHO_URL' present in state file but not set" in result.stderr
+
+
+def test_sigterm_lets_the_request_in_flight_finish(tmp_path, upstream):
+    config = tmp_path / "kong.yml"
+    config.write_text(GOOD)
+    gateway = start_gateway(config, gateway_env({"DECK_ECHO_URL": upstream.url}), tmp_path)
+    outcome: dict = {}
+
+    def slow_request():
+        response = requests.get(f"{gateway.url}/open", headers={"X-Test-Sleep": "0.8"}, timeout=10)
+        outcome["status"] = response.status_code
+        outcome["connection"] = response.headers.get("Connection")
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    time.sleep(0.3)
+    assert gateway.stop() == 0
+    worker.join(timeout=10)
+    assert outcome == {"status": 200, "connection": "close"}
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{gateway.url}/open", timeout=2)

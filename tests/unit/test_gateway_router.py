@@ -1,0 +1,88 @@
+"""Kong's route matching and upstream path rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway.model import Route, Service
+from services.gateway.router import Router, normalize_path, upstream_path
+
+
+def service(path: str | None = None, enabled: bool = True) -> Service:
+    return Service("s", "s", "http", "upstream", 80, path, 5, 60000, 60000, 60000, enabled)
+
+
+def route(name: str, paths=(), methods=(), hosts=(), strip_path=True, svc=None, order=0) -> Route:
+    return Route(name, name, svc or service(), ["http", "https"], list(methods), list(hosts), list(paths),
+                 strip_path, False, 426, order)
+
+
+def test_longest_prefix_wins_whatever_the_declaration_order():
+    router = Router([route("short", ["/api"], order=0), route("long", ["/api/v1/messages"], order=1)])
+    assert router.match("GET", "/api/v1/messages/7", None).route.name == "long"
+    assert router.match("GET", "/api/v1/other", None).route.name == "short"
+
+
+def test_prefix_match_is_a_plain_string_prefix_as_in_kong():
+    router = Router([route("auth", ["/api/v1/auth"])])
+    assert router.match("GET", "/api/v1/authority", None) is not None
+    assert router.match("GET", "/api/v1/aut", None) is None
+
+
+def test_more_conditions_beat_a_longer_path():
+    router = Router([route("path-only", ["/api/v1/items"]), route("method-and-path", ["/api"], methods=["POST"])])
+    assert router.match("POST", "/api/v1/items", None).route.name == "method-and-path"
+    assert router.match("GET", "/api/v1/items", None).route.name == "path-only"
+
+
+def test_hosts_plain_and_wildcard():
+    router = Router([route("plain", ["/"], hosts=["api.clinic.test"]), route("wild", ["/"], hosts=["*.clinic.test"])])
+    assert router.match("GET", "/x", "api.clinic.test:8000").route.name == "plain"
+    assert router.match("GET", "/x", "web.clinic.test").route.name == "wild"
+    assert router.match("GET", "/x", "clinic.test") is None
+
+
+def test_disabled_services_are_not_routed():
+    assert Router([route("off", ["/x"], svc=service(enabled=False))]).match("GET", "/x", None) is None
+
+
+def test_strip_path_and_prefix():
+    router = Router([route("r", ["/public"], svc=service("/internal"))])
+    match = router.match("GET", "/public/a/b", None)
+    assert (match.upstream_path, match.prefix) == ("/internal/a/b", "/public")
+    keep = Router([route("r", ["/public"], strip_path=False, svc=service("/internal"))]).match("GET", "/public/a", None)
+    assert (keep.upstream_path, keep.prefix) == ("/internal/public/a", None)
+
+
+@pytest.mark.parametrize(
+    ("base", "strip", "postfix", "req", "expected"),
+    [
+        ("/", True, "", "/s", "/"),
+        ("/fee", True, "", "/s", "/fee"),
+        ("/fee", True, "", "/s/", "/fee/"),
+        ("/fee/", True, "", "/s", "/fee"),
+        ("/fee/", True, "", "/s/", "/fee/"),
+        ("/fee", True, "/x", "/s/x", "/fee/x"),
+        ("/fee/", True, "/x", "/s/x", "/fee/x"),
+        ("/fee", True, "x", "/sx", "/fee/x"),
+        ("/", False, "", "/s/x", "/s/x"),
+        ("/fee", False, "", "/s/x", "/fee/s/x"),
+        ("/fee/", False, "", "/s/x", "/fee/s/x"),
+        ("/fee", False, "", "/", "/fee"),
+    ],
+)
+def test_upstream_path_v0_table(base, strip, postfix, req, expected):
+    assert upstream_path(strip, postfix, req, base) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [("/a/%7Euser", "/a/~user"), ("/a/%2f", "/a/%2F"), ("/a/./b/../c", "/a/c"), ("/a//b", "/a/b"), ("/a/..", "/")],
+)
+def test_paths_are_normalized_before_matching(raw, normalized):
+    assert normalize_path(raw) == normalized
+
+
+def test_dot_segments_cannot_escape_a_prefix():
+    router = Router([route("public", ["/public"]), route("admin", ["/admin"])])
+    assert router.match("GET", "/public/../admin/x", None).route.name == "admin"
