@@ -1,0 +1,41 @@
+// One-shot (the compose `mongo-init` service, run with mongosh): makes the compose MongoDB a
+// single-node replica set and gives each service its own user, allowed only its own database.
+// Safe to run again: an initiated set is left alone and existing users get the current password.
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+
+const admin = db.getSiblingDB("admin");
+admin.auth("root", env("MONGO_ROOT_PASSWORD"));
+
+try {
+  rs.status();
+  print("replica set already initiated");
+} catch (error) {
+  if (error.codeName !== "NotYetInitialized") throw error;
+  rs.initiate({ _id: env("MONGO_REPLICA_SET"), members: [{ _id: 0, host: env("MONGO_MEMBER_HOST") }] });
+  print("replica set initiated");
+}
+
+// Users can only be created on the primary; a fresh set elects itself within seconds.
+for (let waited = 0; !db.hello().isWritablePrimary; waited += 1) {
+  if (waited >= 60) throw new Error("no primary after 60 s");
+  sleep(1000);
+}
+
+const prefix = env("MONGO_DB_PREFIX");
+for (const [service, passwordVariable] of [
+  ["directory", "MONGO_DIRECTORY_PASSWORD"],
+  ["inbox", "MONGO_INBOX_PASSWORD"],
+]) {
+  const roles = [{ role: "readWrite", db: `${prefix}${service}` }];
+  const pwd = env(passwordVariable);
+  if (admin.getUser(service)) {
+    admin.updateUser(service, { pwd, roles });
+  } else {
+    admin.createUser({ user: service, pwd, roles });
+  }
+  print(`user ${service}: readWrite on ${prefix}${service}`);
+}

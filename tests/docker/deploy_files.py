@@ -1,0 +1,192 @@
+"""Reading deploy/ the way Docker Compose, Kubernetes and decK read it, for tests that need no engine.
+
+Compose interpolation, the .env file that make-secrets.sh writes and decK's rendering of
+gateway/kong.yml are reproduced closely enough to check names, hosts, ports and values; the
+real tools are exercised by the compose stack test where an engine answers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from services.kit.settings import SettingsError
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+COMPOSE_DIR = DEPLOY / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
+MAKE_SECRETS = COMPOSE_DIR / "make-secrets.sh"
+K8S = DEPLOY / "k8s"
+DECK_ENV = K8S / "kong" / "deck.env"
+KONG_FILE = REPO / "gateway" / "kong.yml"
+
+# The local gateway runner reads the same kong.yml; deployments run real Kong instead of it.
+NOT_DEPLOYED = {"gateway"}
+
+_ENV_NAME = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
+_INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+_DECK_ENV = re.compile(r'env\s+"(DECK_[A-Z0-9_]+)"')
+
+
+def deployed_services() -> list[str]:
+    """Every service process with its own settings module (services/<name>/config.py with load())."""
+    names = []
+    for config in sorted((REPO / "services").glob("*/config.py")):
+        name = config.parent.name
+        if name in NOT_DEPLOYED or not (config.parent / "__main__.py").exists():
+            continue
+        names.append(name)
+    return names
+
+
+def production_problems(service: str, environ: Mapping[str, str]) -> list[str]:
+    """What the service's own config.load() refuses in `environ` (production mode unless it says otherwise)."""
+    module = importlib.import_module(f"services.{service}.config")
+    try:
+        module.load({"CLINIC_MODE": "production", **environ})
+    except SettingsError as exc:
+        return list(exc.problems)
+    return []
+
+
+def required_in_production(service: str) -> list[frozenset[str]]:
+    """The settings production cannot start without: one group per problem, any name of a group will do
+    (e.g. {PHI_MASTER_KEYS, PHI_MASTER_KEYS_FILE})."""
+    groups = []
+    for problem in production_problems(service, {}):
+        names = frozenset(_ENV_NAME.findall(problem))
+        if names and names not in groups:
+            groups.append(names)
+    return groups
+
+
+# --- Docker Compose ---------------------------------------------------------------------------
+def load_compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def interpolate(value: object, variables: Mapping[str, str]) -> object:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error} and $$, applied to every string."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, variables) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, argument = match.groups()
+        current = variables.get(name)
+        unset = current is None or (current == "" and operator and operator.startswith(":"))
+        if operator and operator.endswith("?") and unset:
+            raise KeyError(f"compose needs {name}: {argument}")
+        if operator and operator.endswith("-") and unset:
+            return argument
+        return current or ""
+
+    return _INTERPOLATION.sub(substitute, value)
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """The .env syntax make-secrets.sh writes: KEY=value, or KEY="value with \\n escapes"."""
+    values = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1].replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+        values[key.strip()] = value
+    return values
+
+
+def environment_of(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def long_running(services: dict) -> dict[str, dict]:
+    return {name: s for name, s in services.items() if str(s.get("restart", "")) != "no"}
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+def yaml_documents(path: Path) -> Iterator[dict]:
+    for document in yaml.safe_load_all(path.read_text()):
+        if document is not None:
+            yield document
+
+
+def load_kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def k8s_resources() -> list[dict]:
+    """Every object that `kubectl apply -k deploy/k8s` creates, apart from the generated ones."""
+    return [doc for name in load_kustomization()["resources"] for doc in yaml_documents(K8S / name)]
+
+
+def k8s_objects(kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in k8s_resources() if doc["kind"] == kind}
+
+
+def secret_template() -> dict[str, dict]:
+    """The Secrets that operators create, by name: {key: placeholder value}."""
+    secrets = {}
+    for doc in yaml_documents(K8S / "secrets.template.yaml"):
+        assert doc["kind"] == "Secret"
+        secrets[doc["metadata"]["name"]] = {**(doc.get("stringData") or {}), **(doc.get("data") or {})}
+    return secrets
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+# --- Kong (decK) ------------------------------------------------------------------------------
+def deck_variables() -> set[str]:
+    """The DECK_* variables gateway/kong.yml renders (comment lines are not rendered by decK)."""
+    text = "\n".join(line for line in KONG_FILE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    return set(_DECK_ENV.findall(text))
+
+
+def render_kong(environ: Mapping[str, str]) -> dict:
+    """gateway/kong.yml after decK's env templating, parsed."""
+    from services.gateway.declarative.template import render
+
+    return yaml.safe_load(render(KONG_FILE.read_text(), environ))
+
+
+@dataclass(frozen=True)
+class Upstream:
+    kong_service: str
+    host: str
+    port: int
+
+
+def kong_upstreams(config: dict) -> list[Upstream]:
+    upstreams = []
+    for service in config.get("services") or []:
+        if service.get("url"):
+            parts = urllib.parse.urlsplit(service["url"])
+            host, port = parts.hostname, parts.port or {"http": 80, "https": 443}[parts.scheme]
+        else:
+            host, port = service["host"], service.get("port", 80)
+        upstreams.append(Upstream(service["name"], host, int(port)))
+    return upstreams
