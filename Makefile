@@ -56,6 +56,7 @@ status: protos
 
 test: protos $(BUF)
 	$(BUF) lint
+	$(VENV)/bin/ruff check services tests bench
 	$(PY) -m services.launcher ensure-broker
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -44,7 +44,9 @@ def main() -> int:
     verifier = TokenVerifier(JwksKeySource(settings.directory_jwks_url))
 
     # The relay thread owns its publisher (a pika connection belongs to one thread).
-    publisher = BatchPublisher(common.amqp_url, Topology(exchange=common.events_exchange), connection_name="inbox-outbox")
+    publisher = BatchPublisher(
+        common.amqp_url, Topology(exchange=common.events_exchange), connection_name="inbox-outbox"
+    )
     relay = OutboxRelay(db, [store.MESSAGES, store.BOARD_ITEMS], publisher, batch_size=settings.relay_batch_size)
     relay.ensure_indexes()
 
