@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
-from services.inbox import domain
 from services.inbox.mailbox import Mailbox
+from services.inbox.schemas import draft_from, send_spec
 from services.kit.auth import current_identity
 from services.kit.errors import InvalidInput
-from services.kit.validation import Bool, Choice, Id, Link, ListOf, Str, validate
+from services.kit.validation import validate
 
 PRIORITY_NAMES = {
     inbox_pb2.PRIORITY_UNSPECIFIED: "normal",
@@ -19,15 +19,7 @@ PRIORITY_NAMES = {
 class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
     def __init__(self, mailbox: Mailbox, max_subject: int, max_body: int):
         self.mailbox = mailbox
-        self.spec = {
-            "to_staff_ids": ListOf(Id(), max_items=500),
-            "to_team_ids": ListOf(Id(), max_items=100),
-            "to_whole_agency": Bool(),
-            "subject": Str(max_len=max_subject),
-            "body": Str(max_len=max_body, strip=False),
-            "priority": Choice(choices=domain.PRIORITIES),
-            "links": ListOf(Link(), max_items=10),
-        }
+        self.spec = send_spec(max_subject, max_body)
 
     def SendMessage(self, request: inbox_pb2.SendMessageRequest, context) -> inbox_pb2.SendMessageResponse:  # noqa: N802
         if request.priority not in PRIORITY_NAMES:
@@ -44,15 +36,7 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
             },
             self.spec,
         )
-        draft = domain.Draft(
-            addressing=domain.Addressing(
-                tuple(fields.get("to_staff_ids", ())), tuple(fields.get("to_team_ids", ())), fields["to_whole_agency"]
-            ),
-            subject=fields["subject"],
-            body=fields["body"],
-            priority=fields["priority"],
-            links=tuple(fields.get("links", ())),
-        )
+        draft = draft_from(fields)
         key = request.idempotency_key or None
         result = self.mailbox.send(current_identity.get(), draft, key)
         return inbox_pb2.SendMessageResponse(message_id=result.message_id, recipient_staff_ids=result.recipient_ids)

@@ -6,21 +6,10 @@ from flask import Blueprint, Flask, g, request
 
 from services.inbox import domain
 from services.inbox.mailbox import Mailbox
+from services.inbox.schemas import draft_from, send_spec
 from services.kit.errors import InvalidInput
 from services.kit.http import create_app, require_auth
-from services.kit.validation import (
-    Bool,
-    Choice,
-    Id,
-    Link,
-    ListOf,
-    Str,
-    json_body,
-    path_id,
-    query_bool,
-    query_int,
-    validate,
-)
+from services.kit.validation import Str, json_body, path_id, query_bool, query_int, validate
 
 IDEMPOTENCY_KEY = Str(max_len=128)
 
@@ -28,33 +17,12 @@ IDEMPOTENCY_KEY = Str(max_len=128)
 def build_app(mailbox: Mailbox, verifier, *, max_subject: int, max_body: int, max_request_bytes: int) -> Flask:
     app = create_app("inbox", verifier, max_body_bytes=max_request_bytes)
     messages = Blueprint("messages", __name__, url_prefix="/api/v1/messages")
-    send_spec = {
-        "to_staff_ids": ListOf(Id(), max_items=500),
-        "to_team_ids": ListOf(Id(), max_items=100),
-        "to_whole_agency": Bool(),
-        "subject": Str(max_len=max_subject),
-        "body": Str(max_len=max_body, strip=False),
-        "priority": Choice(choices=domain.PRIORITIES),
-        "links": ListOf(Link(), max_items=10),
-    }
+    spec = send_spec(max_subject, max_body)
 
     @messages.post("")
     @require_auth
     def send():
-        body = validate(json_body(), send_spec)
-        if not body["body"].strip():
-            raise InvalidInput("invalid_value", "body must not be empty", {"field": "body"})
-        draft = domain.Draft(
-            addressing=domain.Addressing(
-                staff_ids=tuple(body.get("to_staff_ids", ())),
-                team_ids=tuple(body.get("to_team_ids", ())),
-                whole_agency=body.get("to_whole_agency", False),
-            ),
-            subject=body["subject"],
-            body=body["body"],
-            priority=body.get("priority", "normal"),
-            links=tuple(body.get("links", ())),
-        )
+        draft = draft_from(validate(json_body(), spec))
         key = request.headers.get("Idempotency-Key")
         if key is not None:
             key = IDEMPOTENCY_KEY.clean("Idempotency-Key", key)

@@ -1,0 +1,36 @@
+"""The shape of a message as both edges (HTTP and gRPC) accept it."""
+
+from __future__ import annotations
+
+from services.inbox import domain
+from services.kit.errors import InvalidInput
+from services.kit.validation import Bool, Choice, Id, Link, ListOf, Spec, Str
+
+
+def send_spec(max_subject: int, max_body: int) -> dict[str, Spec]:
+    return {
+        "to_staff_ids": ListOf(Id(), max_items=500),
+        "to_team_ids": ListOf(Id(), max_items=100),
+        "to_whole_agency": Bool(),
+        "subject": Str(max_len=max_subject),
+        "body": Str(max_len=max_body, strip=False),
+        "priority": Choice(choices=domain.PRIORITIES),
+        "links": ListOf(Link(), max_items=10),
+    }
+
+
+def draft_from(fields: dict) -> domain.Draft:
+    """A validated body (see send_spec) as a Draft; a body of only white space is refused."""
+    if not fields["body"].strip():
+        raise InvalidInput("invalid_value", "body must not be empty", {"field": "body"})
+    return domain.Draft(
+        addressing=domain.Addressing(
+            staff_ids=tuple(fields.get("to_staff_ids", ())),
+            team_ids=tuple(fields.get("to_team_ids", ())),
+            whole_agency=fields.get("to_whole_agency", False),
+        ),
+        subject=fields["subject"],
+        body=fields["body"],
+        priority=fields.get("priority", "normal"),
+        links=tuple(fields.get("links", ())),
+    )
