@@ -38,6 +38,10 @@ class LaunchError(RuntimeError):
     pass
 
 
+class AlreadyRunning(LaunchError):
+    """Processes of an earlier start are alive; nothing was started (and nothing is stopped)."""
+
+
 @dataclass
 class Ports:
     gateway: int = 8000
@@ -116,8 +120,12 @@ class Stack:
 
     # --- lifecycle ----------------------------------------------------------
     def start(self) -> None:
+        running = [name for name, alive in self.status().items() if alive]
+        if running:
+            raise AlreadyRunning(f"already running: {', '.join(running)}; use `make stop` first")
         for folder in (self.run_dir, self.logs, self.pids):
             folder.mkdir(parents=True, exist_ok=True)
+        self._check_ports_free()
         ensure_broker(self.config.amqp_url)
         if self.config.mongo_uri is None:
             self.mongo = EmbeddedMongo(
@@ -137,6 +145,21 @@ class Stack:
         self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
         wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log")
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log")
+
+    def _check_ports_free(self) -> None:
+        ports = vars(self.config.ports).copy()
+        if self.config.mongo_uri is not None:
+            ports.pop("mongo")
+        taken = []
+        for name, port in ports.items():
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    taken.append(f"{name} ({port})")
+        if taken:
+            raise AlreadyRunning(f"ports in use by another program: {', '.join(taken)}")
 
     def gateway_env(self) -> dict[str, str]:
         p = self.config.ports
@@ -205,7 +228,10 @@ class Stack:
         result = {}
         for name in (*self.SERVICES, "nx-27017"):
             pid_file = self.pids / f"{name}.pid"
-            result[name] = pid_file.exists() and pid_alive(int(pid_file.read_text().strip() or 0))
+            try:
+                result[name] = pid_alive(int(pid_file.read_text().strip() or 0))
+            except (OSError, ValueError):
+                result[name] = False
         return result
 
 
@@ -347,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         stack.start()
+    except AlreadyRunning as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return 1
     except LaunchError as exc:
         print(f"\nmake run failed: {exc}", file=sys.stderr)
         stack.stop()

@@ -1,0 +1,43 @@
+"""`make run` / `make stop` as the launcher does them: everything up, a second start refused
+without harm, and nothing left behind after stop."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from services.launcher import AlreadyRunning, Ports, Stack, StackConfig, pid_alive
+
+
+def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
+    stack = Stack(
+        StackConfig(
+            run_dir=tmp_path / "run",
+            ports=Ports.free(),
+            mongo_uri=None,  # the embedded database, as on a fresh machine
+            amqp_url=amqp_url,
+            extra_env={"PASSWORD_HASH_PROFILE": "fast"},
+        )
+    )
+    try:
+        stack.start()
+        assert all(stack.status().values()), stack.status()
+        pids = {name: int((stack.pids / f"{name}.pid").read_text()) for name in stack.status()}
+        login = requests.post(
+            f"{stack.gateway_url}/api/v1/auth/token",
+            json={"username": "admin", "password": "demo-Password-2026"},
+            timeout=10,
+        )
+        assert login.status_code == 200
+
+        with pytest.raises(AlreadyRunning):
+            Stack(stack.config).start()
+        assert all(stack.status().values())  # the refused start stopped nothing
+    finally:
+        stopped = stack.stop()
+    assert set(stopped) == {"gateway", "inbox", "directory", "nx-27017"}
+    assert not any(pid_alive(pid) for pid in pids.values())
+    assert not any(stack.status().values())
+    assert not list(stack.pids.glob("*.pid"))
+    # Logs went to files, not the terminal.
+    assert (stack.logs / "nx-27017.log").exists() and (stack.logs / "inbox.log").stat().st_size > 0
