@@ -4,6 +4,18 @@ Every service checks the token itself (the gateway is not the only lock) and
 scopes every query to the token's agency. Keys come from directory's JWKS and
 are cached; an unknown key id triggers one refetch (rate-limited), so key
 rotation needs no restart.
+
+Revocation: an access token names its session (`sid`). When directory ends a
+session early (sign-out, refresh-token reuse, deactivation, password reset) it
+announces `session.revoked.v1`; each service keeps the revoked session ids in a
+`RevokedSessions` (filled by services.kit.revocations) and its `TokenVerifier`
+refuses their tokens with `session_revoked`. An entry is kept until no access
+token of that session can still be valid, then dropped. Directory, the source
+of truth, checks its own sessions store instead.
+
+Kinds: "staff" tokens always carry an agency; "service" tokens (issued to a
+registered service client, see services.kit.service_identity) carry an agency
+or, for platform-scope work that touches no agency's data, an empty one.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import jwt
 import requests
@@ -28,6 +41,12 @@ ROLE_ADMIN = "admin"
 ROLE_COMPLIANCE_OFFICER = "compliance_officer"
 ROLE_PRESCRIBER = "prescriber"
 ROLES = (ROLE_STAFF, ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, ROLE_PRESCRIBER)
+ROLE_SERVICE = "service"  # the one role of a service token
+
+KIND_STAFF = "staff"
+KIND_SERVICE = "service"
+KINDS = (KIND_STAFF, KIND_SERVICE)
+SERVICE_SUBJECT_PREFIX = "svc:"
 
 
 class AuthError(Exception):
@@ -99,6 +118,72 @@ class JwksKeySource:
             return self._keys.get(kid)
 
 
+class RevocationCheck(Protocol):
+    """Answers whether a session has been revoked (RevokedSessions, or directory's own store)."""
+
+    def is_revoked(self, session_id: str) -> bool: ...
+
+
+class RevokedSessions:
+    """Revoked session ids, each kept until its access tokens can no longer be valid (thread-safe).
+
+    `revoke(session_id, access_expires_at_ms)` remembers the session until that instant plus
+    `grace_ms` (the verifier's leeway and some clock skew between services); after that any
+    token of the session has expired anyway, so the entry is dropped. Memory is therefore
+    bounded by the revocations of one access-token lifetime.
+    """
+
+    def __init__(self, grace_ms: int = 60_000, clock: Callable[[], float] = time.time, prune_every_s: float = 10.0):
+        self.grace_ms = grace_ms
+        self._clock = clock
+        self._forget_after: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._prune_every_ms = int(prune_every_s * 1000)
+        self._pruned_at = 0
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def revoke(self, session_id: str, access_expires_at_ms: int) -> None:
+        if not session_id:
+            return
+        forget_after = int(access_expires_at_ms) + self.grace_ms
+        now = self._now_ms()
+        with self._lock:
+            if forget_after > self._forget_after.get(session_id, 0):
+                self._forget_after[session_id] = forget_after
+            if now - self._pruned_at >= self._prune_every_ms:
+                self._prune(now)
+
+    def is_revoked(self, session_id: str) -> bool:
+        if not session_id:
+            return False
+        with self._lock:
+            forget_after = self._forget_after.get(session_id)
+            if forget_after is None:
+                return False
+            if forget_after <= self._now_ms():
+                del self._forget_after[session_id]
+                return False
+            return True
+
+    def prune(self) -> int:
+        """Drop entries whose tokens have all expired; returns how many were dropped."""
+        with self._lock:
+            return self._prune(self._now_ms())
+
+    def _prune(self, now: int) -> int:
+        self._pruned_at = now
+        expired = [sid for sid, until in self._forget_after.items() if until <= now]
+        for sid in expired:
+            del self._forget_after[sid]
+        return len(expired)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._forget_after)
+
+
 class StaticKeySource:
     """Keys known in-process (directory verifies with its own keys)."""
 
@@ -110,8 +195,12 @@ class StaticKeySource:
 
 
 class TokenVerifier:
-    def __init__(self, keys, leeway_s: int = 30):
+    """Checks signature, issuer, audience, expiry and claim shapes; with `revoked`, refuses tokens
+    of revoked sessions (code `session_revoked`)."""
+
+    def __init__(self, keys, revoked: RevocationCheck | None = None, leeway_s: int = 30):
         self.keys = keys
+        self.revoked = revoked
         self.leeway_s = leeway_s
 
     def verify(self, token: str) -> Identity:
@@ -140,16 +229,26 @@ class TokenVerifier:
             raise AuthError("invalid_token", "the access token is not valid") from exc
         if claims.get("typ") != "access" or not isinstance(claims.get("agency_id"), str):
             raise AuthError("invalid_token", "the token is not an access token")
+        kind = claims.get("kind", KIND_STAFF)
+        if kind not in KINDS:
+            raise AuthError("invalid_token", "the access token's kind is unknown")
+        if not claims["agency_id"] and kind != KIND_SERVICE:
+            raise AuthError("invalid_token", "the access token names no agency")
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise AuthError("invalid_token", "the access token's roles are malformed")
+        session_id = claims.get("sid", "")
+        if not isinstance(session_id, str):
+            raise AuthError("invalid_token", "the access token's session is malformed")
+        if session_id and self.revoked is not None and self.revoked.is_revoked(session_id):
+            raise AuthError("session_revoked", "the session has ended; sign in again")
         return Identity(
             subject=str(claims["sub"]),
             agency_id=claims["agency_id"],
             roles=frozenset(roles),
-            kind=claims.get("kind", "staff"),
+            kind=kind,
             name=str(claims.get("name", "")),
-            session_id=str(claims.get("sid", "")),
+            session_id=session_id,
             token=token,
         )
 

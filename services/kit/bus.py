@@ -9,7 +9,9 @@ Topology (names get `Topology.prefix + "."` in front when a prefix is set):
   dead-letters from it goes to parking), `<queue>.retry` (messages wait `retry_delay_ms`, then
   dead-letter back to `<queue>` through the default exchange) and `<queue>.parking` (events that
   failed for good; inspect and re-drive by hand). Retry and parking are reached through the
-  default exchange, by queue name.
+  default exchange, by queue name. A consumer of one process instance (e.g. a per-replica
+  queue) sets `queue_expires_ms`: all three queues get `x-expires`, so the broker deletes them
+  once unused for that long after the instance is gone.
 
 Messages: body = serialized Envelope, persistent, content type `application/x-protobuf`,
 message_id = event id, type = event type, correlation_id, timestamp (s), app_id = producer and
@@ -542,7 +544,10 @@ class Consumer:
         retry_delay_ms: int = 5_000,
         reconnect_delay_s: tuple[float, float] = (0.5, 30.0),
         connection_name: str | None = None,
+        queue_expires_ms: int | None = None,
     ):
+        if queue_expires_ms is not None and queue_expires_ms <= 0:
+            raise ValueError("queue_expires_ms must be positive")
         self.topology = topology or Topology()
         self.queue = self.topology.name(queue)
         self.retry_queue = f"{self.queue}.retry"
@@ -550,6 +555,7 @@ class Consumer:
         self.routing_keys = list(routing_keys)
         self.max_retries = max_retries
         self.retry_delay_ms = retry_delay_ms
+        self.queue_expires_ms = queue_expires_ms
         self._handler = handler
         self._processed = processed
         self._prefetch = prefetch
@@ -615,19 +621,21 @@ class Consumer:
     def declare(self, channel: BlockingChannel) -> None:
         """Declare the exchange topology and this consumer's three queues (idempotent)."""
         self.topology.declare(channel)
-        channel.queue_declare(self.parking_queue, durable=True)
+        expires = {} if self.queue_expires_ms is None else {"x-expires": int(self.queue_expires_ms)}
+        channel.queue_declare(self.parking_queue, durable=True, arguments=expires or None)
         channel.queue_declare(
             self.retry_queue, durable=True,
             arguments={
                 "x-message-ttl": int(self.retry_delay_ms),
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": self.queue,
+                **expires,
             },
         )
         channel.queue_declare(
             self.queue, durable=True,
             # Anything the broker dead-letters (a reject, an expiry policy) is parked, not dropped.
-            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.parking_queue},
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.parking_queue, **expires},
         )
         for routing_key in self.routing_keys:
             channel.queue_bind(self.queue, self.topology.exchange_name, routing_key=routing_key)

@@ -1,4 +1,9 @@
-"""Outgoing gRPC: every call carries a deadline, the correlation id and the caller's identity."""
+"""Outgoing gRPC: every call carries a deadline, the correlation id and the caller's identity.
+
+The identity is `current_identity`: the user whose request is being handled, or, for work no
+user started (event handlers, background jobs), a service identity set with
+services.kit.service_identity.acting_as. A call with neither is refused before it leaves.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +46,10 @@ class _OutgoingInterceptor(grpc.UnaryUnaryClientInterceptor):
             elif self.service_token is not None:
                 metadata.append(("authorization", f"Bearer {self.service_token()}"))
             else:
-                raise NoCallerIdentity(f"no caller identity for {client_call_details.method}")
+                raise NoCallerIdentity(
+                    f"no caller identity for {client_call_details.method}; work that no user started runs "
+                    "under a service identity (services.kit.service_identity.acting_as)"
+                )
         correlation_id = correlation_id_var.get()
         if correlation_id and "x-correlation-id" not in keys:
             metadata.append(("x-correlation-id", correlation_id))

@@ -4,13 +4,20 @@ grpcio's own health service and server reflection; an interceptor that sets the
 correlation id, verifies the caller's token (health and reflection are open),
 decodes requests itself so malformed protobuf is INVALID_ARGUMENT, and maps
 domain errors to status codes without leaking internals.
+
+`open_methods` names (full method names, "/package.Service/Method") the few
+methods a caller reaches without a bearer token, such as directory's
+IssueServiceToken: they skip token verification (no identity is set) but still
+get the correlation id, safe decoding and error mapping. Token failures answer
+UNAUTHENTICATED (UNAVAILABLE when the keys cannot be had) with the reason in the
+`error-code` trailer: `invalid_token`, `token_expired`, `session_revoked`.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -38,8 +45,9 @@ class ServiceBinding:
 
 
 class _EdgeInterceptor(grpc.ServerInterceptor):
-    def __init__(self, verifier: TokenVerifier):
+    def __init__(self, verifier: TokenVerifier, open_methods: Collection[str] = frozenset()):
         self.verifier = verifier
+        self.open_methods = frozenset(open_methods)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -48,20 +56,35 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
             return handler
         inner = handler.unary_unary
         decode = handler.request_deserializer
+        needs_token = method not in self.open_methods
 
         def guarded(raw: bytes, context: grpc.ServicerContext):
             metadata = dict(context.invocation_metadata())
             correlation = correlation_id_var.set(metadata.get("x-correlation-id") or uuid.uuid4().hex)
             identity_token = None
             try:
-                token = bearer_token(metadata.get("authorization"))
-                if token is None:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-                try:
-                    identity = self.verifier.verify(token)
-                except AuthError as exc:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
-                identity_token = current_identity.set(identity)
+                if needs_token:
+                    token = bearer_token(metadata.get("authorization"))
+                    if token is None:
+                        context.set_trailing_metadata((("error-code", "unauthenticated"),))
+                        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+                    try:
+                        identity = self.verifier.verify(token)
+                    except AuthError as exc:
+                        status = (
+                            grpc.StatusCode.UNAVAILABLE
+                            if exc.code == "auth_unavailable"
+                            else grpc.StatusCode.UNAUTHENTICATED
+                        )
+                        context.set_trailing_metadata((("error-code", exc.code),))
+                        context.abort(status, exc.message)
+                    except Exception:
+                        log.exception("token verification failed", extra={"grpc_method": method})
+                        context.set_trailing_metadata((("error-code", "auth_unavailable"),))
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "the caller's token cannot be checked now")
+                    identity_token = current_identity.set(identity)
+                else:
+                    identity_token = current_identity.set(None)  # open: the handler sees no caller
                 try:
                     request = decode(raw) if decode else raw
                 except (DecodeError, ValueError):
@@ -93,12 +116,18 @@ class GrpcServer:
         verifier: TokenVerifier,
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
         max_workers: int = 16,
+        open_methods: Iterable[str] = (),
     ):
         self.bindings = list(bindings)
+        open_methods = frozenset(open_methods)
+        for method in open_methods:
+            if not method.startswith("/") or method.count("/") != 2:
+                raise ValueError(f"open method {method!r} is not a full method name (/package.Service/Method)")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-            interceptors=[_EdgeInterceptor(verifier)],
+            interceptors=[_EdgeInterceptor(verifier, open_methods)],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
         self.health = health.HealthServicer()

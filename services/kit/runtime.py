@@ -22,6 +22,7 @@ class ServiceProcess:
         self.name = name
         self.stop_event = threading.Event()
         self._stoppers: list[tuple[str, Callable[[], None]]] = []
+        self._final_stoppers: list[tuple[str, Callable[[], None]]] = []
         self._threads: list[threading.Thread] = []
 
     def serve_http(self, app: Flask, host: str, port: int, threads: int = 8) -> int:
@@ -54,8 +55,10 @@ class ServiceProcess:
         thread.start()
         self._threads.append(thread)
 
-    def on_stop(self, name: str, stop: Callable[[], None]) -> None:
-        self._stoppers.append((name, stop))
+    def on_stop(self, name: str, stop: Callable[[], None], *, after_workers: bool = False) -> None:
+        """Call `stop` while draining: with the servers, or (`after_workers`) once the background
+        workers have returned, for what they still use (the database client)."""
+        (self._final_stoppers if after_workers else self._stoppers).append((name, stop))
 
     def wait(self) -> None:
         """Block until SIGTERM/SIGINT (or a failed worker), then drain everything in reverse order."""
@@ -68,11 +71,26 @@ class ServiceProcess:
         signal.signal(signal.SIGINT, _signal)
         while not self.stop_event.wait(0.5):
             pass
-        for name, stop in reversed(self._stoppers):
+        self._drain()
+
+    def stop(self) -> None:
+        """Stop without a signal (tests, embedding): set the stop event and drain as `wait` does."""
+        self.stop_event.set()
+        self._drain()
+
+    def _drain(self) -> None:
+        stoppers, self._stoppers = self._stoppers, []
+        self._run_stoppers(stoppers)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        final, self._final_stoppers = self._final_stoppers, []
+        self._run_stoppers(final)
+        log.info("stopped")
+
+    @staticmethod
+    def _run_stoppers(stoppers: list[tuple[str, Callable[[], None]]]) -> None:
+        for name, stop in reversed(stoppers):
             try:
                 stop()
             except Exception:
                 log.exception("error while stopping", extra={"route": name})
-        for thread in self._threads:
-            thread.join(timeout=10)
-        log.info("stopped")

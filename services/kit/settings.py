@@ -9,11 +9,12 @@ folder; production mode refuses to start without them.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import secrets
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +42,7 @@ class Env:
         self.service = service
         self.environ = dict(os.environ if environ is None else environ)
         self.problems: list[str] = []
+        self._unreadable: set[str] = set()
         self.mode = self.choice("CLINIC_MODE", MODES, "development")
         self.run_dir = Path(self.str("CLINIC_RUN_DIR", str(REPO_ROOT / ".run"))).resolve()
 
@@ -106,6 +108,18 @@ class Env:
 
     def secret(self, name: str, file_name: str, generate: Callable[[], str]) -> str:
         """A secret from the environment (or NAME_FILE); in development generated once into the run folder."""
+        value = self.given_secret(name)
+        if value is not None:
+            return value
+        if f"{name}_FILE" in self._unreadable:
+            return ""
+        if self.production:
+            self.problems.append(f"{name} (or {name}_FILE) is required in production")
+            return ""
+        return dev_secret(self.run_dir, file_name, generate)
+
+    def given_secret(self, name: str) -> str | None:
+        """NAME, or the contents of the file NAME_FILE names; None when neither is set (or readable)."""
         value = self._raw(name)
         file_path = self._raw(f"{name}_FILE")
         if value is None and file_path:
@@ -113,13 +127,14 @@ class Env:
                 value = Path(file_path).read_text().strip()
             except OSError as exc:
                 self.problems.append(f"{name}_FILE cannot be read: {exc.strerror}")
-                return ""
-        if value is not None:
-            return value
-        if self.production:
-            self.problems.append(f"{name} (or {name}_FILE) is required in production")
-            return ""
-        return dev_secret(self.run_dir, file_name, generate)
+                self._unreadable.add(f"{name}_FILE")
+                return None
+        return value
+
+    def service_client_secret(self, client_id: str) -> str:
+        """This service's SERVICE_CLIENT_SECRET (or _FILE), with which it asks directory for service
+        tokens; in development the secret directory generated for `client_id` in the run folder."""
+        return self.secret("SERVICE_CLIENT_SECRET", service_secret_file(client_id), new_service_secret)
 
     def done(self) -> None:
         if self.problems:
@@ -142,6 +157,38 @@ def dev_secret(run_dir: Path, file_name: str, generate: Callable[[], str]) -> st
         finally:
             tmp.unlink()
     return path.read_text().strip()
+
+
+# Service clients directory knows in development (one dev secret each in <run dir>/secrets/).
+SERVICE_CLIENT_NAMES = ("inbox", "notifications", "erx-bridge", "cloud-comms", "auto-reply", "web")
+
+
+def service_secret_file(client_id: str) -> str:
+    return f"service-{client_id}.secret"
+
+
+def new_service_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def secret_digest(secret: str) -> str:
+    """What directory's SERVICE_CLIENTS holds for a client: the SHA-256 of its secret, hex."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServiceClientCredentials:
+    client_id: str
+    secret: str = field(repr=False)
+
+
+def service_client_credentials(client_id: str, environ: Mapping[str, str] | None = None) -> ServiceClientCredentials:
+    """Read SERVICE_CLIENT_SECRET (or _FILE) for the service `client_id`; SettingsError when missing in
+    production. Every calling service reads its credentials through this one function."""
+    env = Env(client_id, environ)
+    secret = env.service_client_secret(client_id)
+    env.done()
+    return ServiceClientCredentials(client_id, secret)
 
 
 def random_key_b64() -> str:
