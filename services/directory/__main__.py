@@ -14,6 +14,7 @@ import sys
 
 from services.directory import config, demo, tokens
 from services.directory.service import build
+from services.kit.bus import BatchPublisher, Topology
 from services.kit.logs import configure_logging
 from services.kit.mongo import database, wait_until_ready
 from services.kit.runtime import ServiceProcess
@@ -47,10 +48,16 @@ def serve(settings: config.DirectorySettings) -> int:
     common = settings.common
     directory = build(settings, connect(settings))
     directory.store.ensure_indexes()
+    # The relay thread owns its publisher (a pika connection belongs to one thread).
+    publisher = BatchPublisher(
+        common.amqp_url, Topology(exchange=common.events_exchange), connection_name="directory-outbox"
+    )
+    relay = directory.outbox_relay(publisher)
     process = ServiceProcess("directory")
-    process.on_stop("mongo", directory.store.db.client.close)
+    process.on_stop("mongo", directory.store.db.client.close, after_workers=True)
     process.serve_http(directory.http_app(), common.http_host, settings.http_port)
     process.serve_grpc(directory.grpc_server(common.grpc_host, settings.grpc_port))
+    process.background("outbox-relay", relay.run_forever)
     log.info("directory started", extra={"count": len(settings.signing_keys.keys)})
     process.wait()
     return 0

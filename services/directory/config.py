@@ -6,19 +6,38 @@ are earlier keys kept only so tokens they signed still verify until they
 expire; publish them in the JWKS during a rotation, drop them after one access
 token lifetime. In development a 2048-bit key is generated once into the run
 folder; production refuses to start without the variable (or JWT_SIGNING_KEYS_FILE).
+
+SERVICE_CLIENTS registers the services that may ask for service tokens:
+`name:sha256hex[,name:sha256hex...]`, the hex SHA-256 of each client's secret
+(the secret itself stays with that service, as its SERVICE_CLIENT_SECRET).
+A name listed twice (old and new digest) accepts either secret, for rotation.
+Required in production; in development each known client's secret is read from,
+or generated into, `<run dir>/secrets/service-<name>.secret` and its digest used.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.directory import tokens
 from services.directory.passwords import PROFILES
 from services.kit.auth import ACCESS_TOKEN_TTL_S
-from services.kit.settings import CommonSettings, Env, common_settings
+from services.kit.settings import (
+    SERVICE_CLIENT_NAMES,
+    CommonSettings,
+    Env,
+    common_settings,
+    dev_secret,
+    new_service_secret,
+    secret_digest,
+    service_secret_file,
+)
 
 SERVICE = "directory"
+CLIENT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,8 @@ class DirectorySettings:
     refresh_token_ttl_s: int
     password_hash_profile: str
     login_policy: LoginPolicy
+    # client id -> hex SHA-256 digests of its secrets (two while one is being rotated)
+    service_clients: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def production(self) -> bool:
@@ -69,6 +90,7 @@ def load(environ: Mapping[str, str] | None = None) -> DirectorySettings:
         window_s=env.int("LOGIN_FAILURE_WINDOW_S", LoginPolicy.window_s, minimum=1, maximum=24 * 3600),
         lockout_s=env.int("LOGIN_LOCKOUT_S", LoginPolicy.lockout_s, minimum=1, maximum=24 * 3600),
     )
+    service_clients = load_service_clients(env)
     env.done()
     assert signing_keys is not None  # env.done() raised otherwise
     return DirectorySettings(
@@ -80,4 +102,41 @@ def load(environ: Mapping[str, str] | None = None) -> DirectorySettings:
         refresh_token_ttl_s=refresh_ttl,
         password_hash_profile=profile,
         login_policy=policy,
+        service_clients=service_clients,
     )
+
+
+def load_service_clients(env: Env) -> dict[str, tuple[str, ...]]:
+    raw = env.given_secret("SERVICE_CLIENTS")
+    if raw is not None:
+        return parse_service_clients(raw, env.problems)
+    if env.production:
+        env.problems.append("SERVICE_CLIENTS (or SERVICE_CLIENTS_FILE) is required in production")
+        return {}
+    return {
+        name: (secret_digest(dev_secret(env.run_dir, service_secret_file(name), new_service_secret)),)
+        for name in SERVICE_CLIENT_NAMES
+    }
+
+
+def parse_service_clients(raw: str, problems: list[str]) -> dict[str, tuple[str, ...]]:
+    """'name:sha256hex[,name:sha256hex...]' -> {name: digests}; every bad entry is a problem.
+
+    A name may appear twice while its secret is rotated: either secret is accepted.
+    """
+    clients: dict[str, tuple[str, ...]] = {}
+    before = len(problems)
+    for position, item in enumerate(raw.split(","), start=1):
+        name, _, digest = item.strip().partition(":")
+        name, digest = name.strip(), digest.strip().lower()
+        if not CLIENT_NAME.fullmatch(name) or not SHA256_HEX.fullmatch(digest):
+            problems.append(
+                f"SERVICE_CLIENTS entry {position} must be 'name:<hex SHA-256 of the secret>' "
+                "(name: lowercase letters, digits, '-')"
+            )
+            continue
+        if digest not in clients.get(name, ()):
+            clients[name] = (*clients.get(name, ()), digest)
+    if not clients and len(problems) == before:
+        problems.append("SERVICE_CLIENTS lists no client")
+    return clients

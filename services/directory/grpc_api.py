@@ -1,18 +1,26 @@
 """gRPC face of the directory for the other services.
 
 The kit's interceptor has verified the bearer token (with the directory's own
-keys) before a handler runs; every answer is scoped to that token's agency.
-Ids that do not exist there, including other agencies' ids, come back in the
-missing_* lists rather than as an error: the caller decides what that means.
+keys, and against the sessions store for revocation) before a handler runs;
+every answer is scoped to that token's agency. Ids that do not exist there,
+including other agencies' ids, come back in the missing_* lists rather than as
+an error: the caller decides what that means.
+
+Two methods are of another kind: IssueServiceToken is open (client
+credentials, no bearer token) and ListRevokedSessions answers platform-scope
+service tokens only; a platform-scope token, in turn, is refused by every
+agency-scoped method.
 """
 
 from __future__ import annotations
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
-from services.directory import domain
+from services.directory import domain, events
 from services.directory.domain import StaffMember
+from services.directory.service_clients import ServiceClients
 from services.directory.store import DirectoryStore
 from services.kit.auth import (
+    KIND_SERVICE,
     ROLE_ADMIN,
     ROLE_COMPLIANCE_OFFICER,
     ROLE_PRESCRIBER,
@@ -22,6 +30,8 @@ from services.kit.auth import (
 )
 from services.kit.errors import Forbidden, NotFound, Unauthenticated
 from services.kit.grpc_server import ServiceBinding
+from services.kit.mongo import now_ms
+from services.kit.revocations import BOOTSTRAP_WINDOW_MS, LIST_PAGE_LIMIT
 
 ROLE_TO_PROTO = {
     ROLE_STAFF: directory_pb2.ROLE_STAFF,
@@ -30,6 +40,8 @@ ROLE_TO_PROTO = {
     ROLE_PRESCRIBER: directory_pb2.ROLE_PRESCRIBER,
 }
 CALLER_KINDS = ("staff", "service")
+SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
+OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/IssueServiceToken"})
 
 
 def caller() -> Identity:
@@ -38,6 +50,22 @@ def caller() -> Identity:
         raise Unauthenticated("unauthenticated", "no caller identity")
     if identity.kind not in CALLER_KINDS:
         raise Forbidden("forbidden", "only staff and services may call the directory")
+    return identity
+
+
+def agency_caller() -> Identity:
+    """A caller scoped to one agency: staff, or a service token issued for that agency."""
+    identity = caller()
+    if not identity.agency_id:
+        raise Forbidden("agency_scope_required", "a platform-scope token cannot read agency data")
+    return identity
+
+
+def platform_caller() -> Identity:
+    """A platform-scope service token (no agency)."""
+    identity = caller()
+    if identity.kind != KIND_SERVICE or identity.agency_id:
+        raise Forbidden("platform_scope_required", "only a platform-scope service token may call this")
     return identity
 
 
@@ -56,11 +84,12 @@ def staff_message(member: StaffMember, team_ids: list[str]) -> directory_pb2.Sta
 
 
 class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
-    def __init__(self, store: DirectoryStore):
+    def __init__(self, store: DirectoryStore, service_clients: ServiceClients):
         self.store = store
+        self.service_clients = service_clients
 
     def GetStaff(self, request: directory_pb2.GetStaffRequest, context) -> directory_pb2.GetStaffResponse:
-        agency_id = caller().agency_id
+        agency_id = agency_caller().agency_id
         staff_ids = domain.distinct_ids(request.staff_ids, "staff ids")
         found = self.store.staff_by_ids(agency_id, [i for i in staff_ids if domain.is_well_formed_id(i)])
         teams_of = domain.team_ids_by_member(self.store.list_teams(agency_id)) if found else {}
@@ -72,7 +101,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
     def ResolveRecipients(
         self, request: directory_pb2.ResolveRecipientsRequest, context
     ) -> directory_pb2.ResolveRecipientsResponse:
-        agency_id = caller().agency_id
+        agency_id = agency_caller().agency_id
         staff_ids = domain.distinct_ids(request.staff_ids, "staff ids")
         team_ids = domain.distinct_ids(request.team_ids, "team ids")
         domain.distinct_ids([*staff_ids, *team_ids], "staff and team ids")
@@ -95,7 +124,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
     def GetAgencySettings(
         self, request: directory_pb2.GetAgencySettingsRequest, context
     ) -> directory_pb2.GetAgencySettingsResponse:
-        agency = self.store.get_agency(caller().agency_id)
+        agency = self.store.get_agency(agency_caller().agency_id)
         if agency is None:
             raise NotFound("agency_not_found", "the caller's agency is not in the directory")
         return directory_pb2.GetAgencySettingsResponse(
@@ -109,10 +138,29 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             time_zone=agency.time_zone,
         )
 
+    def IssueServiceToken(
+        self, request: directory_pb2.IssueServiceTokenRequest, context
+    ) -> directory_pb2.IssueServiceTokenResponse:
+        access = self.service_clients.issue(request.client_id, request.client_secret, request.agency_id)
+        return directory_pb2.IssueServiceTokenResponse(access_token=access.token, expires_in=access.expires_in)
 
-def binding(store: DirectoryStore) -> ServiceBinding:
+    def ListRevokedSessions(
+        self, request: directory_pb2.ListRevokedSessionsRequest, context
+    ) -> directory_pb2.ListRevokedSessionsResponse:
+        platform_caller()
+        since = max(request.since_ms, now_ms() - BOOTSTRAP_WINDOW_MS)
+        docs = self.store.revoked_sessions_since(since, LIST_PAGE_LIMIT)
+        return directory_pb2.ListRevokedSessionsResponse(
+            sessions=[
+                events.session_revoked_message(doc, doc.get("revoked_reason", ""), int(doc["revoked_at"]))
+                for doc in docs
+            ]
+        )
+
+
+def binding(store: DirectoryStore, service_clients: ServiceClients) -> ServiceBinding:
     return ServiceBinding(
         add=directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
-        servicer=DirectoryServicer(store),
-        full_name=directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name,
+        servicer=DirectoryServicer(store, service_clients),
+        full_name=SERVICE_NAME,
     )

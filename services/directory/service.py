@@ -11,11 +11,13 @@ from services.directory import grpc_api
 from services.directory.config import DirectorySettings
 from services.directory.http_api import create_directory_app
 from services.directory.passwords import PasswordHasher
-from services.directory.sessions import Sessions
-from services.directory.store import DirectoryStore
+from services.directory.service_clients import ServiceClients
+from services.directory.sessions import SessionRevocations, Sessions
+from services.directory.store import SESSIONS, DirectoryStore
 from services.kit.auth import StaticKeySource, TokenVerifier
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.grpc_server import GrpcServer
+from services.kit.outbox import BatchPublishing, OutboxRelay
 
 
 @dataclass
@@ -25,12 +27,25 @@ class Directory:
     hasher: PasswordHasher
     sessions: Sessions
     verifier: TokenVerifier
+    service_clients: ServiceClients
 
     def http_app(self) -> Flask:
         return create_directory_app(self)
 
     def grpc_server(self, host: str, port: int) -> GrpcServer:
-        return GrpcServer([grpc_api.binding(self.store)], self.verifier, host=host, port=port)
+        return GrpcServer(
+            [grpc_api.binding(self.store, self.service_clients)],
+            self.verifier,
+            host=host,
+            port=port,
+            open_methods=grpc_api.OPEN_METHODS,
+        )
+
+    def outbox_relay(self, publisher: BatchPublishing, **options) -> OutboxRelay:
+        """Publishes the events staged in session documents (`session.revoked.v1`)."""
+        relay = OutboxRelay(self.store.db, [SESSIONS], publisher, **options)
+        relay.ensure_indexes()
+        return relay
 
 
 def build(settings: DirectorySettings, db: Database) -> Directory:
@@ -46,6 +61,19 @@ def build(settings: DirectorySettings, db: Database) -> Directory:
         session_ttl_s=settings.refresh_token_ttl_s,
         policy=settings.login_policy,
     )
-    # The directory checks tokens with its own keys, in process: no JWKS fetch from itself.
-    verifier = TokenVerifier(StaticKeySource(settings.signing_keys.verification_keys))
-    return Directory(settings=settings, store=store, hasher=hasher, sessions=sessions, verifier=verifier)
+    # The directory checks tokens with its own keys, in process (no JWKS fetch from itself), and
+    # revocation against its own sessions store, the source of truth (no bus round trip).
+    verifier = TokenVerifier(
+        StaticKeySource(settings.signing_keys.verification_keys), revoked=SessionRevocations(store)
+    )
+    service_clients = ServiceClients(
+        settings.service_clients, store, settings.signing_keys, settings.access_token_ttl_s
+    )
+    return Directory(
+        settings=settings,
+        store=store,
+        hasher=hasher,
+        sessions=sessions,
+        verifier=verifier,
+        service_clients=service_clients,
+    )

@@ -5,8 +5,13 @@ is never extended. Each refresh token works once: refreshing returns a new one
 and retires the old. Presenting a retired token again means two parties hold
 it, so the whole session is revoked (theft detection) and both must sign in;
 clients therefore refresh from one place (e.g. one refresher shared by tabs).
-Deactivation and password resets revoke every session of that staff member;
-access tokens already issued stay valid until they expire (at most 15 minutes).
+Deactivation and password resets revoke every session of that staff member.
+
+A revocation ends the session's access tokens too, at once and everywhere: the
+directory checks each token's session against this store (`SessionRevocations`),
+and the `session.revoked.v1` event staged with the revocation tells every other
+service (services.kit.revocations), which refuse the tokens with
+`session_revoked` until they would have expired anyway.
 Usernames are never logged: a mistyped password often lands in that field.
 """
 
@@ -16,11 +21,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pymongo.errors import PyMongoError
+
 from services.directory import domain, tokens
 from services.directory.config import LoginPolicy
 from services.directory.domain import StaffMember
 from services.directory.passwords import PasswordHasher
 from services.directory.store import DirectoryStore
+from services.kit.auth import AuthError
 from services.kit.errors import DomainError, Unauthenticated
 from services.kit.mongo import now_ms
 
@@ -41,6 +49,19 @@ def invalid_credentials() -> Unauthenticated:
 
 def invalid_refresh_token() -> Unauthenticated:
     return Unauthenticated("invalid_refresh_token", "the refresh token is not valid; sign in again")
+
+
+class SessionRevocations:
+    """The directory's revocation check for its TokenVerifier: the sessions store is the source of truth."""
+
+    def __init__(self, store: DirectoryStore):
+        self.store = store
+
+    def is_revoked(self, session_id: str) -> bool:
+        try:
+            return self.store.is_session_revoked(session_id)
+        except PyMongoError as exc:
+            raise AuthError("auth_unavailable", "the session cannot be checked now") from exc
 
 
 @dataclass(frozen=True)

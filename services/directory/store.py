@@ -6,16 +6,22 @@ with `$set` and never queried by element; flags are stored as booleans but read
 through bool() because the embedded server returns them as 0/1; times are
 epoch milliseconds. Every read of agency data takes the agency id and checks
 it, so another agency's ids behave as unknown ones.
+
+Revoking a session stages its `session.revoked.v1` event in the same update of
+the session document (transactional outbox), so a revocation is never made
+without being announced; the directory's outbox relay publishes it.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import pymongo
 from pymongo import ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
+from services.directory import events
 from services.directory.domain import (
     Agency,
     LoginAttempts,
@@ -28,6 +34,7 @@ from services.directory.domain import (
 from services.kit.crypto import PhiCipher
 from services.kit.errors import Conflict
 from services.kit.mongo import IndexSpec, ensure_indexes, eq, now_ms
+from services.kit.outbox import with_outbox
 
 AGENCIES = "agencies"
 STAFF = "staff"
@@ -46,6 +53,7 @@ INDEXES = [
     ),
     IndexSpec(PORTAL_PATIENTS, [("agency_id", 1), ("sort_key", -1)], name="portal_patients_by_agency"),
     IndexSpec(SESSIONS, [("staff_id", 1), ("created_at", 1)], name="sessions_by_staff"),
+    IndexSpec(SESSIONS, [("revoked_at", 1)], name="sessions_by_revoked_at"),
     IndexSpec(REFRESH_TOKENS, [("session_id", 1)], name="refresh_tokens_by_session"),
 ]
 
@@ -313,18 +321,46 @@ class DirectoryStore:
         return self.sessions.find_one({"_id": eq(session_id)})
 
     def revoke_session(self, session_id: str, reason: str) -> bool:
-        result = self.sessions.update_one(
-            {"_id": eq(session_id), "revoked_at": eq(0)},
-            {"$set": {"revoked_at": now_ms(), "revoked_reason": reason}},
-        )
-        return result.modified_count == 1
+        """End a session now, announcing it; False when unknown or already ended."""
+        session = self.sessions.find_one({"_id": eq(session_id)}, {"staff_id": 1, "agency_id": 1, "revoked_at": 1})
+        if session is None or session.get("revoked_at"):
+            return False
+        return self._revoke(session, reason, now_ms())
 
     def revoke_staff_sessions(self, staff_id: str, reason: str) -> int:
-        result = self.sessions.update_many(
-            {"staff_id": eq(staff_id), "revoked_at": eq(0)},
-            {"$set": {"revoked_at": now_ms(), "revoked_reason": reason}},
+        """End every open session of a staff member (deactivation, password reset); returns how many."""
+        now = now_ms()
+        cursor = self.sessions.find(
+            {"staff_id": eq(staff_id), "revoked_at": eq(0)}, {"staff_id": 1, "agency_id": 1, "expires_at": 1}
         )
-        return result.modified_count
+        revoked = 0
+        for session in cursor:
+            # A session past its end whose last access token has expired too needs no announcement.
+            announce = events.access_expires_at(int(session.get("expires_at") or 0)) > now
+            revoked += self._revoke(session, reason, now, announce=announce)
+        return revoked
+
+    def _revoke(self, session: dict, reason: str, now: int, *, announce: bool = True) -> bool:
+        """Mark the session revoked and, in the same single-document update, stage its event."""
+        update = {"$set": {"revoked_at": now, "revoked_reason": reason}}
+        if announce:
+            update = with_outbox(update, [events.session_revoked(session, reason, now)])
+        result = self.sessions.update_one({"_id": eq(session["_id"]), "revoked_at": eq(0)}, update)
+        return result.modified_count == 1
+
+    def is_session_revoked(self, session_id: str) -> bool:
+        """True for a revoked session and for one this directory never issued (fail closed)."""
+        doc = self.sessions.find_one({"_id": eq(session_id)}, {"revoked_at": 1})
+        return doc is None or bool(doc.get("revoked_at"))
+
+    def revoked_sessions_since(self, since_ms: int, limit: int) -> list[dict]:
+        """Sessions revoked at or after `since_ms` (> 0), oldest first; served by the revoked_at index."""
+        cursor = (
+            self.sessions.find({"revoked_at": {"$gte": max(1, since_ms)}})
+            .sort("revoked_at", pymongo.ASCENDING)
+            .limit(limit)
+        )
+        return list(cursor)
 
     def add_refresh_token(self, token_hash: str, session: dict, now: int) -> None:
         self.refresh_tokens.insert_one(

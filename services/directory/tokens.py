@@ -21,7 +21,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.kit.auth import ALGORITHM, AUDIENCE, ISSUER
+from services.kit.auth import ALGORITHM, AUDIENCE, ISSUER, KIND_SERVICE, ROLE_SERVICE, SERVICE_SUBJECT_PREFIX
 
 if TYPE_CHECKING:
     from services.directory.config import DirectorySettings
@@ -166,6 +166,30 @@ def issue_access_token(
         "exp": issued_at + ttl_s,
         "typ": "access",
         "kind": "staff",
+    }
+    token = jwt.encode(claims, keys.active.private_key, algorithm=ALGORITHM, headers={"kid": keys.active.kid})
+    return AccessToken(token=token, expires_in=ttl_s, jti=jti)
+
+
+def issue_service_token(
+    keys: KeySet, *, client_id: str, agency_id: str, ttl_s: int, now: int | None = None
+) -> AccessToken:
+    """A service client's access token: agency-scoped, or platform scope with agency_id ""; no session."""
+    issued_at = int(time.time()) if now is None else now
+    jti = secrets.token_urlsafe(16)
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": f"{SERVICE_SUBJECT_PREFIX}{client_id}",
+        "agency_id": agency_id,
+        "roles": [ROLE_SERVICE],
+        "name": client_id,
+        "jti": jti,
+        "iat": issued_at,
+        "nbf": issued_at,
+        "exp": issued_at + ttl_s,
+        "typ": "access",
+        "kind": KIND_SERVICE,
     }
     token = jwt.encode(claims, keys.active.private_key, algorithm=ALGORITHM, headers={"kid": keys.active.kid})
     return AccessToken(token=token, expires_in=ttl_s, jti=jti)

@@ -63,7 +63,13 @@ def test_production_requires_signing_keys_and_refuses_fast_hashing(tmp_path):
 
 def test_production_starts_with_its_keys(tmp_path):
     settings = config.load(
-        environ(tmp_path, CLINIC_MODE="production", MONGO_URI="mongodb://db.internal:27017/", JWT_SIGNING_KEYS=pem())
+        environ(
+            tmp_path,
+            CLINIC_MODE="production",
+            MONGO_URI="mongodb://db.internal:27017/",
+            JWT_SIGNING_KEYS=pem(),
+            SERVICE_CLIENTS="inbox:" + "0" * 64,
+        )
     )
     assert settings.production and settings.password_hash_profile == "standard"
 
