@@ -12,14 +12,16 @@ from services.inbox.grpc_api import InboxServicer
 from services.inbox.http_api import build_app
 from services.inbox.mailbox import Mailbox
 from services.kit import mongo
-from services.kit.auth import JwksKeySource, TokenVerifier
+from services.kit.auth import JwksKeySource, RevokedSessions, TokenVerifier
 from services.kit.bus import BatchPublisher, Topology
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.grpc_server import GrpcServer, ServiceBinding
 from services.kit.logs import configure_logging
 from services.kit.outbox import OutboxRelay
+from services.kit.revocations import start_revocation_listener
 from services.kit.runtime import ServiceProcess
-from services.kit.settings import SettingsError
+from services.kit.service_identity import ServiceTokens
+from services.kit.settings import SettingsError, service_client_credentials
 
 log = logging.getLogger("inbox")
 
@@ -28,6 +30,7 @@ def main() -> int:
     configure_logging("inbox")
     try:
         settings = config.load()
+        credentials = service_client_credentials("inbox")
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -41,16 +44,31 @@ def main() -> int:
     keyring.ensure_indexes()
     directory = DirectoryClient(settings.directory_grpc_target)
     mailbox = Mailbox(inbox_store, PhiCipher(keyring), directory.resolve)
-    verifier = TokenVerifier(JwksKeySource(settings.directory_jwks_url))
+    revoked = RevokedSessions()
+    verifier = TokenVerifier(JwksKeySource(settings.directory_jwks_url), revoked=revoked)
+    service_tokens = ServiceTokens(settings.directory_grpc_target, credentials.client_id, credentials.secret)
 
     # The relay thread owns its publisher (a pika connection belongs to one thread).
     publisher = BatchPublisher(
         common.amqp_url, Topology(exchange=common.events_exchange), connection_name="inbox-outbox"
     )
-    relay = OutboxRelay(db, [store.MESSAGES, store.BOARD_ITEMS], publisher, batch_size=settings.relay_batch_size)
+    relay = OutboxRelay(db, list(store.OUTBOX_COLLECTIONS), publisher, batch_size=settings.relay_batch_size)
     relay.ensure_indexes()
 
     process = ServiceProcess("inbox")
+    # Revoked sessions are heard before serving: consuming first, then the bootstrap from directory.
+    revocations = start_revocation_listener(
+        process,
+        common.amqp_url,
+        Topology(exchange=common.events_exchange),
+        "inbox",
+        revoked,
+        service_tokens,
+        settings.directory_grpc_target,
+    )
+    if not revocations.wait_ready(10.0):
+        log.warning("serving before the revoked sessions were loaded; the listener keeps trying",
+                    extra={"queue": revocations.queue})
     app = build_app(
         mailbox,
         verifier,
@@ -75,6 +93,7 @@ def main() -> int:
     process.background("outbox-relay", relay.run_forever)
     process.background("fanout-repair", mailbox.repair_fanouts)
     process.on_stop("directory-client", directory.close)
+    process.on_stop("service-tokens", service_tokens.close)
     process.wait()
     return 0
 

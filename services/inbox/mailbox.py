@@ -193,18 +193,35 @@ class Mailbox:
             "read": bool(item.get("read_at")),
         }
 
-    def _find_item(self, caller: Identity, message_id: str) -> dict:
+    def _find_item(self, caller: Identity, message_id: str) -> dict | None:
         for folder in (domain.FOLDER_MESSAGES, domain.FOLDER_SENT):
             item = self.store.item(domain.board_item_id(message_id, caller.staff_id, folder))
             if item is not None and item["agency_id"] == caller.agency_id:
                 return item
-        raise NotFound("message_not_found", "no such message")
+        return None
+
+    def _refuse(self, caller: Identity, message_id: str, action: str) -> NotFound:
+        """Record the refused access (who tried what, never whether it exists) and return the 404."""
+        event = self._accessed_event(caller, message_id, action=action, outcome="denied")
+        self.store.record_denial(
+            {
+                "_id": event.event_id,
+                "agency_id": caller.agency_id,
+                "actor_id": caller.subject,
+                "resource_id": message_id,
+                "action": action,
+                "at": now_ms(),
+                **outbox_fields([event]),
+            }
+        )
+        log.info("message access refused", extra={"staff_id": caller.subject, "agency_id": caller.agency_id})
+        return NotFound("message_not_found", "no such message")
 
     def read(self, caller: Identity, message_id: str) -> dict:
         item = self._find_item(caller, message_id)
-        message = self.store.message(message_id)
-        if message is None or message["agency_id"] != caller.agency_id:
-            raise NotFound("message_not_found", "no such message")
+        message = self.store.message(message_id) if item is not None else None
+        if item is None or message is None or message["agency_id"] != caller.agency_id:
+            raise self._refuse(caller, message_id, "read")
         audit = self._accessed_event(caller, message_id)
         read_at = item.get("read_at") or now_ms()
         item = self.store.mark_read(item["_id"], read_at, outbox_update([audit])) or item
@@ -221,7 +238,7 @@ class Mailbox:
             "read_at": iso(item["read_at"]) if item.get("read_at") else None,
         }
 
-    def _accessed_event(self, caller: Identity, message_id: str):
+    def _accessed_event(self, caller: Identity, message_id: str, action: str = "read", outcome: str = "allowed"):
         accessed_at = Timestamp()
         accessed_at.GetCurrentTime()
         payload = audit_pb2.PhiAccessed(
@@ -230,8 +247,8 @@ class Mailbox:
             actor_kind=caller.kind,
             resource_type="message",
             resource_id=message_id,
-            action="read",
-            outcome="allowed",
+            action=action,
+            outcome=outcome,
             accessed_at=accessed_at,
             service=PRODUCER,
         )
@@ -246,7 +263,7 @@ class Mailbox:
     def mark_unread(self, caller: Identity, message_id: str) -> dict:
         item = self.store.item(domain.board_item_id(message_id, caller.staff_id, domain.FOLDER_MESSAGES))
         if item is None or item["agency_id"] != caller.agency_id:
-            raise NotFound("message_not_found", "no such message")
+            raise self._refuse(caller, message_id, "mark_unread")
         self.store.mark_unread(item["_id"], item["board"])
         return {"id": message_id, "read": False}
 

@@ -18,6 +18,9 @@ from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 MESSAGES = "messages"
 BOARD_ITEMS = "board_items"
 IDEMPOTENCY = "idempotency_keys"
+ACCESS_DENIALS = "access_denials"
+# Collections whose documents carry outbox events (the relay scans these).
+OUTBOX_COLLECTIONS = (MESSAGES, BOARD_ITEMS, ACCESS_DENIALS)
 
 INDEXES = [
     IndexSpec(BOARD_ITEMS, [("board", 1), ("sort_key", -1)], name="board_sort"),
@@ -32,6 +35,7 @@ class InboxStore:
         self.messages = db[MESSAGES]
         self.board_items = db[BOARD_ITEMS]
         self.idempotency = db[IDEMPOTENCY]
+        self.access_denials = db[ACCESS_DENIALS]
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.db, INDEXES)
@@ -79,6 +83,10 @@ class InboxStore:
             .sort("fanout_pending_at", 1)
             .limit(limit)
         )
+
+    def record_denial(self, doc: dict) -> None:
+        """One document per refused read, carrying its audit event (written atomically with it)."""
+        self.access_denials.insert_one(doc)
 
     # --- boards -----------------------------------------------------------
     def page(self, board: str, unread_only: bool, before: str | None, limit: int) -> list[dict]:

@@ -3,8 +3,10 @@ session's embedded database and private RabbitMQ vhost."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
+import grpc
 import pytest
 import requests
 
@@ -76,3 +78,38 @@ def login(stack):
         return sessions[username]
 
     return _login
+
+
+@pytest.fixture(scope="session")
+def directory_target(stack) -> str:
+    """directory's gRPC address in the stack."""
+    return f"127.0.0.1:{stack.config.ports.directory_grpc}"
+
+
+@pytest.fixture(scope="session")
+def directory_channel(directory_target):
+    channel = grpc.insecure_channel(directory_target)
+    yield channel
+    channel.close()
+
+
+@pytest.fixture(scope="session")
+def service_secret(stack):
+    """A service client's development secret, as directory generated it into the stack's run folder."""
+
+    def _secret(client_id: str) -> str:
+        return (stack.run_dir / "secrets" / f"service-{client_id}.secret").read_text().strip()
+
+    return _secret
+
+
+def wait_until(condition, timeout: float = 5.0, interval: float = 0.05):
+    """Poll `condition` until it returns something truthy (returned); AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

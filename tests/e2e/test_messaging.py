@@ -148,7 +148,7 @@ def test_phi_never_reaches_the_logs(admin, reyes, stack):
         assert marker not in log_file.read_text(errors="replace"), log_file.name
 
 
-def test_delivery_and_read_events_are_published(admin, reyes, kim, stack):
+def test_delivery_and_read_events_are_published(admin, reyes, kim, outsider, stack):
     connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
     channel = connection.channel()
     queue = channel.queue_declare(queue="", exclusive=True).method.queue
@@ -157,6 +157,7 @@ def test_delivery_and_read_events_are_published(admin, reyes, kim, stack):
     try:
         message_id = admin.send(to_staff_ids=[reyes.staff_id, kim.staff_id], subject=unique_subject()).json()["id"]
         reyes.get(f"/api/v1/messages/{message_id}")
+        assert outsider.get(f"/api/v1/messages/{message_id}").status_code == 404
         delivered, accessed = {}, []
         for _method, _props, body in channel.consume(queue, inactivity_timeout=10):
             if body is None:
@@ -170,13 +171,17 @@ def test_delivery_and_read_events_are_published(admin, reyes, kim, stack):
                 event = unpack(envelope, audit_pb2.PhiAccessed)
                 if event.resource_id == message_id:
                     accessed.append(event)
-            if len(delivered) == 2 and accessed:
+            if len(delivered) == 2 and len(accessed) == 2:
                 break
         assert set(delivered) == {reyes.staff_id, kim.staff_id}
         for envelope in delivered.values():
             assert envelope.producer == "inbox" and envelope.agency_id == admin.agency_id
             assert envelope.correlation_id
-        assert accessed[0].actor_id == reyes.staff_id and accessed[0].outcome == "allowed"
+        outcomes = {(event.actor_id, event.agency_id, event.action, event.outcome) for event in accessed}
+        assert outcomes == {
+            (reyes.staff_id, reyes.agency_id, "read", "allowed"),
+            (outsider.staff_id, outsider.agency_id, "read", "denied"),  # refused reads are audited too
+        }
     finally:
         connection.close()
 

@@ -1,0 +1,143 @@
+"""Service identities: client credentials for a short-lived token, agency-scoped or platform-scoped."""
+
+from __future__ import annotations
+
+import grpc
+import jwt
+import pytest
+
+from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
+from services.kit.auth import JwksKeySource, TokenVerifier
+from services.kit.grpc_client import channel as service_channel
+from services.kit.service_identity import ServiceTokens, acting_as
+from tests.e2e.conftest import Client
+
+RIVERBEND, LAKESIDE = "agy_riverbend", "agy_lakeside"
+
+
+@pytest.fixture(scope="module")
+def stub(directory_channel):
+    return directory_pb2_grpc.DirectoryServiceStub(directory_channel)
+
+
+def issue(stub, client_id: str, secret: str, agency_id: str = "") -> directory_pb2.IssueServiceTokenResponse:
+    return stub.IssueServiceToken(
+        directory_pb2.IssueServiceTokenRequest(client_id=client_id, client_secret=secret, agency_id=agency_id),
+        timeout=5,
+    )
+
+
+def auth(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_wrong_client_or_secret_is_unauthenticated(stub, service_secret):
+    for client_id, secret in [
+        ("inbox", "not-the-secret"),
+        ("inbox", ""),
+        ("nobody", service_secret("inbox")),
+        ("notifications", service_secret("inbox")),  # another client's secret
+    ]:
+        error = refused(lambda c=client_id, s=secret: issue(stub, c, s, RIVERBEND))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert dict(error.trailing_metadata())["error-code"] == "invalid_client"
+
+
+def test_unknown_agency_is_not_found(stub, service_secret):
+    error = refused(lambda: issue(stub, "inbox", service_secret("inbox"), "agy_nowhere"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_agency_token_sees_its_agency_only(stub, stack, service_secret):
+    reply = issue(stub, "inbox", service_secret("inbox"), RIVERBEND)
+    assert 60 <= reply.expires_in <= 900
+    claims = jwt.decode(reply.access_token, options={"verify_signature": False})
+    assert claims["sub"] == "svc:inbox" and claims["kind"] == "service" and claims["roles"] == ["service"]
+    assert claims["agency_id"] == RIVERBEND and "sid" not in claims
+    # Every service's verifier accepts it (the same one inbox runs).
+    identity = TokenVerifier(JwksKeySource(f"{stack.directory_url}/api/v1/auth/jwks")).verify(reply.access_token)
+    assert identity.kind == "service" and identity.agency_id == RIVERBEND
+
+    everyone = stub.ResolveRecipients(
+        directory_pb2.ResolveRecipientsRequest(whole_agency=True), metadata=auth(reply.access_token), timeout=5
+    )
+    assert everyone.staff_ids and all(i.startswith("stf_riverbend_") for i in everyone.staff_ids)
+    across = stub.ResolveRecipients(
+        directory_pb2.ResolveRecipientsRequest(staff_ids=["stf_lakeside_admin", "stf_riverbend_kim"]),
+        metadata=auth(reply.access_token),
+        timeout=5,
+    )
+    assert list(across.staff_ids) == ["stf_riverbend_kim"]
+    assert list(across.missing_staff_ids) == ["stf_lakeside_admin"]
+    staff = stub.GetStaff(
+        directory_pb2.GetStaffRequest(staff_ids=["stf_lakeside_admin"]), metadata=auth(reply.access_token), timeout=5
+    )
+    assert not staff.staff and list(staff.missing_staff_ids) == ["stf_lakeside_admin"]
+    # An agency-scoped service token is not a platform token.
+    error = refused(lambda: stub.ListRevokedSessions(
+        directory_pb2.ListRevokedSessionsRequest(), metadata=auth(reply.access_token), timeout=5
+    ))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_platform_token_reaches_platform_methods_only(stub, service_secret):
+    platform = issue(stub, "inbox", service_secret("inbox")).access_token
+    assert jwt.decode(platform, options={"verify_signature": False})["agency_id"] == ""
+    for call in (
+        lambda: stub.ResolveRecipients(
+            directory_pb2.ResolveRecipientsRequest(whole_agency=True), metadata=auth(platform), timeout=5
+        ),
+        lambda: stub.GetStaff(directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_kim"]),
+                              metadata=auth(platform), timeout=5),
+        lambda: stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=auth(platform), timeout=5),
+    ):
+        assert refused(call).code() == grpc.StatusCode.PERMISSION_DENIED
+    listed = stub.ListRevokedSessions(directory_pb2.ListRevokedSessionsRequest(), metadata=auth(platform), timeout=5)
+    assert all(s.session_id and s.revoked_at.seconds for s in listed.sessions)
+
+
+def test_staff_token_is_refused_by_list_revoked_sessions(stub, login):
+    admin = login("admin")
+    error = refused(lambda: stub.ListRevokedSessions(
+        directory_pb2.ListRevokedSessionsRequest(), metadata=auth(admin.token), timeout=5
+    ))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_list_revoked_sessions_lists_a_sign_out(stub, stack, service_secret):
+    session = Client(stack.gateway_url, "nurse.foster")
+    session.post("/api/v1/auth/logout", json={"refresh_token": session.refresh_token})
+    sid = jwt.decode(session.token, options={"verify_signature": False})["sid"]
+    platform = issue(stub, "inbox", service_secret("inbox")).access_token
+    listed = stub.ListRevokedSessions(directory_pb2.ListRevokedSessionsRequest(), metadata=auth(platform), timeout=5)
+    mine = [s for s in listed.sessions if s.session_id == sid]
+    assert len(mine) == 1
+    event = mine[0]
+    assert event.staff_id == session.staff_id and event.agency_id == session.agency_id and event.reason == "logout"
+    assert event.access_expires_at.ToMilliseconds() == event.revoked_at.ToMilliseconds() + 900_000
+    stamps = [s.revoked_at.ToMilliseconds() for s in listed.sessions]
+    assert stamps == sorted(stamps)
+
+
+def test_service_tokens_and_acting_as_against_directory(directory_target, service_secret):
+    tokens = ServiceTokens(directory_target, "inbox", service_secret("inbox"))
+    channel = service_channel(directory_target)
+    try:
+        riverbend = tokens.identity(RIVERBEND)
+        assert tokens.identity(RIVERBEND) is riverbend  # cached
+        assert tokens.identity(LAKESIDE).token != riverbend.token
+        stub = directory_pb2_grpc.DirectoryServiceStub(channel)
+        with acting_as(riverbend):  # the kit's client interceptor forwards the service token
+            settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest())
+        assert settings.agency_id == RIVERBEND
+        with acting_as(tokens.identity(LAKESIDE)):
+            assert stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest()).agency_id == LAKESIDE
+    finally:
+        channel.close()
+        tokens.close()
