@@ -418,6 +418,7 @@ def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
     stand_ins = {
         "phi_master_keys": f"{key_id}:{random_key_b64()}",
         "jwt_signing_keys.pem": generate_private_key_pem(2048),
+        "service_clients": "inbox:" + "0" * 64,
     }
     for name, value in list(env.items()):
         if name.endswith("_FILE"):
