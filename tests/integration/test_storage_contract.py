@@ -144,3 +144,21 @@ def test_indexes_are_created_idempotently(db):
     fields = {tuple(k for k, _ in spec["key"]) for spec in db.board_items.index_information().values()}
     assert {("board", "sort_key"), ("unread_board", "sort_key")} <= fields
     assert isinstance(db.client, pymongo.MongoClient)
+
+
+def test_range_on_an_indexed_timestamp_sorted_and_two_field_equality(db):
+    db.sessions.create_index([("revoked_at", 1)])
+    db.sessions.create_index([("staff_id", 1), ("created_at", 1)])
+    db.sessions.insert_many(
+        [
+            {"_id": f"ses_{n}", "staff_id": f"stf_{n % 2}", "created_at": n, "revoked_at": n * 10 if n % 3 else 0}
+            for n in range(12)
+        ]
+    )
+    recent = list(db.sessions.find({"revoked_at": {"$gte": 50}}).sort("revoked_at", 1).limit(3))
+    assert [d["_id"] for d in recent] == ["ses_5", "ses_7", "ses_8"]
+    open_sessions = db.sessions.find({"staff_id": {"$eq": "stf_0"}, "revoked_at": {"$eq": 0}})
+    assert sorted(d["_id"] for d in open_sessions) == ["ses_0", "ses_6"]
+    once = db.sessions.update_one({"_id": {"$eq": "ses_0"}, "revoked_at": {"$eq": 0}}, {"$set": {"revoked_at": 99}})
+    again = db.sessions.update_one({"_id": {"$eq": "ses_0"}, "revoked_at": {"$eq": 0}}, {"$set": {"revoked_at": 100}})
+    assert (once.modified_count, again.modified_count) == (1, 0)
