@@ -139,6 +139,24 @@ class AccessToken:
     jti: str
 
 
+def _sign(keys: KeySet, ttl_s: int, now: int | None, **claims: object) -> AccessToken:
+    """Sign an access token: the common claims plus the caller's."""
+    issued_at = int(time.time()) if now is None else now
+    jti = secrets.token_urlsafe(16)
+    body = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        **claims,
+        "jti": jti,
+        "iat": issued_at,
+        "nbf": issued_at,
+        "exp": issued_at + ttl_s,
+        "typ": "access",
+    }
+    token = jwt.encode(body, keys.active.private_key, algorithm=ALGORITHM, headers={"kid": keys.active.kid})
+    return AccessToken(token=token, expires_in=ttl_s, jti=jti)
+
+
 def issue_access_token(
     keys: KeySet,
     *,
@@ -150,49 +168,25 @@ def issue_access_token(
     ttl_s: int,
     now: int | None = None,
 ) -> AccessToken:
-    issued_at = int(time.time()) if now is None else now
-    jti = secrets.token_urlsafe(16)
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": staff_id,
-        "agency_id": agency_id,
-        "roles": list(roles),
-        "name": name,
-        "sid": session_id,
-        "jti": jti,
-        "iat": issued_at,
-        "nbf": issued_at,
-        "exp": issued_at + ttl_s,
-        "typ": "access",
-        "kind": "staff",
-    }
-    token = jwt.encode(claims, keys.active.private_key, algorithm=ALGORITHM, headers={"kid": keys.active.kid})
-    return AccessToken(token=token, expires_in=ttl_s, jti=jti)
+    return _sign(
+        keys, ttl_s, now, sub=staff_id, agency_id=agency_id, roles=list(roles), name=name, sid=session_id, kind="staff"
+    )
 
 
 def issue_service_token(
     keys: KeySet, *, client_id: str, agency_id: str, ttl_s: int, now: int | None = None
 ) -> AccessToken:
     """A service client's access token: agency-scoped, or platform scope with agency_id ""; no session."""
-    issued_at = int(time.time()) if now is None else now
-    jti = secrets.token_urlsafe(16)
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": f"{SERVICE_SUBJECT_PREFIX}{client_id}",
-        "agency_id": agency_id,
-        "roles": [ROLE_SERVICE],
-        "name": client_id,
-        "jti": jti,
-        "iat": issued_at,
-        "nbf": issued_at,
-        "exp": issued_at + ttl_s,
-        "typ": "access",
-        "kind": KIND_SERVICE,
-    }
-    token = jwt.encode(claims, keys.active.private_key, algorithm=ALGORITHM, headers={"kid": keys.active.kid})
-    return AccessToken(token=token, expires_in=ttl_s, jti=jti)
+    return _sign(
+        keys,
+        ttl_s,
+        now,
+        sub=f"{SERVICE_SUBJECT_PREFIX}{client_id}",
+        agency_id=agency_id,
+        roles=[ROLE_SERVICE],
+        name=client_id,
+        kind=KIND_SERVICE,
+    )
 
 
 def new_refresh_token() -> str:
