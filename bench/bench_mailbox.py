@@ -22,7 +22,6 @@ import requests
 
 from bench._env import private_vhost
 from services.inbox import domain
-from services.inbox.mailbox import Mailbox
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.mongo import database
 from services.kit.settings import Env, common_settings
@@ -71,7 +70,6 @@ def seed_board(stack: Stack, agency_id: str, owner: str, sender: str, count: int
     settings = common_settings(env)
     db = database(stack.mongo_uri, f"{stack.config.extra_env.get('MONGO_DB_PREFIX', 'clinic_')}inbox")
     cipher = PhiCipher(KeyRing(db, settings.phi_master_keys, settings.phi_master_key_id))
-    mailbox = Mailbox(store=None, cipher=cipher, resolve=None)
     base_ms = int(time.time() * 1000) - count * 1000
     batch = []
     for n in range(count):
@@ -87,7 +85,7 @@ def seed_board(stack: Stack, agency_id: str, owner: str, sender: str, count: int
             "subject": cipher.seal(agency_id, message_id, "subject", f"Seeded item {n}"),
             "sent_at": base_ms + n * 1000,
         }
-        batch.append(mailbox._board_item(doc, owner, domain.FOLDER_MESSAGES))
+        batch.append(domain.board_item(doc, owner, domain.FOLDER_MESSAGES))
         if len(batch) == 5000:
             db.board_items.insert_many(batch, ordered=False)
             batch = []

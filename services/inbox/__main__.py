@@ -67,8 +67,10 @@ def main() -> int:
         settings.directory_grpc_target,
     )
     if not revocations.wait_ready(10.0):
-        log.warning("serving before the revoked sessions were loaded; the listener keeps trying",
-                    extra={"queue": revocations.queue})
+        log.warning(
+            "serving before the revoked sessions were loaded; the listener keeps trying",
+            extra={"queue": revocations.queue},
+        )
     app = build_app(
         mailbox,
         verifier,

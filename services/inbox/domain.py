@@ -61,6 +61,31 @@ def board_item_id(message_id: str, staff_id: str, folder: str) -> str:
     return f"{message_id}.{staff_id}.{folder}"
 
 
+def board_item(message: dict, owner: str, folder: str) -> dict:
+    """The board item that puts a message on one owner's folder; the encrypted subject rides along
+    so a page needs no second query."""
+    board = owner_folder(message["agency_id"], owner, folder)
+    unread = folder == FOLDER_MESSAGES
+    return {
+        "_id": board_item_id(message["_id"], owner, folder),
+        "agency_id": message["agency_id"],
+        "owner_id": owner,
+        "folder": folder,
+        "board": board,
+        "unread_board": board if unread else None,
+        "read_at": None if unread else message["sent_at"],
+        "message_id": message["_id"],
+        "thread_id": message["thread_id"],
+        "sender_id": message["sender_id"],
+        "sender_name": message.get("sender_name", ""),
+        "recipient_count": len(message["recipient_ids"]),
+        "priority": message["priority"],
+        "subject": message["subject"],
+        "sent_at": message["sent_at"],
+        "sort_key": sort_key(message["sent_at"], message["_id"]),
+    }
+
+
 def sort_key(sent_at_ms: int, message_id: str) -> str:
     """Newest-first order that is total and stable under concurrent arrivals."""
     return f"{sent_at_ms:013d}.{message_id}"

@@ -26,7 +26,7 @@ from services.kit.errors import InvalidInput, NotFound
 from services.kit.events import new_envelope
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import now_ms
-from services.kit.outbox import outbox_fields, outbox_update, release_update
+from services.kit.outbox import outbox_fields
 
 log = logging.getLogger(__name__)
 
@@ -131,36 +131,14 @@ class Mailbox:
             event_id=f"{doc['_id']}-{recipient_id}-delivered",
         )
 
-    def _board_item(self, doc: dict, owner: str, folder: str) -> dict:
-        board = domain.owner_folder(doc["agency_id"], owner, folder)
-        unread = folder == domain.FOLDER_MESSAGES
-        return {
-            "_id": domain.board_item_id(doc["_id"], owner, folder),
-            "agency_id": doc["agency_id"],
-            "owner_id": owner,
-            "folder": folder,
-            "board": board,
-            "unread_board": board if unread else None,
-            "read_at": None if unread else doc["sent_at"],
-            "message_id": doc["_id"],
-            "thread_id": doc["thread_id"],
-            "sender_id": doc["sender_id"],
-            "sender_name": doc.get("sender_name", ""),
-            "recipient_count": len(doc["recipient_ids"]),
-            "priority": doc["priority"],
-            "subject": doc["subject"],
-            "sent_at": doc["sent_at"],
-            "sort_key": domain.sort_key(doc["sent_at"], doc["_id"]),
-        }
-
     def _complete_fanout(self, doc: dict) -> None:
         if "fanout_pending_at" not in doc:
             return
-        items = [self._board_item(doc, staff_id, domain.FOLDER_MESSAGES) for staff_id in doc["recipient_ids"]]
-        items.append(self._board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
+        items = [domain.board_item(doc, staff_id, domain.FOLDER_MESSAGES) for staff_id in doc["recipient_ids"]]
+        items.append(domain.board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
         for start in range(0, len(items), 1000):
             self.store.insert_board_items(items[start : start + 1000])
-        self.store.finish_fanout(doc["_id"], release_update(now_ms()))
+        self.store.finish_fanout(doc["_id"])
 
     def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
         """Finish sends interrupted between the message write and the board items."""
@@ -224,7 +202,7 @@ class Mailbox:
             raise self._refuse(caller, message_id, "read")
         audit = self._accessed_event(caller, message_id)
         read_at = item.get("read_at") or now_ms()
-        item = self.store.mark_read(item["_id"], read_at, outbox_update([audit])) or item
+        item = self.store.mark_read(item["_id"], read_at, [audit]) or item
         agency = caller.agency_id
         return {
             **self._summary(caller, item),

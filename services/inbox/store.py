@@ -13,7 +13,9 @@ from pymongo import DESCENDING, ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from services.kit.events import Envelope
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
+from services.kit.outbox import merge_update, release_update, with_outbox
 
 MESSAGES = "messages"
 BOARD_ITEMS = "board_items"
@@ -73,8 +75,9 @@ class InboxStore:
             if any(err.get("code") != 11000 for err in errors):
                 raise
 
-    def finish_fanout(self, message_id: str, release: dict) -> None:
-        update = {"$set": dict(release.get("$set", {})), "$unset": {"fanout_pending_at": ""}}
+    def finish_fanout(self, message_id: str) -> None:
+        """Every board item exists: release the held events and clear the repair marker, in one write."""
+        update = merge_update(release_update(), {"$unset": {"fanout_pending_at": ""}})
         self.messages.update_one({"_id": {"$eq": message_id}}, update)
 
     def pending_fanouts(self, older_than_ms: int, limit: int = 100) -> list[dict]:
@@ -99,11 +102,9 @@ class InboxStore:
     def item(self, item_id: str) -> dict | None:
         return self.board_items.find_one({"_id": {"$eq": item_id}}, projection={"_outbox": 0})
 
-    def mark_read(self, item_id: str, read_at: int, staged_events: dict) -> dict | None:
-        """Mark read and stage the audit event in the same single-document write."""
-        update = {"$set": {"unread_board": None, "read_at": read_at, **staged_events.get("$set", {})}}
-        if "$inc" in staged_events:
-            update["$inc"] = staged_events["$inc"]
+    def mark_read(self, item_id: str, read_at: int, events: list[Envelope]) -> dict | None:
+        """Mark read and stage the audit events in the same single-document write."""
+        update = with_outbox({"$set": {"unread_board": None, "read_at": read_at}}, events)
         return self.board_items.find_one_and_update(
             {"_id": {"$eq": item_id}}, update, return_document=ReturnDocument.AFTER, projection={"_outbox": 0}
         )

@@ -48,7 +48,7 @@ def interrupted_send(mailbox: Mailbox, sender: Identity, recipients: list[str]) 
     doc.update(outbox_fields([mailbox._delivered_event(doc, r) for r in recipients], ready=False))
     mailbox.store.insert_message(doc)
     # Half the board items made it before the crash.
-    mailbox.store.insert_board_items([mailbox._board_item(doc, recipients[0], domain.FOLDER_MESSAGES)])
+    mailbox.store.insert_board_items([domain.board_item(doc, recipients[0], domain.FOLDER_MESSAGES)])
     return doc
 
 

@@ -36,3 +36,22 @@ def test_cursor_round_trips_and_rejects_garbage():
 def test_board_key_scopes_agency_owner_and_folder():
     assert domain.owner_folder("agy_a", "stf_1", "messages") != domain.owner_folder("agy_b", "stf_1", "messages")
     assert domain.owner_folder("agy_a", "stf_1", "messages") != domain.owner_folder("agy_a", "stf_1", "sent")
+
+
+def test_board_item_is_unread_in_messages_and_read_in_sent():
+    message = {
+        "_id": "msg_1",
+        "agency_id": "agy_a",
+        "thread_id": "msg_1",
+        "sender_id": "stf_s",
+        "recipient_ids": ["stf_r", "stf_q"],
+        "priority": "urgent",
+        "subject": b"sealed",
+        "sent_at": 1_700_000_000_000,
+    }
+    received = domain.board_item(message, "stf_r", domain.FOLDER_MESSAGES)
+    sent = domain.board_item(message, "stf_s", domain.FOLDER_SENT)
+    assert received["unread_board"] == received["board"] == "agy_a|stf_r|messages" and received["read_at"] is None
+    assert sent["unread_board"] is None and sent["read_at"] == message["sent_at"]
+    assert received["_id"] != sent["_id"] and received["sort_key"] == sent["sort_key"]
+    assert received["subject"] == b"sealed" and received["recipient_count"] == 2
