@@ -20,15 +20,14 @@ from services.directory.domain import StaffMember
 from services.directory.service_clients import ServiceClients
 from services.directory.store import DirectoryStore
 from services.kit.auth import (
-    KIND_SERVICE,
     ROLE_ADMIN,
     ROLE_COMPLIANCE_OFFICER,
     ROLE_PRESCRIBER,
     ROLE_STAFF,
-    Identity,
-    current_identity,
+    agency_caller,
+    platform_caller,
 )
-from services.kit.errors import Forbidden, NotFound, Unauthenticated
+from services.kit.errors import NotFound
 from services.kit.grpc_server import ServiceBinding
 from services.kit.mongo import now_ms
 from services.kit.revocations import BOOTSTRAP_WINDOW_MS, LIST_PAGE_LIMIT
@@ -39,34 +38,8 @@ ROLE_TO_PROTO = {
     ROLE_COMPLIANCE_OFFICER: directory_pb2.ROLE_COMPLIANCE_OFFICER,
     ROLE_PRESCRIBER: directory_pb2.ROLE_PRESCRIBER,
 }
-CALLER_KINDS = ("staff", "service")
 SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/IssueServiceToken"})
-
-
-def caller() -> Identity:
-    identity = current_identity.get()
-    if identity is None:
-        raise Unauthenticated("unauthenticated", "no caller identity")
-    if identity.kind not in CALLER_KINDS:
-        raise Forbidden("forbidden", "only staff and services may call the directory")
-    return identity
-
-
-def agency_caller() -> Identity:
-    """A caller scoped to one agency: staff, or a service token issued for that agency."""
-    identity = caller()
-    if not identity.agency_id:
-        raise Forbidden("agency_scope_required", "a platform-scope token cannot read agency data")
-    return identity
-
-
-def platform_caller() -> Identity:
-    """A platform-scope service token (no agency)."""
-    identity = caller()
-    if identity.kind != KIND_SERVICE or identity.agency_id:
-        raise Forbidden("platform_scope_required", "only a platform-scope service token may call this")
-    return identity
 
 
 def staff_message(member: StaffMember, team_ids: list[str]) -> directory_pb2.Staff:

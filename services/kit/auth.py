@@ -253,6 +253,33 @@ class TokenVerifier:
         )
 
 
+def agency_caller() -> Identity:
+    """The current caller, scoped to one agency (staff, or a service token issued for that agency).
+
+    Agency-scoped handlers call this; a platform-scope service token is refused here, once, for all.
+    """
+    from services.kit.errors import Forbidden, Unauthenticated
+
+    identity = current_identity.get()
+    if identity is None:
+        raise Unauthenticated("unauthenticated", "no caller identity")
+    if not identity.agency_id:
+        raise Forbidden("agency_scope_required", "a platform-scope token cannot read agency data")
+    return identity
+
+
+def platform_caller() -> Identity:
+    """The current caller, which must be a platform-scope service token (no agency)."""
+    from services.kit.errors import Forbidden, Unauthenticated
+
+    identity = current_identity.get()
+    if identity is None:
+        raise Unauthenticated("unauthenticated", "no caller identity")
+    if identity.kind != KIND_SERVICE or identity.agency_id:
+        raise Forbidden("platform_scope_required", "only a platform-scope service token may call this")
+    return identity
+
+
 def bearer_token(header_value: str | None) -> str | None:
     if not header_value:
         return None

@@ -21,6 +21,11 @@ class InvalidInput(DomainError):
     grpc_status = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class UnsupportedMediaType(DomainError):
+    http_status = 415
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class Unauthenticated(DomainError):
     http_status = 401
     grpc_status = grpc.StatusCode.UNAUTHENTICATED

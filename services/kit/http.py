@@ -129,6 +129,8 @@ def require_auth(view: Callable) -> Callable:
         except AuthError as exc:
             status = 503 if exc.code == "auth_unavailable" else 401
             return error_response(status, exc.code, exc.message)
+        if not identity.agency_id:  # HTTP edges serve agency data only
+            return error_response(403, "agency_scope_required", "a platform-scope token cannot read agency data")
         g.identity = identity
         g.identity_token = current_identity.set(identity)
         return view(*args, **kwargs)

@@ -16,14 +16,14 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import BadRequest
 
-from services.kit.errors import InvalidInput
+from services.kit.errors import InvalidInput, UnsupportedMediaType
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def json_body() -> dict:
     if not request.is_json:
-        raise InvalidInput("unsupported_media_type", "the request body must be application/json")
+        raise UnsupportedMediaType("unsupported_media_type", "the request body must be application/json")
     try:
         body = request.get_json(force=False, silent=False)
     except BadRequest as exc:
@@ -144,7 +144,7 @@ def query_int(name: str, default: int, minimum: int, maximum: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise InvalidInput("invalid_query", f"{name} must be a whole number", {"field": name})
     value = int(raw)
     if not minimum <= value <= maximum:
