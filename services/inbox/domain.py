@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 
@@ -34,6 +35,17 @@ class Draft:
     body: str
     priority: str = "normal"
     links: tuple[str, ...] = field(default_factory=tuple)
+
+
+def digest(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def draft_digest(draft: Draft) -> str:
+    """Fingerprint of what was asked for, so a reused idempotency key with another message is caught."""
+    a = draft.addressing
+    fields = [*sorted(a.staff_ids), "|", *sorted(a.team_ids), str(a.whole_agency), draft.subject, draft.body]
+    return digest(*fields, draft.priority, *draft.links)
 
 
 def new_message_id() -> str:
@@ -102,6 +114,6 @@ def decode_cursor(cursor: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput("invalid_cursor", "the cursor is not valid") from exc
     head, _, message_id = key.partition(".")
-    if len(head) != 13 or not head.isdigit() or not message_id.startswith("msg_"):
+    if len(head) != 13 or not (head.isascii() and head.isdigit()) or not message_id.startswith("msg_"):
         raise InvalidInput("invalid_cursor", "the cursor is not valid")
     return key

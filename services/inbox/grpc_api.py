@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.inbox.mailbox import Mailbox
-from services.inbox.schemas import draft_from, send_spec
-from services.kit.auth import current_identity
+from services.inbox.schemas import IDEMPOTENCY_KEY, PRIORITY_TO_PB, draft_from, send_spec
+from services.kit.auth import agency_caller
 from services.kit.errors import InvalidInput
 from services.kit.validation import validate
 
-PRIORITY_NAMES = {
-    inbox_pb2.PRIORITY_UNSPECIFIED: "normal",
-    inbox_pb2.PRIORITY_NORMAL: "normal",
-    inbox_pb2.PRIORITY_URGENT: "urgent",
-}
+PRIORITY_NAMES = {pb: name for name, pb in PRIORITY_TO_PB.items()} | {inbox_pb2.PRIORITY_UNSPECIFIED: "normal"}
 
 
 class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
@@ -37,6 +33,6 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
             self.spec,
         )
         draft = draft_from(fields)
-        key = request.idempotency_key or None
-        result = self.mailbox.send(current_identity.get(), draft, key)
+        key = IDEMPOTENCY_KEY.clean("idempotency_key", request.idempotency_key) if request.idempotency_key else None
+        result = self.mailbox.send(agency_caller(), draft, key)
         return inbox_pb2.SendMessageResponse(message_id=result.message_id, recipient_staff_ids=result.recipient_ids)

@@ -6,12 +6,10 @@ from flask import Blueprint, Flask, g, request
 
 from services.inbox import domain
 from services.inbox.mailbox import Mailbox
-from services.inbox.schemas import draft_from, send_spec
+from services.inbox.schemas import IDEMPOTENCY_KEY, draft_from, send_spec
 from services.kit.errors import InvalidInput
 from services.kit.http import create_app, require_auth
-from services.kit.validation import Str, json_body, path_id, query_bool, query_int, validate
-
-IDEMPOTENCY_KEY = Str(max_len=128)
+from services.kit.validation import json_body, path_id, query_bool, query_int, validate
 
 
 def build_app(mailbox: Mailbox, verifier, *, max_subject: int, max_body: int, max_request_bytes: int) -> Flask:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from clinic.inbox.v1 import inbox_pb2
 from services.inbox import domain
 from services.kit.errors import InvalidInput
 from services.kit.validation import Bool, Choice, Id, Link, ListOf, Spec, Str
+
+PRIORITY_TO_PB = {"normal": inbox_pb2.PRIORITY_NORMAL, "urgent": inbox_pb2.PRIORITY_URGENT}
+IDEMPOTENCY_KEY = Str(max_len=128)
 
 
 def send_spec(max_subject: int, max_body: int) -> dict[str, Spec]:

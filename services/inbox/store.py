@@ -43,14 +43,17 @@ class InboxStore:
         ensure_indexes(self.db, INDEXES)
 
     # --- idempotent sends -------------------------------------------------
-    def claim_idempotency_key(self, key_id: str, message_id: str) -> str:
-        """Bind the key to a message id; returns the id bound first (ours or an earlier send's)."""
+    def idempotency_record(self, key_id: str) -> dict | None:
+        return self.idempotency.find_one({"_id": {"$eq": key_id}})
+
+    def claim_idempotency_key(self, key_id: str, message_id: str, draft_digest: str) -> dict:
+        """Bind the key to a message id and draft; returns the record bound first (ours or an earlier send's)."""
+        record = {"_id": key_id, "message_id": message_id, "draft": draft_digest, "created_at": now_ms()}
         try:
-            self.idempotency.insert_one({"_id": key_id, "message_id": message_id, "created_at": now_ms()})
-            return message_id
+            self.idempotency.insert_one(record)
+            return record
         except DuplicateKeyError:
-            existing = self.idempotency.find_one({"_id": {"$eq": key_id}})
-            return existing["message_id"]
+            return self.idempotency_record(key_id)
 
     # --- messages ---------------------------------------------------------
     def insert_message(self, doc: dict) -> bool:
@@ -110,8 +113,9 @@ class InboxStore:
         )
 
     def mark_unread(self, item_id: str, board: str) -> dict | None:
+        """Mark the item on `board` unread; None when there is no such item on that board."""
         return self.board_items.find_one_and_update(
-            {"_id": {"$eq": item_id}},
+            {"_id": {"$eq": item_id}, "board": {"$eq": board}},
             {"$set": {"read_at": None, "unread_board": board}},
             return_document=ReturnDocument.AFTER,
             projection={"_outbox": 0},
