@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pika
 import pymongo
@@ -10,7 +12,9 @@ import pytest
 
 from clinic.audit.v1 import audit_pb2
 from clinic.inbox.v1 import inbox_pb2
+from services.kit.crypto import DecryptionError, KeyRing, PhiCipher
 from services.kit.events import decode_envelope, unpack
+from services.kit.settings import Env, common_settings
 from tests.e2e.conftest import Client
 
 
@@ -93,7 +97,7 @@ def test_mark_unread_is_per_recipient(admin, reyes, kim):
     assert find_on_board(kim, message_id)["read"] is True
 
 
-def test_team_members_each_get_it_exactly_once(admin, stack):
+def test_team_members_each_get_it_exactly_once(admin, stack, inbox_db):
     teams = admin.get("/api/v1/directory/teams").json()["teams"]
     staff = {s["id"]: s for s in admin.get("/api/v1/directory/staff").json()["staff"]}
     team = max(teams, key=lambda t: len(t["member_ids"]))
@@ -103,14 +107,17 @@ def test_team_members_each_get_it_exactly_once(admin, stack):
     # Address one member directly as well as through the team: still once.
     sent = admin.send(to_team_ids=[team["id"]], to_staff_ids=[members[0]], subject=unique_subject())
     assert sent.status_code == 201, sent.text
-    recipients = sent.json()["recipient_ids"]
-    assert sorted(recipients) == sorted(set(members))
     message_id = sent.json()["id"]
-    for staff_id in members[:3]:
-        username = next(login["username"] for login in stack.demo_logins if login["staff_id"] == staff_id)
-        member = Client(stack.gateway_url, username)
-        page = member.board(limit=100)
-        assert [i["id"] for i in page["items"]].count(message_id) == 1
+    assert sorted(sent.json()["recipient_ids"]) == sorted(members)
+    # Every member has exactly one Messages item; the sender has only the Sent copy.
+    items = list(inbox_db.board_items.find({"message_id": message_id}))
+    received = sorted(i["owner_id"] for i in items if i["folder"] == "messages")
+    assert received == sorted(members)
+    assert [i["owner_id"] for i in items if i["folder"] == "sent"] == [admin.staff_id]
+    # And a member sees it once on their board through the gateway.
+    username = next(login["username"] for login in stack.demo_logins if login["staff_id"] == members[-1])
+    page = Client(stack.gateway_url, username).board(limit=100)
+    assert [i["id"] for i in page["items"]].count(message_id) == 1
 
 
 def test_other_agency_and_unaddressed_staff_get_404(admin, reyes, kim, outsider):
@@ -129,21 +136,43 @@ def test_another_agencys_staff_cannot_be_addressed(admin, outsider):
     assert reply.json()["code"] == "unknown_recipients"
 
 
-def test_subject_and_body_are_ciphertext_in_the_database(admin, reyes, inbox_db):
+def test_subject_and_body_are_ciphertext_in_the_database(admin, reyes, inbox_db, stack):
     subject, body = unique_subject(), f"Client reports side effects {uuid.uuid4().hex}"
-    message_id = admin.send(to_staff_ids=[reyes.staff_id], subject=subject, body=body).json()["id"]
+    link = "https://ehr.example/clients/4711"
+    message_id = admin.send(to_staff_ids=[reyes.staff_id], subject=subject, body=body, links=[link]).json()["id"]
     stored = inbox_db.messages.find_one({"_id": message_id})
-    assert isinstance(stored["body"], bytes) and isinstance(stored["subject"], bytes)
-    raw = repr(stored).encode() + b"".join(v for v in stored.values() if isinstance(v, bytes))
-    assert body.encode() not in raw and subject.encode() not in raw
-    for item in inbox_db.board_items.find({"message_id": message_id}):
-        assert subject.encode() not in repr(item).encode() + bytes(item["subject"])
+    raw = repr(stored).encode()
+    for plain in (subject, body, "4711"):
+        assert plain.encode() not in raw
+    # AES-GCM under the agency's data key: opens with the service's keys, and only for this record.
+    settings = common_settings(Env("inbox", stack.service_env()))
+    cipher = PhiCipher(KeyRing(inbox_db, settings.phi_master_keys, settings.phi_master_key_id))
+    for field, plain in (("subject", subject), ("body", body), ("links", json.dumps([link]))):
+        blob = bytes(stored[field])
+        assert blob[0] == 1 and blob[2 : 2 + blob[1]].decode().startswith(f"{admin.agency_id}:")
+        assert cipher.open(admin.agency_id, message_id, field, blob) == plain
+        with pytest.raises(DecryptionError):
+            cipher.open(admin.agency_id, "msg_other", field, blob)
+    items = list(inbox_db.board_items.find({"message_id": message_id}))
+    assert len(items) == 2  # the recipient's and the sender's Sent copy
+    for item in items:
+        assert subject.encode() not in repr(item).encode()
+        assert cipher.open(admin.agency_id, message_id, "subject", bytes(item["subject"])) == subject
 
 
 def test_phi_never_reaches_the_logs(admin, reyes, stack):
     marker = f"PHI-MARKER-{uuid.uuid4().hex}"
     message_id = admin.send(to_staff_ids=[reyes.staff_id], subject=marker, body=marker).json()["id"]
     assert reyes.get(f"/api/v1/messages/{message_id}").json()["body"] == marker
+    # The error paths too: refused sends carry the same text.
+    for body in (
+        {"to_staff_ids": ["stf_nobody_here"], "subject": marker, "body": marker},
+        {"to_staff_ids": [reyes.staff_id], "subject": marker, "body": marker, "links": [f"javascript:{marker}"]},
+        {"to_staff_ids": [reyes.staff_id], "subject": marker, "body": marker * 1000},
+        {"to_staff_ids": [reyes.staff_id], "subject": {"$gt": marker}, "body": marker},
+    ):
+        reply = admin.post("/api/v1/messages", json=body)
+        assert reply.status_code == 400 and marker not in reply.text
     for log_file in stack.logs.glob("*.log"):
         assert marker not in log_file.read_text(errors="replace"), log_file.name
 
@@ -186,20 +215,25 @@ def test_delivery_and_read_events_are_published(admin, reyes, kim, outsider, sta
         connection.close()
 
 
-def test_idempotency_key_makes_a_retried_send_one_message(admin, reyes):
+def test_idempotency_key_makes_a_retried_send_one_message(admin, reyes, kim, inbox_db):
     key = uuid.uuid4().hex
-    first = admin.post(
-        "/api/v1/messages",
-        json={"to_staff_ids": [reyes.staff_id], "subject": "s", "body": "b"},
-        headers={"Idempotency-Key": key},
-    )
-    again = admin.post(
-        "/api/v1/messages",
-        json={"to_staff_ids": [reyes.staff_id], "subject": "s", "body": "b"},
-        headers={"Idempotency-Key": key},
-    )
-    assert first.status_code == 201 and again.status_code == 200
-    assert first.json()["id"] == again.json()["id"]
+    body = {"to_staff_ids": [reyes.staff_id], "subject": "s", "body": "b"}
+
+    def post(client=admin, json=body):
+        return client.post("/api/v1/messages", json=json, headers={"Idempotency-Key": key})
+
+    with ThreadPoolExecutor(5) as pool:
+        replies = list(pool.map(lambda _: post(), range(5)))
+    assert sorted(r.status_code for r in replies) == [200, 200, 200, 200, 201]
+    message_id = replies[0].json()["id"]
+    assert {r.json()["id"] for r in replies} == {message_id}
+    assert inbox_db.board_items.count_documents({"message_id": message_id}) == 2
+    # The same key with another message is a conflict, not a silent replay.
+    conflict = post(json={**body, "body": "something else"})
+    assert conflict.status_code == 409 and conflict.json()["code"] == "idempotency_key_reused"
+    # Keys are per sender: another sender's key never returns this message.
+    theirs = post(client=kim, json={"to_staff_ids": [reyes.staff_id], "subject": "s", "body": "b"})
+    assert theirs.status_code == 201 and theirs.json()["id"] != message_id
 
 
 def test_cursor_pagination_is_newest_first_and_complete(admin, kim):
@@ -270,7 +304,7 @@ def test_malformed_json_and_oversize_bodies_are_rejected(admin, inbox_db, stack)
     reply = admin.post(
         "/api/v1/messages", data=b"subject=s", headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
-    assert reply.status_code == 415 or reply.json()["code"] == "unsupported_media_type"
+    assert reply.status_code == 415 and reply.json()["code"] == "unsupported_media_type"
     # Over the gateway's request-size limit: Kong's own 413.
     huge = b'{"subject": "' + b"x" * (2 * 1024 * 1024) + b'"}'
     reply = admin.post("/api/v1/messages", data=huge, headers={"Content-Type": "application/json"})

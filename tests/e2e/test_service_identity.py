@@ -5,8 +5,10 @@ from __future__ import annotations
 import grpc
 import jwt
 import pytest
+import requests
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
+from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.auth import JwksKeySource, TokenVerifier
 from services.kit.grpc_client import channel as service_channel
 from services.kit.service_identity import ServiceTokens, acting_as
@@ -86,7 +88,7 @@ def test_agency_token_sees_its_agency_only(stub, stack, service_secret):
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_platform_token_reaches_platform_methods_only(stub, service_secret):
+def test_platform_token_reaches_platform_methods_only(stub, stack, service_secret):
     platform = issue(stub, "inbox", service_secret("inbox")).access_token
     assert jwt.decode(platform, options={"verify_signature": False})["agency_id"] == ""
     for call in (
@@ -98,8 +100,20 @@ def test_platform_token_reaches_platform_methods_only(stub, service_secret):
         lambda: stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=auth(platform), timeout=5),
     ):
         assert refused(call).code() == grpc.StatusCode.PERMISSION_DENIED
-    listed = stub.ListRevokedSessions(directory_pb2.ListRevokedSessionsRequest(), metadata=auth(platform), timeout=5)
-    assert all(s.session_id and s.revoked_at.seconds for s in listed.sessions)
+    # Accepted by the platform method (what it lists: test_list_revoked_sessions_lists_a_sign_out).
+    stub.ListRevokedSessions(directory_pb2.ListRevokedSessionsRequest(), metadata=auth(platform), timeout=5)
+    # Inbox serves agency data only: its HTTP edge and its gRPC refuse a platform token too.
+    for base in (stack.inbox_url, stack.gateway_url):
+        reply = requests.get(f"{base}/api/v1/messages", headers={"Authorization": f"Bearer {platform}"}, timeout=5)
+        assert reply.status_code == 403 and reply.json()["code"] == "agency_scope_required"
+    with grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.inbox_grpc}") as inbox_channel:
+        send = inbox_pb2_grpc.InboxServiceStub(inbox_channel).SendMessage
+        error = refused(lambda: send(
+            inbox_pb2.SendMessageRequest(to_staff_ids=["stf_riverbend_kim"], subject="s", body="b"),
+            metadata=auth(platform),
+            timeout=5,
+        ))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_staff_token_is_refused_by_list_revoked_sessions(stub, login):

@@ -246,10 +246,10 @@ def test_unknown_fields_are_400(dut):
     assert response.get_json()["code"] == "unknown_field"
 
 
-def test_missing_fields_and_wrong_media_type_are_400(dut):
+def test_missing_fields_are_400_and_wrong_media_type_is_415(dut):
     assert dut.client.post("/api/v1/auth/token", json={"username": "admin"}).get_json()["code"] == "missing_field"
     response = dut.client.post("/api/v1/auth/token", data="username=admin", content_type="text/plain")
-    assert response.status_code == 400
+    assert response.status_code == 415
     assert response.get_json()["code"] == "unsupported_media_type"
 
 

@@ -1,8 +1,8 @@
 import pytest
 from flask import Flask
 
-from services.kit.errors import InvalidInput
-from services.kit.validation import Bool, Choice, Id, Link, ListOf, Str, json_body, validate
+from services.kit.errors import InvalidInput, UnsupportedMediaType
+from services.kit.validation import Bool, Choice, Id, Link, ListOf, Str, json_body, query_int, validate
 
 SPEC = {
     "to": ListOf(Id(), max_items=3),
@@ -56,6 +56,16 @@ def test_json_body_rejects_malformed_and_non_objects():
             json_body()
         assert caught.value.code == "invalid_body"
     with app.test_request_context(data=b"a=b", content_type="application/x-www-form-urlencoded"):
-        with pytest.raises(InvalidInput) as caught:
+        with pytest.raises(UnsupportedMediaType) as caught:
             json_body()
         assert caught.value.code == "unsupported_media_type"
+
+
+def test_query_numbers_must_be_ascii_digits():
+    app = Flask("t")
+    with app.test_request_context("/?limit=%C2%B2"):  # "²" is a digit to str.isdigit, not to int()
+        with pytest.raises(InvalidInput) as caught:
+            query_int("limit", 20, 1, 100)
+        assert caught.value.code == "invalid_query"
+    with app.test_request_context("/?limit=7"):
+        assert query_int("limit", 20, 1, 100) == 7
