@@ -44,6 +44,7 @@ from pymongo.database import Database
 
 from clinic.events.v1.envelope_pb2 import Envelope
 from services.kit.events import MalformedEvent, PermanentError, decode_envelope, failure_summary
+from services.kit.logs import accept_correlation_id, correlation_id_var, event_id_var
 from services.kit.mongo import now_ms
 
 __all__ = [
@@ -693,7 +694,16 @@ class Consumer:
             if self._processed is not None and self._processed.seen(envelope.event_id):
                 logger.info("event already processed; skipped", extra=extra)
             else:
-                self._handler(envelope)
+                # The handler's logs and outgoing calls carry the event's ids.
+                context = (
+                    correlation_id_var.set(accept_correlation_id(envelope.correlation_id) or envelope.event_id),
+                    event_id_var.set(envelope.event_id),
+                )
+                try:
+                    self._handler(envelope)
+                finally:
+                    event_id_var.reset(context[1])
+                    correlation_id_var.reset(context[0])
                 if self._processed is not None:
                     self._processed.record(envelope.event_id)
         except PermanentError as exc:

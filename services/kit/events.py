@@ -18,6 +18,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit.logs import accept_correlation_id
 
 __all__ = [
     "Envelope",
@@ -75,6 +76,8 @@ def new_envelope(
     """
     if not EVENT_TYPE_RE.match(event_type):
         raise ValueError(f"event type {event_type!r} is not '<aggregate>.<past_tense_verb>.v<N>'")
+    if correlation_id is not None and accept_correlation_id(correlation_id) is None:
+        raise ValueError("correlation id must be printable ASCII of at most 128 characters")
     event_id = event_id or uuid.uuid4().hex
     if not is_valid_event_id(event_id):
         raise ValueError("event id must be 1-128 characters of [A-Za-z0-9_-]")
@@ -122,7 +125,7 @@ def unpack(envelope: Envelope, message_cls: type[M]) -> M:
 
 
 def occurred_at_ms(envelope: Envelope) -> int:
-    return envelope.occurred_at.seconds * 1000 + envelope.occurred_at.nanos // 1_000_000
+    return envelope.occurred_at.ToMilliseconds()
 
 
 def failure_summary(exc: BaseException) -> str:

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
 from services.kit.errors import DomainError
-from services.kit.logs import correlation_id_var
+from services.kit.logs import accept_correlation_id, correlation_id_var
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,19 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES) or handler.unary_unary is None:
+        if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
+        if handler.unary_unary is None:
+            # Only unary calls get the identity check; a streaming method must not slip past it.
+            return grpc.unary_unary_rpc_method_handler(_unimplemented_streaming)
         inner = handler.unary_unary
         decode = handler.request_deserializer
         needs_token = method not in self.open_methods
 
         def guarded(raw: bytes, context: grpc.ServicerContext):
             metadata = dict(context.invocation_metadata())
-            correlation = correlation_id_var.set(metadata.get("x-correlation-id") or uuid.uuid4().hex)
+            incoming = accept_correlation_id(metadata.get("x-correlation-id"))
+            correlation = correlation_id_var.set(incoming or uuid.uuid4().hex)
             identity_token = None
             try:
                 if needs_token:
@@ -107,6 +111,10 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             guarded, request_deserializer=None, response_serializer=handler.response_serializer
         )
+
+
+def _unimplemented_streaming(_request, context: grpc.ServicerContext):
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming methods are not served")
 
 
 class GrpcServer:

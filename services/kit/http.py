@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
 from services.kit.errors import DomainError
-from services.kit.logs import correlation_id_var
+from services.kit.logs import accept_correlation_id, correlation_id_var
 
 log = logging.getLogger("http")
 
@@ -56,8 +56,7 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
     @app.before_request
     def _start():
         g.started = time.perf_counter()
-        incoming = request.headers.get("X-Correlation-ID", "")
-        g.correlation_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        g.correlation_id = accept_correlation_id(request.headers.get("X-Correlation-ID")) or uuid.uuid4().hex
         g.correlation_token = correlation_id_var.set(g.correlation_id)
 
     @app.after_request

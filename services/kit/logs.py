@@ -46,6 +46,17 @@ SAFE_EXTRA_KEYS = frozenset(
 )
 
 
+MAX_CORRELATION_ID = 128
+
+
+def accept_correlation_id(value: str | None) -> str | None:
+    """An incoming correlation id we can carry everywhere (logs, gRPC metadata, AMQP's 255-byte
+    correlation_id): printable ASCII, at most 128 characters; anything else is None."""
+    if value and len(value) <= MAX_CORRELATION_ID and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str):
         super().__init__()

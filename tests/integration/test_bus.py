@@ -20,6 +20,7 @@ from services.kit.bus import (
     Topology,
 )
 from services.kit.events import decode_envelope, new_envelope, unpack
+from services.kit.logs import correlation_id_var, event_id_var
 from tests.integration.conftest import wait_for
 
 DELIVERED = "message.delivered.v1"
@@ -67,6 +68,21 @@ def test_confirmed_event_reaches_subscriber_with_payload_intact(event_bus):
     assert payload.message_id == "m-42"
     assert list(payload.team_ids) == ["t1", "t2"]
     assert event_bus.message_count(consumer.queue) == 0
+
+
+def test_the_handler_runs_with_the_events_correlation_and_event_ids(event_bus):
+    seen = []
+
+    def handler(envelope):
+        seen.append((correlation_id_var.get(), event_id_var.get()))
+
+    consumer = event_bus.consumer("ids", [DELIVERED], handler)
+    event = delivered()
+    with consumer.running():
+        Publisher(event_bus.amqp_url, event_bus.topology).publish([event])
+        wait_for(lambda: seen)
+    assert seen == [("corr-1", event.event_id)]  # its logs and outgoing calls carry them
+    assert correlation_id_var.get() is None and event_id_var.get() is None
 
 
 def test_message_properties_carry_ids_and_no_payload(event_bus):
@@ -185,10 +201,21 @@ def test_publish_to_a_missing_exchange_raises_publish_error(event_bus):
     publisher = Publisher(event_bus.amqp_url, missing, declare_topology=False)
     with pytest.raises(PublishError):
         publisher.publish([delivered()])
-    # The publisher recovers for the next call rather than staying broken.
-    with pytest.raises(PublishError):
+    # The publisher recovers for the next call rather than staying broken: once the exchange
+    # exists, the same publisher delivers.
+    connection = pika.BlockingConnection(pika.URLParameters(event_bus.amqp_url))
+    try:
+        missing.declare(connection.channel())
         publisher.publish([delivered()])
-    publisher.close()
+        properties, _body = event_bus.get(missing.unrouted_name)
+        assert properties.type == DELIVERED
+    finally:
+        channel = connection.channel()
+        channel.exchange_delete(missing.exchange_name)
+        channel.exchange_delete(missing.unrouted_name)
+        channel.queue_delete(missing.unrouted_name)
+        connection.close()
+        publisher.close()
 
 
 def test_malformed_bytes_are_parked_and_the_consumer_keeps_serving(event_bus):

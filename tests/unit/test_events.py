@@ -100,3 +100,9 @@ def test_occurred_at_in_epoch_milliseconds():
     envelope = delivered_envelope()
     envelope.occurred_at.FromMilliseconds(1_767_225_600_123)
     assert occurred_at_ms(envelope) == 1_767_225_600_123
+
+
+def test_a_correlation_id_the_broker_cannot_carry_is_refused():
+    for bad in ("\xe9" * 128, "x" * 129, "a\nb"):
+        with pytest.raises(ValueError, match="correlation id"):
+            new_envelope("message.delivered.v1", MessageDelivered(), agency_id="a", producer="p", correlation_id=bad)

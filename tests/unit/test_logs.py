@@ -2,7 +2,7 @@ import io
 import json
 import logging
 
-from services.kit.logs import JsonFormatter, correlation_id_var
+from services.kit.logs import JsonFormatter, accept_correlation_id, correlation_id_var
 
 
 def emit(**kwargs) -> dict:
@@ -42,3 +42,9 @@ def test_exceptions_log_type_and_frames_but_not_their_text():
     assert line["error_type"] == "ValueError"
     assert "Jane Roe" not in json.dumps(line)
     assert line["frames"]
+
+
+def test_only_printable_ascii_correlation_ids_of_128_characters_are_carried():
+    assert accept_correlation_id("9f1c-42#7") == "9f1c-42#7"
+    for bad in (None, "", "x" * 129, "\xe9" * 128, "a\nb", "tab\there"):
+        assert accept_correlation_id(bad) is None
