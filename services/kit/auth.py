@@ -93,6 +93,7 @@ class JwksKeySource:
         self.timeout_s = timeout_s
         self._keys: dict[str, object] = {}
         self._fetched_at = 0.0
+        self._attempted_at = float("-inf")  # failures count too, so an outage is asked about once per interval
         self._lock = threading.Lock()
 
     def _fetch(self) -> None:
@@ -107,14 +108,17 @@ class JwksKeySource:
 
     def get(self, kid: str):
         with self._lock:
-            age = time.monotonic() - self._fetched_at
-            stale = age > self.ttl_s
-            if (kid not in self._keys and age > self.min_refetch_interval_s) or stale:
+            now = time.monotonic()
+            wanted = kid not in self._keys or now - self._fetched_at > self.ttl_s
+            if wanted and now - self._attempted_at > self.min_refetch_interval_s:
+                self._attempted_at = now
                 try:
                     self._fetch()
                 except (requests.RequestException, ValueError) as exc:
-                    if kid not in self._keys:
+                    if kid not in self._keys:  # a cached key keeps working while directory is away
                         raise AuthError("auth_unavailable", "signing keys are unavailable") from exc
+            elif kid not in self._keys and not self._keys and self._fetched_at == 0.0:
+                raise AuthError("auth_unavailable", "signing keys are unavailable")
             return self._keys.get(kid)
 
 

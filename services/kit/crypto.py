@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,14 +37,24 @@ class DecryptionError(Exception):
 class KeyRing:
     """Per-agency data keys in `phi_data_keys`, wrapped with the master key."""
 
-    def __init__(self, db: Database, master_keys: dict[str, bytes], active_master_id: str):
+    def __init__(
+        self,
+        db: Database,
+        master_keys: dict[str, bytes],
+        active_master_id: str,
+        *,
+        active_ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if active_master_id not in master_keys:
             raise ValueError("the active master key id must be one of the master keys")
         self.collection = db[DATA_KEYS]
         self.master_keys = master_keys
         self.active_master_id = active_master_id
         self._plain: dict[str, bytes] = {}
-        self._active: dict[str, str] = {}
+        self._active: dict[str, tuple[str, float]] = {}  # agency -> (key id, when it was read)
+        self.active_ttl_s = active_ttl_s
+        self._clock = clock
         self._lock = threading.Lock()
 
     def ensure_indexes(self) -> None:
@@ -76,20 +88,27 @@ class KeyRing:
             self._plain[key_id] = plain
         return plain
 
+    def _newest(self, agency_id: str) -> dict | None:
+        found = list(self.collection.find({"agency_id": {"$eq": agency_id}}).sort("generation", -1).limit(1))
+        return found[0] if found else None
+
     def active_key(self, agency_id: str) -> tuple[str, bytes]:
+        """The key new writes use. Re-read at most every `active_ttl_s`, so a rotation made by
+        another process (`python -m services.kit.keys rotate`) reaches running replicas."""
+        now = self._clock()
         with self._lock:
-            key_id = self._active.get(agency_id)
-        if key_id is None:
-            newest = list(self.collection.find({"agency_id": {"$eq": agency_id}}).sort("generation", -1).limit(1))
-            key_id = newest[0]["_id"] if newest else self.rotate(agency_id)
+            key_id, checked_at = self._active.get(agency_id, (None, 0.0))
+        if key_id is None or now - checked_at > self.active_ttl_s:
+            newest = self._newest(agency_id)
+            key_id = newest["_id"] if newest else self.rotate(agency_id)
             with self._lock:
-                self._active[agency_id] = key_id
+                self._active[agency_id] = (key_id, now)
         return key_id, self.key(key_id)
 
     def rotate(self, agency_id: str) -> str:
         """Create the agency's next data key and make it the one new writes use."""
-        newest = list(self.collection.find({"agency_id": {"$eq": agency_id}}).sort("generation", -1).limit(1))
-        generation = newest[0]["generation"] + 1 if newest else 1
+        newest = self._newest(agency_id)
+        generation = newest["generation"] + 1 if newest else 1
         key_id = f"{agency_id}:{generation}"
         doc = {"_id": key_id, "agency_id": agency_id, "generation": generation, "created_at": now_ms()}
         doc.update(self._wrap(key_id, agency_id, AESGCM.generate_key(bit_length=256)))
@@ -98,7 +117,7 @@ class KeyRing:
         except DuplicateKeyError:
             pass  # another process created this generation first; both use theirs
         with self._lock:
-            self._active[agency_id] = key_id
+            self._active[agency_id] = (key_id, self._clock())
         return key_id
 
     def rewrap_all(self) -> int:

@@ -53,13 +53,21 @@ class Unavailable(DomainError):
 
 # gRPC status of a dependency -> the error our edge reports for it.
 def from_grpc_error(exc: grpc.RpcError, dependency: str) -> DomainError:
+    """The dependency's refusal as our error, keeping its stable code (the `error-code` trailer).
+
+    The dependency's own message is not passed on: it was written for its callers, not ours.
+    """
     code = exc.code() if hasattr(exc, "code") else None
+    trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    error_code = str(trailers.get("error-code", ""))
     if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound("not_found", f"{dependency}: not found")
+        return NotFound(error_code or "not_found", f"{dependency}: not found")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInput("invalid_request", f"{dependency} rejected the request: {exc.details()}")
-    if code in (grpc.StatusCode.UNAUTHENTICATED,):
-        return Unauthenticated("unauthenticated", f"{dependency} did not accept the caller's credentials")
+        return InvalidInput(error_code or "invalid_request", f"{dependency} rejected the request")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return Conflict(error_code or "conflict", f"{dependency}: already exists")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(error_code or "unauthenticated", f"{dependency} did not accept the caller's credentials")
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return Forbidden("forbidden", f"{dependency} refused the request")
+        return Forbidden(error_code or "forbidden", f"{dependency} refused the request")
     return Unavailable("dependency_unavailable", f"{dependency} is unavailable, try again")

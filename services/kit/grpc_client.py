@@ -8,7 +8,6 @@ services.kit.service_identity.acting_as. A call with neither is refused before i
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 
 import grpc
 
@@ -32,9 +31,8 @@ class _CallDetails(
 
 
 class _OutgoingInterceptor(grpc.UnaryUnaryClientInterceptor):
-    def __init__(self, default_deadline_s: float, service_token: Callable[[], str] | None):
+    def __init__(self, default_deadline_s: float):
         self.default_deadline_s = default_deadline_s
-        self.service_token = service_token
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         metadata = list(client_call_details.metadata or [])
@@ -43,8 +41,6 @@ class _OutgoingInterceptor(grpc.UnaryUnaryClientInterceptor):
             identity = current_identity.get()
             if identity is not None and identity.token:
                 metadata.append(("authorization", f"Bearer {identity.token}"))
-            elif self.service_token is not None:
-                metadata.append(("authorization", f"Bearer {self.service_token()}"))
             else:
                 raise NoCallerIdentity(
                     f"no caller identity for {client_call_details.method}; work that no user started runs "
@@ -70,7 +66,6 @@ class _OutgoingInterceptor(grpc.UnaryUnaryClientInterceptor):
 def channel(
     target: str,
     default_deadline_s: float = DEFAULT_DEADLINE_S,
-    service_token: Callable[[], str] | None = None,
 ) -> grpc.Channel:
     raw = grpc.insecure_channel(
         target,
@@ -80,4 +75,4 @@ def channel(
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
-    return grpc.intercept_channel(raw, _OutgoingInterceptor(default_deadline_s, service_token))
+    return grpc.intercept_channel(raw, _OutgoingInterceptor(default_deadline_s))

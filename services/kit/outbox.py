@@ -444,9 +444,6 @@ class OutboxRelay:
 
     # -- lease ----------------------------------------------------------------------------------
 
-    def _holds_lease(self) -> bool:
-        return self._lease_ttl_ms is None or self._lease_until > now_ms()
-
     def _hold_lease(self, now: int) -> bool:
         """Hold (take or renew) the relay group's lease; True when this relay may work."""
         ttl = self._lease_ttl_ms

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 import uuid
 
 import grpc
@@ -32,6 +31,7 @@ from services.kit import grpc_client
 from services.kit.auth import ACCESS_TOKEN_TTL_S, RevokedSessions
 from services.kit.bus import Consumer, Topology
 from services.kit.events import Envelope, MalformedEvent, failure_summary, unpack
+from services.kit.mongo import now_ms
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import ServiceTokens, acting_as
 
@@ -48,10 +48,6 @@ SESSION_REVOKED_EVENT = "session.revoked.v1"
 # How far back a revocation can still matter: one access-token lifetime, plus a minute of skew.
 BOOTSTRAP_WINDOW_MS = (ACCESS_TOKEN_TTL_S + 60) * 1000
 LIST_PAGE_LIMIT = 5000  # directory's page size for ListRevokedSessions
-
-
-def timestamp_ms(value) -> int:
-    return value.seconds * 1000 + value.nanos // 1_000_000
 
 
 def instance_id() -> str:
@@ -113,14 +109,14 @@ class RevocationListener:
         self._remember(event)
 
     def _remember(self, event: directory_pb2.SessionRevoked) -> None:
-        expires = timestamp_ms(event.access_expires_at)
+        expires = event.access_expires_at.ToMilliseconds()
         if expires <= 0:  # an older producer: assume the longest access-token lifetime
-            expires = (timestamp_ms(event.revoked_at) or int(time.time() * 1000)) + ACCESS_TOKEN_TTL_S * 1000
+            expires = (event.revoked_at.ToMilliseconds() or now_ms()) + ACCESS_TOKEN_TTL_S * 1000
         self.revoked.revoke(event.session_id, expires)
 
     def bootstrap(self) -> int:
         """Load the recent revocations from directory; returns how many were listed."""
-        since = int(time.time() * 1000) - BOOTSTRAP_WINDOW_MS
+        since = now_ms() - BOOTSTRAP_WINDOW_MS
         listed = 0
         with acting_as(self.service_tokens.identity("")):
             while True:
@@ -135,7 +131,7 @@ class RevocationListener:
                 listed += len(reply.sessions)
                 if len(reply.sessions) < LIST_PAGE_LIMIT:
                     return listed
-                last = timestamp_ms(reply.sessions[-1].revoked_at)
+                last = reply.sessions[-1].revoked_at.ToMilliseconds()
                 if last <= since:  # a whole page within one millisecond: nothing further to page by
                     return listed
                 since = last
@@ -153,9 +149,16 @@ class RevocationListener:
                     except Exception as exc:  # directory or broker trouble: retry with backoff, never die
                         failures += 1
                         delay = min(self._retry_delay_s[1], self._retry_delay_s[0] * 2 ** min(failures - 1, 10))
-                        log.warning("revocation bootstrap failed (%s); retrying", failure_summary(exc),
-                                    extra={"queue": self.queue, "attempt": failures, "delay_s": delay,
-                                           "error_type": type(exc).__name__})
+                        log.warning(
+                            "revocation bootstrap failed (%s); retrying",
+                            failure_summary(exc),
+                            extra={
+                                "queue": self.queue,
+                                "attempt": failures,
+                                "delay_s": delay,
+                                "error_type": type(exc).__name__,
+                            },
+                        )
                         stop_event.wait(delay)
                         continue
                     failures = 0

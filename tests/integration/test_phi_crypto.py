@@ -44,7 +44,7 @@ def test_data_key_rotation_keeps_old_ciphertexts_readable(db):
     old = cipher.seal("agy_a", "r", "f", "before rotation")
     keyring.rotate("agy_a")
     new = cipher.seal("agy_a", "r", "f", "after rotation")
-    assert old[2:12] != new[2:12]  # different key ids
+    assert key_id(old) == "agy_a:1" and key_id(new) == "agy_a:2"
     fresh = PhiCipher(KeyRing(db, keyring.master_keys, "m1"))  # another process
     assert fresh.open("agy_a", "r", "f", old) == "before rotation"
     assert fresh.open("agy_a", "r", "f", new) == "after rotation"
@@ -61,7 +61,28 @@ def test_master_key_rotation_rewraps_data_keys(db):
 
 
 def test_wrong_master_key_cannot_open(db):
-    PhiCipher(KeyRing(db, {"m1": os.urandom(32)}, "m1")).seal("agy_a", "r", "f", "x")
-    blob = PhiCipher(KeyRing(db, {"m1": os.urandom(32)}, "m1"))
-    with pytest.raises(DecryptionError):
-        blob.open("agy_a", "r", "f", PhiCipher(KeyRing(db, {"m1": os.urandom(32)}, "m1")).seal("agy_a", "r", "f", "x"))
+    blob = PhiCipher(KeyRing(db, {"m1": os.urandom(32)}, "m1")).seal("agy_a", "r", "f", "x")
+    impostor = PhiCipher(KeyRing(db, {"m1": os.urandom(32)}, "m1"))  # same id, other key material
+    with pytest.raises(DecryptionError, match="unwrapped"):
+        impostor.open("agy_a", "r", "f", blob)
+
+
+def test_a_rotation_by_another_process_reaches_a_running_keyring(db):
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    keys = master()
+    running = PhiCipher(KeyRing(db, keys, "m1", active_ttl_s=60, clock=clock))
+    assert key_id(running.seal("agy_a", "r", "f", "x")) == "agy_a:1"
+    KeyRing(db, keys, "m1").rotate("agy_a")  # e.g. `python -m services.kit.keys rotate`
+    assert key_id(running.seal("agy_a", "r", "f", "x")) == "agy_a:1"  # within the cache period
+    clock.now = 61.0
+    assert key_id(running.seal("agy_a", "r", "f", "x")) == "agy_a:2"
+
+
+def key_id(blob: bytes) -> str:
+    return blob[2 : 2 + blob[1]].decode()

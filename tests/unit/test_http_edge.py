@@ -6,6 +6,7 @@ import pytest
 
 from services.kit.errors import Conflict, NotFound
 from services.kit.http import create_app
+from services.kit.logs import JsonFormatter
 
 
 @pytest.fixture
@@ -39,6 +40,11 @@ def test_unexpected_errors_are_generic_json_500(client, caplog):
     assert reply.get_json() == {"code": "internal_error", "message": "internal error; the request was not completed"}
     assert "secret patient detail" not in reply.get_data(as_text=True)
     assert "Traceback" not in reply.get_data(as_text=True)
+    # The failure is logged (type and frames) without the exception's text.
+    formatter = JsonFormatter("test")
+    lines = [formatter.format(record) for record in caplog.records if record.name == "http"]
+    assert any('"error_type": "RuntimeError"' in line for line in lines)
+    assert not any("secret patient detail" in line for line in lines)
 
 
 def test_domain_errors_keep_their_code_and_details(client):

@@ -83,8 +83,7 @@ def test_concurrent_callers_share_one_request_per_agency():
     tokens_ = service_tokens(issuer)
     seen: list[str] = []
     threads = [
-        threading.Thread(target=lambda a=agency: seen.append(tokens_.token(a)))
-        for agency in ["agy_a", "agy_b"] * 8
+        threading.Thread(target=lambda a=agency: seen.append(tokens_.token(a))) for agency in ["agy_a", "agy_b"] * 8
     ]
     for thread in threads:
         thread.start()
@@ -106,11 +105,20 @@ def test_forget_drops_a_cached_token():
 
 
 def test_a_refusal_is_raised_and_nothing_is_cached():
-    def refuse(*_):
-        raise Unauthenticated("unauthenticated", "refused")
+    issuer = FakeIssuer()
+    refusals = []
 
+    def refuse_once(*args):
+        if not refusals:
+            refusals.append(args)
+            raise Unauthenticated("unauthenticated", "refused")
+        return issuer(*args)
+
+    tokens_ = service_tokens(refuse_once)
     with pytest.raises(Unauthenticated):
-        service_tokens(refuse).identity("agy_a")
+        tokens_.identity("agy_a")
+    assert tokens_.identity("agy_a").token == "token-1-agy_a"  # asked again, not a cached failure
+    assert len(refusals) == 1 and len(issuer.calls) == 1
 
 
 def test_acting_as_sets_the_identity_for_the_block_only():
@@ -144,9 +152,10 @@ def test_development_registers_every_known_client_with_its_dev_secret(tmp_path):
         assert settings.service_clients[name] == (secret_digest(secret),)
         assert (tmp_path / "secrets" / f"service-{name}.secret").stat().st_mode & 0o077 == 0
     # The calling service reads the very same secret.
-    assert service_client_credentials("inbox", {"CLINIC_RUN_DIR": str(tmp_path)}).secret == (
-        tmp_path / "secrets" / "service-inbox.secret"
-    ).read_text().strip()
+    assert (
+        service_client_credentials("inbox", {"CLINIC_RUN_DIR": str(tmp_path)}).secret
+        == (tmp_path / "secrets" / "service-inbox.secret").read_text().strip()
+    )
 
 
 def test_service_clients_are_required_in_production(tmp_path):
