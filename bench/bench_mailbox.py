@@ -11,7 +11,6 @@ the 1,000-item board for the 100,000-item one.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from bench._env import private_vhost
+from bench._env import machine, private_vhost, write_report
 from services.inbox import domain
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.mongo import database
@@ -28,7 +27,6 @@ from services.kit.settings import Env, common_settings
 from services.launcher import Ports, Stack, StackConfig
 
 PASSWORD = "demo-Password-2026"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "bench"
 
 
 def login(base: str, username: str) -> tuple[str, str, str]:
@@ -64,12 +62,15 @@ def timed_sends(session: requests.Session, url: str, recipient: str, n: int) -> 
     return n / (time.perf_counter() - start)
 
 
-def seed_board(stack: Stack, agency_id: str, owner: str, sender: str, count: int) -> None:
+def inbox_board_writer(stack: Stack):
+    """Inbox's database and PHI cipher, built the way the service builds them."""
+    settings = common_settings(Env("inbox", stack.service_env()))
+    db = database(settings.mongo_uri, settings.mongo_db)
+    return db, PhiCipher(KeyRing(db, settings.phi_master_keys, settings.phi_master_key_id))
+
+
+def seed_board(db, cipher: PhiCipher, agency_id: str, owner: str, sender: str, count: int) -> None:
     """Put `count` items on a board directly in inbox's database (as fan-out would)."""
-    env = Env("inbox", {**stack.service_env(), "CLINIC_RUN_DIR": str(stack.run_dir)})
-    settings = common_settings(env)
-    db = database(stack.mongo_uri, f"{stack.config.extra_env.get('MONGO_DB_PREFIX', 'clinic_')}inbox")
-    cipher = PhiCipher(KeyRing(db, settings.phi_master_keys, settings.phi_master_key_id))
     base_ms = int(time.time() * 1000) - count * 1000
     batch = []
     for n in range(count):
@@ -124,19 +125,18 @@ def main() -> int:
             results = run(stack, args)
         finally:
             stack.stop()
-    report(results)
-    return 0
+    return 0 if report(results) else 1
 
 
 def run(stack: Stack, args) -> dict:
     sender_token, sender_id, agency = login(stack.gateway_url, "admin")
-    _, small_id, _ = login(stack.gateway_url, "dr.reyes")
+    small_token, small_id, _ = login(stack.gateway_url, "dr.reyes")
     big_token, big_id, _ = login(stack.gateway_url, "nurse.kim")
-    small_token = login(stack.gateway_url, "dr.reyes")[0]
 
     started = time.perf_counter()
-    seed_board(stack, agency, small_id, sender_id, args.small)
-    seed_board(stack, agency, big_id, sender_id, args.items)
+    db, cipher = inbox_board_writer(stack)
+    seed_board(db, cipher, agency, small_id, sender_id, args.small)
+    seed_board(db, cipher, agency, big_id, sender_id, args.items)
     seed_s = time.perf_counter() - started
 
     def session(token: str) -> requests.Session:
@@ -175,9 +175,10 @@ def run(stack: Stack, args) -> dict:
     return results
 
 
-def report(results: dict) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "mailbox.json").write_text(json.dumps(results, indent=2))
+def report(results: dict) -> bool:
+    """Print the figures and store them; True when every target is met."""
+    results["machine"] = machine()
+    write_report("mailbox", results)
     fp = results["first_page"]
     print("Mailbox benchmark (sequential client, loopback)")
     print(
@@ -192,6 +193,7 @@ def report(results: dict) -> None:
     print(f"  100k / 1k board p50:  {big:.3f}  (target <= 2.0: {'met' if big <= 2.0 else 'NOT met'})")
     sends = results["sends_per_s"]
     print(f"  sends/s direct {sends['direct']}, through gateway {sends['gateway']}")
+    return ratio <= 1.25 and big <= 2.0
 
 
 if __name__ == "__main__":

@@ -126,6 +126,13 @@ class Stack:
         for folder in (self.run_dir, self.logs, self.pids):
             folder.mkdir(parents=True, exist_ok=True)
         self._check_ports_free()
+        try:
+            self._start_processes()
+        except BaseException:
+            self.stop()  # whatever went wrong, leave nothing half-started behind
+            raise
+
+    def _start_processes(self) -> None:
         ensure_broker(self.config.amqp_url)
         if self.config.mongo_uri is None:
             self.mongo = EmbeddedMongo(
@@ -378,7 +385,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except LaunchError as exc:
         print(f"\nmake run failed: {exc}", file=sys.stderr)
-        stack.stop()
         return 1
     print_welcome(stack)
     return 0
