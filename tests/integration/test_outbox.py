@@ -243,3 +243,18 @@ def test_running_relay_works_through_a_backlog_without_duplicates(items, sink, p
         stop.set()
         thread.join(10)
     assert sorted(sink.received) == sorted(staged + late)  # one relay, no failures: each event once
+
+
+def test_an_unreadable_entry_is_set_aside_and_the_rest_still_published(items, sink, publisher):
+    good = delivered()
+    fields = outbox_fields([good])
+    fields["_outbox"]["broken"] = {"rk": DELIVERED, "env": b"\xff\xfe not an envelope"}
+    items.insert_one({"_id": "item-1", **fields})
+
+    relay = relay_for(items, publisher)
+    assert relay.run_once() == 1
+    wait_for(lambda: sink.distinct() == {good.event_id})
+    doc = items.find_one({"_id": "item-1"})
+    assert not doc.get("_outbox") and "_outbox_at" not in doc  # nothing left to retry forever
+    assert bytes(doc["_outbox_failed"]["broken"]["env"]) == b"\xff\xfe not an envelope"  # kept for a person
+    assert relay.run_once() == 0
