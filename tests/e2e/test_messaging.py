@@ -279,6 +279,7 @@ def count(db: pymongo.database.Database) -> tuple[int, int]:
             "invalid_link",
         ),
         ({"to_staff_ids": ["RECIPIENT"], "subject": "", "body": "b"}, "invalid_value"),
+        ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "  \n\t "}, "invalid_value"),
         ({"to_staff_ids": ["RECIPIENT"], "subject": "x" * 201, "body": "b"}, "too_long"),
         ({"to_staff_ids": ["RECIPIENT"], "subject": "s", "body": "x" * 20_001}, "too_long"),
         ({"to_staff_ids": ["stf_nobody_here"], "subject": "s", "body": "b"}, "unknown_recipients"),
