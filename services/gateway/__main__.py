@@ -17,11 +17,12 @@ import sys
 
 from services.gateway import config
 from services.gateway.declarative.loader import ConfigError, load_file
-from services.gateway.logs import configure_logging
 from services.gateway.model import GatewayModel
 from services.gateway.proxy import Gateway, new_request_id
 from services.gateway.server import GatewayServer
 from services.gateway.upstream import UpstreamPool
+from services.kit.logs import configure_logging
+from services.kit.settings import SettingsError
 
 log = logging.getLogger("services.gateway")
 
@@ -31,8 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--config", help="the decK file to load (default: GATEWAY_CONFIG or gateway/kong.yml)")
     args = parser.parse_args(argv)
-    settings = config.load(config_path=args.config)
-    configure_logging(settings.log_level)
+    try:
+        settings = config.load(config_path=args.config)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    # Request lines carry only the kit's whitelisted fields: request_id, method, route, status, timings.
+    configure_logging(config.SERVICE, settings.log_level)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
     try:
         model = load_file(settings.config_path, settings.deck_env)
     except ConfigError as exc:

@@ -20,7 +20,7 @@ class IncomingRequest:
     """A parsed request head. Header names keep the client's spelling; lookups ignore case."""
 
     __slots__ = ("method", "target", "raw_path", "query", "headers", "_index", "http_version", "keep_alive",
-                 "body", "has_body", "chunked", "content_length")
+                 "body", "has_body", "chunked", "content_length", "expects_continue")
 
     def __init__(self, method: str, target: str, headers: list[tuple[str, str]], *, http_version: str = "1.1",
                  keep_alive: bool = True, body: Any = None):
@@ -42,6 +42,8 @@ class IncomingRequest:
         cl = index.get("content-length")
         self.content_length = int(cl[0]) if cl and cl[0].strip().isdigit() else None
         self.has_body = self.chunked or bool(self.content_length)
+        expect = index.get("expect")
+        self.expects_continue = bool(expect) and expect[0].strip().lower() == "100-continue"
 
     def header(self, name: str) -> str | None:
         values = self._index.get(name)
@@ -76,7 +78,7 @@ class RequestContext:
     """Kong's ngx.ctx for one request: matched route, authenticated consumer, pending header changes."""
 
     __slots__ = ("request", "request_id", "client_ip", "client_port", "server_port", "started", "match",
-                 "route", "service", "consumer", "credential", "authenticated_groups", "upstream_headers",
+                 "route", "service", "consumer", "credential", "upstream_headers",
                  "cleared_query_args", "response_header_ops", "plugin_state", "buffer_body_limit",
                  "size_limit_status", "proxy_started", "connection_serial", "connection_requests", "status",
                  "upstream_ms")
@@ -94,7 +96,6 @@ class RequestContext:
         self.service: Service | None = None
         self.consumer: Consumer | None = None
         self.credential: Credential | None = None
-        self.authenticated_groups: list[str] | None = None
         # lower-case name -> (name, value); a value of None removes the client's header
         self.upstream_headers: dict[str, tuple[str, str | None]] = {}
         self.cleared_query_args: set[str] = set()

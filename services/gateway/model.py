@@ -58,7 +58,7 @@ class JwtSecret:
     secret: str | None
     rsa_public_key: str | None
     consumer: Consumer
-    verifier: Any = None  # the parsed public key (or HMAC secret bytes), prepared once at load
+    verifier: Any = None  # the parsed public key, or the HMAC secret's bytes; set once by the loader
 
 
 @dataclass(eq=False)
@@ -93,10 +93,14 @@ class GatewayModel:
     plugins: list[PluginInstance]
     jwt_secrets: dict[str, JwtSecret]
     keyauth_credentials: dict[str, KeyAuthCredential]
-    format_version: str = "3.0"
 
     def consumer_by_id_or_username(self, ref: str) -> Consumer | None:
-        for consumer in self.consumers:
-            if ref in (consumer.id, consumer.username):
-                return consumer
-        return None
+        return find_consumer(self.consumers, ref)
+
+
+def find_consumer(consumers: list[Consumer], ref: str) -> Consumer | None:
+    """How Kong resolves a plugin's `anonymous`: a consumer's id or username."""
+    for consumer in consumers:
+        if ref in (consumer.id, consumer.username):
+            return consumer
+    return None

@@ -5,7 +5,8 @@ Phases follow Kong's: the router picks the route; the plugins that apply to it
 access phase in priority order until one answers; otherwise the request goes
 to the service with Kong's upstream headers, retried on connection failures
 as nginx retries; every response, proxied or not, passes the plugins'
-header_filter phase and gets Kong's response headers.
+header_filter phase and gets Kong's response headers. Every answer is written
+with `await conn.drain()`, so a client that stops reading stops being served.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from services.gateway.model import GatewayModel, PluginInstance, Route
 from services.gateway.plugins import REGISTRY
 from services.gateway.plugins.base import Plugin
 from services.gateway.responses import SERVER, VIA, Exit, error, exit_json, reason
-from services.gateway.router import Router
+from services.gateway.router import Router, strip_port
 from services.gateway.server import ClientConnection, ClientGone
-from services.gateway.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from services.gateway.upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("services.gateway")
 access_log = logging.getLogger("services.gateway.access")
@@ -142,7 +143,7 @@ class Gateway:
             return await self.send_exit(ctx, conn, error(500, ctx.request_id, request.header("accept")), filters)
         body = None
         if ctx.buffer_body_limit is not None and request.chunked:
-            if request.body is not None and request.body.received == 0 and _expects_continue(request):
+            if request.body is not None and request.body.received == 0 and request.expects_continue:
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = await self._read_limited(request, ctx.buffer_body_limit)
             if body is None:
@@ -156,7 +157,7 @@ class Gateway:
         if code == 426:
             return exit_json(426, {"message": "Please use HTTPS protocol"},
                              [("Connection", "Upgrade"), ("Upgrade", "TLS/1.2, HTTP/1.1")])
-        host = (ctx.request.header("host") or "kong").split(":")[0]
+        host = strip_port(ctx.request.header("host") or "kong")
         return Exit(code, b"", [("Location", f"https://{host}{ctx.request.target}")])
 
     async def _read_limited(self, request: IncomingRequest, limit: int) -> bytes | None:
@@ -185,7 +186,7 @@ class Gateway:
         body = request.body
         if body is None or body.eof:
             return True
-        if _expects_continue(request) and body.received == 0:
+        if request.expects_continue and body.received == 0:
             return False
         remaining = (request.content_length or 0) - body.received
         return request.content_length is not None and remaining <= SMALL_BODY_DRAIN
@@ -210,6 +211,10 @@ class Gateway:
         ctx.status = exit_.status
         if not keep_alive and request.body is not None and not request.body.eof:
             request.body.discard()
+        try:
+            await conn.drain()
+        except ClientGone:
+            return False
         return keep_alive
 
     # --- proxying ----------------------------------------------------------------------------------
@@ -224,11 +229,7 @@ class Gateway:
         lines = [f"{request.method} {uri} HTTP/1.1", f"Host: {host}"]
         lines += [f"{name}: {value}" for name, value in request.headers if name.lower() not in skip]
         forwarded_for = request.header_values("x-forwarded-for")
-        forwarded_host = (client_host or "kong").lower()
-        if forwarded_host.startswith("["):
-            forwarded_host = forwarded_host.split("]")[0] + "]"
-        else:
-            forwarded_host = forwarded_host.split(":")[0]
+        forwarded_host = strip_port((client_host or "kong").lower())
         lines += [
             f"X-Forwarded-For: {', '.join([*forwarded_for, ctx.client_ip])}",
             "X-Forwarded-Proto: http",
@@ -258,7 +259,7 @@ class Gateway:
         if body is None and request.has_body:
             body = request.body.take_complete()
             streaming = body is None
-        if streaming and request.body.received == 0 and _expects_continue(request):
+        if streaming and request.body.received == 0 and request.expects_continue:
             conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if streaming:
             head = self._upstream_head(ctx, uri, request.content_length, request.content_length is None)
@@ -293,8 +294,12 @@ class Gateway:
                     if up is not None:
                         up.close()
                         up = None
-                    if reused and not got_bytes and not streaming:
-                        continue  # a kept-alive connection the upstream had already closed: not a try
+                    if (reused and idempotent and not streaming and not got_bytes
+                            and not isinstance(exc, UpstreamTimeout)):
+                        # A kept-alive connection the upstream had already closed: resent on another one
+                        # without counting a try, as nginx does for a cached connection. Never a POST or
+                        # PATCH (the service may have acted on it), nor a timeout (it was being processed).
+                        continue
                     if tries_left > 0 and (not exc.sent or (idempotent and not streaming)):
                         tries_left -= 1
                         continue
@@ -305,6 +310,7 @@ class Gateway:
             if up.complete:
                 self.pool.release(up)
                 released = True
+            await conn.drain()  # after the release: a slow client does not hold an upstream connection
             return keep_alive
         except ClientGone:
             return False
@@ -375,7 +381,7 @@ class Gateway:
         if up.complete and not chunked:
             conn.write(head + b"".join(up.pending) if up.pending else head)  # the whole answer in one write
             up.pending = []
-            return keep_alive and not conn.closing_after_response
+            return keep_alive
         conn.write(head)
 
         if not up.complete or up.pending:
@@ -395,11 +401,7 @@ class Gateway:
                 return False
         if chunked:
             conn.write(b"0\r\n\r\n")
-        return keep_alive and not conn.closing_after_response
-
-
-def _expects_continue(request: IncomingRequest) -> bool:
-    return (request.header("expect") or "").strip().lower() == "100-continue"
+        return keep_alive
 
 
 def _head(status: int, headers: list[tuple[str, str]]) -> bytes:

@@ -24,7 +24,8 @@ HTML = "text/html; charset=utf-8"
 XML = "application/xml; charset=utf-8"
 PLAIN = "text/plain; charset=utf-8"
 
-# kong/error_handlers.lua and kong/tools/http.lua: the default message of each status.
+# kong/error_handlers.lua and kong/tools/http.lua: the default message of each status. 494 is nginx's
+# internal status for an oversized request head, which Kong's error handler answers as a 400.
 DEFAULT_MESSAGES = {
     400: "Bad request",
     401: "Unauthorized",
@@ -76,7 +77,7 @@ def reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
     except ValueError:
-        return {494: "Request Header Or Cookie Too Large"}.get(status, "Unknown")
+        return "Unknown"
 
 
 def response_type(accept: str | None) -> str:

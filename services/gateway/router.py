@@ -6,6 +6,8 @@ whether every host is plain (no wildcard), then by the length of the path
 prefix, then by declaration order. The first candidate whose conditions all
 hold wins. A path condition is a plain string prefix of the normalized
 request path, so `/api/v1/auth` also matches `/api/v1/authx`, exactly as in Kong.
+Nothing is cached per request path: with a handful of routes the scan is cheap,
+and a cache keyed by what clients send would grow with what clients send.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def _remove_dot_segments(path: str) -> str:
     return result if result.startswith("/") else "/" + result
 
 
+def strip_port(host: str) -> str:
+    """A Host header without its port: `[::1]:8000` -> `[::1]`, `example.test:8000` -> `example.test`."""
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.split(":", 1)[0]
+
+
 def sanitize_postfix(postfix: str) -> str:
     if postfix in (".", ".."):
         return ""
@@ -88,7 +97,6 @@ def upstream_path(strip_path: bool, postfix: str, req_path: str, base: str) -> s
 @dataclass(frozen=True)
 class Match:
     route: Route
-    matched_path: str | None  # the route path that matched, if the route has paths
     upstream_path: str
     prefix: str | None  # what strip_path removed, for X-Forwarded-Prefix
 
@@ -126,27 +134,11 @@ class Router:
                 ranked.append(((-weight, -int(plain_only), -len(path or ""), route.order), candidate))
         ranked.sort(key=lambda item: item[0])
         self._candidates = [c for _, c in ranked]
-        self._cache: dict[tuple[str, str, str], Match | None] = {}
 
     def match(self, method: str, raw_path: str, host: str | None) -> Match | None:
-        key = (method, raw_path, host or "")
-        cached = self._cache.get(key, _UNCACHED)
-        if cached is not _UNCACHED:
-            return cached  # type: ignore[return-value]
-        found = self._match(method, raw_path, host)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key] = found
-        return found
-
-    def _match(self, method: str, raw_path: str, host: str | None) -> Match | None:
         path = normalize_path(raw_path)
-        host_only = (host or "").lower()
-        host_port = host_only
-        if host_only.startswith("["):
-            host_only = host_only.split("]")[0] + "]"
-        elif ":" in host_only:
-            host_only = host_only.rsplit(":", 1)[0]
+        host_port = (host or "").lower()
+        host_only = strip_port(host_port)
         for c in self._candidates:
             if c.methods and method not in c.methods:
                 continue
@@ -164,8 +156,5 @@ class Router:
             else:
                 postfix = sanitize_postfix(path[1:])
                 prefix = None
-            return Match(route, c.path, upstream_path(route.strip_path, postfix, path, base), prefix)
+            return Match(route, upstream_path(route.strip_path, postfix, path, base), prefix)
         return None
-
-
-_UNCACHED = object()

@@ -1,9 +1,13 @@
 """The client side: an asyncio HTTP/1.1 server (httptools parser) with keep-alive and pipelining.
 
 Requests on one connection are answered in order by one task; a request body
-is handed to the proxy as it arrives, and reading from the client pauses when
-too much of it is waiting. Shutdown stops accepting, lets in-flight requests
-finish (their responses say `Connection: close`) and closes idle connections.
+is handed to the proxy as it arrives. Reading from the client pauses while a
+body has too much waiting, while more than MAX_PIPELINED requests are queued,
+and (through the handler awaiting `drain`) while the client is not reading its
+answers. A request head is counted as its bytes arrive, so an oversized one is
+refused before the parser has buffered it. Shutdown stops accepting, lets
+in-flight requests finish (their responses say `Connection: close`) and closes
+idle connections.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from services.gateway.context import IncomingRequest
-from services.gateway.responses import SERVER, error, reason
+from services.gateway.responses import DEFAULT_MESSAGES, SERVER, error, reason
 
 if TYPE_CHECKING:
     from services.gateway.upstream import UpstreamConnection
@@ -28,6 +32,7 @@ log = logging.getLogger("services.gateway")
 MAX_HEADER_BYTES = 64 * 1024
 BODY_HIGH_WATER = 256 * 1024
 BODY_LOW_WATER = 64 * 1024
+MAX_PIPELINED = 16  # requests queued on one connection before reading from it pauses
 KEEPALIVE_TIMEOUT_S = 60.0  # nginx's keepalive_timeout in Kong
 LINGER_S = 2.0
 
@@ -98,7 +103,7 @@ class RequestBody:
         data = b"".join(self.chunks)
         self.chunks.clear()
         self.buffered = 0
-        self.conn.resume_reading()
+        self.conn.resume_reading()  # only if nothing else holds reading paused
         return data
 
     def discard(self) -> None:
@@ -137,7 +142,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_port = 0
         self.serial = next(_serials)
         self.requests_seen = 0
-        self.queue: deque[IncomingRequest] = deque()
+        self.queue: deque[IncomingRequest] = deque()  # heads parsed, answers not yet sent
         self.current: IncomingRequest | None = None
         self.task: asyncio.Task | None = None
         self.closed = False
@@ -148,9 +153,11 @@ class ClientConnection(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None  # whose reading follows our write pressure
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._header_bytes = 0
+        self._header_bytes = 0  # request line and header fields, as the parser reports them
+        self._in_head = True  # the next bytes belong to a request head
+        self._head_bytes = 0  # bytes received while a head was incomplete
+        self._refusal: int | None = None  # why a callback stopped the parser (414 or 494)
         self._idle_timer: asyncio.TimerHandle | None = None
-        self.closing_after_response = False
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,18 +170,39 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.upgraded or self.closed:
             return
+        if self._in_head:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.upgraded = True  # the request is proxied without its Upgrade; nothing after it is read
+            # The request is proxied without its Upgrade; nothing after it is read, so the connection
+            # closes once it is answered rather than leaving pipelined requests waiting for ever.
+            self.upgraded = True
+            self._close_after_last_request()
+            return
         except httptools.HttpParserError:
             if self.current is not None and self.current.body is not None:
                 self.current.body.feed_error(ClientGone("malformed request body"))
-            if self.task is None and not self.queue:
-                self.send_simple_error(400)
-            else:
-                self.closing_after_response = True
-                self.upgraded = True
+            self._refuse(self._refusal or 400)
+            return
+        # httptools holds an unfinished header value until its end arrives: count the head's bytes here
+        # so a huge one is refused after MAX_HEADER_BYTES (plus one read), not after it has all been buffered.
+        if self._in_head and self._head_bytes > MAX_HEADER_BYTES:
+            self._refuse(494)
+
+    def _refuse(self, status: int) -> None:
+        """Stop reading requests: answer `status` now if nothing is in flight, else close after the last answer."""
+        self.upgraded = True  # whatever else arrives is read and dropped
+        if self.task is None and not self.queue:
+            self.send_simple_error(status)
+        else:
+            self._close_after_last_request()
+
+    def _close_after_last_request(self) -> None:
+        if self.queue:
+            self.queue[-1].keep_alive = False  # answered with `Connection: close`, then the connection closes
+        else:
+            self.close(linger=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -211,16 +239,19 @@ class ClientConnection(asyncio.Protocol):
         self._url += url
         self._header_bytes += len(url)
         if self._header_bytes > MAX_HEADER_BYTES:
+            self._refusal = 414  # nginx: "client sent too long URI"
             raise httptools.HttpParserError("request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
+            self._refusal = 494
             raise httptools.HttpParserError("request headers too large")
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._disarm_idle()  # a request head trickling in slower than the keep-alive timeout is dropped
+        self._in_head = False
         parser = self.parser
         request = IncomingRequest(
             method=parser.get_method().decode("ascii", "replace"),
@@ -235,7 +266,7 @@ class ClientConnection(asyncio.Protocol):
         self.current = request
         self.requests_seen += 1
         self.queue.append(request)
-        if len(self.queue) > 16:
+        if len(self.queue) > MAX_PIPELINED:
             self.pause_reading()  # a client pipelining far ahead waits until we catch up
         if self.task is None:
             self.task = self.loop.create_task(self._serve())
@@ -248,6 +279,8 @@ class ClientConnection(asyncio.Protocol):
         if self.current is not None and self.current.body is not None:
             self.current.body.feed_eof()
         self.current = None
+        self._in_head = True
+        self._head_bytes = 0
 
     # --- serving ------------------------------------------------------------------------------------
     async def _serve(self) -> None:
@@ -256,10 +289,10 @@ class ClientConnection(asyncio.Protocol):
                 request = self.queue[0]
                 keep_alive = await self.server.handler(request, self)
                 self.queue.popleft()
-                if len(self.queue) <= 16:
-                    self.resume_reading()
-                if not keep_alive or self.closing_after_response or self.server.draining:
-                    self.close(linger=request.body is not None and not request.body.eof)
+                self.resume_reading()
+                if not keep_alive or not request.keep_alive or self.server.draining:
+                    # linger when the client may still be sending: unread bytes at close would reset the connection
+                    self.close(linger=self.upgraded or (request.body is not None and not request.body.eof))
                     return
                 if request.body is not None and not request.body.eof:
                     if not await request.body.wait_eof(10.0):
@@ -301,23 +334,37 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        """Read again, unless more than MAX_PIPELINED requests wait or the body arriving is still backed up."""
+        if len(self.queue) > MAX_PIPELINED:
+            return
+        body = self.current.body if self.current is not None else None
+        if body is not None and body.buffered >= BODY_LOW_WATER:
+            return
+        self._resume_transport()
+
+    def _resume_transport(self) -> None:
         if self.reading_paused and self.transport is not None and not self.closed:
             self.reading_paused = False
             self.transport.resume_reading()
 
     def send_simple_error(self, status: int) -> None:
-        response = error(status, self.server.new_request_id())
+        """Answer a request that never got a complete head, then close."""
+        message = None
+        if status == 494:
+            # nginx's internal "Request Header Or Cookie Too Large"; Kong's error handler answers it as a 400.
+            status, message = 400, DEFAULT_MESSAGES[494]
+        response = error(status, self.server.new_request_id(), None, message)
         head = [f"HTTP/1.1 {status} {reason(status)}", *(f"{n}: {v}" for n, v in response.headers),
                 f"Content-Length: {len(response.body)}", "Connection: close", f"Server: {SERVER}"]
         self.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
-        self.close()
+        self.close(linger=True)  # keep reading (and dropping) briefly, so the client sees the answer
 
     def close(self, linger: bool = False) -> None:
         """Close; with `linger`, stop writing first and keep reading briefly so the client sees the response."""
         if self.transport is None or self.closed:
             return
         if linger and self.transport.can_write_eof():
-            self.resume_reading()
+            self._resume_transport()
             self.upgraded = True  # ignore anything else the client sends
             try:
                 self.transport.write_eof()

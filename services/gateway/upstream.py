@@ -77,6 +77,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols: the gateway never asks for an upgrade and cannot relay one.
+            self._fail(UpstreamError("upstream switched protocols"))
+            self.close()
         except httptools.HttpParserError:
             self._fail(UpstreamError("invalid response from upstream"))
             self.close()
@@ -111,8 +115,10 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self.parser
         assert parser is not None
         status = parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self.headers = []  # an interim response (100 Continue, 103 Early Hints): wait for the real one
+        if 100 <= status < 200:
+            # An interim response (100 Continue, 103 Early Hints): wait for the real one. A 101 is not
+            # relayed either: the parser stops right after it and data_received answers 502.
+            self.headers = []
             return
         self.status = status
         self.keep_alive = parser.should_keep_alive()

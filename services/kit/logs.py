@@ -42,6 +42,8 @@ SAFE_EXTRA_KEYS = frozenset(
         "batch",
         "recipients",
         "collection",
+        "request_id",
+        "upstream_ms",
     }
 )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,12 +180,7 @@ class Upstream:
 
 
 def kong_upstreams(config: dict) -> list[Upstream]:
-    upstreams = []
-    for service in config.get("services") or []:
-        if service.get("url"):
-            parts = urllib.parse.urlsplit(service["url"])
-            host, port = parts.hostname, parts.port or {"http": 80, "https": 443}[parts.scheme]
-        else:
-            host, port = service["host"], service.get("port", 80)
-        upstreams.append(Upstream(service["name"], host, int(port)))
-    return upstreams
+    """Each Kong service's host and port, as the gateway's loader reads them (`url` expanded, Kong's defaults)."""
+    from services.gateway.declarative.loader import load_services
+
+    return [Upstream(service.name or service.id, service.host, service.port) for service in load_services(config)]

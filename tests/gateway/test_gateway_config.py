@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
 import time
 
+import jwt
 import pytest
 import requests
 
 from tests.gateway.conftest import REPO_ROOT, gateway_env, run_check, start_gateway
+
+PRODUCT_FILE = REPO_ROOT / "gateway" / "kong.yml"
+PORTAL_KEY = "portal-test-key-0123456789"
 
 GOOD = """\
 _format_version: "3.0"
@@ -34,7 +39,7 @@ def product_env(upstream, keys) -> dict[str, str]:
         "DECK_DIRECTORY_URL": upstream.url,
         "DECK_INBOX_URL": upstream.url,
         "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
-        "DECK_PATIENT_PORTAL_API_KEY": "portal-test-key-0123456789",
+        "DECK_PATIENT_PORTAL_API_KEY": PORTAL_KEY,
         "DECK_RATE_LIMIT_MINUTE": "600",
         "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
         "DECK_CORS_ORIGIN": "http://127.0.0.1:8000",
@@ -48,19 +53,88 @@ def test_the_product_kong_yml_validates(upstream, keys):
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):
-    gateway = start_gateway(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys), tmp_path)
+    gateway = start_gateway(PRODUCT_FILE, product_env(upstream, keys), tmp_path)
     try:
         with requests.Session() as http:
             login = http.post(f"{gateway.url}/api/v1/auth/token", json={"username": "u"})
             assert login.status_code == 200
             assert login.json()["path"] == "/api/v1/auth/token"
             assert login.headers["X-RateLimit-Limit-Minute"] == "30"  # the stricter auth limit
-            assert http.get(f"{gateway.url}/api/v1/messages").status_code == 401
-            assert http.get(f"{gateway.url}/api/v1/directory/staff").status_code == 401
-            partner = http.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": "portal-test-key-0123456789"})
+            for path in ("/api/v1/messages", "/api/v1/directory/staff"):
+                refused = http.get(f"{gateway.url}{path}")
+                assert refused.status_code == 401
+                assert refused.json() == {"message": "Unauthorized"}
+                assert refused.headers["WWW-Authenticate"] == "Bearer"
+                assert refused.headers["Content-Type"] == "application/json; charset=utf-8"
+                assert re.fullmatch(r"[0-9a-f]{32}", refused.headers["X-Kong-Request-Id"])
+            partner = http.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": PORTAL_KEY})
             assert partner.status_code == 200
             assert partner.headers["X-RateLimit-Limit-Minute"] == "600"
             assert "X-Correlation-ID" in partner.headers
+            assert "apikey" not in {k.lower() for k, _ in partner.json()["headers"]}  # hide_credentials
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_the_product_kong_yml_verifies_staff_tokens_and_partner_keys(upstream, keys, tmp_path):
+    gateway = start_gateway(PRODUCT_FILE, product_env(upstream, keys), tmp_path)
+    try:
+        with requests.Session() as http:
+            # An RS256 token checked against the PEM that `indent 10` placed in the block scalar.
+            access = jwt.encode({"iss": "clinic-directory", "sub": "staff-1", "exp": int(time.time()) + 900},
+                                keys.private_pem, algorithm="RS256")
+            for path in ("/api/v1/messages/board", "/api/v1/directory/me"):
+                response = http.get(f"{gateway.url}{path}", headers={"Authorization": f"Bearer {access}"})
+                assert response.status_code == 200
+                assert response.json()["path"] == path
+                seen = {k.lower(): v for k, v in response.json()["headers"]}
+                assert seen["x-consumer-username"] == "clinic-staff"
+                assert seen["x-credential-identifier"] == "clinic-directory"
+            forged = jwt.encode({"iss": "clinic-directory", "exp": int(time.time()) + 900}, keys.other_private_pem,
+                                algorithm="RS256")
+            refused = http.get(f"{gateway.url}/api/v1/messages", headers={"Authorization": f"Bearer {forged}"})
+            assert refused.status_code == 401 and refused.json() == {"message": "Invalid signature"}
+
+            wrong = http.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": "not-the-portal-key"})
+            assert wrong.status_code == 401
+            assert wrong.json() == {"message": "Unauthorized", "request_id": wrong.headers["X-Kong-Request-Id"]}
+            assert wrong.headers["WWW-Authenticate"] == "Key"
+            # key_in_query is off: a key in the URL is not looked at (and so is not worth leaking into logs).
+            in_query = http.get(f"{gateway.url}/api/v1/partner/x?apikey={PORTAL_KEY}")
+            assert in_query.status_code == 401
+            assert in_query.json()["message"] == "No API key found in request"
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_the_product_kong_yml_limits_bodies_to_one_megabyte(upstream, keys, tmp_path):
+    gateway = start_gateway(PRODUCT_FILE, product_env(upstream, keys), tmp_path)
+    try:
+        with requests.Session() as http:
+            url = f"{gateway.url}/api/v1/auth/token"
+            assert http.post(url, data=b"x" * 2**20).json()["body_length"] == 2**20
+            too_big = http.post(url, data=b"x" * (2**20 + 1))
+            assert too_big.status_code == 413
+            assert too_big.json() == {"message": "Request size limit exceeded",
+                                      "request_id": too_big.headers["X-Kong-Request-Id"]}
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_the_product_partner_route_refuses_consumers_outside_the_partners_group(upstream, keys, tmp_path):
+    # The product file plus one more key-auth consumer that is not in `partners`.
+    text = PRODUCT_FILE.read_text().replace(
+        "consumers:\n", "consumers:\n  - username: outsider\n    keyauth_credentials: [{key: outsider-key-1}]\n", 1)
+    config = tmp_path / "kong.yml"
+    config.write_text(text)
+    gateway = start_gateway(config, product_env(upstream, keys), tmp_path)
+    try:
+        response = requests.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": "outsider-key-1"}, timeout=5)
+        assert response.status_code == 403
+        assert response.json() == {"message": "You cannot consume this service",
+                                   "request_id": response.headers["X-Kong-Request-Id"]}
+        assert requests.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": PORTAL_KEY},
+                            timeout=5).status_code == 200
     finally:
         assert gateway.stop() == 0
 
@@ -108,6 +182,16 @@ def test_a_good_file_passes_the_check(tmp_path, upstream):
     config.write_text(GOOD)
     result = run_check(config, gateway_env({"DECK_ECHO_URL": upstream.url}))
     assert result.returncode == 0, result.stderr
+
+
+def test_invalid_gateway_settings_are_listed_with_exit_status_2(tmp_path, upstream):
+    config = tmp_path / "kong.yml"
+    config.write_text(GOOD)
+    env = gateway_env({"DECK_ECHO_URL": upstream.url, "GATEWAY_PORT": "eighty", "GATEWAY_ACCESS_LOG": "maybe"})
+    result = run_check(config, env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "GATEWAY_PORT" in result.stderr and "GATEWAY_ACCESS_LOG" in result.stderr
 
 
 def test_the_server_itself_refuses_to_start_on_a_broken_file(tmp_path):

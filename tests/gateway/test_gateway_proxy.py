@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import re
+import select
 import socket
+import threading
 import time
+import uuid
 
 import jwt
 import pytest
@@ -71,6 +74,11 @@ services:
     retries: 0
     routes:
       - {name: slow, paths: [/slow]}
+  - name: switching
+    url: ${{ env "DECK_SWITCHING_URL" }}
+    retries: 0
+    routes:
+      - {name: switching, paths: [/switch]}
 consumers:
   - username: clinic-staff
     custom_id: staff
@@ -100,7 +108,35 @@ REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @pytest.fixture(scope="module")
-def gateway(upstream, keys, tmp_path_factory):
+def switching_upstream():
+    """An upstream that answers every request with 101 Switching Protocols."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                    data += chunk
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                             b"frames")
+                try:
+                    conn.recv(1)  # until the gateway hangs up
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream, keys, switching_upstream, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gateway")
     config = workdir / "kong.yml"
     config.write_text(TEST_CONFIG)
@@ -108,6 +144,7 @@ def gateway(upstream, keys, tmp_path_factory):
         "DECK_ECHO_URL": upstream.url,
         "DECK_CLOSED_PORT": str(closed_port()),
         "DECK_PUBLIC_KEY": keys.public_pem,
+        "DECK_SWITCHING_URL": switching_upstream,
     })
     process = start_gateway(config, env, workdir)
     yield process
@@ -136,6 +173,26 @@ def assert_kong_error(response: requests.Response, status: int, message: str) ->
     assert body == {"message": message, "request_id": response.headers["X-Kong-Request-Id"]}
     assert REQUEST_ID.match(body["request_id"])
     assert response.headers["Server"] == "kong/3.9.1"
+
+
+def assert_jwt_refusal(response: requests.Response, body: dict, challenge: str) -> None:
+    """The jwt plugin's kong.response.exit: its own body (no request_id), Kong's headers all the same."""
+    assert response.status_code == 401
+    assert response.json() == body
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert response.headers["WWW-Authenticate"] == challenge
+    assert REQUEST_ID.match(response.headers["X-Kong-Request-Id"])
+    assert response.headers["Server"] == "kong/3.9.1"
+
+
+def exchange(gateway, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes, read until the gateway closes the connection (a timeout fails the test)."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
 
 
 # --- routing ----------------------------------------------------------------------------------
@@ -195,6 +252,11 @@ def test_forwarded_for_appends_the_client_address(gateway, http):
     assert upstream_headers(response)["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
 
 
+def test_forwarded_host_drops_the_port_of_an_ipv6_host(gateway, http):
+    response = http.get(f"{gateway.url}/open", headers={"Host": "[::1]:8000"})
+    assert upstream_headers(response)["x-forwarded-host"] == "[::1]"
+
+
 # --- correlation id ------------------------------------------------------------------------------
 
 
@@ -222,10 +284,7 @@ def test_correlation_id_is_echoed_on_gateway_errors_too(gateway, http):
 
 def test_no_token_is_401_with_kongs_body_and_bearer_challenge(gateway, http):
     response = http.get(f"{gateway.url}/staff")
-    assert response.status_code == 401
-    assert response.json() == {"message": "Unauthorized"}
-    assert response.headers["WWW-Authenticate"] == "Bearer"
-    assert REQUEST_ID.match(response.headers["X-Kong-Request-Id"])
+    assert_jwt_refusal(response, {"message": "Unauthorized"}, "Bearer")
 
 
 @pytest.mark.parametrize(
@@ -244,9 +303,7 @@ def test_no_token_is_401_with_kongs_body_and_bearer_challenge(gateway, http):
 )
 def test_rejected_tokens_get_401_with_kongs_message(gateway, http, keys, make_token, expected):
     response = http.get(f"{gateway.url}/staff", headers={"Authorization": f"Bearer {make_token(keys)}"})
-    assert response.status_code == 401
-    assert response.json() == expected
-    assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert_jwt_refusal(response, expected, 'Bearer error="invalid_token"')
 
 
 def test_alg_none_token_is_refused(gateway, http):
@@ -255,8 +312,7 @@ def test_alg_none_token_is_refused(gateway, http):
 
     unsigned = f"{segment({'alg': 'none', 'typ': 'JWT'})}.{segment({'iss': 'clinic-directory', 'exp': 9e9})}."
     response = http.get(f"{gateway.url}/staff", headers={"Authorization": f"Bearer {unsigned}"})
-    assert response.status_code == 401
-    assert response.json() == {"message": "Bad token; invalid alg"}
+    assert_jwt_refusal(response, {"message": "Bad token; invalid alg"}, 'Bearer error="invalid_token"')
 
 
 def test_valid_token_is_proxied_with_consumer_headers_and_the_token_intact(gateway, http, keys):
@@ -366,6 +422,31 @@ def test_chunked_oversize_body_is_413(gateway, http, upstream):
     assert len(upstream.seen) == before  # the upstream never saw it
 
 
+def test_declared_oversize_body_expecting_100_continue_is_417_before_the_body_is_sent(gateway):
+    answer = exchange(gateway, b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n"
+                               b"Expect: 100-continue\r\nAccept: application/json\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 417 Expectation Failed\r\n")  # no 100 Continue first
+    assert b"\r\nConnection: close\r\n" in head  # the body was never sent: nothing to read after it
+    assert json.loads(body)["message"] == "Request size limit exceeded"
+
+
+def test_chunked_oversize_body_expecting_100_continue_is_417(gateway, upstream):
+    before = len(upstream.seen)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n")
+        answer = b""
+        while b"request_id" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 417 Expectation Failed\r\n")
+    assert json.loads(body)["message"] == "Request size limit exceeded"
+    assert len(upstream.seen) == before
+
+
 def test_bodies_within_the_limit_reach_the_upstream(gateway, http):
     assert http.post(f"{gateway.url}/upload", data=b"y" * 1000).json()["body_length"] == 1000
     assert http.post(f"{gateway.url}/upload", data=iter([b"z" * 100] * 3)).json()["body_length"] == 300
@@ -405,6 +486,36 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(gateway):
     assert data.index(b'"/open/1"') < data.index(b'"/open/2"') < data.index(b"HTTP/1.1 404")
 
 
+def test_requests_pipelined_after_an_upgrade_are_not_left_waiting(gateway):
+    # The Upgrade is not relayed and nothing after it is read: the answer closes the connection.
+    answer = exchange(gateway, b"GET /open/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                               b"GET /open/after HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nConnection: close\r\n" in head
+    assert answer.count(b"HTTP/1.1 ") == 1 and b'"/open/ws"' in answer
+
+
+def test_a_header_too_large_is_refused_before_it_has_all_been_sent(gateway):
+    limit = 16 * 2**20
+    sent, answer = 0, b""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(b"GET /open HTTP/1.1\r\nHost: a\r\nX-Huge: ")
+        while sent < limit and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(b"a" * 65536)  # the value never ends
+            sent += 65536
+        try:
+            while b"request_id" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        except TimeoutError:
+            pass
+    assert sent < limit, "no answer while 16 MB of one header value were sent"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"\r\nConnection: close\r\n" in head
+    assert json.loads(body)["message"] == "Request header or cookie too large"
+
+
 # --- upstream failures -------------------------------------------------------------------------------
 
 
@@ -418,15 +529,36 @@ def test_upstream_too_slow_is_504(gateway, http):
     assert_kong_error(response, 504, "The upstream server is timing out")
 
 
+def test_a_post_that_times_out_on_a_kept_alive_connection_is_sent_once(gateway, upstream, http):
+    assert http.get(f"{gateway.url}/slow").status_code == 200  # leaves a kept-alive connection in the pool
+    marker = uuid.uuid4().hex
+    response = http.post(f"{gateway.url}/slow", data=b'{"a": 1}',
+                         headers={"X-Test-Sleep": "1", "X-Test-Marker": marker})
+    assert_kong_error(response, 504, "The upstream server is timing out")
+    received = [seen for seen in upstream.seen if ("X-Test-Marker", marker) in seen["headers"]]
+    assert len(received) == 1  # retries: 0, and nginx never re-sends a POST
+
+
+def test_an_upstream_switching_protocols_is_502(gateway, http):
+    response = http.get(f"{gateway.url}/switch", timeout=5)
+    assert_kong_error(response, 502, "An invalid response was received from the upstream server")
+
+
 def test_request_log_has_no_paths_or_tokens(gateway, http, keys):
     access = token(keys.private_pem)
-    http.get(f"{gateway.url}/staff/patient-jane-doe?name=jane", headers={"Authorization": f"Bearer {access}"})
+    assert http.get(f"{gateway.url}/staff/patient-jane-doe?name=jane",
+                    headers={"Authorization": f"Bearer {access}"}).status_code == 200
+    assert http.get(f"{gateway.url}/partner/patient-jane-doe?apikey=portal-key-123&name=jane").status_code == 200
     time.sleep(0.1)
     text = gateway.stdout_path.read_text()
     assert "jane" not in text
     assert access not in text
+    assert "portal-key-123" not in text
     entries = [e for e in gateway.log_lines() if e.get("msg") == "request" and e.get("route") == "staff"]
-    assert entries and {"request_id", "method", "status", "duration_ms"} <= set(entries[-1])
+    assert entries and {"request_id", "method", "status", "duration_ms", "upstream_ms"} <= set(entries[-1])
+    assert entries[-1]["service"] == "gateway" and entries[-1]["status"] == 200
+    partner = [e for e in gateway.log_lines() if e.get("msg") == "request" and e.get("route") == "partner"]
+    assert partner and partner[-1]["status"] == 200
 
 
 def test_a_token_in_the_query_string_is_not_accepted_when_uri_param_names_is_empty(gateway, http, keys):

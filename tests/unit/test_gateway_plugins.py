@@ -5,6 +5,8 @@ from __future__ import annotations
 import calendar
 import json
 import time
+import tracemalloc
+import urllib.parse
 
 import jwt as pyjwt
 import pytest
@@ -13,7 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.gateway.context import IncomingRequest, RequestContext
 from services.gateway.declarative.loader import load_text
-from services.gateway.plugins.jwt import BadToken, decode, verify_registered_claims, verify_signature
+from services.gateway.plugins import jwt as jwt_plugin
+from services.gateway.plugins.cors import CorsPlugin
+from services.gateway.plugins.jwt import BadToken, JwtPlugin, decode, verify_registered_claims, verify_signature
 from services.gateway.plugins.rate_limiting import LocalCounters, RateLimitingPlugin, window_starts
 from services.gateway.responses import error, exit_json, response_type
 
@@ -29,13 +33,18 @@ def test_decode_reports_kongs_reasons():
 
 @pytest.mark.parametrize("alg", ["RS256", "RS512", "PS256", "ES256", "ES384"])
 def test_signatures_verify_with_the_right_key_only(alg):
-    key = ec.generate_private_key(ec.SECP256R1() if alg == "ES256" else ec.SECP384R1()) if alg.startswith("ES") \
-        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    def new_key():
+        if alg.startswith("ES"):
+            return ec.generate_private_key(ec.SECP256R1() if alg == "ES256" else ec.SECP384R1())
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    key, other = new_key(), new_key()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     token = pyjwt.encode({"iss": "x"}, pem, algorithm=alg)
     _, _, signing_input, signature = decode(token)
     assert verify_signature(alg, key.public_key(), signing_input, signature)
     assert not verify_signature(alg, key.public_key(), signing_input + b"x", signature)
+    assert not verify_signature(alg, other.public_key(), signing_input, signature)  # same type, wrong key
 
 
 def test_hmac_signatures():
@@ -137,3 +146,112 @@ def test_window_start_uses_current_time_by_default():
     after = window_starts(int(time.time() * 1000))["minute"]
     counted = {counters.usage(plugin.instance.id, "10.0.0.1", "minute", start) for start in (before, after)}
     assert 1 in counted
+
+
+# --- cors ------------------------------------------------------------------------------------------
+
+
+def test_cors_keeps_nothing_per_origin():
+    text = ('_format_version: "3.0"\nservices:\n  - {name: s, url: "http://h", routes: [{name: r, paths: [/]}]}\n'
+            "plugins:\n  - name: cors\n    config: {origins: [http://a.clinic.test, http://b.clinic.test]}\n")
+    model = load_text(text, {})
+    plugin = CorsPlugin(model.plugins[0], model)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(300):
+            origin = f"http://{i}.example.test/" + "x" * 60_000
+            ctx = RequestContext(IncomingRequest("GET", "/", [("Origin", origin)]), "rid", "10.0.0.1")
+            plugin.header_filter(ctx)
+            assert ("clear", "Access-Control-Allow-Origin", None) in ctx.response_header_ops
+        urllib.parse.clear_cache()  # the standard library's own (128-entry) cache of urlsplit
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 1_000_000  # 300 origins of 60 kB each would be 18 MB
+
+
+# --- jwt: one bounded cache of verified tokens for every plugin instance ----------------------------
+
+JWT_CONFIG = """\
+_format_version: "3.0"
+services:
+  - name: s
+    url: http://h
+    routes:
+      - {name: one, paths: [/one], plugins: [{name: jwt, config: {claims_to_verify: [exp]}}]}
+      - {name: two, paths: [/two], plugins: [{name: jwt, config: {claims_to_verify: [exp]}}]}
+consumers:
+  - username: staff
+    jwt_secrets: [{key: issuer, algorithm: HS256, secret: SECRET}]
+"""
+
+
+def _jwt_plugins(secret: str = "a-secret-of-at-least-32-bytes-long!") -> list[JwtPlugin]:
+    model = load_text(JWT_CONFIG.replace("SECRET", secret), {})
+    return [JwtPlugin(instance, model) for instance in model.plugins]
+
+
+def _bearer(token: str) -> RequestContext:
+    return RequestContext(IncomingRequest("GET", "/one", [("Authorization", f"Bearer {token}")]), "rid", "10.0.0.1")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    jwt_plugin.VERIFIED.clear()
+    calls = {"decode": 0, "verify": 0}
+    decode_, verify_ = jwt_plugin.decode, jwt_plugin.verify_signature
+
+    def counting_decode(token):
+        calls["decode"] += 1
+        return decode_(token)
+
+    def counting_verify(*args):
+        calls["verify"] += 1
+        return verify_(*args)
+
+    monkeypatch.setattr(jwt_plugin, "decode", counting_decode)
+    monkeypatch.setattr(jwt_plugin, "verify_signature", counting_verify)
+    yield calls
+    jwt_plugin.VERIFIED.clear()
+
+
+def test_a_verified_token_is_looked_up_before_decoding_by_every_plugin_instance(counted):
+    one, two = _jwt_plugins()
+    token = pyjwt.encode({"iss": "issuer", "exp": int(time.time()) + 300}, "a-secret-of-at-least-32-bytes-long!")
+    for plugin in (one, one, two):
+        ctx = _bearer(token)
+        assert plugin.access(ctx) is None
+        assert ctx.consumer is not None and ctx.consumer.username == "staff"
+    assert counted == {"decode": 1, "verify": 1}
+
+
+def test_claims_are_still_checked_for_a_remembered_token(counted, monkeypatch):
+    (one, _) = _jwt_plugins()
+    token = pyjwt.encode({"iss": "issuer", "exp": int(time.time()) + 300}, "a-secret-of-at-least-32-bytes-long!")
+    assert one.access(_bearer(token)) is None
+    later = time.time() + 3600
+    monkeypatch.setattr(jwt_plugin.time, "time", lambda: later)
+    refused = one.access(_bearer(token))
+    assert refused is not None and refused.status == 401
+    assert json.loads(refused.body) == {"exp": "token expired"}
+    assert counted["verify"] == 1
+
+
+def test_a_token_remembered_for_one_credential_is_not_accepted_for_another(counted):
+    (mine, _) = _jwt_plugins()
+    token = pyjwt.encode({"iss": "issuer", "exp": int(time.time()) + 300}, "a-secret-of-at-least-32-bytes-long!")
+    assert mine.access(_bearer(token)) is None
+    (theirs, _) = _jwt_plugins("another-secret-of-at-least-32-bytes!")  # same key name, another model
+    refused = theirs.access(_bearer(token))
+    assert refused is not None and json.loads(refused.body) == {"message": "Invalid signature"}
+
+
+def test_the_verified_token_cache_is_bounded():
+    cache = jwt_plugin.VerifiedTokens(size=2)
+    (plugin, _) = _jwt_plugins()
+    secret = plugin.model.jwt_secrets["issuer"]
+    for token in ("t1", "t2", "t3"):
+        cache.put(jwt_plugin.Verified(token, secret, False, {"alg": "HS256"}, {"iss": "issuer"}))
+    assert len(cache) == 2
+    assert cache.get("t1") is None and cache.get("t3") is not None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from services.gateway.model import Route, Service
-from services.gateway.router import Router, normalize_path, upstream_path
+from services.gateway.router import Router, normalize_path, strip_port, upstream_path
 
 
 def service(path: str | None = None, enabled: bool = True) -> Service:
@@ -86,3 +88,31 @@ def test_paths_are_normalized_before_matching(raw, normalized):
 def test_dot_segments_cannot_escape_a_prefix():
     router = Router([route("public", ["/public"]), route("admin", ["/admin"])])
     assert router.match("GET", "/public/../admin/x", None).route.name == "admin"
+
+
+def test_matching_keeps_nothing_per_request_path():
+    router = Router([route("api", ["/api"])])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(300):
+            assert router.match("GET", f"/api/{i}/" + "x" * 60_000, "clinic.test") is not None
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 1_000_000  # 300 client paths of 60 kB each would be 18 MB
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [("clinic.test", "clinic.test"), ("clinic.test:8000", "clinic.test"), ("[::1]:8000", "[::1]"),
+     ("[::1]", "[::1]"), ("10.0.0.1:80", "10.0.0.1")],
+)
+def test_strip_port(host, expected):
+    assert strip_port(host) == expected
+
+
+def test_ipv6_hosts_match_with_or_without_a_port():
+    router = Router([route("v6", ["/"], hosts=["[::1]"])])
+    assert router.match("GET", "/x", "[::1]:8000").route.name == "v6"
+    assert router.match("GET", "/x", "[::1]").route.name == "v6"

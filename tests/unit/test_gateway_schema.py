@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.gateway.declarative.loader import ConfigError, load_text
+from services.gateway.declarative.loader import ConfigError, load_services, load_text
 from services.gateway.declarative.schema import MISSING, Integer, Problems, Record, String
+from services.gateway.proxy import Gateway
 
 BASE = """\
 _format_version: "3.0"
@@ -147,3 +151,53 @@ def test_consumer_credentials_and_groups_are_loaded():
     assert credential.consumer.username == "portal"
     assert credential.consumer.groups == ["partners", "billing"]
     assert "k1" not in credential.id
+
+
+def test_a_duplicate_credential_key_is_named_by_where_it_is_never_by_its_value():
+    text = BASE + (
+        "consumers:\n"
+        "  - username: a\n    keyauth_credentials: [{key: sk-live-0123456789}]\n"
+        "  - username: b\n    keyauth_credentials: [{key: sk-live-0123456789}]\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_text(text, {})
+    assert err.value.problems == [
+        "consumers[1].keyauth_credentials[0].key: UNIQUE violation detected on this key "
+        "(also at consumers[0].keyauth_credentials[0].key)"
+    ]
+    assert "sk-live-0123456789" not in str(err.value)
+
+
+def test_duplicate_names_are_still_quoted():
+    duplicate = "  - name: svc\n    id: 0b6c9e3e-6f0a-4a49-9a55-3d3f5f1c2b10\n    url: http://127.0.0.1:9001\n"
+    problems = problems_of(BASE + duplicate)
+    assert problems == ["services[1].name: UNIQUE violation detected on 'svc' (also at services[0].name)"]
+
+
+def test_a_public_key_is_parsed_once_whatever_uses_it(monkeypatch):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    text = BASE + (
+        "      - {name: r2, paths: [/r2], plugins: [{name: jwt}]}\n"
+        "plugins:\n  - name: jwt\n"
+        "consumers:\n  - username: staff\n    jwt_secrets:\n      - key: issuer\n        algorithm: RS256\n"
+        "        rsa_public_key: |\n" + "".join(f"          {line}\n" for line in pem.splitlines())
+    )
+    parsed = []
+    real = serialization.load_pem_public_key
+    monkeypatch.setattr(serialization, "load_pem_public_key", lambda data, *a, **kw: parsed.append(1) or real(data))
+    model = load_text(text, {})
+    Gateway(model, 8000, pool=None)  # builds both jwt plugin instances
+    assert len(model.plugins) == 2
+    assert len(parsed) == 1
+    assert model.jwt_secrets["issuer"].verifier.public_numbers() == key.public_numbers()
+
+
+def test_services_alone_can_be_read_from_a_parsed_document():
+    document = yaml.safe_load(BASE + "  - {name: bare, host: inbox.clinic.svc}\nconsumers: [{username: x, "
+                                     "jwt_secrets: [{algorithm: RS256, rsa_public_key: not-a-key}]}]\n")
+    services = load_services(document)
+    assert [(s.name, s.host, s.port, s.path) for s in services] == [
+        ("svc", "127.0.0.1", 9000, "/v1"), ("bare", "inbox.clinic.svc", 80, None)]
+    with pytest.raises(ConfigError, match=r"services\[0\].url: invalid port"):
+        load_services({"services": [{"name": "s", "url": "http://h:port"}]})

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from services.gateway.declarative import entities as e
 from services.gateway.declarative.schema import MISSING, Problems, Record, join
@@ -25,6 +27,7 @@ from services.gateway.model import (
     PluginInstance,
     Route,
     Service,
+    find_consumer,
 )
 from services.gateway.plugins import KONG_BUNDLED, REGISTRY
 from services.gateway.plugins.base import protocols_field
@@ -33,6 +36,8 @@ from services.gateway.plugins.base import protocols_field
 # X-Consumer-ID header) do not change from one start to the next.
 _ID_NAMESPACE = uuid.UUID("6f1c3a52-7c8e-4b5f-9a0e-2d4c8b1e7a90")
 _ASYMMETRIC = ("RS", "ES", "PS", "Ed")
+# Unique keys whose value is a credential: a duplicate is reported by where it is, never by what it is.
+_SECRET_KEYS = frozenset({"keyauth_credentials.key", "jwt_secrets.key"})
 
 
 class ConfigError(Exception):
@@ -93,6 +98,18 @@ def load_text(text: str, environ: Mapping[str, str], source: str = "kong.yml") -
     return model
 
 
+def load_services(document: Any, source: str = "kong.yml") -> list[Service]:
+    """Only the `services` of an already rendered and parsed decK document (their `url` expanded,
+    defaults applied, routes checked), for tools that need the upstreams without the credentials."""
+    builder = _Builder()
+    if isinstance(document, dict):
+        for path, raw in _items(document, "services", builder.problems):
+            builder.add_service(path, raw)
+    if builder.problems:
+        raise ConfigError(source, [str(p) for p in builder.problems])
+    return builder.services
+
+
 def _items(document: dict, key: str, problems: Problems, path: str = "") -> list[tuple[str, Any]]:
     value = document.get(key)
     where = join(path, key)
@@ -148,13 +165,14 @@ class _Builder:
             self.add_plugin(path, raw, None, None)
         self.resolve_plugins()
         return GatewayModel(self.services, self.routes, self.consumers, self.plugins, self.jwt_secrets,
-                            self.keyauth, str(version))
+                            self.keyauth)
 
     def claim(self, kind: str, key: str, path: str) -> bool:
         """Kong's UNIQUE constraint on names, usernames, keys and ids."""
         slot = f"{kind}:{key}"
         if slot in self.ids:
-            self.problems.add(path, f"UNIQUE violation detected on '{key}' (also at {self.ids[slot]})")
+            what = "this key" if kind in _SECRET_KEYS else f"'{key}'"
+            self.problems.add(path, f"UNIQUE violation detected on {what} (also at {self.ids[slot]})")
             return False
         self.ids[slot] = path
         return True
@@ -290,12 +308,16 @@ class _Builder:
             return
         algorithm = record["algorithm"]
         key = record.get("key") or uuid.uuid4().hex
+        secret = record.get("secret") or (uuid.uuid4().hex if algorithm.startswith("HS") else None)
+        verifier: Any = secret.encode() if secret is not None and algorithm.startswith("HS") else None
         if algorithm.startswith(_ASYMMETRIC):
             pem = record.get("rsa_public_key")
             if not pem:
                 self.problems.add(join(path, "rsa_public_key"), "required field missing")
                 return
-            if _public_key_problem(pem):
+            try:
+                verifier = serialization.load_pem_public_key(pem.encode())  # parsed here, once
+            except (ValueError, TypeError, UnsupportedAlgorithm):
                 self.problems.add(join(path, "rsa_public_key"), "invalid key")
                 return
         if not self.claim("jwt_secrets.key", key, join(path, "key")):
@@ -304,9 +326,10 @@ class _Builder:
             id=record.get("id") or stable_id("jwt_secrets", key),
             key=key,
             algorithm=algorithm,
-            secret=record.get("secret") or (uuid.uuid4().hex if algorithm.startswith("HS") else None),
+            secret=secret,
             rsa_public_key=record.get("rsa_public_key"),
             consumer=consumer,
+            verifier=verifier,
         )
 
     def add_keyauth(self, path: str, raw: Any, consumer: Consumer) -> None:
@@ -377,7 +400,7 @@ class _Builder:
                 continue
             for key in ("anonymous",):
                 ref = record["config"].get(key)
-                if ref and not any(ref in (c.id, c.username) for c in self.consumers):
+                if ref and find_consumer(self.consumers, ref) is None:
                     self.problems.add(join(path, f"config.{key}"), f"no consumer with id or username '{ref}'")
             self.plugins.append(PluginInstance(
                 id=plugin_id,
@@ -389,13 +412,3 @@ class _Builder:
                 service=service,
                 path=path,
             ))
-
-
-def _public_key_problem(pem: str) -> bool:
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        serialization.load_pem_public_key(pem.encode())
-    except (ValueError, TypeError):
-        return True
-    return False

@@ -151,16 +151,17 @@ class Number(Field):
 
     def check_range(self, value: Any, path: str, problems: Problems) -> Any:
         if self.between is not None and not (self.between[0] <= value <= self.between[1]):
-            low, high = (_num(b) for b in self.between)
+            low, high = (num(b) for b in self.between)
             problems.add(path, f"value should be between {low} and {high}")
             return MISSING
         if self.gt is not None and not value > self.gt:
-            problems.add(path, f"value must be greater than {_num(self.gt)}")
+            problems.add(path, f"value must be greater than {num(self.gt)}")
             return MISSING
         return value
 
 
-def _num(value: float) -> str:
+def num(value: float) -> str:
+    """A number as Kong prints it: `600`, not `600.0`."""
     return str(int(value)) if float(value).is_integer() else str(value)
 
 

@@ -20,18 +20,16 @@ class AclPlugin(Plugin):
         self.groups = set(self.conf.get("deny") or self.conf.get("allow") or [])
 
     def access(self, ctx: RequestContext) -> Exit | None:
+        # Kong also reads "authenticated groups" (set by ldap-auth, oauth2 ...); none of the auth plugins
+        # served here sets them, so only the consumer's own groups count and
+        # always_use_authenticated_groups has nothing to switch to.
         accept = ctx.request.header("accept")
         consumer = ctx.consumer
         if consumer is None:
-            if not ctx.authenticated_groups:
-                if ctx.credential is not None:
-                    return error(403, ctx.request_id, accept, FORBIDDEN)
-                return error(401, ctx.request_id, accept)
-            groups = ctx.authenticated_groups
-        elif self.conf["always_use_authenticated_groups"] and ctx.authenticated_groups:
-            groups = ctx.authenticated_groups
-        else:
-            groups = consumer.groups
+            if ctx.credential is not None:
+                return error(403, ctx.request_id, accept, FORBIDDEN)
+            return error(401, ctx.request_id, accept)
+        groups = consumer.groups
         in_group = bool(self.groups.intersection(groups))
         if in_group == self.deny:
             return error(403, ctx.request_id, accept, FORBIDDEN)

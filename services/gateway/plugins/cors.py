@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from functools import lru_cache
 
 from services.gateway.context import RequestContext
 from services.gateway.declarative import typedefs as t
-from services.gateway.declarative.schema import Array, Boolean, Number, Record, String
+from services.gateway.declarative.schema import Array, Boolean, Number, Record, String, num
 from services.gateway.model import GatewayModel, PluginInstance
 from services.gateway.plugins.base import Plugin, PluginSpec
 from services.gateway.responses import Exit
@@ -17,9 +16,11 @@ _PLAIN_ORIGIN = re.compile(r"^[A-Za-z0-9.:/-]+$")
 _MAYBE_REGEX = re.compile(r"[^A-Za-z0-9.:/-]")
 
 
-@lru_cache(maxsize=10_000)
 def normalize_origin(origin: str) -> tuple[str, str]:
-    """(domain, host) of an origin, dropping a default port, as Kong's normalize_origin does."""
+    """(domain, host) of an origin, dropping a default port, as Kong's normalize_origin does.
+
+    Not cached: the Origin header is whatever the client sends, and parsing one is cheap.
+    """
     parts = urllib.parse.urlsplit(origin)
     if not parts.hostname:
         return origin, origin
@@ -31,10 +32,6 @@ def normalize_origin(origin: str) -> tuple[str, str]:
         port = None
     domain = (f"{parts.scheme}://" if parts.scheme else "") + parts.hostname + (f":{port}" if port else "")
     return domain, parts.hostname
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 class CorsPlugin(Plugin):
@@ -121,7 +118,7 @@ class CorsPlugin(Plugin):
         methods = self.conf.get("methods")
         ctx.set_response_header("Access-Control-Allow-Methods", ",".join(methods or t.HTTP_METHODS))
         if self.conf.get("max_age") is not None:
-            ctx.set_response_header("Access-Control-Max-Age", _num(self.conf["max_age"]))
+            ctx.set_response_header("Access-Control-Max-Age", num(self.conf["max_age"]))
         if self.conf["private_network"] and request.header("access-control-request-private-network") == "true":
             ctx.set_response_header("Access-Control-Allow-Private-Network", "true")
         return Exit(200, b"")

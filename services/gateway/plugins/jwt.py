@@ -4,6 +4,11 @@ Token search order, status codes, messages, WWW-Authenticate values and the
 upstream headers follow the handler and jwt_parser of Kong 3.9. Like Kong,
 failures answer through `kong.response.exit`, so bodies are `{"message": ...}`
 (or the claim errors, e.g. `{"exp": "token expired"}`) without a request id.
+
+A token whose signature has been verified is remembered (VERIFIED, shared by
+every jwt plugin instance, bounded): a repeated token is looked up before it is
+decoded, and costs neither a decode nor a signature check; its claims (exp,
+nbf, maximum_expiration) are still checked on every request.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections import OrderedDict
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -38,6 +43,48 @@ SUPPORTED_ALGS = frozenset({*_HMAC, "RS256", "RS384", "RS512", *_EC_SIZES, "PS25
 
 class BadToken(ValueError):
     pass
+
+
+class Verified:
+    """A token whose signature checked out against `secret`, decoded."""
+
+    __slots__ = ("token", "secret", "secret_is_base64", "header", "claims")
+
+    def __init__(self, token: str, secret: JwtSecret, secret_is_base64: bool, header: dict, claims: dict):
+        self.token = token
+        self.secret = secret
+        self.secret_is_base64 = secret_is_base64
+        self.header = header
+        self.claims = claims
+
+
+class VerifiedTokens:
+    """Token -> Verified, least recently used first out. Only valid signatures are stored."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._entries: OrderedDict[str, Verified] = OrderedDict()
+
+    def get(self, token: str) -> Verified | None:
+        entry = self._entries.get(token)
+        if entry is not None:
+            self._entries.move_to_end(token)
+        return entry
+
+    def put(self, entry: Verified) -> None:
+        self._entries[entry.token] = entry
+        self._entries.move_to_end(entry.token)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+VERIFIED = VerifiedTokens()
 
 
 def _b64decode(segment: str) -> bytes:
@@ -70,15 +117,15 @@ def decode(token: str) -> tuple[dict, dict, bytes, bytes]:
     return header, claims, f"{parts[0]}.{parts[1]}".encode(), signature
 
 
-def prepare_key(secret: JwtSecret, secret_is_base64: bool = False) -> Any:
-    """Parse the credential's key once: a public key object, or the HMAC secret bytes."""
-    if secret.algorithm.startswith("HS"):
-        if secret.secret is None:
+def verification_key(secret: JwtSecret, secret_is_base64: bool = False) -> Any:
+    """The key a signature is checked with: the loader's (parsed PEM or secret bytes), or the
+    base64-decoded HMAC secret when the plugin says the secrets are base64 (None if they are not)."""
+    if secret_is_base64 and secret.algorithm.startswith("HS") and secret.secret is not None:
+        try:
+            return _b64decode(secret.secret)
+        except BadToken:
             return None
-        return _b64decode(secret.secret) if secret_is_base64 else secret.secret.encode()
-    if not secret.rsa_public_key:
-        return None
-    return serialization.load_pem_public_key(secret.rsa_public_key.encode())
+    return secret.verifier
 
 
 def verify_signature(alg: str, key: Any, signing_input: bytes, signature: bytes) -> bool:
@@ -133,10 +180,8 @@ class JwtPlugin(Plugin):
         self.realm = conf.get("realm")
         self.www_base = f'Bearer realm="{self.realm}"' if self.realm else "Bearer"
         self.www_error = self.www_base + ' error="invalid_token"'
-        self.keys = {k: prepare_key(s, conf["secret_is_base64"]) for k, s in model.jwt_secrets.items()}
+        self.secret_is_base64 = bool(conf["secret_is_base64"])
         self.anonymous = model.consumer_by_id_or_username(conf["anonymous"]) if conf.get("anonymous") else None
-        # Signatures already verified, so a repeated token costs no RSA operation (claims are still checked).
-        self._verified: OrderedDict[tuple[str, str], bool] = OrderedDict()
 
     def access(self, ctx: RequestContext) -> Exit | None:
         conf = self.conf
@@ -187,27 +232,31 @@ class JwtPlugin(Plugin):
         token = tokens[0]
         if not isinstance(token, str):
             return self._unauthorized("Unrecognizable token", self.www_error)
-        try:
-            header, claims, signing_input, signature = decode(token)
-        except BadToken as exc:
-            return self._unauthorized(f"Bad token; {exc}", self.www_error)
-
         claim_name = conf["key_claim_name"]
-        key = claims.get(claim_name, header.get(claim_name))
-        if key is None:
-            return self._unauthorized(f"No mandatory '{claim_name}' in claims", self.www_error)
-        if key == "":
-            return self._unauthorized(f"Invalid '{claim_name}' in claims", self.www_error)
-        secret = self.model.jwt_secrets.get(key) if isinstance(key, str) else None
-        if secret is None:
-            return self._unauthorized(f"No credentials found for given '{claim_name}'", self.www_error)
-        if header["alg"] != secret.algorithm:
-            return self._unauthorized("Invalid algorithm", self.www_error)
-        verifier = self.keys.get(secret.key)
-        if verifier is None:
-            return self._unauthorized("Invalid key/secret", self.www_error)
-        if not self._signature_ok(secret, verifier, token, (header["alg"], signing_input, signature)):
-            return self._unauthorized("Invalid signature", self.www_error)
+        known = self._already_verified(token, claim_name)
+        if known is not None:
+            secret, claims = known.secret, known.claims
+        else:
+            try:
+                header, claims, signing_input, signature = decode(token)
+            except BadToken as exc:
+                return self._unauthorized(f"Bad token; {exc}", self.www_error)
+            key = claims.get(claim_name, header.get(claim_name))
+            if key is None:
+                return self._unauthorized(f"No mandatory '{claim_name}' in claims", self.www_error)
+            if key == "":
+                return self._unauthorized(f"Invalid '{claim_name}' in claims", self.www_error)
+            secret = self.model.jwt_secrets.get(key) if isinstance(key, str) else None
+            if secret is None:
+                return self._unauthorized(f"No credentials found for given '{claim_name}'", self.www_error)
+            if header["alg"] != secret.algorithm:
+                return self._unauthorized("Invalid algorithm", self.www_error)
+            verifier = verification_key(secret, self.secret_is_base64)
+            if verifier is None:
+                return self._unauthorized("Invalid key/secret", self.www_error)
+            if not verify_signature(header["alg"], verifier, signing_input, signature):
+                return self._unauthorized("Invalid signature", self.www_error)
+            VERIFIED.put(Verified(token, secret, self.secret_is_base64, header, claims))
 
         now = int(time.time())
         errors = verify_registered_claims(claims, conf["claims_to_verify"] or [], now)
@@ -223,18 +272,18 @@ class JwtPlugin(Plugin):
         ctx.set_consumer_headers(secret.consumer, secret.key, anonymous=False)
         return None
 
-    def _signature_ok(self, secret: JwtSecret, verifier: Any, token: str, signed: tuple[str, bytes, bytes]) -> bool:
-        alg, signing_input, signature = signed
-        cache_key = (secret.key, token)
-        if cache_key in self._verified:
-            self._verified.move_to_end(cache_key)
-            return True
-        if not verify_signature(alg, verifier, signing_input, signature):
-            return False
-        self._verified[cache_key] = True
-        if len(self._verified) > 4096:
-            self._verified.popitem(last=False)
-        return True
+    def _already_verified(self, token: str, claim_name: str) -> Verified | None:
+        """The remembered verification of `token`, if it holds for this plugin: the credential this
+        plugin's claim name picks is the very one that verified it, with the same secret encoding."""
+        entry = VERIFIED.get(token)
+        if entry is None:
+            return None
+        key = entry.claims.get(claim_name, entry.header.get(claim_name))
+        if not isinstance(key, str) or self.model.jwt_secrets.get(key) is not entry.secret:
+            return None
+        if entry.secret.algorithm.startswith("HS") and entry.secret_is_base64 != self.secret_is_base64:
+            return None
+        return entry
 
 
 CONFIG = Record(

@@ -26,6 +26,7 @@ from services.gateway.declarative.schema import (
     String,
     at_least_one_of,
     conditional,
+    num,
     required_value,
 )
 from services.gateway.model import GatewayModel, PluginInstance
@@ -78,10 +79,6 @@ class LocalCounters:
 COUNTERS = LocalCounters()
 
 
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
 class RateLimitingPlugin(Plugin):
     has_access = True
 
@@ -130,11 +127,11 @@ class RateLimitingPlugin(Plugin):
                 if best is None or remaining < best[0] or (remaining == best[0] and window > best[1]):
                     best = (remaining, window, limit)
                     reset = max(1, window - (now_ms - starts[period]) // 1000)
-                ctx.set_response_header(f"X-RateLimit-Limit-{period.capitalize()}", _num(limit))
-                ctx.set_response_header(f"X-RateLimit-Remaining-{period.capitalize()}", _num(remaining))
+                ctx.set_response_header(f"X-RateLimit-Limit-{period.capitalize()}", num(limit))
+                ctx.set_response_header(f"X-RateLimit-Remaining-{period.capitalize()}", num(remaining))
             if best is not None:
-                ctx.set_response_header("RateLimit-Limit", _num(best[2]))
-                ctx.set_response_header("RateLimit-Remaining", _num(best[0]))
+                ctx.set_response_header("RateLimit-Limit", num(best[2]))
+                ctx.set_response_header("RateLimit-Remaining", num(best[0]))
                 ctx.set_response_header("RateLimit-Reset", str(reset))
 
         if stop is not None:

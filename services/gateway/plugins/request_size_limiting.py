@@ -28,11 +28,9 @@ class RequestSizeLimitingPlugin(Plugin):
 
     def access(self, ctx: RequestContext) -> Exit | None:
         request = ctx.request
-        expect = (request.header("expect") or "").strip().lower()
-        status = 417 if expect == "100-continue" else 413
-        declared = request.header("content-length")
-        if declared is not None and declared.strip().isdigit():
-            if int(declared) > self.allowed_bytes:
+        status = 417 if request.expects_continue else 413
+        if request.content_length is not None:
+            if request.content_length > self.allowed_bytes:
                 return error(status, ctx.request_id, request.header("accept"), MESSAGE)
             return None
         if self.conf["require_content_length"]:
