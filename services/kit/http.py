@@ -57,7 +57,7 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
     def _start():
         g.started = time.perf_counter()
         g.correlation_id = accept_correlation_id(request.headers.get("X-Correlation-ID")) or uuid.uuid4().hex
-        g.correlation_token = correlation_id_var.set(g.correlation_id)
+        request.environ["clinic.correlation_token"] = correlation_id_var.set(g.correlation_id)
 
     @app.after_request
     def _finish(response):
@@ -78,10 +78,11 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
 
     @app.teardown_request
     def _teardown(_exc):
-        token = g.pop("correlation_token", None)
+        # Context tokens live with the request, not in `g`, which a request made inside another shares.
+        token = request.environ.pop("clinic.correlation_token", None)
         if token is not None:
             correlation_id_var.reset(token)
-        identity_token = g.pop("identity_token", None)
+        identity_token = request.environ.pop("clinic.identity_token", None)
         if identity_token is not None:
             current_identity.reset(identity_token)
 
@@ -131,7 +132,7 @@ def require_auth(view: Callable) -> Callable:
         if not identity.agency_id:  # HTTP edges serve agency data only
             return error_response(403, "agency_scope_required", "a platform-scope token cannot read agency data")
         g.identity = identity
-        g.identity_token = current_identity.set(identity)
+        request.environ["clinic.identity_token"] = current_identity.set(identity)
         return view(*args, **kwargs)
 
     return wrapper
