@@ -170,3 +170,21 @@ def path_id(value: str, what: str = "id") -> str:
     if not ID_PATTERN.fullmatch(value):
         raise NotFound("not_found", f"no such {what}")
     return value
+
+
+@dataclass
+class Fields(Spec):
+    """A nested JSON object validated like a request body (unknown fields rejected; errors name `path.field`)."""
+
+    specs: dict[str, Spec]
+    required: bool = False
+
+    def clean(self, path: str, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise _type_error(path, "an object")
+        try:
+            return validate(value, self.specs)
+        except InvalidInput as exc:
+            inner = exc.details.get("field")
+            details = {**exc.details, "field": f"{path}.{inner}"} if inner else exc.details
+            raise InvalidInput(exc.code, f"{path}: {exc.message}", details) from exc
