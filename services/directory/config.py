@@ -13,6 +13,11 @@ SERVICE_CLIENTS registers the services that may ask for service tokens:
 A name listed twice (old and new digest) accepts either secret, for rotation.
 Required in production; in development each known client's secret is read from,
 or generated into, `<run dir>/secrets/service-<name>.secret` and its digest used.
+
+LOGIN_ATTEMPT_KEY (optional, at least 32 characters) keys the hash under which
+failed sign-ins are counted. Without it the key is derived (HKDF) from the
+active signing key, a secret only the directory holds; rotating that key then
+merely restarts the failure counts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from services.directory import tokens
 from services.directory.passwords import PROFILES
@@ -37,6 +45,8 @@ from services.kit.settings import (
 
 SERVICE = "directory"
 CLIENT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MIN_LOGIN_ATTEMPT_KEY_CHARS = 32
+LOGIN_ATTEMPT_KEY_INFO = b"clinic-directory login-attempt ids v1"
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -61,6 +71,8 @@ class DirectorySettings:
     login_policy: LoginPolicy
     # client id -> hex SHA-256 digests of its secrets (two while one is being rotated)
     service_clients: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # keys the hash failed sign-ins are counted under (domain.login_attempt_key)
+    login_attempt_key: bytes = field(default=b"", repr=False)
 
     @property
     def production(self) -> bool:
@@ -91,6 +103,7 @@ def load(environ: Mapping[str, str] | None = None) -> DirectorySettings:
         lockout_s=env.int("LOGIN_LOCKOUT_S", LoginPolicy.lockout_s, minimum=1, maximum=24 * 3600),
     )
     service_clients = load_service_clients(env)
+    attempt_key = load_login_attempt_key(env, signing_keys)
     env.done()
     assert signing_keys is not None  # env.done() raised otherwise
     return DirectorySettings(
@@ -103,7 +116,23 @@ def load(environ: Mapping[str, str] | None = None) -> DirectorySettings:
         password_hash_profile=profile,
         login_policy=policy,
         service_clients=service_clients,
+        login_attempt_key=attempt_key,
     )
+
+
+def load_login_attempt_key(env: Env, signing_keys: tokens.KeySet | None) -> bytes:
+    """LOGIN_ATTEMPT_KEY (or _FILE), else a key derived from the active signing key (module docstring)."""
+    given = env.given_secret("LOGIN_ATTEMPT_KEY")
+    if given is not None:
+        if len(given) < MIN_LOGIN_ATTEMPT_KEY_CHARS:
+            env.problems.append(f"LOGIN_ATTEMPT_KEY must be at least {MIN_LOGIN_ATTEMPT_KEY_CHARS} characters")
+        return given.encode("utf-8")
+    if signing_keys is None or signing_keys.active.private_key is None:
+        return b""  # JWT_SIGNING_KEYS is already reported
+    der = signing_keys.active.private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=LOGIN_ATTEMPT_KEY_INFO).derive(der)
 
 
 def load_service_clients(env: Env) -> dict[str, tuple[str, ...]]:

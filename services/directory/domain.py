@@ -7,6 +7,8 @@ agency actually reaches; and when repeated failed sign-ins lock a username.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import secrets
 import zoneinfo
@@ -18,7 +20,6 @@ from services.kit.auth import ROLE_ADMIN, ROLE_STAFF, ROLES
 from services.kit.errors import InvalidInput
 from services.kit.validation import ID_PATTERN
 
-AGENCY_PREFIX = "agy"
 STAFF_PREFIX = "stf"
 TEAM_PREFIX = "team"
 PATIENT_PREFIX = "pat"
@@ -73,6 +74,11 @@ class StaffMember:
     def is_admin(self) -> bool:
         return ROLE_ADMIN in self.roles
 
+    @property
+    def counts_as_admin(self) -> bool:
+        """Counted in the agency's active admins (at least one must remain)."""
+        return self.active and self.is_admin
+
 
 @dataclass(frozen=True)
 class Team:
@@ -80,6 +86,17 @@ class Team:
     agency_id: str
     name: str
     member_ids: tuple[str, ...] = ()
+
+
+def patient_sort_key(created_at_ms: int, patient_id: str) -> str:
+    """Portal patients are listed newest first by this key; same-millisecond ties by id."""
+    return f"{created_at_ms:015d}.{patient_id}"
+
+
+def is_patient_cursor(value: str) -> bool:
+    """Is `value` shaped like a patient_sort_key (a page cursor handed out earlier)?"""
+    stamp, dot, patient_id = value.partition(".")
+    return bool(dot) and len(stamp) == 15 and stamp.isascii() and stamp.isdigit() and is_well_formed_id(patient_id)
 
 
 @dataclass(frozen=True)
@@ -160,13 +177,20 @@ def team_name_key(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
-def agency_keeps_an_admin(staff: Iterable[StaffMember], changed: StaffMember) -> bool:
-    """After `changed` replaces its earlier version, does the agency still have an active admin?"""
-    for member in staff:
-        current = changed if member.id == changed.id else member
-        if current.active and current.is_admin:
-            return True
-    return changed.active and changed.is_admin
+def session_end_reason(before: StaffMember, after: StaffMember, password_changed: bool) -> str | None:
+    """Why a change to a staff member ends their sessions, or None when they may go on.
+
+    Tokens carry the roles, and every service trusts them: a member who loses a role (an admin
+    demoted, a prescriber no longer one) must sign in again to get tokens without it. A role
+    added takes effect at the next refresh, so nothing needs to end for that.
+    """
+    if password_changed:
+        return "password_reset"
+    if before.active and not after.active:
+        return "staff_deactivated"
+    if not set(before.roles) <= set(after.roles):
+        return "roles_changed"
+    return None
 
 
 # --- recipients ---------------------------------------------------------------------------------
@@ -220,6 +244,7 @@ def resolve_recipients(
 
 
 def team_ids_by_member(teams: Iterable[Team]) -> dict[str, list[str]]:
+    """Which teams each member is in, team ids sorted."""
     by_member: dict[str, list[str]] = {}
     for team in sorted(teams, key=lambda t: t.id):
         for member in team.member_ids:
@@ -230,12 +255,19 @@ def team_ids_by_member(teams: Iterable[Team]) -> dict[str, list[str]]:
 # --- failed sign-ins ----------------------------------------------------------------------------
 
 
+def login_attempt_key(secret: bytes, raw_username: str) -> str:
+    """The id failed sign-ins are counted under: a keyed hash of the normalized username.
+
+    What was typed as a username (often a password typed into the wrong field) is never stored,
+    and without the key the ids cannot be tested against guessed usernames.
+    """
+    return hmac.new(secret, username_key(raw_username).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 @dataclass(frozen=True)
 class LoginAttempts:
-    """Failed sign-ins for one username in the current window (times in epoch ms)."""
+    """The lock on one username after too many failed sign-ins (epoch ms; 0 = not locked)."""
 
-    failures: int = 0
-    window_started_at: int = 0
     locked_until: int = 0
 
 

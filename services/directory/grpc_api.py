@@ -65,9 +65,9 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         agency_id = agency_caller().agency_id
         staff_ids = domain.distinct_ids(request.staff_ids, "staff ids")
         found = self.store.staff_by_ids(agency_id, [i for i in staff_ids if domain.is_well_formed_id(i)])
-        teams_of = domain.team_ids_by_member(self.store.list_teams(agency_id)) if found else {}
+        teams_of = self.store.team_ids_of(agency_id, found) if found else {}
         return directory_pb2.GetStaffResponse(
-            staff=[staff_message(found[i], teams_of.get(i, [])) for i in staff_ids if i in found],
+            staff=[staff_message(found[i], teams_of[i]) for i in staff_ids if i in found],
             missing_staff_ids=[i for i in staff_ids if i not in found],
         )
 

@@ -2,9 +2,10 @@
 
 Every /api/v1/directory route needs a staff access token and answers only
 about the caller's agency; another agency's ids are answered like unknown ones
-(404). Changes need the admin role, checked against the token and again
-against the stored record, so a demoted or deactivated admin loses the right
-at once rather than when the token expires.
+(404). Changes need the admin role, read from the token: the directory checks
+every token's session against its store, and demoting or deactivating a member
+revokes all their sessions, so a token that still names a role its holder lost
+is refused (`session_revoked`) at once rather than when it expires.
 
 Trust boundary for /api/v1/partner/*: partner systems do not hold staff tokens.
 They come through the gateway, whose key-auth plugin authenticates the API key
@@ -17,8 +18,9 @@ never published); a route exposed without key-auth would make them forgeable.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, replace
+import functools
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
@@ -27,42 +29,22 @@ from services.directory import domain
 from services.directory.domain import Agency, PortalPatient, StaffMember, Team, Terminology
 from services.directory.sessions import Grant, TooManyAttempts
 from services.kit.auth import Identity
-from services.kit.errors import Conflict, Forbidden, InvalidInput, NotFound
+from services.kit.errors import Forbidden, InvalidInput, NotFound
 from services.kit.http import create_app, error_response, require_auth
-from services.kit.validation import Bool, Id, ListOf, Spec, Str, json_body, path_id, query_int, validate
+from services.kit.validation import Bool, Fields, Id, ListOf, Str, json_body, path_id, query_int, validate
 
 if TYPE_CHECKING:
     from services.directory.service import Directory
 
-PATIENT_CURSOR = re.compile(r"^\d{15}\.[A-Za-z0-9_-]{1,64}$")
-
-
-@dataclass
-class Fields(Spec):
-    """A nested JSON object validated like a request body (unknown fields rejected)."""
-
-    specs: dict[str, Spec]
-    required: bool = False
-
-    def clean(self, path: str, value: Any) -> dict:
-        if not isinstance(value, dict):
-            raise InvalidInput("invalid_type", f"{path} must be an object", {"field": path})
-        try:
-            return validate(value, self.specs)
-        except InvalidInput as exc:
-            inner = exc.details.get("field")
-            details = {**exc.details, "field": f"{path}.{inner}"} if inner else exc.details
-            raise InvalidInput(exc.code, f"{path}: {exc.message}", details) from exc
-
-
-LOGIN = {"username": Str(max_len=254), "password": Str(max_len=1024, strip=False)}
+PASSWORD = Str(max_len=domain.PASSWORD_MAX_LENGTH, strip=False)
+LOGIN = {"username": Str(max_len=254), "password": PASSWORD}
 REFRESH = {"refresh_token": Str(max_len=512)}
 ROLE_LIST = ListOf(item=Str(max_len=40), max_items=10, required=False)
 NEW_STAFF = {
     "username": Str(max_len=64),
     "display_name": Str(max_len=120),
     "email": Str(max_len=254, min_len=0, required=False),
-    "password": Str(max_len=1024, strip=False),
+    "password": PASSWORD,
     "roles": ROLE_LIST,
     "lab_result_notification": Bool(),
     "eprescribing_enabled": Bool(),
@@ -71,7 +53,7 @@ NEW_STAFF = {
 STAFF_CHANGES = {
     "display_name": Str(max_len=120, required=False),
     "email": Str(max_len=254, min_len=0, required=False),
-    "password": Str(max_len=1024, strip=False, required=False),
+    "password": replace(PASSWORD, required=False),
     "roles": ROLE_LIST,
     "lab_result_notification": Bool(),
     "eprescribing_enabled": Bool(),
@@ -136,6 +118,11 @@ def staff_detail_view(member: StaffMember, team_ids: list[str]) -> dict:
     return {**staff_view(member), "username": member.username, "team_ids": team_ids}
 
 
+def _staff_detail(member: StaffMember) -> dict:
+    team_ids = _components().store.team_ids_of(member.agency_id, [member.id])[member.id]
+    return staff_detail_view(member, team_ids)
+
+
 def team_view(team: Team) -> dict:
     return {"id": team.id, "name": team.name, "member_ids": list(team.member_ids)}
 
@@ -188,13 +175,37 @@ def staff_caller() -> Identity:
     return identity
 
 
-def admin_caller() -> StaffMember:
+def admin_caller() -> Identity:
+    """A staff caller whose token holds the admin role (see the module docstring for why the token suffices)."""
     identity = staff_caller()
-    if identity.is_admin:
-        member = _components().store.get_staff(identity.agency_id, identity.subject)
-        if member is not None and member.active and member.is_admin:
-            return member
-    raise Forbidden("forbidden", "this action needs the admin role")
+    if not identity.is_admin:
+        raise Forbidden("forbidden", "this action needs the admin role")
+    return identity
+
+
+def _as(caller: Callable[[], Identity]) -> Callable[[Callable], Callable]:
+    """A view decorator: verify the bearer token, check the caller, and pass the caller's Identity first."""
+
+    def decorate(view: Callable) -> Callable:
+        @require_auth
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            return view(caller(), *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+for_staff = _as(staff_caller)
+for_admins = _as(admin_caller)
+
+
+def _created(body: dict, location: str):
+    response = jsonify(body)
+    response.status_code = 201
+    response.headers["Location"] = location
+    return response
 
 
 # --- sign-in ---------------------------------------------------------------------------------
@@ -229,60 +240,47 @@ def jwks():
 
 
 @directory.get("/me")
-@require_auth
-def me():
-    identity = staff_caller()
-    store = _components().store
-    member = store.get_staff(identity.agency_id, identity.subject)
-    if member is None:
-        raise NotFound("not_found", "no such staff member")
-    team_ids = domain.team_ids_by_member(store.list_teams(identity.agency_id)).get(member.id, [])
-    return staff_detail_view(member, team_ids)
+@for_staff
+def me(caller: Identity):
+    return _staff_detail(_existing_staff(caller.agency_id, caller.subject))
 
 
 @directory.get("/staff")
-@require_auth
-def list_staff():
-    identity = staff_caller()
-    return {"staff": [staff_view(member) for member in _components().store.list_staff(identity.agency_id)]}
+@for_staff
+def list_staff(caller: Identity):
+    return {"staff": [staff_view(member) for member in _components().store.list_staff(caller.agency_id)]}
 
 
 @directory.get("/staff/<staff_id>")
-@require_auth
-def get_staff(staff_id: str):
-    identity = staff_caller()
-    member = _existing_staff(identity.agency_id, staff_id)
-    return staff_view(member)
+@for_staff
+def get_staff(caller: Identity, staff_id: str):
+    return staff_view(_existing_staff(caller.agency_id, staff_id))
 
 
 @directory.get("/teams")
-@require_auth
-def list_teams():
-    identity = staff_caller()
-    return {"teams": [team_view(team) for team in _components().store.list_teams(identity.agency_id)]}
+@for_staff
+def list_teams(caller: Identity):
+    return {"teams": [team_view(team) for team in _components().store.list_teams(caller.agency_id)]}
 
 
 @directory.get("/teams/<team_id>")
-@require_auth
-def get_team(team_id: str):
-    identity = staff_caller()
-    return team_view(_existing_team(identity.agency_id, team_id))
+@for_staff
+def get_team(caller: Identity, team_id: str):
+    return team_view(_existing_team(caller.agency_id, team_id))
 
 
 @directory.get("/agency")
-@require_auth
-def get_agency():
-    identity = staff_caller()
-    return agency_view(_existing_agency(identity.agency_id))
+@for_staff
+def get_agency(caller: Identity):
+    return agency_view(_existing_agency(caller.agency_id))
 
 
 # --- administration --------------------------------------------------------------------------
 
 
 @directory.post("/staff")
-@require_auth
-def create_staff():
-    admin = admin_caller()
+@for_admins
+def create_staff(admin: Identity):
     body = validate(json_body(), NEW_STAFF)
     username = domain.check_new_username(body["username"])
     password = domain.check_password(body["password"], username)
@@ -299,18 +297,14 @@ def create_staff():
     )
     components = _components()
     components.store.create_staff(member, components.hasher.hash(password))
-    response = jsonify(staff_detail_view(member, []))
-    response.status_code = 201
-    response.headers["Location"] = f"/api/v1/directory/staff/{member.id}"
-    return response
+    return _created(staff_detail_view(member, []), f"/api/v1/directory/staff/{member.id}")
 
 
 @directory.patch("/staff/<staff_id>")
-@require_auth
-def update_staff(staff_id: str):
-    admin = admin_caller()
+@for_admins
+def update_staff(admin: Identity, staff_id: str):
     body = validate(json_body(), STAFF_CHANGES)
-    store = _components().store
+    components = _components()
     member = _existing_staff(admin.agency_id, staff_id)
     changes: dict[str, Any] = {
         name: body[name]
@@ -322,38 +316,29 @@ def update_staff(staff_id: str):
     if "roles" in body:
         changes["roles"] = domain.normalize_roles(body["roles"])
     updated = replace(member, **changes)
-    if member.is_admin and member.active and not (updated.is_admin and updated.active):
-        if not domain.agency_keeps_an_admin(store.list_staff(admin.agency_id), updated):
-            raise Conflict("last_admin", "the agency must keep at least one active admin")
     password_hash = None
     if "password" in body:
-        password_hash = _components().hasher.hash(domain.check_password(body["password"], member.username))
-    store.save_staff(updated, password_hash)
-    if password_hash is not None or (member.active and not updated.active):
-        reason = "password_reset" if password_hash is not None else "staff_deactivated"
-        store.revoke_staff_sessions(updated.id, reason)
-    team_ids = domain.team_ids_by_member(store.list_teams(admin.agency_id)).get(updated.id, [])
-    return staff_detail_view(updated, team_ids)
+        password_hash = components.hasher.hash(domain.check_password(body["password"], member.username))
+    components.store.save_staff(updated, password_hash)  # 409 last_admin, atomically
+    reason = domain.session_end_reason(member, updated, password_hash is not None)
+    if reason is not None:
+        components.store.revoke_staff_sessions(updated.id, reason)
+    return _staff_detail(updated)
 
 
 @directory.post("/teams")
-@require_auth
-def create_team():
-    admin = admin_caller()
+@for_admins
+def create_team(admin: Identity):
     body = validate(json_body(), NEW_TEAM)
     member_ids = _known_members(admin.agency_id, body.get("member_ids", []))
     team = Team(domain.new_id(domain.TEAM_PREFIX), admin.agency_id, body["name"], member_ids)
     _components().store.create_team(team)
-    response = jsonify(team_view(team))
-    response.status_code = 201
-    response.headers["Location"] = f"/api/v1/directory/teams/{team.id}"
-    return response
+    return _created(team_view(team), f"/api/v1/directory/teams/{team.id}")
 
 
 @directory.patch("/teams/<team_id>")
-@require_auth
-def update_team(team_id: str):
-    admin = admin_caller()
+@for_admins
+def update_team(admin: Identity, team_id: str):
     body = validate(json_body(), TEAM_CHANGES)
     team = _existing_team(admin.agency_id, team_id)
     if "name" in body:
@@ -365,18 +350,16 @@ def update_team(team_id: str):
 
 
 @directory.delete("/teams/<team_id>")
-@require_auth
-def delete_team(team_id: str):
-    admin = admin_caller()
+@for_admins
+def delete_team(admin: Identity, team_id: str):
     if not _components().store.delete_team(admin.agency_id, path_id(team_id, "team")):
         raise NotFound("not_found", "no such team")
     return "", 204
 
 
 @directory.patch("/agency")
-@require_auth
-def update_agency():
-    admin = admin_caller()
+@for_admins
+def update_agency(admin: Identity):
     body = validate(json_body(), AGENCY_CHANGES)
     agency = _existing_agency(admin.agency_id)
     if "name" in body:
@@ -395,9 +378,8 @@ def update_agency():
 
 
 @directory.post("/patients")
-@require_auth
-def create_patient():
-    admin = admin_caller()
+@for_admins
+def create_patient(admin: Identity):
     body = validate(json_body(), NEW_PATIENT)
     patient = PortalPatient(
         id=domain.new_id(domain.PATIENT_PREFIX),
@@ -406,28 +388,23 @@ def create_patient():
         display_name=body["display_name"],
     )
     patient = _components().store.create_patient(patient)
-    response = jsonify(patient_view(patient))
-    response.status_code = 201
-    response.headers["Location"] = f"/api/v1/directory/patients/{patient.id}"
-    return response
+    return _created(patient_view(patient), f"/api/v1/directory/patients/{patient.id}")
 
 
 @directory.get("/patients")
-@require_auth
-def list_patients():
-    admin = admin_caller()
+@for_admins
+def list_patients(admin: Identity):
     limit = query_int("limit", 50, 1, 200)
     before = request.args.get("before") or None
-    if before is not None and not PATIENT_CURSOR.fullmatch(before):
+    if before is not None and not domain.is_patient_cursor(before):
         raise InvalidInput("invalid_query", "before must be a cursor returned by an earlier page", {"field": "before"})
     patients, cursor = _components().store.list_patients(admin.agency_id, limit, before)
     return {"patients": [patient_view(p) for p in patients], "next_before": cursor or None}
 
 
 @directory.get("/patients/<patient_id>")
-@require_auth
-def get_patient(patient_id: str):
-    admin = admin_caller()
+@for_admins
+def get_patient(admin: Identity, patient_id: str):
     patient = _components().store.get_patient(admin.agency_id, path_id(patient_id, "patient"))
     if patient is None:
         raise NotFound("not_found", "no such patient")

@@ -60,12 +60,13 @@ def build(settings: DirectorySettings, db: Database) -> Directory:
         access_ttl_s=settings.access_token_ttl_s,
         session_ttl_s=settings.refresh_token_ttl_s,
         policy=settings.login_policy,
+        attempt_key_secret=settings.login_attempt_key,
     )
     # The directory checks tokens with its own keys, in process (no JWKS fetch from itself), and
-    # revocation against its own sessions store, the source of truth (no bus round trip).
-    verifier = TokenVerifier(
-        StaticKeySource(settings.signing_keys.verification_keys), revoked=SessionRevocations(store)
-    )
+    # revocation against its own sessions store, the source of truth (no bus round trip). The keys
+    # are fixed for the life of the process, so their lookup table is built once.
+    verification_keys = settings.signing_keys.verification_keys()
+    verifier = TokenVerifier(StaticKeySource(lambda: verification_keys), revoked=SessionRevocations(store))
     service_clients = ServiceClients(
         settings.service_clients, store, settings.signing_keys, settings.access_token_ttl_s
     )

@@ -39,10 +39,6 @@ class ServiceClients:
         self.keys = keys
         self.ttl_s = ttl_s
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._digests)
-
     def authenticate(self, client_id: str, client_secret: str) -> bool:
         if len(client_id) > MAX_CLIENT_ID_CHARS or len(client_secret) > MAX_SECRET_CHARS:
             return False

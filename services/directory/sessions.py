@@ -5,14 +5,25 @@ is never extended. Each refresh token works once: refreshing returns a new one
 and retires the old. Presenting a retired token again means two parties hold
 it, so the whole session is revoked (theft detection) and both must sign in;
 clients therefore refresh from one place (e.g. one refresher shared by tabs).
-Deactivation and password resets revoke every session of that staff member.
+Deactivation, password resets and the loss of a role revoke every session of
+that staff member.
+
+Sign-in checks the password (argon2, ~100 ms) before it creates the session, so
+a reset or deactivation can land in between, after its sweep of the member's
+sessions ran. Sign-in therefore reads the member again once its session exists
+and revokes it if the password changed since it was checked or the member is
+no longer active: any change either sees the new session in its sweep or is
+seen by that second read. Each session records the password version it was
+opened with, and refresh refuses (and revokes) a session whose staff member's
+password changed since, should a sweep ever have been missed.
 
 A revocation ends the session's access tokens too, at once and everywhere: the
 directory checks each token's session against this store (`SessionRevocations`),
 and the `session.revoked.v1` event staged with the revocation tells every other
 service (services.kit.revocations), which refuse the tokens with
 `session_revoked` until they would have expired anyway.
-Usernames are never logged: a mistyped password often lands in that field.
+Usernames are never logged, nor stored with failed sign-ins (those are counted
+under a keyed hash): a mistyped password often lands in that field.
 """
 
 from __future__ import annotations
@@ -81,6 +92,7 @@ class Sessions:
         access_ttl_s: int,
         session_ttl_s: int,
         policy: LoginPolicy,
+        attempt_key_secret: bytes,
         clock: Callable[[], int] = now_ms,
     ):
         self.store = store
@@ -89,38 +101,49 @@ class Sessions:
         self.access_ttl_s = access_ttl_s
         self.session_ttl_s = session_ttl_s
         self.policy = policy
+        self._attempt_key_secret = attempt_key_secret
         self.clock = clock
 
     def login(self, username: str, password: str) -> Grant:
-        key = domain.username_key(username)
+        attempt_key = domain.login_attempt_key(self._attempt_key_secret, username)
         now = self.clock()
-        attempts = self.store.get_login_attempts(key)
+        attempts = self.store.get_login_attempts(attempt_key, now)
         if domain.is_locked_out(attempts, now):
             log.info("sign-in refused while locked", extra={"code": "too_many_attempts"})
             raise TooManyAttempts(domain.retry_after_s(attempts, now))
-        found = self.store.credentials(key)
+        found = self.store.credentials(domain.username_key(username))
         if found is None:
             self.hasher.burn_time(password)
-            raise self._failed(key, now)
-        member, password_hash = found
-        if not self.hasher.verify(password_hash, password) or not member.active:
-            raise self._failed(key, now, member)
+            raise self._failed(attempt_key, now)
+        member = found.member
+        if not self.hasher.verify(found.password_hash, password) or not member.active:
+            raise self._failed(attempt_key, now, member)
         if attempts is not None:
-            self.store.clear_login_failures(key)
-        if self.hasher.needs_rehash(password_hash):
-            self.store.set_password_hash(member.id, self.hasher.hash(password))
+            self.store.clear_login_failures(attempt_key)
+        if self.hasher.needs_rehash(found.password_hash):
+            self.store.rehash_password(member.id, found.password_hash, self.hasher.hash(password))
         session_id = domain.new_id(domain.SESSION_PREFIX)
         session_expires = now + self.session_ttl_s * 1000
-        session = self.store.create_session(session_id, member, now, session_expires)
-        grant = self._grant(member, session, now)
+        session = self.store.create_session(session_id, member, now, session_expires, found.password_changed_at)
+        # The check above took a while: read the member again now that the session exists (module docstring).
+        current = self.store.staff_auth(member.agency_id, member.id)
+        if current is None or not current.member.active or current.password_changed_at != found.password_changed_at:
+            active = current is not None and current.member.active
+            self.store.revoke_session(session_id, "password_reset" if active else "staff_deactivated")
+            log.info(
+                "sign-in overtaken by a password change or deactivation; session revoked",
+                extra={"staff_id": member.id, "agency_id": member.agency_id, "code": "invalid_credentials"},
+            )
+            raise invalid_credentials()
+        grant = self._grant(current.member, session, now)  # roles as stored now, not as first read
         log.info("staff signed in", extra={"staff_id": member.id, "agency_id": member.agency_id})
         return grant
 
-    def _failed(self, key: str, now: int, member: StaffMember | None = None) -> Unauthenticated:
+    def _failed(self, attempt_key: str, now: int, member: StaffMember | None = None) -> Unauthenticated:
         """Count the failure (locking the username at the limit); returns the error to raise."""
-        failures = self.store.count_login_failure(key, now, self.policy.window_s)
+        failures = self.store.count_login_failure(attempt_key, now, self.policy.window_s)
         if domain.lock_reached(failures, self.policy.max_failures):
-            self.store.lock_username(key, now + self.policy.lockout_s * 1000)
+            self.store.lock_username(attempt_key, now + self.policy.lockout_s * 1000)
         extra = {"code": "invalid_credentials", "count": failures}
         if member is not None:
             extra.update(staff_id=member.id, agency_id=member.agency_id)
@@ -130,10 +153,10 @@ class Sessions:
     def refresh(self, refresh_token: str) -> Grant:
         token_hash = tokens.refresh_token_hash(refresh_token)
         now = self.clock()
-        record = self.store.find_refresh_token(token_hash)
+        record, fresh = self.store.use_refresh_token(token_hash, now)
         if record is None:
             raise invalid_refresh_token()
-        if not self.store.use_refresh_token(token_hash, now):
+        if not fresh:
             self.store.revoke_session(record["session_id"], "refresh_token_reuse")
             log.warning(
                 "refresh token presented twice; session revoked",
@@ -143,11 +166,16 @@ class Sessions:
         session = self.store.get_session(record["session_id"])
         if session is None or session["revoked_at"] or session["expires_at"] <= now or record["expires_at"] <= now:
             raise invalid_refresh_token()
-        member = self.store.get_staff(record["agency_id"], record["staff_id"])
-        if member is None or not member.active:
+        current = self.store.staff_auth(record["agency_id"], record["staff_id"])
+        if current is None or not current.member.active:
             self.store.revoke_session(session["_id"], "staff_deactivated")
             raise invalid_refresh_token()
-        return self._grant(member, session, now)
+        # Sessions stored before they recorded a password version compare their start instead.
+        opened_with = session.get("password_changed_at", session["created_at"])
+        if opened_with < current.password_changed_at:
+            self.store.revoke_session(session["_id"], "password_reset")
+            raise invalid_refresh_token()
+        return self._grant(current.member, session, now)
 
     def logout(self, refresh_token: str) -> None:
         """Ends the token's session; unknown or already-ended sessions are not an error."""

@@ -10,11 +10,23 @@ it, so another agency's ids behave as unknown ones.
 Revoking a session stages its `session.revoked.v1` event in the same update of
 the session document (transactional outbox), so a revocation is never made
 without being announced; the directory's outbox relay publishes it.
+
+"At least one active admin" is kept without transactions by a counter on the
+agency document (`active_admins`), changed only by guarded `$inc`s, and a flag
+on each staff document (`admin_counted`, 0/1) saying whether that member is in
+the count. Leaving the count takes the agency's counter down first, refused
+while it is 1 (`{"active_admins": {"$gt": 1}}`), then flips the member's flag
+1 -> 0 in the same update that saves the member; joining flips 0 -> 1 first and
+then raises the counter. A flag flip is compare-and-set, so each member enters
+and leaves the count once however requests interleave, and the counter is
+never above the real number (a crash in between leaves it below: refusing a
+legitimate demotion, never allowing the last admin to go).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 import pymongo
 from pymongo import ReturnDocument
@@ -29,8 +41,11 @@ from services.directory.domain import (
     StaffMember,
     Team,
     Terminology,
+    patient_sort_key,
+    team_ids_by_member,
     team_name_key,
 )
+from services.kit.auth import ROLE_ADMIN
 from services.kit.crypto import PhiCipher
 from services.kit.errors import Conflict
 from services.kit.mongo import IndexSpec, ensure_indexes, eq, now_ms
@@ -55,9 +70,35 @@ INDEXES = [
     IndexSpec(SESSIONS, [("staff_id", 1), ("created_at", 1)], name="sessions_by_staff"),
     IndexSpec(SESSIONS, [("revoked_at", 1)], name="sessions_by_revoked_at"),
     IndexSpec(REFRESH_TOKENS, [("session_id", 1)], name="refresh_tokens_by_session"),
+    IndexSpec(LOGIN_ATTEMPTS, [("expires_at", 1)], name="login_attempts_by_expiry"),
 ]
 
 PATIENT_NAME_FIELD = "display_name"
+# Staff reads that are not a sign-in never load the password hash.
+STAFF_WITHOUT_SECRETS = {"password_hash": 0}
+# A session's own fields, without the outbox entries staged on it.
+SESSION_FIELDS = {
+    "staff_id": 1,
+    "agency_id": 1,
+    "created_at": 1,
+    "expires_at": 1,
+    "revoked_at": 1,
+    "revoked_reason": 1,
+    "password_changed_at": 1,
+}
+REVOKED_SESSION_FIELDS = {"staff_id": 1, "agency_id": 1, "revoked_at": 1, "revoked_reason": 1}
+REFRESH_TOKEN_FIELDS = {"session_id": 1, "staff_id": 1, "agency_id": 1, "expires_at": 1}
+# Tries before a save that keeps losing the race for a member's admin flag gives up (409).
+ADMIN_FLAG_TRIES = 3
+
+
+@dataclass(frozen=True)
+class StaffAuth:
+    """A staff member with what sign-in needs: the hash (credentials() only) and when the password last changed."""
+
+    member: StaffMember
+    password_changed_at: int
+    password_hash: str = field(default="", repr=False)
 
 
 def _staff_sort_key(display_name: str, staff_id: str) -> str:
@@ -95,6 +136,14 @@ def _team(doc: dict) -> Team:
     return Team(doc["_id"], doc["agency_id"], doc["name"], tuple(doc.get("member_ids") or ()))
 
 
+def _staff_auth(doc: dict) -> StaffAuth:
+    return StaffAuth(_staff(doc), int(doc.get("password_changed_at") or 0), doc.get("password_hash", ""))
+
+
+def _last_admin() -> Conflict:
+    return Conflict("last_admin", "the agency must keep at least one active admin")
+
+
 def _staff_fields(member: StaffMember, now: int) -> dict:
     return {
         "agency_id": member.agency_id,
@@ -129,8 +178,12 @@ class DirectoryStore:
         self.login_attempts = db[LOGIN_ATTEMPTS]
 
     def ensure_indexes(self) -> None:
+        """Indexes, and the start-up data migrations (each one idempotent)."""
         ensure_indexes(self.db, INDEXES)
         self.cipher.keyring.ensure_indexes()
+        self.initialise_admin_counts()
+        # Failed sign-ins stored before they were keyed by a hash had the typed username as id: drop them.
+        self.login_attempts.delete_many({"expires_at": {"$exists": False}})
 
     # --- agencies ---------------------------------------------------------------------------
 
@@ -142,7 +195,13 @@ class DirectoryStore:
         now = now_ms()
         try:
             self.agencies.insert_one(
-                {"_id": agency.id, **self._agency_fields(agency), "created_at": now, "updated_at": now}
+                {
+                    "_id": agency.id,
+                    **self._agency_fields(agency),
+                    "active_admins": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
             )
         except DuplicateKeyError as exc:
             raise Conflict("agency_exists", "an agency with this id exists") from exc
@@ -164,26 +223,35 @@ class DirectoryStore:
 
     # --- staff ------------------------------------------------------------------------------
 
-    def credentials(self, username: str) -> tuple[StaffMember, str] | None:
-        """The staff member signing in with this (lowercased) username and their password hash."""
+    def credentials(self, username: str) -> StaffAuth | None:
+        """The staff member signing in with this (lowercased) username, with their password hash."""
         doc = self.staff.find_one({"username": eq(username)})
-        return (_staff(doc), doc.get("password_hash", "")) if doc else None
+        return _staff_auth(doc) if doc else None
 
-    def set_password_hash(self, staff_id: str, password_hash: str) -> None:
-        now = now_ms()
-        self.staff.update_one(
-            {"_id": eq(staff_id)}, {"$set": {"password_hash": password_hash, "password_changed_at": now}}
+    def staff_auth(self, agency_id: str, staff_id: str) -> StaffAuth | None:
+        """The member as stored now and when their password last changed (no hash)."""
+        doc = self.staff.find_one({"_id": eq(staff_id)}, STAFF_WITHOUT_SECRETS)
+        if doc is None or doc.get("agency_id") != agency_id:
+            return None
+        return _staff_auth(doc)
+
+    def rehash_password(self, staff_id: str, old_hash: str, new_hash: str) -> bool:
+        """Replace a hash made with old parameters (same password): only if it is still the stored one,
+        so a password reset made meanwhile is never overwritten. Not a password change."""
+        result = self.staff.update_one(
+            {"_id": eq(staff_id), "password_hash": eq(old_hash)}, {"$set": {"password_hash": new_hash}}
         )
+        return result.modified_count == 1
 
     def get_staff(self, agency_id: str, staff_id: str) -> StaffMember | None:
-        doc = self.staff.find_one({"_id": eq(staff_id)})
+        doc = self.staff.find_one({"_id": eq(staff_id)}, STAFF_WITHOUT_SECRETS)
         if doc is None or doc.get("agency_id") != agency_id:
             return None
         return _staff(doc)
 
     def list_staff(self, agency_id: str) -> list[StaffMember]:
         """Every staff member of the agency, by display name."""
-        cursor = self.staff.find({"agency_id": eq(agency_id)}, {"password_hash": 0}).sort("sort_key", 1)
+        cursor = self.staff.find({"agency_id": eq(agency_id)}, STAFF_WITHOUT_SECRETS).sort("sort_key", 1)
         return [_staff(doc) for doc in cursor]
 
     def staff_by_ids(self, agency_id: str, staff_ids: list[str]) -> dict[str, StaffMember]:
@@ -197,28 +265,109 @@ class DirectoryStore:
     def create_staff(self, member: StaffMember, password_hash: str) -> None:
         now = now_ms()
         doc = {"_id": member.id, **_staff_fields(member, now), "password_hash": password_hash}
-        doc.update(created_at=now, password_changed_at=now, deactivated_at=0 if member.active else now)
+        doc.update(
+            created_at=now,
+            password_changed_at=now,
+            deactivated_at=0 if member.active else now,
+            admin_counted=int(member.counts_as_admin),
+        )
         try:
             self.staff.insert_one(doc)
         except DuplicateKeyError as exc:
             raise Conflict("username_taken", "this username is already in use", {"field": "username"}) from exc
+        if member.counts_as_admin:
+            self._count_admin(member.agency_id, 1)
 
     def save_staff(self, member: StaffMember, password_hash: str | None = None) -> None:
+        """Save an existing member's changes; Conflict `last_admin` if the agency would have no active admin left."""
         now = now_ms()
         fields = _staff_fields(member, now)
         if member.active:
             fields["deactivated_at"] = 0
         if password_hash is not None:
             fields.update(password_hash=password_hash, password_changed_at=now)
-        self.staff.update_one({"_id": eq(member.id), "agency_id": eq(member.agency_id)}, {"$set": fields})
+        if member.counts_as_admin:
+            self._save_counted_admin(member, fields)
+        else:
+            self._save_uncounted(member, fields)
         if not member.active:
             # Keeps the first deactivation time when an inactive member is edited again.
             self.staff.update_one({"_id": eq(member.id), "deactivated_at": eq(0)}, {"$set": {"deactivated_at": now}})
+
+    def _save_counted_admin(self, member: StaffMember, fields: dict) -> None:
+        """Save a member who is (now) an active admin: flag first, then the agency's counter."""
+        before = self.staff.find_one_and_update(
+            {"_id": eq(member.id), "agency_id": eq(member.agency_id)},
+            {"$set": {**fields, "admin_counted": 1}},
+            projection={"admin_counted": 1},
+            return_document=ReturnDocument.BEFORE,
+        )
+        if before is not None and before.get("admin_counted") != 1:
+            self._count_admin(member.agency_id, 1)
+
+    def _save_uncounted(self, member: StaffMember, fields: dict) -> None:
+        """Save a member who is not (or no longer) an active admin, leaving the count if they were in it."""
+        key = {"_id": eq(member.id), "agency_id": eq(member.agency_id)}
+        uncounted = {"$set": {**fields, "admin_counted": 0}}
+        for _ in range(ADMIN_FLAG_TRIES):
+            doc = self.staff.find_one(key, {"admin_counted": 1})
+            if doc is None:
+                return
+            counted = doc.get("admin_counted")
+            if counted != 1:
+                # Not in the count (a document an older version wrote may lack the flag: not counted either).
+                guard = eq(0) if counted is not None else {"$exists": False}
+                if self.staff.update_one({**key, "admin_counted": guard}, uncounted).matched_count:
+                    return
+                continue  # promoted meanwhile: look again
+            released = self.agencies.find_one_and_update(
+                {"_id": eq(member.agency_id), "active_admins": {"$gt": 1}},
+                {"$inc": {"active_admins": -1}},
+                projection={"_id": 1},
+            )
+            if released is None:
+                raise _last_admin()
+            if self.staff.update_one({**key, "admin_counted": eq(1)}, uncounted).matched_count:
+                return
+            self._count_admin(member.agency_id, 1)  # someone else took them out of the count: give it back
+        raise Conflict("staff_changed", "the staff member was changed at the same time; try again")
+
+    def _count_admin(self, agency_id: str, delta: int) -> None:
+        self.agencies.update_one({"_id": eq(agency_id)}, {"$inc": {"active_admins": delta}})
+
+    def active_admins(self, agency_id: str) -> int:
+        doc = self.agencies.find_one({"_id": eq(agency_id)}, {"active_admins": 1})
+        return int((doc or {}).get("active_admins") or 0)
+
+    def initialise_admin_counts(self) -> None:
+        """Start-up migration: agencies stored before the active-admin counter get it, and their staff the flag.
+
+        Agencies that already have a counter are left alone (a running replica keeps it exact); a staff
+        document without the flag there (written by an older version) is marked as not counted, which
+        can only make the counter lower than the real number.
+        """
+        for agency in self.agencies.find({}, {"active_admins": 1}):
+            if "active_admins" in agency:
+                continue
+            count = 0
+            for doc in self.staff.find({"agency_id": eq(agency["_id"])}, {"roles": 1, "deactivated_at": 1}):
+                counted = int(ROLE_ADMIN in (doc.get("roles") or ()) and not doc.get("deactivated_at"))
+                self.staff.update_one({"_id": eq(doc["_id"])}, {"$set": {"admin_counted": counted}})
+                count += counted
+            self.agencies.update_one(
+                {"_id": eq(agency["_id"]), "active_admins": {"$exists": False}}, {"$set": {"active_admins": count}}
+            )
+        self.staff.update_many({"admin_counted": {"$exists": False}}, {"$set": {"admin_counted": 0}})
 
     # --- teams ------------------------------------------------------------------------------
 
     def list_teams(self, agency_id: str) -> list[Team]:
         return [_team(doc) for doc in self.teams.find({"agency_id": eq(agency_id)}).sort("name_key", 1)]
+
+    def team_ids_of(self, agency_id: str, staff_ids: Iterable[str]) -> dict[str, list[str]]:
+        """Which of the agency's teams each of these members is in (every id present, [] for none)."""
+        by_member = team_ids_by_member(self.list_teams(agency_id))
+        return {staff_id: by_member.get(staff_id, []) for staff_id in staff_ids}
 
     def get_team(self, agency_id: str, team_id: str) -> Team | None:
         doc = self.teams.find_one({"_id": eq(team_id)})
@@ -266,7 +415,7 @@ class DirectoryStore:
             "agency_id": patient.agency_id,
             "portal_user_id": patient.portal_user_id,
             "display_name_sealed": sealed,
-            "sort_key": f"{now:015d}.{patient.id}",  # newest first; same-millisecond ties by id
+            "sort_key": patient_sort_key(now, patient.id),
             "created_at": now,
         }
         try:
@@ -304,7 +453,10 @@ class DirectoryStore:
 
     # --- sessions and refresh tokens --------------------------------------------------------
 
-    def create_session(self, session_id: str, member: StaffMember, now: int, expires_at: int) -> dict:
+    def create_session(
+        self, session_id: str, member: StaffMember, now: int, expires_at: int, password_changed_at: int
+    ) -> dict:
+        """A new session; `password_changed_at` is the password version the sign-in checked."""
         session = {
             "_id": session_id,
             "staff_id": member.id,
@@ -313,12 +465,13 @@ class DirectoryStore:
             "expires_at": expires_at,
             "revoked_at": 0,
             "revoked_reason": "",
+            "password_changed_at": password_changed_at,
         }
         self.sessions.insert_one(dict(session))
         return session
 
     def get_session(self, session_id: str) -> dict | None:
-        return self.sessions.find_one({"_id": eq(session_id)})
+        return self.sessions.find_one({"_id": eq(session_id)}, SESSION_FIELDS)
 
     def revoke_session(self, session_id: str, reason: str) -> bool:
         """End a session now, announcing it; False when unknown or already ended."""
@@ -356,7 +509,7 @@ class DirectoryStore:
     def revoked_sessions_since(self, since_ms: int, limit: int) -> list[dict]:
         """Sessions revoked at or after `since_ms` (> 0), oldest first; served by the revoked_at index."""
         cursor = (
-            self.sessions.find({"revoked_at": {"$gte": max(1, since_ms)}})
+            self.sessions.find({"revoked_at": {"$gte": max(1, since_ms)}}, REVOKED_SESSION_FIELDS)
             .sort("revoked_at", pymongo.ASCENDING)
             .limit(limit)
         )
@@ -376,50 +529,64 @@ class DirectoryStore:
         )
 
     def find_refresh_token(self, token_hash: str) -> dict | None:
-        return self.refresh_tokens.find_one({"_id": eq(token_hash)})
+        return self.refresh_tokens.find_one({"_id": eq(token_hash)}, REFRESH_TOKEN_FIELDS)
 
-    def use_refresh_token(self, token_hash: str, now: int) -> bool:
-        """Mark the token used; False if it had been used already (so this is a replay)."""
+    def use_refresh_token(self, token_hash: str, now: int) -> tuple[dict | None, bool]:
+        """Spend the token in one write: (its record, True) the first time; (record, False) when it had
+        been spent already (a replay); (None, False) when unknown. Only a failed spend reads again."""
         doc = self.refresh_tokens.find_one_and_update(
             {"_id": eq(token_hash), "used_at": eq(0)},
             {"$set": {"used_at": now}},
+            projection=REFRESH_TOKEN_FIELDS,
             return_document=ReturnDocument.BEFORE,
         )
-        return doc is not None
+        if doc is not None:
+            return doc, True
+        return self.find_refresh_token(token_hash), False
 
-    # --- failed sign-ins --------------------------------------------------------------------
+    # --- failed sign-ins ---------------------------------------------------------------------
+    # Keyed by domain.login_attempt_key (a keyed hash: what was typed is never stored). Each document
+    # lives until its window and its lock have both passed (`expires_at`); expired ones are ignored
+    # and deleted whenever a new window opens, so their number stays bounded by recent failures.
 
-    def get_login_attempts(self, username: str) -> LoginAttempts | None:
-        doc = self.login_attempts.find_one({"_id": eq(username)})
-        if doc is None:
+    def get_login_attempts(self, key: str, now: int) -> LoginAttempts | None:
+        doc = self.login_attempts.find_one({"_id": eq(key)}, {"locked_until": 1, "expires_at": 1})
+        if doc is None or int(doc.get("expires_at") or 0) <= now:
             return None
-        return LoginAttempts(
-            failures=doc.get("failures", 0),
-            window_started_at=doc.get("window_started_at", 0),
-            locked_until=doc.get("locked_until", 0),
-        )
+        return LoginAttempts(locked_until=int(doc.get("locked_until") or 0))
 
-    def count_login_failure(self, username: str, now: int, window_s: int) -> int:
-        """Add one failure to the username's open window (or start a new one); returns the count."""
+    def count_login_failure(self, key: str, now: int, window_s: int) -> int:
+        """Add one failure to the key's open window (or start a new one); returns the count."""
         doc = self.login_attempts.find_one_and_update(
-            {"_id": eq(username), "window_started_at": {"$gt": now - window_s * 1000}},
+            {"_id": eq(key), "window_started_at": {"$gt": now - window_s * 1000}},
             {"$inc": {"failures": 1}},
+            projection={"failures": 1},
             return_document=ReturnDocument.AFTER,
         )
         if doc is not None:
             return doc["failures"]
+        self.login_attempts.delete_many({"expires_at": {"$lte": now}})
         try:
             self.login_attempts.update_one(
-                {"_id": eq(username)},
-                {"$set": {"failures": 1, "window_started_at": now, "locked_until": 0}},
+                {"_id": eq(key)},
+                {
+                    "$set": {
+                        "failures": 1,
+                        "window_started_at": now,
+                        "locked_until": 0,
+                        "expires_at": now + window_s * 1000,
+                    }
+                },
                 upsert=True,
             )
         except DuplicateKeyError:
-            return self.count_login_failure(username, now, window_s)  # a concurrent failure opened the window
+            return self.count_login_failure(key, now, window_s)  # a concurrent failure opened the window
         return 1
 
-    def lock_username(self, username: str, until: int) -> None:
-        self.login_attempts.update_one({"_id": eq(username)}, {"$set": {"locked_until": until}})
+    def lock_username(self, key: str, until: int) -> None:
+        self.login_attempts.update_one(
+            {"_id": eq(key)}, {"$set": {"locked_until": until}, "$max": {"expires_at": until}}
+        )
 
-    def clear_login_failures(self, username: str) -> None:
-        self.login_attempts.delete_one({"_id": eq(username)})
+    def clear_login_failures(self, key: str) -> None:
+        self.login_attempts.delete_one({"_id": eq(key)})

@@ -26,8 +26,7 @@ from services.kit.auth import ALGORITHM, AUDIENCE, ISSUER, KIND_SERVICE, ROLE_SE
 if TYPE_CHECKING:
     from services.directory.config import DirectorySettings
 
-MIN_KEY_BITS = 2048
-DEV_KEY_BITS = 2048
+MIN_KEY_BITS = 2048  # also the size of the key generated for development
 REFRESH_TOKEN_BYTES = 32
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.DOTALL)
 
@@ -61,12 +60,7 @@ class SigningKey:
         ).decode()
 
     def jwk(self) -> dict[str, str]:
-        return {"kty": "RSA", "kid": self.kid, "use": "sig", "alg": ALGORITHM, **_n_e(self.public_key)}
-
-
-def _n_e(public_key: rsa.RSAPublicKey) -> dict[str, str]:
-    members = public_jwk_members(public_key)
-    return {"n": members["n"], "e": members["e"]}
+        return {**public_jwk_members(self.public_key), "kid": self.kid, "use": "sig", "alg": ALGORITHM}
 
 
 @dataclass(frozen=True)
@@ -120,7 +114,7 @@ def _load_pem_block(block: str, index: int) -> SigningKey:
     return SigningKey(kid=jwk_thumbprint(public_key), public_key=public_key, private_key=private_key)  # type: ignore[arg-type]
 
 
-def generate_private_key_pem(bits: int = DEV_KEY_BITS) -> str:
+def generate_private_key_pem(bits: int = MIN_KEY_BITS) -> str:
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -136,25 +130,23 @@ def public_key_pem(settings: DirectorySettings) -> str:
 class AccessToken:
     token: str
     expires_in: int
-    jti: str
 
 
 def _sign(keys: KeySet, ttl_s: int, now: int | None, **claims: object) -> AccessToken:
     """Sign an access token: the common claims plus the caller's."""
     issued_at = int(time.time()) if now is None else now
-    jti = secrets.token_urlsafe(16)
     body = {
         "iss": ISSUER,
         "aud": AUDIENCE,
         **claims,
-        "jti": jti,
+        "jti": secrets.token_urlsafe(16),
         "iat": issued_at,
         "nbf": issued_at,
         "exp": issued_at + ttl_s,
         "typ": "access",
     }
     token = jwt.encode(body, keys.active.private_key, algorithm=ALGORITHM, headers={"kid": keys.active.kid})
-    return AccessToken(token=token, expires_in=ttl_s, jti=jti)
+    return AccessToken(token=token, expires_in=ttl_s)
 
 
 def issue_access_token(

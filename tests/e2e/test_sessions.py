@@ -130,6 +130,27 @@ def test_deactivation_is_refused_at_every_service_at_once(stack, login, fresh_st
     works_everywhere(stack, admin.token)
 
 
+def test_a_demoted_admin_is_refused_at_every_service_at_once(
+    stack, login, fresh_staff, directory_channel, inbox_target
+):
+    admin = login("admin")
+    staff_url = f"{stack.gateway_url}/api/v1/directory/staff/{fresh_staff['id']}"
+    promoted = admin.http.patch(staff_url, json={"roles": ["staff", "admin"]}, timeout=5)
+    assert promoted.status_code == 200
+    member = Client(stack.gateway_url, fresh_staff["username"], fresh_staff["password"])
+    works_everywhere(stack, member.token)
+
+    demoted = admin.http.patch(staff_url, json={"roles": ["staff"]}, timeout=5)
+    assert demoted.status_code == 200 and demoted.json()["roles"] == ["staff"]
+
+    # No service may go on trusting the admin role the old token names.
+    assert_refused_everywhere(stack, member.token, directory_channel, inbox_target)
+    again = Client(stack.gateway_url, fresh_staff["username"], fresh_staff["password"])
+    forbidden = again.http.patch(f"{stack.gateway_url}/api/v1/directory/agency", json={"name": "Mine"}, timeout=5)
+    assert forbidden.status_code == 403
+    works_everywhere(stack, admin.token)
+
+
 def test_a_listener_started_after_the_revocation_learns_it_from_directory(
     stack, login, directory_target, service_secret
 ):

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import time
 
+import jwt
 import pytest
 
+from services.kit.outbox import OUTBOX
 from tests.integration.directory_fixtures import start_directory
+from tests.integration.test_directory_auth import Recorder
+
+ADMIN = "/api/v1/directory/staff/stf_riverbend_admin"
+ORTIZ = "/api/v1/directory/staff/stf_riverbend_ortiz"
+KIM = "/api/v1/directory/staff/stf_riverbend_kim"
 
 
 @pytest.fixture
@@ -175,9 +182,134 @@ def test_a_demoted_admin_loses_admin_rights_at_once(dut, admin):
     ortiz = dut.as_user("compliance.ortiz")
     demoted = dut.client.patch("/api/v1/directory/staff/stf_riverbend_admin", json={"roles": ["staff"]}, headers=ortiz)
     assert demoted.status_code == 200
-    # The old admin still holds a token that says "admin"; the stored record decides.
+    # The old admin still holds a token that says "admin": its session has ended.
     response = dut.client.patch("/api/v1/directory/agency", json={"name": "Mine Now"}, headers=admin)
-    assert response.status_code == 403
+    assert response.status_code == 401 and response.get_json()["code"] == "session_revoked"
+    # Signed in again, they are staff only.
+    again = dut.client.patch("/api/v1/directory/agency", json={"name": "Mine Now"}, headers=dut.as_user("admin"))
+    assert again.status_code == 403 and again.get_json()["code"] == "forbidden"
+
+
+def test_removing_a_role_ends_the_members_sessions_and_announces_it(dut, admin):
+    dut.client.patch(ORTIZ, json={"roles": ["staff", "admin"]}, headers=admin)
+    grant = dut.sign_in("compliance.ortiz").get_json()
+    sid = jwt.decode(grant["access_token"], options={"verify_signature": False})["sid"]
+    kim = dut.sign_in("nurse.kim").get_json()
+
+    assert dut.client.patch(ORTIZ, json={"roles": ["staff"]}, headers=admin).status_code == 200
+
+    session = dut.store.sessions.find_one({"_id": sid})
+    assert session["revoked_reason"] == "roles_changed" and list(session[OUTBOX]) == [f"{sid}-revoked"]
+    refreshed = dut.client.post("/api/v1/auth/refresh", json={"refresh_token": grant["refresh_token"]})
+    assert refreshed.status_code == 401
+    # A role added, or other changes, end nothing.
+    kim_sid = jwt.decode(kim["access_token"], options={"verify_signature": False})["sid"]
+    dut.client.patch(KIM, json={"roles": ["staff", "prescriber"]}, headers=admin)
+    dut.client.patch(KIM, json={"display_name": "J. Kim"}, headers=admin)
+    assert not dut.store.is_session_revoked(kim_sid)
+    again = dut.client.post("/api/v1/auth/refresh", json={"refresh_token": kim["refresh_token"]}).get_json()
+    assert again["staff"]["roles"] == ["staff", "prescriber"]  # the new role, from the next refresh on
+
+
+def test_admin_checks_trust_the_token_and_read_no_staff_record(dut, admin):
+    recorder = Recorder(dut.store.staff)
+    dut.store.staff = recorder
+    assert dut.client.get("/api/v1/directory/patients", headers=admin).status_code == 200
+    assert dut.client.patch("/api/v1/directory/agency", json={"name": "Riverbend BH"}, headers=admin).status_code == 200
+    assert recorder.calls == []
+
+
+def test_admins_demoting_each_other_at_once_leave_one_admin(dut, admin, monkeypatch):
+    dut.client.patch(ORTIZ, json={"roles": ["staff", "admin"]}, headers=admin)
+    ortiz = dut.as_user("compliance.ortiz")
+    save_staff = dut.store.save_staff
+    other = []
+
+    def save_after_the_other_demotion(member, password_hash=None):
+        if not other:  # the other admin's request lands between this one's checks and its write
+            other.append(None)
+            other[0] = dut.client.patch(ADMIN, json={"roles": ["staff"]}, headers=ortiz)
+        return save_staff(member, password_hash)
+
+    monkeypatch.setattr(dut.store, "save_staff", save_after_the_other_demotion)
+    response = dut.client.patch(ORTIZ, json={"roles": ["staff"]}, headers=admin)
+
+    assert other[0].status_code == 200
+    assert response.status_code == 409 and response.get_json()["code"] == "last_admin"
+    admins = [m.id for m in dut.store.list_staff("agy_riverbend") if m.counts_as_admin]
+    assert admins == ["stf_riverbend_ortiz"]
+    assert dut.store.active_admins("agy_riverbend") == 1
+
+
+def test_the_active_admin_count_follows_every_change(dut, admin):
+    def count() -> int:
+        return dut.store.active_admins("agy_riverbend")
+
+    assert (count(), dut.store.active_admins("agy_lakeside")) == (1, 1)
+    body = {**NEW_STAFF, "roles": ["admin"]}
+    created = dut.client.post("/api/v1/directory/staff", json=body, headers=admin).get_json()
+    assert count() == 2
+    dut.client.post(
+        "/api/v1/directory/staff", json={**body, "username": "inactive.admin", "active": False}, headers=admin
+    )
+    assert count() == 2
+    path = f"/api/v1/directory/staff/{created['id']}"
+    for change, expected in [
+        ({"active": False}, 1),
+        ({"active": False, "display_name": "Edited While Inactive"}, 1),
+        ({"active": True}, 2),
+        ({"display_name": "Still An Admin"}, 2),
+        ({"roles": ["staff"]}, 1),
+        ({"roles": ["staff"]}, 1),
+        ({"roles": ["staff", "admin"]}, 2),
+        ({"roles": ["staff"], "active": False}, 1),
+    ]:
+        assert dut.client.patch(path, json=change, headers=admin).status_code == 200, change
+        assert count() == expected, change
+    for change in ({"active": False}, {"roles": ["staff"]}):
+        assert dut.client.patch(ADMIN, json=change, headers=admin).get_json()["code"] == "last_admin"
+    assert count() == 1
+
+
+def test_agencies_stored_before_the_counter_get_it_at_start(dut, admin):
+    dut.client.patch(ORTIZ, json={"roles": ["staff", "admin"]}, headers=admin)
+    dut.client.patch(KIM, json={"roles": ["staff", "admin"]}, headers=admin)
+    dut.client.patch(KIM, json={"active": False}, headers=admin)
+    dut.store.agencies.update_many({}, {"$unset": {"active_admins": ""}})
+    dut.store.staff.update_many({}, {"$unset": {"admin_counted": ""}})
+
+    dut.store.ensure_indexes()
+
+    assert dut.store.active_admins("agy_riverbend") == 2  # admin and ortiz; kim is inactive
+    assert dut.store.active_admins("agy_lakeside") == 1
+    flags = {doc["_id"]: doc["admin_counted"] for doc in dut.store.staff.find({}, {"admin_counted": 1})}
+    assert flags["stf_riverbend_admin"] == flags["stf_riverbend_ortiz"] == 1 and flags["stf_riverbend_kim"] == 0
+    assert dut.client.patch(ORTIZ, json={"roles": ["staff"]}, headers=admin).status_code == 200
+    assert dut.client.patch(ADMIN, json={"active": False}, headers=admin).get_json()["code"] == "last_admin"
+    # A second start changes nothing.
+    dut.store.ensure_indexes()
+    assert dut.store.active_admins("agy_riverbend") == 1
+    # A member written without the flag by an older version (after the start) is simply not counted.
+    dut.store.staff.update_one({"_id": {"$eq": "stf_riverbend_white"}}, {"$unset": {"admin_counted": ""}})
+    white = dut.client.patch("/api/v1/directory/staff/stf_riverbend_white", json={"active": False}, headers=admin)
+    assert white.status_code == 200
+    assert dut.store.staff.find_one({"_id": "stf_riverbend_white"})["admin_counted"] == 0
+
+
+def test_staff_lookups_never_load_password_hashes(dut, clinician):
+    recorder = Recorder(dut.store.staff)
+    dut.store.staff = recorder
+    assert dut.client.get("/api/v1/directory/me", headers=clinician).status_code == 200
+    assert dut.client.get("/api/v1/directory/staff/stf_riverbend_kim", headers=clinician).status_code == 200
+    assert dut.store.get_staff("agy_riverbend", "stf_riverbend_kim").username == "nurse.kim"
+    assert len(dut.store.staff_by_ids("agy_riverbend", ["stf_riverbend_kim", "stf_riverbend_reyes"])) == 2
+    assert recorder.read and not any("password_hash" in doc for doc in recorder.read)
+
+
+def test_which_teams_members_are_in(dut):
+    teams_of = dut.store.team_ids_of("agy_riverbend", ["stf_riverbend_reyes", "stf_riverbend_admin", "stf_nobody"])
+    assert teams_of == {"stf_riverbend_reyes": ["team_riverbend_medical"], "stf_riverbend_admin": [], "stf_nobody": []}
+    assert dut.store.team_ids_of("agy_lakeside", ["stf_riverbend_reyes"]) == {"stf_riverbend_reyes": []}
 
 
 def test_admin_creates_renames_refills_and_deletes_a_team(dut, admin, clinician):

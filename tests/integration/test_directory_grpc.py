@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import grpc
+import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
+from services.directory import tokens
 from tests.integration.directory_fixtures import start_directory
 
 GET_STAFF = "/clinic.directory.v1.DirectoryService/GetStaff"
@@ -155,14 +157,33 @@ def test_a_call_without_a_token_is_unauthenticated(stub):
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_a_call_with_a_forged_token_is_unauthenticated(stub):
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.GetStaff(
-            directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_kim"]),
-            metadata=[("authorization", "Bearer not.a.token")],
-            timeout=5,
-        )
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+def test_a_call_with_a_forged_token_is_unauthenticated(dut, stub):
+    """A well-formed token with genuine claims and our key id, signed by a key that is not ours."""
+    genuine = dut.token("dr.reyes")
+    claims = jwt.decode(genuine, options={"verify_signature": False})
+    stranger = tokens.KeySet.from_pem(tokens.generate_private_key_pem()).active
+    forged = jwt.encode(
+        {**claims, "roles": ["staff", "admin"]},
+        stranger.private_key,
+        algorithm="RS256",
+        headers={"kid": jwt.get_unverified_header(genuine)["kid"]},
+    )
+    for token in (forged, "not.a.token"):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetStaff(
+                directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_kim"]),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=5,
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert dict(caught.value.trailing_metadata())["error-code"] == "invalid_token"
+    # The genuine token of the same session is accepted: only the signature differs.
+    answer = stub.GetStaff(
+        directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_kim"]),
+        metadata=[("authorization", f"Bearer {genuine}")],
+        timeout=5,
+    )
+    assert [member.staff_id for member in answer.staff] == ["stf_riverbend_kim"]
 
 
 def test_a_malformed_protobuf_request_is_invalid_argument(channel, riverbend):

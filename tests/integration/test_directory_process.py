@@ -19,6 +19,7 @@ from services.kit.mongo import database
 from tests.integration.directory_fixtures import DEMO_PASSWORD, directory_environ, signing_key_pem, start_directory
 
 DIRECTORY = [sys.executable, "-m", "services.directory"]
+TYPED_PASSWORD = "Typed-Secret-2026"
 
 
 def run(*command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -134,6 +135,11 @@ def test_the_service_serves_http_and_grpc_and_exits_cleanly_on_sigterm(process_e
             f"{base}/api/v1/auth/token", json={"username": "dr.reyes", "password": DEMO_PASSWORD}, timeout=5
         )
         assert signed_in.status_code == 200
+        for username, password in (("dr.reyes", TYPED_PASSWORD), (TYPED_PASSWORD, DEMO_PASSWORD)):
+            failed = requests.post(
+                f"{base}/api/v1/auth/token", json={"username": username, "password": password}, timeout=5
+            )
+            assert failed.status_code == 401
         jwks = requests.get(f"{base}/.well-known/jwks.json", timeout=5).json()
         assert jwks["keys"][0]["kid"]
         process.send_signal(signal.SIGTERM)
@@ -146,4 +152,9 @@ def test_the_service_serves_http_and_grpc_and_exits_cleanly_on_sigterm(process_e
     lines = [json.loads(line) for line in stdout.splitlines()]
     assert lines and all(line["service"] == "directory" for line in lines)
     assert any(line["msg"] == "stopped" for line in lines)
-    assert DEMO_PASSWORD not in stdout and signed_in.json()["access_token"] not in stdout
+    # Neither stream ever shows what was typed to sign in (right or wrong) nor the tokens handed out.
+    grant = signed_in.json()
+    for stream in (stdout, stderr):
+        for secret in ("dr.reyes", DEMO_PASSWORD, TYPED_PASSWORD, grant["access_token"], grant["refresh_token"]):
+            assert secret not in stream
+    assert any(line["msg"] == "sign-in failed" for line in lines)  # the failures were logged, without them

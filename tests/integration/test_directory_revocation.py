@@ -175,6 +175,18 @@ def test_service_tokens_over_grpc(dut, stub):
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_session_reads_leave_the_staged_events_behind(dut):
+    grant = sign_in(dut, "nurse.kim")
+    dut.client.post("/api/v1/auth/logout", json={"refresh_token": grant["refresh_token"]})
+    assert staged(dut, grant["sid"])  # the event is there, waiting for the relay
+    session = dut.store.get_session(grant["sid"])
+    assert session["revoked_reason"] == "logout" and session["staff_id"] == "stf_riverbend_kim"
+    [listed] = dut.store.revoked_sessions_since(now_ms() - MINUTE_MS, 10)
+    assert listed["_id"] == grant["sid"] and listed["revoked_reason"] == "logout"
+    for doc in (session, listed):
+        assert not [name for name in doc if name.startswith("_outbox")]
+
+
 def test_an_access_token_for_a_session_directory_never_issued_is_refused(dut):
     assert dut.store.is_session_revoked("ses_never_issued")
     assert not dut.store.is_session_revoked(sign_in(dut, "nurse.kim")["sid"])

@@ -110,3 +110,21 @@ def test_passwords_verify_and_hashes_from_other_parameters_need_a_rehash():
     assert not fast.verify(None, "a-long-passphrase")
     assert not fast.needs_rehash(stored)
     assert PasswordHasher("standard").needs_rehash(stored)
+
+
+def test_the_login_attempt_key_is_derived_from_the_signing_key_unless_given(tmp_path):
+    derived = config.load(environ(tmp_path, JWT_SIGNING_KEYS=pem())).login_attempt_key
+    assert len(derived) == 32
+    assert derived == config.load(environ(tmp_path, JWT_SIGNING_KEYS=pem())).login_attempt_key  # every replica
+    other_key = tokens.generate_private_key_pem()
+    assert config.load(environ(tmp_path, JWT_SIGNING_KEYS=other_key)).login_attempt_key != derived
+    given = "g" * 40
+    settings = config.load(environ(tmp_path, JWT_SIGNING_KEYS=pem(), LOGIN_ATTEMPT_KEY=given))
+    assert settings.login_attempt_key == given.encode()
+    assert given not in repr(settings)
+
+
+def test_a_short_login_attempt_key_is_refused(tmp_path):
+    with pytest.raises(SettingsError) as caught:
+        config.load(environ(tmp_path, JWT_SIGNING_KEYS=pem(), LOGIN_ATTEMPT_KEY="short"))
+    assert any("LOGIN_ATTEMPT_KEY" in problem for problem in caught.value.problems)

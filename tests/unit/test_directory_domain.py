@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
+
 import pytest
 
 from services.directory import domain
@@ -136,23 +139,48 @@ def test_team_ids_by_member():
     }
 
 
-def test_the_agency_must_keep_an_active_admin():
-    admin = member("stf_boss", roles=("staff", "admin"))
-    staff = [admin, member("stf_ann")]
-    demoted = StaffMember(**{**admin.__dict__, "roles": ("staff",)})
-    deactivated = StaffMember(**{**admin.__dict__, "active": False})
-    assert not domain.agency_keeps_an_admin(staff, demoted)
-    assert not domain.agency_keeps_an_admin(staff, deactivated)
-    second = member("stf_second", roles=("staff", "admin"))
-    assert domain.agency_keeps_an_admin([*staff, second], demoted)
-    inactive_second = member("stf_second", roles=("staff", "admin"), active=False)
-    assert not domain.agency_keeps_an_admin([*staff, inactive_second], demoted)
+def test_only_active_admins_count_as_the_agencys_admins():
+    assert member("stf_boss", roles=("staff", "admin")).counts_as_admin
+    assert not member("stf_boss", roles=("staff", "admin"), active=False).counts_as_admin
+    assert not member("stf_ann").counts_as_admin
+
+
+def test_which_changes_end_a_members_sessions():
+    admin = member("stf_boss", roles=("staff", "admin", "prescriber"))
+    assert domain.session_end_reason(admin, replace(admin, display_name="Boss"), False) is None
+    assert domain.session_end_reason(admin, admin, True) == "password_reset"
+    assert domain.session_end_reason(admin, replace(admin, active=False), False) == "staff_deactivated"
+    assert domain.session_end_reason(admin, replace(admin, active=False), True) == "password_reset"
+    assert domain.session_end_reason(admin, replace(admin, roles=("staff", "prescriber")), False) == "roles_changed"
+    assert domain.session_end_reason(admin, replace(admin, roles=("staff", "admin")), False) == "roles_changed"
+    # A role added takes effect at the next refresh; nothing to end.
+    plain = member("stf_ann")
+    assert domain.session_end_reason(plain, replace(plain, roles=("staff", "admin")), False) is None
+    # Reactivation ends nothing either.
+    assert domain.session_end_reason(replace(plain, active=False), plain, False) is None
+
+
+def test_login_attempt_keys_are_keyed_hashes_of_the_normalized_username():
+    key = domain.login_attempt_key(b"k" * 32, "  Dr.Reyes ")
+    assert key == domain.login_attempt_key(b"k" * 32, "dr.reyes")
+    assert len(key) == 64 and "reyes" not in key
+    assert key != hashlib.sha256(b"dr.reyes").hexdigest()  # not guessable without the key
+    assert key != domain.login_attempt_key(b"j" * 32, "dr.reyes")
+
+
+def test_patient_cursors_are_sort_keys():
+    key = domain.patient_sort_key(1_700_000_000_000, "pat_x-1")
+    assert key == "001700000000000.pat_x-1"
+    assert domain.is_patient_cursor(key)
+    for bad in ("", "1700000000000.pat_x", "001700000000000", "001700000000000.", "00170000000000a.pat",
+                "001700000000000.pat x", '{"$gt":1}', "０01700000000000.pat", "001700000000000." + "p" * 65):
+        assert not domain.is_patient_cursor(bad), bad
 
 
 def test_failed_sign_ins_lock_until_the_lockout_ends():
     now = 10_000_000
     assert not domain.is_locked_out(None, now)
-    locked = LoginAttempts(failures=10, window_started_at=now - 60_000, locked_until=now + 900_000)
+    locked = LoginAttempts(locked_until=now + 900_000)
     assert domain.is_locked_out(locked, now)
     assert not domain.is_locked_out(locked, now + 900_000)
     assert domain.retry_after_s(locked, now) == 900
