@@ -162,3 +162,119 @@ def test_range_on_an_indexed_timestamp_sorted_and_two_field_equality(db):
     once = db.sessions.update_one({"_id": {"$eq": "ses_0"}, "revoked_at": {"$eq": 0}}, {"$set": {"revoked_at": 99}})
     again = db.sessions.update_one({"_id": {"$eq": "ses_0"}, "revoked_at": {"$eq": 0}}, {"$set": {"revoked_at": 100}})
     assert (once.modified_count, again.modified_count) == (1, 0)
+
+
+# --- directory shapes ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def directory_db(mongo_client, db_name):
+    from services.directory.store import INDEXES as DIRECTORY_INDEXES
+
+    database = mongo_client[db_name]
+    ensure_indexes(database, DIRECTORY_INDEXES)
+    return database
+
+
+def test_portal_patient_page_by_agency_eq_and_sort_key_lt_descending(directory_db):
+    patients = directory_db.portal_patients
+    patients.insert_many(
+        [
+            {"_id": f"pat_{n}", "agency_id": agency, "portal_user_id": f"u{n}", "sort_key": f"{1_700 + n:015d}.pat_{n}"}
+            for n in range(12)
+            for agency in ["agy_a" if n % 3 else "agy_b"]
+        ]
+    )
+    first = list(patients.find({"agency_id": {"$eq": "agy_a"}}).sort("sort_key", -1).limit(3))
+    assert [d["_id"] for d in first] == ["pat_11", "pat_10", "pat_8"]
+    nxt = list(
+        patients.find({"agency_id": {"$eq": "agy_a"}, "sort_key": {"$lt": first[-1]["sort_key"]}})
+        .sort("sort_key", -1)
+        .limit(3)
+    )
+    assert [d["_id"] for d in nxt] == ["pat_7", "pat_5", "pat_4"]
+    assert all(d["agency_id"] == "agy_a" for d in first + nxt)
+
+
+def test_login_attempt_window_lock_and_cleanup(directory_db):
+    attempts = directory_db.login_attempts
+    key, window_ms = "a" * 64, 60_000
+
+    def fail(now: int) -> int:
+        doc = attempts.find_one_and_update(
+            {"_id": {"$eq": key}, "window_started_at": {"$gt": now - window_ms}},
+            {"$inc": {"failures": 1}},
+            projection={"failures": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return doc["failures"]
+        attempts.delete_many({"expires_at": {"$lte": now}})
+        attempts.update_one(
+            {"_id": {"$eq": key}},
+            {"$set": {"failures": 1, "window_started_at": now, "locked_until": 0, "expires_at": now + window_ms}},
+            upsert=True,
+        )
+        return 1
+
+    attempts.insert_many([{"_id": "spent", "expires_at": 500}, {"_id": "live", "expires_at": 10**13}])
+    assert [fail(1_000), fail(2_000), fail(3_000)] == [1, 2, 3]
+    assert {d["_id"] for d in attempts.find({})} == {key, "live"}  # the spent record went with the new window
+    attempts.update_one({"_id": {"$eq": key}}, {"$set": {"locked_until": 500_000}, "$max": {"expires_at": 500_000}})
+    attempts.update_one({"_id": {"$eq": key}}, {"$max": {"expires_at": 1}})  # $max never lowers it
+    doc = attempts.find_one({"_id": {"$eq": key}}, {"locked_until": 1, "expires_at": 1})
+    assert (doc["locked_until"], doc["expires_at"]) == (500_000, 500_000)
+    assert fail(200_000) == 1  # a new window once the old one has passed
+    assert attempts.delete_one({"_id": {"$eq": key}}).deleted_count == 1
+
+
+def test_refresh_token_is_spent_once(directory_db):
+    tokens = directory_db.refresh_tokens
+    tokens.insert_one({"_id": "h1", "session_id": "ses_1", "used_at": 0})
+
+    def spend(now: int):
+        return tokens.find_one_and_update(
+            {"_id": {"$eq": "h1"}, "used_at": {"$eq": 0}},
+            {"$set": {"used_at": now}},
+            projection={"session_id": 1},
+            return_document=ReturnDocument.BEFORE,
+        )
+
+    assert spend(5) == {"_id": "h1", "session_id": "ses_1"}
+    assert spend(6) is None
+    assert tokens.find_one({"_id": {"$eq": "h1"}})["used_at"] == 5
+
+
+def test_guarded_counter_and_compare_and_set_flag(directory_db):
+    directory_db.agencies.insert_one({"_id": "agy_a", "active_admins": 2})
+    directory_db.staff.insert_one({"_id": "stf_1", "agency_id": "agy_a", "admin_counted": 1})
+
+    def release():
+        return directory_db.agencies.find_one_and_update(
+            {"_id": {"$eq": "agy_a"}, "active_admins": {"$gt": 1}}, {"$inc": {"active_admins": -1}}
+        )
+
+    assert release() is not None and release() is None
+    assert directory_db.agencies.find_one({"_id": "agy_a"})["active_admins"] == 1
+    flip = {"_id": {"$eq": "stf_1"}, "agency_id": {"$eq": "agy_a"}, "admin_counted": {"$eq": 1}}
+    assert directory_db.staff.update_one(flip, {"$set": {"admin_counted": 0}}).matched_count == 1
+    assert directory_db.staff.update_one(flip, {"$set": {"admin_counted": 0}}).matched_count == 0
+    guarded = directory_db.staff.update_one(
+        {"_id": {"$eq": "stf_1"}, "password_hash": {"$eq": "old"}}, {"$set": {"password_hash": "new"}}
+    )
+    assert guarded.matched_count == 0
+
+
+def test_ne_in_an_update_does_not_match_a_missing_field_on_the_embedded_server(directory_db):
+    directory_db.staff.insert_many([{"_id": "flagged", "admin_counted": 0}, {"_id": "older"}])
+    found = {d["_id"] for d in directory_db.staff.find({"admin_counted": {"$ne": 1}})}
+    assert found == {"flagged", "older"}  # a read matches the missing field, as on MongoDB
+    updated = directory_db.staff.update_one({"_id": {"$eq": "older"}, "admin_counted": {"$ne": 1}}, {"$set": {"x": 1}})
+    if EMBEDDED:
+        assert updated.matched_count == 0  # an update does not: guarded writes compare with $eq, never $ne
+    else:
+        assert updated.matched_count == 1
+    missing = directory_db.staff.find({"admin_counted": {"$exists": False}})
+    assert [d["_id"] for d in missing] == ["older"]  # how the start-up migration finds documents to back-fill
+    back_filled = directory_db.staff.update_many({"admin_counted": {"$exists": False}}, {"$set": {"admin_counted": 0}})
+    assert back_filled.matched_count == 1  # $exists, unlike $ne, matches the same documents in an update
