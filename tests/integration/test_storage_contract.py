@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import pymongo
 import pytest
 from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
@@ -143,7 +142,6 @@ def test_indexes_are_created_idempotently(db):
     # nx-27017 names indexes itself and records every key ascending: compare key fields only.
     fields = {tuple(k for k, _ in spec["key"]) for spec in db.board_items.index_information().values()}
     assert {("board", "sort_key"), ("unread_board", "sort_key")} <= fields
-    assert isinstance(db.client, pymongo.MongoClient)
 
 
 def test_range_on_an_indexed_timestamp_sorted_and_two_field_equality(db):
@@ -278,3 +276,42 @@ def test_ne_in_an_update_does_not_match_a_missing_field_on_the_embedded_server(d
     assert [d["_id"] for d in missing] == ["older"]  # how the start-up migration finds documents to back-fill
     back_filled = directory_db.staff.update_many({"admin_counted": {"$exists": False}}, {"$set": {"admin_counted": 0}})
     assert back_filled.matched_count == 1  # $exists, unlike $ne, matches the same documents in an update
+
+
+def test_outbox_resume_range_and_guarded_batch_settle(db):
+    db.messages.create_index([("_outbox_at", 1)])
+    db.messages.insert_many(
+        [{"_id": f"m{n}", "_outbox_at": n, "_outbox_seq": 1, "_outbox": {"e": {}}} for n in range(10)]
+    )
+    resumed = list(db.messages.find({"_outbox_at": {"$gte": 4, "$lte": 7}}).sort("_outbox_at", 1).limit(10))
+    assert [d["_id"] for d in resumed] == ["m4", "m5", "m6", "m7"]
+    db.messages.update_one({"_id": {"$eq": "m5"}}, {"$inc": {"_outbox_seq": 1}})  # staged again meanwhile
+    settled = db.messages.update_many(
+        {"_id": {"$in": ["m4", "m5", "m6"]}, "_outbox_seq": {"$eq": 1}},
+        {"$unset": {"_outbox": "", "_outbox_at": ""}},
+    )
+    assert settled.matched_count == 2
+    assert "_outbox" in db.messages.find_one({"_id": "m5"})  # the guard kept the newer event
+
+
+def test_lease_take_renew_and_expiry(db):
+    leases = db.outbox_leases
+    leases.insert_one({"_id": "relay", "holder": "a", "until": 100})
+    assert leases.update_one({"_id": "relay", "holder": {"$eq": "b"}}, {"$set": {"until": 200}}).matched_count == 0
+    assert leases.update_one({"_id": "relay", "until": {"$lt": 50}}, {"$set": {"holder": "b"}}).matched_count == 0
+    taken = leases.update_one({"_id": "relay", "until": {"$lt": 150}}, {"$set": {"holder": "b", "until": 300}})
+    assert taken.matched_count == 1 and leases.find_one({"_id": "relay"})["holder"] == "b"
+
+
+def test_newest_data_key_and_keys_to_rewrap(db):
+    db.phi_data_keys.create_index([("agency_id", 1), ("generation", -1)])
+    db.phi_data_keys.insert_many(
+        [
+            {"_id": "agy_a:1", "agency_id": "agy_a", "generation": 1, "master_key_id": "old"},
+            {"_id": "agy_a:2", "agency_id": "agy_a", "generation": 2, "master_key_id": "new"},
+            {"_id": "agy_b:1", "agency_id": "agy_b", "generation": 1, "master_key_id": "old"},
+        ]
+    )
+    newest = list(db.phi_data_keys.find({"agency_id": {"$eq": "agy_a"}}).sort("generation", -1).limit(1))
+    assert newest[0]["_id"] == "agy_a:2"
+    assert sorted(d["_id"] for d in db.phi_data_keys.find({"master_key_id": {"$ne": "new"}})) == ["agy_a:1", "agy_b:1"]
