@@ -6,7 +6,9 @@ import logging
 import sys
 
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
-from services.inbox import config, store
+from services.inbox import config, domain, store
+from services.inbox.board import Board
+from services.inbox.components import Components
 from services.inbox.directory_client import DirectoryClient
 from services.inbox.grpc_api import InboxServicer
 from services.inbox.http_api import build_app
@@ -43,7 +45,12 @@ def main() -> int:
     keyring = KeyRing(db, common.phi_master_keys, common.phi_master_key_id)
     keyring.ensure_indexes()
     directory = DirectoryClient(settings.directory_grpc_target)
-    mailbox = Mailbox(inbox_store, PhiCipher(keyring), directory.resolve)
+    cipher = PhiCipher(keyring)
+    board = Board(inbox_store, cipher)
+    board.terminology = lambda caller: directory.agency_settings(caller.agency_id).patient_singular
+    mailbox = Mailbox(inbox_store, cipher, directory.resolve, board)
+    board.details[domain.KIND_MESSAGE] = mailbox.detail
+    components = Components(settings, inbox_store, cipher, board, mailbox, directory)
     revoked = RevokedSessions()
     verifier = TokenVerifier(JwksKeySource(settings.directory_jwks_url), revoked=revoked)
     service_tokens = ServiceTokens(settings.directory_grpc_target, credentials.client_id, credentials.secret)
@@ -71,13 +78,7 @@ def main() -> int:
             "serving before the revoked sessions were loaded; the listener keeps trying",
             extra={"queue": revocations.queue},
         )
-    app = build_app(
-        mailbox,
-        verifier,
-        max_subject=settings.max_subject_chars,
-        max_body=settings.max_body_chars,
-        max_request_bytes=settings.max_request_bytes,
-    )
+    app = build_app(components, verifier)
     process.serve_http(app, common.http_host, settings.http_port)
     grpc_server = GrpcServer(
         [

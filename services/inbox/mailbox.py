@@ -8,7 +8,6 @@ between leaves `fanout_pending_at` set, and the repair loop finishes the job.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import threading
@@ -17,15 +16,15 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo.errors import PyMongoError
 
-from clinic.audit.v1 import audit_pb2
 from clinic.inbox.v1 import inbox_pb2
-from services.inbox import domain
+from services.inbox import audit, domain
+from services.inbox.board import Board, iso
 from services.inbox.directory_client import Resolution
 from services.inbox.schemas import PRIORITY_TO_PB
 from services.inbox.store import InboxStore
 from services.kit.auth import Identity
 from services.kit.crypto import PhiCipher
-from services.kit.errors import Conflict, InvalidInput, NotFound
+from services.kit.errors import Conflict, InvalidInput
 from services.kit.events import failure_summary, new_envelope
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import now_ms
@@ -45,13 +44,26 @@ class SendResult:
 
 
 class Mailbox:
-    def __init__(self, store: InboxStore, cipher: PhiCipher, resolve):
+    def __init__(self, store: InboxStore, cipher: PhiCipher, resolve, board: Board | None = None):
         self.store = store
         self.cipher = cipher
         self.resolve = resolve  # Callable[[Addressing], Resolution]
+        self.board = board or Board(store, cipher)
+        # Replies to a message of another kind (a patient-portal message) are handled by its module:
+        # kind -> reply(caller, original_message, body, links, priority, idempotency_key) -> SendResult.
+        self.reply_handlers: dict = {}
 
     # --- send -------------------------------------------------------------
-    def send(self, caller: Identity, draft: domain.Draft, idempotency_key: str | None = None) -> SendResult:
+    def send(
+        self,
+        caller: Identity,
+        draft: domain.Draft,
+        idempotency_key: str | None = None,
+        *,
+        thread_id: str | None = None,
+        in_reply_to: str | None = None,
+        auto_reply: bool = False,
+    ) -> SendResult:
         if draft.addressing.is_empty():
             raise InvalidInput("no_recipients", "address the message to a colleague, a team or the whole agency")
         message_id = domain.new_message_id()
@@ -59,7 +71,7 @@ class Mailbox:
         if idempotency_key:
             # A retry is answered from what was stored, before any call to directory.
             key_digest = domain.digest(caller.agency_id, caller.staff_id, idempotency_key)
-            draft_digest = domain.draft_digest(draft)
+            draft_digest = domain.digest(domain.draft_digest(draft), thread_id or "", in_reply_to or "")
             claimed = self.store.idempotency_record(key_digest)
             if claimed is not None:
                 replay = self._replay(claimed, draft_digest)
@@ -81,7 +93,9 @@ class Mailbox:
                 return replay
             message_id = claimed["message_id"]
 
-        doc = self.compose(caller, draft, recipients, message_id)
+        doc = self.compose(
+            caller, draft, recipients, message_id, thread_id=thread_id, in_reply_to=in_reply_to, auto_reply=auto_reply
+        )
         if not self.store.insert_message(doc):  # a concurrent retry wrote it first
             return self._existing(self.store.message(message_id))
         self._complete_fanout(doc)
@@ -107,14 +121,28 @@ class Mailbox:
         self._complete_fanout(message)
         return SendResult(message["_id"], message["recipient_ids"], created=False)
 
-    def compose(self, caller: Identity, draft: domain.Draft, recipients: list[str], message_id: str) -> dict:
+    def compose(
+        self,
+        caller: Identity,
+        draft: domain.Draft,
+        recipients: list[str],
+        message_id: str,
+        *,
+        thread_id: str | None = None,
+        in_reply_to: str | None = None,
+        auto_reply: bool = False,
+    ) -> dict:
         """The message document: encrypted content, recipients and the held delivery events."""
         sent_at = now_ms()
         agency = caller.agency_id
         doc = {
             "_id": message_id,
+            "kind": domain.KIND_MESSAGE,
             "agency_id": agency,
-            "thread_id": message_id,
+            "thread_id": thread_id or message_id,
+            "in_reply_to": in_reply_to,
+            "auto_reply": int(auto_reply),
+            "sender_kind": "staff",
             "sender_id": caller.staff_id,
             "sender_name": caller.name,
             "to_staff_ids": list(draft.addressing.staff_ids),
@@ -143,9 +171,13 @@ class Mailbox:
             recipient_staff_id=recipient_id,
             priority=PRIORITY_TO_PB[doc["priority"]],
             sent_at=sent_at,
-            board_kind=domain.FOLDER_MESSAGES,
+            board_kind=doc.get("recipient_folder", domain.FOLDER_MESSAGES),
             to_whole_agency=bool(doc["to_whole_agency"]),
             team_ids=doc["to_team_ids"],
+            auto_reply=bool(doc.get("auto_reply")),
+            sender_kind=doc.get("sender_kind", "staff"),
+            patient_id=doc.get("patient_id") or "",
+            in_reply_to=doc.get("in_reply_to") or "",
         )
         return new_envelope(
             "message.delivered.v1",
@@ -159,8 +191,10 @@ class Mailbox:
     def _complete_fanout(self, doc: dict) -> None:
         if "fanout_pending_at" not in doc:
             return
-        items = [domain.board_item(doc, staff_id, domain.FOLDER_MESSAGES) for staff_id in doc["recipient_ids"]]
-        items.append(domain.board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
+        folder = doc.get("recipient_folder", domain.FOLDER_MESSAGES)
+        items = [domain.board_item(doc, staff_id, folder) for staff_id in doc["recipient_ids"]]
+        if doc.get("sender_kind", "staff") == "staff":
+            items.append(domain.board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
         for start in range(0, len(items), 1000):
             self.store.insert_board_items(items[start : start + 1000])
         self.store.finish_fanout(doc["_id"])
@@ -179,108 +213,203 @@ class Mailbox:
 
     # --- read -------------------------------------------------------------
     def page(self, caller: Identity, folder: str, unread_only: bool, cursor: str | None, limit: int) -> dict:
-        board = domain.owner_folder(caller.agency_id, caller.staff_id, folder)
-        before = domain.decode_cursor(cursor) if cursor else None
-        docs = self.store.page(board, unread_only, before, limit + 1)
-        more = len(docs) > limit
-        docs = docs[:limit]
-        items = [
-            self._summary(d, self.cipher.open(caller.agency_id, d["message_id"], "subject", d["subject"])) for d in docs
-        ]
-        next_cursor = domain.encode_cursor(docs[-1]["sort_key"]) if more and docs else None
-        return {"items": items, "next_cursor": next_cursor}
+        from services.inbox.board import ItemFilter
 
-    @staticmethod
-    def _summary(item: dict, subject: str) -> dict:
-        return {
-            "id": item["message_id"],
-            "thread_id": item["thread_id"],
-            "folder": item["folder"],
-            "sender": {"id": item["sender_id"], "name": item.get("sender_name", "")},
-            "recipient_count": item.get("recipient_count", 0),
-            "subject": subject,
-            "priority": item["priority"],
-            "sent_at": iso(item["sent_at"]),
-            "read": bool(item.get("read_at")),
-        }
+        page = self.board.page(caller, folder, ItemFilter(unread=unread_only), cursor, limit)
+        # The messages API names messages by message id; the board item id rides along.
+        for item in page["items"]:
+            item["item_id"], item["id"] = item["id"], item.get("message_id") or item["ref_id"]
+            item["subject"] = item["title"]
+        return page
 
     def _find_item(self, caller: Identity, message_id: str) -> dict | None:
-        for folder in (domain.FOLDER_MESSAGES, domain.FOLDER_SENT):
+        """The caller's item for a message: received (in any folder it was moved to) or sent."""
+        for folder in (domain.FOLDER_MESSAGES, domain.FOLDER_PORTAL, domain.FOLDER_SENT):
             item = self.store.item(domain.board_item_id(message_id, caller.staff_id, folder))
-            if item is not None and item["agency_id"] == caller.agency_id:
+            if item is not None and item["agency_id"] == caller.agency_id and item["owner_id"] == caller.staff_id:
                 return item
         return None
 
-    def _refuse(self, caller: Identity, message_id: str, action: str) -> NotFound:
-        """Record the refused access (who tried what, never whether it exists) and return the 404."""
-        event = self._accessed_event(caller, message_id, action=action, outcome="denied")
-        self.store.record_denial(
-            {
-                "_id": event.event_id,
-                "agency_id": caller.agency_id,
-                "actor_id": caller.subject,
-                "resource_id": message_id,
-                "action": action,
-                "at": now_ms(),
-                **outbox_fields([event]),
-            }
-        )
-        log.info("message access refused", extra={"staff_id": caller.subject, "agency_id": caller.agency_id})
-        return NotFound("message_not_found", "no such message")
-
-    def read(self, caller: Identity, message_id: str) -> dict:
+    def _visible_message(self, caller: Identity, message_id: str, action: str) -> tuple[dict, dict]:
         item = self._find_item(caller, message_id)
         message = self.store.message(message_id) if item is not None else None
-        if message is None:
-            raise self._refuse(caller, message_id, "read")
+        if message is None or message["agency_id"] != caller.agency_id:
+            raise audit.refuse(self.store, caller, message_id, action)
+        return item, message
+
+    def open_content(self, caller: Identity, message: dict) -> dict:
         agency = caller.agency_id
-        # Open everything first: a read is marked and audited only once its content can be shown.
-        subject = self.cipher.open(agency, message_id, "subject", message["subject"])
-        body = self.cipher.open(agency, message_id, "body", message["body"])
-        links = json.loads(self.cipher.open(agency, message_id, "links", message["links"]))
-        read_at = item.get("read_at") or now_ms()
-        item = self.store.mark_read(item["_id"], read_at, [self._accessed_event(caller, message_id)]) or item
+        message_id = message["_id"]
         return {
-            **self._summary(item, subject),
-            "body": body,
-            "links": links,
+            "subject": self.cipher.open(agency, message_id, "subject", message["subject"]),
+            "body": self.cipher.open(agency, message_id, "body", message["body"]),
+            "links": json.loads(self.cipher.open(agency, message_id, "links", message["links"])),
+        }
+
+    def read(self, caller: Identity, message_id: str) -> dict:
+        item, message = self._visible_message(caller, message_id, "read")
+        # Open everything first: a read is marked and audited only once its content can be shown.
+        content = self.open_content(caller, message)
+        event = audit.accessed_event(caller, message_id)
+        changed = self.store.change_item(
+            item["_id"],
+            lambda it: {"read_at": it.get("read_at") or now_ms(), "unread_board": None},
+            lambda b, a: [event],
+        )
+        item = changed[1] if changed else item
+        return self._view(caller, item, message, content)
+
+    def _view(self, caller: Identity, item: dict, message: dict, content: dict) -> dict:
+        summary = self.board.summary(caller, item)
+        return {
+            **summary,
+            "id": message["_id"],
+            "item_id": item["_id"],
+            "subject": content["subject"],
+            "body": content["body"],
+            "links": content["links"],
             "to": {
                 "staff_ids": message.get("to_staff_ids", []),
                 "team_ids": message.get("to_team_ids", []),
                 "whole_agency": bool(message.get("to_whole_agency")),
             },
-            "read_at": iso(item["read_at"]),
+            "in_reply_to": message.get("in_reply_to"),
+            "auto_reply": bool(message.get("auto_reply")),
+            "read_at": iso(item.get("read_at")),
         }
 
-    def _accessed_event(self, caller: Identity, message_id: str, action: str = "read", outcome: str = "allowed"):
-        accessed_at = Timestamp()
-        accessed_at.GetCurrentTime()
-        payload = audit_pb2.PhiAccessed(
-            agency_id=caller.agency_id,
-            actor_id=caller.subject,
-            actor_kind=caller.kind,
-            resource_type="message",
-            resource_id=message_id,
-            action=action,
-            outcome=outcome,
-            accessed_at=accessed_at,
-            service=PRODUCER,
-        )
-        return new_envelope(
-            "phi.accessed.v1",
-            payload,
-            agency_id=caller.agency_id,
-            producer=PRODUCER,
-            correlation_id=correlation_id_var.get(),
-        )
+    def detail(self, caller: Identity, item: dict) -> dict:
+        """The reading-pane content of a message item (Board.open_item); audited."""
+        message = self.store.message(item["ref_id"])
+        if message is None or message["agency_id"] != caller.agency_id:
+            raise audit.refuse(self.store, caller, item["ref_id"], "read")
+        content = self.open_content(caller, message)
+        audit.record_access(self.store, audit.accessed_event(caller, message["_id"]), message["_id"], "read", caller)
+        return {k: v for k, v in self._view(caller, item, message, content).items() if k not in ("id", "read_at")}
 
     def mark_unread(self, caller: Identity, message_id: str) -> dict:
-        item_id = domain.board_item_id(message_id, caller.staff_id, domain.FOLDER_MESSAGES)
-        board = domain.owner_folder(caller.agency_id, caller.staff_id, domain.FOLDER_MESSAGES)
-        if self.store.mark_unread(item_id, board) is None:
-            raise self._refuse(caller, message_id, "mark_unread")
+        item = self._find_item(caller, message_id)
+        if item is None or item.get("origin_folder") == domain.FOLDER_SENT:
+            raise audit.refuse(self.store, caller, message_id, "mark_unread")
+        self.board.set_read(caller, item["_id"], read=False)
         return {"id": message_id, "read": False}
 
+    # --- threads, replies and forwards -------------------------------------------
+    def thread(self, caller: Identity, thread_id: str, limit: int = 500) -> dict:
+        """Every message of a thread the caller sent or received, oldest first."""
+        docs = self.store.thread_messages(thread_id, limit)
+        visible = [
+            d
+            for d in docs
+            if d["agency_id"] == caller.agency_id
+            and (d["sender_id"] == caller.staff_id or caller.staff_id in d.get("recipient_ids", []))
+        ]
+        if not visible:
+            raise audit.refuse(
+                self.store, caller, thread_id, "read_thread", code="thread_not_found", message="no such thread"
+            )
+        out = []
+        for message in visible:
+            content = self.open_content(caller, message)
+            out.append(
+                {
+                    "id": message["_id"],
+                    "sender": {
+                        "id": message["sender_id"],
+                        "name": message.get("sender_name", ""),
+                        "kind": message.get("sender_kind", "staff"),
+                    },
+                    "subject": content["subject"],
+                    "body": content["body"],
+                    "links": content["links"],
+                    "sent_at": iso(message["sent_at"]),
+                    "in_reply_to": message.get("in_reply_to"),
+                    "auto_reply": bool(message.get("auto_reply")),
+                }
+            )
+        audit.record_access(
+            self.store,
+            audit.accessed_event(caller, thread_id, resource_type="thread"),
+            thread_id,
+            "read_thread",
+            caller,
+        )
+        return {"thread_id": thread_id, "messages": out}
 
-def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    def reply(
+        self,
+        caller: Identity,
+        message_id: str,
+        *,
+        body: str,
+        links: tuple[str, ...] = (),
+        priority: str = "normal",
+        idempotency_key: str | None = None,
+        reply_all: bool = False,
+        auto_reply: bool = False,
+    ) -> SendResult:
+        _, original = self._visible_message(caller, message_id, "reply_all" if reply_all else "reply")
+        handler = self.reply_handlers.get(original.get("kind", domain.KIND_MESSAGE))
+        if handler is not None:
+            if reply_all:
+                raise Conflict("reply_all_not_allowed", "Reply All is not available for this message; use Reply")
+            return handler(caller, original, body, links, priority, idempotency_key)
+        subject = self.cipher.open(caller.agency_id, original["_id"], "subject", original["subject"])
+        if reply_all:
+            addressing = domain.reply_all_addressing(original, caller.staff_id)
+            if addressing.is_empty():
+                addressing = domain.reply_addressing(original, caller.staff_id)
+        else:
+            addressing = domain.reply_addressing(original, caller.staff_id)
+        draft = domain.Draft(
+            addressing=addressing,
+            subject=domain.prefixed_subject("Re:", subject),
+            body=body,
+            priority=priority,
+            links=links,
+        )
+        return self.send(
+            caller,
+            draft,
+            idempotency_key,
+            thread_id=original["thread_id"],
+            in_reply_to=original["_id"],
+            auto_reply=auto_reply,
+        )
+
+    def forward(
+        self,
+        caller: Identity,
+        message_id: str,
+        *,
+        addressing: domain.Addressing,
+        note: str,
+        links: tuple[str, ...] = (),
+        priority: str = "normal",
+        idempotency_key: str | None = None,
+        max_body: int = 20_000,
+    ) -> SendResult:
+        _, original = self._visible_message(caller, message_id, "forward")
+        content = self.open_content(caller, original)
+        body = domain.quoted_forward(
+            note, original.get("sender_name", ""), iso(original["sent_at"]), content["subject"], content["body"]
+        )
+        if len(body) > max_body:
+            raise InvalidInput(
+                "body_too_long", "the forwarded message would be longer than a message may be", {"max": max_body}
+            )
+        draft = domain.Draft(
+            addressing=addressing,
+            subject=domain.prefixed_subject("Fwd:", content["subject"]),
+            body=body,
+            priority=priority,
+            links=tuple(dict.fromkeys([*links, *content["links"]]))[:10],
+        )
+        audit.record_access(
+            self.store,
+            audit.accessed_event(caller, original["_id"], action="forward"),
+            original["_id"],
+            "forward",
+            caller,
+        )
+        return self.send(caller, draft, idempotency_key)

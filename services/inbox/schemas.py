@@ -38,3 +38,12 @@ def draft_from(fields: dict) -> domain.Draft:
         priority=fields.get("priority", "normal"),
         links=tuple(fields.get("links", ())),
     )
+
+
+def reply_spec(max_body: int) -> dict[str, Spec]:
+    """A reply or reply-all: the recipients and subject come from the message answered."""
+    return {
+        "body": Str(max_len=max_body, strip=False),
+        "priority": Choice(choices=domain.PRIORITIES),
+        "links": ListOf(Link(), max_items=10),
+    }

@@ -1,0 +1,422 @@
+"""One person's Message Board: the folder tree with its counters, pages with filters, the state of
+each item (read, unread, archived, deleted), labels and the expand/collapse state of sections.
+
+Every item change is one optimistic single-document write (InboxStore.change_item) followed by the
+matching $inc of the owner's counters, so the tree is two primary-key reads and a short label list
+whatever the size of the board. Anything that is not the caller's answers 404 (and is audited as a
+refused access), never 403.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.inbox import audit, domain
+from services.inbox.store import REMOVE, InboxStore
+from services.kit.auth import Identity
+from services.kit.crypto import PhiCipher
+from services.kit.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
+from services.kit.mongo import now_ms
+
+log = logging.getLogger(__name__)
+
+MAX_SCAN_BATCHES = 10  # a filtered page reads at most this many index batches, then returns a cursor
+SECTION_IDS = ("labels", "notifications")
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class ItemFilter:
+    unread: bool = False
+    urgent: bool = False
+    label_id: str | None = None
+    kind: str | None = None
+
+    def accepts(self, item: dict) -> bool:
+        if self.unread and not item.get("unread_board"):
+            return False
+        if self.urgent and not item.get("urgent_board"):
+            return False
+        if self.kind and item.get("kind") != self.kind:
+            return False
+        return not (self.label_id and self.label_id not in (item.get("labels") or {}))
+
+
+@dataclass
+class Board:
+    store: InboxStore
+    cipher: PhiCipher
+    # Folder -> unread count for folders not made of the owner's items (announcements).
+    extra_unread: dict[str, Callable[[Identity], int]] = field(default_factory=dict)
+    # Item kind -> detail(caller, item) -> dict: the kind's own content for the reading pane
+    # (opening it is audited by the provider).
+    details: dict[str, Callable[[Identity, dict], dict]] = field(default_factory=dict)
+    # The caller's agency's word for a patient ("Client", ...), from directory.
+    terminology: Callable[[Identity], str] | None = None
+
+    # --- the tree -----------------------------------------------------------
+    def tree(self, caller: Identity) -> dict:
+        owner = domain.owner_key(caller.agency_id, caller.staff_id)
+        counters = self.store.counter_doc(owner)
+        prefs = self.store.prefs(owner)
+        patient = self._patient_term(caller)
+        folders = []
+        for folder in domain.FOLDERS:
+            if folder in self.extra_unread:
+                unread = self.extra_unread[folder](caller)
+                total = None
+            else:
+                unread = max(0, int(counters.get(domain.unread_field(folder), 0)))
+                total = max(0, int(counters.get(domain.total_field(folder), 0)))
+            entry = {"id": folder, "name": domain.folder_name(folder, patient), "unread": unread}
+            if total is not None:
+                entry["total"] = total
+            folders.append(entry)
+        labels = [
+            {
+                "id": label["_id"],
+                "name": label["name"],
+                "unread": max(0, int(counters.get(domain.label_unread_field(label["_id"]), 0))),
+                "total": max(0, int(counters.get(domain.label_total_field(label["_id"]), 0))),
+            }
+            for label in self.store.owner_labels(owner)
+        ]
+        sections = {section: bool(prefs.get(f"x_{section}", 1)) for section in SECTION_IDS}
+        return {
+            "folders": folders,
+            "labels": labels,
+            "sections": sections,
+            "compose": domain.composable(caller.roles),
+        }
+
+    def _patient_term(self, caller: Identity) -> str:
+        if self.terminology is None:
+            return "Patient"
+        try:
+            return self.terminology(caller) or "Patient"
+        except DomainError as exc:  # directory unavailable: the tree still answers, in default words
+            log.warning("agency terminology unavailable (%s)", exc.code)
+            return "Patient"
+
+    def set_section(self, caller: Identity, section: str, expanded: bool) -> dict:
+        if section not in SECTION_IDS:
+            raise NotFound("section_not_found", "no such section")
+        self.store.set_section(domain.owner_key(caller.agency_id, caller.staff_id), section, expanded)
+        return {"section": section, "expanded": expanded}
+
+    # --- pages ----------------------------------------------------------------
+    def page(self, caller: Identity, folder: str, filters: ItemFilter, cursor: str | None, limit: int) -> dict:
+        if folder not in domain.LISTABLE_FOLDERS:
+            raise InvalidInput("invalid_query", f"folder must be one of: {', '.join(domain.LISTABLE_FOLDERS)}")
+        before = domain.decode_cursor(cursor) if cursor else None
+        board = domain.owner_folder(caller.agency_id, caller.staff_id, folder)
+        if filters.label_id:
+            label = self._own_label(caller, filters.label_id)
+            fetch = self._label_fetch(caller, label["_id"])
+        else:
+            field_name = "urgent_board" if filters.urgent else "unread_board" if filters.unread else "board"
+
+            def fetch(after, n):
+                return self.store.page(board, False, after, n, field=field_name)
+
+        # A label listing is across folders only when asked for without a folder; with one, it is narrowed.
+        narrow = None if filters.label_id and folder == domain.FOLDER_MESSAGES else folder
+        items, next_key = self._collect(fetch, filters, narrow, before, limit)
+        return {
+            "items": [self.summary(caller, item) for item in items],
+            "next_cursor": domain.encode_cursor(next_key) if next_key else None,
+        }
+
+    def label_page(self, caller: Identity, label_id: str, cursor: str | None, limit: int, unread: bool) -> dict:
+        label = self._own_label(caller, label_id)
+        before = domain.decode_cursor(cursor) if cursor else None
+        items, next_key = self._collect(
+            self._label_fetch(caller, label["_id"]),
+            ItemFilter(unread=unread, label_id=label["_id"]),
+            None,
+            before,
+            limit,
+        )
+        return {
+            "label": {"id": label["_id"], "name": label["name"]},
+            "items": [self.summary(caller, item) for item in items],
+            "next_cursor": domain.encode_cursor(next_key) if next_key else None,
+        }
+
+    def _label_fetch(self, caller: Identity, label_id: str):
+        key = domain.label_board(caller.agency_id, caller.staff_id, label_id)
+
+        def fetch(after, n):
+            entries = self.store.label_page(key, after, n)
+            found = self.store.items([e["item_id"] for e in entries])
+            # Keep the entry order; an entry whose item is gone still advances the cursor.
+            return [found.get(e["item_id"]) or {"sort_key": e["sort_key"], "_gone": True} for e in entries]
+
+        return fetch
+
+    @staticmethod
+    def _collect(fetch, filters: ItemFilter, folder: str | None, before: str | None, limit: int):
+        """Fill a page from the index, applying the filters the index does not; stops after a bounded
+        number of batches and hands back a cursor, so a sparse filter never scans a whole board."""
+        out: list[dict] = []
+        cursor = before
+        batch = (
+            max(limit + 1, 50)
+            if (filters.kind or filters.label_id or (filters.unread and filters.urgent))
+            else limit + 1
+        )
+        for _ in range(MAX_SCAN_BATCHES):
+            docs = fetch(cursor, batch)
+            for doc in docs:
+                cursor = doc["sort_key"]
+                if doc.get("_gone") or not doc.get("board"):
+                    continue
+                if folder is not None and doc.get("folder") != folder:
+                    continue
+                if filters.accepts(doc):
+                    out.append(doc)
+                    if len(out) > limit:
+                        return out[:limit], out[limit - 1]["sort_key"]
+            if len(docs) < batch:
+                return out, None
+        return out, cursor
+
+    def summary(self, caller: Identity, item: dict) -> dict:
+        agency = caller.agency_id
+        if item.get("subject") is not None:
+            title = self.cipher.open(agency, item.get("message_id") or item["ref_id"], "subject", item["subject"])
+        elif item.get("title") is not None:
+            title = self.cipher.open(agency, item["ref_id"], "title", item["title"])
+        else:
+            title = ""
+        due_at = item.get("due_at")
+        out = {
+            "id": item["_id"],
+            "kind": item.get("kind", domain.KIND_MESSAGE),
+            "folder": item["folder"],
+            "ref_id": item.get("ref_id") or item.get("message_id"),
+            "title": title,
+            "sender": {"id": item.get("sender_id", ""), "name": item.get("sender_name", "")},
+            "urgent": bool(item.get("urgent")),
+            "read": bool(item.get("read_at")),
+            "labels": sorted(item.get("labels") or {}),
+            "sent_at": iso(item["sent_at"]),
+        }
+        for key in ("thread_id", "message_id", "priority", "severity", "status", "recipient_count", "sender_kind"):
+            if item.get(key) is not None:
+                out[key] = item[key]
+        if item.get("summary") is not None:
+            out["summary"] = self.cipher.open(agency, item["ref_id"], "summary", item["summary"])
+        if due_at is not None:
+            out["due_at"] = iso(due_at)
+            out["overdue"] = due_at < now_ms() and not item.get("resolved_at") and not item.get("completed_at")
+        if item.get("resolved_at"):
+            out["resolved_at"] = iso(item["resolved_at"])
+        if item.get("folder") == domain.FOLDER_ARCHIVE:
+            out["archived_from"] = item.get("origin_folder")
+        return out
+
+    # --- one item ---------------------------------------------------------------
+    def own_item(self, caller: Identity, item_id: str, action: str) -> dict:
+        item = self.store.item(item_id)
+        if item is None or item["agency_id"] != caller.agency_id or item["owner_id"] != caller.staff_id:
+            raise audit.refuse(
+                self.store,
+                caller,
+                item_id,
+                action,
+                resource_type="board_item",
+                code="item_not_found",
+                message="no such item",
+            )
+        return item
+
+    def open_item(self, caller: Identity, item_id: str) -> dict:
+        """The reading pane: the item with its kind's content; opening marks it read."""
+        item = self.own_item(caller, item_id, "read")
+        provider = self.details.get(item.get("kind", domain.KIND_MESSAGE))
+        detail = provider(caller, item) if provider else {}
+        if not item.get("read_at"):
+            changed = self.store.change_item(item["_id"], _read_patch)
+            item = changed[1] if changed else item
+        return {**self.summary(caller, item), **detail}
+
+    def set_read(self, caller: Identity, item_id: str, read: bool) -> dict:
+        item = self.own_item(caller, item_id, "mark_read" if read else "mark_unread")
+        changed = self.store.change_item(item["_id"], _read_patch if read else _unread_patch)
+        if changed is None:
+            raise NotFound("item_not_found", "no such item")
+        return self.summary(caller, changed[1])
+
+    def archive(self, caller: Identity, item_id: str) -> dict:
+        item = self.own_item(caller, item_id, "archive")
+        changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, domain.FOLDER_ARCHIVE))
+        if changed is None:
+            raise NotFound("item_not_found", "no such item")
+        return self.summary(caller, changed[1])
+
+    def restore(self, caller: Identity, item_id: str) -> dict:
+        item = self.own_item(caller, item_id, "restore")
+        if item.get("folder") != domain.FOLDER_ARCHIVE:
+            raise Conflict("not_archived", "the item is not in the archive")
+        changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, it.get("origin_folder")))
+        if changed is None:
+            raise NotFound("item_not_found", "no such item")
+        return self.summary(caller, changed[1])
+
+    def delete(self, caller: Identity, item_id: str) -> None:
+        item = self.own_item(caller, item_id, "delete")
+        self.store.delete_item(item["_id"], caller.staff_id)
+        log.info("board item deleted", extra={"staff_id": caller.staff_id, "agency_id": caller.agency_id})
+
+    # --- labels -------------------------------------------------------------------
+    def labels(self, caller: Identity) -> list[dict]:
+        return self.tree(caller)["labels"]
+
+    def create_label(self, caller: Identity, raw_name: str) -> dict:
+        name, key = domain.label_name(raw_name)
+        owner = domain.owner_key(caller.agency_id, caller.staff_id)
+        label = {
+            "_id": domain.new_label_id(),
+            "agency_id": caller.agency_id,
+            "owner_id": caller.staff_id,
+            "owner": owner,
+            "name": name,
+            "name_key": key,
+            "owner_name": f"{owner}|{key}",
+            "created_at": now_ms(),
+        }
+        if not self.store.insert_label(label):
+            raise Conflict("label_exists", "you already have a label with that name")
+        return {"id": label["_id"], "name": name, "unread": 0, "total": 0}
+
+    def _own_label(self, caller: Identity, label_id: str) -> dict:
+        label = self.store.label(label_id)
+        if label is None or label["owner"] != domain.owner_key(caller.agency_id, caller.staff_id):
+            raise NotFound("label_not_found", "no such label")
+        return label
+
+    def rename_label(self, caller: Identity, label_id: str, raw_name: str) -> dict:
+        label = self._own_label(caller, label_id)
+        name, key = domain.label_name(raw_name)
+        if not self.store.rename_label(label["_id"], label["owner"], name, key):
+            raise Conflict("label_exists", "you already have a label with that name")
+        return {"id": label["_id"], "name": name}
+
+    def delete_label(self, caller: Identity, label_id: str) -> None:
+        """Take the label off every item (the items stay), then drop the label and its counters."""
+        label = self._own_label(caller, label_id)
+        key = domain.label_board(caller.agency_id, caller.staff_id, label["_id"])
+        while True:
+            entries = self.store.label_page(key, None, 500)
+            if not entries:
+                break
+            for entry in entries:
+                self.store.change_item(entry["item_id"], lambda it, lid=label["_id"]: _without_label(it, lid))
+                self.store.remove_label_entry(label["_id"], entry["item_id"])
+        self.store.delete_label(label["_id"])
+        self.store.unset_counters(
+            label["owner"], [domain.label_unread_field(label["_id"]), domain.label_total_field(label["_id"])]
+        )
+
+    def add_label(self, caller: Identity, item_id: str, label_id: str | None, new_name: str | None) -> dict:
+        """Apply an existing label, or ("Add Label") create one by name (or reuse the owner's label of
+        that name) and apply it in one step."""
+        if bool(label_id) == bool(new_name):
+            raise InvalidInput("invalid_value", "give either label_id or name")
+        item = self.own_item(caller, item_id, "label")
+        if label_id:
+            label = self._own_label(caller, label_id)
+        else:
+            name, key = domain.label_name(new_name)
+            owner = domain.owner_key(caller.agency_id, caller.staff_id)
+            label = self.store.label_by_name(owner, key)
+            if label is None:
+                created = self.create_label(caller, name)
+                label = self._own_label(caller, created["id"])
+        self.store.add_label_entry(
+            label["_id"], domain.label_board(caller.agency_id, caller.staff_id, label["_id"]), item
+        )
+        changed = self.store.change_item(item["_id"], lambda it: _with_label(it, label["_id"]))
+        if changed is None:
+            self.store.remove_label_entry(label["_id"], item["_id"])
+            raise NotFound("item_not_found", "no such item")
+        return {**self.summary(caller, changed[1]), "label": {"id": label["_id"], "name": label["name"]}}
+
+    def remove_label(self, caller: Identity, item_id: str, label_id: str) -> dict:
+        item = self.own_item(caller, item_id, "unlabel")
+        label = self._own_label(caller, label_id)
+        if label["_id"] not in (item.get("labels") or {}):
+            raise NotFound("label_not_applied", "the item does not carry that label")
+        changed = self.store.change_item(item["_id"], lambda it: _without_label(it, label["_id"]))
+        self.store.remove_label_entry(label["_id"], item["_id"])
+        return self.summary(caller, changed[1] if changed else item)
+
+    def move_label(self, caller: Identity, item_id: str, from_label_id: str, to_label_id: str) -> dict:
+        """Move a message from one label to another: the target is applied first, so it is never
+        without either."""
+        item = self.own_item(caller, item_id, "label")
+        source = self._own_label(caller, from_label_id)
+        target = self._own_label(caller, to_label_id)
+        if source["_id"] not in (item.get("labels") or {}):
+            raise NotFound("label_not_applied", "the item does not carry that label")
+        self.add_label(caller, item_id, target["_id"], None)
+        return self.remove_label(caller, item_id, source["_id"])
+
+    # --- compose permissions ----------------------------------------------------------
+    @staticmethod
+    def require_compose(caller: Identity, kind: str) -> None:
+        if not domain.may_compose(caller.roles, kind):
+            raise Forbidden("compose_not_allowed", f"your roles do not allow composing a {kind.replace('_', ' ')}")
+
+
+# --- patches (pure: item -> fields to change) -----------------------------------------------------
+
+
+def _read_patch(item: dict) -> dict | None:
+    if item.get("read_at"):
+        return None
+    return {"read_at": now_ms(), "unread_board": None}
+
+
+def _unread_patch(item: dict) -> dict | None:
+    if not item.get("read_at") and (item.get("unread_board") or not item.get("board")):
+        return None
+    return {"read_at": None, "unread_board": item.get("board")}
+
+
+def _move_patch(item: dict, folder: str | None) -> dict | None:
+    if not folder or item.get("folder") == folder or not item.get("board"):
+        return None
+    keys = domain.item_keys(
+        item["agency_id"], item["owner_id"], folder, unread=not item.get("read_at"), urgent=bool(item.get("urgent"))
+    )
+    keys["archived_at"] = now_ms() if folder == domain.FOLDER_ARCHIVE else REMOVE
+    return keys
+
+
+def _with_label(item: dict, label_id: str) -> dict | None:
+    labels = dict(item.get("labels") or {})
+    if label_id in labels:
+        return None
+    labels[label_id] = now_ms()
+    return {"labels": labels}
+
+
+def _without_label(item: dict, label_id: str) -> dict | None:
+    labels = dict(item.get("labels") or {})
+    if labels.pop(label_id, None) is None:
+        return None
+    return {"labels": labels}
+
+
+read_patch = _read_patch
+unread_patch = _unread_patch
