@@ -7,12 +7,17 @@ import sys
 
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.inbox import config, domain, store
+from services.inbox.announcements import Announcements
 from services.inbox.board import Board
 from services.inbox.components import Components
+from services.inbox.delivery import Delivery
 from services.inbox.directory_client import DirectoryClient
 from services.inbox.grpc_api import InboxServicer
 from services.inbox.http_api import build_app
 from services.inbox.mailbox import Mailbox
+from services.inbox.portal import Portal
+from services.inbox.reminders import Reminders
+from services.inbox.signatures import Signatures
 from services.kit import mongo
 from services.kit.auth import JwksKeySource, RevokedSessions, TokenVerifier
 from services.kit.bus import BatchPublisher, Topology
@@ -50,16 +55,25 @@ def main() -> int:
     board.terminology = lambda caller: directory.agency_settings(caller.agency_id).patient_singular
     mailbox = Mailbox(inbox_store, cipher, directory.resolve, board)
     board.details[domain.KIND_MESSAGE] = mailbox.detail
-    components = Components(settings, inbox_store, cipher, board, mailbox, directory)
+    service_tokens = ServiceTokens(settings.directory_grpc_target, credentials.client_id, credentials.secret)
+    components = Components(settings, inbox_store, cipher, board, mailbox, directory, service_tokens)
+    delivery = Delivery(components)
+    components.features = [Announcements(components), Reminders(components), Signatures(components)]
+    components.features += [Portal(components), delivery]
+    for feature in components.features:
+        feature.ensure_indexes()
+        feature.attach()
     revoked = RevokedSessions()
     verifier = TokenVerifier(JwksKeySource(settings.directory_jwks_url), revoked=revoked)
-    service_tokens = ServiceTokens(settings.directory_grpc_target, credentials.client_id, credentials.secret)
 
     # The relay thread owns its publisher (a pika connection belongs to one thread).
     publisher = BatchPublisher(
         common.amqp_url, Topology(exchange=common.events_exchange), connection_name="inbox-outbox"
     )
-    relay = OutboxRelay(db, list(store.OUTBOX_COLLECTIONS), publisher, batch_size=settings.relay_batch_size)
+    outbox_collections = list(store.OUTBOX_COLLECTIONS)
+    for feature in components.features:
+        outbox_collections += [c for c in feature.outbox_collections if c not in outbox_collections]
+    relay = OutboxRelay(db, outbox_collections, publisher, batch_size=settings.relay_batch_size)
     relay.ensure_indexes()
 
     process = ServiceProcess("inbox")
@@ -84,7 +98,7 @@ def main() -> int:
         [
             ServiceBinding(
                 inbox_pb2_grpc.add_InboxServiceServicer_to_server,
-                InboxServicer(mailbox, settings.max_subject_chars, settings.max_body_chars),
+                InboxServicer(mailbox, settings.max_subject_chars, settings.max_body_chars, delivery),
                 inbox_pb2.DESCRIPTOR.services_by_name["InboxService"].full_name,
             )
         ],
@@ -95,6 +109,9 @@ def main() -> int:
     process.serve_grpc(grpc_server)
     process.background("outbox-relay", relay.run_forever)
     process.background("fanout-repair", mailbox.repair_fanouts)
+    for feature in components.features:
+        for name, run in feature.background():
+            process.background(name, run)
     process.on_stop("directory-client", directory.close)
     process.on_stop("service-tokens", service_tokens.close)
     process.wait()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,5 +22,35 @@ class Components:
     board: Board
     mailbox: Mailbox
     directory: Any  # DirectoryClient (or a stand-in with the same methods in tests)
-    # Feature modules; each has .blueprint() -> flask.Blueprint, registered by the HTTP edge.
+    # ServiceTokens for work no user started (event handlers, scheduled jobs): acting_as(identity(agency)).
+    service_tokens: Any = None
+    # Feature modules (see Feature below), registered by the HTTP edge and run by the process.
     features: list[Any] = field(default_factory=list)
+
+
+class Feature:
+    """A part of the mailbox with its own collections, routes and background work
+    (announcements, reminders, signature requests, the patient portal, the delivery API).
+
+    Constructed with the Components; `attach()` registers its hooks on the board and mailbox
+    (Board.details[kind], Board.extra_unread[folder], Mailbox.reply_handlers[kind])."""
+
+    # Collections whose documents carry outbox events (the relay scans them).
+    outbox_collections: tuple[str, ...] = ()
+
+    def __init__(self, components: Components):
+        self.components = components
+
+    def ensure_indexes(self) -> None:
+        """Create this feature's indexes (called once at start)."""
+
+    def attach(self) -> None:
+        """Register hooks on components.board / components.mailbox."""
+
+    def blueprint(self):
+        """The feature's flask.Blueprint, or None."""
+        return None
+
+    def background(self) -> list[tuple[str, Callable[[threading.Event], None]]]:
+        """(name, run(stop_event)) workers the process runs until it stops."""
+        return []

@@ -49,7 +49,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (2 services, 4 routes, 2 consumers" in result.stdout
+    assert "OK (2 services, 5 routes, 2 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):
