@@ -275,7 +275,9 @@ def build_app(components: Components, verifier) -> Flask:
     for blueprint in (messages, threads, board_bp, labels):
         app.register_blueprint(blueprint)
     for feature in components.features:
-        app.register_blueprint(feature.blueprint())
+        blueprint = feature.blueprint()
+        if blueprint is not None:
+            app.register_blueprint(blueprint)
     return app
 
 
