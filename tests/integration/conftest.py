@@ -13,6 +13,7 @@ import pika.exceptions
 import pytest
 
 from services.kit.bus import Consumer, Topology
+from tests.integration.inbox_fixtures import inbox  # noqa: F401 - a fixture for the inbox tests
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:

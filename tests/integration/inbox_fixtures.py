@@ -1,0 +1,93 @@
+"""Inbox assembled in-process against the real database, for integration tests of its parts.
+
+Directory is a separate service; here its answers come from a small table (`Agency`), while the
+end-to-end tests run the real one. Import the fixtures in a test module with
+the `inbox` fixture is registered in tests/integration/conftest.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+
+import pytest
+
+from services.inbox import config, domain, store
+from services.inbox.board import Board
+from services.inbox.components import Components
+from services.inbox.directory_client import AgencySettings, PortalPatient, Resolution
+from services.inbox.mailbox import Mailbox
+from services.kit.auth import Identity, current_identity
+from services.kit.crypto import KeyRing, PhiCipher
+from services.kit.errors import NotFound
+
+AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclass
+class AgencyTable:
+    """What directory would answer for the agencies of one test."""
+
+    teams: dict[str, list[str]] = field(default_factory=dict)  # team id -> staff ids
+    staff: dict[str, str] = field(default_factory=dict)  # staff id -> agency id
+    patients: dict[str, PortalPatient] = field(default_factory=dict)
+    patient_term: str = "Patient"
+    portal_consumer: str = "patient-portal"
+
+    def _agency(self) -> str:
+        identity = current_identity.get()
+        return identity.agency_id if identity else ""
+
+    def resolve(self, addressing: domain.Addressing) -> Resolution:
+        agency = self._agency()
+        mine = [s for s, a in self.staff.items() if a == agency]
+        missing_staff = [s for s in addressing.staff_ids if s not in mine]
+        missing_teams = [t for t in addressing.team_ids if t not in self.teams]
+        ids = [s for s in addressing.staff_ids if s in mine]
+        for team in addressing.team_ids:
+            ids += [s for s in self.teams.get(team, []) if s in mine]
+        if addressing.whole_agency:
+            ids += mine
+        return Resolution(list(dict.fromkeys(ids)), missing_staff, missing_teams)
+
+    def agency_settings(self, agency_id: str) -> AgencySettings:
+        return AgencySettings(
+            agency_id, agency_id, self.patient_term, self.patient_term + "s", "UTC", self.portal_consumer
+        )
+
+    def portal_patient(self, *, patient_id: str = "", portal_user_id: str = "") -> PortalPatient:
+        for patient in self.patients.values():
+            if patient.agency_id == self._agency() and (
+                patient.patient_id == patient_id or (portal_user_id and patient.portal_user_id == portal_user_id)
+            ):
+                return patient
+        raise NotFound("patient_not_found", "no such patient")
+
+    def staff_records(self, staff_ids):
+        raise NotImplementedError
+
+
+def staff(agency_id: str, staff_id: str, *roles: str, name: str = "") -> Identity:
+    return Identity(subject=staff_id, agency_id=agency_id, roles=frozenset(roles or ("staff",)), name=name or staff_id)
+
+
+def make_inbox(db, table: AgencyTable | None = None) -> Components:
+    table = table or AgencyTable()
+    inbox_store = store.InboxStore(db)
+    inbox_store.ensure_indexes()
+    cipher = PhiCipher(KeyRing(db, {"m": os.urandom(32)}, "m"))
+    board = Board(inbox_store, cipher)
+    board.terminology = lambda caller: table.agency_settings(caller.agency_id).patient_singular
+    mailbox = Mailbox(inbox_store, cipher, table.resolve, board)
+    board.details[domain.KIND_MESSAGE] = mailbox.detail
+    master = base64.b64encode(os.urandom(32)).decode()
+    settings = config.load({"MONGO_URI": "mongodb://unused:1", "PHI_MASTER_KEYS": f"m:{master}", "AMQP_URL": AMQP})
+    return Components(settings, inbox_store, cipher, board, mailbox, table)
+
+
+@pytest.fixture
+def inbox(mongo_client, db_name):
+    """(components, table): an inbox of this test's own database."""
+    table = AgencyTable()
+    return make_inbox(mongo_client[db_name], table), table
