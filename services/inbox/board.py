@@ -371,6 +371,28 @@ class Board:
         self.add_label(caller, item_id, target["_id"], None)
         return self.remove_label(caller, item_id, source["_id"])
 
+    # --- recount (operations) ----------------------------------------------------------
+    def recount(self, agency_id: str, owner_id: str) -> dict[str, int]:
+        """The counters as the items say they should be (reads the whole board: a maintenance
+        tool, never a request path)."""
+        counts: dict[str, int] = {}
+        for item in self.store.owner_items(agency_id, owner_id, domain.ITEM_FOLDERS):
+            counts = domain.add_deltas(counts, domain.contribution(item))
+        return counts
+
+    def stored_counts(self, agency_id: str, owner_id: str) -> dict[str, int]:
+        doc = self.store.counter_doc(domain.owner_key(agency_id, owner_id))
+        return {k: int(v) for k, v in doc.items() if k != "_id" and int(v)}
+
+    def repair_counts(self, agency_id: str, owner_id: str) -> dict[str, int]:
+        """Replace the stored counters with a recount; returns what differed (stored - recounted)."""
+        recounted = self.recount(agency_id, owner_id)
+        stored = self.stored_counts(agency_id, owner_id)
+        drift = domain.add_deltas(stored, {k: -v for k, v in recounted.items()})
+        if drift:
+            self.store.reset_counters(domain.owner_key(agency_id, owner_id), recounted)
+        return drift
+
     # --- compose permissions ----------------------------------------------------------
     @staticmethod
     def require_compose(caller: Identity, kind: str) -> None:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from services.inbox import domain
+from services.inbox.board import ItemFilter
 from services.kit.auth import current_identity
+from services.kit.errors import Conflict, NotFound
 from tests.integration.inbox_fixtures import staff
 
 AGENCY = "agy_1"
@@ -32,3 +40,138 @@ def test_a_received_message_counts_until_read(inbox):
     assert folder(components.board.tree(a), "sent") == {"id": "sent", "name": "Sent", "unread": 0, "total": 1}
     components.mailbox.read(b, result.message_id)
     assert folder(components.board.tree(b), "messages")["unread"] == 0
+
+
+def two_staff(inbox):
+    components, table = inbox
+    table.staff.update({"stf_a": AGENCY, "stf_b": AGENCY})
+    return components, staff(AGENCY, "stf_a"), staff(AGENCY, "stf_b")
+
+
+def item_of(components, owner, message_id, folder="messages"):
+    return components.store.item(domain.board_item_id(message_id, owner.staff_id, folder))
+
+
+def test_labels_count_their_unread_items_and_deleting_a_label_keeps_the_messages(inbox):
+    components, a, b = two_staff(inbox)
+    board = components.board
+    first, second = send(components, a, "stf_b").message_id, send(components, a, "stf_b").message_id
+    first_item, second_item = item_of(components, b, first)["_id"], item_of(components, b, second)["_id"]
+    added = board.add_label(b, first_item, None, "  Follow up ")
+    label_id = added["label"]["id"]
+    assert board.add_label(b, second_item, None, "follow UP")["label"]["id"] == label_id  # same label, by name
+    assert board.tree(b)["labels"] == [{"id": label_id, "name": "Follow up", "unread": 2, "total": 2}]
+    board.set_read(b, first_item, read=True)
+    assert board.tree(b)["labels"][0]["unread"] == 1
+    assert [i["id"] for i in board.label_page(b, label_id, None, 20, unread=False)["items"]] == [
+        second_item,
+        first_item,
+    ]
+
+    other = board.create_label(b, "Billing")["id"]
+    board.move_label(b, second_item, label_id, other)
+    assert {lbl["name"]: lbl["total"] for lbl in board.tree(b)["labels"]} == {"Billing": 1, "Follow up": 1}
+    board.remove_label(b, first_item, label_id)
+    assert board.label_page(b, label_id, None, 20, unread=False)["items"] == []
+
+    board.delete_label(b, other)
+    assert [lbl["name"] for lbl in board.tree(b)["labels"]] == ["Follow up"]
+    assert item_of(components, b, second)["labels"] == {}
+    assert folder(board.tree(b), "messages")["total"] == 2  # the messages stay
+
+
+def test_label_names_are_unique_per_owner_and_private(inbox):
+    components, a, b = two_staff(inbox)
+    label = components.board.create_label(b, "Urgent follow-up")
+    with pytest.raises(Conflict) as caught:
+        components.board.create_label(b, "urgent FOLLOW-UP")
+    assert caught.value.code == "label_exists"
+    components.board.create_label(a, "Urgent follow-up")  # another owner may use the name
+    with pytest.raises(NotFound):
+        components.board.rename_label(a, label["id"], "Mine now")
+    with pytest.raises(NotFound):
+        components.board.label_page(a, label["id"], None, 20, unread=False)
+
+
+def test_archive_restore_and_delete_move_the_counts(inbox):
+    components, a, b = two_staff(inbox)
+    board = components.board
+    message_id = send(components, a, "stf_b").message_id
+    item_id = item_of(components, b, message_id)["_id"]
+    board.archive(b, item_id)
+    tree = board.tree(b)
+    assert folder(tree, "messages")["unread"] == 0 and folder(tree, "archive")["unread"] == 1
+    assert board.page(b, "archive", ItemFilter(), None, 20)["items"][0]["archived_from"] == "messages"
+    board.restore(b, item_id)
+    assert folder(board.tree(b), "messages")["unread"] == 1 and folder(board.tree(b), "archive")["total"] == 0
+    board.delete(b, item_id)
+    assert folder(board.tree(b), "messages") == {"id": "messages", "name": "Messages", "unread": 0, "total": 0}
+    assert folder(board.tree(a), "sent")["total"] == 1  # deleting from my board never touches anyone else's
+    assert components.store.message(message_id) is not None
+
+
+def test_another_persons_item_is_not_found(inbox):
+    components, a, b = two_staff(inbox)
+    message_id = send(components, a, "stf_b").message_id
+    item_id = item_of(components, b, message_id)["_id"]
+    for action in (
+        lambda: components.board.archive(a, item_id),
+        lambda: components.board.delete(a, item_id),
+        lambda: components.board.open_item(a, item_id),
+        lambda: components.board.open_item(staff("agy_2", "stf_b"), item_id),
+    ):
+        with pytest.raises(NotFound):
+            action()
+    assert item_of(components, b, message_id)["folder"] == "messages"
+
+
+OPERATIONS = ("send", "read", "unread", "archive", "restore", "delete", "label", "unlabel", "drop_label")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from(OPERATIONS), st.integers(0, 50)), min_size=5, max_size=40))
+def test_counters_equal_a_recount_after_any_sequence(inbox, steps):
+    components, a, b = two_staff(inbox)
+    board = components.board
+    labels = [board.create_label(b, f"L{uuid.uuid4().hex[:6]}")["id"] for _ in range(2)]
+    items: list[str] = []
+    for op, n in steps:
+        if op == "send" or not items:
+            message_id = send(components, a, "stf_b", priority="urgent" if n % 3 == 0 else "normal").message_id
+            items.append(item_of(components, b, message_id)["_id"])
+            continue
+        item_id = items[n % len(items)]
+        label_id = labels[n % len(labels)]
+        try:
+            if op == "read":
+                board.set_read(b, item_id, read=True)
+            elif op == "unread":
+                board.set_read(b, item_id, read=False)
+            elif op == "archive":
+                board.archive(b, item_id)
+            elif op == "restore":
+                board.restore(b, item_id)
+            elif op == "delete":
+                board.delete(b, item_id)
+                items.remove(item_id)
+            elif op == "label":
+                board.add_label(b, item_id, label_id, None)
+            elif op == "unlabel":
+                board.remove_label(b, item_id, label_id)
+            elif op == "drop_label":
+                board.delete_label(b, label_id)
+                labels[labels.index(label_id)] = board.create_label(b, f"L{uuid.uuid4().hex[:6]}")["id"]
+        except (NotFound, Conflict):
+            pass  # e.g. restoring what is not archived: refused, and nothing may have moved
+    assert board.stored_counts(AGENCY, "stf_b") == board.recount(AGENCY, "stf_b")
+    assert board.stored_counts(AGENCY, "stf_a") == board.recount(AGENCY, "stf_a")
+    assert board.repair_counts(AGENCY, "stf_b") == {}
+
+
+def test_repair_counts_fixes_drift(inbox):
+    components, a, b = two_staff(inbox)
+    send(components, a, "stf_b")
+    owner = domain.owner_key(AGENCY, "stf_b")
+    components.store.apply_deltas([({"agency_id": AGENCY, "owner_id": "stf_b"}, {"u_messages": 5})])
+    assert components.board.repair_counts(AGENCY, "stf_b") == {"u_messages": 5}
+    assert components.store.counter_doc(owner)["u_messages"] == 1
