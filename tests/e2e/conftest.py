@@ -57,6 +57,28 @@ class Client:
     def post(self, path: str, **kwargs) -> requests.Response:
         return self.http.post(f"{self.base_url}{path}", **kwargs)
 
+    def put(self, path: str, **kwargs) -> requests.Response:
+        return self.http.put(f"{self.base_url}{path}", **kwargs)
+
+    def patch(self, path: str, **kwargs) -> requests.Response:
+        return self.http.patch(f"{self.base_url}{path}", **kwargs)
+
+    def delete(self, path: str, **kwargs) -> requests.Response:
+        return self.http.delete(f"{self.base_url}{path}", **kwargs)
+
+    def tree(self) -> dict:
+        reply = self.get("/api/v1/board")
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    def folder(self, folder_id: str) -> dict:
+        return next(f for f in self.tree()["folders"] if f["id"] == folder_id)
+
+    def items(self, **params) -> dict:
+        reply = self.get("/api/v1/board/items", params=params)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
     def send(self, **body) -> requests.Response:
         body.setdefault("subject", "Schedule question")
         body.setdefault("body", "Can we move the 3pm intake?")
