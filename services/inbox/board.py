@@ -247,7 +247,7 @@ class Board:
         if not item.get("read_at"):
             changed = self.store.change_item(item["_id"], _read_patch)
             item = changed[1] if changed else item
-        return {**self.summary(caller, item), **detail}
+        return {**detail, **self.summary(caller, item)}
 
     def set_read(self, caller: Identity, item_id: str, read: bool) -> dict:
         item = self.own_item(caller, item_id, "mark_read" if read else "mark_unread")
