@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.inbox import domain
+from services.inbox import domain, recount
 from services.inbox.board import ItemFilter
 from services.kit.auth import current_identity
 from services.kit.errors import Conflict, NotFound
-from tests.integration.inbox_fixtures import staff
+from tests.integration.inbox_fixtures import AgencyTable, make_inbox, staff
 
 AGENCY = "agy_1"
 
@@ -175,3 +176,21 @@ def test_repair_counts_fixes_drift(inbox):
     components.store.apply_deltas([({"agency_id": AGENCY, "owner_id": "stf_b"}, {"u_messages": 5})])
     assert components.board.repair_counts(AGENCY, "stf_b") == {"u_messages": 5}
     assert components.store.counter_doc(owner)["u_messages"] == 1
+
+
+def test_the_recount_command_repairs_drift(mongo_client, mongo_uri, monkeypatch, capsys):
+    prefix = f"t{uuid.uuid4().hex[:8]}_"
+    components = make_inbox(mongo_client[f"{prefix}inbox"], AgencyTable(staff={"stf_a": AGENCY, "stf_b": AGENCY}))
+    try:
+        send(components, staff(AGENCY, "stf_a"), "stf_b")
+        components.store.apply_deltas([({"agency_id": AGENCY, "owner_id": "stf_b"}, {"u_messages": -1})])
+        monkeypatch.setenv("MONGO_URI", mongo_uri)
+        monkeypatch.setenv("MONGO_DB_PREFIX", prefix)
+        assert recount.main(["--all"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert {"agency_id": AGENCY, "staff_id": "stf_b", "drift": {"u_messages": -1}} in lines
+        assert components.board.stored_counts(AGENCY, "stf_b") == {"u_messages": 1, "t_messages": 1}
+        assert recount.main(["--agency", AGENCY, "--staff", "stf_b"]) == 0
+        assert json.loads(capsys.readouterr().out)["drift"] == {}
+    finally:
+        mongo_client.drop_database(f"{prefix}inbox")
