@@ -315,3 +315,80 @@ def test_newest_data_key_and_keys_to_rewrap(db):
     newest = list(db.phi_data_keys.find({"agency_id": {"$eq": "agy_a"}}).sort("generation", -1).limit(1))
     assert newest[0]["_id"] == "agy_a:2"
     assert sorted(d["_id"] for d in db.phi_data_keys.find({"master_key_id": {"$ne": "new"}})) == ["agy_a:1", "agy_b:1"]
+
+
+# --- the whole Message Board (inbox) --------------------------------------------------------
+
+
+def test_optimistic_item_change_guarded_by_version(db):
+    db.board_items.insert_one({"_id": "i", "version": 1, "labels": {}})
+    first = db.board_items.update_one(
+        {"_id": {"$eq": "i"}, "version": {"$eq": 1}}, {"$set": {"labels": {"lbl_a": 5}, "version": 2}}
+    )
+    stale = db.board_items.update_one({"_id": {"$eq": "i"}, "version": {"$eq": 1}}, {"$set": {"version": 9}})
+    assert (first.matched_count, stale.matched_count) == (1, 0)
+    assert db.board_items.find_one({"_id": "i"}) == {"_id": "i", "version": 2, "labels": {"lbl_a": 5}}
+    db.board_items.update_one({"_id": {"$eq": "i"}}, {"$set": {"labels": {}}, "$unset": {"archived_at": ""}})
+    assert db.board_items.find_one({"_id": "i"})["labels"] == {}
+
+
+def test_flat_counter_fields_upserted_with_inc_in_bulk(db):
+    from pymongo import UpdateOne
+
+    db.board_counters.bulk_write(
+        [
+            UpdateOne({"_id": {"$eq": "agy|stf"}}, {"$inc": {"u_messages": 1, "l_lbl_a": 2}}, upsert=True),
+            UpdateOne({"_id": {"$eq": "agy|stf"}}, {"$inc": {"u_messages": 1, "t_messages": 1}}, upsert=True),
+        ],
+        ordered=False,
+    )
+    db.board_counters.update_one({"_id": {"$eq": "agy|stf"}}, {"$unset": {"l_lbl_a": ""}})
+    assert db.board_counters.find_one({"_id": "agy|stf"}) == {"_id": "agy|stf", "u_messages": 2, "t_messages": 1}
+
+
+@pytest.mark.skipif(not EMBEDDED, reason="documents a deviation of the embedded server")
+def test_an_upsert_with_a_dotted_inc_path_stores_the_dot_literally_on_the_embedded_server(db):
+    db.board_counters.update_one({"_id": {"$eq": "x"}}, {"$inc": {"unread.messages": 1}}, upsert=True)
+    assert "unread.messages" in db.board_counters.find_one({"_id": "x"})  # hence flat counter names
+
+
+def test_urgent_and_label_pages_and_owner_labels(db):
+    db.board_items.insert_many(
+        [{**board_item(n), "urgent_board": "agy|stf_1|messages" if n % 3 == 0 else None} for n in range(12)]
+    )
+    urgent = list(db.board_items.find({"urgent_board": {"$eq": "agy|stf_1|messages"}}).sort("sort_key", -1).limit(3))
+    assert [d["_id"] for d in urgent] == [f"msg_{n:06d}.stf_1.messages" for n in (9, 6, 3)]
+    db.label_items.insert_many(
+        [
+            {"_id": f"lbl_a|{n}", "label_board": "agy|stf_1|label:lbl_a", "item_id": str(n), "sort_key": f"{n:03d}"}
+            for n in range(5)
+        ]
+    )
+    page = list(
+        db.label_items.find({"label_board": {"$eq": "agy|stf_1|label:lbl_a"}, "sort_key": {"$lt": "003"}})
+        .sort("sort_key", -1)
+        .limit(2)
+    )
+    assert [d["item_id"] for d in page] == ["2", "1"]
+    db.labels.insert_many(
+        [
+            {"_id": "lbl_b", "owner": "agy|stf_1", "name_key": "billing", "owner_name": "agy|stf_1|billing"},
+            {"_id": "lbl_a", "owner": "agy|stf_1", "name_key": "appeals", "owner_name": "agy|stf_1|appeals"},
+            {"_id": "lbl_c", "owner": "agy|stf_2", "name_key": "appeals", "owner_name": "agy|stf_2|appeals"},
+        ]
+    )
+    assert [d["_id"] for d in db.labels.find({"owner": {"$eq": "agy|stf_1"}}).sort("name_key", 1)] == ["lbl_a", "lbl_b"]
+    with pytest.raises(DuplicateKeyError):  # a label name is unique per owner
+        db.labels.insert_one(
+            {"_id": "lbl_d", "owner": "agy|stf_1", "name_key": "billing", "owner_name": "agy|stf_1|billing"}
+        )
+
+
+def test_thread_in_order_and_due_reminders(db):
+    db.messages.insert_many(
+        [{"_id": f"m{n}", "thread_id": "t1" if n != 2 else "t2", "sent_at": 10 - n} for n in range(4)]
+    )
+    assert [d["_id"] for d in db.messages.find({"thread_id": {"$eq": "t1"}}).sort("sent_at", 1)] == ["m3", "m1", "m0"]
+    db.board_items.insert_many([{"_id": f"r{n}", "due_pending_at": 100 + n} for n in range(5)])
+    due = list(db.board_items.find({"due_pending_at": {"$lte": 102}}).sort("due_pending_at", 1).limit(200))
+    assert [d["_id"] for d in due] == ["r0", "r1", "r2"]
