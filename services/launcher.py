@@ -143,15 +143,15 @@ class Stack:
             )
             self.mongo.start()
         env = self.service_env()
-        self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
-        wait_http(f"{self.directory_url}/healthz", "directory", self.logs / "directory.log")
+        directory = self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
+        wait_http(f"{self.directory_url}/healthz", "directory", self.logs / "directory.log", directory)
         if self.config.seed_demo:
             self.demo_logins = self._seed(env)
-        self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
+        inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
-        self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
-        wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log")
-        wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log")
+        gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
+        wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log", inbox)
+        wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
 
     def _check_ports_free(self) -> None:
         ports = vars(self.config.ports).copy()
@@ -284,10 +284,16 @@ def stop_process_group(pid: int, timeout_s: float = 15.0) -> bool:
     return True
 
 
-def wait_http(url: str, name: str, log_file: Path, timeout_s: float = 60.0) -> None:
+def wait_http(
+    url: str, name: str, log_file: Path, process: subprocess.Popen | None = None, timeout_s: float = 60.0
+) -> None:
+    """Wait until `url` answers 200; a process that exits meanwhile fails at once, with its log."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            last = f"exited with status {process.returncode}"
+            break
         try:
             response = requests.get(url, timeout=2)
             if response.status_code == 200:

@@ -3,10 +3,15 @@ without harm, and nothing left behind after stop."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import requests
 
-from services.launcher import AlreadyRunning, Ports, Stack, StackConfig, pid_alive
+from services.kit.embedded_mongo import free_port
+from services.launcher import AlreadyRunning, LaunchError, Ports, Stack, StackConfig, pid_alive, wait_http
 
 
 def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
@@ -41,3 +46,14 @@ def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
     assert not list(stack.pids.glob("*.pid"))
     # Logs went to files, not the terminal.
     assert (stack.logs / "nx-27017.log").exists() and (stack.logs / "inbox.log").stat().st_size > 0
+
+
+def test_a_service_that_exits_during_start_fails_at_once_with_its_log(tmp_path):
+    log_file = tmp_path / "svc.log"
+    log_file.write_text("boom: settings are wrong\n")
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as caught:
+        wait_http(f"http://127.0.0.1:{free_port()}/healthz", "svc", log_file, process, timeout_s=30)
+    assert time.monotonic() - started < 10
+    assert "exited with status 3" in str(caught.value) and "boom: settings are wrong" in str(caught.value)
