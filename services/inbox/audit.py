@@ -51,17 +51,21 @@ def accessed_event(
     )
 
 
-def record_access(store: InboxStore, event: Envelope, resource_id: str, action: str, caller: Identity) -> None:
-    """A standalone access record (one document carrying its event) for reads that change no state."""
+def record_access(
+    store: InboxStore, event: Envelope | list[Envelope], resource_id: str, action: str, caller: Identity
+) -> None:
+    """A standalone access record (one document carrying its events) for reads that change no state;
+    a list records several resources read at once (a thread) in one write."""
+    events = event if isinstance(event, list) else [event]
     store.record_denial(
         {
-            "_id": event.event_id,
+            "_id": events[0].event_id,
             "agency_id": caller.agency_id,
             "actor_id": caller.subject,
             "resource_id": resource_id,
             "action": action,
             "at": now_ms(),
-            **outbox_fields([event]),
+            **outbox_fields(events),
         }
     )
 

@@ -327,13 +327,9 @@ class Mailbox:
                     "auto_reply": bool(message.get("auto_reply")),
                 }
             )
-        audit.record_access(
-            self.store,
-            audit.accessed_event(caller, thread_id, resource_type="thread"),
-            thread_id,
-            "read_thread",
-            caller,
-        )
+        # One audit event per message body shown, recorded in one write.
+        events = [audit.accessed_event(caller, m["_id"], action="read_thread") for m in visible]
+        audit.record_access(self.store, events, thread_id, "read_thread", caller)
         return {"thread_id": thread_id, "messages": out}
 
     def reply(

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import uuid
 
+import pika
 import pytest
 
+from clinic.audit.v1 import audit_pb2
+from services.kit.events import decode_envelope, unpack
 from tests.e2e.conftest import wait_until
 
 INTAKE = "team_riverbend_intake"
@@ -254,3 +257,29 @@ def test_malformed_json_and_bad_queries(kim):
     assert kim.get("/api/v1/board/items", params={"cursor": "!!"}).json()["code"] == "invalid_cursor"
     assert kim.get("/api/v1/board/items", params={"label": "$gt"}).json()["code"] == "invalid_query"
     assert kim.get("/api/v1/board").status_code == 200  # and the service keeps serving
+
+
+def test_thread_and_reading_pane_reads_are_audited(reyes, kim, stack):
+    connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
+    channel = connection.channel()
+    queue = channel.queue_declare(queue="", exclusive=True).method.queue
+    channel.queue_bind(queue, "clinic.events", routing_key="phi.accessed.v1")
+    try:
+        original = reyes.send(to_staff_ids=[kim.staff_id], subject=subject()).json()["id"]
+        reply = kim.post(f"/api/v1/messages/{original}/reply", json={"body": "ok"}).json()["id"]
+        assert reyes.get(f"/api/v1/threads/{original}").status_code == 200
+        item = item_for(kim, original)
+        assert kim.get(f"/api/v1/board/items/{item['id']}").status_code == 200
+        wanted = {(reyes.staff_id, original, "read_thread"), (reyes.staff_id, reply, "read_thread")}
+        wanted.add((kim.staff_id, original, "read"))
+        seen = set()
+        for _method, _props, body in channel.consume(queue, inactivity_timeout=10):
+            if body is None:
+                break
+            event = unpack(decode_envelope(body), audit_pb2.PhiAccessed)
+            seen.add((event.actor_id, event.resource_id, event.action))
+            if wanted <= seen:
+                break
+        assert wanted <= seen
+    finally:
+        connection.close()
