@@ -1,4 +1,4 @@
-"""Demo agencies, staff, teams and a portal patient for development.
+"""Demo agencies, staff, teams and portal patients for development.
 
 Fixed ids so docs and tests can name them. Seeding only inserts what is absent,
 so running it again changes nothing (not even records edited since). Every
@@ -17,6 +17,8 @@ from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, ROLE_PRESCRIB
 from services.kit.errors import Conflict
 
 DEMO_PASSWORD = "demo-Password-2026"  # development only  # noqa: S105
+# The gateway consumer of the patient portal (gateway/kong.yml), serving both demo agencies.
+PORTAL_CONSUMER = "patient-portal"
 
 RIVERBEND = Agency(
     id="agy_riverbend",
@@ -24,8 +26,11 @@ RIVERBEND = Agency(
     time_zone="America/Chicago",
     notify_linked_staff_on_schedule_change=True,
     terminology=Terminology(patient_singular="Client", patient_plural="Clients"),
+    portal_consumer=PORTAL_CONSUMER,
 )
-LAKESIDE = Agency(id="agy_lakeside", name="Lakeside Family Clinic", time_zone="America/New_York")
+LAKESIDE = Agency(
+    id="agy_lakeside", name="Lakeside Family Clinic", time_zone="America/New_York", portal_consumer=PORTAL_CONSUMER
+)
 AGENCIES = (RIVERBEND, LAKESIDE)
 
 S = (ROLE_STAFF,)
@@ -124,6 +129,12 @@ PATIENTS = (
         agency_id=R.id,
         portal_user_id="portal_riverbend_0001",
         display_name="Jane Demo-Client",
+    ),
+    PortalPatient(
+        id="pat_lakeside_demo",
+        agency_id=LAKESIDE.id,
+        portal_user_id="portal_lakeside_0001",
+        display_name="Lee Demo-Patient",
     ),
 )
 

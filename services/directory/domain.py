@@ -29,6 +29,7 @@ MAX_IDS_PER_CALL = 1000
 PASSWORD_MIN_LENGTH = 12
 PASSWORD_MAX_LENGTH = 256
 USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,62}[a-z0-9]$")
+PORTAL_CONSUMER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 EMAIL_PATTERN = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 DEFAULT_PATIENT_SINGULAR = "Patient"
 DEFAULT_PATIENT_PLURAL = "Patients"
@@ -56,6 +57,8 @@ class Agency:
     time_zone: str = "UTC"
     notify_linked_staff_on_schedule_change: bool = False
     terminology: Terminology = field(default_factory=Terminology)
+    # Gateway consumer (Kong username) of the patient portal serving this agency; "" = no portal.
+    portal_consumer: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,18 @@ def check_email(email: str) -> str:
     if email and not EMAIL_PATTERN.fullmatch(email):
         raise InvalidInput("invalid_email", "email is not a valid address", {"field": "email"})
     return email
+
+
+def check_portal_consumer(raw: str) -> str:
+    """A gateway consumer name (Kong username), or "" for an agency without a patient portal."""
+    consumer = raw.strip()
+    if consumer and not PORTAL_CONSUMER_PATTERN.fullmatch(consumer):
+        raise InvalidInput(
+            "invalid_portal_consumer",
+            "portal_consumer must be a gateway consumer name: letters, digits, '.', '_', '-' or '@'",
+            {"field": "options.portal_consumer"},
+        )
+    return consumer
 
 
 @cache

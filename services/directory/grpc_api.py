@@ -4,7 +4,8 @@ The kit's interceptor has verified the bearer token (with the directory's own
 keys, and against the sessions store for revocation) before a handler runs;
 every answer is scoped to that token's agency. Ids that do not exist there,
 including other agencies' ids, come back in the missing_* lists rather than as
-an error: the caller decides what that means.
+an error: the caller decides what that means. GetPortalPatient asks for one
+record, so an unknown (or another agency's) patient is NOT_FOUND.
 
 Two methods are of another kind: IssueServiceToken is open (client
 credentials, no bearer token) and ListRevokedSessions answers platform-scope
@@ -27,7 +28,7 @@ from services.kit.auth import (
     agency_caller,
     platform_caller,
 )
-from services.kit.errors import NotFound
+from services.kit.errors import InvalidInput, NotFound
 from services.kit.grpc_server import ServiceBinding
 from services.kit.mongo import now_ms
 from services.kit.revocations import BOOTSTRAP_WINDOW_MS, LIST_PAGE_LIMIT
@@ -109,6 +110,29 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
                 patient_plural=agency.terminology.patient_plural,
             ),
             time_zone=agency.time_zone,
+            portal_consumer=agency.portal_consumer,
+        )
+
+    def GetPortalPatient(
+        self, request: directory_pb2.GetPortalPatientRequest, context
+    ) -> directory_pb2.GetPortalPatientResponse:
+        agency_id = agency_caller().agency_id
+        if bool(request.patient_id) == bool(request.portal_user_id):
+            raise InvalidInput("invalid_request", "give exactly one of patient_id and portal_user_id")
+        wanted = request.patient_id or request.portal_user_id
+        patient = None
+        if domain.is_well_formed_id(wanted):
+            if request.patient_id:
+                patient = self.store.get_patient(agency_id, wanted)
+            else:
+                patient = self.store.patient_by_portal_user(agency_id, wanted)
+        if patient is None:
+            raise NotFound("patient_not_found", "no such patient in the caller's agency")
+        return directory_pb2.GetPortalPatientResponse(
+            patient_id=patient.id,
+            agency_id=patient.agency_id,
+            portal_user_id=patient.portal_user_id,
+            display_name=patient.display_name,
         )
 
     def IssueServiceToken(

@@ -65,7 +65,12 @@ TEAM_CHANGES = {"name": Str(max_len=100, required=False), "member_ids": MEMBER_I
 AGENCY_CHANGES = {
     "name": Str(max_len=120, required=False),
     "time_zone": Str(max_len=64, required=False),
-    "options": Fields({"notify_linked_staff_on_schedule_change": Bool()}),
+    "options": Fields(
+        {
+            "notify_linked_staff_on_schedule_change": Bool(),
+            "portal_consumer": Str(max_len=64, min_len=0, required=False),
+        }
+    ),
     "terminology": Fields(
         {"patient_singular": Str(max_len=40, required=False), "patient_plural": Str(max_len=40, required=False)}
     ),
@@ -127,12 +132,17 @@ def team_view(team: Team) -> dict:
     return {"id": team.id, "name": team.name, "member_ids": list(team.member_ids)}
 
 
-def agency_view(agency: Agency) -> dict:
+def agency_view(agency: Agency, for_admin: bool = False) -> dict:
+    """The agency's settings; which gateway consumer serves its patient portal is shown to admins only
+    (it names the partner integration, which only they configure)."""
+    options: dict[str, Any] = {"notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change}
+    if for_admin:
+        options["portal_consumer"] = agency.portal_consumer
     return {
         "id": agency.id,
         "name": agency.name,
         "time_zone": agency.time_zone,
-        "options": {"notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change},
+        "options": options,
         "terminology": {
             "patient_singular": agency.terminology.patient_singular,
             "patient_plural": agency.terminology.patient_plural,
@@ -272,7 +282,7 @@ def get_team(caller: Identity, team_id: str):
 @directory.get("/agency")
 @for_staff
 def get_agency(caller: Identity):
-    return agency_view(_existing_agency(caller.agency_id))
+    return agency_view(_existing_agency(caller.agency_id), for_admin=caller.is_admin)
 
 
 # --- administration --------------------------------------------------------------------------
@@ -371,10 +381,12 @@ def update_agency(admin: Identity):
         agency = replace(
             agency, notify_linked_staff_on_schedule_change=options["notify_linked_staff_on_schedule_change"]
         )
+    if "portal_consumer" in options:
+        agency = replace(agency, portal_consumer=domain.check_portal_consumer(options["portal_consumer"]))
     terminology: Terminology = replace(agency.terminology, **body.get("terminology", {}))
     agency = replace(agency, terminology=terminology)
     _components().store.save_agency(agency)
-    return agency_view(agency)
+    return agency_view(agency, for_admin=True)
 
 
 @directory.post("/patients")

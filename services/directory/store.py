@@ -115,6 +115,7 @@ def _agency(doc: dict) -> Agency:
             patient_singular=doc.get("patient_singular") or Terminology.patient_singular,
             patient_plural=doc.get("patient_plural") or Terminology.patient_plural,
         ),
+        portal_consumer=doc.get("portal_consumer") or "",
     )
 
 
@@ -219,6 +220,7 @@ class DirectoryStore:
             "notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change,
             "patient_singular": agency.terminology.patient_singular,
             "patient_plural": agency.terminology.patient_plural,
+            "portal_consumer": agency.portal_consumer,
         }
 
     # --- staff ------------------------------------------------------------------------------
@@ -431,6 +433,11 @@ class DirectoryStore:
         if doc is None or doc.get("agency_id") != agency_id:
             return None
         return self._patient(doc)
+
+    def patient_by_portal_user(self, agency_id: str, portal_user_id: str) -> PortalPatient | None:
+        """The agency's patient with this portal user id (index portal_user_unique_in_agency)."""
+        doc = self.patients.find_one({"agency_id": eq(agency_id), "portal_user_id": eq(portal_user_id)})
+        return self._patient(doc) if doc else None
 
     def list_patients(self, agency_id: str, limit: int, before: str | None = None) -> tuple[list[PortalPatient], str]:
         """Newest first; returns the page and the cursor for the next one ("" when done)."""
