@@ -1,9 +1,391 @@
-"""Reminders a staff member sets for themself: hidden until due, then unread in Reminders; snooze, complete."""
+"""Reminders a staff member sets for themself: hidden until due, then unread in Reminders; snooze, complete.
+
+A reminder is one board item of kind `reminder` owned by its creator. Until its time comes it is
+hidden (no folder, so it is in no listing and no counter) and carries `due_pending_at`; the due
+worker finds it through the index on that field and makes it visible and unread in one optimistic
+item write, together with its `board_item.delivered.v1` event (outbox). The write re-checks
+`due_pending_at` and is guarded by the item's version, so several inbox replicas running the
+worker count each arrival exactly once. Snoozing hides it again with a new `due_pending_at`.
+"""
 
 from __future__ import annotations
 
-from services.inbox.components import Feature
+import datetime as dt
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, g, request
+from google.protobuf.timestamp_pb2 import Timestamp
+from pymongo import DESCENDING
+from pymongo.errors import PyMongoError
+
+from clinic.inbox.v1 import inbox_pb2
+from services.inbox import audit, domain
+from services.inbox.board import iso
+from services.inbox.components import Components, Feature
+from services.inbox.http_api import only_query, staff_only
+from services.inbox.store import BOARD_ITEMS, REMOVE
+from services.kit.auth import Identity
+from services.kit.errors import Conflict, InvalidInput
+from services.kit.events import Envelope, failure_summary, new_envelope
+from services.kit.logs import correlation_id_var
+from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
+from services.kit.outbox import outbox_fields
+from services.kit.validation import Id, Link, Spec, Str, json_body, path_id, query_int, validate
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "inbox"
+TEXT_MAX_CHARS = 1000
+MAX_SNOOZE_MINUTES = 7 * 24 * 60
+DUE_BATCH = 200
+EARLIEST_YEAR, LATEST_YEAR = 2000, 2099
+
+# A staff member's reminders, newest first, pending ones included (they are in no board listing).
+INDEXES = [IndexSpec(BOARD_ITEMS, [("reminder_owner", 1), ("created_key", -1)], name="reminder_owner_created")]
+
+STATE_PENDING = "pending"
+STATE_DUE = "due"
+STATE_SNOOZED = "snoozed"
+STATE_COMPLETED = "completed"
+
+
+# --- pure rules ---------------------------------------------------------------------------------
+
+
+def new_reminder_id() -> str:
+    return f"rem_{uuid.uuid4().hex[:24]}"
+
+
+def instant_ms(path: str, text: str) -> int:
+    """An ISO-8601 time as epoch ms. The UTC offset is required: staff of one agency work in
+    different time zones, so a bare local time would be ambiguous."""
+    refusal = InvalidInput("invalid_time", f"{path} must be an ISO-8601 time with a UTC offset", {"field": path})
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise refusal from exc
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise refusal
+    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
+        raise InvalidInput("invalid_time", f"{path} is out of range", {"field": path})
+    return int(moment.timestamp() * 1000)
+
+
+def reminder_state(item: dict) -> str:
+    if item.get("completed_at"):
+        return STATE_COMPLETED
+    if item.get("due_pending_at") is not None:
+        return STATE_SNOOZED if item.get("snoozed_at") else STATE_PENDING
+    return STATE_DUE
+
+
+def due_patch(item: dict, now: int) -> dict | None:
+    """The reminder arrives: visible and unread in Reminders, sorted as arrived at its due time.
+    None when it is not (or no longer) due, so a second worker changes nothing."""
+    due = item.get("due_pending_at")
+    if item.get("kind") != domain.KIND_REMINDER or due is None or due > now or item.get("completed_at"):
+        return None
+    keys = domain.item_keys(item["agency_id"], item["owner_id"], domain.FOLDER_REMINDERS, unread=True, urgent=False)
+    return {
+        **keys,
+        "due_pending_at": REMOVE,
+        "read_at": None,
+        "sent_at": due,
+        "sort_key": domain.sort_key(due, item["ref_id"]),
+        "arrived_at": item.get("arrived_at") or due,
+    }
+
+
+def snooze_patch(item: dict, until: int, now: int) -> dict:
+    """Hide the reminder again until `until`."""
+    if item.get("completed_at"):
+        raise Conflict("reminder_completed", "a completed reminder cannot be snoozed")
+    keys = domain.item_keys(item["agency_id"], item["owner_id"], None, unread=False, urgent=False)
+    return {**keys, "due_pending_at": until, "remind_at": until, "snoozed_at": now}
+
+
+def complete_patch(item: dict, now: int) -> dict | None:
+    """Done: read, and never due again (a pending one stays hidden)."""
+    if item.get("completed_at"):
+        return None
+    return {"completed_at": now, "read_at": item.get("read_at") or now, "unread_board": None, "due_pending_at": REMOVE}
+
+
+def delivered_event(item: dict, created: bool, at_ms: int) -> Envelope:
+    """`board_item.delivered.v1` for an item that landed on (or came back to) a board at `at_ms`."""
+    delivered_at = Timestamp()
+    delivered_at.FromMilliseconds(at_ms)
+    payload = inbox_pb2.BoardItemDelivered(
+        item_id=item["_id"],
+        agency_id=item["agency_id"],
+        recipient_staff_id=item["owner_id"],
+        board_kind=item.get("folder") or item.get("origin_folder", ""),
+        severity=inbox_pb2.SEVERITY_INFO,
+        created=created,
+        delivered_at=delivered_at,
+    )
+    return new_envelope(
+        "board_item.delivered.v1",
+        payload,
+        agency_id=item["agency_id"],
+        producer=PRODUCER,
+        correlation_id=correlation_id_var.get(),
+        event_id=f"{item['_id']}-{at_ms}-delivered",
+    )
+
+
+# --- request fields -------------------------------------------------------------------------------
+
+
+@dataclass
+class Instant(Str):
+    """An ISO-8601 time with offset, cleaned to epoch ms."""
+
+    max_len: int = 64
+
+    def clean(self, path: str, value: Any) -> int:
+        return instant_ms(path, super().clean(path, value))
+
+
+@dataclass
+class Minutes(Spec):
+    required: bool = False
+    maximum: int = MAX_SNOOZE_MINUTES
+
+    def clean(self, path: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInput("invalid_type", f"{path} must be a whole number", {"field": path})
+        if not 1 <= value <= self.maximum:
+            raise InvalidInput("invalid_value", f"{path} must be between 1 and {self.maximum}", {"field": path})
+        return value
+
+
+@dataclass
+class ItemLink(Str):
+    """What a reminder points at: an http(s) link, or the id of a patient or board item."""
+
+    max_len: int = 2048
+
+    def clean(self, path: str, value: Any) -> str:
+        text = super().clean(path, value)
+        if ":" in text:
+            return Link().clean(path, text)
+        if not Id().pattern.fullmatch(text):
+            raise InvalidInput("invalid_link", f"{path} must be an http(s) URL or an id", {"field": path})
+        return text
+
+
+CREATE_SPEC = {
+    "text": Str(max_len=TEXT_MAX_CHARS),
+    "remind_at": Instant(),
+    "link": ItemLink(required=False),
+}
+SNOOZE_SPEC = {"until": Instant(required=False), "minutes": Minutes()}
+
+
+# --- the feature ------------------------------------------------------------------------------------
 
 
 class Reminders(Feature):
-    """Not built yet."""
+    def __init__(self, components: Components, due_interval_s: float = 1.0):
+        super().__init__(components)
+        self.due_interval_s = due_interval_s
+
+    def ensure_indexes(self) -> None:
+        ensure_indexes(self.components.store.db, INDEXES)
+
+    def attach(self) -> None:
+        self.components.board.details[domain.KIND_REMINDER] = self.detail
+
+    def background(self):
+        return [("reminders-due", self.run_due)]
+
+    # --- create, list, snooze, complete ---------------------------------------------------------
+    def create(self, caller: Identity, text: str, remind_at: int, link: str | None = None) -> dict:
+        """A new reminder: hidden until `remind_at`, or on the board at once when that has passed."""
+        self.components.board.require_compose(caller, domain.COMPOSE_REMINDER)
+        now = now_ms()
+        reminder_id = new_reminder_id()
+        agency, cipher = caller.agency_id, self.components.cipher
+        due_now = remind_at <= now
+        fields = {
+            "title": cipher.seal(agency, reminder_id, "title", text),
+            "remind_at": remind_at,
+            "created_at": now,
+            "reminder_owner": domain.owner_key(agency, caller.staff_id),
+            "created_key": domain.sort_key(now, reminder_id),
+        }
+        if link is not None:
+            fields["link"] = cipher.seal(agency, reminder_id, "link", link)
+        if due_now:
+            fields["arrived_at"] = now
+        else:
+            fields["due_pending_at"] = remind_at
+        item = domain.new_item(
+            agency_id=agency,
+            owner_id=caller.staff_id,
+            folder=domain.FOLDER_REMINDERS,
+            kind=domain.KIND_REMINDER,
+            ref_id=reminder_id,
+            at_ms=now,
+            unread=True,
+            visible=due_now,
+            **fields,
+        )
+        if due_now:
+            item.update(outbox_fields([delivered_event(item, True, now)]))
+        self.components.store.insert_board_items([item])
+        log.info("reminder set", extra={"staff_id": caller.staff_id, "agency_id": agency})
+        return self.view(caller, item)
+
+    def page(self, caller: Identity, cursor: str | None, limit: int) -> dict:
+        """The caller's reminders in every state, newest first."""
+        query: dict = {"reminder_owner": {"$eq": domain.owner_key(caller.agency_id, caller.staff_id)}}
+        if cursor:
+            query["created_key"] = {"$lt": domain.decode_cursor(cursor)}
+        found = (
+            self.components.store.board_items.find(query, projection={"_outbox": 0})
+            .sort("created_key", DESCENDING)
+            .limit(limit + 1)
+        )
+        docs = list(found)
+        more = len(docs) > limit
+        docs = docs[:limit]
+        return {
+            "reminders": [self.view(caller, doc) for doc in docs],
+            "next_cursor": domain.encode_cursor(docs[-1]["created_key"]) if more else None,
+        }
+
+    def snooze(self, caller: Identity, item_id: str, until: int | None, minutes: int | None) -> dict:
+        if (until is None) == (minutes is None):
+            raise InvalidInput("invalid_value", "give either until or minutes")
+        now = now_ms()
+        until = until if until is not None else now + minutes * 60_000
+        if until <= now:
+            raise InvalidInput("invalid_time", "until must be in the future", {"field": "until"})
+        self.own(caller, item_id, "snooze")
+        return self._change(caller, item_id, lambda it: snooze_patch(it, until, now))
+
+    def complete(self, caller: Identity, item_id: str) -> dict:
+        self.own(caller, item_id, "complete")
+        return self._change(caller, item_id, lambda it: complete_patch(it, now_ms()))
+
+    def _change(self, caller: Identity, item_id: str, change) -> dict:
+        changed = self.components.store.change_item(item_id, change)
+        if changed is None:
+            raise self._refuse(caller, item_id, "change")
+        return self.view(caller, changed[1])
+
+    def own(self, caller: Identity, item_id: str, action: str) -> dict:
+        item = self.components.store.item(item_id)
+        if (
+            item is None
+            or item.get("kind") != domain.KIND_REMINDER
+            or item["agency_id"] != caller.agency_id
+            or item["owner_id"] != caller.staff_id
+        ):
+            raise self._refuse(caller, item_id, action)
+        return item
+
+    def _refuse(self, caller: Identity, item_id: str, action: str):
+        return audit.refuse(
+            self.components.store,
+            caller,
+            item_id,
+            action,
+            resource_type="reminder",
+            code="reminder_not_found",
+            message="no such reminder",
+        )
+
+    # --- views -------------------------------------------------------------------------------------
+    def view(self, caller: Identity, item: dict) -> dict:
+        agency, cipher = caller.agency_id, self.components.cipher
+        link = item.get("link")
+        return {
+            "id": item["_id"],
+            "text": cipher.open(agency, item["ref_id"], "title", item["title"]),
+            "link": cipher.open(agency, item["ref_id"], "link", link) if link is not None else None,
+            "state": reminder_state(item),
+            "remind_at": iso(item.get("remind_at")),
+            "created_at": iso(item.get("created_at")),
+            "completed_at": iso(item.get("completed_at")),
+            "folder": item.get("folder"),
+            "read": bool(item.get("read_at")),
+        }
+
+    def detail(self, caller: Identity, item: dict) -> dict:
+        """The reading pane of a reminder (Board.open_item); audited."""
+        shown = self.view(caller, item)
+        event = audit.accessed_event(caller, item["_id"], resource_type="reminder")
+        audit.record_access(self.components.store, event, item["_id"], "read", caller)
+        return {key: shown[key] for key in ("text", "link", "state", "remind_at", "completed_at")}
+
+    # --- the due worker ------------------------------------------------------------------------------
+    def deliver_due(self, now: int | None = None) -> int:
+        """Make every reminder whose time has come visible; returns how many this call delivered."""
+        now = now_ms() if now is None else now
+        store = self.components.store
+        due = (
+            store.board_items.find(
+                {"due_pending_at": {"$lte": now}, "kind": {"$eq": domain.KIND_REMINDER}}, projection={"_id": 1}
+            )
+            .sort("due_pending_at", 1)
+            .limit(DUE_BATCH)
+        )
+        delivered = 0
+        for doc in list(due):
+            try:
+                changed = store.change_item(doc["_id"], lambda it: due_patch(it, now), _arrival_events)
+            except Conflict:  # another replica keeps changing it; the next pass looks again
+                continue
+            if changed is not None and changed[0] is not changed[1]:
+                delivered += 1
+        return delivered
+
+    def run_due(self, stop: threading.Event) -> None:
+        while not stop.wait(self.due_interval_s):
+            try:
+                count = self.deliver_due()
+                if count:
+                    log.info("reminders came due", extra={"count": count})
+            except PyMongoError as exc:  # a failover or outage: the next pass tries again
+                log.warning("reminder pass failed (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__})
+
+    # --- routes ---------------------------------------------------------------------------------------
+    def blueprint(self):
+        bp = Blueprint("reminders", __name__, url_prefix="/api/v1/reminders")
+
+        @bp.post("")
+        @staff_only
+        def create():
+            fields = validate(json_body(), CREATE_SPEC)
+            return self.create(g.identity, fields["text"], fields["remind_at"], fields.get("link")), 201
+
+        @bp.get("")
+        @staff_only
+        def page():
+            only_query("cursor", "limit")
+            return self.page(g.identity, request.args.get("cursor") or None, query_int("limit", 20, 1, 100))
+
+        @bp.post("/<item_id>/snooze")
+        @staff_only
+        def snooze(item_id: str):
+            item_id = path_id(item_id, "reminder")
+            fields = validate(json_body(), SNOOZE_SPEC)
+            return self.snooze(g.identity, item_id, fields.get("until"), fields.get("minutes"))
+
+        @bp.post("/<item_id>/complete")
+        @staff_only
+        def complete(item_id: str):
+            return self.complete(g.identity, path_id(item_id, "reminder"))
+
+        return bp
+
+
+def _arrival_events(before: dict, after: dict) -> list[Envelope]:
+    return [delivered_event(after, before.get("arrived_at") is None, after["sent_at"])]

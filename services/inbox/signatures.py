@@ -1,9 +1,445 @@
-"""Signature Requests: sign-off on a document by named signers; sign or decline; the requester hears each outcome."""
+"""Signature Requests: sign-off on a document by named signers; sign or decline; the requester hears each outcome.
+
+One `signature_requests` document per request is the record: the sealed document title and
+reference, and each signer's state in a map keyed by staff id. Every change of it is one write
+guarded by its `version` and sets `sync_pending_at`; the board items that show it (one per signer,
+one read copy for the requester, and an outcome item per response for the requester) are then
+brought in line repeatably: deterministic ids, duplicates skipped, each new item carrying its
+`board_item.delivered.v1` event (outbox), status patches applied only from a newer version of the
+request. A crash in between leaves `sync_pending_at` set and the repair loop finishes the job.
+"""
 
 from __future__ import annotations
 
-from services.inbox.components import Feature
+import logging
+import threading
+import uuid
+
+from flask import Blueprint, g, request
+from pymongo import DESCENDING
+from pymongo.errors import PyMongoError
+
+from services.inbox import audit, domain
+from services.inbox.board import iso
+from services.inbox.components import Components, Feature
+from services.inbox.http_api import only_query, staff_only
+from services.inbox.reminders import Instant, delivered_event
+from services.kit.auth import Identity
+from services.kit.errors import Conflict, InvalidInput
+from services.kit.events import failure_summary
+from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
+from services.kit.outbox import outbox_fields
+from services.kit.validation import Choice, Id, ListOf, Str, json_body, path_id, query_int, validate
+
+log = logging.getLogger(__name__)
+
+REQUESTS = "signature_requests"
+INDEXES = [
+    IndexSpec(REQUESTS, [("requester_key", 1), ("sort_key", -1)], name="requester_sort"),
+    IndexSpec(REQUESTS, [("sync_pending_at", 1)], name="sync_pending"),
+]
+DOCUMENT_KINDS = ("patient", "staff")
+MAX_SIGNERS = 20
+TITLE_MAX_CHARS = 200
+REF_MAX_CHARS = 500
+NOTE_MAX_CHARS = 2000
+SYNC_REPAIR_AFTER_MS = 10_000
+ATTEMPTS = 8
+
+STATUS_PENDING = "pending"
+STATUS_PARTIAL = "partially_signed"
+STATUS_COMPLETE = "complete"
+STATUS_DECLINED = "declined"
+CLOSED = (STATUS_COMPLETE, STATUS_DECLINED)
+SIGNED = "signed"
+DECLINED = "declined"
+
+
+# --- pure rules ---------------------------------------------------------------------------------
+
+
+def new_request_id() -> str:
+    return f"sig_{uuid.uuid4().hex[:24]}"
+
+
+def outcome_ref(request_id: str, signer_id: str) -> str:
+    """Id of the requester's notice of one signer's answer (one per signer, so repeatable)."""
+    return "sgo_" + domain.digest(request_id, signer_id)[:24]
+
+
+def request_status(signers: dict[str, dict]) -> str:
+    """A decline ends the request; it is complete once every signer signed."""
+    outcomes = [entry.get("outcome") for entry in signers.values()]
+    if DECLINED in outcomes:
+        return STATUS_DECLINED
+    if outcomes and all(outcome == SIGNED for outcome in outcomes):
+        return STATUS_COMPLETE
+    if SIGNED in outcomes:
+        return STATUS_PARTIAL
+    return STATUS_PENDING
+
+
+def closed_at(signers: dict[str, dict]) -> int:
+    """When the request closed: its last answer."""
+    return max((entry.get("responded_at") or 0 for entry in signers.values()), default=0)
+
+
+def check_may_respond(signers: dict[str, dict], signer_id: str) -> None:
+    """A signer answers once, and only while the request is open."""
+    if signers[signer_id].get("responded_at"):
+        raise Conflict("already_responded", "you have already responded to this request")
+    if request_status(signers) in CLOSED:
+        raise Conflict("request_closed", "this request is already closed")
+
+
+def status_patch(item: dict, doc: dict, now: int) -> dict | None:
+    """Bring one request item in line with the request at `doc["version"]`; an older version never
+    overwrites a newer one, and a signer's own item turns read once they responded."""
+    if item.get("kind") != domain.KIND_SIGNATURE_REQUEST or item.get("request_version", 0) >= doc["version"]:
+        return None
+    status = request_status(doc["signers"])
+    patch: dict = {"request_version": doc["version"], "status": status}
+    if status in CLOSED and not item.get("resolved_at"):
+        patch["resolved_at"] = now
+    mine = doc["signers"].get(item["owner_id"])
+    if mine and mine.get("responded_at"):
+        patch["my_response"] = mine["outcome"]
+        if not item.get("read_at"):
+            patch |= {"read_at": now, "unread_board": None}
+    return patch
+
+
+# --- request fields -------------------------------------------------------------------------------
+
+CREATE_SPEC = {
+    "document_kind": Choice(choices=DOCUMENT_KINDS, required=True),
+    "title": Str(max_len=TITLE_MAX_CHARS),
+    "document_ref": Str(max_len=REF_MAX_CHARS),
+    "due_at": Instant(required=False),
+    "signer_ids": ListOf(Id(), max_items=MAX_SIGNERS, required=True),
+}
+SIGN_SPEC = {"attestation": Str(max_len=NOTE_MAX_CHARS)}
+DECLINE_SPEC = {"reason": Str(max_len=NOTE_MAX_CHARS)}
+
+
+# --- the feature ------------------------------------------------------------------------------------
 
 
 class Signatures(Feature):
-    """Not built yet."""
+    def __init__(self, components: Components, repair_interval_s: float = 5.0):
+        super().__init__(components)
+        self.repair_interval_s = repair_interval_s
+        self.requests = components.store.db[REQUESTS]
+
+    def ensure_indexes(self) -> None:
+        ensure_indexes(self.components.store.db, INDEXES)
+
+    def attach(self) -> None:
+        self.components.board.details[domain.KIND_SIGNATURE_REQUEST] = self.item_detail
+        self.components.board.details[domain.KIND_SIGNATURE_OUTCOME] = self.item_detail
+
+    def background(self):
+        return [("signature-sync-repair", self.repair)]
+
+    # --- create ------------------------------------------------------------------------------------
+    def create(self, caller: Identity, fields: dict) -> dict:
+        self.components.board.require_compose(caller, domain.COMPOSE_SIGNATURE_REQUEST)
+        signer_ids = fields["signer_ids"]
+        if not signer_ids:
+            raise InvalidInput("no_recipients", "name at least one signer", {"field": "signer_ids"})
+        now = now_ms()
+        due_at = fields.get("due_at")
+        if due_at is not None and due_at <= now:
+            raise InvalidInput("invalid_time", "due_at must be in the future", {"field": "due_at"})
+        self._check_signers(signer_ids)
+        request_id = new_request_id()
+        agency, cipher = caller.agency_id, self.components.cipher
+        doc = {
+            "_id": request_id,
+            "agency_id": agency,
+            "requester_id": caller.staff_id,
+            "requester_name": caller.name,
+            "requester_key": domain.owner_key(agency, caller.staff_id),
+            "document_kind": fields["document_kind"],
+            "title": cipher.seal(agency, request_id, "title", fields["title"]),
+            "document_ref": cipher.seal(agency, request_id, "document_ref", fields["document_ref"]),
+            "due_at": due_at,
+            "signer_ids": signer_ids,
+            "signers": {sid: {"responded_at": 0, "outcome": "", "name": ""} for sid in signer_ids},
+            "created_at": now,
+            "sort_key": domain.sort_key(now, request_id),
+            "version": 1,
+            "sync_pending_at": now,
+        }
+        self.requests.insert_one(doc)
+        self.sync(doc)
+        log.info("signature requested", extra={"staff_id": caller.staff_id, "agency_id": agency})
+        return self.view(caller, doc)
+
+    def _check_signers(self, signer_ids: list[str]) -> None:
+        """Every signer is an active colleague of the caller's agency (directory answers in the
+        caller's identity, so another agency's staff are unknown)."""
+        resolution = self.components.directory.resolve(domain.Addressing(staff_ids=tuple(signer_ids)))
+        known = set(resolution.staff_ids)
+        missing = [sid for sid in signer_ids if sid not in known]
+        if missing:
+            raise InvalidInput("unknown_recipients", "some signers do not exist in your agency", {"staff_ids": missing})
+
+    # --- respond ----------------------------------------------------------------------------------
+    def sign(self, caller: Identity, request_id: str, attestation: str) -> dict:
+        return self._respond(caller, request_id, SIGNED, attestation, "sign")
+
+    def decline(self, caller: Identity, request_id: str, reason: str) -> dict:
+        return self._respond(caller, request_id, DECLINED, reason, "decline")
+
+    def _respond(self, caller: Identity, request_id: str, outcome: str, note: str, action: str) -> dict:
+        """Record one signer's answer in one version-guarded write; then the board items follow."""
+        signer = caller.staff_id
+        for _ in range(ATTEMPTS):
+            doc = self._visible(caller, request_id, action, signers_only=True)
+            check_may_respond(doc["signers"], signer)
+            now = now_ms()
+            entry = {
+                "responded_at": now,
+                "outcome": outcome,
+                "name": caller.name,
+                "note": self.components.cipher.seal(caller.agency_id, request_id, f"note:{signer}", note),
+            }
+            update = {
+                "$set": {f"signers.{signer}": entry, "sync_pending_at": now},
+                "$inc": {"version": 1},
+            }
+            guard = {"_id": {"$eq": request_id}, "version": {"$eq": doc["version"]}}
+            if self.requests.update_one(guard, update).matched_count:
+                doc = {**doc, "signers": {**doc["signers"], signer: entry}, "version": doc["version"] + 1}
+                self.sync(doc)
+                log.info("signature request answered", extra={"staff_id": signer, "agency_id": caller.agency_id})
+                return self.view(caller, doc)
+        raise Conflict("busy", "the request is being changed by another response; try again")
+
+    # --- board items ----------------------------------------------------------------------------------
+    def sync(self, doc: dict) -> None:
+        """Make the request's board items show its state at `doc["version"]` (repeatable), then clear
+        the repair marker unless the request changed meanwhile.
+
+        The request items are inserted until placed once; after that they are only patched, so one
+        its owner deleted stays deleted. Each answer adds an outcome item for the requester."""
+        now = now_ms()
+        store = self.components.store
+        request_items = self._request_items(doc)
+        if not doc.get("items_placed"):
+            store.insert_board_items(_with_events(request_items))
+            self.requests.update_one({"_id": {"$eq": doc["_id"]}}, {"$set": {"items_placed": now}})
+        for item in request_items:
+            store.change_item(item["_id"], lambda it: status_patch(it, doc, now))
+        answered = [sid for sid in doc["signer_ids"] if doc["signers"][sid].get("responded_at")]
+        store.insert_board_items(_with_events([self._outcome_item(doc, sid) for sid in answered]))
+        self.requests.update_one(
+            {"_id": {"$eq": doc["_id"]}, "version": {"$eq": doc["version"]}}, {"$unset": {"sync_pending_at": ""}}
+        )
+
+    def _request_items(self, doc: dict) -> list[dict]:
+        """The requester's read copy and one item per signer (a signer's own wins if the requester
+        named themself)."""
+        by_id: dict[str, dict] = {}
+        for owner, unread in [(doc["requester_id"], False), *((sid, True) for sid in doc["signer_ids"])]:
+            item = self._request_item(doc, owner, unread)
+            by_id[item["_id"]] = item
+        return list(by_id.values())
+
+    def _request_item(self, doc: dict, owner: str, unread: bool) -> dict:
+        mine = doc["signers"].get(owner)
+        responded = bool(mine and mine.get("responded_at"))
+        status = request_status(doc["signers"])
+        item = domain.new_item(
+            agency_id=doc["agency_id"],
+            owner_id=owner,
+            folder=domain.FOLDER_SIGNATURES,
+            kind=domain.KIND_SIGNATURE_REQUEST,
+            ref_id=doc["_id"],
+            at_ms=doc["created_at"],
+            unread=unread and not responded,
+            request_id=doc["_id"],
+            request_version=doc["version"],
+            title=doc["title"],
+            sender_id=doc["requester_id"],
+            sender_name=doc["requester_name"],
+            status=status,
+            document_kind=doc["document_kind"],
+        )
+        if doc.get("due_at") is not None:
+            item["due_at"] = doc["due_at"]
+        if status in CLOSED:
+            item["resolved_at"] = closed_at(doc["signers"])
+        if responded:
+            item["my_response"] = mine["outcome"]
+        return item
+
+    def _outcome_item(self, doc: dict, signer_id: str) -> dict:
+        """The requester's notice of one answer: "<signer> signed: <document title>"."""
+        agency, cipher = doc["agency_id"], self.components.cipher
+        entry = doc["signers"][signer_id]
+        ref = outcome_ref(doc["_id"], signer_id)
+        name = entry.get("name") or signer_id
+        title = cipher.open(agency, doc["_id"], "title", doc["title"])
+        return domain.new_item(
+            agency_id=agency,
+            owner_id=doc["requester_id"],
+            folder=domain.FOLDER_SIGNATURES,
+            kind=domain.KIND_SIGNATURE_OUTCOME,
+            ref_id=ref,
+            at_ms=entry["responded_at"],
+            unread=True,
+            request_id=doc["_id"],
+            title=cipher.seal(agency, ref, "title", f"{name} {entry['outcome']}: {title}"),
+            sender_id=signer_id,
+            sender_name=entry.get("name", ""),
+            status=entry["outcome"],
+        )
+
+    def repair(self, stop: threading.Event) -> None:
+        """Finish the board items of requests whose change was interrupted before they followed."""
+        while not stop.wait(self.repair_interval_s):
+            try:
+                self.repair_pending(now_ms() - SYNC_REPAIR_AFTER_MS)
+            except (PyMongoError, Conflict) as exc:  # the next pass tries again
+                log.warning(
+                    "signature repair pass failed (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__}
+                )
+
+    def repair_pending(self, older_than_ms: int, limit: int = 100) -> int:
+        """Sync the requests whose marker is older than `older_than_ms`; returns how many."""
+        pending = self.requests.find({"sync_pending_at": {"$lte": older_than_ms}}, projection={"_outbox": 0})
+        docs = list(pending.sort("sync_pending_at", 1).limit(limit))
+        for doc in docs:
+            self.sync(doc)
+        return len(docs)
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def _visible(self, caller: Identity, request_id: str, action: str, signers_only: bool = False) -> dict:
+        """The request if the caller is one of its signers (or, unless `signers_only`, its requester);
+        anything else is the same audited 404."""
+        doc = self.requests.find_one({"_id": {"$eq": request_id}}, projection={"_outbox": 0})
+        allowed = doc is not None and doc["agency_id"] == caller.agency_id
+        if allowed:
+            is_signer = caller.staff_id in doc["signers"]
+            allowed = is_signer or (not signers_only and doc["requester_id"] == caller.staff_id)
+        if not allowed:
+            raise audit.refuse(
+                self.components.store,
+                caller,
+                request_id,
+                action,
+                resource_type="signature_request",
+                code="signature_request_not_found",
+                message="no such signature request",
+            )
+        return doc
+
+    def read(self, caller: Identity, request_id: str) -> dict:
+        doc = self._visible(caller, request_id, "read")
+        shown = self.view(caller, doc)
+        self._audit_read(caller, request_id)
+        return shown
+
+    def _audit_read(self, caller: Identity, request_id: str) -> None:
+        event = audit.accessed_event(caller, request_id, resource_type="signature_request")
+        audit.record_access(self.components.store, event, request_id, "read", caller)
+
+    def item_detail(self, caller: Identity, item: dict) -> dict:
+        """The reading pane of a request or outcome item (Board.open_item); audited."""
+        doc = self._visible(caller, item["request_id"], "read")
+        shown = self.view(caller, doc)
+        self._audit_read(caller, doc["_id"])
+        return {"signature_request": shown}
+
+    def page(self, caller: Identity, cursor: str | None, limit: int) -> dict:
+        """Requests the caller made, newest first."""
+        query: dict = {"requester_key": {"$eq": domain.owner_key(caller.agency_id, caller.staff_id)}}
+        if cursor:
+            query["sort_key"] = {"$lt": domain.decode_cursor(cursor)}
+        found = self.requests.find(query, projection={"_outbox": 0}).sort("sort_key", DESCENDING).limit(limit + 1)
+        docs = list(found)
+        more = len(docs) > limit
+        docs = docs[:limit]
+        return {
+            "requests": [self.summary(caller, doc) for doc in docs],
+            "next_cursor": domain.encode_cursor(docs[-1]["sort_key"]) if more else None,
+        }
+
+    def summary(self, caller: Identity, doc: dict) -> dict:
+        signers = doc["signers"]
+        return {
+            "id": doc["_id"],
+            "document_kind": doc["document_kind"],
+            "title": self.components.cipher.open(caller.agency_id, doc["_id"], "title", doc["title"]),
+            "status": request_status(signers),
+            "due_at": iso(doc.get("due_at")),
+            "created_at": iso(doc["created_at"]),
+            "requester": {"id": doc["requester_id"], "name": doc.get("requester_name", "")},
+            "signed": sum(1 for entry in signers.values() if entry.get("outcome") == SIGNED),
+            "signers_total": len(signers),
+        }
+
+    def view(self, caller: Identity, doc: dict) -> dict:
+        """The whole request; a signer's attestation or reason is shown to the requester and to that
+        signer only."""
+        agency, cipher = caller.agency_id, self.components.cipher
+        is_requester = doc["requester_id"] == caller.staff_id
+        signers = []
+        for sid in doc["signer_ids"]:
+            entry = doc["signers"][sid]
+            shown = {
+                "staff_id": sid,
+                "name": entry.get("name", ""),
+                "state": entry.get("outcome") or "pending",
+                "responded_at": iso(entry.get("responded_at") or None),
+            }
+            if entry.get("note") is not None and (is_requester or sid == caller.staff_id):
+                key = "attestation" if entry["outcome"] == SIGNED else "reason"
+                shown[key] = cipher.open(agency, doc["_id"], f"note:{sid}", entry["note"])
+            signers.append(shown)
+        return {
+            **self.summary(caller, doc),
+            "document_ref": cipher.open(agency, doc["_id"], "document_ref", doc["document_ref"]),
+            "signers": signers,
+        }
+
+    # --- routes ---------------------------------------------------------------------------------------
+    def blueprint(self):
+        bp = Blueprint("signature_requests", __name__, url_prefix="/api/v1/signature-requests")
+
+        @bp.post("")
+        @staff_only
+        def create():
+            return self.create(g.identity, validate(json_body(), CREATE_SPEC)), 201
+
+        @bp.get("")
+        @staff_only
+        def page():
+            only_query("cursor", "limit")
+            return self.page(g.identity, request.args.get("cursor") or None, query_int("limit", 20, 1, 100))
+
+        @bp.get("/<request_id>")
+        @staff_only
+        def read(request_id: str):
+            return self.read(g.identity, path_id(request_id, "signature request"))
+
+        @bp.post("/<request_id>/sign")
+        @staff_only
+        def sign(request_id: str):
+            request_id = path_id(request_id, "signature request")
+            return self.sign(g.identity, request_id, validate(json_body(), SIGN_SPEC)["attestation"])
+
+        @bp.post("/<request_id>/decline")
+        @staff_only
+        def decline(request_id: str):
+            request_id = path_id(request_id, "signature request")
+            return self.decline(g.identity, request_id, validate(json_body(), DECLINE_SPEC)["reason"])
+
+        return bp
+
+
+def _with_events(items: list[dict]) -> list[dict]:
+    """Each new item carries its own `board_item.delivered.v1` (published only if it is inserted)."""
+    return [{**item, **outbox_fields([delivered_event(item, True, item["sent_at"])])} for item in items]
