@@ -1,10 +1,623 @@
 """The delivery API: other services put items on boards
-(gRPC DeliverItem and the board_item.delivery_requested.v1 event)."""
+(gRPC DeliverItem and the board_item.delivery_requested.v1 event).
+
+A producer (notifications, erx-bridge, cloud-comms) delivers a *notice*: a title, an optional
+summary, a severity, a status, a due time and action links, addressed to staff, teams or the
+whole agency. One `notices` document per (agency, source, source_ref) is the record of truth; a
+later delivery with the same source and source_ref updates it in place (new title or status,
+resolved, withdrawn, recipients added or removed) instead of creating a second item.
+
+Writes without multi-document transactions, as a send does (see Mailbox):
+1. the notice document is written first, guarded by its revision (`rev`), with the held
+   `board_item.delivered.v1` events and `fanout_pending_at` set;
+2. the board items are brought in line with it: repeatably inserted (deterministic ids),
+   changed through InboxStore.change_item (counters stay exact), or deleted;
+3. one write releases the events and clears `fanout_pending_at`. A crash in between is finished
+   by the repair worker.
+
+Repeats have their effect once: the consumer records processed event ids, and every notice keeps
+its last delivery ids (a gRPC `delivery_id`, or the event id), so a repeat answers applied=false.
+An update whose `source_version` is lower than the stored one is ignored the same way.
+
+`DeliverItemResponse.item_id` is the notice id, which is the `ref_id` of every board item it put
+on a board; `BoardItemDelivered.item_id` is that recipient's board item id.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from clinic.inbox.v1 import inbox_pb2
+from services.inbox import audit, domain
+from services.inbox.board import iso
 from services.inbox.components import Feature
+from services.inbox.store import REMOVE
+from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
+from services.kit.bus import Consumer, ProcessedEvents, Topology
+from services.kit.errors import DomainError, Forbidden, InvalidInput, NotFound, Unavailable
+from services.kit.events import Envelope, PermanentError, failure_summary, new_envelope, unpack
+from services.kit.logs import correlation_id_var
+from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
+from services.kit.outbox import merge_update, outbox_fields, release_update, with_outbox
+from services.kit.service_identity import acting_as
+from services.kit.validation import Id, Link, ListOf, Str
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "inbox"
+REQUESTED_EVENT = "board_item.delivery_requested.v1"
+DELIVERED_EVENT = "board_item.delivered.v1"
+QUEUE = "inbox.board-item-deliveries"
+NOTICES = "notices"
+FANOUT_REPAIR_AFTER_MS = 10_000
+RECENT_DELIVERIES = 50
+WRITE_ATTEMPTS = 8
+
+MAX_TITLE = 200
+MAX_SUMMARY = 1000
+MAX_LINKS = 10
+MAX_LINK_LABEL = 80
+MAX_REF = 128
+# Source, source_ref and delivery ids: printable ASCII without spaces.
+REF_PATTERN = re.compile(r"^[\x21-\x7e]+$")
+STATUS_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class ProducerPolicy:
+    """What one registered service client may deliver, and the sender name its items show."""
+
+    folders: frozenset[str]
+    display_name: str
+
+
+# Producer (service client name) -> what it may deliver. Anyone else is refused.
+PRODUCERS: dict[str, ProducerPolicy] = {
+    "notifications": ProducerPolicy(
+        frozenset({domain.FOLDER_SCHEDULE, domain.FOLDER_LAB, domain.FOLDER_COMPLIANCE}), "Notifications"
+    ),
+    "erx-bridge": ProducerPolicy(frozenset({domain.FOLDER_ERX}), "eRx"),
+    "cloud-comms": ProducerPolicy(frozenset({domain.FOLDER_CLOUD}), "Cloud Communications"),
+}
+
+KIND_FOLDERS: dict[int, str] = {
+    inbox_pb2.DELIVERED_KIND_SCHEDULE: domain.FOLDER_SCHEDULE,
+    inbox_pb2.DELIVERED_KIND_ERX: domain.FOLDER_ERX,
+    inbox_pb2.DELIVERED_KIND_COMPLIANCE: domain.FOLDER_COMPLIANCE,
+    inbox_pb2.DELIVERED_KIND_LAB: domain.FOLDER_LAB,
+    inbox_pb2.DELIVERED_KIND_CLOUD: domain.FOLDER_CLOUD,
+}
+SEVERITY_NAMES: dict[int, str] = {
+    inbox_pb2.SEVERITY_UNSPECIFIED: "info",
+    inbox_pb2.SEVERITY_INFO: "info",
+    inbox_pb2.SEVERITY_ABNORMAL: "abnormal",
+    inbox_pb2.SEVERITY_URGENT: "urgent",
+}
+SEVERITY_TO_PB: dict[str, int] = {
+    "info": inbox_pb2.SEVERITY_INFO,
+    "abnormal": inbox_pb2.SEVERITY_ABNORMAL,
+    "urgent": inbox_pb2.SEVERITY_URGENT,
+}
+
+TITLE = Str(max_len=MAX_TITLE)
+SUMMARY = Str(max_len=MAX_SUMMARY, min_len=0, required=False)
+STATUS = Str(max_len=40, required=False, pattern=STATUS_PATTERN)
+REF = Str(max_len=MAX_REF, pattern=REF_PATTERN)
+LINK_LABEL = Str(max_len=MAX_LINK_LABEL)
+STAFF_IDS = ListOf(Id(), max_items=500)
+TEAM_IDS = ListOf(Id(), max_items=100)
+
+
+# --- pure rules -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliveryRequest:
+    """A DeliverItemRequest, validated."""
+
+    folder: str
+    addressing: domain.Addressing
+    title: str | None
+    summary: str | None
+    severity: str
+    status: str | None
+    due_at: int | None
+    links: tuple[tuple[str, str], ...]
+    source: str
+    source_ref: str
+    resolved: bool
+    withdrawn: bool
+    source_version: int
+    delivery_id: str | None
+    mark_unread: bool
+    actor_staff_id: str | None
+
+
+def folder_for(kind: int) -> str:
+    """The folder a delivered kind lands in."""
+    folder = KIND_FOLDERS.get(kind)
+    if folder is None:
+        raise InvalidInput("invalid_kind", "kind must be one of the delivered kinds", {"field": "kind"})
+    return folder
+
+
+def policy_for(producer: str, folder: str) -> ProducerPolicy:
+    """The producer's policy, if it may deliver into `folder`; Forbidden otherwise."""
+    policy = PRODUCERS.get(producer)
+    if policy is None or folder not in policy.folders:
+        raise Forbidden("kind_not_allowed", "this service may not deliver items of this kind")
+    return policy
+
+
+def parse_request(request: inbox_pb2.DeliverItemRequest) -> DeliveryRequest:
+    """Validate every field before anything is read or written. A withdrawal needs only the
+    source and source_ref; every other delivery needs a title and recipients."""
+    folder = folder_for(request.kind)
+    if request.severity not in SEVERITY_NAMES:
+        raise InvalidInput("invalid_value", "severity is not a known value", {"field": "severity"})
+    if request.source_version < 0:
+        raise InvalidInput("invalid_value", "source_version must not be negative", {"field": "source_version"})
+    withdrawn = bool(request.withdrawn)
+    addressing = domain.Addressing(
+        staff_ids=tuple(STAFF_IDS.clean("recipients.staff_ids", list(request.recipients.staff_ids))),
+        team_ids=tuple(TEAM_IDS.clean("recipients.team_ids", list(request.recipients.team_ids))),
+        whole_agency=bool(request.recipients.whole_agency),
+    )
+    if addressing.is_empty() and not withdrawn:
+        raise InvalidInput("no_recipients", "address the item to staff, teams or the whole agency")
+    if not request.title and withdrawn:
+        title = None
+    else:
+        title = required(TITLE, "title", request.title)
+    due_at = None
+    if request.HasField("due_at"):
+        due_at = request.due_at.ToMilliseconds()
+        if due_at <= 0:
+            raise InvalidInput("invalid_value", "due_at must be a time after 1970", {"field": "due_at"})
+    return DeliveryRequest(
+        folder=folder,
+        addressing=addressing,
+        title=title,
+        summary=SUMMARY.clean("summary", request.summary) or None,
+        severity=SEVERITY_NAMES[request.severity],
+        status=STATUS.clean("status", request.status) if request.status else None,
+        due_at=due_at,
+        links=parse_links(request.links),
+        source=required(REF, "source", request.source),
+        source_ref=required(REF, "source_ref", request.source_ref),
+        resolved=bool(request.resolved),
+        withdrawn=withdrawn,
+        source_version=int(request.source_version),
+        delivery_id=REF.clean("delivery_id", request.delivery_id) if request.delivery_id else None,
+        mark_unread=bool(request.mark_unread),
+        actor_staff_id=Id().clean("actor_staff_id", request.actor_staff_id) if request.actor_staff_id else None,
+    )
+
+
+def parse_links(links) -> tuple[tuple[str, str], ...]:
+    if len(links) > MAX_LINKS:
+        raise InvalidInput("too_many", f"links may hold at most {MAX_LINKS} items", {"field": "links"})
+    return tuple(
+        (required(LINK_LABEL, f"links[{i}].label", link.label), required(Link(), f"links[{i}].url", link.url))
+        for i, link in enumerate(links)
+    )
+
+
+def required(spec: Str, path: str, value: str) -> str:
+    """A protobuf string is empty when it was not set: that is a missing field."""
+    if not value:
+        raise InvalidInput("missing_field", f"{path} is required", {"field": path})
+    return spec.clean(path, value)
+
+
+def notice_id(agency_id: str, source: str, source_ref: str) -> str:
+    """One notice per (agency, source, source_ref), so a redelivery finds the item it updates."""
+    return "ntc_" + domain.digest(agency_id, source, source_ref)[:32]
+
+
+def final_recipients(resolved: list[str], actor_staff_id: str | None) -> list[str]:
+    """Resolved staff, each once, never the staff member whose own action caused the item."""
+    recipients = [staff_id for staff_id in dict.fromkeys(resolved) if staff_id != actor_staff_id]
+    if not recipients:
+        raise InvalidInput("no_recipients", "the item has no recipients")
+    return recipients
+
+
+def recipient_changes(before: list[str], after: list[str]) -> tuple[list[str], list[str]]:
+    """(added, removed): who gets a new item, whose item goes."""
+    old, new = set(before), set(after)
+    return [s for s in after if s not in old], [s for s in before if s not in new]
+
+
+def is_repeat(notice: dict | None, delivery_key: str | None) -> bool:
+    return bool(notice and delivery_key and delivery_key in (notice.get("deliveries") or []))
+
+
+def is_stale(notice: dict | None, source_version: int) -> bool:
+    """An update older than the stored one; version 0 always applies."""
+    return bool(notice and source_version and source_version < int(notice.get("source_version") or 0))
+
+
+def recent_deliveries(notice: dict | None, delivery_key: str | None) -> list[str]:
+    known = list((notice or {}).get("deliveries") or [])
+    if delivery_key:
+        known.append(delivery_key)
+    return known[-RECENT_DELIVERIES:]
+
+
+def item_state(notice: dict) -> dict:
+    """The fields every recipient's item carries from its notice (None: absent)."""
+    return {
+        "title": notice.get("title"),
+        "summary": notice.get("summary"),
+        "severity": notice["severity"],
+        "status": notice.get("status"),
+        "due_at": notice.get("due_at"),
+        "resolved_at": notice.get("resolved_at"),
+        "urgent": int(notice["severity"] == "urgent"),
+        "sender_name": notice["sender_name"],
+        "notice_rev": notice["rev"],
+    }
+
+
+def item_patch(item: dict, notice: dict) -> dict | None:
+    """What brings one recipient's item in line with its notice; None when it already is (or the
+    item was brought in line with a newer revision). Resolved makes it read; `unread_since`
+    (creation or mark_unread) makes an item read before it unread again."""
+    if int(item.get("notice_rev") or 0) > notice["rev"]:
+        return None
+    patch: dict = {}
+    for key, value in item_state(notice).items():
+        if value is None:
+            if item.get(key) is not None:
+                patch[key] = REMOVE
+        elif item.get(key) != value:
+            patch[key] = value
+    read_at = item.get("read_at")
+    if notice.get("resolved_at"):
+        read_at = read_at or notice["resolved_at"]
+    elif read_at and read_at < int(notice.get("unread_since") or 0):
+        read_at = None
+    if read_at != item.get("read_at"):
+        patch["read_at"] = read_at
+    if item.get("board"):
+        keys = domain.item_keys(
+            item["agency_id"],
+            item["owner_id"],
+            item["folder"],
+            unread=not read_at,
+            urgent=notice["severity"] == "urgent",
+        )
+        patch.update({k: v for k, v in keys.items() if item.get(k) != v})
+    return patch or None
+
+
+# --- the feature ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a delivery did: the notice it wrote (or found), its recipients, whether it was new,
+    and whether it had any effect (a repeat or an older version has none)."""
+
+    notice_id: str
+    recipient_ids: list[str]
+    created: bool
+    applied: bool
 
 
 class Delivery(Feature):
-    """Not built yet."""
+    """Producers' items on staff boards: the notices collection, its fan-out to board items,
+    the gRPC and event entry points, the repair worker and the reading pane of a notice."""
+
+    outbox_collections = (NOTICES,)
+
+    def __init__(self, components):
+        super().__init__(components)
+        self.store = components.store
+        self.cipher = components.cipher
+        self.notices = components.store.db[NOTICES]
+
+    def ensure_indexes(self) -> None:
+        ensure_indexes(self.store.db, [IndexSpec(NOTICES, [("fanout_pending_at", 1)], name="fanout_pending")])
+
+    def attach(self) -> None:
+        self.components.board.details[domain.KIND_NOTICE] = self.detail
+
+    def background(self):
+        return [("delivery-consumer", self.consume), ("delivery-fanout-repair", self.repair_fanouts)]
+
+    # --- the two ways in -----------------------------------------------------------------------
+    def deliver_grpc(self, request: inbox_pb2.DeliverItemRequest) -> inbox_pb2.DeliverItemResponse:
+        caller = agency_caller()
+        if caller.kind != KIND_SERVICE:
+            raise Forbidden("service_only", "only services deliver items")
+        producer = caller.subject.removeprefix(SERVICE_SUBJECT_PREFIX)
+        outcome = self.deliver(caller.agency_id, producer, request, request.delivery_id or None)
+        return inbox_pb2.DeliverItemResponse(
+            item_id=outcome.notice_id,
+            recipient_staff_ids=outcome.recipient_ids,
+            created=outcome.created,
+            applied=outcome.applied,
+        )
+
+    def handle_event(self, envelope: Envelope) -> None:
+        """One board_item.delivery_requested.v1: refusals are parked, outages retried. The event id
+        is the delivery key when the request names none, covering a redelivery after a crash."""
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)
+        if not envelope.agency_id:
+            raise PermanentError("no_agency")
+        try:
+            with acting_as(self.components.service_tokens.identity(envelope.agency_id)):
+                self.deliver(envelope.agency_id, envelope.producer, request, request.delivery_id or envelope.event_id)
+        except (InvalidInput, Forbidden, NotFound) as exc:
+            raise PermanentError(exc.code) from exc
+
+    def consumer(self, amqp_url: str, topology: Topology, **options) -> Consumer:
+        return Consumer(
+            amqp_url,
+            QUEUE,
+            [REQUESTED_EVENT],
+            self.handle_event,
+            topology=topology,
+            processed=ProcessedEvents(self.store.db, QUEUE),
+            connection_name="inbox-board-item-deliveries",
+            **options,
+        )
+
+    def consume(self, stop: threading.Event) -> None:
+        common = self.components.settings.common
+        consumer = self.consumer(common.amqp_url, Topology(exchange=common.events_exchange))
+        thread = consumer.start()
+        try:
+            stop.wait()
+        finally:
+            consumer.stop()
+            thread.join(10)
+
+    # --- delivering -------------------------------------------------------------------------------
+    def deliver(
+        self, agency_id: str, producer: str, request: inbox_pb2.DeliverItemRequest, delivery_key: str | None
+    ) -> Outcome:
+        wanted = parse_request(request)
+        policy = policy_for(producer, wanted.folder)
+        nid = notice_id(agency_id, wanted.source, wanted.source_ref)
+        recipients: list[str] | None = None
+        for _ in range(WRITE_ATTEMPTS):
+            notice = self._notice(nid)
+            if notice is not None:
+                self._check_same_item(notice, producer, wanted)
+            if is_repeat(notice, delivery_key) or is_stale(notice, wanted.source_version):
+                self._complete_fanout(notice)
+                return Outcome(nid, list(notice["recipient_ids"]), created=False, applied=False)
+            if wanted.withdrawn and (notice is None or notice.get("withdrawn_at")):
+                return Outcome(nid, [], created=False, applied=False)
+            if recipients is None and not wanted.withdrawn:
+                recipients = self._resolve(wanted)
+            doc = self._write(agency_id, nid, producer, policy, wanted, recipients or [], notice, delivery_key)
+            if doc is not None:
+                self._complete_fanout(doc)
+                log.info(
+                    "item delivered",
+                    extra={"agency_id": agency_id, "recipients": len(doc["recipient_ids"])},
+                )
+                return Outcome(nid, list(doc["recipient_ids"]), created=notice is None, applied=True)
+        raise Unavailable("busy", "the item is being changed by another delivery; try again")
+
+    @staticmethod
+    def _check_same_item(notice: dict, producer: str, wanted: DeliveryRequest) -> None:
+        if notice["producer"] != producer:
+            raise Forbidden("kind_not_allowed", "this item was delivered by another service")
+        if notice["folder"] != wanted.folder:
+            raise InvalidInput("kind_changed", "an item keeps the kind it was delivered with", {"field": "kind"})
+
+    def _resolve(self, wanted: DeliveryRequest) -> list[str]:
+        resolution = self.components.directory.resolve(wanted.addressing)
+        if resolution.missing_staff_ids or resolution.missing_team_ids:
+            raise InvalidInput(
+                "unknown_recipients",
+                "some recipients do not exist in this agency",
+                {"staff_ids": resolution.missing_staff_ids, "team_ids": resolution.missing_team_ids},
+            )
+        return final_recipients(resolution.staff_ids, wanted.actor_staff_id)
+
+    def _write(  # noqa: PLR0913, PLR0917 - the delivery and its context, as deliver() has them
+        self,
+        agency_id: str,
+        nid: str,
+        producer: str,
+        policy: ProducerPolicy,
+        wanted: DeliveryRequest,
+        recipients: list[str],
+        notice: dict | None,
+        delivery_key: str | None,
+    ) -> dict | None:
+        """Write the notice (insert, or update guarded by its revision) with its held events;
+        the written document, or None when another delivery wrote it first."""
+        at = now_ms()
+        before = list((notice or {}).get("recipient_ids") or [])
+        added, removed = recipient_changes(before, recipients)
+        fields = {
+            "agency_id": agency_id,
+            "producer": producer,
+            "folder": wanted.folder,
+            "source": wanted.source,
+            "source_ref": wanted.source_ref,
+            "sender_name": policy.display_name,
+            "source_version": max(wanted.source_version, int((notice or {}).get("source_version") or 0)),
+            "deliveries": recent_deliveries(notice, delivery_key),
+            "recipient_ids": recipients,
+            "removed_ids": removed,
+            "delivered_at": at,
+            "fanout_pending_at": at,
+        }
+        if wanted.withdrawn:
+            fields["withdrawn_at"] = at
+        else:
+            fields.update(self._content(agency_id, nid, wanted, notice, at))
+        fields["rev"] = int((notice or {}).get("rev") or 0) + 1
+        merged = {"created_at": at, **(notice or {}), "_id": nid, **fields}
+        doc = {k: v for k, v in merged.items() if v is not None}
+        events = [] if wanted.withdrawn else self._events(doc, set(added), at)
+        if notice is None:
+            try:
+                self.notices.insert_one({**doc, **outbox_fields(events, ready=False)})
+            except DuplicateKeyError:
+                return None
+            return doc
+        to_set = {k: v for k, v in fields.items() if v is not None}
+        to_unset = {k: "" for k, v in fields.items() if v is None}
+        update: dict = {"$set": to_set}
+        if to_unset:
+            update["$unset"] = to_unset
+        if events:
+            update = with_outbox(update, events, ready=False)
+        guard = {"_id": {"$eq": nid}, "rev": {"$eq": notice["rev"]}}
+        return doc if self.notices.update_one(guard, update).matched_count else None
+
+    def _content(self, agency_id: str, nid: str, wanted: DeliveryRequest, notice: dict | None, at: int) -> dict:
+        """The sealed content and display state of a (re)delivered item; None values are removed."""
+        seal = self.cipher.seal
+        previous = notice or {}
+        unread_since = at if (notice is None or wanted.mark_unread or previous.get("withdrawn_at")) else None
+        links = [{"label": label, "url": url} for label, url in wanted.links]
+        return {
+            "title": seal(agency_id, nid, "title", wanted.title),
+            "summary": seal(agency_id, nid, "summary", wanted.summary) if wanted.summary else None,
+            "links": seal(agency_id, nid, "links", json.dumps(links)),
+            "severity": wanted.severity,
+            "status": wanted.status,
+            "due_at": wanted.due_at,
+            "resolved_at": (previous.get("resolved_at") or at) if wanted.resolved else None,
+            "unread_since": unread_since or previous.get("unread_since") or at,
+            "withdrawn_at": None,
+        }
+
+    def _events(self, doc: dict, added: set[str], at: int) -> list[Envelope]:
+        delivered_at = Timestamp()
+        delivered_at.FromMilliseconds(at)
+        events = []
+        for staff_id in doc["recipient_ids"]:
+            item_id = domain.board_item_id(doc["_id"], staff_id, doc["folder"])
+            payload = inbox_pb2.BoardItemDelivered(
+                item_id=item_id,
+                agency_id=doc["agency_id"],
+                recipient_staff_id=staff_id,
+                board_kind=doc["folder"],
+                severity=SEVERITY_TO_PB[doc["severity"]],
+                created=staff_id in added,
+                delivered_at=delivered_at,
+            )
+            events.append(
+                new_envelope(
+                    DELIVERED_EVENT,
+                    payload,
+                    agency_id=doc["agency_id"],
+                    producer=PRODUCER,
+                    correlation_id=correlation_id_var.get(),
+                    event_id="bid_" + domain.digest(item_id, str(doc["rev"]))[:32],
+                )
+            )
+        return events
+
+    # --- fan-out --------------------------------------------------------------------------------
+    def _notice(self, nid: str) -> dict | None:
+        return self.notices.find_one({"_id": {"$eq": nid}}, projection={"_outbox": 0})
+
+    def _complete_fanout(self, notice: dict) -> None:
+        """Bring every board item in line with the notice, then release its events and clear the
+        marker in one write guarded by the revision. When a newer revision was written meanwhile,
+        its state is applied too, so an item this pass put back on a board it left is removed."""
+        for _ in range(WRITE_ATTEMPTS):
+            if notice is None or "fanout_pending_at" not in notice:
+                return
+            self._fan_out(notice)
+            update = merge_update(release_update(), {"$unset": {"fanout_pending_at": ""}})
+            guard = {"_id": {"$eq": notice["_id"]}, "rev": {"$eq": notice["rev"]}}
+            if self.notices.update_one(guard, update).matched_count:
+                return
+            notice = self._notice(notice["_id"])
+
+    def _fan_out(self, notice: dict) -> None:
+        folder = notice["folder"]
+        for staff_id in notice.get("removed_ids") or []:
+            self.store.delete_item(domain.board_item_id(notice["_id"], staff_id, folder), staff_id)
+        items = [self._item(notice, staff_id) for staff_id in notice["recipient_ids"]]
+        inserted: set[str] = set()
+        for start in range(0, len(items), 1000):
+            inserted |= {item["_id"] for item in self.store.insert_board_items(items[start : start + 1000])}
+        for item in items:
+            if item["_id"] not in inserted:
+                self.store.change_item(item["_id"], lambda it: item_patch(it, notice))
+
+    @staticmethod
+    def _item(notice: dict, staff_id: str) -> dict:
+        state = {k: v for k, v in item_state(notice).items() if v is not None and k != "urgent"}
+        return domain.new_item(
+            agency_id=notice["agency_id"],
+            owner_id=staff_id,
+            folder=notice["folder"],
+            kind=domain.KIND_NOTICE,
+            ref_id=notice["_id"],
+            at_ms=notice["delivered_at"],
+            unread=not notice.get("resolved_at"),
+            urgent=notice["severity"] == "urgent",
+            sender_id=notice["producer"],
+            sender_kind=KIND_SERVICE,
+            **state,
+        )
+
+    def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
+        """Finish deliveries interrupted between the notice write and the board items."""
+        while not stop.wait(interval_s):
+            try:
+                pending = self.notices.find(
+                    {"fanout_pending_at": {"$lte": now_ms() - FANOUT_REPAIR_AFTER_MS}}, projection={"_outbox": 0}
+                )
+                for notice in pending.sort("fanout_pending_at", 1).limit(100):
+                    self._complete_fanout(notice)
+                    log.info("finished interrupted delivery", extra={"agency_id": notice["agency_id"]})
+            except (PyMongoError, DomainError) as exc:  # an outage or a busy item: the next pass tries again
+                log.warning(
+                    "delivery repair pass failed (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__}
+                )
+
+    # --- the reading pane -------------------------------------------------------------------------
+    def detail(self, caller: Identity, item: dict) -> dict:
+        """A delivered item's content for its recipient (Board.open_item); audited."""
+        notice = self._notice(item["ref_id"])
+        if (
+            notice is None
+            or notice["agency_id"] != caller.agency_id
+            or caller.staff_id not in notice.get("recipient_ids", [])
+        ):
+            raise audit.refuse(
+                self.store,
+                caller,
+                item["ref_id"],
+                "read",
+                resource_type="notice",
+                code="item_not_found",
+                message="no such item",
+            )
+        agency, nid = caller.agency_id, notice["_id"]
+        content = {
+            "title": self.cipher.open(agency, nid, "title", notice["title"]),
+            "summary": self.cipher.open(agency, nid, "summary", notice["summary"]) if notice.get("summary") else "",
+            "links": json.loads(self.cipher.open(agency, nid, "links", notice["links"])),
+            "severity": notice["severity"],
+            "status": notice.get("status"),
+            "due_at": iso(notice.get("due_at")),
+            "resolved_at": iso(notice.get("resolved_at")),
+            "source": notice["source"],
+            "source_ref": notice["source_ref"],
+        }
+        audit.record_access(self.store, audit.accessed_event(caller, nid, resource_type="notice"), nid, "read", caller)
+        return content

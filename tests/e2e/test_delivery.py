@@ -1,0 +1,183 @@
+"""Other services put items on boards: DeliverItem over gRPC with a real service token, and the
+board_item.delivery_requested.v1 event, seen by staff through the gateway."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pika
+import pytest
+
+from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
+from services.kit.bus import Publisher, Topology
+from services.kit.events import decode_envelope, new_envelope, unpack
+from services.kit.service_identity import ServiceTokens
+from tests.e2e.conftest import wait_until
+
+RIVERBEND = "agy_riverbend"
+
+
+@pytest.fixture(scope="module")
+def inbox_stub(stack):
+    channel = grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
+    yield inbox_pb2_grpc.InboxServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def service_token(directory_target, service_secret):
+    """A producer's agency-scoped service token, issued by directory for its registered client."""
+    issued: list[ServiceTokens] = []
+
+    def _token(client_id: str, agency_id: str = RIVERBEND) -> str:
+        tokens = ServiceTokens(directory_target, client_id, service_secret(client_id))
+        issued.append(tokens)
+        return tokens.token(agency_id)
+
+    yield _token
+    for tokens in issued:
+        tokens.close()
+
+
+@pytest.fixture(scope="module")
+def kim(login):
+    return login("nurse.kim")
+
+
+def auth(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def lab_request(staff_ids: list[str], **overrides) -> inbox_pb2.DeliverItemRequest:
+    fields = {
+        "kind": inbox_pb2.DELIVERED_KIND_LAB,
+        "recipients": inbox_pb2.Recipients(staff_ids=staff_ids),
+        "title": "Lab result available",
+        "summary": "Basic metabolic panel, final",
+        "severity": inbox_pb2.SEVERITY_ABNORMAL,
+        "status": "final",
+        "links": [inbox_pb2.ActionLink(label="Open result", url="https://ehr.example/results/1")],
+        "source": "lab",
+        "source_ref": f"order-{uuid.uuid4().hex[:10]}",
+    }
+    fields.update(overrides)
+    return inbox_pb2.DeliverItemRequest(**fields)
+
+
+def lab_items(client) -> list[dict]:
+    reply = client.get("/api/v1/board/items", params={"folder": "lab", "limit": 100})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["items"]
+
+
+def lab_counts(client) -> tuple[int, int]:
+    reply = client.get("/api/v1/board")
+    assert reply.status_code == 200, reply.text
+    lab = next(f for f in reply.json()["folders"] if f["id"] == "lab")
+    return lab["unread"], lab["total"]
+
+
+def schedule_items(client, title: str) -> list[dict]:
+    reply = client.get("/api/v1/board/items", params={"folder": "schedule", "limit": 100})
+    assert reply.status_code == 200, reply.text
+    return [item for item in reply.json()["items"] if item["title"] == title]
+
+
+def refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_a_delivered_lab_item_reaches_the_recipients_board(inbox_stub, service_token, kim, login):
+    reyes = login("dr.reyes")
+    before = lab_counts(kim)
+    request = lab_request([kim.staff_id])
+    reply = inbox_stub.DeliverItem(request, metadata=auth(service_token("notifications")), timeout=10)
+    assert reply.created and reply.applied and list(reply.recipient_staff_ids) == [kim.staff_id]
+
+    [item] = [i for i in lab_items(kim) if i["ref_id"] == reply.item_id]
+    assert item["title"] == "Lab result available" and item["summary"] == "Basic metabolic panel, final"
+    assert item["severity"] == "abnormal" and item["status"] == "final" and item["read"] is False
+    assert item["sender"]["name"] == "Notifications"
+    assert lab_counts(kim) == (before[0] + 1, before[1] + 1)
+    assert all(i["ref_id"] != reply.item_id for i in lab_items(reyes))
+    assert reyes.get(f"/api/v1/board/items/{item['id']}").status_code == 404
+
+    opened = kim.get(f"/api/v1/board/items/{item['id']}")
+    assert opened.status_code == 200, opened.text
+    assert opened.json()["links"] == [{"label": "Open result", "url": "https://ehr.example/results/1"}]
+    assert opened.json()["source_ref"] == request.source_ref and opened.json()["read"] is True
+    assert lab_counts(kim) == (before[0], before[1] + 1)
+
+    # The same source_ref again updates the item in place; resolving it keeps it listed, read.
+    again = inbox_stub.DeliverItem(
+        lab_request([kim.staff_id], source_ref=request.source_ref, status="reviewed", resolved=True),
+        metadata=auth(service_token("notifications")),
+        timeout=10,
+    )
+    assert again.applied and not again.created and again.item_id == reply.item_id
+    [updated] = [i for i in lab_items(kim) if i["ref_id"] == reply.item_id]
+    assert updated["id"] == item["id"] and updated["status"] == "reviewed" and updated["resolved_at"]
+    assert lab_counts(kim) == (before[0], before[1] + 1)
+
+
+def test_a_staff_token_cannot_deliver(inbox_stub, kim):
+    error = refused(lambda: inbox_stub.DeliverItem(lab_request([kim.staff_id]), metadata=auth(kim.token), timeout=10))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert dict(error.trailing_metadata())["error-code"] == "service_only"
+
+
+def test_a_producer_delivers_only_its_own_kinds(inbox_stub, service_token, kim):
+    error = refused(
+        lambda: inbox_stub.DeliverItem(
+            lab_request([kim.staff_id]), metadata=auth(service_token("erx-bridge")), timeout=10
+        )
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert dict(error.trailing_metadata())["error-code"] == "kind_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"title": ""}, "missing_field"),
+        ({"links": [inbox_pb2.ActionLink(label="Open", url="javascript:alert(1)")]}, "invalid_link"),
+        ({"recipients": inbox_pb2.Recipients(staff_ids=["stf_lakeside_admin"])}, "unknown_recipients"),
+        ({"kind": inbox_pb2.DELIVERED_KIND_UNSPECIFIED}, "invalid_kind"),
+    ],
+)
+def test_bad_input_is_invalid_argument_with_its_code(inbox_stub, service_token, kim, overrides, code):
+    request = lab_request([kim.staff_id], **overrides)
+    error = refused(lambda: inbox_stub.DeliverItem(request, metadata=auth(service_token("notifications")), timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(error.trailing_metadata())["error-code"] == code
+
+
+def test_a_requested_delivery_event_lands_and_is_announced(stack, kim):
+    connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
+    channel = connection.channel()
+    queue = channel.queue_declare(queue="", exclusive=True).method.queue
+    channel.queue_bind(queue, "clinic.events", routing_key="board_item.delivered.v1")
+    publisher = Publisher(stack.config.amqp_url, Topology())
+    try:
+        request = lab_request([kim.staff_id], kind=inbox_pb2.DELIVERED_KIND_SCHEDULE, title="Intake moved to 3pm")
+        event = new_envelope("board_item.delivery_requested.v1", request, agency_id=RIVERBEND, producer="notifications")
+        publisher.publish([event, event])  # a redelivered event has its effect once
+        items = wait_until(lambda: schedule_items(kim, "Intake moved to 3pm"), timeout=15)
+        assert len(items) == 1
+        announced = None
+        for _method, _props, body in channel.consume(queue, inactivity_timeout=15):
+            if body is None:
+                break
+            delivered = unpack(decode_envelope(body), inbox_pb2.BoardItemDelivered)
+            if delivered.item_id == items[0]["id"]:
+                announced = delivered
+                break
+        assert announced is not None
+        assert announced.recipient_staff_id == kim.staff_id and announced.board_kind == "schedule"
+        assert announced.agency_id == RIVERBEND and announced.created
+    finally:
+        publisher.close()
+        connection.close()

@@ -1,0 +1,329 @@
+"""The delivery API against the real database and broker: items land on boards, update in place,
+resolve, withdraw, and repeats or stale versions have no second effect."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pika
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clinic.audit.v1 import audit_pb2
+from clinic.inbox.v1 import inbox_pb2
+from services.inbox import delivery as delivery_module
+from services.inbox import domain
+from services.inbox.board import ItemFilter
+from services.inbox.delivery import Delivery
+from services.kit.auth import Identity, current_identity
+from services.kit.bus import BatchPublisher, Publisher
+from services.kit.errors import Forbidden, InvalidInput
+from services.kit.events import decode_envelope, new_envelope, unpack
+from services.kit.mongo import now_ms
+from services.kit.outbox import OutboxRelay
+from services.kit.service_identity import IssuedToken, ServiceTokens
+from tests.integration.conftest import wait_for
+from tests.integration.inbox_fixtures import staff
+
+AGENCY, OTHER = "agy_1", "agy_2"
+
+
+@pytest.fixture
+def place(inbox):
+    """(components, delivery, table) with staff a..d in AGENCY, team_ab, and one colleague elsewhere."""
+    components, table = inbox
+    table.staff.update({"stf_a": AGENCY, "stf_b": AGENCY, "stf_c": AGENCY, "stf_d": AGENCY, "stf_x": OTHER})
+    table.teams["team_ab"] = ["stf_a", "stf_b"]
+    components.service_tokens = ServiceTokens(
+        "unused:1", "inbox", "secret", issuer=lambda client, secret, agency: IssuedToken(f"token-{agency}", 900)
+    )
+    feature = Delivery(components)
+    feature.ensure_indexes()
+    feature.attach()
+    return components, feature, table
+
+
+def request(source_ref: str = "order-1", **overrides) -> inbox_pb2.DeliverItemRequest:
+    fields = {
+        "kind": inbox_pb2.DELIVERED_KIND_LAB,
+        "recipients": inbox_pb2.Recipients(staff_ids=["stf_a", "stf_b"]),
+        "title": "Lab result available",
+        "summary": "CBC, final",
+        "status": "final",
+        "source": "lab",
+        "source_ref": source_ref,
+    }
+    fields.update(overrides)
+    return inbox_pb2.DeliverItemRequest(**fields)
+
+
+def deliver(feature: Delivery, req, producer: str = "notifications", key: str | None = None, agency: str = AGENCY):
+    """Deliver as a service of `agency` would (recipients resolve under that identity)."""
+    token = current_identity.set(Identity(subject=f"svc:{producer}", agency_id=agency, kind="service"))
+    try:
+        return feature.deliver(agency, producer, req, key)
+    finally:
+        current_identity.reset(token)
+
+
+def lab_items(components, staff_id: str, agency: str = AGENCY, folder: str = domain.FOLDER_LAB) -> list[dict]:
+    return components.board.page(staff(agency, staff_id), folder, ItemFilter(), None, 50)["items"]
+
+
+def counts(components, staff_id: str, folder: str = domain.FOLDER_LAB) -> tuple[int, int]:
+    tree = components.board.tree(staff(AGENCY, staff_id))
+    entry = next(f for f in tree["folders"] if f["id"] == folder)
+    return entry["unread"], entry["total"]
+
+
+def timestamp(ms: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def envelope(req, producer: str = "notifications", agency: str = AGENCY, event_id: str | None = None):
+    return new_envelope(delivery_module.REQUESTED_EVENT, req, agency_id=agency, producer=producer, event_id=event_id)
+
+
+# --- through the broker ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def consuming(place, event_bus):
+    components, feature, table = place
+    consumer = feature.consumer(event_bus.amqp_url, event_bus.topology, retry_delay_ms=50, max_retries=1)
+    event_bus.queues += [consumer.queue, consumer.retry_queue, consumer.parking_queue]
+    publisher = Publisher(event_bus.amqp_url, event_bus.topology)
+    with consumer.running():
+        yield components, publisher, consumer
+    publisher.close()
+
+
+def test_a_requested_delivery_lands_once_on_each_board(consuming, event_bus):
+    components, publisher, _consumer = consuming
+    event = envelope(request())
+    publisher.publish([event, event])  # the broker redelivers the same event
+    publisher.publish([envelope(request("order-2"))])
+    wait_for(lambda: len(lab_items(components, "stf_a")) == 2)
+    wait_for(lambda: len(lab_items(components, "stf_b")) == 2)
+
+    first = next(
+        i for i in lab_items(components, "stf_a") if i["ref_id"] == delivery_module.notice_id(AGENCY, "lab", "order-1")
+    )
+    assert first["kind"] == domain.KIND_NOTICE and first["folder"] == domain.FOLDER_LAB
+    assert first["title"] == "Lab result available" and first["summary"] == "CBC, final"
+    assert first["status"] == "final" and first["severity"] == "info" and first["read"] is False
+    assert first["sender"] == {"id": "notifications", "name": "Notifications"}
+    assert counts(components, "stf_a") == (2, 2)  # the repeated event counted once
+    assert counts(components, "stf_c") == (0, 0)
+    assert components.store.board_items.count_documents({"kind": domain.KIND_NOTICE}) == 4
+
+
+def test_bad_events_are_parked_and_the_consumer_keeps_serving(consuming, event_bus):
+    components, publisher, consumer = consuming
+    event_bus.publish_raw(delivery_module.REQUESTED_EVENT, b"\xff\x00 not an envelope")
+    wrong_payload = new_envelope(
+        delivery_module.REQUESTED_EVENT, inbox_pb2.SendMessageRequest(subject="x"), agency_id=AGENCY, producer="x"
+    )
+    publisher.publish(
+        [
+            wrong_payload,
+            envelope(request("order-9"), producer="auto-reply"),  # not allowed to deliver lab items
+            envelope(request("order-8", recipients=inbox_pb2.Recipients(staff_ids=["stf_x"]))),  # other agency
+            envelope(request("order-7", title="")),  # invalid
+        ]
+    )
+    publisher.publish([envelope(request("order-ok"))])
+    wait_for(lambda: lab_items(components, "stf_a"))
+    wait_for(lambda: event_bus.message_count(consumer.parking_queue) == 5)
+    assert [i["ref_id"] for i in lab_items(components, "stf_a")] == [
+        delivery_module.notice_id(AGENCY, "lab", "order-ok")
+    ]
+    reasons = set()
+    for _ in range(5):
+        properties, _body = event_bus.get(consumer.parking_queue)
+        reasons.add(properties.headers["x-error-reason"])
+    assert {"kind_not_allowed", "unknown_recipients", "missing_field"} <= reasons
+    assert components.store.db[delivery_module.NOTICES].count_documents({}) == 1  # nothing half-written
+
+
+# --- updates in place -------------------------------------------------------------------------------
+
+
+def test_the_same_source_ref_updates_the_item_in_place(place):
+    components, feature, _ = place
+    created = deliver(feature, request())
+    assert created.created and created.applied and created.recipient_ids == ["stf_a", "stf_b"]
+    item_id = lab_items(components, "stf_a")[0]["id"]
+    components.board.open_item(staff(AGENCY, "stf_a"), item_id)  # stf_a reads it
+    assert counts(components, "stf_a") == (0, 1)
+
+    updated = deliver(
+        feature, request(title="Lab result corrected", status="corrected", severity=inbox_pb2.SEVERITY_URGENT)
+    )
+    assert not updated.created and updated.applied and updated.notice_id == created.notice_id
+    [item] = lab_items(components, "stf_a")
+    assert item["id"] == item_id and item["title"] == "Lab result corrected" and item["status"] == "corrected"
+    assert item["urgent"] is True and item["severity"] == "urgent" and item["read"] is True
+    assert counts(components, "stf_a") == (0, 1) and counts(components, "stf_b") == (1, 1)
+    urgent = components.board.page(staff(AGENCY, "stf_b"), domain.FOLDER_LAB, ItemFilter(urgent=True), None, 10)[
+        "items"
+    ]
+    assert [i["id"] for i in urgent] == [lab_items(components, "stf_b")[0]["id"]]
+
+    deliver(feature, request(title="Lab result corrected", mark_unread=True))
+    assert lab_items(components, "stf_a")[0]["read"] is False
+    assert counts(components, "stf_a") == (1, 1) and counts(components, "stf_b") == (1, 1)
+    assert components.store.db[delivery_module.NOTICES].count_documents({}) == 1
+
+
+def test_resolved_leaves_the_unread_counts_but_stays_listed(place):
+    components, feature, _ = place
+    deliver(feature, request(due_at=timestamp(now_ms() - 60_000)))
+    assert lab_items(components, "stf_a")[0]["overdue"] is True
+    deliver(feature, request(resolved=True, due_at=timestamp(now_ms() - 60_000)))
+    [item] = lab_items(components, "stf_a")
+    assert item["read"] is True and item["resolved_at"] and item["overdue"] is False
+    assert counts(components, "stf_a") == (0, 1) and counts(components, "stf_b") == (0, 1)
+
+
+def test_withdrawn_leaves_every_board(place):
+    components, feature, _ = place
+    deliver(feature, request())
+    result = deliver(feature, request(withdrawn=True, title="", recipients=inbox_pb2.Recipients()))
+    assert result.applied and result.recipient_ids == []
+    for owner in ("stf_a", "stf_b"):
+        assert lab_items(components, owner) == [] and counts(components, owner) == (0, 0)
+    again = deliver(feature, request(withdrawn=True, title="", recipients=inbox_pb2.Recipients()))
+    assert not again.applied
+    redelivered = deliver(feature, request(recipients=inbox_pb2.Recipients(staff_ids=["stf_c"])))
+    assert redelivered.applied and [i["title"] for i in lab_items(components, "stf_c")] == ["Lab result available"]
+    assert lab_items(components, "stf_a") == []
+
+
+def test_recipients_added_get_the_item_and_removed_lose_it(place):
+    components, feature, _ = place
+    deliver(feature, request())
+    changed = deliver(feature, request(recipients=inbox_pb2.Recipients(staff_ids=["stf_b", "stf_c"])))
+    assert changed.recipient_ids == ["stf_b", "stf_c"]
+    assert lab_items(components, "stf_a") == [] and counts(components, "stf_a") == (0, 0)
+    assert len(lab_items(components, "stf_b")) == 1 and counts(components, "stf_b") == (1, 1)
+    assert len(lab_items(components, "stf_c")) == 1 and counts(components, "stf_c") == (1, 1)
+
+
+def test_teams_whole_agency_and_the_actor(place):
+    components, feature, _ = place
+    team = deliver(feature, request("t", recipients=inbox_pb2.Recipients(team_ids=["team_ab"]), actor_staff_id="stf_a"))
+    assert team.recipient_ids == ["stf_b"]
+    everyone = deliver(feature, request("w", recipients=inbox_pb2.Recipients(whole_agency=True)))
+    assert sorted(everyone.recipient_ids) == ["stf_a", "stf_b", "stf_c", "stf_d"]  # never another agency's
+    with pytest.raises(InvalidInput) as caught:
+        deliver(feature, request("u", recipients=inbox_pb2.Recipients(staff_ids=["stf_a", "stf_x"])))
+    assert caught.value.code == "unknown_recipients" and caught.value.details["staff_ids"] == ["stf_x"]
+    with pytest.raises(InvalidInput) as caught:
+        deliver(feature, request("n", recipients=inbox_pb2.Recipients(team_ids=["team_nope"])))
+    assert caught.value.code == "unknown_recipients"
+
+
+def test_repeats_and_stale_versions_have_no_effect(place):
+    components, feature, _ = place
+    first = deliver(feature, request(source_version=5, delivery_id="d-1"), key="d-1")
+    repeat = deliver(feature, request(title="changed", source_version=6), key="d-1")
+    assert first.applied and not repeat.applied and not repeat.created
+    stale = deliver(feature, request(title="older", source_version=4), key="d-2")
+    assert not stale.applied and stale.recipient_ids == ["stf_a", "stf_b"]
+    assert lab_items(components, "stf_a")[0]["title"] == "Lab result available"
+    newer = deliver(feature, request(title="newer", source_version=6), key="d-3")
+    assert newer.applied and lab_items(components, "stf_a")[0]["title"] == "newer"
+    assert counts(components, "stf_a") == (1, 1)
+
+
+def test_only_the_first_producer_and_kind_update_an_item(place):
+    _components, feature, _ = place
+    deliver(feature, request())
+    with pytest.raises(Forbidden):
+        deliver(feature, request(kind=inbox_pb2.DELIVERED_KIND_CLOUD), producer="cloud-comms")
+    with pytest.raises(InvalidInput) as caught:
+        deliver(feature, request(kind=inbox_pb2.DELIVERED_KIND_SCHEDULE))
+    assert caught.value.code == "kind_changed"
+
+
+# --- the reading pane -----------------------------------------------------------------------------------
+
+
+def test_opening_a_delivered_item_shows_its_content_and_is_audited(place):
+    components, feature, _ = place
+    links = [inbox_pb2.ActionLink(label="Open order", url="https://ehr.example/orders/1")]
+    result = deliver(feature, request(links=links))
+    item_id = lab_items(components, "stf_b")[0]["id"]
+    opened = components.board.open_item(staff(AGENCY, "stf_b"), item_id)
+    assert opened["title"] == "Lab result available" and opened["summary"] == "CBC, final"
+    assert opened["links"] == [{"label": "Open order", "url": "https://ehr.example/orders/1"}]
+    assert (opened["source"], opened["source_ref"], opened["status"]) == ("lab", "order-1", "final")
+    assert opened["read"] is True and counts(components, "stf_b") == (0, 1)
+    records = list(components.store.access_denials.find({"resource_id": {"$eq": result.notice_id}}))
+    assert len(records) == 1
+    event = unpack(decode_envelope(next(iter(records[0]["_outbox"].values()))["env"]), audit_pb2.PhiAccessed)
+    assert (event.resource_type, event.actor_id, event.outcome) == ("notice", "stf_b", "allowed")
+    stored = components.store.db[delivery_module.NOTICES].find_one({"_id": result.notice_id})
+    assert b"Lab result" not in bytes(stored["title"]) and b"CBC" not in bytes(stored["summary"])
+
+
+# --- interrupted fan-out and the held events --------------------------------------------------------------
+
+
+def test_an_interrupted_delivery_is_finished_and_its_events_published(place, event_bus, monkeypatch):
+    components, feature, _ = place
+    real_fan_out = feature._fan_out
+
+    def crash(_notice):
+        raise RuntimeError("process died")
+
+    monkeypatch.setattr(feature, "_fan_out", crash)
+    with pytest.raises(RuntimeError):
+        deliver(feature, request())
+    notices = components.store.db[delivery_module.NOTICES]
+    nid = delivery_module.notice_id(AGENCY, "lab", "order-1")
+    assert notices.find_one({"_id": nid}).get("_outbox_at") is None  # held until the items exist
+    assert lab_items(components, "stf_a") == []
+    notices.update_one({"_id": nid}, {"$set": {"fanout_pending_at": now_ms() - 60_000}})
+    monkeypatch.setattr(feature, "_fan_out", real_fan_out)
+
+    stop = threading.Event()
+    worker = threading.Thread(target=feature.repair_fanouts, args=(stop, 0.05))
+    worker.start()
+    try:
+        wait_for(lambda: "fanout_pending_at" not in notices.find_one({"_id": nid}))
+    finally:
+        stop.set()
+        worker.join()
+    assert notices.find_one({"_id": nid})["_outbox_at"] > 0
+    assert counts(components, "stf_a") == (1, 1) and counts(components, "stf_b") == (1, 1)
+
+    connection = pika.BlockingConnection(pika.URLParameters(event_bus.amqp_url))
+    channel = connection.channel()
+    event_bus.topology.declare(channel)
+    queue = channel.queue_declare(queue=f"{event_bus.topology.prefix}.observe.{uuid.uuid4().hex[:6]}").method.queue
+    event_bus.queues.append(queue)
+    channel.queue_bind(queue, event_bus.topology.exchange_name, routing_key=delivery_module.DELIVERED_EVENT)
+    publisher = BatchPublisher(event_bus.amqp_url, event_bus.topology)
+    try:
+        relay = OutboxRelay(components.store.db, [delivery_module.NOTICES], publisher, lease_ttl_s=None)
+        assert relay.run_once() == 2
+        delivered = {}
+        for _method, _props, body in channel.consume(queue, inactivity_timeout=5):
+            if body is None:
+                break
+            event = unpack(decode_envelope(body), inbox_pb2.BoardItemDelivered)
+            delivered[event.recipient_staff_id] = event
+            if len(delivered) == 2:
+                break
+    finally:
+        publisher.close()
+        connection.close()
+    assert set(delivered) == {"stf_a", "stf_b"}
+    event = delivered["stf_a"]
+    assert event.item_id == lab_items(components, "stf_a")[0]["id"] and event.agency_id == AGENCY
+    assert event.board_kind == domain.FOLDER_LAB and event.created and event.severity == inbox_pb2.SEVERITY_INFO
