@@ -395,7 +395,7 @@ class Delivery(Feature):
             if notice is not None:
                 self._check_same_item(notice, producer, wanted)
             if is_repeat(notice, delivery_key) or is_stale(notice, wanted.source_version):
-                self._complete_fanout(notice)
+                self.complete_fanout(notice)
                 return Outcome(nid, list(notice["recipient_ids"]), created=False, applied=False)
             if wanted.withdrawn and (notice is None or notice.get("withdrawn_at")):
                 return Outcome(nid, [], created=False, applied=False)
@@ -403,7 +403,7 @@ class Delivery(Feature):
                 recipients = self._resolve(wanted)
             doc = self._write(agency_id, nid, producer, policy, wanted, recipients or [], notice, delivery_key)
             if doc is not None:
-                self._complete_fanout(doc)
+                self.complete_fanout(doc)
                 log.info(
                     "item delivered",
                     extra={"agency_id": agency_id, "recipients": len(doc["recipient_ids"])},
@@ -531,7 +531,7 @@ class Delivery(Feature):
     def _notice(self, nid: str) -> dict | None:
         return self.notices.find_one({"_id": {"$eq": nid}}, projection={"_outbox": 0})
 
-    def _complete_fanout(self, notice: dict) -> None:
+    def complete_fanout(self, notice: dict) -> None:
         """Bring every board item in line with the notice, then release its events and clear the
         marker in one write guarded by the revision. When a newer revision was written meanwhile,
         its state is applied too, so an item this pass put back on a board it left is removed."""
@@ -582,7 +582,7 @@ class Delivery(Feature):
                     {"fanout_pending_at": {"$lte": now_ms() - FANOUT_REPAIR_AFTER_MS}}, projection={"_outbox": 0}
                 )
                 for notice in pending.sort("fanout_pending_at", 1).limit(100):
-                    self._complete_fanout(notice)
+                    self.complete_fanout(notice)
                     log.info("finished interrupted delivery", extra={"agency_id": notice["agency_id"]})
             except (PyMongoError, DomainError) as exc:  # an outage or a busy item: the next pass tries again
                 log.warning(

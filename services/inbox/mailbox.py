@@ -98,7 +98,7 @@ class Mailbox:
         )
         if not self.store.insert_message(doc):  # a concurrent retry wrote it first
             return self._existing(self.store.message(message_id))
-        self._complete_fanout(doc)
+        self.complete_fanout(doc)
         log.info(
             "message sent",
             extra={
@@ -118,7 +118,7 @@ class Mailbox:
         return self._existing(existing) if existing is not None else None
 
     def _existing(self, message: dict) -> SendResult:
-        self._complete_fanout(message)
+        self.complete_fanout(message)
         return SendResult(message["_id"], message["recipient_ids"], created=False)
 
     def compose(
@@ -157,10 +157,10 @@ class Mailbox:
             "sent_at": sent_at,
             "fanout_pending_at": sent_at,
         }
-        doc.update(outbox_fields([self._delivered_event(doc, staff_id) for staff_id in recipients], ready=False))
+        doc.update(outbox_fields([self.delivered_event(doc, staff_id) for staff_id in recipients], ready=False))
         return doc
 
-    def _delivered_event(self, doc: dict, recipient_id: str):
+    def delivered_event(self, doc: dict, recipient_id: str):
         sent_at = Timestamp()
         sent_at.FromMilliseconds(doc["sent_at"])
         payload = inbox_pb2.MessageDelivered(
@@ -188,7 +188,7 @@ class Mailbox:
             event_id=f"{doc['_id']}-{recipient_id}-delivered",
         )
 
-    def _complete_fanout(self, doc: dict) -> None:
+    def complete_fanout(self, doc: dict) -> None:
         if "fanout_pending_at" not in doc:
             return
         folder = doc.get("recipient_folder", domain.FOLDER_MESSAGES)
@@ -204,7 +204,7 @@ class Mailbox:
         while not stop.wait(interval_s):
             try:
                 for doc in self.store.pending_fanouts(now_ms() - FANOUT_REPAIR_AFTER_MS):
-                    self._complete_fanout(doc)
+                    self.complete_fanout(doc)
                     log.info("finished interrupted fan-out", extra={"message_id": doc["_id"]})
             except PyMongoError as exc:  # a failover or outage: the next pass tries again
                 log.warning(

@@ -177,9 +177,9 @@ class Portal(Feature):
         store = self.components.store
         if not store.insert_message(doc):  # a concurrent retry wrote it first
             existing = store.message(message_id)
-            self.components.mailbox._complete_fanout(existing)
+            self.components.mailbox.complete_fanout(existing)
             return self._sent_view(existing), False
-        self.components.mailbox._complete_fanout(doc)
+        self.components.mailbox.complete_fanout(doc)
         self._touch_thread(doc["thread_id"], doc["sent_at"])
         log.info(
             "portal message sent",
@@ -226,7 +226,7 @@ class Portal(Feature):
         existing = self.components.store.message(claimed["message_id"])
         if existing is None:
             return None
-        self.components.mailbox._complete_fanout(existing)
+        self.components.mailbox.complete_fanout(existing)
         self._touch_thread(existing["thread_id"], existing["sent_at"])
         return self._sent_view(existing)
 
@@ -274,7 +274,7 @@ class Portal(Feature):
             "sent_at": sent_at,
             "fanout_pending_at": sent_at,
         }
-        delivered = self.components.mailbox._delivered_event
+        delivered = self.components.mailbox.delivered_event
         doc.update(outbox_fields([delivered(doc, staff_id) for staff_id in recipients], ready=False))
         return doc
 
@@ -400,14 +400,14 @@ class Portal(Feature):
             message_id = claimed["message_id"]
             existing = store.message(message_id)
             if existing is not None:
-                self.components.mailbox._complete_fanout(existing)
+                self.components.mailbox.complete_fanout(existing)
                 return SendResult(message_id, [], created=False)
         subject = domain.prefixed_subject("Re:", self._thread_subject(thread))
         doc = self._staff_message(
             caller, thread, original, message_id, subject=subject, body=body, links=links, priority=priority
         )
         created = store.insert_message(doc)
-        self.components.mailbox._complete_fanout(doc if created else store.message(message_id))
+        self.components.mailbox.complete_fanout(doc if created else store.message(message_id))
         self._touch_thread(thread["_id"], doc["sent_at"], caller.staff_id)
         log.info(
             "portal reply sent",
