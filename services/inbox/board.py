@@ -24,7 +24,9 @@ from services.kit.mongo import now_ms
 log = logging.getLogger(__name__)
 
 MAX_SCAN_BATCHES = 10  # a filtered page reads at most this many index batches, then returns a cursor
-SECTION_IDS = ("labels", "notifications")
+# Sections of the folder tree that can be expanded or collapsed: the label list under Messages,
+# the notification folders as a group, and any folder.
+SECTION_IDS = ("labels", "notifications", *domain.FOLDERS)
 
 
 def iso(ms: int | None) -> str | None:
@@ -275,7 +277,10 @@ class Board:
     def delete(self, caller: Identity, item_id: str) -> None:
         item = self.own_item(caller, item_id, "delete")
         self.store.delete_item(item["_id"], caller.staff_id)
-        log.info("board item deleted", extra={"staff_id": caller.staff_id, "agency_id": caller.agency_id})
+        log.info(
+            "board item deleted",
+            extra={"staff_id": caller.staff_id, "agency_id": caller.agency_id, "item_id": item["_id"]},
+        )
 
     # --- labels -------------------------------------------------------------------
     def labels(self, caller: Identity) -> list[dict]:

@@ -406,7 +406,12 @@ class Delivery(Feature):
                 self.complete_fanout(doc)
                 log.info(
                     "item delivered",
-                    extra={"agency_id": agency_id, "recipients": len(doc["recipient_ids"])},
+                    extra={
+                        "agency_id": agency_id,
+                        "item_id": nid,
+                        "folder": wanted.folder,
+                        "recipients": len(doc["recipient_ids"]),
+                    },
                 )
                 return Outcome(nid, list(doc["recipient_ids"]), created=notice is None, applied=True)
         raise Unavailable("busy", "the item is being changed by another delivery; try again")

@@ -25,6 +25,8 @@ SAFE_EXTRA_KEYS = frozenset(
         "agency_id",
         "staff_id",
         "message_id",
+        "item_id",
+        "folder",
         "route",
         "method",
         "status",
