@@ -212,6 +212,17 @@ def test_a_deleted_request_item_stays_deleted(inbox, signatures):
     assert counts(components, LEE) == (0, 0)
 
 
+def test_an_outcome_the_requester_deleted_stays_deleted_when_another_signer_answers(inbox, signatures):
+    components, _ = inbox
+    made = request(signatures)
+    signatures.sign(KIM, made["id"], "Reviewed.")
+    [outcome] = [i for i in folder_items(components, REQUESTER) if i["kind"] == domain.KIND_SIGNATURE_OUTCOME]
+    components.board.delete(REQUESTER, outcome["id"])
+    signatures.decline(LEE, made["id"], "Wrong patient.")
+    outcomes = [i for i in folder_items(components, REQUESTER) if i["kind"] == domain.KIND_SIGNATURE_OUTCOME]
+    assert [o["title"] for o in outcomes] == ["Morgan Lee declined: Treatment plan for J. Roe"]
+
+
 def test_the_reading_pane_of_both_kinds_is_audited(inbox, signatures):
     components, _ = inbox
     made = request(signatures)
