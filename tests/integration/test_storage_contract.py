@@ -392,3 +392,56 @@ def test_thread_in_order_and_due_reminders(db):
     db.board_items.insert_many([{"_id": f"r{n}", "due_pending_at": 100 + n} for n in range(5)])
     due = list(db.board_items.find({"due_pending_at": {"$lte": 102}}).sort("due_pending_at", 1).limit(200))
     assert [d["_id"] for d in due] == ["r0", "r1", "r2"]
+
+
+def test_lazy_state_upsert_keeps_the_first_time(db):
+    update = {"$setOnInsert": {"announcement_id": "ann_1", "staff_id": "stf"}, "$min": {"read_at": 20}}
+    db.announcement_states.update_one({"_id": {"$eq": "ann_1|stf"}}, update, upsert=True)
+    db.announcement_states.update_one(
+        {"_id": {"$eq": "ann_1|stf"}}, {**update, "$min": {"read_at": 30, "acknowledged_at": 40}}, upsert=True
+    )
+    state = db.announcement_states.find_one({"_id": "ann_1|stf"})
+    assert (state["read_at"], state["acknowledged_at"], state["announcement_id"]) == (20, 40, "ann_1")
+    found = db.announcement_states.find({"_id": {"$in": ["ann_1|stf", "ann_2|stf"]}})
+    assert [d["_id"] for d in found] == ["ann_1|stf"]
+
+
+def test_map_entry_set_under_a_version_guard(db):
+    db.signature_requests.insert_one({"_id": "sig", "version": 1, "signers": {"stf_a": {"responded_at": None}}})
+    entry = {"responded_at": 5, "outcome": "signed", "note": b"\x01sealed"}
+    won = db.signature_requests.update_one(
+        {"_id": {"$eq": "sig"}, "version": {"$eq": 1}}, {"$set": {"signers.stf_a": entry}, "$inc": {"version": 1}}
+    )
+    lost = db.signature_requests.update_one(
+        {"_id": {"$eq": "sig"}, "version": {"$eq": 1}}, {"$set": {"signers.stf_a": {}}, "$inc": {"version": 1}}
+    )
+    assert (won.matched_count, lost.matched_count) == (1, 0)
+    stored = db.signature_requests.find_one({"_id": "sig"})
+    assert stored["version"] == 2 and stored["signers"]["stf_a"] == entry
+
+
+def test_move_to_the_top_never_back(db):
+    db.portal_threads.insert_one({"_id": "t", "sort_key": "0000000000020.t"})
+    older = db.portal_threads.update_one(
+        {"_id": {"$eq": "t"}, "sort_key": {"$lt": "0000000000010.t"}}, {"$set": {"sort_key": "0000000000010.t"}}
+    )
+    newer = db.portal_threads.update_one(
+        {"_id": {"$eq": "t"}, "sort_key": {"$lt": "0000000000030.t"}}, {"$set": {"sort_key": "0000000000030.t"}}
+    )
+    assert (older.matched_count, newer.matched_count) == (0, 1)
+
+
+def test_due_reminders_of_one_kind_and_an_owners_reminders(db):
+    db.board_items.insert_many(
+        [
+            {"_id": "r1", "due_pending_at": 5, "kind": "reminder", "reminder_owner": "agy|a", "created_key": "1"},
+            {"_id": "r2", "due_pending_at": 6, "kind": "other", "reminder_owner": "agy|a", "created_key": "2"},
+            {"_id": "r3", "due_pending_at": 9, "kind": "reminder", "reminder_owner": "agy|b", "created_key": "3"},
+        ]
+    )
+    due = db.board_items.find({"due_pending_at": {"$lte": 8}, "kind": {"$eq": "reminder"}}).sort("due_pending_at", 1)
+    assert [d["_id"] for d in due] == ["r1"]
+    mine = db.board_items.find({"reminder_owner": {"$eq": "agy|a"}, "created_key": {"$lt": "2"}}).sort(
+        "created_key", -1
+    )
+    assert [d["_id"] for d in mine] == ["r1"]
