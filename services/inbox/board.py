@@ -159,8 +159,14 @@ class Board:
         def fetch(after, n):
             entries = self.store.label_page(key, after, n)
             found = self.store.items([e["item_id"] for e in entries])
-            # Keep the entry order; an entry whose item is gone still advances the cursor.
-            return [found.get(e["item_id"]) or {"sort_key": e["sort_key"], "_gone": True} for e in entries]
+            # Keep the entry order and page by the entry's key (an item's own key can move later, as a
+            # reminder's does when it comes due); an entry whose item is gone still advances the cursor.
+            return [
+                {**found[e["item_id"]], "sort_key": e["sort_key"]}
+                if e["item_id"] in found
+                else {"sort_key": e["sort_key"], "_gone": True}
+                for e in entries
+            ]
 
         return fetch
 
@@ -253,6 +259,9 @@ class Board:
 
     def set_read(self, caller: Identity, item_id: str, read: bool) -> dict:
         item = self.own_item(caller, item_id, "mark_read" if read else "mark_unread")
+        if not read and item.get("origin_folder") == domain.FOLDER_SENT:
+            # Unread is a recipient's state (as for POST /messages/<id>/unread); Sent counts none.
+            raise Conflict("not_received", "only a message you received can be marked unread")
         changed = self.store.change_item(item["_id"], _read_patch if read else _unread_patch)
         if changed is None:
             raise NotFound("item_not_found", "no such item")
@@ -373,6 +382,8 @@ class Board:
         target = self._own_label(caller, to_label_id)
         if source["_id"] not in (item.get("labels") or {}):
             raise NotFound("label_not_applied", "the item does not carry that label")
+        if source["_id"] == target["_id"]:
+            return self.summary(caller, item)
         self.add_label(caller, item_id, target["_id"], None)
         return self.remove_label(caller, item_id, source["_id"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -113,11 +114,17 @@ def digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def text_digest(*values) -> str:
+    """Digest of free text (subjects, bodies) as a JSON list: a "|" typed in one field cannot pass for
+    the boundary between two fields."""
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
 def draft_digest(draft: Draft) -> str:
     """Fingerprint of what was asked for, so a reused idempotency key with another message is caught."""
     a = draft.addressing
-    fields = [*sorted(a.staff_ids), "|", *sorted(a.team_ids), str(a.whole_agency), draft.subject, draft.body]
-    return digest(*fields, draft.priority, *draft.links)
+    addressing = [sorted(a.staff_ids), sorted(a.team_ids), a.whole_agency]
+    return text_digest(addressing, draft.subject, draft.body, draft.priority, list(draft.links))
 
 
 def new_message_id() -> str:
@@ -182,8 +189,9 @@ def new_item(
 ) -> dict:
     """A board item: one thing on one person's board. `fields` carries the kind's own data
     (encrypted title, sender, severity, status, ...)."""
+    item_id = board_item_id(ref_id, owner_id, folder)
     item = {
-        "_id": board_item_id(ref_id, owner_id, folder),
+        "_id": item_id,
         "agency_id": agency_id,
         "owner_id": owner_id,
         "kind": kind,
@@ -194,7 +202,9 @@ def new_item(
         "labels": {},
         "version": 1,
         "sent_at": at_ms,
-        "sort_key": sort_key(at_ms, ref_id),
+        # By the item's own id: two items of one ref can share a board (both copies of a message to
+        # oneself in the archive or under a label), and the cursor needs a total order.
+        "sort_key": sort_key(at_ms, item_id),
         **item_keys(agency_id, owner_id, folder if visible else None, unread, urgent),
     }
     item.update(fields)

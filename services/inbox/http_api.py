@@ -132,7 +132,8 @@ def build_app(components: Components, verifier) -> Flask:
         board.require_compose(g.identity, domain.COMPOSE_MESSAGE)
         message_id = path_id(message_id, "message")
         fields = validate(json_body(), forward_spec)
-        draft = draft_from({**fields, "subject": "-", "body": fields.get("body") or "-"})
+        # Only the addressing, links and priority are taken from here: the note may be blank.
+        draft = draft_from({**fields, "subject": "-", "body": "-"})
         result = mailbox.forward(
             g.identity,
             message_id,

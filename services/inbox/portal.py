@@ -147,8 +147,12 @@ class Portal(Feature):
         key_digest = draft_digest = None
         if key:
             key_digest = domain.digest("portal", who.agency_id, who.patient.patient_id, key)
-            draft_digest = domain.digest(
-                *addressing.staff_ids, "|", *addressing.team_ids, subject, fields["body"], fields.get("thread_id", "")
+            draft_digest = domain.text_digest(
+                list(addressing.staff_ids),
+                list(addressing.team_ids),
+                subject,
+                fields["body"],
+                fields.get("thread_id", ""),
             )
             claimed = self.components.store.idempotency_record(key_digest)
             if claimed is not None:
@@ -393,7 +397,7 @@ class Portal(Feature):
         key_digest = draft_digest = None
         if idempotency_key:
             key_digest = domain.digest(caller.agency_id, caller.staff_id, idempotency_key)
-            draft_digest = domain.digest("portal-reply", original["_id"], body, priority, *links)
+            draft_digest = domain.text_digest("portal-reply", original["_id"], body, priority, list(links))
             claimed = store.claim_idempotency_key(key_digest, message_id, draft_digest)
             if claimed["draft"] != draft_digest:
                 raise Conflict("idempotency_key_reused", "this Idempotency-Key was used for a different message")

@@ -9,10 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.inbox import domain, recount
+from services.inbox import domain, recount, reminders
 from services.inbox.board import ItemFilter
+from services.inbox.http_api import build_app
 from services.kit.auth import current_identity
 from services.kit.errors import Conflict, NotFound
+from services.kit.mongo import now_ms
 from tests.integration.inbox_fixtures import AgencyTable, make_inbox, staff
 
 AGENCY = "agy_1"
@@ -194,3 +196,94 @@ def test_the_recount_command_repairs_drift(mongo_client, mongo_uri, monkeypatch,
         assert json.loads(capsys.readouterr().out)["drift"] == {}
     finally:
         mongo_client.drop_database(f"{prefix}inbox")
+
+
+def test_moving_an_item_to_the_label_it_is_under_keeps_the_label(inbox):
+    components, a, b = two_staff(inbox)
+    board = components.board
+    item_id = item_of(components, b, send(components, a, "stf_b").message_id)["_id"]
+    label_id = board.add_label(b, item_id, None, "Follow up")["label"]["id"]
+    assert board.move_label(b, item_id, label_id, label_id)["labels"] == [label_id]
+    assert [i["id"] for i in board.label_page(b, label_id, None, 20, unread=False)["items"]] == [item_id]
+    assert board.tree(b)["labels"][0]["total"] == 1
+
+
+def test_both_copies_of_a_message_to_oneself_page_through_the_archive(inbox):
+    components, a, _ = two_staff(inbox)
+    board = components.board
+    message_id = send(components, a, "stf_a").message_id
+    copies = {item_of(components, a, message_id)["_id"], item_of(components, a, message_id, "sent")["_id"]}
+    for item_id in copies:
+        board.archive(a, item_id)
+        board.add_label(a, item_id, None, "Mine")
+    label_id = board.tree(a)["labels"][0]["id"]
+    for listing in (
+        lambda cursor: board.page(a, "archive", ItemFilter(), cursor, 1),
+        lambda cursor: board.label_page(a, label_id, cursor, 1, unread=False),
+    ):
+        first = listing(None)
+        second = listing(first["next_cursor"])
+        assert {i["id"] for i in first["items"] + second["items"]} == copies
+
+
+def test_a_labelled_reminder_that_comes_due_is_listed_once_under_its_label(inbox):
+    components, a, _ = two_staff(inbox)
+    board = components.board
+    message_id = send(components, a, "stf_a").message_id
+    reminder = domain.new_item(
+        agency_id=AGENCY,
+        owner_id="stf_a",
+        folder=domain.FOLDER_REMINDERS,
+        kind=domain.KIND_REMINDER,
+        ref_id="rem_1",
+        at_ms=now_ms() + 1,
+        unread=True,
+        visible=False,
+        due_pending_at=now_ms() + 5,
+    )
+    components.store.insert_board_items([reminder])
+    board.add_label(a, item_of(components, a, message_id)["_id"], None, "Later")
+    label_id = board.add_label(a, reminder["_id"], None, "Later")["label"]["id"]
+    components.store.change_item(reminder["_id"], lambda it: reminders.due_patch(it, now_ms() + 10))
+    seen, cursor = [], None
+    for _ in range(3):
+        page = board.label_page(a, label_id, cursor, 1, unread=False)
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted([reminder["_id"], item_of(components, a, message_id)["_id"]])
+
+
+def test_a_sent_copy_cannot_be_marked_unread(inbox):
+    components, a, _ = two_staff(inbox)
+    message_id = send(components, a, "stf_b").message_id
+    sent_item = item_of(components, a, message_id, "sent")["_id"]
+    with pytest.raises(Conflict) as refused:
+        components.board.set_read(a, sent_item, read=False)
+    assert refused.value.code == "not_received"
+    assert folder(components.board.tree(a), "sent") == {"id": "sent", "name": "Sent", "unread": 0, "total": 1}
+
+
+class TokenTable:
+    """Bearer token -> identity, standing in for the verifier of directory's tokens."""
+
+    def __init__(self, **identities):
+        self.identities = identities
+
+    def verify(self, token):
+        return self.identities[token]
+
+
+def test_a_forward_with_a_blank_note_is_sent_like_one_without(inbox):
+    components, a, b = two_staff(inbox)
+    client = build_app(components, TokenTable(a=a, b=b)).test_client()
+    message_id = send(components, a, "stf_b", body="Original text").message_id
+    forwarded = client.post(
+        f"/api/v1/messages/{message_id}/forward",
+        json={"to_staff_ids": ["stf_a"], "body": " \n"},
+        headers={"Authorization": "Bearer b"},
+    )
+    assert forwarded.status_code == 201, forwarded.get_json()
+    body = components.mailbox.read(a, forwarded.get_json()["id"])["body"]
+    assert body.startswith("---------- Forwarded message ----------") and body.endswith("Original text")

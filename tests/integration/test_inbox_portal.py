@@ -261,3 +261,12 @@ def test_threads_are_listed_by_latest_activity_in_pages(portal):
     assert newest["threads"][0]["subject"] == "First"
     bad = client.get(f"{BASE}/portal_jane/threads?cursor=nonsense", headers=partner())
     assert bad.status_code == 400 and bad.get_json()["code"] == "invalid_cursor"
+
+
+def test_an_idempotency_key_reused_for_text_split_differently_is_refused(portal):
+    _, _, client = portal
+    headers = partner(**{"Idempotency-Key": "k-split"})
+    first = post(client, "portal_jane", {"to_team_id": TEAM, "subject": "Dose|change", "body": "today"}, headers)
+    assert first.status_code == 201
+    moved = post(client, "portal_jane", {"to_team_id": TEAM, "subject": "Dose", "body": "change|today"}, headers)
+    assert moved.status_code == 409 and moved.get_json()["code"] == "idempotency_key_reused"

@@ -53,7 +53,9 @@ def test_board_item_is_unread_in_messages_and_read_in_sent():
     sent = domain.board_item(message, "stf_s", domain.FOLDER_SENT)
     assert received["unread_board"] == received["board"] == "agy_a|stf_r|messages" and received["read_at"] is None
     assert sent["unread_board"] is None and sent["read_at"] == message["sent_at"]
-    assert received["_id"] != sent["_id"] and received["sort_key"] == sent["sort_key"]
+    assert received["_id"] != sent["_id"]
+    # Same time, each its own key: both copies can share a board (the archive, a label).
+    assert received["sort_key"] == f"1700000000000.{received['_id']}" != sent["sort_key"]
     assert received["subject"] == b"sealed" and received["recipient_count"] == 2
 
 
@@ -190,3 +192,11 @@ def test_label_names_are_trimmed_and_unique_without_case():
 def test_item_ids_are_url_safe_and_distinct_per_owner_and_folder():
     ids = {domain.board_item_id("msg_1", o, f) for o in ("stf_a", "stf_b") for f in ("messages", "sent")}
     assert len(ids) == 4 and all(i.startswith("itm_") and len(i) == 36 for i in ids)
+
+
+def test_the_draft_digest_tells_apart_drafts_that_only_move_a_separator():
+    to = domain.Addressing(staff_ids=("stf_b",))
+    first = domain.Draft(to, subject="Lab|results", body="ready")
+    second = domain.Draft(to, subject="Lab", body="results|ready")
+    assert domain.draft_digest(first) != domain.draft_digest(second)
+    assert domain.draft_digest(first) == domain.draft_digest(domain.Draft(to, subject="Lab|results", body="ready"))
