@@ -40,6 +40,7 @@ from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Feature
 from services.inbox.http_api import only_query, staff_only
+from services.inbox.reminders import LATEST_YEAR
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.events import new_envelope
@@ -86,6 +87,8 @@ def parse_expiry(text: str, at_ms: int) -> int:
         raise InvalidInput("invalid_value", "expires_at must be an ISO-8601 time", {"field": "expires_at"}) from exc
     if when.tzinfo is None:
         raise InvalidInput("invalid_value", "expires_at must include a time zone", {"field": "expires_at"})
+    if when.year > LATEST_YEAR:  # later ones cannot all be shown as UTC times
+        raise InvalidInput("invalid_value", "expires_at is out of range", {"field": "expires_at"})
     ms = int(when.timestamp() * 1000)
     if ms <= at_ms:
         raise InvalidInput("invalid_value", "expires_at must be in the future", {"field": "expires_at"})

@@ -178,7 +178,10 @@ def parse_request(request: inbox_pb2.DeliverItemRequest) -> DeliveryRequest:
         title = required(TITLE, "title", request.title)
     due_at = None
     if request.HasField("due_at"):
-        due_at = request.due_at.ToMilliseconds()
+        try:
+            due_at = request.due_at.ToMilliseconds()
+        except ValueError as exc:  # outside what a Timestamp may hold (year 1..9999, valid nanos)
+            raise InvalidInput("invalid_value", "due_at is not a valid time", {"field": "due_at"}) from exc
         if due_at <= 0:
             raise InvalidInput("invalid_value", "due_at must be a time after 1970", {"field": "due_at"})
     return DeliveryRequest(
@@ -234,6 +237,14 @@ def recipient_changes(before: list[str], after: list[str]) -> tuple[list[str], l
     """(added, removed): who gets a new item, whose item goes."""
     old, new = set(before), set(after)
     return [s for s in after if s not in old], [s for s in before if s not in new]
+
+
+def unfinished_removals(notice: dict | None, recipients: list[str], removed: list[str]) -> list[str]:
+    """Removals of a revision whose fan-out has not finished (a crash): the revision written over it
+    must still take those items away, since its own recipient change no longer names them."""
+    if not notice or "fanout_pending_at" not in notice:
+        return []
+    return [s for s in notice.get("removed_ids") or [] if s not in recipients and s not in removed]
 
 
 def is_repeat(notice: dict | None, delivery_key: str | None) -> bool:
@@ -449,6 +460,7 @@ class Delivery(Feature):
         at = now_ms()
         before = list((notice or {}).get("recipient_ids") or [])
         added, removed = recipient_changes(before, recipients)
+        removed = [*removed, *unfinished_removals(notice, recipients, removed)]
         fields = {
             "agency_id": agency_id,
             "producer": producer,

@@ -212,20 +212,21 @@ class Signatures(Feature):
             guard = {"_id": {"$eq": request_id}, "version": {"$eq": doc["version"]}}
             if self.requests.update_one(guard, update).matched_count:
                 doc = {**doc, "signers": {**doc["signers"], signer: entry}, "version": doc["version"] + 1}
-                self.sync(doc, answered_by=signer)
+                self.sync(doc)
                 log.info("signature request answered", extra={"staff_id": signer, "agency_id": caller.agency_id})
                 return self.view(caller, doc)
         raise Conflict("busy", "the request is being changed by another response; try again")
 
     # --- board items ----------------------------------------------------------------------------------
-    def sync(self, doc: dict, answered_by: str | None = None) -> None:
+    def sync(self, doc: dict) -> None:
         """Make the request's board items show its state at `doc["version"]` (repeatable), then clear
         the repair marker unless the request changed meanwhile.
 
         The request items are inserted until placed once; after that they are only patched, so one
-        its owner deleted stays deleted. Each answer adds an outcome item for the requester: right
-        after an answer only that signer's (so an outcome the requester deleted stays deleted); the
-        repair pass, which cannot know which answer was interrupted, places every answered one."""
+        its owner deleted stays deleted. Each answer adds an outcome item for the requester, also
+        until placed once (`outcomes_placed`): an outcome the requester deleted stays deleted, and
+        an answer whose sync was interrupted gets its outcome from whichever sync comes next, even
+        when a later answer already cleared the repair marker."""
         now = now_ms()
         store = self.components.store
         request_items = self._request_items(doc)
@@ -234,10 +235,12 @@ class Signatures(Feature):
             self.requests.update_one({"_id": {"$eq": doc["_id"]}}, {"$set": {"items_placed": now}})
         for item in request_items:
             store.change_item(item["_id"], lambda it: status_patch(it, doc, now))
-        answered = [sid for sid in doc["signer_ids"] if doc["signers"][sid].get("responded_at")]
-        if answered_by is not None:
-            answered = [sid for sid in answered if sid == answered_by]
-        store.insert_board_items(_with_events([self._outcome_item(doc, sid) for sid in answered]))
+        placed = doc.get("outcomes_placed") or {}
+        answered = [sid for sid in doc["signer_ids"] if doc["signers"][sid].get("responded_at") and sid not in placed]
+        if answered:
+            store.insert_board_items(_with_events([self._outcome_item(doc, sid) for sid in answered]))
+            marks = {f"outcomes_placed.{sid}": now for sid in answered}
+            self.requests.update_one({"_id": {"$eq": doc["_id"]}}, {"$set": marks})
         self.requests.update_one(
             {"_id": {"$eq": doc["_id"]}, "version": {"$eq": doc["version"]}}, {"$unset": {"sync_pending_at": ""}}
         )

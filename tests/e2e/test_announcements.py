@@ -209,6 +209,7 @@ def count(inbox_db) -> int:
         ({"title": "t", "body": "b", "expires_at": "next tuesday"}, "invalid_value"),
         ({"title": "t", "body": "b", "expires_at": "2020-01-01T00:00:00Z"}, "invalid_value"),
         ({"title": "t", "body": "b", "expires_at": "2999-01-01T00:00:00"}, "invalid_value"),
+        ({"title": "t", "body": "b", "expires_at": "9999-12-31T23:59:59-01:00"}, "invalid_value"),
         ({"title": "t", "body": "b", "acknowledgement_required": "yes"}, "invalid_type"),
         ({"title": "t", "body": "b", "$where": "1"}, "unknown_field"),
         ({"body": "b"}, "missing_field"),

@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pika
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.bus import Publisher, Topology
@@ -146,6 +147,7 @@ def test_a_producer_delivers_only_its_own_kinds(inbox_stub, service_token, kim):
         ({"links": [inbox_pb2.ActionLink(label="Open", url="javascript:alert(1)")]}, "invalid_link"),
         ({"recipients": inbox_pb2.Recipients(staff_ids=["stf_lakeside_admin"])}, "unknown_recipients"),
         ({"kind": inbox_pb2.DELIVERED_KIND_UNSPECIFIED}, "invalid_kind"),
+        ({"due_at": Timestamp(seconds=10**15)}, "invalid_value"),
     ],
 )
 def test_bad_input_is_invalid_argument_with_its_code(inbox_stub, service_token, kim, overrides, code):

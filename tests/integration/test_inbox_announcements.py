@@ -8,7 +8,7 @@ from clinic.inbox.v1 import inbox_pb2
 from services.inbox import announcements as ann
 from services.inbox import domain, store
 from services.kit.auth import current_identity
-from services.kit.errors import Conflict, Forbidden, NotFound
+from services.kit.errors import Conflict, Forbidden, InvalidInput, NotFound
 from services.kit.events import decode_envelope, unpack
 from services.kit.mongo import now_ms
 from tests.integration.inbox_fixtures import staff
@@ -197,3 +197,14 @@ def test_listing_pages_newest_first(inbox, feature):
         if not cursor:
             break
     assert seen == list(reversed(ids))
+
+
+def test_an_expiry_beyond_the_supported_years_is_refused(inbox, feature):
+    """A far-future expiry (year 10000 once in UTC) would break every listing that shows it."""
+    for far in ("9999-12-31T23:59:59-01:00", "2100-01-01T00:00:00Z"):
+        with pytest.raises(InvalidInput) as caught:
+            ann.parse_expiry(far, now_ms())
+        assert (caught.value.code, caught.value.details) == ("invalid_value", {"field": "expires_at"})
+    latest = ann.parse_expiry("2099-12-31T23:59:59-14:00", now_ms())
+    posted = feature.post(admin(), "Long-lived", "Stays a while", expires_at=latest)
+    assert posted["expires_at"] == "2100-01-01T13:59:59.000Z"

@@ -327,3 +327,29 @@ def test_an_interrupted_delivery_is_finished_and_its_events_published(place, eve
     event = delivered["stf_a"]
     assert event.item_id == lab_items(components, "stf_a")[0]["id"] and event.agency_id == AGENCY
     assert event.board_kind == domain.FOLDER_LAB and event.created and event.severity == inbox_pb2.SEVERITY_INFO
+
+
+@pytest.mark.parametrize(
+    "newer",
+    [
+        {"title": "Lab result corrected"},
+        {"withdrawn": True, "title": "", "recipients": inbox_pb2.Recipients()},
+    ],
+)
+def test_a_recipient_removed_by_an_interrupted_update_loses_the_item_after_a_newer_one(place, monkeypatch, newer):
+    """The process dies after writing an update that removes stf_a; the next update (with the same
+    recipients, or a withdrawal) still takes stf_a's item away."""
+    components, feature, _ = place
+    deliver(feature, request())
+    real_fan_out = feature._fan_out
+
+    def crash(_notice):
+        raise RuntimeError("process died")
+
+    monkeypatch.setattr(feature, "_fan_out", crash)
+    with pytest.raises(RuntimeError):
+        deliver(feature, request(recipients=inbox_pb2.Recipients(staff_ids=["stf_b"])))
+    monkeypatch.setattr(feature, "_fan_out", real_fan_out)
+    overrides = {"recipients": inbox_pb2.Recipients(staff_ids=["stf_b"]), **newer}
+    assert deliver(feature, request(**overrides)).applied
+    assert lab_items(components, "stf_a") == [] and counts(components, "stf_a") == (0, 0)

@@ -274,3 +274,35 @@ def test_an_older_version_never_overwrites_a_newer_status():
     patch = status_patch(item, newer, 10)
     assert patch["status"] == "declined" and patch["resolved_at"] == 10 and patch["my_response"] == "declined"
     assert patch["read_at"] == 10 and patch["unread_board"] is None
+
+
+def outcome_titles(components) -> list[str]:
+    items = folder_items(components, REQUESTER)
+    return sorted(i["title"] for i in items if i["kind"] == domain.KIND_SIGNATURE_OUTCOME)
+
+
+def test_an_answer_interrupted_before_its_outcome_is_not_lost_when_another_signer_answers(inbox, signatures):
+    components, _ = inbox
+    made = request(signatures, signer_ids=("stf_kim", "stf_lee", "stf_by"))
+    signatures.sync = lambda doc: None  # the process stops right after Kim's answer
+    signatures.sign(KIM, made["id"], "ok")
+    del signatures.sync
+    signatures.sign(LEE, made["id"], "ok")
+    signatures.repair_pending(now_ms() + 1)
+    assert outcome_titles(components) == [
+        "Jordan Kim, RN signed: Treatment plan for J. Roe",
+        "Morgan Lee signed: Treatment plan for J. Roe",
+    ]
+
+
+def test_the_repair_pass_does_not_bring_back_an_outcome_the_requester_deleted(inbox, signatures):
+    components, _ = inbox
+    made = request(signatures, signer_ids=("stf_kim", "stf_lee", "stf_by"))
+    signatures.sign(KIM, made["id"], "ok")
+    [outcome] = [i for i in folder_items(components, REQUESTER) if i["kind"] == domain.KIND_SIGNATURE_OUTCOME]
+    components.board.delete(REQUESTER, outcome["id"])
+    signatures.sync = lambda doc: None  # the process stops right after Lee's answer
+    signatures.sign(LEE, made["id"], "ok")
+    del signatures.sync
+    assert signatures.repair_pending(now_ms() + 1) == 1
+    assert outcome_titles(components) == ["Morgan Lee signed: Treatment plan for J. Roe"]

@@ -296,3 +296,12 @@ def test_an_archived_item_stays_archived():
     patch = delivery.item_patch(item, notice(rev=2, severity="urgent"))
     assert patch["urgent_board"] == domain.owner_folder("agy_1", "stf_a", domain.FOLDER_ARCHIVE)
     assert "board" not in patch and "folder" not in patch
+
+
+@pytest.mark.parametrize(
+    "when",
+    [Timestamp(seconds=10**15), Timestamp(seconds=60, nanos=-1), Timestamp(seconds=60, nanos=2_000_000_000)],
+)
+def test_a_due_time_protobuf_cannot_represent_is_refused(when):
+    """Not an internal error: the caller sent it, so it is INVALID_ARGUMENT (and a parked event)."""
+    refused("invalid_value", due_at=when)
