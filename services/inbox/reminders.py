@@ -95,7 +95,7 @@ def due_patch(item: dict, now: int) -> dict | None:
         "due_pending_at": REMOVE,
         "read_at": None,
         "sent_at": due,
-        "sort_key": domain.sort_key(due, item["ref_id"]),
+        "sort_key": domain.sort_key(due, item["_id"]),
         "arrived_at": item.get("arrived_at") or due,
     }
 

@@ -252,7 +252,7 @@ def test_state_and_patches_follow_the_item():
     arrived = due_patch(pending, 1_000)
     assert arrived["board"] == domain.owner_folder(AGENCY, "stf_a", domain.FOLDER_REMINDERS)
     assert arrived["unread_board"] == arrived["board"] and arrived["urgent_board"] is None
-    assert arrived["sent_at"] == 1_000 and arrived["sort_key"] == domain.sort_key(1_000, "rem_1")
+    assert arrived["sent_at"] == 1_000 and arrived["sort_key"] == domain.sort_key(1_000, "itm_1")
 
     hidden = snooze_patch({**base, "board": "b"}, 5_000, 10)
     assert hidden["board"] is None and hidden["due_pending_at"] == 5_000
