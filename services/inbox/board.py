@@ -269,6 +269,8 @@ class Board:
 
     def archive(self, caller: Identity, item_id: str) -> dict:
         item = self.own_item(caller, item_id, "archive")
+        if not item.get("board"):
+            raise Conflict("not_on_board", "the item is not on the board yet (a reminder before its time)")
         changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, domain.FOLDER_ARCHIVE))
         if changed is None:
             raise NotFound("item_not_found", "no such item")

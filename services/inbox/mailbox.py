@@ -256,8 +256,9 @@ class Mailbox:
             lambda it: {"read_at": it.get("read_at") or now_ms(), "unread_board": None},
             lambda b, a: [event],
         )
-        item = changed[1] if changed else item
-        return self._view(caller, item, message, content)
+        if changed is None:  # deleted from the board meanwhile: nothing shown, so nothing to audit as read
+            raise audit.refuse(self.store, caller, message_id, "read")
+        return self._view(caller, changed[1], message, content)
 
     def _view(self, caller: Identity, item: dict, message: dict, content: dict) -> dict:
         summary = self.board.summary(caller, item)

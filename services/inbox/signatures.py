@@ -94,7 +94,8 @@ def check_may_respond(signers: dict[str, dict], signer_id: str) -> None:
 
 def status_patch(item: dict, doc: dict, now: int) -> dict | None:
     """Bring one request item in line with the request at `doc["version"]`; an older version never
-    overwrites a newer one, and a signer's own item turns read once they responded."""
+    overwrites a newer one, and a signer's own item turns read once they responded or the request
+    closed."""
     if item.get("kind") != domain.KIND_SIGNATURE_REQUEST or item.get("request_version", 0) >= doc["version"]:
         return None
     status = request_status(doc["signers"])
@@ -102,10 +103,13 @@ def status_patch(item: dict, doc: dict, now: int) -> dict | None:
     if status in CLOSED and not item.get("resolved_at"):
         patch["resolved_at"] = now
     mine = doc["signers"].get(item["owner_id"])
-    if mine and mine.get("responded_at"):
+    responded = bool(mine and mine.get("responded_at"))
+    if responded:
         patch["my_response"] = mine["outcome"]
-        if not item.get("read_at"):
-            patch |= {"read_at": now, "unread_board": None}
+    # Nothing is left to do for whoever answered, nor for anyone once the request is closed
+    # (declined, or complete): the item leaves the unread counts, as a resolved item does.
+    if (responded or status in CLOSED) and not item.get("read_at"):
+        patch |= {"read_at": now, "unread_board": None}
     return patch
 
 

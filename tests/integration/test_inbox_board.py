@@ -287,3 +287,22 @@ def test_a_forward_with_a_blank_note_is_sent_like_one_without(inbox):
     assert forwarded.status_code == 201, forwarded.get_json()
     body = components.mailbox.read(a, forwarded.get_json()["id"])["body"]
     assert body.startswith("---------- Forwarded message ----------") and body.endswith("Original text")
+
+
+def test_an_item_not_yet_on_the_board_cannot_be_archived(inbox):
+    components, _, b = two_staff(inbox)
+    hidden = domain.new_item(
+        agency_id=AGENCY,
+        owner_id="stf_b",
+        folder="reminders",
+        kind="reminder",
+        ref_id="rem_x",
+        at_ms=1,
+        unread=True,
+        visible=False,
+    )
+    components.store.insert_board_items([hidden])
+    with pytest.raises(Conflict) as caught:
+        components.board.archive(b, hidden["_id"])
+    assert caught.value.code == "not_on_board"
+    assert components.store.item(hidden["_id"])["folder"] is None

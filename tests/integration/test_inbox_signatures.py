@@ -223,6 +223,18 @@ def test_an_outcome_the_requester_deleted_stays_deleted_when_another_signer_answ
     assert [o["title"] for o in outcomes] == ["Morgan Lee declined: Treatment plan for J. Roe"]
 
 
+def test_a_declined_request_leaves_the_other_signers_unread_counts(inbox, signatures):
+    components, _ = inbox
+    made = request(signatures)
+    assert counts(components, KIM) == (1, 1)
+    signatures.decline(LEE, made["id"], "Not my patient.")
+    [kims] = folder_items(components, KIM)
+    assert kims["status"] == "declined" and kims["read"] is True
+    assert counts(components, KIM) == (0, 1)
+    with pytest.raises(Conflict):
+        signatures.sign(KIM, made["id"], "Too late.")
+
+
 def test_the_reading_pane_of_both_kinds_is_audited(inbox, signatures):
     components, _ = inbox
     made = request(signatures)
