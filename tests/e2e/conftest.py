@@ -102,6 +102,40 @@ def login(stack):
     return _login
 
 
+# Demo staff signed in once per session (see services/directory/demo.py).
+@pytest.fixture(scope="session")
+def admin(login):
+    """Riverbend's agency admin."""
+    return login("admin")
+
+
+@pytest.fixture(scope="session")
+def reyes(login):
+    return login("dr.reyes")
+
+
+@pytest.fixture(scope="session")
+def kim(login):
+    return login("nurse.kim")
+
+
+@pytest.fixture(scope="session")
+def chen(login):
+    return login("dr.chen")
+
+
+@pytest.fixture(scope="session")
+def wilson(login):
+    """A member of the intake team."""
+    return login("intake.wilson")
+
+
+@pytest.fixture(scope="session")
+def outsider(login):
+    """The admin of another agency (Lakeside)."""
+    return login("lakeside.admin")
+
+
 @pytest.fixture(scope="session")
 def directory_target(stack) -> str:
     """directory's gRPC address in the stack."""

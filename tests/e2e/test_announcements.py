@@ -15,26 +15,6 @@ URL = "/api/v1/announcements"
 
 
 @pytest.fixture(scope="module")
-def admin(login):
-    return login("admin")
-
-
-@pytest.fixture(scope="module")
-def reyes(login):
-    return login("dr.reyes")
-
-
-@pytest.fixture(scope="module")
-def kim(login):
-    return login("nurse.kim")
-
-
-@pytest.fixture(scope="module")
-def outsider(login):
-    return login("lakeside.admin")
-
-
-@pytest.fixture(scope="module")
 def inbox_db(stack, mongo_client):
     return mongo_client[f"{stack.db_prefix}inbox"]
 

@@ -22,31 +22,6 @@ INTAKE_MEMBERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reyes(login):
-    return login("dr.reyes")
-
-
-@pytest.fixture(scope="module")
-def kim(login):
-    return login("nurse.kim")
-
-
-@pytest.fixture(scope="module")
-def chen(login):
-    return login("dr.chen")
-
-
-@pytest.fixture(scope="module")
-def wilson(login):
-    return login("intake.wilson")
-
-
-@pytest.fixture(scope="module")
-def outsider(login):
-    return login("lakeside.admin")
-
-
 def subject() -> str:
     return f"Board check {uuid.uuid4().hex[:8]}"
 

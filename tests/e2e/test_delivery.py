@@ -41,11 +41,6 @@ def service_token(directory_target, service_secret):
         tokens.close()
 
 
-@pytest.fixture(scope="module")
-def kim(login):
-    return login("nurse.kim")
-
-
 def auth(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 

@@ -15,28 +15,8 @@ from tests.e2e.conftest import wait_until
 
 
 @pytest.fixture(scope="module")
-def reyes(login):
-    return login("dr.reyes")
-
-
-@pytest.fixture(scope="module")
-def kim(login):
-    return login("nurse.kim")
-
-
-@pytest.fixture(scope="module")
 def patel(login):
     return login("therapist.patel")
-
-
-@pytest.fixture(scope="module")
-def admin(login):
-    return login("admin")
-
-
-@pytest.fixture(scope="module")
-def outsider(login):
-    return login("lakeside.admin")
 
 
 def iso_in(seconds: float) -> str:
