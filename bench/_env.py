@@ -39,6 +39,29 @@ def embedded_mongo() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@contextmanager
+def running_stack(name: str):
+    """The whole system as `make run` starts it, on free ports, in a temporary folder and a private
+    vhost, with the rate limit out of the way of a benchmark; stopped afterwards."""
+    from services.launcher import Ports, Stack, StackConfig
+
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp, private_vhost() as amqp_url:
+        stack = Stack(
+            StackConfig(
+                run_dir=Path(tmp),
+                ports=Ports.free(),
+                amqp_url=amqp_url,
+                extra_env={"PASSWORD_HASH_PROFILE": "fast"},
+                gateway_env={"DECK_RATE_LIMIT_MINUTE": "1000000"},
+            )
+        )
+        try:
+            stack.start()
+            yield stack
+        finally:
+            stack.stop()
+
+
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import requests
 
-from bench._env import machine, private_vhost, write_report
+from bench._env import machine, running_stack, write_report
 from services.inbox import domain
 from services.inbox.board import Board
 from services.inbox.store import InboxStore
@@ -29,7 +27,7 @@ from services.kit.auth import Identity
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.mongo import database
 from services.kit.settings import Env, common_settings
-from services.launcher import Ports, Stack, StackConfig
+from services.launcher import Stack
 
 PASSWORD = "demo-Password-2026"
 BENCH_STAFF_PASSWORD = "bench-Password-2026"
@@ -298,22 +296,9 @@ def main() -> int:
     parser.add_argument("--replies", type=int, default=100)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="bench-board-") as tmp, private_vhost() as amqp_url:
-        stack = Stack(
-            StackConfig(
-                run_dir=Path(tmp),
-                ports=Ports.free(),
-                amqp_url=amqp_url,
-                extra_env={"PASSWORD_HASH_PROFILE": "fast"},
-                gateway_env={"DECK_RATE_LIMIT_MINUTE": "1000000"},
-            )
-        )
-        try:
-            stack.start()
-            results = tree_latency(stack, inbox_board(stack), args)
-            results.update(reply_latency(stack, args))
-        finally:
-            stack.stop()
+    with running_stack("board") as stack:
+        results = tree_latency(stack, inbox_board(stack), args)
+        results.update(reply_latency(stack, args))
     return 0 if report(results) else 1
 
 

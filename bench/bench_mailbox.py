@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import requests
 
-from bench._env import machine, private_vhost, write_report
+from bench._env import machine, running_stack, write_report
 from services.inbox import domain
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.mongo import database
 from services.kit.settings import Env, common_settings
-from services.launcher import Ports, Stack, StackConfig
+from services.launcher import Stack
 
 PASSWORD = "demo-Password-2026"
 
@@ -110,21 +108,8 @@ def main() -> int:
     parser.add_argument("--sends", type=int, default=300)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="bench-mailbox-") as tmp, private_vhost() as amqp_url:
-        stack = Stack(
-            StackConfig(
-                run_dir=Path(tmp),
-                ports=Ports.free(),
-                amqp_url=amqp_url,
-                extra_env={"PASSWORD_HASH_PROFILE": "fast"},
-                gateway_env={"DECK_RATE_LIMIT_MINUTE": "1000000"},
-            )
-        )
-        try:
-            stack.start()
-            results = run(stack, args)
-        finally:
-            stack.stop()
+    with running_stack("mailbox") as stack:
+        results = run(stack, args)
     return 0 if report(results) else 1
 
 
