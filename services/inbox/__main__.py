@@ -98,7 +98,7 @@ def main() -> int:
         [
             ServiceBinding(
                 inbox_pb2_grpc.add_InboxServiceServicer_to_server,
-                InboxServicer(mailbox, settings.max_subject_chars, settings.max_body_chars, delivery),
+                InboxServicer(mailbox, settings.max_subject_chars, settings.max_body_chars, delivery, directory),
                 inbox_pb2.DESCRIPTOR.services_by_name["InboxService"].full_name,
             )
         ],

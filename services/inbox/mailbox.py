@@ -41,6 +41,7 @@ class SendResult:
     message_id: str
     recipient_ids: list[str]
     created: bool
+    thread_id: str = ""
 
 
 class Mailbox:
@@ -50,7 +51,8 @@ class Mailbox:
         self.resolve = resolve  # Callable[[Addressing], Resolution]
         self.board = board or Board(store, cipher)
         # Replies to a message of another kind (a patient-portal message) are handled by its module:
-        # kind -> reply(caller, original_message, body, links, priority, idempotency_key) -> SendResult.
+        # kind -> reply(caller, original_message, body, links, priority, idempotency_key, *, auto_reply)
+        # -> SendResult.
         self.reply_handlers: dict = {}
 
     # --- send -------------------------------------------------------------
@@ -71,7 +73,9 @@ class Mailbox:
         if idempotency_key:
             # A retry is answered from what was stored, before any call to directory.
             key_digest = domain.digest(caller.agency_id, caller.staff_id, idempotency_key)
-            draft_digest = domain.digest(domain.draft_digest(draft), thread_id or "", in_reply_to or "")
+            draft_digest = domain.digest(
+                domain.draft_digest(draft), thread_id or "", in_reply_to or "", *(["auto"] if auto_reply else [])
+            )
             claimed = self.store.idempotency_record(key_digest)
             if claimed is not None:
                 replay = self._replay(claimed, draft_digest)
@@ -108,7 +112,7 @@ class Mailbox:
                 "recipients": len(recipients),
             },
         )
-        return SendResult(message_id, recipients, created=True)
+        return SendResult(message_id, recipients, created=True, thread_id=doc["thread_id"])
 
     def _replay(self, claimed: dict, draft_digest: str) -> SendResult | None:
         """The earlier send under this key, if its message exists; a different draft is a conflict."""
@@ -119,7 +123,7 @@ class Mailbox:
 
     def _existing(self, message: dict) -> SendResult:
         self.complete_fanout(message)
-        return SendResult(message["_id"], message["recipient_ids"], created=False)
+        return SendResult(message["_id"], message["recipient_ids"], created=False, thread_id=message["thread_id"])
 
     def compose(
         self,
@@ -350,7 +354,7 @@ class Mailbox:
         if handler is not None:
             if reply_all:
                 raise Conflict("reply_all_not_allowed", "Reply All is not available for this message; use Reply")
-            return handler(caller, original, body, links, priority, idempotency_key)
+            return handler(caller, original, body, links, priority, idempotency_key, auto_reply=auto_reply)
         subject = self.cipher.open(caller.agency_id, original["_id"], "subject", original["subject"])
         if reply_all:
             addressing = domain.reply_all_addressing(original, caller.staff_id)

@@ -386,9 +386,12 @@ class Portal(Feature):
         links: tuple[str, ...],
         priority: str,
         idempotency_key: str | None,
+        *,
+        auto_reply: bool = False,
     ) -> SendResult:
         """Reply to a portal message: to the patient only, in the same thread. The replier gets a Sent
-        item; nobody gets a board item (the patient reads it through the portal)."""
+        item; nobody gets a board item (the patient reads it through the portal). `auto_reply` marks a
+        Patient Auto-Reply."""
         thread = self._thread(original["thread_id"])
         if thread is None or thread["agency_id"] != caller.agency_id:
             raise audit.refuse(self.components.store, caller, original["_id"], "reply")
@@ -397,7 +400,9 @@ class Portal(Feature):
         key_digest = draft_digest = None
         if idempotency_key:
             key_digest = domain.digest(caller.agency_id, caller.staff_id, idempotency_key)
-            draft_digest = domain.text_digest("portal-reply", original["_id"], body, priority, list(links))
+            draft_digest = domain.text_digest(
+                "portal-reply", original["_id"], body, priority, list(links), int(auto_reply)
+            )
             claimed = store.claim_idempotency_key(key_digest, message_id, draft_digest)
             if claimed["draft"] != draft_digest:
                 raise Conflict("idempotency_key_reused", "this Idempotency-Key was used for a different message")
@@ -405,11 +410,12 @@ class Portal(Feature):
             existing = store.message(message_id)
             if existing is not None:
                 self.components.mailbox.complete_fanout(existing)
-                return SendResult(message_id, [], created=False)
+                return SendResult(message_id, [], created=False, thread_id=existing["thread_id"])
         subject = domain.prefixed_subject("Re:", self._thread_subject(thread))
         doc = self._staff_message(
             caller, thread, original, message_id, subject=subject, body=body, links=links, priority=priority
         )
+        doc["auto_reply"] = int(auto_reply)
         created = store.insert_message(doc)
         self.components.mailbox.complete_fanout(doc if created else store.message(message_id))
         self._touch_thread(thread["_id"], doc["sent_at"], caller.staff_id)
@@ -417,7 +423,7 @@ class Portal(Feature):
             "portal reply sent",
             extra={"message_id": message_id, "agency_id": caller.agency_id, "staff_id": caller.staff_id},
         )
-        return SendResult(message_id, [], created=created)
+        return SendResult(message_id, [], created=created, thread_id=thread["_id"])
 
     def _staff_message(
         self,

@@ -10,6 +10,8 @@ import grpc
 import pytest
 import requests
 
+from clinic.inbox.v1 import inbox_pb2_grpc
+from services.kit.service_identity import ServiceTokens
 from services.launcher import Ports, Stack, StackConfig
 
 DEMO_PASSWORD = "demo-Password-2026"
@@ -157,6 +159,34 @@ def service_secret(stack):
         return (stack.run_dir / "secrets" / f"service-{client_id}.secret").read_text().strip()
 
     return _secret
+
+
+@pytest.fixture(scope="session")
+def inbox_stub(stack):
+    """inbox's gRPC InboxService in the stack."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
+    yield inbox_pb2_grpc.InboxServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="session")
+def service_token(directory_target, service_secret):
+    """A registered service client's agency-scoped token, issued by directory (client credentials)."""
+    issued: list[ServiceTokens] = []
+
+    def _token(client_id: str, agency_id: str = "agy_riverbend") -> str:
+        tokens = ServiceTokens(directory_target, client_id, service_secret(client_id))
+        issued.append(tokens)
+        return tokens.token(agency_id)
+
+    yield _token
+    for tokens in issued:
+        tokens.close()
+
+
+def auth(token: str) -> list[tuple[str, str]]:
+    """gRPC metadata carrying a bearer token."""
+    return [("authorization", f"Bearer {token}")]
 
 
 def wait_until(condition, timeout: float = 5.0, interval: float = 0.05):

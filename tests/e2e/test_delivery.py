@@ -10,39 +10,12 @@ import pika
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
+from clinic.inbox.v1 import inbox_pb2
 from services.kit.bus import Publisher, Topology
 from services.kit.events import decode_envelope, new_envelope, unpack
-from services.kit.service_identity import ServiceTokens
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import auth, wait_until
 
 RIVERBEND = "agy_riverbend"
-
-
-@pytest.fixture(scope="module")
-def inbox_stub(stack):
-    channel = grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
-    yield inbox_pb2_grpc.InboxServiceStub(channel)
-    channel.close()
-
-
-@pytest.fixture(scope="module")
-def service_token(directory_target, service_secret):
-    """A producer's agency-scoped service token, issued by directory for its registered client."""
-    issued: list[ServiceTokens] = []
-
-    def _token(client_id: str, agency_id: str = RIVERBEND) -> str:
-        tokens = ServiceTokens(directory_target, client_id, service_secret(client_id))
-        issued.append(tokens)
-        return tokens.token(agency_id)
-
-    yield _token
-    for tokens in issued:
-        tokens.close()
-
-
-def auth(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
 
 
 def lab_request(staff_ids: list[str], **overrides) -> inbox_pb2.DeliverItemRequest:
