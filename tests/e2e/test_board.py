@@ -7,6 +7,7 @@ import uuid
 
 import pika
 import pytest
+import requests
 
 from clinic.audit.v1 import audit_pb2
 from services.kit.events import decode_envelope, unpack
@@ -258,3 +259,28 @@ def test_thread_and_reading_pane_reads_are_audited(reyes, kim, stack):
         assert wanted <= seen
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/board",
+        "/api/v1/board/items",
+        "/api/v1/labels",
+        "/api/v1/threads/msg_x",
+        "/api/v1/announcements",
+        "/api/v1/reminders",
+        "/api/v1/signature-requests",
+    ],
+)
+def test_every_board_route_needs_a_staff_token_at_the_gateway(stack, path):
+    reply = requests.get(f"{stack.gateway_url}{path}", timeout=10)
+    assert reply.status_code == 401 and reply.json()["message"] == "Unauthorized"
+
+
+def test_a_service_token_is_refused_on_staff_routes(stack, service_token):
+    # Past the gateway (the token is validly signed), inbox refuses it: a board belongs to a person.
+    reply = requests.get(
+        f"{stack.gateway_url}/api/v1/board", headers={"Authorization": f"Bearer {service_token('notifications')}"}
+    )
+    assert reply.status_code == 403 and reply.json()["code"] == "staff_only"
