@@ -47,6 +47,9 @@ def main() -> int:
     mongo.wait_until_ready(db)
     inbox_store = store.InboxStore(db)
     inbox_store.ensure_indexes()
+    migrated = inbox_store.migrate_legacy_items()
+    if migrated:
+        log.info("board items rewritten in the current shape", extra={"count": migrated})
     keyring = KeyRing(db, common.phi_master_keys, common.phi_master_key_id)
     keyring.ensure_indexes()
     directory = DirectoryClient(settings.directory_grpc_target)

@@ -34,6 +34,7 @@ COUNTERS = "board_counters"
 LABELS = "labels"
 LABEL_ITEMS = "label_items"
 PREFS = "board_prefs"
+MIGRATIONS = "migrations"
 REMOVE = object()  # in a patch: unset this field
 # Collections whose documents carry outbox events (the relay scans these).
 OUTBOX_COLLECTIONS = (MESSAGES, BOARD_ITEMS, ACCESS_DENIALS)
@@ -200,6 +201,29 @@ class InboxStore:
                 {"_id": {"$in": [label_entry_id(label_id, item_id) for label_id in before["labels"]]}}
             )
         return before
+
+    def migrate_legacy_items(self) -> int:
+        """Rewrite board items from before item kinds, versions and counters (ids
+        "<message>.<staff>.<folder>") in today's shape, counted, keeping their read state, and drop
+        the old ones. Runs once per database (a marker records it); replicas starting together
+        both finishing it is harmless (inserts are repeatable, deletes idempotent)."""
+        if self.db[MIGRATIONS].find_one({"_id": {"$eq": "board_items_v2"}}) is not None:
+            return 0
+        moved = 0
+        for old in list(self.board_items.find({"kind": {"$eq": None}}, projection={"_outbox": 0})):
+            message = self.message(old.get("message_id", ""))
+            if message is not None and old.get("folder") in domain.ITEM_FOLDERS:
+                item = domain.board_item(message, old["owner_id"], old["folder"])
+                if old.get("read_at"):
+                    item.update(read_at=old["read_at"], unread_board=None)
+                self.insert_board_items([item])
+            self.board_items.delete_one({"_id": {"$eq": old["_id"]}})
+            moved += 1
+        try:
+            self.db[MIGRATIONS].insert_one({"_id": "board_items_v2", "at": now_ms(), "moved": moved})
+        except DuplicateKeyError:
+            pass
+        return moved
 
     # --- counters -----------------------------------------------------------
     def apply_deltas(self, changes: list[tuple[dict, dict[str, int]]]) -> None:

@@ -306,3 +306,58 @@ def test_an_item_not_yet_on_the_board_cannot_be_archived(inbox):
         components.board.archive(b, hidden["_id"])
     assert caught.value.code == "not_on_board"
     assert components.store.item(hidden["_id"])["folder"] is None
+
+
+def test_items_from_before_counters_are_rewritten_once(inbox):
+    components, a, b = two_staff(inbox)
+    store = components.store
+    doc = components.mailbox.compose(
+        a, domain.Draft(domain.Addressing(staff_ids=("stf_b",)), "s", "b"), ["stf_b"], "msg_old1"
+    )
+    store.insert_message({k: v for k, v in doc.items() if k != "fanout_pending_at"})
+    legacy = {  # the shape items had when a board was only Messages and Sent
+        "agency_id": AGENCY,
+        "message_id": "msg_old1",
+        "thread_id": "msg_old1",
+        "sender_id": "stf_a",
+        "sender_name": "A",
+        "recipient_count": 1,
+        "priority": "normal",
+        "subject": doc["subject"],
+        "sent_at": doc["sent_at"],
+        "sort_key": domain.sort_key(doc["sent_at"], "msg_old1"),
+    }
+    store.board_items.insert_many(
+        [
+            {
+                **legacy,
+                "_id": "msg_old1.stf_b.messages",
+                "owner_id": "stf_b",
+                "folder": "messages",
+                "board": f"{AGENCY}|stf_b|messages",
+                "unread_board": f"{AGENCY}|stf_b|messages",
+                "read_at": None,
+            },
+            {
+                **legacy,
+                "_id": "msg_old1.stf_a.sent",
+                "owner_id": "stf_a",
+                "folder": "sent",
+                "board": f"{AGENCY}|stf_a|sent",
+                "unread_board": None,
+                "read_at": doc["sent_at"],
+            },
+        ]
+    )
+    assert store.migrate_legacy_items() == 2
+    assert store.migrate_legacy_items() == 0  # once
+    assert store.item("msg_old1.stf_b.messages") is None
+    assert folder(components.board.tree(b), "messages") == {
+        "id": "messages",
+        "name": "Messages",
+        "unread": 1,
+        "total": 1,
+    }
+    assert folder(components.board.tree(a), "sent")["total"] == 1
+    assert components.mailbox.read(b, "msg_old1")["body"] == "b"
+    assert folder(components.board.tree(b), "messages")["unread"] == 0
