@@ -415,7 +415,7 @@ class Board:
     @staticmethod
     def require_compose(caller: Identity, kind: str) -> None:
         if not domain.may_compose(caller.roles, kind):
-            raise Forbidden("compose_not_allowed", f"your roles do not allow composing a {kind.replace('_', ' ')}")
+            raise Forbidden("compose_not_allowed", f"your roles do not allow composing {kind.replace('_', ' ')}s")
 
 
 # --- patches (pure: item -> fields to change) -----------------------------------------------------
