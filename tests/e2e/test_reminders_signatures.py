@@ -77,7 +77,7 @@ def delivered_events(stack):
 def test_a_reminder_appears_when_due_and_can_be_snoozed_and_completed(reyes, delivered_events):
     unread, total = folder_counts(reyes, "reminders")
     text = unique("Call the client's pharmacy")
-    created = reyes.post("/api/v1/reminders", json={"text": text, "remind_at": iso_in(1)})
+    created = reyes.post("/api/v1/reminders", json={"text": text, "remind_at": iso_in(3)})
     assert created.status_code == 201, created.text
     reminder = created.json()
     assert reminder["state"] == "pending" and reminder["text"] == text
