@@ -6,7 +6,7 @@ import logging
 import sys
 
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
-from services.inbox import config, domain, store
+from services.inbox import config, store
 from services.inbox.announcements import Announcements
 from services.inbox.board import Board
 from services.inbox.components import Components
@@ -57,7 +57,6 @@ def main() -> int:
     board = Board(inbox_store, cipher)
     board.terminology = lambda caller: directory.agency_settings(caller.agency_id).patient_singular
     mailbox = Mailbox(inbox_store, cipher, directory.resolve, board)
-    board.details[domain.KIND_MESSAGE] = mailbox.detail
     service_tokens = ServiceTokens(settings.directory_grpc_target, credentials.client_id, credentials.secret)
     components = Components(settings, inbox_store, cipher, board, mailbox, directory, service_tokens)
     delivery = Delivery(components)

@@ -28,17 +28,13 @@ def accessed_event(
     resource_type: str = "message",
     action: str = "read",
     outcome: str = "allowed",
-    agency_id: str | None = None,
-    actor_id: str | None = None,
-    actor_kind: str | None = None,
 ) -> Envelope:
     accessed_at = Timestamp()
     accessed_at.GetCurrentTime()
-    agency = agency_id or caller.agency_id
     payload = audit_pb2.PhiAccessed(
-        agency_id=agency,
-        actor_id=actor_id or caller.subject,
-        actor_kind=actor_kind or caller.kind,
+        agency_id=caller.agency_id,
+        actor_id=caller.subject,
+        actor_kind=caller.kind,
         resource_type=resource_type,
         resource_id=resource_id,
         action=action,
@@ -47,7 +43,11 @@ def accessed_event(
         service=PRODUCER,
     )
     return new_envelope(
-        "phi.accessed.v1", payload, agency_id=agency, producer=PRODUCER, correlation_id=correlation_id_var.get()
+        "phi.accessed.v1",
+        payload,
+        agency_id=caller.agency_id,
+        producer=PRODUCER,
+        correlation_id=correlation_id_var.get(),
     )
 
 
@@ -57,7 +57,7 @@ def record_access(
     """A standalone access record (one document carrying its events) for reads that change no state;
     a list records several resources read at once (a thread) in one write."""
     events = event if isinstance(event, list) else [event]
-    store.record_denial(
+    store.record_access(
         {
             "_id": events[0].event_id,
             "agency_id": caller.agency_id,
@@ -68,6 +68,14 @@ def record_access(
             **outbox_fields(events),
         }
     )
+
+
+def record_read(
+    store: InboxStore, caller: Identity, resource_id: str, resource_type: str = "message", action: str = "read"
+) -> None:
+    """Record that `caller` was shown the content of one resource (a read that changes no state)."""
+    event = accessed_event(caller, resource_id, resource_type=resource_type, action=action)
+    record_access(store, event, resource_id, action, caller)
 
 
 def refuse(

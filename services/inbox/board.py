@@ -82,15 +82,7 @@ class Board:
             if total is not None:
                 entry["total"] = total
             folders.append(entry)
-        labels = [
-            {
-                "id": label["_id"],
-                "name": label["name"],
-                "unread": max(0, int(counters.get(domain.label_unread_field(label["_id"]), 0))),
-                "total": max(0, int(counters.get(domain.label_total_field(label["_id"]), 0))),
-            }
-            for label in self.store.owner_labels(owner)
-        ]
+        labels = self._labels(owner, counters)
         sections = {section: bool(prefs.get(f"x_{section}", 1)) for section in SECTION_IDS}
         return {
             "folders": folders,
@@ -116,8 +108,8 @@ class Board:
 
     # --- pages ----------------------------------------------------------------
     def page(self, caller: Identity, folder: str, filters: ItemFilter, cursor: str | None, limit: int) -> dict:
-        if folder not in domain.LISTABLE_FOLDERS:
-            raise InvalidInput("invalid_query", f"folder must be one of: {', '.join(domain.LISTABLE_FOLDERS)}")
+        if folder not in domain.ITEM_FOLDERS:
+            raise InvalidInput("invalid_query", f"folder must be one of: {', '.join(domain.ITEM_FOLDERS)}")
         before = domain.decode_cursor(cursor) if cursor else None
         board = domain.owner_folder(caller.agency_id, caller.staff_id, folder)
         if filters.label_id:
@@ -127,7 +119,7 @@ class Board:
             field_name = "urgent_board" if filters.urgent else "unread_board" if filters.unread else "board"
 
             def fetch(after, n):
-                return self.store.page(board, False, after, n, field=field_name)
+                return self.store.page(board, after, n, field=field_name)
 
         # A label listing is across folders only when asked for without a folder; with one, it is narrowed.
         narrow = None if filters.label_id and folder == domain.FOLDER_MESSAGES else folder
@@ -253,7 +245,7 @@ class Board:
         provider = self.details.get(item.get("kind", domain.KIND_MESSAGE))
         detail = provider(caller, item) if provider else {}
         if not item.get("read_at"):
-            changed = self.store.change_item(item["_id"], _read_patch)
+            changed = self.store.change_item(item["_id"], read_patch, current=item)
             item = changed[1] if changed else item
         return {**detail, **self.summary(caller, item)}
 
@@ -262,7 +254,7 @@ class Board:
         if not read and item.get("origin_folder") == domain.FOLDER_SENT:
             # Unread is a recipient's state (as for POST /messages/<id>/unread); Sent counts none.
             raise Conflict("not_received", "only a message you received can be marked unread")
-        changed = self.store.change_item(item["_id"], _read_patch if read else _unread_patch)
+        changed = self.store.change_item(item["_id"], read_patch if read else unread_patch, current=item)
         if changed is None:
             raise NotFound("item_not_found", "no such item")
         return self.summary(caller, changed[1])
@@ -271,7 +263,7 @@ class Board:
         item = self.own_item(caller, item_id, "archive")
         if not item.get("board"):
             raise Conflict("not_on_board", "the item is not on the board yet (a reminder before its time)")
-        changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, domain.FOLDER_ARCHIVE))
+        changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, domain.FOLDER_ARCHIVE), current=item)
         if changed is None:
             raise NotFound("item_not_found", "no such item")
         return self.summary(caller, changed[1])
@@ -280,7 +272,7 @@ class Board:
         item = self.own_item(caller, item_id, "restore")
         if item.get("folder") != domain.FOLDER_ARCHIVE:
             raise Conflict("not_archived", "the item is not in the archive")
-        changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, it.get("origin_folder")))
+        changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, it.get("origin_folder")), current=item)
         if changed is None:
             raise NotFound("item_not_found", "no such item")
         return self.summary(caller, changed[1])
@@ -295,7 +287,20 @@ class Board:
 
     # --- labels -------------------------------------------------------------------
     def labels(self, caller: Identity) -> list[dict]:
-        return self.tree(caller)["labels"]
+        owner = domain.owner_key(caller.agency_id, caller.staff_id)
+        return self._labels(owner, self.store.counter_doc(owner))
+
+    def _labels(self, owner: str, counters: dict) -> list[dict]:
+        """The owner's labels with their counts, by name."""
+        return [
+            {
+                "id": label["_id"],
+                "name": label["name"],
+                "unread": max(0, int(counters.get(domain.label_unread_field(label["_id"]), 0))),
+                "total": max(0, int(counters.get(domain.label_total_field(label["_id"]), 0))),
+            }
+            for label in self.store.owner_labels(owner)
+        ]
 
     def create_label(self, caller: Identity, raw_name: str) -> dict:
         name, key = domain.label_name(raw_name)
@@ -358,23 +363,12 @@ class Board:
             if label is None:
                 created = self.create_label(caller, name)
                 label = self._own_label(caller, created["id"])
-        self.store.add_label_entry(
-            label["_id"], domain.label_board(caller.agency_id, caller.staff_id, label["_id"]), item
-        )
-        changed = self.store.change_item(item["_id"], lambda it: _with_label(it, label["_id"]))
-        if changed is None:
-            self.store.remove_label_entry(label["_id"], item["_id"])
-            raise NotFound("item_not_found", "no such item")
-        return {**self.summary(caller, changed[1]), "label": {"id": label["_id"], "name": label["name"]}}
+        item = self._apply_label(caller, item, label)
+        return {**self.summary(caller, item), "label": {"id": label["_id"], "name": label["name"]}}
 
     def remove_label(self, caller: Identity, item_id: str, label_id: str) -> dict:
         item = self.own_item(caller, item_id, "unlabel")
-        label = self._own_label(caller, label_id)
-        if label["_id"] not in (item.get("labels") or {}):
-            raise NotFound("label_not_applied", "the item does not carry that label")
-        changed = self.store.change_item(item["_id"], lambda it: _without_label(it, label["_id"]))
-        self.store.remove_label_entry(label["_id"], item["_id"])
-        return self.summary(caller, changed[1] if changed else item)
+        return self.summary(caller, self._drop_label(item, self._own_label(caller, label_id)))
 
     def move_label(self, caller: Identity, item_id: str, from_label_id: str, to_label_id: str) -> dict:
         """Move a message from one label to another: the target is applied first, so it is never
@@ -386,8 +380,26 @@ class Board:
             raise NotFound("label_not_applied", "the item does not carry that label")
         if source["_id"] == target["_id"]:
             return self.summary(caller, item)
-        self.add_label(caller, item_id, target["_id"], None)
-        return self.remove_label(caller, item_id, source["_id"])
+        item = self._apply_label(caller, item, target)
+        return self.summary(caller, self._drop_label(item, source))
+
+    def _apply_label(self, caller: Identity, item: dict, label: dict) -> dict:
+        """The label's entry first (so a listing never misses the item), then the item; returns it."""
+        self.store.add_label_entry(
+            label["_id"], domain.label_board(caller.agency_id, caller.staff_id, label["_id"]), item
+        )
+        changed = self.store.change_item(item["_id"], lambda it: _with_label(it, label["_id"]), current=item)
+        if changed is None:
+            self.store.remove_label_entry(label["_id"], item["_id"])
+            raise NotFound("item_not_found", "no such item")
+        return changed[1]
+
+    def _drop_label(self, item: dict, label: dict) -> dict:
+        if label["_id"] not in (item.get("labels") or {}):
+            raise NotFound("label_not_applied", "the item does not carry that label")
+        changed = self.store.change_item(item["_id"], lambda it: _without_label(it, label["_id"]), current=item)
+        self.store.remove_label_entry(label["_id"], item["_id"])
+        return changed[1] if changed else item
 
     # --- recount (operations) ----------------------------------------------------------
     def recount(self, agency_id: str, owner_id: str) -> dict[str, int]:
@@ -421,13 +433,13 @@ class Board:
 # --- patches (pure: item -> fields to change) -----------------------------------------------------
 
 
-def _read_patch(item: dict) -> dict | None:
+def read_patch(item: dict) -> dict | None:
     if item.get("read_at"):
         return None
     return {"read_at": now_ms(), "unread_board": None}
 
 
-def _unread_patch(item: dict) -> dict | None:
+def unread_patch(item: dict) -> dict | None:
     if not item.get("read_at") and (item.get("unread_board") or not item.get("board")):
         return None
     return {"read_at": None, "unread_board": item.get("board")}
@@ -456,7 +468,3 @@ def _without_label(item: dict, label_id: str) -> dict | None:
     if labels.pop(label_id, None) is None:
         return None
     return {"labels": labels}
-
-
-read_patch = _read_patch
-unread_patch = _unread_patch

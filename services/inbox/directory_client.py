@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -36,7 +36,7 @@ class PortalPatient:
     patient_id: str
     agency_id: str
     portal_user_id: str
-    display_name: str  # PHI
+    display_name: str = field(repr=False)  # PHI: never in a repr
 
 
 SETTINGS_TTL_S = 60.0

@@ -9,6 +9,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, ROLE_PRESCRIBER, ROLE_STAFF
 from services.kit.errors import InvalidInput
 from services.kit.validation import ID_PATTERN
 
@@ -44,12 +45,10 @@ FOLDER_NAMES: dict[str, str] = {
 FOLDERS = tuple(FOLDER_NAMES)
 # Folders whose items are board items of the owner (announcements are stored once per agency).
 ITEM_FOLDERS = tuple(f for f in FOLDERS if f != FOLDER_ANNOUNCEMENTS)
-LISTABLE_FOLDERS = ITEM_FOLDERS
 # Kinds other services deliver through the delivery API, and the folder each lands in.
 DELIVERED_FOLDERS = (FOLDER_SCHEDULE, FOLDER_ERX, FOLDER_COMPLIANCE, FOLDER_LAB, FOLDER_CLOUD)
 
 PRIORITIES = ("normal", "urgent")
-SEVERITIES = ("info", "abnormal", "urgent")
 
 # What a board item is (its `kind`), independent of the folder it currently sits in.
 KIND_MESSAGE = "message"  # a staff message (received or sent)
@@ -58,6 +57,14 @@ KIND_NOTICE = "notice"  # delivered by another service
 KIND_REMINDER = "reminder"
 KIND_SIGNATURE_REQUEST = "signature_request"
 KIND_SIGNATURE_OUTCOME = "signature_outcome"
+ITEM_KINDS = (
+    KIND_MESSAGE,
+    KIND_PORTAL_MESSAGE,
+    KIND_NOTICE,
+    KIND_REMINDER,
+    KIND_SIGNATURE_REQUEST,
+    KIND_SIGNATURE_OUTCOME,
+)
 
 # Compose permissions: what each directory role may create. A user may compose the union over their roles.
 COMPOSE_MESSAGE = "message"
@@ -65,11 +72,12 @@ COMPOSE_REMINDER = "reminder"
 COMPOSE_SIGNATURE_REQUEST = "signature_request"
 COMPOSE_ANNOUNCEMENT = "announcement"
 COMPOSE_KINDS = (COMPOSE_MESSAGE, COMPOSE_REMINDER, COMPOSE_SIGNATURE_REQUEST, COMPOSE_ANNOUNCEMENT)
+_STAFF_COMPOSE = frozenset({COMPOSE_MESSAGE, COMPOSE_REMINDER, COMPOSE_SIGNATURE_REQUEST})
 ROLE_COMPOSE: dict[str, frozenset[str]] = {
-    "staff": frozenset({COMPOSE_MESSAGE, COMPOSE_REMINDER, COMPOSE_SIGNATURE_REQUEST}),
-    "prescriber": frozenset({COMPOSE_MESSAGE, COMPOSE_REMINDER, COMPOSE_SIGNATURE_REQUEST}),
-    "compliance_officer": frozenset({COMPOSE_MESSAGE, COMPOSE_REMINDER, COMPOSE_SIGNATURE_REQUEST}),
-    "admin": frozenset(COMPOSE_KINDS),
+    ROLE_STAFF: _STAFF_COMPOSE,
+    ROLE_PRESCRIBER: _STAFF_COMPOSE,
+    ROLE_COMPLIANCE_OFFICER: _STAFF_COMPOSE,
+    ROLE_ADMIN: frozenset(COMPOSE_KINDS),
 }
 
 

@@ -12,20 +12,16 @@ from clinic.directory.v1 import directory_pb2
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.inbox import domain
 from services.inbox.mailbox import Mailbox
-from services.inbox.schemas import IDEMPOTENCY_KEY, PRIORITY_TO_PB, draft_from, reply_spec, send_spec
-from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
-from services.kit.errors import Forbidden, InvalidInput, Unavailable
+from services.inbox.schemas import IDEMPOTENCY_KEY, PRIORITY_TO_PB, draft_from, reply_spec, require_body, send_spec
+from services.kit.auth import KIND_SERVICE, KIND_STAFF, ROLES, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
+from services.kit.errors import Forbidden, InvalidInput
 from services.kit.validation import Id, validate
 
 PRIORITY_NAMES = {pb: name for name, pb in PRIORITY_TO_PB.items()} | {inbox_pb2.PRIORITY_UNSPECIFIED: "normal"}
 # Services that may send as a staff member of their token's agency, and mark messages automatic.
 SEND_AS_SERVICES = frozenset({"auto-reply"})
-ROLE_NAMES = {
-    directory_pb2.ROLE_STAFF: "staff",
-    directory_pb2.ROLE_ADMIN: "admin",
-    directory_pb2.ROLE_COMPLIANCE_OFFICER: "compliance_officer",
-    directory_pb2.ROLE_PRESCRIBER: "prescriber",
-}
+# directory's Role enum (ROLE_STAFF, ...) -> the role names tokens carry.
+ROLE_NAMES = {directory_pb2.Role.Value(f"ROLE_{role.upper()}"): role for role in ROLES}
 
 
 def may_send_as_staff(caller: Identity) -> bool:
@@ -33,7 +29,7 @@ def may_send_as_staff(caller: Identity) -> bool:
 
 
 class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
-    def __init__(self, mailbox: Mailbox, max_subject: int, max_body: int, delivery=None, directory=None):
+    def __init__(self, mailbox: Mailbox, max_subject: int, max_body: int, delivery, directory):
         self.mailbox = mailbox
         self.delivery = delivery
         self.directory = directory
@@ -46,7 +42,7 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
         caller = agency_caller()
         sender = self._sender(caller, request)
         key = IDEMPOTENCY_KEY.clean("idempotency_key", request.idempotency_key) if request.idempotency_key else None
-        if sender.kind == "staff" and not domain.may_compose(sender.roles, domain.COMPOSE_MESSAGE):
+        if sender.kind == KIND_STAFF and not domain.may_compose(sender.roles, domain.COMPOSE_MESSAGE):
             raise Forbidden("compose_not_allowed", "the sender's roles do not allow composing a message")
         if request.in_reply_to_message_id:
             result = self._reply(sender, request, key)
@@ -80,8 +76,6 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
         if not named or named == caller.subject:
             return caller
         Id().clean("sender_staff_id", named)
-        if self.directory is None:
-            raise Unavailable("directory_unavailable", "staff cannot be looked up")
         found, _missing = self.directory.staff([named])
         member = next((m for m in found if m.staff_id == named and m.active), None)
         if member is None:
@@ -90,7 +84,7 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
             subject=member.staff_id,
             agency_id=caller.agency_id,
             roles=frozenset(ROLE_NAMES[r] for r in member.roles if r in ROLE_NAMES),
-            kind="staff",
+            kind=KIND_STAFF,
             name=member.display_name,
         )
 
@@ -102,8 +96,7 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
             {"body": request.body, "priority": PRIORITY_NAMES[request.priority], "links": list(request.links)},
             self.replies,
         )
-        if not fields["body"].strip():
-            raise InvalidInput("invalid_value", "body must not be empty", {"field": "body"})
+        require_body(fields)
         return self.mailbox.reply(
             sender,
             message_id,
@@ -115,6 +108,4 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
         )
 
     def DeliverItem(self, request: inbox_pb2.DeliverItemRequest, context) -> inbox_pb2.DeliverItemResponse:  # noqa: N802
-        if self.delivery is None or not hasattr(self.delivery, "deliver_grpc"):
-            raise Unavailable("delivery_unavailable", "item delivery is not available")
         return self.delivery.deliver_grpc(request)

@@ -17,10 +17,11 @@ from flask import Blueprint, Flask, g, request
 from services.inbox import domain
 from services.inbox.board import ItemFilter
 from services.inbox.components import Components
-from services.inbox.schemas import IDEMPOTENCY_KEY, draft_from, reply_spec, send_spec
+from services.inbox.schemas import IDEMPOTENCY_KEY, addressing_from, draft_from, reply_spec, require_body, send_spec
+from services.kit.auth import KIND_STAFF
 from services.kit.errors import Forbidden, InvalidInput
 from services.kit.http import create_app, require_auth
-from services.kit.validation import Bool, Id, Str, json_body, path_id, query_bool, query_int, validate
+from services.kit.validation import ID_PATTERN, Bool, Id, Str, json_body, path_id, query_bool, query_int, validate
 
 
 def staff_only(view):
@@ -29,7 +30,7 @@ def staff_only(view):
     @require_auth
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
-        if g.identity.kind != "staff":
+        if g.identity.kind != KIND_STAFF:
             raise Forbidden("staff_only", "this route serves staff members")
         return view(*args, **kwargs)
 
@@ -49,7 +50,7 @@ def only_query(*allowed: str) -> None:
 
 def sent(result) -> tuple[dict, int]:
     body = {"id": result.message_id, "recipient_ids": result.recipient_ids}
-    if getattr(result, "thread_id", None):
+    if result.thread_id:
         body["thread_id"] = result.thread_id
     return body, 201 if result.created else 200
 
@@ -61,8 +62,8 @@ def build_app(components: Components, verifier) -> Flask:
     app = create_app("inbox", verifier, max_body_bytes=settings.max_request_bytes)
     spec = send_spec(settings.max_subject_chars, settings.max_body_chars)
     replies = reply_spec(settings.max_body_chars)
-    forward_spec = {**send_spec(settings.max_subject_chars, settings.max_body_chars)}
-    forward_spec.pop("subject")
+    # A forward's addressing is a new message's; its body is an optional note above the quote.
+    forward_spec = {name: field for name, field in spec.items() if name != "subject"}
     forward_spec["body"] = Str(max_len=settings.max_body_chars, strip=False, required=False, min_len=0)
 
     messages = Blueprint("messages", __name__, url_prefix="/api/v1/messages")
@@ -103,8 +104,7 @@ def build_app(components: Components, verifier) -> Flask:
         board.require_compose(g.identity, domain.COMPOSE_MESSAGE)
         message_id = path_id(message_id, "message")
         fields = validate(json_body(), replies)
-        if not fields["body"].strip():
-            raise InvalidInput("invalid_value", "body must not be empty", {"field": "body"})
+        require_body(fields)
         result = mailbox.reply(
             g.identity,
             message_id,
@@ -132,15 +132,13 @@ def build_app(components: Components, verifier) -> Flask:
         board.require_compose(g.identity, domain.COMPOSE_MESSAGE)
         message_id = path_id(message_id, "message")
         fields = validate(json_body(), forward_spec)
-        # Only the addressing, links and priority are taken from here: the note may be blank.
-        draft = draft_from({**fields, "subject": "-", "body": "-"})
         result = mailbox.forward(
             g.identity,
             message_id,
-            addressing=draft.addressing,
+            addressing=addressing_from(fields),
             note=fields.get("body", ""),
-            links=draft.links,
-            priority=draft.priority,
+            links=tuple(fields.get("links", ())),
+            priority=fields.get("priority", "normal"),
             idempotency_key=idempotency_key(),
             max_body=settings.max_body_chars,
         )
@@ -175,11 +173,11 @@ def build_app(components: Components, verifier) -> Flask:
     def items():
         only_query("folder", "unread", "urgent", "label", "kind", "cursor", "limit")
         label = request.args.get("label") or None
-        if label is not None and not Id().pattern.fullmatch(label):
+        if label is not None and not ID_PATTERN.fullmatch(label):
             raise InvalidInput("invalid_query", "label is not a label id")
         kind = request.args.get("kind") or None
-        if kind is not None and kind not in ITEM_KINDS:
-            raise InvalidInput("invalid_query", f"kind must be one of: {', '.join(ITEM_KINDS)}")
+        if kind is not None and kind not in domain.ITEM_KINDS:
+            raise InvalidInput("invalid_query", f"kind must be one of: {', '.join(domain.ITEM_KINDS)}")
         filters = ItemFilter(unread=query_bool("unread"), urgent=query_bool("urgent"), label_id=label, kind=kind)
         return board.page(
             g.identity,
@@ -280,13 +278,3 @@ def build_app(components: Components, verifier) -> Flask:
         if blueprint is not None:
             app.register_blueprint(blueprint)
     return app
-
-
-ITEM_KINDS = (
-    domain.KIND_MESSAGE,
-    domain.KIND_PORTAL_MESSAGE,
-    domain.KIND_NOTICE,
-    domain.KIND_REMINDER,
-    domain.KIND_SIGNATURE_REQUEST,
-    domain.KIND_SIGNATURE_OUTCOME,
-)

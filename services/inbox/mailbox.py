@@ -14,21 +14,21 @@ import threading
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pymongo.errors import PyMongoError
 
 from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
-from services.inbox.board import Board, iso
+from services.inbox.board import Board, ItemFilter, iso, unread_patch
 from services.inbox.directory_client import Resolution
 from services.inbox.schemas import PRIORITY_TO_PB
 from services.inbox.store import InboxStore
 from services.kit.auth import Identity
 from services.kit.crypto import PhiCipher
 from services.kit.errors import Conflict, InvalidInput
-from services.kit.events import failure_summary, new_envelope
+from services.kit.events import new_envelope
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import now_ms
 from services.kit.outbox import outbox_fields
+from services.kit.runtime import every
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Mailbox:
         # kind -> reply(caller, original_message, body, links, priority, idempotency_key, *, auto_reply)
         # -> SendResult.
         self.reply_handlers: dict = {}
+        self.board.details[domain.KIND_MESSAGE] = self.detail
 
     # --- send -------------------------------------------------------------
     def send(
@@ -78,9 +79,9 @@ class Mailbox:
             )
             claimed = self.store.idempotency_record(key_digest)
             if claimed is not None:
-                replay = self._replay(claimed, draft_digest)
+                replay = self.replay(claimed, draft_digest)
                 if replay is not None:
-                    return replay
+                    return self._existing(replay)
                 message_id = claimed["message_id"]  # claimed, then interrupted before the message was written
         resolution: Resolution = self.resolve(draft.addressing)
         if resolution.missing_staff_ids or resolution.missing_team_ids:
@@ -92,16 +93,18 @@ class Mailbox:
         recipients = domain.final_recipients(resolution.staff_ids, draft.addressing, caller.staff_id)
         if key_digest is not None:
             claimed = self.store.claim_idempotency_key(key_digest, message_id, draft_digest)
-            replay = self._replay(claimed, draft_digest)
+            replay = self.replay(claimed, draft_digest)
             if replay is not None:
-                return replay
+                return self._existing(replay)
             message_id = claimed["message_id"]
 
         doc = self.compose(
             caller, draft, recipients, message_id, thread_id=thread_id, in_reply_to=in_reply_to, auto_reply=auto_reply
         )
         if not self.store.insert_message(doc):  # a concurrent retry wrote it first
-            return self._existing(self.store.message(message_id))
+            existing = self.store.message(message_id)
+            self.complete_fanout(existing)
+            return self._existing(existing)
         self.complete_fanout(doc)
         log.info(
             "message sent",
@@ -114,15 +117,18 @@ class Mailbox:
         )
         return SendResult(message_id, recipients, created=True, thread_id=doc["thread_id"])
 
-    def _replay(self, claimed: dict, draft_digest: str) -> SendResult | None:
-        """The earlier send under this key, if its message exists; a different draft is a conflict."""
+    def replay(self, claimed: dict, draft_digest: str) -> dict | None:
+        """The message an earlier send under this idempotency key wrote (its fan-out finished), or
+        None when that send was interrupted before writing it; a different draft is a conflict."""
         if claimed["draft"] != draft_digest:
             raise Conflict("idempotency_key_reused", "this Idempotency-Key was used for a different message")
         existing = self.store.message(claimed["message_id"])
-        return self._existing(existing) if existing is not None else None
+        if existing is not None:
+            self.complete_fanout(existing)
+        return existing
 
-    def _existing(self, message: dict) -> SendResult:
-        self.complete_fanout(message)
+    @staticmethod
+    def _existing(message: dict) -> SendResult:
         return SendResult(message["_id"], message["recipient_ids"], created=False, thread_id=message["thread_id"])
 
     def compose(
@@ -135,8 +141,11 @@ class Mailbox:
         thread_id: str | None = None,
         in_reply_to: str | None = None,
         auto_reply: bool = False,
+        extra: dict | None = None,
     ) -> dict:
-        """The message document: encrypted content, recipients and the held delivery events."""
+        """The message document: encrypted content, recipients and the held delivery events.
+        `extra` sets or overrides fields before the events are built (a portal message's kind,
+        sender, patient and folder)."""
         sent_at = now_ms()
         agency = caller.agency_id
         doc = {
@@ -160,6 +169,7 @@ class Mailbox:
             "links": self.cipher.seal(agency, message_id, "links", json.dumps(list(draft.links))),
             "sent_at": sent_at,
             "fanout_pending_at": sent_at,
+            **(extra or {}),
         }
         doc.update(outbox_fields([self.delivered_event(doc, staff_id) for staff_id in recipients], ready=False))
         return doc
@@ -199,26 +209,20 @@ class Mailbox:
         items = [domain.board_item(doc, staff_id, folder) for staff_id in doc["recipient_ids"]]
         if doc.get("sender_kind", "staff") == "staff":
             items.append(domain.board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
-        for start in range(0, len(items), 1000):
-            self.store.insert_board_items(items[start : start + 1000])
+        self.store.insert_board_items(items)
         self.store.finish_fanout(doc["_id"])
 
     def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
         """Finish sends interrupted between the message write and the board items."""
-        while not stop.wait(interval_s):
-            try:
-                for doc in self.store.pending_fanouts(now_ms() - FANOUT_REPAIR_AFTER_MS):
-                    self.complete_fanout(doc)
-                    log.info("finished interrupted fan-out", extra={"message_id": doc["_id"]})
-            except PyMongoError as exc:  # a failover or outage: the next pass tries again
-                log.warning(
-                    "fan-out repair pass failed (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__}
-                )
+        every(stop, interval_s, self.repair_pending, "fan-out repair")
+
+    def repair_pending(self) -> None:
+        for doc in self.store.pending_fanouts(now_ms() - FANOUT_REPAIR_AFTER_MS):
+            self.complete_fanout(doc)
+            log.info("finished interrupted fan-out", extra={"message_id": doc["_id"]})
 
     # --- read -------------------------------------------------------------
     def page(self, caller: Identity, folder: str, unread_only: bool, cursor: str | None, limit: int) -> dict:
-        from services.inbox.board import ItemFilter
-
         page = self.board.page(caller, folder, ItemFilter(unread=unread_only), cursor, limit)
         # The messages API names messages by message id; the board item id rides along.
         for item in page["items"]:
@@ -228,8 +232,13 @@ class Mailbox:
 
     def _find_item(self, caller: Identity, message_id: str) -> dict | None:
         """The caller's item for a message: received (in any folder it was moved to) or sent."""
-        for folder in (domain.FOLDER_MESSAGES, domain.FOLDER_PORTAL, domain.FOLDER_SENT):
-            item = self.store.item(domain.board_item_id(message_id, caller.staff_id, folder))
+        ids = [
+            domain.board_item_id(message_id, caller.staff_id, folder)
+            for folder in (domain.FOLDER_MESSAGES, domain.FOLDER_PORTAL, domain.FOLDER_SENT)
+        ]
+        found = self.store.items(ids)  # one primary-key read for the three places it can be
+        for item_id in ids:
+            item = found.get(item_id)
             if item is not None and item["agency_id"] == caller.agency_id and item["owner_id"] == caller.staff_id:
                 return item
         return None
@@ -259,16 +268,24 @@ class Mailbox:
             item["_id"],
             lambda it: {"read_at": it.get("read_at") or now_ms(), "unread_board": None},
             lambda b, a: [event],
+            current=item,
         )
         if changed is None:  # deleted from the board meanwhile: nothing shown, so nothing to audit as read
             raise audit.refuse(self.store, caller, message_id, "read")
         return self._view(caller, changed[1], message, content)
 
     def _view(self, caller: Identity, item: dict, message: dict, content: dict) -> dict:
-        summary = self.board.summary(caller, item)
         return {
-            **summary,
+            **self.board.summary(caller, item),
+            **self._message_fields(item, message, content),
             "id": message["_id"],
+            "read_at": iso(item.get("read_at")),
+        }
+
+    @staticmethod
+    def _message_fields(item: dict, message: dict, content: dict) -> dict:
+        """What a message shows beyond its board item's summary."""
+        return {
             "item_id": item["_id"],
             "subject": content["subject"],
             "body": content["body"],
@@ -280,23 +297,26 @@ class Mailbox:
             },
             "in_reply_to": message.get("in_reply_to"),
             "auto_reply": bool(message.get("auto_reply")),
-            "read_at": iso(item.get("read_at")),
         }
 
     def detail(self, caller: Identity, item: dict) -> dict:
         """The reading-pane content of a message item (Board.open_item); audited."""
-        message = self.store.message(item["ref_id"])
+        return self.detail_of(caller, item, self.store.message(item["ref_id"]))
+
+    def detail_of(self, caller: Identity, item: dict, message: dict | None) -> dict:
+        """detail() for a message already read (None: gone)."""
         if message is None or message["agency_id"] != caller.agency_id:
             raise audit.refuse(self.store, caller, item["ref_id"], "read")
         content = self.open_content(caller, message)
-        audit.record_access(self.store, audit.accessed_event(caller, message["_id"]), message["_id"], "read", caller)
-        return {k: v for k, v in self._view(caller, item, message, content).items() if k not in ("id", "read_at")}
+        audit.record_read(self.store, caller, message["_id"])
+        return self._message_fields(item, message, content)
 
     def mark_unread(self, caller: Identity, message_id: str) -> dict:
         item = self._find_item(caller, message_id)
         if item is None or item.get("origin_folder") == domain.FOLDER_SENT:
             raise audit.refuse(self.store, caller, message_id, "mark_unread")
-        self.board.set_read(caller, item["_id"], read=False)
+        if self.store.change_item(item["_id"], unread_patch, current=item) is None:
+            raise audit.refuse(self.store, caller, message_id, "mark_unread")
         return {"id": message_id, "read": False}
 
     # --- threads, replies and forwards -------------------------------------------

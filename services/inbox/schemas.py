@@ -23,16 +23,25 @@ def send_spec(max_subject: int, max_body: int) -> dict[str, Spec]:
     }
 
 
-def draft_from(fields: dict) -> domain.Draft:
-    """A validated body (see send_spec) as a Draft; a body of only white space is refused."""
+def require_body(fields: dict) -> None:
+    """A body of only white space is refused (the field spec keeps white space as typed)."""
     if not fields["body"].strip():
         raise InvalidInput("invalid_value", "body must not be empty", {"field": "body"})
+
+
+def addressing_from(fields: dict) -> domain.Addressing:
+    return domain.Addressing(
+        staff_ids=tuple(fields.get("to_staff_ids", ())),
+        team_ids=tuple(fields.get("to_team_ids", ())),
+        whole_agency=fields.get("to_whole_agency", False),
+    )
+
+
+def draft_from(fields: dict) -> domain.Draft:
+    """A validated body (see send_spec) as a Draft."""
+    require_body(fields)
     return domain.Draft(
-        addressing=domain.Addressing(
-            staff_ids=tuple(fields.get("to_staff_ids", ())),
-            team_ids=tuple(fields.get("to_team_ids", ())),
-            whole_agency=fields.get("to_whole_agency", False),
-        ),
+        addressing=addressing_from(fields),
         subject=fields["subject"],
         body=fields["body"],
         priority=fields.get("priority", "normal"),

@@ -36,6 +36,7 @@ LABEL_ITEMS = "label_items"
 PREFS = "board_prefs"
 MIGRATIONS = "migrations"
 REMOVE = object()  # in a patch: unset this field
+INSERT_BATCH = 1000
 # Collections whose documents carry outbox events (the relay scans these).
 OUTBOX_COLLECTIONS = (MESSAGES, BOARD_ITEMS, ACCESS_DENIALS)
 
@@ -93,19 +94,20 @@ class InboxStore:
         return self.messages.find_one({"_id": {"$eq": message_id}}, projection={"_outbox": 0})
 
     def insert_board_items(self, items: list[dict]) -> list[dict]:
-        """Insert board items, skipping ones that exist (fan-out is repeatable), and count the new ones.
-        Returns the items this call inserted."""
-        if not items:
-            return []
-        failed: set[int] = set()
-        try:
-            self.board_items.insert_many(items, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(err.get("code") != 11000 for err in errors):
-                raise
-            failed = {err["index"] for err in errors}
-        inserted = [item for index, item in enumerate(items) if index not in failed]
+        """Insert board items (in batches), skipping ones that exist (fan-out is repeatable), and count
+        the new ones. Returns the items this call inserted."""
+        inserted: list[dict] = []
+        for start in range(0, len(items), INSERT_BATCH):
+            batch = items[start : start + INSERT_BATCH]
+            failed: set[int] = set()
+            try:
+                self.board_items.insert_many(batch, ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(err.get("code") != 11000 for err in errors):
+                    raise
+                failed = {err["index"] for err in errors}
+            inserted += [item for index, item in enumerate(batch) if index not in failed]
         self.apply_deltas([(item, domain.counter_delta(None, item)) for item in inserted])
         return inserted
 
@@ -128,16 +130,14 @@ class InboxStore:
             .limit(limit)
         )
 
-    def record_denial(self, doc: dict) -> None:
-        """One document per refused read, carrying its audit event (written atomically with it)."""
+    def record_access(self, doc: dict) -> None:
+        """One document per access that changes no state (a refused one, or a read of content that
+        has no read state of its own), carrying its audit events (written atomically with it)."""
         self.access_denials.insert_one(doc)
 
     # --- boards -----------------------------------------------------------
-    def page(
-        self, board: str, unread_only: bool, before: str | None, limit: int, field: str | None = None
-    ) -> list[dict]:
+    def page(self, board: str, before: str | None, limit: int, field: str = "board") -> list[dict]:
         """One page of a board, newest first; `field` picks the listing (board, unread_board, urgent_board)."""
-        field = field or ("unread_board" if unread_only else "board")
         query: dict = {field: {"$eq": board}}
         if before is not None:
             query["sort_key"] = {"$lt": before}
@@ -158,19 +158,22 @@ class InboxStore:
         change: Callable[[dict], dict | None],
         events: Callable[[dict, dict], list[Envelope]] | None = None,
         attempts: int = 8,
+        current: dict | None = None,
     ) -> tuple[dict, dict] | None:
         """Apply `change(item) -> patch` to one item as an optimistic single-document write and move
         its owner's counters by the difference. The patch maps fields to new values (REMOVE unsets);
         a None patch changes nothing. `events(before, after)` are staged in the same write (outbox).
+        `current` is the item as the caller just read it (saves a read; a clash reads it again).
         Returns (before, after), or None when the item does not exist."""
+        before = current
         for _ in range(attempts):
-            before = self.item(item_id)
+            before = before or self.item(item_id)
             if before is None:
                 return None
             patch = change(before)
             if not patch:
                 return before, before
-            after = {k: v for k, v in before.items() if patch.get(k, None) is not REMOVE}
+            after = {k: v for k, v in before.items() if patch.get(k) is not REMOVE}
             after.update({k: v for k, v in patch.items() if v is not REMOVE})
             after["version"] = before.get("version", 0) + 1
             update: dict = {"$set": {k: v for k, v in patch.items() if v is not REMOVE} | {"version": after["version"]}}
@@ -180,12 +183,12 @@ class InboxStore:
             staged = events(before, after) if events else []
             if staged:
                 update = with_outbox(update, staged)
-            guard = {"_id": {"$eq": item_id}, "version": {"$eq": before.get("version", 0)}}
-            if "version" not in before:
-                guard["version"] = {"$eq": None}
+            # A missing version (an item written before versions) matches None.
+            guard = {"_id": {"$eq": item_id}, "version": {"$eq": before.get("version")}}
             if self.board_items.update_one(guard, update).matched_count:
                 self.apply_deltas([(after, domain.counter_delta(before, after))])
                 return before, after
+            before = None  # changed meanwhile: read it again
         raise Conflict("busy", "the item is being changed by another request; try again")
 
     def delete_item(self, item_id: str, owner_id: str) -> dict | None:
@@ -209,16 +212,19 @@ class InboxStore:
         both finishing it is harmless (inserts are repeatable, deletes idempotent)."""
         if self.db[MIGRATIONS].find_one({"_id": {"$eq": "board_items_v2"}}) is not None:
             return 0
-        moved = 0
-        for old in list(self.board_items.find({"kind": {"$eq": None}}, projection={"_outbox": 0})):
-            message = self.message(old.get("message_id", ""))
+        legacy = list(self.board_items.find({"kind": {"$eq": None}}, projection={"_outbox": 0}))
+        messages = {m["_id"]: m for m in self.messages.find({"_id": {"$in": [o.get("message_id") for o in legacy]}})}
+        rewritten = []
+        for old in legacy:
+            message = messages.get(old.get("message_id"))
             if message is not None and old.get("folder") in domain.ITEM_FOLDERS:
                 item = domain.board_item(message, old["owner_id"], old["folder"])
                 if old.get("read_at"):
                     item.update(read_at=old["read_at"], unread_board=None)
-                self.insert_board_items([item])
-            self.board_items.delete_one({"_id": {"$eq": old["_id"]}})
-            moved += 1
+                rewritten.append(item)
+        self.insert_board_items(rewritten)
+        self.board_items.delete_many({"_id": {"$in": [old["_id"] for old in legacy]}})
+        moved = len(legacy)
         try:
             self.db[MIGRATIONS].insert_one({"_id": "board_items_v2", "at": now_ms(), "moved": moved})
         except DuplicateKeyError:
@@ -250,7 +256,7 @@ class InboxStore:
             board = domain.owner_folder(agency_id, owner_id, folder)
             before = None
             while True:
-                page = self.page(board, False, before, batch)
+                page = self.page(board, before, batch)
                 yield from page
                 if len(page) < batch:
                     break

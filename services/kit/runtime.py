@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import waitress
 from flask import Flask
+from pymongo.errors import PyMongoError
 
+from services.kit.events import failure_summary
 from services.kit.grpc_server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -94,3 +96,20 @@ class ServiceProcess:
                 stop()
             except Exception:
                 log.exception("error while stopping", extra={"route": name})
+
+
+def every(
+    stop: threading.Event,
+    interval_s: float,
+    run_pass: Callable[[], object],
+    what: str,
+    errors: tuple[type[BaseException], ...] = (PyMongoError,),
+) -> None:
+    """Run `run_pass` every `interval_s` until `stop` is set. A pass that fails with one of `errors`
+    (an outage, a failover, a busy record) is logged without its message and tried again next
+    time; a background worker never dies of it."""
+    while not stop.wait(interval_s):
+        try:
+            run_pass()
+        except errors as exc:
+            log.warning("%s pass failed (%s)", what, failure_summary(exc), extra={"error_type": type(exc).__name__})

@@ -8,6 +8,7 @@ any code touches the database.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -106,6 +107,37 @@ class Link(Str):
         if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
             raise InvalidInput("invalid_link", f"{path} must be an http or https URL", {"field": path})
         return text
+
+
+# Times people type (reminders, due dates, expiries) are within these years; later ones cannot all be
+# shown as UTC ISO-8601 times, earlier ones are mistakes.
+EARLIEST_YEAR, LATEST_YEAR = 2000, 2099
+
+
+def instant_ms(path: str, text: str, code: str = "invalid_time") -> int:
+    """An ISO-8601 time as epoch ms. The UTC offset is required: staff of one agency work in
+    different time zones, so a bare local time would be ambiguous."""
+    refusal = InvalidInput(code, f"{path} must be an ISO-8601 time with a UTC offset", {"field": path})
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise refusal from exc
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise refusal
+    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
+        raise InvalidInput(code, f"{path} is out of range", {"field": path})
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass
+class Instant(Str):
+    """An ISO-8601 time with offset (see instant_ms), cleaned to epoch ms."""
+
+    max_len: int = 64
+    code: str = "invalid_time"
+
+    def clean(self, path: str, value: Any) -> int:
+        return instant_ms(path, super().clean(path, value), self.code)
 
 
 @dataclass

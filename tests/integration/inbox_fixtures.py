@@ -1,8 +1,8 @@
 """Inbox assembled in-process against the real database, for integration tests of its parts.
 
-Directory is a separate service; here its answers come from a small table (`Agency`), while the
-end-to-end tests run the real one. Import the fixtures in a test module with
-the `inbox` fixture is registered in tests/integration/conftest.py.
+Directory is a separate service; here its answers come from a small table (`AgencyTable`), while
+the end-to-end tests run the real one. The `inbox` fixture is registered in
+tests/integration/conftest.py.
 """
 
 from __future__ import annotations
@@ -64,9 +64,6 @@ class AgencyTable:
                 return patient
         raise NotFound("patient_not_found", "no such patient")
 
-    def staff_records(self, staff_ids):
-        raise NotImplementedError
-
 
 def staff(agency_id: str, staff_id: str, *roles: str, name: str = "") -> Identity:
     return Identity(subject=staff_id, agency_id=agency_id, roles=frozenset(roles or ("staff",)), name=name or staff_id)
@@ -80,7 +77,6 @@ def make_inbox(db, table: AgencyTable | None = None) -> Components:
     board = Board(inbox_store, cipher)
     board.terminology = lambda caller: table.agency_settings(caller.agency_id).patient_singular
     mailbox = Mailbox(inbox_store, cipher, table.resolve, board)
-    board.details[domain.KIND_MESSAGE] = mailbox.detail
     master = base64.b64encode(os.urandom(32)).decode()
     settings = config.load({"MONGO_URI": "mongodb://unused:1", "PHI_MASTER_KEYS": f"m:{master}", "AMQP_URL": AMQP})
     return Components(settings, inbox_store, cipher, board, mailbox, table)
