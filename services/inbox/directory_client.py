@@ -11,7 +11,7 @@ import grpc
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.inbox.domain import Addressing
 from services.kit import grpc_client
-from services.kit.errors import from_grpc_error
+from services.kit.errors import InvalidInput, from_grpc_error
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,16 @@ class Resolution:
     staff_ids: list[str]
     missing_staff_ids: list[str]
     missing_team_ids: list[str]
+
+    def require_known(self, message: str = "some recipients do not exist in your agency") -> list[str]:
+        """The resolved staff ids; 400 `unknown_recipients` (naming them) when any id was unknown."""
+        if self.missing_staff_ids or self.missing_team_ids:
+            raise InvalidInput(
+                "unknown_recipients",
+                message,
+                {"staff_ids": self.missing_staff_ids, "team_ids": self.missing_team_ids},
+            )
+        return self.staff_ids
 
 
 @dataclass(frozen=True)

@@ -84,13 +84,7 @@ class Mailbox:
                     return self._existing(replay)
                 message_id = claimed["message_id"]  # claimed, then interrupted before the message was written
         resolution: Resolution = self.resolve(draft.addressing)
-        if resolution.missing_staff_ids or resolution.missing_team_ids:
-            raise InvalidInput(
-                "unknown_recipients",
-                "some recipients do not exist in your agency",
-                {"staff_ids": resolution.missing_staff_ids, "team_ids": resolution.missing_team_ids},
-            )
-        recipients = domain.final_recipients(resolution.staff_ids, draft.addressing, caller.staff_id)
+        recipients = domain.final_recipients(resolution.require_known(), draft.addressing, caller.staff_id)
         if key_digest is not None:
             claimed = self.store.claim_idempotency_key(key_digest, message_id, draft_digest)
             replay = self.replay(claimed, draft_digest)
