@@ -3,14 +3,22 @@ session's embedded database and private RabbitMQ vhost."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
+import pika
 import pytest
 import requests
+from google.protobuf.message import Message
 
-from clinic.inbox.v1 import inbox_pb2_grpc
+from clinic.audit.v1 import audit_pb2
+from clinic.events.v1 import envelope_pb2
+from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
+from services.kit.events import decode_envelope, unpack
 from services.kit.service_identity import ServiceTokens
 from services.launcher import Ports, Stack, StackConfig
 
@@ -76,6 +84,11 @@ class Client:
     def folder(self, folder_id: str) -> dict:
         return next(f for f in self.tree()["folders"] if f["id"] == folder_id)
 
+    def counts(self, folder_id: str) -> tuple[int, int]:
+        """A folder's (unread, total), as the tree shows them."""
+        folder = self.folder(folder_id)
+        return folder["unread"], folder["total"]
+
     def items(self, **params) -> dict:
         reply = self.get("/api/v1/board/items", params=params)
         assert reply.status_code == 200, reply.text
@@ -139,6 +152,12 @@ def outsider(login):
 
 
 @pytest.fixture(scope="session")
+def inbox_db(stack, mongo_client):
+    """inbox's database in the stack, for checks of what was (or was not) written."""
+    return mongo_client[f"{stack.db_prefix}inbox"]
+
+
+@pytest.fixture(scope="session")
 def directory_target(stack) -> str:
     """directory's gRPC address in the stack."""
     return f"127.0.0.1:{stack.config.ports.directory_grpc}"
@@ -199,3 +218,87 @@ def wait_until(condition, timeout: float = 5.0, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def error_code(error: grpc.RpcError) -> str:
+    """The stable error code a refused gRPC call carries in its trailing metadata."""
+    return dict(error.trailing_metadata() or ()).get("error-code", "")
+
+
+EVENTS_EXCHANGE = "clinic.events"
+EVENT_PAYLOADS: dict[str, type[Message]] = {
+    "announcement.posted.v1": inbox_pb2.AnnouncementPosted,
+    "board_item.delivered.v1": inbox_pb2.BoardItemDelivered,
+    "message.delivered.v1": inbox_pb2.MessageDelivered,
+    "phi.accessed.v1": audit_pb2.PhiAccessed,
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event seen on the bus: its envelope and its payload, unpacked by event type."""
+
+    envelope: envelope_pb2.Envelope
+    payload: Message
+
+    @property
+    def type(self) -> str:
+        return self.envelope.event_type
+
+
+class EventListener:
+    """The events published with the listened-to routing keys since the listener's queue was bound."""
+
+    def __init__(self, channel, queue: str, routing_keys: tuple[str, ...]):
+        self.channel = channel
+        self.queue = queue
+        self.routing_keys = routing_keys
+        self.received: list[Event] = []
+
+    def drain(self) -> list[Event]:
+        """Every event received so far, after taking in whatever is waiting on the queue now."""
+        while True:
+            method, _properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return list(self.received)
+            envelope = decode_envelope(body)
+            self.received.append(Event(envelope, unpack(envelope, EVENT_PAYLOADS[envelope.event_type])))
+
+    def wait_for(self, predicate: Callable[[Event], object], timeout: float = 10.0) -> Event:
+        """The first received event matching `predicate`; fails the test when none arrives within `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = next((event for event in self.drain() if predicate(event)), None)
+            if match is not None:
+                return match
+            if time.monotonic() > deadline:
+                pytest.fail(f"no matching {'/'.join(self.routing_keys)} event within {timeout}s")
+            time.sleep(0.05)
+
+
+class EventBus:
+    """The stack's event exchange, listened to from a test."""
+
+    def __init__(self, amqp_url: str):
+        self.amqp_url = amqp_url
+
+    @contextlib.contextmanager
+    def listen(self, *routing_keys: str) -> Iterator[EventListener]:
+        """An exclusive queue bound to `routing_keys`, removed when the block ends."""
+        unknown = set(routing_keys) - set(EVENT_PAYLOADS)
+        assert not unknown, f"no payload type known for {unknown}"
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            channel = connection.channel()
+            queue = channel.queue_declare(queue="", exclusive=True).method.queue
+            for routing_key in routing_keys:
+                channel.queue_bind(queue, EVENTS_EXCHANGE, routing_key=routing_key)
+            yield EventListener(channel, queue, routing_keys)
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="session")
+def events(stack) -> EventBus:
+    """Listen to the stack's events: `with events.listen("message.delivered.v1") as heard: heard.wait_for(...)`."""
+    return EventBus(stack.config.amqp_url)

@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
+from tests.e2e.conftest import error_code
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_grpc_bad_input_is_invalid_argument(targets, login):
                 timeout=5,
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert dict(caught.value.trailing_metadata())["error-code"] == "unknown_recipients"
+        assert error_code(caught.value) == "unknown_recipients"
         with pytest.raises(grpc.RpcError) as caught:
             stub.SendMessage(
                 inbox_pb2.SendMessageRequest(

@@ -6,21 +6,12 @@ import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import pika
 import pymongo
 import pytest
 
-from clinic.audit.v1 import audit_pb2
-from clinic.inbox.v1 import inbox_pb2
 from services.kit.crypto import DecryptionError, KeyRing, PhiCipher
-from services.kit.events import decode_envelope, unpack
 from services.kit.settings import Env, common_settings
 from tests.e2e.conftest import Client
-
-
-@pytest.fixture(scope="module")
-def inbox_db(stack, mongo_client):
-    return mongo_client[f"{stack.db_prefix}inbox"]
 
 
 def unique_subject() -> str:
@@ -157,42 +148,42 @@ def test_phi_never_reaches_the_logs(admin, reyes, stack):
         assert marker not in log_file.read_text(errors="replace"), log_file.name
 
 
-def test_delivery_and_read_events_are_published(admin, reyes, kim, outsider, stack):
-    connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
-    channel = connection.channel()
-    queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    channel.queue_bind(queue, "clinic.events", routing_key="message.delivered.v1")
-    channel.queue_bind(queue, "clinic.events", routing_key="phi.accessed.v1")
-    try:
+def test_delivery_and_read_events_are_published(admin, reyes, kim, outsider, events):
+    with events.listen("message.delivered.v1", "phi.accessed.v1") as heard:
         message_id = admin.send(to_staff_ids=[reyes.staff_id, kim.staff_id], subject=unique_subject()).json()["id"]
         reyes.get(f"/api/v1/messages/{message_id}")
         assert outsider.get(f"/api/v1/messages/{message_id}").status_code == 404
-        delivered, accessed = {}, []
-        for _method, _props, body in channel.consume(queue, inactivity_timeout=10):
-            if body is None:
-                break
-            envelope = decode_envelope(body)
-            if envelope.event_type == "message.delivered.v1":
-                event = unpack(envelope, inbox_pb2.MessageDelivered)
-                if event.message_id == message_id:
-                    delivered[event.recipient_staff_id] = envelope
-            elif envelope.event_type == "phi.accessed.v1":
-                event = unpack(envelope, audit_pb2.PhiAccessed)
-                if event.resource_id == message_id:
-                    accessed.append(event)
-            if len(delivered) == 2 and len(accessed) == 2:
-                break
-        assert set(delivered) == {reyes.staff_id, kim.staff_id}
-        for envelope in delivered.values():
-            assert envelope.producer == "inbox" and envelope.agency_id == admin.agency_id
-            assert envelope.correlation_id
-        outcomes = {(event.actor_id, event.agency_id, event.action, event.outcome) for event in accessed}
-        assert outcomes == {
+        delivered = {
+            recipient.staff_id: heard.wait_for(
+                lambda e, who=recipient.staff_id: (
+                    e.type == "message.delivered.v1"
+                    and e.payload.message_id == message_id
+                    and e.payload.recipient_staff_id == who
+                )
+            ).envelope
+            for recipient in (reyes, kim)
+        }
+        for reader in (reyes, outsider):
+            heard.wait_for(
+                lambda e, who=reader.staff_id: (
+                    e.type == "phi.accessed.v1" and e.payload.resource_id == message_id and e.payload.actor_id == who
+                )
+            )
+        accessed = [e.payload for e in heard.drain() if e.type == "phi.accessed.v1"]
+    for envelope in delivered.values():
+        assert envelope.producer == "inbox" and envelope.agency_id == admin.agency_id
+        assert envelope.correlation_id
+    outcomes = [
+        (event.actor_id, event.agency_id, event.action, event.outcome)
+        for event in accessed
+        if event.resource_id == message_id
+    ]
+    assert sorted(outcomes) == sorted(
+        [
             (reyes.staff_id, reyes.agency_id, "read", "allowed"),
             (outsider.staff_id, outsider.agency_id, "read", "denied"),  # refused reads are audited too
-        }
-    finally:
-        connection.close()
+        ]
+    )
 
 
 def test_idempotency_key_makes_a_retried_send_one_message(admin, reyes, kim, inbox_db):

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import uuid
 
-import pika
 import pytest
 import requests
-
-from clinic.audit.v1 import audit_pb2
-from clinic.inbox.v1 import inbox_pb2
-from services.kit.events import decode_envelope, unpack
 
 RIVERBEND = "agy_riverbend"
 LAKESIDE = "agy_lakeside"
@@ -58,12 +53,6 @@ def second_patient(login) -> str:
     return portal_user_id
 
 
-def portal_folder(client) -> dict:
-    tree = client.get("/api/v1/board")
-    assert tree.status_code == 200, tree.text
-    return next(f for f in tree.json()["folders"] if f["id"] == "portal")
-
-
 def ask(portal: Portal, subject: str, portal_user_id: str = JANE) -> dict:
     sent = portal.send(portal_user_id, json={"to_team_id": INTAKE, "subject": subject, "body": "Can I come at 9?"})
     assert sent.status_code == 201, sent.text
@@ -72,30 +61,26 @@ def ask(portal: Portal, subject: str, portal_user_id: str = JANE) -> dict:
 
 def test_a_patient_message_reaches_every_intake_member_and_a_reply_reaches_the_portal(portal, login):
     team = [login(username) for username in INTAKE_USERS]
-    before = {client.staff_id: portal_folder(client)["unread"] for client in team}
+    before = {client.staff_id: client.folder("portal")["unread"] for client in team}
     subject = f"Appointment {uuid.uuid4().hex[:8]}"
     sent = ask(portal, subject)
     for client in team:
-        folder = portal_folder(client)
+        folder = client.folder("portal")
         assert folder["name"] == "Client Portal Messages"  # Riverbend says "Client"
         assert folder["unread"] == before[client.staff_id] + 1
 
     wilson = team[0]
-    item = next(
-        i
-        for i in wilson.get("/api/v1/board/items", params={"folder": "portal"}).json()["items"]
-        if i["ref_id"] == sent["id"]
-    )
+    item = next(i for i in wilson.items(folder="portal")["items"] if i["ref_id"] == sent["id"])
     assert item["title"] == subject and item["sender"]["name"] == "Client (portal)"
     opened = wilson.get(f"/api/v1/board/items/{item['id']}")
     assert opened.status_code == 200, opened.text
     assert opened.json()["patient"] == {"id": "pat_riverbend_demo", "name": "Jane Demo-Client"}
     assert wilson.get(f"/api/v1/messages/{sent['id']}").json()["body"] == "Can I come at 9?"
 
-    others_before = {client.staff_id: portal_folder(client)["total"] for client in team[1:]}
+    others_before = {client.staff_id: client.folder("portal")["total"] for client in team[1:]}
     replied = wilson.post(f"/api/v1/messages/{sent['id']}/reply", json={"body": "9 works, see you then."})
     assert replied.status_code == 201, replied.text
-    assert {client.staff_id: portal_folder(client)["total"] for client in team[1:]} == others_before
+    assert {client.staff_id: client.folder("portal")["total"] for client in team[1:]} == others_before
     refused = wilson.post(f"/api/v1/messages/{sent['id']}/reply-all", json={"body": "All"})
     assert refused.status_code == 409 and refused.json()["code"] == "reply_all_not_allowed"
 
@@ -137,14 +122,14 @@ def test_another_agency_or_an_unknown_one_is_not_found(portal):
 
 def test_the_lakeside_patient_writes_to_lakeside_only(portal, login):
     ramirez = login("dr.ramirez")
-    before = portal_folder(ramirez)
+    before = ramirez.folder("portal")
     sent = portal.send(
         "portal_lakeside_0001",
         agency_id=LAKESIDE,
         json={"to_staff_id": ramirez.staff_id, "subject": "Lab results", "body": "Are they in?"},
     )
     assert sent.status_code == 201, sent.text
-    after = portal_folder(ramirez)
+    after = ramirez.folder("portal")
     assert after["name"] == "Patient Portal Messages" and after["unread"] == before["unread"] + 1
     riverbend_staff = portal.send(
         "portal_lakeside_0001",
@@ -167,45 +152,39 @@ def test_the_lakeside_patient_writes_to_lakeside_only(portal, login):
     ],
 )
 def test_bad_input_is_refused(portal, kwargs, status, code):
+    threads_before = portal.threads(JANE).json()["threads"]
     reply = portal.send(JANE, **kwargs)
     assert reply.status_code == status, reply.text
     assert reply.json()["code"] == code
+    assert portal.threads(JANE).json()["threads"] == threads_before
 
 
-def test_delivery_and_thread_read_events_are_published(portal, stack):
-    connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
-    channel = connection.channel()
-    queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    channel.queue_bind(queue, "clinic.events", routing_key="message.delivered.v1")
-    channel.queue_bind(queue, "clinic.events", routing_key="phi.accessed.v1")
-    try:
+def test_delivery_and_thread_read_events_are_published(portal, login, events):
+    intake = {login(username).staff_id for username in INTAKE_USERS}
+    with events.listen("message.delivered.v1", "phi.accessed.v1") as heard:
         sent = ask(portal, "Events")
         portal.thread(JANE, sent["thread_id"])
-        delivered, accessed = {}, []
-        for _method, _props, body in channel.consume(queue, inactivity_timeout=10):
-            if body is None:
-                break
-            envelope = decode_envelope(body)
-            if envelope.event_type == "message.delivered.v1":
-                event = unpack(envelope, inbox_pb2.MessageDelivered)
-                if event.message_id == sent["id"]:
-                    delivered[event.recipient_staff_id] = event
-            elif envelope.event_type == "phi.accessed.v1":
-                event = unpack(envelope, audit_pb2.PhiAccessed)
-                if event.resource_id == sent["thread_id"]:
-                    accessed.append(event)
-            if len(delivered) == len(INTAKE_USERS) and accessed:
-                break
-        assert len(delivered) == len(INTAKE_USERS)
-        for event in delivered.values():
-            assert event.sender_kind == "patient" and event.patient_id == "pat_riverbend_demo"
-            assert event.board_kind == "portal"
-        (read,) = accessed
-        assert (read.actor_kind, read.actor_id, read.action, read.outcome) == (
-            "partner",
-            "patient-portal",
-            "read_thread",
-            "allowed",
-        )
-    finally:
-        connection.close()
+        for staff_id in intake:
+            heard.wait_for(
+                lambda e, who=staff_id: (
+                    e.type == "message.delivered.v1"
+                    and e.payload.message_id == sent["id"]
+                    and e.payload.recipient_staff_id == who
+                )
+            )
+        heard.wait_for(lambda e: e.type == "phi.accessed.v1" and e.payload.resource_id == sent["thread_id"])
+        received = heard.drain()
+    delivered = [e.payload for e in received if e.type == "message.delivered.v1"]
+    delivered = [event for event in delivered if event.message_id == sent["id"]]
+    assert sorted(event.recipient_staff_id for event in delivered) == sorted(intake)
+    for event in delivered:
+        assert event.sender_kind == "patient" and event.patient_id == "pat_riverbend_demo"
+        assert event.board_kind == "portal"
+    accessed = [e.payload for e in received if e.type == "phi.accessed.v1"]
+    (read,) = [event for event in accessed if event.resource_id == sent["thread_id"]]
+    assert (read.actor_kind, read.actor_id, read.action, read.outcome) == (
+        "partner",
+        "patient-portal",
+        "read_thread",
+        "allowed",
+    )

@@ -6,11 +6,8 @@ import datetime as dt
 import time
 import uuid
 
-import pika
 import pytest
 
-from clinic.inbox.v1 import inbox_pb2
-from services.kit.events import decode_envelope, unpack
 from tests.e2e.conftest import wait_until
 
 
@@ -27,19 +24,6 @@ def unique(text: str) -> str:
     return f"{text} {uuid.uuid4().hex[:8]}"
 
 
-def folder_counts(client, folder: str) -> tuple[int, int]:
-    reply = client.get("/api/v1/board")
-    assert reply.status_code == 200, reply.text
-    entry = next(f for f in reply.json()["folders"] if f["id"] == folder)
-    return entry["unread"], entry["total"]
-
-
-def board_items(client, folder: str) -> list[dict]:
-    reply = client.get("/api/v1/board/items", params={"folder": folder, "limit": 100})
-    assert reply.status_code == 200, reply.text
-    return reply.json()["items"]
-
-
 def my_reminder(client, reminder_id: str) -> dict:
     reply = client.get("/api/v1/reminders", params={"limit": 100})
     assert reply.status_code == 200, reply.text
@@ -50,59 +34,49 @@ def code(reply) -> str:
     return reply.json()["code"]
 
 
-@pytest.fixture
-def delivered_events(stack):
-    """board_item.delivered.v1 events published from now on: call it with an item id to wait for one."""
-    connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
-    channel = connection.channel()
-    queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    channel.queue_bind(queue, "clinic.events", routing_key="board_item.delivered.v1")
-    seen: dict[str, inbox_pb2.BoardItemDelivered] = {}
-
-    def wait_for(item_id: str) -> inbox_pb2.BoardItemDelivered:
-        for _method, _props, body in channel.consume(queue, inactivity_timeout=10):
-            if body is None:
-                break
-            event = unpack(decode_envelope(body), inbox_pb2.BoardItemDelivered)
-            seen[event.item_id] = event
-            if item_id in seen:
-                break
-        channel.cancel()
-        return seen[item_id]
-
-    yield wait_for
-    connection.close()
-
-
-def test_a_reminder_appears_when_due_and_can_be_snoozed_and_completed(reyes, delivered_events):
-    unread, total = folder_counts(reyes, "reminders")
-    text = unique("Call the client's pharmacy")
-    created = reyes.post("/api/v1/reminders", json={"text": text, "remind_at": iso_in(3)})
+def test_a_pending_reminder_is_listed_as_mine_but_hidden_from_the_board(reyes):
+    unread, total = reyes.counts("reminders")
+    text = unique("Call the client's pharmacy next week")
+    created = reyes.post("/api/v1/reminders", json={"text": text, "remind_at": iso_in(7 * 86_400)})
     assert created.status_code == 201, created.text
     reminder = created.json()
     assert reminder["state"] == "pending" and reminder["text"] == text
     assert my_reminder(reyes, reminder["id"])["state"] == "pending"
-    assert all(item["id"] != reminder["id"] for item in board_items(reyes, "reminders"))
+    assert all(item["id"] != reminder["id"] for item in reyes.items(folder="reminders", limit=100)["items"])
+    assert reyes.counts("reminders") == (unread, total)
 
-    item = wait_until(
-        lambda: next((i for i in board_items(reyes, "reminders") if i["id"] == reminder["id"]), None), timeout=10
-    )
-    assert item["title"] == text and item["read"] is False and item["kind"] == "reminder"
-    assert folder_counts(reyes, "reminders") == (unread + 1, total + 1)
-    assert my_reminder(reyes, reminder["id"])["state"] == "due"
-    event = delivered_events(reminder["id"])
+
+def test_a_reminder_appears_when_due_and_can_be_snoozed_and_completed(reyes, events):
+    unread, total = reyes.counts("reminders")
+    text = unique("Call the client's pharmacy")
+    with events.listen("board_item.delivered.v1") as heard:
+        created = reyes.post("/api/v1/reminders", json={"text": text, "remind_at": iso_in(5)})
+        assert created.status_code == 201, created.text
+        reminder = created.json()
+        assert reminder["state"] == "pending" and reminder["text"] == text
+
+        item = wait_until(
+            lambda: next(
+                (i for i in reyes.items(folder="reminders", limit=100)["items"] if i["id"] == reminder["id"]), None
+            ),
+            timeout=20,
+        )
+        assert item["title"] == text and item["read"] is False and item["kind"] == "reminder"
+        assert reyes.counts("reminders") == (unread + 1, total + 1)
+        assert my_reminder(reyes, reminder["id"])["state"] == "due"
+        event = heard.wait_for(lambda e: e.payload.item_id == reminder["id"]).payload
     assert event.recipient_staff_id == reyes.staff_id and event.board_kind == "reminders" and event.created
 
     snoozed = reyes.post(f"/api/v1/reminders/{reminder['id']}/snooze", json={"minutes": 30})
     assert snoozed.status_code == 200, snoozed.text
     assert snoozed.json()["state"] == "snoozed"
-    assert folder_counts(reyes, "reminders") == (unread, total)
-    assert all(item["id"] != reminder["id"] for item in board_items(reyes, "reminders"))
+    assert reyes.counts("reminders") == (unread, total)
+    assert all(item["id"] != reminder["id"] for item in reyes.items(folder="reminders", limit=100)["items"])
 
     completed = reyes.post(f"/api/v1/reminders/{reminder['id']}/complete")
     assert completed.status_code == 200 and completed.json()["state"] == "completed"
     assert my_reminder(reyes, reminder["id"])["state"] == "completed"
-    assert folder_counts(reyes, "reminders") == (unread, total)
+    assert reyes.counts("reminders") == (unread, total)
 
 
 def test_a_due_reminder_opens_in_the_reading_pane_and_completes(reyes):
@@ -110,14 +84,17 @@ def test_a_due_reminder_opens_in_the_reading_pane_and_completes(reyes):
     link = "https://ehr.example/clients/4711"
     reminder = reyes.post("/api/v1/reminders", json={"text": text, "remind_at": iso_in(-60), "link": link}).json()
     assert reminder["state"] == "due"
-    unread, total = folder_counts(reyes, "reminders")
+    unread, total = reyes.counts("reminders")
     opened = reyes.get(f"/api/v1/board/items/{reminder['id']}")
     assert opened.status_code == 200, opened.text
     assert opened.json()["text"] == text and opened.json()["link"] == link and opened.json()["state"] == "due"
-    assert folder_counts(reyes, "reminders") == (unread - 1, total)
+    assert reyes.counts("reminders") == (unread - 1, total)
     reyes.post(f"/api/v1/reminders/{reminder['id']}/complete")
-    assert folder_counts(reyes, "reminders") == (unread - 1, total)
-    assert next(i for i in board_items(reyes, "reminders") if i["id"] == reminder["id"])["read"] is True
+    assert reyes.counts("reminders") == (unread - 1, total)
+    assert (
+        next(i for i in reyes.items(folder="reminders", limit=100)["items"] if i["id"] == reminder["id"])["read"]
+        is True
+    )
 
 
 def test_someone_elses_reminder_is_not_found(reyes, kim, outsider):
@@ -134,7 +111,7 @@ def test_someone_elses_reminder_is_not_found(reyes, kim, outsider):
 
 def test_a_signature_request_collects_answers(reyes, kim, patel, admin, outsider):
     title = unique("Treatment plan review")
-    before = folder_counts(reyes, "signatures")
+    before = reyes.counts("signatures")
     created = reyes.post(
         "/api/v1/signature-requests",
         json={
@@ -150,23 +127,23 @@ def test_a_signature_request_collects_answers(reyes, kim, patel, admin, outsider
     assert created.json()["status"] == "pending"
 
     for signer in (kim, patel):
-        item = next(i for i in board_items(signer, "signatures") if i["ref_id"] == request_id)
+        item = next(i for i in signer.items(folder="signatures", limit=100)["items"] if i["ref_id"] == request_id)
         assert item["kind"] == "signature_request" and item["read"] is False and item["title"] == title
         assert item["sender"]["id"] == reyes.staff_id and item["overdue"] is False
-    assert folder_counts(reyes, "signatures") == (before[0], before[1] + 1)  # the requester's read copy
+    assert reyes.counts("signatures") == (before[0], before[1] + 1)  # the requester's read copy
 
     shown = kim.get(f"/api/v1/signature-requests/{request_id}")
     assert shown.status_code == 200 and shown.json()["document_ref"] == "chart/4711/plan/3"
     signed = kim.post(f"/api/v1/signature-requests/{request_id}/sign", json={"attestation": "Reviewed and agreed."})
     assert signed.status_code == 200, signed.text
     assert signed.json()["status"] == "partially_signed"
-    kims = next(i for i in board_items(kim, "signatures") if i["ref_id"] == request_id)
+    kims = next(i for i in kim.items(folder="signatures", limit=100)["items"] if i["ref_id"] == request_id)
     assert kims["read"] is True and kims["status"] == "partially_signed"
 
-    outcomes = [i for i in board_items(reyes, "signatures") if i["kind"] == "signature_outcome"]
+    outcomes = [i for i in reyes.items(folder="signatures", limit=100)["items"] if i["kind"] == "signature_outcome"]
     outcome = next(i for i in outcomes if i["title"].endswith(f"signed: {title}"))
     assert outcome["read"] is False and outcome["sender"]["id"] == kim.staff_id
-    assert folder_counts(reyes, "signatures") == (before[0] + 1, before[1] + 2)
+    assert reyes.counts("signatures") == (before[0] + 1, before[1] + 2)
     pane = reyes.get(f"/api/v1/board/items/{outcome['id']}")
     assert pane.status_code == 200
     assert pane.json()["signature_request"]["signers"][0]["attestation"] == "Reviewed and agreed."
@@ -189,17 +166,19 @@ def test_a_signature_request_collects_answers(reyes, kim, patel, admin, outsider
     mine = reyes.get("/api/v1/signature-requests").json()["requests"]
     assert mine[0]["id"] == request_id and mine[0]["status"] == "declined"
     requester_copy = next(
-        i for i in board_items(reyes, "signatures") if i["ref_id"] == request_id and i["kind"] == "signature_request"
+        i
+        for i in reyes.items(folder="signatures", limit=100)["items"]
+        if i["ref_id"] == request_id and i["kind"] == "signature_request"
     )
     assert requester_copy["status"] == "declined"
 
 
-def test_bad_input_is_refused_and_nothing_is_written(reyes, kim, outsider):
+def test_bad_input_is_refused_and_nothing_is_written(reyes, kim, outsider, inbox_db):
     def mine() -> int:
-        return len(reyes.get("/api/v1/signature-requests", params={"limit": 100}).json()["requests"])
+        return inbox_db.signature_requests.count_documents({"requester_id": {"$eq": reyes.staff_id}})
 
     def reminders() -> int:
-        return len(reyes.get("/api/v1/reminders", params={"limit": 100}).json()["reminders"])
+        return inbox_db.board_items.count_documents({"owner_id": {"$eq": reyes.staff_id}, "kind": {"$eq": "reminder"}})
 
     requests_before, reminders_before = mine(), reminders()
     good = {

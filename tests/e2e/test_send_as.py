@@ -6,17 +6,11 @@ from __future__ import annotations
 import uuid
 
 import grpc
-import pika
 import pytest
 import requests
 
 from clinic.inbox.v1 import inbox_pb2
-from services.kit.events import decode_envelope, unpack
-from tests.e2e.conftest import auth
-
-
-def error_code(error: grpc.RpcError) -> str:
-    return dict(error.trailing_metadata() or ()).get("error-code", "")
+from tests.e2e.conftest import auth, error_code
 
 
 def subject() -> str:
@@ -28,12 +22,14 @@ def automatic_reply(message_id: str, sender_staff_id: str, **fields) -> inbox_pb
     return inbox_pb2.SendMessageRequest(sender_staff_id=sender_staff_id, in_reply_to_message_id=message_id, **fields)
 
 
-def test_auto_reply_answers_as_the_away_staff_member_in_the_thread(inbox_stub, service_token, reyes, kim, stack):
-    connection = pika.BlockingConnection(pika.URLParameters(stack.config.amqp_url))
-    channel = connection.channel()
-    queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    channel.queue_bind(queue, "clinic.events", routing_key="message.delivered.v1")
-    try:
+def thread_ids(client, thread_id: str) -> list[str]:
+    reply = client.get(f"/api/v1/threads/{thread_id}")
+    assert reply.status_code == 200, reply.text
+    return [m["id"] for m in reply.json()["messages"]]
+
+
+def test_auto_reply_answers_as_the_away_staff_member_in_the_thread(inbox_stub, service_token, reyes, kim, events):
+    with events.listen("message.delivered.v1") as heard:
         original = reyes.send(to_staff_ids=[kim.staff_id], subject=subject()).json()["id"]
         request = automatic_reply(original, kim.staff_id, idempotency_key=f"auto-{original}")
         first = inbox_stub.SendMessage(request, metadata=auth(service_token("auto-reply")), timeout=5)
@@ -45,18 +41,11 @@ def test_auto_reply_answers_as_the_away_staff_member_in_the_thread(inbox_stub, s
         assert read["sender"]["id"] == kim.staff_id and read["sender"]["name"] == "Jordan Kim, RN"
         assert read["auto_reply"] is True and read["in_reply_to"] == original
         assert read["subject"].startswith("Re: Coverage")
-        thread = reyes.get(f"/api/v1/threads/{original}").json()["messages"]
-        assert [m["id"] for m in thread] == [original, first.message_id]
+        assert thread_ids(reyes, original) == [original, first.message_id]
 
-        for _method, _props, body in channel.consume(queue, inactivity_timeout=10):
-            assert body is not None, "no delivery event for the automatic reply"
-            event = unpack(decode_envelope(body), inbox_pb2.MessageDelivered)
-            if event.message_id == first.message_id:
-                assert event.auto_reply and event.sender_staff_id == kim.staff_id
-                assert event.recipient_staff_id == reyes.staff_id and event.in_reply_to == original
-                break
-    finally:
-        connection.close()
+        event = heard.wait_for(lambda e: e.payload.message_id == first.message_id).payload
+    assert event.auto_reply and event.sender_staff_id == kim.staff_id
+    assert event.recipient_staff_id == reyes.staff_id and event.in_reply_to == original
 
 
 def test_patient_auto_reply_goes_into_the_portal_thread(inbox_stub, service_token, stack):
@@ -74,24 +63,31 @@ def test_patient_auto_reply_goes_into_the_portal_thread(inbox_stub, service_toke
         metadata=auth(service_token("auto-reply")),
         timeout=5,
     )
+    assert reply.created
     thread = requests.get(f"{base}/threads/{sent.json()['thread_id']}", headers=headers, timeout=10).json()
     assert [m["id"] for m in thread["messages"]] == [sent.json()["id"], reply.message_id]
-    assert thread["messages"][1]["body"] == "Our office answers within one business day."
+    answer = thread["messages"][1]
+    assert answer["body"] == "Our office answers within one business day."
+    assert (answer["sender"]["kind"], answer["sender"]["id"]) == ("staff", "stf_riverbend_kim")
 
 
 @pytest.mark.parametrize("client_id", ["notifications", "erx-bridge"])
 def test_other_services_may_not_send_as_staff(inbox_stub, service_token, reyes, kim, client_id):
     original = reyes.send(to_staff_ids=[kim.staff_id], subject=subject()).json()["id"]
+    before = reyes.counts("messages")
     with pytest.raises(grpc.RpcError) as caught:
         inbox_stub.SendMessage(
             automatic_reply(original, kim.staff_id), metadata=auth(service_token(client_id)), timeout=5
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_code(caught.value) == "send_as_not_allowed"
+    assert reyes.counts("messages") == before
+    assert thread_ids(reyes, original) == [original]
 
 
 def test_a_staff_member_may_not_send_as_a_colleague_nor_mark_automatic(inbox_stub, reyes, kim):
     original = reyes.send(to_staff_ids=[kim.staff_id], subject=subject()).json()["id"]
+    before = reyes.counts("messages")
     for request in (
         automatic_reply(original, reyes.staff_id, auto_reply=False),
         inbox_pb2.SendMessageRequest(in_reply_to_message_id=original, body="x", auto_reply=True),
@@ -99,6 +95,9 @@ def test_a_staff_member_may_not_send_as_a_colleague_nor_mark_automatic(inbox_stu
         with pytest.raises(grpc.RpcError) as caught:
             inbox_stub.SendMessage(request, metadata=auth(kim.token), timeout=5)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_code(caught.value) == "send_as_not_allowed"
+    assert reyes.counts("messages") == before
+    assert thread_ids(reyes, original) == [original]
     # As themself, a staff member replies over gRPC like over HTTP.
     own = inbox_stub.SendMessage(
         inbox_pb2.SendMessageRequest(in_reply_to_message_id=original, body="Will do."),
@@ -106,6 +105,7 @@ def test_a_staff_member_may_not_send_as_a_colleague_nor_mark_automatic(inbox_stu
         timeout=5,
     )
     assert list(own.recipient_staff_ids) == [reyes.staff_id]
+    assert reyes.counts("messages") == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.parametrize(
@@ -121,6 +121,7 @@ def test_a_staff_member_may_not_send_as_a_colleague_nor_mark_automatic(inbox_stu
 )
 def test_bad_automatic_replies_are_refused(inbox_stub, service_token, reyes, kim, fields, status, code):
     original = reyes.send(to_staff_ids=[kim.staff_id], subject=subject()).json()["id"]
+    before = reyes.counts("messages")
     request = {"sender_staff_id": kim.staff_id, "in_reply_to_message_id": original, "body": "Away.", **fields}
     with pytest.raises(grpc.RpcError) as caught:
         inbox_stub.SendMessage(
@@ -129,3 +130,5 @@ def test_bad_automatic_replies_are_refused(inbox_stub, service_token, reyes, kim
             timeout=5,
         )
     assert (caught.value.code(), error_code(caught.value)) == (status, code)
+    assert reyes.counts("messages") == before
+    assert thread_ids(reyes, original) == [original]

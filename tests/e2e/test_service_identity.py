@@ -12,7 +12,7 @@ from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.auth import JwksKeySource, TokenVerifier
 from services.kit.grpc_client import channel as service_channel
 from services.kit.service_identity import ServiceTokens, acting_as
-from tests.e2e.conftest import Client
+from tests.e2e.conftest import Client, auth, error_code
 
 RIVERBEND, LAKESIDE = "agy_riverbend", "agy_lakeside"
 
@@ -27,10 +27,6 @@ def issue(stub, client_id: str, secret: str, agency_id: str = "") -> directory_p
         directory_pb2.IssueServiceTokenRequest(client_id=client_id, client_secret=secret, agency_id=agency_id),
         timeout=5,
     )
-
-
-def auth(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
 
 
 def refused(call) -> grpc.RpcError:
@@ -56,7 +52,7 @@ def test_wrong_client_or_secret_is_unauthenticated(stub, service_secret):
     ]:
         error = refused(lambda c=client_id, s=secret: issue(stub, c, s, RIVERBEND))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert dict(error.trailing_metadata())["error-code"] == "invalid_client"
+        assert error_code(error) == "invalid_client"
 
 
 def test_unknown_agency_is_not_found(stub, service_secret):
@@ -94,9 +90,11 @@ def test_agency_token_sees_its_agency_only(stub, stack, service_secret):
     )
     assert not staff.staff and list(staff.missing_staff_ids) == ["stf_lakeside_admin"]
     # An agency-scoped service token is not a platform token.
-    error = refused(lambda: stub.ListRevokedSessions(
-        directory_pb2.ListRevokedSessionsRequest(), metadata=auth(reply.access_token), timeout=5
-    ))
+    error = refused(
+        lambda: stub.ListRevokedSessions(
+            directory_pb2.ListRevokedSessionsRequest(), metadata=auth(reply.access_token), timeout=5
+        )
+    )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -107,8 +105,9 @@ def test_platform_token_reaches_platform_methods_only(stub, stack, service_secre
         lambda: stub.ResolveRecipients(
             directory_pb2.ResolveRecipientsRequest(whole_agency=True), metadata=auth(platform), timeout=5
         ),
-        lambda: stub.GetStaff(directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_kim"]),
-                              metadata=auth(platform), timeout=5),
+        lambda: stub.GetStaff(
+            directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_kim"]), metadata=auth(platform), timeout=5
+        ),
         lambda: stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=auth(platform), timeout=5),
     ):
         assert refused(call).code() == grpc.StatusCode.PERMISSION_DENIED
@@ -122,19 +121,23 @@ def test_platform_token_reaches_platform_methods_only(stub, stack, service_secre
         assert reply.status_code == 403 and reply.json()["code"] == "agency_scope_required"
     with grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.inbox_grpc}") as inbox_channel:
         send = inbox_pb2_grpc.InboxServiceStub(inbox_channel).SendMessage
-        error = refused(lambda: send(
-            inbox_pb2.SendMessageRequest(to_staff_ids=["stf_riverbend_kim"], subject="s", body="b"),
-            metadata=auth(platform),
-            timeout=5,
-        ))
+        error = refused(
+            lambda: send(
+                inbox_pb2.SendMessageRequest(to_staff_ids=["stf_riverbend_kim"], subject="s", body="b"),
+                metadata=auth(platform),
+                timeout=5,
+            )
+        )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_staff_token_is_refused_by_list_revoked_sessions(stub, login):
     admin = login("admin")
-    error = refused(lambda: stub.ListRevokedSessions(
-        directory_pb2.ListRevokedSessionsRequest(), metadata=auth(admin.token), timeout=5
-    ))
+    error = refused(
+        lambda: stub.ListRevokedSessions(
+            directory_pb2.ListRevokedSessionsRequest(), metadata=auth(admin.token), timeout=5
+        )
+    )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -20,7 +20,7 @@ from services.kit.bus import Topology
 from services.kit.revocations import start_revocation_listener
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import ServiceTokens
-from tests.e2e.conftest import Client, wait_until
+from tests.e2e.conftest import Client, error_code, wait_until
 
 NEW_PASSWORD = "Fresh-Password-2026!"
 
@@ -61,7 +61,7 @@ def assert_refused_everywhere(stack, token: str, directory_channel, inbox_target
             directory_pb2.GetAgencySettingsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=5
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert dict(caught.value.trailing_metadata())["error-code"] == "session_revoked"
+    assert error_code(caught.value) == "session_revoked"
     # Inbox: as soon as the event arrives (polled, a few seconds at most), direct and via the gateway.
     wait_until(lambda: refused_with(inbox_direct(stack, token), "session_revoked"), timeout=5)
     assert refused_with(inbox_via_gateway(stack, token), "session_revoked")
@@ -72,7 +72,7 @@ def assert_refused_everywhere(stack, token: str, directory_channel, inbox_target
             timeout=5,
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert dict(caught.value.trailing_metadata())["error-code"] == "session_revoked"
+    assert error_code(caught.value) == "session_revoked"
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,27 @@
-"""Integration helpers for the event bus: per-test exchange and queue names, cleaned up afterwards."""
+"""Integration helpers: polling, an inbox of its own per hypothesis example, and the event bus with
+per-test exchange and queue names, cleaned up afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pika
 import pika.exceptions
 import pytest
 
+from services.inbox.components import Components
 from services.kit.bus import Consumer, Topology
-from tests.integration.inbox_fixtures import inbox  # noqa: F401 - a fixture for the inbox tests
+from tests.integration.inbox_fixtures import (
+    AgencyTable,
+    inbox,  # noqa: F401 - a fixture for the inbox tests
+    make_inbox,
+)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:
@@ -23,6 +31,17 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def own_inbox(mongo_client, table: AgencyTable) -> Iterator[Components]:
+    """An inbox on a database of its own, dropped afterwards. Each hypothesis example needs one:
+    a function-scoped fixture would be shared by every example of the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield make_inbox(mongo_client[name], table)
+    finally:
+        mongo_client.drop_database(name)
 
 
 @dataclass
@@ -79,14 +98,21 @@ class EventBusPlace:
         vhost = urllib.parse.unquote(urllib.parse.urlsplit(self.amqp_url).path.lstrip("/"))
         listed = subprocess.run(
             ["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "-p", vhost, "pid", "client_properties"],
-            check=True, capture_output=True, text=True, timeout=60,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         closed = 0
         for line in listed.stdout.splitlines():
             pid, _, properties = line.partition("\t")
             if f'{{"connection_name","{connection_name}"}}' in properties:
-                subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test drop"],
-                               check=True, capture_output=True, timeout=60)
+                subprocess.run(
+                    ["rabbitmqctl", "-q", "close_connection", pid, "test drop"],
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
                 closed += 1
         return closed
 

@@ -119,6 +119,9 @@ def test_a_requested_delivery_lands_once_on_each_board(consuming, event_bus):
     assert counts(components, "stf_a") == (2, 2)  # the repeated event counted once
     assert counts(components, "stf_c") == (0, 0)
     assert components.store.board_items.count_documents({"kind": domain.KIND_NOTICE}) == 4
+    # The second copy was handled (order-2 came after it) and applied nothing: one revision.
+    notice = components.store.db[delivery_module.NOTICES].find_one({"_id": first["ref_id"]})
+    assert notice["rev"] == 1 and notice["deliveries"] == [event.event_id]
 
 
 def test_bad_events_are_parked_and_the_consumer_keeps_serving(consuming, event_bus):
@@ -141,11 +144,17 @@ def test_bad_events_are_parked_and_the_consumer_keeps_serving(consuming, event_b
     assert [i["ref_id"] for i in lab_items(components, "stf_a")] == [
         delivery_module.notice_id(AGENCY, "lab", "order-ok")
     ]
-    reasons = set()
+    reasons = []
     for _ in range(5):
         properties, _body = event_bus.get(consumer.parking_queue)
-        reasons.add(properties.headers["x-error-reason"])
-    assert {"kind_not_allowed", "unknown_recipients", "missing_field"} <= reasons
+        reasons.append(properties.headers["x-error-reason"])
+    assert sorted(reasons) == [
+        "body is not a protobuf envelope",
+        "kind_not_allowed",
+        "missing_field",
+        "payload type is clinic.inbox.v1.SendMessageRequest, expected clinic.inbox.v1.DeliverItemRequest",
+        "unknown_recipients",
+    ]
     assert components.store.db[delivery_module.NOTICES].count_documents({}) == 1  # nothing half-written
 
 

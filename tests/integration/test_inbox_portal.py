@@ -221,7 +221,9 @@ def test_bad_input_is_refused_and_nothing_is_written(portal, body, status, code)
     components, _, client = portal
     reply = post(client, "portal_jane", body)
     assert reply.status_code == status and reply.get_json()["code"] == code
-    assert components.store.messages.count_documents({}) == 0
+    db = components.store.db
+    for collection in ("messages", "board_items", "portal_threads", "board_counters"):
+        assert db[collection].count_documents({}) == 0, collection
 
 
 def test_malformed_json_is_refused(portal):
