@@ -27,7 +27,6 @@ reply-all) answers 404 because no message of that id is on anyone's board.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import uuid
 
@@ -37,17 +36,16 @@ from pymongo import DESCENDING
 
 from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
-from services.inbox.board import iso
+from services.inbox.board import collect, iso
 from services.inbox.components import Feature
 from services.inbox.http_api import only_query, staff_only
-from services.inbox.reminders import LATEST_YEAR
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.events import new_envelope
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
-from services.kit.validation import Bool, Str, json_body, path_id, query_bool, query_int, validate
+from services.kit.validation import Bool, Str, instant_ms, json_body, path_id, query_bool, query_int, validate
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,6 @@ ANNOUNCEMENTS = "announcements"
 STATES = "announcement_states"
 PRODUCER = "inbox"
 ACTIVE_LIMIT = 200  # the unread count looks at this many newest active announcements
-MAX_SCAN_BATCHES = 10  # a listing reads at most this many index batches, then hands back a cursor
 # The sealed content is not needed to count or to page through state.
 WITHOUT_CONTENT = {"_outbox": 0, "title": 0, "body": 0}
 
@@ -81,15 +78,7 @@ def is_active(doc: dict, at_ms: int) -> bool:
 
 def parse_expiry(text: str, at_ms: int) -> int:
     """An ISO-8601 time with a zone, in the future, as epoch ms."""
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise InvalidInput("invalid_value", "expires_at must be an ISO-8601 time", {"field": "expires_at"}) from exc
-    if when.tzinfo is None:
-        raise InvalidInput("invalid_value", "expires_at must include a time zone", {"field": "expires_at"})
-    if when.year > LATEST_YEAR:  # later ones cannot all be shown as UTC times
-        raise InvalidInput("invalid_value", "expires_at is out of range", {"field": "expires_at"})
-    ms = int(when.timestamp() * 1000)
+    ms = instant_ms("expires_at", text, code="invalid_value")
     if ms <= at_ms:
         raise InvalidInput("invalid_value", "expires_at must be in the future", {"field": "expires_at"})
     return ms
@@ -217,19 +206,14 @@ class Announcements(Feature):
 
     def _collect(self, agency: str, field: str, before: str | None, limit: int, include_expired: bool):
         """Fill a page from the index, skipping (and retiring) announcements whose time ran out."""
-        out: list[dict] = []
-        cursor, batch, at = before, limit + 1, now_ms()
-        for _ in range(MAX_SCAN_BATCHES):
-            docs = self._fetch(field, agency, cursor, batch, {"_outbox": 0, "body": 0})
-            for doc in docs:
-                cursor = doc["sort_key"]
-                if include_expired or self._still_active(doc, at):
-                    out.append(doc)
-                    if len(out) > limit:
-                        return out[:limit], out[limit - 1]["sort_key"]
-            if len(docs) < batch:
-                return out, None
-        return out, cursor
+        at = now_ms()
+        return collect(
+            lambda cursor, n: self._fetch(field, agency, cursor, n, {"_outbox": 0, "body": 0}),
+            lambda doc: include_expired or self._still_active(doc, at),
+            before,
+            limit,
+            batch=limit + 1,
+        )
 
     def _fetch(self, field: str, agency: str, before: str | None, limit: int, projection: dict) -> list[dict]:
         query: dict = {field: {"$eq": agency}}
@@ -261,8 +245,7 @@ class Announcements(Feature):
         cipher, agency = self.components.cipher, caller.agency_id
         title = cipher.open(agency, doc["_id"], "title", doc["title"])
         body = cipher.open(agency, doc["_id"], "body", doc["body"])
-        event = audit.accessed_event(caller, doc["_id"], resource_type="announcement")
-        audit.record_access(self.components.store, event, doc["_id"], "read", caller)
+        audit.record_read(self.components.store, caller, doc["_id"], resource_type="announcement")
         state = self._mark(caller, doc, {"read_at": now_ms()})
         return {**self._view(caller, doc, {doc["_id"]: state}, title), "body": body}
 

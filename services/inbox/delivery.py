@@ -42,10 +42,11 @@ from services.inbox.store import REMOVE
 from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
 from services.kit.bus import Consumer, ProcessedEvents, Topology
 from services.kit.errors import DomainError, Forbidden, InvalidInput, NotFound, Unavailable
-from services.kit.events import Envelope, PermanentError, failure_summary, new_envelope, unpack
+from services.kit.events import Envelope, PermanentError, new_envelope, unpack
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import merge_update, outbox_fields, release_update, with_outbox
+from services.kit.runtime import every
 from services.kit.service_identity import acting_as
 from services.kit.validation import Id, Link, ListOf, Str
 
@@ -263,6 +264,33 @@ def recent_deliveries(notice: dict | None, delivery_key: str | None) -> list[str
     return known[-RECENT_DELIVERIES:]
 
 
+def delivered_event(
+    item: dict, created: bool, at_ms: int, *, severity: str = "info", event_id: str | None = None
+) -> Envelope:
+    """`board_item.delivered.v1` for a board item that landed on (or came back to) its owner's board
+    at `at_ms`. The event id is one per item and time unless the caller names one (a notice names
+    one per revision, so each revision announces each item once)."""
+    delivered_at = Timestamp()
+    delivered_at.FromMilliseconds(at_ms)
+    payload = inbox_pb2.BoardItemDelivered(
+        item_id=item["_id"],
+        agency_id=item["agency_id"],
+        recipient_staff_id=item["owner_id"],
+        board_kind=item.get("folder") or item.get("origin_folder", ""),
+        severity=SEVERITY_TO_PB[severity],
+        created=created,
+        delivered_at=delivered_at,
+    )
+    return new_envelope(
+        DELIVERED_EVENT,
+        payload,
+        agency_id=item["agency_id"],
+        producer=PRODUCER,
+        correlation_id=correlation_id_var.get(),
+        event_id=event_id or f"{item['_id']}-{at_ms}-delivered",
+    )
+
+
 def item_state(notice: dict) -> dict:
     """The fields every recipient's item carries from its notice (None: absent)."""
     return {
@@ -436,13 +464,9 @@ class Delivery(Feature):
 
     def _resolve(self, wanted: DeliveryRequest) -> list[str]:
         resolution = self.components.directory.resolve(wanted.addressing)
-        if resolution.missing_staff_ids or resolution.missing_team_ids:
-            raise InvalidInput(
-                "unknown_recipients",
-                "some recipients do not exist in this agency",
-                {"staff_ids": resolution.missing_staff_ids, "team_ids": resolution.missing_team_ids},
-            )
-        return final_recipients(resolution.staff_ids, wanted.actor_staff_id)
+        return final_recipients(
+            resolution.require_known("some recipients do not exist in this agency"), wanted.actor_staff_id
+        )
 
     def _write(  # noqa: PLR0913, PLR0917 - the delivery and its context, as deliver() has them
         self,
@@ -517,31 +541,15 @@ class Delivery(Feature):
             "withdrawn_at": None,
         }
 
-    def _events(self, doc: dict, added: set[str], at: int) -> list[Envelope]:
-        delivered_at = Timestamp()
-        delivered_at.FromMilliseconds(at)
+    @staticmethod
+    def _events(doc: dict, added: set[str], at: int) -> list[Envelope]:
+        """One `board_item.delivered.v1` per recipient's item of this revision of the notice."""
         events = []
         for staff_id in doc["recipient_ids"]:
             item_id = domain.board_item_id(doc["_id"], staff_id, doc["folder"])
-            payload = inbox_pb2.BoardItemDelivered(
-                item_id=item_id,
-                agency_id=doc["agency_id"],
-                recipient_staff_id=staff_id,
-                board_kind=doc["folder"],
-                severity=SEVERITY_TO_PB[doc["severity"]],
-                created=staff_id in added,
-                delivered_at=delivered_at,
-            )
-            events.append(
-                new_envelope(
-                    DELIVERED_EVENT,
-                    payload,
-                    agency_id=doc["agency_id"],
-                    producer=PRODUCER,
-                    correlation_id=correlation_id_var.get(),
-                    event_id="bid_" + domain.digest(item_id, str(doc["rev"]))[:32],
-                )
-            )
+            item = {"_id": item_id, "agency_id": doc["agency_id"], "owner_id": staff_id, "folder": doc["folder"]}
+            event_id = "bid_" + domain.digest(item_id, str(doc["rev"]))[:32]
+            events.append(delivered_event(item, staff_id in added, at, severity=doc["severity"], event_id=event_id))
         return events
 
     # --- fan-out --------------------------------------------------------------------------------
@@ -567,9 +575,7 @@ class Delivery(Feature):
         for staff_id in notice.get("removed_ids") or []:
             self.store.delete_item(domain.board_item_id(notice["_id"], staff_id, folder), staff_id)
         items = [self._item(notice, staff_id) for staff_id in notice["recipient_ids"]]
-        inserted: set[str] = set()
-        for start in range(0, len(items), 1000):
-            inserted |= {item["_id"] for item in self.store.insert_board_items(items[start : start + 1000])}
+        inserted = {item["_id"] for item in self.store.insert_board_items(items)}
         for item in items:
             if item["_id"] not in inserted:
                 self.store.change_item(item["_id"], lambda it: item_patch(it, notice))
@@ -592,19 +598,18 @@ class Delivery(Feature):
         )
 
     def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
-        """Finish deliveries interrupted between the notice write and the board items."""
-        while not stop.wait(interval_s):
-            try:
-                pending = self.notices.find(
-                    {"fanout_pending_at": {"$lte": now_ms() - FANOUT_REPAIR_AFTER_MS}}, projection={"_outbox": 0}
-                )
-                for notice in pending.sort("fanout_pending_at", 1).limit(100):
-                    self.complete_fanout(notice)
-                    log.info("finished interrupted delivery", extra={"agency_id": notice["agency_id"]})
-            except (PyMongoError, DomainError) as exc:  # an outage or a busy item: the next pass tries again
-                log.warning(
-                    "delivery repair pass failed (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__}
-                )
+        """Finish deliveries interrupted between the notice write and the board items; a pass that
+        meets an outage or a busy item is tried again next time."""
+        every(stop, interval_s, self.repair_pending, "delivery repair", errors=(PyMongoError, DomainError))
+
+    def repair_pending(self) -> None:
+        """One repair pass: the oldest notices whose fan-out has been pending for a while."""
+        pending = self.notices.find(
+            {"fanout_pending_at": {"$lte": now_ms() - FANOUT_REPAIR_AFTER_MS}}, projection={"_outbox": 0}
+        )
+        for notice in pending.sort("fanout_pending_at", 1).limit(100):
+            self.complete_fanout(notice)
+            log.info("finished interrupted delivery", extra={"agency_id": notice["agency_id"]})
 
     # --- the reading pane -------------------------------------------------------------------------
     def detail(self, caller: Identity, item: dict) -> dict:
@@ -636,5 +641,5 @@ class Delivery(Feature):
             "source": notice["source"],
             "source_ref": notice["source_ref"],
         }
-        audit.record_access(self.store, audit.accessed_event(caller, nid, resource_type="notice"), nid, "read", caller)
+        audit.record_read(self.store, caller, nid, resource_type="notice")
         return content

@@ -30,7 +30,6 @@ addressees and every staff member who replied.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,9 +46,8 @@ from services.inbox.directory_client import AgencySettings, PortalPatient
 from services.inbox.http_api import idempotency_key, only_query
 from services.inbox.mailbox import SendResult
 from services.kit.auth import Identity
-from services.kit.errors import Conflict, InvalidInput, NotFound, Unauthenticated
-from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
-from services.kit.outbox import outbox_fields
+from services.kit.errors import InvalidInput, NotFound, Unauthenticated
+from services.kit.mongo import IndexSpec, ensure_indexes
 from services.kit.service_identity import acting_as
 from services.kit.validation import ID_PATTERN, Id, Str, json_body, query_int, validate
 
@@ -168,13 +166,7 @@ class Portal(Feature):
                 return replay, False
             message_id = claimed["message_id"]
         doc = self._patient_message(
-            who,
-            message_id,
-            addressing=addressing,
-            recipients=recipients,
-            subject=subject,
-            body=fields["body"],
-            thread=thread,
+            who, message_id, domain.Draft(addressing, subject, fields["body"]), recipients, thread
         )
         if thread is None:
             self._start_thread(who, doc, subject, addressing)
@@ -216,21 +208,16 @@ class Portal(Feature):
 
     def _recipients(self, who: PortalCaller, addressing: domain.Addressing, thread: dict | None) -> list[str]:
         resolution = self.components.directory.resolve(addressing)
-        if thread is None and (resolution.missing_staff_ids or resolution.missing_team_ids):
-            raise InvalidInput(
-                "unknown_recipients",
-                "the care team or staff member does not exist in this agency",
-                {"staff_ids": resolution.missing_staff_ids, "team_ids": resolution.missing_team_ids},
-            )
+        if thread is None:  # a new thread names someone who must exist; a thread keeps whoever still does
+            resolution.require_known("the care team or staff member does not exist in this agency")
         return domain.final_recipients(resolution.staff_ids, addressing, who.patient.patient_id)
 
     def _replay(self, claimed: dict, draft_digest: str) -> dict | None:
-        if claimed["draft"] != draft_digest:
-            raise Conflict("idempotency_key_reused", "this Idempotency-Key was used for a different message")
-        existing = self.components.store.message(claimed["message_id"])
+        """The answer to a retried send (Mailbox.replay), its thread moved up; None when the earlier
+        send was interrupted before writing its message."""
+        existing = self.components.mailbox.replay(claimed, draft_digest)
         if existing is None:
             return None
-        self.components.mailbox.complete_fanout(existing)
         self._touch_thread(existing["thread_id"], existing["sent_at"])
         return self._sent_view(existing)
 
@@ -239,48 +226,29 @@ class Portal(Feature):
         return {"id": doc["_id"], "thread_id": doc["thread_id"], "sent_at": iso(doc["sent_at"])}
 
     def _patient_message(
-        self,
-        who: PortalCaller,
-        message_id: str,
-        *,
-        addressing: domain.Addressing,
-        recipients: list[str],
-        subject: str,
-        body: str,
-        thread: dict | None,
+        self, who: PortalCaller, message_id: str, draft: domain.Draft, recipients: list[str], thread: dict | None
     ) -> dict:
-        """The message document as Mailbox.compose makes it, from a patient, for Patient Portal Messages."""
-        seal = self.components.cipher.seal
-        agency = who.agency_id
-        sent_at = now_ms()
-        doc = {
-            "_id": message_id,
-            "kind": domain.KIND_PORTAL_MESSAGE,
-            "agency_id": agency,
-            "thread_id": thread["_id"] if thread else message_id,
-            "in_reply_to": None,
-            "auto_reply": 0,
-            "sender_kind": "patient",
-            "sender_id": who.patient.patient_id,
-            "sender_name": sender_label(who.settings.patient_singular),
-            "patient_id": who.patient.patient_id,
-            "patient_name": seal(agency, message_id, "patient_name", who.patient.display_name),
-            "portal_consumer": who.consumer,
-            "to_staff_ids": list(addressing.staff_ids),
-            "to_team_ids": list(addressing.team_ids),
-            "to_whole_agency": 0,
-            "recipient_ids": recipients,
-            "recipient_folder": domain.FOLDER_PORTAL,
-            "priority": "normal",
-            "subject": seal(agency, message_id, "subject", subject),
-            "body": seal(agency, message_id, "body", body),
-            "links": seal(agency, message_id, "links", "[]"),
-            "sent_at": sent_at,
-            "fanout_pending_at": sent_at,
-        }
-        delivered = self.components.mailbox.delivered_event
-        doc.update(outbox_fields([delivered(doc, staff_id) for staff_id in recipients], ready=False))
-        return doc
+        """The message document (Mailbox.compose) from a patient, for Patient Portal Messages."""
+        patient = who.patient
+        return self.components.mailbox.compose(
+            who.identity,
+            draft,
+            recipients,
+            message_id,
+            thread_id=thread["_id"] if thread else None,
+            extra={
+                "kind": domain.KIND_PORTAL_MESSAGE,
+                "sender_kind": "patient",
+                "sender_id": patient.patient_id,
+                "sender_name": sender_label(who.settings.patient_singular),
+                "patient_id": patient.patient_id,
+                "patient_name": self.components.cipher.seal(
+                    who.agency_id, message_id, "patient_name", patient.display_name
+                ),
+                "portal_consumer": who.consumer,
+                "recipient_folder": domain.FOLDER_PORTAL,
+            },
+        )
 
     # --- threads --------------------------------------------------------------------------------
     def _start_thread(self, who: PortalCaller, first: dict, subject: str, addressing: domain.Addressing) -> None:
@@ -404,18 +372,13 @@ class Portal(Feature):
                 "portal-reply", original["_id"], body, priority, list(links), int(auto_reply)
             )
             claimed = store.claim_idempotency_key(key_digest, message_id, draft_digest)
-            if claimed["draft"] != draft_digest:
-                raise Conflict("idempotency_key_reused", "this Idempotency-Key was used for a different message")
-            message_id = claimed["message_id"]
-            existing = store.message(message_id)
+            existing = self.components.mailbox.replay(claimed, draft_digest)
             if existing is not None:
-                self.components.mailbox.complete_fanout(existing)
-                return SendResult(message_id, [], created=False, thread_id=existing["thread_id"])
+                return SendResult(existing["_id"], [], created=False, thread_id=existing["thread_id"])
+            message_id = claimed["message_id"]
         subject = domain.prefixed_subject("Re:", self._thread_subject(thread))
-        doc = self._staff_message(
-            caller, thread, original, message_id, subject=subject, body=body, links=links, priority=priority
-        )
-        doc["auto_reply"] = int(auto_reply)
+        draft = domain.Draft(domain.Addressing(), subject, body, priority, links)
+        doc = self._staff_message(caller, thread, original, message_id, draft, auto_reply=auto_reply)
         created = store.insert_message(doc)
         self.components.mailbox.complete_fanout(doc if created else store.message(message_id))
         self._touch_thread(thread["_id"], doc["sent_at"], caller.staff_id)
@@ -426,55 +389,32 @@ class Portal(Feature):
         return SendResult(message_id, [], created=created, thread_id=thread["_id"])
 
     def _staff_message(
-        self,
-        caller: Identity,
-        thread: dict,
-        original: dict,
-        message_id: str,
-        *,
-        subject: str,
-        body: str,
-        links: tuple[str, ...],
-        priority: str,
+        self, caller: Identity, thread: dict, original: dict, message_id: str, draft: domain.Draft, *, auto_reply: bool
     ) -> dict:
-        """A staff member's message to the patient. No staff member receives it (recipient_ids is
-        empty), so the fan-out makes only the sender's Sent item, and no delivery event is held:
-        `message.delivered.v1` names a staff recipient."""
-        seal = self.components.cipher.seal
-        agency = caller.agency_id
-        sent_at = now_ms()
-        doc = {
-            "_id": message_id,
-            "kind": domain.KIND_PORTAL_MESSAGE,
-            "agency_id": agency,
-            "thread_id": thread["_id"],
-            "in_reply_to": original["_id"],
-            "auto_reply": 0,
-            "sender_kind": "staff",
-            "sender_id": caller.staff_id,
-            "sender_name": caller.name,
-            "patient_id": thread["patient_id"],
-            "to_patient_id": thread["patient_id"],
-            "to_staff_ids": [],
-            "to_team_ids": [],
-            "to_whole_agency": 0,
-            "recipient_ids": [],
-            "recipient_folder": domain.FOLDER_PORTAL,
-            "priority": priority,
-            "subject": seal(agency, message_id, "subject", subject),
-            "body": seal(agency, message_id, "body", body),
-            "links": seal(agency, message_id, "links", json.dumps(list(links))),
-            "sent_at": sent_at,
-            "fanout_pending_at": sent_at,
-        }
-        doc.update(outbox_fields([], ready=False))
-        return doc
+        """A staff member's message to the patient (Mailbox.compose). No staff member receives it
+        (no recipients), so the fan-out makes only the sender's Sent item, and no delivery event is
+        held: `message.delivered.v1` names a staff recipient."""
+        return self.components.mailbox.compose(
+            caller,
+            draft,
+            [],
+            message_id,
+            thread_id=thread["_id"],
+            in_reply_to=original["_id"],
+            auto_reply=auto_reply,
+            extra={
+                "kind": domain.KIND_PORTAL_MESSAGE,
+                "patient_id": thread["patient_id"],
+                "to_patient_id": thread["patient_id"],
+                "recipient_folder": domain.FOLDER_PORTAL,
+            },
+        )
 
     # --- staff read ---------------------------------------------------------------------------------
     def detail(self, caller: Identity, item: dict) -> dict:
         """The reading pane of a portal message: the message (audited by the mailbox) and the patient."""
-        view = self.components.mailbox.detail(caller, item)
         message = self.components.store.message(item["ref_id"])
+        view = self.components.mailbox.detail_of(caller, item, message)
         patient = {"id": message.get("patient_id", "")}
         if message.get("patient_name") is not None:
             patient["name"] = self.components.cipher.open(

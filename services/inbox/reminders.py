@@ -10,7 +10,6 @@ worker count each arrival exactly once. Snoozing hides it again with a new `due_
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import uuid
@@ -18,34 +17,43 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, g, request
-from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import DESCENDING
-from pymongo.errors import PyMongoError
 
-from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
+from services.inbox.delivery import delivered_event
 from services.inbox.http_api import only_query, staff_only
 from services.inbox.store import BOARD_ITEMS, REMOVE
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
-from services.kit.events import Envelope, failure_summary, new_envelope
-from services.kit.logs import correlation_id_var
+from services.kit.events import Envelope
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
-from services.kit.validation import Id, Link, Spec, Str, json_body, path_id, query_int, validate
+from services.kit.runtime import every
+from services.kit.validation import (
+    Id,
+    Instant,
+    Link,
+    Spec,
+    Str,
+    json_body,
+    path_id,
+    query_int,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
-PRODUCER = "inbox"
 TEXT_MAX_CHARS = 1000
 MAX_SNOOZE_MINUTES = 7 * 24 * 60
 DUE_BATCH = 200
-EARLIEST_YEAR, LATEST_YEAR = 2000, 2099
 
 # A staff member's reminders, newest first, pending ones included (they are in no board listing).
 INDEXES = [IndexSpec(BOARD_ITEMS, [("reminder_owner", 1), ("created_key", -1)], name="reminder_owner_created")]
+
+# How a reminder that is not the caller's is refused (404, audited).
+NOT_FOUND = {"resource_type": "reminder", "code": "reminder_not_found", "message": "no such reminder"}
 
 STATE_PENDING = "pending"
 STATE_DUE = "due"
@@ -58,21 +66,6 @@ STATE_COMPLETED = "completed"
 
 def new_reminder_id() -> str:
     return f"rem_{uuid.uuid4().hex[:24]}"
-
-
-def instant_ms(path: str, text: str) -> int:
-    """An ISO-8601 time as epoch ms. The UTC offset is required: staff of one agency work in
-    different time zones, so a bare local time would be ambiguous."""
-    refusal = InvalidInput("invalid_time", f"{path} must be an ISO-8601 time with a UTC offset", {"field": path})
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise refusal from exc
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise refusal
-    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
-        raise InvalidInput("invalid_time", f"{path} is out of range", {"field": path})
-    return int(moment.timestamp() * 1000)
 
 
 def reminder_state(item: dict) -> str:
@@ -115,40 +108,7 @@ def complete_patch(item: dict, now: int) -> dict | None:
     return {"completed_at": now, "read_at": item.get("read_at") or now, "unread_board": None, "due_pending_at": REMOVE}
 
 
-def delivered_event(item: dict, created: bool, at_ms: int) -> Envelope:
-    """`board_item.delivered.v1` for an item that landed on (or came back to) a board at `at_ms`."""
-    delivered_at = Timestamp()
-    delivered_at.FromMilliseconds(at_ms)
-    payload = inbox_pb2.BoardItemDelivered(
-        item_id=item["_id"],
-        agency_id=item["agency_id"],
-        recipient_staff_id=item["owner_id"],
-        board_kind=item.get("folder") or item.get("origin_folder", ""),
-        severity=inbox_pb2.SEVERITY_INFO,
-        created=created,
-        delivered_at=delivered_at,
-    )
-    return new_envelope(
-        "board_item.delivered.v1",
-        payload,
-        agency_id=item["agency_id"],
-        producer=PRODUCER,
-        correlation_id=correlation_id_var.get(),
-        event_id=f"{item['_id']}-{at_ms}-delivered",
-    )
-
-
 # --- request fields -------------------------------------------------------------------------------
-
-
-@dataclass
-class Instant(Str):
-    """An ISO-8601 time with offset, cleaned to epoch ms."""
-
-    max_len: int = 64
-
-    def clean(self, path: str, value: Any) -> int:
-        return instant_ms(path, super().clean(path, value))
 
 
 @dataclass
@@ -267,40 +227,25 @@ class Reminders(Feature):
         until = until if until is not None else now + minutes * 60_000
         if until <= now:
             raise InvalidInput("invalid_time", "until must be in the future", {"field": "until"})
-        self.own(caller, item_id, "snooze")
-        return self._change(caller, item_id, lambda it: snooze_patch(it, until, now))
+        item = self.own(caller, item_id, "snooze")
+        return self._change(caller, item, lambda it: snooze_patch(it, until, now))
 
     def complete(self, caller: Identity, item_id: str) -> dict:
-        self.own(caller, item_id, "complete")
-        return self._change(caller, item_id, lambda it: complete_patch(it, now_ms()))
+        item = self.own(caller, item_id, "complete")
+        return self._change(caller, item, lambda it: complete_patch(it, now_ms()))
 
-    def _change(self, caller: Identity, item_id: str, change) -> dict:
-        changed = self.components.store.change_item(item_id, change)
+    def _change(self, caller: Identity, item: dict, change) -> dict:
+        """Apply `change` to the reminder `own` just read (read again only if it changed meanwhile)."""
+        changed = self.components.store.change_item(item["_id"], change, current=item)
         if changed is None:
-            raise self._refuse(caller, item_id, "change")
+            raise self._refuse(caller, item["_id"], "change")
         return self.view(caller, changed[1])
 
     def own(self, caller: Identity, item_id: str, action: str) -> dict:
-        item = self.components.store.item(item_id)
-        if (
-            item is None
-            or item.get("kind") != domain.KIND_REMINDER
-            or item["agency_id"] != caller.agency_id
-            or item["owner_id"] != caller.staff_id
-        ):
-            raise self._refuse(caller, item_id, action)
-        return item
+        return self.components.board.own_item(caller, item_id, action, kind=domain.KIND_REMINDER, **NOT_FOUND)
 
     def _refuse(self, caller: Identity, item_id: str, action: str):
-        return audit.refuse(
-            self.components.store,
-            caller,
-            item_id,
-            action,
-            resource_type="reminder",
-            code="reminder_not_found",
-            message="no such reminder",
-        )
+        return audit.refuse(self.components.store, caller, item_id, action, **NOT_FOUND)
 
     # --- views -------------------------------------------------------------------------------------
     def view(self, caller: Identity, item: dict) -> dict:
@@ -321,8 +266,7 @@ class Reminders(Feature):
     def detail(self, caller: Identity, item: dict) -> dict:
         """The reading pane of a reminder (Board.open_item); audited."""
         shown = self.view(caller, item)
-        event = audit.accessed_event(caller, item["_id"], resource_type="reminder")
-        audit.record_access(self.components.store, event, item["_id"], "read", caller)
+        audit.record_read(self.components.store, caller, item["_id"], resource_type="reminder")
         return {key: shown[key] for key in ("text", "link", "state", "remind_at", "completed_at")}
 
     # --- the due worker ------------------------------------------------------------------------------
@@ -348,13 +292,12 @@ class Reminders(Feature):
         return delivered
 
     def run_due(self, stop: threading.Event) -> None:
-        while not stop.wait(self.due_interval_s):
-            try:
-                count = self.deliver_due()
-                if count:
-                    log.info("reminders came due", extra={"count": count})
-            except PyMongoError as exc:  # a failover or outage: the next pass tries again
-                log.warning("reminder pass failed (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__})
+        every(stop, self.due_interval_s, self._due_pass, "reminder")
+
+    def _due_pass(self) -> None:
+        count = self.deliver_due()
+        if count:
+            log.info("reminders came due", extra={"count": count})
 
     # --- routes ---------------------------------------------------------------------------------------
     def blueprint(self):

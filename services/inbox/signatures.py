@@ -22,14 +22,14 @@ from pymongo.errors import PyMongoError
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
+from services.inbox.delivery import delivered_event
 from services.inbox.http_api import only_query, staff_only
-from services.inbox.reminders import Instant, delivered_event
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
-from services.kit.events import failure_summary
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
-from services.kit.validation import Choice, Id, ListOf, Str, json_body, path_id, query_int, validate
+from services.kit.runtime import every
+from services.kit.validation import Choice, Id, Instant, ListOf, Str, json_body, path_id, query_int, validate
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +234,13 @@ class Signatures(Feature):
         now = now_ms()
         store = self.components.store
         request_items = self._request_items(doc)
+        inserted: set[str] = set()
         if not doc.get("items_placed"):
-            store.insert_board_items(_with_events(request_items))
+            inserted = {item["_id"] for item in store.insert_board_items(_with_events(request_items))}
             self.requests.update_one({"_id": {"$eq": doc["_id"]}}, {"$set": {"items_placed": now}})
         for item in request_items:
-            store.change_item(item["_id"], lambda it: status_patch(it, doc, now))
+            if item["_id"] not in inserted:  # one just inserted already shows this version
+                store.change_item(item["_id"], lambda it: status_patch(it, doc, now))
         placed = doc.get("outcomes_placed") or {}
         answered = [sid for sid in doc["signer_ids"] if doc["signers"][sid].get("responded_at") and sid not in placed]
         if answered:
@@ -309,14 +311,15 @@ class Signatures(Feature):
         )
 
     def repair(self, stop: threading.Event) -> None:
-        """Finish the board items of requests whose change was interrupted before they followed."""
-        while not stop.wait(self.repair_interval_s):
-            try:
-                self.repair_pending(now_ms() - SYNC_REPAIR_AFTER_MS)
-            except (PyMongoError, Conflict) as exc:  # the next pass tries again
-                log.warning(
-                    "signature repair pass failed (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__}
-                )
+        """Finish the board items of requests whose change was interrupted before they followed; a
+        pass that meets an outage or a busy item is tried again next time."""
+        every(
+            stop,
+            self.repair_interval_s,
+            lambda: self.repair_pending(now_ms() - SYNC_REPAIR_AFTER_MS),
+            "signature repair",
+            errors=(PyMongoError, Conflict),
+        )
 
     def repair_pending(self, older_than_ms: int, limit: int = 100) -> int:
         """Sync the requests whose marker is older than `older_than_ms`; returns how many."""
@@ -350,18 +353,14 @@ class Signatures(Feature):
     def read(self, caller: Identity, request_id: str) -> dict:
         doc = self._visible(caller, request_id, "read")
         shown = self.view(caller, doc)
-        self._audit_read(caller, request_id)
+        audit.record_read(self.components.store, caller, request_id, resource_type="signature_request")
         return shown
-
-    def _audit_read(self, caller: Identity, request_id: str) -> None:
-        event = audit.accessed_event(caller, request_id, resource_type="signature_request")
-        audit.record_access(self.components.store, event, request_id, "read", caller)
 
     def item_detail(self, caller: Identity, item: dict) -> dict:
         """The reading pane of a request or outcome item (Board.open_item); audited."""
         doc = self._visible(caller, item["request_id"], "read")
         shown = self.view(caller, doc)
-        self._audit_read(caller, doc["_id"])
+        audit.record_read(self.components.store, caller, doc["_id"], resource_type="signature_request")
         return {"signature_request": shown}
 
     def page(self, caller: Identity, cursor: str | None, limit: int) -> dict:
