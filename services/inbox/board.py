@@ -35,6 +35,25 @@ def iso(ms: int | None) -> str | None:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def collect(fetch, accept, before: str | None, limit: int, batch: int) -> tuple[list[dict], str | None]:
+    """Fill a page newest first from an index (`fetch(before, n)` -> documents with `sort_key`),
+    keeping what `accept` takes; stops after a bounded number of batches and hands back a cursor,
+    so a sparse filter never scans a whole board. Returns (page, next cursor or None)."""
+    out: list[dict] = []
+    cursor = before
+    for _ in range(MAX_SCAN_BATCHES):
+        docs = fetch(cursor, batch)
+        for doc in docs:
+            cursor = doc["sort_key"]
+            if accept(doc):
+                out.append(doc)
+                if len(out) > limit:
+                    return out[:limit], out[limit - 1]["sort_key"]
+        if len(docs) < batch:
+            return out, None
+    return out, cursor
+
+
 @dataclass
 class ItemFilter:
     unread: bool = False
@@ -164,30 +183,15 @@ class Board:
 
     @staticmethod
     def _collect(fetch, filters: ItemFilter, folder: str | None, before: str | None, limit: int):
-        """Fill a page from the index, applying the filters the index does not; stops after a bounded
-        number of batches and hands back a cursor, so a sparse filter never scans a whole board."""
-        out: list[dict] = []
-        cursor = before
-        batch = (
-            max(limit + 1, 50)
-            if (filters.kind or filters.label_id or (filters.unread and filters.urgent))
-            else limit + 1
-        )
-        for _ in range(MAX_SCAN_BATCHES):
-            docs = fetch(cursor, batch)
-            for doc in docs:
-                cursor = doc["sort_key"]
-                if doc.get("_gone") or not doc.get("board"):
-                    continue
-                if folder is not None and doc.get("folder") != folder:
-                    continue
-                if filters.accepts(doc):
-                    out.append(doc)
-                    if len(out) > limit:
-                        return out[:limit], out[limit - 1]["sort_key"]
-            if len(docs) < batch:
-                return out, None
-        return out, cursor
+        """A page of visible items in `folder` (None: any) that pass the filters the index does not."""
+        sparse = filters.kind or filters.label_id or (filters.unread and filters.urgent)
+
+        def accept(doc: dict) -> bool:
+            if doc.get("_gone") or not doc.get("board"):
+                return False
+            return (folder is None or doc.get("folder") == folder) and filters.accepts(doc)
+
+        return collect(fetch, accept, before, limit, batch=max(limit + 1, 50) if sparse else limit + 1)
 
     def summary(self, caller: Identity, item: dict) -> dict:
         agency = caller.agency_id
@@ -225,17 +229,27 @@ class Board:
         return out
 
     # --- one item ---------------------------------------------------------------
-    def own_item(self, caller: Identity, item_id: str, action: str) -> dict:
+    def own_item(
+        self,
+        caller: Identity,
+        item_id: str,
+        action: str,
+        *,
+        kind: str | None = None,
+        resource_type: str = "board_item",
+        code: str = "item_not_found",
+        message: str = "no such item",
+    ) -> dict:
+        """The caller's own item (of `kind`, when given); anything else is a 404, audited as refused."""
         item = self.store.item(item_id)
-        if item is None or item["agency_id"] != caller.agency_id or item["owner_id"] != caller.staff_id:
+        if (
+            item is None
+            or item["agency_id"] != caller.agency_id
+            or item["owner_id"] != caller.staff_id
+            or (kind is not None and item.get("kind") != kind)
+        ):
             raise audit.refuse(
-                self.store,
-                caller,
-                item_id,
-                action,
-                resource_type="board_item",
-                code="item_not_found",
-                message="no such item",
+                self.store, caller, item_id, action, resource_type=resource_type, code=code, message=message
             )
         return item
 

@@ -12,12 +12,12 @@ from services.inbox.reminders import (
     Reminders,
     complete_patch,
     due_patch,
-    instant_ms,
     reminder_state,
     snooze_patch,
 )
 from services.kit.errors import Conflict, Forbidden, InvalidInput, NotFound
 from services.kit.mongo import now_ms
+from services.kit.validation import instant_ms
 from tests.integration.conftest import wait_for
 from tests.integration.inbox_fixtures import staff
 
