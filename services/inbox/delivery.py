@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -125,8 +125,8 @@ class DeliveryRequest:
 
     folder: str
     addressing: domain.Addressing
-    title: str | None
-    summary: str | None
+    title: str | None = field(repr=False)  # minimum necessary, yet never in a repr
+    summary: str | None = field(repr=False)
     severity: str
     status: str | None
     due_at: int | None
