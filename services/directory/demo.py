@@ -27,6 +27,7 @@ RIVERBEND = Agency(
     notify_linked_staff_on_schedule_change=True,
     terminology=Terminology(patient_singular="Client", patient_plural="Clients"),
     portal_consumer=PORTAL_CONSUMER,
+    compliance_escalation_minutes=4 * 60,
 )
 LAKESIDE = Agency(
     id="agy_lakeside", name="Lakeside Family Clinic", time_zone="America/New_York", portal_consumer=PORTAL_CONSUMER
@@ -39,7 +40,9 @@ PRESCRIBER = (ROLE_STAFF, ROLE_PRESCRIBER)
 COMPLIANCE = (ROLE_STAFF, ROLE_COMPLIANCE_OFFICER)
 
 
-def _staff(agency: Agency, key: str, username: str, name: str, roles=S, *, lab=False, erx=False, active=True):
+def _staff(
+    agency: Agency, key: str, username: str, name: str, roles=S, *, lab=False, erx=False, active=True, supervisor=""
+):
     return StaffMember(
         id=f"stf_{agency.id.removeprefix('agy_')}_{key}",
         agency_id=agency.id,
@@ -50,25 +53,28 @@ def _staff(agency: Agency, key: str, username: str, name: str, roles=S, *, lab=F
         lab_result_notification=lab,
         eprescribing_enabled=erx,
         active=active,
+        supervisor_id=f"stf_{agency.id.removeprefix('agy_')}_{supervisor}" if supervisor else "",
     )
 
 
 R = RIVERBEND
+# Supervisors: clinicians and case managers report to Dr. Hall, nurses to Dr. Reyes; front desk,
+# intake and billing have none, so their overdue compliance items go to the compliance officer.
 STAFF = (
     _staff(R, "admin", "admin", "Alex Morgan", ADMIN),
     _staff(R, "reyes", "dr.reyes", "Dr. Elena Reyes", PRESCRIBER, lab=True, erx=True),
-    _staff(R, "kim", "nurse.kim", "Jordan Kim, RN", lab=True),
+    _staff(R, "kim", "nurse.kim", "Jordan Kim, RN", lab=True, supervisor="reyes"),
     _staff(R, "ortiz", "compliance.ortiz", "Sam Ortiz", COMPLIANCE),
     _staff(R, "chen", "dr.chen", "Dr. Wei Chen", PRESCRIBER, lab=True, erx=True),
     _staff(R, "brooks", "np.brooks", "Taylor Brooks, PMHNP", PRESCRIBER, lab=True, erx=True),
-    _staff(R, "white", "nurse.white", "Rachel White, RN", lab=True),
-    _staff(R, "patel", "therapist.patel", "Priya Patel, LCSW"),
-    _staff(R, "nguyen", "therapist.nguyen", "Minh Nguyen, LPC"),
-    _staff(R, "johnson", "therapist.johnson", "Marcus Johnson, LMFT"),
+    _staff(R, "white", "nurse.white", "Rachel White, RN", lab=True, supervisor="reyes"),
+    _staff(R, "patel", "therapist.patel", "Priya Patel, LCSW", supervisor="hall"),
+    _staff(R, "nguyen", "therapist.nguyen", "Minh Nguyen, LPC", supervisor="hall"),
+    _staff(R, "johnson", "therapist.johnson", "Marcus Johnson, LMFT", supervisor="hall"),
     _staff(R, "hall", "therapist.hall", "Jordan Hall, PsyD"),
-    _staff(R, "garcia", "casemgr.garcia", "Lucia Garcia"),
-    _staff(R, "oconnor", "casemgr.oconnor", "Sean O'Connor"),
-    _staff(R, "martin", "peer.martin", "Riley Martin"),
+    _staff(R, "garcia", "casemgr.garcia", "Lucia Garcia", supervisor="hall"),
+    _staff(R, "oconnor", "casemgr.oconnor", "Sean O'Connor", supervisor="hall"),
+    _staff(R, "martin", "peer.martin", "Riley Martin", supervisor="hall"),
     _staff(R, "wilson", "intake.wilson", "Chris Wilson"),
     _staff(R, "thompson", "intake.thompson", "Dana Thompson"),
     _staff(R, "davis", "frontdesk.davis", "Jamie Davis"),
@@ -77,7 +83,7 @@ STAFF = (
     _staff(R, "young", "former.young", "Casey Young", active=False),  # deactivated: never a recipient
     _staff(LAKESIDE, "admin", "lakeside.admin", "Pat Quinn", ADMIN),
     _staff(LAKESIDE, "ramirez", "dr.ramirez", "Dr. Luis Ramirez", PRESCRIBER, lab=True, erx=True),
-    _staff(LAKESIDE, "foster", "nurse.foster", "Kelly Foster, RN", lab=True),
+    _staff(LAKESIDE, "foster", "nurse.foster", "Kelly Foster, RN", lab=True, supervisor="ramirez"),
     _staff(LAKESIDE, "baker", "frontdesk.baker", "Jesse Baker"),
 )
 

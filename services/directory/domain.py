@@ -33,6 +33,11 @@ PORTAL_CONSUMER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 EMAIL_PATTERN = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 DEFAULT_PATIENT_SINGULAR = "Patient"
 DEFAULT_PATIENT_PLURAL = "Patients"
+# How long a compliance item may stay overdue before it is escalated: a day by default, from a
+# minute (testing a workflow) to thirty days.
+DEFAULT_COMPLIANCE_ESCALATION_MINUTES = 24 * 60
+MIN_COMPLIANCE_ESCALATION_MINUTES = 1
+MAX_COMPLIANCE_ESCALATION_MINUTES = 30 * 24 * 60
 
 
 def new_id(prefix: str) -> str:
@@ -59,6 +64,7 @@ class Agency:
     terminology: Terminology = field(default_factory=Terminology)
     # Gateway consumer (Kong username) of the patient portal serving this agency; "" = no portal.
     portal_consumer: str = ""
+    compliance_escalation_minutes: int = DEFAULT_COMPLIANCE_ESCALATION_MINUTES
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class StaffMember:
     lab_result_notification: bool = False
     eprescribing_enabled: bool = False
     active: bool = True
+    # Told when this member's compliance items stay overdue; "" = none (the compliance officers are).
+    supervisor_id: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -162,6 +170,26 @@ def check_email(email: str) -> str:
     if email and not EMAIL_PATTERN.fullmatch(email):
         raise InvalidInput("invalid_email", "email is not a valid address", {"field": "email"})
     return email
+
+
+def check_supervisor(member_id: str, supervisor: StaffMember | None, wanted: str) -> str:
+    """`wanted` as a member's supervisor: "" for none, else an active staff member of the member's
+    agency other than the member (`supervisor` is that id looked up in the agency, None if absent).
+
+    Only one hop is ever followed (escalation tells the supervisor, not the supervisor's supervisor),
+    so a loop between two members is harmless and not refused.
+    """
+    if not wanted:
+        return ""
+    if wanted == member_id:
+        raise InvalidInput("invalid_supervisor", "a staff member cannot supervise themself", {"field": "supervisor_id"})
+    if supervisor is None or not supervisor.active:
+        raise InvalidInput(
+            "invalid_supervisor",
+            "supervisor_id must be an active staff member of the agency",
+            {"field": "supervisor_id"},
+        )
+    return wanted
 
 
 def check_portal_consumer(raw: str) -> str:

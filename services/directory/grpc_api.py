@@ -39,6 +39,7 @@ ROLE_TO_PROTO = {
     ROLE_COMPLIANCE_OFFICER: directory_pb2.ROLE_COMPLIANCE_OFFICER,
     ROLE_PRESCRIBER: directory_pb2.ROLE_PRESCRIBER,
 }
+PROTO_TO_ROLE = {number: role for role, number in ROLE_TO_PROTO.items()}
 SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/IssueServiceToken"})
 
@@ -54,6 +55,7 @@ def staff_message(member: StaffMember, team_ids: list[str]) -> directory_pb2.Sta
         eprescribing_enabled=member.eprescribing_enabled,
         active=member.active,
         team_ids=team_ids,
+        supervisor_id=member.supervisor_id,
     )
 
 
@@ -111,6 +113,23 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             ),
             time_zone=agency.time_zone,
             portal_consumer=agency.portal_consumer,
+            compliance_escalation_minutes=agency.compliance_escalation_minutes,
+        )
+
+    def ListStaff(self, request: directory_pb2.ListStaffRequest, context) -> directory_pb2.ListStaffResponse:
+        agency_id = agency_caller().agency_id
+        role = PROTO_TO_ROLE.get(request.role) if request.role else None
+        if request.role and role is None:
+            raise InvalidInput("unknown_role", "unknown role")
+        chosen = [
+            member
+            for member in self.store.list_staff(agency_id)
+            if member.active
+            and (role is None or role in member.roles)
+            and (member.lab_result_notification or not request.lab_result_notification_only)
+        ]
+        return directory_pb2.ListStaffResponse(
+            staff=[staff_message(member, []) for member in sorted(chosen, key=lambda m: m.id)]
         )
 
     def GetPortalPatient(

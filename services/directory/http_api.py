@@ -31,7 +31,7 @@ from services.directory.sessions import Grant, TooManyAttempts
 from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput, NotFound
 from services.kit.http import create_app, error_response, require_auth
-from services.kit.validation import Bool, Fields, Id, ListOf, Str, json_body, path_id, query_int, validate
+from services.kit.validation import Bool, Fields, Id, Int, ListOf, Str, json_body, path_id, query_int, validate
 
 if TYPE_CHECKING:
     from services.directory.service import Directory
@@ -40,6 +40,8 @@ PASSWORD = Str(max_len=domain.PASSWORD_MAX_LENGTH, strip=False)
 LOGIN = {"username": Str(max_len=254), "password": PASSWORD}
 REFRESH = {"refresh_token": Str(max_len=512)}
 ROLE_LIST = ListOf(item=Str(max_len=40), max_items=10, required=False)
+# "" clears it; otherwise an id, checked against the agency's active staff.
+SUPERVISOR = Str(max_len=64, min_len=0, required=False)
 NEW_STAFF = {
     "username": Str(max_len=64),
     "display_name": Str(max_len=120),
@@ -49,6 +51,7 @@ NEW_STAFF = {
     "lab_result_notification": Bool(),
     "eprescribing_enabled": Bool(),
     "active": Bool(),
+    "supervisor_id": SUPERVISOR,
 }
 STAFF_CHANGES = {
     "display_name": Str(max_len=120, required=False),
@@ -58,6 +61,7 @@ STAFF_CHANGES = {
     "lab_result_notification": Bool(),
     "eprescribing_enabled": Bool(),
     "active": Bool(),
+    "supervisor_id": SUPERVISOR,
 }
 MEMBER_IDS = ListOf(item=Id(), max_items=domain.MAX_IDS_PER_CALL, required=False)
 NEW_TEAM = {"name": Str(max_len=100), "member_ids": MEMBER_IDS}
@@ -69,6 +73,9 @@ AGENCY_CHANGES = {
         {
             "notify_linked_staff_on_schedule_change": Bool(),
             "portal_consumer": Str(max_len=64, min_len=0, required=False),
+            "compliance_escalation_minutes": Int(
+                minimum=domain.MIN_COMPLIANCE_ESCALATION_MINUTES, maximum=domain.MAX_COMPLIANCE_ESCALATION_MINUTES
+            ),
         }
     ),
     "terminology": Fields(
@@ -116,6 +123,7 @@ def staff_view(member: StaffMember) -> dict:
         "lab_result_notification": member.lab_result_notification,
         "eprescribing_enabled": member.eprescribing_enabled,
         "active": member.active,
+        "supervisor_id": member.supervisor_id,
     }
 
 
@@ -135,7 +143,10 @@ def team_view(team: Team) -> dict:
 def agency_view(agency: Agency, for_admin: bool = False) -> dict:
     """The agency's settings; which gateway consumer serves its patient portal is shown to admins only
     (it names the partner integration, which only they configure)."""
-    options: dict[str, Any] = {"notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change}
+    options: dict[str, Any] = {
+        "notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change,
+        "compliance_escalation_minutes": agency.compliance_escalation_minutes,
+    }
     if for_admin:
         options["portal_consumer"] = agency.portal_consumer
     return {
@@ -305,6 +316,7 @@ def create_staff(admin: Identity):
         eprescribing_enabled=body.get("eprescribing_enabled", False),
         active=body.get("active", True),
     )
+    member = replace(member, supervisor_id=_supervisor(member, body.get("supervisor_id", "")))
     components = _components()
     components.store.create_staff(member, components.hasher.hash(password))
     return _created(staff_detail_view(member, []), f"/api/v1/directory/staff/{member.id}")
@@ -325,6 +337,8 @@ def update_staff(admin: Identity, staff_id: str):
         changes["email"] = domain.check_email(body["email"])
     if "roles" in body:
         changes["roles"] = domain.normalize_roles(body["roles"])
+    if "supervisor_id" in body:
+        changes["supervisor_id"] = _supervisor(member, body["supervisor_id"])
     updated = replace(member, **changes)
     password_hash = None
     if "password" in body:
@@ -381,6 +395,8 @@ def update_agency(admin: Identity):
         agency = replace(
             agency, notify_linked_staff_on_schedule_change=options["notify_linked_staff_on_schedule_change"]
         )
+    if "compliance_escalation_minutes" in options:
+        agency = replace(agency, compliance_escalation_minutes=options["compliance_escalation_minutes"])
     if "portal_consumer" in options:
         agency = replace(agency, portal_consumer=domain.check_portal_consumer(options["portal_consumer"]))
     terminology: Terminology = replace(agency.terminology, **body.get("terminology", {}))
@@ -456,6 +472,14 @@ def _existing_agency(agency_id: str) -> Agency:
     if agency is None:
         raise NotFound("not_found", "no such agency")
     return agency
+
+
+def _supervisor(member: StaffMember, wanted: str) -> str:
+    """The supervisor id to store for `member` (400 `invalid_supervisor` unless an active colleague)."""
+    supervisor = None
+    if wanted and domain.is_well_formed_id(wanted) and wanted != member.id:
+        supervisor = _components().store.get_staff(member.agency_id, wanted)
+    return domain.check_supervisor(member.id, supervisor, wanted)
 
 
 def _known_members(agency_id: str, member_ids: list[str]) -> tuple[str, ...]:

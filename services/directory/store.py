@@ -35,6 +35,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.directory import events
 from services.directory.domain import (
+    DEFAULT_COMPLIANCE_ESCALATION_MINUTES,
     Agency,
     LoginAttempts,
     PortalPatient,
@@ -116,6 +117,9 @@ def _agency(doc: dict) -> Agency:
             patient_plural=doc.get("patient_plural") or Terminology.patient_plural,
         ),
         portal_consumer=doc.get("portal_consumer") or "",
+        compliance_escalation_minutes=int(
+            doc.get("compliance_escalation_minutes") or DEFAULT_COMPLIANCE_ESCALATION_MINUTES
+        ),
     )
 
 
@@ -130,6 +134,7 @@ def _staff(doc: dict) -> StaffMember:
         lab_result_notification=bool(doc.get("lab_result_notification", False)),
         eprescribing_enabled=bool(doc.get("eprescribing_enabled", False)),
         active=not doc.get("deactivated_at"),
+        supervisor_id=doc.get("supervisor_id") or "",
     )
 
 
@@ -155,6 +160,7 @@ def _staff_fields(member: StaffMember, now: int) -> dict:
         "roles": list(member.roles),
         "lab_result_notification": member.lab_result_notification,
         "eprescribing_enabled": member.eprescribing_enabled,
+        "supervisor_id": member.supervisor_id,
         "updated_at": now,
     }
 
@@ -221,6 +227,7 @@ class DirectoryStore:
             "patient_singular": agency.terminology.patient_singular,
             "patient_plural": agency.terminology.patient_plural,
             "portal_consumer": agency.portal_consumer,
+            "compliance_escalation_minutes": agency.compliance_escalation_minutes,
         }
 
     # --- staff ------------------------------------------------------------------------------

@@ -85,6 +85,24 @@ class Bool(Spec):
 
 
 @dataclass
+class Int(Spec):
+    """A whole number within [minimum, maximum]; true/false and 1.0 are not numbers here."""
+
+    minimum: int = 0
+    maximum: int = 2**31 - 1
+    required: bool = False
+
+    def clean(self, path: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(path, "a whole number")
+        if not self.minimum <= value <= self.maximum:
+            raise InvalidInput(
+                "out_of_range", f"{path} must be between {self.minimum} and {self.maximum}", {"field": path}
+            )
+        return value
+
+
+@dataclass
 class Choice(Spec):
     choices: tuple[str, ...] = ()
     required: bool = False

@@ -383,7 +383,7 @@ def test_agency_settings_are_read_by_anyone_and_changed_by_admins(dut, admin, cl
         "id": "agy_riverbend",
         "name": "Riverbend Behavioral Health",
         "time_zone": "America/Chicago",
-        "options": {"notify_linked_staff_on_schedule_change": True},
+        "options": {"notify_linked_staff_on_schedule_change": True, "compliance_escalation_minutes": 240},
         "terminology": {"patient_singular": "Client", "patient_plural": "Clients"},
     }
     response = dut.client.patch(
@@ -412,6 +412,11 @@ def test_agency_settings_are_read_by_anyone_and_changed_by_admins(dut, admin, cl
         ({"options": {"notify_linked_staff_on_schedule_change": 1}}, "invalid_type"),
         ({"terminology": {"patient_singular": {"$gt": ""}}}, "invalid_type"),
         ({"terminology": "Client"}, "invalid_type"),
+        ({"options": {"compliance_escalation_minutes": "60"}}, "invalid_type"),
+        ({"options": {"compliance_escalation_minutes": {"$gt": 0}}}, "invalid_type"),
+        ({"options": {"compliance_escalation_minutes": True}}, "invalid_type"),
+        ({"options": {"compliance_escalation_minutes": 0}}, "out_of_range"),
+        ({"options": {"compliance_escalation_minutes": 30 * 24 * 60 + 1}}, "out_of_range"),
     ],
 )
 def test_agency_changes_are_validated(dut, admin, body, code):
@@ -480,3 +485,71 @@ def test_unknown_routes_and_health_answer_json(dut):
     missing = dut.client.get("/api/v1/directory/nothing-here")
     assert missing.status_code == 404 and missing.get_json()["code"] == "not_found"
     assert dut.client.get("/healthz").get_json() == {"status": "ok", "service": "directory"}
+
+
+def test_the_compliance_escalation_delay_is_an_agency_option(dut, admin, clinician):
+    lakeside = dut.client.get("/api/v1/directory/agency", headers=dut.as_user("dr.ramirez")).get_json()
+    assert lakeside["options"]["compliance_escalation_minutes"] == 24 * 60  # the default
+    response = dut.client.patch(
+        "/api/v1/directory/agency", json={"options": {"compliance_escalation_minutes": 90}}, headers=admin
+    )
+    assert response.status_code == 200
+    assert response.get_json()["options"]["compliance_escalation_minutes"] == 90
+    after = dut.client.get("/api/v1/directory/agency", headers=clinician).get_json()
+    assert after["options"]["compliance_escalation_minutes"] == 90
+    assert after["options"]["notify_linked_staff_on_schedule_change"] is True
+    assert dut.store.get_agency("agy_lakeside").compliance_escalation_minutes == 24 * 60
+
+
+def test_demo_staff_have_supervisors(dut, clinician):
+    kim = dut.client.get(KIM, headers=clinician).get_json()
+    assert kim["supervisor_id"] == "stf_riverbend_reyes"
+    davis = dut.client.get("/api/v1/directory/staff/stf_riverbend_davis", headers=clinician).get_json()
+    assert davis["supervisor_id"] == ""
+
+
+def test_admin_sets_changes_and_clears_a_supervisor(dut, admin):
+    created = dut.client.post(
+        "/api/v1/directory/staff", json={**NEW_STAFF, "supervisor_id": "stf_riverbend_hall"}, headers=admin
+    )
+    assert created.status_code == 201
+    assert created.get_json()["supervisor_id"] == "stf_riverbend_hall"
+    path = f"/api/v1/directory/staff/{created.get_json()['id']}"
+    changed = dut.client.patch(path, json={"supervisor_id": "stf_riverbend_reyes"}, headers=admin)
+    assert changed.status_code == 200 and changed.get_json()["supervisor_id"] == "stf_riverbend_reyes"
+    unrelated = dut.client.patch(path, json={"display_name": "Avery Quinn, LICSW"}, headers=admin)
+    assert unrelated.get_json()["supervisor_id"] == "stf_riverbend_reyes"
+    cleared = dut.client.patch(path, json={"supervisor_id": ""}, headers=admin)
+    assert cleared.get_json()["supervisor_id"] == ""
+    assert dut.store.get_staff("agy_riverbend", created.get_json()["id"]).supervisor_id == ""
+
+
+@pytest.mark.parametrize(
+    ("supervisor_id", "code"),
+    [
+        ("stf_riverbend_kim", "invalid_supervisor"),  # themself
+        ("stf_riverbend_young", "invalid_supervisor"),  # deactivated
+        ("stf_lakeside_ramirez", "invalid_supervisor"),  # another agency's
+        ("stf_nobody", "invalid_supervisor"),
+        ("../etc", "invalid_supervisor"),
+        ({"$gt": ""}, "invalid_type"),
+        (7, "invalid_type"),
+    ],
+)
+def test_a_supervisor_must_be_an_active_colleague(dut, admin, supervisor_id, code):
+    response = dut.client.patch(KIM, json={"supervisor_id": supervisor_id}, headers=admin)
+    assert response.status_code == 400
+    assert response.get_json()["code"] == code
+    assert dut.store.get_staff("agy_riverbend", "stf_riverbend_kim").supervisor_id == "stf_riverbend_reyes"
+    if supervisor_id == "stf_riverbend_kim":
+        return  # a new member cannot name themself: their id does not exist yet
+    created = dut.client.post(
+        "/api/v1/directory/staff", json={**NEW_STAFF, "supervisor_id": supervisor_id}, headers=admin
+    )
+    assert created.status_code == 400
+    assert dut.store.credentials("therapist.quinn") is None
+
+
+def test_only_admins_set_supervisors(dut, clinician):
+    response = dut.client.patch(KIM, json={"supervisor_id": "stf_riverbend_chen"}, headers=clinician)
+    assert response.status_code == 403

@@ -143,12 +143,52 @@ def test_get_agency_settings_answers_for_the_callers_agency(dut, stub, riverbend
     assert response.terminology.patient_singular == "Client"
     assert response.terminology.patient_plural == "Clients"
     assert response.time_zone == "America/Chicago"
+    assert response.compliance_escalation_minutes == 240
     lakeside = stub.GetAgencySettings(
         directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.ramirez"), timeout=5
     )
     assert lakeside.agency_id == "agy_lakeside"
     assert lakeside.notify_linked_staff_on_schedule_change is False
     assert lakeside.terminology.patient_singular == "Patient"
+    assert lakeside.compliance_escalation_minutes == 24 * 60
+
+
+def test_get_staff_names_each_members_supervisor(stub, riverbend):
+    response = stub.GetStaff(
+        directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_kim", "stf_riverbend_davis"]),
+        metadata=riverbend,
+        timeout=5,
+    )
+    assert [(m.staff_id, m.supervisor_id) for m in response.staff] == [
+        ("stf_riverbend_kim", "stf_riverbend_reyes"),
+        ("stf_riverbend_davis", ""),
+    ]
+
+
+def test_list_staff_filters_active_staff_by_role_and_lab_flag(dut, stub, riverbend):
+    officers = stub.ListStaff(
+        directory_pb2.ListStaffRequest(role=directory_pb2.ROLE_COMPLIANCE_OFFICER), metadata=riverbend, timeout=5
+    )
+    assert [m.staff_id for m in officers.staff] == ["stf_riverbend_ortiz"]
+    lab = stub.ListStaff(
+        directory_pb2.ListStaffRequest(lab_result_notification_only=True), metadata=riverbend, timeout=5
+    )
+    assert [m.staff_id for m in lab.staff] == sorted(
+        f"stf_riverbend_{k}" for k in ("reyes", "kim", "chen", "brooks", "white")
+    )
+    everyone = stub.ListStaff(directory_pb2.ListStaffRequest(), metadata=riverbend, timeout=5)
+    ids = [m.staff_id for m in everyone.staff]
+    assert len(ids) == 19 and ids == sorted(ids)
+    assert "stf_riverbend_young" not in ids and not any(i.startswith("stf_lakeside") for i in ids)
+    lakeside = stub.ListStaff(
+        directory_pb2.ListStaffRequest(role=directory_pb2.ROLE_COMPLIANCE_OFFICER),
+        metadata=bearer(dut, "dr.ramirez"),
+        timeout=5,
+    )
+    assert list(lakeside.staff) == []
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListStaff(directory_pb2.ListStaffRequest(role=42), metadata=riverbend, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_a_call_without_a_token_is_unauthenticated(stub):

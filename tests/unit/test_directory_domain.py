@@ -172,8 +172,17 @@ def test_patient_cursors_are_sort_keys():
     key = domain.patient_sort_key(1_700_000_000_000, "pat_x-1")
     assert key == "001700000000000.pat_x-1"
     assert domain.is_patient_cursor(key)
-    for bad in ("", "1700000000000.pat_x", "001700000000000", "001700000000000.", "00170000000000a.pat",
-                "001700000000000.pat x", '{"$gt":1}', "０01700000000000.pat", "001700000000000." + "p" * 65):
+    for bad in (
+        "",
+        "1700000000000.pat_x",
+        "001700000000000",
+        "001700000000000.",
+        "00170000000000a.pat",
+        "001700000000000.pat x",
+        '{"$gt":1}',
+        "０01700000000000.pat",
+        "001700000000000." + "p" * 65,
+    ):
         assert not domain.is_patient_cursor(bad), bad
 
 
@@ -190,3 +199,18 @@ def test_failed_sign_ins_lock_until_the_lockout_ends():
 def test_the_limit_locks_on_the_last_allowed_failure():
     assert not domain.lock_reached(9, 10)
     assert domain.lock_reached(10, 10)
+
+
+def test_a_supervisor_is_an_active_colleague_other_than_the_member():
+    assert domain.check_supervisor("stf_ann", STAFF["stf_bob"], "stf_bob") == "stf_bob"
+    assert domain.check_supervisor("stf_ann", None, "") == ""
+
+
+@pytest.mark.parametrize(
+    ("wanted", "found"),
+    [("stf_ann", STAFF["stf_ann"]), ("stf_dan", STAFF["stf_dan"]), ("stf_nobody", None)],
+)
+def test_self_inactive_or_unknown_supervisors_are_refused(wanted, found):
+    with pytest.raises(InvalidInput) as caught:
+        domain.check_supervisor("stf_ann", found, wanted)
+    assert caught.value.code == "invalid_supervisor"

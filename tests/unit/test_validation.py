@@ -2,7 +2,7 @@ import pytest
 from flask import Flask
 
 from services.kit.errors import InvalidInput, UnsupportedMediaType
-from services.kit.validation import Bool, Choice, Id, Link, ListOf, Str, json_body, query_int, validate
+from services.kit.validation import Bool, Choice, Id, Int, Link, ListOf, Str, json_body, query_int, validate
 
 SPEC = {
     "to": ListOf(Id(), max_items=3),
@@ -43,6 +43,27 @@ def test_valid_body_is_cleaned():
 )
 def test_bad_fields_have_stable_codes(body, code):
     assert code_of(body) == code
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (True, "invalid_type"),
+        (1.0, "invalid_type"),
+        ("5", "invalid_type"),
+        ({"$gt": 0}, "invalid_type"),
+        (0, "out_of_range"),
+        (61, "out_of_range"),
+    ],
+)
+def test_whole_numbers_are_typed_and_bounded(value, code):
+    with pytest.raises(InvalidInput) as caught:
+        validate({"minutes": value}, {"minutes": Int(minimum=1, maximum=60)})
+    assert caught.value.code == code
+
+
+def test_a_whole_number_in_range_is_kept():
+    assert validate({"minutes": 60}, {"minutes": Int(minimum=1, maximum=60)}) == {"minutes": 60}
 
 
 def test_json_body_rejects_malformed_and_non_objects():
