@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import jwt
@@ -50,10 +50,12 @@ class Ports:
     inbox_http: int = 8102
     inbox_grpc: int = 50052
     mongo: int = 27018
+    notifications_http: int = 8103
+    notifications_mllp: int = 2575
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in fields(cls)))
 
 
 @dataclass
@@ -70,7 +72,7 @@ class StackConfig:
 class Stack:
     """The processes of the system, started in dependency order."""
 
-    SERVICES = ("directory", "inbox", "gateway")
+    SERVICES = ("directory", "inbox", "notifications", "gateway")
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -80,6 +82,7 @@ class Stack:
         self.mongo: EmbeddedMongo | None = None
         self.demo_logins: list[dict] = []
         self.patient_portal_api_key = ""
+        self.lab_interface_api_key = ""
 
     # --- addresses ----------------------------------------------------------
     @property
@@ -93,6 +96,10 @@ class Stack:
     @property
     def inbox_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.inbox_http}"
+
+    @property
+    def notifications_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.notifications_http}"
 
     @property
     def mongo_uri(self) -> str:
@@ -111,6 +118,9 @@ class Stack:
                 "DIRECTORY_GRPC_PORT": str(p.directory_grpc),
                 "INBOX_HTTP_PORT": str(p.inbox_http),
                 "INBOX_GRPC_PORT": str(p.inbox_grpc),
+                "NOTIFICATIONS_HTTP_PORT": str(p.notifications_http),
+                "NOTIFICATIONS_MLLP_PORT": str(p.notifications_mllp),
+                "NOTIFICATIONS_PUBLIC_URL": self.gateway_url,
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
                 "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
             }
@@ -148,9 +158,12 @@ class Stack:
         if self.config.seed_demo:
             self.demo_logins = self._seed(env)
         inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
+        notifications = self._spawn("notifications", [sys.executable, "-m", "services.notifications"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
+        self.lab_interface_api_key = dev_secret(self.run_dir, "lab-interface-api-key", lambda: os.urandom(24).hex())
         gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
         wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log", inbox)
+        wait_http(f"{self.notifications_url}/readyz", "notifications", self.logs / "notifications.log", notifications)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
 
     def _check_ports_free(self) -> None:
@@ -175,8 +188,10 @@ class Stack:
             "GATEWAY_CONFIG": str(REPO_ROOT / "gateway" / "kong.yml"),
             "DECK_DIRECTORY_URL": self.directory_url,
             "DECK_INBOX_URL": self.inbox_url,
+            "DECK_NOTIFICATIONS_URL": self.notifications_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
+            "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,
             "DECK_RATE_LIMIT_MINUTE": "6000",
             "DECK_AUTH_RATE_LIMIT_MINUTE": "120",
             "DECK_CORS_ORIGIN": self.gateway_url,
@@ -410,6 +425,8 @@ def print_welcome(stack: Stack) -> None:
         print(f"  {login['username']:<20} {login['password']:<22} {login.get('agency', ''):<30} {roles}")
     print()
     print(f"Partner API key for the patient portal consumer: {stack.patient_portal_api_key}")
+    print(f"Partner API key for the lab interface consumer:  {stack.lab_interface_api_key}")
+    print(f"HL7 v2 MLLP listener (lab results): 127.0.0.1:{stack.config.ports.notifications_mllp}")
     print("Try it:")
     print(
         f"  curl -s -X POST {stack.gateway_url}/api/v1/auth/token -H 'Content-Type: application/json' "

@@ -1,0 +1,85 @@
+"""Notifications settings: the only reader of the environment for this service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.kit.settings import CommonSettings, Env, common_settings
+
+# Development registrations for the demo agencies (services/directory/demo.py); production names its own.
+DEV_FACILITIES = "RIVERBEND=agy_riverbend,LAKESIDE=agy_lakeside"
+DEV_PARTNERS = "lab-interface=agy_riverbend+agy_lakeside"
+
+
+@dataclass(frozen=True)
+class NotificationsSettings:
+    common: CommonSettings
+    http_port: int
+    mllp_host: str
+    mllp_port: int
+    mllp_max_message_bytes: int
+    mllp_max_connections: int
+    mllp_idle_timeout_s: float
+    directory_grpc_target: str
+    directory_jwks_url: str
+    public_url: str
+    max_request_bytes: int
+    relay_batch_size: int
+    recipients_cache_s: float
+    # Receiving facility (MSH-6.1) -> agency id, for every HL7 v2 message type.
+    facilities: dict[str, str]
+    # Gateway consumer (partner system) -> the agencies it may send for.
+    partners: dict[str, frozenset[str]]
+
+
+def parse_facilities(raw: str, problems: list[str]) -> dict[str, str]:
+    """'FACILITY=agy_id[,FACILITY=agy_id...]'."""
+    facilities: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        facility, _, agency = item.partition("=")
+        facility, agency = facility.strip(), agency.strip()
+        if not facility or not agency.startswith("agy_") or "|" in facility or "^" in facility:
+            problems.append(f"NOTIFICATIONS_FACILITIES entries must be 'FACILITY=agy_...', got {item!r}")
+            continue
+        facilities[facility] = agency
+    return facilities
+
+
+def parse_partners(raw: str, problems: list[str]) -> dict[str, frozenset[str]]:
+    """'consumer=agy_a+agy_b[,consumer=agy_c...]'."""
+    partners: dict[str, frozenset[str]] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        consumer, _, agencies = item.partition("=")
+        ids = frozenset(a.strip() for a in agencies.split("+") if a.strip())
+        if not consumer.strip() or not ids or not all(a.startswith("agy_") for a in ids):
+            problems.append(f"NOTIFICATIONS_PARTNERS entries must be 'consumer=agy_a+agy_b', got {item!r}")
+            continue
+        partners[consumer.strip()] = ids
+    return partners
+
+
+def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
+    env = Env("notifications", environ)
+    common = common_settings(env)
+    facilities_raw = env.str("NOTIFICATIONS_FACILITIES", "" if env.production else DEV_FACILITIES)
+    partners_raw = env.str("NOTIFICATIONS_PARTNERS", "" if env.production else DEV_PARTNERS)
+    settings = NotificationsSettings(
+        common=common,
+        http_port=env.int("NOTIFICATIONS_HTTP_PORT", 8103, minimum=0, maximum=65535),
+        mllp_host=env.str("NOTIFICATIONS_MLLP_HOST", "127.0.0.1"),
+        mllp_port=env.int("NOTIFICATIONS_MLLP_PORT", 2575, minimum=0, maximum=65535),
+        mllp_max_message_bytes=env.int("MLLP_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
+        mllp_max_connections=env.int("MLLP_MAX_CONNECTIONS", 64, minimum=1, maximum=4096),
+        mllp_idle_timeout_s=env.float("MLLP_IDLE_TIMEOUT_S", 300.0, minimum=1.0),
+        directory_grpc_target=env.str("DIRECTORY_GRPC_TARGET", "127.0.0.1:50051"),
+        directory_jwks_url=env.url("DIRECTORY_JWKS_URL", "http://127.0.0.1:8101/api/v1/auth/jwks", ("http", "https")),
+        public_url=env.url("NOTIFICATIONS_PUBLIC_URL", "http://127.0.0.1:8000", ("http", "https")).rstrip("/"),
+        max_request_bytes=env.int("NOTIFICATIONS_MAX_REQUEST_BYTES", 512 * 1024, minimum=1024, maximum=8 * 1024 * 1024),
+        relay_batch_size=env.int("OUTBOX_BATCH_SIZE", 500, minimum=1, maximum=5000),
+        recipients_cache_s=env.float("NOTIFICATIONS_RECIPIENTS_CACHE_S", 30.0, minimum=0.0),
+        facilities=parse_facilities(facilities_raw, env.problems),
+        partners=parse_partners(partners_raw, env.problems),
+    )
+    env.done()
+    return settings

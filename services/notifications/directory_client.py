@@ -1,0 +1,94 @@
+"""Notifications' view of directory: who in an agency is flagged for what, briefly cached.
+
+Every call carries the current identity (a service token acting for the agency, or the staff
+member's own token), so directory answers about that agency only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
+from services.kit import grpc_client
+from services.kit.errors import from_grpc_error
+
+GET_STAFF_BATCH = 500
+
+
+@dataclass(frozen=True)
+class StaffFlags:
+    staff_id: str
+    active: bool
+    lab_result_notification: bool
+    roles: tuple[int, ...]
+    team_ids: tuple[str, ...]
+
+
+class DirectoryClient:
+    def __init__(
+        self, target: str, cache_s: float = 30.0, deadline_s: float = 3.0, clock: Callable[[], float] = time.monotonic
+    ):
+        self._channel = grpc_client.channel(target, default_deadline_s=deadline_s)
+        self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
+        self._cache_s = cache_s
+        self._clock = clock
+        self._staff: dict[str, tuple[float, list[StaffFlags]]] = {}
+        self._settings: dict[str, tuple[float, directory_pb2.GetAgencySettingsResponse]] = {}
+        self._lock = threading.Lock()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request)
+        except grpc.RpcError as exc:
+            raise from_grpc_error(exc, "directory") from exc
+
+    def agency_staff(self, agency_id: str) -> list[StaffFlags]:
+        """Every active staff member of the agency with their flags; cached `cache_s` per agency, so a
+        flag changed in directory reaches new messages within that time."""
+        now = self._clock()
+        with self._lock:
+            cached = self._staff.get(agency_id)
+        if cached is not None and now - cached[0] < self._cache_s:
+            return cached[1]
+        ids = list(self._call("ResolveRecipients", directory_pb2.ResolveRecipientsRequest(whole_agency=True)).staff_ids)
+        staff: list[StaffFlags] = []
+        for start in range(0, len(ids), GET_STAFF_BATCH):
+            reply = self._call(
+                "GetStaff", directory_pb2.GetStaffRequest(staff_ids=ids[start : start + GET_STAFF_BATCH])
+            )
+            staff += [
+                StaffFlags(s.staff_id, s.active, s.lab_result_notification, tuple(s.roles), tuple(s.team_ids))
+                for s in reply.staff
+                if s.active and s.agency_id == agency_id
+            ]
+        with self._lock:
+            self._staff[agency_id] = (now, staff)
+        return staff
+
+    def lab_recipients(self, agency_id: str) -> list[str]:
+        """Active staff flagged Lab Result Notification, in directory's order."""
+        return [s.staff_id for s in self.agency_staff(agency_id) if s.lab_result_notification]
+
+    def agency_settings(self, agency_id: str) -> directory_pb2.GetAgencySettingsResponse:
+        """The agency's options (e.g. notify_linked_staff_on_schedule_change), cached like staff."""
+        now = self._clock()
+        with self._lock:
+            cached = self._settings.get(agency_id)
+        if cached is not None and now - cached[0] < self._cache_s:
+            return cached[1]
+        reply = self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())
+        with self._lock:
+            self._settings[agency_id] = (now, reply)
+        return reply
+
+    def staff(self, staff_ids: list[str]) -> list[directory_pb2.Staff]:
+        """Staff records of the caller's agency (uncached)."""
+        return list(self._call("GetStaff", directory_pb2.GetStaffRequest(staff_ids=staff_ids)).staff)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,237 @@
+"""FHIR R4 DiagnosticReport (JSON) -> LabReport: pure validation, every refusal a 400 with a stable code.
+
+Accepted: a DiagnosticReport whose `result` references Observations it contains (`#id`), or a
+Bundle holding one DiagnosticReport and the Observations it references (by `fullUrl` or
+`Observation/<id>`). Abnormality comes from each Observation's `interpretation` codes
+(v3-ObservationInterpretation: H, L, A, HH, LL, AA, <, >, N, ...), mapped as OBX-8 flags are.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from typing import Any
+
+from services.kit.errors import InvalidInput
+from services.notifications.lab_domain import FHIR_STATUSES, LabReport, Observation, version_of
+
+MAX_TEXT = 1000
+MAX_RESULTS = 500
+MAX_ENTRIES = 1000
+
+
+def _bad(code: str, message: str, path: str) -> InvalidInput:
+    return InvalidInput(code, message, {"field": path})
+
+
+def _text(value: Any, path: str, *, required: bool = False) -> str:
+    if value is None:
+        if required:
+            raise _bad("missing_field", f"{path} is required", path)
+        return ""
+    if not isinstance(value, str):
+        raise _bad("invalid_type", f"{path} must be a string", path)
+    if len(value) > MAX_TEXT:
+        raise _bad("too_long", f"{path} is longer than {MAX_TEXT} characters", path)
+    return value.strip()
+
+
+def _object(value: Any, path: str, *, required: bool = False) -> dict:
+    if value is None:
+        if required:
+            raise _bad("missing_field", f"{path} is required", path)
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("invalid_type", f"{path} must be an object", path)
+    return value
+
+
+def _list(value: Any, path: str, limit: int) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad("invalid_type", f"{path} must be an array", path)
+    if len(value) > limit:
+        raise _bad("too_many", f"{path} may hold at most {limit} items", path)
+    return value
+
+
+def _number(value: Any, path: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("invalid_type", f"{path} must be a number", path)
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _concept(value: Any, path: str, *, required: bool = False) -> tuple[str, str]:
+    """A CodeableConcept as (code, display text)."""
+    concept = _object(value, path, required=required)
+    codings = _list(concept.get("coding"), f"{path}.coding", 50)
+    code = display = ""
+    for i, item in enumerate(codings):
+        coding = _object(item, f"{path}.coding[{i}]")
+        code = code or _text(coding.get("code"), f"{path}.coding[{i}].code")
+        display = display or _text(coding.get("display"), f"{path}.coding[{i}].display")
+    text = _text(concept.get("text"), f"{path}.text") or display or code
+    if required and not (code or text):
+        raise _bad("missing_field", f"{path} needs a code or a text", path)
+    return code, text
+
+
+def _codes(value: Any, path: str) -> tuple[str, ...]:
+    """Every coding code of a list of CodeableConcepts (interpretation)."""
+    codes = []
+    for i, item in enumerate(_list(value, path, 20)):
+        concept = _object(item, f"{path}[{i}]")
+        for j, coding in enumerate(_list(concept.get("coding"), f"{path}[{i}].coding", 20)):
+            code = _text(_object(coding, f"{path}[{i}].coding[{j}]").get("code"), f"{path}[{i}].coding[{j}].code")
+            if code:
+                codes.append(code)
+    return tuple(codes)
+
+
+def _quantity(value: Any, path: str) -> tuple[str, str]:
+    quantity = _object(value, path)
+    unit = _text(quantity.get("unit"), f"{path}.unit") or _text(quantity.get("code"), f"{path}.code")
+    return _number(quantity.get("value"), f"{path}.value"), unit
+
+
+def _instant_ms(value: Any, path: str) -> int | None:
+    text = _text(value, path)
+    if not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise _bad("invalid_time", f"{path} must be an ISO-8601 time", path) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _observation(resource: dict, path: str) -> Observation:
+    if resource.get("resourceType") != "Observation":
+        raise _bad("invalid_reference", f"{path} must reference an Observation", path)
+    code, name = _concept(resource.get("code"), f"{path}.code", required=True)
+    value = units = ""
+    if "valueQuantity" in resource:
+        value, units = _quantity(resource["valueQuantity"], f"{path}.valueQuantity")
+    elif "valueString" in resource:
+        value = _text(resource["valueString"], f"{path}.valueString")
+    elif "valueCodeableConcept" in resource:
+        value = _concept(resource["valueCodeableConcept"], f"{path}.valueCodeableConcept")[1]
+    elif "valueInteger" in resource:
+        value = _number(resource["valueInteger"], f"{path}.valueInteger")
+    ranges = _list(resource.get("referenceRange"), f"{path}.referenceRange", 10)
+    reference_range = ""
+    if ranges:
+        first = _object(ranges[0], f"{path}.referenceRange[0]")
+        low = _quantity(first.get("low"), f"{path}.referenceRange[0].low")[0]
+        high = _quantity(first.get("high"), f"{path}.referenceRange[0].high")[0]
+        reference_range = _text(first.get("text"), f"{path}.referenceRange[0].text") or (
+            f"{low}-{high}" if low or high else ""
+        )
+    return Observation(
+        code=code,
+        name=name,
+        value=value,
+        units=units,
+        reference_range=reference_range,
+        flags=_codes(resource.get("interpretation"), f"{path}.interpretation"),
+        status=_text(resource.get("status"), f"{path}.status"),
+    )
+
+
+def _split_bundle(body: dict) -> tuple[dict, dict[str, dict]]:
+    """(the DiagnosticReport, Observations by every name a reference may use)."""
+    if body.get("resourceType") == "DiagnosticReport":
+        resources = {}
+        for i, item in enumerate(_list(body.get("contained"), "contained", MAX_RESULTS)):
+            resource = _object(item, f"contained[{i}]")
+            local_id = _text(resource.get("id"), f"contained[{i}].id")
+            if local_id:
+                resources[f"#{local_id}"] = resource
+        return body, resources
+    report = None
+    resources = {}
+    for i, item in enumerate(_list(body.get("entry"), "entry", MAX_ENTRIES)):
+        entry = _object(item, f"entry[{i}]")
+        resource = _object(entry.get("resource"), f"entry[{i}].resource", required=True)
+        kind = _text(resource.get("resourceType"), f"entry[{i}].resource.resourceType", required=True)
+        if kind == "DiagnosticReport":
+            if report is not None:
+                raise _bad("invalid_bundle", "a Bundle must hold exactly one DiagnosticReport", "entry")
+            report = resource
+            continue
+        full_url = _text(entry.get("fullUrl"), f"entry[{i}].fullUrl")
+        resource_id = _text(resource.get("id"), f"entry[{i}].resource.id")
+        for name in (full_url, f"{kind}/{resource_id}" if resource_id else ""):
+            if name:
+                resources[name] = resource
+    if report is None:
+        raise _bad("invalid_bundle", "a Bundle must hold exactly one DiagnosticReport", "entry")
+    return report, resources
+
+
+def parse_report(body: dict, origin: str) -> LabReport:
+    """A DiagnosticReport (or a Bundle holding one) as a LabReport; InvalidInput when malformed."""
+    kind = body.get("resourceType")
+    if kind not in ("DiagnosticReport", "Bundle"):
+        raise _bad(
+            "invalid_resource_type", "resourceType must be DiagnosticReport (or a Bundle holding one)", "resourceType"
+        )
+    report, resources = _split_bundle(body)
+    raw_status = _text(report.get("status"), "status", required=True)
+    status = FHIR_STATUSES.get(raw_status)
+    if status is None:
+        raise _bad("invalid_status", "status must be a DiagnosticReport status we take", "status")
+    test_code, test_name = _concept(report.get("code"), "code", required=True)
+    subject = _object(report.get("subject"), "subject", required=True)
+    patient_ref = _text(
+        _object(subject.get("identifier"), "subject.identifier").get("value"), "subject.identifier.value"
+    )
+    patient_ref = patient_ref or _text(subject.get("reference"), "subject.reference").removeprefix("Patient/")
+    if not patient_ref:
+        raise _bad("missing_field", "subject needs a reference or an identifier", "subject")
+    order_number = ""
+    for i, identifier in enumerate(_list(report.get("identifier"), "identifier", 20)):
+        order_number = order_number or _text(
+            _object(identifier, f"identifier[{i}]").get("value"), f"identifier[{i}].value"
+        )
+    for i, based_on in enumerate(_list(report.get("basedOn"), "basedOn", 20)):
+        order_number = order_number or _text(
+            _object(based_on, f"basedOn[{i}]").get("reference"), f"basedOn[{i}].reference"
+        )
+    order_number = order_number or _text(report.get("id"), "id")
+    if not order_number:
+        raise _bad("missing_field", "identifier, basedOn or id is required to tell the order", "identifier")
+    observations = []
+    for i, result in enumerate(_list(report.get("result"), "result", MAX_RESULTS)):
+        reference = _text(_object(result, f"result[{i}]").get("reference"), f"result[{i}].reference", required=True)
+        resource = resources.get(reference)
+        if resource is None:
+            raise _bad(
+                "unresolved_reference", f"result[{i}] references an Observation not in the request", f"result[{i}]"
+            )
+        observations.append(_observation(resource, f"result[{i}]"))
+    issued = _instant_ms(report.get("issued"), "issued")
+    updated = _instant_ms(_object(report.get("meta"), "meta").get("lastUpdated"), "meta.lastUpdated")
+    return LabReport(
+        origin=origin,
+        order_number=order_number,
+        patient_ref=patient_ref,
+        test_code=test_code,
+        test_name=test_name,
+        status=status,
+        observed_at=_text(report.get("effectiveDateTime"), "effectiveDateTime"),
+        observations=tuple(observations),
+        version=version_of(issued, updated),
+    )
+
+
+def body_digest(body: dict) -> str:
+    """The same resource sent twice has the same digest (key order and spacing do not matter)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()

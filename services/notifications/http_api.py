@@ -1,0 +1,61 @@
+"""Notifications HTTP edge: the application factory and the health blueprint; each feature brings
+its own blueprints (Feature.blueprints()), e.g. lab results for staff and the FHIR partner API.
+
+Routes:
+- /healthz, /readyz                                  process and dependency checks
+- /api/v1/lab/results/<order_id>          (staff)    a lab result in full; audited
+- /api/v1/partner/lab/<agency_id>/DiagnosticReport   (partner key) a FHIR R4 DiagnosticReport
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flask import Blueprint, Flask, g
+from pymongo.errors import PyMongoError
+
+from services.kit.auth import KIND_STAFF
+from services.kit.errors import Forbidden
+from services.kit.http import create_app as create_flask_app
+from services.kit.http import error_response, require_auth
+from services.notifications.components import Components
+
+
+def staff_only(view):
+    """Staff routes: a verified staff access token (service tokens are refused)."""
+
+    @require_auth
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if g.identity.kind != KIND_STAFF:
+            raise Forbidden("staff_only", "this route serves staff members")
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def health_blueprint(components: Components, ready_checks: dict) -> Blueprint:
+    health = Blueprint("health", __name__)
+
+    @health.get("/readyz")
+    def readyz():
+        try:
+            components.store.db.command("ping")
+        except PyMongoError:
+            return error_response(503, "not_ready", "the database does not answer")
+        failing = sorted(name for name, check in ready_checks.items() if not check())
+        if failing:
+            return error_response(503, "not_ready", f"not ready: {', '.join(failing)}")
+        return {"status": "ready", "service": "notifications"}
+
+    return health
+
+
+def create_app(components: Components, verifier, ready_checks: dict | None = None) -> Flask:
+    """The Flask app: kit error handling and /healthz, /readyz, then every feature's blueprints."""
+    app = create_flask_app("notifications", verifier, max_body_bytes=components.settings.max_request_bytes)
+    app.register_blueprint(health_blueprint(components, ready_checks or {}))
+    for feature in components.features:
+        for blueprint in feature.blueprints():
+            app.register_blueprint(blueprint)
+    return app

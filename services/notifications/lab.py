@@ -1,0 +1,225 @@
+"""Lab Report Notifications: results from HL7 v2 ORU^R01 (MLLP) and FHIR R4 DiagnosticReport (gateway)
+onto the boards of the agency's staff flagged Lab Result Notification, and the audited full view.
+
+Storage: one `lab_results` document per received (message, order). Its id is derived from the
+message's identity (HL7: sending facility + MSH-10 + the order's position; FHIR: partner, agency and
+the resource's digest), so the same message twice is stored once (the _id is unique) and answered AA
+both times. The document holds the full result sealed (kit crypto, per-agency key), the clear
+fields needed to find and show it (order id, version, status, severity, recipients), and its
+`board_item.delivery_requested.v1` event (outbox): the write that stores the result is the write
+that asks for its delivery, and the ACK is sent after it. Every message about one order shares the
+order id (`source_ref`), so preliminary -> final -> corrected updates one board item (higher
+`source_version`, marked unread again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from flask import Blueprint, g
+from pymongo import DESCENDING
+from pymongo.errors import DuplicateKeyError
+
+from clinic.inbox.v1 import inbox_pb2
+from services.kit.auth import Identity
+from services.kit.crypto import DecryptionError
+from services.kit.errors import Unavailable
+from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
+from services.kit.outbox import outbox_fields
+from services.kit.service_identity import acting_as
+from services.kit.validation import json_body, path_id
+from services.notifications import audit, hl7v2
+from services.notifications.components import Feature
+from services.notifications.delivery import SEVERITIES, delivery_requested
+from services.notifications.fhir import body_digest, parse_report
+from services.notifications.http_api import staff_only
+from services.notifications.lab_domain import LabReport, board_summary, board_title
+from services.notifications.lab_hl7 import reports_from_oru
+from services.notifications.registrations import gateway_consumer
+
+log = logging.getLogger(__name__)
+
+LAB_RESULTS = "lab_results"
+SOURCE = "lab"
+RESOURCE_TYPE = "lab_result"
+INDEXES = [
+    IndexSpec(
+        LAB_RESULTS, [("agency_id", 1), ("order_id", 1), ("version", -1), ("received_at", -1)], name="lab_by_order"
+    )
+]
+
+
+def digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def order_id(agency_id: str, report: LabReport) -> str:
+    """One order, whatever its versions: the board item's source_ref and the full view's id."""
+    return "lab_" + digest(agency_id, report.origin, report.order_number)
+
+
+def result_id(message_key: str, index: int) -> str:
+    return "lr_" + digest(message_key, str(index))
+
+
+def iso(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class LabResults(Feature):
+    outbox_collections = (LAB_RESULTS,)
+
+    def __init__(self, components):
+        super().__init__(components)
+        self.results = components.store.db[LAB_RESULTS]
+        self.cipher = components.cipher
+
+    def ensure_indexes(self) -> None:
+        ensure_indexes(self.components.store.db, INDEXES)
+
+    def attach(self) -> None:
+        self.components.message_types.register("ORU", "R01", self.handle_oru)
+
+    # --- the two ways in ----------------------------------------------------------------------
+    def handle_oru(self, message: hl7v2.InboundMessage) -> None:
+        header = message.header
+        agency_id = self.components.registrations.agency_for_facility(header.receiving_facility)
+        if agency_id is None:
+            raise hl7v2.reject(hl7v2.TABLE_VALUE_NOT_FOUND, "MSH-6 receiving facility is not registered", "MSH^1^6")
+        reports = reports_from_oru(message)
+        self.store(agency_id, reports, f"hl7\x1f{header.sending_facility}\x1f{header.control_id}")
+
+    def receive_fhir(self, consumer: str, agency_id: str, body: dict) -> tuple[dict, int]:
+        agency_id = self.components.registrations.partner_agency(consumer, agency_id)
+        report = parse_report(body, f"fhir:{consumer}")
+        ((rid, created),) = self.store(agency_id, [report], f"fhir\x1f{consumer}\x1f{agency_id}\x1f{body_digest(body)}")
+        return {"id": order_id(agency_id, report), "result_id": rid, "status": report.status, "created": created}, (
+            201 if created else 200
+        )
+
+    # --- storing ------------------------------------------------------------------------------
+    def store(self, agency_id: str, reports: list[LabReport], message_key: str) -> list[tuple[str, bool]]:
+        """Store each report with its delivery request; (result id, newly stored) for each. A repeat
+        of a stored message changes nothing."""
+        with acting_as(self.components.service_tokens.identity(agency_id)):
+            recipients = self.components.directory.lab_recipients(agency_id)
+        stored = []
+        for index, report in enumerate(reports):
+            rid = result_id(message_key, index)
+            oid = order_id(agency_id, report)
+            received = now_ms()
+            doc = {
+                "_id": rid,
+                "agency_id": agency_id,
+                "order_id": oid,
+                "version": report.version,
+                "received_at": received,
+                "status": report.status,
+                "severity": report.severity,
+                "recipient_ids": recipients,
+                "report": self.cipher.seal(agency_id, rid, "report", report.to_json()),
+            }
+            events = (
+                [delivery_requested(agency_id, self._delivery(report, oid, rid, recipients), rid)] if recipients else []
+            )
+            try:
+                self.results.insert_one({**doc, **outbox_fields(events)})
+                created = True
+            except DuplicateKeyError:
+                created = False
+            stored.append((rid, created))
+            log.info(
+                "lab result stored" if created else "lab result repeated",
+                extra={"agency_id": agency_id, "item_id": oid, "recipients": len(recipients)},
+            )
+        return stored
+
+    def _delivery(self, report: LabReport, oid: str, rid: str, recipients: list[str]) -> inbox_pb2.DeliverItemRequest:
+        url = f"{self.components.settings.public_url}/api/v1/lab/results/{oid}"
+        return inbox_pb2.DeliverItemRequest(
+            kind=inbox_pb2.DELIVERED_KIND_LAB,
+            recipients=inbox_pb2.Recipients(staff_ids=recipients),
+            title=board_title(report),
+            summary=board_summary(report),
+            severity=SEVERITIES[report.severity],
+            status=report.status,
+            links=[inbox_pb2.ActionLink(label="Full result", url=url)],
+            source=SOURCE,
+            source_ref=oid,
+            source_version=report.version,
+            delivery_id=rid,
+            mark_unread=True,
+        )
+
+    # --- the full view ------------------------------------------------------------------------
+    def latest(self, agency_id: str, oid: str) -> dict | None:
+        cursor = (
+            self.results.find({"agency_id": {"$eq": agency_id}, "order_id": {"$eq": oid}}, projection={"_outbox": 0})
+            .sort([("version", DESCENDING), ("received_at", DESCENDING)])
+            .limit(1)
+        )
+        return next(iter(cursor), None)
+
+    def may_view(self, caller: Identity, doc: dict) -> bool:
+        """Staff it was delivered to, and staff of the agency flagged Lab Result Notification now."""
+        if caller.staff_id in doc.get("recipient_ids", []):
+            return True
+        staff = self.components.directory.staff([caller.staff_id])
+        return any(s.staff_id == caller.staff_id and s.active and s.lab_result_notification for s in staff)
+
+    def view(self, caller: Identity, oid: str) -> dict:
+        doc = self.latest(caller.agency_id, oid)
+        if doc is None or not self.may_view(caller, doc):
+            raise audit.refuse(
+                self.components.store, caller, oid, resource_type=RESOURCE_TYPE, code="lab_result_not_found"
+            )
+        try:
+            report = LabReport.from_json(self.cipher.open(caller.agency_id, doc["_id"], "report", doc["report"]))
+        except DecryptionError as exc:
+            raise Unavailable("unreadable", "the result cannot be opened") from exc
+        audit.record(self.components.store, caller, oid, resource_type=RESOURCE_TYPE)
+        return {
+            "id": oid,
+            "result_id": doc["_id"],
+            "status": doc["status"],
+            "severity": doc["severity"],
+            "received_at": iso(doc["received_at"]),
+            "patient_ref": report.patient_ref,
+            "order_number": report.order_number,
+            "test": {"code": report.test_code, "name": report.test_name},
+            "observed_at": report.observed_at,
+            "observations": [
+                {
+                    "code": o.code,
+                    "name": o.name,
+                    "value": o.value,
+                    "units": o.units,
+                    "reference_range": o.reference_range,
+                    "flags": list(o.flags),
+                    "status": o.status,
+                    "severity": o.severity,
+                }
+                for o in report.observations
+            ],
+        }
+
+    # --- HTTP -----------------------------------------------------------------------------------
+    def blueprints(self) -> list:
+        staff = Blueprint("lab", __name__, url_prefix="/api/v1/lab")
+
+        @staff.get("/results/<result>")
+        @staff_only
+        def view(result: str):
+            return self.view(g.identity, path_id(result, "lab result"))
+
+        partner = Blueprint("lab_partner", __name__, url_prefix="/api/v1/partner/lab")
+
+        @partner.post("/<agency_id>/DiagnosticReport")
+        def diagnostic_report(agency_id: str):
+            consumer = gateway_consumer()
+            return self.receive_fhir(consumer, agency_id, json_body())
+
+        return [staff, partner]

@@ -1,0 +1,231 @@
+"""The MLLP listener: framing (0x0B message 0x1C 0x0D), one thread per connection, an HL7 ACK for
+every message, dispatch by (message type, trigger event) to the handler a feature registered.
+
+How to add a message type: in your feature's `attach()`,
+
+    self.components.message_types.register("SIU", "S12", self.handle_siu)
+
+The handler gets an `hl7v2.InboundMessage`, returns when the message is durably stored (the ACK is
+AA), or raises `hl7v2.Hl7Rejection` (AE/AR with its reason). Outages (the database, directory)
+become AR 207 "try again"; any other exception is logged (never the message) and answered the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from pymongo.errors import PyMongoError
+
+from services.kit.errors import DomainError, Unavailable
+from services.notifications import hl7v2
+
+log = logging.getLogger(__name__)
+
+START_BLOCK = 0x0B
+END_BLOCK = 0x1C
+CARRIAGE_RETURN = 0x0D
+READ_SIZE = 64 * 1024
+
+Handler = Callable[[hl7v2.InboundMessage], None]
+
+
+class FrameTooLarge(Exception):
+    """A frame grew past the size limit before its end block arrived."""
+
+
+class FrameDecoder:
+    """Bytes in, complete frames out. Bytes outside a frame (the CR after an end block, line noise)
+    are dropped; a frame may arrive over many reads and several frames in one read."""
+
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self._buffer = bytearray()
+        self._in_frame = False
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        frames: list[bytes] = []
+        view = memoryview(data)
+        position = 0
+        while position < len(view):
+            if not self._in_frame:
+                start = data.find(START_BLOCK, position)
+                if start == -1:
+                    self.dropped += len(view) - position
+                    break
+                self.dropped += start - position
+                self._in_frame = True
+                position = start + 1
+                continue
+            end = data.find(END_BLOCK, position)
+            chunk_end = len(view) if end == -1 else end
+            if len(self._buffer) + chunk_end - position > self.max_message_bytes:
+                self._buffer.clear()
+                self._in_frame = False
+                raise FrameTooLarge()
+            self._buffer += view[position:chunk_end]
+            if end == -1:
+                break
+            frames.append(bytes(self._buffer))
+            self._buffer.clear()
+            self._in_frame = False
+            position = end + 1
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame begun but not finished."""
+        return len(self._buffer) if self._in_frame else 0
+
+
+def frame(payload: bytes) -> bytes:
+    return bytes([START_BLOCK]) + payload + bytes([END_BLOCK, CARRIAGE_RETURN])
+
+
+class MessageTypes:
+    """(message type, trigger event) -> handler: the one place a feature registers what it takes."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[tuple[str, str], Handler] = {}
+
+    def register(self, message_type: str, trigger: str, handler: Handler) -> None:
+        key = (message_type, trigger)
+        if key in self.handlers:
+            raise ValueError(f"{message_type}^{trigger} already has a handler")
+        self.handlers[key] = handler
+
+    def acknowledge(self, raw: bytes) -> bytes:
+        """Handle one frame; the ACK to send back. Never raises."""
+        try:
+            message = hl7v2.read_message(raw)
+            handler = self.handlers.get((message.header.message_type, message.header.trigger))
+            if handler is None:
+                known = {t for t, _ in self.handlers}
+                code = (
+                    hl7v2.UNSUPPORTED_EVENT_CODE
+                    if message.header.message_type in known
+                    else (hl7v2.UNSUPPORTED_MESSAGE_TYPE)
+                )
+                raise hl7v2.reject(code, "message type or trigger event not accepted here", "MSH^1^9").with_header(
+                    message.header
+                )
+            try:
+                handler(message)
+            except hl7v2.Hl7Rejection as rejection:
+                raise rejection.with_header(message.header) from None
+            except (PyMongoError, Unavailable) as exc:
+                log.warning("message not stored, outage", extra={"error_type": type(exc).__name__})
+                raise hl7v2.reject(
+                    hl7v2.APPLICATION_INTERNAL_ERROR, "temporarily unable to store the message; send it again"
+                ).with_header(message.header) from None
+            except DomainError as exc:
+                raise hl7v2.error(hl7v2.APPLICATION_INTERNAL_ERROR, exc.message).with_header(message.header) from None
+            except Exception:
+                log.exception("message handler failed", extra={"route": message.header.message_type})
+                raise hl7v2.reject(
+                    hl7v2.APPLICATION_INTERNAL_ERROR, "internal error; the message was not stored"
+                ).with_header(message.header) from None
+            return hl7v2.build_ack(message.header)
+        except hl7v2.Hl7Rejection as rejection:
+            log.info(
+                "message refused",
+                extra={"code": rejection.ack_code, "error_code": rejection.error_code},
+            )
+            return hl7v2.rejection_ack(rejection)
+
+
+class MllpServer:
+    """A threaded MLLP listener: one thread per connection up to `max_connections` (a connection
+    beyond that is closed at once), each closed after `idle_timeout_s` without a byte. On stop it
+    accepts no more connections; each connection finishes the message it is handling, sends its
+    ACK and closes."""
+
+    def __init__(  # noqa: PLR0913 - the listener's limits, each a setting
+        self,
+        host: str,
+        port: int,
+        acknowledge: Callable[[bytes], bytes],
+        *,
+        max_message_bytes: int,
+        max_connections: int,
+        idle_timeout_s: float,
+    ):
+        self.acknowledge = acknowledge
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._socket = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self._socket.settimeout(0.5)
+        self.port = self._socket.getsockname()[1]
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+
+    def run(self, stop: threading.Event) -> None:
+        """Accept connections until `stop` is set, then wait for open connections to finish."""
+        log.info("MLLP listener listening", extra={"port": self.port})
+        try:
+            while not stop.is_set():
+                try:
+                    conn, _address = self._socket.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    if stop.is_set():
+                        break
+                    raise
+                if not self._slots.acquire(blocking=False):
+                    log.warning("MLLP connection refused: too many open connections")
+                    conn.close()
+                    continue
+                thread = threading.Thread(target=self._serve, args=(conn, stop), name="mllp-conn", daemon=True)
+                with self._lock:
+                    self._threads.add(thread)
+                thread.start()
+        finally:
+            self._socket.close()
+            with self._lock:
+                threads = list(self._threads)
+            for thread in threads:
+                thread.join(timeout=10)
+
+    def _serve(self, conn: socket.socket, stop: threading.Event) -> None:
+        decoder = FrameDecoder(self.max_message_bytes)
+        conn.settimeout(0.5)
+        last_byte = time.monotonic()
+        try:
+            while not stop.is_set():
+                try:
+                    data = conn.recv(READ_SIZE)
+                except TimeoutError:
+                    if time.monotonic() - last_byte > self.idle_timeout_s:
+                        log.info("MLLP connection idle, closed")
+                        return
+                    continue
+                if not data:
+                    return
+                last_byte = time.monotonic()
+                try:
+                    frames = decoder.feed(data)
+                except FrameTooLarge:
+                    rejection = hl7v2.reject(
+                        hl7v2.APPLICATION_INTERNAL_ERROR, f"message exceeds {self.max_message_bytes} bytes"
+                    )
+                    conn.sendall(frame(hl7v2.rejection_ack(rejection)))
+                    log.warning("MLLP message too large, connection closed")
+                    return
+                if decoder.dropped > self.max_message_bytes:
+                    log.warning("MLLP connection sent bytes outside frames, closed")
+                    return
+                for payload in frames:
+                    conn.sendall(frame(self.acknowledge(payload)))
+        except OSError as exc:
+            log.info("MLLP connection ended", extra={"error_type": type(exc).__name__})
+        finally:
+            conn.close()
+            self._slots.release()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
