@@ -17,6 +17,8 @@ from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import ServiceTokens
 from services.kit.settings import SettingsError, service_client_credentials
 from services.notifications import config, store
+from services.notifications.appointments import ScheduleNotifications
+from services.notifications.compliance_alerts import ComplianceAlerts
 from services.notifications.components import Components
 from services.notifications.directory_client import DirectoryClient
 from services.notifications.http_api import create_app
@@ -27,7 +29,7 @@ from services.notifications.registrations import Registrations
 log = logging.getLogger("notifications")
 
 # Every feature of the service, in start order. Add yours here (see README.md, "Extending the service").
-FEATURES = (LabResults,)
+FEATURES = (LabResults, ScheduleNotifications, ComplianceAlerts)
 
 
 def main() -> int:

@@ -9,7 +9,11 @@ from services.kit.settings import CommonSettings, Env, common_settings
 
 # Development registrations for the demo agencies (services/directory/demo.py); production names its own.
 DEV_FACILITIES = "RIVERBEND=agy_riverbend,LAKESIDE=agy_lakeside"
-DEV_PARTNERS = "lab-interface=agy_riverbend+agy_lakeside"
+DEV_PARTNERS = (
+    "lab-interface=agy_riverbend+agy_lakeside,"
+    "practice-management=agy_riverbend+agy_lakeside,"
+    "compliance-tracker=agy_riverbend+agy_lakeside"
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class NotificationsSettings:
     facilities: dict[str, str]
     # Gateway consumer (partner system) -> the agencies it may send for.
     partners: dict[str, frozenset[str]]
+    # How often the compliance pass looks for items turning overdue or due for escalation.
+    compliance_pass_interval_s: float = 15.0
 
 
 def parse_facilities(raw: str, problems: list[str]) -> dict[str, str]:
@@ -80,6 +86,7 @@ def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
         recipients_cache_s=env.float("NOTIFICATIONS_RECIPIENTS_CACHE_S", 30.0, minimum=0.0),
         facilities=parse_facilities(facilities_raw, env.problems),
         partners=parse_partners(partners_raw, env.problems),
+        compliance_pass_interval_s=env.float("NOTIFICATIONS_COMPLIANCE_PASS_S", 15.0, minimum=0.1),
     )
     env.done()
     return settings

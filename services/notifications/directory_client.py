@@ -18,6 +18,12 @@ from services.kit import grpc_client
 from services.kit.errors import from_grpc_error
 
 GET_STAFF_BATCH = 500
+ROLE_NUMBERS = {
+    "staff": directory_pb2.ROLE_STAFF,
+    "admin": directory_pb2.ROLE_ADMIN,
+    "compliance_officer": directory_pb2.ROLE_COMPLIANCE_OFFICER,
+    "prescriber": directory_pb2.ROLE_PRESCRIBER,
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,17 @@ class DirectoryClient:
     def staff(self, staff_ids: list[str]) -> list[directory_pb2.Staff]:
         """Staff records of the caller's agency (uncached)."""
         return list(self._call("GetStaff", directory_pb2.GetStaffRequest(staff_ids=staff_ids)).staff)
+
+    def resolve(self, staff_ids: list[str], team_ids: list[str]) -> directory_pb2.ResolveRecipientsResponse:
+        """The active staff these staff and team ids reach (uncached); unknown ids in missing_*."""
+        return self._call(
+            "ResolveRecipients", directory_pb2.ResolveRecipientsRequest(staff_ids=staff_ids, team_ids=team_ids)
+        )
+
+    def list_staff(self, role: str) -> list[str]:
+        """Ids of the agency's active staff holding `role` (uncached), sorted."""
+        reply = self._call("ListStaff", directory_pb2.ListStaffRequest(role=ROLE_NUMBERS[role]))
+        return [s.staff_id for s in reply.staff]
 
     def close(self) -> None:
         self._channel.close()
