@@ -83,6 +83,8 @@ class Stack:
         self.demo_logins: list[dict] = []
         self.patient_portal_api_key = ""
         self.lab_interface_api_key = ""
+        self.practice_management_api_key = ""
+        self.compliance_tracker_api_key = ""
 
     # --- addresses ----------------------------------------------------------
     @property
@@ -161,6 +163,12 @@ class Stack:
         notifications = self._spawn("notifications", [sys.executable, "-m", "services.notifications"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
         self.lab_interface_api_key = dev_secret(self.run_dir, "lab-interface-api-key", lambda: os.urandom(24).hex())
+        self.practice_management_api_key = dev_secret(
+            self.run_dir, "practice-management-api-key", lambda: os.urandom(24).hex()
+        )
+        self.compliance_tracker_api_key = dev_secret(
+            self.run_dir, "compliance-tracker-api-key", lambda: os.urandom(24).hex()
+        )
         gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
         wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log", inbox)
         wait_http(f"{self.notifications_url}/readyz", "notifications", self.logs / "notifications.log", notifications)
@@ -192,6 +200,8 @@ class Stack:
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,
+            "DECK_PRACTICE_MANAGEMENT_API_KEY": self.practice_management_api_key,
+            "DECK_COMPLIANCE_TRACKER_API_KEY": self.compliance_tracker_api_key,
             "DECK_RATE_LIMIT_MINUTE": "6000",
             "DECK_AUTH_RATE_LIMIT_MINUTE": "120",
             "DECK_CORS_ORIGIN": self.gateway_url,
@@ -426,7 +436,9 @@ def print_welcome(stack: Stack) -> None:
     print()
     print(f"Partner API key for the patient portal consumer: {stack.patient_portal_api_key}")
     print(f"Partner API key for the lab interface consumer:  {stack.lab_interface_api_key}")
-    print(f"HL7 v2 MLLP listener (lab results): 127.0.0.1:{stack.config.ports.notifications_mllp}")
+    print(f"Partner API key for the practice-management consumer: {stack.practice_management_api_key}")
+    print(f"Partner API key for the compliance-tracker consumer:  {stack.compliance_tracker_api_key}")
+    print(f"HL7 v2 MLLP listener (lab results, schedule changes): 127.0.0.1:{stack.config.ports.notifications_mllp}")
     print("Try it:")
     print(
         f"  curl -s -X POST {stack.gateway_url}/api/v1/auth/token -H 'Content-Type: application/json' "

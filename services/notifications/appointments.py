@@ -134,7 +134,7 @@ class ScheduleNotifications(Feature):
             raise InvalidInput(
                 "unknown_staff",
                 "the appointment names staff or teams that are not in this agency",
-                {"staff_ids": resolution.missing_staff_ids, "team_ids": resolution.missing_team_ids},
+                {"staff_ids": list(resolution.missing_staff_ids), "team_ids": list(resolution.missing_team_ids)},
             )
         return resolution.staff_ids
 

@@ -159,7 +159,8 @@ class ComplianceAlerts(Feature):
     def _check_assignees(self, assignee_ids: list[str]) -> tuple[str, ...]:
         """Every assignee must be an active staff member of the agency (400 `unknown_staff`)."""
         resolution = self.components.directory.resolve(assignee_ids, [])
-        missing = [s for s in assignee_ids if s not in set(resolution.staff_ids)]
+        reached = set(resolution.staff_ids)
+        missing = [s for s in assignee_ids if s not in reached]
         if missing:
             raise InvalidInput("unknown_staff", "assignees must be active staff of this agency", {"staff_ids": missing})
         return tuple(assignee_ids)

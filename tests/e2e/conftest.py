@@ -33,7 +33,12 @@ def stack(tmp_path_factory, mongo_uri, amqp_url):
         ports=Ports.free(),
         mongo_uri=mongo_uri,
         amqp_url=amqp_url,
-        extra_env={"MONGO_DB_PREFIX": prefix, "PASSWORD_HASH_PROFILE": "fast"},
+        # The compliance pass every half second, so overdue items are reported within a test's wait.
+        extra_env={
+            "MONGO_DB_PREFIX": prefix,
+            "PASSWORD_HASH_PROFILE": "fast",
+            "NOTIFICATIONS_COMPLIANCE_PASS_S": "0.5",
+        },
     )
     system = Stack(config)
     system.db_prefix = prefix

@@ -42,6 +42,8 @@ def product_env(upstream, keys) -> dict[str, str]:
         "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
         "DECK_PATIENT_PORTAL_API_KEY": PORTAL_KEY,
         "DECK_LAB_INTERFACE_API_KEY": "lab-interface-test-key",
+        "DECK_PRACTICE_MANAGEMENT_API_KEY": "practice-management-test-key",
+        "DECK_COMPLIANCE_TRACKER_API_KEY": "compliance-tracker-test-key",
         "DECK_RATE_LIMIT_MINUTE": "600",
         "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
         "DECK_CORS_ORIGIN": "http://127.0.0.1:8000",
@@ -51,7 +53,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (3 services, 7 routes, 3 consumers" in result.stdout
+    assert "OK (3 services, 10 routes, 5 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):

@@ -1,0 +1,233 @@
+"""Schedule Notifications end to end: SIU S12/S14/S15 over MLLP (python-hl7's own MLLPClient, ACKs
+read with python-hl7) and FHIR Appointments through the gateway, onto the boards of exactly the
+staff linked to the appointment, never the one who made the change."""
+
+from __future__ import annotations
+
+import uuid
+
+import hl7
+import pytest
+import requests
+from hl7.client import MLLPClient
+
+from services.inbox.delivery import notice_id
+from services.notifications import schedule
+from tests.e2e.conftest import wait_until
+
+RIVERBEND = "agy_riverbend"
+LAKESIDE = "agy_lakeside"
+
+
+def siu(trigger: str, appointment: str, *, control: str, start: str = "20261202100000-0600",
+        end: str = "20261202105000-0600", facility: str = "RIVERBEND", resources: list[str] | None = None,
+        operator: str = "stf_riverbend_davis") -> str:  # fmt: skip
+    """A realistic HL7 v2.5.1 SIU message from the practice-management system."""
+    resources = (
+        [
+            "AIS|1||FOLLOWUP^Follow-up visit",
+            "AIL|1||OP^Room 2^^RIVERBEND",
+            "AIP|1||stf_riverbend_patel^Patel^Priya|THERAPIST",
+            "AIP|2||stf_riverbend_kim^Kim^Jordan|NURSE",
+            "AIP|3||stf_riverbend_davis^Davis^Jamie|SCHEDULER",
+        ]
+        if resources is None
+        else resources
+    )
+    segments = [
+        f"MSH|^~\\&|PMS|PRACTICE_MGMT|CLINIC_BOARD|{facility}|20261126080000||SIU^{trigger}^SIU_S12|{control}|P|2.5.1",
+        f"SCH|PL-{appointment}^PMS|{appointment}^PMS|||||ROUTINE^Routine|FOLLOWUP^Follow-up visit|50|min"
+        f"|^^50^{start}^{end}|||||||||{operator}^Entered^By|||||Booked",
+        f"EVN|{trigger}|20261126080000|||{operator}",
+        "PID|1||MRN48213^^^RIVERBEND^MR||DOE^JANE^Q||19800214|F",
+        "RGS|1",
+        *resources,
+    ]
+    return "\r".join(segments) + "\r"
+
+
+@pytest.fixture(scope="module")
+def mllp(stack):
+    with MLLPClient("127.0.0.1", stack.config.ports.notifications_mllp) as client:
+        yield client
+
+
+def ack(client: MLLPClient, message: str) -> hl7.Message:
+    raw = client.send_message(message)
+    assert raw.startswith(b"\x0b") and raw.endswith(b"\x1c\r"), raw
+    return hl7.parse(raw[1:-2].decode("ascii"))
+
+
+def the_item(client, ref_id: str) -> dict | None:
+    return next((i for i in client.items(folder="schedule", limit=100)["items"] if i["ref_id"] == ref_id), None)
+
+
+def hl7_ref(agency_id: str, appointment: str, facility: str = "PRACTICE_MGMT") -> str:
+    return notice_id(agency_id, "schedule", schedule.appointment_doc_id(agency_id, f"hl7:{facility}", appointment))
+
+
+def test_s12_s14_s15_keep_one_item_per_linked_staff_member_unread_again_then_cancelled(mllp, login, kim, admin):
+    patel, davis = login("therapist.patel"), login("frontdesk.davis")
+    appointment = "APPT-" + uuid.uuid4().hex[:8]
+    ref = hl7_ref(RIVERBEND, appointment)
+
+    booked = ack(mllp, siu("S12", appointment, control=f"{appointment}-1"))
+    assert str(booked.segment("MSA")(1)) == "AA" and str(booked.segment("MSA")(2)) == f"{appointment}-1"
+    first = wait_until(lambda: the_item(patel, ref), timeout=15)
+    assert first["title"] == "New appointment: Wed 2 Dec 2026, 10:00–10:50 CST"
+    assert first["summary"] == "Follow-up visit · OP Room 2 · Client record MRN48213"
+    assert first["status"] == "booked" and not first["read"]
+    assert wait_until(lambda: the_item(kim, ref), timeout=15)["title"] == first["title"]
+    assert patel.post(f"/api/v1/board/items/{first['id']}/read").status_code in (200, 204)
+    assert the_item(patel, ref)["read"]
+
+    moved = ack(mllp, siu("S14", appointment, control=f"{appointment}-2",
+                          start="20261202140000-0600", end="20261202145000-0600"))  # fmt: skip
+    assert str(moved.segment("MSA")(1)) == "AA"
+    rescheduled = wait_until(lambda: (i := the_item(patel, ref)) and i["status"] == "rescheduled" and i, timeout=15)
+    assert rescheduled["id"] == first["id"] and not rescheduled["read"]  # the same item, unread again
+    assert rescheduled["title"].startswith("Appointment rescheduled: Wed 2 Dec 2026, 14:00–14:50 CST")
+
+    cancelled = ack(mllp, siu("S15", appointment, control=f"{appointment}-3", start="", end="", resources=[]))
+    assert str(cancelled.segment("MSA")(1)) == "AA"
+    item = wait_until(lambda: (i := the_item(kim, ref)) and i["status"] == "cancelled" and i, timeout=15)
+    assert item["title"].startswith("Appointment cancelled: Wed 2 Dec 2026, 14:00")
+    assert not item["read"]
+    assert len([i for i in patel.items(folder="schedule", limit=100)["items"] if i["ref_id"] == ref]) == 1
+    # The scheduler who made every change, and staff not on the appointment, got nothing.
+    assert the_item(davis, ref) is None and the_item(admin, ref) is None
+
+
+def test_staff_taken_off_an_appointment_lose_its_item(mllp, login, kim):
+    patel = login("therapist.patel")
+    appointment = "APPT-" + uuid.uuid4().hex[:8]
+    ref = hl7_ref(RIVERBEND, appointment)
+    ack(mllp, siu("S12", appointment, control=f"{appointment}-1"))
+    wait_until(lambda: the_item(kim, ref), timeout=15)
+    only_patel = ["AIP|1||stf_riverbend_patel^Patel^Priya|THERAPIST", "AIP|2|D|stf_riverbend_kim^Kim^Jordan|NURSE"]
+    ack(mllp, siu("S14", appointment, control=f"{appointment}-2", resources=only_patel))
+    wait_until(lambda: the_item(kim, ref) is None, timeout=15)
+    assert the_item(patel, ref)["status"] == "updated"
+
+
+def test_with_the_agency_option_off_nobody_is_told(mllp, login):
+    # Lakeside keeps Notify Linked Staff on Scheduled Event Creation/Edit off (demo data).
+    foster = login("nurse.foster")
+    appointment = "APPT-" + uuid.uuid4().hex[:8]
+    lakeside = ["AIP|1||stf_lakeside_foster^Foster^Kelly|NURSE"]
+    reply = ack(mllp, siu("S12", appointment, control=f"{appointment}-1", facility="LAKESIDE", resources=lakeside,
+                          operator="stf_lakeside_baker"))  # fmt: skip
+    assert str(reply.segment("MSA")(1)) == "AA"
+    # A Riverbend appointment sent after it arrives; by then the Lakeside one would have too.
+    marker = "APPT-" + uuid.uuid4().hex[:8]
+    ack(mllp, siu("S12", marker, control=f"{marker}-1"))
+    wait_until(lambda: the_item(login("therapist.patel"), hl7_ref(RIVERBEND, marker)), timeout=15)
+    assert the_item(foster, hl7_ref(LAKESIDE, appointment)) is None
+
+
+def test_unknown_staff_are_refused_with_ae_and_the_listener_keeps_serving(mllp, login):
+    appointment = "APPT-" + uuid.uuid4().hex[:8]
+    refused = ack(mllp, siu("S12", appointment, control=f"{appointment}-1",
+                            resources=["AIP|1||stf_lakeside_foster^Foster^Kelly|NURSE"]))  # fmt: skip
+    assert str(refused.segment("MSA")(1)) == "AE" and str(refused.segment("MSA")(2)) == f"{appointment}-1"
+    assert "not in this agency" in str(refused.segment("MSA")(3))
+    assert str(refused.segment("ERR")(3)).startswith("103")
+    fine = ack(mllp, siu("S12", appointment, control=f"{appointment}-2"))
+    assert str(fine.segment("MSA")(1)) == "AA"
+
+
+# --- FHIR Appointment through the gateway ---------------------------------------------------------
+
+
+def appointment_resource(appointment: str, **changes) -> dict:
+    body = {
+        "resourceType": "Appointment",
+        "id": appointment,
+        "status": "booked",
+        "start": "2026-12-03T09:00:00-06:00",
+        "end": "2026-12-03T09:30:00-06:00",
+        "appointmentType": {"text": "Intake assessment"},
+        "participant": [
+            {"actor": {"reference": "Practitioner/stf_riverbend_patel"}, "status": "accepted"},
+            {"actor": {"reference": "CareTeam/team_riverbend_intake"}, "status": "accepted"},
+            {"actor": {"reference": "Patient/MRN777"}, "status": "accepted"},
+        ],
+        "extension": [
+            {
+                "url": "https://clinic-board.example/fhir/StructureDefinition/changed-by",
+                "valueReference": {"reference": "Practitioner/stf_riverbend_wilson"},
+            }
+        ],
+    }
+    body.update(changes)
+    return body
+
+
+@pytest.fixture(scope="module")
+def practice_management(stack):
+    session = requests.Session()
+    session.headers["apikey"] = stack.practice_management_api_key
+    base = f"{stack.gateway_url}/api/v1/partner/schedule"
+    return lambda agency, appointment, **kw: session.put(f"{base}/{agency}/Appointment/{appointment}", **kw)
+
+
+def fhir_ref(agency_id: str, appointment: str) -> str:
+    return notice_id(agency_id, "schedule", schedule.appointment_doc_id(agency_id, "fhir:practice-management",
+                                                                        appointment))  # fmt: skip
+
+
+def test_a_fhir_appointment_reaches_linked_staff_and_team_members_but_not_its_maker(practice_management, login):
+    patel, thompson, wilson = login("therapist.patel"), login("intake.thompson"), login("intake.wilson")
+    appointment = "fhir-" + uuid.uuid4().hex[:8]
+    reply = practice_management(RIVERBEND, appointment, json=appointment_resource(appointment))
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["status"] == "booked" and "stf_riverbend_wilson" not in reply.json()["notified_staff_ids"]
+    ref = fhir_ref(RIVERBEND, appointment)
+    item = wait_until(lambda: the_item(thompson, ref), timeout=15)  # a member of the intake team
+    assert item["title"] == "New appointment: Thu 3 Dec 2026, 09:00–09:30 CST"
+    assert the_item(patel, ref) is not None and the_item(wilson, ref) is None
+
+    again = practice_management(RIVERBEND, appointment, json=appointment_resource(appointment))
+    assert again.status_code == 200 and again.json()["version"] == 1
+    noshow = practice_management(RIVERBEND, appointment, json=appointment_resource(appointment, status="noshow"))
+    assert noshow.status_code == 200 and noshow.json()["status"] == "no_show"
+    assert wait_until(lambda: (i := the_item(thompson, ref)) and i["status"] == "no_show" and i, timeout=15)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "malformed_json"),
+        ({"resourceType": "Appointment", "id": "X", "status": 7}, 400, "invalid_type"),
+        ({"resourceType": "Appointment", "id": {"$gt": ""}, "status": "booked"}, 400, "invalid_type"),
+        ({"resourceType": "Appointment", "id": "X", "status": {"$gt": ""}}, 400, "invalid_type"),
+        ({"resourceType": "Appointment", "id": "X", "status": "booked",
+          "participant": [{"actor": {"reference": "Practitioner/stf_unknown"}}]}, 400, "unknown_staff"),
+        ({"resourceType": "Appointment", "id": "X", "status": "booked",
+          "participant": [{"actor": {"reference": "Practitioner/stf_lakeside_foster"}}]}, 400, "unknown_staff"),
+        ({"resourceType": "Appointment", "id": "Y", "status": "booked"}, 400, "id_mismatch"),
+    ],
+)  # fmt: skip
+def test_bad_appointments_are_refused_with_stable_codes_and_nothing_stored(
+    practice_management, stack, mongo_client, body, status, code
+):
+    kwargs = (
+        {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    )
+    reply = practice_management(RIVERBEND, "X", **kwargs)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["code"] == code
+    stored = mongo_client[f"{stack.db_prefix}notifications"]["appointments"]
+    assert (
+        stored.find_one({"_id": {"$eq": schedule.appointment_doc_id(RIVERBEND, "fhir:practice-management", "X")}})
+        is None
+    )
+
+
+def test_partner_routes_need_the_practice_management_key_and_its_own_agencies(stack, practice_management):
+    base = f"{stack.gateway_url}/api/v1/partner/schedule/{RIVERBEND}/Appointment/z1"
+    assert requests.put(base, json=appointment_resource("z1"), timeout=10).status_code == 401
+    lab_key = {"apikey": stack.lab_interface_api_key}
+    assert requests.put(base, json=appointment_resource("z1"), headers=lab_key, timeout=10).status_code == 403
+    elsewhere = practice_management("agy_elsewhere", "z1", json=appointment_resource("z1"))
+    assert elsewhere.status_code == 404 and elsewhere.json()["code"] == "agency_not_found"
