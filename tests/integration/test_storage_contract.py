@@ -14,8 +14,14 @@ import pytest
 from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from clinic.inbox.v1 import inbox_pb2
 from services.inbox.store import INDEXES as INBOX_INDEXES
 from services.kit.mongo import ensure_indexes
+from services.kit.outbox import with_outbox
+from services.notifications.appointments import APPOINTMENTS
+from services.notifications.compliance_alerts import COMPLIANCE_ITEMS
+from services.notifications.compliance_alerts import INDEXES as COMPLIANCE_INDEXES
+from services.notifications.delivery import delivery_requested
 
 EMBEDDED = not os.environ.get("TEST_MONGO_URI")
 
@@ -448,3 +454,46 @@ def test_due_reminders_of_one_kind_and_an_owners_reminders(db):
         "created_key", -1
     )
     assert [d["_id"] for d in mine] == ["r1"]
+
+
+# --- notifications: appointments and compliance items -------------------------------------------
+
+
+def test_compliance_items_due_for_a_check_leave_the_query_when_their_check_is_unset(mongo_client, db_name):
+    db = mongo_client[db_name]
+    ensure_indexes(db, COMPLIANCE_INDEXES)
+    items = db[COMPLIANCE_ITEMS]
+    items.insert_many(
+        [
+            {"_id": "c1", "version": 1, "next_check_at": 30},
+            {"_id": "c2", "version": 1, "next_check_at": 10},
+            {"_id": "c3", "version": 1, "next_check_at": 99},
+            {"_id": "c4", "version": 1},
+        ]
+    )
+    due = items.find({"next_check_at": {"$lte": 50}}, {"_outbox": 0}).sort("next_check_at", 1).limit(100)
+    assert [d["_id"] for d in due] == ["c2", "c1"]
+    event = delivery_requested("agy", inbox_pb2.DeliverItemRequest(source="compliance", source_ref="c2"), "c2-v2-a")
+    update = with_outbox({"$set": {"version": 2, "escalated_due": 10}, "$unset": {"next_check_at": ""}}, [event])
+    won = items.update_one({"_id": {"$eq": "c2"}, "version": {"$eq": 1}}, update)
+    lost = items.update_one({"_id": {"$eq": "c2"}, "version": {"$eq": 1}}, update)
+    assert (won.matched_count, lost.matched_count) == (1, 0)
+    stored = items.find_one({"_id": {"$eq": "c2"}})
+    assert "next_check_at" not in stored and list(stored["_outbox"]) == ["c2-v2-a"] and stored["_outbox_seq"] == 1
+    assert [d["_id"] for d in items.find({"next_check_at": {"$lte": 50}}).sort("next_check_at", 1)] == ["c1"]
+
+
+def test_an_appointment_is_created_once_then_changed_under_its_version(mongo_client, db_name):
+    appointments = mongo_client[db_name][APPOINTMENTS]
+    appointments.insert_one({"_id": "apt_1", "version": 1, "staff_ids": ["a", "b"]})
+    with pytest.raises(DuplicateKeyError):
+        appointments.insert_one({"_id": "apt_1", "version": 1})
+    changed = appointments.update_one(
+        {"_id": {"$eq": "apt_1"}, "version": {"$eq": 1}}, {"$set": {"version": 2, "staff_ids": ["a"]}}
+    )
+    assert changed.matched_count == 1
+    assert appointments.find_one({"_id": {"$eq": "apt_1"}}, {"_outbox": 0}) == {
+        "_id": "apt_1",
+        "version": 2,
+        "staff_ids": ["a"],
+    }
