@@ -47,6 +47,11 @@ def siu(trigger: str, appointment: str, *, control: str, start: str = "202612021
 
 
 @pytest.fixture(scope="module")
+def notifications_db(stack, mongo_client):
+    return mongo_client[f"{stack.db_prefix}notifications"]
+
+
+@pytest.fixture(scope="module")
 def mllp(stack):
     with MLLPClient("127.0.0.1", stack.config.ports.notifications_mllp) as client:
         yield client
@@ -110,7 +115,7 @@ def test_staff_taken_off_an_appointment_lose_its_item(mllp, login, kim):
     assert the_item(patel, ref)["status"] == "updated"
 
 
-def test_with_the_agency_option_off_nobody_is_told(mllp, login):
+def test_with_the_agency_option_off_nobody_is_told(mllp, login, notifications_db):
     # Lakeside keeps Notify Linked Staff on Scheduled Event Creation/Edit off (demo data).
     foster = login("nurse.foster")
     appointment = "APPT-" + uuid.uuid4().hex[:8]
@@ -123,6 +128,11 @@ def test_with_the_agency_option_off_nobody_is_told(mllp, login):
     ack(mllp, siu("S12", marker, control=f"{marker}-1"))
     wait_until(lambda: the_item(login("therapist.patel"), hl7_ref(RIVERBEND, marker)), timeout=15)
     assert the_item(foster, hl7_ref(LAKESIDE, appointment)) is None
+    # Recorded (a later edit knows the time it moved from), delivered to nobody.
+    stored = notifications_db["appointments"].find_one(
+        {"_id": {"$eq": schedule.appointment_doc_id(LAKESIDE, "hl7:PRACTICE_MGMT", appointment)}}
+    )
+    assert stored["version"] == 1 and stored["notified_ids"] == []
 
 
 def test_unknown_staff_are_refused_with_ae_and_the_listener_keeps_serving(mllp, login):
@@ -209,7 +219,7 @@ def test_a_fhir_appointment_reaches_linked_staff_and_team_members_but_not_its_ma
     ],
 )  # fmt: skip
 def test_bad_appointments_are_refused_with_stable_codes_and_nothing_stored(
-    practice_management, stack, mongo_client, body, status, code
+    practice_management, notifications_db, body, status, code
 ):
     kwargs = (
         {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
@@ -217,7 +227,7 @@ def test_bad_appointments_are_refused_with_stable_codes_and_nothing_stored(
     reply = practice_management(RIVERBEND, "X", **kwargs)
     assert reply.status_code == status, reply.text
     assert reply.json()["code"] == code
-    stored = mongo_client[f"{stack.db_prefix}notifications"]["appointments"]
+    stored = notifications_db["appointments"]
     assert (
         stored.find_one({"_id": {"$eq": schedule.appointment_doc_id(RIVERBEND, "fhir:practice-management", "X")}})
         is None
