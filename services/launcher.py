@@ -51,6 +51,7 @@ class Ports:
     inbox_grpc: int = 50052
     mongo: int = 27018
     notifications_http: int = 8103
+    notifications_grpc: int = 50053
     notifications_mllp: int = 2575
 
     @classmethod
@@ -121,6 +122,7 @@ class Stack:
                 "INBOX_HTTP_PORT": str(p.inbox_http),
                 "INBOX_GRPC_PORT": str(p.inbox_grpc),
                 "NOTIFICATIONS_HTTP_PORT": str(p.notifications_http),
+                "NOTIFICATIONS_GRPC_PORT": str(p.notifications_grpc),
                 "NOTIFICATIONS_MLLP_PORT": str(p.notifications_mllp),
                 "NOTIFICATIONS_PUBLIC_URL": self.gateway_url,
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",

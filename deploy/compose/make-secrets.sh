@@ -7,7 +7,8 @@
 #   secrets/mongo_keyfile        shared key of the replica set members (internal authentication)
 #   secrets/service_inbox_secret inbox's service-client secret (SERVICE_CLIENT_SECRET_FILE); directory
 #                                gets only its SHA-256, as SERVICE_CLIENTS in .env
-#   .env                         passwords, the partner API key, PHI_MASTER_KEY_ID and the gateway's
+#   secrets/service_notifications_secret  the same for notifications
+#   .env                         passwords, the partner API keys (portal, lab interface), PHI_MASTER_KEY_ID and the gateway's
 #                                public key; docker compose reads it for ${...} substitution
 #
 # Re-running keeps what exists (only the derived public key and .env are refreshed from the
@@ -68,12 +69,13 @@ rsa_private_key() {
 create jwt_signing_keys.pem rsa_private_key
 create mongo_keyfile openssl rand -base64 756
 create service_inbox_secret openssl rand -hex 32
+create service_notifications_secret openssl rand -hex 32
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {
   printf '%s' "$(cat "secrets/service_$1_secret")" | openssl dgst -sha256 -r | cut -d' ' -f1
 }
-service_clients="inbox:$(service_digest inbox)"
+service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications)"
 
 # The gateway verifies tokens with the public half of the active (first) signing key.
 openssl pkey -in secrets/jwt_signing_keys.pem -pubout -out secrets/jwt_public_key.pem
@@ -87,8 +89,12 @@ fi
 mongo_root_password="$(password MONGO_ROOT_PASSWORD)"
 mongo_directory_password="$(password MONGO_DIRECTORY_PASSWORD)"
 mongo_inbox_password="$(password MONGO_INBOX_PASSWORD)"
+mongo_notifications_password="$(password MONGO_NOTIFICATIONS_PASSWORD)"
 rabbitmq_password="$(password RABBITMQ_PASSWORD)"
 patient_portal_api_key="$(password PATIENT_PORTAL_API_KEY)"
+lab_interface_api_key="$(password LAB_INTERFACE_API_KEY)"
+practice_management_api_key="$(password PRACTICE_MANAGEMENT_API_KEY)"
+compliance_tracker_api_key="$(password COMPLIANCE_TRACKER_API_KEY)"
 # One line, "\n" escapes: compose expands them inside double quotes.
 public_key_escaped="$(awk 'BEGIN { ORS = "\\n" } { print }' secrets/jwt_public_key.pem)"
 
@@ -103,13 +109,17 @@ PHI_MASTER_KEY_ID=${phi_key_id}
 MONGO_ROOT_PASSWORD=${mongo_root_password}
 MONGO_DIRECTORY_PASSWORD=${mongo_directory_password}
 MONGO_INBOX_PASSWORD=${mongo_inbox_password}
+MONGO_NOTIFICATIONS_PASSWORD=${mongo_notifications_password}
 RABBITMQ_PASSWORD=${rabbitmq_password}
 PATIENT_PORTAL_API_KEY=${patient_portal_api_key}
+LAB_INTERFACE_API_KEY=${lab_interface_api_key}
+PRACTICE_MANAGEMENT_API_KEY=${practice_management_api_key}
+COMPLIANCE_TRACKER_API_KEY=${compliance_tracker_api_key}
 JWT_PUBLIC_KEY_PEM="${public_key_escaped}"
 SERVICE_CLIENTS=${service_clients}
 ENV
 # Settings you added yourself (CORS_ORIGIN=..., RATE_LIMIT_MINUTE=...) are kept.
-managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
+managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
 if [ -f .env ]; then
   grep -Ev "^(#|(${managed})=)" .env >> .env.tmp || true
 fi

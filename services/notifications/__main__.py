@@ -10,6 +10,7 @@ from services.kit import mongo
 from services.kit.auth import JwksKeySource, RevokedSessions, TokenVerifier
 from services.kit.bus import BatchPublisher, Topology
 from services.kit.crypto import KeyRing, PhiCipher
+from services.kit.grpc_server import GrpcServer
 from services.kit.logs import configure_logging
 from services.kit.outbox import OutboxRelay
 from services.kit.revocations import start_revocation_listener
@@ -100,6 +101,8 @@ def main() -> int:
     )
     app = create_app(components, verifier, ready_checks={"mllp": lambda: not process.stop_event.is_set()})
     process.serve_http(app, common.http_host, settings.http_port)
+    # Health and reflection only for now (probes); a feature needing a gRPC API adds a binding here.
+    process.serve_grpc(GrpcServer([], verifier, host=common.grpc_host, port=settings.grpc_port))
     process.background("mllp-listener", listener.run)
     process.background("outbox-relay", relay.run_forever)
     for feature in components.features:

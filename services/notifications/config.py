@@ -20,6 +20,7 @@ DEV_PARTNERS = (
 class NotificationsSettings:
     common: CommonSettings
     http_port: int
+    grpc_port: int
     mllp_host: str
     mllp_port: int
     mllp_max_message_bytes: int
@@ -73,6 +74,7 @@ def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
     settings = NotificationsSettings(
         common=common,
         http_port=env.int("NOTIFICATIONS_HTTP_PORT", 8103, minimum=0, maximum=65535),
+        grpc_port=env.int("NOTIFICATIONS_GRPC_PORT", 50053, minimum=0, maximum=65535),
         mllp_host=env.str("NOTIFICATIONS_MLLP_HOST", "127.0.0.1"),
         mllp_port=env.int("NOTIFICATIONS_MLLP_PORT", 2575, minimum=0, maximum=65535),
         mllp_max_message_bytes=env.int("MLLP_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024, maximum=16 * 1024 * 1024),

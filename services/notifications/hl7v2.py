@@ -293,10 +293,15 @@ def build_ack(
         severity = "E"
         segments.append(
             "|".join(
-                ["ERR", "", escape(location), f"{code}^{escape(text)}^HL70357", severity, "", "", "", escape(text)]
+                ["ERR", "", _location(location), f"{code}^{escape(text)}^HL70357", severity, "", "", "", escape(text)]
             )
         )
     return ("\r".join(segments) + "\r").encode("ascii")
+
+
+def _location(location: str) -> str:
+    """ERR-2 (ERL: segment^sequence^field^...) is ours: components kept, anything else dropped."""
+    return "".join(c for c in location if c.isalnum() or c == "^")
 
 
 def rejection_ack(rejection: Hl7Rejection) -> bytes:

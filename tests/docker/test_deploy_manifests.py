@@ -445,9 +445,21 @@ def test_k8s_jwks_and_grpc_targets_name_real_services():
 def test_kong_routes_reach_services_that_exist_in_kubernetes():
     variables = d.parse_env_file(d.DECK_ENV)
     missing = d.deck_variables() - set(variables)
-    # The two secret values are exported by whoever renders (render-kong-config.sh insists on them).
-    assert missing == {"DECK_DIRECTORY_JWT_PUBLIC_KEY", "DECK_PATIENT_PORTAL_API_KEY"}
-    secret_stand_ins = {"DECK_DIRECTORY_JWT_PUBLIC_KEY": PEM_STAND_IN, "DECK_PATIENT_PORTAL_API_KEY": "k"}
+    # The secret values are exported by whoever renders (render-kong-config.sh insists on them).
+    assert missing == {
+        "DECK_DIRECTORY_JWT_PUBLIC_KEY",
+        "DECK_PATIENT_PORTAL_API_KEY",
+        "DECK_LAB_INTERFACE_API_KEY",
+        "DECK_PRACTICE_MANAGEMENT_API_KEY",
+        "DECK_COMPLIANCE_TRACKER_API_KEY",
+    }
+    secret_stand_ins = {
+        "DECK_DIRECTORY_JWT_PUBLIC_KEY": PEM_STAND_IN,
+        "DECK_PATIENT_PORTAL_API_KEY": "k",
+        "DECK_LAB_INTERFACE_API_KEY": "l",
+        "DECK_PRACTICE_MANAGEMENT_API_KEY": "p",
+        "DECK_COMPLIANCE_TRACKER_API_KEY": "c",
+    }
     config = d.render_kong({**variables, **secret_stand_ins})
     namespace = d.load_kustomization()["namespace"]
     upstreams = d.kong_upstreams(config)
@@ -486,6 +498,9 @@ def test_kustomize_builds_with_a_rendered_kong_config(tmp_path):
     shutil.copytree(d.K8S, workdir)
     variables = {**d.parse_env_file(d.DECK_ENV), "DECK_DIRECTORY_JWT_PUBLIC_KEY": PEM_STAND_IN}
     variables["DECK_PATIENT_PORTAL_API_KEY"] = "k"
+    variables["DECK_LAB_INTERFACE_API_KEY"] = "l"
+    variables["DECK_PRACTICE_MANAGEMENT_API_KEY"] = "p"
+    variables["DECK_COMPLIANCE_TRACKER_API_KEY"] = "c"
     from services.gateway.declarative.template import render
 
     (workdir / "kong" / "kong.rendered.yml").write_text(render(d.KONG_FILE.read_text(), variables))

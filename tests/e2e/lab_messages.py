@@ -27,7 +27,7 @@ def oru(
         f"MSH|^~\\&|LABSYS|{sending_facility}|BOARD|{receiving_facility}|{sent_at}||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
         f"PID|1||{patient}^^^RIVERBEND^MR||DOE^JANE^Q||19800214|F",
         f"ORC|RE|PLC{order}|{order}",
-        f"OBR|1|PLC{order}|{order}|{test}|||202611260730|||||||||1234^SMITH^ANNA|||||||{sent_at}|||{status}",
+        f"OBR|1|PLC{order}|{order}|{test}|||202611260730|||||||||1234^SMITH^ANNA||||||{sent_at}|||{status}",
         *observations,
     ]
     return separator.join(segments) + separator
@@ -45,3 +45,62 @@ CBC = [
 # A single critical value: potassium 6.9 (HH).
 POTASSIUM_CRITICAL = ["OBX|1|NM|2823-3^Potassium [Moles/volume] in Serum or Plasma^LN||6.9|mmol/L|3.5-5.1|HH|||F"]
 POTASSIUM_TEST = "2823-3^Potassium^LN"
+
+
+def diagnostic_report(
+    *,
+    order: str | None = None,
+    status: str = "final",
+    patient: str = "MRN48213",
+    issued: str = "2026-11-26T08:15:00Z",
+) -> dict:
+    """A FHIR R4 DiagnosticReport (basic metabolic panel) with contained Observations: one critical
+    (potassium HH), one high (glucose H), one normal (sodium N)."""
+    order = order or "FHIR-" + uuid.uuid4().hex[:10]
+
+    def observation(local_id, loinc, name, value, unit, low, high, flag):
+        return {
+            "resourceType": "Observation",
+            "id": local_id,
+            "status": status if status in ("preliminary", "final", "amended", "corrected") else "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc, "display": name}]},
+            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+            "referenceRange": [{"low": {"value": low, "unit": unit}, "high": {"value": high, "unit": unit}}],
+            "interpretation": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                            "code": flag,
+                        }
+                    ]
+                }
+            ],
+        }
+
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": order.lower(),
+        "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.5", "value": order}],
+        "status": status,
+        "code": {"coding": [{"system": "http://loinc.org", "code": "51990-0", "display": "Basic metabolic panel"}]},
+        "subject": {"reference": f"Patient/{patient}", "identifier": {"value": patient}},
+        "effectiveDateTime": "2026-11-26T07:30:00Z",
+        "issued": issued,
+        "contained": [
+            observation("k", "2823-3", "Potassium", 6.9, "mmol/L", 3.5, 5.1, "HH"),
+            observation("glu", "2345-7", "Glucose", 162, "mg/dL", 70, 99, "H"),
+            observation("na", "2951-2", "Sodium", 140, "mmol/L", 136, 145, "N"),
+        ],
+        "result": [{"reference": "#k"}, {"reference": "#glu"}, {"reference": "#na"}],
+    }
+
+
+def as_bundle(report: dict) -> dict:
+    """The same report as a Bundle whose Observations are entries referenced by type/id."""
+    report = {**report}
+    observations = report.pop("contained")
+    report["result"] = [{"reference": f"Observation/{o['id']}"} for o in observations]
+    entries = [{"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": report}]
+    entries += [{"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": o} for o in observations]
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}

@@ -456,6 +456,44 @@ def test_due_reminders_of_one_kind_and_an_owners_reminders(db):
     assert [d["_id"] for d in mine] == ["r1"]
 
 
+# --- notifications shapes -------------------------------------------------------------------------
+
+
+def test_a_lab_result_is_stored_once_per_message_and_the_latest_version_of_an_order_is_found(db):
+    from pymongo.errors import DuplicateKeyError
+
+    from services.notifications.lab import INDEXES as LAB_INDEXES
+
+    ensure_indexes(db, LAB_INDEXES)
+    versions = [
+        ("lr_a", "lab_1", 100, 1),
+        ("lr_b", "lab_1", 300, 2),
+        ("lr_c", "lab_1", 200, 3),
+        ("lr_d", "lab_2", 900, 4),
+    ]
+    for result_id, order_id, version, received in versions:
+        db.lab_results.insert_one(
+            {"_id": result_id, "agency_id": "agy_a", "order_id": order_id, "version": version, "received_at": received}
+        )
+    db.lab_results.insert_one(
+        {"_id": "lr_e", "agency_id": "agy_b", "order_id": "lab_1", "version": 999, "received_at": 5}
+    )
+    with pytest.raises(DuplicateKeyError):
+        db.lab_results.insert_one({"_id": "lr_a", "agency_id": "agy_a", "order_id": "lab_1", "version": 1})
+    latest = list(
+        db.lab_results.find({"agency_id": {"$eq": "agy_a"}, "order_id": {"$eq": "lab_1"}})
+        .sort([("version", -1), ("received_at", -1)])
+        .limit(1)
+    )
+    assert [d["_id"] for d in latest] == ["lr_b"]
+    # Same version twice: the later arrival wins.
+    db.lab_results.insert_one(
+        {"_id": "lr_f", "agency_id": "agy_a", "order_id": "lab_1", "version": 300, "received_at": 9}
+    )
+    latest = db.lab_results.find({"agency_id": {"$eq": "agy_a"}, "order_id": {"$eq": "lab_1"}})
+    assert next(iter(latest.sort([("version", -1), ("received_at", -1)]).limit(1)))["_id"] == "lr_f"
+
+
 # --- notifications: appointments and compliance items -------------------------------------------
 
 
