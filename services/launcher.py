@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import jwt
@@ -50,10 +50,12 @@ class Ports:
     inbox_http: int = 8102
     inbox_grpc: int = 50052
     mongo: int = 27018
+    auto_reply_http: int = 8103
+    auto_reply_grpc: int = 50053
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(6)))
+        return cls(**{f.name: free_port() for f in fields(cls)})
 
 
 @dataclass
@@ -70,7 +72,7 @@ class StackConfig:
 class Stack:
     """The processes of the system, started in dependency order."""
 
-    SERVICES = ("directory", "inbox", "gateway")
+    SERVICES = ("directory", "inbox", "auto-reply", "gateway")
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -95,6 +97,10 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.inbox_http}"
 
     @property
+    def auto_reply_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.auto_reply_http}"
+
+    @property
     def mongo_uri(self) -> str:
         return self.config.mongo_uri or f"mongodb://127.0.0.1:{self.config.ports.mongo}/"
 
@@ -111,7 +117,10 @@ class Stack:
                 "DIRECTORY_GRPC_PORT": str(p.directory_grpc),
                 "INBOX_HTTP_PORT": str(p.inbox_http),
                 "INBOX_GRPC_PORT": str(p.inbox_grpc),
+                "AUTO_REPLY_HTTP_PORT": str(p.auto_reply_http),
+                "AUTO_REPLY_GRPC_PORT": str(p.auto_reply_grpc),
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
+                "INBOX_GRPC_TARGET": f"127.0.0.1:{p.inbox_grpc}",
                 "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
             }
         )
@@ -148,9 +157,12 @@ class Stack:
         if self.config.seed_demo:
             self.demo_logins = self._seed(env)
         inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
+        auto_reply = self._spawn("auto-reply", [sys.executable, "-m", "services.auto_reply"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
         gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
         wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log", inbox)
+        # Ready = consuming message.delivered.v1 (its queue exists, so no delivery is missed).
+        wait_http(f"{self.auto_reply_url}/readyz", "auto-reply", self.logs / "auto-reply.log", auto_reply)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
 
     def _check_ports_free(self) -> None:
@@ -175,6 +187,7 @@ class Stack:
             "GATEWAY_CONFIG": str(REPO_ROOT / "gateway" / "kong.yml"),
             "DECK_DIRECTORY_URL": self.directory_url,
             "DECK_INBOX_URL": self.inbox_url,
+            "DECK_AUTO_REPLY_URL": self.auto_reply_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_RATE_LIMIT_MINUTE": "6000",

@@ -29,6 +29,7 @@ const prefix = env("MONGO_DB_PREFIX");
 for (const [service, passwordVariable] of [
   ["directory", "MONGO_DIRECTORY_PASSWORD"],
   ["inbox", "MONGO_INBOX_PASSWORD"],
+  ["auto-reply", "MONGO_AUTO_REPLY_PASSWORD"],
 ]) {
   const roles = [{ role: "readWrite", db: `${prefix}${service}` }];
   const pwd = env(passwordVariable);
