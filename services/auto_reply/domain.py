@@ -88,7 +88,7 @@ class Change:
     """A validated PUT body, times already resolved to epoch ms."""
 
     enabled: bool
-    message: str
+    message: str | None  # None: keep the saved text
     starts_at: int | None
     ends_at: int | None
     time_zone: str
@@ -136,15 +136,14 @@ def parse_change(body: dict, default_time_zone: str) -> Change:
     if not isinstance(enabled, bool):
         raise InvalidInput("invalid_value", "enabled must be true or false", {"field": "enabled"})
     message = body.get("message")
-    if message is None:
-        message = ""
-    if not isinstance(message, str) or "\x00" in message or len(message.strip()) > MESSAGE_MAX_CHARS:
-        raise InvalidInput(
-            "invalid_value", f"message must be text of at most {MESSAGE_MAX_CHARS} characters", {"field": "message"}
-        )
-    message = message.strip()
-    if enabled and not message:
-        raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
+    if message is not None:
+        if not isinstance(message, str) or "\x00" in message or len(message.strip()) > MESSAGE_MAX_CHARS:
+            raise InvalidInput(
+                "invalid_value", f"message must be text of at most {MESSAGE_MAX_CHARS} characters", {"field": "message"}
+            )
+        message = message.strip()
+        if enabled and not message:
+            raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
     zone = body.get("time_zone")
     time_zone = default_time_zone if zone is None else known_time_zone(zone)
     starts_at = None if body.get("starts_at") is None else local_instant_ms("starts_at", body["starts_at"], time_zone)
@@ -156,7 +155,11 @@ def parse_change(body: dict, default_time_zone: str) -> Change:
 
 def apply_change(current: Setting, change: Change, now_ms: int) -> Setting:
     """The setting after a PUT. Turning it on, or changing its window while on, starts a new
-    activation; changing only the text keeps the activation (senders already answered stay so)."""
+    activation; changing only the text keeps the activation (senders already answered stay so).
+    Without a message the saved text is kept; turning on needs one, given or saved."""
+    message = current.message if change.message is None else change.message
+    if change.enabled and not message:
+        raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
     if change.ends_at is not None and change.starts_at is None and change.enabled and change.ends_at <= now_ms:
         raise InvalidInput("invalid_window", "ends_at must be in the future", {"field": "ends_at"})
     window_changed = (change.starts_at, change.ends_at, change.time_zone) != (
@@ -168,7 +171,7 @@ def apply_change(current: Setting, change: Change, now_ms: int) -> Setting:
     return replace(
         current,
         enabled=change.enabled,
-        message=change.message,
+        message=message,
         starts_at=change.starts_at,
         ends_at=change.ends_at,
         time_zone=change.time_zone,

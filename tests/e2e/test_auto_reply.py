@@ -122,6 +122,22 @@ def test_my_auto_replies_start_off_and_are_saved_as_sent(login, away):
     assert setting(lee, "staff")["enabled"] is False
 
 
+def test_reading_my_auto_reply_text_is_audited_and_turning_off_keeps_it(login, away, events):
+    lee = away("billing.lee")
+    with events.listen("phi.accessed.v1") as heard:
+        assert setting(lee)["message"] == AWAY_TEXT
+        resource = f"{lee.agency_id}|{lee.staff_id}|staff"
+        event = heard.wait_for(lambda e: e.payload.service == "auto-reply" and e.payload.resource_id == resource)
+    assert (event.payload.resource_type, event.payload.action, event.payload.outcome) == (
+        "auto_reply",
+        "read",
+        "allowed",
+    )
+    assert event.payload.actor_id == lee.staff_id and event.payload.agency_id == lee.agency_id
+    off = lee.put("/api/v1/auto-replies/me/staff", json={"enabled": False})
+    assert off.status_code == 200 and off.json()["message"] == AWAY_TEXT and off.json()["active"] is False
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

@@ -114,8 +114,19 @@ def test_bad_changes_are_refused_with_a_stable_code_naming_the_field(body, code,
 
 
 def test_turning_off_needs_no_message_and_the_text_may_be_2000_characters():
-    assert domain.parse_change({"enabled": False}, CHICAGO).message == ""
+    assert domain.parse_change({"enabled": False}, CHICAGO).message is None
     assert len(change({"message": "x" * 2000}).message) == 2000
+
+
+def test_without_a_message_the_saved_text_is_kept_and_turning_on_needs_one():
+    off = domain.apply_change(on(), domain.parse_change({"enabled": False}, CHICAGO), NOW)
+    assert off.message == "Out until Monday" and not off.enabled
+    back = domain.apply_change(off, domain.parse_change({"enabled": True}, CHICAGO), NOW + 1)
+    assert back.enabled and back.message == "Out until Monday"
+    never = domain.never_set("agy_a", "stf_away", "staff", CHICAGO)
+    with pytest.raises(InvalidInput) as refused:
+        domain.apply_change(never, domain.parse_change({"enabled": True}, CHICAGO), NOW)
+    assert (refused.value.code, refused.value.details["field"]) == ("invalid_value", "message")
 
 
 def test_an_end_already_passed_cannot_be_turned_on_without_a_start():
