@@ -7,8 +7,8 @@ RFC 3834 ("Recommendations for Automatic Responses to Electronic Mail") is the m
 - §2 never answer an automatic message (Auto-Submitted other than "no"): `auto_reply` messages;
 - §2 never answer bulk or list mail: announcements and whole-agency messages;
 - §2 never answer a message from oneself (a loop), nor system notifications (no human sender);
-- §3.1.5 the answer is marked automatic (inbox's `auto_reply`, its Auto-Submitted), §3.1.6 it
-  goes to the sender only, §3.1.7 it is threaded to the message it answers (In-Reply-To).
+- §3 and §5 the answer is marked automatic (inbox's `auto_reply`, its Auto-Submitted), goes to
+  the sender only and is threaded to the message it answers (In-Reply-To).
 """
 
 from __future__ import annotations
