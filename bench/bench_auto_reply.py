@@ -64,25 +64,42 @@ def events(count: int, recipient: str) -> list:
     for i in range(count):
         message_id = f"msg_{uuid.uuid4().hex}"
         payload = inbox_pb2.MessageDelivered(
-            message_id=message_id, thread_id=message_id, agency_id=AGENCY, sender_staff_id=f"stf_sender_{i}",
-            recipient_staff_id=recipient, sent_at=sent_at, board_kind="messages", sender_kind="staff",
+            message_id=message_id,
+            thread_id=message_id,
+            agency_id=AGENCY,
+            sender_staff_id=f"stf_sender_{i}",
+            recipient_staff_id=recipient,
+            sent_at=sent_at,
+            board_kind="messages",
+            sender_kind="staff",
         )
-        out.append(new_envelope(EVENT_TYPE, payload, agency_id=AGENCY, producer="inbox",
-                                event_id=f"{message_id}-{recipient}-delivered"))
+        out.append(
+            new_envelope(
+                EVENT_TYPE, payload, agency_id=AGENCY, producer="inbox", event_id=f"{message_id}-{recipient}-delivered"
+            )
+        )
     return out
 
 
 def run(amqp_url: str, db, handler, batch: list, name: str) -> float:
     """Events/s of a consumer working through `batch`, published before it starts."""
     topology = Topology(prefix=f"bench{uuid.uuid4().hex[:6]}")
-    consumer = Consumer(amqp_url, f"{name}.delivered", [EVENT_TYPE], handler, topology=topology,
-                        processed=ProcessedEvents(db, name), prefetch=64)
+    consumer = Consumer(
+        amqp_url,
+        f"{name}.delivered",
+        [EVENT_TYPE],
+        handler,
+        topology=topology,
+        processed=ProcessedEvents(db, name),
+        prefetch=64,
+    )
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = connection.channel()
     consumer.declare(channel)
     for envelope in batch:
-        channel.basic_publish(topology.exchange_name, EVENT_TYPE, envelope.SerializeToString(),
-                              message_properties(envelope))
+        channel.basic_publish(
+            topology.exchange_name, EVENT_TYPE, envelope.SerializeToString(), message_properties(envelope)
+        )
     connection.close()
     done = threading.Event()
     seen = {"n": 0}
@@ -108,11 +125,13 @@ def main() -> int:
         db = pymongo.MongoClient(mongo_uri)[f"bench_{uuid.uuid4().hex[:8]}"]
         store = AutoReplyStore(db, PhiCipher(KeyRing(db, {"k1": os.urandom(32)}, "k1")))
         store.ensure_indexes()
-        store.save(domain.apply_change(
-            domain.never_set(AGENCY, AWAY, "staff", "America/Chicago"),
-            domain.Change(True, "Out until Monday.", None, None, "America/Chicago"),
-            now_ms() - 60_000,
-        ))
+        store.save(
+            domain.apply_change(
+                domain.never_set(AGENCY, AWAY, "staff", "America/Chicago"),
+                domain.Change(True, "Out until Monday.", None, None, "America/Chicago"),
+                now_ms() - 60_000,
+            )
+        )
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         inbox_pb2_grpc.add_InboxServiceServicer_to_server(InstantInbox(), server)
         port = server.add_insecure_port("127.0.0.1:0")
