@@ -48,8 +48,9 @@ SKIP_NOT_AWAY = "not_away"
 class Setting:
     """One staff member's auto-reply of one kind. Times are epoch milliseconds.
 
-    `starts_at` None means from `activated_at` (when it was turned on); `ends_at` None means until
-    turned off. Each time it is turned on, or its window changes while on, it is a new activation
+    `starts_at` None means from `activated_at` (when it was turned on); a start before the activation
+    counts from the activation (messages sent before it was turned on are never answered); `ends_at`
+    None means until turned off. Each time it is turned on, or its window changes while on, it is a new activation
     (`activation_id`), so every sender can get one answer again."""
 
     agency_id: str
@@ -66,7 +67,7 @@ class Setting:
 
     @property
     def effective_start(self) -> int:
-        return self.starts_at if self.starts_at is not None else self.activated_at
+        return max(self.starts_at or 0, self.activated_at)
 
     def active(self, now_ms: int) -> bool:
         """On, and now inside its window (start inclusive, end exclusive)."""

@@ -176,7 +176,7 @@ def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, re
         now = now_ms()
         by_staff: dict[str, dict] = {}
         for doc in store.away(caller.agency_id, now):
-            start = doc.get("starts_at") if doc.get("starts_at") is not None else doc.get("activated_at", 0)
+            start = max(doc.get("starts_at") or 0, doc.get("activated_at") or 0)
             if start > now:
                 continue  # scheduled, not yet away
             entry = by_staff.setdefault(doc["staff_id"], {"staff_id": doc["staff_id"], "kinds": [], "until": -1})

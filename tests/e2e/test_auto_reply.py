@@ -432,3 +432,27 @@ def test_the_patient_auto_reply_answers_a_portal_message_in_the_patients_thread(
     colleague = send(white, hall)
     processed(auto_db, colleague, hall.staff_id)
     assert answers(hall, white) == []
+
+
+def test_an_answer_sent_but_not_marked_before_a_crash_is_not_sent_again(stack, login, away, auto_db, events):
+    brooks = login("np.brooks")
+    hall = away("therapist.hall")
+    with events.listen("message.delivered.v1") as heard:
+        message_id = send(brooks, hall)
+        event = heard.wait_for(
+            lambda e: e.payload.message_id == message_id and e.payload.recipient_staff_id == hall.staff_id
+        )
+        [answer] = answered(hall, brooks)
+    # As if the service died after inbox sent the answer, before it marked the slot and acked the event.
+    [slot] = list(auto_db.reply_slots.find({"in_reply_to": {"$eq": message_id}}))
+    auto_db.reply_slots.update_one({"_id": {"$eq": slot["_id"]}}, {"$set": {"sent_at": 0}})
+    auto_db.processed_events.delete_one({"_id": {"$eq": f"auto-reply:{event.envelope.event_id}"}})
+    publisher = Publisher(stack.config.amqp_url, Topology())
+    try:
+        publisher.publish([event.envelope])
+    finally:
+        publisher.close()
+    processed(auto_db, message_id, hall.staff_id)
+    marked = auto_db.reply_slots.find_one({"_id": {"$eq": slot["_id"]}})
+    assert marked["sent_at"] > 0 and marked["reply_message_id"] == answer["id"]
+    assert [a["id"] for a in answers(hall, brooks)] == [answer["id"]]

@@ -65,6 +65,12 @@ def test_without_a_start_it_is_active_from_when_it_was_turned_on_and_without_an_
     assert setting.active(NOW) and setting.active(NOW + 10 * 365 * 86_400_000)
 
 
+def test_messages_sent_before_it_was_turned_on_are_not_answered_even_inside_the_window():
+    setting = on(starts_at=NOW - 86_400_000, activated_at=NOW)
+    assert not setting.active(NOW - 1) and setting.active(NOW)
+    assert domain.decide(delivered(), setting, NOW - 1).reason == domain.SKIP_NOT_AWAY
+
+
 def test_off_means_off_whatever_the_window():
     assert not on(enabled=False).active(NOW)
     assert not on(enabled=False, starts_at=NOW - 1000, ends_at=NOW + 1000).active(NOW)
