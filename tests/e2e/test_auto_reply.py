@@ -169,6 +169,22 @@ def test_malformed_json_unknown_kinds_and_missing_tokens_are_refused(login, stac
     assert requests.get(f"{stack.gateway_url}/api/v1/auto-replies/me", timeout=10).status_code == 401
 
 
+def test_the_service_checks_tokens_itself_and_refuses_service_tokens_and_oversize_bodies(stack, login, service_token):
+    direct = f"http://127.0.0.1:{stack.config.ports.auto_reply_http}/api/v1/auto-replies/me"
+    assert requests.get(direct, timeout=10).status_code == 401
+    forged = requests.get(direct, headers={"Authorization": "Bearer not.a.token"}, timeout=10)
+    assert (forged.status_code, forged.json()["code"]) == (401, "invalid_token")
+    as_service = requests.get(
+        f"{stack.gateway_url}/api/v1/auto-replies/me",
+        headers={"Authorization": f"Bearer {service_token('auto-reply')}"},
+        timeout=10,
+    )
+    assert (as_service.status_code, as_service.json()["code"]) == (403, "staff_only")
+    lee = login("billing.lee")
+    huge = lee.put("/api/v1/auto-replies/me/staff", json={"enabled": True, "message": "x" * 100_000})
+    assert (huge.status_code, huge.json()["code"]) == (413, "payload_too_large")
+
+
 def test_admins_see_who_is_away_and_others_may_not(admin, login, away, outsider):
     hall = away("therapist.hall", ends_at="2099-01-01T00:00:00Z")
     away("therapist.hall", "patient")

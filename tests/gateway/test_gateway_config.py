@@ -61,7 +61,7 @@ def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path)
             assert login.status_code == 200
             assert login.json()["path"] == "/api/v1/auth/token"
             assert login.headers["X-RateLimit-Limit-Minute"] == "30"  # the stricter auth limit
-            for path in ("/api/v1/messages", "/api/v1/directory/staff"):
+            for path in ("/api/v1/messages", "/api/v1/directory/staff", "/api/v1/auto-replies/me"):
                 refused = http.get(f"{gateway.url}{path}")
                 assert refused.status_code == 401
                 assert refused.json() == {"message": "Unauthorized"}
@@ -84,7 +84,7 @@ def test_the_product_kong_yml_verifies_staff_tokens_and_partner_keys(upstream, k
             # An RS256 token checked against the PEM that `indent 10` placed in the block scalar.
             access = jwt.encode({"iss": "clinic-directory", "sub": "staff-1", "exp": int(time.time()) + 900},
                                 keys.private_pem, algorithm="RS256")
-            for path in ("/api/v1/messages/board", "/api/v1/directory/me"):
+            for path in ("/api/v1/messages/board", "/api/v1/directory/me", "/api/v1/auto-replies/me"):
                 response = http.get(f"{gateway.url}{path}", headers={"Authorization": f"Bearer {access}"})
                 assert response.status_code == 200
                 assert response.json()["path"] == path
