@@ -53,10 +53,12 @@ class Ports:
     notifications_http: int = 8103
     notifications_grpc: int = 50053
     notifications_mllp: int = 2575
+    auto_reply_http: int = 8104
+    auto_reply_grpc: int = 50054
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in fields(cls)))
+        return cls(**{f.name: free_port() for f in fields(cls)})
 
 
 @dataclass
@@ -73,7 +75,7 @@ class StackConfig:
 class Stack:
     """The processes of the system, started in dependency order."""
 
-    SERVICES = ("directory", "inbox", "notifications", "gateway")
+    SERVICES = ("directory", "inbox", "notifications", "auto-reply", "gateway")
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -105,6 +107,10 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.notifications_http}"
 
     @property
+    def auto_reply_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.auto_reply_http}"
+
+    @property
     def mongo_uri(self) -> str:
         return self.config.mongo_uri or f"mongodb://127.0.0.1:{self.config.ports.mongo}/"
 
@@ -125,7 +131,10 @@ class Stack:
                 "NOTIFICATIONS_GRPC_PORT": str(p.notifications_grpc),
                 "NOTIFICATIONS_MLLP_PORT": str(p.notifications_mllp),
                 "NOTIFICATIONS_PUBLIC_URL": self.gateway_url,
+                "AUTO_REPLY_HTTP_PORT": str(p.auto_reply_http),
+                "AUTO_REPLY_GRPC_PORT": str(p.auto_reply_grpc),
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
+                "INBOX_GRPC_TARGET": f"127.0.0.1:{p.inbox_grpc}",
                 "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
             }
         )
@@ -163,6 +172,7 @@ class Stack:
             self.demo_logins = self._seed(env)
         inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
         notifications = self._spawn("notifications", [sys.executable, "-m", "services.notifications"], env)
+        auto_reply = self._spawn("auto-reply", [sys.executable, "-m", "services.auto_reply"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
         self.lab_interface_api_key = dev_secret(self.run_dir, "lab-interface-api-key", lambda: os.urandom(24).hex())
         self.practice_management_api_key = dev_secret(
@@ -174,6 +184,8 @@ class Stack:
         gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
         wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log", inbox)
         wait_http(f"{self.notifications_url}/readyz", "notifications", self.logs / "notifications.log", notifications)
+        # Ready = consuming message.delivered.v1 (its queue exists, so no delivery is missed).
+        wait_http(f"{self.auto_reply_url}/readyz", "auto-reply", self.logs / "auto-reply.log", auto_reply)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
 
     def _check_ports_free(self) -> None:
@@ -199,6 +211,7 @@ class Stack:
             "DECK_DIRECTORY_URL": self.directory_url,
             "DECK_INBOX_URL": self.inbox_url,
             "DECK_NOTIFICATIONS_URL": self.notifications_url,
+            "DECK_AUTO_REPLY_URL": self.auto_reply_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,

@@ -5,7 +5,8 @@
 #   secrets/jwt_signing_keys.pem RSA-3072 private key that signs access tokens (JWT_SIGNING_KEYS_FILE)
 #   secrets/jwt_public_key.pem   its public key, derived from the FIRST key of the PEM file (the active one)
 #   secrets/mongo_keyfile        shared key of the replica set members (internal authentication)
-#   secrets/service_inbox_secret inbox's service-client secret (SERVICE_CLIENT_SECRET_FILE); directory
+#   secrets/service_inbox_secret, secrets/service_auto-reply_secret  the service-client secrets of inbox
+#                                and auto-reply (SERVICE_CLIENT_SECRET_FILE); directory
 #                                gets only its SHA-256, as SERVICE_CLIENTS in .env
 #   secrets/service_notifications_secret  the same for notifications
 #   .env                         passwords, the partner API keys (portal, lab interface), PHI_MASTER_KEY_ID and the gateway's
@@ -70,12 +71,13 @@ create jwt_signing_keys.pem rsa_private_key
 create mongo_keyfile openssl rand -base64 756
 create service_inbox_secret openssl rand -hex 32
 create service_notifications_secret openssl rand -hex 32
+create service_auto-reply_secret openssl rand -hex 32
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {
   printf '%s' "$(cat "secrets/service_$1_secret")" | openssl dgst -sha256 -r | cut -d' ' -f1
 }
-service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications)"
+service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply)"
 
 # The gateway verifies tokens with the public half of the active (first) signing key.
 openssl pkey -in secrets/jwt_signing_keys.pem -pubout -out secrets/jwt_public_key.pem
@@ -90,6 +92,7 @@ mongo_root_password="$(password MONGO_ROOT_PASSWORD)"
 mongo_directory_password="$(password MONGO_DIRECTORY_PASSWORD)"
 mongo_inbox_password="$(password MONGO_INBOX_PASSWORD)"
 mongo_notifications_password="$(password MONGO_NOTIFICATIONS_PASSWORD)"
+mongo_auto_reply_password="$(password MONGO_AUTO_REPLY_PASSWORD)"
 rabbitmq_password="$(password RABBITMQ_PASSWORD)"
 patient_portal_api_key="$(password PATIENT_PORTAL_API_KEY)"
 lab_interface_api_key="$(password LAB_INTERFACE_API_KEY)"
@@ -110,6 +113,7 @@ MONGO_ROOT_PASSWORD=${mongo_root_password}
 MONGO_DIRECTORY_PASSWORD=${mongo_directory_password}
 MONGO_INBOX_PASSWORD=${mongo_inbox_password}
 MONGO_NOTIFICATIONS_PASSWORD=${mongo_notifications_password}
+MONGO_AUTO_REPLY_PASSWORD=${mongo_auto_reply_password}
 RABBITMQ_PASSWORD=${rabbitmq_password}
 PATIENT_PORTAL_API_KEY=${patient_portal_api_key}
 LAB_INTERFACE_API_KEY=${lab_interface_api_key}
@@ -119,7 +123,7 @@ JWT_PUBLIC_KEY_PEM="${public_key_escaped}"
 SERVICE_CLIENTS=${service_clients}
 ENV
 # Settings you added yourself (CORS_ORIGIN=..., RATE_LIMIT_MINUTE=...) are kept.
-managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
+managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|MONGO_AUTO_REPLY_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
 if [ -f .env ]; then
   grep -Ev "^(#|(${managed})=)" .env >> .env.tmp || true
 fi

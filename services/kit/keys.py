@@ -19,7 +19,7 @@ from services.kit import mongo
 from services.kit.crypto import KeyRing
 from services.kit.settings import Env, SettingsError, common_settings
 
-PHI_SERVICES = ("directory", "inbox")
+PHI_SERVICES = ("directory", "inbox", "auto-reply")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,19 +36,30 @@ _DECK_ENV = re.compile(r'env\s+"(DECK_[A-Z0-9_]+)"')
 
 
 def deployed_services() -> list[str]:
-    """Every service process with its own settings module (services/<name>/config.py with load())."""
+    """Every service process with its own settings module (services/<package>/config.py with load()),
+    by its deployed name: the package name with hyphens (Kubernetes names allow no underscore)."""
     names = []
     for config in sorted((REPO / "services").glob("*/config.py")):
-        name = config.parent.name
-        if name in NOT_DEPLOYED or not (config.parent / "__main__.py").exists():
+        package = config.parent.name
+        if package in NOT_DEPLOYED or not (config.parent / "__main__.py").exists():
             continue
-        names.append(name)
+        names.append(package.replace("_", "-"))
     return names
+
+
+def package(service: str) -> str:
+    """The Python package of a deployed service (`auto-reply` -> `auto_reply`)."""
+    return service.replace("-", "_")
+
+
+def env_prefix(service: str) -> str:
+    """The prefix of a service's own variables (`auto-reply` -> `AUTO_REPLY`)."""
+    return package(service).upper()
 
 
 def production_problems(service: str, environ: Mapping[str, str]) -> list[str]:
     """What the service's own config.load() refuses in `environ` (production mode unless it says otherwise)."""
-    module = importlib.import_module(f"services.{service}.config")
+    module = importlib.import_module(f"services.{package(service)}.config")
     try:
         module.load({"CLINIC_MODE": "production", **environ})
     except SettingsError as exc:

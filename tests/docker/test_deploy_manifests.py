@@ -163,8 +163,8 @@ def test_compose_runs_every_service_in_production_mode_and_hardened(compose):
     for name in SERVICES:
         service = services[name]
         env = d.environment_of(service)
-        assert service["command"] == [f"services.{name}"]
-        assert (d.REPO / "services" / name / "__main__.py").exists()
+        assert service["command"] == [f"services.{d.package(name)}"]
+        assert (d.REPO / "services" / d.package(name) / "__main__.py").exists()
         assert env["CLINIC_MODE"] == "production"
         assert env["GRPC_HOST"] == env["HTTP_HOST"] == "0.0.0.0"
         assert service["read_only"] is True and "/tmp" in service["tmpfs"]
@@ -195,7 +195,7 @@ def test_compose_healthchecks_and_dependency_conditions(compose):
 def test_compose_healthchecks_ask_the_services_grpc_health(compose):
     for name in SERVICES:
         service = compose["services"][name]
-        port = d.environment_of(service)[f"{name.upper()}_GRPC_PORT"]
+        port = d.environment_of(service)[f"{d.env_prefix(name)}_GRPC_PORT"]
         probe = " ".join(service["healthcheck"]["test"])
         assert "grpc_health.v1" in probe and f"127.0.0.1:{port}" in probe
         assert "SERVING" in probe
@@ -233,8 +233,8 @@ def test_compose_mongodb_is_a_replica_set_with_one_user_per_service(compose, gen
         uri = compose_service_env(compose, name, variables)["MONGO_URI"]
         assert f"replicaSet={replica_set}" in uri and "w=majority" in uri
         assert uri.startswith(f"mongodb://{name}:")
-        assert f'["{name}", "MONGO_{name.upper()}_PASSWORD"]' in script
-        assert f"MONGO_{name.upper()}_PASSWORD" in init_env
+        assert f'["{name}", "MONGO_{d.env_prefix(name)}_PASSWORD"]' in script
+        assert f"MONGO_{d.env_prefix(name)}_PASSWORD" in init_env
 
 
 def test_kong_config_renders_kong_yml_with_every_deck_variable(compose):
@@ -262,7 +262,7 @@ def test_kong_routes_reach_services_that_exist_in_compose(compose, generated_sec
     for upstream in upstreams:
         assert upstream.host in compose["services"], upstream
         assert upstream.host in SERVICES, upstream
-        http_port = d.environment_of(compose["services"][upstream.host])[f"{upstream.host.upper()}_HTTP_PORT"]
+        http_port = d.environment_of(compose["services"][upstream.host])[f"{d.env_prefix(upstream.host)}_HTTP_PORT"]
         assert upstream.port == int(http_port), upstream
     # The multi-line public key survives .env -> compose -> decK's indent.
     keys = [s["rsa_public_key"] for c in config["consumers"] for s in c.get("jwt_secrets") or []]
@@ -336,13 +336,13 @@ def test_every_deployment_is_probed_limited_non_root_and_read_only(name):
 @pytest.mark.parametrize("service", SERVICES)
 def test_python_services_use_native_grpc_probes_on_their_grpc_port(service):
     config = d.k8s_objects("ConfigMap")["clinic-config"]["data"]
-    grpc_port = int(config[f"{service.upper()}_GRPC_PORT"])
+    grpc_port = int(config[f"{d.env_prefix(service)}_GRPC_PORT"])
     container = DEPLOYMENTS[service]["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == [f"services.{service}"]
+    assert container["args"] == [f"services.{d.package(service)}"]
     assert container["image"] == "clinic-message-board"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == grpc_port
-    assert ports["http"] == int(config[f"{service.upper()}_HTTP_PORT"])
+    assert ports["http"] == int(config[f"{d.env_prefix(service)}_HTTP_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port, probe
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -470,7 +470,7 @@ def test_kong_routes_reach_services_that_exist_in_kubernetes():
         assert name in K8S_SERVICES and name in SERVICES, upstream
         assert upstream.port in {p["port"] for p in K8S_SERVICES[name]["spec"]["ports"]}, upstream
         config_map = d.k8s_objects("ConfigMap")["clinic-config"]["data"]
-        assert upstream.port == int(config_map[f"{name.upper()}_HTTP_PORT"]), upstream
+        assert upstream.port == int(config_map[f"{d.env_prefix(name)}_HTTP_PORT"]), upstream
 
 
 def test_kong_runs_db_less_from_the_generated_secret():

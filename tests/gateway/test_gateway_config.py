@@ -40,6 +40,7 @@ def product_env(upstream, keys) -> dict[str, str]:
             "DECK_DIRECTORY_URL": upstream.url,
             "DECK_INBOX_URL": upstream.url,
             "DECK_NOTIFICATIONS_URL": upstream.url,
+            "DECK_AUTO_REPLY_URL": upstream.url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
             "DECK_PATIENT_PORTAL_API_KEY": PORTAL_KEY,
             "DECK_LAB_INTERFACE_API_KEY": "lab-interface-test-key",
@@ -55,7 +56,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (3 services, 10 routes, 5 consumers" in result.stdout
+    assert "OK (4 services, 11 routes, 5 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):
@@ -66,7 +67,7 @@ def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path)
             assert login.status_code == 200
             assert login.json()["path"] == "/api/v1/auth/token"
             assert login.headers["X-RateLimit-Limit-Minute"] == "30"  # the stricter auth limit
-            for path in ("/api/v1/messages", "/api/v1/directory/staff"):
+            for path in ("/api/v1/messages", "/api/v1/directory/staff", "/api/v1/auto-replies/me"):
                 refused = http.get(f"{gateway.url}{path}")
                 assert refused.status_code == 401
                 assert refused.json() == {"message": "Unauthorized"}
@@ -92,7 +93,7 @@ def test_the_product_kong_yml_verifies_staff_tokens_and_partner_keys(upstream, k
                 keys.private_pem,
                 algorithm="RS256",
             )
-            for path in ("/api/v1/messages/board", "/api/v1/directory/me"):
+            for path in ("/api/v1/messages/board", "/api/v1/directory/me", "/api/v1/auto-replies/me"):
                 response = http.get(f"{gateway.url}{path}", headers={"Authorization": f"Bearer {access}"})
                 assert response.status_code == 200
                 assert response.json()["path"] == path

@@ -15,6 +15,8 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from clinic.inbox.v1 import inbox_pb2
+from services.auto_reply.store import FOREVER
+from services.auto_reply.store import INDEXES as AUTO_REPLY_INDEXES
 from services.inbox.store import INDEXES as INBOX_INDEXES
 from services.kit.mongo import ensure_indexes
 from services.kit.outbox import with_outbox
@@ -535,3 +537,59 @@ def test_an_appointment_is_created_once_then_changed_under_its_version(mongo_cli
         "version": 2,
         "staff_ids": ["a"],
     }
+# --- auto-reply ------------------------------------------------------------------------------------
+def test_auto_reply_settings_upsert_read_back_and_away_range(db):
+    ensure_indexes(db, AUTO_REPLY_INDEXES)
+    rows = [
+        ("agy|stf_1|staff", "agy", 1, FOREVER),  # on until turned off
+        ("agy|stf_2|staff", "agy", 1, 2_000),  # on until t=2000
+        ("agy|stf_3|staff", "agy", 1, 500),  # over by t=1000
+        ("agy|stf_4|staff", None, 0, 0),  # off
+        ("other|stf_5|staff", "other", 1, FOREVER),  # another agency
+    ]
+    for doc_id, agency, enabled, until in rows:
+        db.settings.update_one(
+            {"_id": {"$eq": doc_id}},
+            {
+                "$set": {
+                    "enabled": enabled,
+                    "starts_at": None,
+                    "away_agency": agency,
+                    "away_until": until,
+                    "message": b"\x01sealed",
+                }
+            },
+            upsert=True,
+        )
+    found = db.settings.find_one({"_id": {"$eq": "agy|stf_1|staff"}})
+    assert found["starts_at"] is None and bytes(found["message"]) == b"\x01sealed" and found["enabled"] == 1
+    away = db.settings.find({"away_agency": {"$eq": "agy"}, "away_until": {"$gt": 1_000}}, {"message": 0}).limit(1000)
+    listed = sorted(d["_id"] for d in away)
+    assert listed == ["agy|stf_1|staff", "agy|stf_2|staff"]
+    both = db.settings.find({"_id": {"$in": ["agy|stf_1|staff", "agy|stf_1|patient", "agy|stf_2|staff"]}})
+    assert sorted(d["_id"] for d in both) == ["agy|stf_1|staff", "agy|stf_2|staff"]
+
+
+def test_auto_reply_slot_claimed_once_marked_once_and_released_only_unsent(db):
+    db.reply_slots.insert_one({"_id": "slot", "event_id": "e1", "sent_at": 0})
+    with pytest.raises(DuplicateKeyError):
+        db.reply_slots.insert_one({"_id": "slot", "event_id": "e2", "sent_at": 0})
+    # Only the claiming event may release an unsent slot.
+    assert (
+        db.reply_slots.delete_one(
+            {"_id": {"$eq": "slot"}, "event_id": {"$eq": "e2"}, "sent_at": {"$eq": 0}}
+        ).deleted_count
+        == 0
+    )
+    marked = db.reply_slots.update_one(
+        {"_id": {"$eq": "slot"}, "sent_at": {"$eq": 0}}, {"$set": {"sent_at": 5, "reply_message_id": "m"}}
+    )
+    again = db.reply_slots.update_one({"_id": {"$eq": "slot"}, "sent_at": {"$eq": 0}}, {"$set": {"sent_at": 9}})
+    assert (marked.modified_count, again.matched_count) == (1, 0)
+    assert (
+        db.reply_slots.delete_one(
+            {"_id": {"$eq": "slot"}, "event_id": {"$eq": "e1"}, "sent_at": {"$eq": 0}}
+        ).deleted_count
+        == 0
+    )
+    assert db.reply_slots.find_one({"_id": {"$eq": "slot"}})["sent_at"] == 5

@@ -30,6 +30,7 @@ for (const [service, passwordVariable] of [
   ["directory", "MONGO_DIRECTORY_PASSWORD"],
   ["inbox", "MONGO_INBOX_PASSWORD"],
   ["notifications", "MONGO_NOTIFICATIONS_PASSWORD"],
+  ["auto-reply", "MONGO_AUTO_REPLY_PASSWORD"],
 ]) {
   const roles = [{ role: "readWrite", db: `${prefix}${service}` }];
   const pwd = env(passwordVariable);

@@ -1,0 +1,203 @@
+"""auto-reply HTTP edge (behind the gateway's jwt plugin, route `auto-replies`):
+
+- GET  /api/v1/auto-replies/me               my Staff and Patient Auto-Reply
+- PUT  /api/v1/auto-replies/me/<staff|patient> turn one on or off, change its text and window
+- GET  /api/v1/auto-replies/away             agency admins: who is away now, for coverage
+
+Staff tokens only; everything is scoped to the token's agency and staff member.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+
+from flask import Blueprint, Flask, g, request
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clinic.audit.v1 import audit_pb2
+from services.auto_reply import domain
+from services.auto_reply.clients import DirectoryClient
+from services.auto_reply.store import FOREVER, AutoReplyStore, setting_id
+from services.kit.auth import KIND_STAFF, Identity
+from services.kit.errors import Forbidden, InvalidInput, NotFound
+from services.kit.events import new_envelope
+from services.kit.http import create_app, require_auth
+from services.kit.logs import correlation_id_var
+from services.kit.mongo import now_ms
+from services.kit.outbox import outbox_fields
+from services.kit.validation import json_body
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "auto-reply"
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def setting_view(setting: domain.Setting, now: int) -> dict:
+    return {
+        "kind": setting.kind,
+        "enabled": setting.enabled,
+        "message": setting.message,
+        "starts_at": iso(setting.starts_at),
+        "ends_at": iso(setting.ends_at),
+        "time_zone": setting.time_zone,
+        "active": setting.active(now),
+        "updated_at": iso(setting.updated_at or None),
+    }
+
+
+def staff_only(view):
+    """A staff member's own settings: service tokens are refused here."""
+
+    @require_auth
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if g.identity.kind != KIND_STAFF:
+            raise Forbidden("staff_only", "this route serves staff members")
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def change_body() -> dict:
+    """The JSON object body; malformed JSON is 400 `invalid_json`."""
+    try:
+        return json_body()
+    except InvalidInput as exc:
+        if exc.code == "malformed_json":
+            raise InvalidInput("invalid_json", "the request body is not valid JSON") from exc
+        raise
+
+
+def accessed_event(caller: Identity, resource_id: str):
+    accessed_at = Timestamp()
+    accessed_at.GetCurrentTime()
+    payload = audit_pb2.PhiAccessed(
+        agency_id=caller.agency_id,
+        actor_id=caller.subject,
+        actor_kind=caller.kind,
+        resource_type="auto_reply",
+        resource_id=resource_id,
+        action="read",
+        outcome="allowed",
+        accessed_at=accessed_at,
+        service=PRODUCER,
+    )
+    return new_envelope(
+        "phi.accessed.v1",
+        payload,
+        agency_id=caller.agency_id,
+        producer=PRODUCER,
+        correlation_id=correlation_id_var.get(),
+    )
+
+
+def record_reads(store: AutoReplyStore, caller: Identity, settings: list[domain.Setting]) -> None:
+    """Every auto-reply text shown is recorded as `phi.accessed.v1`, in one write (outbox)."""
+    shown = [s for s in settings if s.message]
+    if not shown:
+        return
+    events = [accessed_event(caller, setting_id(s.agency_id, s.staff_id, s.kind)) for s in shown]
+    store.record_access(
+        {
+            "_id": events[0].event_id,
+            "agency_id": caller.agency_id,
+            "actor_id": caller.subject,
+            "action": "read",
+            "at": now_ms(),
+            **outbox_fields(events),
+        }
+    )
+
+
+def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, ready=None, max_body_bytes: int) -> Flask:
+    app = create_app("auto-reply", verifier, max_body_bytes=max_body_bytes)
+    api = Blueprint("auto_replies", __name__, url_prefix="/api/v1/auto-replies")
+
+    def mine(caller: Identity) -> dict[str, domain.Setting]:
+        saved = store.settings_of(caller.agency_id, caller.staff_id)
+        missing = [kind for kind in domain.KINDS if kind not in saved]
+        if missing:
+            zone = directory.agency_time_zone(caller.agency_id)
+            for kind in missing:
+                saved[kind] = domain.never_set(caller.agency_id, caller.staff_id, kind, zone)
+        return saved
+
+    @api.get("/me")
+    @staff_only
+    def get_mine():
+        settings = mine(g.identity)
+        record_reads(store, g.identity, list(settings.values()))
+        now = now_ms()
+        return {kind: setting_view(settings[kind], now) for kind in domain.KINDS}
+
+    @api.put("/me/<kind>")
+    @staff_only
+    def put_mine(kind: str):
+        if kind not in domain.KINDS:
+            raise NotFound("not_found", "no such auto-reply kind")
+        caller = g.identity
+        body = change_body()
+        default_zone = None
+        if body.get("time_zone") is None:
+            default_zone = directory.agency_time_zone(caller.agency_id)
+        change = domain.parse_change(body, default_zone or "UTC")
+        current = store.setting(caller.agency_id, caller.staff_id, kind) or domain.never_set(
+            caller.agency_id, caller.staff_id, kind, change.time_zone
+        )
+        now = now_ms()
+        updated = domain.apply_change(current, change, now)
+        store.save(updated)
+        log.info(
+            "auto-reply saved",
+            extra={
+                "agency_id": caller.agency_id,
+                "staff_id": caller.staff_id,
+                "code": f"{kind}:{int(updated.enabled)}",
+            },
+        )
+        return setting_view(updated, now)
+
+    @api.get("/away")
+    @staff_only
+    def away():
+        caller = g.identity
+        if not caller.is_admin:
+            raise Forbidden("admin_only", "only agency admins see who is away")
+        if request.args:
+            raise InvalidInput("invalid_query", f"unknown query parameter: {sorted(request.args)[0]}")
+        now = now_ms()
+        by_staff: dict[str, dict] = {}
+        for doc in store.away(caller.agency_id, now):
+            start = max(doc.get("starts_at") or 0, doc.get("activated_at") or 0)
+            if start > now:
+                continue  # scheduled, not yet away
+            entry = by_staff.setdefault(doc["staff_id"], {"staff_id": doc["staff_id"], "kinds": [], "until": -1})
+            entry["kinds"].append(doc["kind"])
+            until = doc.get("away_until") or FOREVER
+            entry["until"] = max(entry["until"], until)
+        items = []
+        for staff_id in sorted(by_staff):
+            entry = by_staff[staff_id]
+            entry["kinds"] = [k for k in domain.KINDS if k in entry["kinds"]]
+            entry["until"] = None if entry["until"] >= FOREVER else iso(entry["until"])
+            items.append(entry)
+        return {"items": items}
+
+    app.register_blueprint(api)
+
+    @app.get("/readyz")
+    def readyz():
+        problems = ready() if ready is not None else []
+        if problems:
+            return {"status": "unready", "problems": problems}, 503
+        return {"status": "ready", "service": "auto-reply"}
+
+    return app
