@@ -27,6 +27,7 @@ RIVERBEND = Agency(
     notify_linked_staff_on_schedule_change=True,
     terminology=Terminology(patient_singular="Client", patient_plural="Clients"),
     portal_consumer=PORTAL_CONSUMER,
+    idle_signout_minutes=15,
 )
 LAKESIDE = Agency(
     id="agy_lakeside", name="Lakeside Family Clinic", time_zone="America/New_York", portal_consumer=PORTAL_CONSUMER

@@ -111,6 +111,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             ),
             time_zone=agency.time_zone,
             portal_consumer=agency.portal_consumer,
+            idle_signout_minutes=agency.idle_signout_minutes,
         )
 
     def GetPortalPatient(

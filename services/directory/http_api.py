@@ -31,7 +31,7 @@ from services.directory.sessions import Grant, TooManyAttempts
 from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput, NotFound
 from services.kit.http import create_app, error_response, require_auth
-from services.kit.validation import Bool, Fields, Id, ListOf, Str, json_body, path_id, query_int, validate
+from services.kit.validation import Bool, Fields, Id, ListOf, Spec, Str, json_body, path_id, query_int, validate
 
 if TYPE_CHECKING:
     from services.directory.service import Directory
@@ -62,6 +62,26 @@ STAFF_CHANGES = {
 MEMBER_IDS = ListOf(item=Id(), max_items=domain.MAX_IDS_PER_CALL, required=False)
 NEW_TEAM = {"name": Str(max_len=100), "member_ids": MEMBER_IDS}
 TEAM_CHANGES = {"name": Str(max_len=100, required=False), "member_ids": MEMBER_IDS}
+
+
+class WholeNumber(Spec):
+    """An optional JSON integer within [minimum, maximum] (true/false are not numbers)."""
+
+    required = False
+
+    def __init__(self, minimum: int, maximum: int):
+        self.minimum, self.maximum = minimum, maximum
+
+    def clean(self, path: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInput("invalid_type", f"{path} must be a whole number", {"field": path})
+        if not self.minimum <= value <= self.maximum:
+            raise InvalidInput(
+                "invalid_value", f"{path} must be between {self.minimum} and {self.maximum}", {"field": path}
+            )
+        return value
+
+
 AGENCY_CHANGES = {
     "name": Str(max_len=120, required=False),
     "time_zone": Str(max_len=64, required=False),
@@ -69,6 +89,7 @@ AGENCY_CHANGES = {
         {
             "notify_linked_staff_on_schedule_change": Bool(),
             "portal_consumer": Str(max_len=64, min_len=0, required=False),
+            "idle_signout_minutes": WholeNumber(*domain.IDLE_SIGNOUT_MINUTES_RANGE),
         }
     ),
     "terminology": Fields(
@@ -135,7 +156,10 @@ def team_view(team: Team) -> dict:
 def agency_view(agency: Agency, for_admin: bool = False) -> dict:
     """The agency's settings; which gateway consumer serves its patient portal is shown to admins only
     (it names the partner integration, which only they configure)."""
-    options: dict[str, Any] = {"notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change}
+    options: dict[str, Any] = {
+        "notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change,
+        "idle_signout_minutes": agency.idle_signout_minutes,
+    }
     if for_admin:
         options["portal_consumer"] = agency.portal_consumer
     return {
@@ -383,6 +407,8 @@ def update_agency(admin: Identity):
         )
     if "portal_consumer" in options:
         agency = replace(agency, portal_consumer=domain.check_portal_consumer(options["portal_consumer"]))
+    if "idle_signout_minutes" in options:
+        agency = replace(agency, idle_signout_minutes=options["idle_signout_minutes"])
     terminology: Terminology = replace(agency.terminology, **body.get("terminology", {}))
     agency = replace(agency, terminology=terminology)
     _components().store.save_agency(agency)

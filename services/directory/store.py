@@ -35,6 +35,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.directory import events
 from services.directory.domain import (
+    DEFAULT_IDLE_SIGNOUT_MINUTES,
     Agency,
     LoginAttempts,
     PortalPatient,
@@ -116,6 +117,7 @@ def _agency(doc: dict) -> Agency:
             patient_plural=doc.get("patient_plural") or Terminology.patient_plural,
         ),
         portal_consumer=doc.get("portal_consumer") or "",
+        idle_signout_minutes=int(doc.get("idle_signout_minutes") or DEFAULT_IDLE_SIGNOUT_MINUTES),
     )
 
 
@@ -221,6 +223,7 @@ class DirectoryStore:
             "patient_singular": agency.terminology.patient_singular,
             "patient_plural": agency.terminology.patient_plural,
             "portal_consumer": agency.portal_consumer,
+            "idle_signout_minutes": agency.idle_signout_minutes,
         }
 
     # --- staff ------------------------------------------------------------------------------
