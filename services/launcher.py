@@ -50,10 +50,11 @@ class Ports:
     inbox_http: int = 8102
     inbox_grpc: int = 50052
     mongo: int = 27018
+    web_http: int = 8103
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in range(7)))
 
 
 @dataclass
@@ -70,7 +71,7 @@ class StackConfig:
 class Stack:
     """The processes of the system, started in dependency order."""
 
-    SERVICES = ("directory", "inbox", "gateway")
+    SERVICES = ("directory", "inbox", "web", "gateway")
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -95,6 +96,10 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.inbox_http}"
 
     @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.web_http}"
+
+    @property
     def mongo_uri(self) -> str:
         return self.config.mongo_uri or f"mongodb://127.0.0.1:{self.config.ports.mongo}/"
 
@@ -111,6 +116,9 @@ class Stack:
                 "DIRECTORY_GRPC_PORT": str(p.directory_grpc),
                 "INBOX_HTTP_PORT": str(p.inbox_http),
                 "INBOX_GRPC_PORT": str(p.inbox_grpc),
+                "WEB_HTTP_PORT": str(p.web_http),
+                "DIRECTORY_HTTP_URL": self.directory_url,
+                "WEB_ALLOWED_ORIGINS": f"{self.gateway_url},http://localhost:{p.gateway}",
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
                 "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
             }
@@ -148,9 +156,11 @@ class Stack:
         if self.config.seed_demo:
             self.demo_logins = self._seed(env)
         inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
+        web = self._spawn("web", [sys.executable, "-m", "services.web"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
         gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
         wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log", inbox)
+        wait_http(f"{self.web_url}/healthz", "web", self.logs / "web.log", web)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
 
     def _check_ports_free(self) -> None:
@@ -175,6 +185,7 @@ class Stack:
             "GATEWAY_CONFIG": str(REPO_ROOT / "gateway" / "kong.yml"),
             "DECK_DIRECTORY_URL": self.directory_url,
             "DECK_INBOX_URL": self.inbox_url,
+            "DECK_WEB_URL": self.web_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_RATE_LIMIT_MINUTE": "6000",
@@ -399,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_welcome(stack: Stack) -> None:
     print()
     print("Clinic Message Board is running.")
+    print(f"  Message Board (open in a browser): {stack.gateway_url}/")
     print(f"  Gateway (the one address to use): {stack.gateway_url}")
     print(f"  Logs: {stack.logs}/   Stop with: make stop")
     if stack.config.mongo_uri is None:

@@ -68,12 +68,13 @@ rsa_private_key() {
 create jwt_signing_keys.pem rsa_private_key
 create mongo_keyfile openssl rand -base64 756
 create service_inbox_secret openssl rand -hex 32
+create service_web_secret openssl rand -hex 32
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {
   printf '%s' "$(cat "secrets/service_$1_secret")" | openssl dgst -sha256 -r | cut -d' ' -f1
 }
-service_clients="inbox:$(service_digest inbox)"
+service_clients="inbox:$(service_digest inbox),web:$(service_digest web)"
 
 # The gateway verifies tokens with the public half of the active (first) signing key.
 openssl pkey -in secrets/jwt_signing_keys.pem -pubout -out secrets/jwt_public_key.pem

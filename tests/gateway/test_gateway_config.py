@@ -38,6 +38,7 @@ def product_env(upstream, keys) -> dict[str, str]:
     return gateway_env({
         "DECK_DIRECTORY_URL": upstream.url,
         "DECK_INBOX_URL": upstream.url,
+        "DECK_WEB_URL": upstream.url,
         "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
         "DECK_PATIENT_PORTAL_API_KEY": PORTAL_KEY,
         "DECK_RATE_LIMIT_MINUTE": "600",
@@ -49,7 +50,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (2 services, 5 routes, 2 consumers" in result.stdout
+    assert "OK (3 services, 8 routes, 2 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):
