@@ -116,9 +116,9 @@ def events():
     def stream():
         try:
             yield "retry: 2000\n: connected\n\n"
-            while not hub.closed.is_set():
+            while not subscription.ended.is_set():
                 change = subscription.next(heartbeat_s)
-                if hub.closed.is_set():
+                if subscription.ended.is_set():
                     break
                 if change is None:
                     try:

@@ -44,6 +44,11 @@ class Subscription:
         self.hub = hub
         self.key = key
         self.changes: queue.Queue[BoardChange | None] = queue.Queue(maxsize=SUBSCRIBER_BACKLOG)
+        self.ended = threading.Event()  # replaced by a newer page of the same person, or the hub closed
+
+    def end(self) -> None:
+        self.ended.set()
+        self.push(None)
 
     def push(self, change: BoardChange | None) -> None:
         try:
@@ -69,28 +74,38 @@ class Hub:
         self.max_streams = max_streams
         self.max_streams_per_staff = max_streams_per_staff
         self._lock = threading.Lock()
-        self._by_staff: dict[tuple[str, str], set[Subscription]] = {}
+        # Insertion-ordered (oldest first) streams per (agency, staff member).
+        self._by_staff: dict[tuple[str, str], dict[Subscription, None]] = {}
         self._count = 0
         self.closed = threading.Event()
 
     def subscribe(self, agency_id: str, staff_id: str) -> Subscription:
+        """A new stream for this person. A person over their limit loses their oldest stream (a page
+        closed without the server noticing yet, most likely); the process over its limit refuses."""
         key = (agency_id, staff_id)
+        evicted = None
         with self._lock:
-            mine = self._by_staff.setdefault(key, set())
-            if self._count >= self.max_streams or len(mine) >= self.max_streams_per_staff:
+            mine = self._by_staff.setdefault(key, {})
+            if len(mine) >= self.max_streams_per_staff:
+                evicted = next(iter(mine))
+                del mine[evicted]
+                self._count -= 1
+            if self._count >= self.max_streams:
                 if not mine:
                     del self._by_staff[key]
                 raise TooManyStreams
             subscription = Subscription(self, key)
-            mine.add(subscription)
+            mine[subscription] = None
             self._count += 1
-            return subscription
+        if evicted is not None:
+            evicted.end()
+        return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
             mine = self._by_staff.get(subscription.key)
             if mine and subscription in mine:
-                mine.discard(subscription)
+                del mine[subscription]
                 self._count -= 1
                 if not mine:
                     del self._by_staff[subscription.key]
@@ -119,7 +134,7 @@ class Hub:
         with self._lock:
             targets = [s for subs in self._by_staff.values() for s in subs]
         for subscription in targets:
-            subscription.push(None)
+            subscription.end()
 
 
 def changes_of(envelope: Envelope) -> Iterator[tuple[str | None, BoardChange]]:

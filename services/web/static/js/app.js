@@ -103,9 +103,8 @@ function folderButton(folder, extraClass = "") {
     class: `folder ${extraClass} ${unread ? "has-unread" : ""}`,
     "aria-current": current ? "true" : "false",
     dataset: { folder: folder.id },
-    "aria-label": unread ? `${folder.name}, ${unread} unread` : folder.name,
     onclick: () => openView({ type: "folder", id: folder.id }),
-  }, h("span", { text: folder.name }), h("span", { class: "count", text: unread ? String(unread) : "" }));
+  }, h("span", { text: folder.name }), countBadge(unread));
 }
 
 function labelButton(label) {
@@ -113,9 +112,15 @@ function labelButton(label) {
   const unread = label.unread || 0;
   return h("button", {
     type: "button", class: `folder sub ${unread ? "has-unread" : ""}`, "aria-current": current ? "true" : "false",
-    dataset: { label: label.id }, "aria-label": unread ? `${label.name}, ${unread} unread` : label.name,
+    dataset: { label: label.id },
     onclick: () => openView({ type: "label", id: label.id }),
-  }, h("span", { text: label.name }), h("span", { class: "count", text: unread ? String(unread) : "" }));
+  }, h("span", { text: label.name }), countBadge(unread));
+}
+
+// The count shows the number; screen readers also hear "unread" after it.
+function countBadge(unread) {
+  return h("span", { class: "count" }, h("span", { class: "num", text: unread ? String(unread) : "" }),
+    unread ? h("span", { class: "sr-only", text: " unread" }) : null);
 }
 
 function sectionToggle(id, name) {
@@ -235,9 +240,9 @@ function itemRow(item) {
   return h("li", { class: classes, dataset: { id: item.id } },
     h("button", {
       type: "button", class: "row", "aria-current": state.selected === item.id ? "true" : "false",
-      "aria-label": `${item.title || "(no subject)"}${who ? `, from ${who}` : ""}${stateWords ? `, ${stateWords}` : ""}`,
       onclick: () => openItem(item),
     },
+    stateWords ? h("span", { class: "sr-only", text: `${stateWords}: ` }) : null,
     h("span", { class: "line1" }, h("span", { class: "who", text: who || "" }),
       h("span", { class: "when", text: when(item.sent_at || item.posted_at) })),
     h("span", { class: "title" }, ...badges, h("span", { class: "subject", text: item.title || "(no subject)" }))));

@@ -26,6 +26,7 @@ export function connectLive({ onChange, onState }) {
         delay = 1000;
         const reason = await read(response.body.getReader());
         if (reason === "reauthenticate") await refresh();
+        else await new Promise((resolve) => setTimeout(resolve, 1000)); // ended by the server: reconnect calmly
       } catch (error) {
         if (stopped) return;
         onState("reconnecting");
