@@ -7,6 +7,7 @@
 #   secrets/mongo_keyfile        shared key of the replica set members (internal authentication)
 #   secrets/service_inbox_secret inbox's service-client secret (SERVICE_CLIENT_SECRET_FILE); directory
 #                                gets only its SHA-256, as SERVICE_CLIENTS in .env
+#   secrets/service_web_secret   web's, likewise
 #   .env                         passwords, the partner API key, PHI_MASTER_KEY_ID and the gateway's
 #                                public key; docker compose reads it for ${...} substitution
 #
