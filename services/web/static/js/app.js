@@ -401,6 +401,9 @@ function optionsMenu(d, entries) {
   for (const [name, run] of entries) {
     menu.append(h("button", { type: "button", role: "menuitem", onclick: () => { close(); run(); } }, name));
   }
+  const wrapper = h("div", { class: "pane-actions" }, toggle, menu);
+  // A click or focus anywhere else closes the menu.
+  wrapper.addEventListener("focusout", (event) => { if (!wrapper.contains(event.relatedTarget)) close(); });
   toggle.addEventListener("click", () => {
     const opening = menu.hidden;
     menu.hidden = !opening;
@@ -414,7 +417,7 @@ function optionsMenu(d, entries) {
     if (event.key === "ArrowDown") { event.preventDefault(); buttons[(at + 1) % buttons.length].focus(); }
     if (event.key === "ArrowUp") { event.preventDefault(); buttons[(at - 1 + buttons.length) % buttons.length].focus(); }
   });
-  return h("div", { class: "pane-actions" }, toggle, menu);
+  return wrapper;
 }
 
 function labelEntries(d) {
@@ -433,10 +436,9 @@ function readEntries(d) {
 
 function messageActions(d) {
   const entries = [];
-  if (d.folder !== "sent" || d.kind === "message") {
-    entries.push(["Reply", () => openCompose({ mode: "reply", message: d })]);
-    if (d.kind === "message") entries.push(["Reply All", () => openCompose({ mode: "reply-all", message: d })]);
-  }
+  const mine = d.sender && d.sender.id === state.me.id;  // my own copy in Sent: answer the others
+  if (!mine) entries.push(["Reply", () => openCompose({ mode: "reply", message: d })]);
+  if (d.kind === "message") entries.push(["Reply All", () => openCompose({ mode: "reply-all", message: d })]);
   entries.push(["Forward", () => openCompose({ mode: "forward", message: d })]);
   return optionsMenu(d, entries.concat(readEntries(d), labelEntries(d)));
 }
