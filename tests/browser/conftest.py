@@ -1,8 +1,9 @@
 """Browser journeys: Debian's chromium driven by Playwright, through the gateway of a whole stack
-started as `make run` starts it. One stack and one browser per session; a fresh context per person."""
+started as `make run` starts it. One stack and one browser for the module; a fresh context per person."""
 
 from __future__ import annotations
 
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from services.launcher import Ports, Stack, StackConfig
+from tests.conftest import AMQP_BASE, _rabbitmqctl, vhost_url
 from tests.e2e.conftest import Client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +45,20 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.browser)
 
 
-@pytest.fixture(scope="session")
-def web_stack(tmp_path_factory, mongo_uri, amqp_url) -> Iterator[Stack]:
+# Module scope: Playwright's sync API keeps an event loop running in this thread while it is open,
+# which would break asyncio.run() in the tests collected after these.
+@pytest.fixture(scope="module")
+def browser_amqp_url() -> Iterator[str]:
+    """A vhost of this stack's own: two stacks on one vhost would share inbox's consumer queues."""
+    vhost = f"clinic-browser-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, urllib.parse.urlsplit(AMQP_BASE).username or "guest", ".*", ".*", ".*")
+    yield vhost_url(vhost)
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, mongo_uri, browser_amqp_url) -> Iterator[Stack]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (see the Makefile)")
     if not AXE_SOURCE.exists():
@@ -54,7 +68,7 @@ def web_stack(tmp_path_factory, mongo_uri, amqp_url) -> Iterator[Stack]:
         run_dir=tmp_path_factory.mktemp("web-run"),
         ports=Ports.free(),
         mongo_uri=mongo_uri,
-        amqp_url=amqp_url,
+        amqp_url=browser_amqp_url,
         # Short heartbeats: streams of pages the tests closed are noticed (and freed) within seconds.
         extra_env={"MONGO_DB_PREFIX": prefix, "PASSWORD_HASH_PROFILE": "fast", "WEB_EVENTS_HEARTBEAT_S": "2"},
     )
@@ -68,7 +82,7 @@ def web_stack(tmp_path_factory, mongo_uri, amqp_url) -> Iterator[Stack]:
     system.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -76,7 +90,7 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api(web_stack):
     """A staff member's API session through the gateway (setting up and checking what the page did)."""
     sessions: dict[str, Client] = {}
@@ -118,7 +132,7 @@ class Person:
 
     def open_row(self, text: str) -> None:
         self.row(text).locator(".row").click()
-        expect(self.page.locator("#pane article")).to_be_visible()
+        expect(self.page.locator("#pane article h2")).to_contain_text(text)
 
     def more_options(self, action: str) -> None:
         self.page.get_by_role("button", name="More options").click()

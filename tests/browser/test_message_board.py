@@ -250,6 +250,7 @@ def test_reminders_are_snoozed_and_completed(people, api):
     expect(kim.row(texts[0])).to_be_hidden()
     kim.open_row(texts[1])
     kim.page.get_by_role("button", name="Complete").click()
+    expect(kim.page.locator("#pane")).to_contain_text("State: completed")
     states = {
         r["text"]: r["state"] for r in kim_api.get("/api/v1/reminders", params={"limit": 100}).json()["reminders"]
     }
@@ -435,3 +436,31 @@ def test_a_narrow_window_is_still_usable(people, api):
     screenshot(kim.page, "board-narrow")
     compose.click()
     expect(kim.page.locator("#compose-dialog")).to_be_in_viewport()
+
+
+def test_the_next_page_loads_on_scrolling_and_forward_and_archive_work(people, api):
+    sender = api("dr.reyes")
+    tag = unique("Batch")
+    for n in range(55):
+        assert sender.send(to_staff_ids=["stf_riverbend_patel"], subject=f"{tag} #{n:02d}").status_code == 201
+    patel = people().sign_in("therapist.patel")
+    rows = patel.page.locator("#items li")
+    expect(rows).to_have_count(50)
+    patel.page.locator("#more").scroll_into_view_if_needed()
+    expect(rows).to_have_count(api("therapist.patel").counts("messages")[1])  # 55 and what else came
+    expect(patel.row(f"{tag} #00")).to_be_visible()  # the oldest, from the second page
+
+    patel.open_row(f"{tag} #54")
+    patel.more_options("Forward")
+    patel.page.get_by_label("Add a colleague or team").fill("Dr. Wei Chen")
+    patel.page.get_by_label("Add a colleague or team").press("Enter")
+    patel.page.get_by_label("Note (optional)").fill("For your list.")
+    send(patel)
+    forwarded = [i for i in api("dr.chen").items(folder="messages")["items"] if tag in i["title"]]
+    assert forwarded and forwarded[0]["sender"]["id"] == "stf_riverbend_patel"
+
+    patel.open_row(f"{tag} #53")
+    patel.more_options("Archive")
+    expect(patel.row(f"{tag} #53")).to_be_hidden()
+    patel.folder("archive").click()
+    expect(patel.row(f"{tag} #53")).to_be_visible()

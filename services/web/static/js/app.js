@@ -720,10 +720,14 @@ function wireStatic() {
   $("#idle-dialog").addEventListener("close", () => { if (state.idle) state.idle.reset(); });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
   $("#more").addEventListener("click", () => loadList(true));
-  const more = $("#more");
+  // The next page loads when "Load more" scrolls into view (the viewport, clipped by the list pane
+  // where the list pane scrolls), one page at a time.
+  let loadingMore = false;
   new IntersectionObserver((entries) => {
-    if (entries.some((e) => e.isIntersecting) && state.cursor) loadList(true);
-  }, { root: $("#main") }).observe(more);
+    if (!entries.some((e) => e.isIntersecting) || !state.cursor || loadingMore) return;
+    loadingMore = true;
+    loadList(true).finally(() => { loadingMore = false; });
+  }).observe($("#more"));
 }
 
 start();
