@@ -464,3 +464,26 @@ def test_the_next_page_loads_on_scrolling_and_forward_and_archive_work(people, a
     expect(patel.row(f"{tag} #53")).to_be_hidden()
     patel.folder("archive").click()
     expect(patel.row(f"{tag} #53")).to_be_visible()
+
+
+def test_the_board_works_from_the_keyboard(people, api):
+    first, second = unique("Keyboard one"), unique("Keyboard two")
+    for subject in (first, second):
+        assert api("dr.reyes").send(to_staff_ids=["stf_riverbend_white"], subject=subject).status_code == 201
+    white = people().sign_in("nurse.white")
+    white.row(second).locator(".row").focus()  # the newest, first in the list
+    white.page.keyboard.press("ArrowDown")
+    focused = white.page.evaluate("document.activeElement.textContent")
+    assert first in focused
+    assert white.page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
+    white.page.keyboard.press("Enter")
+    expect(white.page.locator("#pane h2")).to_have_text(first)
+    white.page.get_by_role("button", name="More options").focus()
+    white.page.keyboard.press("Enter")
+    expect(white.page.get_by_role("menuitem", name="Reply", exact=True)).to_be_focused()
+    white.page.keyboard.press("ArrowDown")
+    expect(white.page.get_by_role("menuitem", name="Reply All")).to_be_focused()
+    white.page.keyboard.press("Escape")
+    expect(white.page.get_by_role("button", name="More options")).to_be_focused()
+    white.page.get_by_role("button", name="Refresh").click()
+    expect(white.page.locator("#status")).to_have_text("Refreshed")

@@ -290,6 +290,8 @@ async function openItem(item) {
   }
   state.opened = { ...detail, kind: isAnnouncement ? "announcement" : detail.kind };
   renderPane(paneFor(state.opened));
+  // On a narrow window the reading pane is below the list: bring it into view.
+  if (window.matchMedia("(max-width: 900px)").matches) $("#pane").scrollIntoView({ block: "start" });
   if (!item.read) refreshBoard();
 }
 
@@ -720,6 +722,16 @@ function wireStatic() {
   $("#idle-dialog").addEventListener("close", () => { if (state.idle) state.idle.reset(); });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
   $("#more").addEventListener("click", () => loadList(true));
+  // Arrow keys move between the rows of the list (Tab leaves it; Enter or Space opens a row).
+  $("#items").addEventListener("keydown", (event) => {
+    if (event.key !== "ArrowDown" && event.key !== "ArrowUp") return;
+    const rows = [...document.querySelectorAll("#items .row")];
+    const at = rows.indexOf(document.activeElement);
+    if (at < 0) return;
+    event.preventDefault();
+    const next = rows[Math.min(rows.length - 1, Math.max(0, at + (event.key === "ArrowDown" ? 1 : -1)))];
+    next.focus();
+  });
   // The next page loads when "Load more" scrolls into view (the viewport, clipped by the list pane
   // where the list pane scrolls), one page at a time.
   let loadingMore = false;
