@@ -73,7 +73,7 @@ class Hub:
     def __init__(self, max_streams: int, max_streams_per_staff: int):
         self.max_streams = max_streams
         self.max_streams_per_staff = max_streams_per_staff
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         # Insertion-ordered (oldest first) streams per (agency, staff member).
         self._by_staff: dict[tuple[str, str], dict[Subscription, None]] = {}
         self._count = 0
@@ -109,6 +109,7 @@ class Hub:
                 self._count -= 1
                 if not mine:
                     del self._by_staff[subscription.key]
+                self._lock.notify_all()
 
     @property
     def streams(self) -> int:
@@ -128,13 +129,16 @@ class Hub:
             subscription.push(change)
         return len(targets)
 
-    def close(self) -> None:
-        """Wake every stream so it ends (the process is stopping)."""
+    def close(self, wait_s: float = 3.0) -> None:
+        """End every stream (the process is stopping) and wait up to `wait_s` for them to finish, so
+        the HTTP server closes after their last bytes went out."""
         self.closed.set()
         with self._lock:
             targets = [s for subs in self._by_staff.values() for s in subs]
         for subscription in targets:
             subscription.end()
+        with self._lock:
+            self._lock.wait_for(lambda: self._count == 0, timeout=wait_s)
 
 
 def changes_of(envelope: Envelope) -> Iterator[tuple[str | None, BoardChange]]:

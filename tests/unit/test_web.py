@@ -4,6 +4,7 @@ checks, the event stream's authentication and the security headers on every answ
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 
@@ -93,11 +94,23 @@ def test_a_person_over_their_limit_loses_their_oldest_stream_and_the_process_lim
     assert drain(third) == ["messages"] and drain(second) == []
 
 
-def test_closing_the_hub_ends_every_stream():
+def test_closing_the_hub_ends_every_stream_and_waits_for_them_to_finish():
     hub = Hub(10, 3)
     streams = [hub.subscribe("agy_a", f"stf_{i}") for i in range(3)]
-    hub.close()
+
+    def page_stream(subscription):  # what the HTTP stream does: waits for changes, closes when ended
+        while not subscription.ended.is_set():
+            subscription.next(5.0)
+        subscription.close()
+
+    workers = [threading.Thread(target=page_stream, args=(s,)) for s in streams]
+    for worker in workers:
+        worker.start()
+    hub.close(wait_s=10.0)
     assert all(s.ended.is_set() for s in streams)
+    assert hub.streams == 0  # returned once the last stream had finished, not after the 10 s
+    for worker in workers:
+        worker.join(1)
 
 
 @pytest.fixture
