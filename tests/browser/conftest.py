@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
@@ -165,3 +166,24 @@ def screenshot(page: Page, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def deliver(web_stack):
+    """deliver(request) -> DeliverItem on the stack's inbox as the notifications service (as a producer
+    of lab, compliance and schedule items delivers them)."""
+    from clinic.inbox.v1 import inbox_pb2_grpc
+    from services.kit.service_identity import ServiceTokens
+
+    secret = (web_stack.run_dir / "secrets" / "service-notifications.secret").read_text().strip()
+    tokens = ServiceTokens(f"127.0.0.1:{web_stack.config.ports.directory_grpc}", "notifications", secret)
+    channel = grpc.insecure_channel(f"127.0.0.1:{web_stack.config.ports.inbox_grpc}")
+    stub = inbox_pb2_grpc.InboxServiceStub(channel)
+
+    def _deliver(request):
+        metadata = [("authorization", f"Bearer {tokens.token('agy_riverbend')}")]
+        return stub.DeliverItem(request, metadata=metadata, timeout=10)
+
+    yield _deliver
+    channel.close()
+    tokens.close()

@@ -487,3 +487,41 @@ def test_the_board_works_from_the_keyboard(people, api):
     expect(white.page.get_by_role("button", name="More options")).to_be_focused()
     white.page.get_by_role("button", name="Refresh").click()
     expect(white.page.locator("#status")).to_have_text("Refreshed")
+
+
+def test_abnormal_and_urgent_lab_results_are_marked_and_overdue_compliance_alerts_are_red(people, deliver):
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from clinic.inbox.v1 import inbox_pb2
+
+    def notice(kind, title, severity, **more):
+        return inbox_pb2.DeliverItemRequest(
+            kind=kind,
+            recipients=inbox_pb2.Recipients(staff_ids=["stf_riverbend_kim"]),
+            title=title,
+            summary="Basic metabolic panel, final",
+            severity=severity,
+            links=[inbox_pb2.ActionLink(label="Open result", url="https://ehr.example/results/1")],
+            source="lab" if kind == inbox_pb2.DELIVERED_KIND_LAB else "compliance",
+            source_ref=f"ref-{uuid.uuid4().hex[:10]}",
+            **more,
+        )
+
+    abnormal, urgent, overdue = unique("Potassium high"), unique("Troponin critical"), unique("Treatment plan due")
+    deliver(notice(inbox_pb2.DELIVERED_KIND_LAB, abnormal, inbox_pb2.SEVERITY_ABNORMAL))
+    deliver(notice(inbox_pb2.DELIVERED_KIND_LAB, urgent, inbox_pb2.SEVERITY_URGENT))
+    past = Timestamp()
+    past.FromSeconds(int(time.time()) - 3600)
+    deliver(notice(inbox_pb2.DELIVERED_KIND_COMPLIANCE, overdue, inbox_pb2.SEVERITY_INFO, due_at=past))
+
+    kim = people().sign_in("nurse.kim")
+    kim.folder("lab").click()
+    expect(kim.row(abnormal).locator(".badge.abnormal")).to_have_text("Abnormal")
+    expect(kim.row(urgent).locator(".badge.urgent")).to_have_text("Urgent")
+    kim.open_row(abnormal)
+    link = kim.page.locator("#pane").get_by_role("link", name="Open result")
+    assert link.get_attribute("href") == "https://ehr.example/results/1"
+    kim.folder("compliance").click()
+    row = kim.row(overdue)
+    expect(row.locator(".badge.overdue")).to_have_text("Overdue")
+    expect(row.locator(".subject")).to_have_css("color", "rgb(179, 38, 30)")  # the alert red

@@ -19,11 +19,14 @@ export function h(tag, attrs = {}, ...children) {
 export const $ = (selector, root = document) => root.querySelector(selector);
 
 // Only http and https links become clickable, and they open without access to this page.
-export function safeLink(url) {
+// A link is a URL string (messages) or {label, url} (delivered notifications).
+export function safeLink(link) {
+  const url = typeof link === "string" ? link : String((link && link.url) || "");
+  const label = typeof link === "string" ? link : String((link && (link.label || link.url)) || "");
   let parsed;
-  try { parsed = new URL(url); } catch { return h("span", { text: url }); }
-  if (parsed.protocol !== "http:" && parsed.protocol !== "https:") return h("span", { text: url });
-  return h("a", { href: parsed.href, target: "_blank", rel: "noopener noreferrer", text: url });
+  try { parsed = new URL(url); } catch { return h("span", { text: label }); }
+  if (parsed.protocol !== "http:" && parsed.protocol !== "https:") return h("span", { text: label });
+  return h("a", { href: parsed.href, target: "_blank", rel: "noopener noreferrer", text: label });
 }
 
 export function when(iso) {
