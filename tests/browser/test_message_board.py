@@ -525,3 +525,19 @@ def test_abnormal_and_urgent_lab_results_are_marked_and_overdue_compliance_alert
     row = kim.row(overdue)
     expect(row.locator(".badge.overdue")).to_have_text("Overdue")
     expect(row.locator(".subject")).to_have_css("color", "rgb(179, 38, 30)")  # the alert red
+
+
+def test_collapsed_sections_stay_collapsed_for_that_user(people):
+    lee = people().sign_in("billing.lee")
+    toggle = lee.page.get_by_role("button", name="Collapse notifications")
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    expect(lee.folder("lab")).to_be_visible()
+    with lee.page.expect_response("**/api/v1/board/sections/notifications") as stored:
+        toggle.click()
+    assert stored.value.status == 200
+    expect(lee.folder("lab")).to_be_hidden()
+    expect(lee.page.get_by_role("button", name="Expand notifications")).to_have_attribute("aria-expanded", "false")
+    again = people().sign_in("billing.lee")  # another browser: the choice is stored with the user
+    expect(again.folder("lab")).to_be_hidden()
+    again.page.get_by_role("button", name="Expand notifications").click()
+    expect(again.folder("lab")).to_be_visible()
