@@ -697,7 +697,9 @@ function wireStatic() {
       await signIn($("#signin-username").value.trim(), $("#signin-password").value);
     } catch (error) {
       note.hidden = false;
-      note.textContent = error.status === 401 ? "Wrong username or password." : `Sign-in failed: ${error.message}`;
+      note.textContent = error.status === 401 ? "Wrong username or password."
+        : error.status === 429 ? "Too many attempts. Wait a minute, then try again."
+          : `Sign-in failed: ${error.message}`;
       return;
     }
     state.firstPaint = false;
