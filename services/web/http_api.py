@@ -45,7 +45,8 @@ page = Blueprint("page", __name__)
 session = Blueprint("session", __name__, url_prefix="/app")
 
 
-def build_app(sessions: DirectorySessions, hub: Hub, verifier: TokenVerifier, settings) -> Flask:
+def build_app(sessions: DirectorySessions, hub: Hub, verifier: TokenVerifier, settings, live_ready=None) -> Flask:
+    """`live_ready()` says whether delivery events are being consumed (readiness); None: always."""
     app = create_app("web", verifier, max_body_bytes=16 * 1024)
     app.static_folder = str(STATIC_DIR)  # Flask's own /static/<path> route serves the page's assets
     app.extensions["web"] = {"sessions": sessions, "hub": hub, "settings": settings}
@@ -60,6 +61,8 @@ def build_app(sessions: DirectorySessions, hub: Hub, verifier: TokenVerifier, se
 
     @app.get("/readyz")
     def _readyz():
+        if live_ready is not None and not live_ready():
+            return error_response(503, "not_ready", "not consuming delivery events yet: pages would miss live updates")
         return {"status": "ready", "service": "web", "event_streams": hub.streams}
 
     return app

@@ -202,3 +202,14 @@ def test_production_needs_the_page_origin_and_the_broker():
         config.load({"WEB_ALLOWED_ORIGINS": "127.0.0.1:8000"})
     with pytest.raises(SettingsError):
         config.load({"WEB_HTTP_THREADS": "8", "WEB_MAX_EVENT_STREAMS": "8"})
+
+
+def test_readiness_follows_the_delivery_event_consumer():
+    settings = config.load({"WEB_ALLOWED_ORIGINS": ORIGIN, "CLINIC_RUN_DIR": "/tmp"})
+    consuming = {"now": False}
+    app = build_app(DirectorySessions("http://127.0.0.1:9", 300), Hub(4, 2), None, settings, lambda: consuming["now"])
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+    consuming["now"] = True
+    assert client.get("/readyz").get_json()["status"] == "ready"
