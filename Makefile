@@ -6,8 +6,12 @@ PY := $(VENV)/bin/python
 BUF := .tools/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
 PROTO_FILES := $(shell find protos -name '*.proto')
+# The browser tests: Debian's chromium driven by Playwright, and axe-core run inside the page.
+CHROMIUM := /usr/bin/chromium
+AXE := .tools/node_modules/axe-core/axe.min.js
+AXE_VERSION := 4.14.1
 
-.PHONY: help venv protos lint run stop status test test-unit bench lock clean buf-breaking
+.PHONY: help venv protos lint run stop status test test-unit bench lock clean buf-breaking chromium
 
 help:
 	@echo "make run     set up and start the whole system (prints the URL and demo logins)"
@@ -37,6 +41,23 @@ $(BUF):
 	@command -v npm >/dev/null || { echo "npm is required for buf (apt-get install npm)"; exit 1; }
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
+$(AXE):
+	@command -v npm >/dev/null || { echo "npm is required for axe-core (apt-get install npm)"; exit 1; }
+	npm install --silent --no-audit --no-fund --prefix .tools axe-core@$(AXE_VERSION)
+
+# Installs Debian's chromium when it is missing (as root, or through sudo); never a browser download.
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  elif command -v sudo >/dev/null 2>&1; then \
+	    sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "The browser tests need Debian's chromium at $(CHROMIUM). As root run: apt-get update && apt-get install -y chromium"; \
+	    exit 1; \
+	  fi; \
+	fi
+
 lint: protos $(BUF)
 	$(BUF) lint
 	$(VENV)/bin/ruff check services tests bench
@@ -54,7 +75,7 @@ stop:
 status: protos
 	$(PY) -m services.launcher status
 
-test: protos $(BUF)
+test: protos $(BUF) $(AXE) chromium
 	$(BUF) lint
 	$(VENV)/bin/ruff check services tests bench
 	$(PY) -m services.launcher ensure-broker

@@ -55,6 +55,7 @@ class Ports:
     notifications_mllp: int = 2575
     auto_reply_http: int = 8104
     auto_reply_grpc: int = 50054
+    web_http: int = 8105
 
     @classmethod
     def free(cls) -> Ports:
@@ -75,7 +76,7 @@ class StackConfig:
 class Stack:
     """The processes of the system, started in dependency order."""
 
-    SERVICES = ("directory", "inbox", "notifications", "auto-reply", "gateway")
+    SERVICES = ("directory", "inbox", "notifications", "auto-reply", "web", "gateway")
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -111,6 +112,10 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.auto_reply_http}"
 
     @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.web_http}"
+
+    @property
     def mongo_uri(self) -> str:
         return self.config.mongo_uri or f"mongodb://127.0.0.1:{self.config.ports.mongo}/"
 
@@ -133,6 +138,9 @@ class Stack:
                 "NOTIFICATIONS_PUBLIC_URL": self.gateway_url,
                 "AUTO_REPLY_HTTP_PORT": str(p.auto_reply_http),
                 "AUTO_REPLY_GRPC_PORT": str(p.auto_reply_grpc),
+                "WEB_HTTP_PORT": str(p.web_http),
+                "DIRECTORY_HTTP_URL": self.directory_url,
+                "WEB_ALLOWED_ORIGINS": f"{self.gateway_url},http://localhost:{p.gateway}",
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
                 "INBOX_GRPC_TARGET": f"127.0.0.1:{p.inbox_grpc}",
                 "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
@@ -173,6 +181,7 @@ class Stack:
         inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
         notifications = self._spawn("notifications", [sys.executable, "-m", "services.notifications"], env)
         auto_reply = self._spawn("auto-reply", [sys.executable, "-m", "services.auto_reply"], env)
+        web = self._spawn("web", [sys.executable, "-m", "services.web"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
         self.lab_interface_api_key = dev_secret(self.run_dir, "lab-interface-api-key", lambda: os.urandom(24).hex())
         self.practice_management_api_key = dev_secret(
@@ -186,6 +195,7 @@ class Stack:
         wait_http(f"{self.notifications_url}/readyz", "notifications", self.logs / "notifications.log", notifications)
         # Ready = consuming message.delivered.v1 (its queue exists, so no delivery is missed).
         wait_http(f"{self.auto_reply_url}/readyz", "auto-reply", self.logs / "auto-reply.log", auto_reply)
+        wait_http(f"{self.web_url}/healthz", "web", self.logs / "web.log", web)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
 
     def _check_ports_free(self) -> None:
@@ -212,6 +222,7 @@ class Stack:
             "DECK_INBOX_URL": self.inbox_url,
             "DECK_NOTIFICATIONS_URL": self.notifications_url,
             "DECK_AUTO_REPLY_URL": self.auto_reply_url,
+            "DECK_WEB_URL": self.web_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,
@@ -439,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_welcome(stack: Stack) -> None:
     print()
     print("Clinic Message Board is running.")
+    print(f"  Message Board (open in a browser): {stack.gateway_url}/")
     print(f"  Gateway (the one address to use): {stack.gateway_url}")
     print(f"  Logs: {stack.logs}/   Stop with: make stop")
     if stack.config.mongo_uri is None:

@@ -10,6 +10,7 @@
 #                                gets only its SHA-256, as SERVICE_CLIENTS in .env
 #   secrets/service_notifications_secret  the same for notifications
 #   .env                         passwords, the partner API keys (portal, lab interface), PHI_MASTER_KEY_ID and the gateway's
+#   secrets/service_web_secret   web's, likewise
 #                                public key; docker compose reads it for ${...} substitution
 #
 # Re-running keeps what exists (only the derived public key and .env are refreshed from the
@@ -72,12 +73,13 @@ create mongo_keyfile openssl rand -base64 756
 create service_inbox_secret openssl rand -hex 32
 create service_notifications_secret openssl rand -hex 32
 create service_auto-reply_secret openssl rand -hex 32
+create service_web_secret openssl rand -hex 32
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {
   printf '%s' "$(cat "secrets/service_$1_secret")" | openssl dgst -sha256 -r | cut -d' ' -f1
 }
-service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply)"
+service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply),web:$(service_digest web)"
 
 # The gateway verifies tokens with the public half of the active (first) signing key.
 openssl pkey -in secrets/jwt_signing_keys.pem -pubout -out secrets/jwt_public_key.pem

@@ -28,6 +28,7 @@ RIVERBEND = Agency(
     terminology=Terminology(patient_singular="Client", patient_plural="Clients"),
     portal_consumer=PORTAL_CONSUMER,
     compliance_escalation_minutes=4 * 60,
+    idle_signout_minutes=15,
 )
 LAKESIDE = Agency(
     id="agy_lakeside", name="Lakeside Family Clinic", time_zone="America/New_York", portal_consumer=PORTAL_CONSUMER

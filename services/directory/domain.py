@@ -49,6 +49,10 @@ def is_well_formed_id(value: str) -> bool:
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
+DEFAULT_IDLE_SIGNOUT_MINUTES = 15
+IDLE_SIGNOUT_MINUTES_RANGE = (1, 240)
+
+
 @dataclass(frozen=True)
 class Terminology:
     patient_singular: str = DEFAULT_PATIENT_SINGULAR
@@ -65,6 +69,8 @@ class Agency:
     # Gateway consumer (Kong username) of the patient portal serving this agency; "" = no portal.
     portal_consumer: str = ""
     compliance_escalation_minutes: int = DEFAULT_COMPLIANCE_ESCALATION_MINUTES
+    # Minutes without activity before the web page signs staff out (a warning comes first).
+    idle_signout_minutes: int = DEFAULT_IDLE_SIGNOUT_MINUTES
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             time_zone=agency.time_zone,
             portal_consumer=agency.portal_consumer,
             compliance_escalation_minutes=agency.compliance_escalation_minutes,
+            idle_signout_minutes=agency.idle_signout_minutes,
         )
 
     def ListStaff(self, request: directory_pb2.ListStaffRequest, context) -> directory_pb2.ListStaffResponse:

@@ -66,6 +66,8 @@ STAFF_CHANGES = {
 MEMBER_IDS = ListOf(item=Id(), max_items=domain.MAX_IDS_PER_CALL, required=False)
 NEW_TEAM = {"name": Str(max_len=100), "member_ids": MEMBER_IDS}
 TEAM_CHANGES = {"name": Str(max_len=100, required=False), "member_ids": MEMBER_IDS}
+
+
 AGENCY_CHANGES = {
     "name": Str(max_len=120, required=False),
     "time_zone": Str(max_len=64, required=False),
@@ -75,6 +77,9 @@ AGENCY_CHANGES = {
             "portal_consumer": Str(max_len=64, min_len=0, required=False),
             "compliance_escalation_minutes": Int(
                 minimum=domain.MIN_COMPLIANCE_ESCALATION_MINUTES, maximum=domain.MAX_COMPLIANCE_ESCALATION_MINUTES
+            ),
+            "idle_signout_minutes": Int(
+                minimum=domain.IDLE_SIGNOUT_MINUTES_RANGE[0], maximum=domain.IDLE_SIGNOUT_MINUTES_RANGE[1]
             ),
         }
     ),
@@ -146,6 +151,7 @@ def agency_view(agency: Agency, for_admin: bool = False) -> dict:
     options: dict[str, Any] = {
         "notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change,
         "compliance_escalation_minutes": agency.compliance_escalation_minutes,
+        "idle_signout_minutes": agency.idle_signout_minutes,
     }
     if for_admin:
         options["portal_consumer"] = agency.portal_consumer
@@ -399,6 +405,8 @@ def update_agency(admin: Identity):
         agency = replace(agency, compliance_escalation_minutes=options["compliance_escalation_minutes"])
     if "portal_consumer" in options:
         agency = replace(agency, portal_consumer=domain.check_portal_consumer(options["portal_consumer"]))
+    if "idle_signout_minutes" in options:
+        agency = replace(agency, idle_signout_minutes=options["idle_signout_minutes"])
     terminology: Terminology = replace(agency.terminology, **body.get("terminology", {}))
     agency = replace(agency, terminology=terminology)
     _components().store.save_agency(agency)

@@ -36,6 +36,7 @@ from pymongo.errors import DuplicateKeyError
 from services.directory import events
 from services.directory.domain import (
     DEFAULT_COMPLIANCE_ESCALATION_MINUTES,
+    DEFAULT_IDLE_SIGNOUT_MINUTES,
     Agency,
     LoginAttempts,
     PortalPatient,
@@ -120,6 +121,7 @@ def _agency(doc: dict) -> Agency:
         compliance_escalation_minutes=int(
             doc.get("compliance_escalation_minutes") or DEFAULT_COMPLIANCE_ESCALATION_MINUTES
         ),
+        idle_signout_minutes=int(doc.get("idle_signout_minutes") or DEFAULT_IDLE_SIGNOUT_MINUTES),
     )
 
 
@@ -228,6 +230,7 @@ class DirectoryStore:
             "patient_plural": agency.terminology.patient_plural,
             "portal_consumer": agency.portal_consumer,
             "compliance_escalation_minutes": agency.compliance_escalation_minutes,
+            "idle_signout_minutes": agency.idle_signout_minutes,
         }
 
     # --- staff ------------------------------------------------------------------------------

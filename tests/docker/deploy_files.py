@@ -29,6 +29,8 @@ KONG_FILE = REPO / "gateway" / "kong.yml"
 
 # The local gateway runner reads the same kong.yml; deployments run real Kong instead of it.
 NOT_DEPLOYED = {"gateway"}
+# Services with no gRPC server and no database (the web page): probed over HTTP, given no MongoDB user.
+HTTP_ONLY = {"web"}
 
 _ENV_NAME = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
 _INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")

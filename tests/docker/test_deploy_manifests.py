@@ -166,7 +166,8 @@ def test_compose_runs_every_service_in_production_mode_and_hardened(compose):
         assert service["command"] == [f"services.{d.package(name)}"]
         assert (d.REPO / "services" / d.package(name) / "__main__.py").exists()
         assert env["CLINIC_MODE"] == "production"
-        assert env["GRPC_HOST"] == env["HTTP_HOST"] == "0.0.0.0"
+        assert env["HTTP_HOST"] == "0.0.0.0"
+        assert name in d.HTTP_ONLY or env["GRPC_HOST"] == "0.0.0.0"
         assert service["read_only"] is True and "/tmp" in service["tmpfs"]
         assert service["cap_drop"] == ["ALL"]
         assert "no-new-privileges:true" in service["security_opt"]
@@ -195,6 +196,10 @@ def test_compose_healthchecks_and_dependency_conditions(compose):
 def test_compose_healthchecks_ask_the_services_grpc_health(compose):
     for name in SERVICES:
         service = compose["services"][name]
+        if name in d.HTTP_ONLY:
+            port = d.environment_of(service)[f"{d.env_prefix(name)}_HTTP_PORT"]
+            assert f"127.0.0.1:{port}/healthz" in " ".join(service["healthcheck"]["test"])
+            continue
         port = d.environment_of(service)[f"{d.env_prefix(name)}_GRPC_PORT"]
         probe = " ".join(service["healthcheck"]["test"])
         assert "grpc_health.v1" in probe and f"127.0.0.1:{port}" in probe
@@ -230,6 +235,9 @@ def test_compose_mongodb_is_a_replica_set_with_one_user_per_service(compose, gen
     assert init_env["MONGO_REPLICA_SET"] == replica_set
     script = (d.COMPOSE_DIR / "mongo" / "init-replica-set.js").read_text()
     for name in SERVICES:
+        if name in d.HTTP_ONLY:
+            assert "MONGO_URI" not in compose_service_env(compose, name, variables)
+            continue
         uri = compose_service_env(compose, name, variables)["MONGO_URI"]
         assert f"replicaSet={replica_set}" in uri and "w=majority" in uri
         assert uri.startswith(f"mongodb://{name}:")
@@ -336,15 +344,20 @@ def test_every_deployment_is_probed_limited_non_root_and_read_only(name):
 @pytest.mark.parametrize("service", SERVICES)
 def test_python_services_use_native_grpc_probes_on_their_grpc_port(service):
     config = d.k8s_objects("ConfigMap")["clinic-config"]["data"]
-    grpc_port = int(config[f"{d.env_prefix(service)}_GRPC_PORT"])
     container = DEPLOYMENTS[service]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == [f"services.{d.package(service)}"]
     assert container["image"] == "clinic-message-board"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["grpc"] == grpc_port
     assert ports["http"] == int(config[f"{d.env_prefix(service)}_HTTP_PORT"])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+    if service in d.HTTP_ONLY:
+        assert "grpc" not in ports
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["port"] == "http", probe
+    else:
+        grpc_port = int(config[f"{d.env_prefix(service)}_GRPC_PORT"])
+        assert ports["grpc"] == grpc_port
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == grpc_port, probe
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     grace = DEPLOYMENTS[service]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert pre_stop[0] == "sleep" and grace >= int(pre_stop[1]) + 10

@@ -383,7 +383,11 @@ def test_agency_settings_are_read_by_anyone_and_changed_by_admins(dut, admin, cl
         "id": "agy_riverbend",
         "name": "Riverbend Behavioral Health",
         "time_zone": "America/Chicago",
-        "options": {"notify_linked_staff_on_schedule_change": True, "compliance_escalation_minutes": 240},
+        "options": {
+            "notify_linked_staff_on_schedule_change": True,
+            "compliance_escalation_minutes": 240,
+            "idle_signout_minutes": 15,
+        },
         "terminology": {"patient_singular": "Client", "patient_plural": "Clients"},
     }
     response = dut.client.patch(
@@ -553,3 +557,39 @@ def test_a_supervisor_must_be_an_active_colleague(dut, admin, supervisor_id, cod
 def test_only_admins_set_supervisors(dut, clinician):
     response = dut.client.patch(KIM, json={"supervisor_id": "stf_riverbend_chen"}, headers=clinician)
     assert response.status_code == 403
+def test_admins_set_the_idle_sign_out_time_that_staff_and_services_read(dut, admin, clinician):
+    changed = dut.client.patch("/api/v1/directory/agency", json={"options": {"idle_signout_minutes": 5}}, headers=admin)
+    assert changed.status_code == 200
+    assert changed.get_json()["options"]["idle_signout_minutes"] == 5
+    seen = dut.client.get("/api/v1/directory/agency", headers=clinician).get_json()
+    assert seen["options"]["idle_signout_minutes"] == 5
+    assert dut.store.get_agency("agy_riverbend").idle_signout_minutes == 5
+    assert dut.store.get_agency("agy_lakeside").idle_signout_minutes == 15
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (0, "out_of_range"),
+        (241, "out_of_range"),
+        ("5", "invalid_type"),
+        (True, "invalid_type"),
+        (2.5, "invalid_type"),
+        ({"$gt": 1}, "invalid_type"),
+    ],
+)
+def test_the_idle_sign_out_time_is_bounded(dut, admin, value, code):
+    response = dut.client.patch(
+        "/api/v1/directory/agency", json={"options": {"idle_signout_minutes": value}}, headers=admin
+    )
+    assert response.status_code == 400
+    assert response.get_json()["code"] == code
+    assert dut.store.get_agency("agy_riverbend").idle_signout_minutes == 15
+
+
+def test_only_admins_change_the_idle_sign_out_time(dut, clinician):
+    response = dut.client.patch(
+        "/api/v1/directory/agency", json={"options": {"idle_signout_minutes": 1}}, headers=clinician
+    )
+    assert response.status_code == 403
+    assert dut.store.get_agency("agy_riverbend").idle_signout_minutes == 15

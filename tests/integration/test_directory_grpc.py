@@ -144,6 +144,7 @@ def test_get_agency_settings_answers_for_the_callers_agency(dut, stub, riverbend
     assert response.terminology.patient_plural == "Clients"
     assert response.time_zone == "America/Chicago"
     assert response.compliance_escalation_minutes == 240
+    assert response.idle_signout_minutes == 15
     lakeside = stub.GetAgencySettings(
         directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.ramirez"), timeout=5
     )

@@ -91,6 +91,7 @@ def test_agency_settings_name_the_portal_consumer_the_admin_chose(dut, stub):
     assert changed.get_json()["options"] == {
         "notify_linked_staff_on_schedule_change": True,
         "compliance_escalation_minutes": 240,
+        "idle_signout_minutes": 15,
         "portal_consumer": "other-portal",
     }
     settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=riverbend, timeout=5)

@@ -1,0 +1,141 @@
+"""The web service's HTTP edge: the Message Board page, its sign-in endpoints and its event stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, current_app, g, send_from_directory
+
+from services.kit.auth import TokenVerifier
+from services.kit.http import create_app, error_response, require_auth
+from services.kit.validation import json_body
+from services.web.live import Hub, TooManyStreams
+from services.web.sessions import DirectorySessions, check_same_origin
+
+log = logging.getLogger("web")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# No inline script or style anywhere in the page: everything comes from this origin's files.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "font-src 'self'",
+        "connect-src 'self'",
+        "manifest-src 'self'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+page = Blueprint("page", __name__)
+session = Blueprint("session", __name__, url_prefix="/app")
+
+
+def build_app(sessions: DirectorySessions, hub: Hub, verifier: TokenVerifier, settings, live_ready=None) -> Flask:
+    """`live_ready()` says whether delivery events are being consumed (readiness); None: always."""
+    app = create_app("web", verifier, max_body_bytes=16 * 1024)
+    app.static_folder = str(STATIC_DIR)  # Flask's own /static/<path> route serves the page's assets
+    app.extensions["web"] = {"sessions": sessions, "hub": hub, "settings": settings}
+    app.register_blueprint(page)
+    app.register_blueprint(session)
+
+    @app.after_request
+    def _page_headers(response: Response) -> Response:
+        for name, value in PAGE_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.get("/readyz")
+    def _readyz():
+        if live_ready is not None and not live_ready():
+            return error_response(503, "not_ready", "not consuming delivery events yet: pages would miss live updates")
+        return {"status": "ready", "service": "web", "event_streams": hub.streams}
+
+    return app
+
+
+def _web(name: str):
+    return current_app.extensions["web"][name]
+
+
+@page.get("/")
+def index():
+    return send_from_directory(STATIC_DIR, "index.html", max_age=0)
+
+
+@session.post("/session")
+def sign_in():
+    check_same_origin(_web("settings").allowed_origins)
+    body = json_body()
+    return _web("sessions").sign_in(body.get("username"), body.get("password"))
+
+
+@session.post("/session/refresh")
+def refresh():
+    check_same_origin(_web("settings").allowed_origins)
+    return _web("sessions").refresh()
+
+
+@session.post("/session/logout")
+def sign_out():
+    check_same_origin(_web("settings").allowed_origins)
+    return _web("sessions").sign_out()
+
+
+@session.get("/events")
+@require_auth
+def events():
+    """Server-sent events for the caller's board, read with fetch() and the bearer token (EventSource
+    cannot send one). `board` events name the folder that changed; comments are heartbeats. The
+    stream ends when the token expires or its session is revoked; the page then reconnects."""
+    identity = g.identity
+    if identity.kind != "staff":
+        return error_response(403, "forbidden", "the event stream is for staff")
+    hub: Hub = _web("hub")
+    try:
+        subscription = hub.subscribe(identity.agency_id, identity.staff_id)
+    except TooManyStreams:
+        response = error_response(503, "too_many_streams", "too many open pages; close one and reload")
+        response.headers["Retry-After"] = "30"
+        return response
+    verifier: TokenVerifier = current_app.extensions["clinic.verifier"]
+    heartbeat_s = _web("settings").events_heartbeat_s
+    token = identity.token
+
+    def stream():
+        try:
+            yield "retry: 2000\n: connected\n\n"
+            while not subscription.ended.is_set():
+                change = subscription.next(heartbeat_s)
+                if subscription.ended.is_set():
+                    break
+                if change is None:
+                    try:
+                        verifier.verify(token)
+                    except Exception:  # expired or revoked: end the stream, the page reconnects
+                        yield "event: reauthenticate\ndata: {}\n\n"
+                        return
+                    yield ": heartbeat\n\n"
+                    continue
+                yield f"event: board\ndata: {json.dumps({'folder': change.folder})}\n\n"
+        finally:
+            subscription.close()
+
+    response = Response(stream(), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response

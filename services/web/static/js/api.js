@@ -1,0 +1,86 @@
+// The API client. The access token lives in this module's memory only; the refresh token is an
+// HttpOnly cookie the page never sees (see services/web/README.md).
+let accessToken = null;
+let refreshTimer = null;
+let refreshing = null;
+const listeners = { signedOut: [] };
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message || code || `HTTP ${status}`);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+const SESSION_HEADERS = { "Content-Type": "application/json", "X-Clinic-CSRF": "1" };
+
+async function sessionCall(path, body) {
+  const response = await fetch(`/app/session${path}`, {
+    method: "POST",
+    headers: SESSION_HEADERS,
+    body: JSON.stringify(body || {}),
+    credentials: "same-origin",
+  });
+  if (response.status === 204) return null;
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new ApiError(response.status, data.code, data.message);
+  return data;
+}
+
+function adopt(grant) {
+  accessToken = grant.access_token;
+  clearTimeout(refreshTimer);
+  const lifetime = Math.max(30, (grant.expires_in || 900) - 60);
+  refreshTimer = setTimeout(() => { refresh().catch(() => {}); }, lifetime * 1000);
+  return grant;
+}
+
+export async function signIn(username, password) {
+  return adopt(await sessionCall("", { username, password }));
+}
+
+export function refresh() {
+  if (!refreshing) {
+    refreshing = sessionCall("/refresh").then(adopt).finally(() => { refreshing = null; });
+  }
+  return refreshing;
+}
+
+export async function signOut() {
+  clearTimeout(refreshTimer);
+  accessToken = null;
+  try { await sessionCall("/logout"); } catch { /* the cookie is cleared on the next sign-in anyway */ }
+}
+
+export function onSignedOut(fn) { listeners.signedOut.push(fn); }
+
+export function token() { return accessToken; }
+
+export async function api(method, path, body) {
+  for (let attempt = 0; attempt < 2; attempt += 1) {
+    const headers = { Authorization: `Bearer ${accessToken}` };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body), credentials: "omit",
+    });
+    if (response.status === 401 && attempt === 0) {
+      try { await refresh(); continue; } catch {
+        listeners.signedOut.forEach((fn) => fn("expired"));
+        throw new ApiError(401, "unauthenticated", "signed out");
+      }
+    }
+    if (response.status === 204) return null;
+    const data = await response.json().catch(() => null);
+    if (!response.ok) {
+      throw new ApiError(response.status, data && data.code, (data && (data.message || data.code)) || `HTTP ${response.status}`);
+    }
+    return data;
+  }
+  throw new ApiError(401, "unauthenticated", "signed out");
+}
+
+export const get = (path) => api("GET", path);
+export const post = (path, body) => api("POST", path, body === undefined ? {} : body);
+export const put = (path, body) => api("PUT", path, body);
+export const del = (path) => api("DELETE", path);

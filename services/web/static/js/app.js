@@ -1,0 +1,747 @@
+// The Message Board page. Plain modules, no build step. Every text from the API is set with
+// textContent (dom.h), links only for http/https (dom.safeLink).
+import { ApiError, del, get, onSignedOut, post, put, refresh, signIn, signOut } from "./api.js";
+import { $, announce, fullTime, h, isoToLocalInput, localInputToIso, safeLink, when } from "./dom.js";
+import { watchIdle } from "./idle.js";
+import { connectLive } from "./live.js";
+
+const PAGE_SIZE = 50;
+const NOTIFICATION_FOLDERS = ["schedule", "erx", "compliance", "lab", "cloud"];
+const KIND_NAMES = { message: "Message", reminder: "Reminder", signature_request: "Signature request", announcement: "Announcement" };
+
+const state = {
+  me: null, agency: null, board: null, staff: [], teams: [],
+  view: { type: "folder", id: "messages" }, items: [], cursor: null, selected: null, opened: null,
+  unreadOnly: false, stopLive: null, idle: null, firstPaint: false, loadSeq: 0,
+};
+
+const term = () => (state.agency && state.agency.terminology.patient_singular) || "Patient";
+
+// --- start ---------------------------------------------------------------------------------
+async function start() {
+  wireStatic();
+  onSignedOut(() => showSignIn("Your session ended. Please sign in again."));
+  try {
+    await refresh();
+  } catch {
+    showSignIn();
+    return;
+  }
+  await enter();
+}
+
+function showSignIn(note) {
+  teardown();
+  $("#app").hidden = true;
+  $("#signin").hidden = false;
+  const noteEl = $("#signin-note");
+  noteEl.hidden = !note;
+  noteEl.textContent = note || "";
+  $("#signin-password").value = "";
+  $("#signin-username").focus();
+}
+
+function teardown() {
+  if (state.stopLive) state.stopLive();
+  state.stopLive = null;
+  if (state.idle) state.idle.stop();
+  state.idle = null;
+  document.querySelectorAll("dialog[open]").forEach((d) => d.close());
+  Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null });
+}
+
+async function enter() {
+  $("#signin").hidden = true;
+  $("#app").hidden = false;
+  state.view = { type: "folder", id: "messages" };
+  const [me, agency, board] = await Promise.all([
+    get("/api/v1/directory/me"), get("/api/v1/directory/agency"), get("/api/v1/board"),
+  ]);
+  Object.assign(state, { me, agency, board });
+  const listed = loadList();
+  renderChrome();
+  renderFolders();
+  await listed;
+  state.idle = watchIdle({
+    minutes: agency.options.idle_signout_minutes || 15,
+    warnSeconds: 60,
+    onWarn: (seconds) => {
+      $("#idle-text").textContent = `You will be signed out in ${seconds} seconds because of inactivity.`;
+      if (!$("#idle-dialog").open) $("#idle-dialog").showModal();
+    },
+    onIdle: async () => {
+      await signOut();
+      showSignIn(`You were signed out after ${agency.options.idle_signout_minutes || 15} minutes without activity.`);
+    },
+  });
+  state.stopLive = connectLive({ onChange: liveChange, onState: (s) => { $("#live-state").textContent = s === "live" ? "Live" : "Reconnecting…"; } });
+  Promise.all([get("/api/v1/directory/staff"), get("/api/v1/directory/teams")])
+    .then(([staff, teams]) => { state.staff = staff.staff.filter((s) => s.active); state.teams = teams.teams; })
+    .catch(() => {});
+}
+
+function renderChrome() {
+  $("#agency-name").textContent = state.agency.name;
+  $("#me").textContent = state.me.display_name;
+  $("#patient-auto-reply").textContent = `${term()} Auto-Reply`;
+  $("#doc-kind-patient").textContent = `${term()} document`;
+  $("#compose").hidden = !(state.board.compose || []).length;
+  const erx = $("#erx-tools");
+  erx.hidden = !state.me.eprescribing_enabled;
+  erx.querySelectorAll("button").forEach((button) => {
+    button.disabled = true;
+    button.title = "ePrescribing is not connected yet: these open once the ePrescribing service is installed.";
+  });
+}
+
+// --- folders -------------------------------------------------------------------------------
+function folderButton(folder, extraClass = "") {
+  const current = state.view.type === "folder" && state.view.id === folder.id;
+  const unread = folder.unread || 0;
+  return h("button", {
+    type: "button",
+    class: `folder ${extraClass} ${unread ? "has-unread" : ""}`,
+    "aria-current": current ? "true" : "false",
+    dataset: { folder: folder.id },
+    onclick: () => openView({ type: "folder", id: folder.id }),
+  }, h("span", { text: folder.name }), countBadge(unread));
+}
+
+function labelButton(label) {
+  const current = state.view.type === "label" && state.view.id === label.id;
+  const unread = label.unread || 0;
+  return h("button", {
+    type: "button", class: `folder sub ${unread ? "has-unread" : ""}`, "aria-current": current ? "true" : "false",
+    dataset: { label: label.id },
+    onclick: () => openView({ type: "label", id: label.id }),
+  }, h("span", { text: label.name }), countBadge(unread));
+}
+
+// The count shows the number; screen readers also hear "unread" after it.
+function countBadge(unread) {
+  return h("span", { class: "count" }, h("span", { class: "num", text: unread ? String(unread) : "" }),
+    unread ? h("span", { class: "sr-only", text: " unread" }) : null);
+}
+
+function sectionToggle(id, name) {
+  const expanded = state.board.sections[id] !== false;
+  return h("button", {
+    type: "button", class: "toggle", "aria-expanded": expanded ? "true" : "false",
+    "aria-label": `${expanded ? "Collapse" : "Expand"} ${name}`, dataset: { section: id },
+    onclick: async () => {
+      state.board.sections[id] = !expanded;
+      renderFolders();
+      $(`[data-section="${id}"]`).focus();
+      try { await put(`/api/v1/board/sections/${id}`, { expanded: !expanded }); } catch (e) { announce(e.message); }
+    },
+  }, expanded ? "▾" : "▸");
+}
+
+function renderFolders() {
+  const nav = $("#folders");
+  const byId = Object.fromEntries(state.board.folders.map((f) => [f.id, f]));
+  const list = h("ul");
+  const add = (...nodes) => list.append(h("li", {}, ...nodes));
+  if (byId.messages) {
+    add(h("div", { class: "group" }, sectionToggle("labels", "labels"), folderButton(byId.messages)));
+    if (state.board.sections.labels !== false) {
+      const labels = h("ul", { "aria-label": "Labels" }, state.board.labels.map((l) => h("li", {}, labelButton(l))));
+      list.append(h("li", {}, labels));
+    }
+  }
+  for (const id of ["sent", "portal", "reminders", "signatures", "announcements"]) if (byId[id]) add(folderButton(byId[id]));
+  const notifications = NOTIFICATION_FOLDERS.filter((id) => byId[id] && (id !== "erx" || state.me.eprescribing_enabled || byId[id].total));
+  if (notifications.length) {
+    const unread = notifications.reduce((n, id) => n + (byId[id].unread || 0), 0);
+    add(h("div", { class: "group" }, sectionToggle("notifications", "notifications"),
+      h("span", { class: `heading ${unread ? "has-unread" : ""}`, id: "notifications-heading", text: "Notifications" })));
+    if (state.board.sections.notifications !== false) {
+      list.append(h("li", {}, h("ul", { "aria-labelledby": "notifications-heading" },
+        notifications.map((id) => h("li", {}, folderButton(byId[id], "sub"))))));
+    }
+  }
+  if (byId.archive) add(folderButton(byId.archive));
+  nav.replaceChildren(list);
+}
+
+function viewName() {
+  if (state.view.type === "label") {
+    const label = state.board.labels.find((l) => l.id === state.view.id);
+    return label ? `Label: ${label.name}` : "Label";
+  }
+  const folder = state.board.folders.find((f) => f.id === state.view.id);
+  return folder ? folder.name : state.view.id;
+}
+
+async function openView(view) {
+  state.view = view;
+  state.selected = null;
+  renderFolders();
+  renderPane(null);
+  await loadList();
+  $("#main").focus();
+}
+
+// --- the list ------------------------------------------------------------------------------
+function listPath(cursor) {
+  const q = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  if (cursor) q.set("cursor", cursor);
+  if (state.unreadOnly) q.set("unread", "true");
+  if (state.view.type === "label") return `/api/v1/labels/${encodeURIComponent(state.view.id)}/items?${q}`;
+  if (state.view.id === "announcements") {
+    q.delete("unread");
+    return `/api/v1/announcements?${q}`;
+  }
+  q.set("folder", state.view.id);
+  return `/api/v1/board/items?${q}`;
+}
+
+async function loadList(append = false) {
+  const seq = ++state.loadSeq;
+  $("#list-title").textContent = viewName();
+  let page;
+  try {
+    page = await get(listPath(append ? state.cursor : null));
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) return;
+    announce(`Could not load the list: ${error.message}`);
+    return;
+  }
+  if (seq !== state.loadSeq) return;
+  let items = page.items || [];
+  if (state.view.id === "announcements" && state.unreadOnly) items = items.filter((i) => !i.read);
+  state.items = append ? state.items.concat(items) : items;
+  state.cursor = page.next_cursor || null;
+  renderList();
+  if (!state.firstPaint) {
+    state.firstPaint = true;
+    requestAnimationFrame(() => performance.mark("board-first-page"));
+  }
+}
+
+function itemRow(item) {
+  const isAnnouncement = state.view.id === "announcements" && state.view.type === "folder";
+  const who = isAnnouncement ? (item.posted_by && item.posted_by.name) : (item.sender && item.sender.name);
+  const badges = [];
+  if (item.urgent || item.priority === "urgent") badges.push(h("span", { class: "badge urgent", text: "Urgent" }));
+  if (item.overdue) badges.push(h("span", { class: "badge overdue", text: "Overdue" }));
+  if (item.severity === "abnormal") badges.push(h("span", { class: "badge abnormal", text: "Abnormal" }));
+  if (item.severity === "urgent" && !item.urgent) badges.push(h("span", { class: "badge urgent", text: "Urgent" }));
+  if (isAnnouncement && item.acknowledgement_required && !item.acknowledged) {
+    badges.push(h("span", { class: "badge abnormal", text: "Please acknowledge" }));
+  }
+  for (const labelId of item.labels || []) {
+    const label = state.board.labels.find((l) => l.id === labelId);
+    if (label) badges.push(h("span", { class: "badge label", text: label.name }));
+  }
+  const unread = !item.read;
+  const classes = [unread ? "unread" : "", item.overdue ? "overdue" : ""].join(" ");
+  const stateWords = [unread ? "unread" : "", item.urgent ? "urgent" : "", item.overdue ? "overdue" : ""].filter(Boolean).join(", ");
+  return h("li", { class: classes, dataset: { id: item.id } },
+    h("button", {
+      type: "button", class: "row", "aria-current": state.selected === item.id ? "true" : "false",
+      onclick: () => openItem(item),
+    },
+    stateWords ? h("span", { class: "sr-only", text: `${stateWords}: ` }) : null,
+    h("span", { class: "line1" }, h("span", { class: "who", text: who || "" }),
+      h("span", { class: "when", text: when(item.sent_at || item.posted_at) })),
+    h("span", { class: "title" }, ...badges, h("span", { class: "subject", text: item.title || "(no subject)" }))));
+}
+
+function renderList() {
+  const ul = $("#items");
+  ul.replaceChildren(...state.items.map(itemRow));
+  $("#list-empty").hidden = state.items.length > 0;
+  $("#more").hidden = !state.cursor;
+}
+
+async function refreshBoard() {
+  try {
+    state.board = await get("/api/v1/board");
+  } catch (error) {
+    announce(error.message);
+    return;
+  }
+  renderFolders();
+  await loadList();
+}
+
+let liveTimer = null;
+function liveChange() {
+  clearTimeout(liveTimer);
+  liveTimer = setTimeout(() => { if (state.board) refreshBoard(); }, 120);
+}
+
+// --- reading pane --------------------------------------------------------------------------
+async function openItem(item) {
+  state.selected = item.id;
+  $("#items").querySelectorAll(".row").forEach((row) => {
+    row.setAttribute("aria-current", row.parentElement.dataset.id === item.id ? "true" : "false");
+  });
+  const isAnnouncement = state.view.type === "folder" && state.view.id === "announcements";
+  let detail;
+  try {
+    detail = isAnnouncement
+      ? await get(`/api/v1/announcements/${encodeURIComponent(item.id)}`)
+      : await get(`/api/v1/board/items/${encodeURIComponent(item.id)}`);
+  } catch (error) {
+    renderPane(h("p", { class: "error", text: `Could not open it: ${error.message}` }));
+    return;
+  }
+  state.opened = { ...detail, kind: isAnnouncement ? "announcement" : detail.kind };
+  renderPane(paneFor(state.opened));
+  // On a narrow window the reading pane is below the list: bring it into view.
+  if (window.matchMedia("(max-width: 900px)").matches) $("#pane").scrollIntoView({ block: "start" });
+  if (!item.read) refreshBoard();
+}
+
+function renderPane(content) {
+  const pane = $("#pane");
+  pane.replaceChildren(content || h("p", { class: "empty", text: "Select an item to read it." }));
+}
+
+function meta(label, value) { return value ? h("p", { class: "meta" }, h("strong", { text: `${label}: ` }), value) : null; }
+
+function recipientsText(to) {
+  if (!to) return "";
+  if (to.whole_agency) return "Everyone in the agency";
+  const names = (to.staff_ids || []).map((id) => (state.staff.find((s) => s.id === id) || { display_name: id }).display_name);
+  const teams = (to.team_ids || []).map((id) => `Team ${(state.teams.find((t) => t.id === id) || { name: id }).name}`);
+  return names.concat(teams).join(", ");
+}
+
+function paneFor(d) {
+  const body = [];
+  if (d.kind === "announcement") {
+    body.push(h("h2", { text: d.title }), meta("Posted by", d.posted_by && d.posted_by.name), meta("Posted", fullTime(d.posted_at)),
+      h("div", { class: "body", text: d.body || "" }));
+    if (d.acknowledgement_required) {
+      body.push(d.acknowledged
+        ? h("p", { class: "meta", text: `Acknowledged ${fullTime(d.acknowledged_at)}` })
+        : h("div", { class: "pane-actions" }, h("button", { type: "button", class: "primary", onclick: () => act(() => post(`/api/v1/announcements/${d.id}/acknowledge`), "Acknowledged") }, "Acknowledge")));
+    }
+    return h("article", { "aria-label": d.title }, body);
+  }
+  if (d.kind === "message" || d.kind === "portal_message") {
+    body.push(h("h2", { text: d.subject || d.title || "(no subject)" }));
+    if (d.priority === "urgent" || d.urgent) body.push(h("p", {}, h("span", { class: "badge urgent", text: "Urgent" })));
+    body.push(meta("From", d.sender && d.sender.name), meta("To", recipientsText(d.to)), meta("Sent", fullTime(d.sent_at)));
+    if (d.patient && d.patient.display_name) body.push(meta(term(), d.patient.display_name));
+    body.push(messageActions(d), h("div", { class: "body", text: d.body || "" }));
+    if ((d.links || []).length) body.push(h("ul", { class: "links", "aria-label": "Links" }, d.links.map((l) => h("li", {}, safeLink(l)))));
+    return h("article", { "aria-label": d.subject || "Message" }, body);
+  }
+  if (d.kind === "reminder") {
+    body.push(h("h2", { text: d.title || d.text }), meta("Remind at", fullTime(d.remind_at)), meta("State", d.state),
+      h("div", { class: "body", text: d.text || "" }));
+    if (d.link) body.push(h("p", {}, /^https?:/i.test(d.link) ? safeLink(d.link) : h("span", { text: d.link })));
+    if (d.state !== "completed") {
+      const minutes = h("select", { id: "snooze-minutes" },
+        h("option", { value: "15", text: "15 minutes" }), h("option", { value: "60", text: "1 hour" }),
+        h("option", { value: "1440", text: "1 day" }));
+      body.push(h("div", { class: "pane-actions" },
+        h("label", { for: "snooze-minutes", class: "inline", text: "Snooze for" }), minutes,
+        h("button", { type: "button", onclick: () => act(() => post(`/api/v1/reminders/${d.id}/snooze`, { minutes: Number(minutes.value) }), "Snoozed", true) }, "Snooze"),
+        h("button", { type: "button", class: "primary", onclick: () => act(() => post(`/api/v1/reminders/${d.id}/complete`), "Completed") }, "Complete")));
+    }
+    body.push(genericActions(d));
+    return h("article", { "aria-label": "Reminder" }, body);
+  }
+  if (d.kind === "signature_request" || d.kind === "signature_outcome") {
+    const r = d.signature_request || {};
+    const docKind = r.document_kind === "patient" ? `${term()} document` : "Staff document";
+    body.push(h("h2", { text: r.title || d.title }), meta("Requested by", r.requester && r.requester.name), meta("Document", `${docKind}: ${r.document_ref || ""}`),
+      meta("Status", (r.status || "").replace("_", " ")), meta("Due", fullTime(r.due_at)));
+    body.push(h("ul", { "aria-label": "Signers" }, (r.signers || []).map((s) => h("li", { text: `${s.name}: ${s.state}${s.reason ? ` (${s.reason})` : ""}` }))));
+    const mine = (r.signers || []).find((s) => s.staff_id === state.me.id);
+    if (d.kind === "signature_request" && mine && mine.state === "pending" && r.status !== "declined") {
+      const note = h("textarea", { id: "signature-note", rows: "2", maxlength: "1000" });
+      const error = h("p", { class: "error", role: "alert", hidden: true });
+      const need = (fn) => () => {
+        if (!note.value.trim()) { error.hidden = false; error.textContent = "Write an attestation (to sign) or a reason (to decline)."; note.focus(); return; }
+        fn(note.value.trim());
+      };
+      body.push(h("label", { for: "signature-note", text: "Attestation or reason" }), note, error,
+        h("div", { class: "pane-actions" },
+          h("button", { type: "button", class: "primary", onclick: need((text) => act(() => post(`/api/v1/signature-requests/${r.id}/sign`, { attestation: text }), "Signed")) }, "Sign"),
+          h("button", { type: "button", onclick: need((text) => act(() => post(`/api/v1/signature-requests/${r.id}/decline`, { reason: text }), "Declined")) }, "Decline")));
+    }
+    body.push(genericActions(d));
+    return h("article", { "aria-label": "Signature request" }, body);
+  }
+  // Delivered notifications: schedule, eRx, compliance, lab, cloud.
+  const badges = [];
+  if (d.severity === "urgent") badges.push(h("span", { class: "badge urgent", text: "Urgent" }));
+  if (d.severity === "abnormal") badges.push(h("span", { class: "badge abnormal", text: "Abnormal" }));
+  if (d.overdue) badges.push(h("span", { class: "badge overdue", text: "Overdue" }));
+  body.push(h("h2", { text: d.title }), h("p", {}, ...badges), meta("From", d.sender && d.sender.name), meta("Received", fullTime(d.sent_at)),
+    meta("Due", fullTime(d.due_at)), meta("Status", d.status), h("div", { class: "body", text: d.summary || "" }));
+  if ((d.links || []).length) body.push(h("ul", { "aria-label": "Links" }, d.links.map((l) => h("li", {}, safeLink(l)))));
+  body.push(genericActions(d));
+  return h("article", { "aria-label": d.title || "Notification" }, body);
+}
+
+async function act(call, done, closePane = false) {
+  try {
+    await call();
+    announce(done);
+  } catch (error) {
+    announce(error.message);
+    renderPane(h("p", { class: "error", role: "alert", text: error.message }));
+    return;
+  }
+  await refreshBoard();
+  const still = state.items.find((i) => i.id === state.selected);
+  if (still && !closePane) await openItem(still);
+  else renderPane(null);
+}
+
+function optionsMenu(d, entries) {
+  const menu = h("div", { class: "menu", role: "menu", hidden: true, id: "more-options-menu" });
+  const toggle = h("button", { type: "button", "aria-haspopup": "menu", "aria-expanded": "false", "aria-controls": "more-options-menu" }, "More options");
+  const close = () => { menu.hidden = true; toggle.setAttribute("aria-expanded", "false"); };
+  for (const [name, run] of entries) {
+    menu.append(h("button", { type: "button", role: "menuitem", onclick: () => { close(); run(); } }, name));
+  }
+  const wrapper = h("div", { class: "pane-actions" }, toggle, menu);
+  // A click or focus anywhere else closes the menu.
+  wrapper.addEventListener("focusout", (event) => { if (!wrapper.contains(event.relatedTarget)) close(); });
+  toggle.addEventListener("click", () => {
+    const opening = menu.hidden;
+    menu.hidden = !opening;
+    toggle.setAttribute("aria-expanded", String(opening));
+    if (opening) menu.querySelector("button").focus();
+  });
+  menu.addEventListener("keydown", (event) => {
+    const buttons = [...menu.querySelectorAll("button")];
+    const at = buttons.indexOf(document.activeElement);
+    if (event.key === "Escape") { close(); toggle.focus(); }
+    if (event.key === "ArrowDown") { event.preventDefault(); buttons[(at + 1) % buttons.length].focus(); }
+    if (event.key === "ArrowUp") { event.preventDefault(); buttons[(at - 1 + buttons.length) % buttons.length].focus(); }
+  });
+  return wrapper;
+}
+
+function labelEntries(d) {
+  const entries = [["Add Label", () => openLabelDialog("add", d)]];
+  if ((d.labels || []).length && state.board.labels.length > 1) entries.push(["Move to Label", () => openLabelDialog("move", d)]);
+  if ((d.labels || []).length) entries.push(["Remove Label", () => openLabelDialog("remove", d)]);
+  return entries;
+}
+
+function readEntries(d) {
+  const entries = [["Mark as Unread", () => act(() => post(`/api/v1/board/items/${d.id}/unread`), "Marked as unread", true)]];
+  if (d.folder === "archive") entries.push(["Restore", () => act(() => post(`/api/v1/board/items/${d.id}/restore`), "Restored", true)]);
+  else entries.push(["Archive", () => act(() => post(`/api/v1/board/items/${d.id}/archive`), "Archived", true)]);
+  return entries;
+}
+
+function messageActions(d) {
+  const entries = [];
+  const mine = d.sender && d.sender.id === state.me.id;  // my own copy in Sent: answer the others
+  if (!mine) entries.push(["Reply", () => openCompose({ mode: "reply", message: d })]);
+  if (d.kind === "message") entries.push(["Reply All", () => openCompose({ mode: "reply-all", message: d })]);
+  entries.push(["Forward", () => openCompose({ mode: "forward", message: d })]);
+  return optionsMenu(d, entries.concat(readEntries(d), labelEntries(d)));
+}
+
+function genericActions(d) { return optionsMenu(d, readEntries(d).concat(labelEntries(d))); }
+
+// --- labels --------------------------------------------------------------------------------
+let labelContext = null;
+function openLabelDialog(mode, d) {
+  labelContext = { mode, item: d };
+  const dialog = $("#label-dialog");
+  $("#label-title").textContent = { add: "Add Label", move: "Move to Label", remove: "Remove Label" }[mode];
+  $("#label-error").hidden = true;
+  $("#label-name-field").hidden = mode !== "add";
+  $("#label-from-field").hidden = mode === "add";
+  $("#label-to-field").hidden = mode !== "move";
+  const mine = state.board.labels.filter((l) => (d.labels || []).includes(l.id));
+  const others = state.board.labels.filter((l) => !(d.labels || []).includes(l.id));
+  $("#label-options").replaceChildren(...others.map((l) => h("option", { value: l.name })));
+  $("#label-from").replaceChildren(...mine.map((l) => h("option", { value: l.id, text: l.name })));
+  $("#label-to").replaceChildren(...others.map((l) => h("option", { value: l.id, text: l.name })));
+  $("#label-name").value = "";
+  $("#label-ok").textContent = { add: "Add", move: "Move", remove: "Remove" }[mode];
+  dialog.showModal();
+}
+
+async function submitLabel(event) {
+  event.preventDefault();
+  const { mode, item } = labelContext;
+  const error = $("#label-error");
+  try {
+    if (mode === "add") {
+      const name = $("#label-name").value.trim();
+      if (!name) throw new Error("Type a label name.");
+      const existing = state.board.labels.find((l) => l.name.toLowerCase() === name.toLowerCase());
+      await post(`/api/v1/board/items/${item.id}/labels`, existing ? { label_id: existing.id } : { name });
+    } else if (mode === "move") {
+      await post(`/api/v1/board/items/${item.id}/labels/move`, { from_label_id: $("#label-from").value, to_label_id: $("#label-to").value });
+    } else {
+      await del(`/api/v1/board/items/${item.id}/labels/${encodeURIComponent($("#label-from").value)}`);
+    }
+  } catch (e) {
+    error.hidden = false;
+    error.textContent = e.message;
+    return;
+  }
+  $("#label-dialog").close();
+  announce("Labels updated");
+  await refreshBoard();
+  const still = state.items.find((i) => i.id === item.id);
+  if (still) await openItem(still);
+}
+
+// --- compose -------------------------------------------------------------------------------
+let composeContext = null;
+let recipients = [];
+
+function renderChips() {
+  $("#recipient-chips").replaceChildren(...recipients.map((r, i) => h("span", { class: "chip" },
+    h("span", { text: r.label }),
+    h("button", { type: "button", "aria-label": `Remove ${r.label}`, onclick: () => { recipients.splice(i, 1); renderChips(); $("#recipient-input").focus(); } }, "×"))));
+}
+
+function recipientChoices() {
+  return state.teams.map((t) => ({ type: "team", id: t.id, label: `Team: ${t.name}` }))
+    .concat(state.staff.map((s) => ({ type: "staff", id: s.id, label: s.display_name })));
+}
+
+function addRecipientFromInput() {
+  const input = $("#recipient-input");
+  const text = input.value.trim().toLowerCase();
+  if (!text) return false;
+  const choices = recipientChoices();
+  const match = choices.find((c) => c.label.toLowerCase() === text)
+    || choices.filter((c) => c.label.toLowerCase().includes(text)).sort((a, b) => a.label.length - b.label.length)[0];
+  if (!match) { showComposeError(`No colleague or team matches “${input.value.trim()}”.`); return true; }
+  if (!recipients.some((r) => r.type === match.type && r.id === match.id)) recipients.push(match);
+  input.value = "";
+  renderChips();
+  $("#compose-error").hidden = true;
+  return true;
+}
+
+function showComposeError(text) {
+  const error = $("#compose-error");
+  error.hidden = false;
+  error.textContent = text;
+}
+
+function setComposeKind(kind) {
+  const mode = composeContext.mode;
+  const key = mode === "new" ? kind : mode === "forward" ? "forward" : "reply";
+  document.querySelectorAll("#compose-form .field[data-for]").forEach((field) => {
+    field.hidden = !field.dataset.for.split(" ").includes(key);
+  });
+  $("#recipients-field").hidden = !(key === "message" || key === "forward" || key === "signature_request");
+  $("#whole-agency").parentElement.hidden = key === "signature_request";
+  $("#recipient-input").previousElementSibling.textContent = key === "signature_request" ? "Add a signer" : "Add a colleague or team";
+  $("#compose-subject-label").textContent = key === "message" ? "Subject" : "Title";
+  $("#compose-body-label").textContent = key === "reminder" ? "Remind me to" : key === "forward" ? "Note (optional)" : "Message";
+  $("#compose-send").textContent = key === "reminder" ? "Save reminder" : key === "announcement" ? "Post" : key === "signature_request" ? "Request signatures" : "Send";
+}
+
+function openCompose(context = { mode: "new" }) {
+  composeContext = context;
+  recipients = [];
+  const form = $("#compose-form");
+  form.reset();
+  renderChips();
+  $("#compose-error").hidden = true;
+  const kinds = state.board.compose || [];
+  const select = $("#compose-kind");
+  select.replaceChildren(...kinds.map((k) => h("option", { value: k, text: KIND_NAMES[k] || k })));
+  $("#kind-field").hidden = context.mode !== "new";
+  $("#recipient-options").replaceChildren(...recipientChoices().map((c) => h("option", { value: c.label })));
+  const m = context.message;
+  const titles = { new: "Compose", reply: "Reply", "reply-all": "Reply All", forward: "Forward" };
+  $("#compose-title").textContent = titles[context.mode];
+  if (m && context.mode !== "forward") $("#compose-title").textContent = `${titles[context.mode]}: ${m.subject || ""}`;
+  setComposeKind(select.value || "message");
+  $("#compose-dialog").showModal();
+  (context.mode === "new" ? select : context.mode === "forward" ? $("#recipient-input") : $("#compose-body")).focus();
+}
+
+function linksFrom(text) { return text.split(/\s+/).map((l) => l.trim()).filter(Boolean); }
+
+function confirmDialog(title, text, okText) {
+  const dialog = $("#confirm-dialog");
+  $("#confirm-title").textContent = title;
+  $("#confirm-text").textContent = text;
+  $("#confirm-ok").textContent = okText;
+  dialog.returnValue = "";
+  dialog.showModal();
+  return new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true }));
+}
+
+async function submitCompose(event) {
+  event.preventDefault();
+  const mode = composeContext.mode;
+  const kind = mode === "new" ? $("#compose-kind").value : "message";
+  const body = $("#compose-body").value;
+  const subject = $("#compose-subject").value.trim();
+  const wholeAgency = $("#whole-agency").checked;
+  const staffIds = recipients.filter((r) => r.type === "staff").map((r) => r.id);
+  const teamIds = recipients.filter((r) => r.type === "team").map((r) => r.id);
+  const urgent = $("#compose-urgent").checked ? "urgent" : "normal";
+  const links = linksFrom($("#compose-links").value);
+  let call;
+  if (mode === "reply" || mode === "reply-all") {
+    if (!body.trim()) return showComposeError("Write a reply.");
+    const path = `/api/v1/messages/${composeContext.message.message_id}/${mode}`;
+    call = () => post(path, { body, priority: urgent, links });
+  } else if (mode === "forward") {
+    if (!staffIds.length && !teamIds.length && !wholeAgency) return showComposeError("Add at least one recipient.");
+    const path = `/api/v1/messages/${composeContext.message.message_id}/forward`;
+    call = () => post(path, { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, ...(body.trim() ? { body } : {}) });
+  } else if (kind === "message") {
+    if (!staffIds.length && !teamIds.length && !wholeAgency) return showComposeError("Add at least one recipient, or choose the whole agency.");
+    if (!subject) return showComposeError("Write a subject.");
+    call = () => post("/api/v1/messages", { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, subject, body, priority: urgent, links });
+  } else if (kind === "reminder") {
+    const remindAt = localInputToIso($("#compose-remind-at").value);
+    if (!body.trim() || !remindAt) return showComposeError("Write what to remember and when.");
+    const link = $("#compose-reminder-link").value.trim();
+    call = () => post("/api/v1/reminders", { text: body, remind_at: remindAt, ...(link ? { link } : {}) });
+  } else if (kind === "signature_request") {
+    if (!staffIds.length) return showComposeError("Add at least one signer.");
+    if (!subject || !$("#compose-doc-ref").value.trim()) return showComposeError("Give a title and the document reference.");
+    const due = localInputToIso($("#compose-due").value);
+    call = () => post("/api/v1/signature-requests", {
+      document_kind: $("#compose-doc-kind").value, title: subject, document_ref: $("#compose-doc-ref").value.trim(),
+      signer_ids: staffIds, ...(due ? { due_at: due } : {}),
+    });
+  } else if (kind === "announcement") {
+    if (!subject || !body.trim()) return showComposeError("Give the announcement a title and a text.");
+    const expires = localInputToIso($("#compose-expires").value);
+    call = () => post("/api/v1/announcements", { title: subject, body, acknowledgement_required: $("#compose-ack").checked, ...(expires ? { expires_at: expires } : {}) });
+  }
+  if (wholeAgency && (kind === "message" || mode === "forward")) {
+    const count = state.staff.length;
+    const ok = await confirmDialog("Send to the whole agency?", `This goes to everyone at ${state.agency.name}${count ? ` (${count} staff)` : ""}.`, "Send to everyone");
+    if (!ok) return;
+  }
+  try {
+    await call();
+  } catch (error) {
+    showComposeError(error.message);
+    return;
+  }
+  $("#compose-dialog").close();
+  announce(mode === "new" && kind === "reminder" ? "Reminder saved" : "Sent");
+  await refreshBoard();
+}
+
+// --- auto-reply ----------------------------------------------------------------------------
+let autoReplyKind = "staff";
+async function openAutoReply(kind) {
+  autoReplyKind = kind;
+  const dialog = $("#auto-reply-dialog");
+  $("#auto-reply-title").textContent = kind === "staff" ? "Staff Auto-Reply" : `${term()} Auto-Reply`;
+  const note = $("#auto-reply-note");
+  const fields = $("#auto-reply-fields");
+  note.textContent = "Loading…";
+  fields.hidden = true;
+  $("#auto-reply-save").hidden = true;
+  dialog.showModal();
+  let settings;
+  try {
+    settings = await get("/api/v1/auto-replies/me");
+  } catch (error) {
+    note.textContent = error instanceof ApiError && [404, 502, 503, 504].includes(error.status)
+      ? "Auto-reply is not available yet on this system."
+      : `Auto-reply settings could not be loaded: ${error.message}`;
+    return;
+  }
+  const s = settings[kind] || {};
+  $("#auto-reply-enabled").checked = !!s.enabled;
+  $("#auto-reply-message").value = s.message || "";
+  $("#auto-reply-starts").value = isoToLocalInput(s.starts_at);
+  $("#auto-reply-ends").value = isoToLocalInput(s.ends_at);
+  note.textContent = s.active ? "On now: messages are answered automatically." : "Off now.";
+  fields.hidden = false;
+  $("#auto-reply-save").hidden = false;
+  $("#auto-reply-enabled").focus();
+}
+
+async function saveAutoReply(event) {
+  event.preventDefault();
+  const note = $("#auto-reply-note");
+  const payload = {
+    enabled: $("#auto-reply-enabled").checked,
+    message: $("#auto-reply-message").value,
+    starts_at: localInputToIso($("#auto-reply-starts").value),
+    ends_at: localInputToIso($("#auto-reply-ends").value),
+    time_zone: Intl.DateTimeFormat().resolvedOptions().timeZone || null,
+  };
+  try {
+    const saved = await put(`/api/v1/auto-replies/me/${autoReplyKind}`, payload);
+    note.textContent = saved.active ? "Saved. On now: messages are answered automatically." : "Saved. Off now.";
+    announce("Auto-reply saved");
+  } catch (error) {
+    note.textContent = error instanceof ApiError && [404, 502, 503, 504].includes(error.status)
+      ? "Auto-reply is not available yet on this system."
+      : `Not saved: ${error.message}`;
+  }
+}
+
+// --- wiring --------------------------------------------------------------------------------
+function wireStatic() {
+  $("#signin-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const note = $("#signin-note");
+    try {
+      await signIn($("#signin-username").value.trim(), $("#signin-password").value);
+    } catch (error) {
+      note.hidden = false;
+      note.textContent = error.status === 401 ? "Wrong username or password."
+        : error.status === 429 ? "Too many attempts. Wait a minute, then try again."
+          : `Sign-in failed: ${error.message}`;
+      return;
+    }
+    state.firstPaint = false;
+    await enter();
+  });
+  $("#signout").addEventListener("click", async () => { await signOut(); showSignIn("You have signed out."); });
+  $("#compose").addEventListener("click", () => openCompose());
+  $("#refresh").addEventListener("click", () => refreshBoard().then(() => announce("Refreshed")));
+  $("#staff-auto-reply").addEventListener("click", () => openAutoReply("staff"));
+  $("#patient-auto-reply").addEventListener("click", () => openAutoReply("patient"));
+  $("#auto-reply-form").addEventListener("submit", saveAutoReply);
+  $("#auto-reply-cancel").addEventListener("click", () => $("#auto-reply-dialog").close());
+  $("#compose-form").addEventListener("submit", submitCompose);
+  $("#compose-cancel").addEventListener("click", () => $("#compose-dialog").close());
+  $("#compose-kind").addEventListener("change", (e) => setComposeKind(e.target.value));
+  $("#recipient-input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") { event.preventDefault(); addRecipientFromInput(); }
+  });
+  $("#recipient-input").addEventListener("change", () => addRecipientFromInput());
+  $("#label-form").addEventListener("submit", submitLabel);
+  $("#label-cancel").addEventListener("click", () => $("#label-dialog").close());
+  $("#idle-dialog").addEventListener("close", () => { if (state.idle) state.idle.reset(); });
+  $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
+  $("#more").addEventListener("click", () => loadList(true));
+  // Arrow keys move between the rows of the list (Tab leaves it; Enter or Space opens a row).
+  $("#items").addEventListener("keydown", (event) => {
+    if (event.key !== "ArrowDown" && event.key !== "ArrowUp") return;
+    const rows = [...document.querySelectorAll("#items .row")];
+    const at = rows.indexOf(document.activeElement);
+    if (at < 0) return;
+    event.preventDefault();
+    const next = rows[Math.min(rows.length - 1, Math.max(0, at + (event.key === "ArrowDown" ? 1 : -1)))];
+    next.focus();
+  });
+  // The next page loads when "Load more" scrolls into view (the viewport, clipped by the list pane
+  // where the list pane scrolls), one page at a time.
+  let loadingMore = false;
+  new IntersectionObserver((entries) => {
+    if (!entries.some((e) => e.isIntersecting) || !state.cursor || loadingMore) return;
+    loadingMore = true;
+    loadList(true).finally(() => { loadingMore = false; });
+  }).observe($("#more"));
+}
+
+start();
