@@ -8,10 +8,8 @@ import re
 import time
 import uuid
 
-import pytest
 from playwright.sync_api import expect
 
-from services.launcher import Stack
 from tests.browser.conftest import AXE_SOURCE, screenshot
 
 LIVE_S = 2.0  # a new item must show within this, without Refresh
@@ -371,8 +369,6 @@ def test_the_auto_reply_dialogs_say_so_when_the_service_does_not_answer(people):
         kim.page.get_by_role("button", name="Close").click()
 
 
-@pytest.mark.needs_auto_reply
-@pytest.mark.skipif("auto-reply" not in Stack.SERVICES, reason="the launcher starts no auto-reply service yet")
 def test_an_auto_reply_set_in_the_dialog_answers_a_message(people, api):
     kim = people().sign_in("nurse.kim")
     kim.page.get_by_role("button", name="Staff Auto-Reply").click()
