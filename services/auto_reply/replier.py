@@ -107,7 +107,9 @@ class AutoReplier:
             setting.message,
         )
         if slot["sent_at"]:
-            return self._skipped(envelope, "already_answered")
+            # Info, not debug: a sender answered earlier that day, or a repeated event.
+            log.info("already answered", extra={"event_id": envelope.event_id, "code": "already_answered"})
+            return "already_answered"
         return self.send(slot, envelope.event_id, claimed)
 
     def send(self, slot: dict, event_id: str, claimed: bool = True) -> str:

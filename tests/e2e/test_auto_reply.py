@@ -7,21 +7,25 @@ patients write, and the answers (or the silence) are seen on the boards and in t
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 import threading
 import uuid
 import zoneinfo
 
+import pika
 import pytest
 import requests
 
 from clinic.inbox.v1 import inbox_pb2
 from services.auto_reply.clients import InboxClient
-from services.auto_reply.replier import EVENT_TYPE, AutoReplier
+from services.auto_reply.replier import AutoReplier
 from services.auto_reply.store import AutoReplyStore
-from services.kit.bus import Consumer, ProcessedEvents, Publisher, Topology
+from services.kit.bus import Publisher, Topology
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.service_identity import ServiceTokens
-from services.kit.settings import parse_master_keys
+from services.kit.settings import REPO_ROOT, parse_master_keys
+from services.launcher import free_port, wait_http
 from tests.e2e.conftest import auth, wait_until
 
 AWAY_TEXT = "I am out of the office until Monday; for urgent matters call the front desk."
@@ -296,73 +300,84 @@ def test_two_people_away_answer_each_other_once_then_silence(login, away, auto_d
 
 # --- exactly once: redelivery and two instances -----------------------------------------------------
 @pytest.fixture
-def second_instance(stack, auto_db, service_secret):
-    """A second copy of the auto-reply consumer, in this process, on the same queue and database."""
+def second_process(stack):
+    """A second `python -m services.auto_reply` on the same queue and database (its own ports)."""
+    log_path = stack.run_dir / "logs" / f"auto-reply-second-{uuid.uuid4().hex[:6]}.log"
+    http_port = free_port()
+    env = {**stack.service_env(), "AUTO_REPLY_HTTP_PORT": str(http_port), "AUTO_REPLY_GRPC_PORT": str(free_port())}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.auto_reply"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{http_port}/readyz", "second auto-reply", log_path, process)
+        yield process, log_path
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture
+def in_process_replier(stack, auto_db, service_secret):
+    """The handler of a third copy, called directly from the test."""
     keys = parse_master_keys((stack.run_dir / "secrets" / "phi-master-keys").read_text().strip(), [])
     store = AutoReplyStore(auto_db, PhiCipher(KeyRing(auto_db, keys, next(iter(keys)))))
-    directory_target = f"127.0.0.1:{stack.config.ports.directory_grpc}"
-    tokens = ServiceTokens(directory_target, "auto-reply", service_secret("auto-reply"))
+    tokens = ServiceTokens(f"127.0.0.1:{stack.config.ports.directory_grpc}", "auto-reply", service_secret("auto-reply"))
     inbox = InboxClient(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
-    replier = AutoReplier(store, inbox, tokens)
-    consumer = Consumer(
-        stack.config.amqp_url,
-        QUEUE,
-        [EVENT_TYPE],
-        replier.handle,
-        processed=ProcessedEvents(auto_db, "auto-reply"),
-        topology=Topology(),
-    )
-    yield replier, consumer
+    yield AutoReplier(store, inbox, tokens)
     tokens.close()
     inbox.close()
 
 
 def test_the_same_event_delivered_again_and_again_to_two_instances_answers_once(
-    stack, login, away, auto_db, events, second_instance
+    stack, login, away, auto_db, events, second_process, in_process_replier
 ):
-    replier, consumer = second_instance
+    process, log_path = second_process
     oconnor, white = login("casemgr.oconnor"), login("nurse.white")
-    garcia = away("compliance.ortiz")
+    ortiz = away("compliance.ortiz")
     publisher = Publisher(stack.config.amqp_url, Topology())
+    outcomes: list[str] = []
     try:
-        with consumer.running(), events.listen("message.delivered.v1") as heard:
-            message_id = send(oconnor, garcia)
+        with events.listen("message.delivered.v1") as heard:
+            message_id = send(oconnor, ortiz)
             event = heard.wait_for(
-                lambda e: e.payload.message_id == message_id and e.payload.recipient_staff_id == garcia.staff_id
+                lambda e: e.payload.message_id == message_id and e.payload.recipient_staff_id == ortiz.staff_id
             )
-            publisher.publish([event.envelope] * 6)  # the same event id, six more times
-            answered(garcia, oconnor)
-            # Both instances also handle it at the very same moment.
-            barrier = threading.Barrier(2)
-            outcomes: list[str] = []
+        # At once: six more copies of the event for the two service processes, and two direct handlers.
+        barrier = threading.Barrier(3)
 
-            def race():
-                barrier.wait()
-                outcomes.append(replier.handle(event.envelope))
+        def race():
+            barrier.wait()
+            outcomes.append(in_process_replier.handle(event.envelope))
 
-            racers = [threading.Thread(target=race) for _ in range(2)]
-            for racer in racers:
-                racer.start()
-            for racer in racers:
-                racer.join(WAIT)
-            assert sorted(outcomes) == ["already_answered", "already_answered"]
-            wait_until(lambda: _queue_empty(stack.config.amqp_url), timeout=WAIT)
-        # With the second instance stopped, a later marker answered by the service proves it is done too.
-        marker = send(white, garcia)
-        processed(auto_db, marker, garcia.staff_id)
-        answered(garcia, white)
+        racers = [threading.Thread(target=race) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        barrier.wait()
+        publisher.publish([event.envelope] * 6)
+        for racer in racers:
+            racer.join(WAIT)
+        answered(ortiz, oconnor)
+        wait_until(lambda: _queue_empty(stack.config.amqp_url), timeout=WAIT)
+        process.terminate()
+        assert process.wait(30) == 0
+        # The second process took its share of the copies (round robin between the two consumers).
+        assert event.envelope.event_id in log_path.read_text()
+        # With it stopped, a later marker answered by the first proves every copy was handled.
+        marker = send(white, ortiz)
+        processed(auto_db, marker, ortiz.staff_id)
+        answered(ortiz, white)
     finally:
         publisher.close()
-    assert len(answers(garcia, oconnor)) == 1
+    assert set(outcomes) <= {"answered", "already_answered"} and len(outcomes) == 2
+    assert len(answers(ortiz, oconnor)) == 1
     slots = list(
-        auto_db.reply_slots.find({"replier_id": {"$eq": garcia.staff_id}, "sender_id": {"$eq": oconnor.staff_id}})
+        auto_db.reply_slots.find({"replier_id": {"$eq": ortiz.staff_id}, "sender_id": {"$eq": oconnor.staff_id}})
     )
     assert len(slots) == 1 and slots[0]["sent_at"] > 0
 
 
 def _queue_empty(amqp_url: str) -> bool:
-    import pika
-
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         return connection.channel().queue_declare(QUEUE, passive=True).method.message_count == 0
