@@ -32,6 +32,7 @@ AWAY_TEXT = "I am out of the office until Monday; for urgent matters call the fr
 QUEUE = "auto-reply.message-delivered"
 JANE = "portal_riverbend_0001"
 WAIT = 20.0
+WINDOW_S = 10.0  # a window that must still be open after a save and a send on a busy machine
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -207,17 +208,23 @@ def test_admins_see_who_is_away_and_others_may_not(admin, login, away, outsider)
 # --- windows and off ---------------------------------------------------------------------------------
 def test_the_window_start_and_end_are_kept(login, away, auto_db):
     martin, oconnor = login("peer.martin"), login("casemgr.oconnor")
-    nguyen = away("therapist.nguyen", starts_at=iso_in(2), ends_at=iso_in(6))
+    # Before the start (an hour ahead): scheduled, not away yet.
+    nguyen = away("therapist.nguyen", starts_at=iso_in(3600))
     early = send(martin, nguyen)
     processed(auto_db, early, nguyen.staff_id)
     assert answers(nguyen, martin) == []
 
-    wait_until(lambda: setting(nguyen)["active"], timeout=WAIT)
+    # Inside the window: answered. The start lies in the past so the save never races the clock; the
+    # end leaves a busy machine ample time to save and send before it.
+    away("therapist.nguyen", starts_at=iso_in(-60), ends_at=iso_in(WINDOW_S))
+    assert setting(nguyen)["active"] is True
     send(martin, nguyen)
     [answer] = answered(nguyen, martin)
     assert answer["subject"].startswith("Re: Coverage")
 
-    wait_until(lambda: not setting(nguyen)["active"], timeout=WAIT)
+    # After the end: still on, but no longer answered.
+    wait_until(lambda: not setting(nguyen)["active"], timeout=WINDOW_S + WAIT)
+    assert setting(nguyen)["enabled"] is True
     late = send(oconnor, nguyen)
     processed(auto_db, late, nguyen.staff_id)
     assert answers(nguyen, oconnor) == []
