@@ -66,16 +66,6 @@ def staff_only(view):
     return wrapper
 
 
-def change_body() -> dict:
-    """The JSON object body; malformed JSON is 400 `invalid_json`."""
-    try:
-        return json_body()
-    except InvalidInput as exc:
-        if exc.code == "malformed_json":
-            raise InvalidInput("invalid_json", "the request body is not valid JSON") from exc
-        raise
-
-
 def accessed_event(caller: Identity, resource_id: str):
     accessed_at = Timestamp()
     accessed_at.GetCurrentTime()
@@ -144,7 +134,7 @@ def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, re
         if kind not in domain.KINDS:
             raise NotFound("not_found", "no such auto-reply kind")
         caller = g.identity
-        body = change_body()
+        body = json_body()
         default_zone = None
         if body.get("time_zone") is None:
             default_zone = directory.agency_time_zone(caller.agency_id)

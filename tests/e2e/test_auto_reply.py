@@ -147,14 +147,17 @@ def test_reading_my_auto_reply_text_is_audited_and_turning_off_keeps_it(login, a
     ("body", "status", "code"),
     [
         ({"enabled": True, "message": ""}, 400, "invalid_value"),
-        ({"enabled": "on", "message": "x"}, 400, "invalid_value"),
+        ({"enabled": "on", "message": "x"}, 400, "invalid_type"),
+        ({"message": "x"}, 400, "missing_field"),
+        ({"enabled": True, "message": "x", "starts_at": "next week"}, 400, "invalid_time"),
         ({"enabled": True, "message": "x", "time_zone": "Nowhere/Land"}, 400, "unknown_time_zone"),
         (
             {"enabled": True, "message": "x", "starts_at": "2030-01-02T00:00:00Z", "ends_at": "2030-01-01T00:00:00Z"},
             400,
             "invalid_window",
         ),
-        ({"enabled": True, "message": {"$gt": ""}}, 400, "invalid_value"),
+        ({"enabled": True, "message": {"$gt": ""}}, 400, "invalid_type"),
+        ({"enabled": True, "message": "x", "time_zone": {"$gt": ""}}, 400, "invalid_type"),
         ({"enabled": True, "message": "x", "extra": 1}, 400, "unknown_field"),
     ],
 )
@@ -169,7 +172,9 @@ def test_bad_settings_are_refused_and_nothing_changes(login, body, status, code)
 def test_malformed_json_unknown_kinds_and_missing_tokens_are_refused(login, stack):
     lee = login("billing.lee")
     bad = lee.put("/api/v1/auto-replies/me/staff", data="{", headers={"Content-Type": "application/json"})
-    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_json")
+    assert (bad.status_code, bad.json()["code"]) == (400, "malformed_json")
+    listed = lee.put("/api/v1/auto-replies/me/staff", json=[{"enabled": False}])
+    assert (listed.status_code, listed.json()["code"]) == (400, "invalid_body")
     assert lee.put("/api/v1/auto-replies/me/robot", json={"enabled": False}).status_code == 404
     assert requests.get(f"{stack.gateway_url}/api/v1/auto-replies/me", timeout=10).status_code == 401
 

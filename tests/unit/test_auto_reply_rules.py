@@ -97,23 +97,32 @@ def test_the_agency_time_zone_is_the_default():
 @pytest.mark.parametrize(
     ("body", "code", "field"),
     [
-        ({"enabled": "yes"}, "invalid_value", "enabled"),
+        ({"enabled": "yes"}, "invalid_type", "enabled"),
+        ({"enabled": None}, "missing_field", "enabled"),
         ({"message": ""}, "invalid_value", "message"),
         ({"message": "   "}, "invalid_value", "message"),
-        ({"message": "x" * 2001}, "invalid_value", "message"),
-        ({"message": {"$gt": ""}}, "invalid_value", "message"),
-        ({"starts_at": "tomorrow"}, "invalid_value", "starts_at"),
-        ({"starts_at": 12}, "invalid_value", "starts_at"),
-        ({"ends_at": "1999-01-01T00:00:00Z"}, "invalid_value", "ends_at"),
+        ({"message": "x" * 2001}, "too_long", "message"),
+        ({"message": {"$gt": ""}}, "invalid_type", "message"),
+        ({"message": "Away\x00"}, "invalid_value", "message"),
+        ({"starts_at": "tomorrow"}, "invalid_time", "starts_at"),
+        ({"starts_at": 12}, "invalid_type", "starts_at"),
+        ({"starts_at": {"$gt": ""}}, "invalid_type", "starts_at"),
+        ({"ends_at": "1999-01-01T00:00:00Z"}, "invalid_time", "ends_at"),
+        ({"ends_at": "2100-01-01T00:00:00"}, "invalid_time", "ends_at"),
+        ({"ends_at": "2026-12-01T08:00:00+25:00"}, "invalid_time", "ends_at"),
         ({"time_zone": "Mars/Olympus"}, "unknown_time_zone", "time_zone"),
         ({"time_zone": "../../etc/passwd"}, "unknown_time_zone", "time_zone"),
-        ({"time_zone": 5}, "unknown_time_zone", "time_zone"),
+        ({"time_zone": "America"}, "unknown_time_zone", "time_zone"),
+        ({"time_zone": 5}, "invalid_type", "time_zone"),
+        ({"time_zone": "x" * 65}, "too_long", "time_zone"),
         ({"starts_at": "2026-12-02T08:00:00", "ends_at": "2026-12-01T08:00:00"}, "invalid_window", "ends_at"),
         ({"starts_at": "2026-12-01T08:00:00", "ends_at": "2026-12-01T08:00:00"}, "invalid_window", "ends_at"),
+        # A naive end and an end with an offset naming the same instant (Chicago is UTC-6 in December).
+        ({"starts_at": "2026-12-01T08:00:00", "ends_at": "2026-12-01T14:00:00Z"}, "invalid_window", "ends_at"),
         ({"colour": "red"}, "unknown_field", "colour"),
     ],
 )
-def test_bad_changes_are_refused_with_a_stable_code_naming_the_field(body, code, field):
+def test_bad_changes_are_refused_with_the_kits_codes_naming_the_field(body, code, field):
     with pytest.raises(InvalidInput) as refused:
         change(body)
     assert refused.value.code == code and refused.value.details["field"] == field
