@@ -145,6 +145,8 @@ def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, re
         now = now_ms()
         updated = domain.apply_change(current, change, now)
         store.save(updated)
+        # The answer shows the text, which may be the saved one (a body without a message).
+        record_reads(store, caller, [updated])
         log.info(
             "auto-reply saved",
             extra={

@@ -139,8 +139,15 @@ def test_reading_my_auto_reply_text_is_audited_and_turning_off_keeps_it(login, a
         "allowed",
     )
     assert event.payload.actor_id == lee.staff_id and event.payload.agency_id == lee.agency_id
-    off = lee.put("/api/v1/auto-replies/me/staff", json={"enabled": False})
-    assert off.status_code == 200 and off.json()["message"] == AWAY_TEXT and off.json()["active"] is False
+    # Turning it off without a message shows the saved text: that read is recorded too.
+    with events.listen("phi.accessed.v1") as heard:
+        off = lee.put("/api/v1/auto-replies/me/staff", json={"enabled": False})
+        assert off.status_code == 200 and off.json()["message"] == AWAY_TEXT and off.json()["active"] is False
+        heard.wait_for(
+            lambda e: e.envelope.correlation_id == off.headers["X-Correlation-ID"]
+            and e.payload.resource_id == resource
+            and e.payload.actor_id == lee.staff_id
+        )
 
 
 @pytest.mark.parametrize(
