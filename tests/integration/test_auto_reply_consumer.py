@@ -24,7 +24,7 @@ from services.auto_reply.store import AutoReplyStore
 from services.kit.auth import KIND_SERVICE, Identity
 from services.kit.bus import ProcessedEvents, Publisher
 from services.kit.crypto import KeyRing, PhiCipher
-from services.kit.events import new_envelope
+from services.kit.events import Envelope, new_envelope
 from services.kit.mongo import now_ms
 from tests.integration.conftest import wait_for
 
@@ -263,6 +263,33 @@ def test_two_instances_racing_for_one_slot_send_one_message(store, inbox_stand_i
     assert len(inbox.messages) == 1
     assert sorted(outcomes) in (["already_answered", "answered"], ["answered", "answered"])
     assert the_one_slot(db)["sent_at"] > 0
+
+
+def test_an_event_handled_after_the_auto_reply_was_turned_off_is_not_answered(event_bus, store, inbox_stand_in, db):
+    """Off means off: a message sent while it was on, whose event is handled after it was turned off
+    (or turned off and on again, a new activation), gets no answer."""
+    inbox, client = inbox_stand_in
+    sent_while_on = delivered("msg_1")
+    setting = store.setting(AGENCY, AWAY, "staff")
+    off = domain.apply_change(setting, domain.Change(False, None, None, None, "America/Chicago"), now_ms())
+    store.save(off)
+    with running_consumer(event_bus, store, client, db):
+        publish(event_bus, sent_while_on)
+        wait_for(lambda: processed(db, sent_while_on))
+        assert inbox.calls == [] and list(db.reply_slots.find({})) == []
+        # On again: the earlier message belongs to the previous activation.
+        store.save(domain.apply_change(off, domain.Change(True, None, None, None, "America/Chicago"), now_ms() + 1))
+        redelivered = Envelope()
+        redelivered.CopyFrom(sent_while_on)  # the same message, sent before this activation
+        redelivered.event_id = "msg_1-stf_away-delivered-again"
+        publish(event_bus, redelivered)
+        wait_for(lambda: processed(db, redelivered))
+        assert inbox.calls == []
+        later = delivered("msg_2")
+        publish(event_bus, later)
+        wait_for(lambda: processed(db, later))
+    [answer] = inbox.messages.values()
+    assert answer.in_reply_to_message_id == "msg_2"
 
 
 def test_messages_never_answered_are_processed_without_a_send(event_bus, store, inbox_stand_in, db):

@@ -90,6 +90,22 @@ def test_a_time_with_an_offset_keeps_its_offset():
     assert parsed.starts_at == ms("2026-12-01T06:00:00+00:00")
 
 
+def test_a_naive_time_in_the_repeated_autumn_hour_is_the_earlier_reading():
+    # 1 November 2026: Chicago goes from CDT (UTC-5) back to CST (UTC-6) at 02:00; 01:30 happens twice.
+    assert change({"starts_at": "2026-11-01T01:30:00"}).starts_at == ms("2026-11-01T06:30:00+00:00")
+
+
+def test_a_naive_time_in_the_skipped_spring_hour_is_moved_forward():
+    # 8 March 2026: Chicago goes from CST to CDT at 02:00; 02:30 does not exist and is read as 03:30 CDT.
+    assert change({"starts_at": "2026-03-08T02:30:00"}).starts_at == ms("2026-03-08T08:30:00+00:00")
+    assert change({"starts_at": "2026-03-08T03:30:00"}).starts_at == ms("2026-03-08T08:30:00+00:00")
+
+
+def test_a_window_across_a_dst_change_keeps_its_wall_clock_ends():
+    parsed = change({"starts_at": "2026-10-31T17:00:00", "ends_at": "2026-11-02T08:00:00"})
+    assert parsed.starts_at == ms("2026-10-31T17:00:00-05:00") and parsed.ends_at == ms("2026-11-02T08:00:00-06:00")
+
+
 def test_the_agency_time_zone_is_the_default():
     assert change({}, zone="America/New_York").time_zone == "America/New_York"
 
@@ -227,6 +243,14 @@ def test_the_day_is_the_away_persons_local_day():
     moment = ms("2026-11-27T03:00:00+00:00")  # 21:00 on the 26th in Chicago, 12:00 on the 27th in Tokyo
     assert domain.period_of(on(), moment) == "2026-11-26"
     assert domain.period_of(on(time_zone="Asia/Tokyo"), moment) == "2026-11-27"
+
+
+def test_the_25_hour_day_of_a_dst_change_is_one_period():
+    setting = on()
+    first = domain.slot_key(setting, "stf_colleague", ms("2026-11-01T00:30:00-05:00"))
+    last = domain.slot_key(setting, "stf_colleague", ms("2026-11-01T23:30:00-06:00"))  # 24 h later
+    assert first == last
+    assert domain.slot_key(setting, "stf_colleague", ms("2026-11-02T00:00:00-06:00")) != last
 
 
 def test_the_idempotency_key_is_derived_from_the_slot_alone():
