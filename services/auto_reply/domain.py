@@ -159,7 +159,8 @@ def apply_change(current: Setting, change: Change, now_ms: int) -> Setting:
     message = current.message if change.message is None else change.message
     if change.enabled and not message:
         raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
-    if change.ends_at is not None and change.starts_at is None and change.enabled and change.ends_at <= now_ms:
+    if change.enabled and change.ends_at is not None and change.ends_at <= now_ms:
+        # With or without a start: a window already over would be saved "on" and never answer.
         raise InvalidInput("invalid_window", "ends_at must be in the future", {"field": "ends_at"})
     window_changed = (change.starts_at, change.ends_at, change.time_zone) != (
         current.starts_at,

@@ -226,8 +226,8 @@ def test_the_window_start_and_end_are_kept(login, away, auto_db):
     processed(auto_db, early, nguyen.staff_id)
     assert answers(nguyen, martin) == []
 
-    # Inside the window: answered. The start lies in the past so the save never races the clock; the
-    # end leaves a busy machine ample time to save and send before it.
+    # Inside the window (it began a minute ago): answered. The end leaves a busy machine ample time to
+    # save and send before it.
     away("therapist.nguyen", starts_at=iso_in(-60), ends_at=iso_in(WINDOW_S))
     assert setting(nguyen)["active"] is True
     send(martin, nguyen)

@@ -160,10 +160,25 @@ def test_without_a_message_the_saved_text_is_kept_and_turning_on_needs_one():
     assert (refused.value.code, refused.value.details["field"]) == ("invalid_value", "message")
 
 
-def test_an_end_already_passed_cannot_be_turned_on_without_a_start():
+@pytest.mark.parametrize(
+    "window",
+    [
+        {"ends_at": "2026-11-26T11:00:00Z"},
+        {"starts_at": "2026-11-20T08:00:00", "ends_at": "2026-11-25T17:00:00"},  # a whole window in the past
+        {"starts_at": "2026-11-20T08:00:00", "ends_at": "2026-11-26T12:00:00Z"},  # ends right now
+    ],
+)
+def test_an_end_already_passed_cannot_be_turned_on_with_or_without_a_start(window):
     with pytest.raises(InvalidInput) as refused:
-        domain.apply_change(on(), change({"ends_at": "2026-11-26T11:00:00Z"}), NOW)
-    assert refused.value.code == "invalid_window"
+        domain.apply_change(on(), change(window), NOW)
+    assert (refused.value.code, refused.value.details["field"]) == ("invalid_window", "ends_at")
+
+
+def test_a_window_already_over_may_be_saved_off():
+    off = domain.apply_change(
+        on(), domain.parse_change({"enabled": False, "ends_at": "2026-11-25T17:00:00"}, CHICAGO), NOW
+    )
+    assert not off.enabled and off.ends_at == ms("2026-11-25T17:00:00-06:00")
 
 
 # --- activations ---------------------------------------------------------------------------------
