@@ -46,6 +46,10 @@ PERMANENT_REFUSALS = {
 }
 
 
+# _answer's outcome when inbox refused the answer to another message than the one in hand.
+REFUSED_OTHER = "refused_other_message"
+
+
 class InboxUnavailable(Exception):
     """inbox (or directory, for the service token) did not answer: the event is retried."""
 
@@ -92,8 +96,16 @@ class AutoReplier:
         if not decision.answer:
             return self._skipped(envelope, decision.reason)
         assert setting is not None
+        outcome = self._answer(envelope, event, setting, decision.slot)
+        if outcome == REFUSED_OTHER:
+            # inbox refused for good the answer to an earlier message of this sender, whose claim a
+            # crashed instance had left unsent; the claim is released, so this message may be answered.
+            outcome = self._answer(envelope, event, setting, decision.slot)
+        return "refused" if outcome == REFUSED_OTHER else outcome
+
+    def _answer(self, envelope: Envelope, event: domain.Delivered, setting: domain.Setting, slot_key: str) -> str:
         slot, claimed = self.store.claim(
-            decision.slot,
+            slot_key,
             event.agency_id,
             {
                 "event_id": envelope.event_id,
@@ -102,7 +114,7 @@ class AutoReplier:
                 "sender_id": event.sender_id,
                 "activation_id": setting.activation_id,
                 "in_reply_to": event.message_id,
-                "idempotency_key": domain.idempotency_key(decision.slot),
+                "idempotency_key": domain.idempotency_key(slot_key),
             },
             setting.message,
         )
@@ -110,7 +122,10 @@ class AutoReplier:
             # Info, not debug: a sender answered earlier that day, or a repeated event.
             log.info("already answered", extra={"event_id": envelope.event_id, "code": "already_answered"})
             return "already_answered"
-        return self.send(slot, envelope.event_id, claimed)
+        outcome = self.send(slot, envelope.event_id, claimed)
+        if outcome == "refused" and slot["in_reply_to"] != event.message_id:
+            return REFUSED_OTHER
+        return outcome
 
     def send(self, slot: dict, event_id: str, claimed: bool = True) -> str:
         """Send a claimed slot's answer (again, after a crash: same key, same text)."""

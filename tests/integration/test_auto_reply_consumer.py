@@ -243,6 +243,41 @@ def test_a_permanent_refusal_releases_the_slot_for_the_next_message(event_bus, s
     assert answer.in_reply_to_message_id == "msg_2"
 
 
+def test_a_dead_instances_claim_that_inbox_refuses_does_not_cost_the_next_message_its_answer(
+    event_bus, store, inbox_stand_in, db
+):
+    """A claim for msg_gone was left unsent by a crash; msg_gone is gone by the time msg_2 arrives. The
+    refused claim is released and msg_2 is answered in its place."""
+    inbox, client = inbox_stand_in
+    inbox.refuse["msg_gone"] = grpc.StatusCode.NOT_FOUND
+    setting = store.setting(AGENCY, AWAY, "staff")
+    slot = domain.slot_key(setting, SENDER, now_ms())
+    store.claim(
+        slot,
+        AGENCY,
+        {
+            "event_id": "msg_gone-stf_away-delivered",
+            "replier_id": AWAY,
+            "kind": "staff",
+            "sender_id": SENDER,
+            "activation_id": setting.activation_id,
+            "in_reply_to": "msg_gone",
+            "idempotency_key": domain.idempotency_key(slot),
+        },
+        TEXT,
+    )
+    later = delivered("msg_2")
+    with running_consumer(event_bus, store, client, db) as consumer:
+        publish(event_bus, later)
+        wait_for(lambda: processed(db, later))
+        assert event_bus.message_count(consumer.parking_queue) == 0
+    assert [c.in_reply_to_message_id for c in inbox.calls] == ["msg_gone", "msg_2"]
+    [answer] = inbox.messages.values()
+    assert answer.in_reply_to_message_id == "msg_2"
+    sent = the_one_slot(db)
+    assert (sent["in_reply_to"], sent["event_id"]) == ("msg_2", later.event_id) and sent["sent_at"] > 0
+
+
 def test_two_instances_racing_for_one_slot_send_one_message(store, inbox_stand_in, db):
     inbox, client = inbox_stand_in
     inbox.delay_s = 0.05
