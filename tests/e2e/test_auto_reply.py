@@ -31,6 +31,7 @@ from tests.e2e.conftest import auth, wait_until
 AWAY_TEXT = "I am out of the office until Monday; for urgent matters call the front desk."
 QUEUE = "auto-reply.message-delivered"
 JANE = "portal_riverbend_0001"
+INTAKE = "team_riverbend_intake"  # intake.wilson and intake.thompson are members
 WAIT = 20.0
 WINDOW_S = 10.0  # a window that must still be open after a save and a send on a busy machine
 
@@ -315,6 +316,29 @@ def test_two_people_away_answer_each_other_once_then_silence(login, away, auto_d
     assert len(answers(martin, hall)) == 1 and len(answers(hall, martin)) == 1
     thread = hall.get(f"/api/v1/threads/{to_martin}").json()["messages"]
     assert [m["auto_reply"] for m in thread] == [False, True]
+
+
+def test_a_team_message_is_answered_like_a_direct_one_and_never_by_its_away_sender(login, away, auto_db):
+    martin = login("peer.martin")
+    wilson = away("intake.wilson")
+    thompson = away("intake.thompson")
+    wilson_sent_before = wilson.counts("sent")[1]
+    to_team = martin.send(to_team_ids=[INTAKE], subject=f"Intake {uuid.uuid4().hex[:8]}")
+    assert to_team.status_code == 201, to_team.text
+    # Each away member answers the sender once, in the thread.
+    assert answered(wilson, martin)[0]["thread_id"] == to_team.json()["id"]
+    answered(thompson, martin)
+    # The away member writes to their own team: a colleague's auto-reply answers them; theirs never
+    # answers their own message, nor the colleague's automatic answer.
+    own = wilson.send(to_team_ids=[INTAKE], subject=f"Intake {uuid.uuid4().hex[:8]}")
+    assert own.status_code == 201, own.text
+    assert wilson.staff_id not in own.json()["recipient_ids"]
+    [from_thompson] = answered(thompson, wilson)
+    processed(auto_db, own.json()["id"], thompson.staff_id)
+    processed(auto_db, from_thompson["id"], wilson.staff_id)
+    assert len(answers(thompson, wilson)) == 1 and len(answers(wilson, martin)) == 1
+    assert len(answers(thompson, martin)) == 1
+    assert wilson.counts("sent")[1] == wilson_sent_before + 2  # the answer to martin and the team message
 
 
 # --- exactly once: redelivery and two instances -----------------------------------------------------
