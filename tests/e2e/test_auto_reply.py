@@ -145,9 +145,11 @@ def test_reading_my_auto_reply_text_is_audited_and_turning_off_keeps_it(login, a
         off = lee.put("/api/v1/auto-replies/me/staff", json={"enabled": False})
         assert off.status_code == 200 and off.json()["message"] == AWAY_TEXT and off.json()["active"] is False
         heard.wait_for(
-            lambda e: e.envelope.correlation_id == off.headers["X-Correlation-ID"]
-            and e.payload.resource_id == resource
-            and e.payload.actor_id == lee.staff_id
+            lambda e: (
+                e.envelope.correlation_id == off.headers["X-Correlation-ID"]
+                and e.payload.resource_id == resource
+                and e.payload.actor_id == lee.staff_id
+            )
         )
 
 
