@@ -42,14 +42,23 @@ def auto_db(stack, mongo_client):
     return mongo_client[f"{stack.db_prefix}auto-reply"]
 
 
+def midday_zone() -> str:
+    """A fixed-offset zone where it is about noon now: the away person's day (the once-per-day period)
+    cannot end in the middle of a test, as the agency's own midnight could."""
+    offset = 12 - dt.datetime.now(dt.UTC).hour  # -11 .. +12 hours
+    return "Etc/GMT" if offset == 0 else f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"  # Etc signs are inverted
+
+
 @pytest.fixture
 def away(login):
-    """Turn a staff member's auto-reply on (through the gateway); every one is turned off afterwards."""
+    """Turn a staff member's auto-reply on (through the gateway); every one is turned off afterwards.
+    Its day is the test's midday zone unless the test names a time zone (None: the agency's)."""
     touched: list[tuple] = []
+    zone = midday_zone()  # one for the whole test: a change of zone would start a new activation
 
     def _away(username: str, kind: str = "staff", **body):
         client = login(username)
-        body = {"enabled": True, "message": AWAY_TEXT, "starts_at": None, "ends_at": None, "time_zone": None, **body}
+        body = {"enabled": True, "message": AWAY_TEXT, "starts_at": None, "ends_at": None, "time_zone": zone, **body}
         reply = client.put(f"/api/v1/auto-replies/me/{kind}", json=body)
         assert reply.status_code == 200, reply.text
         touched.append((client, kind))
@@ -251,7 +260,7 @@ def test_a_local_start_time_is_read_in_the_chosen_time_zone(login, away, auto_db
     tokyo_now = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Tokyo")) - dt.timedelta(minutes=1)
     naive = tokyo_now.replace(tzinfo=None, microsecond=0).isoformat()
 
-    johnson = away("therapist.johnson", starts_at=naive)  # the agency's zone: America/Chicago
+    johnson = away("therapist.johnson", starts_at=naive, time_zone=None)  # the agency's zone: America/Chicago
     assert setting(johnson)["active"] is False and setting(johnson)["time_zone"] == "America/Chicago"
     unanswered = send(white, johnson)
     processed(auto_db, unanswered, johnson.staff_id)
