@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.auto_reply import domain
 from services.auto_reply.clients import InboxClient
-from services.auto_reply.replier import EVENT_TYPE, AutoReplier
+from services.auto_reply.replier import EVENT_TYPE, AutoReplier, InboxUnavailable
 from services.auto_reply.store import AutoReplyStore
 from services.kit.auth import KIND_SERVICE, Identity
 from services.kit.bus import ProcessedEvents, Publisher
@@ -161,6 +161,17 @@ def the_one_slot(db) -> dict:
     return slot
 
 
+def leave_an_unsent_claim(store, inbox, client, message_id: str) -> None:
+    """As an instance that crashed between the claim and the send would: the answer to `message_id`
+    claimed by the service's own code, never sent (the stand-in's calls are then forgotten)."""
+    inbox.fail_before = 1
+    with pytest.raises(InboxUnavailable):
+        AutoReplier(store, client, ServiceTokensStandIn()).handle(delivered(message_id))
+    [claim] = list(store.slots.find({"in_reply_to": {"$eq": message_id}}))
+    assert claim["sent_at"] == 0 and inbox.messages == {}
+    inbox.calls.clear()
+
+
 def test_redelivered_and_repeated_events_answer_once(event_bus, store, inbox_stand_in, db):
     inbox, client = inbox_stand_in
     first, second = delivered("msg_1"), delivered("msg_2")
@@ -201,22 +212,8 @@ def test_an_answer_lost_after_inbox_sent_is_not_sent_twice(event_bus, store, inb
 
 def test_a_claim_left_by_a_dead_instance_is_sent_as_claimed_by_the_next_message(event_bus, store, inbox_stand_in, db):
     inbox, client = inbox_stand_in
+    leave_an_unsent_claim(store, inbox, client, "msg_1")
     setting = store.setting(AGENCY, AWAY, "staff")
-    slot = domain.slot_key(setting, SENDER, now_ms())
-    store.claim(
-        slot,
-        AGENCY,
-        {
-            "event_id": "msg_1-stf_away-delivered",
-            "replier_id": AWAY,
-            "kind": "staff",
-            "sender_id": SENDER,
-            "activation_id": setting.activation_id,
-            "in_reply_to": "msg_1",
-            "idempotency_key": domain.idempotency_key(slot),
-        },
-        TEXT,
-    )
     # The instance died before sending; meanwhile the text was reworded (same activation).
     store.save(domain.apply_change(setting, domain.Change(True, "Reworded.", None, None, "America/Chicago"), now_ms()))
     later = delivered("msg_2")
@@ -249,23 +246,8 @@ def test_a_dead_instances_claim_that_inbox_refuses_does_not_cost_the_next_messag
     """A claim for msg_gone was left unsent by a crash; msg_gone is gone by the time msg_2 arrives. The
     refused claim is released and msg_2 is answered in its place."""
     inbox, client = inbox_stand_in
+    leave_an_unsent_claim(store, inbox, client, "msg_gone")
     inbox.refuse["msg_gone"] = grpc.StatusCode.NOT_FOUND
-    setting = store.setting(AGENCY, AWAY, "staff")
-    slot = domain.slot_key(setting, SENDER, now_ms())
-    store.claim(
-        slot,
-        AGENCY,
-        {
-            "event_id": "msg_gone-stf_away-delivered",
-            "replier_id": AWAY,
-            "kind": "staff",
-            "sender_id": SENDER,
-            "activation_id": setting.activation_id,
-            "in_reply_to": "msg_gone",
-            "idempotency_key": domain.idempotency_key(slot),
-        },
-        TEXT,
-    )
     later = delivered("msg_2")
     with running_consumer(event_bus, store, client, db) as consumer:
         publish(event_bus, later)
