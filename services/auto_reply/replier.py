@@ -20,7 +20,6 @@ the claim so a later message of that sender can be answered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import grpc
 
@@ -30,7 +29,6 @@ from services.auto_reply.clients import InboxClient
 from services.auto_reply.store import AutoReplyStore
 from services.kit.errors import DomainError
 from services.kit.events import Envelope, PermanentError, occurred_at_ms, unpack
-from services.kit.mongo import now_ms
 from services.kit.service_identity import acting_as
 
 log = logging.getLogger(__name__)
@@ -78,11 +76,10 @@ def delivered(envelope: Envelope) -> tuple[domain.Delivered, int]:
 
 
 class AutoReplier:
-    def __init__(self, store: AutoReplyStore, inbox: InboxClient, service_tokens, clock: Callable[[], int] = now_ms):
+    def __init__(self, store: AutoReplyStore, inbox: InboxClient, service_tokens):
         self.store = store
         self.inbox = inbox
         self.service_tokens = service_tokens  # services.kit.service_identity.ServiceTokens
-        self.clock = clock
 
     def handle(self, envelope: Envelope) -> str:
         """Handle one event; returns what happened ("answered", "already_answered", or a skip
