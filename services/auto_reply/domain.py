@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import uuid
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.kit.errors import InvalidInput
@@ -135,16 +136,21 @@ CHANGE_SPECS = {
 }
 
 
-def parse_change(body: dict, default_time_zone: str) -> Change:
+def parse_change(body: dict, default_time_zone: str | Callable[[], str]) -> Change:
     """The PUT body checked field by field (400 with the kit's codes naming the field, and
-    `invalid_time`, `unknown_time_zone`, `invalid_window`)."""
+    `invalid_time`, `unknown_time_zone`, `invalid_window`). A callable default time zone (the
+    agency's, from directory) is asked for only once the body is known to be well formed and names
+    no zone of its own, so bad input is refused even while directory is away."""
     fields = validate(body, CHANGE_SPECS)
     enabled = fields["enabled"]
     message = fields.get("message")
     if enabled and message is not None and not message:
         raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
     zone = fields.get("time_zone")
-    time_zone = default_time_zone if zone is None else known_time_zone(zone)
+    if zone is not None:
+        time_zone = known_time_zone(zone)
+    else:
+        time_zone = default_time_zone() if callable(default_time_zone) else default_time_zone
     starts_at = None if "starts_at" not in fields else local_instant_ms("starts_at", fields["starts_at"], time_zone)
     ends_at = None if "ends_at" not in fields else local_instant_ms("ends_at", fields["ends_at"], time_zone)
     if starts_at is not None and ends_at is not None and ends_at <= starts_at:

@@ -93,10 +93,7 @@ def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, re
             raise NotFound("not_found", "no such auto-reply kind")
         caller = g.identity
         body = json_body()
-        default_zone = None
-        if body.get("time_zone") is None:
-            default_zone = directory.agency_time_zone(caller.agency_id)
-        change = domain.parse_change(body, default_zone or "UTC")
+        change = domain.parse_change(body, lambda: directory.agency_time_zone(caller.agency_id))
         current = store.setting(caller.agency_id, caller.staff_id, kind) or domain.never_set(
             caller.agency_id, caller.staff_id, kind, change.time_zone
         )

@@ -144,6 +144,21 @@ def test_bad_changes_are_refused_with_the_kits_codes_naming_the_field(body, code
     assert refused.value.code == code and refused.value.details["field"] == field
 
 
+def test_the_agency_time_zone_is_asked_for_only_for_a_well_formed_body_without_a_zone():
+    def directory_away() -> str:
+        raise AssertionError("directory was asked")
+
+    with pytest.raises(InvalidInput) as refused:
+        domain.parse_change({"enabled": "yes", "message": "Away"}, directory_away)
+    assert refused.value.code == "invalid_type"
+    named = domain.parse_change({"enabled": True, "message": "Away", "time_zone": "Asia/Tokyo"}, directory_away)
+    assert named.time_zone == "Asia/Tokyo"
+    asked = domain.parse_change(
+        {"enabled": True, "message": "Away", "starts_at": "2026-12-01T08:00:00"}, lambda: CHICAGO
+    )
+    assert asked.time_zone == CHICAGO and asked.starts_at == ms("2026-12-01T14:00:00+00:00")
+
+
 def test_turning_off_needs_no_message_and_the_text_may_be_2000_characters():
     assert domain.parse_change({"enabled": False}, CHICAGO).message is None
     assert len(change({"message": "x" * 2000}).message) == 2000
