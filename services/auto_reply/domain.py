@@ -20,6 +20,7 @@ import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from services.kit.auth import SERVICE_SUBJECT_PREFIX
 from services.kit.errors import InvalidInput
 from services.kit.validation import EARLIEST_YEAR, LATEST_YEAR, Bool, Str, validate
 
@@ -42,6 +43,7 @@ SKIP_NOT_A_CONVERSATION = "not_a_conversation"
 SKIP_WHOLE_AGENCY = "whole_agency"
 SKIP_OWN_MESSAGE = "own_message"
 SKIP_UNKNOWN_SENDER = "unknown_sender_kind"
+SKIP_MACHINE_SENDER = "machine_sender"
 SKIP_NOT_AWAY = "not_away"
 
 
@@ -217,6 +219,10 @@ def kind_to_answer(event: Delivered) -> tuple[str | None, str]:
         return None, SKIP_WHOLE_AGENCY
     if event.sender_kind not in KINDS or BOARD_OF_KIND[event.sender_kind] != event.board_kind:
         return None, SKIP_UNKNOWN_SENDER
+    if event.sender_id.startswith(SERVICE_SUBJECT_PREFIX):
+        # A service (eRx, cloud, notifications) that sent a message as itself: inbox marks it a
+        # staff message from "svc:<name>", but no person is there to read an answer.
+        return None, SKIP_MACHINE_SENDER
     if not event.sender_id or event.sender_id == event.recipient_id:
         return None, SKIP_OWN_MESSAGE
     return event.sender_kind, ""

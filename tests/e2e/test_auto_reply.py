@@ -475,8 +475,16 @@ def test_no_answer_to_an_announcement_a_whole_agency_message_a_lab_notification_
         metadata=auth(service_token("auto-reply")),
         timeout=10,
     )
+    # A service that sends a message as itself (no person behind it) is never answered.
+    machine = inbox_stub.SendMessage(
+        inbox_pb2.SendMessageRequest(to_staff_ids=[oconnor.staff_id], subject="Fax received", body="2 pages."),
+        metadata=auth(service_token("cloud-comms")),
+        timeout=10,
+    )
     processed(auto_db, everyone.json()["id"], oconnor.staff_id)
     processed(auto_db, automatic.message_id, oconnor.staff_id)
+    processed(auto_db, machine.message_id, oconnor.staff_id)
+    assert auto_db.reply_slots.find_one({"sender_id": {"$eq": "svc:cloud-comms"}}) is None
     # The marker: an ordinary message is answered, after everything above was delivered.
     marker = send(brooks, oconnor)
     processed(auto_db, marker, oconnor.staff_id)

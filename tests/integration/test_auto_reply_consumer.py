@@ -315,6 +315,7 @@ def test_messages_never_answered_are_processed_without_a_send(event_bus, store, 
         delivered("msg_all", to_whole_agency=True),
         delivered("msg_auto", auto_reply=True),
         delivered("msg_self", sender=AWAY),
+        delivered("msg_machine", sender="svc:erx-bridge"),  # a service that sent a message as itself
     ]
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, *never)

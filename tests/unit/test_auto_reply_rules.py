@@ -227,6 +227,7 @@ def test_turning_on_and_changing_the_window_start_new_activations_and_a_new_text
         ({"sender_id": "stf_away"}, domain.SKIP_OWN_MESSAGE),
         ({"sender_id": ""}, domain.SKIP_OWN_MESSAGE),
         ({"sender_kind": "service"}, domain.SKIP_UNKNOWN_SENDER),
+        ({"sender_id": "svc:cloud-comms"}, domain.SKIP_MACHINE_SENDER),  # a service sending as itself
         ({"sender_kind": "patient"}, domain.SKIP_UNKNOWN_SENDER),  # a patient's message outside the portal folder
     ],
 )
