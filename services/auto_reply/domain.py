@@ -17,9 +17,12 @@ import datetime as dt
 import hashlib
 import uuid
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from services.kit.auth import SERVICE_SUBJECT_PREFIX
 from services.kit.errors import InvalidInput
+from services.kit.validation import EARLIEST_YEAR, LATEST_YEAR, Bool, Str, validate
 
 KIND_STAFF = "staff"  # Staff Auto-Reply: answers colleagues' messages
 KIND_PATIENT = "patient"  # Patient Auto-Reply: answers patient-portal messages
@@ -33,7 +36,6 @@ BOARD_OF_KIND = {KIND_STAFF: BOARD_MESSAGES, KIND_PATIENT: BOARD_PORTAL}
 
 MESSAGE_MAX_CHARS = 2000
 TIME_ZONE_MAX_CHARS = 64
-EARLIEST_YEAR, LATEST_YEAR = 2000, 2099
 
 # Why a delivered message is not answered (logged as a short code; never the message itself).
 SKIP_AUTOMATIC = "automatic_message"
@@ -41,6 +43,7 @@ SKIP_NOT_A_CONVERSATION = "not_a_conversation"
 SKIP_WHOLE_AGENCY = "whole_agency"
 SKIP_OWN_MESSAGE = "own_message"
 SKIP_UNKNOWN_SENDER = "unknown_sender_kind"
+SKIP_MACHINE_SENDER = "machine_sender"
 SKIP_NOT_AWAY = "not_away"
 
 
@@ -97,7 +100,7 @@ class Change:
 
 def known_time_zone(name: str) -> str:
     """An IANA time zone name, or 400 unknown_time_zone."""
-    if not isinstance(name, str) or not name or len(name) > TIME_ZONE_MAX_CHARS or name.startswith(("/", ".")):
+    if not name or name.startswith(("/", ".")):
         raise InvalidInput("unknown_time_zone", "time_zone must be an IANA time zone name", {"field": "time_zone"})
     try:
         zoneinfo.ZoneInfo(name)
@@ -108,47 +111,50 @@ def known_time_zone(name: str) -> str:
     return name
 
 
-def local_instant_ms(field: str, text: object, time_zone: str) -> int:
-    """An ISO-8601 time as epoch ms: with its own offset, or a naive local time in `time_zone`
-    (the earlier of two readings in a repeated hour; a skipped hour is moved forward)."""
-    if not isinstance(text, str) or not text.strip() or len(text) > 64:
-        raise InvalidInput("invalid_value", f"{field} must be an ISO-8601 time", {"field": field})
+def local_instant_ms(field: str, text: str, time_zone: str) -> int:
+    """An ISO-8601 time as epoch ms: with its own offset, or a naive local time read in `time_zone`
+    (the earlier of two readings in a repeated hour; a skipped hour is moved forward). Refused
+    like the kit's instants: 400 `invalid_time`, within the kit's years."""
     try:
-        moment = dt.datetime.fromisoformat(text.strip())
+        moment = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise InvalidInput("invalid_value", f"{field} must be an ISO-8601 time", {"field": field}) from exc
+        raise InvalidInput(
+            "invalid_time", f"{field} must be an ISO-8601 time, with an offset or local", {"field": field}
+        ) from exc
     if moment.tzinfo is None or moment.utcoffset() is None:
         moment = moment.replace(tzinfo=zoneinfo.ZoneInfo(time_zone))
     if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
-        raise InvalidInput("invalid_value", f"{field} is out of range", {"field": field})
+        raise InvalidInput("invalid_time", f"{field} is out of range", {"field": field})
     return int(moment.timestamp() * 1000)
 
 
-CHANGE_FIELDS = ("enabled", "message", "starts_at", "ends_at", "time_zone")
+# The PUT body, checked by the kit (`missing_field`, `invalid_type`, `too_long`, `unknown_field`).
+CHANGE_SPECS = {
+    "enabled": Bool(required=True),
+    "message": Str(max_len=MESSAGE_MAX_CHARS, min_len=0, required=False),
+    "starts_at": Str(max_len=64, required=False),
+    "ends_at": Str(max_len=64, required=False),
+    "time_zone": Str(max_len=TIME_ZONE_MAX_CHARS, required=False),
+}
 
 
-def parse_change(body: dict, default_time_zone: str) -> Change:
-    """The PUT body checked field by field (400 `invalid_value` naming the field, `unknown_field`,
-    `unknown_time_zone`, `invalid_window`)."""
-    unknown = sorted(k for k in body if k not in CHANGE_FIELDS)
-    if unknown:
-        raise InvalidInput("unknown_field", f"unknown field: {unknown[0]}", {"field": unknown[0]})
-    enabled = body.get("enabled")
-    if not isinstance(enabled, bool):
-        raise InvalidInput("invalid_value", "enabled must be true or false", {"field": "enabled"})
-    message = body.get("message")
-    if message is not None:
-        if not isinstance(message, str) or "\x00" in message or len(message.strip()) > MESSAGE_MAX_CHARS:
-            raise InvalidInput(
-                "invalid_value", f"message must be text of at most {MESSAGE_MAX_CHARS} characters", {"field": "message"}
-            )
-        message = message.strip()
-        if enabled and not message:
-            raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
-    zone = body.get("time_zone")
-    time_zone = default_time_zone if zone is None else known_time_zone(zone)
-    starts_at = None if body.get("starts_at") is None else local_instant_ms("starts_at", body["starts_at"], time_zone)
-    ends_at = None if body.get("ends_at") is None else local_instant_ms("ends_at", body["ends_at"], time_zone)
+def parse_change(body: dict, default_time_zone: str | Callable[[], str]) -> Change:
+    """The PUT body checked field by field (400 with the kit's codes naming the field, and
+    `invalid_time`, `unknown_time_zone`, `invalid_window`). A callable default time zone (the
+    agency's, from directory) is asked for only once the body is known to be well formed and names
+    no zone of its own, so bad input is refused even while directory is away."""
+    fields = validate(body, CHANGE_SPECS)
+    enabled = fields["enabled"]
+    message = fields.get("message")
+    if enabled and message is not None and not message:
+        raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
+    zone = fields.get("time_zone")
+    if zone is not None:
+        time_zone = known_time_zone(zone)
+    else:
+        time_zone = default_time_zone() if callable(default_time_zone) else default_time_zone
+    starts_at = None if "starts_at" not in fields else local_instant_ms("starts_at", fields["starts_at"], time_zone)
+    ends_at = None if "ends_at" not in fields else local_instant_ms("ends_at", fields["ends_at"], time_zone)
     if starts_at is not None and ends_at is not None and ends_at <= starts_at:
         raise InvalidInput("invalid_window", "ends_at must be after starts_at", {"field": "ends_at"})
     return Change(enabled, message, starts_at, ends_at, time_zone)
@@ -161,7 +167,8 @@ def apply_change(current: Setting, change: Change, now_ms: int) -> Setting:
     message = current.message if change.message is None else change.message
     if change.enabled and not message:
         raise InvalidInput("invalid_value", "message is required to turn the auto-reply on", {"field": "message"})
-    if change.ends_at is not None and change.starts_at is None and change.enabled and change.ends_at <= now_ms:
+    if change.enabled and change.ends_at is not None and change.ends_at <= now_ms:
+        # With or without a start: a window already over would be saved "on" and never answer.
         raise InvalidInput("invalid_window", "ends_at must be in the future", {"field": "ends_at"})
     window_changed = (change.starts_at, change.ends_at, change.time_zone) != (
         current.starts_at,
@@ -212,6 +219,10 @@ def kind_to_answer(event: Delivered) -> tuple[str | None, str]:
         return None, SKIP_WHOLE_AGENCY
     if event.sender_kind not in KINDS or BOARD_OF_KIND[event.sender_kind] != event.board_kind:
         return None, SKIP_UNKNOWN_SENDER
+    if event.sender_id.startswith(SERVICE_SUBJECT_PREFIX):
+        # A service (eRx, cloud, notifications) that sent a message as itself: inbox marks it a
+        # staff message from "svc:<name>", but no person is there to read an answer.
+        return None, SKIP_MACHINE_SENDER
     if not event.sender_id or event.sender_id == event.recipient_id:
         return None, SKIP_OWN_MESSAGE
     return event.sender_kind, ""

@@ -10,23 +10,18 @@ Staff tokens only; everything is scoped to the token's agency and staff member.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 
 from flask import Blueprint, Flask, g, request
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from clinic.audit.v1 import audit_pb2
 from services.auto_reply import domain
 from services.auto_reply.clients import DirectoryClient
 from services.auto_reply.store import FOREVER, AutoReplyStore, setting_id
-from services.kit.auth import KIND_STAFF, Identity
+from services.kit.audit import access_record, phi_accessed
+from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput, NotFound
-from services.kit.events import new_envelope
-from services.kit.http import create_app, require_auth
-from services.kit.logs import correlation_id_var
+from services.kit.http import create_app, require_staff
 from services.kit.mongo import now_ms
-from services.kit.outbox import outbox_fields
 from services.kit.validation import json_body
 
 log = logging.getLogger(__name__)
@@ -53,68 +48,21 @@ def setting_view(setting: domain.Setting, now: int) -> dict:
     }
 
 
-def staff_only(view):
-    """A staff member's own settings: service tokens are refused here."""
-
-    @require_auth
-    @functools.wraps(view)
-    def wrapper(*args, **kwargs):
-        if g.identity.kind != KIND_STAFF:
-            raise Forbidden("staff_only", "this route serves staff members")
-        return view(*args, **kwargs)
-
-    return wrapper
-
-
-def change_body() -> dict:
-    """The JSON object body; malformed JSON is 400 `invalid_json`."""
-    try:
-        return json_body()
-    except InvalidInput as exc:
-        if exc.code == "malformed_json":
-            raise InvalidInput("invalid_json", "the request body is not valid JSON") from exc
-        raise
-
-
-def accessed_event(caller: Identity, resource_id: str):
-    accessed_at = Timestamp()
-    accessed_at.GetCurrentTime()
-    payload = audit_pb2.PhiAccessed(
-        agency_id=caller.agency_id,
-        actor_id=caller.subject,
-        actor_kind=caller.kind,
-        resource_type="auto_reply",
-        resource_id=resource_id,
-        action="read",
-        outcome="allowed",
-        accessed_at=accessed_at,
-        service=PRODUCER,
-    )
-    return new_envelope(
-        "phi.accessed.v1",
-        payload,
-        agency_id=caller.agency_id,
-        producer=PRODUCER,
-        correlation_id=correlation_id_var.get(),
-    )
-
-
 def record_reads(store: AutoReplyStore, caller: Identity, settings: list[domain.Setting]) -> None:
     """Every auto-reply text shown is recorded as `phi.accessed.v1`, in one write (outbox)."""
     shown = [s for s in settings if s.message]
     if not shown:
         return
-    events = [accessed_event(caller, setting_id(s.agency_id, s.staff_id, s.kind)) for s in shown]
-    store.record_access(
-        {
-            "_id": events[0].event_id,
-            "agency_id": caller.agency_id,
-            "actor_id": caller.subject,
-            "action": "read",
-            "at": now_ms(),
-            **outbox_fields(events),
-        }
-    )
+    events = [
+        phi_accessed(
+            caller,
+            service=PRODUCER,
+            resource_type="auto_reply",
+            resource_id=setting_id(s.agency_id, s.staff_id, s.kind),
+        )
+        for s in shown
+    ]
+    store.record_access(access_record(caller, events, action="read"))
 
 
 def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, ready=None, max_body_bytes: int) -> Flask:
@@ -131,7 +79,7 @@ def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, re
         return saved
 
     @api.get("/me")
-    @staff_only
+    @require_staff
     def get_mine():
         settings = mine(g.identity)
         record_reads(store, g.identity, list(settings.values()))
@@ -139,22 +87,21 @@ def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, re
         return {kind: setting_view(settings[kind], now) for kind in domain.KINDS}
 
     @api.put("/me/<kind>")
-    @staff_only
+    @require_staff
     def put_mine(kind: str):
         if kind not in domain.KINDS:
             raise NotFound("not_found", "no such auto-reply kind")
         caller = g.identity
-        body = change_body()
-        default_zone = None
-        if body.get("time_zone") is None:
-            default_zone = directory.agency_time_zone(caller.agency_id)
-        change = domain.parse_change(body, default_zone or "UTC")
+        body = json_body()
+        change = domain.parse_change(body, lambda: directory.agency_time_zone(caller.agency_id))
         current = store.setting(caller.agency_id, caller.staff_id, kind) or domain.never_set(
             caller.agency_id, caller.staff_id, kind, change.time_zone
         )
         now = now_ms()
         updated = domain.apply_change(current, change, now)
         store.save(updated)
+        # The answer shows the text, which may be the saved one (a body without a message).
+        record_reads(store, caller, [updated])
         log.info(
             "auto-reply saved",
             extra={
@@ -166,7 +113,7 @@ def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, re
         return setting_view(updated, now)
 
     @api.get("/away")
-    @staff_only
+    @require_staff
     def away():
         caller = g.identity
         if not caller.is_admin:

@@ -20,7 +20,6 @@ the claim so a later message of that sender can be answered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import grpc
 
@@ -30,7 +29,6 @@ from services.auto_reply.clients import InboxClient
 from services.auto_reply.store import AutoReplyStore
 from services.kit.errors import DomainError
 from services.kit.events import Envelope, PermanentError, occurred_at_ms, unpack
-from services.kit.mongo import now_ms
 from services.kit.service_identity import acting_as
 
 log = logging.getLogger(__name__)
@@ -44,6 +42,10 @@ PERMANENT_REFUSALS = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ALREADY_EXISTS,
 }
+
+
+# _answer's outcome when inbox refused the answer to another message than the one in hand.
+REFUSED_OTHER = "refused_other_message"
 
 
 class InboxUnavailable(Exception):
@@ -74,11 +76,10 @@ def delivered(envelope: Envelope) -> tuple[domain.Delivered, int]:
 
 
 class AutoReplier:
-    def __init__(self, store: AutoReplyStore, inbox: InboxClient, service_tokens, clock: Callable[[], int] = now_ms):
+    def __init__(self, store: AutoReplyStore, inbox: InboxClient, service_tokens):
         self.store = store
         self.inbox = inbox
         self.service_tokens = service_tokens  # services.kit.service_identity.ServiceTokens
-        self.clock = clock
 
     def handle(self, envelope: Envelope) -> str:
         """Handle one event; returns what happened ("answered", "already_answered", or a skip
@@ -92,8 +93,16 @@ class AutoReplier:
         if not decision.answer:
             return self._skipped(envelope, decision.reason)
         assert setting is not None
+        outcome = self._answer(envelope, event, setting, decision.slot)
+        if outcome == REFUSED_OTHER:
+            # inbox refused for good the answer to an earlier message of this sender, whose claim a
+            # crashed instance had left unsent; the claim is released, so this message may be answered.
+            outcome = self._answer(envelope, event, setting, decision.slot)
+        return "refused" if outcome == REFUSED_OTHER else outcome
+
+    def _answer(self, envelope: Envelope, event: domain.Delivered, setting: domain.Setting, slot_key: str) -> str:
         slot, claimed = self.store.claim(
-            decision.slot,
+            slot_key,
             event.agency_id,
             {
                 "event_id": envelope.event_id,
@@ -102,13 +111,18 @@ class AutoReplier:
                 "sender_id": event.sender_id,
                 "activation_id": setting.activation_id,
                 "in_reply_to": event.message_id,
-                "idempotency_key": domain.idempotency_key(decision.slot),
+                "idempotency_key": domain.idempotency_key(slot_key),
             },
             setting.message,
         )
         if slot["sent_at"]:
-            return self._skipped(envelope, "already_answered")
-        return self.send(slot, envelope.event_id, claimed)
+            # Info, not debug: a sender answered earlier that day, or a repeated event.
+            log.info("already answered", extra={"event_id": envelope.event_id, "code": "already_answered"})
+            return "already_answered"
+        outcome = self.send(slot, envelope.event_id, claimed)
+        if outcome == "refused" and slot["in_reply_to"] != event.message_id:
+            return REFUSED_OTHER
+        return outcome
 
     def send(self, slot: dict, event_id: str, claimed: bool = True) -> str:
         """Send a claimed slot's answer (again, after a crash: same key, same text)."""

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
-from services.kit.errors import DomainError
+from services.kit.auth import KIND_STAFF, AuthError, TokenVerifier, bearer_token, current_identity
+from services.kit.errors import DomainError, Forbidden
 from services.kit.logs import accept_correlation_id, correlation_id_var
 
 log = logging.getLogger("http")
@@ -133,6 +133,20 @@ def require_auth(view: Callable) -> Callable:
             return error_response(403, "agency_scope_required", "a platform-scope token cannot read agency data")
         g.identity = identity
         request.environ["clinic.identity_token"] = current_identity.set(identity)
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def require_staff(view: Callable) -> Callable:
+    """require_auth for routes that serve a staff member's own data: a service token (agency-scoped,
+    no person behind it) is refused with 403 `staff_only`."""
+
+    @require_auth
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if g.identity.kind != KIND_STAFF:
+            raise Forbidden("staff_only", "this route serves staff members")
         return view(*args, **kwargs)
 
     return wrapper

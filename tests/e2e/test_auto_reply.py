@@ -7,27 +7,33 @@ patients write, and the answers (or the silence) are seen on the boards and in t
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 import threading
 import uuid
 import zoneinfo
 
+import pika
 import pytest
 import requests
 
 from clinic.inbox.v1 import inbox_pb2
 from services.auto_reply.clients import InboxClient
-from services.auto_reply.replier import EVENT_TYPE, AutoReplier
+from services.auto_reply.replier import AutoReplier
 from services.auto_reply.store import AutoReplyStore
-from services.kit.bus import Consumer, ProcessedEvents, Publisher, Topology
+from services.kit.bus import Publisher, Topology
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.service_identity import ServiceTokens
-from services.kit.settings import parse_master_keys
+from services.kit.settings import REPO_ROOT, parse_master_keys
+from services.launcher import free_port, wait_http
 from tests.e2e.conftest import auth, wait_until
 
 AWAY_TEXT = "I am out of the office until Monday; for urgent matters call the front desk."
 QUEUE = "auto-reply.message-delivered"
 JANE = "portal_riverbend_0001"
+INTAKE = "team_riverbend_intake"  # intake.wilson and intake.thompson are members
 WAIT = 20.0
+WINDOW_S = 10.0  # a window that must still be open after a save and a send on a busy machine
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -36,14 +42,23 @@ def auto_db(stack, mongo_client):
     return mongo_client[f"{stack.db_prefix}auto-reply"]
 
 
+def midday_zone() -> str:
+    """A fixed-offset zone where it is about noon now: the away person's day (the once-per-day period)
+    cannot end in the middle of a test, as the agency's own midnight could."""
+    offset = 12 - dt.datetime.now(dt.UTC).hour  # -11 .. +12 hours
+    return "Etc/GMT" if offset == 0 else f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"  # Etc signs are inverted
+
+
 @pytest.fixture
 def away(login):
-    """Turn a staff member's auto-reply on (through the gateway); every one is turned off afterwards."""
+    """Turn a staff member's auto-reply on (through the gateway); every one is turned off afterwards.
+    Its day is the test's midday zone unless the test names a time zone (None: the agency's)."""
     touched: list[tuple] = []
+    zone = midday_zone()  # one for the whole test: a change of zone would start a new activation
 
     def _away(username: str, kind: str = "staff", **body):
         client = login(username)
-        body = {"enabled": True, "message": AWAY_TEXT, "starts_at": None, "ends_at": None, "time_zone": None, **body}
+        body = {"enabled": True, "message": AWAY_TEXT, "starts_at": None, "ends_at": None, "time_zone": zone, **body}
         reply = client.put(f"/api/v1/auto-replies/me/{kind}", json=body)
         assert reply.status_code == 200, reply.text
         touched.append((client, kind))
@@ -134,22 +149,34 @@ def test_reading_my_auto_reply_text_is_audited_and_turning_off_keeps_it(login, a
         "allowed",
     )
     assert event.payload.actor_id == lee.staff_id and event.payload.agency_id == lee.agency_id
-    off = lee.put("/api/v1/auto-replies/me/staff", json={"enabled": False})
-    assert off.status_code == 200 and off.json()["message"] == AWAY_TEXT and off.json()["active"] is False
+    # Turning it off without a message shows the saved text: that read is recorded too.
+    with events.listen("phi.accessed.v1") as heard:
+        off = lee.put("/api/v1/auto-replies/me/staff", json={"enabled": False})
+        assert off.status_code == 200 and off.json()["message"] == AWAY_TEXT and off.json()["active"] is False
+        heard.wait_for(
+            lambda e: (
+                e.envelope.correlation_id == off.headers["X-Correlation-ID"]
+                and e.payload.resource_id == resource
+                and e.payload.actor_id == lee.staff_id
+            )
+        )
 
 
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
         ({"enabled": True, "message": ""}, 400, "invalid_value"),
-        ({"enabled": "on", "message": "x"}, 400, "invalid_value"),
+        ({"enabled": "on", "message": "x"}, 400, "invalid_type"),
+        ({"message": "x"}, 400, "missing_field"),
+        ({"enabled": True, "message": "x", "starts_at": "next week"}, 400, "invalid_time"),
         ({"enabled": True, "message": "x", "time_zone": "Nowhere/Land"}, 400, "unknown_time_zone"),
         (
             {"enabled": True, "message": "x", "starts_at": "2030-01-02T00:00:00Z", "ends_at": "2030-01-01T00:00:00Z"},
             400,
             "invalid_window",
         ),
-        ({"enabled": True, "message": {"$gt": ""}}, 400, "invalid_value"),
+        ({"enabled": True, "message": {"$gt": ""}}, 400, "invalid_type"),
+        ({"enabled": True, "message": "x", "time_zone": {"$gt": ""}}, 400, "invalid_type"),
         ({"enabled": True, "message": "x", "extra": 1}, 400, "unknown_field"),
     ],
 )
@@ -164,7 +191,9 @@ def test_bad_settings_are_refused_and_nothing_changes(login, body, status, code)
 def test_malformed_json_unknown_kinds_and_missing_tokens_are_refused(login, stack):
     lee = login("billing.lee")
     bad = lee.put("/api/v1/auto-replies/me/staff", data="{", headers={"Content-Type": "application/json"})
-    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_json")
+    assert (bad.status_code, bad.json()["code"]) == (400, "malformed_json")
+    listed = lee.put("/api/v1/auto-replies/me/staff", json=[{"enabled": False}])
+    assert (listed.status_code, listed.json()["code"]) == (400, "invalid_body")
     assert lee.put("/api/v1/auto-replies/me/robot", json={"enabled": False}).status_code == 404
     assert requests.get(f"{stack.gateway_url}/api/v1/auto-replies/me", timeout=10).status_code == 401
 
@@ -203,17 +232,23 @@ def test_admins_see_who_is_away_and_others_may_not(admin, login, away, outsider)
 # --- windows and off ---------------------------------------------------------------------------------
 def test_the_window_start_and_end_are_kept(login, away, auto_db):
     martin, oconnor = login("peer.martin"), login("casemgr.oconnor")
-    nguyen = away("therapist.nguyen", starts_at=iso_in(2), ends_at=iso_in(6))
+    # Before the start (an hour ahead): scheduled, not away yet.
+    nguyen = away("therapist.nguyen", starts_at=iso_in(3600))
     early = send(martin, nguyen)
     processed(auto_db, early, nguyen.staff_id)
     assert answers(nguyen, martin) == []
 
-    wait_until(lambda: setting(nguyen)["active"], timeout=WAIT)
+    # Inside the window (it began a minute ago): answered. The end leaves a busy machine ample time to
+    # save and send before it.
+    away("therapist.nguyen", starts_at=iso_in(-60), ends_at=iso_in(WINDOW_S))
+    assert setting(nguyen)["active"] is True
     send(martin, nguyen)
     [answer] = answered(nguyen, martin)
     assert answer["subject"].startswith("Re: Coverage")
 
-    wait_until(lambda: not setting(nguyen)["active"], timeout=WAIT)
+    # After the end: still on, but no longer answered.
+    wait_until(lambda: not setting(nguyen)["active"], timeout=WINDOW_S + WAIT)
+    assert setting(nguyen)["enabled"] is True
     late = send(oconnor, nguyen)
     processed(auto_db, late, nguyen.staff_id)
     assert answers(nguyen, oconnor) == []
@@ -225,7 +260,7 @@ def test_a_local_start_time_is_read_in_the_chosen_time_zone(login, away, auto_db
     tokyo_now = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Tokyo")) - dt.timedelta(minutes=1)
     naive = tokyo_now.replace(tzinfo=None, microsecond=0).isoformat()
 
-    johnson = away("therapist.johnson", starts_at=naive)  # the agency's zone: America/Chicago
+    johnson = away("therapist.johnson", starts_at=naive, time_zone=None)  # the agency's zone: America/Chicago
     assert setting(johnson)["active"] is False and setting(johnson)["time_zone"] == "America/Chicago"
     unanswered = send(white, johnson)
     processed(auto_db, unanswered, johnson.staff_id)
@@ -294,75 +329,111 @@ def test_two_people_away_answer_each_other_once_then_silence(login, away, auto_d
     assert [m["auto_reply"] for m in thread] == [False, True]
 
 
+def test_a_team_message_is_answered_like_a_direct_one_and_never_by_its_away_sender(login, away, auto_db):
+    martin = login("peer.martin")
+    wilson = away("intake.wilson")
+    thompson = away("intake.thompson")
+    wilson_sent_before = wilson.counts("sent")[1]
+    to_team = martin.send(to_team_ids=[INTAKE], subject=f"Intake {uuid.uuid4().hex[:8]}")
+    assert to_team.status_code == 201, to_team.text
+    # Each away member answers the sender once, in the thread.
+    assert answered(wilson, martin)[0]["thread_id"] == to_team.json()["id"]
+    answered(thompson, martin)
+    # The away member writes to their own team: a colleague's auto-reply answers them; theirs never
+    # answers their own message, nor the colleague's automatic answer.
+    own = wilson.send(to_team_ids=[INTAKE], subject=f"Intake {uuid.uuid4().hex[:8]}")
+    assert own.status_code == 201, own.text
+    assert wilson.staff_id not in own.json()["recipient_ids"]
+    [from_thompson] = answered(thompson, wilson)
+    processed(auto_db, own.json()["id"], thompson.staff_id)
+    processed(auto_db, from_thompson["id"], wilson.staff_id)
+    assert len(answers(thompson, wilson)) == 1 and len(answers(wilson, martin)) == 1
+    assert len(answers(thompson, martin)) == 1
+    assert wilson.counts("sent")[1] == wilson_sent_before + 2  # the answer to martin and the team message
+
+
 # --- exactly once: redelivery and two instances -----------------------------------------------------
 @pytest.fixture
-def second_instance(stack, auto_db, service_secret):
-    """A second copy of the auto-reply consumer, in this process, on the same queue and database."""
+def second_process(stack):
+    """A second `python -m services.auto_reply` on the same queue and database (its own ports)."""
+    log_path = stack.run_dir / "logs" / f"auto-reply-second-{uuid.uuid4().hex[:6]}.log"
+    http_port = free_port()
+    env = {**stack.service_env(), "AUTO_REPLY_HTTP_PORT": str(http_port), "AUTO_REPLY_GRPC_PORT": str(free_port())}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.auto_reply"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{http_port}/readyz", "second auto-reply", log_path, process)
+        yield process, log_path
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture
+def in_process_replier(stack, auto_db, service_secret):
+    """The handler of a third copy, called directly from the test."""
     keys = parse_master_keys((stack.run_dir / "secrets" / "phi-master-keys").read_text().strip(), [])
     store = AutoReplyStore(auto_db, PhiCipher(KeyRing(auto_db, keys, next(iter(keys)))))
-    directory_target = f"127.0.0.1:{stack.config.ports.directory_grpc}"
-    tokens = ServiceTokens(directory_target, "auto-reply", service_secret("auto-reply"))
+    tokens = ServiceTokens(f"127.0.0.1:{stack.config.ports.directory_grpc}", "auto-reply", service_secret("auto-reply"))
     inbox = InboxClient(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
-    replier = AutoReplier(store, inbox, tokens)
-    consumer = Consumer(
-        stack.config.amqp_url,
-        QUEUE,
-        [EVENT_TYPE],
-        replier.handle,
-        processed=ProcessedEvents(auto_db, "auto-reply"),
-        topology=Topology(),
-    )
-    yield replier, consumer
+    yield AutoReplier(store, inbox, tokens)
     tokens.close()
     inbox.close()
 
 
 def test_the_same_event_delivered_again_and_again_to_two_instances_answers_once(
-    stack, login, away, auto_db, events, second_instance
+    stack, login, away, auto_db, events, second_process, in_process_replier
 ):
-    replier, consumer = second_instance
+    process, log_path = second_process
     oconnor, white = login("casemgr.oconnor"), login("nurse.white")
-    garcia = away("compliance.ortiz")
+    ortiz = away("compliance.ortiz")
     publisher = Publisher(stack.config.amqp_url, Topology())
+    outcomes: list[str] = []
     try:
-        with consumer.running(), events.listen("message.delivered.v1") as heard:
-            message_id = send(oconnor, garcia)
+        with events.listen("message.delivered.v1") as heard:
+            message_id = send(oconnor, ortiz)
             event = heard.wait_for(
-                lambda e: e.payload.message_id == message_id and e.payload.recipient_staff_id == garcia.staff_id
+                lambda e: e.payload.message_id == message_id and e.payload.recipient_staff_id == ortiz.staff_id
             )
-            publisher.publish([event.envelope] * 6)  # the same event id, six more times
-            answered(garcia, oconnor)
-            # Both instances also handle it at the very same moment.
-            barrier = threading.Barrier(2)
-            outcomes: list[str] = []
+        # At once: six more copies of the event for the two service processes, and two direct handlers.
+        barrier = threading.Barrier(3)
 
-            def race():
-                barrier.wait()
-                outcomes.append(replier.handle(event.envelope))
+        def race():
+            barrier.wait()
+            outcomes.append(in_process_replier.handle(event.envelope))
 
-            racers = [threading.Thread(target=race) for _ in range(2)]
-            for racer in racers:
-                racer.start()
-            for racer in racers:
-                racer.join(WAIT)
-            assert sorted(outcomes) == ["already_answered", "already_answered"]
-            wait_until(lambda: _queue_empty(stack.config.amqp_url), timeout=WAIT)
-        # With the second instance stopped, a later marker answered by the service proves it is done too.
-        marker = send(white, garcia)
-        processed(auto_db, marker, garcia.staff_id)
-        answered(garcia, white)
+        racers = [threading.Thread(target=race) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        barrier.wait()
+        publisher.publish([event.envelope] * 6)
+        for racer in racers:
+            racer.join(WAIT)
+        answered(ortiz, oconnor)
+        # The second process handles its share of the copies (round robin between the two consumers).
+        # Waited for, not read once after stopping it: an empty queue only says every copy was
+        # delivered, not that it was handled.
+        wait_until(lambda: event.envelope.event_id in log_path.read_text(), timeout=WAIT)
+        wait_until(lambda: _queue_empty(stack.config.amqp_url), timeout=WAIT)
+        process.terminate()
+        assert process.wait(30) == 0
+        # With it stopped, a later marker answered by the first proves every copy was handled.
+        marker = send(white, ortiz)
+        processed(auto_db, marker, ortiz.staff_id)
+        answered(ortiz, white)
     finally:
         publisher.close()
-    assert len(answers(garcia, oconnor)) == 1
+    assert set(outcomes) <= {"answered", "already_answered"} and len(outcomes) == 2
+    assert len(answers(ortiz, oconnor)) == 1
     slots = list(
-        auto_db.reply_slots.find({"replier_id": {"$eq": garcia.staff_id}, "sender_id": {"$eq": oconnor.staff_id}})
+        auto_db.reply_slots.find({"replier_id": {"$eq": ortiz.staff_id}, "sender_id": {"$eq": oconnor.staff_id}})
     )
     assert len(slots) == 1 and slots[0]["sent_at"] > 0
 
 
 def _queue_empty(amqp_url: str) -> bool:
-    import pika
-
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         return connection.channel().queue_declare(QUEUE, passive=True).method.message_count == 0
@@ -406,8 +477,16 @@ def test_no_answer_to_an_announcement_a_whole_agency_message_a_lab_notification_
         metadata=auth(service_token("auto-reply")),
         timeout=10,
     )
+    # A service that sends a message as itself (no person behind it) is never answered.
+    machine = inbox_stub.SendMessage(
+        inbox_pb2.SendMessageRequest(to_staff_ids=[oconnor.staff_id], subject="Fax received", body="2 pages."),
+        metadata=auth(service_token("cloud-comms")),
+        timeout=10,
+    )
     processed(auto_db, everyone.json()["id"], oconnor.staff_id)
     processed(auto_db, automatic.message_id, oconnor.staff_id)
+    processed(auto_db, machine.message_id, oconnor.staff_id)
+    assert auto_db.reply_slots.find_one({"sender_id": {"$eq": "svc:cloud-comms"}}) is None
     # The marker: an ordinary message is answered, after everything above was delivered.
     marker = send(brooks, oconnor)
     processed(auto_db, marker, oconnor.staff_id)

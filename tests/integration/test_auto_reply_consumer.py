@@ -19,12 +19,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.auto_reply import domain
 from services.auto_reply.clients import InboxClient
-from services.auto_reply.replier import EVENT_TYPE, AutoReplier
+from services.auto_reply.replier import EVENT_TYPE, AutoReplier, InboxUnavailable
 from services.auto_reply.store import AutoReplyStore
 from services.kit.auth import KIND_SERVICE, Identity
 from services.kit.bus import ProcessedEvents, Publisher
 from services.kit.crypto import KeyRing, PhiCipher
-from services.kit.events import new_envelope
+from services.kit.events import Envelope, new_envelope
 from services.kit.mongo import now_ms
 from tests.integration.conftest import wait_for
 
@@ -161,6 +161,17 @@ def the_one_slot(db) -> dict:
     return slot
 
 
+def leave_an_unsent_claim(store, inbox, client, message_id: str) -> None:
+    """As an instance that crashed between the claim and the send would: the answer to `message_id`
+    claimed by the service's own code, never sent (the stand-in's calls are then forgotten)."""
+    inbox.fail_before = 1
+    with pytest.raises(InboxUnavailable):
+        AutoReplier(store, client, ServiceTokensStandIn()).handle(delivered(message_id))
+    [claim] = list(store.slots.find({"in_reply_to": {"$eq": message_id}}))
+    assert claim["sent_at"] == 0 and inbox.messages == {}
+    inbox.calls.clear()
+
+
 def test_redelivered_and_repeated_events_answer_once(event_bus, store, inbox_stand_in, db):
     inbox, client = inbox_stand_in
     first, second = delivered("msg_1"), delivered("msg_2")
@@ -201,22 +212,8 @@ def test_an_answer_lost_after_inbox_sent_is_not_sent_twice(event_bus, store, inb
 
 def test_a_claim_left_by_a_dead_instance_is_sent_as_claimed_by_the_next_message(event_bus, store, inbox_stand_in, db):
     inbox, client = inbox_stand_in
+    leave_an_unsent_claim(store, inbox, client, "msg_1")
     setting = store.setting(AGENCY, AWAY, "staff")
-    slot = domain.slot_key(setting, SENDER, now_ms())
-    store.claim(
-        slot,
-        AGENCY,
-        {
-            "event_id": "msg_1-stf_away-delivered",
-            "replier_id": AWAY,
-            "kind": "staff",
-            "sender_id": SENDER,
-            "activation_id": setting.activation_id,
-            "in_reply_to": "msg_1",
-            "idempotency_key": domain.idempotency_key(slot),
-        },
-        TEXT,
-    )
     # The instance died before sending; meanwhile the text was reworded (same activation).
     store.save(domain.apply_change(setting, domain.Change(True, "Reworded.", None, None, "America/Chicago"), now_ms()))
     later = delivered("msg_2")
@@ -243,6 +240,26 @@ def test_a_permanent_refusal_releases_the_slot_for_the_next_message(event_bus, s
     assert answer.in_reply_to_message_id == "msg_2"
 
 
+def test_a_dead_instances_claim_that_inbox_refuses_does_not_cost_the_next_message_its_answer(
+    event_bus, store, inbox_stand_in, db
+):
+    """A claim for msg_gone was left unsent by a crash; msg_gone is gone by the time msg_2 arrives. The
+    refused claim is released and msg_2 is answered in its place."""
+    inbox, client = inbox_stand_in
+    leave_an_unsent_claim(store, inbox, client, "msg_gone")
+    inbox.refuse["msg_gone"] = grpc.StatusCode.NOT_FOUND
+    later = delivered("msg_2")
+    with running_consumer(event_bus, store, client, db) as consumer:
+        publish(event_bus, later)
+        wait_for(lambda: processed(db, later))
+        assert event_bus.message_count(consumer.parking_queue) == 0
+    assert [c.in_reply_to_message_id for c in inbox.calls] == ["msg_gone", "msg_2"]
+    [answer] = inbox.messages.values()
+    assert answer.in_reply_to_message_id == "msg_2"
+    sent = the_one_slot(db)
+    assert (sent["in_reply_to"], sent["event_id"]) == ("msg_2", later.event_id) and sent["sent_at"] > 0
+
+
 def test_two_instances_racing_for_one_slot_send_one_message(store, inbox_stand_in, db):
     inbox, client = inbox_stand_in
     inbox.delay_s = 0.05
@@ -265,12 +282,40 @@ def test_two_instances_racing_for_one_slot_send_one_message(store, inbox_stand_i
     assert the_one_slot(db)["sent_at"] > 0
 
 
+def test_an_event_handled_after_the_auto_reply_was_turned_off_is_not_answered(event_bus, store, inbox_stand_in, db):
+    """Off means off: a message sent while it was on, whose event is handled after it was turned off
+    (or turned off and on again, a new activation), gets no answer."""
+    inbox, client = inbox_stand_in
+    sent_while_on = delivered("msg_1")
+    setting = store.setting(AGENCY, AWAY, "staff")
+    off = domain.apply_change(setting, domain.Change(False, None, None, None, "America/Chicago"), now_ms())
+    store.save(off)
+    with running_consumer(event_bus, store, client, db):
+        publish(event_bus, sent_while_on)
+        wait_for(lambda: processed(db, sent_while_on))
+        assert inbox.calls == [] and list(db.reply_slots.find({})) == []
+        # On again: the earlier message belongs to the previous activation.
+        store.save(domain.apply_change(off, domain.Change(True, None, None, None, "America/Chicago"), now_ms() + 1))
+        redelivered = Envelope()
+        redelivered.CopyFrom(sent_while_on)  # the same message, sent before this activation
+        redelivered.event_id = "msg_1-stf_away-delivered-again"
+        publish(event_bus, redelivered)
+        wait_for(lambda: processed(db, redelivered))
+        assert inbox.calls == []
+        later = delivered("msg_2")
+        publish(event_bus, later)
+        wait_for(lambda: processed(db, later))
+    [answer] = inbox.messages.values()
+    assert answer.in_reply_to_message_id == "msg_2"
+
+
 def test_messages_never_answered_are_processed_without_a_send(event_bus, store, inbox_stand_in, db):
     inbox, client = inbox_stand_in
     never = [
         delivered("msg_all", to_whole_agency=True),
         delivered("msg_auto", auto_reply=True),
         delivered("msg_self", sender=AWAY),
+        delivered("msg_machine", sender="svc:erx-bridge"),  # a service that sent a message as itself
     ]
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, *never)

@@ -593,3 +593,8 @@ def test_auto_reply_slot_claimed_once_marked_once_and_released_only_unsent(db):
         == 0
     )
     assert db.reply_slots.find_one({"_id": {"$eq": "slot"}})["sent_at"] == 5
+    # An unsent claim is released by the event that claimed it, and the slot can be claimed again.
+    db.reply_slots.insert_one({"_id": "refused", "event_id": "e3", "sent_at": 0})
+    released = db.reply_slots.delete_one({"_id": {"$eq": "refused"}, "event_id": {"$eq": "e3"}, "sent_at": {"$eq": 0}})
+    assert released.deleted_count == 1 and db.reply_slots.find_one({"_id": {"$eq": "refused"}}) is None
+    db.reply_slots.insert_one({"_id": "refused", "event_id": "e4", "sent_at": 0})

@@ -90,6 +90,22 @@ def test_a_time_with_an_offset_keeps_its_offset():
     assert parsed.starts_at == ms("2026-12-01T06:00:00+00:00")
 
 
+def test_a_naive_time_in_the_repeated_autumn_hour_is_the_earlier_reading():
+    # 1 November 2026: Chicago goes from CDT (UTC-5) back to CST (UTC-6) at 02:00; 01:30 happens twice.
+    assert change({"starts_at": "2026-11-01T01:30:00"}).starts_at == ms("2026-11-01T06:30:00+00:00")
+
+
+def test_a_naive_time_in_the_skipped_spring_hour_is_moved_forward():
+    # 8 March 2026: Chicago goes from CST to CDT at 02:00; 02:30 does not exist and is read as 03:30 CDT.
+    assert change({"starts_at": "2026-03-08T02:30:00"}).starts_at == ms("2026-03-08T08:30:00+00:00")
+    assert change({"starts_at": "2026-03-08T03:30:00"}).starts_at == ms("2026-03-08T08:30:00+00:00")
+
+
+def test_a_window_across_a_dst_change_keeps_its_wall_clock_ends():
+    parsed = change({"starts_at": "2026-10-31T17:00:00", "ends_at": "2026-11-02T08:00:00"})
+    assert parsed.starts_at == ms("2026-10-31T17:00:00-05:00") and parsed.ends_at == ms("2026-11-02T08:00:00-06:00")
+
+
 def test_the_agency_time_zone_is_the_default():
     assert change({}, zone="America/New_York").time_zone == "America/New_York"
 
@@ -97,26 +113,50 @@ def test_the_agency_time_zone_is_the_default():
 @pytest.mark.parametrize(
     ("body", "code", "field"),
     [
-        ({"enabled": "yes"}, "invalid_value", "enabled"),
+        ({"enabled": "yes"}, "invalid_type", "enabled"),
+        ({"enabled": None}, "missing_field", "enabled"),
         ({"message": ""}, "invalid_value", "message"),
         ({"message": "   "}, "invalid_value", "message"),
-        ({"message": "x" * 2001}, "invalid_value", "message"),
-        ({"message": {"$gt": ""}}, "invalid_value", "message"),
-        ({"starts_at": "tomorrow"}, "invalid_value", "starts_at"),
-        ({"starts_at": 12}, "invalid_value", "starts_at"),
-        ({"ends_at": "1999-01-01T00:00:00Z"}, "invalid_value", "ends_at"),
+        ({"message": "x" * 2001}, "too_long", "message"),
+        ({"message": {"$gt": ""}}, "invalid_type", "message"),
+        ({"message": "Away\x00"}, "invalid_value", "message"),
+        ({"starts_at": "tomorrow"}, "invalid_time", "starts_at"),
+        ({"starts_at": 12}, "invalid_type", "starts_at"),
+        ({"starts_at": {"$gt": ""}}, "invalid_type", "starts_at"),
+        ({"ends_at": "1999-01-01T00:00:00Z"}, "invalid_time", "ends_at"),
+        ({"ends_at": "2100-01-01T00:00:00"}, "invalid_time", "ends_at"),
+        ({"ends_at": "2026-12-01T08:00:00+25:00"}, "invalid_time", "ends_at"),
         ({"time_zone": "Mars/Olympus"}, "unknown_time_zone", "time_zone"),
         ({"time_zone": "../../etc/passwd"}, "unknown_time_zone", "time_zone"),
-        ({"time_zone": 5}, "unknown_time_zone", "time_zone"),
+        ({"time_zone": "America"}, "unknown_time_zone", "time_zone"),
+        ({"time_zone": 5}, "invalid_type", "time_zone"),
+        ({"time_zone": "x" * 65}, "too_long", "time_zone"),
         ({"starts_at": "2026-12-02T08:00:00", "ends_at": "2026-12-01T08:00:00"}, "invalid_window", "ends_at"),
         ({"starts_at": "2026-12-01T08:00:00", "ends_at": "2026-12-01T08:00:00"}, "invalid_window", "ends_at"),
+        # A naive end and an end with an offset naming the same instant (Chicago is UTC-6 in December).
+        ({"starts_at": "2026-12-01T08:00:00", "ends_at": "2026-12-01T14:00:00Z"}, "invalid_window", "ends_at"),
         ({"colour": "red"}, "unknown_field", "colour"),
     ],
 )
-def test_bad_changes_are_refused_with_a_stable_code_naming_the_field(body, code, field):
+def test_bad_changes_are_refused_with_the_kits_codes_naming_the_field(body, code, field):
     with pytest.raises(InvalidInput) as refused:
         change(body)
     assert refused.value.code == code and refused.value.details["field"] == field
+
+
+def test_the_agency_time_zone_is_asked_for_only_for_a_well_formed_body_without_a_zone():
+    def directory_away() -> str:
+        raise AssertionError("directory was asked")
+
+    with pytest.raises(InvalidInput) as refused:
+        domain.parse_change({"enabled": "yes", "message": "Away"}, directory_away)
+    assert refused.value.code == "invalid_type"
+    named = domain.parse_change({"enabled": True, "message": "Away", "time_zone": "Asia/Tokyo"}, directory_away)
+    assert named.time_zone == "Asia/Tokyo"
+    asked = domain.parse_change(
+        {"enabled": True, "message": "Away", "starts_at": "2026-12-01T08:00:00"}, lambda: CHICAGO
+    )
+    assert asked.time_zone == CHICAGO and asked.starts_at == ms("2026-12-01T14:00:00+00:00")
 
 
 def test_turning_off_needs_no_message_and_the_text_may_be_2000_characters():
@@ -135,10 +175,25 @@ def test_without_a_message_the_saved_text_is_kept_and_turning_on_needs_one():
     assert (refused.value.code, refused.value.details["field"]) == ("invalid_value", "message")
 
 
-def test_an_end_already_passed_cannot_be_turned_on_without_a_start():
+@pytest.mark.parametrize(
+    "window",
+    [
+        {"ends_at": "2026-11-26T11:00:00Z"},
+        {"starts_at": "2026-11-20T08:00:00", "ends_at": "2026-11-25T17:00:00"},  # a whole window in the past
+        {"starts_at": "2026-11-20T08:00:00", "ends_at": "2026-11-26T12:00:00Z"},  # ends right now
+    ],
+)
+def test_an_end_already_passed_cannot_be_turned_on_with_or_without_a_start(window):
     with pytest.raises(InvalidInput) as refused:
-        domain.apply_change(on(), change({"ends_at": "2026-11-26T11:00:00Z"}), NOW)
-    assert refused.value.code == "invalid_window"
+        domain.apply_change(on(), change(window), NOW)
+    assert (refused.value.code, refused.value.details["field"]) == ("invalid_window", "ends_at")
+
+
+def test_a_window_already_over_may_be_saved_off():
+    off = domain.apply_change(
+        on(), domain.parse_change({"enabled": False, "ends_at": "2026-11-25T17:00:00"}, CHICAGO), NOW
+    )
+    assert not off.enabled and off.ends_at == ms("2026-11-25T17:00:00-06:00")
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -172,6 +227,7 @@ def test_turning_on_and_changing_the_window_start_new_activations_and_a_new_text
         ({"sender_id": "stf_away"}, domain.SKIP_OWN_MESSAGE),
         ({"sender_id": ""}, domain.SKIP_OWN_MESSAGE),
         ({"sender_kind": "service"}, domain.SKIP_UNKNOWN_SENDER),
+        ({"sender_id": "svc:cloud-comms"}, domain.SKIP_MACHINE_SENDER),  # a service sending as itself
         ({"sender_kind": "patient"}, domain.SKIP_UNKNOWN_SENDER),  # a patient's message outside the portal folder
     ],
 )
@@ -218,6 +274,14 @@ def test_the_day_is_the_away_persons_local_day():
     moment = ms("2026-11-27T03:00:00+00:00")  # 21:00 on the 26th in Chicago, 12:00 on the 27th in Tokyo
     assert domain.period_of(on(), moment) == "2026-11-26"
     assert domain.period_of(on(time_zone="Asia/Tokyo"), moment) == "2026-11-27"
+
+
+def test_the_25_hour_day_of_a_dst_change_is_one_period():
+    setting = on()
+    first = domain.slot_key(setting, "stf_colleague", ms("2026-11-01T00:30:00-05:00"))
+    last = domain.slot_key(setting, "stf_colleague", ms("2026-11-01T23:30:00-06:00"))  # 24 h later
+    assert first == last
+    assert domain.slot_key(setting, "stf_colleague", ms("2026-11-02T00:00:00-06:00")) != last
 
 
 def test_the_idempotency_key_is_derived_from_the_slot_alone():
