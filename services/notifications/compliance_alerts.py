@@ -158,6 +158,10 @@ class ComplianceAlerts(Feature):
 
     def _check_assignees(self, assignee_ids: list[str]) -> tuple[str, ...]:
         """Every assignee must be an active staff member of the agency (400 `unknown_staff`)."""
+        if not assignee_ids:
+            raise InvalidInput(
+                "no_assignees", "a compliance item needs at least one assignee", {"field": "assignee_ids"}
+            )
         resolution = self.components.directory.resolve(assignee_ids, [])
         reached = set(resolution.staff_ids)
         missing = [s for s in assignee_ids if s not in reached]

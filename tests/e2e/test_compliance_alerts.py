@@ -56,7 +56,8 @@ def test_the_compliance_tracker_creates_an_item_on_its_assignees_board(tracker, 
     session, base = tracker
     patel, hall = login("therapist.patel"), login("therapist.hall")
     ref = "CT-" + uuid.uuid4().hex[:8]
-    created = session.put(f"{base}/{ref}", json=item_body(), timeout=10)
+    body = item_body()
+    created = session.put(f"{base}/{ref}", json=body, timeout=10)
     assert created.status_code == 201, created.text
     item_id = created.json()["id"]
     assert created.json()["status"] == "open" and created.json()["external_ref"] == ref
@@ -65,7 +66,7 @@ def test_the_compliance_tracker_creates_an_item_on_its_assignees_board(tracker, 
     assert shown["overdue"] is False and shown["severity"] == "info" and not shown["read"]
     assert alert(hall, item_id) is None
     # The same PUT again is the same item, and tells nobody twice.
-    again = session.put(f"{base}/{ref}", json=item_body(), timeout=10)
+    again = session.put(f"{base}/{ref}", json=body, timeout=10)
     assert again.status_code == 200 and again.json()["id"] == item_id and again.json()["version"] == 1
     resolved = session.post(f"{base}/{ref}/resolve", timeout=10)
     assert resolved.status_code == 200 and resolved.json()["status"] == "resolved"
@@ -142,6 +143,7 @@ def test_only_compliance_officers_manage_items_and_only_those_involved_read_them
         (item_body(assignee_ids=["stf_lakeside_foster"]), "unknown_staff"),
         (item_body(assignee_ids=["stf_riverbend_young"]), "unknown_staff"),  # deactivated
         (item_body(assignee_ids={"$gt": ""}), "invalid_type"),
+        (item_body(assignee_ids=[]), "no_assignees"),
         (item_body(title={"$gt": ""}), "invalid_type"),
         (item_body(due_at="tomorrow"), "invalid_time"),
         (item_body(link="javascript:alert(1)"), "invalid_link"),

@@ -91,6 +91,13 @@ def test_assignees_must_be_active_staff_of_the_agency(alerts, assignees):
     assert alerts.items.count_documents({}) == 0
 
 
+def test_an_item_needs_an_assignee(alerts):
+    with pytest.raises(InvalidInput) as caught:
+        create(alerts, assignee_ids=[])
+    assert caught.value.code == "no_assignees"
+    assert alerts.items.count_documents({}) == 0
+
+
 def test_past_its_due_time_it_is_reported_overdue_once(alerts):
     item = create(alerts)
     assert alerts.run_pass(now=DUE - 1) == 0
