@@ -268,8 +268,14 @@ class ComplianceAlerts(Feature):
         changed = 0
         for doc in due.limit(PASS_BATCH):
             item = self._item(doc)
-            with acting_as(self.components.service_tokens.identity(item.agency_id)):
-                changed += self._check_item(item, doc.get("next_check_at"), now)
+            try:
+                with acting_as(self.components.service_tokens.identity(item.agency_id)):
+                    changed += self._check_item(item, doc.get("next_check_at"), now)
+            except DomainError as exc:  # e.g. directory cannot answer for this agency: the others go on
+                log.warning(
+                    "compliance item not checked; tried again next pass",
+                    extra={"agency_id": item.agency_id, "item_id": item.id, "code": exc.code},
+                )
         return changed
 
     def _check_item(self, item: ComplianceItem, scheduled: int | None, now: int) -> int:

@@ -172,6 +172,17 @@ def test_an_extension_withdraws_the_escalation_and_starts_over(alerts):
     assert doc["overdue_at"] == 0 and doc["escalated_due"] == 0 and doc["next_check_at"] == DUE + 48 * HOUR
 
 
+def test_an_agency_directory_cannot_answer_for_does_not_hold_up_the_others(alerts, table):
+    with acting_as(Identity("stf_baker", "agy_lakeside")):
+        stuck = alerts.create("agy_lakeside", compliance.new_id(), {**FIELDS, "assignee_ids": ["stf_baker"]},
+                              origin="staff", external_ref="", created_by="stf_baker")  # fmt: skip
+    item = create(alerts, due_at=DUE + 1)  # checked after the stuck one
+    table.unknown_agencies.add("agy_lakeside")
+    assert alerts.run_pass(now=DUE + 2) == 1
+    assert raw(alerts, item.id)["overdue_at"] == DUE + 2
+    assert raw(alerts, stuck.id)["overdue_at"] == 0 and raw(alerts, stuck.id)["next_check_at"] == DUE
+
+
 def test_a_changed_escalation_delay_moves_the_next_check(alerts, table):
     item = create(alerts)
     alerts.run_pass(now=DUE + 1)
