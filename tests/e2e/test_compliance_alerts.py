@@ -5,12 +5,22 @@ the supervisor or the compliance officers, and gone from every board once resolv
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
 
 import pytest
 import requests
 
 from services.inbox.delivery import notice_id
+from services.kit import mongo
+from services.kit.crypto import KeyRing, PhiCipher
+from services.kit.service_identity import ServiceTokens
+from services.notifications import config
+from services.notifications.compliance_alerts import ComplianceAlerts
+from services.notifications.components import Components
+from services.notifications.directory_client import DirectoryClient
+from services.notifications.registrations import Registrations
+from services.notifications.store import NotificationsStore
 from tests.e2e.conftest import wait_until
 
 RIVERBEND = "agy_riverbend"
@@ -169,3 +179,48 @@ def test_malformed_json_and_foreign_agencies_are_refused(ortiz, tracker, stack):
     portal = requests.put(f"{stack.gateway_url}/api/v1/partner/compliance/{RIVERBEND}/items/CT-1", json=item_body(),
                           headers={"apikey": stack.patient_portal_api_key}, timeout=10)  # fmt: skip
     assert portal.status_code == 403
+
+
+@pytest.fixture
+def second_replica(stack, service_secret):
+    """The compliance pass of a second notifications replica: the same code, database, directory and
+    service identity as the stack's process, run from the test alongside it."""
+    settings = config.load(stack.service_env())
+    db = mongo.database(settings.common.mongo_uri, settings.common.mongo_db)
+    directory = DirectoryClient(settings.directory_grpc_target, cache_s=settings.recipients_cache_s)
+    tokens = ServiceTokens(settings.directory_grpc_target, "notifications", service_secret("notifications"))
+    components = Components(
+        settings=settings,
+        store=NotificationsStore(db),
+        cipher=PhiCipher(KeyRing(db, settings.common.phi_master_keys, settings.common.phi_master_key_id)),
+        directory=directory,
+        service_tokens=tokens,
+        registrations=Registrations(settings.facilities, settings.partners),
+    )
+    yield ComplianceAlerts(components)
+    directory.close()
+    tokens.close()
+    db.client.close()
+
+
+def test_two_replicas_passing_at_once_escalate_each_item_once(ortiz, login, events, second_replica):
+    hall = login("therapist.hall")
+    with events.listen("board_item.delivery_requested.v1") as heard:
+        ids = [
+            ortiz.post("/api/v1/compliance/items", json=item_body(due_at=at(hours=-5))).json()["id"] for _ in range(4)
+        ]
+        # The stack's own pass runs every half second; this replica's passes race it.
+        racers = [threading.Thread(target=lambda: [second_replica.run_pass() for _ in range(5)]) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(60)
+        for item_id in ids:
+            wait_until(lambda i=item_id: alert(hall, i, escalation=True), timeout=20)
+            second_replica.run_pass()  # once more, after the escalation: nothing to do
+        refs = {f"{item_id}.escalation" for item_id in ids}
+        wait_until(lambda: refs <= {e.payload.source_ref for e in heard.drain()}, timeout=20)
+        escalations = [e for e in heard.drain() if e.payload.source_ref in refs]
+    assert sorted(e.payload.source_ref for e in escalations) == sorted(refs)  # one request per item
+    for item_id in ids:
+        ortiz.post(f"/api/v1/compliance/items/{item_id}/resolve")
