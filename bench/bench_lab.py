@@ -109,7 +109,8 @@ def main() -> int:
     verdict = "meets" if e2e["end_to_end_per_s"] >= TARGET else "misses"
     print(
         f"{RESULTS} CBC results of ~{size} bytes, 5 recipients each; end to end {e2e['end_to_end_per_s']:.0f}/s "
-        f"({verdict} the {TARGET:.0f}/s target); boards caught up {e2e['drain_after_last_ack_s']:.1f}s after the last ACK"
+        f"({verdict} the {TARGET:.0f}/s target); "
+        f"boards caught up {e2e['drain_after_last_ack_s']:.1f}s after the last ACK"
     )
     path = write_report(
         "lab",

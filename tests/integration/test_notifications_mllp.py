@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import hl7
-import pytest
 from hl7.client import MLLPClient
 
 from services.notifications.hl7v2 import InboundMessage
