@@ -133,7 +133,7 @@ class MessageTypes:
         except hl7v2.Hl7Rejection as rejection:
             log.info(
                 "message refused",
-                extra={"code": rejection.ack_code, "error_code": rejection.error_code},
+                extra={"code": f"{rejection.ack_code} {rejection.error_code}"},
             )
             return hl7v2.rejection_ack(rejection)
 

@@ -205,7 +205,7 @@ def white_staff(login):
 MALFORMED = [
     (b"this is not an HL7 message", "AR", "", "100"),
     (oru(control_id="BAD-UTF", patient="MRN-Zoë").encode("utf-8"), "AE", "BAD-UTF", "102"),
-    (oru(control_id="BAD-ENC").replace("MSH|^~\\&|", "MSH|^^\\&|", 1).encode(), "AR", "", "102"),
+    (oru(control_id="BAD-ENC").replace("MSH|^~\\&|", "MSH|^^\\&|", 1).encode(), "AR", "BAD-ENC", "102"),
     (oru(control_id="BAD-FAC", receiving_facility="NOWHERE").encode(), "AR", "BAD-FAC", "103"),
     (oru(control_id="BAD-PID").replace("PID|1||MRN48213^^^RIVERBEND^MR", "PID|1||").encode(), "AE", "BAD-PID", "101"),
     (oru(control_id="BAD-TYPE").replace("ORU^R01^ORU_R01", "ADT^A01").encode(), "AR", "BAD-TYPE", "200"),

@@ -242,3 +242,11 @@ def test_an_oru_missing_what_it_needs_is_an_error_naming_it(edit, error, locatio
     with pytest.raises(hl7v2.Hl7Rejection) as caught:
         reports_from_oru(message)
     assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == ("AE", error, location)
+
+
+def test_broken_encoding_characters_are_rejected_naming_the_message_and_its_parties():
+    raw = oru(control_id="ENC-7").replace("MSH|^~\\&|", "MSH|^^\\&|", 1).encode()
+    answer = MessageTypes().acknowledge(raw)
+    assert msa(answer)[:2] == ("AR", "ENC-7") and err_code(answer) == "102"
+    msh = parse_ack(answer).segment("MSH")
+    assert (str(msh(3)), str(msh(4)), str(msh(5)), str(msh(6))) == ("BOARD", "RIVERBEND", "LABSYS", "QUEST_LAB")
