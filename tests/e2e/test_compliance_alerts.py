@@ -224,3 +224,22 @@ def test_two_replicas_passing_at_once_escalate_each_item_once(ortiz, login, even
     assert sorted(e.payload.source_ref for e in escalations) == sorted(refs)  # one request per item
     for item_id in ids:
         ortiz.post(f"/api/v1/compliance/items/{item_id}/resolve")
+
+
+def test_an_officer_reassigns_an_item_and_a_read_of_it_is_audited(ortiz, login, events):
+    patel, davis = login("therapist.patel"), login("frontdesk.davis")
+    item_id = ortiz.post("/api/v1/compliance/items", json=item_body()).json()["id"]
+    wait_until(lambda: alert(patel, item_id), timeout=15)
+    changed = ortiz.patch(f"/api/v1/compliance/items/{item_id}", json={"assignee_ids": [davis.staff_id]})
+    assert changed.status_code == 200 and changed.json()["assignee_ids"] == [davis.staff_id]
+    wait_until(lambda: alert(davis, item_id) and alert(patel, item_id) is None, timeout=15)
+    assert patel.get(f"/api/v1/compliance/items/{item_id}").status_code == 404  # no longer involved
+    with events.listen("phi.accessed.v1") as heard:
+        assert davis.get(f"/api/v1/compliance/items/{item_id}").status_code == 200
+        read = heard.wait_for(lambda e: e.payload.resource_id == item_id and e.payload.outcome == "allowed")
+    assert read.payload.actor_id == davis.staff_id and read.payload.resource_type == "compliance_item"
+    bad = ortiz.patch(f"/api/v1/compliance/items/{item_id}", json={"due_at": {"$gt": ""}})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_type"
+    ortiz.post(f"/api/v1/compliance/items/{item_id}/resolve")
+    again = ortiz.patch(f"/api/v1/compliance/items/{item_id}", json={"title": "Reopened?"})
+    assert again.status_code == 409 and again.json()["code"] == "compliance_item_resolved"
