@@ -183,6 +183,13 @@ def test_an_agency_directory_cannot_answer_for_does_not_hold_up_the_others(alert
     assert raw(alerts, stuck.id)["overdue_at"] == 0 and raw(alerts, stuck.id)["next_check_at"] == DUE
 
 
+def test_a_backlog_larger_than_a_batch_is_worked_through_in_one_pass(alerts, monkeypatch):
+    monkeypatch.setattr("services.notifications.compliance_alerts.PASS_BATCH", 2)
+    items = [create(alerts) for _ in range(5)]
+    assert alerts.run_pass(now=DUE + 1) == 5
+    assert all(raw(alerts, item.id)["overdue_at"] == DUE + 1 for item in items)
+
+
 def test_a_changed_escalation_delay_moves_the_next_check(alerts, table):
     item = create(alerts)
     alerts.run_pass(now=DUE + 1)
