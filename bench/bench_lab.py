@@ -75,10 +75,12 @@ def end_to_end(stack, count: int, tag: str) -> dict:
                 raise SystemExit(f"not accepted: {ack!r}")
         acked = time.perf_counter()
     deadline = time.monotonic() + 300
+    # Polled every 0.1 s (at most that late): faster polling through the gateway would take CPU
+    # from the delivery it is waiting for on this 2-core machine.
     while not on_board(reader, last_patient):
         if time.monotonic() > deadline:
             raise SystemExit("the last result did not reach the board within 300 s")
-        time.sleep(0.02)
+        time.sleep(0.1)
     done = time.perf_counter()
     return {
         "results": count,
