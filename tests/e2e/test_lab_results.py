@@ -379,3 +379,40 @@ def test_only_the_lab_interface_may_post_results(lab_interface, stack):
     assert lab_interface(body, key="").status_code == 401
     assert lab_interface(body, key="not-a-key").status_code == 401
     assert lab_interface(body, key=stack.patient_portal_api_key).status_code == 403  # not in lab-interfaces
+
+
+# --- at rest, in the logs, health -------------------------------------------------------------------
+
+
+def test_results_are_sealed_at_rest_and_never_logged(mllp, stack, notifications_db, kim):
+    mrn = "MRN-SEALED-" + uuid.uuid4().hex[:6]
+    control_id = "SEAL-" + uuid.uuid4().hex[:6]
+    assert msa(send(mllp, oru(control_id=control_id, patient=mrn)))[0] == "AA"
+    wait_until(lambda: lab_item(kim, mrn), timeout=15)
+    docs = list(notifications_db.lab_results.find({}))
+    assert docs
+    for doc in docs:
+        raw = repr(doc)
+        assert mrn not in raw and "Platelets" not in raw and "11.8" not in raw
+        assert isinstance(doc["report"], bytes)
+    logs = (stack.logs / "notifications.log").read_text()
+    assert mrn not in logs and "CBC panel" not in logs and control_id not in logs
+    assert "lab result stored" in logs
+
+
+def test_health_and_readiness(stack):
+    import requests
+
+    assert requests.get(f"{stack.notifications_url}/healthz", timeout=5).json()["status"] == "ok"
+    ready = requests.get(f"{stack.notifications_url}/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    # The service checks tokens itself, not only the gateway.
+    direct = requests.get(f"{stack.notifications_url}/api/v1/lab/results/lab_x", timeout=5)
+    assert direct.status_code == 401 and direct.json()["code"] == "unauthenticated"
+    forged = requests.post(
+        f"{stack.notifications_url}/api/v1/partner/lab/agy_riverbend/DiagnosticReport",
+        json=diagnostic_report(),
+        headers={"X-Anonymous-Consumer": "true", "X-Consumer-Username": "lab-interface"},
+        timeout=5,
+    )
+    assert forged.status_code == 401
