@@ -370,6 +370,9 @@ def test_malformed_fhir_is_refused_with_a_stable_code_and_nothing_is_stored(
     reply = lab_interface(body, **kwargs)
     assert reply.status_code == status, reply.text
     assert reply.json()["code"] == code
+    if status in (400, 404):  # refusals from the service itself are FHIR OperationOutcomes too
+        assert reply.json()["resourceType"] == "OperationOutcome"
+        assert reply.json()["issue"][0]["severity"] == "error"
     assert "Traceback" not in reply.text
     assert stored_results(notifications_db) == before
 
