@@ -250,3 +250,16 @@ def test_broken_encoding_characters_are_rejected_naming_the_message_and_its_part
     assert msa(answer)[:2] == ("AR", "ENC-7") and err_code(answer) == "102"
     msh = parse_ack(answer).segment("MSH")
     assert (str(msh(3)), str(msh(4)), str(msh(5)), str(msh(6))) == ("BOARD", "RIVERBEND", "LABSYS", "QUEST_LAB")
+
+
+def test_each_order_of_a_message_is_its_own_result_and_escapes_are_undone():
+    message = oru(order="ORD-A", observations=POTASSIUM_CRITICAL, test=POTASSIUM_TEST)
+    second = [
+        "OBR|2|PLC-B|ORD-B|5902-2^Prothrombin time^LN|||202611260730|||||||||||||||20261126081500|||P",
+        "OBX|1|ST|5902-2^Prothrombin time^LN||see note \\T\\ call lab|s|11\\S\\13|H|||P",
+    ]
+    (potassium, prothrombin) = reports_from_oru(hl7v2.read_message((message + "\r".join(second)).encode()))
+    assert (potassium.order_number, potassium.status, potassium.severity) == ("ORD-A", "final", URGENT)
+    assert (prothrombin.order_number, prothrombin.status, prothrombin.severity) == ("ORD-B", "preliminary", ABNORMAL)
+    (line,) = prothrombin.observations
+    assert (line.value, line.reference_range) == ("see note & call lab", "11^13")
