@@ -47,8 +47,17 @@ def test_several_frames_in_one_read_come_out_in_order_and_noise_between_is_dropp
     assert frames == [b"A", b"B"]
     assert decoder.pending == 2
     assert decoder.feed(b"\x1c\r") == [b"CD"]
-    # The leading CR LF, the noise, and the CR after each end block.
-    assert decoder.dropped == len(b"\r\n") + len(b"noise") + 3
+    assert decoder.dropped == 1  # the CR after the last end block: counted since the last frame began
+    decoder.feed(b"noise" * 10)
+    assert decoder.dropped == 51
+    assert decoder.feed(frame(b"E")) == [b"E"] and decoder.dropped == 1
+
+
+def test_a_long_lived_connection_never_adds_up_to_the_junk_limit():
+    decoder = FrameDecoder(64)
+    for _ in range(200):
+        assert decoder.feed(frame(b"MSH|x") + b"\n") == [b"MSH|x"]
+    assert decoder.dropped == 2
 
 
 def test_a_frame_over_the_limit_is_refused_before_it_is_buffered_whole():
