@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hl7
@@ -163,6 +164,20 @@ def test_the_same_message_twice_is_stored_once_and_acknowledged_aa_twice(mllp, k
     assert stored_results(notifications_db) == before + 1
     item = wait_until(lambda: lab_item(kim, mrn), timeout=15)
     assert [i for i in kim.items(folder="lab", limit=100)["items"] if i["summary"] == item["summary"]] == [item]
+
+
+def test_the_same_message_on_two_connections_at_once_is_stored_once(stack, notifications_db):
+    message = oru(control_id="RACE-" + uuid.uuid4().hex[:8], patient=patient())
+    before = stored_results(notifications_db)
+
+    def send_alone(_n: int) -> tuple[str, str]:
+        with MLLPClient("127.0.0.1", stack.config.ports.notifications_mllp) as client:
+            return msa(send(client, message))
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send_alone, range(4)))
+    assert {a[0] for a in answers} == {"AA"}
+    assert stored_results(notifications_db) == before + 1
 
 
 def test_several_messages_on_one_connection_each_get_their_ack_in_order(mllp):
