@@ -1,7 +1,7 @@
 """Run every bench/bench_*.py in turn, each in its own process, and print its report.
 
-python -m bench                 # all of them
-python -m bench outbox          # only bench_outbox
+    python -m bench                 # all of them
+    python -m bench outbox          # only bench_outbox
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ def main(argv: list[str]) -> int:
         print(f"== {name}", flush=True)
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=HERE.parent, check=False)
-        print(
-            f"== {name}: {'ok' if result.returncode == 0 else 'FAILED'} in {time.monotonic() - started:.1f}s\n",
-            flush=True,
-        )
+        print(f"== {name}: {'ok' if result.returncode == 0 else 'FAILED'} in {time.monotonic() - started:.1f}s\n",
+              flush=True)
         if result.returncode != 0:
             failed.append(name)
     if failed:

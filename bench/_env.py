@@ -81,6 +81,7 @@ def private_vhost(base_url: str | None = None) -> Iterator[str]:
         _rabbitmqctl("delete_vhost", vhost)
 
 
+
 def machine() -> dict:
     return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
 

@@ -42,14 +42,9 @@ def envelopes(count: int) -> list:
     return [
         new_envelope(
             DELIVERED,
-            MessageDelivered(
-                message_id=uuid.uuid4().hex,
-                agency_id="agency-1",
-                recipient_staff_id=f"staff-{i}",
-                board_kind="messages",
-            ),
-            agency_id="agency-1",
-            producer="inbox",
+            MessageDelivered(message_id=uuid.uuid4().hex, agency_id="agency-1", recipient_staff_id=f"staff-{i}",
+                             board_kind="messages"),
+            agency_id="agency-1", producer="inbox",
         )
         for i in range(count)
     ]
@@ -82,9 +77,8 @@ def _raw_once(amqp_url: str, topology: Topology, broker: Broker) -> float:
     channel = connection.channel()
     started = time.perf_counter()
     for event in events:
-        channel.basic_publish(
-            topology.exchange_name, event.event_type, event.SerializeToString(), message_properties(event)
-        )
+        channel.basic_publish(topology.exchange_name, event.event_type, event.SerializeToString(),
+                              message_properties(event))
     connection.process_data_events(0)
     elapsed = time.perf_counter() - started
     connection.close()
@@ -115,12 +109,13 @@ def bench_relay(mongo_uri: str, amqp_url: str, topology: Topology, broker: Broke
     relay.ensure_indexes()
     events = envelopes(RELAY_EVENTS)
     docs = [
-        {"_id": uuid.uuid4().hex, "owner": "staff-1", "state": "delivered", **outbox_fields(events[i : i + per_doc])}
+        {"_id": uuid.uuid4().hex, "owner": "staff-1", "state": "delivered",
+         **outbox_fields(events[i:i + per_doc])}
         for i in range(0, RELAY_EVENTS, per_doc)
     ]
     staged_at = time.perf_counter()
     for i in range(0, len(docs), 1000):
-        items.insert_many(docs[i : i + 1000], ordered=False)
+        items.insert_many(docs[i:i + 1000], ordered=False)
     staging_s = time.perf_counter() - staged_at
 
     publisher.publish_batch(envelopes(1))  # connect and declare outside the timing
@@ -151,13 +146,9 @@ def bench_relay(mongo_uri: str, amqp_url: str, topology: Topology, broker: Broke
     if left or queued < RELAY_EVENTS:
         raise SystemExit(f"relay lost events: {queued}/{RELAY_EVENTS} reached the queue, {left} left in documents")
     return {
-        "events": RELAY_EVENTS,
-        "events_per_document": per_doc,
-        "documents": len(docs),
-        "seconds": round(elapsed, 3),
-        "events_per_s": round(RELAY_EVENTS / elapsed),
-        "messages_queued": queued,
-        "staging_docs_per_s": round(len(docs) / staging_s),
+        "events": RELAY_EVENTS, "events_per_document": per_doc, "documents": len(docs),
+        "seconds": round(elapsed, 3), "events_per_s": round(RELAY_EVENTS / elapsed),
+        "messages_queued": queued, "staging_docs_per_s": round(len(docs) / staging_s),
     }
 
 
@@ -193,21 +184,18 @@ def main() -> int:
     verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
     print(f"relay/raw = {ratio:.0%} ({verdict} the {TARGET_RATIO:.0%} target); relay batch size {BATCH_SIZE}")
 
-    path = write_report(
-        "outbox",
-        {
-            "raw_events_per_s": round(raw),
-            "raw_runs": RAW_RUNS,
-            "one_at_a_time_confirmed_events_per_s": round(one_at_a_time),
-            "relay": relay_single,
-            "relay_ten_per_document": relay_ten,
-            "relay_to_raw_ratio": round(ratio, 3),
-            "target_ratio": TARGET_RATIO,
-            "batch_size": BATCH_SIZE,
-            "machine": machine(),
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+    path = write_report("outbox", {
+        "raw_events_per_s": round(raw),
+        "raw_runs": RAW_RUNS,
+        "one_at_a_time_confirmed_events_per_s": round(one_at_a_time),
+        "relay": relay_single,
+        "relay_ten_per_document": relay_ten,
+        "relay_to_raw_ratio": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+        "batch_size": BATCH_SIZE,
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
     print(f"written to {path.relative_to(path.parents[2])}")
     return 0 if ratio >= TARGET_RATIO else 1
 
