@@ -535,3 +535,11 @@ def test_an_appointment_is_created_once_then_changed_under_its_version(mongo_cli
         "version": 2,
         "staff_ids": ["a"],
     }
+
+
+def test_staff_by_id_list_without_their_password_hashes(mongo_client, db_name):
+    staff = mongo_client[db_name]["staff"]
+    staff.insert_many([{"_id": f"stf_{i}", "agency_id": f"agy_{i % 2}", "password_hash": "h"} for i in range(8)])
+    docs = list(staff.find({"_id": {"$in": ["stf_1", "stf_2", "stf_3", "stf_nobody"]}}, {"password_hash": 0}))
+    assert sorted(d["_id"] for d in docs) == ["stf_1", "stf_2", "stf_3"]
+    assert all("password_hash" not in d for d in docs)
