@@ -199,8 +199,7 @@ def second_replica(stack, service_secret):
     )
     yield ComplianceAlerts(components)
     directory.close()
-    tokens.close()
-    db.client.close()
+    tokens.close()  # the database client is the process-wide one (kit mongo.client): it stays open
 
 
 def test_two_replicas_passing_at_once_escalate_each_item_once(ortiz, login, events, second_replica):
