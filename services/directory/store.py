@@ -172,8 +172,9 @@ def _team_name_taken() -> Conflict:
 
 
 class DirectoryStore:
-    # Up to this many ids are fetched one by one (primary key); more load the agency's staff at once.
-    POINT_LOOKUP_LIMIT = 16
+    # Staff ids asked for in one `_id $in` query (primary key; on nx-27017 one query for 5 ids takes
+    # about a third of 5 point lookups, and 500 ids less than reading a 1,000-member agency).
+    IDS_PER_QUERY = 500
 
     def __init__(self, db: Database, cipher: PhiCipher):
         self.db = db
@@ -268,11 +269,14 @@ class DirectoryStore:
 
     def staff_by_ids(self, agency_id: str, staff_ids: list[str]) -> dict[str, StaffMember]:
         """The agency's staff among these ids (unknown and other agencies' ids are left out)."""
-        if len(staff_ids) <= self.POINT_LOOKUP_LIMIT:
-            found = (self.get_staff(agency_id, staff_id) for staff_id in staff_ids)
-            return {member.id: member for member in found if member is not None}
-        wanted = set(staff_ids)
-        return {member.id: member for member in self.list_staff(agency_id) if member.id in wanted}
+        ids = list(dict.fromkeys(staff_ids))
+        found: dict[str, StaffMember] = {}
+        for start in range(0, len(ids), self.IDS_PER_QUERY):
+            chunk = ids[start : start + self.IDS_PER_QUERY]
+            for doc in self.staff.find({"_id": {"$in": chunk}}, STAFF_WITHOUT_SECRETS):
+                if doc.get("agency_id") == agency_id:
+                    found[doc["_id"]] = _staff(doc)
+        return found
 
     def create_staff(self, member: StaffMember, password_hash: str) -> None:
         now = now_ms()

@@ -44,6 +44,8 @@ RESOURCE_TYPE = "compliance_item"
 INDEXES = [IndexSpec(COMPLIANCE_ITEMS, [("next_check_at", 1)], name="compliance_next_check")]
 WRITE_ATTEMPTS = 8
 PASS_BATCH = 100
+# A pass goes on through a backlog (many items falling due at once) up to this many batches.
+MAX_BATCHES = 20
 FIELDS = {"_outbox": 0}
 
 KIND = Str(max_len=40, pattern=compliance.KIND_PATTERN)
@@ -158,6 +160,10 @@ class ComplianceAlerts(Feature):
 
     def _check_assignees(self, assignee_ids: list[str]) -> tuple[str, ...]:
         """Every assignee must be an active staff member of the agency (400 `unknown_staff`)."""
+        if not assignee_ids:
+            raise InvalidInput(
+                "no_assignees", "a compliance item needs at least one assignee", {"field": "assignee_ids"}
+            )
         resolution = self.components.directory.resolve(assignee_ids, [])
         reached = set(resolution.staff_ids)
         missing = [s for s in assignee_ids if s not in reached]
@@ -258,15 +264,30 @@ class ComplianceAlerts(Feature):
         every(stop, self.pass_interval_s, self.run_pass, "compliance overdue", errors=(PyMongoError, DomainError))
 
     def run_pass(self, now: int | None = None) -> int:
-        """Look at every item whose check is due at `now`; returns how many it changed."""
+        """Look at every item whose check is due at `now` (a backlog in batches, at most
+        MAX_BATCHES per pass); returns how many it changed."""
         now = now_ms() if now is None else now
-        due = self.items.find({"next_check_at": {"$lte": now}}, FIELDS).sort("next_check_at", ASCENDING)
         changed = 0
-        for doc in due.limit(PASS_BATCH):
-            item = self._item(doc)
-            with acting_as(self.components.service_tokens.identity(item.agency_id)):
-                changed += self._check_item(item, doc.get("next_check_at"), now)
+        for _ in range(MAX_BATCHES):
+            due = self.items.find({"next_check_at": {"$lte": now}}, FIELDS).sort("next_check_at", ASCENDING)
+            docs = list(due.limit(PASS_BATCH))
+            for doc in docs:
+                changed += self._check_doc(doc, now)
+            if len(docs) < PASS_BATCH:
+                break
         return changed
+
+    def _check_doc(self, doc: dict, now: int) -> int:
+        item = self._item(doc)
+        try:
+            with acting_as(self.components.service_tokens.identity(item.agency_id)):
+                return self._check_item(item, doc.get("next_check_at"), now)
+        except DomainError as exc:  # e.g. directory cannot answer for this agency: the others go on
+            log.warning(
+                "compliance item not checked; tried again next pass",
+                extra={"agency_id": item.agency_id, "item_id": item.id, "code": exc.code},
+            )
+            return 0
 
     def _check_item(self, item: ComplianceItem, scheduled: int | None, now: int) -> int:
         settings = self._settings(item.agency_id)

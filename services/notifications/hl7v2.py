@@ -169,16 +169,35 @@ def component(segment, index: int, comp: int = 1, rep: int = 1) -> str:
     return _first(part)
 
 
-def sniff_control_id(raw: bytes) -> str:
-    """MSH-10 read straight off the bytes, for acknowledging a message that cannot be parsed."""
+def sniff_header(raw: bytes) -> Header | None:
+    """MSH-3..12 read straight off the bytes (first components), to acknowledge a message that cannot
+    be parsed (non-ASCII text, broken encoding characters); None without a usable MSH-10."""
     text = raw.decode("latin-1").replace("\r\n", "\r").replace("\n", "\r")
-    start = text.find("MSH")
-    if start == -1 or len(text) < start + 4:
-        return ""
-    msh = text[start:].split("\r", 1)[0]
-    parts = msh.split(msh[3])
-    control_id = parts[9] if len(parts) > 9 else ""
-    return control_id if _CONTROL_ID.fullmatch(control_id) else ""
+    if not text.startswith("MSH") or len(text) < 4:
+        return None
+    msh = text.split("\r", 1)[0]
+    fields = msh.split(msh[3])
+
+    def first(index: int) -> str:
+        value = fields[index].split("^", 1)[0] if len(fields) > index else ""
+        return value if _CONTROL_ID.fullmatch(value) else ""
+
+    control_id = fields[9] if len(fields) > 9 else ""
+    if not _CONTROL_ID.fullmatch(control_id):
+        return None
+    trigger = fields[8].split("^")[1] if len(fields) > 8 and "^" in fields[8] else ""
+    return Header(
+        sending_application=first(2),
+        sending_facility=first(3),
+        receiving_application=first(4),
+        receiving_facility=first(5),
+        timestamp="",
+        message_type=first(8),
+        trigger=trigger if _CONTROL_ID.fullmatch(trigger) else "",
+        control_id=control_id,
+        processing_id=first(10),
+        version=first(11),
+    )
 
 
 def read_message(raw: bytes) -> InboundMessage:
@@ -187,16 +206,20 @@ def read_message(raw: bytes) -> InboundMessage:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         rejection = error(DATA_TYPE_ERROR, "message text must be 7-bit ASCII")
-        rejection.header = _sniffed_header(raw)
+        rejection.header = sniff_header(raw)
         raise rejection from None
     text = normalize_segments(text)
     if not text.startswith("MSH"):
         raise reject(SEGMENT_SEQUENCE_ERROR, "message does not start with an MSH segment", "MSH")
     if not _ASCII_TEXT.fullmatch(text):
         rejection = error(DATA_TYPE_ERROR, "message text contains control characters")
-        rejection.header = _sniffed_header(raw)
+        rejection.header = sniff_header(raw)
         raise rejection
-    check_encoding_characters(text)
+    try:
+        check_encoding_characters(text)
+    except Hl7Rejection as rejection:
+        rejection.header = sniff_header(raw)
+        raise
     try:
         message = hl7.parse(text)
     except Exception as exc:  # python-hl7 raises assorted errors on broken structure
@@ -231,13 +254,6 @@ def read_message(raw: bytes) -> InboundMessage:
     if not header.version.startswith("2."):
         raise reject(UNSUPPORTED_VERSION_ID, "MSH-12 version must be an HL7 v2 version", "MSH^1^12").with_header(header)
     return InboundMessage(header, message)
-
-
-def _sniffed_header(raw: bytes) -> Header | None:
-    control_id = sniff_control_id(raw)
-    if not control_id:
-        return None
-    return Header("", "", "", "", "", "", "", control_id, "P", DEFAULT_VERSION)
 
 
 # --- acknowledgements -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ order id (`source_ref`), so preliminary -> final -> corrected updates one board 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 
 from flask import Blueprint, g
@@ -24,7 +25,8 @@ from pymongo.errors import DuplicateKeyError
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.auth import Identity
 from services.kit.crypto import DecryptionError
-from services.kit.errors import Unavailable
+from services.kit.errors import DomainError, Unavailable
+from services.kit.http import error_response
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
 from services.kit.service_identity import acting_as
@@ -61,6 +63,23 @@ def order_id(agency_id: str, report: LabReport) -> str:
 
 def result_id(message_key: str, index: int) -> str:
     return "lr_" + digest(message_key, str(index))
+
+
+def operation_outcome(exc: DomainError):
+    """A refusal on the FHIR route: the kit's error shape (stable `code`, `message`) that is also a
+    FHIR OperationOutcome, so a FHIR client reads it too."""
+    response = error_response(exc.http_status, exc.code, exc.message, exc.details)
+    body = response.get_json()
+    issue = {
+        "severity": "error",
+        "code": "not-found" if exc.http_status == 404 else "invalid",
+        "diagnostics": exc.message,
+    }
+    if exc.details.get("field"):
+        issue["expression"] = [str(exc.details["field"])]
+    body.update({"resourceType": "OperationOutcome", "issue": [issue]})
+    response.set_data(json.dumps(body))
+    return response
 
 
 def iso(ms: int) -> str:
@@ -216,6 +235,7 @@ class LabResults(Feature):
             return self.view(g.identity, path_id(result, "lab result"))
 
         partner = Blueprint("lab_partner", __name__, url_prefix="/api/v1/partner/lab")
+        partner.register_error_handler(DomainError, operation_outcome)
 
         @partner.post("/<agency_id>/DiagnosticReport")
         def diagnostic_report(agency_id: str):

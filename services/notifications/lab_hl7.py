@@ -13,13 +13,21 @@ MAX_OBSERVATIONS = 500
 
 
 def _value(segment, index: int, message) -> str:
-    """A field as display text: components joined by spaces, HL7 escapes undone."""
+    """A field as display text: repetitions and components joined by spaces, each unescaped after
+    splitting (so an escaped separator, e.g. \\S\\, stays in the text)."""
     raw = field(segment, index)
     if not raw:
         return ""
-    with contextlib.suppress(Exception):  # an escape python-hl7 cannot undo: keep the text as sent
-        raw = message.unescape(raw)
-    return " ".join(part for part in raw.replace("^", " ").split() if part)
+    separators = getattr(message, "separators", "\r|~^&")
+    parts = []
+    for repetition in raw.split(separators[2]):
+        for part in repetition.split(separators[3]):
+            text = part
+            with contextlib.suppress(Exception):  # an escape python-hl7 cannot undo: keep the text as sent
+                text = message.unescape(part)
+            if text.strip():
+                parts.append(text.strip())
+    return " ".join(parts)
 
 
 def _flags(segment) -> tuple[str, ...]:

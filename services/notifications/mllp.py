@@ -45,6 +45,7 @@ class FrameDecoder:
         self.max_message_bytes = max_message_bytes
         self._buffer = bytearray()
         self._in_frame = False
+        # Bytes dropped since the last frame began (the CR after an end block, noise).
         self.dropped = 0
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -57,7 +58,7 @@ class FrameDecoder:
                 if start == -1:
                     self.dropped += len(view) - position
                     break
-                self.dropped += start - position
+                self.dropped = 0  # junk is counted between frames only: a long-lived connection never adds up
                 self._in_frame = True
                 position = start + 1
                 continue
@@ -133,7 +134,7 @@ class MessageTypes:
         except hl7v2.Hl7Rejection as rejection:
             log.info(
                 "message refused",
-                extra={"code": rejection.ack_code, "error_code": rejection.error_code},
+                extra={"code": f"{rejection.ack_code} {rejection.error_code}"},
             )
             return hl7v2.rejection_ack(rejection)
 

@@ -234,6 +234,7 @@ EVENTS_EXCHANGE = "clinic.events"
 EVENT_PAYLOADS: dict[str, type[Message]] = {
     "announcement.posted.v1": inbox_pb2.AnnouncementPosted,
     "board_item.delivered.v1": inbox_pb2.BoardItemDelivered,
+    "board_item.delivery_requested.v1": inbox_pb2.DeliverItemRequest,
     "message.delivered.v1": inbox_pb2.MessageDelivered,
     "phi.accessed.v1": audit_pb2.PhiAccessed,
 }

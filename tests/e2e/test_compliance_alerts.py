@@ -5,12 +5,22 @@ the supervisor or the compliance officers, and gone from every board once resolv
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
 
 import pytest
 import requests
 
 from services.inbox.delivery import notice_id
+from services.kit import mongo
+from services.kit.crypto import KeyRing, PhiCipher
+from services.kit.service_identity import ServiceTokens
+from services.notifications import config
+from services.notifications.compliance_alerts import ComplianceAlerts
+from services.notifications.components import Components
+from services.notifications.directory_client import DirectoryClient
+from services.notifications.registrations import Registrations
+from services.notifications.store import NotificationsStore
 from tests.e2e.conftest import wait_until
 
 RIVERBEND = "agy_riverbend"
@@ -56,7 +66,8 @@ def test_the_compliance_tracker_creates_an_item_on_its_assignees_board(tracker, 
     session, base = tracker
     patel, hall = login("therapist.patel"), login("therapist.hall")
     ref = "CT-" + uuid.uuid4().hex[:8]
-    created = session.put(f"{base}/{ref}", json=item_body(), timeout=10)
+    body = item_body()
+    created = session.put(f"{base}/{ref}", json=body, timeout=10)
     assert created.status_code == 201, created.text
     item_id = created.json()["id"]
     assert created.json()["status"] == "open" and created.json()["external_ref"] == ref
@@ -65,7 +76,7 @@ def test_the_compliance_tracker_creates_an_item_on_its_assignees_board(tracker, 
     assert shown["overdue"] is False and shown["severity"] == "info" and not shown["read"]
     assert alert(hall, item_id) is None
     # The same PUT again is the same item, and tells nobody twice.
-    again = session.put(f"{base}/{ref}", json=item_body(), timeout=10)
+    again = session.put(f"{base}/{ref}", json=body, timeout=10)
     assert again.status_code == 200 and again.json()["id"] == item_id and again.json()["version"] == 1
     resolved = session.post(f"{base}/{ref}/resolve", timeout=10)
     assert resolved.status_code == 200 and resolved.json()["status"] == "resolved"
@@ -142,6 +153,7 @@ def test_only_compliance_officers_manage_items_and_only_those_involved_read_them
         (item_body(assignee_ids=["stf_lakeside_foster"]), "unknown_staff"),
         (item_body(assignee_ids=["stf_riverbend_young"]), "unknown_staff"),  # deactivated
         (item_body(assignee_ids={"$gt": ""}), "invalid_type"),
+        (item_body(assignee_ids=[]), "no_assignees"),
         (item_body(title={"$gt": ""}), "invalid_type"),
         (item_body(due_at="tomorrow"), "invalid_time"),
         (item_body(link="javascript:alert(1)"), "invalid_link"),
@@ -167,3 +179,66 @@ def test_malformed_json_and_foreign_agencies_are_refused(ortiz, tracker, stack):
     portal = requests.put(f"{stack.gateway_url}/api/v1/partner/compliance/{RIVERBEND}/items/CT-1", json=item_body(),
                           headers={"apikey": stack.patient_portal_api_key}, timeout=10)  # fmt: skip
     assert portal.status_code == 403
+
+
+@pytest.fixture
+def second_replica(stack, service_secret):
+    """The compliance pass of a second notifications replica: the same code, database, directory and
+    service identity as the stack's process, run from the test alongside it."""
+    settings = config.load(stack.service_env())
+    db = mongo.database(settings.common.mongo_uri, settings.common.mongo_db)
+    directory = DirectoryClient(settings.directory_grpc_target, cache_s=settings.recipients_cache_s)
+    tokens = ServiceTokens(settings.directory_grpc_target, "notifications", service_secret("notifications"))
+    components = Components(
+        settings=settings,
+        store=NotificationsStore(db),
+        cipher=PhiCipher(KeyRing(db, settings.common.phi_master_keys, settings.common.phi_master_key_id)),
+        directory=directory,
+        service_tokens=tokens,
+        registrations=Registrations(settings.facilities, settings.partners),
+    )
+    yield ComplianceAlerts(components)
+    directory.close()
+    tokens.close()  # the database client is the process-wide one (kit mongo.client): it stays open
+
+
+def test_two_replicas_passing_at_once_escalate_each_item_once(ortiz, login, events, second_replica):
+    hall = login("therapist.hall")
+    with events.listen("board_item.delivery_requested.v1") as heard:
+        ids = [
+            ortiz.post("/api/v1/compliance/items", json=item_body(due_at=at(hours=-5))).json()["id"] for _ in range(4)
+        ]
+        # The stack's own pass runs every half second; this replica's passes race it.
+        racers = [threading.Thread(target=lambda: [second_replica.run_pass() for _ in range(5)]) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(60)
+        for item_id in ids:
+            wait_until(lambda i=item_id: alert(hall, i, escalation=True), timeout=20)
+            second_replica.run_pass()  # once more, after the escalation: nothing to do
+        refs = {f"{item_id}.escalation" for item_id in ids}
+        wait_until(lambda: refs <= {e.payload.source_ref for e in heard.drain()}, timeout=20)
+        escalations = [e for e in heard.drain() if e.payload.source_ref in refs]
+    assert sorted(e.payload.source_ref for e in escalations) == sorted(refs)  # one request per item
+    for item_id in ids:
+        ortiz.post(f"/api/v1/compliance/items/{item_id}/resolve")
+
+
+def test_an_officer_reassigns_an_item_and_a_read_of_it_is_audited(ortiz, login, events):
+    patel, davis = login("therapist.patel"), login("frontdesk.davis")
+    item_id = ortiz.post("/api/v1/compliance/items", json=item_body()).json()["id"]
+    wait_until(lambda: alert(patel, item_id), timeout=15)
+    changed = ortiz.patch(f"/api/v1/compliance/items/{item_id}", json={"assignee_ids": [davis.staff_id]})
+    assert changed.status_code == 200 and changed.json()["assignee_ids"] == [davis.staff_id]
+    wait_until(lambda: alert(davis, item_id) and alert(patel, item_id) is None, timeout=15)
+    assert patel.get(f"/api/v1/compliance/items/{item_id}").status_code == 404  # no longer involved
+    with events.listen("phi.accessed.v1") as heard:
+        assert davis.get(f"/api/v1/compliance/items/{item_id}").status_code == 200
+        read = heard.wait_for(lambda e: e.payload.resource_id == item_id and e.payload.outcome == "allowed")
+    assert read.payload.actor_id == davis.staff_id and read.payload.resource_type == "compliance_item"
+    bad = ortiz.patch(f"/api/v1/compliance/items/{item_id}", json={"due_at": {"$gt": ""}})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_type"
+    ortiz.post(f"/api/v1/compliance/items/{item_id}/resolve")
+    again = ortiz.patch(f"/api/v1/compliance/items/{item_id}", json={"title": "Reopened?"})
+    assert again.status_code == 409 and again.json()["code"] == "compliance_item_resolved"

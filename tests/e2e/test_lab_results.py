@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hl7
@@ -165,6 +166,20 @@ def test_the_same_message_twice_is_stored_once_and_acknowledged_aa_twice(mllp, k
     assert [i for i in kim.items(folder="lab", limit=100)["items"] if i["summary"] == item["summary"]] == [item]
 
 
+def test_the_same_message_on_two_connections_at_once_is_stored_once(stack, notifications_db):
+    message = oru(control_id="RACE-" + uuid.uuid4().hex[:8], patient=patient())
+    before = stored_results(notifications_db)
+
+    def send_alone(_n: int) -> tuple[str, str]:
+        with MLLPClient("127.0.0.1", stack.config.ports.notifications_mllp) as client:
+            return msa(send(client, message))
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send_alone, range(4)))
+    assert {a[0] for a in answers} == {"AA"}
+    assert stored_results(notifications_db) == before + 1
+
+
 def test_several_messages_on_one_connection_each_get_their_ack_in_order(mllp):
     ids = [f"MULTI-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
     frames = b"".join(b"\x0b" + oru(control_id=c, patient=patient()).encode() + b"\x1c\r" for c in ids)
@@ -205,7 +220,7 @@ def white_staff(login):
 MALFORMED = [
     (b"this is not an HL7 message", "AR", "", "100"),
     (oru(control_id="BAD-UTF", patient="MRN-Zoë").encode("utf-8"), "AE", "BAD-UTF", "102"),
-    (oru(control_id="BAD-ENC").replace("MSH|^~\\&|", "MSH|^^\\&|", 1).encode(), "AR", "", "102"),
+    (oru(control_id="BAD-ENC").replace("MSH|^~\\&|", "MSH|^^\\&|", 1).encode(), "AR", "BAD-ENC", "102"),
     (oru(control_id="BAD-FAC", receiving_facility="NOWHERE").encode(), "AR", "BAD-FAC", "103"),
     (oru(control_id="BAD-PID").replace("PID|1||MRN48213^^^RIVERBEND^MR", "PID|1||").encode(), "AE", "BAD-PID", "101"),
     (oru(control_id="BAD-TYPE").replace("ORU^R01^ORU_R01", "ADT^A01").encode(), "AR", "BAD-TYPE", "200"),
@@ -370,6 +385,9 @@ def test_malformed_fhir_is_refused_with_a_stable_code_and_nothing_is_stored(
     reply = lab_interface(body, **kwargs)
     assert reply.status_code == status, reply.text
     assert reply.json()["code"] == code
+    if status in (400, 404):  # refusals from the service itself are FHIR OperationOutcomes too
+        assert reply.json()["resourceType"] == "OperationOutcome"
+        assert reply.json()["issue"][0]["severity"] == "error"
     assert "Traceback" not in reply.text
     assert stored_results(notifications_db) == before
 
@@ -379,3 +397,40 @@ def test_only_the_lab_interface_may_post_results(lab_interface, stack):
     assert lab_interface(body, key="").status_code == 401
     assert lab_interface(body, key="not-a-key").status_code == 401
     assert lab_interface(body, key=stack.patient_portal_api_key).status_code == 403  # not in lab-interfaces
+
+
+# --- at rest, in the logs, health -------------------------------------------------------------------
+
+
+def test_results_are_sealed_at_rest_and_never_logged(mllp, stack, notifications_db, kim):
+    mrn = "MRN-SEALED-" + uuid.uuid4().hex[:6]
+    control_id = "SEAL-" + uuid.uuid4().hex[:6]
+    assert msa(send(mllp, oru(control_id=control_id, patient=mrn)))[0] == "AA"
+    wait_until(lambda: lab_item(kim, mrn), timeout=15)
+    docs = list(notifications_db.lab_results.find({}))
+    assert docs
+    for doc in docs:
+        raw = repr(doc)
+        assert mrn not in raw and "Platelets" not in raw and "11.8" not in raw
+        assert isinstance(doc["report"], bytes)
+    logs = (stack.logs / "notifications.log").read_text()
+    assert mrn not in logs and "CBC panel" not in logs and control_id not in logs
+    assert "lab result stored" in logs
+
+
+def test_health_and_readiness(stack):
+    import requests
+
+    assert requests.get(f"{stack.notifications_url}/healthz", timeout=5).json()["status"] == "ok"
+    ready = requests.get(f"{stack.notifications_url}/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    # The service checks tokens itself, not only the gateway.
+    direct = requests.get(f"{stack.notifications_url}/api/v1/lab/results/lab_x", timeout=5)
+    assert direct.status_code == 401 and direct.json()["code"] == "unauthenticated"
+    forged = requests.post(
+        f"{stack.notifications_url}/api/v1/partner/lab/agy_riverbend/DiagnosticReport",
+        json=diagnostic_report(),
+        headers={"X-Anonymous-Consumer": "true", "X-Consumer-Username": "lab-interface"},
+        timeout=5,
+    )
+    assert forged.status_code == 401

@@ -239,5 +239,7 @@ def test_partner_routes_need_the_practice_management_key_and_its_own_agencies(st
     assert requests.put(base, json=appointment_resource("z1"), timeout=10).status_code == 401
     lab_key = {"apikey": stack.lab_interface_api_key}
     assert requests.put(base, json=appointment_resource("z1"), headers=lab_key, timeout=10).status_code == 403
+    malformed_id = practice_management(RIVERBEND, "bad%20id", json=appointment_resource("bad id"))
+    assert malformed_id.status_code == 404 and malformed_id.json()["code"] == "not_found"
     elsewhere = practice_management("agy_elsewhere", "z1", json=appointment_resource("z1"))
     assert elsewhere.status_code == 404 and elsewhere.json()["code"] == "agency_not_found"

@@ -59,15 +59,13 @@ class EchoHandler(BaseHTTPRequestHandler):
         if delay:
             time.sleep(delay)
         status = int(self.headers.get("X-Test-Status") or 200)
-        payload = json.dumps(
-            {
-                "method": self.command,
-                "path": self.path,
-                "headers": [[k, v] for k, v in self.headers.items()],
-                "body_length": len(body),
-                "body": body[:200].decode("latin-1"),
-            }
-        ).encode()
+        payload = json.dumps({
+            "method": self.command,
+            "path": self.path,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "body_length": len(body),
+            "body": body[:200].decode("latin-1"),
+        }).encode()
         chunks = int(self.headers.get("X-Test-Chunks") or 0)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -130,14 +128,10 @@ class Keys:
 def keys() -> Keys:
     def pair():
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        private = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        public = (
-            key.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            .decode()
-        )
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         return private, public
 
     private, public = pair()
@@ -178,10 +172,7 @@ def start_gateway(config_path: Path, env: dict[str, str], workdir: Path) -> Gate
     with stdout_path.open("w") as out, stderr_path.open("w") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.gateway", "--config", str(config_path)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=err,
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=err,
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -198,10 +189,5 @@ def start_gateway(config_path: Path, env: dict[str, str], workdir: Path) -> Gate
 def run_check(config_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "services.gateway", "--check", "--config", str(config_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )

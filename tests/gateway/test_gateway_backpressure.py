@@ -38,9 +38,8 @@ def served():
 
     async def start():
         pool = UpstreamPool(loop)
-        server = GatewayServer(
-            loop, Gateway(load_text(CONFIG, {}), 0, pool, access_log_enabled=False).handle, new_request_id
-        )
+        server = GatewayServer(loop, Gateway(load_text(CONFIG, {}), 0, pool, access_log_enabled=False).handle,
+                               new_request_id)
         port = await server.start("127.0.0.1", 0)
         listener = server._server.sockets[0]  # accepted sockets inherit these
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
@@ -79,7 +78,7 @@ def test_a_client_that_never_reads_stops_being_read(served):
         while time.monotonic() < deadline:
             if sent < len(payload):
                 try:
-                    sent += client.send(payload[sent : sent + 65536])
+                    sent += client.send(payload[sent:sent + 65536])
                 except BlockingIOError:
                     time.sleep(0.005)
             else:

@@ -35,23 +35,21 @@ consumers:
 
 
 def product_env(upstream, keys) -> dict[str, str]:
-    return gateway_env(
-        {
-            "DECK_DIRECTORY_URL": upstream.url,
-            "DECK_INBOX_URL": upstream.url,
-            "DECK_NOTIFICATIONS_URL": upstream.url,
-            "DECK_AUTO_REPLY_URL": upstream.url,
-            "DECK_WEB_URL": upstream.url,
-            "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
-            "DECK_PATIENT_PORTAL_API_KEY": PORTAL_KEY,
-            "DECK_LAB_INTERFACE_API_KEY": "lab-interface-test-key",
-            "DECK_PRACTICE_MANAGEMENT_API_KEY": "practice-management-test-key",
-            "DECK_COMPLIANCE_TRACKER_API_KEY": "compliance-tracker-test-key",
-            "DECK_RATE_LIMIT_MINUTE": "600",
-            "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
-            "DECK_CORS_ORIGIN": "http://127.0.0.1:8000",
-        }
-    )
+    return gateway_env({
+        "DECK_DIRECTORY_URL": upstream.url,
+        "DECK_INBOX_URL": upstream.url,
+        "DECK_NOTIFICATIONS_URL": upstream.url,
+        "DECK_AUTO_REPLY_URL": upstream.url,
+        "DECK_WEB_URL": upstream.url,
+        "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
+        "DECK_PATIENT_PORTAL_API_KEY": PORTAL_KEY,
+        "DECK_LAB_INTERFACE_API_KEY": "lab-interface-test-key",
+        "DECK_PRACTICE_MANAGEMENT_API_KEY": "practice-management-test-key",
+        "DECK_COMPLIANCE_TRACKER_API_KEY": "compliance-tracker-test-key",
+        "DECK_RATE_LIMIT_MINUTE": "600",
+        "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
+        "DECK_CORS_ORIGIN": "http://127.0.0.1:8000",
+    })
 
 
 def test_the_product_kong_yml_validates(upstream, keys):
@@ -89,11 +87,8 @@ def test_the_product_kong_yml_verifies_staff_tokens_and_partner_keys(upstream, k
     try:
         with requests.Session() as http:
             # An RS256 token checked against the PEM that `indent 10` placed in the block scalar.
-            access = jwt.encode(
-                {"iss": "clinic-directory", "sub": "staff-1", "exp": int(time.time()) + 900},
-                keys.private_pem,
-                algorithm="RS256",
-            )
+            access = jwt.encode({"iss": "clinic-directory", "sub": "staff-1", "exp": int(time.time()) + 900},
+                                keys.private_pem, algorithm="RS256")
             for path in ("/api/v1/messages/board", "/api/v1/directory/me", "/api/v1/auto-replies/me"):
                 response = http.get(f"{gateway.url}{path}", headers={"Authorization": f"Bearer {access}"})
                 assert response.status_code == 200
@@ -101,9 +96,8 @@ def test_the_product_kong_yml_verifies_staff_tokens_and_partner_keys(upstream, k
                 seen = {k.lower(): v for k, v in response.json()["headers"]}
                 assert seen["x-consumer-username"] == "clinic-staff"
                 assert seen["x-credential-identifier"] == "clinic-directory"
-            forged = jwt.encode(
-                {"iss": "clinic-directory", "exp": int(time.time()) + 900}, keys.other_private_pem, algorithm="RS256"
-            )
+            forged = jwt.encode({"iss": "clinic-directory", "exp": int(time.time()) + 900}, keys.other_private_pem,
+                                algorithm="RS256")
             refused = http.get(f"{gateway.url}/api/v1/messages", headers={"Authorization": f"Bearer {forged}"})
             assert refused.status_code == 401 and refused.json() == {"message": "Invalid signature"}
 
@@ -127,10 +121,8 @@ def test_the_product_kong_yml_limits_bodies_to_one_megabyte(upstream, keys, tmp_
             assert http.post(url, data=b"x" * 2**20).json()["body_length"] == 2**20
             too_big = http.post(url, data=b"x" * (2**20 + 1))
             assert too_big.status_code == 413
-            assert too_big.json() == {
-                "message": "Request size limit exceeded",
-                "request_id": too_big.headers["X-Kong-Request-Id"],
-            }
+            assert too_big.json() == {"message": "Request size limit exceeded",
+                                      "request_id": too_big.headers["X-Kong-Request-Id"]}
     finally:
         assert gateway.stop() == 0
 
@@ -138,22 +130,17 @@ def test_the_product_kong_yml_limits_bodies_to_one_megabyte(upstream, keys, tmp_
 def test_the_product_partner_route_refuses_consumers_outside_the_partners_group(upstream, keys, tmp_path):
     # The product file plus one more key-auth consumer that is not in `partners`.
     text = PRODUCT_FILE.read_text().replace(
-        "consumers:\n", "consumers:\n  - username: outsider\n    keyauth_credentials: [{key: outsider-key-1}]\n", 1
-    )
+        "consumers:\n", "consumers:\n  - username: outsider\n    keyauth_credentials: [{key: outsider-key-1}]\n", 1)
     config = tmp_path / "kong.yml"
     config.write_text(text)
     gateway = start_gateway(config, product_env(upstream, keys), tmp_path)
     try:
         response = requests.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": "outsider-key-1"}, timeout=5)
         assert response.status_code == 403
-        assert response.json() == {
-            "message": "You cannot consume this service",
-            "request_id": response.headers["X-Kong-Request-Id"],
-        }
-        assert (
-            requests.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": PORTAL_KEY}, timeout=5).status_code
-            == 200
-        )
+        assert response.json() == {"message": "You cannot consume this service",
+                                   "request_id": response.headers["X-Kong-Request-Id"]}
+        assert requests.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": PORTAL_KEY},
+                            timeout=5).status_code == 200
     finally:
         assert gateway.stop() == 0
 
@@ -161,60 +148,32 @@ def test_the_product_partner_route_refuses_consumers_outside_the_partners_group(
 @pytest.mark.parametrize(
     ("broken", "expected"),
     [
-        (
-            GOOD.replace("name: rate-limiting", "name: rate-limitting"),
-            "services[0].routes[0].plugins[0].name: plugin 'rate-limitting' not enabled",
-        ),
-        (
-            GOOD.replace("paths: [/open]", "paths: [/open]\n        colour: blue"),
-            "services[0].routes[0].colour: unknown field",
-        ),
-        (
-            GOOD.replace("minute: 10", "minute: ten"),
-            "services[0].routes[0].plugins[0].config.minute: expected a number",
-        ),
-        (
-            GOOD.replace("minute: 10", "minute: -1"),
-            "services[0].routes[0].plugins[0].config.minute: value must be greater than 0",
-        ),
-        (
-            GOOD.replace("minute: 10", "minute: 10, policy: cluster"),
-            "services[0].routes[0].plugins[0].config.policy: expected one of: local, redis",
-        ),
-        (GOOD.replace("{group: partners}", "{grup: partners}"), "consumers[0].acls[0].group: required field missing"),
-        (GOOD.replace('url: ${{ env "DECK_ECHO_URL" }}', "port: 80"), "services[0].host: required field missing"),
-        (
-            GOOD.replace("DECK_ECHO_URL", "DECK_NOT_SET"),
-            "line 4: environment variable 'DECK_NOT_SET' present in state file but not set",
-        ),
-        (
-            GOOD.replace("DECK_ECHO_URL", "ECHO_URL"),
-            "environment variables in the state file must be prefixed with 'DECK_', found: 'ECHO_URL'",
-        ),
-        (
-            GOOD.replace("{minute: 10}", "{minute: 10, hour: 5}"),
-            "The limit for hour(5.0) cannot be lower than the limit for minute(10.0)",
-        ),
-        (
-            GOOD.replace("paths: [/open]", "paths: [/open]\n        headers: {x-tenant: [a]}"),
-            "services[0].routes[0].headers: unsupported by the local gateway",
-        ),
+        (GOOD.replace("name: rate-limiting", "name: rate-limitting"),
+         "services[0].routes[0].plugins[0].name: plugin 'rate-limitting' not enabled"),
+        (GOOD.replace("paths: [/open]", "paths: [/open]\n        colour: blue"),
+         "services[0].routes[0].colour: unknown field"),
+        (GOOD.replace("minute: 10", "minute: ten"),
+         "services[0].routes[0].plugins[0].config.minute: expected a number"),
+        (GOOD.replace("minute: 10", "minute: -1"),
+         "services[0].routes[0].plugins[0].config.minute: value must be greater than 0"),
+        (GOOD.replace("minute: 10", "minute: 10, policy: cluster"),
+         "services[0].routes[0].plugins[0].config.policy: expected one of: local, redis"),
+        (GOOD.replace("{group: partners}", "{grup: partners}"),
+         "consumers[0].acls[0].group: required field missing"),
+        (GOOD.replace("url: ${{ env \"DECK_ECHO_URL\" }}", "port: 80"),
+         "services[0].host: required field missing"),
+        (GOOD.replace("DECK_ECHO_URL", "DECK_NOT_SET"),
+         "line 4: environment variable 'DECK_NOT_SET' present in state file but not set"),
+        (GOOD.replace("DECK_ECHO_URL", "ECHO_URL"),
+         "environment variables in the state file must be prefixed with 'DECK_', found: 'ECHO_URL'"),
+        (GOOD.replace("{minute: 10}", "{minute: 10, hour: 5}"),
+         "The limit for hour(5.0) cannot be lower than the limit for minute(10.0)"),
+        (GOOD.replace("paths: [/open]", "paths: [/open]\n        headers: {x-tenant: [a]}"),
+         "services[0].routes[0].headers: unsupported by the local gateway"),
         (GOOD.replace('_format_version: "3.0"\n', ""), "_format_version: required field missing"),
     ],
-    ids=[
-        "unknown-plugin",
-        "unknown-field",
-        "wrong-type",
-        "out-of-range",
-        "enum",
-        "missing-required",
-        "missing-host",
-        "missing-env",
-        "unprefixed-env",
-        "period-order",
-        "unsupported-field",
-        "no-version",
-    ],
+    ids=["unknown-plugin", "unknown-field", "wrong-type", "out-of-range", "enum", "missing-required",
+         "missing-host", "missing-env", "unprefixed-env", "period-order", "unsupported-field", "no-version"],
 )
 def test_broken_files_are_refused_naming_the_field(tmp_path, upstream, broken, expected):
     config = tmp_path / "kong.yml"
@@ -244,15 +203,9 @@ def test_invalid_gateway_settings_are_listed_with_exit_status_2(tmp_path, upstre
 def test_the_server_itself_refuses_to_start_on_a_broken_file(tmp_path):
     config = tmp_path / "kong.yml"
     config.write_text(GOOD)  # DECK_ECHO_URL deliberately not set
-    result = subprocess.run(
-        [sys.executable, "-m", "services.gateway", "--config", str(config)],
-        cwd=REPO_ROOT,
-        env=gateway_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = subprocess.run([sys.executable, "-m", "services.gateway", "--config", str(config)],
+                            cwd=REPO_ROOT, env=gateway_env(), capture_output=True, text=True, timeout=30,
+                            check=False)
     assert result.returncode == 1
     assert "environment variable 'DECK_ECHO_URL' present in state file but not set" in result.stderr
 

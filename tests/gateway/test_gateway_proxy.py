@@ -123,9 +123,8 @@ def switching_upstream():
                 data = b""
                 while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                     data += chunk
-                conn.sendall(
-                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nframes"
-                )
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                             b"frames")
                 try:
                     conn.recv(1)  # until the gateway hangs up
                 except OSError:
@@ -141,14 +140,12 @@ def gateway(upstream, keys, switching_upstream, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gateway")
     config = workdir / "kong.yml"
     config.write_text(TEST_CONFIG)
-    env = gateway_env(
-        {
-            "DECK_ECHO_URL": upstream.url,
-            "DECK_CLOSED_PORT": str(closed_port()),
-            "DECK_PUBLIC_KEY": keys.public_pem,
-            "DECK_SWITCHING_URL": switching_upstream,
-        }
-    )
+    env = gateway_env({
+        "DECK_ECHO_URL": upstream.url,
+        "DECK_CLOSED_PORT": str(closed_port()),
+        "DECK_PUBLIC_KEY": keys.public_pem,
+        "DECK_SWITCHING_URL": switching_upstream,
+    })
     process = start_gateway(config, env, workdir)
     yield process
     assert process.stop() == 0
@@ -336,9 +333,8 @@ def test_valid_token_is_proxied_with_consumer_headers_and_the_token_intact(gatew
 
 
 def test_preflight_skips_jwt_when_run_on_preflight_is_off(gateway, http):
-    response = http.options(
-        f"{gateway.url}/staff", headers={"Origin": "http://web.clinic.test", "Access-Control-Request-Method": "GET"}
-    )
+    response = http.options(f"{gateway.url}/staff", headers={
+        "Origin": "http://web.clinic.test", "Access-Control-Request-Method": "GET"})
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == "http://web.clinic.test"
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
@@ -427,11 +423,8 @@ def test_chunked_oversize_body_is_413(gateway, http, upstream):
 
 
 def test_declared_oversize_body_expecting_100_continue_is_417_before_the_body_is_sent(gateway):
-    answer = exchange(
-        gateway,
-        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n"
-        b"Expect: 100-continue\r\nAccept: application/json\r\n\r\n",
-    )
+    answer = exchange(gateway, b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n"
+                               b"Expect: 100-continue\r\nAccept: application/json\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 417 Expectation Failed\r\n")  # no 100 Continue first
     assert b"\r\nConnection: close\r\n" in head  # the body was never sent: nothing to read after it
@@ -441,7 +434,8 @@ def test_declared_oversize_body_expecting_100_continue_is_417_before_the_body_is
 def test_chunked_oversize_body_expecting_100_continue_is_417(gateway, upstream):
     before = len(upstream.seen)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
-        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
         assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n")
         answer = b""
@@ -483,10 +477,8 @@ def test_upstream_status_codes_pass_through(gateway, http):
 
 def test_keep_alive_and_pipelined_requests_are_answered_in_order(gateway):
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
-        sock.sendall(
-            b"GET /open/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /open/2 HTTP/1.1\r\nHost: a\r\n\r\n"
-            b"GET /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
+        sock.sendall(b"GET /open/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /open/2 HTTP/1.1\r\nHost: a\r\n\r\n"
+                     b"GET /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -496,11 +488,8 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(gateway):
 
 def test_requests_pipelined_after_an_upgrade_are_not_left_waiting(gateway):
     # The Upgrade is not relayed and nothing after it is read: the answer closes the connection.
-    answer = exchange(
-        gateway,
-        b"GET /open/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-        b"GET /open/after HTTP/1.1\r\nHost: a\r\n\r\n",
-    )
+    answer = exchange(gateway, b"GET /open/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                               b"GET /open/after HTTP/1.1\r\nHost: a\r\n\r\n")
     head = answer.partition(b"\r\n\r\n")[0]
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nConnection: close\r\n" in head
@@ -531,7 +520,8 @@ def test_a_header_too_large_is_refused_before_it_has_all_been_sent(gateway):
 
 
 def test_upstream_down_is_502(gateway, http):
-    assert_kong_error(http.get(f"{gateway.url}/down"), 502, "An invalid response was received from the upstream server")
+    assert_kong_error(http.get(f"{gateway.url}/down"), 502,
+                      "An invalid response was received from the upstream server")
 
 
 def test_upstream_too_slow_is_504(gateway, http):
@@ -542,9 +532,8 @@ def test_upstream_too_slow_is_504(gateway, http):
 def test_a_post_that_times_out_on_a_kept_alive_connection_is_sent_once(gateway, upstream, http):
     assert http.get(f"{gateway.url}/slow").status_code == 200  # leaves a kept-alive connection in the pool
     marker = uuid.uuid4().hex
-    response = http.post(
-        f"{gateway.url}/slow", data=b'{"a": 1}', headers={"X-Test-Sleep": "1", "X-Test-Marker": marker}
-    )
+    response = http.post(f"{gateway.url}/slow", data=b'{"a": 1}',
+                         headers={"X-Test-Sleep": "1", "X-Test-Marker": marker})
     assert_kong_error(response, 504, "The upstream server is timing out")
     received = [seen for seen in upstream.seen if ("X-Test-Marker", marker) in seen["headers"]]
     assert len(received) == 1  # retries: 0, and nginx never re-sends a POST
@@ -557,12 +546,8 @@ def test_an_upstream_switching_protocols_is_502(gateway, http):
 
 def test_request_log_has_no_paths_or_tokens(gateway, http, keys):
     access = token(keys.private_pem)
-    assert (
-        http.get(
-            f"{gateway.url}/staff/patient-jane-doe?name=jane", headers={"Authorization": f"Bearer {access}"}
-        ).status_code
-        == 200
-    )
+    assert http.get(f"{gateway.url}/staff/patient-jane-doe?name=jane",
+                    headers={"Authorization": f"Bearer {access}"}).status_code == 200
     assert http.get(f"{gateway.url}/partner/patient-jane-doe?apikey=portal-key-123&name=jane").status_code == 200
     time.sleep(0.1)
     text = gateway.stdout_path.read_text()

@@ -16,6 +16,7 @@ from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.auth import Identity, current_identity
 from services.kit.crypto import KeyRing, PhiCipher
+from services.kit.errors import NotFound
 from services.notifications import config
 from services.notifications.components import Components
 from services.notifications.registrations import Registrations
@@ -45,6 +46,8 @@ class DirectoryTable:
     teams: dict[str, list[str]] = field(default_factory=dict)  # team id -> staff ids
     notify_linked_staff: dict[str, bool] = field(default_factory=dict)  # agency -> option
     escalation_minutes: dict[str, int] = field(default_factory=dict)
+    # Agencies directory cannot answer for (NOT_FOUND), as after an agency is removed.
+    unknown_agencies: set[str] = field(default_factory=set)
     calls: int = 0
 
     def _agency(self) -> str:
@@ -54,6 +57,8 @@ class DirectoryTable:
 
     def agency_settings(self, agency_id: str) -> directory_pb2.GetAgencySettingsResponse:
         assert agency_id == self._agency()
+        if agency_id in self.unknown_agencies:
+            raise NotFound("agency_not_found", "the caller's agency is not in the directory")
         return directory_pb2.GetAgencySettingsResponse(
             agency_id=agency_id,
             notify_linked_staff_on_schedule_change=self.notify_linked_staff.get(agency_id, True),

@@ -18,10 +18,7 @@ def list_queues(amqp_url: str) -> dict[str, str]:
     vhost = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).path.lstrip("/"))
     listed = subprocess.run(
         ["rabbitmqctl", "-q", "--no-table-headers", "list_queues", "-p", vhost, "name", "arguments"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        check=True, capture_output=True, text=True, timeout=60,
     )
     return dict(line.split("\t", 1) for line in listed.stdout.splitlines() if "\t" in line)
 

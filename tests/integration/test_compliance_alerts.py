@@ -91,6 +91,13 @@ def test_assignees_must_be_active_staff_of_the_agency(alerts, assignees):
     assert alerts.items.count_documents({}) == 0
 
 
+def test_an_item_needs_an_assignee(alerts):
+    with pytest.raises(InvalidInput) as caught:
+        create(alerts, assignee_ids=[])
+    assert caught.value.code == "no_assignees"
+    assert alerts.items.count_documents({}) == 0
+
+
 def test_past_its_due_time_it_is_reported_overdue_once(alerts):
     item = create(alerts)
     assert alerts.run_pass(now=DUE - 1) == 0
@@ -163,6 +170,24 @@ def test_an_extension_withdraws_the_escalation_and_starts_over(alerts):
     assert staged[f"{item.id}-v{extended.version}-a"].status == "open"
     doc = raw(alerts, item.id)
     assert doc["overdue_at"] == 0 and doc["escalated_due"] == 0 and doc["next_check_at"] == DUE + 48 * HOUR
+
+
+def test_an_agency_directory_cannot_answer_for_does_not_hold_up_the_others(alerts, table):
+    with acting_as(Identity("stf_baker", "agy_lakeside")):
+        stuck = alerts.create("agy_lakeside", compliance.new_id(), {**FIELDS, "assignee_ids": ["stf_baker"]},
+                              origin="staff", external_ref="", created_by="stf_baker")  # fmt: skip
+    item = create(alerts, due_at=DUE + 1)  # checked after the stuck one
+    table.unknown_agencies.add("agy_lakeside")
+    assert alerts.run_pass(now=DUE + 2) == 1
+    assert raw(alerts, item.id)["overdue_at"] == DUE + 2
+    assert raw(alerts, stuck.id)["overdue_at"] == 0 and raw(alerts, stuck.id)["next_check_at"] == DUE
+
+
+def test_a_backlog_larger_than_a_batch_is_worked_through_in_one_pass(alerts, monkeypatch):
+    monkeypatch.setattr("services.notifications.compliance_alerts.PASS_BATCH", 2)
+    items = [create(alerts) for _ in range(5)]
+    assert alerts.run_pass(now=DUE + 1) == 5
+    assert all(raw(alerts, item.id)["overdue_at"] == DUE + 1 for item in items)
 
 
 def test_a_changed_escalation_delay_moves_the_next_check(alerts, table):

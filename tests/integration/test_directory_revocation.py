@@ -22,7 +22,9 @@ MINUTE_MS = 60_000
 
 @pytest.fixture
 def dut(mongo_uri, db_name, tmp_path):
-    return start_directory(mongo_uri, db_name, tmp_path, SERVICE_CLIENTS=f"inbox:{secret_digest('inbox-secret')}")
+    return start_directory(
+        mongo_uri, db_name, tmp_path, SERVICE_CLIENTS=f"inbox:{secret_digest('inbox-secret')}"
+    )
 
 
 @pytest.fixture
@@ -67,10 +69,7 @@ def test_sign_out_stages_the_event_in_the_session_and_the_directory_refuses_at_o
     [event] = staged(dut, grant["sid"])
     doc = dut.store.get_session(grant["sid"])
     assert (event.session_id, event.staff_id, event.agency_id, event.reason) == (
-        grant["sid"],
-        "stf_riverbend_kim",
-        "agy_riverbend",
-        "logout",
+        grant["sid"], "stf_riverbend_kim", "agy_riverbend", "logout"
     )
     assert event.revoked_at.ToMilliseconds() == doc["revoked_at"]
     assert event.access_expires_at.ToMilliseconds() == doc["revoked_at"] + 900_000
@@ -90,17 +89,10 @@ def test_deactivation_announces_each_live_session_once(dut):
     first, second = sign_in(dut, "nurse.kim"), sign_in(dut, "nurse.kim")
     # A session that ended long ago (and whose last token expired) is closed without an announcement.
     old = now_ms() - 24 * 3600 * 1000
-    dut.store.sessions.insert_one(
-        {
-            "_id": "ses_longgone",
-            "staff_id": "stf_riverbend_kim",
-            "agency_id": "agy_riverbend",
-            "created_at": old,
-            "expires_at": old + MINUTE_MS,
-            "revoked_at": 0,
-            "revoked_reason": "",
-        }
-    )
+    dut.store.sessions.insert_one({
+        "_id": "ses_longgone", "staff_id": "stf_riverbend_kim", "agency_id": "agy_riverbend",
+        "created_at": old, "expires_at": old + MINUTE_MS, "revoked_at": 0, "revoked_reason": "",
+    })
     admin = {"Authorization": f"Bearer {dut.token('admin')}"}
     reply = dut.client.patch("/api/v1/directory/staff/stf_riverbend_kim", json={"active": False}, headers=admin)
     assert reply.status_code == 200
@@ -137,17 +129,10 @@ def platform_token(stub) -> str:
 def test_list_revoked_sessions_is_bounded_to_one_token_lifetime(dut, stub):
     now = now_ms()
     for name, revoked_at in [("ses_ancient", now - 20 * MINUTE_MS), ("ses_recent", now - 10 * MINUTE_MS)]:
-        dut.store.sessions.insert_one(
-            {
-                "_id": name,
-                "staff_id": "stf_riverbend_kim",
-                "agency_id": "agy_riverbend",
-                "created_at": revoked_at,
-                "expires_at": now + MINUTE_MS,
-                "revoked_at": revoked_at,
-                "revoked_reason": "logout",
-            }
-        )
+        dut.store.sessions.insert_one({
+            "_id": name, "staff_id": "stf_riverbend_kim", "agency_id": "agy_riverbend", "created_at": revoked_at,
+            "expires_at": now + MINUTE_MS, "revoked_at": revoked_at, "revoked_reason": "logout",
+        })
     grant = sign_in(dut, "nurse.kim")
     dut.client.post("/api/v1/auth/logout", json={"refresh_token": grant["refresh_token"]})
     metadata = [("authorization", f"Bearer {platform_token(stub)}")]

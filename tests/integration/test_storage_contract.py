@@ -598,3 +598,11 @@ def test_auto_reply_slot_claimed_once_marked_once_and_released_only_unsent(db):
     released = db.reply_slots.delete_one({"_id": {"$eq": "refused"}, "event_id": {"$eq": "e3"}, "sent_at": {"$eq": 0}})
     assert released.deleted_count == 1 and db.reply_slots.find_one({"_id": {"$eq": "refused"}}) is None
     db.reply_slots.insert_one({"_id": "refused", "event_id": "e4", "sent_at": 0})
+
+
+def test_staff_by_id_list_without_their_password_hashes(mongo_client, db_name):
+    staff = mongo_client[db_name]["staff"]
+    staff.insert_many([{"_id": f"stf_{i}", "agency_id": f"agy_{i % 2}", "password_hash": "h"} for i in range(8)])
+    docs = list(staff.find({"_id": {"$in": ["stf_1", "stf_2", "stf_3", "stf_nobody"]}}, {"password_hash": 0}))
+    assert sorted(d["_id"] for d in docs) == ["stf_1", "stf_2", "stf_3"]
+    assert all("password_hash" not in d for d in docs)

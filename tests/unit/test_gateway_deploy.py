@@ -10,23 +10,9 @@ import pytest
 from tests.docker import deploy_files as d
 
 # nginx variables that cannot carry a path, a query string, a header value or a client address.
-ALLOWED_LOG_VARIABLES = {
-    "time_iso8601",
-    "time_local",
-    "msec",
-    "kong_request_id",
-    "request_method",
-    "status",
-    "request_time",
-    "upstream_response_time",
-    "upstream_connect_time",
-    "upstream_header_time",
-    "upstream_status",
-    "body_bytes_sent",
-    "bytes_sent",
-    "request_length",
-    "server_protocol",
-}
+ALLOWED_LOG_VARIABLES = {"time_iso8601", "time_local", "msec", "kong_request_id", "request_method", "status",
+                         "request_time", "upstream_response_time", "upstream_connect_time", "upstream_header_time",
+                         "upstream_status", "body_bytes_sent", "bytes_sent", "request_length", "server_protocol"}
 _LOG_FORMAT = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?: escape=(?:json|default|none))? '(?P<format>[^']*)'$")
 
 
@@ -70,10 +56,8 @@ def test_kong_is_told_which_proxies_to_trust(kong_env):
 
 
 def test_compose_lets_dot_env_set_the_trusted_proxies():
-    env = d.interpolate(
-        d.environment_of(d.load_compose()["services"]["kong"]),
-        {"KONG_TRUSTED_IPS": "172.18.0.1", "KONG_REAL_IP_HEADER": "proxy_protocol"},
-    )
+    env = d.interpolate(d.environment_of(d.load_compose()["services"]["kong"]),
+                        {"KONG_TRUSTED_IPS": "172.18.0.1", "KONG_REAL_IP_HEADER": "proxy_protocol"})
     assert (env["KONG_TRUSTED_IPS"], env["KONG_REAL_IP_HEADER"]) == ("172.18.0.1", "proxy_protocol")
 
 

@@ -74,10 +74,8 @@ def test_window_starts_are_calendar_aligned_in_utc():
 
 
 def _limiter(config: str) -> tuple[RateLimitingPlugin, LocalCounters]:
-    text = (
-        '_format_version: "3.0"\nservices:\n  - {name: s, url: "http://h", routes: [{name: r, paths: [/]}]}\n'
-        f"plugins:\n  - name: rate-limiting\n    config: {config}\n"
-    )
+    text = ('_format_version: "3.0"\nservices:\n  - {name: s, url: "http://h", routes: [{name: r, paths: [/]}]}\n'
+            f"plugins:\n  - name: rate-limiting\n    config: {config}\n")
     model = load_text(text, {})
     counters = LocalCounters()
     return RateLimitingPlugin(model.plugins[0], model, counters), counters
@@ -134,13 +132,8 @@ def test_error_bodies_follow_kongs_templates():
 
 @pytest.mark.parametrize(
     ("accept", "content_type"),
-    [
-        (None, "application/json"),
-        ("*/*", "application/json"),
-        ("text/html,application/json;q=0.9", "text/html"),
-        ("application/json, text/plain;q=0.5", "application/json"),
-        ("text/plain", "text/plain"),
-    ],
+    [(None, "application/json"), ("*/*", "application/json"), ("text/html,application/json;q=0.9", "text/html"),
+     ("application/json, text/plain;q=0.5", "application/json"), ("text/plain", "text/plain")],
 )
 def test_error_format_follows_the_accept_header(accept, content_type):
     assert response_type(accept).startswith(content_type)
@@ -159,10 +152,8 @@ def test_window_start_uses_current_time_by_default():
 
 
 def test_cors_keeps_nothing_per_origin():
-    text = (
-        '_format_version: "3.0"\nservices:\n  - {name: s, url: "http://h", routes: [{name: r, paths: [/]}]}\n'
-        "plugins:\n  - name: cors\n    config: {origins: [http://a.clinic.test, http://b.clinic.test]}\n"
-    )
+    text = ('_format_version: "3.0"\nservices:\n  - {name: s, url: "http://h", routes: [{name: r, paths: [/]}]}\n'
+            "plugins:\n  - name: cors\n    config: {origins: [http://a.clinic.test, http://b.clinic.test]}\n")
     model = load_text(text, {})
     plugin = CorsPlugin(model.plugins[0], model)
     tracemalloc.start()

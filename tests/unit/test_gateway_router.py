@@ -15,19 +15,8 @@ def service(path: str | None = None, enabled: bool = True) -> Service:
 
 
 def route(name: str, paths=(), methods=(), hosts=(), strip_path=True, svc=None, order=0) -> Route:
-    return Route(
-        name,
-        name,
-        svc or service(),
-        ["http", "https"],
-        list(methods),
-        list(hosts),
-        list(paths),
-        strip_path,
-        False,
-        426,
-        order,
-    )
+    return Route(name, name, svc or service(), ["http", "https"], list(methods), list(hosts), list(paths),
+                 strip_path, False, 426, order)
 
 
 def test_longest_prefix_wins_whatever_the_declaration_order():
@@ -116,13 +105,8 @@ def test_matching_keeps_nothing_per_request_path():
 
 @pytest.mark.parametrize(
     ("host", "expected"),
-    [
-        ("clinic.test", "clinic.test"),
-        ("clinic.test:8000", "clinic.test"),
-        ("[::1]:8000", "[::1]"),
-        ("[::1]", "[::1]"),
-        ("10.0.0.1:80", "10.0.0.1"),
-    ],
+    [("clinic.test", "clinic.test"), ("clinic.test:8000", "clinic.test"), ("[::1]:8000", "[::1]"),
+     ("[::1]", "[::1]"), ("10.0.0.1:80", "10.0.0.1")],
 )
 def test_strip_port(host, expected):
     assert strip_port(host) == expected

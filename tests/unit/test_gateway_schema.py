@@ -33,11 +33,7 @@ def test_defaults_are_applied_as_kong_applies_them():
     service, route, plugin = model.services[0], model.routes[0], model.plugins[0]
     assert (service.protocol, service.host, service.port, service.path) == ("http", "127.0.0.1", 9000, "/v1")
     assert (service.retries, service.connect_timeout, service.read_timeout, service.write_timeout) == (
-        5,
-        60000,
-        60000,
-        60000,
-    )
+        5, 60000, 60000, 60000)
     assert route.strip_path is True and route.preserve_host is False and route.protocols == ["http", "https"]
     assert plugin.config["uri_param_names"] == ["jwt"]
     assert plugin.config["header_names"] == ["authorization"]
@@ -56,58 +52,34 @@ def test_ids_are_stable_between_loads():
 @pytest.mark.parametrize(
     ("snippet", "expected"),
     [
-        (
-            "plugins:\n  - name: jwt\n    config: {maximum_expiration: 100}\n",
-            "plugins[0].config.claims_to_verify: must contain 'exp'",
-        ),
-        (
-            "plugins:\n  - name: jwt\n    config: {claims_to_verify: [iat]}\n",
-            "plugins[0].config.claims_to_verify[0]: expected one of: exp, nbf",
-        ),
-        (
-            "plugins:\n  - name: acl\n    config: {allow: [a], deny: [b]}\n",
-            "plugins[0]: only one of these fields must be non-empty: 'config.allow', 'config.deny'",
-        ),
+        ("plugins:\n  - name: jwt\n    config: {maximum_expiration: 100}\n",
+         "plugins[0].config.claims_to_verify: must contain 'exp'"),
+        ("plugins:\n  - name: jwt\n    config: {claims_to_verify: [iat]}\n",
+         "plugins[0].config.claims_to_verify[0]: expected one of: exp, nbf"),
+        ("plugins:\n  - name: acl\n    config: {allow: [a], deny: [b]}\n",
+         "plugins[0]: only one of these fields must be non-empty: 'config.allow', 'config.deny'"),
         ("plugins:\n  - name: acl\n", "plugins[0]: at least one of these fields must be non-empty"),
-        (
-            "plugins:\n  - name: rate-limiting\n    config: {limit_by: ip}\n",
-            "plugins[0]: at least one of these fields must be non-empty: 'config.second'",
-        ),
-        (
-            "plugins:\n  - name: rate-limiting\n    config: {minute: 5, limit_by: header}\n",
-            "plugins[0].config.header_name: required field missing",
-        ),
-        (
-            "plugins:\n  - name: request-size-limiting\n    config: {size_unit: gigabytes}\n",
-            "plugins[0].config.size_unit: expected one of: megabytes, kilobytes, bytes",
-        ),
-        (
-            "plugins:\n  - name: cors\n    config: {origins: ['(unclosed']}\n",
-            "plugins[0].config.origins[0]: '(unclosed' is not a valid regex",
-        ),
-        (
-            "plugins:\n  - name: correlation-id\n    config: {generator: 'uuid#'}\n",
-            "plugins[0].config.generator: expected one of: uuid, uuid#counter, tracker",
-        ),
-        (
-            "plugins:\n  - name: key-auth\n    config: {key_in_body: true}\n",
-            "plugins[0].config.key_in_body: unsupported by the local gateway",
-        ),
-        (
-            "plugins:\n  - name: basic-auth\n",
-            "plugins[0].name: plugin 'basic-auth' is unsupported by the local gateway",
-        ),
+        ("plugins:\n  - name: rate-limiting\n    config: {limit_by: ip}\n",
+         "plugins[0]: at least one of these fields must be non-empty: 'config.second'"),
+        ("plugins:\n  - name: rate-limiting\n    config: {minute: 5, limit_by: header}\n",
+         "plugins[0].config.header_name: required field missing"),
+        ("plugins:\n  - name: request-size-limiting\n    config: {size_unit: gigabytes}\n",
+         "plugins[0].config.size_unit: expected one of: megabytes, kilobytes, bytes"),
+        ("plugins:\n  - name: cors\n    config: {origins: ['(unclosed']}\n",
+         "plugins[0].config.origins[0]: '(unclosed' is not a valid regex"),
+        ("plugins:\n  - name: correlation-id\n    config: {generator: 'uuid#'}\n",
+         "plugins[0].config.generator: expected one of: uuid, uuid#counter, tracker"),
+        ("plugins:\n  - name: key-auth\n    config: {key_in_body: true}\n",
+         "plugins[0].config.key_in_body: unsupported by the local gateway"),
+        ("plugins:\n  - name: basic-auth\n",
+         "plugins[0].name: plugin 'basic-auth' is unsupported by the local gateway"),
         ("plugins:\n  - name: jwt\n    route: nowhere\n", "plugins[0].route: no route with name or id 'nowhere'"),
         ("plugins:\n  - name: jwt\n  - name: jwt\n", "plugins[1]: UNIQUE violation"),
         ("consumers:\n  - tags: [x]\n", "consumers[0]: at least one of these fields must be non-empty: 'custom_id'"),
-        (
-            "consumers:\n  - username: a\n    jwt_secrets: [{key: k, algorithm: RS256}]\n",
-            "consumers[0].jwt_secrets[0].rsa_public_key: required field missing",
-        ),
-        (
-            "consumers:\n  - username: a\n    jwt_secrets: [{key: k, algorithm: RS256, rsa_public_key: nope}]\n",
-            "consumers[0].jwt_secrets[0].rsa_public_key: invalid key",
-        ),
+        ("consumers:\n  - username: a\n    jwt_secrets: [{key: k, algorithm: RS256}]\n",
+         "consumers[0].jwt_secrets[0].rsa_public_key: required field missing"),
+        ("consumers:\n  - username: a\n    jwt_secrets: [{key: k, algorithm: RS256, rsa_public_key: nope}]\n",
+         "consumers[0].jwt_secrets[0].rsa_public_key: invalid key"),
         ("consumers:\n  - username: a\n  - username: a\n", "consumers[1].username: UNIQUE violation"),
         ("upstreams:\n  - name: u\n", "upstreams: unsupported by the local gateway"),
         ("colour: blue\n", "colour: unknown field"),
@@ -130,19 +102,14 @@ def test_schema_problems_name_the_field(snippet, expected):
     ],
 )
 def test_route_problems(route_line, expected):
-    text = (
-        BASE.replace("        paths: [/r]\n", "        paths: [/r]\n" + route_line)
-        if "paths:" not in route_line
+    text = BASE.replace("        paths: [/r]\n", "        paths: [/r]\n" + route_line) if "paths:" not in route_line \
         else BASE.replace("        paths: [/r]\n", route_line)
-    )
     assert any(expected in p for p in problems_of(text)), problems_of(text)
 
 
 def test_service_fields_are_checked():
-    text = BASE.replace(
-        "    url: http://127.0.0.1:9000/v1\n",
-        "    host: 127.0.0.1\n    port: 70000\n    read_timeout: 0\n    protocol: https\n",
-    )
+    text = BASE.replace("    url: http://127.0.0.1:9000/v1\n",
+                        "    host: 127.0.0.1\n    port: 70000\n    read_timeout: 0\n    protocol: https\n")
     problems = problems_of(text)
     assert "services[0].port: value should be between 0 and 65535" in problems
     assert "services[0].read_timeout: value should be between 1 and 2147483646" in problems
@@ -227,14 +194,10 @@ def test_a_public_key_is_parsed_once_whatever_uses_it(monkeypatch):
 
 
 def test_services_alone_can_be_read_from_a_parsed_document():
-    document = yaml.safe_load(
-        BASE + "  - {name: bare, host: inbox.clinic.svc}\nconsumers: [{username: x, "
-        "jwt_secrets: [{algorithm: RS256, rsa_public_key: not-a-key}]}]\n"
-    )
+    document = yaml.safe_load(BASE + "  - {name: bare, host: inbox.clinic.svc}\nconsumers: [{username: x, "
+                                     "jwt_secrets: [{algorithm: RS256, rsa_public_key: not-a-key}]}]\n")
     services = load_services(document)
     assert [(s.name, s.host, s.port, s.path) for s in services] == [
-        ("svc", "127.0.0.1", 9000, "/v1"),
-        ("bare", "inbox.clinic.svc", 80, None),
-    ]
+        ("svc", "127.0.0.1", 9000, "/v1"), ("bare", "inbox.clinic.svc", 80, None)]
     with pytest.raises(ConfigError, match=r"services\[0\].url: invalid port"):
         load_services({"services": [{"name": "s", "url": "http://h:port"}]})

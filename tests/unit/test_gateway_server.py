@@ -151,11 +151,9 @@ def test_an_upgrade_request_is_the_last_one_answered_on_its_connection():
             return True
 
         conn, _ = connect(handler)
-        conn.data_received(
-            b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
-            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-            b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n"
-        )
+        conn.data_received(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+                           b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                           b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
         assert [r.target for r in conn.queue] == ["/a", "/ws"]
         assert conn.queue[0].keep_alive  # answered normally
         assert not conn.queue[1].keep_alive  # answered with Connection: close, then the connection closes

@@ -48,13 +48,8 @@ def test_a_multi_line_value_without_indent_is_refused():
 
 @pytest.mark.parametrize(
     ("pipeline", "raw", "rendered"),
-    [
-        ("toInt", "42", "42"),
-        ("toBool", "True", "true"),
-        ("toBool", "0", "false"),
-        ("toFloat", "1.5", "1.5"),
-        ("toFloat", "1000000", "1e+06"),
-    ],
+    [("toInt", "42", "42"), ("toBool", "True", "true"), ("toBool", "0", "false"), ("toFloat", "1.5", "1.5"),
+     ("toFloat", "1000000", "1e+06")],
 )
 def test_conversions_print_as_go_prints_them(pipeline, raw, rendered):
     assert render(f'v: ${{{{ env "DECK_V" | {pipeline} }}}}', {"DECK_V": raw}) == f"v: {rendered}"

@@ -47,8 +47,17 @@ def test_several_frames_in_one_read_come_out_in_order_and_noise_between_is_dropp
     assert frames == [b"A", b"B"]
     assert decoder.pending == 2
     assert decoder.feed(b"\x1c\r") == [b"CD"]
-    # The leading CR LF, the noise, and the CR after each end block.
-    assert decoder.dropped == len(b"\r\n") + len(b"noise") + 3
+    assert decoder.dropped == 1  # the CR after the last end block: counted since the last frame began
+    decoder.feed(b"noise" * 10)
+    assert decoder.dropped == 51
+    assert decoder.feed(frame(b"E")) == [b"E"] and decoder.dropped == 1
+
+
+def test_a_long_lived_connection_never_adds_up_to_the_junk_limit():
+    decoder = FrameDecoder(64)
+    for _ in range(200):
+        assert decoder.feed(frame(b"MSH|x") + b"\n") == [b"MSH|x"]
+    assert decoder.dropped == 2
 
 
 def test_a_frame_over_the_limit_is_refused_before_it_is_buffered_whole():
@@ -242,3 +251,24 @@ def test_an_oru_missing_what_it_needs_is_an_error_naming_it(edit, error, locatio
     with pytest.raises(hl7v2.Hl7Rejection) as caught:
         reports_from_oru(message)
     assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == ("AE", error, location)
+
+
+def test_broken_encoding_characters_are_rejected_naming_the_message_and_its_parties():
+    raw = oru(control_id="ENC-7").replace("MSH|^~\\&|", "MSH|^^\\&|", 1).encode()
+    answer = MessageTypes().acknowledge(raw)
+    assert msa(answer)[:2] == ("AR", "ENC-7") and err_code(answer) == "102"
+    msh = parse_ack(answer).segment("MSH")
+    assert (str(msh(3)), str(msh(4)), str(msh(5)), str(msh(6))) == ("BOARD", "RIVERBEND", "LABSYS", "QUEST_LAB")
+
+
+def test_each_order_of_a_message_is_its_own_result_and_escapes_are_undone():
+    message = oru(order="ORD-A", observations=POTASSIUM_CRITICAL, test=POTASSIUM_TEST)
+    second = [
+        "OBR|2|PLC-B|ORD-B|5902-2^Prothrombin time^LN|||202611260730|||||||||||||||20261126081500|||P",
+        "OBX|1|ST|5902-2^Prothrombin time^LN||see note \\T\\ call lab|s|11\\S\\13|H|||P",
+    ]
+    (potassium, prothrombin) = reports_from_oru(hl7v2.read_message((message + "\r".join(second)).encode()))
+    assert (potassium.order_number, potassium.status, potassium.severity) == ("ORD-A", "final", URGENT)
+    assert (prothrombin.order_number, prothrombin.status, prothrombin.severity) == ("ORD-B", "preliminary", ABNORMAL)
+    (line,) = prothrombin.observations
+    assert (line.value, line.reference_range) == ("see note & call lab", "11^13")

@@ -10,9 +10,8 @@ from services.kit.outbox import merge_update, outbox_fields, outbox_update, rele
 
 
 def event(event_id: str):
-    return new_envelope(
-        "message.delivered.v1", MessageDelivered(message_id="m"), agency_id="a", producer="inbox", event_id=event_id
-    )
+    return new_envelope("message.delivered.v1", MessageDelivered(message_id="m"), agency_id="a",
+                        producer="inbox", event_id=event_id)
 
 
 def test_outbox_fields_stage_events_for_an_insert():

@@ -1,0 +1,60 @@
+"""Who gets lab results: directory's answer filtered and cached per agency (a stand-in stub, no network)."""
+
+from __future__ import annotations
+
+from clinic.directory.v1 import directory_pb2
+from services.notifications.directory_client import DirectoryClient
+
+
+class Stub:
+    """directory's ResolveRecipients and GetStaff, counting calls."""
+
+    def __init__(self, staff: list[directory_pb2.Staff]):
+        self.staff = {s.staff_id: s for s in staff}
+        self.calls = 0
+
+    def ResolveRecipients(self, request):  # noqa: N802 - gRPC method name
+        self.calls += 1
+        assert request.whole_agency
+        return directory_pb2.ResolveRecipientsResponse(staff_ids=list(self.staff))
+
+    def GetStaff(self, request):  # noqa: N802
+        return directory_pb2.GetStaffResponse(staff=[self.staff[i] for i in request.staff_ids])
+
+
+def member(staff_id: str, *, lab: bool, active: bool = True, agency: str = "agy_a") -> directory_pb2.Staff:
+    return directory_pb2.Staff(staff_id=staff_id, agency_id=agency, lab_result_notification=lab, active=active)
+
+
+def client_with(stub: Stub, now: list[float]) -> DirectoryClient:
+    client = DirectoryClient("127.0.0.1:1", cache_s=30.0, clock=lambda: now[0])
+    client._stub = stub
+    return client
+
+
+def test_lab_results_go_to_active_flagged_staff_of_the_agency_only():
+    stub = Stub(
+        [
+            member("stf_a_flagged", lab=True),
+            member("stf_a_plain", lab=False),
+            member("stf_a_gone", lab=True, active=False),
+            member("stf_b_flagged", lab=True, agency="agy_b"),
+            member("stf_a_second", lab=True),
+        ]
+    )
+    assert client_with(stub, [0.0]).lab_recipients("agy_a") == ["stf_a_flagged", "stf_a_second"]
+
+
+def test_the_staff_list_is_cached_per_agency_for_the_configured_time():
+    now = [100.0]
+    stub = Stub([member("stf_a_flagged", lab=True)])
+    client = client_with(stub, now)
+    client.lab_recipients("agy_a")
+    now[0] += 29.0
+    stub.staff["stf_a_new"] = member("stf_a_new", lab=True)
+    assert client.lab_recipients("agy_a") == ["stf_a_flagged"]  # still the cached answer
+    assert stub.calls == 1
+    now[0] += 2.0
+    assert client.lab_recipients("agy_a") == ["stf_a_flagged", "stf_a_new"]
+    assert stub.calls == 2
+    client.close()
