@@ -486,3 +486,14 @@ def test_a_lab_result_is_stored_once_per_message_and_the_latest_version_of_an_or
     )
     latest = db.lab_results.find({"agency_id": {"$eq": "agy_a"}, "order_id": {"$eq": "lab_1"}})
     assert next(iter(latest.sort([("version", -1), ("received_at", -1)]).limit(1)))["_id"] == "lr_f"
+
+
+def test_staff_by_ids_is_one_primary_key_in_query_with_a_projection(db):
+    db.staff.insert_many([
+        {"_id": f"stf_{n}", "agency_id": "agy_a" if n % 2 else "agy_b", "password_hash": "h", "active": 1}
+        for n in range(6)
+    ])
+    found = list(db.staff.find({"_id": {"$in": ["stf_1", "stf_2", "stf_3", "stf_9", "stf_1"]}}, {"password_hash": 0}))
+    assert sorted(doc["_id"] for doc in found) == ["stf_1", "stf_2", "stf_3"]
+    assert all("password_hash" not in doc and doc["agency_id"] in ("agy_a", "agy_b") for doc in found)
+    assert list(db.staff.find({"_id": {"$in": []}}, {"password_hash": 0})) == []
