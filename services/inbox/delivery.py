@@ -38,6 +38,7 @@ from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Feature
+from services.inbox.directory_client import RecipientCache
 from services.inbox.store import REMOVE
 from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
 from services.kit.bus import Consumer, ProcessedEvents, Topology
@@ -363,6 +364,8 @@ class Delivery(Feature):
         self.store = components.store
         self.cipher = components.cipher
         self.notices = components.store.db[NOTICES]
+        # Directory's word on explicitly addressed staff, trusted for INBOX_RECIPIENTS_CACHE_S.
+        self.recipients = RecipientCache(self._ask_directory, components.settings.recipients_cache_s)
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.store.db, [IndexSpec(NOTICES, [("fanout_pending_at", 1)], name="fanout_pending")])
@@ -439,7 +442,7 @@ class Delivery(Feature):
             if wanted.withdrawn and (notice is None or notice.get("withdrawn_at")):
                 return Outcome(nid, [], created=False, applied=False)
             if recipients is None and not wanted.withdrawn:
-                recipients = self._resolve(wanted)
+                recipients = self._resolve(agency_id, wanted)
             doc = self._write(agency_id, nid, producer, policy, wanted, recipients or [], notice, delivery_key)
             if doc is not None:
                 self.complete_fanout(doc)
@@ -462,8 +465,11 @@ class Delivery(Feature):
         if notice["folder"] != wanted.folder:
             raise InvalidInput("kind_changed", "an item keeps the kind it was delivered with", {"field": "kind"})
 
-    def _resolve(self, wanted: DeliveryRequest) -> list[str]:
-        resolution = self.components.directory.resolve(wanted.addressing)
+    def _ask_directory(self, addressing: domain.Addressing):
+        return self.components.directory.resolve(addressing)  # looked up per call: tests swap it
+
+    def _resolve(self, agency_id: str, wanted: DeliveryRequest) -> list[str]:
+        resolution = self.recipients.resolve(agency_id, wanted.addressing)
         return final_recipients(
             resolution.require_known("some recipients do not exist in this agency"), wanted.actor_staff_id
         )

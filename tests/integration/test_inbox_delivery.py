@@ -16,6 +16,7 @@ from services.inbox import delivery as delivery_module
 from services.inbox import domain
 from services.inbox.board import ItemFilter
 from services.inbox.delivery import Delivery
+from services.inbox.directory_client import RecipientCache
 from services.kit.auth import Identity, current_identity
 from services.kit.bus import BatchPublisher, Publisher
 from services.kit.errors import Forbidden, InvalidInput
@@ -159,6 +160,27 @@ def test_bad_events_are_parked_and_the_consumer_keeps_serving(consuming, event_b
         "unknown_recipients",
     ]
     assert components.store.db[delivery_module.NOTICES].count_documents({}) == 1  # nothing half-written
+
+
+def test_recipients_are_checked_with_directory_at_most_once_per_cache_period(place):
+    """Directory's answer for the same staff is reused for INBOX_RECIPIENTS_CACHE_S; someone who left
+    the agency still gets items within that bound and is refused once it has passed."""
+    components, feature, table = place
+    asked = []
+    resolve = table.resolve
+    table.resolve = lambda addressing: asked.append(addressing) or resolve(addressing)
+    now = [100.0]
+    feature.recipients = RecipientCache(feature._ask_directory, 10.0, clock=lambda: now[0])
+    assert deliver(feature, request("order-1")).recipient_ids == ["stf_a", "stf_b"]
+    del table.staff["stf_b"]  # left the agency in directory
+    now[0] += 9.9
+    assert deliver(feature, request("order-2")).recipient_ids == ["stf_a", "stf_b"]  # within the bound
+    assert len(asked) == 1
+    now[0] += 0.1
+    with pytest.raises(InvalidInput) as refused:
+        deliver(feature, request("order-3"))
+    assert refused.value.code == "unknown_recipients" and refused.value.details["staff_ids"] == ["stf_b"]
+    assert len(asked) == 2 and len(lab_items(components, "stf_a")) == 2
 
 
 # --- updates in place -------------------------------------------------------------------------------
