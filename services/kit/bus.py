@@ -58,6 +58,7 @@ __all__ = [
     "PublishError",
     "Publisher",
     "Topology",
+    "event_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -722,6 +723,8 @@ class Consumer:
             renewed_at = time.monotonic()
             while not self._stopping.is_set():
                 connection.process_data_events(time_limit=min(0.2, renew_every_s or 0.2))
+                if self._batch:
+                    self._handle_batch(channel)
                 if self._cancelled_by_broker:
                     raise _Reconnect("consumer cancelled by the broker")
                 if renew_every_s is not None and time.monotonic() - renewed_at >= renew_every_s:
@@ -730,6 +733,7 @@ class Consumer:
         finally:
             self._consuming.clear()
             self._publish_channel = None
+            self._batch = []  # unacked: the broker redelivers them
             if connection.is_open:
                 try:
                     # Unacked deliveries not yet handled go back to the queue.
@@ -745,6 +749,55 @@ class Consumer:
     def _on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         if self._stopping.is_set():
             return  # left unacked: requeued when the connection closes
+        if self._batch_handler is not None:
+            self._batch.append((method, properties, body))
+            return
+        self._handle_one(channel, method, properties, body)
+
+    def _handle_batch(self, channel: BlockingChannel) -> None:
+        """Handle the deliveries of one pump together (see the class docstring)."""
+        batch, self._batch = self._batch, []
+        if self._stopping.is_set():
+            return  # left unacked: requeued when the connection closes
+        decoded: list[tuple[tuple, Envelope]] = []
+        one_by_one: list[tuple] = []
+        for delivery in batch:
+            try:
+                envelope = decode_envelope(delivery[2])
+            except MalformedEvent:
+                one_by_one.append(delivery)  # parked there
+                continue
+            if any(e.event_id == envelope.event_id for _, e in decoded):
+                one_by_one.append(delivery)  # a repeat within the batch: found processed there
+            else:
+                decoded.append((delivery, envelope))
+        seen = self._processed.seen_among([e.event_id for _, e in decoded]) if self._processed else set()
+        fresh = [(d, e) for d, e in decoded if e.event_id not in seen]
+        for delivery, envelope in decoded:
+            if envelope.event_id in seen:
+                logger.info("event already processed; skipped", extra=_log_extra(envelope, queue=self.queue))
+                channel.basic_ack(delivery[0].delivery_tag)
+        done: set[str] = set()
+        if fresh:
+            try:
+                left = {e.event_id for e in self._batch_handler([e for _, e in fresh])}
+                done = {e.event_id for _, e in fresh} - left
+            except Exception as exc:  # every event of the batch gets its own chance below
+                logger.warning("batch failed (%s); handling its events one by one", failure_summary(exc),
+                               extra={"queue": self.queue, "error_type": type(exc).__name__, "count": len(fresh)})
+            if done and self._processed is not None:
+                self._processed.record_all(sorted(done))
+        for delivery, envelope in fresh:
+            if envelope.event_id in done:
+                channel.basic_ack(delivery[0].delivery_tag)
+            else:
+                one_by_one.append(delivery)
+        for method, properties, body in sorted(one_by_one, key=lambda d: d[0].delivery_tag):
+            if self._stopping.is_set():
+                return
+            self._handle_one(channel, method, properties, body)
+
+    def _handle_one(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         headers = dict(properties.headers or {})
         retries = _int_header(headers.get(HEADER_RETRY_COUNT))
         try:
@@ -759,16 +812,8 @@ class Consumer:
             if self._processed is not None and self._processed.seen(envelope.event_id):
                 logger.info("event already processed; skipped", extra=extra)
             else:
-                # The handler's logs and outgoing calls carry the event's ids.
-                context = (
-                    correlation_id_var.set(accept_correlation_id(envelope.correlation_id) or envelope.event_id),
-                    event_id_var.set(envelope.event_id),
-                )
-                try:
+                with event_context(envelope):  # the handler's logs and outgoing calls carry the event's ids
                     self._handler(envelope)
-                finally:
-                    event_id_var.reset(context[1])
-                    correlation_id_var.reset(context[0])
                 if self._processed is not None:
                     self._processed.record(envelope.event_id)
         except PermanentError as exc:

@@ -387,3 +387,61 @@ def test_a_recipient_removed_by_an_interrupted_update_loses_the_item_after_a_new
     overrides = {"recipients": inbox_pb2.Recipients(staff_ids=["stf_b"]), **newer}
     assert deliver(feature, request(**overrides)).applied
     assert lab_items(components, "stf_a") == [] and counts(components, "stf_a") == (0, 0)
+
+
+# --- a batch of requested deliveries ----------------------------------------------------------------
+
+
+def test_a_batch_writes_the_new_notices_together_and_hands_back_the_rest(place):
+    components, feature, table = place
+    existing = deliver(feature, request("order-0"))
+    asked = []
+    resolve = table.resolve
+    table.resolve = lambda addressing: asked.append(addressing) or resolve(addressing)
+    new = [envelope(request(f"order-{n}")) for n in (1, 2, 3)]
+    update = envelope(request("order-0", status="corrected"))
+    twice = [envelope(request("order-4")), envelope(request("order-4", status="corrected"))]
+    refused = envelope(request("order-5", recipients=inbox_pb2.Recipients(staff_ids=["stf_x"])))
+    withdrawal = envelope(request("order-0", withdrawn=True))
+    batch = [new[0], update, *twice, new[1], refused, withdrawal, new[2]]
+
+    left = feature.handle_batch(batch)
+
+    assert [e.event_id for e in left] == [e.event_id for e in (update, *twice, refused, withdrawal)]
+    # stf_a and stf_b were checked by order-0 a moment ago; stf_x (unknown) is never remembered.
+    assert asked == [domain.Addressing(staff_ids=("stf_x",))]
+    notices = components.store.db[delivery_module.NOTICES]
+    for event in new:
+        nid = delivery_module.notice_id(AGENCY, "lab", unpack(event, inbox_pb2.DeliverItemRequest).source_ref)
+        notice = notices.find_one({"_id": nid})
+        assert notice["rev"] == 1 and notice["deliveries"] == [event.event_id]
+        assert "fanout_pending_at" not in notice and notice["_outbox_at"]  # its events released
+        items = [domain.board_item_id(nid, owner, domain.FOLDER_LAB) for owner in ("stf_a", "stf_b")]
+        assert sorted(notice["_outbox"]) == sorted("bid_" + domain.digest(item, "1")[:32] for item in items)
+    assert notices.count_documents({}) == 4  # order-4 and order-5 are not written here
+    for owner in ("stf_a", "stf_b"):
+        assert len(lab_items(components, owner)) == 4 and counts(components, owner) == (4, 4)
+    assert existing.applied and lab_items(components, "stf_a")[-1]["status"] == "final"  # the update waits
+    # A repeat of a batch's event one by one has no effect.
+    handled_again = deliver(feature, unpack(new[0], inbox_pb2.DeliverItemRequest), key=new[0].event_id)
+    assert not handled_again.applied and counts(components, "stf_a") == (4, 4)
+
+
+def test_a_batch_that_fails_half_way_is_finished_one_by_one(place, monkeypatch):
+    components, feature, _ = place
+    events = [envelope(request(f"order-{n}")) for n in (1, 2)]
+
+    def crash(_notices):
+        raise RuntimeError("process died")
+
+    real = feature._fan_out_all
+    monkeypatch.setattr(feature, "_fan_out_all", crash)
+    with pytest.raises(RuntimeError):
+        feature.handle_batch(events)
+    monkeypatch.setattr(feature, "_fan_out_all", real)
+    assert lab_items(components, "stf_a") == []
+    for event in events:  # what the consumer does with a failed batch
+        feature.handle_event(event)
+    notices = components.store.db[delivery_module.NOTICES]
+    assert all(n["rev"] == 1 and "fanout_pending_at" not in n and n["_outbox_at"] for n in notices.find({}))
+    assert len(lab_items(components, "stf_a")) == 2 and counts(components, "stf_a") == (2, 2)
