@@ -438,7 +438,15 @@ class Delivery(Feature):
         left += [entry[0] for entry in fresh if entry[1] not in inserted_ids]
         self._fan_out_all([doc for _, _, doc, _ in written])
         update = merge_update(release_update(), {"$unset": {"fanout_pending_at": ""}})
-        self.notices.update_many({"_id": {"$in": [nid for _, nid, _, _ in written]}, "rev": {"$eq": 1}}, update)
+        nids = [nid for _, nid, _, _ in written]
+        released = self.notices.update_many({"_id": {"$in": nids}, "rev": {"$eq": 1}}, update)
+        if released.matched_count < len(written):
+            # Another delivery rewrote one meanwhile: bring its items in line with that revision
+            # too (this fan-out may have put back an item it took away), as complete_fanout does.
+            for nid in nids:
+                current = self._notice(nid)
+                if current is not None and current["rev"] != 1:
+                    self.complete_fanout(self._after_newer_revision(nid))
         for envelope, nid, doc, _ in written:
             with event_context(envelope):
                 log.info(
@@ -676,7 +684,17 @@ class Delivery(Feature):
             guard = {"_id": {"$eq": notice["_id"]}, "rev": {"$eq": notice["rev"]}}
             if self.notices.update_one(guard, update).matched_count:
                 return
-            notice = self._notice(notice["_id"])
+            notice = self._after_newer_revision(notice["_id"])
+
+    def _after_newer_revision(self, nid: str) -> dict | None:
+        """A newer revision was written while an older one fanned out. If its own fan-out already
+        finished, this pass may have put back an item it took away: its state is applied once
+        more (idempotent). Returns the notice when its fan-out is still to be done, else None."""
+        notice = self._notice(nid)
+        if notice is not None and "fanout_pending_at" not in notice:
+            self._fan_out(notice)
+            return None
+        return notice
 
     def _fan_out(self, notice: dict) -> None:
         self._fan_out_all([notice])

@@ -445,3 +445,41 @@ def test_a_batch_that_fails_half_way_is_finished_one_by_one(place, monkeypatch):
     notices = components.store.db[delivery_module.NOTICES]
     assert all(n["rev"] == 1 and "fanout_pending_at" not in n and n["_outbox_at"] for n in notices.find({}))
     assert len(lab_items(components, "stf_a")) == 2 and counts(components, "stf_a") == (2, 2)
+
+
+def test_a_notice_rewritten_while_its_batch_fans_out_ends_as_the_newer_revision(place, monkeypatch):
+    """A gRPC update (stf_b removed) lands between the batch's notice insert and its fan-out: the
+    batch's items must not bring stf_b's item back, and every held event is released."""
+    components, feature, _ = place
+    real = feature._fan_out_all
+
+    def update_first(notices):
+        monkeypatch.setattr(feature, "_fan_out_all", real)
+        deliver(feature, request("order-1", recipients=inbox_pb2.Recipients(staff_ids=["stf_a"]), source_version=2))
+        real(notices)
+
+    monkeypatch.setattr(feature, "_fan_out_all", update_first)
+    assert feature.handle_batch([envelope(request("order-1", source_version=1))]) == []
+    notice = components.store.db[delivery_module.NOTICES].find_one({})
+    assert notice["rev"] == 2 and notice["recipient_ids"] == ["stf_a"]
+    assert "fanout_pending_at" not in notice and notice["_outbox_at"]
+    assert lab_items(components, "stf_b") == [] and counts(components, "stf_b") == (0, 0)
+    assert len(lab_items(components, "stf_a")) == 1 and counts(components, "stf_a") == (1, 1)
+
+
+def test_a_notice_rewritten_while_one_delivery_fans_out_ends_as_the_newer_revision(place, monkeypatch):
+    """The same race one delivery at a time: the newer revision finished its own fan-out first."""
+    components, feature, _ = place
+    real = feature._fan_out
+
+    def update_first(notice):
+        monkeypatch.setattr(feature, "_fan_out", real)
+        deliver(feature, request("order-1", recipients=inbox_pb2.Recipients(staff_ids=["stf_a"]), source_version=2))
+        real(notice)
+
+    monkeypatch.setattr(feature, "_fan_out", update_first)
+    assert deliver(feature, request("order-1", source_version=1)).applied
+    notice = components.store.db[delivery_module.NOTICES].find_one({})
+    assert notice["rev"] == 2 and "fanout_pending_at" not in notice
+    assert lab_items(components, "stf_b") == [] and counts(components, "stf_b") == (0, 0)
+    assert len(lab_items(components, "stf_a")) == 1 and counts(components, "stf_a") == (1, 1)
