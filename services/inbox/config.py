@@ -19,6 +19,7 @@ class InboxSettings:
     max_subject_chars: int
     max_request_bytes: int
     relay_batch_size: int
+    recipients_cache_s: float
 
 
 def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
@@ -34,6 +35,8 @@ def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
         max_subject_chars=env.int("MESSAGE_MAX_SUBJECT_CHARS", 200, minimum=1, maximum=1000),
         max_request_bytes=env.int("INBOX_MAX_REQUEST_BYTES", 256 * 1024, minimum=1024, maximum=8 * 1024 * 1024),
         relay_batch_size=env.int("OUTBOX_BATCH_SIZE", 500, minimum=1, maximum=5000),
+        # How long a delivery may rely on directory's word that a staff member is active (0: always ask).
+        recipients_cache_s=env.float("INBOX_RECIPIENTS_CACHE_S", 10.0, minimum=0.0),
     )
     env.done()
     return settings

@@ -32,15 +32,16 @@ import threading
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Feature
+from services.inbox.directory_client import RecipientCache
 from services.inbox.store import REMOVE
 from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
-from services.kit.bus import Consumer, ProcessedEvents, Topology
+from services.kit.bus import Consumer, ProcessedEvents, Topology, event_context
 from services.kit.errors import DomainError, Forbidden, InvalidInput, NotFound, Unavailable
 from services.kit.events import Envelope, PermanentError, new_envelope, unpack
 from services.kit.logs import correlation_id_var
@@ -338,6 +339,10 @@ def item_patch(item: dict, notice: dict) -> dict | None:
     return patch or None
 
 
+class _OneByOne(Exception):
+    """A requested delivery the batch leaves to handle_event."""
+
+
 # --- the feature ------------------------------------------------------------------------------
 
 
@@ -363,6 +368,8 @@ class Delivery(Feature):
         self.store = components.store
         self.cipher = components.cipher
         self.notices = components.store.db[NOTICES]
+        # Directory's word on explicitly addressed staff, trusted for INBOX_RECIPIENTS_CACHE_S.
+        self.recipients = RecipientCache(self._ask_directory, components.settings.recipients_cache_s)
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.store.db, [IndexSpec(NOTICES, [("fanout_pending_at", 1)], name="fanout_pending")])
@@ -399,6 +406,96 @@ class Delivery(Feature):
         except (InvalidInput, Forbidden, NotFound) as exc:
             raise PermanentError(exc.code) from exc
 
+    def handle_batch(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Requested deliveries that arrived together (the consumer's batch_handler): the ones that
+        create a new notice are written together, the same writes as one by one, each shared by
+        the batch: the notices (one insert), their board items (one insert) and counters (one
+        write per owner), the release of their events (one update). Every other event (an update,
+        a withdrawal, a second one for the same item, a refusal, an outage) is handed back, to be
+        handled one by one by handle_event, which also finishes anything left half-done here."""
+        left: list[Envelope] = []
+        prepared: list[tuple[Envelope, str, dict, list[Envelope]]] = []
+        for envelope in envelopes:
+            try:
+                with event_context(envelope):
+                    prepared.append((envelope, *self._prepare_new(envelope)))
+            except Exception:  # noqa: BLE001 - whatever it is, handle_event meets it again and decides
+                left.append(envelope)
+        nids = [nid for _, nid, _, _ in prepared]
+        existing = {doc["_id"] for doc in self.notices.find({"_id": {"$in": nids}}, {"_id": 1})} if nids else set()
+        fresh = []
+        for envelope, nid, doc, events in prepared:
+            if nid in existing or nids.count(nid) > 1:
+                left.append(envelope)
+            else:
+                fresh.append((envelope, nid, doc, events))
+        if not fresh:
+            return self._in_order(envelopes, left)
+        inserted_ids = self._insert_notices(
+            [{**doc, **outbox_fields(events, ready=False)} for _, _, doc, events in fresh]
+        )
+        written = [entry for entry in fresh if entry[1] in inserted_ids]
+        left += [entry[0] for entry in fresh if entry[1] not in inserted_ids]
+        self._fan_out_all([doc for _, _, doc, _ in written])
+        update = merge_update(release_update(), {"$unset": {"fanout_pending_at": ""}})
+        nids = [nid for _, nid, _, _ in written]
+        released = self.notices.update_many({"_id": {"$in": nids}, "rev": {"$eq": 1}}, update)
+        if released.matched_count < len(written):
+            # Another delivery rewrote one meanwhile: bring its items in line with that revision
+            # too (this fan-out may have put back an item it took away), as complete_fanout does.
+            for nid in nids:
+                current = self._notice(nid)
+                if current is not None and current["rev"] != 1:
+                    self.complete_fanout(self._after_newer_revision(nid))
+        for envelope, nid, doc, _ in written:
+            with event_context(envelope):
+                log.info(
+                    "item delivered",
+                    extra={
+                        "agency_id": doc["agency_id"],
+                        "item_id": nid,
+                        "folder": doc["folder"],
+                        "recipients": len(doc["recipient_ids"]),
+                    },
+                )
+        return self._in_order(envelopes, left)
+
+    @staticmethod
+    def _in_order(envelopes: list[Envelope], left: list[Envelope]) -> list[Envelope]:
+        ids = {envelope.event_id for envelope in left}
+        return [envelope for envelope in envelopes if envelope.event_id in ids]
+
+    def _prepare_new(self, envelope: Envelope) -> tuple[str, dict, list[Envelope]]:
+        """(notice id, notice, held events) of a requested delivery that would create its notice;
+        raises for anything else (handle_event then decides)."""
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)
+        agency_id = envelope.agency_id
+        if not agency_id:
+            raise PermanentError("no_agency")
+        wanted = parse_request(request)
+        if wanted.withdrawn:
+            raise _OneByOne
+        policy = policy_for(envelope.producer, wanted.folder)
+        nid = notice_id(agency_id, wanted.source, wanted.source_ref)
+        with acting_as(self.components.service_tokens.identity(agency_id)):
+            recipients = self._resolve(agency_id, wanted)
+        delivery_key = request.delivery_id or envelope.event_id
+        producer = envelope.producer
+        doc, _, events = self._compose(agency_id, nid, producer, policy, wanted, recipients, None, delivery_key)
+        return nid, doc, events
+
+    def _insert_notices(self, docs: list[dict]) -> set[str]:
+        """Insert new notices; the ids inserted (one another delivery created meanwhile is left out)."""
+        try:
+            self.notices.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != 11000 for error in errors):
+                raise
+            failed = {error["index"] for error in errors}
+            return {doc["_id"] for index, doc in enumerate(docs) if index not in failed}
+        return {doc["_id"] for doc in docs}
+
     def consumer(self, amqp_url: str, topology: Topology, **options) -> Consumer:
         return Consumer(
             amqp_url,
@@ -408,6 +505,7 @@ class Delivery(Feature):
             topology=topology,
             processed=ProcessedEvents(self.store.db, QUEUE),
             connection_name="inbox-board-item-deliveries",
+            batch_handler=self.handle_batch,
             **options,
         )
 
@@ -439,7 +537,7 @@ class Delivery(Feature):
             if wanted.withdrawn and (notice is None or notice.get("withdrawn_at")):
                 return Outcome(nid, [], created=False, applied=False)
             if recipients is None and not wanted.withdrawn:
-                recipients = self._resolve(wanted)
+                recipients = self._resolve(agency_id, wanted)
             doc = self._write(agency_id, nid, producer, policy, wanted, recipients or [], notice, delivery_key)
             if doc is not None:
                 self.complete_fanout(doc)
@@ -462,8 +560,11 @@ class Delivery(Feature):
         if notice["folder"] != wanted.folder:
             raise InvalidInput("kind_changed", "an item keeps the kind it was delivered with", {"field": "kind"})
 
-    def _resolve(self, wanted: DeliveryRequest) -> list[str]:
-        resolution = self.components.directory.resolve(wanted.addressing)
+    def _ask_directory(self, addressing: domain.Addressing):
+        return self.components.directory.resolve(addressing)  # looked up per call: tests swap it
+
+    def _resolve(self, agency_id: str, wanted: DeliveryRequest) -> list[str]:
+        resolution = self.recipients.resolve(agency_id, wanted.addressing)
         return final_recipients(
             resolution.require_known("some recipients do not exist in this agency"), wanted.actor_staff_id
         )
@@ -481,6 +582,35 @@ class Delivery(Feature):
     ) -> dict | None:
         """Write the notice (insert, or update guarded by its revision) with its held events;
         the written document, or None when another delivery wrote it first."""
+        doc, fields, events = self._compose(agency_id, nid, producer, policy, wanted, recipients, notice, delivery_key)
+        if notice is None:
+            try:
+                self.notices.insert_one({**doc, **outbox_fields(events, ready=False)})
+            except DuplicateKeyError:
+                return None
+            return doc
+        to_set = {k: v for k, v in fields.items() if v is not None}
+        to_unset = {k: "" for k, v in fields.items() if v is None}
+        update: dict = {"$set": to_set}
+        if to_unset:
+            update["$unset"] = to_unset
+        if events:
+            update = with_outbox(update, events, ready=False)
+        guard = {"_id": {"$eq": nid}, "rev": {"$eq": notice["rev"]}}
+        return doc if self.notices.update_one(guard, update).matched_count else None
+
+    def _compose(  # noqa: PLR0913, PLR0917 - as _write
+        self,
+        agency_id: str,
+        nid: str,
+        producer: str,
+        policy: ProducerPolicy,
+        wanted: DeliveryRequest,
+        recipients: list[str],
+        notice: dict | None,
+        delivery_key: str | None,
+    ) -> tuple[dict, dict, list[Envelope]]:
+        """(the notice as it will be, the fields this delivery writes, its held events)."""
         at = now_ms()
         before = list((notice or {}).get("recipient_ids") or [])
         added, removed = recipient_changes(before, recipients)
@@ -507,21 +637,7 @@ class Delivery(Feature):
         merged = {"created_at": at, **(notice or {}), "_id": nid, **fields}
         doc = {k: v for k, v in merged.items() if v is not None}
         events = [] if wanted.withdrawn else self._events(doc, set(added), at)
-        if notice is None:
-            try:
-                self.notices.insert_one({**doc, **outbox_fields(events, ready=False)})
-            except DuplicateKeyError:
-                return None
-            return doc
-        to_set = {k: v for k, v in fields.items() if v is not None}
-        to_unset = {k: "" for k, v in fields.items() if v is None}
-        update: dict = {"$set": to_set}
-        if to_unset:
-            update["$unset"] = to_unset
-        if events:
-            update = with_outbox(update, events, ready=False)
-        guard = {"_id": {"$eq": nid}, "rev": {"$eq": notice["rev"]}}
-        return doc if self.notices.update_one(guard, update).matched_count else None
+        return doc, fields, events
 
     def _content(self, agency_id: str, nid: str, wanted: DeliveryRequest, notice: dict | None, at: int) -> dict:
         """The sealed content and display state of a (re)delivered item; None values are removed."""
@@ -568,17 +684,32 @@ class Delivery(Feature):
             guard = {"_id": {"$eq": notice["_id"]}, "rev": {"$eq": notice["rev"]}}
             if self.notices.update_one(guard, update).matched_count:
                 return
-            notice = self._notice(notice["_id"])
+            notice = self._after_newer_revision(notice["_id"])
+
+    def _after_newer_revision(self, nid: str) -> dict | None:
+        """A newer revision was written while an older one fanned out. If its own fan-out already
+        finished, this pass may have put back an item it took away: its state is applied once
+        more (idempotent). Returns the notice when its fan-out is still to be done, else None."""
+        notice = self._notice(nid)
+        if notice is not None and "fanout_pending_at" not in notice:
+            self._fan_out(notice)
+            return None
+        return notice
 
     def _fan_out(self, notice: dict) -> None:
-        folder = notice["folder"]
-        for staff_id in notice.get("removed_ids") or []:
-            self.store.delete_item(domain.board_item_id(notice["_id"], staff_id, folder), staff_id)
-        items = [self._item(notice, staff_id) for staff_id in notice["recipient_ids"]]
-        inserted = {item["_id"] for item in self.store.insert_board_items(items)}
-        for item in items:
+        self._fan_out_all([notice])
+
+    def _fan_out_all(self, notices: list[dict]) -> None:
+        """Board items in line with each notice: the new ones of all of them in one insert (and one
+        counter write per owner), the existing ones changed one by one."""
+        for notice in notices:
+            for staff_id in notice.get("removed_ids") or []:
+                self.store.delete_item(domain.board_item_id(notice["_id"], staff_id, notice["folder"]), staff_id)
+        items = [(notice, self._item(notice, staff_id)) for notice in notices for staff_id in notice["recipient_ids"]]
+        inserted = {item["_id"] for item in self.store.insert_board_items([item for _, item in items])}
+        for notice, item in items:
             if item["_id"] not in inserted:
-                self.store.change_item(item["_id"], lambda it: item_patch(it, notice))
+                self.store.change_item(item["_id"], lambda it, notice=notice: item_patch(it, notice))
 
     @staticmethod
     def _item(notice: dict, staff_id: str) -> dict:

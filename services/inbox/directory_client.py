@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -50,6 +51,66 @@ class PortalPatient:
 
 
 SETTINGS_TTL_S = 60.0
+RECIPIENT_CACHE_MAX_IDS = 50_000
+
+
+class RecipientCache:
+    """Directory's answer for explicitly addressed staff ids, remembered per agency for `max_age_s`.
+
+    Producers (lab results, schedules) deliver to the same few staff over and over; asking
+    directory each time was half of a delivery's work. Only a request naming staff ids alone is
+    answered here, and only when every id was seen within `max_age_s`: then its active ids are the
+    recipients (sorted, as directory sorts them) and its deactivated ids are known but left out.
+    Teams and the whole agency always go to directory (membership changes more often).
+
+    Staleness, bounded by `max_age_s`: a staff member deactivated (or moved to another agency) in
+    directory can still be a recipient for up to that long; one reactivated stays left out that
+    long. Unknown ids are never remembered, so a new staff member is a recipient at once and a
+    refusal (unknown_recipients) always comes from directory's current answer. `max_age_s` = 0
+    turns the cache off.
+    """
+
+    def __init__(
+        self,
+        resolve: Callable[[Addressing], Resolution],
+        max_age_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_ids: int = RECIPIENT_CACHE_MAX_IDS,
+    ):
+        self._resolve = resolve
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._max_ids = max_ids
+        self._seen: dict[tuple[str, str], tuple[float, bool]] = {}  # (agency, staff) -> (when, active)
+        self._lock = threading.Lock()
+
+    def resolve(self, agency_id: str, addressing: Addressing) -> Resolution:
+        """Like DirectoryClient.resolve for the caller's agency `agency_id`."""
+        if self._max_age_s <= 0 or addressing.team_ids or addressing.whole_agency or not addressing.staff_ids:
+            return self._resolve(addressing)
+        ids = list(dict.fromkeys(addressing.staff_ids))
+        now = self._clock()
+        with self._lock:
+            known = [self._seen.get((agency_id, staff_id)) for staff_id in ids]
+        if all(entry is not None and now - entry[0] < self._max_age_s for entry in known):
+            active = sorted(staff_id for staff_id, entry in zip(ids, known, strict=True) if entry[1])
+            return Resolution(active, [], [])
+        asked_at = self._clock()
+        resolution = self._resolve(addressing)
+        missing = set(resolution.missing_staff_ids)
+        active = set(resolution.staff_ids)
+        with self._lock:
+            if len(self._seen) + len(ids) > self._max_ids:
+                self._seen = {k: v for k, v in self._seen.items() if asked_at - v[0] < self._max_age_s}
+                if len(self._seen) + len(ids) > self._max_ids:
+                    self._seen.clear()
+            for staff_id in ids:
+                if staff_id in missing:
+                    self._seen.pop((agency_id, staff_id), None)
+                else:
+                    self._seen[(agency_id, staff_id)] = (asked_at, staff_id in active)
+        return resolution
 
 
 class DirectoryClient:

@@ -11,7 +11,9 @@ Topology (names get `Topology.prefix + "."` in front when a prefix is set):
   failed for good; inspect and re-drive by hand). Retry and parking are reached through the
   default exchange, by queue name. A consumer of one process instance (e.g. a per-replica
   queue) sets `queue_expires_ms`: all three queues get `x-expires`, so the broker deletes them
-  once unused for that long after the instance is gone.
+  once unused for that long after the instance is gone. While it runs, the consumer redeclares
+  the retry and parking queues (which have no consumer of their own) every third of that time,
+  so they, and any parked events in them, live as long as the instance does.
 
 Messages: body = serialized Envelope, persistent, content type `application/x-protobuf`,
 message_id = event id, type = event type, correlation_id, timestamp (s), app_id = producer and
@@ -56,6 +58,7 @@ __all__ = [
     "PublishError",
     "Publisher",
     "Topology",
+    "event_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -510,6 +513,40 @@ class ProcessedEvents:
             return False
         return True
 
+    def seen_among(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of these events were already processed: one `_id $in` query."""
+        if not event_ids:
+            return set()
+        keys = {self._key(event_id): event_id for event_id in event_ids}
+        found = self._collection.find({"_id": {"$in": list(keys)}}, {"_id": 1})
+        return {keys[doc["_id"]] for doc in found}
+
+    def record_all(self, event_ids: Sequence[str]) -> None:
+        """Remember these events in one write; ones recorded already are left as they are."""
+        if not event_ids:
+            return
+        at = now_ms()
+        docs = [{"_id": self._key(e), "consumer": self.consumer_name, "processed_at": at} for e in event_ids]
+        try:
+            self._collection.insert_many(docs, ordered=False)
+        except pymongo.errors.BulkWriteError as exc:
+            if any(error.get("code") != 11000 for error in exc.details.get("writeErrors", [])):
+                raise
+
+
+@contextmanager
+def event_context(envelope: Envelope) -> Iterator[None]:
+    """Logs and outgoing calls made while handling `envelope` carry its correlation and event ids."""
+    tokens = (
+        correlation_id_var.set(accept_correlation_id(envelope.correlation_id) or envelope.event_id),
+        event_id_var.set(envelope.event_id),
+    )
+    try:
+        yield
+    finally:
+        event_id_var.reset(tokens[1])
+        correlation_id_var.reset(tokens[0])
+
 
 class _Reconnect(Exception):
     """Leave the current connection and start over (broker cancelled us, or a republish failed)."""
@@ -529,6 +566,14 @@ class Consumer:
     `run()` blocks, reconnecting with backoff (and redeclaring everything) when the connection
     drops; `stop()` (any thread, or a signal handler) lets the in-flight message finish, then
     closes. `running()` runs it in a thread for tests and embedding.
+
+    With a `batch_handler`, the deliveries that arrived together (at most `prefetch`) are
+    handled as one batch: one `processed` query leaves out those already done, then
+    `batch_handler(envelopes)` does what it can for all of them at once and returns the ones
+    it left alone. The ones it did are recorded (one write) and acked; the ones it left, and
+    all of them if it raises, go one by one through `handler` as above (retries, parking).
+    So a batch handler must leave every effect in a state that `handler` can repeat safely
+    (the same idempotency keys), and must leave alone any event it cannot finish by itself.
     """
 
     def __init__(
@@ -546,6 +591,7 @@ class Consumer:
         reconnect_delay_s: tuple[float, float] = (0.5, 30.0),
         connection_name: str | None = None,
         queue_expires_ms: int | None = None,
+        batch_handler: Callable[[list[Envelope]], list[Envelope]] | None = None,
     ):
         if queue_expires_ms is not None and queue_expires_ms <= 0:
             raise ValueError("queue_expires_ms must be positive")
@@ -558,6 +604,8 @@ class Consumer:
         self.retry_delay_ms = retry_delay_ms
         self.queue_expires_ms = queue_expires_ms
         self._handler = handler
+        self._batch_handler = batch_handler
+        self._batch: list[tuple] = []  # deliveries of one pump, when batch_handler is set
         self._processed = processed
         self._prefetch = prefetch
         self._reconnect_delay_s = reconnect_delay_s
@@ -622,7 +670,24 @@ class Consumer:
     def declare(self, channel: BlockingChannel) -> None:
         """Declare the exchange topology and this consumer's three queues (idempotent)."""
         self.topology.declare(channel)
-        expires = {} if self.queue_expires_ms is None else {"x-expires": int(self.queue_expires_ms)}
+        self._declare_side_queues(channel)
+        channel.queue_declare(
+            self.queue, durable=True,
+            # Anything the broker dead-letters (a reject, an expiry policy) is parked, not dropped.
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.parking_queue,
+                       **self._expires()},
+        )
+        for routing_key in self.routing_keys:
+            channel.queue_bind(self.queue, self.topology.exchange_name, routing_key=routing_key)
+
+    def _expires(self) -> dict:
+        return {} if self.queue_expires_ms is None else {"x-expires": int(self.queue_expires_ms)}
+
+    def _declare_side_queues(self, channel: BlockingChannel) -> None:
+        """Parking and retry queues. Nothing consumes them, so with `x-expires` the broker counts
+        them unused from their last declaration: redeclaring renews that lease (and recreates one
+        the broker already removed)."""
+        expires = self._expires()
         channel.queue_declare(self.parking_queue, durable=True, arguments=expires or None)
         channel.queue_declare(
             self.retry_queue, durable=True,
@@ -633,13 +698,6 @@ class Consumer:
                 **expires,
             },
         )
-        channel.queue_declare(
-            self.queue, durable=True,
-            # Anything the broker dead-letters (a reject, an expiry policy) is parked, not dropped.
-            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.parking_queue, **expires},
-        )
-        for routing_key in self.routing_keys:
-            channel.queue_bind(self.queue, self.topology.exchange_name, routing_key=routing_key)
 
     # -- one connection's life ----------------------------------------------------------------------
 
@@ -658,13 +716,24 @@ class Consumer:
             self.sessions += 1
             self._consuming.set()
             logger.info("consuming", extra={"queue": self.queue})
+            # The consumed queue is in use while we consume it; the other two must be redeclared
+            # well within their expiry or the broker deletes them (parked events included) under
+            # a live instance.
+            renew_every_s = None if self.queue_expires_ms is None else self.queue_expires_ms / 3000
+            renewed_at = time.monotonic()
             while not self._stopping.is_set():
-                connection.process_data_events(time_limit=0.2)
+                connection.process_data_events(time_limit=min(0.2, renew_every_s or 0.2))
+                if self._batch:
+                    self._handle_batch(channel)
                 if self._cancelled_by_broker:
                     raise _Reconnect("consumer cancelled by the broker")
+                if renew_every_s is not None and time.monotonic() - renewed_at >= renew_every_s:
+                    self._declare_side_queues(channel)
+                    renewed_at = time.monotonic()
         finally:
             self._consuming.clear()
             self._publish_channel = None
+            self._batch = []  # unacked: the broker redelivers them
             if connection.is_open:
                 try:
                     # Unacked deliveries not yet handled go back to the queue.
@@ -680,6 +749,55 @@ class Consumer:
     def _on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         if self._stopping.is_set():
             return  # left unacked: requeued when the connection closes
+        if self._batch_handler is not None:
+            self._batch.append((method, properties, body))
+            return
+        self._handle_one(channel, method, properties, body)
+
+    def _handle_batch(self, channel: BlockingChannel) -> None:
+        """Handle the deliveries of one pump together (see the class docstring)."""
+        batch, self._batch = self._batch, []
+        if self._stopping.is_set():
+            return  # left unacked: requeued when the connection closes
+        decoded: list[tuple[tuple, Envelope]] = []
+        one_by_one: list[tuple] = []
+        for delivery in batch:
+            try:
+                envelope = decode_envelope(delivery[2])
+            except MalformedEvent:
+                one_by_one.append(delivery)  # parked there
+                continue
+            if any(e.event_id == envelope.event_id for _, e in decoded):
+                one_by_one.append(delivery)  # a repeat within the batch: found processed there
+            else:
+                decoded.append((delivery, envelope))
+        seen = self._processed.seen_among([e.event_id for _, e in decoded]) if self._processed else set()
+        fresh = [(d, e) for d, e in decoded if e.event_id not in seen]
+        for delivery, envelope in decoded:
+            if envelope.event_id in seen:
+                logger.info("event already processed; skipped", extra=_log_extra(envelope, queue=self.queue))
+                channel.basic_ack(delivery[0].delivery_tag)
+        done: set[str] = set()
+        if fresh:
+            try:
+                left = {e.event_id for e in self._batch_handler([e for _, e in fresh])}
+                done = {e.event_id for _, e in fresh} - left
+            except Exception as exc:  # every event of the batch gets its own chance below
+                logger.warning("batch failed (%s); handling its events one by one", failure_summary(exc),
+                               extra={"queue": self.queue, "error_type": type(exc).__name__, "count": len(fresh)})
+            if done and self._processed is not None:
+                self._processed.record_all(sorted(done))
+        for delivery, envelope in fresh:
+            if envelope.event_id in done:
+                channel.basic_ack(delivery[0].delivery_tag)
+            else:
+                one_by_one.append(delivery)
+        for method, properties, body in sorted(one_by_one, key=lambda d: d[0].delivery_tag):
+            if self._stopping.is_set():
+                return
+            self._handle_one(channel, method, properties, body)
+
+    def _handle_one(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         headers = dict(properties.headers or {})
         retries = _int_header(headers.get(HEADER_RETRY_COUNT))
         try:
@@ -694,16 +812,8 @@ class Consumer:
             if self._processed is not None and self._processed.seen(envelope.event_id):
                 logger.info("event already processed; skipped", extra=extra)
             else:
-                # The handler's logs and outgoing calls carry the event's ids.
-                context = (
-                    correlation_id_var.set(accept_correlation_id(envelope.correlation_id) or envelope.event_id),
-                    event_id_var.set(envelope.event_id),
-                )
-                try:
+                with event_context(envelope):  # the handler's logs and outgoing calls carry the event's ids
                     self._handler(envelope)
-                finally:
-                    event_id_var.reset(context[1])
-                    correlation_id_var.reset(context[0])
                 if self._processed is not None:
                     self._processed.record(envelope.event_id)
         except PermanentError as exc:

@@ -298,3 +298,89 @@ def test_publishers_reconnect_after_a_broker_connection_drop(event_bus, name_pre
     assert event_bus.message_count(subscriber.queue) == 53
     single.close()
     batch.close()
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+class BatchRecorder:
+    """A batch handler that records what it was given and hands back the events `leave` picks."""
+
+    def __init__(self, leave=lambda envelope: False, fail_with: BaseException | None = None):
+        self.batches: list[list[str]] = []
+        self.leave, self.fail_with = leave, fail_with
+        self._lock = threading.Lock()
+
+    def __call__(self, envelopes):
+        with self._lock:
+            self.batches.append([envelope.event_id for envelope in envelopes])
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [envelope for envelope in envelopes if self.leave(envelope)]
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [event_id for batch in self.batches for event_id in batch]
+
+
+def queued_then_consumed(event_bus, consumer, events):
+    """Declare the consumer's queues, queue `events` while it is stopped, then run it: the events are
+    waiting together when it starts."""
+    with consumer.running():
+        pass
+    publisher = Publisher(event_bus.amqp_url, event_bus.topology)
+    publisher.publish(events)
+    publisher.close()
+    return consumer.running()
+
+
+def test_a_batch_handler_takes_the_events_that_arrived_together(event_bus, mongo_client, db_name):
+    single, batch = Recorder(), BatchRecorder()
+    processed = ProcessedEvents(mongo_client[db_name], "batch-writer")
+    consumer = event_bus.consumer("batches", [DELIVERED], single, processed=processed, batch_handler=batch)
+    events = [delivered(f"m-{n}") for n in range(6)]
+    with queued_then_consumed(event_bus, consumer, events):
+        wait_for(lambda: len(batch.ids()) == 6)
+        wait_for(lambda: event_bus.message_count(consumer.queue) == 0)
+    assert sorted(batch.ids()) == sorted(e.event_id for e in events) and single.calls == []
+    assert processed.seen_among([e.event_id for e in events]) == {e.event_id for e in events}
+    assert len(batch.batches) < 6  # waiting together, they were handled together
+
+
+def test_events_a_batch_leaves_go_one_by_one_with_retries_and_parking(event_bus, mongo_client, db_name):
+    single = Recorder(fail_with=PermanentError("unknown_recipient"))
+    batch = BatchRecorder(leave=lambda e: unpack(e, MessageDelivered).message_id == "m-bad")
+    processed = ProcessedEvents(mongo_client[db_name], "batch-leaves")
+    consumer = event_bus.consumer("leaves", [DELIVERED], single, processed=processed, batch_handler=batch)
+    good, bad = delivered("m-good"), delivered("m-bad")
+    with queued_then_consumed(event_bus, consumer, [good, bad]):
+        properties, body = event_bus.get(consumer.parking_queue)
+    assert decode_envelope(body).event_id == bad.event_id
+    assert properties.headers[HEADER_ERROR_REASON] == "unknown_recipient"
+    assert single.ids() == [bad.event_id]
+    assert processed.seen_among([good.event_id, bad.event_id]) == {good.event_id}
+
+
+def test_a_failed_batch_is_handled_one_by_one(event_bus, mongo_client, db_name):
+    single, batch = Recorder(), BatchRecorder(fail_with=RuntimeError("database gone"))
+    processed = ProcessedEvents(mongo_client[db_name], "batch-fails")
+    consumer = event_bus.consumer("fails", [DELIVERED], single, processed=processed, batch_handler=batch)
+    events = [delivered(f"m-{n}") for n in range(3)]
+    with queued_then_consumed(event_bus, consumer, events):
+        wait_for(lambda: len(single.calls) == 3)
+        wait_for(lambda: event_bus.message_count(consumer.queue) == 0)
+    assert sorted(single.ids()) == sorted(batch.ids()) == sorted(e.event_id for e in events)
+    assert processed.seen_among([e.event_id for e in events]) == {e.event_id for e in events}
+    assert event_bus.message_count(consumer.parking_queue) == 0
+
+
+def test_a_batch_leaves_out_processed_events_and_repeats_within_it(event_bus, mongo_client, db_name):
+    single, batch = Recorder(), BatchRecorder()
+    processed = ProcessedEvents(mongo_client[db_name], "batch-dedupe")
+    consumer = event_bus.consumer("dedupe-batch", [DELIVERED], single, processed=processed, batch_handler=batch)
+    done, repeated, fresh = delivered("m-done"), delivered("m-twice"), delivered("m-new")
+    processed.record(done.event_id)
+    with queued_then_consumed(event_bus, consumer, [done, repeated, repeated, fresh]):
+        wait_for(lambda: event_bus.message_count(consumer.queue) == 0 and fresh.event_id in batch.ids())
+    assert sorted(batch.ids()) == sorted([repeated.event_id, fresh.event_id])
+    assert single.calls == []  # the second copy was found processed

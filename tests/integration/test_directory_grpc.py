@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.directory import tokens
 from tests.integration.directory_fixtures import start_directory
+from tests.integration.test_directory_auth import Recorder
 
 GET_STAFF = "/clinic.directory.v1.DirectoryService/GetStaff"
 
@@ -133,6 +134,26 @@ def test_get_staff_handles_many_ids_at_once(stub, riverbend):
     response = stub.GetStaff(directory_pb2.GetStaffRequest(staff_ids=ids), metadata=riverbend, timeout=5)
     assert [member.staff_id for member in response.staff] == ids[:5]
     assert list(response.missing_staff_ids) == ids[5:]
+
+
+def test_a_batch_of_staff_ids_is_one_database_query_per_batch(dut, stub, riverbend, monkeypatch):
+    """A delivery's recipients are checked with one `_id $in` query, not one lookup per id; a long
+    list goes in batches, and another agency's staff in the same batch still comes back missing."""
+    recorder = Recorder(dut.store.staff)
+    dut.store.staff = recorder
+    asked = ["stf_riverbend_kim", "stf_riverbend_reyes", "stf_lakeside_ramirez", "stf_riverbend_chen", "stf_nobody"]
+    response = stub.ResolveRecipients(
+        directory_pb2.ResolveRecipientsRequest(staff_ids=asked), metadata=riverbend, timeout=5
+    )
+    assert list(response.staff_ids) == ["stf_riverbend_chen", "stf_riverbend_kim", "stf_riverbend_reyes"]
+    assert list(response.missing_staff_ids) == ["stf_lakeside_ramirez", "stf_nobody"]
+    assert recorder.calls == ["find"]
+    recorder.calls.clear()
+    monkeypatch.setattr(dut.store, "IN_BATCH", 2)
+    response = stub.GetStaff(directory_pb2.GetStaffRequest(staff_ids=asked), metadata=riverbend, timeout=5)
+    assert [member.staff_id for member in response.staff] == [asked[0], asked[1], asked[3]]
+    assert list(response.missing_staff_ids) == ["stf_lakeside_ramirez", "stf_nobody"]
+    assert recorder.calls.count("find") == 3  # 5 ids in batches of 2 (teams are read from their own collection)
 
 
 def test_get_agency_settings_answers_for_the_callers_agency(dut, stub, riverbend):

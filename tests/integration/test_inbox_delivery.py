@@ -16,6 +16,7 @@ from services.inbox import delivery as delivery_module
 from services.inbox import domain
 from services.inbox.board import ItemFilter
 from services.inbox.delivery import Delivery
+from services.inbox.directory_client import RecipientCache
 from services.kit.auth import Identity, current_identity
 from services.kit.bus import BatchPublisher, Publisher
 from services.kit.errors import Forbidden, InvalidInput
@@ -108,6 +109,9 @@ def test_a_requested_delivery_lands_once_on_each_board(consuming, event_bus):
     publisher.publish([envelope(request("order-2"))])
     wait_for(lambda: len(lab_items(components, "stf_a")) == 2)
     wait_for(lambda: len(lab_items(components, "stf_b")) == 2)
+    # The counters move right after the items are written (same handler): the last delivery's
+    # count may land a moment after its items are listed. The duplicate was handled before it.
+    wait_for(lambda: counts(components, "stf_a") != (1, 1) and counts(components, "stf_b") != (1, 1))
 
     first = next(
         i for i in lab_items(components, "stf_a") if i["ref_id"] == delivery_module.notice_id(AGENCY, "lab", "order-1")
@@ -156,6 +160,27 @@ def test_bad_events_are_parked_and_the_consumer_keeps_serving(consuming, event_b
         "unknown_recipients",
     ]
     assert components.store.db[delivery_module.NOTICES].count_documents({}) == 1  # nothing half-written
+
+
+def test_recipients_are_checked_with_directory_at_most_once_per_cache_period(place):
+    """Directory's answer for the same staff is reused for INBOX_RECIPIENTS_CACHE_S; someone who left
+    the agency still gets items within that bound and is refused once it has passed."""
+    components, feature, table = place
+    asked = []
+    resolve = table.resolve
+    table.resolve = lambda addressing: asked.append(addressing) or resolve(addressing)
+    now = [100.0]
+    feature.recipients = RecipientCache(feature._ask_directory, 10.0, clock=lambda: now[0])
+    assert deliver(feature, request("order-1")).recipient_ids == ["stf_a", "stf_b"]
+    del table.staff["stf_b"]  # left the agency in directory
+    now[0] += 9.9
+    assert deliver(feature, request("order-2")).recipient_ids == ["stf_a", "stf_b"]  # within the bound
+    assert len(asked) == 1
+    now[0] += 0.1
+    with pytest.raises(InvalidInput) as refused:
+        deliver(feature, request("order-3"))
+    assert refused.value.code == "unknown_recipients" and refused.value.details["staff_ids"] == ["stf_b"]
+    assert len(asked) == 2 and len(lab_items(components, "stf_a")) == 2
 
 
 # --- updates in place -------------------------------------------------------------------------------
@@ -362,3 +387,99 @@ def test_a_recipient_removed_by_an_interrupted_update_loses_the_item_after_a_new
     overrides = {"recipients": inbox_pb2.Recipients(staff_ids=["stf_b"]), **newer}
     assert deliver(feature, request(**overrides)).applied
     assert lab_items(components, "stf_a") == [] and counts(components, "stf_a") == (0, 0)
+
+
+# --- a batch of requested deliveries ----------------------------------------------------------------
+
+
+def test_a_batch_writes_the_new_notices_together_and_hands_back_the_rest(place):
+    components, feature, table = place
+    existing = deliver(feature, request("order-0"))
+    asked = []
+    resolve = table.resolve
+    table.resolve = lambda addressing: asked.append(addressing) or resolve(addressing)
+    new = [envelope(request(f"order-{n}")) for n in (1, 2, 3)]
+    update = envelope(request("order-0", status="corrected"))
+    twice = [envelope(request("order-4")), envelope(request("order-4", status="corrected"))]
+    refused = envelope(request("order-5", recipients=inbox_pb2.Recipients(staff_ids=["stf_x"])))
+    withdrawal = envelope(request("order-0", withdrawn=True))
+    batch = [new[0], update, *twice, new[1], refused, withdrawal, new[2]]
+
+    left = feature.handle_batch(batch)
+
+    assert [e.event_id for e in left] == [e.event_id for e in (update, *twice, refused, withdrawal)]
+    # stf_a and stf_b were checked by order-0 a moment ago; stf_x (unknown) is never remembered.
+    assert asked == [domain.Addressing(staff_ids=("stf_x",))]
+    notices = components.store.db[delivery_module.NOTICES]
+    for event in new:
+        nid = delivery_module.notice_id(AGENCY, "lab", unpack(event, inbox_pb2.DeliverItemRequest).source_ref)
+        notice = notices.find_one({"_id": nid})
+        assert notice["rev"] == 1 and notice["deliveries"] == [event.event_id]
+        assert "fanout_pending_at" not in notice and notice["_outbox_at"]  # its events released
+        items = [domain.board_item_id(nid, owner, domain.FOLDER_LAB) for owner in ("stf_a", "stf_b")]
+        assert sorted(notice["_outbox"]) == sorted("bid_" + domain.digest(item, "1")[:32] for item in items)
+    assert notices.count_documents({}) == 4  # order-4 and order-5 are not written here
+    for owner in ("stf_a", "stf_b"):
+        assert len(lab_items(components, owner)) == 4 and counts(components, owner) == (4, 4)
+    assert existing.applied and lab_items(components, "stf_a")[-1]["status"] == "final"  # the update waits
+    # A repeat of a batch's event one by one has no effect.
+    handled_again = deliver(feature, unpack(new[0], inbox_pb2.DeliverItemRequest), key=new[0].event_id)
+    assert not handled_again.applied and counts(components, "stf_a") == (4, 4)
+
+
+def test_a_batch_that_fails_half_way_is_finished_one_by_one(place, monkeypatch):
+    components, feature, _ = place
+    events = [envelope(request(f"order-{n}")) for n in (1, 2)]
+
+    def crash(_notices):
+        raise RuntimeError("process died")
+
+    real = feature._fan_out_all
+    monkeypatch.setattr(feature, "_fan_out_all", crash)
+    with pytest.raises(RuntimeError):
+        feature.handle_batch(events)
+    monkeypatch.setattr(feature, "_fan_out_all", real)
+    assert lab_items(components, "stf_a") == []
+    for event in events:  # what the consumer does with a failed batch
+        feature.handle_event(event)
+    notices = components.store.db[delivery_module.NOTICES]
+    assert all(n["rev"] == 1 and "fanout_pending_at" not in n and n["_outbox_at"] for n in notices.find({}))
+    assert len(lab_items(components, "stf_a")) == 2 and counts(components, "stf_a") == (2, 2)
+
+
+def test_a_notice_rewritten_while_its_batch_fans_out_ends_as_the_newer_revision(place, monkeypatch):
+    """A gRPC update (stf_b removed) lands between the batch's notice insert and its fan-out: the
+    batch's items must not bring stf_b's item back, and every held event is released."""
+    components, feature, _ = place
+    real = feature._fan_out_all
+
+    def update_first(notices):
+        monkeypatch.setattr(feature, "_fan_out_all", real)
+        deliver(feature, request("order-1", recipients=inbox_pb2.Recipients(staff_ids=["stf_a"]), source_version=2))
+        real(notices)
+
+    monkeypatch.setattr(feature, "_fan_out_all", update_first)
+    assert feature.handle_batch([envelope(request("order-1", source_version=1))]) == []
+    notice = components.store.db[delivery_module.NOTICES].find_one({})
+    assert notice["rev"] == 2 and notice["recipient_ids"] == ["stf_a"]
+    assert "fanout_pending_at" not in notice and notice["_outbox_at"]
+    assert lab_items(components, "stf_b") == [] and counts(components, "stf_b") == (0, 0)
+    assert len(lab_items(components, "stf_a")) == 1 and counts(components, "stf_a") == (1, 1)
+
+
+def test_a_notice_rewritten_while_one_delivery_fans_out_ends_as_the_newer_revision(place, monkeypatch):
+    """The same race one delivery at a time: the newer revision finished its own fan-out first."""
+    components, feature, _ = place
+    real = feature._fan_out
+
+    def update_first(notice):
+        monkeypatch.setattr(feature, "_fan_out", real)
+        deliver(feature, request("order-1", recipients=inbox_pb2.Recipients(staff_ids=["stf_a"]), source_version=2))
+        real(notice)
+
+    monkeypatch.setattr(feature, "_fan_out", update_first)
+    assert deliver(feature, request("order-1", source_version=1)).applied
+    notice = components.store.db[delivery_module.NOTICES].find_one({})
+    assert notice["rev"] == 2 and "fanout_pending_at" not in notice
+    assert lab_items(components, "stf_b") == [] and counts(components, "stf_b") == (0, 0)
+    assert len(lab_items(components, "stf_a")) == 1 and counts(components, "stf_a") == (1, 1)

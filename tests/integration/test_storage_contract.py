@@ -537,6 +537,8 @@ def test_an_appointment_is_created_once_then_changed_under_its_version(mongo_cli
         "version": 2,
         "staff_ids": ["a"],
     }
+
+
 # --- auto-reply ------------------------------------------------------------------------------------
 def test_auto_reply_settings_upsert_read_back_and_away_range(db):
     ensure_indexes(db, AUTO_REPLY_INDEXES)
@@ -606,3 +608,34 @@ def test_staff_by_id_list_without_their_password_hashes(mongo_client, db_name):
     docs = list(staff.find({"_id": {"$in": ["stf_1", "stf_2", "stf_3", "stf_nobody"]}}, {"password_hash": 0}))
     assert sorted(d["_id"] for d in docs) == ["stf_1", "stf_2", "stf_3"]
     assert all("password_hash" not in d for d in docs)
+
+
+def test_a_batch_of_new_notices_is_inserted_and_released_together(db):
+    db.notices.insert_one({"_id": "ntc_b", "rev": 2, "fanout_pending_at": 5})  # rewritten meanwhile
+    docs = [{"_id": f"ntc_{c}", "rev": 1, "fanout_pending_at": 5, "_outbox": {"e": {"rk": "a.b.v1"}}} for c in "abc"]
+    with pytest.raises(BulkWriteError) as caught:
+        db.notices.insert_many(docs, ordered=False)
+    assert [(e["index"], e["code"]) for e in caught.value.details["writeErrors"]] == [(1, 11000)]
+    found = db.notices.find({"_id": {"$in": ["ntc_a", "ntc_b", "ntc_c", "ntc_z"]}}, {"_id": 1})
+    assert sorted(doc["_id"] for doc in found) == ["ntc_a", "ntc_b", "ntc_c"]
+    released = db.notices.update_many(
+        {"_id": {"$in": ["ntc_a", "ntc_b", "ntc_c"]}, "rev": {"$eq": 1}},
+        {"$set": {"_outbox_at": 9}, "$unset": {"fanout_pending_at": ""}},
+    )
+    assert released.matched_count == 2
+    by_id = {doc["_id"]: doc for doc in db.notices.find({})}
+    assert by_id["ntc_a"]["_outbox_at"] == 9 and "fanout_pending_at" not in by_id["ntc_c"]
+    assert by_id["ntc_b"]["fanout_pending_at"] == 5 and "_outbox_at" not in by_id["ntc_b"]
+
+
+def test_a_consumer_batch_finds_and_records_processed_events(db):
+    db.processed_events.insert_one({"_id": "q:e1", "consumer": "q", "processed_at": 1})
+    found = db.processed_events.find({"_id": {"$in": ["q:e1", "q:e2", "q:e3"]}}, {"_id": 1})
+    assert [doc["_id"] for doc in found] == ["q:e1"]
+    with pytest.raises(BulkWriteError) as caught:
+        db.processed_events.insert_many(
+            [{"_id": f"q:e{n}", "consumer": "q", "processed_at": 2} for n in (1, 2, 3)], ordered=False
+        )
+    assert [e["code"] for e in caught.value.details["writeErrors"]] == [11000]
+    assert db.processed_events.find_one({"_id": "q:e1"})["processed_at"] == 1
+    assert db.processed_events.find_one({"_id": "q:e3"})["processed_at"] == 2
