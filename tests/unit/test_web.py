@@ -213,3 +213,22 @@ def test_readiness_follows_the_delivery_event_consumer():
     assert client.get("/healthz").status_code == 200
     consuming["now"] = True
     assert client.get("/readyz").get_json()["status"] == "ready"
+
+
+def test_a_busy_stream_ends_once_the_token_expires_or_is_revoked():
+    """Changes arriving faster than the heartbeat must not keep a signed-out page's stream open."""
+    from services.web.http_api import event_stream
+
+    hub = Hub(4, 2)
+    subscription = hub.subscribe("agy_a", "stf_1")
+    signed_in = {"now": True}
+    stream = event_stream(subscription, lambda: signed_in["now"], heartbeat_s=60.0)
+    assert next(stream).startswith("retry:")
+    hub.publish_to_staff("agy_a", "stf_1", BoardChange("messages"))
+    assert next(stream) == 'event: board\ndata: {"folder": "messages"}\n\n'
+    signed_in["now"] = False  # the session was revoked; changes keep coming
+    hub.publish_to_staff("agy_a", "stf_1", BoardChange("lab"))
+    assert next(stream) == "event: reauthenticate\ndata: {}\n\n"
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert hub.streams == 0  # the stream let go of its place
