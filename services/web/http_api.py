@@ -27,6 +27,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "img-src 'self' data:",
         "font-src 'self'",
         "connect-src 'self'",
+        "object-src 'none'",
         "manifest-src 'self'",
         "base-uri 'none'",
         "form-action 'self'",

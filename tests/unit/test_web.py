@@ -175,6 +175,7 @@ def test_the_page_and_its_assets_carry_the_security_headers(client):
         response = client.get(path)
         csp = response.headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert "object-src 'none'" in csp and "base-uri 'none'" in csp and "connect-src 'self'" in csp
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Referrer-Policy"] == "no-referrer"
     assert client.get("/").status_code == 200
