@@ -233,3 +233,21 @@ def test_a_busy_stream_ends_once_the_token_expires_or_is_revoked():
     with pytest.raises(StopIteration):
         next(stream)
     assert hub.streams == 0  # the stream let go of its place
+
+
+@pytest.mark.parametrize(
+    ("https_only", "forwarded", "secure"), [(True, "http", True), (False, "https", True), (False, "http", False)]
+)
+def test_the_refresh_cookie_is_secure_whenever_the_page_is_served_over_https(https_only, forwarded, secure):
+    """A page only served over https gets a Secure cookie even if one hop reports plain http."""
+    import requests
+    from flask import Flask
+
+    sessions = DirectorySessions("http://127.0.0.1:9", 300, https_only=https_only)
+    answer = requests.Response()
+    answer.status_code = 200
+    answer._content = b'{"access_token": "a", "refresh_token": "r", "expires_in": 900}'
+    with Flask(__name__).test_request_context("/app/session", headers={"X-Forwarded-Proto": forwarded}):
+        cookie = sessions._grant(answer).headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/app/session" in cookie
+    assert ("Secure" in cookie) is secure
