@@ -449,6 +449,24 @@ def test_the_next_page_loads_on_scrolling_and_forward_and_archive_work(people, a
     patel.page.locator("#more").scroll_into_view_if_needed()
     expect(rows).to_have_count(api("therapist.patel").counts("messages")[1])  # 55 and what else came
     expect(patel.row(f"{tag} #00")).to_be_visible()  # the oldest, from the second page
+    # A live arrival adds its row on top and keeps the rows already scrolled to.
+    shown = rows.count()
+    patel.page.evaluate(
+        """() => {
+          const list = document.getElementById("items");
+          window.__fewestRows = list.children.length;
+          new MutationObserver(() => {
+            window.__fewestRows = Math.min(window.__fewestRows, list.children.length);
+          }).observe(list, {childList: true});
+        }"""
+    )
+    late = unique("Late arrival")
+    assert sender.send(to_staff_ids=["stf_riverbend_patel"], subject=late).status_code == 201
+    expect(patel.row(late)).to_be_visible(timeout=LIVE_S * 1000)
+    expect(rows).to_have_count(shown + 1)
+    expect(rows.first).to_contain_text(late)
+    expect(patel.row(f"{tag} #00")).to_be_visible()
+    assert patel.page.evaluate("window.__fewestRows") == shown  # never drawn back to one page
 
     patel.open_row(f"{tag} #54")
     patel.more_options("Forward")
@@ -475,6 +493,11 @@ def test_the_board_works_from_the_keyboard(people, api):
     white.page.keyboard.press("ArrowDown")
     focused = white.page.evaluate("document.activeElement.textContent")
     assert first in focused
+    # A live arrival redraws the list; the keyboard focus stays on the same row.
+    late = unique("Keyboard late")
+    assert api("dr.reyes").send(to_staff_ids=["stf_riverbend_white"], subject=late).status_code == 201
+    expect(white.row(late)).to_be_visible(timeout=LIVE_S * 1000)
+    expect(white.row(first).locator(".row")).to_be_focused()
     assert white.page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
     white.page.keyboard.press("Enter")
     expect(white.page.locator("#pane h2")).to_have_text(first)

@@ -6,6 +6,7 @@ import { watchIdle } from "./idle.js";
 import { connectLive } from "./live.js";
 
 const PAGE_SIZE = 50;
+const MAX_PAGE_SIZE = 100; // the most the board API answers in one page
 const NOTIFICATION_FOLDERS = ["schedule", "erx", "compliance", "lab", "cloud"];
 const KIND_NAMES = { message: "Message", reminder: "Reminder", signature_request: "Signature request", announcement: "Announcement" };
 
@@ -183,8 +184,8 @@ async function openView(view) {
 }
 
 // --- the list ------------------------------------------------------------------------------
-function listPath(cursor) {
-  const q = new URLSearchParams({ limit: String(PAGE_SIZE) });
+function listPath(cursor, limit = PAGE_SIZE) {
+  const q = new URLSearchParams({ limit: String(limit) });
   if (cursor) q.set("cursor", cursor);
   if (state.unreadOnly) q.set("unread", "true");
   if (state.view.type === "label") return `/api/v1/labels/${encodeURIComponent(state.view.id)}/items?${q}`;
@@ -196,12 +197,16 @@ function listPath(cursor) {
   return `/api/v1/board/items?${q}`;
 }
 
-async function loadList(append = false) {
+// `append`: the next page after those shown. `keep`: the first page again (a live change or
+// Refresh) with the older pages already scrolled to kept below it, so the list does not jump back.
+async function loadList(append = false, keep = false) {
   const seq = ++state.loadSeq;
   $("#list-title").textContent = viewName();
   let page;
   try {
-    page = await get(listPath(append ? state.cursor : null));
+    // Drawn again: as many rows as shown (up to the API's 100) come fresh in one request.
+    const limit = keep ? Math.min(MAX_PAGE_SIZE, Math.max(PAGE_SIZE, state.items.length)) : PAGE_SIZE;
+    page = await get(listPath(append ? state.cursor : null, limit));
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return;
     announce(`Could not load the list: ${error.message}`);
@@ -210,8 +215,19 @@ async function loadList(append = false) {
   if (seq !== state.loadSeq) return;
   let items = page.items || [];
   if (state.view.id === "announcements" && state.unreadOnly) items = items.filter((i) => !i.read);
-  state.items = append ? state.items.concat(items) : items;
-  state.cursor = page.next_cursor || null;
+  let cursor = page.next_cursor || null;
+  if (append) {
+    items = state.items.concat(items);
+  } else if (keep && cursor && items.length) {
+    const last = state.items.findIndex((i) => i.id === items[items.length - 1].id);
+    if (last >= 0 && state.items.length > last + 1) {
+      const shown = new Set(items.map((i) => i.id));
+      items = items.concat(state.items.slice(last + 1).filter((i) => !shown.has(i.id)));
+      cursor = state.cursor;
+    }
+  }
+  state.items = items;
+  state.cursor = cursor;
   renderList();
   if (!state.firstPaint) {
     state.firstPaint = true;
@@ -248,9 +264,19 @@ function itemRow(item) {
     h("span", { class: "title" }, ...badges, h("span", { class: "subject", text: item.title || "(no subject)" }))));
 }
 
+// An item that left this list (archived, restored) is dropped from the rows kept below the first page.
+function forget(id) { state.items = state.items.filter((i) => i.id !== id); }
+
 function renderList() {
   const ul = $("#items");
+  // A row that has the keyboard focus keeps it when the list is drawn again (a live change).
+  const focused = ul.contains(document.activeElement) ? document.activeElement.closest("li") : null;
+  const focusedId = focused && focused.dataset.id;
   ul.replaceChildren(...state.items.map(itemRow));
+  if (focusedId) {
+    const again = [...ul.children].find((li) => li.dataset.id === focusedId);
+    if (again) again.querySelector(".row").focus({ preventScroll: true });
+  }
   $("#list-empty").hidden = state.items.length > 0;
   $("#more").hidden = !state.cursor;
 }
@@ -263,7 +289,7 @@ async function refreshBoard() {
     return;
   }
   renderFolders();
-  await loadList();
+  await loadList(false, true);
 }
 
 let liveTimer = null;
@@ -431,8 +457,8 @@ function labelEntries(d) {
 
 function readEntries(d) {
   const entries = [["Mark as Unread", () => act(() => post(`/api/v1/board/items/${d.id}/unread`), "Marked as unread", true)]];
-  if (d.folder === "archive") entries.push(["Restore", () => act(() => post(`/api/v1/board/items/${d.id}/restore`), "Restored", true)]);
-  else entries.push(["Archive", () => act(() => post(`/api/v1/board/items/${d.id}/archive`), "Archived", true)]);
+  if (d.folder === "archive") entries.push(["Restore", () => act(() => post(`/api/v1/board/items/${d.id}/restore`).then(() => forget(d.id)), "Restored", true)]);
+  else entries.push(["Archive", () => act(() => post(`/api/v1/board/items/${d.id}/archive`).then(() => forget(d.id)), "Archived", true)]);
   return entries;
 }
 
@@ -471,6 +497,7 @@ async function submitLabel(event) {
   event.preventDefault();
   const { mode, item } = labelContext;
   const error = $("#label-error");
+  const leavesThisLabel = mode !== "add" && state.view.type === "label" && $("#label-from").value === state.view.id;
   try {
     if (mode === "add") {
       const name = $("#label-name").value.trim();
@@ -488,6 +515,7 @@ async function submitLabel(event) {
     return;
   }
   $("#label-dialog").close();
+  if (leavesThisLabel) forget(item.id);
   announce("Labels updated");
   await refreshBoard();
   const still = state.items.find((i) => i.id === item.id);
