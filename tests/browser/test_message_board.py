@@ -68,6 +68,7 @@ def test_a_message_arrives_live_is_read_and_answered_and_the_sender_sees_the_rep
     kim.open_row(subject)
     expect(kim.page.locator("#pane h2")).to_have_text(subject)
     expect(kim.unread_count("messages")).to_have_text(str(before) if before else "")
+    screenshot(kim.page, "reading-pane")
     expect(row).not_to_have_class(re.compile(r"\bunread\b"))
 
     reyes_before = count_of(reyes, "messages")
@@ -564,3 +565,31 @@ def test_collapsed_sections_stay_collapsed_for_that_user(people):
     expect(again.folder("lab")).to_be_hidden()
     again.page.get_by_role("button", name="Expand notifications").click()
     expect(again.folder("lab")).to_be_visible()
+
+
+def test_failures_are_shown_where_they_happened_and_the_message_stays_in_view(people, api):
+    subject = unique("Keep me")
+    assert api("dr.reyes").send(to_staff_ids=["stf_riverbend_kim"], subject=subject).status_code == 201
+    kim = people().sign_in("nurse.kim")
+    page = kim.page
+    unavailable = {"status": 503, "content_type": "application/json"}
+    body = '{"code": "unavailable", "message": "the board is busy; try again shortly"}'
+    page.route("**/api/v1/board/items/*/archive", lambda route: route.fulfill(body=body, **unavailable))
+    kim.open_row(subject)
+    kim.more_options("Archive")
+    expect(page.locator("#pane [role=alert]")).to_have_text("Not done: the board is busy; try again shortly")
+    expect(page.locator("#pane h2")).to_have_text(subject)  # the message is still there to act on
+    expect(kim.row(subject)).to_be_visible()
+
+    page.route("**/api/v1/board/items?*folder=sent*", lambda route: route.fulfill(body=body, **unavailable))
+    kim.folder("sent").click()
+    note = page.locator("#list-empty")
+    expect(note).to_have_text("Could not load the list: the board is busy; try again shortly")
+    expect(note).to_have_class(re.compile(r"\berror\b"))
+    page.unroute("**/api/v1/board/items?*folder=sent*")
+    empty = unique("Empty")
+    assert api("nurse.kim").post("/api/v1/labels", json={"name": empty}).status_code == 201
+    page.get_by_role("button", name="Refresh").click()
+    page.locator("#folders [data-label]", has_text=empty).click()
+    expect(note).to_have_text(f"Nothing in Label: {empty}.")
+    expect(note).not_to_have_class(re.compile(r"\berror\b"))

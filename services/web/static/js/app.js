@@ -59,6 +59,7 @@ async function enter() {
     get("/api/v1/directory/me"), get("/api/v1/directory/agency"), get("/api/v1/board"),
   ]);
   Object.assign(state, { me, agency, board });
+  listNote("Loading…");
   const listed = loadList();
   renderChrome();
   renderFolders();
@@ -105,7 +106,7 @@ function folderButton(folder, extraClass = "") {
     "aria-current": current ? "true" : "false",
     dataset: { folder: folder.id },
     onclick: () => openView({ type: "folder", id: folder.id }),
-  }, h("span", { text: folder.name }), countBadge(unread));
+  }, h("span", { class: "name", text: folder.name, title: folder.name }), countBadge(unread));
 }
 
 function labelButton(label) {
@@ -115,7 +116,7 @@ function labelButton(label) {
     type: "button", class: `folder sub ${unread ? "has-unread" : ""}`, "aria-current": current ? "true" : "false",
     dataset: { label: label.id },
     onclick: () => openView({ type: "label", id: label.id }),
-  }, h("span", { text: label.name }), countBadge(unread));
+  }, h("span", { class: "name", text: label.name, title: label.name }), countBadge(unread));
 }
 
 // The count shows the number; screen readers also hear "unread" after it.
@@ -133,7 +134,7 @@ function sectionToggle(id, name) {
       state.board.sections[id] = !expanded;
       renderFolders();
       $(`[data-section="${id}"]`).focus();
-      try { await put(`/api/v1/board/sections/${id}`, { expanded: !expanded }); } catch (e) { announce(e.message); }
+      try { await put(`/api/v1/board/sections/${id}`, { expanded: !expanded }); } catch (e) { announce(`Could not remember that: ${e.message}`, { error: true }); }
     },
   }, expanded ? "▾" : "▸");
 }
@@ -177,6 +178,12 @@ function viewName() {
 async function openView(view) {
   state.view = view;
   state.selected = null;
+  state.items = [];
+  state.cursor = null;
+  $("#items").replaceChildren();
+  $("#items").setAttribute("aria-busy", "true");
+  $("#more").hidden = true;
+  listNote("Loading…");
   renderFolders();
   renderPane(null);
   await loadList();
@@ -209,7 +216,9 @@ async function loadList(append = false, keep = false) {
     page = await get(listPath(append ? state.cursor : null, limit));
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return;
-    announce(`Could not load the list: ${error.message}`);
+    if (seq !== state.loadSeq) return;
+    announce(`Could not load the list: ${error.message}`, { error: true });
+    if (!state.items.length) listNote(`Could not load the list: ${error.message}`, true);
     return;
   }
   if (seq !== state.loadSeq) return;
@@ -264,6 +273,13 @@ function itemRow(item) {
     h("span", { class: "title" }, ...badges, h("span", { class: "subject", text: item.title || "(no subject)" }))));
 }
 
+function listNote(text, error = false) {
+  const note = $("#list-empty");
+  note.textContent = text;
+  note.classList.toggle("error", error);
+  note.hidden = false;
+}
+
 // An item that left this list (archived, restored) is dropped from the rows kept below the first page.
 function forget(id) { state.items = state.items.filter((i) => i.id !== id); }
 
@@ -277,7 +293,9 @@ function renderList() {
     const again = [...ul.children].find((li) => li.dataset.id === focusedId);
     if (again) again.querySelector(".row").focus({ preventScroll: true });
   }
-  $("#list-empty").hidden = state.items.length > 0;
+  $("#items").removeAttribute("aria-busy");
+  if (state.items.length) $("#list-empty").hidden = true;
+  else listNote(`${state.unreadOnly ? "No unread items" : "Nothing"} in ${viewName()}.`);
   $("#more").hidden = !state.cursor;
 }
 
@@ -285,7 +303,7 @@ async function refreshBoard() {
   try {
     state.board = await get("/api/v1/board");
   } catch (error) {
-    announce(error.message);
+    if (!(error instanceof ApiError && error.status === 401)) announce(`Could not refresh: ${error.message}`, { error: true });
     return;
   }
   renderFolders();
@@ -412,8 +430,9 @@ async function act(call, done, closePane = false) {
     await call();
     announce(done);
   } catch (error) {
-    announce(error.message);
-    renderPane(h("p", { class: "error", role: "alert", text: error.message }));
+    // The item stays in view, with what went wrong above it.
+    $("#pane .pane-error")?.remove();
+    $("#pane").prepend(h("p", { class: "error pane-error", role: "alert", text: `Not done: ${error.message}` }));
     return;
   }
   await refreshBoard();
