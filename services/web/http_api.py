@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from services.kit.http import create_app, error_response, require_auth
 from services.kit.validation import json_body
 from services.web.live import Hub, Subscription, TooManyStreams
 from services.web.sessions import DirectorySessions, check_same_origin
-
-log = logging.getLogger("web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # No inline script or style anywhere in the page: everything comes from this origin's files.

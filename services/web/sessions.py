@@ -8,7 +8,6 @@ carry the X-Clinic-CSRF header (a cross-site form cannot set it) and come from a
 
 from __future__ import annotations
 
-import logging
 import urllib.parse
 
 import requests
@@ -16,8 +15,6 @@ from flask import Response, jsonify, request
 
 from services.kit.errors import Forbidden, Unavailable
 from services.kit.http import error_response
-
-log = logging.getLogger("web.sessions")
 
 REFRESH_COOKIE = "clinic_refresh"
 COOKIE_PATH = "/app/session"

@@ -251,3 +251,11 @@ def test_the_refresh_cookie_is_secure_whenever_the_page_is_served_over_https(htt
         cookie = sessions._grant(answer).headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/app/session" in cookie
     assert ("Secure" in cookie) is secure
+
+
+def test_a_stopping_process_opens_no_new_streams():
+    hub = Hub(10, 3)
+    hub.close(wait_s=0.1)
+    with pytest.raises(TooManyStreams):
+        hub.subscribe("agy_a", "stf_1")
+    assert hub.streams == 0
