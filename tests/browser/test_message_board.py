@@ -398,10 +398,17 @@ def test_an_auto_reply_set_in_the_dialog_answers_a_message(people, api):
 def test_an_idle_user_is_warned_then_signed_out(people, api):
     admin = api("admin")
     assert admin.patch("/api/v1/directory/agency", json={"options": {"idle_signout_minutes": 2}}).status_code == 200
+    subject = unique("Private note")
+    body = "Results for the 3pm client are back."
+    assert api("dr.reyes").send(to_staff_ids=["stf_riverbend_kim"], subject=subject, body=body).status_code == 201
     try:
         person = people()
         person.page.clock.install()
         person.sign_in("nurse.kim", fake_clock=True)
+        person.open_row(subject)
+        person.page.get_by_role("button", name="Compose").click()
+        person.page.get_by_label("Message", exact=True).fill("A draft about the client")
+        person.page.get_by_role("button", name="Cancel").click()
         person.page.clock.fast_forward("00:30")
         expect(person.page.locator("#idle-dialog")).to_be_hidden()
         person.page.clock.fast_forward("00:35")  # one minute before the two: the warning
@@ -415,6 +422,10 @@ def test_an_idle_user_is_warned_then_signed_out(people, api):
         expect(person.page.locator("#signin-note")).to_have_text(
             "You were signed out after 2 minutes without activity."
         )
+        # Nothing of the board stays behind in the page, hidden or not.
+        page_text = person.page.evaluate("document.body.textContent")
+        assert subject not in page_text and body not in page_text and "Jordan Kim" not in page_text
+        assert person.page.locator("#compose-body").input_value() == ""
         person.page.reload()  # the session was ended, not only the page
         expect(person.page.locator("#signin")).to_be_visible()
     finally:

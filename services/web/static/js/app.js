@@ -48,7 +48,13 @@ function teardown() {
   if (state.idle) state.idle.stop();
   state.idle = null;
   document.querySelectorAll("dialog[open]").forEach((d) => d.close());
-  Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null });
+  Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null, staff: [], teams: [] });
+  // Nothing of the signed-out person's board stays in the page, not even hidden: the list, the
+  // open item, the folder tree, a draft.
+  ["#items", "#folders", "#pane", "#me", "#recipient-chips", "#recipient-options", "#label-options"]
+    .forEach((selector) => $(selector).replaceChildren());
+  ["#compose-form", "#auto-reply-form", "#label-form"].forEach((selector) => $(selector).reset());
+  recipients = [];
 }
 
 async function enter() {
