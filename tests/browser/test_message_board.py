@@ -214,6 +214,7 @@ def test_signature_requests_are_signed_and_declined_from_the_reading_pane(people
     reyes.page.get_by_label("Title").fill(title)
     expect(reyes.page.get_by_label("Document", exact=True).locator("option").first).to_have_text("Client document")
     reyes.page.get_by_label("Document reference").fill("doc-42")
+    screenshot(reyes.page, "compose-signature-request")
     reyes.page.locator("#compose-send").click()
     expect(reyes.page.locator("#compose-dialog")).to_be_hidden()
 
@@ -307,6 +308,8 @@ def test_a_reload_keeps_the_user_signed_in_and_sign_out_ends_the_session(people,
     token = next(t for t in tokens if t.startswith("Bearer "))
     person.page.get_by_role("button", name="Sign out").click()
     expect(person.page.locator("#signin")).to_be_visible()
+    expect(person.page.locator("#signin-note")).to_have_text("You have signed out.")
+    screenshot(person.page, "signed-out")
     person.page.reload()
     expect(person.page.locator("#signin")).to_be_visible()
 
@@ -582,6 +585,7 @@ def test_failures_are_shown_where_they_happened_and_the_message_stays_in_view(pe
     assert api("dr.reyes").send(to_staff_ids=["stf_riverbend_kim"], subject=subject).status_code == 201
     kim = people().sign_in("nurse.kim")
     page = kim.page
+    expect(page.locator("#pane")).to_have_text("Select an item to read it.")
     unavailable = {"status": 503, "content_type": "application/json"}
     body = '{"code": "unavailable", "message": "the board is busy; try again shortly"}'
     page.route("**/api/v1/board/items/*/archive", lambda route: route.fulfill(body=body, **unavailable))

@@ -65,6 +65,7 @@ async function enter() {
     get("/api/v1/directory/me"), get("/api/v1/directory/agency"), get("/api/v1/board"),
   ]);
   Object.assign(state, { me, agency, board });
+  renderPane(null);
   listNote("Loading…");
   const listed = loadList();
   renderChrome();
