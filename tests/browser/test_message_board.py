@@ -564,7 +564,9 @@ def test_abnormal_and_urgent_lab_results_are_marked_and_overdue_compliance_alert
     expect(row.locator(".subject")).to_have_css("color", "rgb(179, 38, 30)")  # the alert red
 
 
-def test_collapsed_sections_stay_collapsed_for_that_user(people):
+def test_collapsed_sections_stay_collapsed_for_that_user(people, deliver):
+    from clinic.inbox.v1 import inbox_pb2
+
     lee = people().sign_in("billing.lee")
     toggle = lee.page.get_by_role("button", name="Collapse notifications")
     expect(toggle).to_have_attribute("aria-expanded", "true")
@@ -576,6 +578,22 @@ def test_collapsed_sections_stay_collapsed_for_that_user(people):
     expect(lee.page.get_by_role("button", name="Expand notifications")).to_have_attribute("aria-expanded", "false")
     again = people().sign_in("billing.lee")  # another browser: the choice is stored with the user
     expect(again.folder("lab")).to_be_hidden()
+    # A new lab result still shows, as the collapsed section's unread total beside its heading.
+    heading_count = again.page.locator("#folders .heading .count .num")
+    before = int(heading_count.text_content() or 0)
+    deliver(
+        inbox_pb2.DeliverItemRequest(
+            kind=inbox_pb2.DELIVERED_KIND_LAB,
+            recipients=inbox_pb2.Recipients(staff_ids=["stf_riverbend_lee"]),
+            title=unique("Lipid panel"),
+            summary="Lipid panel, final",
+            severity=inbox_pb2.SEVERITY_INFO,
+            source="lab",
+            source_ref=f"ref-{uuid.uuid4().hex[:10]}",
+        )
+    )
+    expect(heading_count).to_have_text(str(before + 1), timeout=LIVE_S * 1000)
+    expect(again.page.locator("#folders .heading")).to_have_class(re.compile(r"\bhas-unread\b"))
     again.page.get_by_role("button", name="Expand notifications").click()
     expect(again.folder("lab")).to_be_visible()
 

@@ -162,8 +162,10 @@ function renderFolders() {
   const notifications = NOTIFICATION_FOLDERS.filter((id) => byId[id] && (id !== "erx" || state.me.eprescribing_enabled || byId[id].total));
   if (notifications.length) {
     const unread = notifications.reduce((n, id) => n + (byId[id].unread || 0), 0);
+    // The section's unread total shows beside its heading, so a collapsed section still stands out.
     add(h("div", { class: "group" }, sectionToggle("notifications", "notifications"),
-      h("span", { class: `heading ${unread ? "has-unread" : ""}`, id: "notifications-heading", text: "Notifications" })));
+      h("span", { class: `heading ${unread ? "has-unread" : ""}` },
+        h("span", { id: "notifications-heading", text: "Notifications" }), countBadge(unread))));
     if (state.board.sections.notifications !== false) {
       list.append(h("li", {}, h("ul", { "aria-labelledby": "notifications-heading" },
         notifications.map((id) => h("li", {}, folderButton(byId[id], "sub"))))));
