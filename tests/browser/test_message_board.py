@@ -13,6 +13,7 @@ import requests
 from playwright.sync_api import expect
 
 from services.launcher import Stack
+from tests.browser.chromium import DEMO_PASSWORD
 from tests.browser.conftest import AXE_SOURCE, screenshot
 from tests.e2e.conftest import wait_until
 
@@ -625,3 +626,20 @@ def test_failures_are_shown_where_they_happened_and_the_message_stays_in_view(pe
     page.locator("#folders [data-label]", has_text=empty).click()
     expect(note).to_have_text(f"Nothing in Label: {empty}.")
     expect(note).not_to_have_class(re.compile(r"\berror\b"))
+
+
+def test_a_refused_event_stream_backs_off_instead_of_refreshing_in_a_loop(people):
+    person = people()
+    page = person.page
+    refreshes: list[str] = []
+    page.on("request", lambda r: refreshes.append(r.url) if r.url.endswith("/app/session/refresh") else None)
+    page.route(
+        "**/app/events",
+        lambda route: route.fulfill(status=401, content_type="application/json", body='{"code": "invalid_token"}'),
+    )
+    page.goto(f"{person.base_url}/")
+    page.get_by_label("Username").fill("nurse.kim")
+    page.get_by_label("Password").fill(DEMO_PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#live-state")).to_have_text("Reconnecting…")
+    assert len(refreshes) <= 2  # one as the page opened (no session yet), one for the stream; no loop
