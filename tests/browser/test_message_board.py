@@ -643,3 +643,23 @@ def test_a_refused_event_stream_backs_off_instead_of_refreshing_in_a_loop(people
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#live-state")).to_have_text("Reconnecting…")
     assert len(refreshes) <= 2  # one as the page opened (no session yet), one for the stream; no loop
+
+
+def test_two_tabs_reloaded_together_both_stay_signed_in(people):
+    """Tabs share the refresh cookie; refreshing it twice at once would end the session as stolen."""
+    first = people().sign_in("nurse.kim")
+    second = first.context.new_page()
+    second.goto(f"{first.base_url}/")
+    expect(second.locator("#me")).to_have_text("Jordan Kim, RN")
+    tabs = (first.page, second)
+    for _ in range(3):
+        with (
+            first.page.expect_response("**/app/session/refresh") as one,
+            second.expect_response("**/app/session/refresh") as two,
+        ):
+            for page in tabs:
+                page.evaluate("setTimeout(() => location.reload(), 0)")
+        assert (one.value.status, two.value.status) == (200, 200)
+        for page in tabs:
+            expect(page.locator("#me")).to_have_text("Jordan Kim, RN")
+            expect(page.locator("#live-state")).to_have_text("Live")
