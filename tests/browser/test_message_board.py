@@ -438,6 +438,41 @@ def test_an_idle_user_is_warned_then_signed_out(people, api):
         )
 
 
+def test_activity_in_one_tab_keeps_the_others_signed_in(people, api):
+    """Idle sign-out ends the session every tab shares, so it counts activity in any of them."""
+    admin = api("admin")
+    assert admin.patch("/api/v1/directory/agency", json={"options": {"idle_signout_minutes": 2}}).status_code == 200
+    try:
+        first = people()
+        first.context.clock.install()
+        first.sign_in("nurse.kim", fake_clock=True)
+        other = first.context.new_page()
+        other.goto(f"{first.base_url}/")
+        expect(other.locator("#live-state")).to_have_text("Live")
+        first.context.clock.fast_forward("00:50")
+        listen = """() => {
+          window.__heard = false;
+          const channel = new BroadcastChannel("clinic-board-activity");
+          channel.onmessage = () => { window.__heard = true; channel.close(); };
+        }"""
+        first.page.evaluate(listen)
+        other.keyboard.press("Shift")  # working in the other tab
+        wait_until(lambda: first.page.evaluate("window.__heard"), timeout=10)
+        first.context.clock.fast_forward("00:35")  # past the first tab's own warning time
+        expect(first.page.locator("#idle-dialog")).to_be_hidden()
+        first.context.clock.fast_forward("00:30")  # now both tabs have been idle long enough to warn
+        for page in (first.page, other):
+            expect(page.locator("#idle-dialog")).to_be_visible()
+        first.page.evaluate(listen)
+        other.get_by_role("button", name="Stay signed in").click()
+        wait_until(lambda: first.page.evaluate("window.__heard"), timeout=10)
+        expect(first.page.locator("#idle-dialog")).to_be_hidden()  # answered in one tab, closed in all
+    finally:
+        assert (
+            admin.patch("/api/v1/directory/agency", json={"options": {"idle_signout_minutes": 15}}).status_code == 200
+        )
+
+
 def test_a_narrow_window_is_still_usable(people, api):
     subject = unique("Narrow")
     assert api("dr.reyes").send(to_staff_ids=["stf_riverbend_kim"], subject=subject).status_code == 201

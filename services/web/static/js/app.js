@@ -78,6 +78,7 @@ async function enter() {
       $("#idle-text").textContent = `You will be signed out in ${seconds} seconds because of inactivity.`;
       if (!$("#idle-dialog").open) $("#idle-dialog").showModal();
     },
+    onActiveElsewhere: () => { if ($("#idle-dialog").open) $("#idle-dialog").close(); },
     onIdle: async () => {
       await signOut();
       showSignIn(`You were signed out after ${agency.options.idle_signout_minutes || 15} minutes without activity.`);
