@@ -20,6 +20,19 @@ from tests.e2e.conftest import wait_until
 LIVE_S = 2.0  # a new item must show within this, without Refresh
 
 
+def axe_violations(page) -> list[str]:
+    """axe-core's serious and critical findings on the page as it is now."""
+    if not page.evaluate("typeof axe !== 'undefined'"):
+        page.evaluate(AXE_SOURCE.read_text())  # evaluated by the browser's debugger: not an inline script
+    return page.evaluate(
+        """async () => {
+          const result = await axe.run(document, {resultTypes: ["violations"]});
+          return result.violations.filter(v => ["serious", "critical"].includes(v.impact))
+            .map(v => v.id + ": " + v.nodes.map(n => n.target.join(" ")).join(", "));
+        }"""
+    )
+
+
 def unique(text: str) -> str:
     return f"{text} {uuid.uuid4().hex[:6]}"
 
@@ -311,6 +324,7 @@ def test_a_reload_keeps_the_user_signed_in_and_sign_out_ends_the_session(people,
     expect(person.page.locator("#signin")).to_be_visible()
     expect(person.page.locator("#signin-note")).to_have_text("You have signed out.")
     screenshot(person.page, "signed-out")
+    assert axe_violations(person.page) == []
     person.page.reload()
     expect(person.page.locator("#signin")).to_be_visible()
 
@@ -326,18 +340,14 @@ def test_no_serious_accessibility_violations_on_the_board_and_in_compose(people,
     kim = people().sign_in("nurse.kim")
     kim.page.locator("#items li .row").first.click()
     expect(kim.page.locator("#pane article")).to_be_visible()
-    kim.page.evaluate(AXE_SOURCE.read_text())  # evaluated by the browser's debugger: not an inline script
-    run_axe = """async () => {
-      const result = await axe.run(document, {resultTypes: ["violations"]});
-      return result.violations.filter(v => ["serious", "critical"].includes(v.impact))
-        .map(v => v.id + ": " + v.nodes.map(n => n.target.join(" ")).join(", "));
-    }"""
-    assert kim.page.evaluate(run_axe) == []
+    assert axe_violations(kim.page) == []
     kim.page.get_by_role("button", name="Compose").click()
     expect(kim.page.locator("#compose-dialog")).to_be_visible()
-    assert kim.page.evaluate(run_axe) == []
+    assert axe_violations(kim.page) == []
     # Keyboard: Escape closes the dialog and Tab reaches the toolbar with a visible focus ring.
     kim.page.keyboard.press("Escape")
+    expect(kim.page.locator("#compose-dialog")).to_be_hidden()
+    expect(kim.page.locator("#compose")).to_be_focused()  # focus returns to what opened the dialog
     kim.page.locator("#compose").focus()
     outline = kim.page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert outline != "none"
@@ -484,6 +494,7 @@ def test_a_narrow_window_is_still_usable(people, api):
     width = kim.page.evaluate("document.documentElement.scrollWidth")
     assert width <= 400  # nothing forces sideways scrolling
     screenshot(kim.page, "board-narrow")
+    assert axe_violations(kim.page) == []
     compose.click()
     expect(kim.page.locator("#compose-dialog")).to_be_in_viewport()
 
