@@ -709,3 +709,25 @@ def test_two_tabs_reloaded_together_both_stay_signed_in(people):
         for page in tabs:
             expect(page.locator("#me")).to_have_text("Jordan Kim, RN")
             expect(page.locator("#live-state")).to_have_text("Live")
+
+
+def test_a_slow_answer_for_an_earlier_click_does_not_replace_the_item_chosen_after_it(people, api):
+    first, second = unique("Slow one"), unique("Chosen one")
+    for subject in (first, second):
+        assert api("dr.reyes").send(to_staff_ids=["stf_riverbend_hall"], subject=subject).status_code == 201
+    hall = people().sign_in("therapist.hall")
+    page = hall.page
+    slow_id = hall.row(first).get_attribute("data-id")
+    held = []
+
+    def hold(route):
+        held.append(route)
+
+    page.route(f"**/api/v1/board/items/{slow_id}", hold)
+    hall.row(first).locator(".row").click()
+    wait_until(lambda: held, timeout=10)
+    hall.open_row(second)
+    with page.expect_response(f"**/api/v1/board/items/{slow_id}"):
+        held[0].continue_()
+    page.evaluate("() => new Promise((resolve) => requestAnimationFrame(() => resolve()))")  # the page has handled it
+    expect(page.locator("#pane h2")).to_have_text(second)

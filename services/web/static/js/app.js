@@ -13,7 +13,7 @@ const KIND_NAMES = { message: "Message", reminder: "Reminder", signature_request
 const state = {
   me: null, agency: null, board: null, staff: [], teams: [],
   view: { type: "folder", id: "messages" }, items: [], cursor: null, selected: null, opened: null,
-  unreadOnly: false, stopLive: null, idle: null, firstPaint: false, loadSeq: 0,
+  unreadOnly: false, stopLive: null, idle: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
 };
 
 const term = () => (state.agency && state.agency.terminology.patient_singular) || "Patient";
@@ -49,6 +49,9 @@ function teardown() {
   state.idle = null;
   document.querySelectorAll("dialog[open]").forEach((d) => d.close());
   Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null, staff: [], teams: [] });
+  // Answers still on their way for the signed-out person are dropped when they arrive.
+  state.signedInSeq += 1;
+  state.loadSeq += 1;
   // Nothing of the signed-out person's board stays in the page, not even hidden: the list, the
   // open item, the folder tree, a draft.
   ["#items", "#folders", "#pane", "#me", "#recipient-chips", "#recipient-options", "#label-options"]
@@ -310,8 +313,11 @@ function renderList() {
 }
 
 async function refreshBoard() {
+  const signedIn = state.signedInSeq;
   try {
-    state.board = await get("/api/v1/board");
+    const board = await get("/api/v1/board");
+    if (signedIn !== state.signedInSeq) return;
+    state.board = board;
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 401)) announce(`Could not refresh: ${error.message}`, { error: true });
     return;
@@ -333,15 +339,19 @@ async function openItem(item) {
     row.setAttribute("aria-current", row.parentElement.dataset.id === item.id ? "true" : "false");
   });
   const isAnnouncement = state.view.type === "folder" && state.view.id === "announcements";
+  const signedIn = state.signedInSeq;
+  // Only the answer for the item chosen last is shown, and none after signing out.
+  const stale = () => signedIn !== state.signedInSeq || state.selected !== item.id;
   let detail;
   try {
     detail = isAnnouncement
       ? await get(`/api/v1/announcements/${encodeURIComponent(item.id)}`)
       : await get(`/api/v1/board/items/${encodeURIComponent(item.id)}`);
   } catch (error) {
-    renderPane(h("p", { class: "error", text: `Could not open it: ${error.message}` }));
+    if (!stale()) renderPane(h("p", { class: "error", role: "alert", text: `Could not open it: ${error.message}` }));
     return;
   }
+  if (stale()) return;
   state.opened = { ...detail, kind: isAnnouncement ? "announcement" : detail.kind };
   renderPane(paneFor(state.opened));
   // On a narrow window the reading pane is below the list: bring it into view.
