@@ -23,19 +23,9 @@ from playwright.sync_api import sync_playwright
 from bench._env import machine, running_stack, write_report
 from bench.bench_board import inbox_board, login, percentile, seed_board
 from services.kit.auth import Identity
+from tests.browser.chromium import DEMO_PASSWORD, launch
 
 TARGET_MS = 1000.0
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 FIRST_PAGE = "() => performance.getEntriesByName('board-first-page').map(e => e.startTime)[0] ?? null"
 
 
@@ -44,7 +34,7 @@ def signed_in_page(browser, base: str, username: str):
     page = context.new_page()
     page.goto(f"{base}/")
     page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill("demo-Password-2026")
+    page.get_by_label("Password").fill(DEMO_PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_function("() => performance.getEntriesByName('board-first-page').length > 0", timeout=30_000)
     return page
@@ -81,7 +71,7 @@ def main() -> int:
         seed_board(board, Identity(subject=big_id, agency_id=agency), admin_id, args.items, 100)
         seed_s = time.perf_counter() - started
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            browser = launch(playwright)
             small_page = signed_in_page(browser, stack.gateway_url, "dr.reyes")
             big_page = signed_in_page(browser, stack.gateway_url, "nurse.kim")
             for page in (small_page, big_page):  # warm-up: caches, connections, the service's JWKS

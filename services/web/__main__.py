@@ -45,7 +45,8 @@ def main() -> int:
     process.background("board-events", board_events.run)
     if not board_events.consumer.wait_until_consuming(10.0):
         log.warning("serving before the board events queue was consumed; the consumer keeps trying")
-    sessions = DirectorySessions(settings.directory_http_url, settings.refresh_cookie_max_age_s)
+    https_only = all(origin.startswith("https://") for origin in settings.allowed_origins)
+    sessions = DirectorySessions(settings.directory_http_url, settings.refresh_cookie_max_age_s, https_only)
     app = build_app(sessions, hub, verifier, settings, live_ready=lambda: board_events.consumer.consuming)
     process.serve_http(app, settings.http_host, settings.http_port, threads=settings.http_threads)
     process.on_stop("event-streams", hub.close)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flask import Blueprint, Flask, Response, current_app, g, send_from_directory
 
-from services.kit.auth import TokenVerifier
+from services.kit.auth import AuthError, TokenVerifier
 from services.kit.http import create_app, error_response, require_auth
 from services.kit.validation import json_body
-from services.web.live import Hub, TooManyStreams
+from services.web.live import Hub, Subscription, TooManyStreams
 from services.web.sessions import DirectorySessions, check_same_origin
-
-log = logging.getLogger("web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # No inline script or style anywhere in the page: everything comes from this origin's files.
@@ -26,6 +24,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "img-src 'self' data:",
         "font-src 'self'",
         "connect-src 'self'",
+        "object-src 'none'",
         "manifest-src 'self'",
         "base-uri 'none'",
         "form-action 'self'",
@@ -113,29 +112,38 @@ def events():
         response.headers["Retry-After"] = "30"
         return response
     verifier: TokenVerifier = current_app.extensions["clinic.verifier"]
-    heartbeat_s = _web("settings").events_heartbeat_s
     token = identity.token
 
-    def stream():
+    def still_signed_in() -> bool:
         try:
-            yield "retry: 2000\n: connected\n\n"
-            while not subscription.ended.is_set():
-                change = subscription.next(heartbeat_s)
-                if subscription.ended.is_set():
-                    break
-                if change is None:
-                    try:
-                        verifier.verify(token)
-                    except Exception:  # expired or revoked: end the stream, the page reconnects
-                        yield "event: reauthenticate\ndata: {}\n\n"
-                        return
-                    yield ": heartbeat\n\n"
-                    continue
-                yield f"event: board\ndata: {json.dumps({'folder': change.folder})}\n\n"
-        finally:
-            subscription.close()
+            verifier.verify(token)
+        except AuthError:  # expired, revoked, or keys unavailable: the page signs in again
+            return False
+        return True
 
-    response = Response(stream(), mimetype="text/event-stream")
+    stream = event_stream(subscription, still_signed_in, _web("settings").events_heartbeat_s)
+    response = Response(stream, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Accel-Buffering"] = "no"
     return response
+
+
+def event_stream(subscription: Subscription, still_signed_in: Callable[[], bool], heartbeat_s: float) -> Iterator[str]:
+    """The text of one page's event stream. The token is checked before every line sent after the
+    first (a change or a heartbeat), so a busy board's stream ends on expiry or sign-out as an idle
+    one does, within one heartbeat at most."""
+    try:
+        yield "retry: 2000\n: connected\n\n"
+        while not subscription.ended.is_set():
+            change = subscription.next(heartbeat_s)
+            if subscription.ended.is_set():
+                break
+            if not still_signed_in():  # the page refreshes its token and reconnects
+                yield "event: reauthenticate\ndata: {}\n\n"
+                return
+            if change is None:
+                yield ": heartbeat\n\n"
+                continue
+            yield f"event: board\ndata: {json.dumps({'folder': change.folder})}\n\n"
+    finally:
+        subscription.close()

@@ -8,7 +8,6 @@ page then asks the API, which shows what the API would show.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -18,14 +17,12 @@ from clinic.inbox.v1 import inbox_pb2
 from services.kit.bus import Consumer, Topology
 from services.kit.events import Envelope, MalformedEvent, unpack
 
-log = logging.getLogger("web.live")
-
 MESSAGE_DELIVERED = "message.delivered.v1"
 BOARD_ITEM_DELIVERED = "board_item.delivered.v1"
 ANNOUNCEMENT_POSTED = "announcement.posted.v1"
 ROUTING_KEYS = (MESSAGE_DELIVERED, BOARD_ITEM_DELIVERED, ANNOUNCEMENT_POSTED)
 QUEUE_EXPIRES_MS = 10 * 60 * 1000
-SUBSCRIBER_BACKLOG = 256  # a page this far behind gets one "refresh everything" instead
+SUBSCRIBER_BACKLOG = 256  # further changes for a page this far behind are dropped: it refetches anyway
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,8 @@ class Hub:
         closed without the server noticing yet, most likely); the process over its limit refuses."""
         key = (agency_id, staff_id)
         evicted = None
+        if self.closed.is_set():  # stopping: the page tries again, on another replica
+            raise TooManyStreams
         with self._lock:
             mine = self._by_staff.setdefault(key, {})
             if len(mine) >= self.max_streams_per_staff:

@@ -8,7 +8,6 @@ carry the X-Clinic-CSRF header (a cross-site form cannot set it) and come from a
 
 from __future__ import annotations
 
-import logging
 import urllib.parse
 
 import requests
@@ -16,8 +15,6 @@ from flask import Response, jsonify, request
 
 from services.kit.errors import Forbidden, Unavailable
 from services.kit.http import error_response
-
-log = logging.getLogger("web.sessions")
 
 REFRESH_COOKIE = "clinic_refresh"
 COOKIE_PATH = "/app/session"
@@ -47,9 +44,12 @@ def is_https() -> bool:
 class DirectorySessions:
     """Calls directory's /api/v1/auth endpoints on the page's behalf."""
 
-    def __init__(self, directory_url: str, cookie_max_age_s: int):
+    def __init__(self, directory_url: str, cookie_max_age_s: int, https_only: bool = False):
+        """`https_only`: the page is only ever served over https (every allowed origin is https), so
+        the cookie is Secure whatever a forwarded header says about this one request."""
         self.directory_url = directory_url
         self.cookie_max_age_s = cookie_max_age_s
+        self.https_only = https_only
         self.http = requests.Session()
 
     def _call(self, path: str, body: dict) -> requests.Response:
@@ -110,11 +110,16 @@ class DirectorySessions:
             refresh_token,
             max_age=self.cookie_max_age_s,
             path=COOKIE_PATH,
-            secure=is_https(),
+            secure=self._secure(),
             httponly=True,
             samesite="Strict",
         )
         return response
 
+    def _secure(self) -> bool:
+        return self.https_only or is_https()
+
     def _clear(self, response: Response) -> None:
-        response.delete_cookie(REFRESH_COOKIE, path=COOKIE_PATH, secure=is_https(), httponly=True, samesite="Strict")
+        response.delete_cookie(
+            REFRESH_COOKIE, path=COOKIE_PATH, secure=self._secure(), httponly=True, samesite="Strict"
+        )

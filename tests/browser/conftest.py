@@ -13,24 +13,13 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from services.launcher import Ports, Stack, StackConfig
+from tests.browser.chromium import CHROMIUM, DEMO_PASSWORD, launch
 from tests.conftest import AMQP_BASE, _rabbitmqctl, vhost_url
 from tests.e2e.conftest import Client
 
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
 AXE_SOURCE = REPO / ".tools" / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOTS = REPO / "artifacts" / "screenshots"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-DEMO_PASSWORD = "demo-Password-2026"
 # Records every CSP violation the page reports, for the tests to assert there were none.
 RECORD_CSP_VIOLATIONS = """
 window.__cspViolations = [];
@@ -86,7 +75,7 @@ def web_stack(tmp_path_factory, mongo_uri, browser_amqp_url) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        chromium = launch(playwright)
         yield chromium
         chromium.close()
 

@@ -175,6 +175,7 @@ def test_the_page_and_its_assets_carry_the_security_headers(client):
         response = client.get(path)
         csp = response.headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert "object-src 'none'" in csp and "base-uri 'none'" in csp and "connect-src 'self'" in csp
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Referrer-Policy"] == "no-referrer"
     assert client.get("/").status_code == 200
@@ -213,3 +214,48 @@ def test_readiness_follows_the_delivery_event_consumer():
     assert client.get("/healthz").status_code == 200
     consuming["now"] = True
     assert client.get("/readyz").get_json()["status"] == "ready"
+
+
+def test_a_busy_stream_ends_once_the_token_expires_or_is_revoked():
+    """Changes arriving faster than the heartbeat must not keep a signed-out page's stream open."""
+    from services.web.http_api import event_stream
+
+    hub = Hub(4, 2)
+    subscription = hub.subscribe("agy_a", "stf_1")
+    signed_in = {"now": True}
+    stream = event_stream(subscription, lambda: signed_in["now"], heartbeat_s=60.0)
+    assert next(stream).startswith("retry:")
+    hub.publish_to_staff("agy_a", "stf_1", BoardChange("messages"))
+    assert next(stream) == 'event: board\ndata: {"folder": "messages"}\n\n'
+    signed_in["now"] = False  # the session was revoked; changes keep coming
+    hub.publish_to_staff("agy_a", "stf_1", BoardChange("lab"))
+    assert next(stream) == "event: reauthenticate\ndata: {}\n\n"
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert hub.streams == 0  # the stream let go of its place
+
+
+@pytest.mark.parametrize(
+    ("https_only", "forwarded", "secure"), [(True, "http", True), (False, "https", True), (False, "http", False)]
+)
+def test_the_refresh_cookie_is_secure_whenever_the_page_is_served_over_https(https_only, forwarded, secure):
+    """A page only served over https gets a Secure cookie even if one hop reports plain http."""
+    import requests
+    from flask import Flask
+
+    sessions = DirectorySessions("http://127.0.0.1:9", 300, https_only=https_only)
+    answer = requests.Response()
+    answer.status_code = 200
+    answer._content = b'{"access_token": "a", "refresh_token": "r", "expires_in": 900}'
+    with Flask(__name__).test_request_context("/app/session", headers={"X-Forwarded-Proto": forwarded}):
+        cookie = sessions._grant(answer).headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/app/session" in cookie
+    assert ("Secure" in cookie) is secure
+
+
+def test_a_stopping_process_opens_no_new_streams():
+    hub = Hub(10, 3)
+    hub.close(wait_s=0.1)
+    with pytest.raises(TooManyStreams):
+        hub.subscribe("agy_a", "stf_1")
+    assert hub.streams == 0

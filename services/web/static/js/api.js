@@ -40,9 +40,16 @@ export async function signIn(username, password) {
   return adopt(await sessionCall("", { username, password }));
 }
 
+// Every tab of the page shares the refresh cookie and each refresh replaces it. Two tabs refreshing
+// at once would present the same token twice, which directory takes for a stolen token and ends
+// the session; so tabs take turns (the second then sends the cookie the first just received).
+const REFRESH_LOCK = "clinic-session-refresh";
+
 export function refresh() {
   if (!refreshing) {
-    refreshing = sessionCall("/refresh").then(adopt).finally(() => { refreshing = null; });
+    const call = () => sessionCall("/refresh");
+    const turn = navigator.locks ? navigator.locks.request(REFRESH_LOCK, call) : call();
+    refreshing = turn.then(adopt).finally(() => { refreshing = null; });
   }
   return refreshing;
 }

@@ -6,13 +6,14 @@ import { watchIdle } from "./idle.js";
 import { connectLive } from "./live.js";
 
 const PAGE_SIZE = 50;
+const MAX_PAGE_SIZE = 100; // the most the board API answers in one page
 const NOTIFICATION_FOLDERS = ["schedule", "erx", "compliance", "lab", "cloud"];
 const KIND_NAMES = { message: "Message", reminder: "Reminder", signature_request: "Signature request", announcement: "Announcement" };
 
 const state = {
   me: null, agency: null, board: null, staff: [], teams: [],
   view: { type: "folder", id: "messages" }, items: [], cursor: null, selected: null, opened: null,
-  unreadOnly: false, stopLive: null, idle: null, firstPaint: false, loadSeq: 0,
+  unreadOnly: false, stopLive: null, idle: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
 };
 
 const term = () => (state.agency && state.agency.terminology.patient_singular) || "Patient";
@@ -47,7 +48,16 @@ function teardown() {
   if (state.idle) state.idle.stop();
   state.idle = null;
   document.querySelectorAll("dialog[open]").forEach((d) => d.close());
-  Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null });
+  Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null, staff: [], teams: [] });
+  // Answers still on their way for the signed-out person are dropped when they arrive.
+  state.signedInSeq += 1;
+  state.loadSeq += 1;
+  // Nothing of the signed-out person's board stays in the page, not even hidden: the list, the
+  // open item, the folder tree, a draft.
+  ["#items", "#folders", "#pane", "#me", "#recipient-chips", "#recipient-options", "#label-options"]
+    .forEach((selector) => $(selector).replaceChildren());
+  ["#compose-form", "#auto-reply-form", "#label-form"].forEach((selector) => $(selector).reset());
+  recipients = [];
 }
 
 async function enter() {
@@ -58,6 +68,8 @@ async function enter() {
     get("/api/v1/directory/me"), get("/api/v1/directory/agency"), get("/api/v1/board"),
   ]);
   Object.assign(state, { me, agency, board });
+  renderPane(null);
+  listNote("Loading…");
   const listed = loadList();
   renderChrome();
   renderFolders();
@@ -69,6 +81,7 @@ async function enter() {
       $("#idle-text").textContent = `You will be signed out in ${seconds} seconds because of inactivity.`;
       if (!$("#idle-dialog").open) $("#idle-dialog").showModal();
     },
+    onActiveElsewhere: () => { if ($("#idle-dialog").open) $("#idle-dialog").close(); },
     onIdle: async () => {
       await signOut();
       showSignIn(`You were signed out after ${agency.options.idle_signout_minutes || 15} minutes without activity.`);
@@ -104,7 +117,7 @@ function folderButton(folder, extraClass = "") {
     "aria-current": current ? "true" : "false",
     dataset: { folder: folder.id },
     onclick: () => openView({ type: "folder", id: folder.id }),
-  }, h("span", { text: folder.name }), countBadge(unread));
+  }, h("span", { class: "name", text: folder.name, title: folder.name }), countBadge(unread));
 }
 
 function labelButton(label) {
@@ -114,7 +127,7 @@ function labelButton(label) {
     type: "button", class: `folder sub ${unread ? "has-unread" : ""}`, "aria-current": current ? "true" : "false",
     dataset: { label: label.id },
     onclick: () => openView({ type: "label", id: label.id }),
-  }, h("span", { text: label.name }), countBadge(unread));
+  }, h("span", { class: "name", text: label.name, title: label.name }), countBadge(unread));
 }
 
 // The count shows the number; screen readers also hear "unread" after it.
@@ -132,7 +145,7 @@ function sectionToggle(id, name) {
       state.board.sections[id] = !expanded;
       renderFolders();
       $(`[data-section="${id}"]`).focus();
-      try { await put(`/api/v1/board/sections/${id}`, { expanded: !expanded }); } catch (e) { announce(e.message); }
+      try { await put(`/api/v1/board/sections/${id}`, { expanded: !expanded }); } catch (e) { announce(`Could not remember that: ${e.message}`, { error: true }); }
     },
   }, expanded ? "▾" : "▸");
 }
@@ -153,8 +166,10 @@ function renderFolders() {
   const notifications = NOTIFICATION_FOLDERS.filter((id) => byId[id] && (id !== "erx" || state.me.eprescribing_enabled || byId[id].total));
   if (notifications.length) {
     const unread = notifications.reduce((n, id) => n + (byId[id].unread || 0), 0);
+    // The section's unread total shows beside its heading, so a collapsed section still stands out.
     add(h("div", { class: "group" }, sectionToggle("notifications", "notifications"),
-      h("span", { class: `heading ${unread ? "has-unread" : ""}`, id: "notifications-heading", text: "Notifications" })));
+      h("span", { class: `heading ${unread ? "has-unread" : ""}` },
+        h("span", { id: "notifications-heading", text: "Notifications" }), countBadge(unread))));
     if (state.board.sections.notifications !== false) {
       list.append(h("li", {}, h("ul", { "aria-labelledby": "notifications-heading" },
         notifications.map((id) => h("li", {}, folderButton(byId[id], "sub"))))));
@@ -176,6 +191,12 @@ function viewName() {
 async function openView(view) {
   state.view = view;
   state.selected = null;
+  state.items = [];
+  state.cursor = null;
+  $("#items").replaceChildren();
+  $("#items").setAttribute("aria-busy", "true");
+  $("#more").hidden = true;
+  listNote("Loading…");
   renderFolders();
   renderPane(null);
   await loadList();
@@ -183,8 +204,8 @@ async function openView(view) {
 }
 
 // --- the list ------------------------------------------------------------------------------
-function listPath(cursor) {
-  const q = new URLSearchParams({ limit: String(PAGE_SIZE) });
+function listPath(cursor, limit = PAGE_SIZE) {
+  const q = new URLSearchParams({ limit: String(limit) });
   if (cursor) q.set("cursor", cursor);
   if (state.unreadOnly) q.set("unread", "true");
   if (state.view.type === "label") return `/api/v1/labels/${encodeURIComponent(state.view.id)}/items?${q}`;
@@ -196,22 +217,39 @@ function listPath(cursor) {
   return `/api/v1/board/items?${q}`;
 }
 
-async function loadList(append = false) {
+// `append`: the next page after those shown. `keep`: the first page again (a live change or
+// Refresh) with the older pages already scrolled to kept below it, so the list does not jump back.
+async function loadList(append = false, keep = false) {
   const seq = ++state.loadSeq;
   $("#list-title").textContent = viewName();
   let page;
   try {
-    page = await get(listPath(append ? state.cursor : null));
+    // Drawn again: as many rows as shown (up to the API's 100) come fresh in one request.
+    const limit = keep ? Math.min(MAX_PAGE_SIZE, Math.max(PAGE_SIZE, state.items.length)) : PAGE_SIZE;
+    page = await get(listPath(append ? state.cursor : null, limit));
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return;
-    announce(`Could not load the list: ${error.message}`);
+    if (seq !== state.loadSeq) return;
+    announce(`Could not load the list: ${error.message}`, { error: true });
+    if (!state.items.length) listNote(`Could not load the list: ${error.message}`, true);
     return;
   }
   if (seq !== state.loadSeq) return;
   let items = page.items || [];
   if (state.view.id === "announcements" && state.unreadOnly) items = items.filter((i) => !i.read);
-  state.items = append ? state.items.concat(items) : items;
-  state.cursor = page.next_cursor || null;
+  let cursor = page.next_cursor || null;
+  if (append) {
+    items = state.items.concat(items);
+  } else if (keep && cursor && items.length) {
+    const last = state.items.findIndex((i) => i.id === items[items.length - 1].id);
+    if (last >= 0 && state.items.length > last + 1) {
+      const shown = new Set(items.map((i) => i.id));
+      items = items.concat(state.items.slice(last + 1).filter((i) => !shown.has(i.id)));
+      cursor = state.cursor;
+    }
+  }
+  state.items = items;
+  state.cursor = cursor;
   renderList();
   if (!state.firstPaint) {
     state.firstPaint = true;
@@ -248,22 +286,44 @@ function itemRow(item) {
     h("span", { class: "title" }, ...badges, h("span", { class: "subject", text: item.title || "(no subject)" }))));
 }
 
+function listNote(text, error = false) {
+  const note = $("#list-empty");
+  note.textContent = text;
+  note.classList.toggle("error", error);
+  note.hidden = false;
+}
+
+// An item that left this list (archived, restored) is dropped from the rows kept below the first page.
+function forget(id) { state.items = state.items.filter((i) => i.id !== id); }
+
 function renderList() {
   const ul = $("#items");
+  // A row that has the keyboard focus keeps it when the list is drawn again (a live change).
+  const focused = ul.contains(document.activeElement) ? document.activeElement.closest("li") : null;
+  const focusedId = focused && focused.dataset.id;
   ul.replaceChildren(...state.items.map(itemRow));
-  $("#list-empty").hidden = state.items.length > 0;
+  if (focusedId) {
+    const again = [...ul.children].find((li) => li.dataset.id === focusedId);
+    if (again) again.querySelector(".row").focus({ preventScroll: true });
+  }
+  $("#items").removeAttribute("aria-busy");
+  if (state.items.length) $("#list-empty").hidden = true;
+  else listNote(`${state.unreadOnly ? "No unread items" : "Nothing"} in ${viewName()}.`);
   $("#more").hidden = !state.cursor;
 }
 
 async function refreshBoard() {
+  const signedIn = state.signedInSeq;
   try {
-    state.board = await get("/api/v1/board");
+    const board = await get("/api/v1/board");
+    if (signedIn !== state.signedInSeq) return;
+    state.board = board;
   } catch (error) {
-    announce(error.message);
+    if (!(error instanceof ApiError && error.status === 401)) announce(`Could not refresh: ${error.message}`, { error: true });
     return;
   }
   renderFolders();
-  await loadList();
+  await loadList(false, true);
 }
 
 let liveTimer = null;
@@ -279,15 +339,19 @@ async function openItem(item) {
     row.setAttribute("aria-current", row.parentElement.dataset.id === item.id ? "true" : "false");
   });
   const isAnnouncement = state.view.type === "folder" && state.view.id === "announcements";
+  const signedIn = state.signedInSeq;
+  // Only the answer for the item chosen last is shown, and none after signing out.
+  const stale = () => signedIn !== state.signedInSeq || state.selected !== item.id;
   let detail;
   try {
     detail = isAnnouncement
       ? await get(`/api/v1/announcements/${encodeURIComponent(item.id)}`)
       : await get(`/api/v1/board/items/${encodeURIComponent(item.id)}`);
   } catch (error) {
-    renderPane(h("p", { class: "error", text: `Could not open it: ${error.message}` }));
+    if (!stale()) renderPane(h("p", { class: "error", role: "alert", text: `Could not open it: ${error.message}` }));
     return;
   }
+  if (stale()) return;
   state.opened = { ...detail, kind: isAnnouncement ? "announcement" : detail.kind };
   renderPane(paneFor(state.opened));
   // On a narrow window the reading pane is below the list: bring it into view.
@@ -386,8 +450,9 @@ async function act(call, done, closePane = false) {
     await call();
     announce(done);
   } catch (error) {
-    announce(error.message);
-    renderPane(h("p", { class: "error", role: "alert", text: error.message }));
+    // The item stays in view, with what went wrong above it.
+    $("#pane .pane-error")?.remove();
+    $("#pane").prepend(h("p", { class: "error pane-error", role: "alert", text: `Not done: ${error.message}` }));
     return;
   }
   await refreshBoard();
@@ -431,8 +496,8 @@ function labelEntries(d) {
 
 function readEntries(d) {
   const entries = [["Mark as Unread", () => act(() => post(`/api/v1/board/items/${d.id}/unread`), "Marked as unread", true)]];
-  if (d.folder === "archive") entries.push(["Restore", () => act(() => post(`/api/v1/board/items/${d.id}/restore`), "Restored", true)]);
-  else entries.push(["Archive", () => act(() => post(`/api/v1/board/items/${d.id}/archive`), "Archived", true)]);
+  if (d.folder === "archive") entries.push(["Restore", () => act(() => post(`/api/v1/board/items/${d.id}/restore`).then(() => forget(d.id)), "Restored", true)]);
+  else entries.push(["Archive", () => act(() => post(`/api/v1/board/items/${d.id}/archive`).then(() => forget(d.id)), "Archived", true)]);
   return entries;
 }
 
@@ -471,6 +536,7 @@ async function submitLabel(event) {
   event.preventDefault();
   const { mode, item } = labelContext;
   const error = $("#label-error");
+  const leavesThisLabel = mode !== "add" && state.view.type === "label" && $("#label-from").value === state.view.id;
   try {
     if (mode === "add") {
       const name = $("#label-name").value.trim();
@@ -488,6 +554,7 @@ async function submitLabel(event) {
     return;
   }
   $("#label-dialog").close();
+  if (leavesThisLabel) forget(item.id);
   announce("Labels updated");
   await refreshBoard();
   const still = state.items.find((i) => i.id === item.id);

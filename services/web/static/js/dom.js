@@ -60,8 +60,16 @@ export function isoToLocalInput(iso) {
   return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}T${pad(date.getHours())}:${pad(date.getMinutes())}`;
 }
 
-export function announce(text) {
+// What just happened, said to screen readers and shown for a few seconds at the foot of the page
+// (errors longer, in red).
+let toastTimer = null;
+export function announce(text, { error = false } = {}) {
   const status = document.getElementById("status");
+  clearTimeout(toastTimer);
   status.textContent = "";
-  setTimeout(() => { status.textContent = text; }, 30);
+  status.classList.toggle("error", error);
+  toastTimer = setTimeout(() => {
+    status.textContent = text;
+    toastTimer = setTimeout(() => { status.textContent = ""; }, error ? 10000 : 4000);
+  }, 30);
 }

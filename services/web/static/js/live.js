@@ -8,6 +8,7 @@ export function connectLive({ onChange, onState }) {
 
   async function run() {
     let delay = 1000;
+    let freshToken = false; // a 401 right after a refresh is not cured by another: back off instead
     while (!stopped) {
       controller = new AbortController();
       try {
@@ -17,10 +18,12 @@ export function connectLive({ onChange, onState }) {
           credentials: "omit",
           cache: "no-store",
         });
-        if (response.status === 401) {
+        if (response.status === 401 && !freshToken) {
           await refresh();
+          freshToken = true;
           continue;
         }
+        freshToken = false;
         if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
         onState("live");
         delay = 1000;
