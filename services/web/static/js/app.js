@@ -788,6 +788,10 @@ function wireStatic() {
   $("#recipient-input").addEventListener("change", () => addRecipientFromInput());
   $("#label-form").addEventListener("submit", submitLabel);
   $("#label-cancel").addEventListener("click", () => $("#label-dialog").close());
+  // "Stay signed in" restarts the idle timers the moment it is pressed: the dialog's close event
+  // comes later, in a task of its own, and until then the timers armed before the warning still run.
+  // The close event still restarts them when the warning is closed with Escape or from another tab.
+  $("#idle-stay").addEventListener("click", () => { if (state.idle) state.idle.reset(); });
   $("#idle-dialog").addEventListener("close", () => { if (state.idle) state.idle.reset(); });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
   $("#more").addEventListener("click", () => loadList(true));
