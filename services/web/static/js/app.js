@@ -790,9 +790,13 @@ function wireStatic() {
   $("#label-cancel").addEventListener("click", () => $("#label-dialog").close());
   // "Stay signed in" restarts the idle timers the moment it is pressed: the dialog's close event
   // comes later, in a task of its own, and until then the timers armed before the warning still run.
-  // The close event still restarts them when the warning is closed with Escape or from another tab.
+  // The close event restarts them when the warning is closed another way (Escape, another tab), but
+  // only if the warning is still closed when it arrives: a late one must not restart the timers
+  // under a new warning shown meanwhile, which would then never sign out.
   $("#idle-stay").addEventListener("click", () => { if (state.idle) state.idle.reset(); });
-  $("#idle-dialog").addEventListener("close", () => { if (state.idle) state.idle.reset(); });
+  $("#idle-dialog").addEventListener("close", () => {
+    if (state.idle && !$("#idle-dialog").open) state.idle.reset();
+  });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
   $("#more").addEventListener("click", () => loadList(true));
   // Arrow keys move between the rows of the list (Tab leaves it; Enter or Space opens a row).
