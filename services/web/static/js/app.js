@@ -56,6 +56,7 @@ function teardown() {
   // open item, the folder tree, a draft.
   ["#items", "#folders", "#pane", "#me", "#recipient-chips", "#recipient-options", "#label-options"]
     .forEach((selector) => $(selector).replaceChildren());
+  $("#pane").removeAttribute("aria-busy");
   ["#compose-form", "#auto-reply-form", "#label-form"].forEach((selector) => $(selector).reset());
   recipients = [];
 }
@@ -335,6 +336,9 @@ function liveChange() {
 // --- reading pane --------------------------------------------------------------------------
 async function openItem(item) {
   state.selected = item.id;
+  // The pane is busy until this item's answer is drawn (renderPane clears it): what it shows until
+  // then, actions included, is the earlier state.
+  $("#pane").setAttribute("aria-busy", "true");
   $("#items").querySelectorAll(".row").forEach((row) => {
     row.setAttribute("aria-current", row.parentElement.dataset.id === item.id ? "true" : "false");
   });
@@ -362,6 +366,7 @@ async function openItem(item) {
 function renderPane(content) {
   const pane = $("#pane");
   pane.replaceChildren(content || h("p", { class: "empty", text: "Select an item to read it." }));
+  pane.removeAttribute("aria-busy");
 }
 
 function meta(label, value) { return value ? h("p", { class: "meta" }, h("strong", { text: `${label}: ` }), value) : null; }
@@ -446,10 +451,13 @@ function paneFor(d) {
 }
 
 async function act(call, done, closePane = false) {
+  // Busy until the item is drawn again after the change (or closed), not only until the call returns.
+  $("#pane").setAttribute("aria-busy", "true");
   try {
     await call();
     announce(done);
   } catch (error) {
+    $("#pane").removeAttribute("aria-busy");
     // The item stays in view, with what went wrong above it.
     $("#pane .pane-error")?.remove();
     $("#pane").prepend(h("p", { class: "error pane-error", role: "alert", text: `Not done: ${error.message}` }));
@@ -537,6 +545,8 @@ async function submitLabel(event) {
   const { mode, item } = labelContext;
   const error = $("#label-error");
   const leavesThisLabel = mode !== "add" && state.view.type === "label" && $("#label-from").value === state.view.id;
+  // Busy until the item is drawn again with its new labels: its actions depend on them.
+  $("#pane").setAttribute("aria-busy", "true");
   try {
     if (mode === "add") {
       const name = $("#label-name").value.trim();
@@ -549,6 +559,7 @@ async function submitLabel(event) {
       await del(`/api/v1/board/items/${item.id}/labels/${encodeURIComponent($("#label-from").value)}`);
     }
   } catch (e) {
+    $("#pane").removeAttribute("aria-busy");
     error.hidden = false;
     error.textContent = e.message;
     return;
@@ -559,6 +570,7 @@ async function submitLabel(event) {
   await refreshBoard();
   const still = state.items.find((i) => i.id === item.id);
   if (still) await openItem(still);
+  else $("#pane").removeAttribute("aria-busy");
 }
 
 // --- compose -------------------------------------------------------------------------------
