@@ -13,7 +13,7 @@ const KIND_NAMES = { message: "Message", reminder: "Reminder", signature_request
 const state = {
   me: null, agency: null, board: null, staff: [], teams: [],
   view: { type: "folder", id: "messages" }, items: [], cursor: null, selected: null, opened: null,
-  unreadOnly: false, stopLive: null, idle: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
+  unreadOnly: false, stopLive: null, idle: null, directoryLoaded: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
 };
 
 const term = () => (state.agency && state.agency.terminology.patient_singular) || "Patient";
@@ -89,8 +89,15 @@ async function enter() {
     },
   });
   state.stopLive = connectLive({ onChange: liveChange, onState: (s) => { $("#live-state").textContent = s === "live" ? "Live" : "Reconnecting…"; } });
-  Promise.all([get("/api/v1/directory/staff"), get("/api/v1/directory/teams")])
-    .then(([staff, teams]) => { state.staff = staff.staff.filter((s) => s.active); state.teams = teams.teams; })
+  // Colleagues and teams arrive after the board is shown; a name typed before then waits for them.
+  const signedIn = state.signedInSeq;
+  state.directoryLoaded = Promise.all([get("/api/v1/directory/staff"), get("/api/v1/directory/teams")])
+    .then(([staff, teams]) => {
+      if (signedIn !== state.signedInSeq) return;
+      state.staff = staff.staff.filter((s) => s.active);
+      state.teams = teams.teams;
+      $("#recipient-options").replaceChildren(...recipientChoices().map((c) => h("option", { value: c.label })));
+    })
     .catch(() => {});
 }
 
@@ -588,16 +595,21 @@ function recipientChoices() {
     .concat(state.staff.map((s) => ({ type: "staff", id: s.id, label: s.display_name })));
 }
 
-function addRecipientFromInput() {
+async function addRecipientFromInput() {
   const input = $("#recipient-input");
-  const text = input.value.trim().toLowerCase();
+  const typed = input.value;
+  const text = typed.trim().toLowerCase();
   if (!text) return false;
+  // Typed before the colleagues and teams arrived (just after signing in): match once they are here.
+  const signedIn = state.signedInSeq;
+  await state.directoryLoaded;
+  if (signedIn !== state.signedInSeq) return true;
   const choices = recipientChoices();
   const match = choices.find((c) => c.label.toLowerCase() === text)
     || choices.filter((c) => c.label.toLowerCase().includes(text)).sort((a, b) => a.label.length - b.label.length)[0];
-  if (!match) { showComposeError(`No colleague or team matches “${input.value.trim()}”.`); return true; }
+  if (!match) { showComposeError(`No colleague or team matches “${typed.trim()}”.`); return true; }
   if (!recipients.some((r) => r.type === match.type && r.id === match.id)) recipients.push(match);
-  input.value = "";
+  if (input.value === typed) input.value = "";  // not a next name typed while this one waited
   renderChips();
   $("#compose-error").hidden = true;
   return true;
