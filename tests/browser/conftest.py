@@ -125,6 +125,9 @@ class Person:
         expect(self.page.locator("#pane article h2")).to_contain_text(text)
 
     def more_options(self, action: str) -> None:
+        # After a change the page draws the open item again, with the actions it now allows: the menu
+        # of the earlier drawing may lack the action, or be replaced while open.
+        expect(self.page.locator("#pane")).not_to_have_attribute("aria-busy", "true")
         self.page.get_by_role("button", name="More options").click()
         self.page.get_by_role("menuitem", name=action, exact=True).click()
 

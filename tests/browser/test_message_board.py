@@ -223,6 +223,7 @@ def test_signature_requests_are_signed_and_declined_from_the_reading_pane(people
     for name in ("Jordan Kim, RN", "Dr. Wei Chen"):
         reyes.page.get_by_label("Add a signer").fill(name)
         reyes.page.get_by_label("Add a signer").press("Enter")
+        expect(reyes.page.locator("#compose-dialog .chip", has_text=name)).to_be_visible()
     reyes.page.get_by_label("Title").fill(title)
     expect(reyes.page.get_by_label("Document", exact=True).locator("option").first).to_have_text("Client document")
     reyes.page.get_by_label("Document reference").fill("doc-42")
@@ -247,6 +248,27 @@ def test_signature_requests_are_signed_and_declined_from_the_reading_pane(people
     expect(chen.page.locator("#pane")).to_contain_text("Status: declined")
     mine = api("dr.reyes").get("/api/v1/signature-requests").json()["requests"]
     assert next(r for r in mine if r["title"] == title)["status"] == "declined"
+
+
+def test_a_colleague_typed_before_the_colleague_list_arrives_is_added_once_it_does(people):
+    person = people()
+    held = []
+
+    def hold(route):  # playwright needs a function of its own here, not a bound builtin
+        held.append(route)
+
+    # The colleague list comes after the board is shown: hold it until a name has been typed.
+    person.page.route("**/api/v1/directory/staff", hold)
+    person.sign_in("dr.reyes")
+    person.page.get_by_role("button", name="Compose").click()
+    person.page.get_by_label("Add a colleague or team").fill("Jordan Kim, RN")
+    person.page.get_by_label("Add a colleague or team").press("Enter")
+    wait_until(lambda: held, timeout=10)
+    expect(person.page.locator("#compose-dialog .chip")).to_have_count(0)
+    held[0].continue_()
+    expect(person.page.locator("#compose-dialog .chip", has_text="Jordan Kim, RN")).to_be_visible()
+    expect(person.page.locator("#compose-error")).to_be_hidden()
+    expect(person.page.get_by_label("Add a colleague or team")).to_have_value("")
 
 
 def test_reminders_are_snoozed_and_completed(people, api):
@@ -529,6 +551,7 @@ def test_the_next_page_loads_on_scrolling_and_forward_and_archive_work(people, a
     patel.more_options("Forward")
     patel.page.get_by_label("Add a colleague or team").fill("Dr. Wei Chen")
     patel.page.get_by_label("Add a colleague or team").press("Enter")
+    expect(patel.page.locator("#compose-dialog .chip", has_text="Dr. Wei Chen")).to_be_visible()
     patel.page.get_by_label("Note (optional)").fill("For your list.")
     send(patel)
     forwarded = [i for i in api("dr.chen").items(folder="messages")["items"] if tag in i["title"]]

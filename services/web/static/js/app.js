@@ -13,7 +13,7 @@ const KIND_NAMES = { message: "Message", reminder: "Reminder", signature_request
 const state = {
   me: null, agency: null, board: null, staff: [], teams: [],
   view: { type: "folder", id: "messages" }, items: [], cursor: null, selected: null, opened: null,
-  unreadOnly: false, stopLive: null, idle: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
+  unreadOnly: false, stopLive: null, idle: null, directoryLoaded: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
 };
 
 const term = () => (state.agency && state.agency.terminology.patient_singular) || "Patient";
@@ -56,6 +56,7 @@ function teardown() {
   // open item, the folder tree, a draft.
   ["#items", "#folders", "#pane", "#me", "#recipient-chips", "#recipient-options", "#label-options"]
     .forEach((selector) => $(selector).replaceChildren());
+  $("#pane").removeAttribute("aria-busy");
   ["#compose-form", "#auto-reply-form", "#label-form"].forEach((selector) => $(selector).reset());
   recipients = [];
 }
@@ -88,8 +89,15 @@ async function enter() {
     },
   });
   state.stopLive = connectLive({ onChange: liveChange, onState: (s) => { $("#live-state").textContent = s === "live" ? "Live" : "Reconnecting…"; } });
-  Promise.all([get("/api/v1/directory/staff"), get("/api/v1/directory/teams")])
-    .then(([staff, teams]) => { state.staff = staff.staff.filter((s) => s.active); state.teams = teams.teams; })
+  // Colleagues and teams arrive after the board is shown; a name typed before then waits for them.
+  const signedIn = state.signedInSeq;
+  state.directoryLoaded = Promise.all([get("/api/v1/directory/staff"), get("/api/v1/directory/teams")])
+    .then(([staff, teams]) => {
+      if (signedIn !== state.signedInSeq) return;
+      state.staff = staff.staff.filter((s) => s.active);
+      state.teams = teams.teams;
+      $("#recipient-options").replaceChildren(...recipientChoices().map((c) => h("option", { value: c.label })));
+    })
     .catch(() => {});
 }
 
@@ -335,6 +343,9 @@ function liveChange() {
 // --- reading pane --------------------------------------------------------------------------
 async function openItem(item) {
   state.selected = item.id;
+  // The pane is busy until this item's answer is drawn (renderPane clears it): what it shows until
+  // then, actions included, is the earlier state.
+  $("#pane").setAttribute("aria-busy", "true");
   $("#items").querySelectorAll(".row").forEach((row) => {
     row.setAttribute("aria-current", row.parentElement.dataset.id === item.id ? "true" : "false");
   });
@@ -362,6 +373,7 @@ async function openItem(item) {
 function renderPane(content) {
   const pane = $("#pane");
   pane.replaceChildren(content || h("p", { class: "empty", text: "Select an item to read it." }));
+  pane.removeAttribute("aria-busy");
 }
 
 function meta(label, value) { return value ? h("p", { class: "meta" }, h("strong", { text: `${label}: ` }), value) : null; }
@@ -446,10 +458,13 @@ function paneFor(d) {
 }
 
 async function act(call, done, closePane = false) {
+  // Busy until the item is drawn again after the change (or closed), not only until the call returns.
+  $("#pane").setAttribute("aria-busy", "true");
   try {
     await call();
     announce(done);
   } catch (error) {
+    $("#pane").removeAttribute("aria-busy");
     // The item stays in view, with what went wrong above it.
     $("#pane .pane-error")?.remove();
     $("#pane").prepend(h("p", { class: "error pane-error", role: "alert", text: `Not done: ${error.message}` }));
@@ -537,6 +552,8 @@ async function submitLabel(event) {
   const { mode, item } = labelContext;
   const error = $("#label-error");
   const leavesThisLabel = mode !== "add" && state.view.type === "label" && $("#label-from").value === state.view.id;
+  // Busy until the item is drawn again with its new labels: its actions depend on them.
+  $("#pane").setAttribute("aria-busy", "true");
   try {
     if (mode === "add") {
       const name = $("#label-name").value.trim();
@@ -549,6 +566,7 @@ async function submitLabel(event) {
       await del(`/api/v1/board/items/${item.id}/labels/${encodeURIComponent($("#label-from").value)}`);
     }
   } catch (e) {
+    $("#pane").removeAttribute("aria-busy");
     error.hidden = false;
     error.textContent = e.message;
     return;
@@ -559,6 +577,7 @@ async function submitLabel(event) {
   await refreshBoard();
   const still = state.items.find((i) => i.id === item.id);
   if (still) await openItem(still);
+  else $("#pane").removeAttribute("aria-busy");
 }
 
 // --- compose -------------------------------------------------------------------------------
@@ -576,16 +595,21 @@ function recipientChoices() {
     .concat(state.staff.map((s) => ({ type: "staff", id: s.id, label: s.display_name })));
 }
 
-function addRecipientFromInput() {
+async function addRecipientFromInput() {
   const input = $("#recipient-input");
-  const text = input.value.trim().toLowerCase();
+  const typed = input.value;
+  const text = typed.trim().toLowerCase();
   if (!text) return false;
+  // Typed before the colleagues and teams arrived (just after signing in): match once they are here.
+  const signedIn = state.signedInSeq;
+  await state.directoryLoaded;
+  if (signedIn !== state.signedInSeq) return true;
   const choices = recipientChoices();
   const match = choices.find((c) => c.label.toLowerCase() === text)
     || choices.filter((c) => c.label.toLowerCase().includes(text)).sort((a, b) => a.label.length - b.label.length)[0];
-  if (!match) { showComposeError(`No colleague or team matches “${input.value.trim()}”.`); return true; }
+  if (!match) { showComposeError(`No colleague or team matches “${typed.trim()}”.`); return true; }
   if (!recipients.some((r) => r.type === match.type && r.id === match.id)) recipients.push(match);
-  input.value = "";
+  if (input.value === typed) input.value = "";  // not a next name typed while this one waited
   renderChips();
   $("#compose-error").hidden = true;
   return true;
@@ -788,7 +812,15 @@ function wireStatic() {
   $("#recipient-input").addEventListener("change", () => addRecipientFromInput());
   $("#label-form").addEventListener("submit", submitLabel);
   $("#label-cancel").addEventListener("click", () => $("#label-dialog").close());
-  $("#idle-dialog").addEventListener("close", () => { if (state.idle) state.idle.reset(); });
+  // "Stay signed in" restarts the idle timers the moment it is pressed: the dialog's close event
+  // comes later, in a task of its own, and until then the timers armed before the warning still run.
+  // The close event restarts them when the warning is closed another way (Escape, another tab), but
+  // only if the warning is still closed when it arrives: a late one must not restart the timers
+  // under a new warning shown meanwhile, which would then never sign out.
+  $("#idle-stay").addEventListener("click", () => { if (state.idle) state.idle.reset(); });
+  $("#idle-dialog").addEventListener("close", () => {
+    if (state.idle && !$("#idle-dialog").open) state.idle.reset();
+  });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
   $("#more").addEventListener("click", () => loadList(true));
   // Arrow keys move between the rows of the list (Tab leaves it; Enter or Space opens a row).
