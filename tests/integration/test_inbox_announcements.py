@@ -115,8 +115,21 @@ def test_reading_is_audited(inbox, feature):
     assert [(r["actor_id"], r["action"]) for r in records] == [("stf_a", "read")]
 
 
-def test_expiry_removes_it_from_the_count_and_the_listing(inbox, feature):
+def strictly_later_clock():
+    """The real clock, but never the same millisecond twice: posts made in one millisecond are
+    ordered by their random ids, so a test that expects posting order needs distinct times."""
+    last = [0]
+
+    def tick() -> int:
+        last[0] = max(now_ms(), last[0] + 1)
+        return last[0]
+
+    return tick
+
+
+def test_expiry_removes_it_from_the_count_and_the_listing(inbox, feature, monkeypatch):
     components, _ = inbox
+    monkeypatch.setattr(ann, "now_ms", strictly_later_clock())
     a = staff(AGENCY, "stf_a")
     lasting = feature.post(admin(), "Lasting", "Stays")
     timed = feature.post(admin(), "Timed", "Goes", expires_at=now_ms() + 60_000)
