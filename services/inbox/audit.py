@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import logging
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from clinic.audit.v1 import audit_pb2
 from services.inbox.store import InboxStore
+from services.kit.audit import access_record, phi_accessed
 from services.kit.auth import Identity
 from services.kit.errors import NotFound
-from services.kit.events import Envelope, new_envelope
-from services.kit.logs import correlation_id_var
-from services.kit.mongo import now_ms
-from services.kit.outbox import outbox_fields
+from services.kit.events import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +24,8 @@ def accessed_event(
     action: str = "read",
     outcome: str = "allowed",
 ) -> Envelope:
-    accessed_at = Timestamp()
-    accessed_at.GetCurrentTime()
-    payload = audit_pb2.PhiAccessed(
-        agency_id=caller.agency_id,
-        actor_id=caller.subject,
-        actor_kind=caller.kind,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        action=action,
-        outcome=outcome,
-        accessed_at=accessed_at,
-        service=PRODUCER,
-    )
-    return new_envelope(
-        "phi.accessed.v1",
-        payload,
-        agency_id=caller.agency_id,
-        producer=PRODUCER,
-        correlation_id=correlation_id_var.get(),
+    return phi_accessed(
+        caller, service=PRODUCER, resource_type=resource_type, resource_id=resource_id, action=action, outcome=outcome
     )
 
 
@@ -57,17 +35,7 @@ def record_access(
     """A standalone access record (one document carrying its events) for reads that change no state;
     a list records several resources read at once (a thread) in one write."""
     events = event if isinstance(event, list) else [event]
-    store.record_access(
-        {
-            "_id": events[0].event_id,
-            "agency_id": caller.agency_id,
-            "actor_id": caller.subject,
-            "resource_id": resource_id,
-            "action": action,
-            "at": now_ms(),
-            **outbox_fields(events),
-        }
-    )
+    store.record_access(access_record(caller, events, resource_id=resource_id, action=action))
 
 
 def record_read(

@@ -10,31 +10,16 @@ Feature modules (announcements, reminders, signature requests, the patient porta
 
 from __future__ import annotations
 
-import functools
-
 from flask import Blueprint, Flask, g, request
 
 from services.inbox import domain
 from services.inbox.board import ItemFilter
 from services.inbox.components import Components
 from services.inbox.schemas import IDEMPOTENCY_KEY, addressing_from, draft_from, reply_spec, require_body, send_spec
-from services.kit.auth import KIND_STAFF
-from services.kit.errors import Forbidden, InvalidInput
-from services.kit.http import create_app, require_auth
+from services.kit.errors import InvalidInput
+from services.kit.http import create_app
+from services.kit.http import require_staff as staff_only
 from services.kit.validation import ID_PATTERN, Bool, Id, Str, json_body, path_id, query_bool, query_int, validate
-
-
-def staff_only(view):
-    """A staff member's own board: service tokens (agency-scoped) are refused here."""
-
-    @require_auth
-    @functools.wraps(view)
-    def wrapper(*args, **kwargs):
-        if g.identity.kind != KIND_STAFF:
-            raise Forbidden("staff_only", "this route serves staff members")
-        return view(*args, **kwargs)
-
-    return wrapper
 
 
 def idempotency_key() -> str | None:

@@ -24,6 +24,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, Identity
 from services.kit.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound, Unavailable
+from services.kit.http import require_staff as staff_only
 from services.kit.mongo import IndexSpec, ensure_indexes, eq, now_ms
 from services.kit.outbox import outbox_fields, with_outbox
 from services.kit.runtime import every
@@ -33,7 +34,6 @@ from services.notifications import audit, compliance
 from services.notifications.compliance import Assignee, ComplianceItem
 from services.notifications.components import Feature
 from services.notifications.delivery import delivery_requested
-from services.notifications.http_api import staff_only
 from services.notifications.lab import iso
 from services.notifications.registrations import gateway_consumer
 

@@ -9,29 +9,12 @@ Routes:
 
 from __future__ import annotations
 
-import functools
-
-from flask import Blueprint, Flask, g
+from flask import Blueprint, Flask
 from pymongo.errors import PyMongoError
 
-from services.kit.auth import KIND_STAFF
-from services.kit.errors import Forbidden
 from services.kit.http import create_app as create_flask_app
-from services.kit.http import error_response, require_auth
+from services.kit.http import error_response
 from services.notifications.components import Components
-
-
-def staff_only(view):
-    """Staff routes: a verified staff access token (service tokens are refused)."""
-
-    @require_auth
-    @functools.wraps(view)
-    def wrapper(*args, **kwargs):
-        if g.identity.kind != KIND_STAFF:
-            raise Forbidden("staff_only", "this route serves staff members")
-        return view(*args, **kwargs)
-
-    return wrapper
 
 
 def health_blueprint(components: Components, ready_checks: dict) -> Blueprint:

@@ -27,6 +27,7 @@ from services.kit.auth import Identity
 from services.kit.crypto import DecryptionError
 from services.kit.errors import DomainError, Unavailable
 from services.kit.http import error_response
+from services.kit.http import require_staff as staff_only
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
 from services.kit.service_identity import acting_as
@@ -35,7 +36,6 @@ from services.notifications import audit, hl7v2
 from services.notifications.components import Feature
 from services.notifications.delivery import SEVERITIES, delivery_requested
 from services.notifications.fhir import body_digest, parse_report
-from services.notifications.http_api import staff_only
 from services.notifications.lab_domain import LabReport, board_summary, board_title
 from services.notifications.lab_hl7 import reports_from_oru
 from services.notifications.registrations import gateway_consumer
