@@ -72,7 +72,7 @@ def main() -> int:
     relay.ensure_indexes()
 
     process = ServiceProcess(config.SERVICE)
-    revocations = start_revocation_listener(
+    start_revocation_listener(
         process,
         common.amqp_url,
         Topology(exchange=common.events_exchange),
@@ -81,8 +81,6 @@ def main() -> int:
         service_tokens,
         settings.directory_grpc_target,
     )
-    if not revocations.wait_ready(10.0):
-        log.warning("serving before the revoked sessions were loaded; the listener keeps trying")
 
     def ready() -> list[str]:
         problems = []

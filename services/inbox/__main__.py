@@ -24,7 +24,7 @@ from services.kit.bus import BatchPublisher, Topology
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.grpc_server import GrpcServer, ServiceBinding
 from services.kit.logs import configure_logging
-from services.kit.outbox import OutboxRelay
+from services.kit.outbox import OutboxRelay, outbox_collections
 from services.kit.revocations import start_revocation_listener
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import ServiceTokens
@@ -72,15 +72,13 @@ def main() -> int:
     publisher = BatchPublisher(
         common.amqp_url, Topology(exchange=common.events_exchange), connection_name="inbox-outbox"
     )
-    outbox_collections = list(store.OUTBOX_COLLECTIONS)
-    for feature in components.features:
-        outbox_collections += [c for c in feature.outbox_collections if c not in outbox_collections]
-    relay = OutboxRelay(db, outbox_collections, publisher, batch_size=settings.relay_batch_size)
+    collections = outbox_collections(store.OUTBOX_COLLECTIONS, components.features)
+    relay = OutboxRelay(db, collections, publisher, batch_size=settings.relay_batch_size)
     relay.ensure_indexes()
 
     process = ServiceProcess("inbox")
     # Revoked sessions are heard before serving: consuming first, then the bootstrap from directory.
-    revocations = start_revocation_listener(
+    start_revocation_listener(
         process,
         common.amqp_url,
         Topology(exchange=common.events_exchange),
@@ -89,11 +87,6 @@ def main() -> int:
         service_tokens,
         settings.directory_grpc_target,
     )
-    if not revocations.wait_ready(10.0):
-        log.warning(
-            "serving before the revoked sessions were loaded; the listener keeps trying",
-            extra={"queue": revocations.queue},
-        )
     app = build_app(components, verifier)
     process.serve_http(app, common.http_host, settings.http_port)
     grpc_server = GrpcServer(

@@ -181,11 +181,19 @@ def start_revocation_listener(  # noqa: PLR0917 - every argument is required and
     revoked: RevokedSessions,
     service_tokens: ServiceTokens,
     directory_target: str,
+    ready_within_s: float = 10.0,
     **options,
 ) -> RevocationListener:
-    """Start the listener as one of `process`'s background workers; returns it (see `wait_ready`)."""
+    """Start the listener as one of `process`'s background workers and wait up to `ready_within_s`
+    for it to consume and bootstrap, so revoked sessions are known before the service serves; past
+    that it serves anyway (the listener keeps trying) and says so. Returns the listener."""
     listener = RevocationListener(
         amqp_url, topology, service_name, revoked, service_tokens, directory_target, **options
     )
     process.background("session-revocations", listener.run)
+    if ready_within_s and not listener.wait_ready(ready_within_s):
+        log.warning(
+            "serving before the revoked sessions were loaded; the listener keeps trying",
+            extra={"queue": listener.queue},
+        )
     return listener

@@ -12,7 +12,7 @@ from services.kit.bus import BatchPublisher, Topology
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.grpc_server import GrpcServer
 from services.kit.logs import configure_logging
-from services.kit.outbox import OutboxRelay
+from services.kit.outbox import OutboxRelay, outbox_collections
 from services.kit.revocations import start_revocation_listener
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import ServiceTokens
@@ -70,14 +70,12 @@ def main() -> int:
     publisher = BatchPublisher(
         common.amqp_url, Topology(exchange=common.events_exchange), connection_name="notifications-outbox"
     )
-    outbox_collections = list(store.OUTBOX_COLLECTIONS)
-    for feature in components.features:
-        outbox_collections += [c for c in feature.outbox_collections if c not in outbox_collections]
-    relay = OutboxRelay(db, outbox_collections, publisher, batch_size=settings.relay_batch_size)
+    collections = outbox_collections(store.OUTBOX_COLLECTIONS, components.features)
+    relay = OutboxRelay(db, collections, publisher, batch_size=settings.relay_batch_size)
     relay.ensure_indexes()
 
     process = ServiceProcess("notifications")
-    revocations = start_revocation_listener(
+    start_revocation_listener(
         process,
         common.amqp_url,
         Topology(exchange=common.events_exchange),
@@ -86,11 +84,6 @@ def main() -> int:
         service_tokens,
         settings.directory_grpc_target,
     )
-    if not revocations.wait_ready(10.0):
-        log.warning(
-            "serving before the revoked sessions were loaded; the listener keeps trying",
-            extra={"queue": revocations.queue},
-        )
     listener = MllpServer(
         settings.mllp_host,
         settings.mllp_port,

@@ -37,11 +37,9 @@ def main() -> int:
     board_events = BoardEvents(hub, settings.amqp_url, topology, instance_id())
 
     process = ServiceProcess("web")
-    revocations = start_revocation_listener(
+    start_revocation_listener(
         process, settings.amqp_url, topology, "web", revoked, service_tokens, settings.directory_grpc_target
     )
-    if not revocations.wait_ready(10.0):
-        log.warning("serving before the revoked sessions were loaded; the listener keeps trying")
     process.background("board-events", board_events.run)
     if not board_events.consumer.wait_until_consuming(10.0):
         log.warning("serving before the board events queue was consumed; the consumer keeps trying")
