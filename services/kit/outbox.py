@@ -74,6 +74,7 @@ __all__ = [
     "BatchPublishing",
     "OutboxRelay",
     "merge_update",
+    "outbox_collections",
     "outbox_fields",
     "outbox_update",
     "release_update",
@@ -122,6 +123,15 @@ def outbox_update(envelopes: Iterable[Envelope], ready: bool = True, *, now: int
     if ready:
         to_set[OUTBOX_AT] = now_ms() if now is None else now
     return {"$set": to_set, "$inc": {OUTBOX_SEQ: 1}}
+
+
+def outbox_collections(base: Iterable[str], features: Iterable) -> list[str]:
+    """The collections a service's relay watches: its own, then each feature's `outbox_collections`
+    not already named, in order."""
+    names = list(dict.fromkeys(base))
+    for feature in features:
+        names += [name for name in feature.outbox_collections if name not in names]
+    return names
 
 
 def merge_update(update: Mapping, extra: Mapping) -> dict:

@@ -78,3 +78,21 @@ def test_event_ids_must_be_safe_field_names():
     bad.event_id = "$where"
     with pytest.raises(ValueError):
         outbox_fields([bad])
+
+
+def test_outbox_collections_keep_the_services_own_then_each_features_new_ones_in_order():
+    from types import SimpleNamespace
+
+    from services.kit.outbox import outbox_collections
+
+    features = [
+        SimpleNamespace(outbox_collections=["notices", "messages"]),
+        SimpleNamespace(outbox_collections=[]),
+        SimpleNamespace(outbox_collections=["access", "notices"]),
+    ]
+    assert outbox_collections(["messages", "access_records", "messages"], features) == [
+        "messages",
+        "access_records",
+        "notices",
+        "access",
+    ]
