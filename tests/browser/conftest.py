@@ -15,7 +15,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from services.launcher import Ports, Stack, StackConfig
 from tests.browser.chromium import CHROMIUM, DEMO_PASSWORD, launch
 from tests.conftest import AMQP_BASE, _rabbitmqctl, vhost_url
-from tests.e2e.conftest import Client
+from tests.e2e.conftest import signed_in_once
 
 REPO = Path(__file__).resolve().parents[2]
 AXE_SOURCE = REPO / ".tools" / "node_modules" / "axe-core" / "axe.min.js"
@@ -83,14 +83,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def api(web_stack):
     """A staff member's API session through the gateway (setting up and checking what the page did)."""
-    sessions: dict[str, Client] = {}
-
-    def _api(username: str) -> Client:
-        if username not in sessions:
-            sessions[username] = Client(web_stack.gateway_url, username)
-        return sessions[username]
-
-    return _api
+    return signed_in_once(web_stack.gateway_url)
 
 
 class Person:

@@ -110,16 +110,21 @@ class Client:
         return reply.json()
 
 
-@pytest.fixture(scope="session")
-def login(stack):
+def signed_in_once(gateway_url: str) -> Callable[[str], Client]:
+    """username -> that staff member's Client, signed in on first use and kept."""
     sessions: dict[str, Client] = {}
 
     def _login(username: str) -> Client:
         if username not in sessions:
-            sessions[username] = Client(stack.gateway_url, username)
+            sessions[username] = Client(gateway_url, username)
         return sessions[username]
 
     return _login
+
+
+@pytest.fixture(scope="session")
+def login(stack):
+    return signed_in_once(stack.gateway_url)
 
 
 # Demo staff signed in once per session (see services/directory/demo.py).
