@@ -42,7 +42,17 @@ COMPLIANCE = (ROLE_STAFF, ROLE_COMPLIANCE_OFFICER)
 
 
 def _staff(
-    agency: Agency, key: str, username: str, name: str, roles=S, *, lab=False, erx=False, active=True, supervisor=""
+    agency: Agency,
+    key: str,
+    username: str,
+    name: str,
+    roles=S,
+    *,
+    lab=False,
+    erx=False,
+    active=True,
+    supervisor="",
+    npi="",
 ):
     return StaffMember(
         id=f"stf_{agency.id.removeprefix('agy_')}_{key}",
@@ -55,19 +65,21 @@ def _staff(
         eprescribing_enabled=erx,
         active=active,
         supervisor_id=f"stf_{agency.id.removeprefix('agy_')}_{supervisor}" if supervisor else "",
+        npi=npi,
     )
 
 
 R = RIVERBEND
 # Supervisors: clinicians and case managers report to Dr. Hall, nurses to Dr. Reyes; front desk,
 # intake and billing have none, so their overdue compliance items go to the compliance officer.
+# Prescribers carry NPIs (valid check digits, not real providers') so SIU and ORU messages can name them.
 STAFF = (
     _staff(R, "admin", "admin", "Alex Morgan", ADMIN),
-    _staff(R, "reyes", "dr.reyes", "Dr. Elena Reyes", PRESCRIBER, lab=True, erx=True),
+    _staff(R, "reyes", "dr.reyes", "Dr. Elena Reyes", PRESCRIBER, lab=True, erx=True, npi="1234567893"),
     _staff(R, "kim", "nurse.kim", "Jordan Kim, RN", lab=True, supervisor="reyes"),
     _staff(R, "ortiz", "compliance.ortiz", "Sam Ortiz", COMPLIANCE),
-    _staff(R, "chen", "dr.chen", "Dr. Wei Chen", PRESCRIBER, lab=True, erx=True),
-    _staff(R, "brooks", "np.brooks", "Taylor Brooks, PMHNP", PRESCRIBER, lab=True, erx=True),
+    _staff(R, "chen", "dr.chen", "Dr. Wei Chen", PRESCRIBER, lab=True, erx=True, npi="1498263056"),
+    _staff(R, "brooks", "np.brooks", "Taylor Brooks, PMHNP", PRESCRIBER, lab=True, erx=True, npi="1654321094"),
     _staff(R, "white", "nurse.white", "Rachel White, RN", lab=True, supervisor="reyes"),
     _staff(R, "patel", "therapist.patel", "Priya Patel, LCSW", supervisor="hall"),
     _staff(R, "nguyen", "therapist.nguyen", "Minh Nguyen, LPC", supervisor="hall"),
@@ -83,7 +95,7 @@ STAFF = (
     _staff(R, "lee", "billing.lee", "Morgan Lee"),
     _staff(R, "young", "former.young", "Casey Young", active=False),  # deactivated: never a recipient
     _staff(LAKESIDE, "admin", "lakeside.admin", "Pat Quinn", ADMIN),
-    _staff(LAKESIDE, "ramirez", "dr.ramirez", "Dr. Luis Ramirez", PRESCRIBER, lab=True, erx=True),
+    _staff(LAKESIDE, "ramirez", "dr.ramirez", "Dr. Luis Ramirez", PRESCRIBER, lab=True, erx=True, npi="1987654328"),
     _staff(LAKESIDE, "foster", "nurse.foster", "Kelly Foster, RN", lab=True, supervisor="ramirez"),
     _staff(LAKESIDE, "baker", "frontdesk.baker", "Jesse Baker"),
 )

@@ -18,6 +18,7 @@ from functools import cache
 
 from services.kit.auth import ROLE_ADMIN, ROLE_STAFF, ROLES
 from services.kit.errors import InvalidInput
+from services.kit.npi import is_valid_npi, npi_check_digit  # noqa: F401 - directory's own names
 from services.kit.validation import ID_PATTERN
 
 STAFF_PREFIX = "stf"
@@ -71,6 +72,8 @@ class Agency:
     compliance_escalation_minutes: int = DEFAULT_COMPLIANCE_ESCALATION_MINUTES
     # Minutes without activity before the web page signs staff out (a warning comes first).
     idle_signout_minutes: int = DEFAULT_IDLE_SIGNOUT_MINUTES
+    # Lab results also go to the provider who ordered them (ORU OBR-16 / ORC-12).
+    notify_ordering_provider_of_results: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class StaffMember:
     active: bool = True
     # Told when this member's compliance items stay overdue; "" = none (the compliance officers are).
     supervisor_id: str = ""
+    # National Provider Identifier (10 digits), unique within the agency; "" = none.
+    npi: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -176,6 +181,18 @@ def check_email(email: str) -> str:
     if email and not EMAIL_PATTERN.fullmatch(email):
         raise InvalidInput("invalid_email", "email is not a valid address", {"field": "email"})
     return email
+
+
+def check_npi(raw: str) -> str:
+    """A staff member's NPI as an admin typed it: "" for none, else ten digits with a valid check digit."""
+    npi = raw.strip()
+    if npi and not is_valid_npi(npi):
+        raise InvalidInput(
+            "invalid_npi",
+            "npi must be a 10-digit National Provider Identifier whose last digit is its check digit",
+            {"field": "npi"},
+        )
+    return npi
 
 
 def check_supervisor(member_id: str, supervisor: StaffMember | None, wanted: str) -> str:

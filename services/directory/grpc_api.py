@@ -56,6 +56,7 @@ def staff_message(member: StaffMember, team_ids: list[str]) -> directory_pb2.Sta
         active=member.active,
         team_ids=team_ids,
         supervisor_id=member.supervisor_id,
+        npi=member.npi,
     )
 
 
@@ -80,8 +81,10 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         agency_id = agency_caller().agency_id
         staff_ids = domain.distinct_ids(request.staff_ids, "staff ids")
         team_ids = domain.distinct_ids(request.team_ids, "team ids")
-        domain.distinct_ids([*staff_ids, *team_ids], "staff and team ids")
+        npis = domain.distinct_ids(request.npis, "NPIs")
+        domain.distinct_ids([*staff_ids, *team_ids, *npis], "staff ids, team ids and NPIs")
         teams = {team.id: team for team in self.store.list_teams(agency_id)} if team_ids else {}
+        by_npi = self.store.staff_by_npis(agency_id, [n for n in npis if domain.is_valid_npi(n)]) if npis else {}
         if request.whole_agency:
             staff = {member.id: member for member in self.store.list_staff(agency_id)}
         else:
@@ -89,12 +92,16 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             for team_id in team_ids:
                 if team_id in teams:
                     wanted.update(teams[team_id].member_ids)
+            wanted.difference_update(member.id for member in by_npi.values())
             staff = self.store.staff_by_ids(agency_id, sorted(i for i in wanted if domain.is_well_formed_id(i)))
-        resolution = domain.resolve_recipients(staff, teams, staff_ids, team_ids, request.whole_agency)
+        staff.update({member.id: member for member in by_npi.values()})
+        named = [*staff_ids, *(member.id for member in by_npi.values())]
+        resolution = domain.resolve_recipients(staff, teams, named, team_ids, request.whole_agency)
         return directory_pb2.ResolveRecipientsResponse(
             staff_ids=resolution.staff_ids,
             missing_staff_ids=resolution.missing_staff_ids,
             missing_team_ids=resolution.missing_team_ids,
+            missing_npis=[n for n in npis if n not in by_npi],
         )
 
     def GetAgencySettings(
@@ -115,6 +122,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             portal_consumer=agency.portal_consumer,
             compliance_escalation_minutes=agency.compliance_escalation_minutes,
             idle_signout_minutes=agency.idle_signout_minutes,
+            notify_ordering_provider_of_results=agency.notify_ordering_provider_of_results,
         )
 
     def ListStaff(self, request: directory_pb2.ListStaffRequest, context) -> directory_pb2.ListStaffResponse:

@@ -42,6 +42,8 @@ REFRESH = {"refresh_token": Str(max_len=512)}
 ROLE_LIST = ListOf(item=Str(max_len=40), max_items=10, required=False)
 # "" clears it; otherwise an id, checked against the agency's active staff.
 SUPERVISOR = Str(max_len=64, min_len=0, required=False)
+# "" clears it; otherwise checked by domain.check_npi (a longer text is still answered invalid_npi).
+NPI = Str(max_len=64, min_len=0, required=False)
 NEW_STAFF = {
     "username": Str(max_len=64),
     "display_name": Str(max_len=120),
@@ -52,6 +54,7 @@ NEW_STAFF = {
     "eprescribing_enabled": Bool(),
     "active": Bool(),
     "supervisor_id": SUPERVISOR,
+    "npi": NPI,
 }
 STAFF_CHANGES = {
     "display_name": Str(max_len=120, required=False),
@@ -62,6 +65,7 @@ STAFF_CHANGES = {
     "eprescribing_enabled": Bool(),
     "active": Bool(),
     "supervisor_id": SUPERVISOR,
+    "npi": NPI,
 }
 MEMBER_IDS = ListOf(item=Id(), max_items=domain.MAX_IDS_PER_CALL, required=False)
 NEW_TEAM = {"name": Str(max_len=100), "member_ids": MEMBER_IDS}
@@ -81,6 +85,7 @@ AGENCY_CHANGES = {
             "idle_signout_minutes": Int(
                 minimum=domain.IDLE_SIGNOUT_MINUTES_RANGE[0], maximum=domain.IDLE_SIGNOUT_MINUTES_RANGE[1]
             ),
+            "notify_ordering_provider_of_results": Bool(),
         }
     ),
     "terminology": Fields(
@@ -129,6 +134,7 @@ def staff_view(member: StaffMember) -> dict:
         "eprescribing_enabled": member.eprescribing_enabled,
         "active": member.active,
         "supervisor_id": member.supervisor_id,
+        "npi": member.npi,
     }
 
 
@@ -152,6 +158,7 @@ def agency_view(agency: Agency, for_admin: bool = False) -> dict:
         "notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change,
         "compliance_escalation_minutes": agency.compliance_escalation_minutes,
         "idle_signout_minutes": agency.idle_signout_minutes,
+        "notify_ordering_provider_of_results": agency.notify_ordering_provider_of_results,
     }
     if for_admin:
         options["portal_consumer"] = agency.portal_consumer
@@ -321,6 +328,7 @@ def create_staff(admin: Identity):
         lab_result_notification=body.get("lab_result_notification", False),
         eprescribing_enabled=body.get("eprescribing_enabled", False),
         active=body.get("active", True),
+        npi=domain.check_npi(body.get("npi", "")),
     )
     member = replace(member, supervisor_id=_supervisor(member, body.get("supervisor_id", "")))
     components = _components()
@@ -345,6 +353,8 @@ def update_staff(admin: Identity, staff_id: str):
         changes["roles"] = domain.normalize_roles(body["roles"])
     if "supervisor_id" in body:
         changes["supervisor_id"] = _supervisor(member, body["supervisor_id"])
+    if "npi" in body:
+        changes["npi"] = domain.check_npi(body["npi"])
     updated = replace(member, **changes)
     password_hash = None
     if "password" in body:
@@ -407,6 +417,8 @@ def update_agency(admin: Identity):
         agency = replace(agency, portal_consumer=domain.check_portal_consumer(options["portal_consumer"]))
     if "idle_signout_minutes" in options:
         agency = replace(agency, idle_signout_minutes=options["idle_signout_minutes"])
+    if "notify_ordering_provider_of_results" in options:
+        agency = replace(agency, notify_ordering_provider_of_results=options["notify_ordering_provider_of_results"])
     terminology: Terminology = replace(agency.terminology, **body.get("terminology", {}))
     agency = replace(agency, terminology=terminology)
     _components().store.save_agency(agency)

@@ -75,6 +75,11 @@ INDEXES = [
     IndexSpec(LOGIN_ATTEMPTS, [("expires_at", 1)], name="login_attempts_by_expiry"),
 ]
 
+# Staff NPIs: unique within an agency, only among members who have one (the field is absent
+# otherwise). nx-27017 ignores the filter but treats an absent field as NULL, which never clashes.
+STAFF_NPI_INDEX = "staff_npi_unique_in_agency"
+STAFF_NPI_FILTER = {"npi": {"$exists": True}}
+
 PATIENT_NAME_FIELD = "display_name"
 # Staff reads that are not a sign-in never load the password hash.
 STAFF_WITHOUT_SECRETS = {"password_hash": 0}
@@ -122,6 +127,7 @@ def _agency(doc: dict) -> Agency:
             doc.get("compliance_escalation_minutes") or DEFAULT_COMPLIANCE_ESCALATION_MINUTES
         ),
         idle_signout_minutes=int(doc.get("idle_signout_minutes") or DEFAULT_IDLE_SIGNOUT_MINUTES),
+        notify_ordering_provider_of_results=bool(doc.get("notify_ordering_provider_of_results", False)),
     )
 
 
@@ -137,6 +143,7 @@ def _staff(doc: dict) -> StaffMember:
         eprescribing_enabled=bool(doc.get("eprescribing_enabled", False)),
         active=not doc.get("deactivated_at"),
         supervisor_id=doc.get("supervisor_id") or "",
+        npi=doc.get("npi") or "",
     )
 
 
@@ -163,8 +170,32 @@ def _staff_fields(member: StaffMember, now: int) -> dict:
         "lab_result_notification": member.lab_result_notification,
         "eprescribing_enabled": member.eprescribing_enabled,
         "supervisor_id": member.supervisor_id,
+        "npi": member.npi,
         "updated_at": now,
     }
+
+
+def _staff_update(fields: dict) -> dict:
+    """`$set` of a member's fields; a member without an NPI has no `npi` field (see STAFF_NPI_INDEX)."""
+    to_set = dict(fields)
+    if to_set.get("npi"):
+        return {"$set": to_set}
+    to_set.pop("npi", None)
+    return {"$set": to_set, "$unset": {"npi": ""}}
+
+
+def _npi_taken() -> Conflict:
+    return Conflict("npi_taken", "another staff member of the agency has this NPI", {"field": "npi"})
+
+
+def _names_npi(exc: DuplicateKeyError) -> bool:
+    """Did the NPI index (rather than the username's) refuse the write? MongoDB gives the key pattern;
+    nx-27017 names the index it derived from the keys (idx_staff_agency_id_npi) in its message."""
+    details = exc.details or {}
+    if "keyPattern" in details:
+        return "npi" in details["keyPattern"]
+    message = str(details.get("errmsg") or exc)
+    return STAFF_NPI_INDEX in message or "_agency_id_npi'" in message
 
 
 def _team_name_taken() -> Conflict:
@@ -189,6 +220,9 @@ class DirectoryStore:
     def ensure_indexes(self) -> None:
         """Indexes, and the start-up data migrations (each one idempotent)."""
         ensure_indexes(self.db, INDEXES)
+        self.staff.create_index(
+            [("agency_id", 1), ("npi", 1)], unique=True, name=STAFF_NPI_INDEX, partialFilterExpression=STAFF_NPI_FILTER
+        )
         self.cipher.keyring.ensure_indexes()
         self.initialise_admin_counts()
         # Failed sign-ins stored before they were keyed by a hash had the typed username as id: drop them.
@@ -231,6 +265,7 @@ class DirectoryStore:
             "portal_consumer": agency.portal_consumer,
             "compliance_escalation_minutes": agency.compliance_escalation_minutes,
             "idle_signout_minutes": agency.idle_signout_minutes,
+            "notify_ordering_provider_of_results": agency.notify_ordering_provider_of_results,
         }
 
     # --- staff ------------------------------------------------------------------------------
@@ -278,9 +313,31 @@ class DirectoryStore:
                     found[doc["_id"]] = _staff(doc)
         return found
 
+    def staff_by_npis(self, agency_id: str, npis: list[str]) -> dict[str, StaffMember]:
+        """The agency's staff holding these NPIs, by NPI (unknown ones left out): one `$eq` lookup on
+        (agency_id, npi) each, since `$in` scans on nx-27017 and a message names only a handful."""
+        found: dict[str, StaffMember] = {}
+        for npi in dict.fromkeys(npis):
+            doc = self.staff.find_one({"agency_id": eq(agency_id), "npi": eq(npi)}, STAFF_WITHOUT_SECRETS)
+            if doc is not None:
+                found[npi] = _staff(doc)
+        return found
+
+    def check_npi_free(self, member: StaffMember) -> None:
+        """Conflict `npi_taken` when another member of the agency holds the member's NPI. Checked before
+        a write because nx-27017's find_one_and_update drops a write the unique index refuses."""
+        if not member.npi:
+            return
+        holder = self.staff.find_one({"agency_id": eq(member.agency_id), "npi": eq(member.npi)}, {"_id": 1})
+        if holder is not None and holder["_id"] != member.id:
+            raise _npi_taken()
+
     def create_staff(self, member: StaffMember, password_hash: str) -> None:
+        self.check_npi_free(member)
         now = now_ms()
         doc = {"_id": member.id, **_staff_fields(member, now), "password_hash": password_hash}
+        if not member.npi:
+            del doc["npi"]
         doc.update(
             created_at=now,
             password_changed_at=now,
@@ -290,12 +347,16 @@ class DirectoryStore:
         try:
             self.staff.insert_one(doc)
         except DuplicateKeyError as exc:
+            if _names_npi(exc):
+                raise _npi_taken() from exc
             raise Conflict("username_taken", "this username is already in use", {"field": "username"}) from exc
         if member.counts_as_admin:
             self._count_admin(member.agency_id, 1)
 
     def save_staff(self, member: StaffMember, password_hash: str | None = None) -> None:
-        """Save an existing member's changes; Conflict `last_admin` if the agency would have no active admin left."""
+        """Save an existing member's changes; Conflict `last_admin` if the agency would have no active admin
+        left, `npi_taken` if another member of the agency holds the NPI."""
+        self.check_npi_free(member)
         now = now_ms()
         fields = _staff_fields(member, now)
         if member.active:
@@ -312,19 +373,22 @@ class DirectoryStore:
 
     def _save_counted_admin(self, member: StaffMember, fields: dict) -> None:
         """Save a member who is (now) an active admin: flag first, then the agency's counter."""
-        before = self.staff.find_one_and_update(
-            {"_id": eq(member.id), "agency_id": eq(member.agency_id)},
-            {"$set": {**fields, "admin_counted": 1}},
-            projection={"admin_counted": 1},
-            return_document=ReturnDocument.BEFORE,
-        )
+        try:
+            before = self.staff.find_one_and_update(
+                {"_id": eq(member.id), "agency_id": eq(member.agency_id)},
+                _staff_update({**fields, "admin_counted": 1}),
+                projection={"admin_counted": 1},
+                return_document=ReturnDocument.BEFORE,
+            )
+        except DuplicateKeyError as exc:
+            raise _npi_taken() from exc
         if before is not None and before.get("admin_counted") != 1:
             self._count_admin(member.agency_id, 1)
 
     def _save_uncounted(self, member: StaffMember, fields: dict) -> None:
         """Save a member who is not (or no longer) an active admin, leaving the count if they were in it."""
         key = {"_id": eq(member.id), "agency_id": eq(member.agency_id)}
-        uncounted = {"$set": {**fields, "admin_counted": 0}}
+        uncounted = _staff_update({**fields, "admin_counted": 0})
         for _ in range(ADMIN_FLAG_TRIES):
             doc = self.staff.find_one(key, {"admin_counted": 1})
             if doc is None:
@@ -333,7 +397,7 @@ class DirectoryStore:
             if counted != 1:
                 # Not in the count (a document an older version wrote may lack the flag: not counted either).
                 guard = eq(0) if counted is not None else {"$exists": False}
-                if self.staff.update_one({**key, "admin_counted": guard}, uncounted).matched_count:
+                if self._update_member({**key, "admin_counted": guard}, uncounted):
                     return
                 continue  # promoted meanwhile: look again
             released = self.agencies.find_one_and_update(
@@ -343,10 +407,22 @@ class DirectoryStore:
             )
             if released is None:
                 raise _last_admin()
-            if self.staff.update_one({**key, "admin_counted": eq(1)}, uncounted).matched_count:
+            try:
+                saved = self._update_member({**key, "admin_counted": eq(1)}, uncounted)
+            except Conflict:
+                self._count_admin(member.agency_id, 1)  # the NPI was refused: the member stays counted
+                raise
+            if saved:
                 return
             self._count_admin(member.agency_id, 1)  # someone else took them out of the count: give it back
         raise Conflict("staff_changed", "the staff member was changed at the same time; try again")
+
+    def _update_member(self, guard: dict, update: dict) -> bool:
+        """One guarded update of a staff document; Conflict `npi_taken` when the NPI index refuses it."""
+        try:
+            return bool(self.staff.update_one(guard, update).matched_count)
+        except DuplicateKeyError as exc:
+            raise _npi_taken() from exc
 
     def _count_admin(self, agency_id: str, delta: int) -> None:
         self.agencies.update_one({"_id": eq(agency_id)}, {"$inc": {"active_admins": delta}})

@@ -6,6 +6,7 @@ member's own token), so directory answers about that agency only.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -16,14 +17,30 @@ import grpc
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.kit import grpc_client
 from services.kit.errors import from_grpc_error
+from services.kit.validation import ID_PATTERN
 
 GET_STAFF_BATCH = 500
+NPI_PATTERN = re.compile(r"^[0-9]{10}$")
 ROLE_NUMBERS = {
     "staff": directory_pb2.ROLE_STAFF,
     "admin": directory_pb2.ROLE_ADMIN,
     "compliance_officer": directory_pb2.ROLE_COMPLIANCE_OFFICER,
     "prescriber": directory_pb2.ROLE_PRESCRIBER,
 }
+
+
+def split_provider_refs(refs: list[str]) -> tuple[list[str], list[str]]:
+    """(staff ids, NPIs) named by "staff:<directory id>" and "npi:<10 digits>" refs, each once;
+    anything else is left out (directory would not know it)."""
+    staff_ids: dict[str, None] = {}
+    npis: dict[str, None] = {}
+    for ref in refs:
+        kind, _, value = ref.partition(":")
+        if kind == "staff" and ID_PATTERN.fullmatch(value):
+            staff_ids[value] = None
+        elif kind == "npi" and NPI_PATTERN.fullmatch(value):
+            npis[value] = None
+    return list(staff_ids), list(npis)
 
 
 @dataclass(frozen=True)
@@ -81,7 +98,8 @@ class DirectoryClient:
         return [s.staff_id for s in self.agency_staff(agency_id) if s.lab_result_notification]
 
     def agency_settings(self, agency_id: str) -> directory_pb2.GetAgencySettingsResponse:
-        """The agency's options (e.g. notify_linked_staff_on_schedule_change), cached like staff."""
+        """The agency's options (notify_linked_staff_on_schedule_change,
+        notify_ordering_provider_of_results, ...), cached like staff."""
         now = self._clock()
         with self._lock:
             cached = self._settings.get(agency_id)
@@ -96,11 +114,23 @@ class DirectoryClient:
         """Staff records of the caller's agency (uncached)."""
         return list(self._call("GetStaff", directory_pb2.GetStaffRequest(staff_ids=staff_ids)).staff)
 
-    def resolve(self, staff_ids: list[str], team_ids: list[str]) -> directory_pb2.ResolveRecipientsResponse:
-        """The active staff these staff and team ids reach (uncached); unknown ids in missing_*."""
+    def resolve(
+        self, staff_ids: list[str], team_ids: list[str], npis: list[str] | tuple[str, ...] = ()
+    ) -> directory_pb2.ResolveRecipientsResponse:
+        """The active staff these staff ids, team ids and provider NPIs reach (uncached); unknown ones
+        in missing_*."""
         return self._call(
-            "ResolveRecipients", directory_pb2.ResolveRecipientsRequest(staff_ids=staff_ids, team_ids=team_ids)
+            "ResolveRecipients",
+            directory_pb2.ResolveRecipientsRequest(staff_ids=staff_ids, team_ids=team_ids, npis=list(npis)),
         )
+
+    def staff_ids_for_providers(self, refs: list[str]) -> list[str]:
+        """The caller's agency's active staff that provider refs name ("npi:<10 digits>" or
+        "staff:<directory id>"), sorted by id; unknown, inactive and unreadable refs are skipped."""
+        staff_ids, npis = split_provider_refs(refs)
+        if not staff_ids and not npis:
+            return []
+        return list(self.resolve(staff_ids, [], npis).staff_ids)
 
     def list_staff(self, role: str) -> list[str]:
         """Ids of the agency's active staff holding `role` (uncached), sorted."""

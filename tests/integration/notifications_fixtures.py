@@ -19,6 +19,7 @@ from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.errors import NotFound
 from services.notifications import config
 from services.notifications.components import Components
+from services.notifications.directory_client import split_provider_refs
 from services.notifications.registrations import Registrations
 from services.notifications.store import NotificationsStore
 
@@ -36,6 +37,7 @@ class Member:
     roles: tuple[str, ...] = ("staff",)
     supervisor_id: str = ""
     active: bool = True
+    npi: str = ""
 
 
 @dataclass
@@ -46,6 +48,7 @@ class DirectoryTable:
     teams: dict[str, list[str]] = field(default_factory=dict)  # team id -> staff ids
     notify_linked_staff: dict[str, bool] = field(default_factory=dict)  # agency -> option
     escalation_minutes: dict[str, int] = field(default_factory=dict)
+    notify_ordering_provider: dict[str, bool] = field(default_factory=dict)  # agency -> option (default off)
     # Agencies directory cannot answer for (NOT_FOUND), as after an agency is removed.
     unknown_agencies: set[str] = field(default_factory=set)
     calls: int = 0
@@ -65,19 +68,24 @@ class DirectoryTable:
             time_zone="America/Chicago",
             terminology=directory_pb2.Terminology(patient_singular="Client", patient_plural="Clients"),
             compliance_escalation_minutes=self.escalation_minutes.get(agency_id, 60),
+            notify_ordering_provider_of_results=self.notify_ordering_provider.get(agency_id, False),
         )
 
-    def resolve(self, staff_ids: list[str], team_ids: list[str]) -> directory_pb2.ResolveRecipientsResponse:
+    def resolve(
+        self, staff_ids: list[str], team_ids: list[str], npis: list[str] | tuple[str, ...] = ()
+    ) -> directory_pb2.ResolveRecipientsResponse:
         self.calls += 1
         agency = self._agency()
         mine = {s for s, m in self.staff.items() if m.agency_id == agency}
-        ids = [s for s in staff_ids if s in mine]
+        by_npi = {self.staff[s].npi: s for s in mine if self.staff[s].npi}
+        ids = [s for s in staff_ids if s in mine] + [by_npi[n] for n in npis if n in by_npi]
         for team in team_ids:
             ids += [s for s in self.teams.get(team, []) if s in mine]
         return directory_pb2.ResolveRecipientsResponse(
             staff_ids=sorted({s for s in ids if self.staff[s].active}),
             missing_staff_ids=[s for s in staff_ids if s not in mine],
             missing_team_ids=[t for t in team_ids if t not in self.teams],
+            missing_npis=[n for n in npis if n not in by_npi],
         )
 
     def staff_message(self, staff_id: str) -> directory_pb2.Staff:
@@ -89,6 +97,7 @@ class DirectoryTable:
             roles=[ROLES[r] for r in member.roles],
             active=member.active,
             supervisor_id=member.supervisor_id,
+            npi=member.npi,
         )
 
     def staff_records(self, staff_ids: list[str]) -> list[directory_pb2.Staff]:
@@ -109,8 +118,14 @@ class DirectoryStandIn:
     def agency_settings(self, agency_id):
         return self.table.agency_settings(agency_id)
 
-    def resolve(self, staff_ids, team_ids):
-        return self.table.resolve(staff_ids, team_ids)
+    def resolve(self, staff_ids, team_ids, npis=()):
+        return self.table.resolve(staff_ids, team_ids, npis)
+
+    def staff_ids_for_providers(self, refs):
+        staff_ids, npis = split_provider_refs(refs)
+        if not staff_ids and not npis:
+            return []
+        return list(self.table.resolve(staff_ids, [], npis).staff_ids)
 
     def staff(self, staff_ids):
         return self.table.staff_records(staff_ids)

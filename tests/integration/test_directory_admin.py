@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import time
 
+import grpc
 import jwt
 import pytest
+from pymongo.errors import DuplicateKeyError
 
+from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
+from services.kit.auth import Identity
 from services.kit.outbox import OUTBOX
+from services.kit.service_identity import acting_as
+from services.notifications.directory_client import DirectoryClient
 from tests.integration.directory_fixtures import start_directory
 from tests.integration.test_directory_auth import Recorder
 
@@ -387,6 +393,7 @@ def test_agency_settings_are_read_by_anyone_and_changed_by_admins(dut, admin, cl
             "notify_linked_staff_on_schedule_change": True,
             "compliance_escalation_minutes": 240,
             "idle_signout_minutes": 15,
+            "notify_ordering_provider_of_results": False,
         },
         "terminology": {"patient_singular": "Client", "patient_plural": "Clients"},
     }
@@ -557,6 +564,8 @@ def test_a_supervisor_must_be_an_active_colleague(dut, admin, supervisor_id, cod
 def test_only_admins_set_supervisors(dut, clinician):
     response = dut.client.patch(KIM, json={"supervisor_id": "stf_riverbend_chen"}, headers=clinician)
     assert response.status_code == 403
+
+
 def test_admins_set_the_idle_sign_out_time_that_staff_and_services_read(dut, admin, clinician):
     changed = dut.client.patch("/api/v1/directory/agency", json={"options": {"idle_signout_minutes": 5}}, headers=admin)
     assert changed.status_code == 200
@@ -593,3 +602,153 @@ def test_only_admins_change_the_idle_sign_out_time(dut, clinician):
     )
     assert response.status_code == 403
     assert dut.store.get_agency("agy_riverbend").idle_signout_minutes == 15
+
+
+# --- NPIs and the ordering-provider option ---------------------------------------------------------
+
+REYES_NPI = "1234567893"  # demo data
+RAMIREZ_NPI = "1987654328"  # Lakeside's demo prescriber
+NEW_NPI = "1245319599"  # valid check digit, held by no demo member
+
+
+@pytest.fixture
+def stub(dut):
+    server = dut.directory.grpc_server("127.0.0.1", 0)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield directory_pb2_grpc.DirectoryServiceStub(channel)
+    channel.close()
+    server.stop(0)
+
+
+def bearer(dut, username: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {dut.token(username)}")]
+
+
+def test_demo_prescribers_carry_npis_everyone_can_read(dut, clinician):
+    reyes = dut.client.get("/api/v1/directory/staff/stf_riverbend_reyes", headers=clinician).get_json()
+    assert reyes["npi"] == REYES_NPI
+    kim = dut.client.get(KIM, headers=clinician).get_json()
+    assert kim["npi"] == ""
+    assert "npi" not in dut.store.staff.find_one({"_id": {"$eq": "stf_riverbend_kim"}})  # absent, not ""
+
+
+def test_admin_sets_changes_and_clears_a_members_npi(dut, admin):
+    created = dut.client.post("/api/v1/directory/staff", json={**NEW_STAFF, "npi": f" {NEW_NPI} "}, headers=admin)
+    assert created.status_code == 201 and created.get_json()["npi"] == NEW_NPI
+    path = f"/api/v1/directory/staff/{created.get_json()['id']}"
+    cleared = dut.client.patch(path, json={"npi": ""}, headers=admin)
+    assert cleared.status_code == 200 and cleared.get_json()["npi"] == ""
+    given = dut.client.patch(KIM, json={"npi": NEW_NPI}, headers=admin)  # free again once cleared
+    assert given.status_code == 200 and given.get_json()["npi"] == NEW_NPI
+    assert dut.store.get_staff("agy_riverbend", "stf_riverbend_kim").npi == NEW_NPI
+    renamed = dut.client.patch(KIM, json={"display_name": "Jordan Kim, RN, BSN"}, headers=admin)
+    assert renamed.get_json()["npi"] == NEW_NPI  # other edits leave it alone
+
+
+@pytest.mark.parametrize("npi", ["1234567890", "123456789", "12345678931", "ABCDEFGHIJ", "80840" + REYES_NPI])
+def test_an_npi_failing_the_check_digit_or_shape_is_refused(dut, admin, npi):
+    created = dut.client.post("/api/v1/directory/staff", json={**NEW_STAFF, "npi": npi}, headers=admin)
+    assert created.status_code == 400 and created.get_json()["code"] == "invalid_npi"
+    assert "check digit" in created.get_json()["message"]
+    changed = dut.client.patch(KIM, json={"npi": npi}, headers=admin)
+    assert changed.status_code == 400 and changed.get_json()["code"] == "invalid_npi"
+    assert dut.store.get_staff("agy_riverbend", "stf_riverbend_kim").npi == ""
+
+
+def test_an_npi_is_unique_within_an_agency_only(dut, admin):
+    taken = dut.client.patch(KIM, json={"npi": REYES_NPI}, headers=admin)
+    assert taken.status_code == 409 and taken.get_json()["code"] == "npi_taken"
+    again = dut.client.post("/api/v1/directory/staff", json={**NEW_STAFF, "npi": REYES_NPI}, headers=admin)
+    assert again.status_code == 409 and again.get_json()["code"] == "npi_taken"
+    assert dut.store.credentials("therapist.quinn") is None
+    # An admin (counted in the active admins) is saved another way: refused the same, the count intact.
+    admin_taken = dut.client.patch(ADMIN, json={"npi": REYES_NPI}, headers=admin)
+    assert admin_taken.status_code == 409 and admin_taken.get_json()["code"] == "npi_taken"
+    assert dut.store.active_admins("agy_riverbend") == 1
+    lakeside = dut.as_user("lakeside.admin")
+    elsewhere = dut.client.patch(
+        "/api/v1/directory/staff/stf_lakeside_foster", json={"npi": REYES_NPI}, headers=lakeside
+    )
+    assert elsewhere.status_code == 200  # the same provider may work for two agencies
+    same = dut.client.patch("/api/v1/directory/staff/stf_riverbend_reyes", json={"npi": REYES_NPI}, headers=admin)
+    assert same.status_code == 200
+
+
+def test_the_npi_index_refuses_a_duplicate_even_past_the_check(dut):
+    dut.store.staff.update_one({"_id": {"$eq": "stf_riverbend_kim"}}, {"$set": {"npi": NEW_NPI}})
+    with pytest.raises(DuplicateKeyError):
+        dut.store.staff.update_one({"_id": {"$eq": "stf_riverbend_white"}}, {"$set": {"npi": NEW_NPI}})
+    dut.store.staff.update_one({"_id": {"$eq": "stf_lakeside_foster"}}, {"$set": {"npi": NEW_NPI}})  # another agency
+
+
+def test_resolve_recipients_turns_npis_into_the_callers_agencys_active_staff(dut, admin, stub):
+    riverbend = bearer(dut, "dr.reyes")
+    request = directory_pb2.ResolveRecipientsRequest(
+        staff_ids=["stf_riverbend_kim"], npis=[REYES_NPI, "1498263056", RAMIREZ_NPI, NEW_NPI, "not-an-npi"]
+    )
+    reply = stub.ResolveRecipients(request, metadata=riverbend, timeout=5)
+    assert list(reply.staff_ids) == ["stf_riverbend_chen", "stf_riverbend_kim", "stf_riverbend_reyes"]
+    assert list(reply.missing_npis) == [RAMIREZ_NPI, NEW_NPI, "not-an-npi"]  # Lakeside's provider is not ours
+    assert list(reply.missing_staff_ids) == []
+    lakeside = stub.ResolveRecipients(
+        directory_pb2.ResolveRecipientsRequest(npis=[RAMIREZ_NPI, REYES_NPI]),
+        metadata=bearer(dut, "dr.ramirez"),
+        timeout=5,
+    )
+    assert list(lakeside.staff_ids) == ["stf_lakeside_ramirez"] and list(lakeside.missing_npis) == [REYES_NPI]
+    # A deactivated provider's NPI is known (not missing) but reaches nobody, like their staff id.
+    chen = "/api/v1/directory/staff/stf_riverbend_chen"
+    assert dut.client.patch(chen, json={"active": False}, headers=admin).status_code == 200
+    reply = stub.ResolveRecipients(
+        directory_pb2.ResolveRecipientsRequest(npis=["1498263056"]), metadata=riverbend, timeout=5
+    )
+    assert list(reply.staff_ids) == [] and list(reply.missing_npis) == []
+    staff = stub.GetStaff(
+        directory_pb2.GetStaffRequest(staff_ids=["stf_riverbend_reyes"]), metadata=riverbend, timeout=5
+    )
+    assert staff.staff[0].npi == REYES_NPI
+
+
+def test_npi_lookups_use_the_agency_npi_index(dut):
+    plan = dut.store.staff.find({"agency_id": {"$eq": "agy_riverbend"}, "npi": {"$eq": REYES_NPI}}).explain()
+    winning = json.dumps(plan["queryPlanner"]["winningPlan"], default=str)
+    # nx-27017 names the index idx_staff_agency_id_npi, MongoDB staff_npi_unique_in_agency.
+    assert "_npi" in winning and "COLLSCAN" not in winning and "SCAN staff" not in winning
+
+
+def test_notifications_resolves_provider_refs_through_directory(dut):
+    server = dut.directory.grpc_server("127.0.0.1", 0)
+    server.start()
+    client = DirectoryClient(f"127.0.0.1:{server.port}")
+    reyes = Identity(subject="stf_riverbend_reyes", agency_id="agy_riverbend", token=dut.token("dr.reyes"))
+    try:
+        with acting_as(reyes):
+            refs = [f"npi:{REYES_NPI}", "staff:stf_riverbend_kim", f"npi:{RAMIREZ_NPI}", "staff:stf_nobody",
+                    "npi:12", "dr.reyes", "staff:../x"]  # fmt: skip
+            assert client.staff_ids_for_providers(refs) == ["stf_riverbend_kim", "stf_riverbend_reyes"]
+            assert client.staff_ids_for_providers([]) == []
+            assert client.agency_settings("agy_riverbend").notify_ordering_provider_of_results is False
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def test_admins_turn_on_telling_the_ordering_provider_of_results(dut, admin, clinician, stub):
+    option = {"options": {"notify_ordering_provider_of_results": True}}
+    assert dut.client.patch("/api/v1/directory/agency", json=option, headers=clinician).status_code == 403
+    changed = dut.client.patch("/api/v1/directory/agency", json=option, headers=admin)
+    assert changed.status_code == 200 and changed.get_json()["options"]["notify_ordering_provider_of_results"] is True
+    seen = dut.client.get("/api/v1/directory/agency", headers=clinician).get_json()
+    assert seen["options"]["notify_ordering_provider_of_results"] is True
+    settings = stub.GetAgencySettings(
+        directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.reyes"), timeout=5
+    )
+    assert settings.notify_ordering_provider_of_results is True
+    lakeside = stub.GetAgencySettings(
+        directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.ramirez"), timeout=5
+    )
+    assert lakeside.notify_ordering_provider_of_results is False  # off unless an admin turns it on
+    not_a_flag = {"options": {"notify_ordering_provider_of_results": "yes"}}
+    wrong = dut.client.patch("/api/v1/directory/agency", json=not_a_flag, headers=admin)
+    assert wrong.status_code == 400 and wrong.get_json()["code"] == "invalid_type"

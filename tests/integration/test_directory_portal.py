@@ -92,6 +92,7 @@ def test_agency_settings_name_the_portal_consumer_the_admin_chose(dut, stub):
         "notify_linked_staff_on_schedule_change": True,
         "compliance_escalation_minutes": 240,
         "idle_signout_minutes": 15,
+        "notify_ordering_provider_of_results": False,
         "portal_consumer": "other-portal",
     }
     settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=riverbend, timeout=5)

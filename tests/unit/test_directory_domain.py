@@ -205,3 +205,40 @@ def test_self_inactive_or_unknown_supervisors_are_refused(wanted, found):
     with pytest.raises(InvalidInput) as caught:
         domain.check_supervisor("stf_ann", found, wanted)
     assert caught.value.code == "invalid_supervisor"
+
+
+# --- NPIs ---------------------------------------------------------------------------------------
+
+# 1234567893 is CMS's worked example; 1245319599 a check-digit-valid number often used in testing;
+# the rest are the demo prescribers'.
+VALID_NPIS = ["1234567893", "1245319599", "1498263056", "1654321094", "1987654328"]
+
+
+@pytest.mark.parametrize("npi", VALID_NPIS)
+def test_an_npi_is_ten_digits_ending_in_the_luhn_digit_of_80840_and_the_first_nine(npi):
+    assert domain.is_valid_npi(npi)
+    assert domain.npi_check_digit(npi[:9]) == int(npi[9])
+    assert domain.check_npi(f" {npi} ") == npi
+
+
+def test_every_other_last_digit_and_every_single_digit_typo_fails_the_check():
+    npi = "1234567893"
+    for position in range(10):
+        for digit in "0123456789":
+            if digit != npi[position]:
+                assert not domain.is_valid_npi(npi[:position] + digit + npi[position + 1 :])
+
+
+def test_an_empty_npi_means_none():
+    assert domain.check_npi("") == "" and domain.check_npi("   ") == ""
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["1234567890", "123456789", "12345678933", "808401234567893", "12345 67893", "123456789X", "１２３４５６７８９３"],
+)
+def test_anything_else_is_refused_as_invalid_npi(raw):
+    with pytest.raises(InvalidInput) as caught:
+        domain.check_npi(raw)
+    assert caught.value.code == "invalid_npi" and caught.value.details == {"field": "npi"}
+    assert "10-digit National Provider Identifier" in caught.value.message
