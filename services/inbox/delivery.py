@@ -227,9 +227,11 @@ def notice_id(agency_id: str, source: str, source_ref: str) -> str:
     return "ntc_" + domain.digest(agency_id, source, source_ref)[:32]
 
 
-def final_recipients(resolved: list[str], actor_staff_id: str | None) -> list[str]:
-    """Resolved staff, each once, never the staff member whose own action caused the item."""
-    recipients = [staff_id for staff_id in dict.fromkeys(resolved) if staff_id != actor_staff_id]
+def final_recipients(resolved: list[str], actor_staff_id: str | None, holders: list[str] | None = None) -> list[str]:
+    """Resolved staff, each once. The staff member whose own action caused the item is never given
+    it, but keeps the item they already hold (`holders`), unread or not as before (item_patch)."""
+    held = set(holders or ())
+    recipients = [s for s in dict.fromkeys(resolved) if s != actor_staff_id or s in held]
     if not recipients:
         raise InvalidInput("no_recipients", "the item has no recipients")
     return recipients
@@ -310,7 +312,8 @@ def item_state(notice: dict) -> dict:
 def item_patch(item: dict, notice: dict) -> dict | None:
     """What brings one recipient's item in line with its notice; None when it already is (or the
     item was brought in line with a newer revision). Resolved makes it read; `unread_since`
-    (creation or mark_unread) makes an item read before it unread again."""
+    (creation or mark_unread) makes an item read before it unread again, and moves an item that
+    arrived before it to the top of its list (sent_at and sort_key become that time)."""
     if int(item.get("notice_rev") or 0) > notice["rev"]:
         return None
     patch: dict = {}
@@ -321,12 +324,18 @@ def item_patch(item: dict, notice: dict) -> dict | None:
         elif item.get(key) != value:
             patch[key] = value
     read_at = item.get("read_at")
+    unread_since = int(notice.get("unread_since") or 0)
     if notice.get("resolved_at"):
         read_at = read_at or notice["resolved_at"]
-    elif read_at and read_at < int(notice.get("unread_since") or 0):
-        read_at = None
+    elif read_at and read_at < unread_since:
+        # The maker of the change keeps their item as read: read as of this revision.
+        read_at = unread_since if item.get("owner_id") == notice.get("actor_staff_id") else None
     if read_at != item.get("read_at"):
         patch["read_at"] = read_at
+    # Marked unread again (a corrected result, an appointment moved): back at the top of the list.
+    if not read_at and unread_since > int(item.get("sent_at") or 0):
+        patch["sent_at"] = unread_since
+        patch["sort_key"] = domain.sort_key(unread_since, item["_id"])
     if item.get("board"):
         keys = domain.item_keys(
             item["agency_id"],
@@ -526,7 +535,7 @@ class Delivery(Feature):
         wanted = parse_request(request)
         policy = policy_for(producer, wanted.folder)
         nid = notice_id(agency_id, wanted.source, wanted.source_ref)
-        recipients: list[str] | None = None
+        resolved: list[str] | None = None
         for _ in range(WRITE_ATTEMPTS):
             notice = self._notice(nid)
             if notice is not None:
@@ -536,9 +545,10 @@ class Delivery(Feature):
                 return Outcome(nid, list(notice["recipient_ids"]), created=False, applied=False)
             if wanted.withdrawn and (notice is None or notice.get("withdrawn_at")):
                 return Outcome(nid, [], created=False, applied=False)
-            if recipients is None and not wanted.withdrawn:
-                recipients = self._resolve(agency_id, wanted)
-            doc = self._write(agency_id, nid, producer, policy, wanted, recipients or [], notice, delivery_key)
+            if resolved is None and not wanted.withdrawn:
+                resolved = self._resolved(agency_id, wanted)
+            recipients = [] if wanted.withdrawn else self._final(wanted, resolved or [], notice)
+            doc = self._write(agency_id, nid, producer, policy, wanted, recipients, notice, delivery_key)
             if doc is not None:
                 self.complete_fanout(doc)
                 log.info(
@@ -563,11 +573,18 @@ class Delivery(Feature):
     def _ask_directory(self, addressing: domain.Addressing):
         return self.components.directory.resolve(addressing)  # looked up per call: tests swap it
 
-    def _resolve(self, agency_id: str, wanted: DeliveryRequest) -> list[str]:
+    def _resolved(self, agency_id: str, wanted: DeliveryRequest) -> list[str]:
         resolution = self.recipients.resolve(agency_id, wanted.addressing)
-        return final_recipients(
-            resolution.require_known("some recipients do not exist in this agency"), wanted.actor_staff_id
-        )
+        return resolution.require_known("some recipients do not exist in this agency")
+
+    def _resolve(self, agency_id: str, wanted: DeliveryRequest) -> list[str]:
+        """Recipients of a delivery creating its notice (nobody holds it yet)."""
+        return final_recipients(self._resolved(agency_id, wanted), wanted.actor_staff_id)
+
+    @staticmethod
+    def _final(wanted: DeliveryRequest, resolved: list[str], notice: dict | None) -> list[str]:
+        holders = [] if notice is None or notice.get("withdrawn_at") else list(notice.get("recipient_ids") or [])
+        return final_recipients(resolved, wanted.actor_staff_id, holders)
 
     def _write(  # noqa: PLR0913, PLR0917 - the delivery and its context, as deliver() has them
         self,
@@ -628,6 +645,8 @@ class Delivery(Feature):
             "removed_ids": removed,
             "delivered_at": at,
             "fanout_pending_at": at,
+            # Whose own change this revision is: their item, if kept, stays as read as it was.
+            "actor_staff_id": None if wanted.withdrawn else wanted.actor_staff_id,
         }
         if wanted.withdrawn:
             fields["withdrawn_at"] = at

@@ -285,6 +285,21 @@ def test_mark_unread_brings_back_items_read_before_it():
     assert delivery.item_patch(read_after, notice(rev=2, unread_since=2500)) == {"notice_rev": 2}
 
 
+def test_an_item_marked_unread_again_moves_to_the_top_of_its_list():
+    """A corrected result is a new arrival: it sorts as of the correction, not its first delivery."""
+    for read_at in (None, 2000):
+        item = item_for(notice(), read_at=read_at)
+        patch = delivery.item_patch(item, notice(rev=2, unread_since=2500, delivered_at=2500))
+        assert patch["sent_at"] == 2500 and patch["sort_key"] == domain.sort_key(2500, item["_id"])
+        assert patch["sort_key"] > item["sort_key"]
+
+
+def test_an_update_that_does_not_mark_unread_keeps_the_item_in_place():
+    item = item_for(notice())
+    patch = delivery.item_patch(item, notice(rev=2, status="final", delivered_at=2500))
+    assert "sort_key" not in patch and "sent_at" not in patch
+
+
 def test_an_older_revision_never_overwrites_a_newer_one():
     item = item_for(notice(rev=3))
     assert delivery.item_patch(item, notice(rev=2, title=b"old")) is None
