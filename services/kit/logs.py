@@ -46,6 +46,12 @@ SAFE_EXTRA_KEYS = frozenset(
         "collection",
         "request_id",
         "upstream_ms",
+        # HL7 v2 interface tracing: MSH-4, MSH-6, MSH-10, MSH-9 and the ACK code (never content).
+        "sending_facility",
+        "receiving_facility",
+        "control_id",
+        "message_type",
+        "ack_code",
     }
 )
 

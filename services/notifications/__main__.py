@@ -24,7 +24,7 @@ from services.notifications.components import Components
 from services.notifications.directory_client import DirectoryClient
 from services.notifications.http_api import create_app
 from services.notifications.lab import LabResults
-from services.notifications.mllp import MllpServer
+from services.notifications.mllp import MessageTypes, MllpServer
 from services.notifications.registrations import Registrations
 
 log = logging.getLogger("notifications")
@@ -58,6 +58,7 @@ def main() -> int:
         directory=directory,
         service_tokens=service_tokens,
         registrations=Registrations(settings.facilities, settings.partners),
+        message_types=MessageTypes(settings.processing_id),
     )
     components.features = [feature(components) for feature in FEATURES]
     for feature in components.features:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.kit.settings import CommonSettings, Env, common_settings
+from services.notifications.registrations import Facility
 
 # Development registrations for the demo agencies (services/directory/demo.py); production names its own.
 DEV_FACILITIES = "RIVERBEND=agy_riverbend,LAKESIDE=agy_lakeside"
@@ -32,24 +33,30 @@ class NotificationsSettings:
     max_request_bytes: int
     relay_batch_size: int
     recipients_cache_s: float
-    # Receiving facility (MSH-6.1) -> agency id, for every HL7 v2 message type.
-    facilities: dict[str, str]
+    # Receiving facility (MSH-6.1) -> its registration (agency, patient identifier, time zone).
+    facilities: dict[str, Facility]
     # Gateway consumer (partner system) -> the agencies it may send for.
     partners: dict[str, frozenset[str]]
     # How often the compliance pass looks for items turning overdue or due for escalation.
     compliance_pass_interval_s: float = 15.0
+    # This interface's MSH-11: messages with another processing id (training, debugging) are refused.
+    processing_id: str = "P"
 
 
-def parse_facilities(raw: str, problems: list[str]) -> dict[str, str]:
-    """'FACILITY=agy_id[,FACILITY=agy_id...]'."""
-    facilities: dict[str, str] = {}
+def parse_facilities(raw: str, problems: list[str]) -> dict[str, Facility]:
+    """'FACILITY=agy_id[;patient_id=TYPE[@AUTHORITY]][;tz=Area/City][,...]'."""
+    facilities: dict[str, Facility] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
-        facility, _, agency = item.partition("=")
+        head, *options = (part.strip() for part in item.split(";"))
+        facility, _, agency = head.partition("=")
         facility, agency = facility.strip(), agency.strip()
         if not facility or not agency.startswith("agy_") or "|" in facility or "^" in facility:
             problems.append(f"NOTIFICATIONS_FACILITIES entries must be 'FACILITY=agy_...', got {item!r}")
             continue
-        facilities[facility] = agency
+        try:
+            facilities[facility] = Facility.from_options(agency, options)
+        except ValueError as exc:
+            problems.append(f"NOTIFICATIONS_FACILITIES entry {facility!r}: {exc}")
     return facilities
 
 
@@ -89,6 +96,7 @@ def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
         facilities=parse_facilities(facilities_raw, env.problems),
         partners=parse_partners(partners_raw, env.problems),
         compliance_pass_interval_s=env.float("NOTIFICATIONS_COMPLIANCE_PASS_S", 15.0, minimum=0.1),
+        processing_id=env.choice("NOTIFICATIONS_PROCESSING_ID", ("P", "T", "D"), "P"),
     )
     env.done()
     return settings

@@ -3,13 +3,16 @@ its own blueprints (Feature.blueprints()), e.g. lab results for staff and the FH
 
 Routes:
 - /healthz, /readyz                                  process and dependency checks
+- /metrics                                           Prometheus text (HL7 interface counters); the
+                                                     service port only, never routed by the gateway
 - /api/v1/lab/results/<order_id>          (staff)    a lab result in full; audited
 - /api/v1/partner/lab/<agency_id>/DiagnosticReport   (partner key) a FHIR R4 DiagnosticReport
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo.errors import PyMongoError
 
 from services.kit.http import create_app as create_flask_app
@@ -30,6 +33,10 @@ def health_blueprint(components: Components, ready_checks: dict) -> Blueprint:
         if failing:
             return error_response(503, "not_ready", f"not ready: {', '.join(failing)}")
         return {"status": "ready", "service": "notifications"}
+
+    @health.get("/metrics")
+    def metrics():
+        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
     return health
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pymongo.errors import PyMongoError
 
 from services.kit.errors import DomainError, Unavailable
-from services.notifications import hl7v2
+from services.notifications import hl7v2, interface_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,19 @@ Handler = Callable[[hl7v2.InboundMessage], None]
 
 
 class FrameTooLarge(Exception):
-    """A frame grew past the size limit before its end block arrived."""
+    """A frame grew past the size limit before its end block arrived; `head` is its beginning (the
+    MSH, so the refusal can still echo MSH-10)."""
+
+    def __init__(self, head: bytes = b""):
+        super().__init__("frame too large")
+        self.head = head
 
 
 class FrameDecoder:
     """Bytes in, complete frames out. Bytes outside a frame (the CR after an end block, line noise)
-    are dropped; a frame may arrive over many reads and several frames in one read."""
+    are dropped; a frame may arrive over many reads and several frames in one read. A start block
+    inside an unfinished frame begins a new frame: the unfinished one (a sender that gave up
+    mid-message and started over) is dropped and counted in `abandoned`."""
 
     def __init__(self, max_message_bytes: int):
         self.max_message_bytes = max_message_bytes
@@ -47,6 +54,7 @@ class FrameDecoder:
         self._in_frame = False
         # Bytes dropped since the last frame began (the CR after an end block, noise).
         self.dropped = 0
+        self.abandoned = 0
 
     def feed(self, data: bytes) -> list[bytes]:
         frames: list[bytes] = []
@@ -63,11 +71,18 @@ class FrameDecoder:
                 position = start + 1
                 continue
             end = data.find(END_BLOCK, position)
+            restart = data.find(START_BLOCK, position, len(view) if end == -1 else end)
+            if restart != -1:
+                self._buffer.clear()
+                self.abandoned += 1
+                position = restart + 1
+                continue
             chunk_end = len(view) if end == -1 else end
             if len(self._buffer) + chunk_end - position > self.max_message_bytes:
+                head = (bytes(self._buffer[:8192]) + bytes(view[position : position + 8192]))[:8192]
                 self._buffer.clear()
                 self._in_frame = False
-                raise FrameTooLarge()
+                raise FrameTooLarge(head)
             self._buffer += view[position:chunk_end]
             if end == -1:
                 break
@@ -88,10 +103,12 @@ def frame(payload: bytes) -> bytes:
 
 
 class MessageTypes:
-    """(message type, trigger event) -> handler: the one place a feature registers what it takes."""
+    """(message type, trigger event) -> handler: the one place a feature registers what it takes.
+    `processing_id` is this interface's MSH-11 (P in production): other messages are refused AR."""
 
-    def __init__(self) -> None:
+    def __init__(self, processing_id: str = "P") -> None:
         self.handlers: dict[tuple[str, str], Handler] = {}
+        self.processing_id = processing_id
 
     def register(self, message_type: str, trigger: str, handler: Handler) -> None:
         key = (message_type, trigger)
@@ -99,44 +116,63 @@ class MessageTypes:
             raise ValueError(f"{message_type}^{trigger} already has a handler")
         self.handlers[key] = handler
 
-    def acknowledge(self, raw: bytes) -> bytes:
-        """Handle one frame; the ACK to send back. Never raises."""
+    def acknowledge(self, raw: bytes) -> bytes | None:
+        """Handle one frame; the acknowledgement to send back, or None when the sender asked for
+        none in this case (enhanced mode, MSH-15 NE/ER/SU). Never raises."""
         try:
-            message = hl7v2.read_message(raw)
-            handler = self.handlers.get((message.header.message_type, message.header.trigger))
-            if handler is None:
-                known = {t for t, _ in self.handlers}
-                code = (
-                    hl7v2.UNSUPPORTED_EVENT_CODE
-                    if message.header.message_type in known
-                    else (hl7v2.UNSUPPORTED_MESSAGE_TYPE)
-                )
-                raise hl7v2.reject(code, "message type or trigger event not accepted here", "MSH^1^9").with_header(
-                    message.header
-                )
-            try:
-                handler(message)
-            except hl7v2.Hl7Rejection as rejection:
-                raise rejection.with_header(message.header) from None
-            except (PyMongoError, Unavailable) as exc:
-                log.warning("message not stored, outage", extra={"error_type": type(exc).__name__})
-                raise hl7v2.reject(
-                    hl7v2.APPLICATION_INTERNAL_ERROR, "temporarily unable to store the message; send it again"
-                ).with_header(message.header) from None
-            except DomainError as exc:
-                raise hl7v2.error(hl7v2.APPLICATION_INTERNAL_ERROR, exc.message).with_header(message.header) from None
-            except Exception:
-                log.exception("message handler failed", extra={"route": message.header.message_type})
-                raise hl7v2.reject(
-                    hl7v2.APPLICATION_INTERNAL_ERROR, "internal error; the message was not stored"
-                ).with_header(message.header) from None
-            return hl7v2.build_ack(message.header)
+            message = hl7v2.read_message(raw, processing_id=self.processing_id)
+            self._handle(message)
+            header, code, ack = message.header, hl7v2.ACCEPT, hl7v2.build_ack(message.header)
         except hl7v2.Hl7Rejection as rejection:
-            log.info(
-                "message refused",
-                extra={"code": f"{rejection.ack_code} {rejection.error_code}"},
+            header, code, ack = rejection.header, rejection.ack_code, hl7v2.rejection_ack(rejection)
+            log.info("message refused", extra={"code": f"{rejection.ack_code} {rejection.error_code}"})
+        return self._answer(header, code, ack)
+
+    def _handle(self, message: hl7v2.InboundMessage) -> None:
+        handler = self.handlers.get((message.header.message_type, message.header.trigger))
+        if handler is None:
+            known = {t for t, _ in self.handlers}
+            code = hl7v2.UNSUPPORTED_EVENT_CODE if message.header.message_type in known else (
+                hl7v2.UNSUPPORTED_MESSAGE_TYPE
             )
-            return hl7v2.rejection_ack(rejection)
+            raise hl7v2.reject(code, "message type or trigger event not accepted here", "MSH^1^9").with_header(
+                message.header
+            )
+        try:
+            handler(message)
+        except hl7v2.Hl7Rejection as rejection:
+            raise rejection.with_header(message.header) from None
+        except (PyMongoError, Unavailable) as exc:
+            log.warning("message not stored, outage", extra={"error_type": type(exc).__name__})
+            raise hl7v2.reject(
+                hl7v2.APPLICATION_INTERNAL_ERROR, "temporarily unable to store the message; send it again"
+            ).with_header(message.header) from None
+        except DomainError as exc:
+            raise hl7v2.error(hl7v2.APPLICATION_INTERNAL_ERROR, exc.message).with_header(message.header) from None
+        except Exception:
+            log.exception("message handler failed", extra={"route": message.header.message_type})
+            raise hl7v2.reject(
+                hl7v2.APPLICATION_INTERNAL_ERROR, "internal error; the message was not stored"
+            ).with_header(message.header) from None
+
+    @staticmethod
+    def _answer(header: hl7v2.Header | None, code: str, ack: bytes) -> bytes | None:
+        """Trace the message for the interface team (ids and codes, never content) and apply MSH-15."""
+        sent = header is None or header.wants_ack(code)
+        shown = hl7v2.COMMIT_CODES[code] if header is not None and header.enhanced_mode else code
+        message_type = f"{header.message_type}^{header.trigger}" if header is not None else ""
+        log.info(
+            "hl7 message acknowledged" if sent else "hl7 message handled, no acknowledgement requested",
+            extra={
+                "sending_facility": header.sending_facility if header else "",
+                "receiving_facility": header.receiving_facility if header else "",
+                "control_id": header.control_id if header else "",
+                "message_type": message_type,
+                "ack_code": shown,
+            },
+        )
+        interface_metrics.count_message(header.sending_facility if header else "", message_type, shown)
+        return ack if sent else None
 
 
 class MllpServer:
@@ -149,7 +185,7 @@ class MllpServer:
         self,
         host: str,
         port: int,
-        acknowledge: Callable[[bytes], bytes],
+        acknowledge: Callable[[bytes], bytes | None],
         *,
         max_message_bytes: int,
         max_connections: int,
@@ -211,10 +247,11 @@ class MllpServer:
                 last_byte = time.monotonic()
                 try:
                     frames = decoder.feed(data)
-                except FrameTooLarge:
+                except FrameTooLarge as too_large:
                     rejection = hl7v2.reject(
                         hl7v2.APPLICATION_INTERNAL_ERROR, f"message exceeds {self.max_message_bytes} bytes"
                     )
+                    rejection.header = hl7v2.sniff_header(too_large.head)
                     conn.sendall(frame(hl7v2.rejection_ack(rejection)))
                     log.warning("MLLP message too large, connection closed")
                     return
@@ -222,7 +259,9 @@ class MllpServer:
                     log.warning("MLLP connection sent bytes outside frames, closed")
                     return
                 for payload in frames:
-                    conn.sendall(frame(self.acknowledge(payload)))
+                    answer = self.acknowledge(payload)
+                    if answer is not None:
+                        conn.sendall(frame(answer))
         except OSError as exc:
             log.info("MLLP connection ended", extra={"error_type": type(exc).__name__})
         finally:

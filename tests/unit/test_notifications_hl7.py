@@ -106,12 +106,35 @@ def test_malformed_messages_are_refused_with_a_reason(text, ack_code, error):
     assert (caught.value.ack_code, caught.value.error_code) == (ack_code, error)
 
 
-def test_non_ascii_text_is_refused_and_the_ack_still_names_the_message():
-    raw = oru(control_id="UTF-1", patient="MRN-Zoë").encode("utf-8")
+def test_bytes_that_are_not_the_declared_charset_are_refused_naming_the_field():
+    text = oru(control_id="UTF-1", patient="MRN-Zoë").replace("|2.5.1", "|2.5.1||||||UNICODE UTF-8", 1)
+    raw = text.encode("latin-1")  # declared UTF-8, sent Latin-1
     with pytest.raises(hl7v2.Hl7Rejection) as caught:
         hl7v2.read_message(raw)
+    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == ("AE", "102", "PID^1^3")
     ack = hl7v2.rejection_ack(caught.value)
     assert msa(ack)[:2] == ("AE", "UTF-1")
+
+
+@pytest.mark.parametrize(
+    ("declared", "encoding"),
+    [("", "utf-8"), ("", "latin-1"), ("UNICODE UTF-8", "utf-8"), ("8859/1", "latin-1"), ("ISO IR100", "latin-1")],
+)
+def test_a_name_with_accents_reads_the_same_in_every_declared_charset(declared, encoding):
+    text = oru(control_id="UTF-2").replace("DOE^JANE^Q", "MUÑOZ^JOSÉ")
+    if declared:
+        text = text.replace("|2.5.1", f"|2.5.1||||||{declared}", 1)
+    message = hl7v2.read_message(text.encode(encoding))
+    assert str(message.message.segment("PID")(5)) == "MUÑOZ^JOSÉ"
+    assert message.header.charset == declared
+
+
+def test_an_unknown_charset_is_rejected_and_still_echoes_the_control_id():
+    raw = oru(control_id="CS-1").replace("|2.5.1", "|2.5.1||||||EBCDIC", 1).encode()
+    with pytest.raises(hl7v2.Hl7Rejection) as caught:
+        hl7v2.read_message(raw)
+    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == ("AR", "103", "MSH^1^18")
+    assert msa(hl7v2.rejection_ack(caught.value))[:2] == ("AR", "CS-1")
 
 
 # --- acknowledgements ------------------------------------------------------------------------------
@@ -123,7 +146,7 @@ def test_an_accept_echoes_the_control_id_and_swaps_the_parties():
     ack = parse_ack(raw)
     msh = ack.segment("MSH")
     assert raw.decode() == (
-        "MSH|^~\\&|BOARD|RIVERBEND|LABSYS|QUEST_LAB|20261126080000||ACK^R01^ACK|A1|P|2.5.1\rMSA|AA|CTRL-9\r"
+        "MSH|^~\\&|BOARD|RIVERBEND|LABSYS|QUEST_LAB|20261126080000+0000||ACK^R01^ACK|A1|P|2.5.1\rMSA|AA|CTRL-9\r"
     )
     assert str(msh(9)) == "ACK^R01^ACK"
     assert not [s for s in ack if str(s[0]) == "ERR"]
