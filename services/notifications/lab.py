@@ -2,21 +2,25 @@
 onto the boards of the agency's staff flagged Lab Result Notification, and the audited full view.
 
 Storage: one `lab_results` document per received (message, order). Its id is derived from the
-message's identity (HL7: sending facility + MSH-10 + the order's position; FHIR: partner, agency and
-the resource's digest), so the same message twice is stored once (the _id is unique) and answered AA
-both times. The document holds the full result sealed (kit crypto, per-agency key), the clear
+message's identity (HL7: sending facility + MSH-10 + a digest of its content + the order's
+position; FHIR: partner, agency and the resource's digest), so the same message twice is stored
+once (the _id is unique) and answered AA both times, while a sender reusing a control id for other
+content (common after an interface engine restarts) has that content stored, never acknowledged
+and dropped. The document holds the full result sealed (kit crypto, per-agency key), the clear
 fields needed to find and show it (order id, version, status, severity, recipients), and its
 `board_item.delivery_requested.v1` event (outbox): the write that stores the result is the write
 that asks for its delivery, and the ACK is sent after it. Every message about one order shares the
-order id (`source_ref`), so preliminary -> final -> corrected updates one board item (higher
-`source_version`, marked unread again).
+order id (`source_ref`; the order of one patient), so preliminary -> final -> corrected updates one
+board item (higher `source_version`: result status first, then time; marked unread again and moved
+to the top of the list).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
-import json
 import logging
+import zoneinfo
 
 from flask import Blueprint, g
 from pymongo import DESCENDING
@@ -25,8 +29,7 @@ from pymongo.errors import DuplicateKeyError
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.auth import Identity
 from services.kit.crypto import DecryptionError
-from services.kit.errors import DomainError, Unavailable
-from services.kit.http import error_response
+from services.kit.errors import Unavailable
 from services.kit.http import require_staff as staff_only
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
@@ -36,6 +39,7 @@ from services.notifications import audit, hl7v2
 from services.notifications.components import Feature
 from services.notifications.delivery import SEVERITIES, delivery_requested
 from services.notifications.fhir import body_digest, parse_report
+from services.notifications.fhir_errors import answer_errors_in_fhir
 from services.notifications.lab_domain import LabReport, board_summary, board_title
 from services.notifications.lab_hl7 import reports_from_oru
 from services.notifications.registrations import gateway_consumer
@@ -57,34 +61,17 @@ def digest(*parts: str) -> str:
 
 
 def order_id(agency_id: str, report: LabReport) -> str:
-    """One order, whatever its versions: the board item's source_ref and the full view's id."""
-    return "lab_" + digest(agency_id, report.origin, report.order_number)
+    """One order of one patient, whatever its versions: the board item's source_ref and the full
+    view's id. The patient is part of it: a result withdrawn from the wrong patient and sent again
+    under the right one (same order number) is two items, the withdrawal visible on the first."""
+    return "lab_" + digest(agency_id, report.origin, report.order_number, report.patient_ref)
 
 
 def result_id(message_key: str, index: int) -> str:
     return "lr_" + digest(message_key, str(index))
 
 
-def operation_outcome(exc: DomainError):
-    """A refusal on the FHIR route: the kit's error shape (stable `code`, `message`) that is also a
-    FHIR OperationOutcome, so a FHIR client reads it too."""
-    response = error_response(exc.http_status, exc.code, exc.message, exc.details)
-    body = response.get_json()
-    issue = {
-        "severity": "error",
-        "code": "not-found" if exc.http_status == 404 else "invalid",
-        "diagnostics": exc.message,
-    }
-    if exc.details.get("field"):
-        issue["expression"] = [str(exc.details["field"])]
-    body.update({"resourceType": "OperationOutcome", "issue": [issue]})
-    response.set_data(json.dumps(body))
-    return response
-
-
 def iso(ms: int) -> str:
-    import datetime as dt
-
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -104,12 +91,27 @@ class LabResults(Feature):
 
     # --- the two ways in ----------------------------------------------------------------------
     def handle_oru(self, message: hl7v2.InboundMessage) -> None:
-        header = message.header
-        agency_id = self.components.registrations.agency_for_facility(header.receiving_facility)
-        if agency_id is None:
+        facility = self.components.registrations.facility(message.header.receiving_facility)
+        if facility is None:
             raise hl7v2.reject(hl7v2.TABLE_VALUE_NOT_FOUND, "MSH-6 receiving facility is not registered", "MSH^1^6")
-        reports = reports_from_oru(message)
-        self.store(agency_id, reports, f"hl7\x1f{header.sending_facility}\x1f{header.control_id}")
+        reports = reports_from_oru(
+            message,
+            patient_id_type=facility.patient_id_type,
+            patient_id_authority=facility.patient_id_authority,
+            zone=self._zone(facility.agency_id, facility.time_zone),
+        )
+        self.store(facility.agency_id, reports, message.message_key)
+
+    def _zone(self, agency_id: str, facility_zone: str) -> dt.tzinfo:
+        """Where unzoned HL7 times are read: the facility's registered zone, else the agency's."""
+        name = facility_zone
+        if not name:
+            with acting_as(self.components.service_tokens.identity(agency_id)):
+                name = self.components.directory.agency_settings(agency_id).time_zone
+        try:
+            return zoneinfo.ZoneInfo(name or "UTC")
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return dt.UTC
 
     def receive_fhir(self, consumer: str, agency_id: str, body: dict) -> tuple[dict, int]:
         agency_id = self.components.registrations.partner_agency(consumer, agency_id)
@@ -124,11 +126,13 @@ class LabResults(Feature):
         """Store each report with its delivery request; (result id, newly stored) for each. A repeat
         of a stored message changes nothing."""
         with acting_as(self.components.service_tokens.identity(agency_id)):
-            recipients = self.components.directory.lab_recipients(agency_id)
+            flagged = self.components.directory.lab_recipients(agency_id)
+            ordering = self._ordering_providers(agency_id, reports)
         stored = []
         for index, report in enumerate(reports):
             rid = result_id(message_key, index)
             oid = order_id(agency_id, report)
+            recipients = list(dict.fromkeys([*flagged, *ordering.get(index, [])]))
             received = now_ms()
             doc = {
                 "_id": rid,
@@ -155,6 +159,18 @@ class LabResults(Feature):
                 extra={"agency_id": agency_id, "item_id": oid, "recipients": len(recipients)},
             )
         return stored
+
+    def _ordering_providers(self, agency_id: str, reports: list[LabReport]) -> dict[int, list[str]]:
+        """Report index -> the staff who ordered it, when the agency asks that they be told too."""
+        if not any(r.ordering_providers for r in reports):
+            return {}
+        if not self.components.directory.agency_settings(agency_id).notify_ordering_provider_of_results:
+            return {}
+        return {
+            index: self.components.directory.staff_ids_for_providers(list(report.ordering_providers))
+            for index, report in enumerate(reports)
+            if report.ordering_providers
+        }
 
     def _delivery(self, report: LabReport, oid: str, rid: str, recipients: list[str]) -> inbox_pb2.DeliverItemRequest:
         url = f"{self.components.settings.public_url}/api/v1/lab/results/{oid}"
@@ -220,9 +236,15 @@ class LabResults(Feature):
                     "flags": list(o.flags),
                     "status": o.status,
                     "severity": o.severity,
+                    "comments": list(o.comments),
+                    "retracted": o.retracted,
+                    "absent_reason": o.absent_reason,
                 }
                 for o in report.observations
             ],
+            "comments": list(report.comments),
+            "retracted": report.retracted,
+            "patient_name": report.patient_name,
         }
 
     # --- HTTP -----------------------------------------------------------------------------------
@@ -235,7 +257,7 @@ class LabResults(Feature):
             return self.view(g.identity, path_id(result, "lab result"))
 
         partner = Blueprint("lab_partner", __name__, url_prefix="/api/v1/partner/lab")
-        partner.register_error_handler(DomainError, operation_outcome)
+        answer_errors_in_fhir(partner)
 
         @partner.post("/<agency_id>/DiagnosticReport")
         def diagnostic_report(agency_id: str):

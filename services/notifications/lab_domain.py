@@ -12,7 +12,9 @@ A result's severity is the worst of its observations' flags.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 from services.kit.mongo import now_ms
@@ -46,6 +48,7 @@ FHIR_STATUSES = {
     "corrected": "corrected",
     "appended": "amended",
     "cancelled": "cancelled",
+    "entered-in-error": "retracted",
 }
 
 
@@ -71,9 +74,18 @@ class Observation:
     reference_range: str
     flags: tuple[str, ...]
     status: str
+    # Comments that belong to the value (HL7 NTE after the OBX, FHIR Observation.note).
+    comments: tuple[str, ...] = ()
+    # Why the value is withdrawn ("" = valid): HL7 OBX-11 W or D, FHIR status entered-in-error.
+    # A withdrawn value is never shown nor counted: only the reason is.
+    retracted: str = ""
+    # Why there is no value (FHIR dataAbsentReason), shown in its place.
+    absent_reason: str = ""
 
     @property
     def severity(self) -> str:
+        if self.retracted:
+            return INFO
         return worst(flag_severity(f) for f in self.flags) if self.flags else INFO
 
 
@@ -89,11 +101,23 @@ class LabReport:
     status: str
     observed_at: str
     observations: tuple[Observation, ...] = field(repr=False)
-    # Increases with every newer version of the same order's result (epoch ms of its time).
+    # Increases with every newer version of the same order's result: see `version_of`.
     version: int = 0
+    # Comments on the whole order (HL7 NTE after the OBR, FHIR DiagnosticReport.conclusion).
+    comments: tuple[str, ...] = field(default=(), repr=False)
+    # Why the whole result is withdrawn ("" = valid): FHIR entered-in-error, or every OBX W/D.
+    retracted: str = ""
+    # Who ordered it, as "npi:<10 digits>" or "staff:<directory id>" (OBR-16, ORC-12; FHIR basedOn
+    # requester is not read): told of the result when the agency option asks for it.
+    ordering_providers: tuple[str, ...] = field(default=(), repr=False)
+    # The patient's name as the sender wrote it (PID-5 "family, given"; FHIR subject.display): full
+    # view only, never on a board.
+    patient_name: str = field(default="", repr=False)
 
     @property
     def severity(self) -> str:
+        if self.retracted:
+            return INFO
         return worst(o.severity for o in self.observations)
 
     @property
@@ -107,9 +131,19 @@ class LabReport:
 
     @classmethod
     def from_json(cls, text: str) -> LabReport:
+        """A stored report; those stored before comments and retractions existed read as without."""
         data = json.loads(text)
-        observations = tuple(Observation(**{**o, "flags": tuple(o["flags"])}) for o in data.pop("observations"))
+        observations = tuple(
+            Observation(**{**o, "flags": tuple(o["flags"]), "comments": tuple(o.get("comments") or ())})
+            for o in data.pop("observations")
+        )
+        data["comments"] = tuple(data.get("comments") or ())
+        data["ordering_providers"] = tuple(data.get("ordering_providers") or ())
         return cls(**data, observations=observations)
+
+    @property
+    def retracted_count(self) -> int:
+        return sum(1 for o in self.observations if o.retracted)
 
 
 def board_title(report: LabReport) -> str:
@@ -119,6 +153,8 @@ def board_title(report: LabReport) -> str:
 
 def board_summary(report: LabReport) -> str:
     """Minimum necessary: the patient reference and the abnormal flags, counted; no value."""
+    if report.retracted:
+        return f"Patient {report.patient_ref}: result withdrawn ({report.retracted})"[:1000]
     abnormal, urgent = report.counts
     if urgent:
         flags = f"{urgent} critical" + (f", {abnormal} abnormal" if abnormal else "")
@@ -126,20 +162,20 @@ def board_summary(report: LabReport) -> str:
         flags = f"{abnormal} abnormal"
     else:
         flags = "no abnormal flags"
+    if report.retracted_count:
+        flags += f"; {report.retracted_count} withdrawn"
     return f"Patient {report.patient_ref}: {flags}"[:1000]
 
 
-def hl7_time_ms(value: str) -> int | None:
-    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S...]]]]]][+/-ZZZZ]) as epoch ms; None when unreadable."""
-    import datetime as dt
-    import re
-
+def hl7_time_ms(value: str, zone: dt.tzinfo = dt.UTC) -> int | None:
+    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S...]]]]]][+/-ZZZZ]) as epoch ms; None when unreadable.
+    Without an offset the time is the sender's local time: `zone` (the facility's or agency's)."""
     match = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?", value.strip())
     if not match:
         return None
     year, month, day, hour, minute, second, fraction, offset = match.groups()
     try:
-        tz = dt.UTC
+        tz = zone
         if offset:
             sign = 1 if offset[0] == "+" else -1
             tz = dt.timezone(sign * dt.timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5])))
@@ -158,6 +194,25 @@ def hl7_time_ms(value: str) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
-def version_of(*times_ms: int | None) -> int:
-    """The first known time, else now: a newer message about the same order has a higher version."""
-    return next((t for t in times_ms if t), now_ms())
+# How far a result has come (HL7 table 0123 / FHIR DiagnosticReport.status): a version of a result
+# never replaces one further along, whatever the times say. A correction or a withdrawal replaces a
+# final; among equals the later time wins.
+STATUS_RANK = {
+    "pending": 0,
+    "preliminary": 1,
+    "partial": 1,
+    "unverified": 1,
+    "final": 2,
+    "cancelled": 2,
+    "corrected": 3,
+    "amended": 3,
+    "retracted": 3,
+}
+_RANK_SPAN = 10**13  # above any epoch ms of this millennium
+
+
+def version_of(status: str, *times_ms: int | None) -> int:
+    """The version of one message about an order: its status's rank, then the first known time (else
+    now). A higher version replaces a lower one on the boards and in the full view."""
+    moment = next((t for t in times_ms if t), now_ms())
+    return STATUS_RANK.get(status, 1) * _RANK_SPAN + max(0, min(moment, _RANK_SPAN - 1))

@@ -5,6 +5,7 @@ with the full result behind an audited view."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -219,7 +220,17 @@ def white_staff(login):
 
 MALFORMED = [
     (b"this is not an HL7 message", "AR", "", "100"),
-    (oru(control_id="BAD-UTF", patient="MRN-Zoë").encode("utf-8"), "AE", "BAD-UTF", "102"),
+    # Declared UTF-8, sent as Latin-1 (a Windows sender's habit): the bytes do not decode.
+    (
+        oru(control_id="BAD-UTF", patient="MRN-Zoë")
+        .replace("|2.5.1", "|2.5.1||||||UNICODE UTF-8", 1)
+        .encode("latin-1"),
+        "AE",
+        "BAD-UTF",
+        "102",
+    ),
+    (oru(control_id="BAD-CS").replace("|2.5.1", "|2.5.1||||||EBCDIC-US", 1).encode(), "AR", "BAD-CS", "103"),
+    (oru(control_id="TRAINING").replace("|P|2.5.1", "|T|2.5.1", 1).encode(), "AR", "TRAINING", "202"),
     (oru(control_id="BAD-ENC").replace("MSH|^~\\&|", "MSH|^^\\&|", 1).encode(), "AR", "BAD-ENC", "102"),
     (oru(control_id="BAD-FAC", receiving_facility="NOWHERE").encode(), "AR", "BAD-FAC", "103"),
     (oru(control_id="BAD-PID").replace("PID|1||MRN48213^^^RIVERBEND^MR", "PID|1||").encode(), "AE", "BAD-PID", "101"),
@@ -414,8 +425,12 @@ def test_results_are_sealed_at_rest_and_never_logged(mllp, stack, notifications_
         assert mrn not in raw and "Platelets" not in raw and "11.8" not in raw
         assert isinstance(doc["report"], bytes)
     logs = (stack.logs / "notifications.log").read_text()
-    assert mrn not in logs and "CBC panel" not in logs and control_id not in logs
+    assert mrn not in logs and "CBC panel" not in logs and "DOE" not in logs and "Platelets" not in logs
     assert "lab result stored" in logs
+    # The interface team traces a message by its ids and the ACK it got, never by its content.
+    (trace,) = [json.loads(line) for line in logs.splitlines() if f'"{control_id}"' in line]
+    assert trace["sending_facility"] == "QUEST_LAB" and trace["receiving_facility"] == "RIVERBEND"
+    assert trace["message_type"] == "ORU^R01" and trace["ack_code"] == "AA"
 
 
 def test_health_and_readiness(stack):
