@@ -27,7 +27,8 @@ def json_body() -> dict:
         raise UnsupportedMediaType("unsupported_media_type", "the request body must be application/json")
     try:
         body = request.get_json(force=False, silent=False)
-    except BadRequest as exc:
+    except (BadRequest, RecursionError, ValueError) as exc:
+        # RecursionError: deeply nested arrays or objects exhaust the parser's stack before it fails.
         raise InvalidInput("malformed_json", "the request body is not valid JSON") from exc
     if not isinstance(body, dict):
         raise InvalidInput("invalid_body", "the request body must be a JSON object")

@@ -13,6 +13,13 @@ are not staff and are ignored; a participant that `declined` is not linked.
 Who made the change: the extension
 `{"url": CHANGED_BY_URL, "valueReference": {"reference": "Practitioner/<staff id>"}}` on the
 Appointment (FHIR's place for facts the base resource lacks); that staff member is not told.
+
+Before reading: no more than fhir_errors.MAX_DEPTH levels of nesting (`too_deep`), no NaN or
+Infinity and no text that is not Unicode (`invalid_type`). After reading: the whole resource
+against the fhir.resources R4B Appointment model (nested element names, JSON shapes, primitive
+formats), except `id` (ours allows "_", see FHIR_ID) and R4's minimum cardinalities (participant
+1..*, participant.status 1..1), which senders we take omit and which we check ourselves where we
+need them.
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fhir.resources.R4B.appointment import Appointment
+
 from services.kit.errors import InvalidInput
 from services.kit.validation import ID_PATTERN, instant_ms
 from services.notifications import schedule
+from services.notifications.fhir_errors import check_json, check_model
 
 CHANGED_BY_URL = "https://clinic-board.example/fhir/StructureDefinition/changed-by"
 # FHIR ids are [A-Za-z0-9\-\.]{1,64}; directory ids also hold "_" (stf_riverbend_patel), which
@@ -106,6 +116,7 @@ def reference(value: Any, path: str) -> tuple[str, str]:
 def parse(resource: Any, system: str, path_id: str | None = None) -> schedule.AppointmentChange:
     """The Appointment as a change; InvalidInput (400, stable code) for anything malformed."""
     resource = _object(resource, "body")
+    check_json(resource)
     unknown = sorted(k for k in resource if k not in R4_ELEMENTS)
     if unknown:
         raise _bad("unknown_field", f"unknown field: {unknown[0][:60]}", unknown[0][:60])
@@ -145,6 +156,9 @@ def parse(resource: Any, system: str, path_id: str | None = None) -> schedule.Ap
             patient_ref = ident
         elif kind == "Location":
             location = _string(participant["actor"], f"{path}.actor.", "display") or ident
+    actor, visit, message_key = changed_by(resource), visit_type(resource), _version_key(resource)
+    # Read first, so what we read keeps its own codes; the model judges the rest.
+    check_model(Appointment, {k: v for k, v in resource.items() if k != "id"}, required=False)
     return schedule.AppointmentChange(
         system=system,
         appointment_id=appointment_id,
@@ -153,11 +167,11 @@ def parse(resource: Any, system: str, path_id: str | None = None) -> schedule.Ap
         end_ms=end,
         staff_ids=tuple(dict.fromkeys(staff)),
         team_ids=tuple(dict.fromkeys(teams)),
-        actor_staff_id=changed_by(resource),
+        actor_staff_id=actor,
         patient_ref=patient_ref,
-        visit_type=visit_type(resource),
+        visit_type=visit,
         location=location,
-        message_key=_version_key(resource),
+        message_key=message_key,
     )
 
 
