@@ -14,6 +14,7 @@ reads again. The HL7 ACK (AA) or the HTTP answer is sent after that write.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from flask import Blueprint
 from pymongo.errors import DuplicateKeyError
@@ -26,6 +27,7 @@ from services.kit.validation import json_body
 from services.notifications import fhir_appointment, hl7v2, schedule, siu
 from services.notifications.components import Feature
 from services.notifications.delivery import delivery_requested
+from services.notifications.fhir_errors import answer_errors_in_fhir
 from services.notifications.registrations import gateway_consumer
 from services.notifications.schedule import AgencyView, Appointment, AppointmentChange
 
@@ -52,6 +54,7 @@ def _appointment(doc: dict) -> Appointment:
         notified_ids=tuple(doc.get("notified_ids") or ()),
         recent_keys=tuple(doc.get("recent_keys") or ()),
         digest=doc.get("digest", ""),
+        npis=tuple(doc.get("npis") or ()),
     )
 
 
@@ -69,8 +72,21 @@ def _fields(appointment: Appointment, now: int) -> dict:
         "notified_ids": list(appointment.notified_ids),
         "recent_keys": list(appointment.recent_keys),
         "digest": appointment.digest,
+        "npis": list(appointment.npis),
         "updated_at": now,
     }
+
+
+def unknown_field(change: AppointmentChange, refused: InvalidInput) -> str:
+    """The HL7 field that named the first resource directory does not know (AIP^1^3 when unsaid,
+    e.g. a bare cancellation naming the staff we knew)."""
+    fields = dict(change.resource_fields)
+    details = refused.details or {}
+    for kind, key in (("staff", "staff_ids"), ("team", "team_ids"), ("npi", "npis")):
+        for value in details.get(key) or ():
+            if f"{kind}:{value}" in fields:
+                return fields[f"{kind}:{value}"]
+    return "AIP^1^3"
 
 
 class ScheduleNotifications(Feature):
@@ -91,11 +107,19 @@ class ScheduleNotifications(Feature):
             raise hl7v2.reject(hl7v2.TABLE_VALUE_NOT_FOUND, "MSH-6 receiving facility is not registered", "MSH^1^6")
         with acting_as(self.components.service_tokens.identity(agency_id)):
             agency = self.agency_view(agency_id)
-            change = siu.parse(message, agency.time_zone)
+            change = self.actor_by_npi(siu.parse(message, agency.time_zone))
             try:
                 self.apply(agency_id, change, agency)
             except InvalidInput as exc:
-                raise hl7v2.error(hl7v2.TABLE_VALUE_NOT_FOUND, exc.message, "AIP^1^3") from exc
+                raise hl7v2.error(hl7v2.TABLE_VALUE_NOT_FOUND, exc.message, unknown_field(change, exc)) from exc
+
+    def actor_by_npi(self, change: AppointmentChange) -> AppointmentChange:
+        """The change with its maker's staff id when the sender named them by NPI (an NPI the agency
+        does not have, or an inactive holder's, names nobody: everyone linked is told)."""
+        if not change.actor_npi or change.actor_staff_id:
+            return change
+        found = list(self.components.directory.resolve([], [], [change.actor_npi]).staff_ids)
+        return replace(change, actor_staff_id=found[0]) if len(found) == 1 else change
 
     def receive_fhir(self, consumer: str, agency_id: str, appointment_id: str, body: object) -> tuple[dict, int]:
         agency_id = self.components.registrations.partner_agency(consumer, agency_id)
@@ -124,19 +148,20 @@ class ScheduleNotifications(Feature):
         return _appointment(doc) if doc else None
 
     def linked_staff(self, previous: Appointment | None, change: AppointmentChange) -> list[str]:
-        """The active staff the change links; InvalidInput `unknown_staff` for ids the agency lacks."""
-        staff_ids = change.staff_ids if change.staff_ids is not None else (previous.staff_ids if previous else ())
-        team_ids = change.team_ids if change.team_ids is not None else (previous.team_ids if previous else ())
-        if not staff_ids and not team_ids:
+        """The active staff the change links (by id, team or NPI: one directory call);
+        InvalidInput `unknown_staff` for ids or NPIs the agency lacks."""
+        staff_ids, team_ids, npis = schedule.linked_resources(previous, change)
+        if not staff_ids and not team_ids and not npis:
             return []
-        resolution = self.components.directory.resolve(list(staff_ids), list(team_ids))
-        if resolution.missing_staff_ids or resolution.missing_team_ids:
+        resolution = self.components.directory.resolve(list(staff_ids), list(team_ids), list(npis))
+        if resolution.missing_staff_ids or resolution.missing_team_ids or resolution.missing_npis:
+            details = {"staff_ids": list(resolution.missing_staff_ids), "team_ids": list(resolution.missing_team_ids)}
+            if resolution.missing_npis:
+                details["npis"] = list(resolution.missing_npis)
             raise InvalidInput(
-                "unknown_staff",
-                "the appointment names staff or teams that are not in this agency",
-                {"staff_ids": list(resolution.missing_staff_ids), "team_ids": list(resolution.missing_team_ids)},
+                "unknown_staff", "the appointment names staff, NPIs or teams that are not in this agency", details
             )
-        return resolution.staff_ids
+        return list(resolution.staff_ids)
 
     def apply(self, agency_id: str, change: AppointmentChange, agency: AgencyView) -> tuple[Appointment, bool, list]:
         """Store the change with its delivery; (appointment, created, staff told)."""
@@ -160,7 +185,8 @@ class ScheduleNotifications(Feature):
                 guard = {"_id": eq(doc_id), "version": eq(previous.version)}
                 if not self.appointments.update_one(guard, with_outbox({"$set": fields}, events)).matched_count:
                     continue
-            told = list(result.delivery.recipients.staff_ids) if result.delivery is not None else []
+            recipients = result.delivery.recipients.staff_ids if result.delivery is not None else []
+            told = schedule.told(recipients, change.actor_staff_id)
             log.info(
                 "appointment change stored",
                 extra={"agency_id": agency_id, "item_id": doc_id, "recipients": len(told)},
@@ -171,6 +197,7 @@ class ScheduleNotifications(Feature):
     # --- HTTP -----------------------------------------------------------------------------------
     def blueprints(self) -> list:
         partner = Blueprint("schedule_partner", __name__, url_prefix="/api/v1/partner/schedule")
+        answer_errors_in_fhir(partner)
 
         @partner.put("/<agency_id>/Appointment/<appointment_id>")
         def appointment(agency_id: str, appointment_id: str):

@@ -6,14 +6,15 @@ become one `AppointmentChange`; `plan()` compares it with what we knew of the ap
 decides what the linked staff's boards must show.
 
 Decisions (also in the service README):
-- Linked staff are the staff the appointment names (SIU AIP-3, and AIG-3 when AIG-4 says STAFF;
-  a TEAM there names a directory team, whose members are linked; other general resources such as
-  rooms and equipment are not people). A message that names no resources at all (a bare S15
-  cancellation) keeps the staff we knew.
+- Linked staff are the staff the appointment names (SIU AIP-3, and AIG-3 when AIG-4 says STAFF,
+  each by directory id or by NPI; a TEAM there names a directory team, whose members are linked;
+  other general resources such as rooms and equipment are not people). A message that names no
+  resources at all (a bare S15 cancellation) keeps the staff (and NPIs) we knew.
 - Nobody is told while the agency option *Notify Linked Staff on Scheduled Event Creation/Edit*
   is off; the appointment is still recorded, so a later edit knows the time it moved from.
 - The staff member who made the change (SIU EVN-5, else SCH-20; FHIR: the changed-by extension)
-  is never told of it.
+  is never told of it: no new item, not unread again. One who already holds the appointment's
+  item keeps it (inbox updates its text and leaves its read state alone, see `actor_staff_id`).
 - One board item per appointment (source_ref = the appointment): an edit updates it (new time,
   unread again); a cancellation, deletion or no-show keeps it on the boards, unread, saying so,
   because a clinic expects to learn that a visit is off; staff no longer linked lose it.
@@ -70,8 +71,9 @@ class AppointmentChange:
     """One message or resource about an appointment, as the source system said it.
 
     `staff_ids` / `team_ids` are None when the message named no resources (keep the ones we
-    knew). Times are epoch ms (None: not given). `patient_ref`, `visit_type` and `location` are
-    shown to the linked staff and never logged."""
+    knew, `npis` included). `npis` are providers named by NPI (directory resolves them to staff).
+    Times are epoch ms (None: not given). `patient_ref`, `visit_type` and `location` are shown to
+    the linked staff and never logged."""
 
     system: str
     appointment_id: str
@@ -86,6 +88,12 @@ class AppointmentChange:
     location: str = field(default="", repr=False)
     # The message's own identity (sending facility + MSH-10, or a request id): a repeat changes nothing.
     message_key: str = ""
+    npis: tuple[str, ...] = ()
+    # The change's maker named by NPI (SIU EVN-5 / SCH-20), resolved to actor_staff_id before plan().
+    actor_npi: str = ""
+    # Where the message named each resource ("staff:<id>", "team:<id>", "npi:<n>" -> e.g. "AIP^2^3"),
+    # so a refusal can name the field.
+    resource_fields: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,8 @@ class Appointment:
     recent_keys: tuple[str, ...] = ()
     # Digest of what the last change said (see change_digest): the same again is a repeat.
     digest: str = ""
+    # Providers linked by NPI (public identifiers, not PHI), resolved again with every change.
+    npis: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,7 @@ def plan(  # noqa: PLR0913 - the change and everything it is judged against
     keys = (*(previous.recent_keys if previous else ()), change.message_key) if change.message_key else ()
     start = change.start_ms if change.start_ms is not None else (previous.start_ms if previous else None)
     end = change.end_ms if change.end_ms is not None else (previous.end_ms if previous else None)
-    staff_ids = change.staff_ids if change.staff_ids is not None else (previous.staff_ids if previous else ())
-    team_ids = change.team_ids if change.team_ids is not None else (previous.team_ids if previous else ())
+    staff_ids, team_ids, npis = linked_resources(previous, change)
     state = event if event != ATTENDED else (previous.state if previous else BOOKED)
     stored = Appointment(
         id=doc_id,
@@ -183,10 +192,11 @@ def plan(  # noqa: PLR0913 - the change and everything it is judged against
         notified_ids=previous.notified_ids if previous else (),
         recent_keys=tuple(keys[-RECENT_KEYS:]),
         digest=digest,
+        npis=tuple(npis),
     )
     if event == ATTENDED or not agency.notify_linked_staff:
         return Plan(stored, None)
-    recipients = [s for s in dict.fromkeys(linked_staff) if s != change.actor_staff_id]
+    recipients = keepers(linked_staff, change.actor_staff_id, stored.notified_ids)
     if not recipients:
         if not stored.notified_ids:
             return Plan(stored, None)
@@ -214,6 +224,29 @@ def plan(  # noqa: PLR0913 - the change and everything it is judged against
     return Plan(replace(stored, notified_ids=tuple(recipients)), delivery)
 
 
+def linked_resources(
+    previous: Appointment | None, change: AppointmentChange
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(staff ids, team ids, NPIs) the appointment links after the change: what it names, or what
+    we knew when it names no resources at all."""
+    known = previous or Appointment("", "", "", "", 0, BOOKED, None, None, (), ())
+    team_ids = change.team_ids if change.team_ids is not None else known.team_ids
+    if change.staff_ids is None:
+        return known.staff_ids, team_ids, known.npis
+    return tuple(change.staff_ids), tuple(team_ids), tuple(change.npis)
+
+
+def keepers(linked_staff: list[str], actor_staff_id: str, holders: tuple[str, ...]) -> list[str]:
+    """Who the delivery names: the linked staff, but the change's maker only when they already hold
+    the item (they keep it, untold); never a new item for their own change."""
+    return [s for s in dict.fromkeys(linked_staff) if s != actor_staff_id or s in holders]
+
+
+def told(recipients: list[str] | tuple[str, ...], actor_staff_id: str) -> list[str]:
+    """The recipients who learn of the change: everyone but its maker."""
+    return [s for s in recipients if s != actor_staff_id]
+
+
 def change_digest(doc_id: str, event: str, change: AppointmentChange) -> str:
     """What a change says, as a digest salted with the appointment: a partner sending the same
     resource again (a retry after a timeout) changes nothing and tells nobody twice."""
@@ -229,6 +262,9 @@ def change_digest(doc_id: str, event: str, change: AppointmentChange) -> str:
         change.visit_type,
         change.location,
     ]
+    if change.npis or change.actor_npi:
+        # Only messages naming NPIs say more, so digests stored before NPIs existed still match.
+        said += [",".join(change.npis), change.actor_npi]
     return hashlib.sha256("\x1f".join(said).encode()).hexdigest()
 
 

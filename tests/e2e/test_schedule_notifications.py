@@ -1,6 +1,7 @@
-"""Schedule Notifications end to end: SIU S12/S14/S15 over MLLP (python-hl7's own MLLPClient, ACKs
-read with python-hl7) and FHIR Appointments through the gateway, onto the boards of exactly the
-staff linked to the appointment, never the one who made the change."""
+"""Schedule Notifications end to end: SIU S12/S13/S14/S15 over MLLP (python-hl7's own MLLPClient,
+ACKs read with python-hl7) and FHIR Appointments through the gateway, onto the boards of exactly the
+staff linked to the appointment (by directory id or NPI); the one who made the change is never told
+of it and keeps the item they already had."""
 
 from __future__ import annotations
 
@@ -144,6 +145,101 @@ def test_unknown_staff_are_refused_with_ae_and_the_listener_keeps_serving(mllp, 
     assert str(refused.segment("ERR")(3)).startswith("103")
     fine = ack(mllp, siu("S12", appointment, control=f"{appointment}-2"))
     assert str(fine.segment("MSA")(1)) == "AA"
+
+
+# --- as practice-management systems write them: NPIs, several resources, D on a cancel, the operator
+
+
+def providers(action: str = "A") -> list[str]:
+    """Dr. Reyes by NPI (XCN-13), Dr. Chen by NPI (assigning authority OID only), Kim by directory id."""
+    return [
+        "AIS|1||FOLLOWUP^Follow-up visit^LOCAL",
+        f"AIL|1|{action}|OP^Room 2^^RIVERBEND",
+        f"AIP|1|{action}|1234567893^REYES^ELENA^^^DR^^^NPI&2.16.840.1.113883.4.6&ISO^L^^^NPI|PRESCRIBER",
+        f"AIP|2|{action}|1498263056^CHEN^WEI^^^DR^^^&2.16.840.1.113883.4.6&ISO|PRESCRIBER",
+        f"AIP|3|{action}|stf_riverbend_kim^KIM^JORDAN|NURSE",
+    ]
+
+
+def test_providers_named_by_npi_are_told_and_a_cancel_marking_every_resource_deleted_keeps_their_items(
+    mllp, reyes, chen, kim
+):
+    appointment = "APPT-" + uuid.uuid4().hex[:8]
+    ref = hl7_ref(RIVERBEND, appointment)
+    booked = ack(mllp, siu("S12", appointment, control=f"{appointment}-1", resources=providers()))
+    assert str(booked.segment("MSA")(1)) == "AA"
+    items = {who.staff_id: wait_until(lambda who=who: the_item(who, ref), timeout=15) for who in (reyes, chen, kim)}
+    assert all(i["status"] == "booked" for i in items.values())
+    assert reyes.post(f"/api/v1/board/items/{items[reyes.staff_id]['id']}/read").status_code in (200, 204)
+
+    # Senders mark every resource D on a cancellation: those are the staff to tell, not staff taken off.
+    cancelled = ack(mllp, siu("S15", appointment, control=f"{appointment}-2", resources=providers("D")))
+    assert str(cancelled.segment("MSA")(1)) == "AA"
+    for who in (reyes, chen, kim):
+        item = wait_until(lambda who=who: (i := the_item(who, ref)) and i["status"] == "cancelled" and i, timeout=15)
+        assert item["id"] == items[who.staff_id]["id"] and not item["read"]
+        assert item["title"].startswith("Appointment cancelled: Wed 2 Dec 2026, 10:00")
+
+
+def test_the_operator_on_the_appointment_keeps_the_item_they_had_without_being_told(mllp, login, kim):
+    patel = login("therapist.patel")
+    appointment = "APPT-" + uuid.uuid4().hex[:8]
+    ref = hl7_ref(RIVERBEND, appointment)
+    on_it = ["AIP|1||stf_riverbend_patel^PATEL^PRIYA|THERAPIST", "AIP|2||stf_riverbend_kim^KIM^JORDAN|NURSE"]
+    ack(mllp, siu("S12", appointment, control=f"{appointment}-1", resources=on_it))
+    first = wait_until(lambda: the_item(patel, ref), timeout=15)
+    assert patel.post(f"/api/v1/board/items/{first['id']}/read").status_code in (200, 204)
+    unread_before = patel.counts("schedule")[0]
+
+    # Patel moves it herself (EVN-5 and SCH-20 name her); times without an offset are Riverbend's (Chicago).
+    moved = ack(mllp, siu("S13", appointment, control=f"{appointment}-2", resources=on_it,
+                          start="20261202140000", end="20261202145000", operator="stf_riverbend_patel"))  # fmt: skip
+    assert str(moved.segment("MSA")(1)) == "AA"
+    told = wait_until(lambda: (i := the_item(kim, ref)) and i["status"] == "rescheduled" and i, timeout=15)
+    assert told["title"].startswith("Appointment rescheduled: Wed 2 Dec 2026, 14:00–14:50 CST") and not told["read"]
+    kept = wait_until(lambda: (i := the_item(patel, ref)) and i["status"] == "rescheduled" and i, timeout=15)
+    assert kept["id"] == first["id"] and kept["read"]  # her item, updated, still read: not told of her own change
+    assert patel.counts("schedule")[0] == unread_before
+
+    # A new appointment she books for herself and Kim: only Kim gets an item.
+    other = "APPT-" + uuid.uuid4().hex[:8]
+    other_ref = hl7_ref(RIVERBEND, other)
+    ack(mllp, siu("S12", other, control=f"{other}-1", resources=on_it, operator="stf_riverbend_patel"))
+    wait_until(lambda: the_item(kim, other_ref), timeout=15)
+    assert the_item(patel, other_ref) is None
+
+
+def test_an_npi_the_agency_does_not_have_is_refused_with_ae_naming_the_field(mllp):
+    appointment = "APPT-" + uuid.uuid4().hex[:8]
+    lakeside_provider = "AIP|2|A|1987654328^RAMIREZ^LUIS^^^DR^^^^^^^NPI|PRESCRIBER"  # Lakeside's Dr. Ramirez
+    refused = ack(mllp, siu("S12", appointment, control=f"{appointment}-1",
+                            resources=["AIP|1|A|stf_riverbend_kim^KIM^JORDAN|NURSE", lakeside_provider]))  # fmt: skip
+    assert str(refused.segment("MSA")(1)) == "AE"
+    assert str(refused.segment("ERR")(2)) == "AIP^2^3" and str(refused.segment("ERR")(3)).startswith("103")
+    bad_check_digit = "AIP|1|A|1234567890^REYES^^^^^^^^^^^NPI|PRESCRIBER"
+    refused = ack(mllp, siu("S12", appointment, control=f"{appointment}-2", resources=[bad_check_digit]))
+    assert str(refused.segment("MSA")(1)) == "AE" and str(refused.segment("ERR")(3)).startswith("102")
+
+
+def test_an_npi_an_admin_gives_a_staff_member_names_them_in_siu_messages(mllp, login, admin, reyes):
+    nguyen = login("therapist.nguyen")
+    member = "/api/v1/directory/staff/stf_riverbend_nguyen"
+    invalid = admin.patch(member, json={"npi": "1245319590"})
+    assert invalid.status_code == 400 and invalid.json()["code"] == "invalid_npi"
+    taken = admin.patch(member, json={"npi": "1234567893"})  # Dr. Reyes's
+    assert taken.status_code == 409 and taken.json()["code"] == "npi_taken"
+    assert reyes.patch(member, json={"npi": "1245319599"}).status_code == 403
+    given = admin.patch(member, json={"npi": "1245319599"})
+    assert given.status_code == 200 and given.json()["npi"] == "1245319599"
+    try:
+        assert nguyen.get(member).json()["npi"] == "1245319599"
+        appointment = "APPT-" + uuid.uuid4().hex[:8]
+        by_npi = ["AIP|1|A|1245319599^NGUYEN^MINH^^^^^^NPI&2.16.840.1.113883.4.6&ISO^L^^^NPI|THERAPIST"]
+        reply = ack(mllp, siu("S12", appointment, control=f"{appointment}-1", resources=by_npi))
+        assert str(reply.segment("MSA")(1)) == "AA"
+        assert wait_until(lambda: the_item(nguyen, hl7_ref(RIVERBEND, appointment)), timeout=15)["status"] == "booked"
+    finally:
+        assert admin.patch(member, json={"npi": ""}).status_code == 200
 
 
 # --- FHIR Appointment through the gateway ---------------------------------------------------------

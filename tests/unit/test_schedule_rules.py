@@ -105,12 +105,64 @@ def test_staff_taken_off_an_appointment_lose_its_item():
 
 def test_when_nobody_is_left_to_tell_the_item_is_withdrawn():
     first = run(None, change()).appointment
-    edited = run(first, change(schedule.MODIFIED, staff=("stf_patel",), actor="stf_patel", key="m2"))
+    # Only its maker is left on the appointment, and they never had its item.
+    edited = run(first, change(schedule.MODIFIED, staff=("stf_lee",), actor="stf_lee", key="m2"))
     assert edited.delivery.withdrawn and edited.delivery.source_ref == first.id
     assert edited.appointment.notified_ids == ()
-    again = run(edited.appointment, change(schedule.MODIFIED, staff=("stf_patel",), actor="stf_patel", key="m3",
+    again = run(edited.appointment, change(schedule.MODIFIED, staff=("stf_lee",), actor="stf_lee", key="m3",
                                            location="Room 1"))  # fmt: skip
     assert again.delivery is None  # nothing left to withdraw
+
+
+def test_the_maker_who_holds_the_item_keeps_it_and_only_the_others_are_told():
+    first = run(None, change(actor="stf_davis")).appointment
+    assert first.notified_ids == ("stf_patel", "stf_kim")
+    # Kim, on the appointment and holding its item, moves it herself (EVN-5 = Kim).
+    moved = run(first, change(schedule.RESCHEDULED, start="2026-12-02T11:00:00-06:00",
+                              end="2026-12-02T11:50:00-06:00", actor="stf_kim", key="m2"))  # fmt: skip
+    delivery = moved.delivery
+    assert list(delivery.recipients.staff_ids) == ["stf_patel", "stf_kim"]  # Kim keeps her item...
+    assert delivery.actor_staff_id == "stf_kim" and delivery.mark_unread  # ...which inbox leaves as read as it was
+    assert moved.appointment.notified_ids == ("stf_patel", "stf_kim")
+    assert schedule.told(delivery.recipients.staff_ids, "stf_kim") == ["stf_patel"]
+
+
+def test_the_maker_never_gets_a_new_item_for_their_own_change():
+    first = run(None, change(actor="stf_kim")).appointment
+    assert first.notified_ids == ("stf_patel",)
+    edited = run(first, change(schedule.MODIFIED, location="Room 4", actor="stf_kim", key="m2"))
+    assert list(edited.delivery.recipients.staff_ids) == ["stf_patel"]
+
+
+def test_a_maker_left_alone_on_the_appointment_keeps_the_item_the_others_lose():
+    first = run(None, change()).appointment
+    edited = run(first, change(schedule.MODIFIED, staff=("stf_patel",), actor="stf_patel", key="m2"))
+    assert not edited.delivery.withdrawn
+    assert list(edited.delivery.recipients.staff_ids) == ["stf_patel"]  # Kim's item goes, Patel's stays
+    assert edited.appointment.notified_ids == ("stf_patel",)
+
+
+def test_a_cancellation_by_someone_on_the_appointment_keeps_their_item_saying_so():
+    first = run(None, change()).appointment
+    cancelled = run(first, change(schedule.CANCELLED, start=None, end=None, actor="stf_patel", key="m2"))
+    assert cancelled.delivery.status == "cancelled" and not cancelled.delivery.withdrawn
+    assert list(cancelled.delivery.recipients.staff_ids) == ["stf_patel", "stf_kim"]
+
+
+def test_providers_linked_by_npi_are_kept_for_a_later_bare_cancellation():
+    first = run(None, change(staff=("stf_kim",), npis=("1234567893",)), linked=["stf_kim", "stf_reyes"])
+    assert first.appointment.npis == ("1234567893",) and first.appointment.staff_ids == ("stf_kim",)
+    bare = change(schedule.CANCELLED, start=None, end=None, staff=None, key="m2")
+    assert schedule.linked_resources(first.appointment, bare) == (("stf_kim",), (), ("1234567893",))
+    cancelled = run(first.appointment, bare, linked=["stf_kim", "stf_reyes"])
+    assert cancelled.appointment.npis == ("1234567893",)
+    assert list(cancelled.delivery.recipients.staff_ids) == ["stf_kim", "stf_reyes"]
+
+
+def test_the_same_staff_named_by_another_npi_is_a_new_change():
+    first = run(None, change(npis=("1234567893",))).appointment
+    assert not run(first, change(npis=("1498263056",), key="m2")).repeat
+    assert run(first, change(npis=("1234567893",), key="m3")).repeat  # the same content from another message
 
 
 def test_the_same_message_twice_changes_nothing():

@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 
+from services.kit.npi import is_valid_npi
 from services.notifications import hl7v2, schedule, siu
 
 TZ = "America/Chicago"
@@ -55,7 +56,15 @@ def test_a_new_appointment_names_its_staff_teams_time_and_maker():
     assert change.team_ids == ("team_riverbend_intake",)  # the equipment AIG is not a person
     assert change.actor_staff_id == "stf_riverbend_davis"
     assert (change.patient_ref, change.visit_type, change.location) == ("MRN12345", "Follow-up visit", "OP Room 2")
-    assert change.message_key == "hl7:RIVERBEND:MSG0001"
+    assert change.message_key == hl7v2.read_message(siu_message()).message_key
+
+
+def test_a_reused_control_id_with_other_content_is_another_message():
+    """Interface engines reuse MSH-10 after a restart: the key tells the two messages apart."""
+    first = read(siu_message())
+    other = read(siu_message().replace(b"Room 2", b"Room 3"))
+    restamped = read(siu_message().replace(b"|20261126080000||SIU", b"|20261201090500||SIU"))
+    assert first.message_key != other.message_key and first.message_key == restamped.message_key
 
 
 @pytest.mark.parametrize(
@@ -113,3 +122,91 @@ def test_a_message_without_sch_is_refused():
     with pytest.raises(hl7v2.Hl7Rejection) as caught:
         read(raw)
     assert caught.value.ack_code == hl7v2.ERROR and caught.value.error_code == hl7v2.SEGMENT_SEQUENCE_ERROR
+
+
+# --- as practice-management systems write them: NPIs, several resources, every resource D on a cancel
+
+
+REYES = "1234567893^REYES^ELENA^^^DR^^^NPI&2.16.840.1.113883.4.6&ISO^L^^^NPI"
+CHEN_BY_OID = "1498263056^CHEN^WEI^^^DR^^^&2.16.840.1.113883.4.6&ISO"
+# Many systems send their own user id first and the NPI in a second repetition.
+BROOKS_LOCAL_THEN_NPI = "PM0042^BROOKS^TAYLOR~1654321094^BROOKS^TAYLOR^^^^^^^^^^NPI"
+
+
+def pm_resources(action: str = "") -> list[str]:
+    return [
+        "AIS|1||FOLLOWUP^Follow-up visit^LOCAL|20261202100000|||50|min",
+        f"AIG|1|{action}|team_riverbend_intake^Intake|TEAM",
+        f"AIG|2|{action}|1987654320^Room 2 scale|EQUIPMENT",
+        f"AIL|1|{action}|OP^Room 2^^RIVERBEND",
+        f"AIP|1|{action}|{REYES}|PRESCRIBER|||20261202100000|||50|min",
+        f"AIP|2|{action}|{CHEN_BY_OID}|PRESCRIBER",
+        f"AIP|3|{action}|{BROOKS_LOCAL_THEN_NPI}|PRESCRIBER",
+        f"AIP|4|{action}|stf_riverbend_kim^KIM^JORDAN|NURSE",
+        f"AIG|3|{action}|1654321094^BROOKS^NPI|STAFF",
+    ]
+
+
+def test_providers_named_by_npi_are_linked_by_npi_each_once_with_the_field_that_named_them():
+    change = read(siu_message(resources=pm_resources()))
+    assert change.npis == ("1234567893", "1498263056", "1654321094")  # Brooks twice (AIP-3 and AIG-3)
+    assert change.staff_ids == ("stf_riverbend_kim",)
+    assert change.team_ids == ("team_riverbend_intake",)  # the equipment is not a person
+    fields = dict(change.resource_fields)
+    assert fields["npi:1234567893"] == "AIP^1^3" and fields["npi:1654321094"] == "AIP^3^3"
+    assert fields["staff:stf_riverbend_kim"] == "AIP^4^3" and fields["team:team_riverbend_intake"] == "AIG^1^3"
+
+
+@pytest.mark.parametrize("trigger", ["S15", "S17"])
+def test_a_cancellation_marking_every_resource_deleted_still_names_them_all(trigger):
+    change = read(siu_message(trigger, resources=pm_resources("D")))
+    assert change.event in (schedule.CANCELLED, schedule.DELETED)
+    assert change.npis == ("1234567893", "1498263056", "1654321094")
+    assert change.staff_ids == ("stf_riverbend_kim",) and change.team_ids == ("team_riverbend_intake",)
+
+
+@pytest.mark.parametrize("trigger", ["S12", "S13", "S14"])
+def test_on_a_booking_or_an_edit_a_resource_marked_deleted_left_the_appointment(trigger):
+    resources = [f"AIP|1|D|{REYES}|PRESCRIBER", f"AIP|2|U|{CHEN_BY_OID}|PRESCRIBER", "AIG|1|D|team_x|TEAM"]
+    change = read(siu_message(trigger, resources=resources))
+    assert change.npis == ("1498263056",) and change.staff_ids == () and change.team_ids == ()
+
+
+def test_an_evn_operator_named_by_npi_is_the_maker():
+    change = read(siu_message(evn_operator=REYES))
+    assert (change.actor_staff_id, change.actor_npi) == ("", "1234567893")
+
+
+def test_an_evn_operator_with_name_components_is_still_read_by_directory_id():
+    change = read(siu_message(evn_operator="stf_riverbend_patel^PATEL^PRIYA^^^^^^RIVERBEND"))
+    assert (change.actor_staff_id, change.actor_npi) == ("stf_riverbend_patel", "")
+
+
+def test_an_unreadable_operator_npi_names_no_maker():
+    change = read(siu_message(evn_operator="1234567890^REYES^^^^^^^^^^^NPI"))
+    assert (change.actor_staff_id, change.actor_npi) == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("resources", "location"),
+    [
+        (["AIP|1||stf_riverbend_kim", "AIP|2||1234567890^REYES^^^^^^^^^^^NPI"], "AIP^2^3"),  # check digit
+        (["AIP|1||123456789^REYES^^^^^^^NPI"], "AIP^1^3"),  # nine digits
+        (["AIG|1||PM-77^X^NPI|STAFF"], "AIG^1^3"),
+    ],
+)
+def test_a_malformed_npi_is_refused_naming_its_field(resources, location):
+    with pytest.raises(hl7v2.Hl7Rejection) as caught:
+        read(siu_message(resources=resources))
+    assert caught.value.error_code == hl7v2.DATA_TYPE_ERROR and caught.value.location == location
+    assert "NPI" in caught.value.text
+
+
+def test_an_untyped_ten_digit_id_is_a_directory_id_not_an_npi():
+    change = read(siu_message(resources=["AIP|1||1234567893^REYES^ELENA"]))
+    assert change.staff_ids == ("1234567893",) and change.npis == ()
+
+
+def test_the_npi_check_digit():
+    assert is_valid_npi("1234567893") and is_valid_npi("1245319599")
+    assert not is_valid_npi("1234567890") and not is_valid_npi("123456789") and not is_valid_npi("12345678x3")
