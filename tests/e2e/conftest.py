@@ -38,6 +38,8 @@ def stack(tmp_path_factory, mongo_uri, amqp_url):
             "MONGO_DB_PREFIX": prefix,
             "PASSWORD_HASH_PROFILE": "fast",
             "NOTIFICATIONS_COMPLIANCE_PASS_S": "0.5",
+            # Agency options and lab flags changed by a test apply within a second.
+            "NOTIFICATIONS_RECIPIENTS_CACHE_S": "1",
         },
     )
     system = Stack(config)

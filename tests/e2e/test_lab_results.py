@@ -449,3 +449,40 @@ def test_health_and_readiness(stack):
         timeout=5,
     )
     assert forged.status_code == 401
+
+
+# --- the ordering provider ----------------------------------------------------------------------------
+
+
+def test_the_ordering_provider_named_by_npi_is_told_only_when_the_agency_asks(mllp, login, admin, reyes):
+    """Therapist Nguyen is not flagged for lab results; ORC-12 names them by NPI."""
+    nguyen = login("therapist.nguyen")
+    member = "/api/v1/directory/staff/stf_riverbend_nguyen"
+    ordering = "1245319599^NGUYEN^MINH^^^^^^NPI&2.16.840.1.113883.4.6&ISO^L^^^NPI"
+
+    def ordered(mrn: str) -> str:
+        message = oru(patient=mrn, observations=POTASSIUM_CRITICAL, test=POTASSIUM_TEST)
+        return message.replace("\rOBR|", f"|||||||||{ordering}\rOBR|", 1)  # ORC-12
+
+    assert admin.patch(member, json={"npi": "1245319599"}).status_code == 200
+    try:
+        off = patient()
+        assert msa(send(mllp, ordered(off)))[0] == "AA"
+        wait_until(lambda: lab_item(reyes, off), timeout=15)
+        assert lab_item(nguyen, off) is None
+        option = {"options": {"notify_ordering_provider_of_results": True}}
+        assert admin.patch("/api/v1/directory/agency", json=option).status_code == 200
+
+        def told() -> bool:
+            mrn = patient()
+            assert msa(send(mllp, ordered(mrn)))[0] == "AA"
+            return bool(wait_until(lambda: lab_item(reyes, mrn), timeout=15)) and lab_item(nguyen, mrn) is not None
+
+        wait_until(told, timeout=20)
+        (item,) = nguyen.items(folder="lab", limit=100)["items"]
+        assert item["title"] == "Lab result: Potassium (final)" and item["severity"] == "urgent"
+        # Told as its orderer, Nguyen may open the full result; the flag is not needed.
+        assert nguyen.get(f"/api/v1/lab/results/{open_item(nguyen, item)['source_ref']}").status_code == 200
+    finally:
+        admin.patch("/api/v1/directory/agency", json={"options": {"notify_ordering_provider_of_results": False}})
+        assert admin.patch(member, json={"npi": ""}).status_code == 200
