@@ -418,8 +418,14 @@ def test_results_are_sealed_at_rest_and_never_logged(mllp, stack, notifications_
     control_id = "SEAL-" + uuid.uuid4().hex[:6]
     assert msa(send(mllp, oru(control_id=control_id, patient=mrn)))[0] == "AA"
     wait_until(lambda: lab_item(kim, mrn), timeout=15)
-    docs = list(notifications_db.lab_results.find({}))
-    assert docs
+
+    def released() -> list[dict]:
+        # The delivery request waits in the document's outbox until the relay has published it
+        # (inbox may take it before the relay's clearing write): read once every outbox is out.
+        docs = list(notifications_db.lab_results.find({}))
+        return [] if any(doc.get("_outbox") for doc in docs) else docs
+
+    docs = wait_until(released, timeout=15)
     for doc in docs:
         raw = repr(doc)
         assert mrn not in raw and "Platelets" not in raw and "11.8" not in raw
