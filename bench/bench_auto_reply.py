@@ -34,10 +34,11 @@ from services.auto_reply.clients import InboxClient
 from services.auto_reply.replier import EVENT_TYPE, AutoReplier
 from services.auto_reply.store import AutoReplyStore
 from services.kit.auth import KIND_SERVICE, Identity
-from services.kit.bus import Consumer, ProcessedEvents, Topology, message_properties
+from services.kit.bus import Consumer, Topology, message_properties
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.events import new_envelope
 from services.kit.mongo import now_ms
+from services.kit.processed_events import ProcessedEvents
 
 EVENTS = 1_000
 ROUNDS = 3

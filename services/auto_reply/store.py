@@ -7,7 +7,7 @@
   day): the primary key is the unique index that makes an answer happen once. It keeps the answer
   as it was claimed (sealed text, the message answered, inbox's idempotency key) so a retry sends
   exactly the same thing; `sent_at` 0 until inbox confirmed the send.
-- `processed_events`: the bus consumer's processed event ids (services.kit.bus.ProcessedEvents).
+- `processed_events`: the bus consumer's processed event ids (services.kit.processed_events.ProcessedEvents).
 - `access_records`: reads of the message text, each carrying its `phi.accessed.v1` event (outbox).
 """
 

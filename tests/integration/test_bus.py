@@ -14,14 +14,14 @@ from services.kit.bus import (
     HEADER_RETRY_COUNT,
     BatchPublisher,
     PermanentError,
-    ProcessedEvents,
     Publisher,
     PublishError,
     Topology,
 )
 from services.kit.events import decode_envelope, new_envelope, unpack
 from services.kit.logs import correlation_id_var, event_id_var
-from tests.integration.conftest import wait_for
+from services.kit.processed_events import ProcessedEvents
+from tests.waits import wait_until
 
 DELIVERED = "message.delivered.v1"
 
@@ -57,7 +57,7 @@ def test_confirmed_event_reaches_subscriber_with_payload_intact(event_bus):
     publisher = Publisher(event_bus.amqp_url, event_bus.topology)
     with consumer.running():
         publisher.publish([event])
-        wait_for(lambda: handler.calls)
+        wait_until(lambda: handler.calls)
     publisher.close()
 
     received = handler.calls[0]
@@ -80,7 +80,7 @@ def test_the_handler_runs_with_the_events_correlation_and_event_ids(event_bus):
     event = delivered()
     with consumer.running():
         Publisher(event_bus.amqp_url, event_bus.topology).publish([event])
-        wait_for(lambda: seen)
+        wait_until(lambda: seen)
     assert seen == [("corr-1", event.event_id)]  # its logs and outgoing calls carry them
     assert correlation_id_var.get() is None and event_id_var.get() is None
 
@@ -132,7 +132,7 @@ def test_handler_that_recovers_on_a_retry_is_not_parked(event_bus):
     consumer = event_bus.consumer("recovers", [DELIVERED], flaky, max_retries=5)
     with consumer.running():
         Publisher(event_bus.amqp_url, event_bus.topology).publish([delivered()])
-        wait_for(lambda: len(attempts) == 3)
+        wait_until(lambda: len(attempts) == 3)
     assert event_bus.message_count(consumer.parking_queue) == 0
 
 
@@ -163,7 +163,7 @@ def test_same_event_delivered_twice_has_its_effect_once(event_bus, mongo_client,
     publisher = Publisher(event_bus.amqp_url, event_bus.topology)
     with consumer.running():
         publisher.publish([event, event, sentinel])
-        wait_for(lambda: sentinel.event_id in effects)
+        wait_until(lambda: sentinel.event_id in effects)
 
     assert effects == [event.event_id, sentinel.event_id]
     assert processed.seen(event.event_id)
@@ -179,11 +179,11 @@ def test_consumer_survives_a_broker_connection_drop(event_bus, name_prefix):
     before, after = delivered("m-before"), delivered("m-after")
     with consumer.running():
         publisher.publish([before])
-        wait_for(lambda: before.event_id in handler.ids())
+        wait_until(lambda: before.event_id in handler.ids())
 
         assert event_bus.close_connections_named(connection_name) == 1
         publisher.publish([after])
-        wait_for(lambda: after.event_id in handler.ids(), timeout=20)
+        wait_until(lambda: after.event_id in handler.ids(), timeout=20)
         assert consumer.sessions == 2  # it reconnected rather than carrying on by chance
     assert handler.ids().count(before.event_id) == 1
 
@@ -225,7 +225,7 @@ def test_malformed_bytes_are_parked_and_the_consumer_keeps_serving(event_bus):
     with consumer.running():
         event_bus.publish_raw(DELIVERED, b"\xff\x00 definitely not an envelope")
         Publisher(event_bus.amqp_url, event_bus.topology).publish([good])
-        wait_for(lambda: good.event_id in handler.ids())
+        wait_until(lambda: good.event_id in handler.ids())
         properties, body = event_bus.get(consumer.parking_queue)
 
     assert body == b"\xff\x00 definitely not an envelope"
@@ -340,8 +340,8 @@ def test_a_batch_handler_takes_the_events_that_arrived_together(event_bus, mongo
     consumer = event_bus.consumer("batches", [DELIVERED], single, processed=processed, batch_handler=batch)
     events = [delivered(f"m-{n}") for n in range(6)]
     with queued_then_consumed(event_bus, consumer, events):
-        wait_for(lambda: len(batch.ids()) == 6)
-        wait_for(lambda: event_bus.message_count(consumer.queue) == 0)
+        wait_until(lambda: len(batch.ids()) == 6)
+        wait_until(lambda: event_bus.message_count(consumer.queue) == 0)
     assert sorted(batch.ids()) == sorted(e.event_id for e in events) and single.calls == []
     assert processed.seen_among([e.event_id for e in events]) == {e.event_id for e in events}
     assert len(batch.batches) < 6  # waiting together, they were handled together
@@ -367,8 +367,8 @@ def test_a_failed_batch_is_handled_one_by_one(event_bus, mongo_client, db_name):
     consumer = event_bus.consumer("fails", [DELIVERED], single, processed=processed, batch_handler=batch)
     events = [delivered(f"m-{n}") for n in range(3)]
     with queued_then_consumed(event_bus, consumer, events):
-        wait_for(lambda: len(single.calls) == 3)
-        wait_for(lambda: event_bus.message_count(consumer.queue) == 0)
+        wait_until(lambda: len(single.calls) == 3)
+        wait_until(lambda: event_bus.message_count(consumer.queue) == 0)
     assert sorted(single.ids()) == sorted(batch.ids()) == sorted(e.event_id for e in events)
     assert processed.seen_among([e.event_id for e in events]) == {e.event_id for e in events}
     assert event_bus.message_count(consumer.parking_queue) == 0
@@ -381,6 +381,6 @@ def test_a_batch_leaves_out_processed_events_and_repeats_within_it(event_bus, mo
     done, repeated, fresh = delivered("m-done"), delivered("m-twice"), delivered("m-new")
     processed.record(done.event_id)
     with queued_then_consumed(event_bus, consumer, [done, repeated, repeated, fresh]):
-        wait_for(lambda: event_bus.message_count(consumer.queue) == 0 and fresh.event_id in batch.ids())
+        wait_until(lambda: event_bus.message_count(consumer.queue) == 0 and fresh.event_id in batch.ids())
     assert sorted(batch.ids()) == sorted([repeated.event_id, fresh.event_id])
     assert single.calls == []  # the second copy was found processed

@@ -9,7 +9,7 @@ import urllib.parse
 import pytest
 
 from services.kit.bus import Consumer
-from tests.integration.conftest import wait_for
+from tests.waits import wait_until
 
 
 def list_queues(amqp_url: str) -> dict[str, str]:
@@ -34,7 +34,7 @@ def test_all_three_queues_expire_once_the_consumer_is_gone(event_bus):
         # Waiting past the expiry is the point here, not synchronisation.
         time.sleep(1.5)
         assert set(queues) <= set(list_queues(event_bus.amqp_url))
-    wait_for(lambda: not set(queues) & set(list_queues(event_bus.amqp_url)), timeout=20, interval=0.5)
+    wait_until(lambda: not set(queues) & set(list_queues(event_bus.amqp_url)), timeout=20, interval=0.5)
 
 
 def test_without_expiry_the_queues_outlive_the_consumer(event_bus):

@@ -1,0 +1,138 @@
+"""What a message on the bus carries: its properties and headers, and the event's ids in logs.
+
+Body = serialized Envelope, persistent, content type `application/x-protobuf`, message_id =
+event id, type = event type, correlation_id, timestamp (s), app_id = producer and headers
+`x-producer`, `x-agency-id`. Retries add `x-retry-count`; parking adds `x-error-type`,
+`x-error-reason`, `x-parked-at` (epoch ms) and `x-parked-by` (queue). No payload content is ever
+put in headers or logs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pika
+
+from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit.logs import accept_correlation_id, correlation_id_var, event_id_var
+from services.kit.mongo import now_ms
+
+__all__ = [
+    "CONTENT_TYPE",
+    "HEADER_AGENCY",
+    "HEADER_ERROR_REASON",
+    "HEADER_ERROR_TYPE",
+    "HEADER_PARKED_AT",
+    "HEADER_PARKED_BY",
+    "HEADER_PRODUCER",
+    "HEADER_RETRY_COUNT",
+    "event_context",
+    "message_properties",
+]
+
+CONTENT_TYPE = "application/x-protobuf"
+HEADER_PRODUCER = "x-producer"
+HEADER_AGENCY = "x-agency-id"
+HEADER_RETRY_COUNT = "x-retry-count"
+HEADER_ERROR_TYPE = "x-error-type"
+HEADER_ERROR_REASON = "x-error-reason"
+HEADER_PARKED_AT = "x-parked-at"
+HEADER_PARKED_BY = "x-parked-by"
+# Broker-owned dead-letter bookkeeping; carrying it into a republish makes the broker see a
+# dead-letter cycle and drop the message, so it is stripped.
+_BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                   "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
+
+
+def message_properties(envelope: Envelope) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=envelope.event_id,
+        type=envelope.event_type,
+        correlation_id=envelope.correlation_id or None,
+        timestamp=envelope.occurred_at.seconds or int(time.time()),
+        app_id=envelope.producer or None,
+        headers={HEADER_PRODUCER: envelope.producer, HEADER_AGENCY: envelope.agency_id},
+    )
+
+
+# -- republishing to the retry and parking queues ---------------------------------------------------
+
+
+def retries_of(properties: pika.BasicProperties) -> int:
+    """The delivery's `x-retry-count` (0 when absent or not a number)."""
+    try:
+        return max(0, int((properties.headers or {}).get(HEADER_RETRY_COUNT)))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def retry_headers(properties: pika.BasicProperties, retries: int) -> dict:
+    headers = _clean_headers(properties.headers)
+    headers[HEADER_RETRY_COUNT] = retries
+    return headers
+
+
+def parking_headers(properties: pika.BasicProperties, exc: BaseException, reason: str, retries: int,
+                    parked_by: str) -> dict:
+    headers = _clean_headers(properties.headers)
+    headers.update({
+        HEADER_RETRY_COUNT: retries,
+        HEADER_ERROR_TYPE: type_name(exc),
+        HEADER_ERROR_REASON: reason[:200],
+        HEADER_PARKED_AT: now_ms(),
+        HEADER_PARKED_BY: parked_by,
+    })
+    return headers
+
+
+def republished_properties(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
+    """The delivery's own properties, persistent, with `headers` in place of its headers."""
+    return pika.BasicProperties(
+        content_type=properties.content_type,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=properties.message_id,
+        type=properties.type,
+        correlation_id=properties.correlation_id,
+        timestamp=properties.timestamp,
+        app_id=properties.app_id,
+        headers=headers,
+    )
+
+
+def _clean_headers(headers: dict | None) -> dict:
+    return {k: v for k, v in (headers or {}).items() if k not in _BROKER_HEADERS}
+
+
+def type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+# -- the event's ids in logs -------------------------------------------------------------------------
+
+
+def log_extra(envelope: Envelope | None, **more: object) -> dict:
+    extra: dict[str, object] = dict(more)
+    if envelope is not None:
+        extra.update(
+            event_id=envelope.event_id, event_type=envelope.event_type, correlation_id=envelope.correlation_id
+        )
+    return extra
+
+
+@contextmanager
+def event_context(envelope: Envelope) -> Iterator[None]:
+    """Logs and outgoing calls made while handling `envelope` carry its correlation and event ids."""
+    tokens = (
+        correlation_id_var.set(accept_correlation_id(envelope.correlation_id) or envelope.event_id),
+        event_id_var.set(envelope.event_id),
+    )
+    try:
+        yield
+    finally:
+        event_id_var.reset(tokens[1])
+        correlation_id_var.reset(tokens[0])
