@@ -4,8 +4,6 @@ request, the service's own token for an agency while handling an event) and a de
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +11,7 @@ import grpc
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit import grpc_client
+from services.kit.cache import TtlCache
 from services.kit.errors import from_grpc_error
 
 SETTINGS_TTL_S = 60.0
@@ -51,24 +50,18 @@ class DirectoryClient:
     def __init__(self, target: str, deadline_s: float = 3.0):
         self._channel = grpc_client.channel(target, default_deadline_s=deadline_s)
         self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
-        self._zones: dict[str, tuple[float, str]] = {}
-        self._lock = threading.Lock()
+        self._zones: TtlCache[str, str] = TtlCache(SETTINGS_TTL_S)
 
     def agency_time_zone(self, agency_id: str) -> str:
         """The caller's agency's IANA time zone, cached for a minute."""
-        now = time.monotonic()
-        with self._lock:
-            cached = self._zones.get(agency_id)
-        if cached is not None and now - cached[0] < SETTINGS_TTL_S:
-            return cached[1]
+        return self._zones.get_or_load(agency_id, self._fetch_time_zone)
+
+    def _fetch_time_zone(self) -> str:
         try:
             reply = self._stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest())
         except grpc.RpcError as exc:
             raise from_grpc_error(exc, "directory") from exc
-        zone = reply.time_zone or "UTC"
-        with self._lock:
-            self._zones[agency_id] = (now, zone)
-        return zone
+        return reply.time_zone or "UTC"
 
     def close(self) -> None:
         self._channel.close()

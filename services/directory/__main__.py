@@ -13,65 +13,41 @@ import logging
 import sys
 
 from services.directory import config, demo, tokens
+from services.directory.http_api import create_directory_app
 from services.directory.service import build
-from services.kit.bus import BatchPublisher, Topology
-from services.kit.logs import configure_logging
-from services.kit.mongo import database, wait_until_ready
-from services.kit.runtime import ServiceProcess
-from services.kit.settings import SettingsError, redact_url
+from services.kit import bootstrap
+from services.kit.bootstrap import ServiceWiring
 
 log = logging.getLogger("services.directory")
 
-
-def load_settings() -> config.DirectorySettings:
-    try:
-        return config.load()
-    except SettingsError as exc:
-        log.error("invalid configuration: %s", "; ".join(exc.problems))
-        print(exc.text, file=sys.stderr)
-        sys.exit(2)
+Wiring = ServiceWiring[config.DirectorySettings]
 
 
-def connect(settings: config.DirectorySettings):
-    common = settings.common
-    db = database(common.mongo_uri, common.mongo_db)
-    try:
-        wait_until_ready(db)
-    except Exception:
-        log.error("MongoDB does not answer at %s", redact_url(common.mongo_uri))
-        print(f"directory: MongoDB does not answer at {redact_url(common.mongo_uri)}", file=sys.stderr)
-        sys.exit(1)
-    return db
-
-
-def serve(settings: config.DirectorySettings) -> int:
-    common = settings.common
-    directory = build(settings, connect(settings))
+def wire(service: Wiring) -> None:
+    """Directory issues the tokens everyone else checks: its own verifier, no service identity."""
+    settings = service.settings
+    directory = build(settings, service.database())
     directory.store.ensure_indexes()
-    # The relay thread owns its publisher (a pika connection belongs to one thread).
-    publisher = BatchPublisher(
-        common.amqp_url, Topology(exchange=common.events_exchange), connection_name="directory-outbox"
-    )
-    relay = directory.outbox_relay(publisher)
-    process = ServiceProcess("directory")
-    process.on_stop("mongo", directory.store.db.client.close, after_workers=True)
-    process.serve_http(directory.http_app(), common.http_host, settings.http_port)
-    process.serve_grpc(directory.grpc_server(common.grpc_host, settings.grpc_port))
-    process.background("outbox-relay", relay.run_forever)
-    log.info("directory started", extra={"count": len(settings.signing_keys.keys)})
-    process.wait()
-    return 0
+    service.relay(directory.outbox_collections)
+    service.http(create_directory_app(directory), settings.http_port)
+    service.grpc_server(directory.grpc_server(settings.common.grpc_host, settings.grpc_port))
+    log.info("signing keys loaded", extra={"count": len(settings.signing_keys.keys)})
 
 
-def seed_demo(settings: config.DirectorySettings) -> int:
-    if settings.production:
+def seed_demo(service: Wiring) -> int:
+    if service.settings.production:
         print("directory: seed-demo is refused in production mode (CLINIC_MODE=production)", file=sys.stderr)
         return 2
-    directory = build(settings, connect(settings))
+    directory = build(service.settings, service.database())
     directory.store.ensure_indexes()
     result = demo.seed(directory.store, directory.hasher)
     log.info("demo data seeded", extra={"count": result.created})
     print(json.dumps({"logins": result.logins}, indent=2))
+    return 0
+
+
+def public_key(service: Wiring) -> int:
+    print(tokens.public_key_pem(service.settings), end="")
     return 0
 
 
@@ -80,18 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "seed-demo", "public-key"))
     args = parser.parse_args(argv)
     if args.command == "serve":
-        configure_logging("directory")
-        settings = load_settings()
-        configure_logging("directory", settings.common.log_level)
-        return serve(settings)
+        return bootstrap.serve("directory", config.load, wire, client_id=None)
     # One-shot commands print their result on stdout, so their logs go to stderr.
-    configure_logging("directory")
-    logging.getLogger().handlers[0].setStream(sys.stderr)
-    settings = load_settings()
-    if args.command == "public-key":
-        print(tokens.public_key_pem(settings), end="")
-        return 0
-    return seed_demo(settings)
+    return bootstrap.command("directory", config.load, seed_demo if args.command == "seed-demo" else public_key)
 
 
 if __name__ == "__main__":

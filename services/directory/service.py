@@ -1,15 +1,15 @@
-"""The directory's parts wired together, for the process entry point and for tests."""
+"""The directory's parts wired together, for the process entry point and for tests; nothing is
+started here. The HTTP edge is made from the result by its caller
+(`http_api.create_directory_app(directory)`), so the edge depends on this module, not the reverse."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import Flask
 from pymongo.database import Database
 
 from services.directory import grpc_api
 from services.directory.config import DirectorySettings
-from services.directory.http_api import create_directory_app
 from services.directory.passwords import PasswordHasher
 from services.directory.service_clients import ServiceClients
 from services.directory.sessions import SessionRevocations, Sessions
@@ -29,9 +29,6 @@ class Directory:
     verifier: TokenVerifier
     service_clients: ServiceClients
 
-    def http_app(self) -> Flask:
-        return create_directory_app(self)
-
     def grpc_server(self, host: str, port: int) -> GrpcServer:
         return GrpcServer(
             [grpc_api.binding(self.store, self.service_clients)],
@@ -41,9 +38,12 @@ class Directory:
             open_methods=grpc_api.OPEN_METHODS,
         )
 
+    # The collections whose documents carry outbox events: sessions (`session.revoked.v1`).
+    outbox_collections = (SESSIONS,)
+
     def outbox_relay(self, publisher: BatchPublishing, **options) -> OutboxRelay:
         """Publishes the events staged in session documents (`session.revoked.v1`)."""
-        relay = OutboxRelay(self.store.db, [SESSIONS], publisher, **options)
+        relay = OutboxRelay(self.store.db, list(self.outbox_collections), publisher, **options)
         relay.ensure_indexes()
         return relay
 

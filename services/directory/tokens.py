@@ -15,16 +15,13 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.kit.auth import ALGORITHM, AUDIENCE, ISSUER, KIND_SERVICE, ROLE_SERVICE, SERVICE_SUBJECT_PREFIX
-
-if TYPE_CHECKING:
-    from services.directory.config import DirectorySettings
 
 MIN_KEY_BITS = 2048  # also the size of the key generated for development
 REFRESH_TOKEN_BYTES = 32
@@ -121,7 +118,14 @@ def generate_private_key_pem(bits: int = MIN_KEY_BITS) -> str:
     ).decode()
 
 
-def public_key_pem(settings: DirectorySettings) -> str:
+class HasSigningKeys(Protocol):
+    """What public_key_pem reads (config.DirectorySettings), named here so tokens needs no config."""
+
+    @property
+    def signing_keys(self) -> KeySet: ...
+
+
+def public_key_pem(settings: HasSigningKeys) -> str:
     """The active public key, e.g. for the gateway's jwt credential."""
     return settings.signing_keys.active.public_pem
 

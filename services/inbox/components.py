@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +9,7 @@ from services.inbox.board import Board
 from services.inbox.config import InboxSettings
 from services.inbox.mailbox import Mailbox
 from services.inbox.store import InboxStore
+from services.kit import features as kit_features
 from services.kit.crypto import PhiCipher
 
 
@@ -28,29 +27,10 @@ class Components:
     features: list[Any] = field(default_factory=list)
 
 
-class Feature:
+class Feature(kit_features.Feature[Components]):
     """A part of the mailbox with its own collections, routes and background work
     (announcements, reminders, signature requests, the patient portal, the delivery API).
 
     Constructed with the Components; `attach()` registers its hooks on the board and mailbox
-    (Board.details[kind], Board.extra_unread[folder], Mailbox.reply_handlers[kind])."""
-
-    # Collections whose documents carry outbox events (the relay scans them).
-    outbox_collections: tuple[str, ...] = ()
-
-    def __init__(self, components: Components):
-        self.components = components
-
-    def ensure_indexes(self) -> None:
-        """Create this feature's indexes (called once at start)."""
-
-    def attach(self) -> None:
-        """Register hooks on components.board / components.mailbox."""
-
-    def blueprint(self):
-        """The feature's flask.Blueprint, or None."""
-        return None
-
-    def background(self) -> list[tuple[str, Callable[[threading.Event], None]]]:
-        """(name, run(stop_event)) workers the process runs until it stops."""
-        return []
+    (Board.details[kind], Board.extra_unread[folder], Mailbox.reply_handlers[kind]); `blueprint()`
+    is its one flask.Blueprint, or None. The rest is services.kit.features.Feature."""

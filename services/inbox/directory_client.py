@@ -12,6 +12,7 @@ import grpc
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.inbox.domain import Addressing
 from services.kit import grpc_client
+from services.kit.cache import TtlCache
 from services.kit.errors import InvalidInput, from_grpc_error
 
 
@@ -120,8 +121,7 @@ class DirectoryClient:
     def __init__(self, target: str, deadline_s: float = 3.0):
         self._channel = grpc_client.channel(target, default_deadline_s=deadline_s)
         self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
-        self._settings: dict[str, tuple[float, AgencySettings]] = {}
-        self._lock = threading.Lock()
+        self._settings: TtlCache[str, AgencySettings] = TtlCache(SETTINGS_TTL_S)
 
     def _call(self, method: str, request):
         try:
@@ -131,13 +131,11 @@ class DirectoryClient:
 
     def agency_settings(self, agency_id: str) -> AgencySettings:
         """The caller's agency settings (terminology, time zone, portal), cached for a minute."""
-        now = time.monotonic()
-        with self._lock:
-            cached = self._settings.get(agency_id)
-        if cached is not None and now - cached[0] < SETTINGS_TTL_S:
-            return cached[1]
+        return self._settings.get_or_load(agency_id, self._fetch_agency_settings)
+
+    def _fetch_agency_settings(self) -> AgencySettings:
         reply = self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())
-        settings = AgencySettings(
+        return AgencySettings(
             agency_id=reply.agency_id,
             name=reply.name,
             patient_singular=reply.terminology.patient_singular or "Patient",
@@ -145,9 +143,6 @@ class DirectoryClient:
             time_zone=reply.time_zone or "UTC",
             portal_consumer=reply.portal_consumer,
         )
-        with self._lock:
-            self._settings[agency_id] = (now, settings)
-        return settings
 
     def staff(self, staff_ids: list[str]) -> tuple[list, list[str]]:
         """(directory_pb2.Staff records, ids unknown in the caller's agency)."""

@@ -261,8 +261,10 @@ class OutboxRelay:
         self._settle(docs, confirmed, now)
         return len(confirmed)
 
-    def run_forever(self, stop_event: Event) -> None:
-        """Relay until `stop_event` is set; releases the lease on the way out.
+    def run_forever(self, stop_event: Event, *, drain_s: float = 0.0) -> None:
+        """Relay until `stop_event` is set; then, for up to `drain_s`, publish what is still due
+        (events staged by work that finished as the process stopped) until a pass finds nothing;
+        releases the lease on the way out.
 
         Pipelined: while a batch is being published and its confirms awaited, a worker thread
         settles the previous batch and, after a full batch, finds the next one (leaving out the
@@ -321,7 +323,20 @@ class OutboxRelay:
                         self._idle(stop_event, min(self._max_backoff_ms / 1000, 0.5 * 2 ** min(failures, 10)))
             finally:
                 _finish(settling)
+                if drain_s > 0 and stop_event.is_set():
+                    self._drain(drain_s)
                 self._release_lease()
+
+    def _drain(self, within_s: float) -> None:
+        """Passes until one confirms nothing or `within_s` has passed. A failure ends the drain:
+        what is left stays staged for the next relay, as after a crash."""
+        deadline = time.monotonic() + within_s
+        try:
+            while time.monotonic() < deadline and self.run_once():
+                pass
+        except Exception as exc:  # Mongo or broker trouble: the next relay publishes it
+            logger.warning("outbox drain stopped (%s)", failure_summary(exc),
+                           extra={"error_type": type(exc).__name__})
 
     def _publish(self, envelopes: list[Envelope]) -> set[str]:
         confirmed = self._publisher.publish_batch(envelopes) if envelopes else set()

@@ -1,7 +1,19 @@
-"""Process lifecycle: start a service's servers and workers, drain them on SIGTERM."""
+"""Process lifecycle: start a service's servers and workers, drain them on SIGTERM, in stages.
+
+Everything a process runs or holds belongs to one `Stage`; draining finishes each stage before
+the next begins, so nothing is closed while something still uses it:
+
+    INTAKE   HTTP and gRPC servers, listeners and consumers: stop taking new work
+    WORKERS  background work (it may still stage outbox events while it finishes)
+    RELAY    the outbox relay: publishes what the stages above left staged, then stops
+    CLIENTS  connections every stage above uses (other services' clients, service tokens, Mongo)
+
+services.kit.bootstrap puts each part of a service in its stage; this module only keeps the order.
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import threading
@@ -17,15 +29,26 @@ from services.kit.grpc_server import GrpcServer
 log = logging.getLogger(__name__)
 
 
+class Stage(enum.IntEnum):
+    """When a part of the process stops; lower stages stop first."""
+
+    INTAKE = 0
+    WORKERS = 1
+    RELAY = 2
+    CLIENTS = 3
+
+
 class ServiceProcess:
-    """Owns the servers and background workers of one service process."""
+    """Owns the servers, background workers and clients of one service process."""
 
     def __init__(self, name: str):
         self.name = name
+        # Set when the process starts to stop (signal, failed worker, stop()); the INTAKE stage's event.
         self.stop_event = threading.Event()
-        self._stoppers: list[tuple[str, Callable[[], None]]] = []
-        self._final_stoppers: list[tuple[str, Callable[[], None]]] = []
-        self._threads: list[threading.Thread] = []
+        self._events = {stage: threading.Event() for stage in Stage}
+        self._events[Stage.INTAKE] = self.stop_event
+        self._stoppers: dict[Stage, list[tuple[str, Callable[[], None]]]] = {stage: [] for stage in Stage}
+        self._threads: dict[Stage, list[threading.Thread]] = {stage: [] for stage in Stage}
 
     def serve_http(self, app: Flask, host: str, port: int, threads: int = 8) -> int:
         server = waitress.create_server(
@@ -34,36 +57,41 @@ class ServiceProcess:
         bound = server.effective_port
         thread = threading.Thread(target=server.run, name=f"{self.name}-http", daemon=True)
         thread.start()
-        self._stoppers.append(("http", server.close))
+        self._stoppers[Stage.INTAKE].append(("http", server.close))
         log.info("HTTP server listening", extra={"port": bound})
         return bound
 
     def serve_grpc(self, server: GrpcServer) -> int:
         server.start()
-        self._stoppers.append(("grpc", lambda: server.stop(5.0)))
+        self._stoppers[Stage.INTAKE].append(("grpc", lambda: server.stop(5.0)))
         return server.port
 
-    def background(self, name: str, target: Callable[[threading.Event], None]) -> None:
-        """Run `target(stop_event)` in a thread; it must return soon after stop_event is set."""
+    def background(self, name: str, target: Callable[[threading.Event], None], stage: Stage = Stage.WORKERS) -> None:
+        """Run `target(event)` in a thread; `event` is set when `stage` drains, and `target` must
+        return soon after. A worker that fails stops the whole process."""
 
         def guarded():
             try:
-                target(self.stop_event)
+                target(self._events[stage])
             except Exception:
                 log.exception("background worker failed", extra={"route": name})
                 self.stop_event.set()
 
         thread = threading.Thread(target=guarded, name=f"{self.name}-{name}", daemon=True)
         thread.start()
-        self._threads.append(thread)
+        self._threads[stage].append(thread)
 
-    def on_stop(self, name: str, stop: Callable[[], None], *, after_workers: bool = False) -> None:
-        """Call `stop` while draining: with the servers, or (`after_workers`) once the background
-        workers have returned, for what they still use (the database client)."""
-        (self._final_stoppers if after_workers else self._stoppers).append((name, stop))
+    def on_stop(
+        self, name: str, stop: Callable[[], None], *, after_workers: bool = False, stage: Stage | None = None
+    ) -> None:
+        """Call `stop` when `stage` drains (before its workers are joined); stoppers of one stage run
+        in reverse order of registration. Without a stage: INTAKE, or (`after_workers`) CLIENTS."""
+        if stage is None:
+            stage = Stage.CLIENTS if after_workers else Stage.INTAKE
+        self._stoppers[stage].append((name, stop))
 
     def wait(self) -> None:
-        """Block until SIGTERM/SIGINT (or a failed worker), then drain everything in reverse order."""
+        """Block until SIGTERM/SIGINT (or a failed worker), then drain stage by stage."""
 
         def _signal(signum, _frame):
             log.info("stopping on signal", extra={"code": signal.Signals(signum).name})
@@ -81,12 +109,13 @@ class ServiceProcess:
         self._drain()
 
     def _drain(self) -> None:
-        stoppers, self._stoppers = self._stoppers, []
-        self._run_stoppers(stoppers)
-        for thread in self._threads:
-            thread.join(timeout=10)
-        final, self._final_stoppers = self._final_stoppers, []
-        self._run_stoppers(final)
+        for stage in Stage:
+            stoppers, self._stoppers[stage] = self._stoppers[stage], []
+            self._run_stoppers(stoppers)
+            self._events[stage].set()
+            threads, self._threads[stage] = self._threads[stage], []
+            for thread in threads:
+                thread.join(timeout=10)
         log.info("stopped")
 
     @staticmethod

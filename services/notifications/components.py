@@ -1,18 +1,17 @@
 """What the notifications process is made of, assembled once and handed to every feature.
 
 A feature (lab results, schedule changes, compliance alerts) is a `Feature` subclass listed in
-`__main__.FEATURES`; it creates its indexes, registers the HL7 v2 message types it takes, brings
+`service.FEATURES`; it creates its indexes, registers the HL7 v2 message types it takes, brings
 its own HTTP blueprints and background workers, and names the collections whose documents carry
 outbox events. See README.md, "Extending the service".
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.kit import features as kit_features
 from services.kit.crypto import PhiCipher
 from services.notifications.config import NotificationsSettings
 from services.notifications.mllp import MessageTypes
@@ -34,25 +33,7 @@ class Components:
     features: list[Any] = field(default_factory=list)
 
 
-class Feature:
-    """One area of the service, constructed with the Components."""
-
-    # Collections whose documents carry outbox events (the relay scans them).
-    outbox_collections: tuple[str, ...] = ()
-
-    def __init__(self, components: Components):
-        self.components = components
-
-    def ensure_indexes(self) -> None:
-        """Create this feature's indexes (called once at start)."""
-
-    def attach(self) -> None:
-        """Register HL7 v2 handlers: self.components.message_types.register(type, trigger, handler)."""
-
-    def blueprints(self) -> list:
-        """The feature's flask.Blueprints (one per area: staff routes, partner routes)."""
-        return []
-
-    def background(self) -> list[tuple[str, Callable[[threading.Event], None]]]:
-        """(name, run(stop_event)) workers the process runs until it stops."""
-        return []
+class Feature(kit_features.Feature[Components]):
+    """One area of the service, constructed with the Components; `attach()` registers its HL7 v2
+    handlers: self.components.message_types.register(type, trigger, handler). The rest is
+    services.kit.features.Feature."""

@@ -7,7 +7,6 @@ member's own token), so directory answers about that agency only.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import grpc
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.kit import grpc_client
+from services.kit.cache import TtlCache
 from services.kit.errors import from_grpc_error
 from services.kit.validation import ID_PATTERN
 
@@ -58,11 +58,8 @@ class DirectoryClient:
     ):
         self._channel = grpc_client.channel(target, default_deadline_s=deadline_s)
         self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
-        self._cache_s = cache_s
-        self._clock = clock
-        self._staff: dict[str, tuple[float, list[StaffFlags]]] = {}
-        self._settings: dict[str, tuple[float, directory_pb2.GetAgencySettingsResponse]] = {}
-        self._lock = threading.Lock()
+        self._staff: TtlCache[str, list[StaffFlags]] = TtlCache(cache_s, clock=clock)
+        self._settings: TtlCache[str, directory_pb2.GetAgencySettingsResponse] = TtlCache(cache_s, clock=clock)
 
     def _call(self, method: str, request):
         try:
@@ -73,11 +70,9 @@ class DirectoryClient:
     def agency_staff(self, agency_id: str) -> list[StaffFlags]:
         """Every active staff member of the agency with their flags; cached `cache_s` per agency, so a
         flag changed in directory reaches new messages within that time."""
-        now = self._clock()
-        with self._lock:
-            cached = self._staff.get(agency_id)
-        if cached is not None and now - cached[0] < self._cache_s:
-            return cached[1]
+        return self._staff.get_or_load(agency_id, lambda: self._fetch_agency_staff(agency_id))
+
+    def _fetch_agency_staff(self, agency_id: str) -> list[StaffFlags]:
         ids = list(self._call("ResolveRecipients", directory_pb2.ResolveRecipientsRequest(whole_agency=True)).staff_ids)
         staff: list[StaffFlags] = []
         for start in range(0, len(ids), GET_STAFF_BATCH):
@@ -89,8 +84,6 @@ class DirectoryClient:
                 for s in reply.staff
                 if s.active and s.agency_id == agency_id
             ]
-        with self._lock:
-            self._staff[agency_id] = (now, staff)
         return staff
 
     def lab_recipients(self, agency_id: str) -> list[str]:
@@ -100,15 +93,9 @@ class DirectoryClient:
     def agency_settings(self, agency_id: str) -> directory_pb2.GetAgencySettingsResponse:
         """The agency's options (notify_linked_staff_on_schedule_change,
         notify_ordering_provider_of_results, ...), cached like staff."""
-        now = self._clock()
-        with self._lock:
-            cached = self._settings.get(agency_id)
-        if cached is not None and now - cached[0] < self._cache_s:
-            return cached[1]
-        reply = self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())
-        with self._lock:
-            self._settings[agency_id] = (now, reply)
-        return reply
+        return self._settings.get_or_load(
+            agency_id, lambda: self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())
+        )
 
     def staff(self, staff_ids: list[str]) -> list[directory_pb2.Staff]:
         """Staff records of the caller's agency (uncached)."""

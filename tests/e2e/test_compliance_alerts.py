@@ -11,17 +11,13 @@ import uuid
 import pytest
 import requests
 
-from services.inbox.delivery import notice_id
+from services.inbox.delivery_rules import notice_id
 from services.kit import mongo
-from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.service_identity import ServiceTokens
 from services.notifications import config
 from services.notifications.compliance_alerts import ComplianceAlerts
-from services.notifications.components import Components
-from services.notifications.directory_client import DirectoryClient
-from services.notifications.registrations import Registrations
-from services.notifications.store import NotificationsStore
-from tests.e2e.conftest import wait_until
+from services.notifications.service import build
+from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
 
@@ -184,21 +180,13 @@ def test_malformed_json_and_foreign_agencies_are_refused(ortiz, tracker, stack):
 @pytest.fixture
 def second_replica(stack, service_secret):
     """The compliance pass of a second notifications replica: the same code, database, directory and
-    service identity as the stack's process, run from the test alongside it."""
+    service identity as the stack's process (built as it builds itself), run from the test alongside it."""
     settings = config.load(stack.service_env())
     db = mongo.database(settings.common.mongo_uri, settings.common.mongo_db)
-    directory = DirectoryClient(settings.directory_grpc_target, cache_s=settings.recipients_cache_s)
     tokens = ServiceTokens(settings.directory_grpc_target, "notifications", service_secret("notifications"))
-    components = Components(
-        settings=settings,
-        store=NotificationsStore(db),
-        cipher=PhiCipher(KeyRing(db, settings.common.phi_master_keys, settings.common.phi_master_key_id)),
-        directory=directory,
-        service_tokens=tokens,
-        registrations=Registrations(settings.facilities, settings.partners),
-    )
-    yield ComplianceAlerts(components)
-    directory.close()
+    replica = build(settings, db, service_tokens=tokens, features=(ComplianceAlerts,))
+    yield replica.features[0]
+    replica.close()  # its directory client
     tokens.close()  # the database client is the process-wide one (kit mongo.client): it stays open
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from flask.testing import FlaskClient
 
 from services.directory import config, demo, tokens
+from services.directory.http_api import create_directory_app
 from services.directory.service import Directory, build
 from services.kit.mongo import database
 
@@ -69,4 +70,4 @@ def start_directory(mongo_uri: str, db_name: str, run_dir: Path, *, seed: bool =
     directory.store.ensure_indexes()
     if seed:
         demo.seed(directory.store, directory.hasher)
-    return DirectoryUnderTest(directory=directory, client=directory.http_app().test_client())
+    return DirectoryUnderTest(directory=directory, client=create_directory_app(directory).test_client())

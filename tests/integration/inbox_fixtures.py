@@ -1,7 +1,8 @@
 """Inbox assembled in-process against the real database, for integration tests of its parts.
 
-Directory is a separate service; here its answers come from a small table (`AgencyTable`), while
-the end-to-end tests run the real one. The `inbox` fixture is registered in
+Assembled by the service's own `build()`, as the process does, with directory swapped: its answers
+come from a small table (`AgencyTable`), while the end-to-end tests run the real one. No feature is
+attached: each test attaches the ones it exercises. The `inbox` fixture is registered in
 tests/integration/conftest.py.
 """
 
@@ -13,13 +14,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.inbox import config, domain, store
-from services.inbox.board import Board
+from services.inbox import config, domain
 from services.inbox.components import Components
 from services.inbox.directory_client import AgencySettings, PortalPatient, Resolution
-from services.inbox.mailbox import Mailbox
+from services.inbox.service import build
 from services.kit.auth import Identity, current_identity
-from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.errors import NotFound
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -70,16 +69,9 @@ def staff(agency_id: str, staff_id: str, *roles: str, name: str = "") -> Identit
 
 
 def make_inbox(db, table: AgencyTable | None = None) -> Components:
-    table = table or AgencyTable()
-    inbox_store = store.InboxStore(db)
-    inbox_store.ensure_indexes()
-    cipher = PhiCipher(KeyRing(db, {"m": os.urandom(32)}, "m"))
-    board = Board(inbox_store, cipher)
-    board.terminology = lambda caller: table.agency_settings(caller.agency_id).patient_singular
-    mailbox = Mailbox(inbox_store, cipher, table.resolve, board)
     master = base64.b64encode(os.urandom(32)).decode()
     settings = config.load({"MONGO_URI": "mongodb://unused:1", "PHI_MASTER_KEYS": f"m:{master}", "AMQP_URL": AMQP})
-    return Components(settings, inbox_store, cipher, board, mailbox, table)
+    return build(settings, db, directory=table or AgencyTable(), features=()).components
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """Notifications features assembled in-process against the real database, for integration tests.
 
-Directory is a separate service; here its answers come from a small table (`DirectoryTable`), as
-inbox's integration tests do, while the end-to-end tests run the real one. Service identities are
-plain Identity values (no token is needed: nothing here calls another process).
+Assembled by the service's own `build()`, as the process does, with two dependencies swapped:
+directory's answers come from a small table (`DirectoryTable`), as inbox's integration tests do,
+while the end-to-end tests run the real one; service identities are plain Identity values (no
+token is needed: nothing here calls another process). No feature is attached: each test attaches
+the one it exercises.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from clinic.directory.v1 import directory_pb2
 from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.auth import Identity, current_identity
-from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.errors import NotFound
 from services.notifications import config
 from services.notifications.components import Components
 from services.notifications.directory_client import split_provider_refs
-from services.notifications.registrations import Registrations
-from services.notifications.store import NotificationsStore
+from services.notifications.service import build
 
 ROLES = {
     "staff": directory_pb2.ROLE_STAFF,
@@ -144,18 +144,9 @@ def make_components(db, table: DirectoryTable) -> Components:
     settings = config.load(
         {"MONGO_URI": "mongodb://unused:1", "PHI_MASTER_KEYS": f"m:{master}", "AMQP_URL": "amqp://unused/"}
     )
-    store = NotificationsStore(db)
-    store.ensure_indexes()
-    keyring = KeyRing(db, {"m": os.urandom(32)}, "m")
-    keyring.ensure_indexes()
-    return Components(
-        settings=settings,
-        store=store,
-        cipher=PhiCipher(keyring),
-        directory=DirectoryStandIn(table),
-        service_tokens=ServiceIdentities(),
-        registrations=Registrations(settings.facilities, settings.partners),
-    )
+    return build(
+        settings, db, directory=DirectoryStandIn(table), service_tokens=ServiceIdentities(), features=()
+    ).components
 
 
 def staged_deliveries(doc: dict) -> list[tuple[str, inbox_pb2.DeliverItemRequest]]:

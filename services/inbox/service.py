@@ -1,0 +1,113 @@
+"""The inbox's parts wired together, for the process entry point and for tests; nothing is started
+here (no thread, no server, no connection beyond the clients' lazy channels).
+
+    inbox = build(settings, db)                                  # as the process runs it
+    inbox = build(settings, db, directory=table, features=())    # a test: directory stood in for,
+                                                                 # features attached by the test
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymongo.database import Database
+
+from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
+from services.inbox import store
+from services.inbox.announcements import Announcements
+from services.inbox.board import Board
+from services.inbox.components import Components, Feature
+from services.inbox.config import InboxSettings
+from services.inbox.delivery import Delivery
+from services.inbox.directory_client import DirectoryClient
+from services.inbox.grpc_api import InboxServicer
+from services.inbox.mailbox import Mailbox
+from services.inbox.portal import Portal
+from services.inbox.reminders import Reminders
+from services.inbox.signatures import Signatures
+from services.kit.bootstrap import phi_cipher
+from services.kit.crypto import PhiCipher
+from services.kit.features import Worker, background_of
+from services.kit.grpc_server import ServiceBinding
+from services.kit.outbox import outbox_collections
+
+# Every feature of the mailbox, in start order.
+FEATURES: tuple[Callable[[Components], Feature], ...] = (Announcements, Reminders, Signatures, Portal, Delivery)
+
+
+@dataclass
+class Inbox:
+    components: Components
+    # Clients build() opened itself (not those it was given): close() closes them.
+    opened: list[Any] = field(default_factory=list)
+
+    @property
+    def features(self) -> list[Feature]:
+        return self.components.features
+
+    @property
+    def delivery(self) -> Delivery | None:
+        """The delivery API (producers' DeliverItem), when it is one of the features."""
+        return next((feature for feature in self.features if isinstance(feature, Delivery)), None)
+
+    @property
+    def outbox_collections(self) -> list[str]:
+        """The collections whose documents carry outbox events: the mailbox's, then the features'."""
+        return outbox_collections(store.OUTBOX_COLLECTIONS, self.features)
+
+    def grpc_binding(self) -> ServiceBinding:
+        settings = self.components.settings
+        servicer = InboxServicer(
+            self.components.mailbox,
+            settings.max_subject_chars,
+            settings.max_body_chars,
+            self.delivery,
+            self.components.directory,
+        )
+        return ServiceBinding(
+            inbox_pb2_grpc.add_InboxServiceServicer_to_server,
+            servicer,
+            inbox_pb2.DESCRIPTOR.services_by_name["InboxService"].full_name,
+        )
+
+    def background(self) -> list[Worker]:
+        """The mailbox's own repair loop, then every feature's workers."""
+        return [("fanout-repair", self.components.mailbox.repair_fanouts), *background_of(self.features)]
+
+    def close(self) -> None:
+        for client in self.opened:
+            client.close()
+
+
+def build(
+    settings: InboxSettings,
+    db: Database,
+    *,
+    directory: Any = None,
+    service_tokens: Any = None,
+    cipher: PhiCipher | None = None,
+    features: Sequence[Callable[[Components], Feature]] = FEATURES,
+) -> Inbox:
+    """The inbox over `db`: indexes created, `features` constructed, indexed and attached.
+
+    `directory` defaults to a DirectoryClient of settings.directory_grpc_target (a stand-in with
+    its methods in tests); `service_tokens` (ServiceTokens, or anything with `identity(agency)`)
+    is what work no user started acts as; `cipher` defaults to one over `db`'s data keys."""
+    inbox_store = store.InboxStore(db)
+    inbox_store.ensure_indexes()
+    cipher = cipher or phi_cipher(db, settings.common)
+    opened = []
+    if directory is None:
+        directory = DirectoryClient(settings.directory_grpc_target)
+        opened.append(directory)
+    board = Board(inbox_store, cipher)
+    board.terminology = lambda caller: directory.agency_settings(caller.agency_id).patient_singular
+    mailbox = Mailbox(inbox_store, cipher, directory.resolve, board)
+    components = Components(settings, inbox_store, cipher, board, mailbox, directory, service_tokens)
+    components.features = [feature(components) for feature in features]
+    for feature in components.features:
+        feature.ensure_indexes()
+        feature.attach()
+    return Inbox(components, opened)

@@ -1,0 +1,95 @@
+"""A small in-process cache whose entries expire: answers another service gives that change rarely
+(an agency's settings, its staff list), remembered for a short, bounded time.
+
+    settings = TtlCache(ttl_s=60.0, max_entries=10_000)
+    answer = settings.get_or_load(agency_id, lambda: ask_directory(agency_id))
+
+An entry is fresh while less than `ttl_s` has passed since the load that produced it *started*,
+so a cached answer never outlives one fetched fresh at the same moment. `ttl_s` <= 0 turns the
+cache off (every call loads). At most `max_entries` are kept: a full cache drops its expired
+entries, then the least recently stored ones. Thread-safe; a load runs outside the lock, so two
+threads missing the same key at once both load (the later answer is kept), as directory is
+simply asked twice. A load that raises stores nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+__all__ = ["TtlCache"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+_MISSING = object()
+
+
+class TtlCache(Generic[K, V]):
+    def __init__(self, ttl_s: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()  # key -> (loaded at, value)
+        self._lock = threading.Lock()
+
+    def get(self, key: K, default: V | None = None) -> V | None:
+        """The fresh value for `key`, or `default`."""
+        found = self._fresh(key, self._clock())
+        return default if found is _MISSING else found  # type: ignore[return-value]
+
+    def get_or_load(self, key: K, load: Callable[[], V]) -> V:
+        """The fresh value for `key`, or `load()`'s answer, stored for `ttl_s` from before the load."""
+        started = self._clock()
+        found = self._fresh(key, started)
+        if found is not _MISSING:
+            return found  # type: ignore[return-value]
+        value = load()
+        self.put(key, value, at=started)
+        return value
+
+    def put(self, key: K, value: V, *, at: float | None = None) -> None:
+        """Remember `value` for `key`, fresh for `ttl_s` from `at` (default: now)."""
+        if self.ttl_s <= 0:
+            return
+        at = self._clock() if at is None else at
+        with self._lock:
+            self._entries.pop(key, None)
+            if len(self._entries) >= self.max_entries:
+                self._drop_expired(self._clock())
+            while len(self._entries) >= self.max_entries:
+                self._entries.popitem(last=False)
+            self._entries[key] = (at, value)
+
+    def forget(self, key: K) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _fresh(self, key: K, now: float) -> object:
+        if self.ttl_s <= 0:
+            return _MISSING
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return _MISSING
+            if now - entry[0] < self.ttl_s:
+                return entry[1]
+            del self._entries[key]
+            return _MISSING
+
+    def _drop_expired(self, now: float) -> None:
+        for key in [key for key, (at, _) in self._entries.items() if now - at >= self.ttl_s]:
+            del self._entries[key]
