@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 
-from flask import Blueprint, Flask, g, request
+from flask import Blueprint, Flask, current_app, g, request
 
 from services.auto_reply import domain
 from services.auto_reply.clients import DirectoryClient
@@ -20,7 +21,7 @@ from services.auto_reply.store import FOREVER, AutoReplyStore, setting_id
 from services.kit.audit import access_record, phi_accessed
 from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput, NotFound
-from services.kit.http import create_app, require_staff
+from services.kit.http import create_app, readiness, require_staff
 from services.kit.mongo import now_ms
 from services.kit.validation import json_body
 
@@ -65,86 +66,111 @@ def record_reads(store: AutoReplyStore, caller: Identity, settings: list[domain.
     store.record_access(access_record(caller, events, action="read"))
 
 
-def build_app(store: AutoReplyStore, directory: DirectoryClient, verifier, *, ready=None, max_body_bytes: int) -> Flask:
+api = Blueprint("auto_replies", __name__, url_prefix="/api/v1/auto-replies")
+health = Blueprint("health", __name__)
+
+
+def build_app(
+    store: AutoReplyStore,
+    directory: DirectoryClient,
+    verifier,
+    *,
+    ready: Callable[[], list[str]] | None = None,
+    max_body_bytes: int,
+) -> Flask:
+    """`ready()` names what keeps the service from being ready (none: ready); None: always ready."""
     app = create_app("auto-reply", verifier, max_body_bytes=max_body_bytes)
-    api = Blueprint("auto_replies", __name__, url_prefix="/api/v1/auto-replies")
-
-    def mine(caller: Identity) -> dict[str, domain.Setting]:
-        saved = store.settings_of(caller.agency_id, caller.staff_id)
-        missing = [kind for kind in domain.KINDS if kind not in saved]
-        if missing:
-            zone = directory.agency_time_zone(caller.agency_id)
-            for kind in missing:
-                saved[kind] = domain.never_set(caller.agency_id, caller.staff_id, kind, zone)
-        return saved
-
-    @api.get("/me")
-    @require_staff
-    def get_mine():
-        settings = mine(g.identity)
-        record_reads(store, g.identity, list(settings.values()))
-        now = now_ms()
-        return {kind: setting_view(settings[kind], now) for kind in domain.KINDS}
-
-    @api.put("/me/<kind>")
-    @require_staff
-    def put_mine(kind: str):
-        if kind not in domain.KINDS:
-            raise NotFound("not_found", "no such auto-reply kind")
-        caller = g.identity
-        body = json_body()
-        change = domain.parse_change(body, lambda: directory.agency_time_zone(caller.agency_id))
-        current = store.setting(caller.agency_id, caller.staff_id, kind) or domain.never_set(
-            caller.agency_id, caller.staff_id, kind, change.time_zone
-        )
-        now = now_ms()
-        updated = domain.apply_change(current, change, now)
-        store.save(updated)
-        # The answer shows the text, which may be the saved one (a body without a message).
-        record_reads(store, caller, [updated])
-        log.info(
-            "auto-reply saved",
-            extra={
-                "agency_id": caller.agency_id,
-                "staff_id": caller.staff_id,
-                "code": f"{kind}:{int(updated.enabled)}",
-            },
-        )
-        return setting_view(updated, now)
-
-    @api.get("/away")
-    @require_staff
-    def away():
-        caller = g.identity
-        if not caller.is_admin:
-            raise Forbidden("admin_only", "only agency admins see who is away")
-        if request.args:
-            raise InvalidInput("invalid_query", f"unknown query parameter: {sorted(request.args)[0]}")
-        now = now_ms()
-        by_staff: dict[str, dict] = {}
-        for doc in store.away(caller.agency_id, now):
-            start = max(doc.get("starts_at") or 0, doc.get("activated_at") or 0)
-            if start > now:
-                continue  # scheduled, not yet away
-            entry = by_staff.setdefault(doc["staff_id"], {"staff_id": doc["staff_id"], "kinds": [], "until": -1})
-            entry["kinds"].append(doc["kind"])
-            until = doc.get("away_until") or FOREVER
-            entry["until"] = max(entry["until"], until)
-        items = []
-        for staff_id in sorted(by_staff):
-            entry = by_staff[staff_id]
-            entry["kinds"] = [k for k in domain.KINDS if k in entry["kinds"]]
-            entry["until"] = None if entry["until"] >= FOREVER else iso(entry["until"])
-            items.append(entry)
-        return {"items": items}
-
+    app.extensions["auto-reply"] = {"store": store, "directory": directory, "ready": ready}
     app.register_blueprint(api)
-
-    @app.get("/readyz")
-    def readyz():
-        problems = ready() if ready is not None else []
-        if problems:
-            return {"status": "unready", "problems": problems}, 503
-        return {"status": "ready", "service": "auto-reply"}
-
+    app.register_blueprint(health)
     return app
+
+
+def _store() -> AutoReplyStore:
+    return current_app.extensions["auto-reply"]["store"]
+
+
+def _directory() -> DirectoryClient:
+    return current_app.extensions["auto-reply"]["directory"]
+
+
+def mine(caller: Identity) -> dict[str, domain.Setting]:
+    saved = _store().settings_of(caller.agency_id, caller.staff_id)
+    missing = [kind for kind in domain.KINDS if kind not in saved]
+    if missing:
+        zone = _directory().agency_time_zone(caller.agency_id)
+        for kind in missing:
+            saved[kind] = domain.never_set(caller.agency_id, caller.staff_id, kind, zone)
+    return saved
+
+
+@api.get("/me")
+@require_staff
+def get_mine():
+    settings = mine(g.identity)
+    record_reads(_store(), g.identity, list(settings.values()))
+    now = now_ms()
+    return {kind: setting_view(settings[kind], now) for kind in domain.KINDS}
+
+
+@api.put("/me/<kind>")
+@require_staff
+def put_mine(kind: str):
+    if kind not in domain.KINDS:
+        raise NotFound("not_found", "no such auto-reply kind")
+    caller = g.identity
+    store = _store()
+    body = json_body()
+    change = domain.parse_change(body, lambda: _directory().agency_time_zone(caller.agency_id))
+    current = store.setting(caller.agency_id, caller.staff_id, kind) or domain.never_set(
+        caller.agency_id, caller.staff_id, kind, change.time_zone
+    )
+    now = now_ms()
+    updated = domain.apply_change(current, change, now)
+    store.save(updated)
+    # The answer shows the text, which may be the saved one (a body without a message).
+    record_reads(store, caller, [updated])
+    log.info(
+        "auto-reply saved",
+        extra={
+            "agency_id": caller.agency_id,
+            "staff_id": caller.staff_id,
+            "code": f"{kind}:{int(updated.enabled)}",
+        },
+    )
+    return setting_view(updated, now)
+
+
+@api.get("/away")
+@require_staff
+def away():
+    caller = g.identity
+    if not caller.is_admin:
+        raise Forbidden("admin_only", "only agency admins see who is away")
+    if request.args:
+        raise InvalidInput("invalid_query", f"unknown query parameter: {sorted(request.args)[0]}")
+    now = now_ms()
+    by_staff: dict[str, dict] = {}
+    for doc in _store().away(caller.agency_id, now):
+        start = max(doc.get("starts_at") or 0, doc.get("activated_at") or 0)
+        if start > now:
+            continue  # scheduled, not yet away
+        entry = by_staff.setdefault(doc["staff_id"], {"staff_id": doc["staff_id"], "kinds": [], "until": -1})
+        entry["kinds"].append(doc["kind"])
+        until = doc.get("away_until") or FOREVER
+        entry["until"] = max(entry["until"], until)
+    items = []
+    for staff_id in sorted(by_staff):
+        entry = by_staff[staff_id]
+        entry["kinds"] = [k for k in domain.KINDS if k in entry["kinds"]]
+        entry["until"] = None if entry["until"] >= FOREVER else iso(entry["until"])
+        items.append(entry)
+    return {"items": items}
+
+
+@health.get("/readyz")
+def readyz():
+    """Ready while consuming and the database answers (what `ready()` reports)."""
+    ready = current_app.extensions["auto-reply"]["ready"]
+    problems = ready() if ready is not None else []
+    return readiness({problem: (lambda: False) for problem in problems})

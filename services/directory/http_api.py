@@ -30,7 +30,7 @@ from services.directory.domain import Agency, PortalPatient, StaffMember, Team, 
 from services.directory.sessions import Grant, TooManyAttempts
 from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput, NotFound
-from services.kit.http import create_app, error_response, require_auth
+from services.kit.http import create_app, error_response, readiness, require_auth
 from services.kit.validation import Bool, Fields, Id, Int, ListOf, Str, json_body, path_id, query_int, validate
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ def create_directory_app(components: Directory) -> Flask:
     app.register_blueprint(directory)
     app.register_blueprint(partner)
     app.add_url_rule("/.well-known/jwks.json", "well_known_jwks", jwks, methods=["GET"])
+    app.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])
 
     @app.errorhandler(TooManyAttempts)
     def _too_many_attempts(exc: TooManyAttempts):
@@ -268,6 +269,11 @@ def sign_out():
 @auth.get("/jwks")
 def jwks():
     return jsonify(_components().settings.signing_keys.jwks())
+
+
+def readyz():
+    """Ready when the database answers (sign-in, tokens and every lookup need it)."""
+    return readiness({"database": lambda: _components().store.db.command("ping")})
 
 
 # --- the directory, for any staff member ------------------------------------------------------

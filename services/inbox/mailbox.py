@@ -3,7 +3,8 @@
 A send is one message document (encrypted subject and body, recipients and the
 held `message.delivered` events) followed by a repeatable fan-out of board
 items; the events are released only once every board item exists. A crash in
-between leaves `fanout_pending_at` set, and the repair loop finishes the job.
+between leaves `fanout_pending_at` set, and the repair loop finishes the job
+(services/inbox/fanout.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
 from services.inbox.board import Board, ItemFilter, iso, unread_patch
 from services.inbox.directory_client import Resolution
+from services.inbox.fanout import MARKER, Fanout, held_events
 from services.inbox.schemas import PRIORITY_TO_PB
 from services.inbox.store import InboxStore
 from services.kit.auth import Identity
@@ -27,13 +29,10 @@ from services.kit.errors import Conflict, InvalidInput
 from services.kit.events import new_envelope
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import now_ms
-from services.kit.outbox import outbox_fields
-from services.kit.runtime import every
 
 log = logging.getLogger(__name__)
 
 PRODUCER = "inbox"
-FANOUT_REPAIR_AFTER_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,13 @@ class Mailbox:
         # -> SendResult.
         self.reply_handlers: dict = {}
         self.board.details[domain.KIND_MESSAGE] = self.detail
+        self.fanout = Fanout(
+            store.messages,
+            self._place_items,
+            what="fan-out",
+            # Looked up per call: tests stand in for the store's query.
+            find_pending=lambda older_than_ms, limit: self.store.pending_fanouts(older_than_ms, limit),  # noqa: PLW0108
+        )
 
     # --- send -------------------------------------------------------------
     def send(
@@ -162,10 +168,10 @@ class Mailbox:
             # Links to charts can name a patient: sealed like the body.
             "links": self.cipher.seal(agency, message_id, "links", json.dumps(list(draft.links))),
             "sent_at": sent_at,
-            "fanout_pending_at": sent_at,
+            MARKER: sent_at,
             **(extra or {}),
         }
-        doc.update(outbox_fields([self.delivered_event(doc, staff_id) for staff_id in recipients], ready=False))
+        doc.update(held_events([self.delivered_event(doc, staff_id) for staff_id in recipients]))
         return doc
 
     def delivered_event(self, doc: dict, recipient_id: str):
@@ -197,23 +203,19 @@ class Mailbox:
         )
 
     def complete_fanout(self, doc: dict) -> None:
-        if "fanout_pending_at" not in doc:
-            return
+        """Every recipient's item and the sender's Sent copy, then the events released (once)."""
+        self.fanout.complete(doc)
+
+    def _place_items(self, doc: dict) -> None:
         folder = doc.get("recipient_folder", domain.FOLDER_MESSAGES)
         items = [domain.board_item(doc, staff_id, folder) for staff_id in doc["recipient_ids"]]
         if doc.get("sender_kind", "staff") == "staff":
             items.append(domain.board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
         self.store.insert_board_items(items)
-        self.store.finish_fanout(doc["_id"])
 
     def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
         """Finish sends interrupted between the message write and the board items."""
-        every(stop, interval_s, self.repair_pending, "fan-out repair")
-
-    def repair_pending(self) -> None:
-        for doc in self.store.pending_fanouts(now_ms() - FANOUT_REPAIR_AFTER_MS):
-            self.complete_fanout(doc)
-            log.info("finished interrupted fan-out", extra={"message_id": doc["_id"]})
+        self.fanout.run_repairs(stop, interval_s)
 
     # --- read -------------------------------------------------------------
     def page(self, caller: Identity, folder: str, unread_only: bool, cursor: str | None, limit: int) -> dict:

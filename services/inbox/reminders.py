@@ -22,7 +22,7 @@ from pymongo import DESCENDING
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
-from services.inbox.delivery import delivered_event
+from services.inbox.delivery_rules import delivered_event
 from services.inbox.http_api import only_query, staff_only
 from services.inbox.store import BOARD_ITEMS, REMOVE
 from services.kit.auth import Identity

@@ -1,12 +1,14 @@
 """Signature Requests: sign-off on a document by named signers; sign or decline; the requester hears each outcome.
 
 One `signature_requests` document per request is the record: the sealed document title and
-reference, and each signer's state in a map keyed by staff id. Every change of it is one write
-guarded by its `version` and sets `sync_pending_at`; the board items that show it (one per signer,
-one read copy for the requester, and an outcome item per response for the requester) are then
-brought in line repeatably: deterministic ids, duplicates skipped, each new item carrying its
-`board_item.delivered.v1` event (outbox), status patches applied only from a newer version of the
-request. A crash in between leaves `sync_pending_at` set and the repair loop finishes the job.
+reference, and each signer's state in a map keyed by staff id. It is written as a message is
+(services/inbox/fanout.py): every change of it is one write guarded by its `version` that sets
+`sync_pending_at`; the board items that show it (one per signer, one read copy for the requester,
+and an outcome item per response for the requester) are then brought in line repeatably:
+deterministic ids, duplicates skipped, each new item carrying its own `board_item.delivered.v1`
+event (so the request holds none), status patches applied only from a newer version of the
+request; then the marker is cleared unless the request changed meanwhile. A crash in between
+leaves `sync_pending_at` set and the repair loop finishes the job.
 """
 
 from __future__ import annotations
@@ -17,33 +19,32 @@ import uuid
 
 from flask import Blueprint, g, request
 from pymongo import DESCENDING
-from pymongo.errors import PyMongoError
 
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
-from services.inbox.delivery import delivered_event
+from services.inbox.delivery_rules import delivered_event
+from services.inbox.fanout import Fanout, repair_index
 from services.inbox.http_api import only_query, staff_only
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
-from services.kit.runtime import every
 from services.kit.validation import Choice, Id, Instant, ListOf, Str, json_body, path_id, query_int, validate
 
 log = logging.getLogger(__name__)
 
 REQUESTS = "signature_requests"
+SYNC_MARKER = "sync_pending_at"
 INDEXES = [
     IndexSpec(REQUESTS, [("requester_key", 1), ("sort_key", -1)], name="requester_sort"),
-    IndexSpec(REQUESTS, [("sync_pending_at", 1)], name="sync_pending"),
+    repair_index(REQUESTS, SYNC_MARKER),
 ]
 DOCUMENT_KINDS = ("patient", "staff")
 MAX_SIGNERS = 20
 TITLE_MAX_CHARS = 200
 REF_MAX_CHARS = 500
 NOTE_MAX_CHARS = 2000
-SYNC_REPAIR_AFTER_MS = 10_000
 ATTEMPTS = 8
 
 STATUS_PENDING = "pending"
@@ -134,6 +135,15 @@ class Signatures(Feature):
         super().__init__(components)
         self.repair_interval_s = repair_interval_s
         self.requests = components.store.db[REQUESTS]
+        self.fanout = Fanout(
+            self.requests,
+            self._place_items,
+            what="signature",
+            marker=SYNC_MARKER,
+            revision="version",
+            holds_events=False,
+            finish=lambda doc: self.sync(doc),  # noqa: PLW0108 - looked up per call: tests stand in for it
+        )
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.components.store.db, INDEXES)
@@ -173,7 +183,7 @@ class Signatures(Feature):
             "created_at": now,
             "sort_key": domain.sort_key(now, request_id),
             "version": 1,
-            "sync_pending_at": now,
+            SYNC_MARKER: now,
         }
         self.requests.insert_one(doc)
         self.sync(doc)
@@ -210,12 +220,17 @@ class Signatures(Feature):
                 "note": self.components.cipher.seal(caller.agency_id, request_id, f"note:{signer}", note),
             }
             update = {
-                "$set": {f"signers.{signer}": entry, "sync_pending_at": now},
+                "$set": {f"signers.{signer}": entry, SYNC_MARKER: now},
                 "$inc": {"version": 1},
             }
             guard = {"_id": {"$eq": request_id}, "version": {"$eq": doc["version"]}}
             if self.requests.update_one(guard, update).matched_count:
-                doc = {**doc, "signers": {**doc["signers"], signer: entry}, "version": doc["version"] + 1}
+                doc = {
+                    **doc,
+                    "signers": {**doc["signers"], signer: entry},
+                    "version": doc["version"] + 1,
+                    SYNC_MARKER: now,
+                }
                 self.sync(doc)
                 log.info("signature request answered", extra={"staff_id": signer, "agency_id": caller.agency_id})
                 return self.view(caller, doc)
@@ -224,9 +239,11 @@ class Signatures(Feature):
     # --- board items ----------------------------------------------------------------------------------
     def sync(self, doc: dict) -> None:
         """Make the request's board items show its state at `doc["version"]` (repeatable), then clear
-        the repair marker unless the request changed meanwhile.
+        the repair marker unless the request changed meanwhile."""
+        self.fanout.complete(doc)
 
-        The request items are inserted until placed once; after that they are only patched, so one
+    def _place_items(self, doc: dict) -> None:
+        """The request items are inserted until placed once; after that they are only patched, so one
         its owner deleted stays deleted. Each answer adds an outcome item for the requester, also
         until placed once (`outcomes_placed`): an outcome the requester deleted stays deleted, and
         an answer whose sync was interrupted gets its outcome from whichever sync comes next, even
@@ -247,9 +264,6 @@ class Signatures(Feature):
             store.insert_board_items(_with_events([self._outcome_item(doc, sid) for sid in answered]))
             marks = {f"outcomes_placed.{sid}": now for sid in answered}
             self.requests.update_one({"_id": {"$eq": doc["_id"]}}, {"$set": marks})
-        self.requests.update_one(
-            {"_id": {"$eq": doc["_id"]}, "version": {"$eq": doc["version"]}}, {"$unset": {"sync_pending_at": ""}}
-        )
 
     def _request_items(self, doc: dict) -> list[dict]:
         """The requester's read copy and one item per signer (a signer's own wins if the requester
@@ -311,23 +325,12 @@ class Signatures(Feature):
         )
 
     def repair(self, stop: threading.Event) -> None:
-        """Finish the board items of requests whose change was interrupted before they followed; a
-        pass that meets an outage or a busy item is tried again next time."""
-        every(
-            stop,
-            self.repair_interval_s,
-            lambda: self.repair_pending(now_ms() - SYNC_REPAIR_AFTER_MS),
-            "signature repair",
-            errors=(PyMongoError, Conflict),
-        )
+        """Finish the board items of requests whose change was interrupted before they followed."""
+        self.fanout.run_repairs(stop, self.repair_interval_s)
 
-    def repair_pending(self, older_than_ms: int, limit: int = 100) -> int:
+    def repair_pending(self, older_than_ms: int | None = None, limit: int = 100) -> int:
         """Sync the requests whose marker is older than `older_than_ms`; returns how many."""
-        pending = self.requests.find({"sync_pending_at": {"$lte": older_than_ms}}, projection={"_outbox": 0})
-        docs = list(pending.sort("sync_pending_at", 1).limit(limit))
-        for doc in docs:
-            self.sync(doc)
-        return len(docs)
+        return self.fanout.repair_pending(older_than_ms, limit)
 
     # --- reads ---------------------------------------------------------------------------------------
     def _visible(self, caller: Identity, request_id: str, action: str, signers_only: bool = False) -> dict:

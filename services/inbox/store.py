@@ -21,10 +21,11 @@ from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.inbox import domain
+from services.inbox.fanout import pending_records, repair_index
 from services.kit.errors import Conflict
 from services.kit.events import Envelope
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
-from services.kit.outbox import merge_update, release_update, with_outbox
+from services.kit.outbox import with_outbox
 
 MESSAGES = "messages"
 BOARD_ITEMS = "board_items"
@@ -45,7 +46,7 @@ INDEXES = [
     IndexSpec(BOARD_ITEMS, [("unread_board", 1), ("sort_key", -1)], name="unread_board_sort"),
     IndexSpec(BOARD_ITEMS, [("urgent_board", 1), ("sort_key", -1)], name="urgent_board_sort"),
     IndexSpec(BOARD_ITEMS, [("due_pending_at", 1)], name="due_pending"),
-    IndexSpec(MESSAGES, [("fanout_pending_at", 1)], name="fanout_pending"),
+    repair_index(MESSAGES),
     IndexSpec(MESSAGES, [("thread_id", 1), ("sent_at", 1)], name="thread_order"),
     IndexSpec(LABELS, [("owner", 1), ("name_key", 1)], name="owner_labels"),
     IndexSpec(LABELS, [("owner_name", 1)], name="owner_name_unique", unique=True),
@@ -111,17 +112,9 @@ class InboxStore:
         self.apply_deltas([(item, domain.counter_delta(None, item)) for item in inserted])
         return inserted
 
-    def finish_fanout(self, message_id: str) -> None:
-        """Every board item exists: release the held events and clear the repair marker, in one write."""
-        update = merge_update(release_update(), {"$unset": {"fanout_pending_at": ""}})
-        self.messages.update_one({"_id": {"$eq": message_id}}, update)
-
     def pending_fanouts(self, older_than_ms: int, limit: int = 100) -> list[dict]:
-        return list(
-            self.messages.find({"fanout_pending_at": {"$lte": older_than_ms}}, projection={"_outbox": 0})
-            .sort("fanout_pending_at", 1)
-            .limit(limit)
-        )
+        """Messages whose fan-out was interrupted (services/inbox/fanout.py), oldest first."""
+        return pending_records(self.messages, older_than_ms, limit)
 
     def thread_messages(self, thread_id: str, limit: int) -> list[dict]:
         return list(

@@ -11,9 +11,9 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from services.kit.auth import KIND_STAFF, AuthError, TokenVerifier, bearer_token, current_identity
@@ -111,6 +111,24 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
         return {"status": "ok", "service": service}
 
     return app
+
+
+def readiness(checks: Mapping[str, Callable[[], object]], **extra):
+    """The answer to `GET /readyz`, one shape for every service: 200 `{"status": "ready",
+    "service": <app name>, **extra}` when every check passes, else 503 with the kit's error body,
+    code `not_ready`, naming the failing checks (`details.failing`). A check fails by returning a
+    falsy value or by raising (a database that does not answer)."""
+    failing = []
+    for name, check in checks.items():
+        try:
+            passed = check()
+        except Exception:  # noqa: BLE001 - whatever stops the check, the service is not ready
+            passed = False
+        if not passed:
+            failing.append(name)
+    if failing:
+        return error_response(503, "not_ready", f"not ready: {', '.join(failing)}", {"failing": failing})
+    return {"status": "ready", "service": current_app.name, **extra}
 
 
 def require_auth(view: Callable) -> Callable:

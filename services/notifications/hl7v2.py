@@ -30,8 +30,8 @@ import hl7
 ACCEPT, ERROR, REJECT = "AA", "AE", "AR"
 # Their enhanced-mode (commit acknowledgement) counterparts.
 COMMIT_CODES = {ACCEPT: "CA", ERROR: "CE", REJECT: "CR"}
-# MSH-15 accept acknowledgement conditions (HL7 table 0155).
-ALWAYS, NEVER, ERROR_ONLY, SUCCESS_ONLY = "AL", "NE", "ER", "SU"
+# MSH-15 accept acknowledgement conditions (HL7 table 0155); AL (always), or none, acknowledges every message.
+NEVER, ERROR_ONLY, SUCCESS_ONLY = "NE", "ER", "SU"
 
 # Error codes (HL7 table 0357) used in ERR-3.
 SEGMENT_SEQUENCE_ERROR = "100"
@@ -46,8 +46,7 @@ APPLICATION_INTERNAL_ERROR = "207"
 
 PROCESSING_IDS = ("P", "T", "D")
 DEFAULT_VERSION = "2.5.1"
-MAX_CONTROL_ID = 199  # MSH-10 is ST(199) in 2.5.1
-_CONTROL_ID = re.compile(r"^[\x21-\x7e]{1,199}$")
+_CONTROL_ID = re.compile(r"^[\x21-\x7e]{1,199}$")  # MSH-10 is ST(199) in 2.5.1
 # Control characters that have no place in HL7 text (tab, CR and LF do: separators and spacing).
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 STANDARD_ENCODING = "|^~\\&"

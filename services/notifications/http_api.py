@@ -11,40 +11,38 @@ Routes:
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response
+from collections.abc import Callable
+
+from flask import Blueprint, Flask, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pymongo.errors import PyMongoError
 
 from services.kit.http import create_app as create_flask_app
-from services.kit.http import error_response
+from services.kit.http import readiness
 from services.notifications.components import Components
 
+health = Blueprint("health", __name__)
 
-def health_blueprint(components: Components, ready_checks: dict) -> Blueprint:
-    health = Blueprint("health", __name__)
 
-    @health.get("/readyz")
-    def readyz():
-        try:
-            components.store.db.command("ping")
-        except PyMongoError:
-            return error_response(503, "not_ready", "the database does not answer")
-        failing = sorted(name for name, check in ready_checks.items() if not check())
-        if failing:
-            return error_response(503, "not_ready", f"not ready: {', '.join(failing)}")
-        return {"status": "ready", "service": "notifications"}
+@health.get("/readyz")
+def readyz():
+    """Ready when the database answers and every check the process registered passes (the MLLP
+    listener runs)."""
+    components: Components = current_app.extensions["notifications"]
+    ready_checks: dict[str, Callable[[], bool]] = current_app.extensions["notifications.ready_checks"]
+    return readiness({"database": lambda: components.store.db.command("ping"), **ready_checks})
 
-    @health.get("/metrics")
-    def metrics():
-        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
-    return health
+@health.get("/metrics")
+def metrics():
+    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(components: Components, verifier, ready_checks: dict | None = None) -> Flask:
     """The Flask app: kit error handling and /healthz, /readyz, then every feature's blueprints."""
     app = create_flask_app("notifications", verifier, max_body_bytes=components.settings.max_request_bytes)
-    app.register_blueprint(health_blueprint(components, ready_checks or {}))
+    app.extensions["notifications"] = components
+    app.extensions["notifications.ready_checks"] = dict(ready_checks or {})
+    app.register_blueprint(health)
     for feature in components.features:
         for blueprint in feature.blueprints():
             app.register_blueprint(blueprint)

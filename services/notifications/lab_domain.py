@@ -23,7 +23,7 @@ INFO, ABNORMAL, URGENT = "info", "abnormal", "urgent"
 _RANK = {INFO: 0, ABNORMAL: 1, URGENT: 2}
 
 URGENT_FLAGS = frozenset({"HH", "LL", "AA"})
-ABNORMAL_FLAGS = frozenset({"H", "L", "A", "<", ">", "HU", "LU", "POS"})
+# Any other flag (H, L, A, <, >, HU, LU, POS, or one not in table 0078) is abnormal.
 INFO_FLAGS = frozenset({"", "N", "U", "D", "B", "W", "S", "R", "I", "MS", "VS", "NEG", "IND", "DET", "ND", "NR"})
 
 # OBR-25 result status (HL7 table 0123) -> the status a board shows.

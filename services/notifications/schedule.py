@@ -42,9 +42,6 @@ DELETED = "deleted"
 NO_SHOW = "no_show"
 # A status change that is not a schedule change (arrived, checked in, fulfilled): recorded, nobody told.
 ATTENDED = "attended"
-EVENTS = (BOOKED, RESCHEDULED, MODIFIED, CANCELLED, DELETED, NO_SHOW, ATTENDED)
-# Appointments in these states are off: the board says so.
-ENDED = (CANCELLED, DELETED, NO_SHOW)
 
 TITLES = {
     BOOKED: "New appointment",

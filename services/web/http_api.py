@@ -9,7 +9,7 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, current_app, g, send_from_directory
 
 from services.kit.auth import AuthError, TokenVerifier
-from services.kit.http import create_app, error_response, require_auth
+from services.kit.http import create_app, error_response, readiness, require_auth
 from services.kit.validation import json_body
 from services.web.live import Hub, Subscription, TooManyStreams
 from services.web.sessions import DirectorySessions, check_same_origin
@@ -60,9 +60,9 @@ def build_app(sessions: DirectorySessions, hub: Hub, verifier: TokenVerifier, se
 
     @app.get("/readyz")
     def _readyz():
-        if live_ready is not None and not live_ready():
-            return error_response(503, "not_ready", "not consuming delivery events yet: pages would miss live updates")
-        return {"status": "ready", "service": "web", "event_streams": hub.streams}
+        # Not consuming delivery events yet: pages would miss live updates.
+        checks = {"delivery_events": live_ready} if live_ready is not None else {}
+        return readiness(checks, event_streams=hub.streams)
 
     return app
 

@@ -12,9 +12,9 @@ import pytest
 import requests
 from hl7.client import MLLPClient
 
-from services.inbox.delivery import notice_id
+from services.inbox.delivery_rules import notice_id
 from services.notifications import schedule
-from tests.e2e.conftest import wait_until
+from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
 LAKESIDE = "agy_lakeside"

@@ -77,3 +77,34 @@ def test_every_answer_carries_a_correlation_id_and_no_store(client):
     assert reply.headers["Cache-Control"] == "no-store"
     generated = client.get("/healthz", headers={"X-Correlation-ID": "x" * 500}).headers["X-Correlation-ID"]
     assert len(generated) == 32  # an unreasonable incoming id is replaced
+
+
+def test_every_service_answers_readiness_in_one_shape():
+    app = create_app("notifications", verifier=None)
+    state = {"database": True}
+
+    def unreachable():
+        raise ConnectionError("no answer")
+
+    @app.get("/ready-or-not")
+    def ready_or_not():
+        from services.kit.http import readiness
+
+        return readiness({"database": lambda: state["database"], "listener": lambda: True}, streams=3)
+
+    @app.get("/raising")
+    def raising():
+        from services.kit.http import readiness
+
+        return readiness({"database": unreachable})
+
+    client = app.test_client()
+    ready = client.get("/ready-or-not")
+    assert ready.status_code == 200
+    assert ready.get_json() == {"status": "ready", "service": "notifications", "streams": 3}
+    state["database"] = False
+    refused = client.get("/ready-or-not")
+    assert refused.status_code == 503
+    assert refused.get_json()["code"] == "not_ready" and refused.get_json()["details"] == {"failing": ["database"]}
+    raised = client.get("/raising")
+    assert raised.status_code == 503 and raised.get_json()["details"] == {"failing": ["database"]}
