@@ -77,18 +77,17 @@ class IncomingRequest:
 class RequestContext:
     """Kong's ngx.ctx for one request: matched route, authenticated consumer, pending header changes."""
 
-    __slots__ = ("request", "request_id", "client_ip", "client_port", "server_port", "started", "match",
+    __slots__ = ("request", "request_id", "client_ip", "server_port", "started", "match",
                  "route", "service", "consumer", "credential", "upstream_headers",
                  "cleared_query_args", "response_header_ops", "plugin_state", "buffer_body_limit",
                  "size_limit_status", "proxy_started", "connection_serial", "connection_requests", "status",
                  "upstream_ms")
 
-    def __init__(self, request: IncomingRequest, request_id: str, client_ip: str, *, client_port: int = 0,
-                 server_port: int = 0, connection_serial: int = 0, connection_requests: int = 0):
+    def __init__(self, request: IncomingRequest, request_id: str, client_ip: str, *, server_port: int = 0,
+                 connection_serial: int = 0, connection_requests: int = 0):
         self.request = request
         self.request_id = request_id
         self.client_ip = client_ip
-        self.client_port = client_port
         self.server_port = server_port
         self.started = time.perf_counter()
         self.match: Match | None = None

@@ -22,9 +22,8 @@ class Service:
 
     @property
     def host_header(self) -> str:
-        """The Host Kong sends upstream when preserve_host is off: the port only when not the default."""
-        default = 443 if self.protocol == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        """The Host Kong sends upstream when preserve_host is off: the port only when not 80 (plain http)."""
+        return self.host if self.port == 80 else f"{self.host}:{self.port}"
 
 
 @dataclass(eq=False)
@@ -34,11 +33,9 @@ class Route:
     service: Service
     protocols: list[str]
     methods: list[str]
-    hosts: list[str]
     paths: list[str]
     strip_path: bool
     preserve_host: bool
-    https_redirect_status_code: int
     order: int  # declaration order, the last tie-breaker between equally specific routes
 
 
@@ -56,7 +53,6 @@ class JwtSecret:
     key: str
     algorithm: str
     secret: str | None
-    rsa_public_key: str | None
     consumer: Consumer
     verifier: Any = None  # the parsed public key, or the HMAC secret's bytes; set once by the loader
 

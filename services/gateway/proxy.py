@@ -21,7 +21,7 @@ from services.gateway.context import IncomingRequest, RequestContext, apply_head
 from services.gateway.model import GatewayModel, PluginInstance, Route
 from services.gateway.plugins import REGISTRY
 from services.gateway.plugins.base import Plugin
-from services.gateway.responses import SERVER, VIA, Exit, error, exit_json, reason
+from services.gateway.responses import SERVER, VIA, Exit, error, reason
 from services.gateway.router import Router, strip_port
 from services.gateway.server import ClientConnection, ClientGone
 from services.gateway.upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -104,81 +104,145 @@ class Gateway:
                                                "exclude http, so it never runs on the local gateway (plain http)"))
         return notes
 
-    # --- one request ---------------------------------------------------------------------------
-    async def handle(self, request: IncomingRequest, conn: ClientConnection) -> bool:
-        ctx = RequestContext(request, new_request_id(), conn.client_ip, client_port=conn.client_port,
-                             server_port=self.server_port, connection_serial=conn.serial,
-                             connection_requests=conn.requests_seen)
-        try:
-            return await self._handle(ctx, conn)
-        finally:
-            if self.access_log_enabled:
-                access_log.info("request", extra={
-                    "request_id": ctx.request_id,
-                    "method": request.method,
-                    "route": ctx.route.name or ctx.route.id if ctx.route else None,
-                    "status": ctx.status or None,
-                    "duration_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
-                    "upstream_ms": ctx.upstream_ms,
-                })
-
-    async def _handle(self, ctx: RequestContext, conn: ClientConnection) -> bool:
+    # --- the phases of one request, apart from the wire -------------------------------------------
+    def begin(self, ctx: RequestContext) -> tuple[Exit | None, list[Plugin]]:
+        """Route and run the access phase: (an answer of the gateway's own or None to proxy, header filters)."""
         request = ctx.request
-        match = self.router.match(request.method, request.raw_path, request.header("host"))
+        match = self.router.match(request.method, request.raw_path)
         if match is None:
-            return await self.send_exit(ctx, conn, error(404, ctx.request_id, request.header("accept"),
-                                                         "no Route matched with those values"), [])
+            return error(404, ctx.request_id, request.header("accept"), "no Route matched with those values"), []
         route = match.route
         ctx.match, ctx.route, ctx.service = match, route, route.service
-        if "http" not in route.protocols:
-            return await self.send_exit(ctx, conn, self._https_required(ctx, route), [])
         access, filters = self.by_route[route.id]
         try:
             for plugin in access:
                 result = plugin.access(ctx)
                 if result is not None:
-                    return await self.send_exit(ctx, conn, result, filters)
+                    return result, filters
         except Exception:
             log.exception("plugin access phase failed", extra={"request_id": ctx.request_id})
-            return await self.send_exit(ctx, conn, error(500, ctx.request_id, request.header("accept")), filters)
-        body = None
-        if ctx.buffer_body_limit is not None and request.chunked:
-            if request.body is not None and request.body.received == 0 and request.expects_continue:
-                conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await self._read_limited(request, ctx.buffer_body_limit)
-            if body is None:
-                exit_ = error(ctx.size_limit_status, ctx.request_id, request.header("accept"),
-                              "Request size limit exceeded")
-                return await self.send_exit(ctx, conn, exit_, filters)
-        return await self._proxy(ctx, conn, filters, body)
+            return error(500, ctx.request_id, request.header("accept")), filters
+        return None, filters
 
-    def _https_required(self, ctx: RequestContext, route: Route) -> Exit:
-        code = route.https_redirect_status_code
-        if code == 426:
-            return exit_json(426, {"message": "Please use HTTPS protocol"},
-                             [("Connection", "Upgrade"), ("Upgrade", "TLS/1.2, HTTP/1.1")])
-        host = strip_port(ctx.request.header("host") or "kong")
-        return Exit(code, b"", [("Location", f"https://{host}{ctx.request.target}")])
-
-    async def _read_limited(self, request: IncomingRequest, limit: int) -> bytes | None:
-        assert request.body is not None
-        parts, size = [], 0
-        while True:
-            data = await request.body.read()
-            if not data:
-                return b"".join(parts)
-            size += len(data)
-            if size > limit:
-                return None
-            parts.append(data)
-
-    # --- answers from the gateway itself ---------------------------------------------------------
-    def _run_header_filters(self, ctx: RequestContext, filters: list[Plugin]) -> None:
+    def run_header_filters(self, ctx: RequestContext, filters: list[Plugin]) -> None:
         for plugin in filters:
             try:
                 plugin.header_filter(ctx)
             except Exception:
                 log.exception("plugin header_filter failed", extra={"request_id": ctx.request_id})
+
+    def exit_headers(self, ctx: RequestContext, exit_: Exit, filters: list[Plugin]) -> list[tuple[str, str]]:
+        """The headers of an answer of the gateway's own (framing aside), after the header filters."""
+        self.run_header_filters(ctx, filters)
+        latency = int((time.perf_counter() - ctx.started) * 1000)
+        headers = apply_header_ops([("Date", http_date()), *exit_.headers], ctx.response_header_ops)
+        if not any(n.lower() == "via" for n, _ in headers):
+            headers.append(("Server", SERVER))
+        headers += [("X-Kong-Response-Latency", str(latency)), ("X-Kong-Request-Id", ctx.request_id)]
+        ctx.status = exit_.status
+        return headers
+
+    def upstream_uri(self, ctx: RequestContext) -> str:
+        request, match = ctx.request, ctx.match
+        assert match is not None
+        query = strip_query_args(request.query, ctx.cleared_query_args) if ctx.cleared_query_args else request.query
+        return match.upstream_path + ("?" + query if query else "")
+
+    def upstream_headers(self, ctx: RequestContext) -> list[tuple[str, str]]:
+        """The request headers sent upstream (framing aside), `Host` first, as Kong sends them."""
+        request, route, service = ctx.request, ctx.route, ctx.service
+        assert route is not None and service is not None and ctx.match is not None
+        skip = REPLACED | ctx.upstream_headers.keys()
+        for value in request.header_values("connection"):
+            skip = skip | {token.strip().lower() for token in value.split(",")}
+        client_host = request.header("host")
+        host = client_host if route.preserve_host and client_host else service.host_header
+        headers = [("Host", host)]
+        headers += [(name, value) for name, value in request.headers if name.lower() not in skip]
+        forwarded_for = request.header_values("x-forwarded-for")
+        headers += [
+            ("X-Forwarded-For", ", ".join([*forwarded_for, ctx.client_ip])),
+            ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Host", strip_port((client_host or "kong").lower())),
+            ("X-Forwarded-Port", str(self.server_port)),
+            ("X-Forwarded-Path", request.raw_path),
+        ]
+        if ctx.match.prefix:
+            headers.append(("X-Forwarded-Prefix", ctx.match.prefix))
+        headers += [("X-Real-IP", ctx.client_ip), ("X-Kong-Request-Id", ctx.request_id)]
+        headers += [(name, value) for name, value in ctx.upstream_headers.values() if value is not None]
+        return headers
+
+    def response_headers(self, ctx: RequestContext, status: int, raw_headers, filters: list[Plugin]
+                         ) -> tuple[list[tuple[str, str]], bool]:
+        """The upstream's response headers as Kong passes them on (hop-by-hop ones dropped, Via and the
+        X-Kong-* latencies added, the header filters applied), framing aside; and whether it had a length."""
+        self.run_header_filters(ctx, filters)
+        drop = set(HOP_BY_HOP)
+        headers: list[tuple[str, str]] = []
+        has_length = has_date = False
+        via = None
+        for raw_name, raw_value in raw_headers:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            lower = name.lower()
+            if lower == "connection":
+                drop |= {token.strip().lower() for token in value.split(",")}
+                continue
+            if lower == "via":
+                via = value if via is None else f"{via}, {value}"
+                continue
+            has_length = has_length or lower == "content-length"
+            has_date = has_date or lower == "date"
+            headers.append((name, value))
+        headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        if not has_date:
+            headers.insert(0, ("Date", http_date()))
+        proxy_latency = int((ctx.proxy_started - ctx.started) * 1000)
+        headers += [
+            ("X-Kong-Upstream-Latency", str(ctx.upstream_ms)),
+            ("X-Kong-Proxy-Latency", str(proxy_latency)),
+            ("Via", f"{via}, {VIA}" if via else VIA),
+            ("X-Kong-Request-Id", ctx.request_id),
+        ]
+        ctx.status = status
+        return apply_header_ops(headers, ctx.response_header_ops), has_length
+
+    def log_request(self, ctx: RequestContext) -> None:
+        if self.access_log_enabled:
+            access_log.info("request", extra={
+                "request_id": ctx.request_id,
+                "method": ctx.request.method,
+                "route": ctx.route.name or ctx.route.id if ctx.route else None,
+                "status": ctx.status or None,
+                "duration_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+                "upstream_ms": ctx.upstream_ms,
+            })
+
+    # --- one request on the hand-written server ---------------------------------------------------
+    async def handle(self, request: IncomingRequest, conn: ClientConnection) -> bool:
+        ctx = RequestContext(request, new_request_id(), conn.client_ip, server_port=self.server_port,
+                             connection_serial=conn.serial, connection_requests=conn.requests_seen)
+        try:
+            return await self._handle(ctx, conn)
+        finally:
+            self.log_request(ctx)
+
+    async def _handle(self, ctx: RequestContext, conn: ClientConnection) -> bool:
+        request = ctx.request
+        exit_, filters = self.begin(ctx)
+        if exit_ is not None:
+            return await self.send_exit(ctx, conn, exit_, filters)
+        body = None
+        if ctx.buffer_body_limit is not None and request.chunked:
+            assert request.body is not None
+            if request.body.received == 0 and request.expects_continue:
+                conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = await read_limited(request.body, ctx.buffer_body_limit)
+            if body is None:
+                exit_ = error(ctx.size_limit_status, ctx.request_id, request.header("accept"),
+                              "Request size limit exceeded")
+                return await self.send_exit(ctx, conn, exit_, filters)
+        return await self._proxy(ctx, conn, filters, body)
 
     def _keep_alive(self, request: IncomingRequest) -> bool:
         if not request.keep_alive or self.draining:
@@ -192,23 +256,12 @@ class Gateway:
         return request.content_length is not None and remaining <= SMALL_BODY_DRAIN
 
     async def send_exit(self, ctx: RequestContext, conn: ClientConnection, exit_: Exit, filters: list[Plugin]) -> bool:
-        self._run_header_filters(ctx, filters)
         request = ctx.request
         keep_alive = self._keep_alive(request)
-        latency = int((time.perf_counter() - ctx.started) * 1000)
-        headers = [
-            ("Date", http_date()),
-            *exit_.headers,
-            ("Content-Length", str(len(exit_.body))),
-            ("Connection", "keep-alive" if keep_alive else "close"),
-        ]
-        headers = apply_header_ops(headers, ctx.response_header_ops)
-        if not any(n.lower() == "via" for n, _ in headers):
-            headers.append(("Server", SERVER))
-        headers += [("X-Kong-Response-Latency", str(latency)), ("X-Kong-Request-Id", ctx.request_id)]
+        headers = [("Content-Length", str(len(exit_.body))), ("Connection", "keep-alive" if keep_alive else "close"),
+                   *self.exit_headers(ctx, exit_, filters)]
         head = _head(exit_.status, headers)
         conn.write(head if request.method == "HEAD" else head + exit_.body)
-        ctx.status = exit_.status
         if not keep_alive and request.body is not None and not request.body.eof:
             request.body.discard()
         try:
@@ -217,42 +270,11 @@ class Gateway:
             return False
         return keep_alive
 
-    # --- proxying ----------------------------------------------------------------------------------
-    def _upstream_head(self, ctx: RequestContext, uri: str, content_length: int | None, chunked: bool) -> bytes:
-        request, route, service = ctx.request, ctx.route, ctx.service
-        assert route is not None and service is not None and ctx.match is not None
-        skip = REPLACED | ctx.upstream_headers.keys()
-        for value in request.header_values("connection"):
-            skip = skip | {token.strip().lower() for token in value.split(",")}
-        client_host = request.header("host")
-        host = client_host if route.preserve_host and client_host else service.host_header
-        lines = [f"{request.method} {uri} HTTP/1.1", f"Host: {host}"]
-        lines += [f"{name}: {value}" for name, value in request.headers if name.lower() not in skip]
-        forwarded_for = request.header_values("x-forwarded-for")
-        forwarded_host = strip_port((client_host or "kong").lower())
-        lines += [
-            f"X-Forwarded-For: {', '.join([*forwarded_for, ctx.client_ip])}",
-            "X-Forwarded-Proto: http",
-            f"X-Forwarded-Host: {forwarded_host}",
-            f"X-Forwarded-Port: {self.server_port}",
-            f"X-Forwarded-Path: {request.raw_path}",
-        ]
-        if ctx.match.prefix:
-            lines.append(f"X-Forwarded-Prefix: {ctx.match.prefix}")
-        lines += [f"X-Real-IP: {ctx.client_ip}", f"X-Kong-Request-Id: {ctx.request_id}"]
-        lines += [f"{name}: {value}" for name, value in ctx.upstream_headers.values() if value is not None]
-        if content_length is not None:
-            lines.append(f"Content-Length: {content_length}")
-        elif chunked:
-            lines.append("Transfer-Encoding: chunked")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
     async def _proxy(self, ctx: RequestContext, conn: ClientConnection, filters: list[Plugin],
                      buffered: bytes | None) -> bool:
-        request, service, match = ctx.request, ctx.service, ctx.match
-        assert service is not None and match is not None and request.body is not None
-        query = strip_query_args(request.query, ctx.cleared_query_args) if ctx.cleared_query_args else request.query
-        uri = match.upstream_path + ("?" + query if query else "")
+        request, service = ctx.request, ctx.service
+        assert service is not None and request.body is not None
+        uri = self.upstream_uri(ctx)
 
         streaming = False
         body = buffered
@@ -261,10 +283,16 @@ class Gateway:
             streaming = body is None
         if streaming and request.body.received == 0 and request.expects_continue:
             conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        headers = self.upstream_headers(ctx)
         if streaming:
-            head = self._upstream_head(ctx, uri, request.content_length, request.content_length is None)
-        else:
-            head = self._upstream_head(ctx, uri, len(body) if body is not None else None, False)
+            if request.content_length is not None:
+                headers.append(("Content-Length", str(request.content_length)))
+            else:
+                headers.append(("Transfer-Encoding", "chunked"))
+        elif body is not None:
+            headers.append(("Content-Length", str(len(body))))
+        lines = [f"{request.method} {uri} HTTP/1.1", *(f"{name}: {value}" for name, value in headers)]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
         tries_left = service.retries
         idempotent = request.method in IDEMPOTENT
@@ -337,25 +365,7 @@ class Gateway:
                        filters: list[Plugin]) -> bool:
         request = ctx.request
         status = up.status
-        self._run_header_filters(ctx, filters)
-        drop = set(HOP_BY_HOP)
-        headers: list[tuple[str, str]] = []
-        has_length = has_date = False
-        via = None
-        for raw_name, raw_value in up.headers:
-            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
-            lower = name.lower()
-            if lower == "connection":
-                drop |= {token.strip().lower() for token in value.split(",")}
-                continue
-            if lower == "via":
-                via = value if via is None else f"{via}, {value}"
-                continue
-            has_length = has_length or lower == "content-length"
-            has_date = has_date or lower == "date"
-            headers.append((name, value))
-        headers = [(n, v) for n, v in headers if n.lower() not in drop]
-
+        headers, has_length = self.response_headers(ctx, status, up.headers, filters)
         no_body = request.method == "HEAD" or status in (204, 304)
         chunked = False
         keep_alive = self._keep_alive(request)
@@ -365,19 +375,8 @@ class Gateway:
                 headers.append(("Transfer-Encoding", "chunked"))
             else:
                 keep_alive = False
-        if not has_date:
-            headers.insert(0, ("Date", http_date()))
-        proxy_latency = int((ctx.proxy_started - ctx.started) * 1000)
-        headers += [
-            ("Connection", "keep-alive" if keep_alive else "close"),
-            ("X-Kong-Upstream-Latency", str(ctx.upstream_ms)),
-            ("X-Kong-Proxy-Latency", str(proxy_latency)),
-            ("Via", f"{via}, {VIA}" if via else VIA),
-            ("X-Kong-Request-Id", ctx.request_id),
-        ]
-        headers = apply_header_ops(headers, ctx.response_header_ops)
+        headers.insert(0, ("Connection", "keep-alive" if keep_alive else "close"))
         head = _head(status, headers)
-        ctx.status = status
         if up.complete and not chunked:
             conn.write(head + b"".join(up.pending) if up.pending else head)  # the whole answer in one write
             up.pending = []
@@ -402,6 +401,19 @@ class Gateway:
         if chunked:
             conn.write(b"0\r\n\r\n")
         return keep_alive
+
+
+async def read_limited(body, limit: int) -> bytes | None:
+    """The whole body if it is at most `limit` bytes, else None (as soon as it is known to be larger)."""
+    parts, size = [], 0
+    while True:
+        data = await body.read()
+        if not data:
+            return b"".join(parts)
+        size += len(data)
+        if size > limit:
+            return None
+        parts.append(data)
 
 
 def _head(status: int, headers: list[tuple[str, str]]) -> bytes:

@@ -24,23 +24,16 @@ HTML = "text/html; charset=utf-8"
 XML = "application/xml; charset=utf-8"
 PLAIN = "text/plain; charset=utf-8"
 
-# kong/error_handlers.lua and kong/tools/http.lua: the default message of each status. 494 is nginx's
-# internal status for an oversized request head, which Kong's error handler answers as a 400.
+# kong/error_handlers.lua and kong/tools/http.lua: the default message of each status the gateway answers
+# without a message of its own. 494 is nginx's internal status for an oversized request head, which Kong's
+# error handler answers as a 400.
 DEFAULT_MESSAGES = {
     400: "Bad request",
     401: "Unauthorized",
-    404: "Not found",
-    405: "Method not allowed",
-    408: "Request timeout",
-    411: "Length required",
-    412: "Precondition failed",
-    413: "Payload too large",
     414: "URI too long",
-    417: "Expectation failed",
     494: "Request header or cookie too large",
     500: "An unexpected error occurred",
     502: "An invalid response was received from the upstream server",
-    503: "The upstream server is currently unavailable",
     504: "The upstream server is timing out",
 }
 

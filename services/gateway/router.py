@@ -1,9 +1,8 @@
 """Kong's router for plain-path HTTP routes (router_flavor traditional_compatible, the 3.x default).
 
 Each (route, path) pair is a candidate ranked as Kong ranks them: first by how
-many kinds of condition the route sets (methods, hosts, paths), then by
-whether every host is plain (no wildcard), then by the length of the path
-prefix, then by declaration order. The first candidate whose conditions all
+many kinds of condition the route sets (methods, paths), then by the length of
+the path prefix, then by declaration order. The first candidate whose conditions all
 hold wins. A path condition is a plain string prefix of the normalized
 request path, so `/api/v1/auth` also matches `/api/v1/authx`, exactly as in Kong.
 Nothing is cached per request path: with a handful of routes the scan is cheap,
@@ -106,13 +105,6 @@ class _Candidate:
     route: Route
     path: str | None
     methods: frozenset[str]
-    plain_hosts: frozenset[str]
-    wildcard_hosts: tuple[re.Pattern, ...]
-
-
-def _host_pattern(host: str) -> re.Pattern:
-    escaped = re.escape(host).replace(r"\*", ".+")
-    return re.compile(f"^{escaped}$")
 
 
 class Router:
@@ -121,31 +113,18 @@ class Router:
         for route in routes:
             if not route.service.enabled:
                 continue  # Kong 3.x does not route to a disabled service
-            weight = sum(bool(x) for x in (route.methods, route.hosts, route.paths))
-            plain_only = bool(route.hosts) and all("*" not in h for h in route.hosts)
+            weight = bool(route.methods) + bool(route.paths)
             for path in route.paths or [None]:
-                candidate = _Candidate(
-                    route=route,
-                    path=path,
-                    methods=frozenset(route.methods),
-                    plain_hosts=frozenset(h for h in route.hosts if "*" not in h),
-                    wildcard_hosts=tuple(_host_pattern(h) for h in route.hosts if "*" in h),
-                )
-                ranked.append(((-weight, -int(plain_only), -len(path or ""), route.order), candidate))
+                candidate = _Candidate(route=route, path=path, methods=frozenset(route.methods))
+                ranked.append(((-weight, -len(path or ""), route.order), candidate))
         ranked.sort(key=lambda item: item[0])
         self._candidates = [c for _, c in ranked]
 
-    def match(self, method: str, raw_path: str, host: str | None) -> Match | None:
+    def match(self, method: str, raw_path: str) -> Match | None:
         path = normalize_path(raw_path)
-        host_port = (host or "").lower()
-        host_only = strip_port(host_port)
         for c in self._candidates:
             if c.methods and method not in c.methods:
                 continue
-            if c.plain_hosts or c.wildcard_hosts:
-                if not (host_only in c.plain_hosts or host_port in c.plain_hosts
-                        or any(p.match(host_only) or p.match(host_port) for p in c.wildcard_hosts)):
-                    continue
             if c.path is not None and not path.startswith(c.path):
                 continue
             route = c.route

@@ -139,7 +139,6 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
-        self.client_port = 0
         self.serial = next(_serials)
         self.requests_seen = 0
         self.queue: deque[IncomingRequest] = deque()  # heads parsed, answers not yet sent
@@ -162,8 +161,7 @@ class ClientConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.client_ip, self.client_port = peer[0], peer[1]
+        self.client_ip = (transport.get_extra_info("peername") or ("",))[0]
         self.server.connections.add(self)
         self._arm_idle()
 

@@ -110,6 +110,18 @@ def upstream():
     server.server_close()
 
 
+def wait_for(condition, timeout: float = 10, what: str = "the condition"):
+    """Poll `condition()` until it returns something truthy, which is returned; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
 def closed_port() -> int:
     """A port nothing listens on (bound, then released)."""
     with socket.socket() as s:
@@ -152,7 +164,9 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def log_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.stdout_path.read_text().splitlines() if line.startswith("{")]
+        """The JSON lines the gateway has written so far (a line still being written is left out)."""
+        lines = self.stdout_path.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in lines if line.startswith("{")]
 
     def stop(self) -> int:
         if self.process.poll() is None:

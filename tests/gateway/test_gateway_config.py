@@ -7,12 +7,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import jwt
 import pytest
 import requests
 
-from tests.gateway.conftest import REPO_ROOT, gateway_env, run_check, start_gateway
+from tests.gateway.conftest import REPO_ROOT, gateway_env, run_check, start_gateway, wait_for
 
 PRODUCT_FILE = REPO_ROOT / "gateway" / "kong.yml"
 PORTAL_KEY = "portal-test-key-0123456789"
@@ -215,15 +216,17 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path, upstream):
     config.write_text(GOOD)
     gateway = start_gateway(config, gateway_env({"DECK_ECHO_URL": upstream.url}), tmp_path)
     outcome: dict = {}
+    marker = ("X-Test-Marker", uuid.uuid4().hex)
 
     def slow_request():
-        response = requests.get(f"{gateway.url}/open", headers={"X-Test-Sleep": "0.8"}, timeout=10)
+        response = requests.get(f"{gateway.url}/open", headers={"X-Test-Sleep": "0.8", marker[0]: marker[1]},
+                                timeout=10)
         outcome["status"] = response.status_code
         outcome["connection"] = response.headers.get("Connection")
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    time.sleep(0.3)
+    wait_for(lambda: any(marker in seen["headers"] for seen in upstream.seen), what="the request to reach the upstream")
     assert gateway.stop() == 0
     worker.join(timeout=10)
     assert outcome == {"status": 200, "connection": "close"}

@@ -14,45 +14,37 @@ def service(path: str | None = None, enabled: bool = True) -> Service:
     return Service("s", "s", "http", "upstream", 80, path, 5, 60000, 60000, 60000, enabled)
 
 
-def route(name: str, paths=(), methods=(), hosts=(), strip_path=True, svc=None, order=0) -> Route:
-    return Route(name, name, svc or service(), ["http", "https"], list(methods), list(hosts), list(paths),
-                 strip_path, False, 426, order)
+def route(name: str, paths=(), methods=(), strip_path=True, svc=None, order=0) -> Route:
+    return Route(name, name, svc or service(), ["http", "https"], list(methods), list(paths), strip_path, False, order)
 
 
 def test_longest_prefix_wins_whatever_the_declaration_order():
     router = Router([route("short", ["/api"], order=0), route("long", ["/api/v1/messages"], order=1)])
-    assert router.match("GET", "/api/v1/messages/7", None).route.name == "long"
-    assert router.match("GET", "/api/v1/other", None).route.name == "short"
+    assert router.match("GET", "/api/v1/messages/7").route.name == "long"
+    assert router.match("GET", "/api/v1/other").route.name == "short"
 
 
 def test_prefix_match_is_a_plain_string_prefix_as_in_kong():
     router = Router([route("auth", ["/api/v1/auth"])])
-    assert router.match("GET", "/api/v1/authority", None) is not None
-    assert router.match("GET", "/api/v1/aut", None) is None
+    assert router.match("GET", "/api/v1/authority") is not None
+    assert router.match("GET", "/api/v1/aut") is None
 
 
 def test_more_conditions_beat_a_longer_path():
     router = Router([route("path-only", ["/api/v1/items"]), route("method-and-path", ["/api"], methods=["POST"])])
-    assert router.match("POST", "/api/v1/items", None).route.name == "method-and-path"
-    assert router.match("GET", "/api/v1/items", None).route.name == "path-only"
-
-
-def test_hosts_plain_and_wildcard():
-    router = Router([route("plain", ["/"], hosts=["api.clinic.test"]), route("wild", ["/"], hosts=["*.clinic.test"])])
-    assert router.match("GET", "/x", "api.clinic.test:8000").route.name == "plain"
-    assert router.match("GET", "/x", "web.clinic.test").route.name == "wild"
-    assert router.match("GET", "/x", "clinic.test") is None
+    assert router.match("POST", "/api/v1/items").route.name == "method-and-path"
+    assert router.match("GET", "/api/v1/items").route.name == "path-only"
 
 
 def test_disabled_services_are_not_routed():
-    assert Router([route("off", ["/x"], svc=service(enabled=False))]).match("GET", "/x", None) is None
+    assert Router([route("off", ["/x"], svc=service(enabled=False))]).match("GET", "/x") is None
 
 
 def test_strip_path_and_prefix():
     router = Router([route("r", ["/public"], svc=service("/internal"))])
-    match = router.match("GET", "/public/a/b", None)
+    match = router.match("GET", "/public/a/b")
     assert (match.upstream_path, match.prefix) == ("/internal/a/b", "/public")
-    keep = Router([route("r", ["/public"], strip_path=False, svc=service("/internal"))]).match("GET", "/public/a", None)
+    keep = Router([route("r", ["/public"], strip_path=False, svc=service("/internal"))]).match("GET", "/public/a")
     assert (keep.upstream_path, keep.prefix) == ("/internal/public/a", None)
 
 
@@ -87,7 +79,7 @@ def test_paths_are_normalized_before_matching(raw, normalized):
 
 def test_dot_segments_cannot_escape_a_prefix():
     router = Router([route("public", ["/public"]), route("admin", ["/admin"])])
-    assert router.match("GET", "/public/../admin/x", None).route.name == "admin"
+    assert router.match("GET", "/public/../admin/x").route.name == "admin"
 
 
 def test_matching_keeps_nothing_per_request_path():
@@ -96,7 +88,7 @@ def test_matching_keeps_nothing_per_request_path():
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(300):
-            assert router.match("GET", f"/api/{i}/" + "x" * 60_000, "clinic.test") is not None
+            assert router.match("GET", f"/api/{i}/" + "x" * 60_000) is not None
         retained = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -110,9 +102,3 @@ def test_matching_keeps_nothing_per_request_path():
 )
 def test_strip_port(host, expected):
     assert strip_port(host) == expected
-
-
-def test_ipv6_hosts_match_with_or_without_a_port():
-    router = Router([route("v6", ["/"], hosts=["[::1]"])])
-    assert router.match("GET", "/x", "[::1]:8000").route.name == "v6"
-    assert router.match("GET", "/x", "[::1]").route.name == "v6"

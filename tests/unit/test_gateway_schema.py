@@ -98,7 +98,9 @@ def test_schema_problems_name_the_field(snippet, expected):
         ("        paths: ['~/r/(?<id>\\\\d+)']\n", "services[0].routes[0].paths: unsupported by the local gateway"),
         ("        protocols: [grpc]\n", "services[0].routes[0].protocols: unsupported by the local gateway"),
         ("        path_handling: v1\n", "services[0].routes[0].path_handling: unsupported by the local gateway"),
-        ("        hosts: ['*.a.*']\n", "only one wildcard must be specified"),
+        ("        hosts: ['*.clinic.test']\n", "services[0].routes[0].hosts: unsupported by the local gateway"),
+        ("        protocols: [https]\n", "services[0].routes[0].protocols: unsupported by the local gateway: a route "
+                                        "without http"),
     ],
 )
 def test_route_problems(route_line, expected):

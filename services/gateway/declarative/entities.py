@@ -105,7 +105,7 @@ ROUTE = Record(
         "name": t.name(),
         "protocols": t.protocols(t.PROTOCOLS, ("http", "https")),
         "methods": t.methods(),
-        "hosts": t.hosts(),
+        "hosts": Array(elements=String(), local=_non_empty("hosts")),
         "paths": Array(elements=t.router_paths().elements, local=_no_regex_paths),
         "headers": Map(keys=String(), values=Array(elements=String()), local=_non_empty("headers")),
         "https_redirect_status_code": Integer(one_of=(426, 301, 302, 307, 308), default=426, required=True),
@@ -137,6 +137,9 @@ def check_route_protocols(record: dict, path: str, problems: Problems) -> None:
         listed = ", ".join(sorted(protocols))
         problems.add(join(path, "protocols"),
                      f"unsupported by the local gateway: protocols {listed} (supported: http, https)")
+    elif protocols and "http" not in protocols:
+        problems.add(join(path, "protocols"), "unsupported by the local gateway: a route without http "
+                     "(it serves plain http only, where Kong would redirect or refuse the request)")
 
 
 CONSUMER = Record(

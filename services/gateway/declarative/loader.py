@@ -253,11 +253,9 @@ class _Builder:
             service=service,
             protocols=record["protocols"],
             methods=record.get("methods") or [],
-            hosts=[h.lower() for h in record.get("hosts") or []],
             paths=record.get("paths") or [],
             strip_path=record["strip_path"],
             preserve_host=record["preserve_host"],
-            https_redirect_status_code=record["https_redirect_status_code"],
             order=len(self.routes),
         )
         self.routes.append(route)
@@ -327,7 +325,6 @@ class _Builder:
             key=key,
             algorithm=algorithm,
             secret=secret,
-            rsa_public_key=record.get("rsa_public_key"),
             consumer=consumer,
             verifier=verifier,
         )

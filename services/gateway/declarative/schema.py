@@ -12,7 +12,7 @@ reproduce, which is refused at start rather than ignored.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,6 +325,3 @@ def conditional(if_field: str, matches: Callable[[Any], bool], then_field: str,
 def required_value(value: Any) -> str | None:
     return "required field missing" if _empty(value) else None
 
-
-def elements_of(items: Iterable[Any]) -> list:
-    return list(items) if items else []

@@ -44,20 +44,6 @@ def _host(value: str) -> str | None:
     return f"invalid hostname: {value}"
 
 
-def _wildcard_host(value: str) -> str | None:
-    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
-    if port and not (port.isdigit() and 0 <= int(port) <= 65535):
-        return f"invalid port number: {port}"
-    host = host or value
-    if host.count("*") > 1:
-        return "only one wildcard must be specified"
-    if "*" in host:
-        if not (host.startswith("*.") or host.endswith(".*")):
-            return "wildcard must be leftmost or rightmost character"
-        host = host.replace("*", "wildcard")
-    return _host(host)
-
-
 def _path(value: str) -> str | None:
     if "//" in value:
         return "must not have empty segments"
@@ -132,10 +118,6 @@ def protocols(allowed: tuple[str, ...], default: tuple[str, ...]) -> Array:
 
 def methods() -> Array:
     return Set(elements=String(match=r"^[A-Z]+$"))
-
-
-def hosts() -> Array:
-    return Array(elements=String(custom=_wildcard_host))
 
 
 def router_paths() -> Array:
