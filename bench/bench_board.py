@@ -20,6 +20,7 @@ import uuid
 import requests
 
 from bench._env import machine, running_stack, write_report
+from services.directory.demo import DEMO_PASSWORD
 from services.inbox import domain
 from services.inbox.board import Board
 from services.inbox.store import InboxStore
@@ -29,7 +30,7 @@ from services.kit.mongo import database
 from services.kit.settings import Env, common_settings
 from services.launcher import Stack
 
-PASSWORD = "demo-Password-2026"
+PASSWORD = DEMO_PASSWORD
 BENCH_STAFF_PASSWORD = "bench-Password-2026"
 TREE_TARGET = 2.0
 SEED_BATCH = 5000

@@ -18,13 +18,14 @@ import time
 import requests
 
 from bench._env import machine, running_stack, write_report
+from services.directory.demo import DEMO_PASSWORD
 from services.inbox import domain
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.mongo import database
 from services.kit.settings import Env, common_settings
 from services.launcher import Stack
 
-PASSWORD = "demo-Password-2026"
+PASSWORD = DEMO_PASSWORD
 
 
 def login(base: str, username: str) -> tuple[str, str, str]:

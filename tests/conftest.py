@@ -76,6 +76,21 @@ def amqp_url():
 
 
 @pytest.fixture
+def directory_overrides() -> dict[str, str]:
+    """Settings for `dut` beyond the test defaults; a test module that needs others overrides this fixture."""
+    return {}
+
+
+@pytest.fixture
+def dut(mongo_uri, db_name, tmp_path, directory_overrides):
+    """The directory under test: the real app on this test's own database, the demo agencies seeded
+    (tests/integration/directory_fixtures.py)."""
+    from tests.integration.directory_fixtures import start_directory
+
+    return start_directory(mongo_uri, db_name, tmp_path, **directory_overrides)
+
+
+@pytest.fixture
 def name_prefix():
     """A prefix for exchange and queue names so tests sharing the vhost never meet."""
     return f"t{uuid.uuid4().hex[:8]}"

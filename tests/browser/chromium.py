@@ -7,6 +7,10 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, Playwright
 
+from tests.helpers import DEMO_PASSWORD
+
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "DEMO_PASSWORD", "launch"]  # DEMO_PASSWORD: bench/bench_web.py reads it here
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -18,7 +22,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-DEMO_PASSWORD = "demo-Password-2026"  # every demo staff member's (services/directory/demo.py)
 
 
 def launch(playwright: Playwright) -> Browser:

@@ -3,19 +3,21 @@ started as `make run` starts it. One stack and one browser for the module; a fre
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
 from services.launcher import Ports, Stack, StackConfig
-from tests.browser.chromium import CHROMIUM, DEMO_PASSWORD, launch
+from tests.browser.chromium import CHROMIUM, launch
 from tests.conftest import AMQP_BASE, _rabbitmqctl, vhost_url
 from tests.e2e.conftest import signed_in_once
+from tests.helpers import DEMO_PASSWORD
 
 REPO = Path(__file__).resolve().parents[2]
 AXE_SOURCE = REPO / ".tools" / "node_modules" / "axe-core" / "axe.min.js"
@@ -144,6 +146,25 @@ def people(browser, web_stack):
     yield _make
     for context in contexts:
         context.close()
+
+
+def held_request(page: Page, url: str, action: Callable[[], object], timeout_s: float = 10.0) -> Route:
+    """Runs `action` with the requests to `url` held at the network, and returns the first one's Route
+    (to continue or fulfil; the others stay held). Playwright's sync API runs route callbacks only
+    inside its own calls, so this waits with Playwright: for the request event, then for the callback."""
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:  # Playwright needs a function of its own here, not a bound builtin
+        held.append(route)
+
+    page.route(url, hold)
+    with page.expect_request(url, timeout=timeout_s * 1000):
+        action()
+    deadline = time.monotonic() + timeout_s
+    while not held:  # the route callback runs with the request event or just after it, on Playwright's loop
+        assert time.monotonic() < deadline, f"{url} was requested but its route callback never ran"
+        page.wait_for_timeout(10)  # a Playwright call: its callbacks run meanwhile
+    return held[0]
 
 
 def screenshot(page: Page, name: str) -> Path:

@@ -4,6 +4,7 @@ contexts, live counts, reply, reply all, labels, announcements, signatures, remi
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 import uuid
@@ -12,8 +13,8 @@ import requests
 from playwright.sync_api import expect
 
 from tests.browser.chromium import DEMO_PASSWORD
-from tests.browser.conftest import AXE_SOURCE, screenshot
-from tests.e2e.conftest import wait_until
+from tests.browser.conftest import AXE_SOURCE, held_request, screenshot
+from tests.waits import wait_until
 
 LIVE_S = 2.0  # a new item must show within this, without Refresh
 
@@ -212,7 +213,8 @@ def test_sending_to_the_whole_agency_asks_for_confirmation_first(people, api):
     kim.page.locator("#compose-send").click()
     confirm.get_by_role("button", name="Send to everyone").click()
     expect(kim.page.locator("#compose-dialog")).to_be_hidden()
-    assert any(i["title"] == subject for i in api("dr.chen").items(folder="messages")["items"])
+    # Sent once: the cancelled attempt never went out, not even late.
+    assert [i["title"] for i in api("dr.chen").items(folder="messages")["items"]].count(subject) == 1
 
 
 def test_signature_requests_are_signed_and_declined_from_the_reading_pane(people, api):
@@ -252,20 +254,17 @@ def test_signature_requests_are_signed_and_declined_from_the_reading_pane(people
 
 def test_a_colleague_typed_before_the_colleague_list_arrives_is_added_once_it_does(people):
     person = people()
-    held = []
 
-    def hold(route):  # playwright needs a function of its own here, not a bound builtin
-        held.append(route)
+    def sign_in_and_type() -> None:
+        person.sign_in("dr.reyes")
+        person.page.get_by_role("button", name="Compose").click()
+        person.page.get_by_label("Add a colleague or team").fill("Jordan Kim, RN")
+        person.page.get_by_label("Add a colleague or team").press("Enter")
 
     # The colleague list comes after the board is shown: hold it until a name has been typed.
-    person.page.route("**/api/v1/directory/staff", hold)
-    person.sign_in("dr.reyes")
-    person.page.get_by_role("button", name="Compose").click()
-    person.page.get_by_label("Add a colleague or team").fill("Jordan Kim, RN")
-    person.page.get_by_label("Add a colleague or team").press("Enter")
-    wait_until(lambda: held, timeout=10)
+    staff_list = held_request(person.page, "**/api/v1/directory/staff", sign_in_and_type)
     expect(person.page.locator("#compose-dialog .chip")).to_have_count(0)
-    held[0].continue_()
+    staff_list.continue_()
     expect(person.page.locator("#compose-dialog .chip", has_text="Jordan Kim, RN")).to_be_visible()
     expect(person.page.locator("#compose-error")).to_be_hidden()
     expect(person.page.get_by_label("Add a colleague or team")).to_have_value("")
@@ -485,7 +484,7 @@ def test_activity_in_one_tab_keeps_the_others_signed_in(people, api):
         }"""
         first.page.evaluate(listen)
         other.keyboard.press("Shift")  # working in the other tab
-        wait_until(lambda: first.page.evaluate("window.__heard"), timeout=10)
+        first.page.wait_for_function("() => window.__heard === true", timeout=10_000)
         first.context.clock.fast_forward("00:35")  # past the first tab's own warning time
         expect(first.page.locator("#idle-dialog")).to_be_hidden()
         first.context.clock.fast_forward("00:30")  # now both tabs have been idle long enough to warn
@@ -493,7 +492,7 @@ def test_activity_in_one_tab_keeps_the_others_signed_in(people, api):
             expect(page.locator("#idle-dialog")).to_be_visible()
         first.page.evaluate(listen)
         other.get_by_role("button", name="Stay signed in").click()
-        wait_until(lambda: first.page.evaluate("window.__heard"), timeout=10)
+        first.page.wait_for_function("() => window.__heard === true", timeout=10_000)
         expect(first.page.locator("#idle-dialog")).to_be_hidden()  # answered in one tab, closed in all
     finally:
         assert (
@@ -705,8 +704,11 @@ def test_a_refused_event_stream_backs_off_instead_of_refreshing_in_a_loop(people
     page.goto(f"{person.base_url}/")
     page.get_by_label("Username").fill("nurse.kim")
     page.get_by_label("Password").fill(DEMO_PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#live-state")).to_have_text("Reconnecting…")
+    streams = itertools.count(1)
+    # Counted once the stream is tried a third time, after its back-off: a refresh loop would have run by then.
+    with page.expect_request(lambda r: r.url.endswith("/app/events") and next(streams) == 3, timeout=15_000):
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#live-state")).to_have_text("Reconnecting…")  # refused twice: backing off
     assert len(refreshes) <= 2  # one as the page opened (no session yet), one for the stream; no loop
 
 
@@ -737,16 +739,12 @@ def test_a_slow_answer_for_an_earlier_click_does_not_replace_the_item_chosen_aft
     hall = people().sign_in("therapist.hall")
     page = hall.page
     slow_id = hall.row(first).get_attribute("data-id")
-    held = []
-
-    def hold(route):
-        held.append(route)
-
-    page.route(f"**/api/v1/board/items/{slow_id}", hold)
-    hall.row(first).locator(".row").click()
-    wait_until(lambda: held, timeout=10)
+    slow_url = f"**/api/v1/board/items/{slow_id}"
+    slow = held_request(page, slow_url, lambda: hall.row(first).locator(".row").click())
     hall.open_row(second)
-    with page.expect_response(f"**/api/v1/board/items/{slow_id}"):
-        held[0].continue_()
-    page.evaluate("() => new Promise((resolve) => requestAnimationFrame(() => resolve()))")  # the page has handled it
+    with page.expect_event("requestfinished", lambda r: r.url.endswith(f"/api/v1/board/items/{slow_id}")):
+        slow.continue_()  # the slow answer, all of it, after the one chosen later
+    # A later answer the page draws (Refresh, asked after the slow one came) proves it has handled the slow one.
+    page.get_by_role("button", name="Refresh").click()
+    expect(page.locator("#status")).to_have_text("Refreshed")
     expect(page.locator("#pane h2")).to_have_text(second)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,35 @@ HTTP_ONLY = {"web"}
 _ENV_NAME = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
 _INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 _DECK_ENV = re.compile(r'env\s+"(DECK_[A-Z0-9_]+)"')
+
+
+def docker_engine_problem() -> str | None:
+    """Why no Docker engine answers here (the only reason to skip a test that needs one), or None."""
+    if shutil.which("docker") is None:
+        return "no Docker engine can be asked: the docker CLI is not installed"
+    command = ["docker", "info", "--format", "{{.ServerVersion}}"]
+    try:
+        info = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"no Docker engine answers (`docker info`: {exc})"
+    if info.returncode != 0:
+        reason = (info.stderr or info.stdout).strip().splitlines()
+        return "no Docker engine answers (`docker info` failed" + (f": {reason[-1]}" if reason else "") + ")"
+    return None
+
+
+def compose_plugin_problem() -> str | None:
+    """Why `docker compose` cannot run here (it needs the CLI and its compose plugin, not an engine), or None."""
+    if shutil.which("docker") is None:
+        return "the docker CLI is not installed"
+    try:
+        command = ["docker", "compose", "version"]
+        version = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`docker compose version` did not answer: {exc}"
+    if version.returncode != 0:
+        return "the docker compose plugin is not installed"
+    return None
 
 
 def deployed_services() -> list[str]:

@@ -1,17 +1,17 @@
 """The compose stack for real: images built from deploy/Dockerfile, MongoDB replica set, RabbitMQ,
 the services in production mode and Kong 3.9 DB-less, then a staff journey through Kong.
 
-Needs a Docker engine with the compose plugin; skipped (at fixture time) where `docker info`
-does not answer. Secrets come from deploy/compose/make-secrets.sh (git-ignored output); demo
-staff are seeded by a one-off `seed-demo` container, which directory refuses in production mode,
-so that single container runs in development mode against the same database.
+Needs a Docker engine with the compose plugin; skipped (at fixture time) only where no engine
+answers `docker info` (where one answers but the compose plugin is missing, it fails). Secrets
+come from deploy/compose/make-secrets.sh (git-ignored output); demo staff are seeded by a one-off
+`seed-demo` container, which directory refuses in production mode, so that single container runs
+in development mode against the same database.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import uuid
@@ -20,37 +20,22 @@ import pytest
 import requests
 
 from tests.docker import deploy_files as d
+from tests.helpers import DEMO_PASSWORD
 
 pytestmark = pytest.mark.docker
 
-DEMO_PASSWORD = "demo-Password-2026"  # services/directory/demo.py
 STACK_TIMEOUT_S = 900
-
-
-def docker_engine_problem() -> str | None:
-    """Why the compose stack cannot run here, or None when it can."""
-    if shutil.which("docker") is None:
-        return "the docker CLI is not installed"
-    try:
-        command = ["docker", "info", "--format", "{{.ServerVersion}}"]
-        info = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"`docker info` did not answer: {exc}"
-    if info.returncode != 0:
-        reason = (info.stderr or info.stdout).strip().splitlines()
-        return "no Docker engine answers (`docker info` failed" + (f": {reason[-1]}" if reason else "") + ")"
-    version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30, check=False)
-    if version.returncode != 0:
-        return "the docker compose plugin is not installed"
-    return None
 
 
 # --- pytest-docker fixtures, overridden for this stack --------------------------------------------
 @pytest.fixture(scope="session")
 def docker_compose_command():
-    problem = docker_engine_problem()
-    if problem:
-        pytest.skip(f"compose stack test skipped: {problem}")
+    engine = d.docker_engine_problem()
+    if engine:
+        pytest.skip(f"compose stack test skipped: {engine}")
+    plugin = d.compose_plugin_problem()
+    if plugin:
+        pytest.fail(f"a Docker engine answers but the compose stack cannot start: {plugin}")
     return "docker compose"
 
 

@@ -4,7 +4,6 @@ session's embedded database and private RabbitMQ vhost."""
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.events import decode_envelope, unpack
 from services.kit.service_identity import ServiceTokens
 from services.launcher import Ports, Stack, StackConfig
-
-DEMO_PASSWORD = "demo-Password-2026"
+from tests.helpers import DEMO_PASSWORD
+from tests.waits import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -215,23 +214,6 @@ def service_token(directory_target, service_secret):
         tokens.close()
 
 
-def auth(token: str) -> list[tuple[str, str]]:
-    """gRPC metadata carrying a bearer token."""
-    return [("authorization", f"Bearer {token}")]
-
-
-def wait_until(condition, timeout: float = 5.0, interval: float = 0.05):
-    """Poll `condition` until it returns something truthy (returned); AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
 def error_code(error: grpc.RpcError) -> str:
     """The stable error code a refused gRPC call carries in its trailing metadata."""
     return dict(error.trailing_metadata() or ()).get("error-code", "")
@@ -279,14 +261,11 @@ class EventListener:
 
     def wait_for(self, predicate: Callable[[Event], object], timeout: float = 10.0) -> Event:
         """The first received event matching `predicate`; fails the test when none arrives within `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = next((event for event in self.drain() if predicate(event)), None)
-            if match is not None:
-                return match
-            if time.monotonic() > deadline:
-                pytest.fail(f"no matching {'/'.join(self.routing_keys)} event within {timeout}s")
-            time.sleep(0.05)
+        return wait_until(
+            lambda: next((event for event in self.drain() if predicate(event)), None),
+            timeout=timeout,
+            message=f"a matching {'/'.join(self.routing_keys)} event",
+        )
 
 
 class EventBus:

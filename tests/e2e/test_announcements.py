@@ -68,6 +68,9 @@ def test_posting_writes_one_document_and_one_event(admin, inbox_db, events):
         stored = inbox_db.announcements.find_one({"_id": announcement_id})
         assert b"elevator" not in repr(stored).encode()
         posted = heard.wait_for(lambda e: e.payload.announcement_id == announcement_id)
+        # One event: counted once a later announcement's event has been heard too.
+        later = post(admin).json()["id"]
+        heard.wait_for(lambda e: e.payload.announcement_id == later)
         assert [e for e in heard.drain() if e.payload.announcement_id == announcement_id] == [posted]
     assert posted.envelope.producer == "inbox" and posted.envelope.agency_id == admin.agency_id
     assert posted.payload.posted_by_staff_id == admin.staff_id and posted.payload.acknowledgement_required is True

@@ -26,7 +26,8 @@ from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.service_identity import ServiceTokens
 from services.kit.settings import REPO_ROOT, parse_master_keys
 from services.launcher import free_port, wait_http
-from tests.e2e.conftest import auth, wait_until
+from tests.helpers import auth
+from tests.waits import Worker, finish_all, wait_until
 
 AWAY_TEXT = "I am out of the office until Monday; for urgent matters call the front desk."
 QUEUE = "auto-reply.message-delivered"
@@ -390,7 +391,6 @@ def test_the_same_event_delivered_again_and_again_to_two_instances_answers_once(
     oconnor, white = login("casemgr.oconnor"), login("nurse.white")
     ortiz = away("compliance.ortiz")
     publisher = Publisher(stack.config.amqp_url, Topology())
-    outcomes: list[str] = []
     try:
         with events.listen("message.delivered.v1") as heard:
             message_id = send(oconnor, ortiz)
@@ -401,16 +401,13 @@ def test_the_same_event_delivered_again_and_again_to_two_instances_answers_once(
         barrier = threading.Barrier(3)
 
         def race():
-            barrier.wait()
-            outcomes.append(in_process_replier.handle(event.envelope))
+            barrier.wait(WAIT)
+            return in_process_replier.handle(event.envelope)
 
-        racers = [threading.Thread(target=race) for _ in range(2)]
-        for racer in racers:
-            racer.start()
-        barrier.wait()
+        racers = [Worker(race, name=f"racer-{n}").start() for n in range(2)]
+        barrier.wait(WAIT)
         publisher.publish([event.envelope] * 6)
-        for racer in racers:
-            racer.join(WAIT)
+        outcomes = finish_all(racers, WAIT)  # both ended, neither raised
         answered(ortiz, oconnor)
         # The second process handles its share of the copies (round robin between the two consumers).
         # Waited for, not read once after stopping it: an empty queue only says every copy was

@@ -138,8 +138,13 @@ def test_labels_through_the_gateway(reyes, kim):
     assert moved.status_code == 200 and moved.json()["labels"] == [other]
     assert kim.delete(f"/api/v1/board/items/{item['id']}/labels/{other}").status_code == 200
     assert kim.get(f"/api/v1/labels/{other}/items").json()["items"] == []
-    assert kim.patch(f"/api/v1/labels/{other}", json={"name": "Renamed " + uuid.uuid4().hex[:4]}).status_code == 200
+    new_name = "Renamed " + uuid.uuid4().hex[:4]
+    renamed = kim.patch(f"/api/v1/labels/{other}", json={"name": new_name})
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["id"] == other and renamed.json()["name"] == new_name
+    assert {lbl["id"]: lbl["name"] for lbl in kim.tree()["labels"]}[other] == new_name  # the tree shows the new name
     assert kim.delete(f"/api/v1/labels/{label_id}").status_code == 204
+    assert label_id not in {lbl["id"] for lbl in kim.tree()["labels"]}
     assert item_for(kim, message_id)["id"] == item["id"]  # deleting a label never deletes messages
     assert reyes.get(f"/api/v1/labels/{other}/items").status_code == 404  # labels are private
     unknown = kim.post(f"/api/v1/board/items/{item['id']}/labels", json={"label_id": "lbl_unknown"})

@@ -12,7 +12,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.bus import Publisher, Topology
 from services.kit.events import new_envelope
-from tests.e2e.conftest import auth, error_code, wait_until
+from tests.e2e.conftest import error_code
+from tests.helpers import auth
+from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
 
@@ -128,9 +130,12 @@ def test_a_requested_delivery_event_lands_and_is_announced(stack, kim, events, i
             event = requested(kim, title)
             publisher.publish([event, event])  # a redelivered event has its effect once
             publisher.publish([requested(kim, marker)])
-            wait_until(lambda: schedule_items(kim, marker), timeout=15)  # consumed after the pair
+            [marked] = wait_until(lambda: schedule_items(kim, marker), timeout=15)  # consumed after the pair
             [item] = wait_until(lambda: schedule_items(kim, title), timeout=15)
-            announced = heard.wait_for(lambda e: e.payload.item_id == item["id"], timeout=15).payload
+            event = heard.wait_for(lambda e: e.payload.item_id == item["id"], timeout=15)
+            heard.wait_for(lambda e: e.payload.item_id == marked["id"], timeout=15)  # announced after the pair
+            assert [e for e in heard.drain() if e.payload.item_id == item["id"]] == [event]  # announced once
+            announced = event.payload
     finally:
         publisher.close()
     assert announced.recipient_staff_id == kim.staff_id and announced.board_kind == "schedule"

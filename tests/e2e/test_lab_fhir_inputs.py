@@ -11,7 +11,6 @@ import uuid
 import pytest
 import requests
 
-from tests.e2e.conftest import wait_until
 from tests.unit.test_notifications_fhir import (
     epic_bundle,
     hemolyzed_potassium,
@@ -20,6 +19,7 @@ from tests.unit.test_notifications_fhir import (
     troponin,
     urine_hcg,
 )
+from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
 FHIR_JSON = "application/fhir+json"

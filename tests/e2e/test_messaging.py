@@ -12,6 +12,7 @@ import pytest
 from services.kit.crypto import DecryptionError, KeyRing, PhiCipher
 from services.kit.settings import Env, common_settings
 from tests.e2e.conftest import Client
+from tests.waits import wait_until
 
 
 def unique_subject() -> str:
@@ -144,6 +145,17 @@ def test_phi_never_reaches_the_logs(admin, reyes, stack):
     ):
         reply = admin.post("/api/v1/messages", json=body)
         assert reply.status_code == 400 and marker not in reply.text
+    # The logs are written by the services' processes: read them once a later request is in them too.
+    later = f"logs-read-after-{uuid.uuid4().hex}"
+    last = admin.get("/api/v1/messages", params={"limit": 1}, headers={"X-Correlation-ID": later})
+    assert last.status_code == 200 and last.headers["X-Correlation-ID"] == later
+    request_id = last.headers["X-Kong-Request-Id"]
+    for service, trace in (("inbox", later), ("gateway", request_id)):
+        log_file = stack.logs / f"{service}.log"
+        wait_until(
+            lambda log_file=log_file, trace=trace: trace in log_file.read_text(errors="replace"),
+            message=f"the later request in {log_file.name}",
+        )
     for log_file in stack.logs.glob("*.log"):
         assert marker not in log_file.read_text(errors="replace"), log_file.name
 
@@ -169,7 +181,18 @@ def test_delivery_and_read_events_are_published(admin, reyes, kim, outsider, eve
                     e.type == "phi.accessed.v1" and e.payload.resource_id == message_id and e.payload.actor_id == who
                 )
             )
-        accessed = [e.payload for e in heard.drain() if e.type == "phi.accessed.v1"]
+        # Exactly these events: counted once a later message's delivery and read have been heard too.
+        later = admin.send(to_staff_ids=[kim.staff_id], subject=unique_subject()).json()["id"]
+        assert kim.get(f"/api/v1/messages/{later}").status_code == 200
+        heard.wait_for(lambda e: e.type == "message.delivered.v1" and e.payload.message_id == later)
+        heard.wait_for(lambda e: e.type == "phi.accessed.v1" and e.payload.resource_id == later)
+        received = heard.drain()
+        accessed = [e.payload for e in received if e.type == "phi.accessed.v1"]
+    assert sorted(
+        e.payload.recipient_staff_id
+        for e in received
+        if e.type == "message.delivered.v1" and e.payload.message_id == message_id
+    ) == sorted([reyes.staff_id, kim.staff_id])
     for envelope in delivered.values():
         assert envelope.producer == "inbox" and envelope.agency_id == admin.agency_id
         assert envelope.correlation_id

@@ -173,6 +173,11 @@ def test_delivery_and_thread_read_events_are_published(portal, login, events):
                 )
             )
         heard.wait_for(lambda e: e.type == "phi.accessed.v1" and e.payload.resource_id == sent["thread_id"])
+        # Exactly these events: counted once a later message's delivery and read have been heard too.
+        later = ask(portal, "Events, later")
+        portal.thread(JANE, later["thread_id"])
+        heard.wait_for(lambda e: e.type == "message.delivered.v1" and e.payload.message_id == later["id"])
+        heard.wait_for(lambda e: e.type == "phi.accessed.v1" and e.payload.resource_id == later["thread_id"])
         received = heard.drain()
     delivered = [e.payload for e in received if e.type == "message.delivered.v1"]
     delivered = [event for event in delivered if event.message_id == sent["id"]]

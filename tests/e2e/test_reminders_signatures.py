@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.e2e.conftest import wait_until
+from tests.waits import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,11 @@ def test_a_due_reminder_opens_in_the_reading_pane_and_completes(reyes):
     assert opened.status_code == 200, opened.text
     assert opened.json()["text"] == text and opened.json()["link"] == link and opened.json()["state"] == "due"
     assert reyes.counts("reminders") == (unread - 1, total)
-    reyes.post(f"/api/v1/reminders/{reminder['id']}/complete")
+    completed = reyes.post(f"/api/v1/reminders/{reminder['id']}/complete")
+    assert completed.status_code == 200, completed.text
+    assert completed.json()["state"] == "completed" and completed.json()["read"] is True
+    assert my_reminder(reyes, reminder["id"])["state"] == "completed"
+    assert reyes.get(f"/api/v1/board/items/{reminder['id']}").json()["state"] == "completed"  # the pane shows it
     assert reyes.counts("reminders") == (unread - 1, total)
     assert (
         next(i for i in reyes.items(folder="reminders", limit=100)["items"] if i["id"] == reminder["id"])["read"]

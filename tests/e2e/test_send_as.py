@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from clinic.inbox.v1 import inbox_pb2
-from tests.e2e.conftest import auth, error_code
+from tests.e2e.conftest import error_code
+from tests.helpers import auth
 
 
 def subject() -> str:

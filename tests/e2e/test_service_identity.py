@@ -12,7 +12,8 @@ from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.auth import JwksKeySource, TokenVerifier
 from services.kit.grpc_client import channel as service_channel
 from services.kit.service_identity import ServiceTokens, acting_as
-from tests.e2e.conftest import Client, auth, error_code
+from tests.e2e.conftest import Client, error_code
+from tests.helpers import auth
 
 RIVERBEND, LAKESIDE = "agy_riverbend", "agy_lakeside"
 

@@ -20,13 +20,11 @@ from services.kit.bus import Topology
 from services.kit.revocations import start_revocation_listener
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import ServiceTokens
-from tests.e2e.conftest import Client, error_code, wait_until
+from tests.e2e.conftest import Client, error_code
+from tests.helpers import bearer
+from tests.waits import wait_until
 
 NEW_PASSWORD = "Fresh-Password-2026!"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def refused_with(reply: requests.Response, code: str) -> bool:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pika
@@ -22,15 +21,7 @@ from tests.integration.inbox_fixtures import (
     inbox,  # noqa: F401 - a fixture for the inbox tests
     make_inbox,
 )
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:
-    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(interval)
+from tests.waits import wait_until
 
 
 @contextlib.contextmanager
@@ -67,14 +58,12 @@ class EventBusPlace:
         """The next message on `queue` as (properties, body), waiting up to `timeout`."""
         connection, channel = self._channel()
         try:
-            deadline = time.monotonic() + timeout
-            while True:
+
+            def take():
                 method, properties, body = channel.basic_get(queue, auto_ack=True)
-                if method is not None:
-                    return properties, body
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no message on {queue} within {timeout}s")
-                time.sleep(0.02)
+                return (properties, body) if method is not None else None  # (None, None, None) is truthy
+
+            return wait_until(take, timeout, 0.02, f"a message on {queue}")
         finally:
             connection.close()
 

@@ -22,11 +22,12 @@ from services.auto_reply.clients import InboxClient
 from services.auto_reply.replier import EVENT_TYPE, AutoReplier, InboxUnavailable
 from services.auto_reply.store import AutoReplyStore
 from services.kit.auth import KIND_SERVICE, Identity
-from services.kit.bus import ProcessedEvents, Publisher
+from services.kit.bus import Publisher
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.events import Envelope, new_envelope
 from services.kit.mongo import now_ms
-from tests.integration.conftest import wait_for
+from services.kit.processed_events import ProcessedEvents
+from tests.waits import together, wait_until
 
 AGENCY = "agy_a"
 AWAY = "stf_away"
@@ -177,7 +178,7 @@ def test_redelivered_and_repeated_events_answer_once(event_bus, store, inbox_sta
     first, second = delivered("msg_1"), delivered("msg_2")
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, first, first, second, first, second)
-        wait_for(lambda: processed(db, first, second))
+        wait_until(lambda: processed(db, first, second))
     assert len(inbox.messages) == 1
     [answer] = inbox.messages.values()
     assert answer.sender_staff_id == AWAY and answer.auto_reply and answer.body == TEXT
@@ -193,7 +194,7 @@ def test_a_send_lost_before_inbox_kept_it_is_retried_with_the_same_key(event_bus
     event = delivered("msg_1")
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, event)
-        wait_for(lambda: processed(db, event))
+        wait_until(lambda: processed(db, event))
     assert len(inbox.calls) == 3 and len({c.idempotency_key for c in inbox.calls}) == 1
     assert len(inbox.messages) == 1 and the_one_slot(db)["sent_at"] > 0
 
@@ -204,7 +205,7 @@ def test_an_answer_lost_after_inbox_sent_is_not_sent_twice(event_bus, store, inb
     event = delivered("msg_1")
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, event)
-        wait_for(lambda: processed(db, event))
+        wait_until(lambda: processed(db, event))
     assert len(inbox.calls) == 2 and inbox.calls[0] == inbox.calls[1]
     assert len(inbox.messages) == 1
     assert the_one_slot(db)["reply_message_id"] == "msg_answer_0"
@@ -219,7 +220,7 @@ def test_a_claim_left_by_a_dead_instance_is_sent_as_claimed_by_the_next_message(
     later = delivered("msg_2")
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, later)
-        wait_for(lambda: processed(db, later))
+        wait_until(lambda: processed(db, later))
     [answer] = inbox.messages.values()
     assert (answer.in_reply_to_message_id, answer.body) == ("msg_1", TEXT)
     assert the_one_slot(db)["sent_at"] > 0
@@ -231,10 +232,10 @@ def test_a_permanent_refusal_releases_the_slot_for_the_next_message(event_bus, s
     gone, later = delivered("msg_gone"), delivered("msg_2")
     with running_consumer(event_bus, store, client, db) as consumer:
         publish(event_bus, gone)
-        wait_for(lambda: processed(db, gone))
+        wait_until(lambda: processed(db, gone))
         assert list(db.reply_slots.find({})) == []
         publish(event_bus, later)
-        wait_for(lambda: processed(db, later))
+        wait_until(lambda: processed(db, later))
         assert event_bus.message_count(consumer.parking_queue) == 0
     [answer] = inbox.messages.values()
     assert answer.in_reply_to_message_id == "msg_2"
@@ -251,7 +252,7 @@ def test_a_dead_instances_claim_that_inbox_refuses_does_not_cost_the_next_messag
     later = delivered("msg_2")
     with running_consumer(event_bus, store, client, db) as consumer:
         publish(event_bus, later)
-        wait_for(lambda: processed(db, later))
+        wait_until(lambda: processed(db, later))
         assert event_bus.message_count(consumer.parking_queue) == 0
     assert [c.in_reply_to_message_id for c in inbox.calls] == ["msg_gone", "msg_2"]
     [answer] = inbox.messages.values()
@@ -265,18 +266,7 @@ def test_two_instances_racing_for_one_slot_send_one_message(store, inbox_stand_i
     inbox.delay_s = 0.05
     repliers = [AutoReplier(new_store(db), client, ServiceTokensStandIn()) for _ in range(2)]
     events = [delivered("msg_1"), delivered("msg_2")]
-    barrier = threading.Barrier(2)
-    outcomes: list[str] = []
-
-    def handle(replier, event):
-        barrier.wait()
-        outcomes.append(replier.handle(event))
-
-    threads = [threading.Thread(target=handle, args=pair) for pair in zip(repliers, events, strict=True)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    outcomes = together(*(lambda r=r, e=e: r.handle(e) for r, e in zip(repliers, events, strict=True)), timeout=10)
     assert len(inbox.messages) == 1
     assert sorted(outcomes) in (["already_answered", "answered"], ["answered", "answered"])
     assert the_one_slot(db)["sent_at"] > 0
@@ -292,7 +282,7 @@ def test_an_event_handled_after_the_auto_reply_was_turned_off_is_not_answered(ev
     store.save(off)
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, sent_while_on)
-        wait_for(lambda: processed(db, sent_while_on))
+        wait_until(lambda: processed(db, sent_while_on))
         assert inbox.calls == [] and list(db.reply_slots.find({})) == []
         # On again: the earlier message belongs to the previous activation.
         store.save(domain.apply_change(off, domain.Change(True, None, None, None, "America/Chicago"), now_ms() + 1))
@@ -300,11 +290,11 @@ def test_an_event_handled_after_the_auto_reply_was_turned_off_is_not_answered(ev
         redelivered.CopyFrom(sent_while_on)  # the same message, sent before this activation
         redelivered.event_id = "msg_1-stf_away-delivered-again"
         publish(event_bus, redelivered)
-        wait_for(lambda: processed(db, redelivered))
+        wait_until(lambda: processed(db, redelivered))
         assert inbox.calls == []
         later = delivered("msg_2")
         publish(event_bus, later)
-        wait_for(lambda: processed(db, later))
+        wait_until(lambda: processed(db, later))
     [answer] = inbox.messages.values()
     assert answer.in_reply_to_message_id == "msg_2"
 
@@ -319,7 +309,7 @@ def test_messages_never_answered_are_processed_without_a_send(event_bus, store, 
     ]
     with running_consumer(event_bus, store, client, db):
         publish(event_bus, *never)
-        wait_for(lambda: processed(db, *never))
+        wait_until(lambda: processed(db, *never))
     assert inbox.calls == [] and list(db.reply_slots.find({})) == []
 
 
@@ -333,5 +323,5 @@ def test_a_malformed_event_is_parked_and_the_consumer_keeps_answering(event_bus,
         publish(event_bus, wrong, good)
         properties, _ = event_bus.get(consumer.parking_queue)
         assert properties.message_id == wrong.event_id
-        wait_for(lambda: processed(db, good))
+        wait_until(lambda: processed(db, good))
     assert len(inbox.messages) == 1

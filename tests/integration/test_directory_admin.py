@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import jwt
@@ -12,20 +11,17 @@ from pymongo.errors import DuplicateKeyError
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.kit.auth import Identity
+from services.kit.mongo import now_ms
 from services.kit.outbox import OUTBOX
 from services.kit.service_identity import acting_as
 from services.notifications.directory_client import DirectoryClient
-from tests.integration.directory_fixtures import start_directory
+from tests.helpers import auth
 from tests.integration.test_directory_auth import Recorder
+from tests.waits import wait_until
 
 ADMIN = "/api/v1/directory/staff/stf_riverbend_admin"
 ORTIZ = "/api/v1/directory/staff/stf_riverbend_ortiz"
 KIM = "/api/v1/directory/staff/stf_riverbend_kim"
-
-
-@pytest.fixture
-def dut(mongo_uri, db_name, tmp_path):
-    return start_directory(mongo_uri, db_name, tmp_path)
 
 
 @pytest.fixture
@@ -355,8 +351,11 @@ def test_team_names_are_unique_within_an_agency_only(dut, admin):
     clash = dut.client.post("/api/v1/directory/teams", json={"name": "  intake "}, headers=admin)
     assert clash.status_code == 409
     assert clash.get_json()["code"] == "team_name_taken"
-    rename = dut.client.patch("/api/v1/directory/teams/team_riverbend_medical", json={"name": "INTAKE"}, headers=admin)
-    assert rename.status_code == 409
+    medical = "/api/v1/directory/teams/team_riverbend_medical"
+    name_before = dut.client.get(medical, headers=admin).get_json()["name"]
+    rename = dut.client.patch(medical, json={"name": "INTAKE"}, headers=admin)
+    assert rename.status_code == 409 and rename.get_json()["code"] == "team_name_taken"
+    assert dut.client.get(medical, headers=admin).get_json()["name"] == name_before  # the refusal changed nothing
     lakeside = dut.as_user("lakeside.admin")
     assert dut.client.post("/api/v1/directory/teams", json={"name": "Intake"}, headers=lakeside).status_code == 201
 
@@ -459,12 +458,15 @@ def test_portal_patient_names_are_sealed_at_rest_and_read_by_admins(dut, admin):
 
 def test_portal_patients_are_listed_newest_first_in_pages(dut, admin):
     for number in range(3):
-        time.sleep(0.002)  # distinct creation milliseconds, so "newest first" is one order
-        dut.client.post(
+        # Each one created in a millisecond of its own (after the last), so "newest first" is one order.
+        last = now_ms()
+        wait_until(lambda last=last: now_ms() > last, interval=0.001)
+        created = dut.client.post(
             "/api/v1/directory/patients",
             json={"portal_user_id": f"portal_{number}", "display_name": f"Person {number}"},
             headers=admin,
         )
+        assert created.status_code == 201, created.get_json()
     first = dut.client.get("/api/v1/directory/patients?limit=2", headers=admin).get_json()
     assert [p["portal_user_id"] for p in first["patients"]] == ["portal_2", "portal_1"]
     second = dut.client.get(f"/api/v1/directory/patients?limit=2&before={first['next_before']}", headers=admin)
@@ -621,10 +623,6 @@ def stub(dut):
     server.stop(0)
 
 
-def bearer(dut, username: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {dut.token(username)}")]
-
-
 def test_demo_prescribers_carry_npis_everyone_can_read(dut, clinician):
     reyes = dut.client.get("/api/v1/directory/staff/stf_riverbend_reyes", headers=clinician).get_json()
     assert reyes["npi"] == REYES_NPI
@@ -683,7 +681,7 @@ def test_the_npi_index_refuses_a_duplicate_even_past_the_check(dut):
 
 
 def test_resolve_recipients_turns_npis_into_the_callers_agencys_active_staff(dut, admin, stub):
-    riverbend = bearer(dut, "dr.reyes")
+    riverbend = auth(dut.token("dr.reyes"))
     request = directory_pb2.ResolveRecipientsRequest(
         staff_ids=["stf_riverbend_kim"], npis=[REYES_NPI, "1498263056", RAMIREZ_NPI, NEW_NPI, "not-an-npi"]
     )
@@ -693,7 +691,7 @@ def test_resolve_recipients_turns_npis_into_the_callers_agencys_active_staff(dut
     assert list(reply.missing_staff_ids) == []
     lakeside = stub.ResolveRecipients(
         directory_pb2.ResolveRecipientsRequest(npis=[RAMIREZ_NPI, REYES_NPI]),
-        metadata=bearer(dut, "dr.ramirez"),
+        metadata=auth(dut.token("dr.ramirez")),
         timeout=5,
     )
     assert list(lakeside.staff_ids) == ["stf_lakeside_ramirez"] and list(lakeside.missing_npis) == [REYES_NPI]
@@ -742,11 +740,11 @@ def test_admins_turn_on_telling_the_ordering_provider_of_results(dut, admin, cli
     seen = dut.client.get("/api/v1/directory/agency", headers=clinician).get_json()
     assert seen["options"]["notify_ordering_provider_of_results"] is True
     settings = stub.GetAgencySettings(
-        directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.reyes"), timeout=5
+        directory_pb2.GetAgencySettingsRequest(), metadata=auth(dut.token("dr.reyes")), timeout=5
     )
     assert settings.notify_ordering_provider_of_results is True
     lakeside = stub.GetAgencySettings(
-        directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.ramirez"), timeout=5
+        directory_pb2.GetAgencySettingsRequest(), metadata=auth(dut.token("dr.ramirez")), timeout=5
     )
     assert lakeside.notify_ordering_provider_of_results is False  # off unless an admin turns it on
     not_a_flag = {"options": {"notify_ordering_provider_of_results": "yes"}}

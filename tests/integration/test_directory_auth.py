@@ -12,19 +12,11 @@ import pytest
 from services.directory import tokens
 from services.kit.auth import AUDIENCE, ISSUER, AuthError, StaticKeySource, TokenVerifier
 from services.kit.outbox import OUTBOX
-from tests.integration.directory_fixtures import DEMO_PASSWORD, start_directory
+from tests.helpers import DEMO_PASSWORD, bearer
+from tests.integration.directory_fixtures import start_directory
 
 NEW_PASSWORD = "a-brand-new-passphrase"
 KIM = "/api/v1/directory/staff/stf_riverbend_kim"
-
-
-@pytest.fixture
-def dut(mongo_uri, db_name, tmp_path):
-    return start_directory(mongo_uri, db_name, tmp_path)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def during_the_password_check(dut, monkeypatch, action) -> None:

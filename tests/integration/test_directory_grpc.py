@@ -9,15 +9,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.directory import tokens
-from tests.integration.directory_fixtures import start_directory
+from tests.helpers import auth
 from tests.integration.test_directory_auth import Recorder
 
 GET_STAFF = "/clinic.directory.v1.DirectoryService/GetStaff"
-
-
-@pytest.fixture
-def dut(mongo_uri, db_name, tmp_path):
-    return start_directory(mongo_uri, db_name, tmp_path)
 
 
 @pytest.fixture
@@ -35,13 +30,9 @@ def stub(channel):
     return directory_pb2_grpc.DirectoryServiceStub(channel)
 
 
-def bearer(dut, username: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {dut.token(username)}")]
-
-
 @pytest.fixture
 def riverbend(dut):
-    return bearer(dut, "dr.reyes")
+    return auth(dut.token("dr.reyes"))
 
 
 def test_resolve_recipients_combines_people_teams_and_the_whole_agency(stub, riverbend):
@@ -167,7 +158,7 @@ def test_get_agency_settings_answers_for_the_callers_agency(dut, stub, riverbend
     assert response.compliance_escalation_minutes == 240
     assert response.idle_signout_minutes == 15
     lakeside = stub.GetAgencySettings(
-        directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.ramirez"), timeout=5
+        directory_pb2.GetAgencySettingsRequest(), metadata=auth(dut.token("dr.ramirez")), timeout=5
     )
     assert lakeside.agency_id == "agy_lakeside"
     assert lakeside.notify_linked_staff_on_schedule_change is False
@@ -204,7 +195,7 @@ def test_list_staff_filters_active_staff_by_role_and_lab_flag(dut, stub, riverbe
     assert "stf_riverbend_young" not in ids and not any(i.startswith("stf_lakeside") for i in ids)
     lakeside = stub.ListStaff(
         directory_pb2.ListStaffRequest(role=directory_pb2.ROLE_COMPLIANCE_OFFICER),
-        metadata=bearer(dut, "dr.ramirez"),
+        metadata=auth(dut.token("dr.ramirez")),
         timeout=5,
     )
     assert list(lakeside.staff) == []

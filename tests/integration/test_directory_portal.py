@@ -6,12 +6,7 @@ import grpc
 import pytest
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
-from tests.integration.directory_fixtures import start_directory
-
-
-@pytest.fixture
-def dut(mongo_uri, db_name, tmp_path):
-    return start_directory(mongo_uri, db_name, tmp_path)
+from tests.helpers import auth
 
 
 @pytest.fixture
@@ -22,10 +17,6 @@ def stub(dut):
     yield directory_pb2_grpc.DirectoryServiceStub(channel)
     channel.close()
     server.stop(0)
-
-
-def bearer(dut, username: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {dut.token(username)}")]
 
 
 def portal_patient(stub, metadata, **request):
@@ -40,7 +31,7 @@ def refusal(stub, metadata, **request) -> tuple[grpc.StatusCode, str]:
 
 
 def test_a_portal_patient_is_found_by_portal_user_or_directory_id(dut, stub):
-    riverbend = bearer(dut, "dr.reyes")
+    riverbend = auth(dut.token("dr.reyes"))
     by_portal_user = portal_patient(stub, riverbend, portal_user_id="portal_riverbend_0001")
     assert by_portal_user.patient_id == "pat_riverbend_demo"
     assert by_portal_user.agency_id == "agy_riverbend"
@@ -51,7 +42,7 @@ def test_a_portal_patient_is_found_by_portal_user_or_directory_id(dut, stub):
 
 
 def test_another_agencys_or_an_unknown_patient_is_not_found(dut, stub):
-    lakeside = bearer(dut, "dr.ramirez")
+    lakeside = auth(dut.token("dr.ramirez"))
     assert portal_patient(stub, lakeside, portal_user_id="portal_lakeside_0001").patient_id == "pat_lakeside_demo"
     for request in (
         {"portal_user_id": "portal_riverbend_0001"},
@@ -63,7 +54,7 @@ def test_another_agencys_or_an_unknown_patient_is_not_found(dut, stub):
 
 
 def test_exactly_one_of_the_two_ids_is_asked_for(dut, stub):
-    riverbend = bearer(dut, "dr.reyes")
+    riverbend = auth(dut.token("dr.reyes"))
     both = refusal(stub, riverbend, patient_id="pat_riverbend_demo", portal_user_id="portal_riverbend_0001")
     assert both[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert refusal(stub, riverbend)[0] == grpc.StatusCode.INVALID_ARGUMENT
@@ -74,7 +65,7 @@ def test_get_portal_patient_needs_a_token(stub):
 
 
 def test_agency_settings_name_the_portal_consumer_the_admin_chose(dut, stub):
-    riverbend = bearer(dut, "dr.reyes")
+    riverbend = auth(dut.token("dr.reyes"))
     settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=riverbend, timeout=5)
     assert settings.portal_consumer == "patient-portal"
     admin = dut.as_user("admin")
@@ -98,7 +89,7 @@ def test_agency_settings_name_the_portal_consumer_the_admin_chose(dut, stub):
     settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=riverbend, timeout=5)
     assert settings.portal_consumer == "other-portal"
     lakeside = stub.GetAgencySettings(
-        directory_pb2.GetAgencySettingsRequest(), metadata=bearer(dut, "dr.ramirez"), timeout=5
+        directory_pb2.GetAgencySettingsRequest(), metadata=auth(dut.token("dr.ramirez")), timeout=5
     )
     assert lakeside.portal_consumer == "patient-portal"
 

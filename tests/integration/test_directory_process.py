@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -16,7 +15,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from services.directory import demo
 from services.kit.embedded_mongo import free_port
 from services.kit.mongo import database
-from tests.integration.directory_fixtures import DEMO_PASSWORD, directory_environ, signing_key_pem, start_directory
+from tests.helpers import DEMO_PASSWORD
+from tests.integration.directory_fixtures import directory_environ, signing_key_pem, start_directory
+from tests.waits import wait_until
 
 DIRECTORY = [sys.executable, "-m", "services.directory"]
 TYPED_PASSWORD = "Typed-Secret-2026"
@@ -121,16 +122,15 @@ def test_the_service_serves_http_and_grpc_and_exits_cleanly_on_sigterm(process_e
     process = subprocess.Popen(DIRECTORY, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 20
-        while True:
+
+        def healthy() -> bool:
+            assert process.poll() is None, process.stderr.read()  # exited instead of starting
             try:
-                if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
+                return requests.get(f"{base}/healthz", timeout=1).status_code == 200
             except requests.ConnectionError:
-                pass
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "the directory did not start"
-            time.sleep(0.1)
+                return False
+
+        wait_until(healthy, timeout=20, interval=0.1, message="the directory answering /healthz")
         signed_in = requests.post(
             f"{base}/api/v1/auth/token", json={"username": "dr.reyes", "password": DEMO_PASSWORD}, timeout=5
         )

@@ -14,17 +14,15 @@ from services.kit.events import decode_envelope, unpack
 from services.kit.mongo import now_ms
 from services.kit.outbox import OUTBOX, OUTBOX_AT
 from services.kit.settings import secret_digest
-from tests.integration.conftest import wait_for
-from tests.integration.directory_fixtures import start_directory
+from tests.waits import wait_until
 
 MINUTE_MS = 60_000
 
 
 @pytest.fixture
-def dut(mongo_uri, db_name, tmp_path):
-    return start_directory(
-        mongo_uri, db_name, tmp_path, SERVICE_CLIENTS=f"inbox:{secret_digest('inbox-secret')}"
-    )
+def directory_overrides():
+    """The `dut` knows the inbox service client."""
+    return {"SERVICE_CLIENTS": f"inbox:{secret_digest('inbox-secret')}"}
 
 
 @pytest.fixture
@@ -112,7 +110,7 @@ def test_the_relay_publishes_the_revocation(dut, event_bus):
         with consumer.running():
             dut.client.post("/api/v1/auth/logout", json={"refresh_token": grant["refresh_token"]})
             assert relay.run_once() == 1
-            wait_for(lambda: received)
+            wait_until(lambda: received)
     finally:
         publisher.close()
     event = unpack(received[0], directory_pb2.SessionRevoked)

@@ -3,7 +3,6 @@ resolve, withdraw, and repeats or stale versions have no second effect."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 import pika
@@ -24,8 +23,8 @@ from services.kit.events import decode_envelope, new_envelope, unpack
 from services.kit.mongo import now_ms
 from services.kit.outbox import OutboxRelay
 from services.kit.service_identity import IssuedToken, ServiceTokens
-from tests.integration.conftest import wait_for
 from tests.integration.inbox_fixtures import staff
+from tests.waits import background, wait_until
 
 AGENCY, OTHER = "agy_1", "agy_2"
 
@@ -107,11 +106,11 @@ def test_a_requested_delivery_lands_once_on_each_board(consuming, event_bus):
     event = envelope(request())
     publisher.publish([event, event])  # the broker redelivers the same event
     publisher.publish([envelope(request("order-2"))])
-    wait_for(lambda: len(lab_items(components, "stf_a")) == 2)
-    wait_for(lambda: len(lab_items(components, "stf_b")) == 2)
+    wait_until(lambda: len(lab_items(components, "stf_a")) == 2)
+    wait_until(lambda: len(lab_items(components, "stf_b")) == 2)
     # The counters move right after the items are written (same handler): the last delivery's
     # count may land a moment after its items are listed. The duplicate was handled before it.
-    wait_for(lambda: counts(components, "stf_a") != (1, 1) and counts(components, "stf_b") != (1, 1))
+    wait_until(lambda: counts(components, "stf_a") != (1, 1) and counts(components, "stf_b") != (1, 1))
 
     first = next(
         i for i in lab_items(components, "stf_a") if i["ref_id"] == delivery_module.notice_id(AGENCY, "lab", "order-1")
@@ -143,8 +142,8 @@ def test_bad_events_are_parked_and_the_consumer_keeps_serving(consuming, event_b
         ]
     )
     publisher.publish([envelope(request("order-ok"))])
-    wait_for(lambda: lab_items(components, "stf_a"))
-    wait_for(lambda: event_bus.message_count(consumer.parking_queue) == 5)
+    wait_until(lambda: lab_items(components, "stf_a"))
+    wait_until(lambda: event_bus.message_count(consumer.parking_queue) == 5)
     assert [i["ref_id"] for i in lab_items(components, "stf_a")] == [
         delivery_module.notice_id(AGENCY, "lab", "order-ok")
     ]
@@ -325,14 +324,8 @@ def test_an_interrupted_delivery_is_finished_and_its_events_published(place, eve
     notices.update_one({"_id": nid}, {"$set": {"fanout_pending_at": now_ms() - 60_000}})
     monkeypatch.setattr(feature, "_fan_out", real_fan_out)
 
-    stop = threading.Event()
-    worker = threading.Thread(target=feature.repair_fanouts, args=(stop, 0.05))
-    worker.start()
-    try:
-        wait_for(lambda: "fanout_pending_at" not in notices.find_one({"_id": nid}))
-    finally:
-        stop.set()
-        worker.join()
+    with background(feature.repair_fanouts, 0.05):  # stopped afterwards: it must end, without an error
+        wait_until(lambda: "fanout_pending_at" not in notices.find_one({"_id": nid}))
     assert notices.find_one({"_id": nid})["_outbox_at"] > 0
     assert counts(components, "stf_a") == (1, 1) and counts(components, "stf_b") == (1, 1)
 

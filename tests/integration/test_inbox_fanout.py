@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import pika
 import pytest
@@ -18,6 +17,7 @@ from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.events import decode_envelope, unpack
 from services.kit.mongo import now_ms
 from services.kit.outbox import OutboxRelay
+from tests.waits import background, wait_until
 
 
 def never_called(addressing):
@@ -49,17 +49,8 @@ def test_repair_finishes_the_fanout_once_and_releases_the_events(inbox, amqp_url
     doc = interrupted_send(mailbox, sender, ["stf_b", "stf_c"])
     assert db.messages.find_one({"_id": doc["_id"]}).get("_outbox_at") is None  # held: nothing published yet
 
-    stop = threading.Event()
-    worker = threading.Thread(target=mailbox.repair_fanouts, args=(stop, 0.05))
-    worker.start()
-    try:
-        for _ in range(100):
-            if "fanout_pending_at" not in db.messages.find_one({"_id": doc["_id"]}):
-                break
-            stop.wait(0.05)
-    finally:
-        stop.set()
-        worker.join()
+    with background(mailbox.repair_fanouts, 0.05):  # stopped afterwards: it must end, without an error
+        wait_until(lambda: "fanout_pending_at" not in db.messages.find_one({"_id": doc["_id"]}))
 
     stored = db.messages.find_one({"_id": doc["_id"]})
     assert "fanout_pending_at" not in stored and stored["_outbox_at"] > 0  # events released to the relay
@@ -107,15 +98,5 @@ def test_a_failing_repair_pass_does_not_stop_the_worker(inbox, monkeypatch):
         return []
 
     monkeypatch.setattr(mailbox.store, "pending_fanouts", flaky)
-    stop = threading.Event()
-    worker = threading.Thread(target=mailbox.repair_fanouts, args=(stop, 0.01))
-    worker.start()
-    try:
-        for _ in range(200):
-            if len(calls) >= 3:
-                break
-            stop.wait(0.01)
-    finally:
-        stop.set()
-        worker.join()
-    assert len(calls) >= 3  # it kept going after the failed pass
+    with background(mailbox.repair_fanouts, 0.01):  # stopped afterwards: it must end, without an error
+        wait_until(lambda: len(calls) >= 3)  # it kept going after the failed pass

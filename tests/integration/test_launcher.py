@@ -12,6 +12,7 @@ import requests
 
 from services.kit.embedded_mongo import free_port
 from services.launcher import AlreadyRunning, LaunchError, Ports, Stack, StackConfig, pid_alive, wait_http
+from tests.helpers import DEMO_PASSWORD
 
 
 def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
@@ -30,7 +31,7 @@ def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
         pids = {name: int((stack.pids / f"{name}.pid").read_text()) for name in stack.status()}
         login = requests.post(
             f"{stack.gateway_url}/api/v1/auth/token",
-            json={"username": "admin", "password": "demo-Password-2026"},
+            json={"username": "admin", "password": DEMO_PASSWORD},
             timeout=10,
         )
         assert login.status_code == 200

@@ -11,7 +11,7 @@ from clinic.inbox.v1.inbox_pb2 import MessageDelivered
 from services.kit.bus import BatchPublisher
 from services.kit.events import new_envelope
 from services.kit.outbox import OutboxRelay, outbox_fields, outbox_update, release_update, with_outbox
-from tests.integration.conftest import wait_for
+from tests.waits import Worker, background, finish_all, wait_until
 
 DELIVERED = "message.delivered.v1"
 ITEMS = "board_items"
@@ -83,7 +83,7 @@ def due(items) -> list[dict]:
 
 
 def drain(relay: OutboxRelay, items, timeout: float = 10.0) -> None:
-    wait_for(lambda: relay.run_once() == 0 and not due(items) and not pending(items), timeout=timeout)
+    wait_until(lambda: relay.run_once() == 0 and not due(items) and not pending(items), timeout=timeout)
 
 
 class CrashingPublisher:
@@ -124,7 +124,7 @@ def test_staged_events_are_published_then_removed_from_the_document(items, sink,
 
     relay = relay_for(items, publisher)
     assert relay.run_once() == 7
-    wait_for(lambda: sink.distinct() == set(staged))
+    wait_until(lambda: sink.distinct() == set(staged))
 
     assert pending(items) == []
     assert due(items) == []
@@ -140,7 +140,7 @@ def test_relay_killed_between_publish_and_cleanup_loses_nothing(items, sink, pub
     assert sorted(pending(items)) == sorted(staged)  # published or not, nothing was removed
 
     drain(relay_for(items, publisher, lease_ttl_s=None), items)
-    wait_for(lambda: sink.distinct() == set(staged))
+    wait_until(lambda: sink.distinct() == set(staged))
     assert len(sink.received) >= len(staged)  # duplicates are allowed, losses are not
 
 
@@ -153,7 +153,7 @@ def test_unconfirmed_events_stay_for_a_later_pass(items, sink, publisher):
     assert all(doc["_outbox_tries"] == 1 for doc in due(items))
 
     drain(relay_for(items, publisher, lease_ttl_s=None), items)
-    wait_for(lambda: sink.distinct() == set(staged))
+    wait_until(lambda: sink.distinct() == set(staged))
     assert all("_outbox_tries" not in doc for doc in items.find({}))
 
 
@@ -178,7 +178,7 @@ def test_event_staged_during_a_relay_pass_is_not_lost(items, sink, publisher):
     assert "_outbox_at" in doc  # and the item is still due
 
     assert relay_for(items, publisher, lease_ttl_s=None).run_once() == 1
-    wait_for(lambda: sink.distinct() == {first.event_id, second.event_id})
+    wait_until(lambda: sink.distinct() == {first.event_id, second.event_id})
     assert pending(items) == []
 
 
@@ -191,7 +191,7 @@ def test_held_events_are_not_published_until_released(items, sink, publisher):
     doc = items.find_one({})
     items.update_one({"_id": doc["_id"]}, release_update())
     assert relay.run_once() == 2
-    wait_for(lambda: sink.distinct() == set(held))
+    wait_until(lambda: sink.distinct() == set(held))
 
 
 def test_only_the_lease_holder_relays_until_it_lets_go(items, sink, publisher):
@@ -211,37 +211,28 @@ def test_concurrent_relays_without_a_lease_lose_nothing(items, sink, event_bus):
     staged = stage(items, events_per_item=2, count=100)
     stop = threading.Event()
     publishers = [BatchPublisher(event_bus.amqp_url, event_bus.topology) for _ in range(3)]
-    threads = [
-        threading.Thread(target=relay_for(items, p, batch_size=20, lease_ttl_s=None).run_forever, args=(stop,))
-        for p in publishers
+    relays = [
+        Worker(relay_for(items, p, batch_size=20, lease_ttl_s=None).run_forever, stop, name=f"relay-{n}").start()
+        for n, p in enumerate(publishers)
     ]
-    for thread in threads:
-        thread.start()
     try:
-        wait_for(lambda: sink.distinct() == set(staged), timeout=20)
-        wait_for(lambda: not pending(items) and not due(items))
+        wait_until(lambda: sink.distinct() == set(staged), timeout=20)
+        wait_until(lambda: not pending(items) and not due(items))
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(10)
-    for p in publishers:
-        p.close()
+        finish_all(relays, 10)  # every relay ended, none raised
+        for p in publishers:
+            p.close()
 
 
 def test_running_relay_works_through_a_backlog_without_duplicates(items, sink, publisher):
     staged = stage(items, events_per_item=1, count=120)
     relay = relay_for(items, publisher, batch_size=25)
-    stop = threading.Event()
-    thread = threading.Thread(target=relay.run_forever, args=(stop,))
-    thread.start()
-    try:
-        wait_for(lambda: sink.distinct() == set(staged), timeout=20)
-        wait_for(lambda: not pending(items) and not due(items))
+    with background(relay.run_forever):  # stopped afterwards: it must end, without an error
+        wait_until(lambda: sink.distinct() == set(staged), timeout=20)
+        wait_until(lambda: not pending(items) and not due(items))
         late = stage(items, events_per_item=1, count=1)  # picked up by the idle poll
-        wait_for(lambda: set(late) <= sink.distinct())
-    finally:
-        stop.set()
-        thread.join(10)
+        wait_until(lambda: set(late) <= sink.distinct())
     assert sorted(sink.received) == sorted(staged + late)  # one relay, no failures: each event once
 
 
@@ -253,7 +244,7 @@ def test_an_unreadable_entry_is_set_aside_and_the_rest_still_published(items, si
 
     relay = relay_for(items, publisher)
     assert relay.run_once() == 1
-    wait_for(lambda: sink.distinct() == {good.event_id})
+    wait_until(lambda: sink.distinct() == {good.event_id})
     doc = items.find_one({"_id": "item-1"})
     assert not doc.get("_outbox") and "_outbox_at" not in doc  # nothing left to retry forever
     assert bytes(doc["_outbox_failed"]["broken"]["env"]) == b"\xff\xfe not an envelope"  # kept for a person

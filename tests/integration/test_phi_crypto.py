@@ -3,6 +3,7 @@ import os
 import pytest
 
 from services.kit.crypto import DecryptionError, KeyRing, PhiCipher
+from tests.helpers import Clock
 
 
 @pytest.fixture
@@ -68,13 +69,7 @@ def test_wrong_master_key_cannot_open(db):
 
 
 def test_a_rotation_by_another_process_reaches_a_running_keyring(db):
-    class Clock:
-        now = 0.0
-
-        def __call__(self):
-            return self.now
-
-    clock = Clock()
+    clock = Clock(now=0.0)
     keys = master()
     running = PhiCipher(KeyRing(db, keys, "m1", active_ttl_s=60, clock=clock))
     assert key_id(running.seal("agy_a", "r", "f", "x")) == "agy_a:1"

@@ -8,6 +8,7 @@ import pytest
 from services.kit.errors import InvalidInput, NotFound
 from services.notifications import schedule
 from services.notifications.appointments import APPOINTMENTS, ScheduleNotifications
+from tests.helpers import msa
 from tests.integration.notifications_fixtures import DirectoryTable, Member, make_components, staged_deliveries
 from tests.unit.test_schedule_rules import resource
 from tests.unit.test_siu_messages import CHEN_BY_OID, REYES, siu_message
@@ -46,10 +47,6 @@ def send(feature, raw: bytes) -> bytes:
     return feature.components.message_types.acknowledge(raw)
 
 
-def msa(ack: bytes) -> list[str]:
-    return ack.decode("ascii").split("\r")[1].split("|")
-
-
 def err(ack: bytes) -> list[str]:
     return next(s for s in ack.decode("ascii").split("\r") if s.startswith("ERR|")).split("|")
 
@@ -65,10 +62,10 @@ def deliveries(feature):
 
 
 def test_s12_s14_s15_update_one_item_per_linked_staff_member_and_never_tell_the_maker(feature):
-    assert msa(send(feature, siu_message("S12", control="C1")))[1:3] == ["AA", "C1"]
-    assert msa(send(feature, siu_message("S14", control="C2",
-                                         sch11="^^50^20261202110000-0600^20261202115000-0600")))[1] == "AA"  # fmt: skip
-    assert msa(send(feature, siu_message("S15", control="C3", resources=[])))[1] == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1")))[:2] == ("AA", "C1")
+    rescheduled = siu_message("S14", control="C2", sch11="^^50^20261202110000-0600^20261202115000-0600")
+    assert msa(send(feature, rescheduled)).code == "AA"
+    assert msa(send(feature, siu_message("S15", control="C3", resources=[]))).code == "AA"
     booked, moved, cancelled = deliveries(feature)
     everyone = ["stf_riverbend_kim", "stf_riverbend_patel", "stf_riverbend_wilson"]  # davis made the change
     assert sorted(booked.recipients.staff_ids) == everyone
@@ -84,14 +81,14 @@ def test_s12_s14_s15_update_one_item_per_linked_staff_member_and_never_tell_the_
 
 
 def test_the_same_message_twice_is_stored_once_and_acknowledged_both_times(feature):
-    assert msa(send(feature, siu_message("S12", control="C1")))[1] == "AA"
-    assert msa(send(feature, siu_message("S12", control="C1")))[1] == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1"))).code == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1"))).code == "AA"
     assert len(deliveries(feature)) == 1 and the_appointment(feature)["version"] == 1
 
 
 def test_with_the_option_off_the_appointment_is_kept_and_nobody_told(feature, table):
     table.notify_linked_staff[RIVERBEND] = False
-    assert msa(send(feature, siu_message("S12")))[1] == "AA"
+    assert msa(send(feature, siu_message("S12"))).code == "AA"
     assert deliveries(feature) == [] and the_appointment(feature)["version"] == 1
 
 
@@ -101,13 +98,13 @@ def test_with_the_option_off_the_appointment_is_kept_and_nobody_told(feature, ta
 )
 def test_unknown_or_another_agencys_staff_are_refused_and_nothing_is_stored(feature, resources):
     reply = msa(send(feature, siu_message("S12", resources=resources)))
-    assert reply[1] == "AE" and "not in this agency" in reply[3]
+    assert reply.code == "AE" and "not in this agency" in reply.text
     assert feature.components.store.db[APPOINTMENTS].count_documents({}) == 0
 
 
 def test_an_unregistered_facility_is_rejected(feature):
     raw = siu_message().replace(b"|CLINIC_BOARD|RIVERBEND|", b"|CLINIC_BOARD|ELSEWHERE|")
-    assert msa(send(feature, raw))[1] == "AR"
+    assert msa(send(feature, raw)).code == "AR"
 
 
 def test_a_fhir_appointment_is_stored_once_and_its_edit_updates_the_same_item(feature):
@@ -152,10 +149,10 @@ def deleted(resources: list[str]) -> list[str]:
 
 
 def test_providers_named_by_npi_are_told_and_their_npis_kept_for_a_bare_cancellation(feature):
-    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS)))[1] == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS))).code == "AA"
     doc = the_appointment(feature)
     assert doc["npis"] == ["1234567893", "1498263056"] and doc["staff_ids"] == ["stf_riverbend_kim"]
-    assert msa(send(feature, siu_message("S15", control="C2", resources=[])))[1] == "AA"
+    assert msa(send(feature, siu_message("S15", control="C2", resources=[]))).code == "AA"
     booked, cancelled = deliveries(feature)
     linked = ["stf_riverbend_chen", "stf_riverbend_kim", "stf_riverbend_reyes"]
     assert sorted(booked.recipients.staff_ids) == sorted(cancelled.recipients.staff_ids) == linked
@@ -172,15 +169,15 @@ def test_providers_named_by_npi_are_told_and_their_npis_kept_for_a_bare_cancella
 )
 def test_an_npi_the_agency_does_not_have_is_refused_naming_its_field(feature, resources, location):
     ack = send(feature, siu_message("S12", resources=resources))
-    assert msa(ack)[1] == "AE" and "not in this agency" in msa(ack)[3]
+    assert msa(ack).code == "AE" and "not in this agency" in msa(ack).text
     assert err(ack)[2] == location and err(ack)[3].startswith("103^")
     assert feature.components.store.db[APPOINTMENTS].count_documents({}) == 0
 
 
 @pytest.mark.parametrize("trigger", ["S15", "S17"])
 def test_a_cancellation_marking_every_resource_deleted_tells_them_all_and_keeps_their_items(feature, trigger):
-    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS)))[1] == "AA"
-    assert msa(send(feature, siu_message(trigger, control="C2", resources=deleted(PROVIDERS))))[1] == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS))).code == "AA"
+    assert msa(send(feature, siu_message(trigger, control="C2", resources=deleted(PROVIDERS)))).code == "AA"
     booked, ended = deliveries(feature)
     assert sorted(ended.recipients.staff_ids) == sorted(booked.recipients.staff_ids)
     assert not ended.withdrawn and ended.mark_unread
@@ -189,19 +186,19 @@ def test_a_cancellation_marking_every_resource_deleted_tells_them_all_and_keeps_
 
 
 def test_an_edit_still_takes_a_resource_marked_deleted_off_the_appointment(feature):
-    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS)))[1] == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS))).code == "AA"
     chen_off = [*PROVIDERS[:3], PROVIDERS[3].replace("|A|", "|D|"), PROVIDERS[4]]
-    assert msa(send(feature, siu_message("S14", control="C2", resources=chen_off)))[1] == "AA"
+    assert msa(send(feature, siu_message("S14", control="C2", resources=chen_off))).code == "AA"
     _, edited = deliveries(feature)
     assert sorted(edited.recipients.staff_ids) == ["stf_riverbend_kim", "stf_riverbend_reyes"]
 
 
 def test_the_operator_who_is_on_the_appointment_keeps_the_item_they_had(feature):
-    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS)))[1] == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS))).code == "AA"
     # Kim (an AIP resource) reschedules it herself: EVN-5 names her.
     moved = siu_message("S13", control="C2", resources=PROVIDERS, evn_operator="stf_riverbend_kim^KIM^JORDAN",
                         sch11="^^50^20261202140000^20261202145000")  # fmt: skip
-    assert msa(send(feature, moved))[1] == "AA"
+    assert msa(send(feature, moved)).code == "AA"
     _, rescheduled = deliveries(feature)
     assert "stf_riverbend_kim" in rescheduled.recipients.staff_ids  # kept: inbox leaves its read state alone
     assert rescheduled.actor_staff_id == "stf_riverbend_kim" and rescheduled.mark_unread
@@ -210,9 +207,9 @@ def test_the_operator_who_is_on_the_appointment_keeps_the_item_they_had(feature)
 
 
 def test_an_operator_named_by_npi_is_the_maker(feature):
-    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS)))[1] == "AA"
+    assert msa(send(feature, siu_message("S12", control="C1", resources=PROVIDERS))).code == "AA"
     without_chen = [*PROVIDERS[:3], PROVIDERS[4]]
-    assert msa(send(feature, siu_message("S14", control="C2", resources=without_chen, evn_operator=REYES)))[1] == "AA"
+    assert msa(send(feature, siu_message("S14", control="C2", resources=without_chen, evn_operator=REYES))).code == "AA"
     _, edited = deliveries(feature)
     assert edited.actor_staff_id == "stf_riverbend_reyes"
     assert sorted(edited.recipients.staff_ids) == ["stf_riverbend_kim", "stf_riverbend_reyes"]  # Chen is off it now
@@ -221,6 +218,6 @@ def test_an_operator_named_by_npi_is_the_maker(feature):
 
 def test_the_operator_who_never_had_the_item_gets_none(feature):
     by_kim = siu_message("S12", control="C1", resources=PROVIDERS, evn_operator="stf_riverbend_kim")
-    assert msa(send(feature, by_kim))[1] == "AA"
+    assert msa(send(feature, by_kim)).code == "AA"
     (booked,) = deliveries(feature)
     assert sorted(booked.recipients.staff_ids) == ["stf_riverbend_chen", "stf_riverbend_reyes"]

@@ -7,8 +7,8 @@ from clinic.inbox.v1 import inbox_pb2
 from services.kit.bus import Publisher
 from services.kit.events import new_envelope
 from services.web.live import QUEUE_EXPIRES_MS, BoardEvents, Hub
-from tests.integration.conftest import wait_for
 from tests.integration.test_bus_queue_expiry import list_queues
+from tests.waits import wait_until
 
 
 def changes(subscription) -> list[str]:
@@ -53,7 +53,7 @@ def test_each_replica_hears_every_delivery_and_tells_only_its_recipients_pages(e
                 seen[i] += changes(kim[i])
             return all(len(folders) >= 3 for folders in seen.values())
 
-        wait_for(both_replicas_pushed_all_three, timeout=10)
+        wait_until(both_replicas_pushed_all_three, timeout=10)
         assert seen[0] == seen[1] == ["messages", "lab", "announcements"]
         assert changes(colleague) == ["announcements"]  # the whole agency's, not Kim's own
         assert changes(lakeside_kim) == []  # same staff id in another agency hears nothing

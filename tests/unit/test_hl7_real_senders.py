@@ -44,6 +44,7 @@ from tests.e2e.real_sender_messages import (
     spm,
     unique,
 )
+from tests.helpers import msa
 
 # The development registration of MSH-6 RIVERBEND: agy_riverbend, whose clock is Chicago's.
 CHICAGO = zoneinfo.ZoneInfo("America/Chicago")
@@ -379,10 +380,6 @@ def acknowledge(raw: str | bytes) -> hl7.Message | None:
     return hl7.parse(answer.decode("ascii")) if answer else None
 
 
-def msa(ack: hl7.Message) -> tuple[str, str]:
-    return str(ack.segment("MSA")[1]), str(ack.segment("MSA")[2])
-
-
 @pytest.mark.parametrize("outcome", ["AA", "AE", "AR"])
 def test_the_ack_swaps_sender_and_receiver_with_every_hd_component(outcome):
     control_id = unique("HD")
@@ -394,7 +391,7 @@ def test_the_ack_swaps_sender_and_receiver_with_every_hd_component(outcome):
         processing_id="T" if outcome == "AR" else "P",
     )
     ack = acknowledge(raw)
-    assert msa(ack) == (outcome, control_id)
+    assert msa(ack)[:2] == (outcome, control_id)
     header = ack.segment("MSH")
     assert [str(header[n]) for n in (3, 4, 5, 6)] == [CLINIC_APPLICATION, RIVERBEND_HD, LAB_APPLICATION, REFERENCE_LAB]
     assert re.fullmatch(r"\d{12}(\d{2}(\.\d{1,4})?)?[+-]\d{4}", str(header[7])), str(header[7])
@@ -429,7 +426,7 @@ def test_the_accept_acknowledgement_condition_decides_what_is_sent(accept_ack, v
     if expected is None:
         assert ack is None
     else:
-        assert msa(ack) == (expected, control_id)
+        assert msa(ack)[:2] == (expected, control_id)
 
 
 def test_a_rejection_in_accept_always_mode_is_a_commit_reject():
@@ -438,5 +435,5 @@ def test_a_rejection_in_accept_always_mode_is_a_commit_reject():
         unique("M"), sodium(1), control_id=control_id, accept_ack="AL", application_ack="NE", processing_id="D"
     )
     ack = acknowledge(raw)
-    assert msa(ack) == ("CR", control_id)
+    assert msa(ack)[:2] == ("CR", control_id)
     assert str(ack.segment("ERR")[3]).split("^")[0] == "202"

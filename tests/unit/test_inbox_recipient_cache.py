@@ -7,6 +7,7 @@ import pytest
 from services.inbox.directory_client import RecipientCache, Resolution
 from services.inbox.domain import Addressing
 from services.kit.errors import InvalidInput
+from tests.helpers import Clock
 
 
 class Directory:
@@ -22,14 +23,6 @@ class Directory:
         return Resolution(
             sorted(s for s in known if self.staff[s]), [s for s in addressing.staff_ids if s not in self.staff], []
         )
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def to(*staff_ids: str) -> Addressing:

@@ -14,15 +14,11 @@ from services.notifications.lab_domain import ABNORMAL, INFO, URGENT, flag_sever
 from services.notifications.lab_hl7 import reports_from_oru
 from services.notifications.mllp import FrameDecoder, FrameTooLarge, MessageTypes, frame
 from tests.e2e.lab_messages import CBC, POTASSIUM_CRITICAL, POTASSIUM_TEST, oru
+from tests.helpers import msa
 
 
 def parse_ack(raw: bytes) -> hl7.Message:
     return hl7.parse(raw.decode("ascii"))
-
-
-def msa(raw: bytes) -> tuple[str, str, str]:
-    segment = parse_ack(raw).segment("MSA")
-    return str(segment(1)), str(segment(2)), str(segment(3)) if len(segment) > 3 else ""
 
 
 def err_code(raw: bytes) -> str:

@@ -9,21 +9,7 @@ import pytest
 
 from services.directory import tokens
 from services.kit.auth import AuthError, RevokedSessions, StaticKeySource, TokenVerifier
-
-
-class Clock:
-    def __init__(self, now_s: float = 1_800_000_000.0):
-        self.now_s = now_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-    @property
-    def ms(self) -> int:
-        return int(self.now_s * 1000)
+from tests.helpers import Clock
 
 
 @functools.cache

@@ -20,6 +20,7 @@ from services.kit.settings import (
     secret_digest,
     service_client_credentials,
 )
+from tests.helpers import Clock
 
 PHI_KEYS = "k1:" + base64.b64encode(b"p" * 32).decode()
 
@@ -39,14 +40,6 @@ class FakeIssuer:
         with self._lock:
             self.calls.append((client_id, secret, agency_id))
             return IssuedToken(f"token-{len(self.calls)}-{agency_id or 'platform'}", self.expires_in)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def service_tokens(issuer, clock=None) -> ServiceTokens:
