@@ -110,18 +110,6 @@ def upstream():
     server.server_close()
 
 
-def wait_for(condition, timeout: float = 10, what: str = "the condition"):
-    """Poll `condition()` until it returns something truthy, which is returned; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
 def closed_port() -> int:
     """A port nothing listens on (bound, then released)."""
     with socket.socket() as s:

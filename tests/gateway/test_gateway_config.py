@@ -13,7 +13,8 @@ import jwt
 import pytest
 import requests
 
-from tests.gateway.conftest import REPO_ROOT, gateway_env, run_check, start_gateway, wait_for
+from tests.gateway.conftest import REPO_ROOT, gateway_env, run_check, start_gateway
+from tests.waits import wait_until
 
 PRODUCT_FILE = REPO_ROOT / "gateway" / "kong.yml"
 PORTAL_KEY = "portal-test-key-0123456789"
@@ -226,7 +227,9 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path, upstream):
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    wait_for(lambda: any(marker in seen["headers"] for seen in upstream.seen), what="the request to reach the upstream")
+    wait_until(
+        lambda: any(marker in seen["headers"] for seen in upstream.seen), message="the request to reach the upstream"
+    )
     assert gateway.stop() == 0
     worker.join(timeout=10)
     assert outcome == {"status": 200, "connection": "close"}

@@ -15,7 +15,8 @@ import jwt
 import pytest
 import requests
 
-from tests.gateway.conftest import closed_port, gateway_env, start_gateway, wait_for
+from tests.gateway.conftest import closed_port, gateway_env, start_gateway
+from tests.waits import wait_until
 
 TEST_CONFIG = """\
 _format_version: "3.0"
@@ -555,7 +556,7 @@ def test_request_log_has_no_paths_or_tokens(gateway, http, keys):
     partner = http.get(f"{gateway.url}/partner/patient-jane-doe?apikey=portal-key-123&name=jane")
     assert staff.status_code == partner.status_code == 200
     logged = {staff.headers["X-Kong-Request-Id"], partner.headers["X-Kong-Request-Id"]}
-    wait_for(lambda: logged <= {e.get("request_id") for e in gateway.log_lines()}, what="both requests' log lines")
+    wait_until(lambda: logged <= {e.get("request_id") for e in gateway.log_lines()}, message="both requests' log lines")
     text = gateway.stdout_path.read_text()
     assert "jane" not in text
     assert access not in text
