@@ -3,7 +3,7 @@ nothing is started here (the consumer connects when it runs)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pymongo.database import Database
@@ -15,11 +15,12 @@ from services.auto_reply.store import OUTBOX_COLLECTIONS, AutoReplyStore
 from services.kit.bootstrap import phi_cipher
 from services.kit.bus import Consumer, Topology
 from services.kit.crypto import PhiCipher
+from services.kit.features import Assembled
 from services.kit.processed_events import ProcessedEvents
 
 
 @dataclass
-class AutoReply:
+class AutoReply(Assembled):
     settings: config.AutoReplySettings
     db: Database
     store: AutoReplyStore
@@ -27,8 +28,6 @@ class AutoReply:
     inbox: Any  # clients.InboxClient (or a stand-in with its methods)
     replier: AutoReplier
     consumer: Consumer
-    # Clients build() opened itself (not those it was given): close() closes them.
-    opened: list[Any] = field(default_factory=list)
 
     outbox_collections = OUTBOX_COLLECTIONS  # its access records
 
@@ -43,9 +42,6 @@ class AutoReply:
             problems.append("database_unavailable")
         return problems
 
-    def close(self) -> None:
-        for client in self.opened:
-            client.close()
 
 
 def build_consumer(settings: config.AutoReplySettings, replier: AutoReplier, db: Database) -> Consumer:
@@ -89,4 +85,4 @@ def build(
         opened.append(inbox)
     replier = AutoReplier(auto_store, inbox, service_tokens)
     consumer = build_consumer(settings, replier, db)
-    return AutoReply(settings, db, auto_store, directory, inbox, replier, consumer, opened)
+    return AutoReply(settings, db, auto_store, directory, inbox, replier, consumer, opened=opened)

@@ -9,7 +9,7 @@ here (no thread, no server, no connection beyond the clients' lazy channels).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pymongo.database import Database
@@ -29,7 +29,7 @@ from services.inbox.reminders import Reminders
 from services.inbox.signatures import Signatures
 from services.kit.bootstrap import phi_cipher
 from services.kit.crypto import PhiCipher
-from services.kit.features import Worker, background_of
+from services.kit.features import Assembled, Worker, background_of
 from services.kit.grpc_server import ServiceBinding
 from services.kit.outbox import outbox_collections
 
@@ -38,10 +38,8 @@ FEATURES: tuple[Callable[[Components], Feature], ...] = (Announcements, Reminder
 
 
 @dataclass
-class Inbox:
+class Inbox(Assembled):
     components: Components
-    # Clients build() opened itself (not those it was given): close() closes them.
-    opened: list[Any] = field(default_factory=list)
 
     @property
     def features(self) -> list[Feature]:
@@ -76,9 +74,6 @@ class Inbox:
         """The mailbox's own repair loop, then every feature's workers."""
         return [("fanout-repair", self.components.mailbox.repair_fanouts), *background_of(self.features)]
 
-    def close(self) -> None:
-        for client in self.opened:
-            client.close()
 
 
 def build(
@@ -110,4 +105,4 @@ def build(
     for feature in components.features:
         feature.ensure_indexes()
         feature.attach()
-    return Inbox(components, opened)
+    return Inbox(components, opened=opened)

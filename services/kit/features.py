@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Feature", "Worker", "background_of"]
+__all__ = ["Assembled", "Feature", "Worker", "background_of"]
 
 C = TypeVar("C")
 
@@ -62,3 +63,15 @@ class Feature(Generic[C]):
 def background_of(features: Iterable[Feature]) -> list[Worker]:
     """Every feature's background workers, in feature order."""
     return [worker for feature in features for worker in feature.background()]
+
+
+@dataclass
+class Assembled:
+    """Base of what a service's `build()` returns: `opened` holds the clients build() opened itself
+    (not those it was given), which `close()` closes; the process closes it last."""
+
+    opened: list[Any] = field(default_factory=list, kw_only=True)
+
+    def close(self) -> None:
+        for client in self.opened:
+            client.close()

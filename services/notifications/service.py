@@ -9,14 +9,14 @@ nothing is started here (no thread, no server, no bound socket).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pymongo.database import Database
 
 from services.kit.bootstrap import phi_cipher
 from services.kit.crypto import PhiCipher
-from services.kit.features import Worker, background_of
+from services.kit.features import Assembled, Worker, background_of
 from services.kit.outbox import outbox_collections
 from services.notifications import store
 from services.notifications.appointments import ScheduleNotifications
@@ -33,10 +33,8 @@ FEATURES: tuple[Callable[[Components], Feature], ...] = (LabResults, ScheduleNot
 
 
 @dataclass
-class Notifications:
+class Notifications(Assembled):
     components: Components
-    # Clients build() opened itself (not those it was given): close() closes them.
-    opened: list[Any] = field(default_factory=list)
 
     @property
     def features(self) -> list[Feature]:
@@ -63,9 +61,6 @@ class Notifications:
     def background(self) -> list[Worker]:
         return background_of(self.features)
 
-    def close(self) -> None:
-        for client in self.opened:
-            client.close()
 
 
 def build(
@@ -103,4 +98,4 @@ def build(
     for feature in components.features:
         feature.ensure_indexes()
         feature.attach()
-    return Notifications(components, opened)
+    return Notifications(components, opened=opened)
