@@ -4,13 +4,17 @@ Fixed ids so docs and tests can name them. Seeding only inserts what is absent,
 so running it again changes nothing (not even records edited since). Every
 demo login shares DEMO_PASSWORD, which is for development only: seeding is
 refused in production mode.
+
+A demo record seeded before a field existed gets that field's demo value the
+next time seeding runs (BACKFILLED_*): only where its document lacks the field
+altogether, which no save since can have left, so an edit is never undone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.directory.domain import Agency, PortalPatient, StaffMember, Team, Terminology
+from services.directory.domain import ERX_VENDOR_DOSESPOT, Agency, PortalPatient, StaffMember, Team, Terminology
 from services.directory.passwords import PasswordHasher
 from services.directory.store import DirectoryStore
 from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, ROLE_PRESCRIBER, ROLE_STAFF
@@ -29,6 +33,10 @@ RIVERBEND = Agency(
     portal_consumer=PORTAL_CONSUMER,
     compliance_escalation_minutes=4 * 60,
     idle_signout_minutes=15,
+    # Riverbend subscribes to ePrescribing through DoseSpot (clinic id "1001", a demo value).
+    erx_subscription=True,
+    erx_vendor=ERX_VENDOR_DOSESPOT,
+    erx_clinic_id="1001",
 )
 LAKESIDE = Agency(
     id="agy_lakeside", name="Lakeside Family Clinic", time_zone="America/New_York", portal_consumer=PORTAL_CONSUMER
@@ -53,6 +61,7 @@ def _staff(
     active=True,
     supervisor="",
     npi="",
+    erx_clinician="",
 ):
     return StaffMember(
         id=f"stf_{agency.id.removeprefix('agy_')}_{key}",
@@ -66,20 +75,28 @@ def _staff(
         active=active,
         supervisor_id=f"stf_{agency.id.removeprefix('agy_')}_{supervisor}" if supervisor else "",
         npi=npi,
+        erx_clinician_id=erx_clinician,
     )
+
+
+def _prescriber(agency: Agency, key: str, username: str, name: str, *, npi: str, erx_clinician: str = ""):
+    """A prescriber flagged for lab results and ePrescribing (which needs their agency's subscription too)."""
+    return _staff(agency, key, username, name, PRESCRIBER, lab=True, erx=True, npi=npi, erx_clinician=erx_clinician)
 
 
 R = RIVERBEND
 # Supervisors: clinicians and case managers report to Dr. Hall, nurses to Dr. Reyes; front desk,
 # intake and billing have none, so their overdue compliance items go to the compliance officer.
 # Prescribers carry NPIs (valid check digits, not real providers') so SIU and ORU messages can name them.
+# Riverbend's prescribers have ePrescribing with DoseSpot clinician ids (demo values); Lakeside's Dr. Ramirez
+# is flagged for it too, but Lakeside does not subscribe, so he has none.
 STAFF = (
     _staff(R, "admin", "admin", "Alex Morgan", ADMIN),
-    _staff(R, "reyes", "dr.reyes", "Dr. Elena Reyes", PRESCRIBER, lab=True, erx=True, npi="1234567893"),
+    _prescriber(R, "reyes", "dr.reyes", "Dr. Elena Reyes", npi="1234567893", erx_clinician="2001"),
     _staff(R, "kim", "nurse.kim", "Jordan Kim, RN", lab=True, supervisor="reyes"),
     _staff(R, "ortiz", "compliance.ortiz", "Sam Ortiz", COMPLIANCE),
-    _staff(R, "chen", "dr.chen", "Dr. Wei Chen", PRESCRIBER, lab=True, erx=True, npi="1498263056"),
-    _staff(R, "brooks", "np.brooks", "Taylor Brooks, PMHNP", PRESCRIBER, lab=True, erx=True, npi="1654321094"),
+    _prescriber(R, "chen", "dr.chen", "Dr. Wei Chen", npi="1498263056", erx_clinician="2002"),
+    _prescriber(R, "brooks", "np.brooks", "Taylor Brooks, PMHNP", npi="1654321094", erx_clinician="2003"),
     _staff(R, "white", "nurse.white", "Rachel White, RN", lab=True, supervisor="reyes"),
     _staff(R, "patel", "therapist.patel", "Priya Patel, LCSW", supervisor="hall"),
     _staff(R, "nguyen", "therapist.nguyen", "Minh Nguyen, LPC", supervisor="hall"),
@@ -95,7 +112,7 @@ STAFF = (
     _staff(R, "lee", "billing.lee", "Morgan Lee"),
     _staff(R, "young", "former.young", "Casey Young", active=False),  # deactivated: never a recipient
     _staff(LAKESIDE, "admin", "lakeside.admin", "Pat Quinn", ADMIN),
-    _staff(LAKESIDE, "ramirez", "dr.ramirez", "Dr. Luis Ramirez", PRESCRIBER, lab=True, erx=True, npi="1987654328"),
+    _prescriber(LAKESIDE, "ramirez", "dr.ramirez", "Dr. Luis Ramirez", npi="1987654328"),
     _staff(LAKESIDE, "foster", "nurse.foster", "Kelly Foster, RN", lab=True, supervisor="ramirez"),
     _staff(LAKESIDE, "baker", "frontdesk.baker", "Jesse Baker"),
 )
@@ -158,6 +175,12 @@ PATIENTS = (
 )
 
 
+# Fields added after demo data was first seeded: a demo record whose document lacks one gets the
+# value it has here (see the module docstring).
+BACKFILLED_AGENCY_FIELDS = ("erx_subscription", "erx_vendor", "erx_clinic_id")
+BACKFILLED_STAFF_FIELDS = ("erx_clinician_id",)
+
+
 @dataclass(frozen=True)
 class SeedResult:
     created: int
@@ -170,6 +193,7 @@ def seed(store: DirectoryStore, hasher: PasswordHasher) -> SeedResult:
     for agency in AGENCIES:
         if store.get_agency(agency.id) is None:
             created += _insert(lambda a=agency: store.create_agency(a), lambda a=agency: store.get_agency(a.id))
+        store.fill_absent_agency_fields(agency.id, {name: getattr(agency, name) for name in BACKFILLED_AGENCY_FIELDS})
     password_hash = ""
     for member in STAFF:
         if store.get_staff(member.agency_id, member.id) is None:
@@ -178,6 +202,9 @@ def seed(store: DirectoryStore, hasher: PasswordHasher) -> SeedResult:
                 lambda m=member, h=password_hash: store.create_staff(m, h),
                 lambda m=member: store.get_staff(m.agency_id, m.id),
             )
+        store.fill_absent_staff_fields(
+            member.agency_id, member.id, {name: getattr(member, name) for name in BACKFILLED_STAFF_FIELDS}
+        )
     for team in TEAMS:
         if store.get_team(team.agency_id, team.id) is None:
             created += _insert(lambda t=team: store.create_team(t), lambda t=team: store.get_team(t.agency_id, t.id))

@@ -1,8 +1,9 @@
 """The directory's rules, free of storage and transport.
 
 Agencies, their staff, teams and portal patients; which names, roles and
-passwords are acceptable; who a message addressed to people, teams or the whole
-agency actually reaches; and when repeated failed sign-ins lock a username.
+passwords are acceptable; who has ePrescribing; who a message addressed to
+people, teams or the whole agency actually reaches; and when repeated failed
+sign-ins lock a username.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ DEFAULT_PATIENT_PLURAL = "Patients"
 DEFAULT_COMPLIANCE_ESCALATION_MINUTES = 24 * 60
 MIN_COMPLIANCE_ESCALATION_MINUTES = 1
 MAX_COMPLIANCE_ESCALATION_MINUTES = 30 * 24 * 60
+# ePrescribing vendors an agency may subscribe through ("" = none chosen yet).
+ERX_VENDOR_DOSESPOT = "dosespot"
+ERX_VENDORS = (ERX_VENDOR_DOSESPOT,)
 
 
 def new_id(prefix: str) -> str:
@@ -74,6 +78,12 @@ class Agency:
     idle_signout_minutes: int = DEFAULT_IDLE_SIGNOUT_MINUTES
     # Lab results also go to the provider who ordered them (ORU OBR-16 / ORC-12).
     notify_ordering_provider_of_results: bool = False
+    # The agency subscribes to ePrescribing: without it none of its staff has ePrescribing.
+    erx_subscription: bool = False
+    # The ePrescribing vendor (one of ERX_VENDORS), "" = none.
+    erx_vendor: str = ""
+    # The practice's clinic id at the vendor, "" = none. Not a secret (the clinic key lives in erx-bridge).
+    erx_clinic_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,8 @@ class StaffMember:
     supervisor_id: str = ""
     # National Provider Identifier (10 digits), unique within the agency; "" = none.
     npi: str = ""
+    # The prescriber's clinician id at the agency's ePrescribing vendor; "" = none.
+    erx_clinician_id: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -193,6 +205,54 @@ def check_npi(raw: str) -> str:
             {"field": "npi"},
         )
     return npi
+
+
+def _check_erx_id(raw: str, name: str, field_path: str) -> str:
+    """A vendor-side id (clinician, clinic): "" for none, else [A-Za-z0-9_-]{1,64}; 400 `invalid_<name>`."""
+    value = raw.strip()
+    if value and not ID_PATTERN.fullmatch(value):
+        raise InvalidInput(
+            f"invalid_{name}",
+            f"{name} must be 1-64 letters, digits, '_' or '-' (or empty for none)",
+            {"field": field_path},
+        )
+    return value
+
+
+def check_erx_clinician_id(raw: str) -> str:
+    """A prescriber's clinician id at the ePrescribing vendor: "" for none, else [A-Za-z0-9_-]{1,64}."""
+    return _check_erx_id(raw, "erx_clinician_id", "erx_clinician_id")
+
+
+def check_erx_clinic_id(raw: str) -> str:
+    """The practice's clinic id at the ePrescribing vendor: "" for none, else [A-Za-z0-9_-]{1,64}."""
+    return _check_erx_id(raw, "erx_clinic_id", "options.erx_clinic_id")
+
+
+def check_erx_vendor(raw: str) -> str:
+    """An ePrescribing vendor: "" for none, else one of ERX_VENDORS (only "dosespot" today)."""
+    vendor = raw.strip()
+    if vendor and vendor not in ERX_VENDORS:
+        raise InvalidInput(
+            "invalid_erx_vendor",
+            f"erx_vendor must be one of: {', '.join(ERX_VENDORS)} (or empty for none)",
+            {"field": "options.erx_vendor", "allowed": list(ERX_VENDORS)},
+        )
+    return vendor
+
+
+def has_eprescribing(member: StaffMember, agency: Agency | None) -> bool:
+    """Does the member have ePrescribing? Only an active member flagged for it (`eprescribing_enabled`,
+    set by an admin) of an agency that subscribes (`erx_subscription`): the flag alone, in an agency
+    without a subscription (or that stopped subscribing), gives nothing. What every view and answer
+    calls `eprescribing_enabled`; the stored flag itself is shown to admins only."""
+    return bool(
+        agency is not None
+        and agency.id == member.agency_id
+        and agency.erx_subscription
+        and member.eprescribing_enabled
+        and member.active
+    )
 
 
 def check_supervisor(member_id: str, supervisor: StaffMember | None, wanted: str) -> str:

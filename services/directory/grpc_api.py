@@ -7,6 +7,10 @@ including other agencies' ids, come back in the missing_* lists rather than as
 an error: the caller decides what that means. GetPortalPatient asks for one
 record, so an unknown (or another agency's) patient is NOT_FOUND.
 
+A staff member's `eprescribing_enabled` is whether they have ePrescribing
+(domain.has_eprescribing: flagged, active, and their agency subscribes), never
+the bare flag: every service may trust it as it stands.
+
 Two methods are of another kind: IssueServiceToken is open (client
 credentials, no bearer token) and ListRevokedSessions answers platform-scope
 service tokens only; a platform-scope token, in turn, is refused by every
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.directory import domain, events
-from services.directory.domain import StaffMember
+from services.directory.domain import Agency, StaffMember
 from services.directory.service_clients import ServiceClients
 from services.directory.store import DirectoryStore
 from services.kit.auth import (
@@ -44,7 +48,8 @@ SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].ful
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/IssueServiceToken"})
 
 
-def staff_message(member: StaffMember, team_ids: list[str]) -> directory_pb2.Staff:
+def staff_message(member: StaffMember, team_ids: list[str], agency: Agency | None) -> directory_pb2.Staff:
+    """A staff member for another service; `agency` is the member's (None if unknown: no ePrescribing)."""
     return directory_pb2.Staff(
         staff_id=member.id,
         agency_id=member.agency_id,
@@ -52,11 +57,12 @@ def staff_message(member: StaffMember, team_ids: list[str]) -> directory_pb2.Sta
         email=member.email,
         roles=[ROLE_TO_PROTO[role] for role in member.roles if role in ROLE_TO_PROTO],
         lab_result_notification=member.lab_result_notification,
-        eprescribing_enabled=member.eprescribing_enabled,
+        eprescribing_enabled=domain.has_eprescribing(member, agency),
         active=member.active,
         team_ids=team_ids,
         supervisor_id=member.supervisor_id,
         npi=member.npi,
+        erx_clinician_id=member.erx_clinician_id,
     )
 
 
@@ -70,8 +76,9 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         staff_ids = domain.distinct_ids(request.staff_ids, "staff ids")
         found = self.store.staff_by_ids(agency_id, [i for i in staff_ids if domain.is_well_formed_id(i)])
         teams_of = self.store.team_ids_of(agency_id, found) if found else {}
+        agency = self.store.get_agency(agency_id) if found else None
         return directory_pb2.GetStaffResponse(
-            staff=[staff_message(found[i], teams_of[i]) for i in staff_ids if i in found],
+            staff=[staff_message(found[i], teams_of[i], agency) for i in staff_ids if i in found],
             missing_staff_ids=[i for i in staff_ids if i not in found],
         )
 
@@ -123,6 +130,9 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             compliance_escalation_minutes=agency.compliance_escalation_minutes,
             idle_signout_minutes=agency.idle_signout_minutes,
             notify_ordering_provider_of_results=agency.notify_ordering_provider_of_results,
+            erx_subscription=agency.erx_subscription,
+            erx_vendor=agency.erx_vendor,
+            erx_clinic_id=agency.erx_clinic_id,
         )
 
     def ListStaff(self, request: directory_pb2.ListStaffRequest, context) -> directory_pb2.ListStaffResponse:
@@ -130,15 +140,17 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         role = PROTO_TO_ROLE.get(request.role) if request.role else None
         if request.role and role is None:
             raise InvalidInput("unknown_role", "unknown role")
+        agency = self.store.get_agency(agency_id)
         chosen = [
             member
             for member in self.store.list_staff(agency_id)
             if member.active
             and (role is None or role in member.roles)
             and (member.lab_result_notification or not request.lab_result_notification_only)
+            and (domain.has_eprescribing(member, agency) or not request.eprescribing_only)
         ]
         return directory_pb2.ListStaffResponse(
-            staff=[staff_message(member, []) for member in sorted(chosen, key=lambda m: m.id)]
+            staff=[staff_message(member, [], agency) for member in sorted(chosen, key=lambda m: m.id)]
         )
 
     def GetPortalPatient(

@@ -44,6 +44,8 @@ ROLE_LIST = ListOf(item=Str(max_len=40), max_items=10, required=False)
 SUPERVISOR = Str(max_len=64, min_len=0, required=False)
 # "" clears it; otherwise checked by domain.check_npi (a longer text is still answered invalid_npi).
 NPI = Str(max_len=64, min_len=0, required=False)
+# "" clears them; otherwise checked by domain (a longer text is still answered invalid_erx_...).
+ERX_ID = Str(max_len=200, min_len=0, required=False)
 NEW_STAFF = {
     "username": Str(max_len=64),
     "display_name": Str(max_len=120),
@@ -55,6 +57,7 @@ NEW_STAFF = {
     "active": Bool(),
     "supervisor_id": SUPERVISOR,
     "npi": NPI,
+    "erx_clinician_id": ERX_ID,
 }
 STAFF_CHANGES = {
     "display_name": Str(max_len=120, required=False),
@@ -66,6 +69,7 @@ STAFF_CHANGES = {
     "active": Bool(),
     "supervisor_id": SUPERVISOR,
     "npi": NPI,
+    "erx_clinician_id": ERX_ID,
 }
 MEMBER_IDS = ListOf(item=Id(), max_items=domain.MAX_IDS_PER_CALL, required=False)
 NEW_TEAM = {"name": Str(max_len=100), "member_ids": MEMBER_IDS}
@@ -86,6 +90,9 @@ AGENCY_CHANGES = {
                 minimum=domain.IDLE_SIGNOUT_MINUTES_RANGE[0], maximum=domain.IDLE_SIGNOUT_MINUTES_RANGE[1]
             ),
             "notify_ordering_provider_of_results": Bool(),
+            "erx_subscription": Bool(),
+            "erx_vendor": Str(max_len=64, min_len=0, required=False),
+            "erx_clinic_id": ERX_ID,
         }
     ),
     "terminology": Fields(
@@ -124,28 +131,36 @@ def _components() -> Directory:
 # --- views of the domain ---------------------------------------------------------------------
 
 
-def staff_view(member: StaffMember) -> dict:
-    return {
+def staff_view(member: StaffMember, agency: Agency | None, for_admin: bool = False) -> dict:
+    """A staff member as the page shows them. `eprescribing_enabled` is whether they have ePrescribing
+    (domain.has_eprescribing: their flag, active, and the agency subscribes); admins, who set the flag
+    and the vendor's clinician id, also see both as stored (`eprescribing_flag`, `erx_clinician_id`)."""
+    view = {
         "id": member.id,
         "agency_id": member.agency_id,
         "display_name": member.display_name,
         "email": member.email,
         "roles": list(member.roles),
         "lab_result_notification": member.lab_result_notification,
-        "eprescribing_enabled": member.eprescribing_enabled,
+        "eprescribing_enabled": domain.has_eprescribing(member, agency),
         "active": member.active,
         "supervisor_id": member.supervisor_id,
         "npi": member.npi,
     }
+    if for_admin:
+        view["eprescribing_flag"] = member.eprescribing_enabled
+        view["erx_clinician_id"] = member.erx_clinician_id
+    return view
 
 
-def staff_detail_view(member: StaffMember, team_ids: list[str]) -> dict:
-    return {**staff_view(member), "username": member.username, "team_ids": team_ids}
+def staff_detail_view(member: StaffMember, team_ids: list[str], agency: Agency | None, for_admin: bool = False) -> dict:
+    return {**staff_view(member, agency, for_admin), "username": member.username, "team_ids": team_ids}
 
 
-def _staff_detail(member: StaffMember) -> dict:
-    team_ids = _components().store.team_ids_of(member.agency_id, [member.id])[member.id]
-    return staff_detail_view(member, team_ids)
+def _staff_detail(member: StaffMember, for_admin: bool) -> dict:
+    store = _components().store
+    team_ids = store.team_ids_of(member.agency_id, [member.id])[member.id]
+    return staff_detail_view(member, team_ids, store.get_agency(member.agency_id), for_admin)
 
 
 def team_view(team: Team) -> dict:
@@ -153,16 +168,20 @@ def team_view(team: Team) -> dict:
 
 
 def agency_view(agency: Agency, for_admin: bool = False) -> dict:
-    """The agency's settings; which gateway consumer serves its patient portal is shown to admins only
-    (it names the partner integration, which only they configure)."""
+    """The agency's settings; which gateway consumer serves its patient portal and the practice's
+    clinic id at the ePrescribing vendor are shown to admins only (they name partner integrations,
+    which only admins configure)."""
     options: dict[str, Any] = {
         "notify_linked_staff_on_schedule_change": agency.notify_linked_staff_on_schedule_change,
         "compliance_escalation_minutes": agency.compliance_escalation_minutes,
         "idle_signout_minutes": agency.idle_signout_minutes,
         "notify_ordering_provider_of_results": agency.notify_ordering_provider_of_results,
+        "erx_subscription": agency.erx_subscription,
+        "erx_vendor": agency.erx_vendor,
     }
     if for_admin:
         options["portal_consumer"] = agency.portal_consumer
+        options["erx_clinic_id"] = agency.erx_clinic_id
     return {
         "id": agency.id,
         "name": agency.name,
@@ -282,19 +301,22 @@ def readyz():
 @directory.get("/me")
 @for_staff
 def me(caller: Identity):
-    return _staff_detail(_existing_staff(caller.agency_id, caller.subject))
+    return _staff_detail(_existing_staff(caller.agency_id, caller.subject), caller.is_admin)
 
 
 @directory.get("/staff")
 @for_staff
 def list_staff(caller: Identity):
-    return {"staff": [staff_view(member) for member in _components().store.list_staff(caller.agency_id)]}
+    store = _components().store
+    agency = store.get_agency(caller.agency_id)
+    return {"staff": [staff_view(member, agency, caller.is_admin) for member in store.list_staff(caller.agency_id)]}
 
 
 @directory.get("/staff/<staff_id>")
 @for_staff
 def get_staff(caller: Identity, staff_id: str):
-    return staff_view(_existing_staff(caller.agency_id, staff_id))
+    member = _existing_staff(caller.agency_id, staff_id)
+    return staff_view(member, _components().store.get_agency(caller.agency_id), caller.is_admin)
 
 
 @directory.get("/teams")
@@ -335,11 +357,13 @@ def create_staff(admin: Identity):
         eprescribing_enabled=body.get("eprescribing_enabled", False),
         active=body.get("active", True),
         npi=domain.check_npi(body.get("npi", "")),
+        erx_clinician_id=domain.check_erx_clinician_id(body.get("erx_clinician_id", "")),
     )
     member = replace(member, supervisor_id=_supervisor(member, body.get("supervisor_id", "")))
     components = _components()
     components.store.create_staff(member, components.hasher.hash(password))
-    return _created(staff_detail_view(member, []), f"/api/v1/directory/staff/{member.id}")
+    agency = components.store.get_agency(admin.agency_id)
+    return _created(staff_detail_view(member, [], agency, for_admin=True), f"/api/v1/directory/staff/{member.id}")
 
 
 @directory.patch("/staff/<staff_id>")
@@ -361,6 +385,8 @@ def update_staff(admin: Identity, staff_id: str):
         changes["supervisor_id"] = _supervisor(member, body["supervisor_id"])
     if "npi" in body:
         changes["npi"] = domain.check_npi(body["npi"])
+    if "erx_clinician_id" in body:
+        changes["erx_clinician_id"] = domain.check_erx_clinician_id(body["erx_clinician_id"])
     updated = replace(member, **changes)
     password_hash = None
     if "password" in body:
@@ -369,7 +395,7 @@ def update_staff(admin: Identity, staff_id: str):
     reason = domain.session_end_reason(member, updated, password_hash is not None)
     if reason is not None:
         components.store.revoke_staff_sessions(updated.id, reason)
-    return _staff_detail(updated)
+    return _staff_detail(updated, for_admin=True)
 
 
 @directory.post("/teams")
@@ -425,6 +451,12 @@ def update_agency(admin: Identity):
         agency = replace(agency, idle_signout_minutes=options["idle_signout_minutes"])
     if "notify_ordering_provider_of_results" in options:
         agency = replace(agency, notify_ordering_provider_of_results=options["notify_ordering_provider_of_results"])
+    if "erx_subscription" in options:
+        agency = replace(agency, erx_subscription=options["erx_subscription"])
+    if "erx_vendor" in options:
+        agency = replace(agency, erx_vendor=domain.check_erx_vendor(options["erx_vendor"]))
+    if "erx_clinic_id" in options:
+        agency = replace(agency, erx_clinic_id=domain.check_erx_clinic_id(options["erx_clinic_id"]))
     terminology: Terminology = replace(agency.terminology, **body.get("terminology", {}))
     agency = replace(agency, terminology=terminology)
     _components().store.save_agency(agency)

@@ -128,6 +128,9 @@ def _agency(doc: dict) -> Agency:
         ),
         idle_signout_minutes=int(doc.get("idle_signout_minutes") or DEFAULT_IDLE_SIGNOUT_MINUTES),
         notify_ordering_provider_of_results=bool(doc.get("notify_ordering_provider_of_results", False)),
+        erx_subscription=bool(doc.get("erx_subscription", False)),
+        erx_vendor=doc.get("erx_vendor") or "",
+        erx_clinic_id=doc.get("erx_clinic_id") or "",
     )
 
 
@@ -144,6 +147,7 @@ def _staff(doc: dict) -> StaffMember:
         active=not doc.get("deactivated_at"),
         supervisor_id=doc.get("supervisor_id") or "",
         npi=doc.get("npi") or "",
+        erx_clinician_id=doc.get("erx_clinician_id") or "",
     )
 
 
@@ -171,6 +175,7 @@ def _staff_fields(member: StaffMember, now: int) -> dict:
         "eprescribing_enabled": member.eprescribing_enabled,
         "supervisor_id": member.supervisor_id,
         "npi": member.npi,
+        "erx_clinician_id": member.erx_clinician_id,
         "updated_at": now,
     }
 
@@ -196,6 +201,15 @@ def _names_npi(exc: DuplicateKeyError) -> bool:
         return "npi" in details["keyPattern"]
     message = str(details.get("errmsg") or exc)
     return STAFF_NPI_INDEX in message or "_agency_id_npi'" in message
+
+
+def _fill_absent(collection, key: dict, fields: dict) -> int:
+    """`$set` each field where the document lacks it, one guarded update per field, so a value
+    written since (by an admin, or a concurrent fill) is never overwritten."""
+    filled = 0
+    for name, value in fields.items():
+        filled += collection.update_one({**key, name: {"$exists": False}}, {"$set": {name: value}}).modified_count
+    return filled
 
 
 def _team_name_taken() -> Conflict:
@@ -266,7 +280,15 @@ class DirectoryStore:
             "compliance_escalation_minutes": agency.compliance_escalation_minutes,
             "idle_signout_minutes": agency.idle_signout_minutes,
             "notify_ordering_provider_of_results": agency.notify_ordering_provider_of_results,
+            "erx_subscription": agency.erx_subscription,
+            "erx_vendor": agency.erx_vendor,
+            "erx_clinic_id": agency.erx_clinic_id,
         }
+
+    def fill_absent_agency_fields(self, agency_id: str, fields: dict) -> int:
+        """Set each of these fields on the agency only where its document lacks it (a document
+        written before the field existed; every save writes it). Returns how many were set."""
+        return _fill_absent(self.agencies, {"_id": eq(agency_id)}, fields)
 
     # --- staff ------------------------------------------------------------------------------
 
@@ -322,6 +344,10 @@ class DirectoryStore:
             if doc is not None:
                 found[npi] = _staff(doc)
         return found
+
+    def fill_absent_staff_fields(self, agency_id: str, staff_id: str, fields: dict) -> int:
+        """As fill_absent_agency_fields, for one staff member of the agency."""
+        return _fill_absent(self.staff, {"_id": eq(staff_id), "agency_id": eq(agency_id)}, fields)
 
     def check_npi_free(self, member: StaffMember) -> None:
         """Conflict `npi_taken` when another member of the agency holds the member's NPI. Checked before

@@ -41,6 +41,7 @@ from services.inbox.delivery_batch import deliver_batch
 from services.inbox.delivery_request import DeliveryRequest, ProducerPolicy, parse_request, policy_for
 from services.inbox.delivery_rules import (
     DELIVERED_EVENT,
+    erx_recipients,
     final_recipients,
     is_repeat,
     is_stale,
@@ -52,7 +53,7 @@ from services.inbox.delivery_rules import (
     revision_events,
     unfinished_removals,
 )
-from services.inbox.directory_client import RecipientCache
+from services.inbox.directory_client import EprescriberCache, RecipientCache
 from services.inbox.fanout import MARKER, Fanout, held_events, hold_events, repair_index
 from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
 from services.kit.bus import Consumer, Topology
@@ -104,6 +105,8 @@ class Delivery(Feature):
         self.notices = components.store.db[NOTICES]
         # Directory's word on explicitly addressed staff, trusted for INBOX_RECIPIENTS_CACHE_S.
         self.recipients = RecipientCache(self._ask_directory, components.settings.recipients_cache_s)
+        # Who has ePrescribing (the only staff an eRx item may reach), trusted as long.
+        self.eprescribers = EprescriberCache(self._ask_eprescribers, components.settings.recipients_cache_s)
         self.fanout = Fanout(
             self.notices,
             lambda notice: self._fan_out(notice),  # noqa: PLW0108 - looked up per call: tests stand in for it
@@ -221,9 +224,22 @@ class Delivery(Feature):
     def _ask_directory(self, addressing: domain.Addressing):
         return self.components.directory.resolve(addressing)  # looked up per call: tests swap it
 
+    def _ask_eprescribers(self) -> frozenset[str]:
+        return frozenset(self.components.directory.eprescriber_ids())  # looked up per call, as above
+
     def _resolved(self, agency_id: str, wanted: DeliveryRequest) -> list[str]:
+        """The delivery's recipients as directory knows them: 400 `unknown_recipients` for ids unknown in
+        the agency; for an eRx item, 403 `erx_not_enabled` for a named member without ePrescribing.
+        Checked before anything is written (both entry points, and the batch path, come through here)."""
         resolution = self.recipients.resolve(agency_id, wanted.addressing)
-        return resolution.require_known("some recipients do not exist in this agency")
+        resolved = resolution.require_known("some recipients do not exist in this agency")
+        if wanted.folder == domain.FOLDER_ERX:
+            resolved = self._with_eprescribing(agency_id, wanted.addressing.staff_ids, resolved)
+        return resolved
+
+    def _with_eprescribing(self, agency_id: str, named: tuple[str, ...], resolved: list[str]) -> list[str]:
+        """delivery_rules.erx_recipients on who has ePrescribing (a refusal is directory's answer of now)."""
+        return self.eprescribers.check(agency_id, lambda ids: erx_recipients(named, resolved, ids))
 
     def first_recipients(self, agency_id: str, wanted: DeliveryRequest) -> list[str]:
         """Recipients of a delivery creating its notice (nobody holds it yet)."""

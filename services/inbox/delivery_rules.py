@@ -1,8 +1,10 @@
-"""Pure rules of the delivery API: which notice a delivery is, who holds its items, whether it
-has any effect, and how each recipient's board item follows its notice (services/inbox/delivery.py
-writes what these decide)."""
+"""Pure rules of the delivery API: which notice a delivery is, who holds its items (and who may
+hold an eRx item), whether it has any effect, and how each recipient's board item follows its
+notice (services/inbox/delivery.py writes what these decide)."""
 
 from __future__ import annotations
+
+from collections.abc import Collection, Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -10,13 +12,14 @@ from clinic.inbox.v1 import inbox_pb2
 from services.inbox import domain
 from services.inbox.store import REMOVE
 from services.kit.auth import KIND_SERVICE
-from services.kit.errors import InvalidInput
+from services.kit.errors import Forbidden, InvalidInput
 from services.kit.events import Envelope, new_envelope
 from services.kit.logs import correlation_id_var
 
 PRODUCER = "inbox"
 DELIVERED_EVENT = "board_item.delivered.v1"
 RECENT_DELIVERIES = 50  # delivery ids a notice remembers, to answer a repeat applied=false
+ERX_NOT_ENABLED = "erx_not_enabled"
 
 SEVERITY_TO_PB: dict[str, int] = {
     "info": inbox_pb2.SEVERITY_INFO,
@@ -38,6 +41,21 @@ def final_recipients(resolved: list[str], actor_staff_id: str | None, holders: l
     if not recipients:
         raise InvalidInput("no_recipients", "the item has no recipients")
     return recipients
+
+
+def erx_recipients(named: Iterable[str], resolved: list[str], eprescribers: Collection[str]) -> list[str]:
+    """Who an eRx item reaches: staff with ePrescribing only (`eprescribers`, directory's word: active,
+    flagged, and their agency subscribes). A named staff member without it refuses the whole delivery
+    (Forbidden `erx_not_enabled`, naming them), inactive ones included; members of a named team or of
+    the whole agency without it are left out, and a delivery that then reaches nobody is refused the
+    same way."""
+    lacking = [staff_id for staff_id in dict.fromkeys(named) if staff_id not in eprescribers]
+    if lacking:
+        raise Forbidden(ERX_NOT_ENABLED, "eRx items go only to staff with ePrescribing", {"staff_ids": lacking})
+    reached = [staff_id for staff_id in resolved if staff_id in eprescribers]
+    if resolved and not reached:
+        raise Forbidden(ERX_NOT_ENABLED, "none of the recipients has ePrescribing", {"staff_ids": []})
+    return reached
 
 
 def recipient_changes(before: list[str], after: list[str]) -> tuple[list[str], list[str]]:

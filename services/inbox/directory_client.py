@@ -1,4 +1,5 @@
-"""Inbox's view of directory: recipient resolution over gRPC with the caller's identity."""
+"""Inbox's view of directory: recipient resolution (and who has ePrescribing) over gRPC with the
+caller's identity."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -13,7 +15,9 @@ from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.inbox.domain import Addressing
 from services.kit import grpc_client
 from services.kit.cache import TtlCache
-from services.kit.errors import InvalidInput, from_grpc_error
+from services.kit.errors import Forbidden, InvalidInput, from_grpc_error
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,48 @@ class RecipientCache:
         return resolution
 
 
+class EprescriberCache:
+    """Directory's answer to "who in this agency has ePrescribing" (ListStaff eprescribing_only: active
+    staff flagged for it, in an agency that subscribes), remembered per agency for `max_age_s`.
+
+    An eRx delivery may only name staff with ePrescribing. Erx-bridge delivers to the same few
+    prescribers over and over, so the answer is reused, with the RecipientCache's staleness: a
+    prescriber who loses ePrescribing (flag cleared, deactivated, the agency stops subscribing) can
+    still receive eRx items for up to `max_age_s`. A refusal is never stale: a rule that refuses on a
+    remembered answer is applied again to directory's answer of now (`check`), so a staff member
+    just given ePrescribing receives eRx items at once. `max_age_s` = 0 turns the cache off.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], frozenset[str]],
+        max_age_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_agencies: int = 10_000,
+    ):
+        self._load = load
+        self._answers: TtlCache[str, frozenset[str]] = TtlCache(max_age_s, max_entries=max_agencies, clock=clock)
+
+    def check(self, agency_id: str, rule: Callable[[frozenset[str]], T]) -> T:
+        """`rule(ids)` for the staff ids of agency `agency_id` (the caller's) with ePrescribing. When the
+        rule refuses (raises Forbidden) on a remembered answer, it is applied to a fresh one instead."""
+        loaded = []
+
+        def load() -> frozenset[str]:
+            loaded.append(True)
+            return self._load()
+
+        answer = self._answers.get_or_load(agency_id, load)
+        try:
+            return rule(answer)
+        except Forbidden:
+            if loaded:
+                raise
+        self._answers.forget(agency_id)
+        return rule(self._answers.get_or_load(agency_id, self._load))
+
+
 class DirectoryClient:
     """Every call carries the current caller's identity (a staff token, or a service token acting
     for an agency), so answers are always scoped to that agency."""
@@ -148,6 +194,12 @@ class DirectoryClient:
         """(directory_pb2.Staff records, ids unknown in the caller's agency)."""
         reply = self._call("GetStaff", directory_pb2.GetStaffRequest(staff_ids=staff_ids))
         return list(reply.staff), list(reply.missing_staff_ids)
+
+    def eprescriber_ids(self) -> frozenset[str]:
+        """The caller's agency's staff with ePrescribing: active, flagged, and the agency subscribes
+        (directory applies all three; none when the agency does not subscribe)."""
+        reply = self._call("ListStaff", directory_pb2.ListStaffRequest(eprescribing_only=True))
+        return frozenset(member.staff_id for member in reply.staff if member.eprescribing_enabled and member.active)
 
     def portal_patient(self, *, patient_id: str = "", portal_user_id: str = "") -> PortalPatient:
         """One portal patient of the caller's agency; NotFound when unknown there."""

@@ -33,6 +33,9 @@ class AgencyTable:
     patients: dict[str, PortalPatient] = field(default_factory=dict)
     patient_term: str = "Patient"
     portal_consumer: str = "patient-portal"
+    inactive: set[str] = field(default_factory=set)  # deactivated staff: known, never reached
+    eprescribing: set[str] = field(default_factory=set)  # staff flagged for ePrescribing
+    erx_agencies: set[str] = field(default_factory=set)  # agencies subscribing to ePrescribing
 
     def _agency(self) -> str:
         identity = current_identity.get()
@@ -48,7 +51,17 @@ class AgencyTable:
             ids += [s for s in self.teams.get(team, []) if s in mine]
         if addressing.whole_agency:
             ids += mine
-        return Resolution(list(dict.fromkeys(ids)), missing_staff, missing_teams)
+        return Resolution([s for s in dict.fromkeys(ids) if s not in self.inactive], missing_staff, missing_teams)
+
+    def eprescriber_ids(self) -> frozenset[str]:
+        """As directory answers: active staff of the caller's agency flagged for ePrescribing, none
+        unless the agency subscribes."""
+        agency = self._agency()
+        if agency not in self.erx_agencies:
+            return frozenset()
+        return frozenset(
+            s for s, a in self.staff.items() if a == agency and s in self.eprescribing and s not in self.inactive
+        )
 
     def agency_settings(self, agency_id: str) -> AgencySettings:
         return AgencySettings(

@@ -393,6 +393,8 @@ def test_agency_settings_are_read_by_anyone_and_changed_by_admins(dut, admin, cl
             "compliance_escalation_minutes": 240,
             "idle_signout_minutes": 15,
             "notify_ordering_provider_of_results": False,
+            "erx_subscription": True,
+            "erx_vendor": "dosespot",
         },
         "terminology": {"patient_singular": "Client", "patient_plural": "Clients"},
     }

@@ -84,7 +84,10 @@ def test_agency_settings_name_the_portal_consumer_the_admin_chose(dut, stub):
         "compliance_escalation_minutes": 240,
         "idle_signout_minutes": 15,
         "notify_ordering_provider_of_results": False,
+        "erx_subscription": True,
+        "erx_vendor": "dosespot",
         "portal_consumer": "other-portal",
+        "erx_clinic_id": "1001",
     }
     settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=riverbend, timeout=5)
     assert settings.portal_consumer == "other-portal"

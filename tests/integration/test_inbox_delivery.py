@@ -15,11 +15,11 @@ from services.inbox import delivery as delivery_module
 from services.inbox import domain
 from services.inbox.board import ItemFilter
 from services.inbox.delivery import Delivery
-from services.inbox.directory_client import RecipientCache
+from services.inbox.directory_client import EprescriberCache, RecipientCache
 from services.kit.auth import Identity, current_identity
 from services.kit.bus import BatchPublisher, Publisher
 from services.kit.errors import Forbidden, InvalidInput
-from services.kit.events import decode_envelope, new_envelope, unpack
+from services.kit.events import PermanentError, decode_envelope, new_envelope, unpack
 from services.kit.mongo import now_ms
 from services.kit.outbox import OutboxRelay
 from services.kit.service_identity import IssuedToken, ServiceTokens
@@ -476,3 +476,178 @@ def test_a_notice_rewritten_while_one_delivery_fans_out_ends_as_the_newer_revisi
     assert notice["rev"] == 2 and "fanout_pending_at" not in notice
     assert lab_items(components, "stf_b") == [] and counts(components, "stf_b") == (0, 0)
     assert len(lab_items(components, "stf_a")) == 1 and counts(components, "stf_a") == (1, 1)
+
+
+# --- eRx items: only for staff with ePrescribing ---------------------------------------------------------
+# AGENCY subscribes: stf_a and stf_b are prescribers with ePrescribing, stf_c a nurse (not flagged), stf_e a
+# flagged prescriber who was deactivated. OTHER does not subscribe: its prescriber stf_y is flagged in vain.
+
+
+@pytest.fixture
+def erx(place):
+    components, feature, table = place
+    table.staff.update({"stf_e": AGENCY, "stf_y": OTHER})
+    table.teams["team_ac"] = ["stf_a", "stf_c"]
+    table.teams["team_c"] = ["stf_c"]
+    table.inactive.add("stf_e")
+    table.eprescribing.update({"stf_a", "stf_b", "stf_e", "stf_y"})
+    table.erx_agencies.add(AGENCY)
+    return components, feature, table
+
+
+def erx_request(source_ref: str = "rx-1", staff_ids=("stf_a",), **overrides) -> inbox_pb2.DeliverItemRequest:
+    fields = {
+        "kind": inbox_pb2.DELIVERED_KIND_ERX,
+        "recipients": inbox_pb2.Recipients(staff_ids=list(staff_ids)),
+        "title": "Refill request pending",
+        "status": "pending",
+        "source": "dosespot",
+        "source_ref": source_ref,
+    }
+    fields.update(overrides)
+    return inbox_pb2.DeliverItemRequest(**fields)
+
+
+def deliver_erx(feature: Delivery, req, agency: str = AGENCY, key: str | None = None):
+    return deliver(feature, req, producer="erx-bridge", agency=agency, key=key)
+
+
+def erx_items(components, staff_id: str, agency: str = AGENCY) -> list[dict]:
+    return lab_items(components, staff_id, agency, folder=domain.FOLDER_ERX)
+
+
+def test_an_erx_item_reaches_prescribers_with_eprescribing(erx):
+    components, feature, _ = erx
+    result = deliver_erx(feature, erx_request(staff_ids=["stf_a", "stf_b"]))
+    assert result.applied and result.created and result.recipient_ids == ["stf_a", "stf_b"]
+    [item] = erx_items(components, "stf_a")
+    assert item["title"] == "Refill request pending" and item["sender"] == {"id": "erx-bridge", "name": "eRx"}
+    assert counts(components, "stf_b", domain.FOLDER_ERX) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("staff_ids", "agency", "lacking"),
+    [
+        (["stf_c"], AGENCY, ["stf_c"]),  # a nurse: not flagged
+        (["stf_a", "stf_c"], AGENCY, ["stf_c"]),  # one without it refuses the whole delivery
+        (["stf_e"], AGENCY, ["stf_e"]),  # flagged, but deactivated
+        (["stf_y"], OTHER, ["stf_y"]),  # flagged, but the agency does not subscribe
+    ],
+)
+def test_an_erx_item_naming_staff_without_eprescribing_is_refused_and_nothing_written(erx, staff_ids, agency, lacking):
+    components, feature, _ = erx
+    with pytest.raises(Forbidden) as refused:
+        deliver_erx(feature, erx_request(staff_ids=staff_ids), agency=agency)
+    assert refused.value.code == "erx_not_enabled" and refused.value.details == {"staff_ids": lacking}
+    assert components.store.db[delivery_module.NOTICES].count_documents({}) == 0
+    assert components.store.board_items.count_documents({}) == 0
+    assert erx_items(components, "stf_a") == [] and counts(components, "stf_a", domain.FOLDER_ERX) == (0, 0)
+
+
+def test_an_erx_item_for_a_team_or_the_agency_reaches_only_its_members_with_eprescribing(erx):
+    components, feature, _ = erx
+    team = deliver_erx(
+        feature, erx_request("rx-team", staff_ids=(), recipients=inbox_pb2.Recipients(team_ids=["team_ac"]))
+    )
+    assert team.recipient_ids == ["stf_a"] and erx_items(components, "stf_c") == []
+    everyone = deliver_erx(
+        feature, erx_request("rx-all", staff_ids=(), recipients=inbox_pb2.Recipients(whole_agency=True))
+    )
+    assert sorted(everyone.recipient_ids) == ["stf_a", "stf_b"]  # not the nurses, not the deactivated
+    with pytest.raises(Forbidden) as refused:
+        deliver_erx(feature, erx_request("rx-c", staff_ids=(), recipients=inbox_pb2.Recipients(team_ids=["team_c"])))
+    assert refused.value.code == "erx_not_enabled"
+    with pytest.raises(Forbidden) as nobody:
+        deliver_erx(
+            feature, erx_request("rx-y", staff_ids=(), recipients=inbox_pb2.Recipients(whole_agency=True)), agency=OTHER
+        )
+    assert nobody.value.code == "erx_not_enabled"
+    assert erx_items(components, "stf_c") == [] and erx_items(components, "stf_y", OTHER) == []
+
+
+def test_other_kinds_never_ask_about_eprescribing(erx):
+    components, feature, table = erx
+    asked = []
+    table.eprescriber_ids = lambda: asked.append(1) or frozenset()
+    assert deliver(feature, request("lab-c", recipients=inbox_pb2.Recipients(staff_ids=["stf_c"]))).applied
+    assert deliver(
+        feature, request("lab-y", recipients=inbox_pb2.Recipients(staff_ids=["stf_y"])), agency=OTHER
+    ).applied
+    cloud = request(
+        "cloud-c", kind=inbox_pb2.DELIVERED_KIND_CLOUD, recipients=inbox_pb2.Recipients(staff_ids=["stf_c"])
+    )
+    assert deliver(feature, cloud, producer="cloud-comms").applied
+    assert asked == [] and len(lab_items(components, "stf_c")) == 1
+
+
+def test_an_update_naming_a_prescriber_who_lost_eprescribing_is_refused_but_a_withdrawal_is_not(erx):
+    components, feature, table = erx
+    feature.eprescribers = EprescriberCache(feature._ask_eprescribers, 0)  # directory's current word each time
+    deliver_erx(feature, erx_request(staff_ids=["stf_a", "stf_b"]))
+    table.eprescribing.discard("stf_b")
+    with pytest.raises(Forbidden) as refused:
+        deliver_erx(feature, erx_request(staff_ids=["stf_a", "stf_b"], status="approved"))
+    assert refused.value.details == {"staff_ids": ["stf_b"]}
+    assert [i["status"] for i in erx_items(components, "stf_b")] == ["pending"]  # nothing half-written
+    narrowed = deliver_erx(feature, erx_request(staff_ids=["stf_a"], status="approved"))
+    assert narrowed.recipient_ids == ["stf_a"] and erx_items(components, "stf_b") == []
+    table.erx_agencies.clear()  # the agency stops subscribing
+    withdrawn = deliver_erx(feature, erx_request(withdrawn=True, title="", recipients=inbox_pb2.Recipients()))
+    assert withdrawn.applied and erx_items(components, "stf_a") == []
+
+
+def test_who_has_eprescribing_is_asked_once_per_cache_period_and_a_refusal_always_asks(erx):
+    """Directory's answer is reused for INBOX_RECIPIENTS_CACHE_S: a prescriber who lost ePrescribing still
+    receives eRx items within that bound; one just given it is never refused on a remembered answer."""
+    components, feature, table = erx
+    asked = []
+    answer = table.eprescriber_ids
+    table.eprescriber_ids = lambda: asked.append(1) or answer()
+    now = [100.0]
+    feature.eprescribers = EprescriberCache(feature._ask_eprescribers, 10.0, clock=lambda: now[0])
+    assert deliver_erx(feature, erx_request("rx-1")).applied
+    table.eprescribing.discard("stf_a")
+    now[0] += 9.9
+    assert deliver_erx(feature, erx_request("rx-2")).applied  # within the bound
+    assert len(asked) == 1
+    now[0] += 0.1
+    with pytest.raises(Forbidden):
+        deliver_erx(feature, erx_request("rx-3"))
+    assert len(asked) == 2
+    table.eprescribing.add("stf_c")  # given ePrescribing: the remembered answer lacks stf_c, directory is asked
+    assert deliver_erx(feature, erx_request("rx-4", staff_ids=["stf_c"])).recipient_ids == ["stf_c"]
+    assert len(asked) == 3 and len(erx_items(components, "stf_a")) == 2
+
+
+def test_erx_events_without_eprescribing_are_parked_and_the_rest_land(consuming, erx, event_bus):
+    components, publisher, consumer = consuming
+    refused = [
+        envelope(erx_request("rx-nurse", staff_ids=["stf_c"]), producer="erx-bridge"),
+        envelope(erx_request("rx-inactive", staff_ids=["stf_e"]), producer="erx-bridge"),
+        envelope(erx_request("rx-other", staff_ids=["stf_y"]), producer="erx-bridge", agency=OTHER),
+    ]
+    publisher.publish(refused)
+    publisher.publish([envelope(erx_request("rx-ok"), producer="erx-bridge")])
+    wait_until(lambda: erx_items(components, "stf_a"))
+    wait_until(lambda: event_bus.message_count(consumer.parking_queue) == 3)
+    reasons = [event_bus.get(consumer.parking_queue)[0].headers["x-error-reason"] for _ in refused]
+    assert reasons == ["erx_not_enabled"] * 3
+    assert [i["ref_id"] for i in erx_items(components, "stf_a")] == [
+        delivery_module.notice_id(AGENCY, "dosespot", "rx-ok")
+    ]
+    assert components.store.db[delivery_module.NOTICES].count_documents({}) == 1  # nothing half-written
+    assert erx_items(components, "stf_c") == [] and erx_items(components, "stf_y", OTHER) == []
+
+
+def test_a_batch_writes_erx_items_for_prescribers_and_leaves_the_refused_to_be_parked(erx):
+    components, feature, _ = erx
+    accepted = envelope(erx_request("rx-1", staff_ids=["stf_a", "stf_b"]), producer="erx-bridge")
+    nurse = envelope(erx_request("rx-2", staff_ids=["stf_c"]), producer="erx-bridge")
+    lab = envelope(request("order-1", recipients=inbox_pb2.Recipients(staff_ids=["stf_c"])))
+    assert [e.event_id for e in feature.handle_batch([accepted, nurse, lab])] == [nurse.event_id]
+    assert len(erx_items(components, "stf_a")) == 1 and len(lab_items(components, "stf_c")) == 1
+    with pytest.raises(PermanentError) as parked:  # what the consumer does with what the batch left
+        feature.handle_event(nurse)
+    assert parked.value.reason == "erx_not_enabled"
+    assert erx_items(components, "stf_c") == []
+    assert components.store.db[delivery_module.NOTICES].count_documents({}) == 2

@@ -172,8 +172,17 @@ def test_patient_cursors_are_sort_keys():
     key = domain.patient_sort_key(1_700_000_000_000, "pat_x-1")
     assert key == "001700000000000.pat_x-1"
     assert domain.is_patient_cursor(key)
-    for bad in ("", "1700000000000.pat_x", "001700000000000", "001700000000000.", "00170000000000a.pat",
-                "001700000000000.pat x", '{"$gt":1}', "０01700000000000.pat", "001700000000000." + "p" * 65):
+    for bad in (
+        "",
+        "1700000000000.pat_x",
+        "001700000000000",
+        "001700000000000.",
+        "00170000000000a.pat",
+        "001700000000000.pat x",
+        '{"$gt":1}',
+        "０01700000000000.pat",
+        "001700000000000." + "p" * 65,
+    ):
         assert not domain.is_patient_cursor(bad), bad
 
 
@@ -242,3 +251,59 @@ def test_anything_else_is_refused_as_invalid_npi(raw):
         domain.check_npi(raw)
     assert caught.value.code == "invalid_npi" and caught.value.details == {"field": "npi"}
     assert "10-digit National Provider Identifier" in caught.value.message
+
+
+# --- ePrescribing -----------------------------------------------------------------------------------
+
+SUBSCRIBING = domain.Agency("agy_a", "A", erx_subscription=True, erx_vendor="dosespot", erx_clinic_id="1001")
+PRESCRIBER = StaffMember("stf_rx", "agy_a", "dr.rx", "Dr. Rx", roles=("staff", "prescriber"), eprescribing_enabled=True)
+
+
+def test_eprescribing_needs_the_flag_an_active_member_and_a_subscribing_agency():
+    assert domain.has_eprescribing(PRESCRIBER, SUBSCRIBING)
+    assert not domain.has_eprescribing(replace(PRESCRIBER, eprescribing_enabled=False), SUBSCRIBING)
+    assert not domain.has_eprescribing(replace(PRESCRIBER, active=False), SUBSCRIBING)
+    assert not domain.has_eprescribing(PRESCRIBER, replace(SUBSCRIBING, erx_subscription=False))
+    assert not domain.has_eprescribing(PRESCRIBER, None)  # agency unknown
+    assert not domain.has_eprescribing(PRESCRIBER, replace(SUBSCRIBING, id="agy_b"))  # another agency's subscription
+    # The clinician id is the vendor's business (erx-bridge), not a condition here.
+    assert domain.has_eprescribing(replace(PRESCRIBER, erx_clinician_id=""), SUBSCRIBING)
+
+
+def test_an_agency_has_no_eprescribing_unless_configured():
+    agency = domain.Agency("agy_new", "New")
+    assert (agency.erx_subscription, agency.erx_vendor, agency.erx_clinic_id) == (False, "", "")
+    assert StaffMember("stf_new", "agy_new", "new", "New").erx_clinician_id == ""
+
+
+@pytest.mark.parametrize("value", ["2001", "ds_2001-b", "A" * 64, " 2001 "])
+def test_vendor_ids_are_letters_digits_underscores_and_dashes(value):
+    assert domain.check_erx_clinician_id(value) == value.strip()
+    assert domain.check_erx_clinic_id(value) == value.strip()
+
+
+@pytest.mark.parametrize("value", ["A" * 65, "20 01", "20.01", "../1", "ñ", "1\x00"])
+def test_malformed_vendor_ids_are_refused(value):
+    with pytest.raises(InvalidInput) as clinician:
+        domain.check_erx_clinician_id(value)
+    assert clinician.value.code == "invalid_erx_clinician_id"
+    assert clinician.value.details == {"field": "erx_clinician_id"}
+    with pytest.raises(InvalidInput) as clinic:
+        domain.check_erx_clinic_id(value)
+    assert clinic.value.code == "invalid_erx_clinic_id"
+    assert clinic.value.details == {"field": "options.erx_clinic_id"}
+
+
+def test_empty_vendor_ids_and_vendor_mean_none():
+    assert domain.check_erx_clinician_id("") == "" and domain.check_erx_clinician_id("  ") == ""
+    assert domain.check_erx_clinic_id("") == ""
+    assert domain.check_erx_vendor("") == ""
+
+
+def test_only_dosespot_is_a_known_vendor():
+    assert domain.check_erx_vendor("dosespot") == "dosespot"
+    assert domain.check_erx_vendor(" dosespot ") == "dosespot"
+    for vendor in ("DoseSpot", "surescripts", "dose spot"):
+        with pytest.raises(InvalidInput) as refused:
+            domain.check_erx_vendor(vendor)
+        assert refused.value.code == "invalid_erx_vendor" and refused.value.details["allowed"] == ["dosespot"]
