@@ -1,0 +1,1 @@
+"""ePrescribing vendors, one module each, behind `base.VendorAdapter`."""
