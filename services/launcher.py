@@ -56,6 +56,9 @@ class Ports:
     auto_reply_http: int = 8104
     auto_reply_grpc: int = 50054
     web_http: int = 8105
+    erx_bridge_http: int = 8106
+    erx_bridge_grpc: int = 50056
+    erx_simulator: int = 8190
 
     @classmethod
     def free(cls) -> Ports:
@@ -71,12 +74,14 @@ class StackConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     gateway_env: dict[str, str] = field(default_factory=dict)
     seed_demo: bool = True
+    # The eRx vendor simulator (development only: never started with CLINIC_MODE=production).
+    erx_simulator: bool = True
 
 
 class Stack:
     """The processes of the system, started in dependency order."""
 
-    SERVICES = ("directory", "inbox", "notifications", "auto-reply", "web", "gateway")
+    SERVICES = ("directory", "erx-simulator", "inbox", "notifications", "auto-reply", "erx-bridge", "web", "gateway")
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -116,6 +121,20 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.web_http}"
 
     @property
+    def erx_bridge_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.erx_bridge_http}"
+
+    @property
+    def erx_simulator_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.erx_simulator}"
+
+    @property
+    def runs_erx_simulator(self) -> bool:
+        """The simulator runs in development only, and only when the stack is asked to run it."""
+        mode = self.config.extra_env.get("CLINIC_MODE", os.environ.get("CLINIC_MODE", "development"))
+        return self.config.erx_simulator and mode != "production"
+
+    @property
     def mongo_uri(self) -> str:
         return self.config.mongo_uri or f"mongodb://127.0.0.1:{self.config.ports.mongo}/"
 
@@ -139,6 +158,13 @@ class Stack:
                 "AUTO_REPLY_HTTP_PORT": str(p.auto_reply_http),
                 "AUTO_REPLY_GRPC_PORT": str(p.auto_reply_grpc),
                 "WEB_HTTP_PORT": str(p.web_http),
+                "ERX_BRIDGE_HTTP_PORT": str(p.erx_bridge_http),
+                "ERX_BRIDGE_GRPC_PORT": str(p.erx_bridge_grpc),
+                # Board items link to the gateway's address (the page signs in to the vendor from there).
+                "ERX_BRIDGE_PUBLIC_URL": self.gateway_url,
+                # The simulator's address; in development erx-bridge's default practice points at it.
+                "ERX_SIMULATOR_HOST": "127.0.0.1",
+                "ERX_SIMULATOR_PORT": str(p.erx_simulator),
                 "DIRECTORY_HTTP_URL": self.directory_url,
                 "WEB_ALLOWED_ORIGINS": f"{self.gateway_url},http://localhost:{p.gateway}",
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
@@ -175,12 +201,18 @@ class Stack:
             self.mongo.start()
         env = self.service_env()
         directory = self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
+        simulator = None
+        if self.runs_erx_simulator:
+            simulator = self._spawn("erx-simulator", [sys.executable, "-m", "services.erx_simulator"], env)
         wait_http(f"{self.directory_url}/healthz", "directory", self.logs / "directory.log", directory)
         if self.config.seed_demo:
             self.demo_logins = self._seed(env)
         inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
         notifications = self._spawn("notifications", [sys.executable, "-m", "services.notifications"], env)
         auto_reply = self._spawn("auto-reply", [sys.executable, "-m", "services.auto_reply"], env)
+        if simulator is not None:
+            wait_http(f"{self.erx_simulator_url}/healthz", "erx-simulator", self.logs / "erx-simulator.log", simulator)
+        erx_bridge = self._spawn("erx-bridge", [sys.executable, "-m", "services.erx_bridge"], env)
         web = self._spawn("web", [sys.executable, "-m", "services.web"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
         self.lab_interface_api_key = dev_secret(self.run_dir, "lab-interface-api-key", lambda: os.urandom(24).hex())
@@ -195,6 +227,7 @@ class Stack:
         wait_http(f"{self.notifications_url}/readyz", "notifications", self.logs / "notifications.log", notifications)
         # Ready = consuming message.delivered.v1 (its queue exists, so no delivery is missed).
         wait_http(f"{self.auto_reply_url}/readyz", "auto-reply", self.logs / "auto-reply.log", auto_reply)
+        wait_http(f"{self.erx_bridge_url}/readyz", "erx-bridge", self.logs / "erx-bridge.log", erx_bridge)
         wait_http(f"{self.web_url}/healthz", "web", self.logs / "web.log", web)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
 
@@ -202,6 +235,8 @@ class Stack:
         ports = vars(self.config.ports).copy()
         if self.config.mongo_uri is not None:
             ports.pop("mongo")
+        if not self.runs_erx_simulator:
+            ports.pop("erx_simulator")
         taken = []
         for name, port in ports.items():
             with socket.socket() as probe:
@@ -223,6 +258,7 @@ class Stack:
             "DECK_NOTIFICATIONS_URL": self.notifications_url,
             "DECK_AUTO_REPLY_URL": self.auto_reply_url,
             "DECK_WEB_URL": self.web_url,
+            "DECK_ERX_BRIDGE_URL": self.erx_bridge_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,
@@ -285,6 +321,8 @@ class Stack:
     def status(self) -> dict[str, bool]:
         result = {}
         for name in (*self.SERVICES, "nx-27017"):
+            if name == "erx-simulator" and not self.runs_erx_simulator:
+                continue
             pid_file = self.pids / f"{name}.pid"
             try:
                 result[name] = pid_alive(int(pid_file.read_text().strip() or 0))
@@ -466,6 +504,8 @@ def print_welcome(stack: Stack) -> None:
     print(f"Partner API key for the practice-management consumer: {stack.practice_management_api_key}")
     print(f"Partner API key for the compliance-tracker consumer:  {stack.compliance_tracker_api_key}")
     print(f"HL7 v2 MLLP listener (lab results, schedule changes): 127.0.0.1:{stack.config.ports.notifications_mllp}")
+    if stack.runs_erx_simulator:
+        print(f"eRx vendor simulator (development only, fictional data): {stack.erx_simulator_url}/simulator/state")
     print("Try it:")
     print(
         f"  curl -s -X POST {stack.gateway_url}/api/v1/auth/token -H 'Content-Type: application/json' "

@@ -11,6 +11,9 @@
 #   secrets/service_notifications_secret  the same for notifications
 #   .env                         passwords, the partner API keys (portal, lab interface), PHI_MASTER_KEY_ID and the gateway's
 #   secrets/service_web_secret   web's, likewise
+#   secrets/service_erx-bridge_secret  erx-bridge's, likewise
+#   secrets/erx_practices.json   erx-bridge's practices at the ePrescribing vendor (ERX_PRACTICES_FILE):
+#                                "{}" (none) until you write them in (services/erx_bridge/README.md)
 #                                public key; docker compose reads it for ${...} substitution
 #
 # Re-running keeps what exists (only the derived public key and .env are refreshed from the
@@ -74,12 +77,17 @@ create service_inbox_secret openssl rand -hex 32
 create service_notifications_secret openssl rand -hex 32
 create service_auto-reply_secret openssl rand -hex 32
 create service_web_secret openssl rand -hex 32
+create service_erx-bridge_secret openssl rand -hex 32
+no_practices() {
+  printf '{}\n'
+}
+create erx_practices.json no_practices
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {
   printf '%s' "$(cat "secrets/service_$1_secret")" | openssl dgst -sha256 -r | cut -d' ' -f1
 }
-service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply),web:$(service_digest web)"
+service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply),erx-bridge:$(service_digest erx-bridge),web:$(service_digest web)"
 
 # The gateway verifies tokens with the public half of the active (first) signing key.
 openssl pkey -in secrets/jwt_signing_keys.pem -pubout -out secrets/jwt_public_key.pem
@@ -95,6 +103,7 @@ mongo_directory_password="$(password MONGO_DIRECTORY_PASSWORD)"
 mongo_inbox_password="$(password MONGO_INBOX_PASSWORD)"
 mongo_notifications_password="$(password MONGO_NOTIFICATIONS_PASSWORD)"
 mongo_auto_reply_password="$(password MONGO_AUTO_REPLY_PASSWORD)"
+mongo_erx_bridge_password="$(password MONGO_ERX_BRIDGE_PASSWORD)"
 rabbitmq_password="$(password RABBITMQ_PASSWORD)"
 patient_portal_api_key="$(password PATIENT_PORTAL_API_KEY)"
 lab_interface_api_key="$(password LAB_INTERFACE_API_KEY)"
@@ -116,6 +125,7 @@ MONGO_DIRECTORY_PASSWORD=${mongo_directory_password}
 MONGO_INBOX_PASSWORD=${mongo_inbox_password}
 MONGO_NOTIFICATIONS_PASSWORD=${mongo_notifications_password}
 MONGO_AUTO_REPLY_PASSWORD=${mongo_auto_reply_password}
+MONGO_ERX_BRIDGE_PASSWORD=${mongo_erx_bridge_password}
 RABBITMQ_PASSWORD=${rabbitmq_password}
 PATIENT_PORTAL_API_KEY=${patient_portal_api_key}
 LAB_INTERFACE_API_KEY=${lab_interface_api_key}
@@ -125,7 +135,7 @@ JWT_PUBLIC_KEY_PEM="${public_key_escaped}"
 SERVICE_CLIENTS=${service_clients}
 ENV
 # Settings you added yourself (CORS_ORIGIN=..., RATE_LIMIT_MINUTE=...) are kept.
-managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|MONGO_AUTO_REPLY_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
+managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|MONGO_AUTO_REPLY_PASSWORD|MONGO_ERX_BRIDGE_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
 if [ -f .env ]; then
   grep -Ev "^(#|(${managed})=)" .env >> .env.tmp || true
 fi

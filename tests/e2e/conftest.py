@@ -39,6 +39,11 @@ def stack(tmp_path_factory, mongo_uri, amqp_url):
             "NOTIFICATIONS_COMPLIANCE_PASS_S": "0.5",
             # Agency options and lab flags changed by a test apply within a second.
             "NOTIFICATIONS_RECIPIENTS_CACHE_S": "1",
+            # erx-bridge: no scheduled sync (tests start every sync and count the vendor calls it
+            # makes); ePrescribing flags apply within a second; a simulated vendor timeout is 2 s.
+            "ERX_SYNC_INTERVAL_S": "0",
+            "ERX_STAFF_CACHE_S": "1",
+            "ERX_VENDOR_READ_TIMEOUT_S": "2",
         },
     )
     system = Stack(config)
@@ -162,10 +167,70 @@ def outsider(login):
     return login("lakeside.admin")
 
 
+class ErxSimulator:
+    """The stack's eRx vendor simulator, through its control API (services/erx_simulator)."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.http = requests.Session()
+
+    def _json(self, method: str, path: str, **kwargs) -> dict:
+        reply = self.http.request(method, f"{self.base_url}/simulator{path}", timeout=30, **kwargs)
+        assert reply.status_code in (200, 201), reply.text
+        return reply.json()
+
+    def state(self) -> dict:
+        return self._json("GET", "/state")
+
+    def counts(self, clinician_id: str) -> dict[str, int]:
+        """Open items per kind of one clinician."""
+        found = self.state()["clinicians"][clinician_id]
+        return {k: v for k, v in found.items() if k != "clinic_id"}
+
+    def add(self, clinician_id: str, kind: str, count: int = 1, **fields) -> list[dict]:
+        """New open items; each {kind, id, vendor_item_id, patient_id}."""
+        return self._json("POST", f"/clinicians/{clinician_id}/items", json={"kind": kind, "count": count, **fields})[
+            "items"
+        ]
+
+    def resolve(self, vendor_item_id: str) -> None:
+        self._json("DELETE", f"/items/{vendor_item_id}")
+
+    def calls(self) -> dict[str, dict[str, int]]:
+        """endpoint -> clinician id -> calls answered since the last clear."""
+        return self._json("GET", "/calls")["calls"]
+
+    def clear_calls(self) -> None:
+        self._json("DELETE", "/calls")
+
+    def fault(self, **fault) -> None:
+        self._json("POST", "/faults", json=fault)
+
+    def clear_faults(self) -> None:
+        self._json("DELETE", "/faults")
+
+    def bulk(self, clinicians: int, items: int, first_clinician_id: int) -> list[str]:
+        return self._json(
+            "POST", "/bulk", json={"clinicians": clinicians, "items": items, "first_clinician_id": first_clinician_id}
+        )["clinician_ids"]
+
+
+@pytest.fixture(scope="session")
+def erx_simulator(stack) -> ErxSimulator:
+    """The eRx vendor simulator the stack started (development only)."""
+    return ErxSimulator(stack.erx_simulator_url)
+
+
 @pytest.fixture(scope="session")
 def inbox_db(stack, mongo_client):
     """inbox's database in the stack, for checks of what was (or was not) written."""
     return mongo_client[f"{stack.db_prefix}inbox"]
+
+
+@pytest.fixture(scope="session")
+def erx_db(stack, mongo_client):
+    """erx-bridge's database in the stack."""
+    return mongo_client[f"{stack.db_prefix}erx-bridge"]
 
 
 @pytest.fixture(scope="session")

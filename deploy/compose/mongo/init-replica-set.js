@@ -31,6 +31,7 @@ for (const [service, passwordVariable] of [
   ["inbox", "MONGO_INBOX_PASSWORD"],
   ["notifications", "MONGO_NOTIFICATIONS_PASSWORD"],
   ["auto-reply", "MONGO_AUTO_REPLY_PASSWORD"],
+  ["erx-bridge", "MONGO_ERX_BRIDGE_PASSWORD"],
 ]) {
   const roles = [{ role: "readWrite", db: `${prefix}${service}` }];
   const pwd = env(passwordVariable);
