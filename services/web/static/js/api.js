@@ -6,10 +6,12 @@ let refreshing = null;
 const listeners = { signedOut: [] };
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  // status 0: no answer (a timeout or a network failure). `data`: the answer's JSON body, if any.
+  constructor(status, code, message, data = null) {
     super(message || code || `HTTP ${status}`);
     this.status = status;
     this.code = code;
+    this.data = data;
   }
 }
 
@@ -64,27 +66,52 @@ export function onSignedOut(fn) { listeners.signedOut.push(fn); }
 
 export function token() { return accessToken; }
 
-export async function api(method, path, body) {
+// One request with the bearer token, refreshed and tried once more on a 401. `timeoutMs`: give up
+// (ApiError status 0, code "timeout") when no answer has come by then. Answers the Response.
+async function authorized(method, path, body, { timeoutMs = 0, accept } = {}) {
   for (let attempt = 0; attempt < 2; attempt += 1) {
     const headers = { Authorization: `Bearer ${accessToken}` };
     if (body !== undefined) headers["Content-Type"] = "application/json";
-    const response = await fetch(path, {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body), credentials: "omit",
-    });
+    if (accept) headers.Accept = accept;
+    const controller = timeoutMs ? new AbortController() : null;
+    const timer = controller ? setTimeout(() => controller.abort(), timeoutMs) : null;
+    let response;
+    try {
+      response = await fetch(path, {
+        method, headers, body: body === undefined ? undefined : JSON.stringify(body), credentials: "omit",
+        signal: controller ? controller.signal : undefined,
+      });
+    } catch (error) {
+      if (controller && controller.signal.aborted) throw new ApiError(0, "timeout", "no answer in time");
+      throw new ApiError(0, "network", "no answer (network error)");
+    } finally {
+      clearTimeout(timer);
+    }
     if (response.status === 401 && attempt === 0) {
       try { await refresh(); continue; } catch {
         listeners.signedOut.forEach((fn) => fn("expired"));
         throw new ApiError(401, "unauthenticated", "signed out");
       }
     }
-    if (response.status === 204) return null;
-    const data = await response.json().catch(() => null);
     if (!response.ok) {
-      throw new ApiError(response.status, data && data.code, (data && (data.message || data.code)) || `HTTP ${response.status}`);
+      const data = await response.json().catch(() => null);
+      throw new ApiError(response.status, data && data.code, (data && (data.message || data.code)) || `HTTP ${response.status}`, data);
     }
-    return data;
+    return response;
   }
   throw new ApiError(401, "unauthenticated", "signed out");
+}
+
+export async function api(method, path, body, options) {
+  const response = await authorized(method, path, body, options);
+  if (response.status === 204) return null;
+  return response.json().catch(() => null);
+}
+
+// A text answer (a CSV report): its text and its content type.
+export async function getText(path, options = {}) {
+  const response = await authorized("GET", path, undefined, options);
+  return { text: await response.text(), type: response.headers.get("Content-Type") || "" };
 }
 
 export const get = (path) => api("GET", path);

@@ -2,6 +2,7 @@
 // textContent (dom.h), links only for http/https (dom.safeLink).
 import { ApiError, del, get, onSignedOut, post, put, refresh, signIn, signOut } from "./api.js";
 import { $, announce, fullTime, h, isoToLocalInput, localInputToIso, safeLink, when } from "./dom.js";
+import { erxLinkButton, isErxLink, showErx, stopErx, wireErx } from "./erx.js";
 import { watchIdle } from "./idle.js";
 import { connectLive } from "./live.js";
 
@@ -47,6 +48,7 @@ function teardown() {
   state.stopLive = null;
   if (state.idle) state.idle.stop();
   state.idle = null;
+  stopErx();
   document.querySelectorAll("dialog[open]").forEach((d) => d.close());
   Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null, staff: [], teams: [] });
   // Answers still on their way for the signed-out person are dropped when they arrive.
@@ -107,12 +109,7 @@ function renderChrome() {
   $("#patient-auto-reply").textContent = `${term()} Auto-Reply`;
   $("#doc-kind-patient").textContent = `${term()} document`;
   $("#compose").hidden = !(state.board.compose || []).length;
-  const erx = $("#erx-tools");
-  erx.hidden = !state.me.eprescribing_enabled;
-  erx.querySelectorAll("button").forEach((button) => {
-    button.disabled = true;
-    button.title = "ePrescribing is not connected yet: these open once the ePrescribing service is installed.";
-  });
+  showErx(!!state.me.eprescribing_enabled);
 }
 
 // --- folders -------------------------------------------------------------------------------
@@ -452,7 +449,12 @@ function paneFor(d) {
   if (d.overdue) badges.push(h("span", { class: "badge overdue", text: "Overdue" }));
   body.push(h("h2", { text: d.title }), h("p", {}, ...badges), meta("From", d.sender && d.sender.name), meta("Received", fullTime(d.sent_at)),
     meta("Due", fullTime(d.due_at)), meta("Status", d.status), h("div", { class: "body", text: d.summary || "" }));
-  if ((d.links || []).length) body.push(h("ul", { "aria-label": "Links" }, d.links.map((l) => h("li", {}, safeLink(l)))));
+  // eRx items: their erx-sso: link is the "Open in ePrescribing" button; other links stay links.
+  const links = d.links || [];
+  const erxButtons = links.map(erxLinkButton).filter(Boolean);
+  if (erxButtons.length) body.push(h("div", { class: "pane-actions" }, erxButtons));
+  const plain = links.filter((l) => !isErxLink(l));
+  if (plain.length) body.push(h("ul", { "aria-label": "Links" }, plain.map((l) => h("li", {}, safeLink(l)))));
   body.push(genericActions(d));
   return h("article", { "aria-label": d.title || "Notification" }, body);
 }
@@ -820,6 +822,10 @@ function wireStatic() {
   $("#idle-stay").addEventListener("click", () => { if (state.idle) state.idle.reset(); });
   $("#idle-dialog").addEventListener("close", () => {
     if (state.idle && !$("#idle-dialog").open) state.idle.reset();
+  });
+  wireErx({
+    erxFolderOpen: () => state.view.type === "folder" && state.view.id === "erx",
+    refreshBoard: () => { if (state.board) refreshBoard(); },
   });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
   $("#more").addEventListener("click", () => loadList(true));
