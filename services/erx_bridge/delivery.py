@@ -17,19 +17,14 @@ from collections.abc import Mapping
 from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
 from services.erx_bridge import domain
-from services.kit.events import new_envelope
-from services.kit.logs import correlation_id_var
+from services.kit import board_delivery
+from services.kit.board_delivery import REQUESTED_EVENT, SEVERITIES
+
+__all__ = ["PRODUCER", "REQUESTED_EVENT", "SOURCE", "delivery_request", "delivery_requested", "sso_link"]
 
 PRODUCER = "erx-bridge"
 SOURCE = "erx"
-REQUESTED_EVENT = "board_item.delivery_requested.v1"
 LINK_LABEL = "Open in ePrescribing"
-
-SEVERITIES = {
-    "info": inbox_pb2.SEVERITY_INFO,
-    "abnormal": inbox_pb2.SEVERITY_ABNORMAL,
-    "urgent": inbox_pb2.SEVERITY_URGENT,
-}
 
 
 def sso_link(public_url: str, iid: str) -> str:
@@ -71,11 +66,4 @@ def delivery_request(
 
 def delivery_requested(agency_id: str, request: inbox_pb2.DeliverItemRequest) -> Envelope:
     """The event asking inbox to deliver `request`; its id is the request's delivery id."""
-    return new_envelope(
-        REQUESTED_EVENT,
-        request,
-        agency_id=agency_id,
-        producer=PRODUCER,
-        correlation_id=correlation_id_var.get(),
-        event_id=request.delivery_id,
-    )
+    return board_delivery.delivery_requested(PRODUCER, agency_id, request, request.delivery_id)

@@ -1,38 +1,18 @@
-"""Delivery into inbox: every board item this service produces is a `board_item.delivery_requested.v1`
-event (payload clinic.inbox.v1.DeliverItemRequest) staged in the same document write as the state
-it announces (the kit's outbox); the relay publishes it and inbox's consumer puts it on the boards.
-
-inbox upserts by (agency, source, source_ref): a later request with the same source_ref updates the
-same board item (a higher `source_version` wins, an older one is ignored; `mark_unread` puts it
-back into the unread counts). The event id is the delivery key, so a republished event has its
-effect once.
-"""
+"""Delivery into inbox (services/kit/board_delivery.py): every board item this service produces is a
+`board_item.delivery_requested.v1` event staged in the same write as the state it announces."""
 
 from __future__ import annotations
 
 from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
-from services.kit.events import new_envelope
-from services.kit.logs import correlation_id_var
+from services.kit import board_delivery
+from services.kit.board_delivery import REQUESTED_EVENT, SEVERITIES
+
+__all__ = ["PRODUCER", "REQUESTED_EVENT", "SEVERITIES", "delivery_requested"]
 
 PRODUCER = "notifications"
-REQUESTED_EVENT = "board_item.delivery_requested.v1"
-
-SEVERITIES = {
-    "info": inbox_pb2.SEVERITY_INFO,
-    "abnormal": inbox_pb2.SEVERITY_ABNORMAL,
-    "urgent": inbox_pb2.SEVERITY_URGENT,
-}
 
 
 def delivery_requested(agency_id: str, request: inbox_pb2.DeliverItemRequest, event_id: str) -> Envelope:
-    """The event asking inbox to deliver `request` for `agency_id`; `event_id` must be stable for
-    the state it announces (e.g. the stored document's id), so a retry is recognised."""
-    return new_envelope(
-        REQUESTED_EVENT,
-        request,
-        agency_id=agency_id,
-        producer=PRODUCER,
-        correlation_id=correlation_id_var.get(),
-        event_id=event_id,
-    )
+    """The event asking inbox to deliver `request`; `event_id` stable for the state it announces."""
+    return board_delivery.delivery_requested(PRODUCER, agency_id, request, event_id)
