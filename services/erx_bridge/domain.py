@@ -157,7 +157,7 @@ def board_title(content: Mapping) -> str:
 
 def board_summary(content: Mapping, patient_word: str, time_zone: str) -> str:
     """ "<Client|Patient> <name> · <pharmacy> · requested <date in the agency's zone>": the parts the
-    vendor gave, nothing else (no detail text, no identifiers)."""
+    vendor gave, no identifiers; a failed prescription also says why (what the prescriber must fix)."""
     parts = []
     name = content.get("patient_name") or ""
     if name:
@@ -167,6 +167,8 @@ def board_summary(content: Mapping, patient_word: str, time_zone: str) -> str:
     date = local_date(content.get("requested_at") or "", time_zone)
     if date:
         parts.append(f"{DATE_VERBS[content['kind']]} {date}")
+    if content["kind"] == TRANSACTION_ERROR and content.get("detail"):
+        parts.append(content["detail"])
     return _clip(" · ".join(parts), MAX_SUMMARY)
 
 

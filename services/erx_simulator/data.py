@@ -57,7 +57,7 @@ MEDICATIONS = (
 ERROR_DETAILS = (
     "Pharmacy rejected the message: NCPDP ID not found",
     "No response from the pharmacy before the transmission timed out",
-    "Prescriber DEA number missing for a controlled substance",
+    "Pharmacy rejected the message: patient date of birth missing",
     "Pharmacy does not accept electronic prescriptions",
 )
 PENDING_STATUSES = ("Entered", "Edited", "ReadyToSign")

@@ -270,6 +270,7 @@ def test_first_sync_stores_each_item_sealed_with_its_delivery_in_the_same_docume
     assert link.url == f"http://127.0.0.1:8000/api/v1/erx/sso/patient/{refill_id}"
     error = latest(docs[domain.item_id(AGENCY, "dosespot", f"{TRANSACTION_ERROR}:2001:3")])
     assert error.title.startswith("Prescription not sent: ") and error.severity == inbox_pb2.SEVERITY_ABNORMAL
+    assert error.summary.endswith(" · Pharmacy rejected the message")  # why it failed: what to fix
     pending = latest(docs[domain.item_id(AGENCY, "dosespot", f"{PENDING_PRESCRIPTION}:2001:2")])
     assert pending.title.startswith("Awaiting your signature: ") and "written 2026-03-05" in pending.summary
     assert rig.bridge.store.prescriber(f"{AGENCY}|stf_reyes")["counts"] == {
