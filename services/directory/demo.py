@@ -1,4 +1,4 @@
-"""Demo agencies, staff, teams and portal patients for development.
+"""Demo agencies, staff, teams, portal patients and cloud addresses for development.
 
 Fixed ids so docs and tests can name them. Seeding only inserts what is absent,
 so running it again changes nothing (not even records edited since). Every
@@ -8,13 +8,26 @@ refused in production mode.
 A demo record seeded before a field existed gets that field's demo value the
 next time seeding runs (BACKFILLED_*): only where its document lacks the field
 altogether, which no save since can have left, so an edit is never undone.
+Demo cloud addresses are added to a database seeded before they existed too,
+each only while neither its id nor its address is stored (an admin may have
+registered the address under an id of their own).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.directory.domain import ERX_VENDOR_DOSESPOT, Agency, PortalPatient, StaffMember, Team, Terminology
+from services.directory.domain import (
+    CLOUD_KIND_DIRECT,
+    CLOUD_KIND_FAX,
+    ERX_VENDOR_DOSESPOT,
+    Agency,
+    CloudAddress,
+    PortalPatient,
+    StaffMember,
+    Team,
+    Terminology,
+)
 from services.directory.passwords import PasswordHasher
 from services.directory.store import DirectoryStore
 from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, ROLE_PRESCRIBER, ROLE_STAFF
@@ -174,6 +187,37 @@ PATIENTS = (
     ),
 )
 
+# Direct addresses and fax numbers (stored normalised). Riverbend's intake address and main fax are
+# shared by the intake staff; Dr. Reyes has a personal Direct address; Lakeside's front desk one.
+RIVERBEND_INTAKE_STAFF = ("stf_riverbend_wilson", "stf_riverbend_thompson")
+CLOUD_ADDRESSES = (
+    CloudAddress(
+        "cad_riverbend_intake",
+        R.id,
+        CLOUD_KIND_DIRECT,
+        "intake@direct.riverbend.example",
+        "Intake",
+        RIVERBEND_INTAKE_STAFF,
+    ),
+    CloudAddress("cad_riverbend_fax", R.id, CLOUD_KIND_FAX, "+15555550100", "Main fax", RIVERBEND_INTAKE_STAFF),
+    CloudAddress(
+        "cad_riverbend_reyes",
+        R.id,
+        CLOUD_KIND_DIRECT,
+        "dr.reyes@direct.riverbend.example",
+        "Dr. Elena Reyes",
+        ("stf_riverbend_reyes",),
+    ),
+    CloudAddress(
+        "cad_lakeside_frontdesk",
+        LAKESIDE.id,
+        CLOUD_KIND_DIRECT,
+        "frontdesk@direct.lakeside.example",
+        "Front desk",
+        ("stf_lakeside_baker",),
+    ),
+)
+
 
 # Fields added after demo data was first seeded: a demo record whose document lacks one gets the
 # value it has here (see the module docstring).
@@ -212,6 +256,15 @@ def seed(store: DirectoryStore, hasher: PasswordHasher) -> SeedResult:
         if store.get_patient(patient.agency_id, patient.id) is None:
             created += _insert(
                 lambda p=patient: store.create_patient(p), lambda p=patient: store.get_patient(p.agency_id, p.id)
+            )
+    for address in CLOUD_ADDRESSES:
+        if (
+            store.get_cloud_address(address.agency_id, address.id) is None
+            and store.find_cloud_address(address.kind, address.address) is None
+        ):
+            created += _insert(
+                lambda a=address: store.create_cloud_address(a),
+                lambda a=address: store.find_cloud_address(a.kind, a.address),
             )
     return SeedResult(created=created, logins=demo_logins())
 

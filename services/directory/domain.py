@@ -407,3 +407,64 @@ def lock_reached(failures: int, max_failures: int) -> bool:
 
 def retry_after_s(attempts: LoginAttempts, now_ms: int) -> int:
     return max(1, -(-(attempts.locked_until - now_ms) // 1000))
+
+
+# --- cloud addresses: Direct addresses and fax numbers linked to staff -----------------------------
+
+CLOUD_ADDRESS_PREFIX = "cad"
+CLOUD_KIND_DIRECT = "direct"
+CLOUD_KIND_FAX = "fax"
+CLOUD_KINDS = (CLOUD_KIND_DIRECT, CLOUD_KIND_FAX)
+MAX_CLOUD_ADDRESS_STAFF = 100
+# RFC 5321/5322 addr-spec, dot-atom form only (no quoted local parts, no address literals): the
+# local part's atext, then a domain of at least two LDH labels (each 1-63, no leading/trailing '-').
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DIRECT_ADDRESS_PATTERN = re.compile(rf"^{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})+$")
+E164_PATTERN = re.compile(r"^\+[1-9][0-9]{6,14}$")
+# What people type between the digits of a fax number; dropped before the E.164 check.
+_FAX_PUNCTUATION = str.maketrans("", "", " -.()\u00a0")
+
+
+@dataclass(frozen=True)
+class CloudAddress:
+    """A Direct address or fax number of an agency, and the staff who receive what arrives at it
+    (a shared address: each of them; a personal one: the one)."""
+
+    id: str
+    agency_id: str
+    kind: str
+    address: str
+    label: str = ""
+    staff_ids: tuple[str, ...] = ()
+
+
+def check_cloud_kind(raw: str) -> str:
+    if raw not in CLOUD_KINDS:
+        raise InvalidInput(
+            "invalid_kind", "kind must be 'direct' or 'fax'", {"field": "kind", "allowed": list(CLOUD_KINDS)}
+        )
+    return raw
+
+
+def normalize_cloud_address(kind: str, raw: str) -> str | None:
+    """The stored form of an address of this kind (Direct: lowercased addr-spec; fax: E.164), or None
+    when it is not one."""
+    text = raw.strip()
+    if kind == CLOUD_KIND_DIRECT:
+        local, _, domain_part = text.rpartition("@")
+        if len(text) > 254 or len(local) > 64 or len(domain_part) > 253:
+            return None
+        return text.lower() if DIRECT_ADDRESS_PATTERN.fullmatch(text) else None
+    if kind == CLOUD_KIND_FAX:
+        number = text.translate(_FAX_PUNCTUATION)
+        return number if E164_PATTERN.fullmatch(number) else None
+    return None
+
+
+def check_cloud_address(kind: str, raw: str) -> str:
+    address = normalize_cloud_address(kind, raw)
+    if address is None:
+        what = "a Direct address (name@domain)" if kind == CLOUD_KIND_DIRECT else "an E.164 number (+15555550100)"
+        raise InvalidInput("invalid_address", f"address must be {what}", {"field": "address"})
+    return address

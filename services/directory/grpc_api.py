@@ -11,10 +11,12 @@ A staff member's `eprescribing_enabled` is whether they have ePrescribing
 (domain.has_eprescribing: flagged, active, and their agency subscribes), never
 the bare flag: every service may trust it as it stands.
 
-Two methods are of another kind: IssueServiceToken is open (client
-credentials, no bearer token) and ListRevokedSessions answers platform-scope
-service tokens only; a platform-scope token, in turn, is refused by every
-agency-scoped method.
+Three methods are of another kind: IssueServiceToken is open (client
+credentials, no bearer token), ListRevokedSessions answers platform-scope
+service tokens only, and ResolveCloudAddress answers only the platform-scope
+token of the `cloud-comms` service client (an inbound Direct message or fax
+names an address, not an agency: the address says which agency it is for); a
+platform-scope token, in turn, is refused by every agency-scoped method.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from services.kit.auth import (
     ROLE_COMPLIANCE_OFFICER,
     ROLE_PRESCRIBER,
     ROLE_STAFF,
+    SERVICE_SUBJECT_PREFIX,
     agency_caller,
     platform_caller,
 )
-from services.kit.errors import InvalidInput, NotFound
+from services.kit.errors import Forbidden, InvalidInput, NotFound
 from services.kit.grpc_server import ServiceBinding
 from services.kit.mongo import now_ms
 from services.kit.revocations import BOOTSTRAP_WINDOW_MS, LIST_PAGE_LIMIT
@@ -46,6 +49,8 @@ ROLE_TO_PROTO = {
 PROTO_TO_ROLE = {number: role for role, number in ROLE_TO_PROTO.items()}
 SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/IssueServiceToken"})
+# The one service client that may resolve cloud addresses (with a platform-scope token).
+CLOUD_COMMS_CLIENT = "cloud-comms"
 
 
 def staff_message(member: StaffMember, team_ids: list[str], agency: Agency | None) -> directory_pb2.Staff:
@@ -192,6 +197,26 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
                 events.session_revoked_message(doc, doc.get("revoked_reason", ""), int(doc["revoked_at"]))
                 for doc in docs
             ]
+        )
+
+    def ResolveCloudAddress(
+        self, request: directory_pb2.ResolveCloudAddressRequest, context
+    ) -> directory_pb2.ResolveCloudAddressResponse:
+        caller = platform_caller()
+        if caller.subject != f"{SERVICE_SUBJECT_PREFIX}{CLOUD_COMMS_CLIENT}":
+            raise Forbidden("cloud_comms_only", "only the cloud-comms service resolves cloud addresses")
+        kind = domain.check_cloud_kind(request.kind)
+        address = domain.normalize_cloud_address(kind, request.address)
+        linked = self.store.find_cloud_address(kind, address) if address else None
+        if linked is None:
+            return directory_pb2.ResolveCloudAddressResponse(found=False)
+        staff = self.store.staff_by_ids(linked.agency_id, list(linked.staff_ids))
+        return directory_pb2.ResolveCloudAddressResponse(
+            found=True,
+            agency_id=linked.agency_id,
+            address_id=linked.id,
+            staff_ids=[i for i in linked.staff_ids if i in staff and staff[i].active],
+            label=linked.label,
         )
 
 

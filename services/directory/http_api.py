@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from services.directory import domain
-from services.directory.domain import Agency, PortalPatient, StaffMember, Team, Terminology
+from services.directory.domain import Agency, CloudAddress, PortalPatient, StaffMember, Team, Terminology
 from services.directory.sessions import Grant, TooManyAttempts
 from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput, NotFound
@@ -99,6 +99,16 @@ AGENCY_CHANGES = {
         {"patient_singular": Str(max_len=40, required=False), "patient_plural": Str(max_len=40, required=False)}
     ),
 }
+CLOUD_STAFF_IDS = ListOf(item=Id(), max_items=domain.MAX_CLOUD_ADDRESS_STAFF, required=False)
+CLOUD_LABEL = Str(max_len=100, min_len=0, required=False)
+NEW_CLOUD_ADDRESS = {
+    "kind": Str(max_len=16),
+    # Checked by domain.check_cloud_address (a longer text than any address is still invalid_address).
+    "address": Str(max_len=320),
+    "label": CLOUD_LABEL,
+    "staff_ids": CLOUD_STAFF_IDS,
+}
+CLOUD_ADDRESS_CHANGES = {"label": CLOUD_LABEL, "staff_ids": CLOUD_STAFF_IDS}
 NEW_PATIENT = {"portal_user_id": Id(), "display_name": Str(max_len=200)}
 
 auth = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
@@ -200,6 +210,23 @@ def patient_view(patient: PortalPatient) -> dict:
         "portal_user_id": patient.portal_user_id,
         "display_name": patient.display_name,
         "created_at": patient.created_at,
+    }
+
+
+def cloud_address_view(address: CloudAddress, staff: dict[str, StaffMember]) -> dict:
+    """An address with its linked staff; `staff` holds the agency's members by id (a linked id no longer
+    among them is left out of `staff` but kept in `staff_ids`)."""
+    return {
+        "id": address.id,
+        "kind": address.kind,
+        "address": address.address,
+        "label": address.label,
+        "staff_ids": list(address.staff_ids),
+        "staff": [
+            {"id": staff_id, "display_name": staff[staff_id].display_name, "active": staff[staff_id].active}
+            for staff_id in address.staff_ids
+            if staff_id in staff
+        ],
     }
 
 
@@ -497,6 +524,64 @@ def get_patient(admin: Identity, patient_id: str):
     return patient_view(patient)
 
 
+# --- cloud addresses: Direct addresses and fax numbers linked to staff ---------------------------
+
+
+@directory.get("/cloud-addresses")
+@for_staff
+def list_cloud_addresses(caller: Identity):
+    """Admins: every address of the agency; other staff: the addresses linked to them."""
+    store = _components().store
+    addresses = store.list_cloud_addresses(caller.agency_id)
+    if not caller.is_admin:
+        addresses = [a for a in addresses if caller.subject in a.staff_ids]
+    linked = sorted({staff_id for a in addresses for staff_id in a.staff_ids})
+    staff = store.staff_by_ids(caller.agency_id, linked) if linked else {}
+    return {"cloud_addresses": [cloud_address_view(a, staff) for a in addresses]}
+
+
+@directory.post("/cloud-addresses")
+@for_admins
+def create_cloud_address(admin: Identity):
+    body = validate(json_body(), NEW_CLOUD_ADDRESS)
+    kind = domain.check_cloud_kind(body["kind"])
+    address = CloudAddress(
+        id=domain.new_id(domain.CLOUD_ADDRESS_PREFIX),
+        agency_id=admin.agency_id,
+        kind=kind,
+        address=domain.check_cloud_address(kind, body["address"]),
+        label=body.get("label", ""),
+    )
+    staff_ids, staff = _active_members(admin.agency_id, body.get("staff_ids", []))
+    address = replace(address, staff_ids=staff_ids)
+    _components().store.create_cloud_address(address)  # 409 address_taken, in any agency
+    return _created(cloud_address_view(address, staff), f"/api/v1/directory/cloud-addresses/{address.id}")
+
+
+@directory.patch("/cloud-addresses/<address_id>")
+@for_admins
+def update_cloud_address(admin: Identity, address_id: str):
+    body = validate(json_body(), CLOUD_ADDRESS_CHANGES)
+    store = _components().store
+    address = _existing_cloud_address(admin.agency_id, address_id)
+    if "label" in body:
+        address = replace(address, label=body["label"])
+    if "staff_ids" in body:
+        address = replace(address, staff_ids=_active_members(admin.agency_id, body["staff_ids"])[0])
+    if not store.save_cloud_address(address):
+        raise NotFound("not_found", "no such address")
+    staff = store.staff_by_ids(admin.agency_id, list(address.staff_ids)) if address.staff_ids else {}
+    return cloud_address_view(address, staff)
+
+
+@directory.delete("/cloud-addresses/<address_id>")
+@for_admins
+def delete_cloud_address(admin: Identity, address_id: str):
+    if not _components().store.delete_cloud_address(admin.agency_id, path_id(address_id, "address")):
+        raise NotFound("not_found", "no such address")
+    return "", 204
+
+
 # --- partner systems (authenticated by the gateway; see the module docstring) ---------------------
 
 
@@ -530,6 +615,26 @@ def _existing_agency(agency_id: str) -> Agency:
     if agency is None:
         raise NotFound("not_found", "no such agency")
     return agency
+
+
+def _existing_cloud_address(agency_id: str, address_id: str) -> CloudAddress:
+    address = _components().store.get_cloud_address(agency_id, path_id(address_id, "address"))
+    if address is None:
+        raise NotFound("not_found", "no such address")
+    return address
+
+
+def _active_members(agency_id: str, staff_ids: list[str]) -> tuple[tuple[str, ...], dict[str, StaffMember]]:
+    """The distinct ids (in order) and the members, all active staff of the agency; else 400
+    `unknown_staff` naming the others (unknown, another agency's, or deactivated)."""
+    wanted = list(dict.fromkeys(staff_ids))
+    found = _components().store.staff_by_ids(agency_id, wanted) if wanted else {}
+    unknown = [staff_id for staff_id in wanted if staff_id not in found or not found[staff_id].active]
+    if unknown:
+        raise InvalidInput(
+            "unknown_staff", "some staff ids are not active staff of this agency", {"staff_ids": unknown}
+        )
+    return tuple(wanted), found
 
 
 def _supervisor(member: StaffMember, wanted: str) -> str:

@@ -38,6 +38,7 @@ from services.directory.domain import (
     DEFAULT_COMPLIANCE_ESCALATION_MINUTES,
     DEFAULT_IDLE_SIGNOUT_MINUTES,
     Agency,
+    CloudAddress,
     LoginAttempts,
     PortalPatient,
     StaffMember,
@@ -60,6 +61,7 @@ PORTAL_PATIENTS = "portal_patients"
 SESSIONS = "sessions"
 REFRESH_TOKENS = "refresh_tokens"
 LOGIN_ATTEMPTS = "login_attempts"
+CLOUD_ADDRESSES = "cloud_addresses"
 
 INDEXES = [
     IndexSpec(STAFF, [("username", 1)], unique=True, name="staff_username_unique"),
@@ -73,6 +75,9 @@ INDEXES = [
     IndexSpec(SESSIONS, [("revoked_at", 1)], name="sessions_by_revoked_at"),
     IndexSpec(REFRESH_TOKENS, [("session_id", 1)], name="refresh_tokens_by_session"),
     IndexSpec(LOGIN_ATTEMPTS, [("expires_at", 1)], name="login_attempts_by_expiry"),
+    # An address belongs to one agency: unique across all of them (ResolveCloudAddress looks it up here).
+    IndexSpec(CLOUD_ADDRESSES, [("kind", 1), ("address", 1)], unique=True, name="cloud_address_unique"),
+    IndexSpec(CLOUD_ADDRESSES, [("agency_id", 1), ("kind", 1), ("address", 1)], name="cloud_addresses_by_agency"),
 ]
 
 # Staff NPIs: unique within an agency, only among members who have one (the field is absent
@@ -155,6 +160,21 @@ def _team(doc: dict) -> Team:
     return Team(doc["_id"], doc["agency_id"], doc["name"], tuple(doc.get("member_ids") or ()))
 
 
+def _cloud_address(doc: dict) -> CloudAddress:
+    return CloudAddress(
+        id=doc["_id"],
+        agency_id=doc["agency_id"],
+        kind=doc["kind"],
+        address=doc["address"],
+        label=doc.get("label") or "",
+        staff_ids=tuple(doc.get("staff_ids") or ()),
+    )
+
+
+def _address_taken() -> Conflict:
+    return Conflict("address_taken", "this address is already registered", {"field": "address"})
+
+
 def _staff_auth(doc: dict) -> StaffAuth:
     return StaffAuth(_staff(doc), int(doc.get("password_changed_at") or 0), doc.get("password_hash", ""))
 
@@ -230,6 +250,7 @@ class DirectoryStore:
         self.sessions = db[SESSIONS]
         self.refresh_tokens = db[REFRESH_TOKENS]
         self.login_attempts = db[LOGIN_ATTEMPTS]
+        self.cloud_addresses = db[CLOUD_ADDRESSES]
 
     def ensure_indexes(self) -> None:
         """Indexes, and the start-up data migrations (each one idempotent)."""
@@ -573,6 +594,56 @@ class DirectoryStore:
             display_name=name,
             created_at=doc.get("created_at", 0),
         )
+
+    # --- cloud addresses (Direct addresses and fax numbers linked to staff) ----------------------
+    # Addresses are stored normalised (domain.normalize_cloud_address); linked staff are written whole
+    # and never queried by element: an agency has a handful of addresses, filtered in Python.
+
+    def list_cloud_addresses(self, agency_id: str) -> list[CloudAddress]:
+        """The agency's addresses, by kind then address."""
+        cursor = self.cloud_addresses.find({"agency_id": eq(agency_id)}).sort([("kind", 1), ("address", 1)])
+        return [_cloud_address(doc) for doc in cursor]
+
+    def get_cloud_address(self, agency_id: str, address_id: str) -> CloudAddress | None:
+        doc = self.cloud_addresses.find_one({"_id": eq(address_id)})
+        if doc is None or doc.get("agency_id") != agency_id:
+            return None
+        return _cloud_address(doc)
+
+    def find_cloud_address(self, kind: str, address: str) -> CloudAddress | None:
+        """Any agency's address of this kind (normalised), by the unique (kind, address) index."""
+        doc = self.cloud_addresses.find_one({"kind": eq(kind), "address": eq(address)})
+        return _cloud_address(doc) if doc else None
+
+    def create_cloud_address(self, address: CloudAddress) -> None:
+        now = now_ms()
+        doc = {"_id": address.id, **self._cloud_address_fields(address), "created_at": now, "updated_at": now}
+        try:
+            self.cloud_addresses.insert_one(doc)
+        except DuplicateKeyError as exc:
+            raise _address_taken() from exc
+
+    def save_cloud_address(self, address: CloudAddress) -> bool:
+        """Label and linked staff (kind and address never change); False when it is gone."""
+        result = self.cloud_addresses.update_one(
+            {"_id": eq(address.id), "agency_id": eq(address.agency_id)},
+            {"$set": {"label": address.label, "staff_ids": list(address.staff_ids), "updated_at": now_ms()}},
+        )
+        return result.matched_count == 1
+
+    def delete_cloud_address(self, agency_id: str, address_id: str) -> bool:
+        result = self.cloud_addresses.delete_one({"_id": eq(address_id), "agency_id": eq(agency_id)})
+        return result.deleted_count == 1
+
+    @staticmethod
+    def _cloud_address_fields(address: CloudAddress) -> dict:
+        return {
+            "agency_id": address.agency_id,
+            "kind": address.kind,
+            "address": address.address,
+            "label": address.label,
+            "staff_ids": list(address.staff_ids),
+        }
 
     # --- sessions and refresh tokens --------------------------------------------------------
 

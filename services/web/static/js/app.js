@@ -2,6 +2,7 @@
 // textContent (dom.h), links only for http/https (dom.safeLink).
 import { ApiError, del, get, onSignedOut, post, put, refresh, signIn, signOut } from "./api.js";
 import { $, announce, fullTime, h, isoToLocalInput, localInputToIso, safeLink, when } from "./dom.js";
+import { showCloudAddresses, stopCloudAddresses, wireCloudAddresses } from "./cloud_addresses.js";
 import { erxLinkButton, isErxLink, showErx, stopErx, wireErx } from "./erx.js";
 import { watchIdle } from "./idle.js";
 import { connectLive } from "./live.js";
@@ -49,6 +50,7 @@ function teardown() {
   if (state.idle) state.idle.stop();
   state.idle = null;
   stopErx();
+  stopCloudAddresses();
   document.querySelectorAll("dialog[open]").forEach((d) => d.close());
   Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null, staff: [], teams: [] });
   // Answers still on their way for the signed-out person are dropped when they arrive.
@@ -110,6 +112,7 @@ function renderChrome() {
   $("#doc-kind-patient").textContent = `${term()} document`;
   $("#compose").hidden = !(state.board.compose || []).length;
   showErx(!!state.me.eprescribing_enabled);
+  showCloudAddresses(state.me);
 }
 
 // --- folders -------------------------------------------------------------------------------
@@ -823,6 +826,7 @@ function wireStatic() {
   $("#idle-dialog").addEventListener("close", () => {
     if (state.idle && !$("#idle-dialog").open) state.idle.reset();
   });
+  wireCloudAddresses();
   wireErx({
     erxFolderOpen: () => state.view.type === "folder" && state.view.id === "erx",
     refreshBoard: () => { if (state.board) refreshBoard(); },
