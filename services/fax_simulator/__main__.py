@@ -1,0 +1,105 @@
+"""`python -m services.fax_simulator`: the Phaxio-shaped fax provider simulator on
+CLOUD_FAX_SIMULATOR_HOST:CLOUD_FAX_SIMULATOR_PORT (default 127.0.0.1:8191) until SIGTERM/SIGINT.
+Development only: it refuses CLINIC_MODE=production and, unless CLOUD_FAX_SIMULATOR_ALLOW_REMOTE=1,
+any address but loopback (its control API has no authentication).
+
+    CLOUD_FAX_SIMULATOR_CALLBACK_TOKEN (or _FILE)  the token it signs callbacks with (default: the
+                                                   development value cloud-comms also defaults to)
+    CLOUD_FAX_SIMULATOR_API_KEY / _API_SECRET      the basic-auth credentials of POST /v2/faxes
+    CLOUD_FAX_SIMULATOR_RECEIVED_URL               where received faxes are posted (and the URL signed)
+    CLOUD_FAX_SIMULATOR_STATUS_URL                 where sent-fax status updates go unless a send names
+                                                   its own callback_url
+    CLOUD_FAX_SIMULATOR_STEP_S                     seconds between status updates of a sent fax (0.5)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.cloud_comms.fax.settings import DEV_API_KEY, DEV_API_SECRET, DEV_CALLBACK_TOKEN, DEV_PUBLIC_CALLBACK_URL
+from services.fax_simulator.app import Simulator, create_app
+from services.kit.logs import configure_logging
+from services.kit.runtime import ServiceProcess
+from services.kit.settings import Env, SettingsError
+
+SERVICE = "fax-simulator"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimulatorSettings:
+    host: str
+    port: int
+    callback_token: str = field(repr=False)
+    api_key: str = field(repr=False)
+    api_secret: str = field(repr=False)
+    received_url: str
+    status_url: str
+    step_s: float
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load(environ: Mapping[str, str] | None = None) -> SimulatorSettings:
+    env = Env(SERVICE, environ)
+    if env.production:
+        env.problems.append("the fax simulator is for development and tests only (CLINIC_MODE is production)")
+    host = env.str("CLOUD_FAX_SIMULATOR_HOST", "127.0.0.1")
+    allow_remote = env.str("CLOUD_FAX_SIMULATOR_ALLOW_REMOTE", "0").lower() in ("1", "true", "yes")
+    if not _loopback(host) and not allow_remote:
+        env.problems.append(
+            f"CLOUD_FAX_SIMULATOR_HOST must be a loopback address (its control API has no authentication), got"
+            f" {host!r}; set CLOUD_FAX_SIMULATOR_ALLOW_REMOTE=1 to bind it elsewhere anyway"
+        )
+    settings = SimulatorSettings(
+        host=host,
+        port=env.int("CLOUD_FAX_SIMULATOR_PORT", 8191, minimum=0, maximum=65535),
+        callback_token=env.given_secret("CLOUD_FAX_SIMULATOR_CALLBACK_TOKEN") or DEV_CALLBACK_TOKEN,
+        api_key=env.given_secret("CLOUD_FAX_SIMULATOR_API_KEY") or DEV_API_KEY,
+        api_secret=env.given_secret("CLOUD_FAX_SIMULATOR_API_SECRET") or DEV_API_SECRET,
+        received_url=env.url(
+            "CLOUD_FAX_SIMULATOR_RECEIVED_URL", f"{DEV_PUBLIC_CALLBACK_URL}/received", ("http", "https")
+        ),
+        status_url=env.url("CLOUD_FAX_SIMULATOR_STATUS_URL", f"{DEV_PUBLIC_CALLBACK_URL}/status", ("http", "https")),
+        step_s=env.float("CLOUD_FAX_SIMULATOR_STEP_S", 0.5, minimum=0.0),
+    )
+    env.done()
+    return settings
+
+
+def main() -> int:
+    configure_logging(SERVICE)
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    simulator = Simulator(
+        callback_token=settings.callback_token,
+        api_key=settings.api_key,
+        api_secret=settings.api_secret,
+        received_url=settings.received_url,
+        status_url=settings.status_url,
+        step_s=settings.step_s,
+    )
+    process = ServiceProcess(SERVICE)
+    process.on_stop("status-updates", simulator.stop)
+    port = process.serve_http(create_app(simulator), settings.host, settings.port)
+    log.info("fax provider simulator ready (development only, fictional data)", extra={"port": port})
+    process.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
