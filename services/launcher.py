@@ -59,6 +59,10 @@ class Ports:
     erx_bridge_http: int = 8106
     erx_bridge_grpc: int = 50056
     erx_simulator: int = 8190
+    fax_simulator: int = 8191
+    cloud_comms_http: int = 8107
+    cloud_comms_grpc: int = 50057
+    cloud_comms_smtp: int = 2525
 
     @classmethod
     def free(cls) -> Ports:
@@ -81,7 +85,18 @@ class StackConfig:
 class Stack:
     """The processes of the system, started in dependency order."""
 
-    SERVICES = ("directory", "erx-simulator", "inbox", "notifications", "auto-reply", "erx-bridge", "web", "gateway")
+    SERVICES = (
+        "directory",
+        "erx-simulator",
+        "fax-simulator",
+        "inbox",
+        "notifications",
+        "auto-reply",
+        "erx-bridge",
+        "cloud-comms",
+        "web",
+        "gateway",
+    )
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -125,12 +140,25 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.erx_bridge_http}"
 
     @property
+    def cloud_comms_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.cloud_comms_http}"
+
+    @property
+    def cloud_direct_certs(self) -> Path:
+        """Development Direct certificates (CA, agency identities, partner HISP), made on first start."""
+        return self.run_dir / "cloud-direct"
+
+    @property
     def erx_simulator_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.erx_simulator}"
 
     @property
+    def fax_simulator_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.fax_simulator}"
+
+    @property
     def runs_erx_simulator(self) -> bool:
-        """The simulator runs in development only, and only when the stack is asked to run it."""
+        """The vendor simulators (eRx, fax) run in development only, and only when the stack is asked to."""
         mode = self.config.extra_env.get("CLINIC_MODE", os.environ.get("CLINIC_MODE", "development"))
         return self.config.erx_simulator and mode != "production"
 
@@ -165,6 +193,17 @@ class Stack:
                 # The simulator's address; in development erx-bridge's default practice points at it.
                 "ERX_SIMULATOR_HOST": "127.0.0.1",
                 "ERX_SIMULATOR_PORT": str(p.erx_simulator),
+                "CLOUD_COMMS_HTTP_PORT": str(p.cloud_comms_http),
+                "CLOUD_COMMS_GRPC_PORT": str(p.cloud_comms_grpc),
+                "CLOUD_SMTP_PORT": str(p.cloud_comms_smtp),
+                "CLOUD_COMMS_PUBLIC_URL": self.gateway_url,
+                # The fax provider: its API (the simulator in development) and the callback address
+                # it signs, which is the gateway's route to cloud-comms.
+                "CLOUD_FAX_API_URL": self.fax_simulator_url,
+                "CLOUD_FAX_PUBLIC_CALLBACK_URL": f"{self.gateway_url}/api/v1/fax/callbacks",
+                "CLOUD_FAX_SIMULATOR_PORT": str(p.fax_simulator),
+                "CLOUD_FAX_SIMULATOR_RECEIVED_URL": f"{self.gateway_url}/api/v1/fax/callbacks/received",
+                "CLOUD_FAX_SIMULATOR_STATUS_URL": f"{self.gateway_url}/api/v1/fax/callbacks/status",
                 "DIRECTORY_HTTP_URL": self.directory_url,
                 "WEB_ALLOWED_ORIGINS": f"{self.gateway_url},http://localhost:{p.gateway}",
                 "DIRECTORY_GRPC_TARGET": f"127.0.0.1:{p.directory_grpc}",
@@ -201,9 +240,10 @@ class Stack:
             self.mongo.start()
         env = self.service_env()
         directory = self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
-        simulator = None
+        simulator = fax_simulator = None
         if self.runs_erx_simulator:
             simulator = self._spawn("erx-simulator", [sys.executable, "-m", "services.erx_simulator"], env)
+            fax_simulator = self._spawn("fax-simulator", [sys.executable, "-m", "services.fax_simulator"], env)
         wait_http(f"{self.directory_url}/healthz", "directory", self.logs / "directory.log", directory)
         if self.config.seed_demo:
             self.demo_logins = self._seed(env)
@@ -212,7 +252,13 @@ class Stack:
         auto_reply = self._spawn("auto-reply", [sys.executable, "-m", "services.auto_reply"], env)
         if simulator is not None:
             wait_http(f"{self.erx_simulator_url}/healthz", "erx-simulator", self.logs / "erx-simulator.log", simulator)
+        if fax_simulator is not None:
+            log = self.logs / "fax-simulator.log"
+            wait_http(f"{self.fax_simulator_url}/healthz", "fax-simulator", log, fax_simulator)
         erx_bridge = self._spawn("erx-bridge", [sys.executable, "-m", "services.erx_bridge"], env)
+        if env.get("CLINIC_MODE", "development") != "production" and "CLOUD_DIRECT_CERTS_DIR" not in env:
+            self._devcerts(env)
+        cloud_comms = self._spawn("cloud-comms", [sys.executable, "-m", "services.cloud_comms"], env)
         web = self._spawn("web", [sys.executable, "-m", "services.web"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
         self.lab_interface_api_key = dev_secret(self.run_dir, "lab-interface-api-key", lambda: os.urandom(24).hex())
@@ -228,8 +274,23 @@ class Stack:
         # Ready = consuming message.delivered.v1 (its queue exists, so no delivery is missed).
         wait_http(f"{self.auto_reply_url}/readyz", "auto-reply", self.logs / "auto-reply.log", auto_reply)
         wait_http(f"{self.erx_bridge_url}/readyz", "erx-bridge", self.logs / "erx-bridge.log", erx_bridge)
+        wait_http(f"{self.cloud_comms_url}/readyz", "cloud-comms", self.logs / "cloud-comms.log", cloud_comms)
         wait_http(f"{self.web_url}/healthz", "web", self.logs / "web.log", web)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
+
+    def _devcerts(self, env: dict[str, str]) -> None:
+        """Development Direct certificates into the run folder when it lacks them."""
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cloud_comms.devcerts", str(self.cloud_direct_certs)],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LaunchError(f"development Direct certificates failed:\n{result.stderr[-2000:]}")
 
     def _check_ports_free(self) -> None:
         ports = vars(self.config.ports).copy()
@@ -237,6 +298,7 @@ class Stack:
             ports.pop("mongo")
         if not self.runs_erx_simulator:
             ports.pop("erx_simulator")
+            ports.pop("fax_simulator")
         taken = []
         for name, port in ports.items():
             with socket.socket() as probe:
@@ -259,6 +321,7 @@ class Stack:
             "DECK_AUTO_REPLY_URL": self.auto_reply_url,
             "DECK_WEB_URL": self.web_url,
             "DECK_ERX_BRIDGE_URL": self.erx_bridge_url,
+            "DECK_CLOUD_COMMS_URL": self.cloud_comms_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,
@@ -321,7 +384,7 @@ class Stack:
     def status(self) -> dict[str, bool]:
         result = {}
         for name in (*self.SERVICES, "nx-27017"):
-            if name == "erx-simulator" and not self.runs_erx_simulator:
+            if name in ("erx-simulator", "fax-simulator") and not self.runs_erx_simulator:
                 continue
             pid_file = self.pids / f"{name}.pid"
             try:
@@ -504,8 +567,13 @@ def print_welcome(stack: Stack) -> None:
     print(f"Partner API key for the practice-management consumer: {stack.practice_management_api_key}")
     print(f"Partner API key for the compliance-tracker consumer:  {stack.compliance_tracker_api_key}")
     print(f"HL7 v2 MLLP listener (lab results, schedule changes): 127.0.0.1:{stack.config.ports.notifications_mllp}")
+    print(
+        f"Direct secure messaging SMTP listener (S/MIME, the agency's HISP edge): "
+        f"127.0.0.1:{stack.config.ports.cloud_comms_smtp}   certificates: {stack.cloud_direct_certs}/"
+    )
     if stack.runs_erx_simulator:
         print(f"eRx vendor simulator (development only, fictional data): {stack.erx_simulator_url}/simulator/state")
+        print(f"Fax provider simulator (development only): {stack.fax_simulator_url}/simulator/state")
     print("Try it:")
     print(
         f"  curl -s -X POST {stack.gateway_url}/api/v1/auth/token -H 'Content-Type: application/json' "

@@ -12,6 +12,13 @@
 #   .env                         passwords, the partner API keys (portal, lab interface), PHI_MASTER_KEY_ID and the gateway's
 #   secrets/service_web_secret   web's, likewise
 #   secrets/service_erx-bridge_secret  erx-bridge's, likewise
+#   secrets/service_cloud-comms_secret  cloud-comms', likewise
+#   secrets/direct_cert.pem, direct_key.pem, direct_anchors.pem  cloud-comms' Direct identity and trust
+#                                anchors: a self-signed STAND-IN (CN "REPLACE ME") so the stack starts;
+#                                replace them with your HISP-issued certificate + key and your
+#                                partners' anchor bundle (services/cloud_comms/README.md)
+#   secrets/fax_callback_token   eFax callback HMAC token (random); secrets/fax_api_key, fax_api_secret:
+#                                "REPLACE-..." until you write your provider's credentials in
 #   secrets/erx_practices.json   erx-bridge's practices at the ePrescribing vendor (ERX_PRACTICES_FILE):
 #                                "{}" (none) until you write them in (services/erx_bridge/README.md)
 #                                public key; docker compose reads it for ${...} substitution
@@ -82,12 +89,33 @@ no_practices() {
   printf '{}\n'
 }
 create erx_practices.json no_practices
+create service_cloud-comms_secret openssl rand -hex 32
+# A stand-in Direct identity (self-signed, its own anchor): replace with the real ones.
+if [ ! -s secrets/direct_key.pem ] || [ ! -s secrets/direct_cert.pem ]; then
+  rsa_private_key > secrets/.direct_key.pem.tmp
+  openssl req -new -x509 -key secrets/.direct_key.pem.tmp -days 365 -subj "/CN=REPLACE ME Direct stand-in" \
+    -addext "subjectAltName=DNS:direct.clinic.example" -addext "keyUsage=critical,digitalSignature,keyEncipherment" \
+    -out secrets/.direct_cert.pem.tmp
+  mv secrets/.direct_key.pem.tmp secrets/direct_key.pem
+  mv secrets/.direct_cert.pem.tmp secrets/direct_cert.pem
+  echo "created secrets/direct_key.pem and secrets/direct_cert.pem (a stand-in: replace them)"
+fi
+stand_in_anchors() {
+  cat secrets/direct_cert.pem
+}
+create direct_anchors.pem stand_in_anchors
+create fax_callback_token openssl rand -hex 32
+replace_me() {
+  printf 'REPLACE-with-your-fax-provider-credential\n'
+}
+create fax_api_key replace_me
+create fax_api_secret replace_me
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {
   printf '%s' "$(cat "secrets/service_$1_secret")" | openssl dgst -sha256 -r | cut -d' ' -f1
 }
-service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply),erx-bridge:$(service_digest erx-bridge),web:$(service_digest web)"
+service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply),erx-bridge:$(service_digest erx-bridge),web:$(service_digest web),cloud-comms:$(service_digest cloud-comms)"
 
 # The gateway verifies tokens with the public half of the active (first) signing key.
 openssl pkey -in secrets/jwt_signing_keys.pem -pubout -out secrets/jwt_public_key.pem
@@ -104,6 +132,7 @@ mongo_inbox_password="$(password MONGO_INBOX_PASSWORD)"
 mongo_notifications_password="$(password MONGO_NOTIFICATIONS_PASSWORD)"
 mongo_auto_reply_password="$(password MONGO_AUTO_REPLY_PASSWORD)"
 mongo_erx_bridge_password="$(password MONGO_ERX_BRIDGE_PASSWORD)"
+mongo_cloud_comms_password="$(password MONGO_CLOUD_COMMS_PASSWORD)"
 rabbitmq_password="$(password RABBITMQ_PASSWORD)"
 patient_portal_api_key="$(password PATIENT_PORTAL_API_KEY)"
 lab_interface_api_key="$(password LAB_INTERFACE_API_KEY)"
@@ -126,6 +155,7 @@ MONGO_INBOX_PASSWORD=${mongo_inbox_password}
 MONGO_NOTIFICATIONS_PASSWORD=${mongo_notifications_password}
 MONGO_AUTO_REPLY_PASSWORD=${mongo_auto_reply_password}
 MONGO_ERX_BRIDGE_PASSWORD=${mongo_erx_bridge_password}
+MONGO_CLOUD_COMMS_PASSWORD=${mongo_cloud_comms_password}
 RABBITMQ_PASSWORD=${rabbitmq_password}
 PATIENT_PORTAL_API_KEY=${patient_portal_api_key}
 LAB_INTERFACE_API_KEY=${lab_interface_api_key}
@@ -135,7 +165,7 @@ JWT_PUBLIC_KEY_PEM="${public_key_escaped}"
 SERVICE_CLIENTS=${service_clients}
 ENV
 # Settings you added yourself (CORS_ORIGIN=..., RATE_LIMIT_MINUTE=...) are kept.
-managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|MONGO_AUTO_REPLY_PASSWORD|MONGO_ERX_BRIDGE_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
+managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|MONGO_AUTO_REPLY_PASSWORD|MONGO_ERX_BRIDGE_PASSWORD|MONGO_CLOUD_COMMS_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
 if [ -f .env ]; then
   grep -Ev "^(#|(${managed})=)" .env >> .env.tmp || true
 fi

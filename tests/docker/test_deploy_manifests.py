@@ -467,6 +467,25 @@ def mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, str
     raise AssertionError(f"{path} is not on a mounted volume")
 
 
+def direct_stand_ins() -> dict[str, str]:
+    """cloud-comms' Direct identity and anchors (the cloud-comms-direct Secret's keys), made with its
+    development CA."""
+    from cryptography.hazmat.primitives import serialization
+
+    from services.cloud_comms import devcerts
+
+    ca, ca_key = devcerts.make_ca()
+    cert, key = devcerts.issue(ca, ca_key, devcerts.AGENCIES[0])
+    pem = serialization.Encoding.PEM
+    return {
+        "direct_anchors.pem": ca.public_bytes(pem).decode(),
+        "direct_cert.pem": cert.public_bytes(pem).decode(),
+        "direct_key.pem": key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+    }
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
     pod = DEPLOYMENTS[service]["spec"]["template"]["spec"]
@@ -485,6 +504,7 @@ def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
         "phi_master_keys": f"{key_id}:{random_key_b64()}",
         "jwt_signing_keys.pem": generate_private_key_pem(2048),
         "service_clients": "inbox:" + "0" * 64,
+        **direct_stand_ins(),
     }
     for name, value in list(env.items()):
         if name.endswith("_FILE"):

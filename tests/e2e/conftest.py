@@ -19,9 +19,12 @@ from clinic.events.v1 import envelope_pb2
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.events import decode_envelope, unpack
 from services.kit.service_identity import ServiceTokens
-from services.launcher import Ports, Stack, StackConfig
+from services.launcher import Ports, Stack, StackConfig, free_port
 from tests.helpers import DEMO_PASSWORD
 from tests.waits import wait_until
+
+# Where cloud-comms sends Direct MDNs in the e2e stack: the partner HISP sink of tests/e2e/test_cloud_direct.py.
+CLOUD_SMTP_SINK_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +47,11 @@ def stack(tmp_path_factory, mongo_uri, amqp_url):
             "ERX_SYNC_INTERVAL_S": "0",
             "ERX_STAFF_CACHE_S": "1",
             "ERX_VENDOR_READ_TIMEOUT_S": "2",
+            # cloud-comms: Direct MDNs to the test's SMTP sink, looked for every 0.2 s; directory's
+            # address links apply within a second.
+            "CLOUD_SMTP_RELAY": f"127.0.0.1:{CLOUD_SMTP_SINK_PORT}",
+            "CLOUD_DIRECT_MDN_PASS_S": "0.2",
+            "CLOUD_ADDRESS_CACHE_S": "1",
         },
     )
     system = Stack(config)
@@ -225,6 +233,12 @@ def erx_simulator(stack) -> ErxSimulator:
 def inbox_db(stack, mongo_client):
     """inbox's database in the stack, for checks of what was (or was not) written."""
     return mongo_client[f"{stack.db_prefix}inbox"]
+
+
+@pytest.fixture(scope="session")
+def cloud_db(stack, mongo_client):
+    """cloud-comms' database in the stack."""
+    return mongo_client[f"{stack.db_prefix}cloud-comms"]
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,17 @@ def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
     finally:
         stopped = stack.stop()
     assert set(stopped) == {
-        "gateway", "erx-bridge", "erx-simulator", "notifications", "auto-reply", "web", "inbox", "directory", "nx-27017"
+        "gateway",
+        "erx-bridge",
+        "erx-simulator",
+        "fax-simulator",
+        "cloud-comms",
+        "notifications",
+        "auto-reply",
+        "web",
+        "inbox",
+        "directory",
+        "nx-27017",
     }
     assert not any(pid_alive(pid) for pid in pids.values())
     assert not any(stack.status().values())

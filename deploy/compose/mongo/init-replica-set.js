@@ -32,6 +32,7 @@ for (const [service, passwordVariable] of [
   ["notifications", "MONGO_NOTIFICATIONS_PASSWORD"],
   ["auto-reply", "MONGO_AUTO_REPLY_PASSWORD"],
   ["erx-bridge", "MONGO_ERX_BRIDGE_PASSWORD"],
+  ["cloud-comms", "MONGO_CLOUD_COMMS_PASSWORD"],
 ]) {
   const roles = [{ role: "readWrite", db: `${prefix}${service}` }];
   const pwd = env(passwordVariable);

@@ -1,0 +1,1 @@
+"""cloud-comms: the agency's cloud communications edge (Direct secure messaging, eFax) onto boards."""

@@ -1,0 +1,1 @@
+"""Direct secure messaging (inbound): the agency's HISP edge (SMTP + S/MIME) onto staff boards."""

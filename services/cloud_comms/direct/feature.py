@@ -1,0 +1,445 @@
+"""Direct secure messaging, inbound: S/MIME messages from partner HISPs onto the linked staff's
+boards, the audited message view, and MDNs back to the sender.
+
+Storage: one `direct_messages` document per (agency, Message-ID, recipient address), `_id`
+derived from the three, so a resent message is stored (and delivered, and acknowledged) once. It
+holds, sealed with the agency's key (kit PhiCipher, AAD = agency|id|field): `content` (subject,
+from, to, date, text body, attachment list) and each attachment's bytes (`attachments[n]`,
+base64 inside the seal). In clear: agency, recipient address and its directory id, linked staff,
+the Message-ID, the sender address (MDN recipient), the signer's certificate (public; MDNs are
+encrypted for it), sizes and the MDN states. Its `board_item.delivery_requested.v1` event rides
+in the same insert (kit outbox).
+
+Refusals (not encrypted, undecryptable, unsigned, bad signature, untrusted/expired signer, signer
+not matching From, malformed MIME) answer 554 with the reason, store nothing of the message, log
+`direct message refused` and write a `security_events` document (channel, code, reason, peer,
+envelope sender, recipient addresses: never content).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import threading
+from email.message import EmailMessage
+from email.utils import getaddresses, parsedate_to_datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from flask import Blueprint, Response, g
+from pymongo.errors import DuplicateKeyError
+
+from services.cloud_comms import audit, delivery
+from services.cloud_comms.components import Feature
+from services.cloud_comms.direct import mdn, smime
+from services.cloud_comms.direct.smtp import DirectHandler, SmtpListener
+from services.kit.crypto import DecryptionError
+from services.kit.errors import NotFound, Unavailable
+from services.kit.http import require_staff
+from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
+from services.kit.outbox import outbox_fields
+from services.kit.validation import path_id
+
+log = logging.getLogger(__name__)
+
+DIRECT_MESSAGES = "direct_messages"
+RESOURCE_TYPE = "direct_message"
+ADDRESS = re.compile(r"^[^@\s<>]{1,64}@[A-Za-z0-9.-]{1,253}$")
+MAX_REF = 128
+SENDING_LEASE_MS = 5 * 60 * 1000
+RETRY_MS = 30 * 1000
+MDN_BATCH = 50
+# Attachment types served as-is; anything a browser could run is served as octet-stream.
+ACTIVE_TYPES = {"text/html", "application/xhtml+xml", "image/svg+xml", "text/javascript", "application/javascript"}
+INDEXES = [
+    IndexSpec(DIRECT_MESSAGES, [("agency_id", 1), ("received_at", -1)], name="direct_by_agency"),
+    IndexSpec(DIRECT_MESSAGES, [("mdn_processed", 1)], name="direct_mdn_processed"),
+    IndexSpec(DIRECT_MESSAGES, [("mdn_dispatched", 1)], name="direct_mdn_dispatched"),
+    IndexSpec(DIRECT_MESSAGES, [("mdn_failed", 1)], name="direct_mdn_failed"),
+]
+
+
+def digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def message_doc_id(agency_id: str, message_id: str, address: str) -> str:
+    return "dm_" + digest(agency_id, message_id, address.lower())
+
+
+def source_ref(message_id: str, address_id: str) -> str:
+    """The board item's source_ref: the Message-ID (without <>) and the recipient address's
+    directory id, printable ASCII <= 128 (else a digest of them)."""
+    ref = f"{message_id.strip('<>')}/{address_id}"
+    if len(ref) <= MAX_REF and re.fullmatch(r"[\x21-\x7e]+", ref):
+        return ref
+    return "mid_" + digest(message_id, address_id)
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _is_attachment(part: EmailMessage) -> bool:
+    if part.get_content_disposition() == "attachment" or part.get_filename():
+        return True
+    return part.get_content_maintype() not in ("text", "multipart", "message")
+
+
+def extract(inner: EmailMessage) -> tuple[str, list[tuple[str, str, bytes]], str]:
+    """(text body, [(filename, content type, bytes)], inner Subject or "") of the signed entity."""
+    entity = inner
+    if entity.get_content_type() == "message/rfc822":  # a wrapped message (headers protected)
+        payload = entity.get_payload()
+        entity = payload[0] if isinstance(payload, list) and payload else entity
+    text, html = "", ""
+    attachments: list[tuple[str, str, bytes]] = []
+    for part in entity.walk():
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        try:
+            data = part.get_payload(decode=True) or b""
+        except Exception as exc:
+            raise smime.Malformed("a MIME part cannot be decoded") from exc
+        if _is_attachment(part):
+            name = part.get_filename() or f"attachment-{len(attachments) + 1}"
+            attachments.append((name[:255], ctype, data))
+        elif ctype == "text/plain" and not text:
+            text = data.decode(part.get_content_charset() or "utf-8", "replace")
+        elif ctype == "text/html" and not html:
+            html = data.decode(part.get_content_charset() or "utf-8", "replace")
+    return text or html, attachments, str(entity.get("Subject") or "")
+
+
+class DirectMessaging(Feature):
+    outbox_collections = (DIRECT_MESSAGES,)
+
+    def __init__(self, components):
+        super().__init__(components)
+        settings = components.settings
+        self.direct = settings.direct
+        self.identities = [
+            smime.Identity.load(Path(cert).read_bytes(), Path(key).read_bytes()) for cert, key in self.direct.identities
+        ]
+        self.anchors = smime.load_anchors(Path(self.direct.anchors_file).read_bytes())
+        self.messages = components.store.db[DIRECT_MESSAGES]
+        self.cipher = components.cipher
+        self.hostname = self.direct.mdn_from.rpartition("@")[2] or "hisp.local"
+        self.smtp = SmtpListener(
+            DirectHandler(self.resolve_recipient, self.receive),
+            settings.smtp_host,
+            settings.smtp_port,
+            max_message_bytes=self.direct.max_message_bytes,
+            hostname=self.hostname,
+        )
+
+    def ensure_indexes(self) -> None:
+        ensure_indexes(self.components.store.db, INDEXES)
+
+    def listeners(self):
+        return [("direct-smtp", self.smtp.run, self.smtp.ready)]
+
+    def background(self):
+        return [("direct-mdn", self.run_mdn)]
+
+    def identity_for(self, address: str) -> smime.Identity | None:
+        return next((i for i in self.identities if i.covers(address)), None)
+
+    # --- SMTP -------------------------------------------------------------------------------------
+    def resolve_recipient(self, address: str):
+        """The directory entry of a Direct address this HISP holds a certificate for, else None."""
+        address = address.strip().lower()
+        if not ADDRESS.fullmatch(address) or self.identity_for(address) is None:
+            return None
+        return self.components.directory.resolve_address("direct", address)
+
+    def receive(self, mail_from: str, recipients: list, raw: bytes, peer: str) -> str:
+        if not recipients:
+            return "554 5.5.1 no valid recipients"
+        addresses = [r.address for r in recipients]
+        try:
+            outer = smime.parse(raw)
+            message_id = str(outer.get("Message-ID") or "").strip()
+            if not message_id or len(message_id) > 998:
+                raise smime.Malformed("a Message-ID header is required")
+            opened = smime.open_message(outer, self.identities, self.anchors, addresses)
+            text, attachments, inner_subject = extract(opened.inner)
+        except smime.Refused as refused:
+            self._refused(refused, peer, mail_from, recipients)
+            return refused.reply
+        sender = smime.from_address(outer)
+        subject = inner_subject or str(outer.get("Subject") or "")
+        to = [a for _, a in getaddresses([str(v) for v in outer.get_all("To") or []]) if a]
+        date = str(outer.get("Date") or "")
+        try:
+            date = parsedate_to_datetime(date).isoformat() if date else ""
+        except (TypeError, ValueError):
+            pass
+        signer_pem = opened.signer.public_bytes(serialization.Encoding.PEM).decode()
+        created = 0
+        for recipient in recipients:
+            created += self._store(
+                recipient,
+                message_id,
+                sender=sender,
+                to=to,
+                subject=subject,
+                date=date,
+                text=text,
+                attachments=attachments,
+                signer_pem=signer_pem,
+            )
+        log.info(
+            "direct message stored" if created else "direct message repeated",
+            extra={"count": created, "recipients": len(recipients)},
+        )
+        return "250 2.0.0 message accepted for delivery"
+
+    def _refused(self, refused: smime.Refused, peer: str, mail_from: str, recipients: list) -> None:
+        agencies = sorted({r.agency_id for r in recipients})
+        log.warning("direct message refused", extra={"code": refused.kind, "address": peer})
+        self.components.store.record_security_event(
+            "direct",
+            refused.kind,
+            refused.reason,
+            reply=refused.reply,
+            peer=peer,
+            mail_from=mail_from[:320],
+            recipients=[r.address for r in recipients],
+            agency_ids=agencies,
+        )
+
+    def _store(self, recipient, message_id, *, sender, to, subject, date, text, attachments, signer_pem) -> int:
+        agency_id = recipient.agency_id
+        doc_id = message_doc_id(agency_id, message_id, recipient.address)
+        received = now_ms()
+        staff_ids = list(recipient.staff_ids)
+        content = {
+            "subject": subject,
+            "from": sender,
+            "to": to,
+            "date": date,
+            "text": text,
+            "attachments": [{"filename": n, "content_type": t, "size": len(b)} for n, t, b in attachments],
+        }
+        doc = {
+            "_id": doc_id,
+            "agency_id": agency_id,
+            "address": recipient.address,
+            "address_id": recipient.address_id,
+            "staff_ids": staff_ids,
+            "message_id": message_id,
+            "sender": sender,
+            "received_at": received,
+            "attachment_count": len(attachments),
+            "content": self.cipher.seal(agency_id, doc_id, "content", json.dumps(content)),
+            "attachments": [
+                self.cipher.seal(agency_id, doc_id, f"attachment.{n}", base64.b64encode(data).decode("ascii"))
+                for n, (_, _, data) in enumerate(attachments)
+            ],
+            "signer_cert": signer_pem,
+            "mdn_processed": "due",
+            "mdn_dispatched": "waiting" if staff_ids else "none",
+            "mdn_failed": "none" if staff_ids else "due",
+            "failure": "" if staff_ids else "no staff is linked to the recipient address",
+        }
+        events = []
+        if staff_ids:
+            count = len(attachments)
+            request = delivery.request(
+                source=delivery.SOURCE_DIRECT,
+                source_ref=source_ref(message_id, recipient.address_id or recipient.address),
+                delivery_id=doc_id,
+                staff_ids=staff_ids,
+                title=f"Direct: {subject or '(no subject)'}"[:200],
+                summary=f"From {sender} · {count} attachment{'' if count == 1 else 's'}",
+                url=f"{self.components.settings.public_url}/api/v1/cloud/direct/{doc_id}",
+                link_label="Open message",
+            )
+            events.append(delivery.delivery_requested(agency_id, request, doc_id))
+        try:
+            self.messages.insert_one({**doc, **outbox_fields(events)})
+        except DuplicateKeyError:
+            return 0
+        return 1
+
+    # --- MDNs -------------------------------------------------------------------------------------
+    def run_mdn(self, stop_event: threading.Event) -> None:
+        if not self.direct.relay_host:
+            log.warning("no CLOUD_SMTP_RELAY: MDNs stay due until one is configured")
+            return
+        while not stop_event.is_set():
+            try:
+                self.mdn_pass()
+            except Exception:
+                log.exception("mdn pass failed")
+            stop_event.wait(self.direct.mdn_pass_s)
+
+    def mdn_pass(self) -> int:
+        """Promote, claim and send what is due; the number of MDNs sent."""
+        now = now_ms()
+        for doc in self.messages.find({"mdn_dispatched": {"$eq": "waiting"}}, projection={"_outbox": 0}).limit(500):
+            if doc.get("mdn_processed") != "sent":
+                continue
+            if "_outbox_at" not in doc:
+                self.messages.update_one(
+                    {"_id": {"$eq": doc["_id"]}, "mdn_dispatched": {"$eq": "waiting"}},
+                    {"$set": {"mdn_dispatched": "due"}},
+                )
+            elif now - doc["received_at"] > self.direct.dispatch_timeout_s * 1000:
+                self.messages.update_one(
+                    {"_id": {"$eq": doc["_id"]}, "mdn_dispatched": {"$eq": "waiting"}},
+                    {"$set": {"mdn_dispatched": "none", "mdn_failed": "due", "failure": "not delivered in time"}},
+                )
+        sent = 0
+        for disposition in mdn.DISPOSITIONS:
+            field = f"mdn_{disposition}"
+            for state in ("due", "sending"):
+                for doc in self.messages.find({field: {"$eq": state}}, projection={"_outbox": 0}).limit(MDN_BATCH):
+                    if disposition == "dispatched" and doc.get("mdn_processed") != "sent":
+                        continue
+                    at = doc.get(f"{field}_at", 0)
+                    if state == "due" and at > now or state == "sending" and now - at < SENDING_LEASE_MS:
+                        continue
+                    claimed = self.messages.update_one(
+                        {
+                            "_id": {"$eq": doc["_id"]},
+                            field: {"$eq": state},
+                            f"{field}_at": {"$eq": doc.get(f"{field}_at")},
+                        },
+                        {"$set": {field: "sending", f"{field}_at": now}},
+                    )
+                    if claimed.modified_count != 1:
+                        continue
+                    sent += self._send_mdn(doc, disposition, field)
+        return sent
+
+    def _send_mdn(self, doc: dict, disposition: str, field: str) -> int:
+        identity = self.identity_for(doc["address"])
+        try:
+            if identity is None:
+                raise RuntimeError("no Direct identity for the address any more")
+            subject = ""
+            try:
+                subject = json.loads(self.cipher.open(doc["agency_id"], doc["_id"], "content", doc["content"]))[
+                    "subject"
+                ]
+            except (DecryptionError, KeyError, ValueError):
+                pass
+            from cryptography import x509
+
+            message_id, message = mdn.build(
+                disposition=disposition,
+                sender=doc["address"],
+                original_from=doc["sender"],
+                original_message_id=doc["message_id"],
+                original_subject=subject,
+                identity_cert=identity.cert,
+                identity_key=identity.key,
+                recipient_cert=x509.load_pem_x509_certificate(doc["signer_cert"].encode()),
+                reporting_host=self.hostname,
+                failure=doc.get("failure", ""),
+            )
+            mdn.send(
+                self.direct.relay_host,
+                self.direct.relay_port,
+                envelope_from=doc["address"],
+                to=doc["sender"],
+                message=message,
+            )
+        except Exception as exc:
+            log.warning("mdn not sent", extra={"error_type": type(exc).__name__, "code": disposition})
+            self.messages.update_one(
+                {"_id": {"$eq": doc["_id"]}, field: {"$eq": "sending"}},
+                {"$set": {field: "due", f"{field}_at": now_ms() + RETRY_MS}},
+            )
+            return 0
+        self.messages.update_one(
+            {"_id": {"$eq": doc["_id"]}},
+            {"$set": {field: "sent", f"{field}_at": now_ms(), f"{field}_message_id": message_id}},
+        )
+        log.info("mdn sent", extra={"code": disposition, "agency_id": doc["agency_id"]})
+        return 1
+
+    # --- the message view -------------------------------------------------------------------------
+    def _readable(self, caller, doc_id: str) -> dict:
+        doc = self.messages.find_one(
+            {"_id": {"$eq": doc_id}, "agency_id": {"$eq": caller.agency_id}}, projection={"_outbox": 0}
+        )
+        if doc is None or caller.staff_id not in doc.get("staff_ids", []):
+            raise audit.refuse(
+                self.components.store, caller, doc_id, resource_type=RESOURCE_TYPE, code="direct_message_not_found"
+            )
+        return doc
+
+    def _content(self, doc: dict) -> dict:
+        try:
+            return json.loads(self.cipher.open(doc["agency_id"], doc["_id"], "content", doc["content"]))
+        except DecryptionError as exc:
+            raise Unavailable("unreadable", "the message cannot be opened") from exc
+
+    def view(self, caller, doc_id: str) -> dict:
+        doc = self._readable(caller, doc_id)
+        content = self._content(doc)
+        audit.record(self.components.store, caller, doc_id, resource_type=RESOURCE_TYPE)
+        return {
+            "id": doc_id,
+            "message_id": doc["message_id"],
+            "from": content["from"],
+            "to": content["to"],
+            "subject": content["subject"],
+            "date": content["date"],
+            "received_at": iso(doc["received_at"]),
+            "text": content["text"],
+            "attachments": [
+                {**a, "index": n, "url": f"/api/v1/cloud/direct/{doc_id}/attachments/{n}"}
+                for n, a in enumerate(content["attachments"])
+            ],
+        }
+
+    def attachment(self, caller, doc_id: str, index: int) -> Response:
+        doc = self._readable(caller, doc_id)
+        content = self._content(doc)
+        if not 0 <= index < len(doc.get("attachments", [])):
+            raise NotFound("attachment_not_found", "no such attachment")
+        meta = content["attachments"][index]
+        try:
+            data = base64.b64decode(
+                self.cipher.open(doc["agency_id"], doc_id, f"attachment.{index}", doc["attachments"][index])
+            )
+        except DecryptionError as exc:
+            raise Unavailable("unreadable", "the attachment cannot be opened") from exc
+        audit.record(self.components.store, caller, f"{doc_id}/attachments/{index}", resource_type=RESOURCE_TYPE)
+        ctype = meta["content_type"] if re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", meta["content_type"]) else ""
+        if not ctype or ctype in ACTIVE_TYPES:
+            ctype = "application/octet-stream"
+        filename = re.sub(r"[^A-Za-z0-9._-]", "_", meta["filename"])[:128] or "attachment"
+        return Response(
+            data,
+            mimetype=ctype,
+            headers={
+                "Content-Disposition": f'attachment; filename="{filename}"',
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    def blueprint(self):
+        staff = Blueprint("cloud_direct", __name__, url_prefix="/api/v1/cloud/direct")
+
+        @staff.get("/<message>")
+        @require_staff
+        def view(message: str):
+            return self.view(g.identity, path_id(message, "message"))
+
+        @staff.get("/<message>/attachments/<int:index>")
+        @require_staff
+        def attachment(message: str, index: int):
+            return self.attachment(g.identity, path_id(message, "message"), index)
+
+        return staff

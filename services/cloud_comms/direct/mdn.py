@@ -1,0 +1,120 @@
+"""Message Disposition Notifications (RFC 3798, Direct Implementation Guide for Delivery Notification).
+
+Each stored message has one state per disposition in its document (`mdn.processed`,
+`mdn.dispatched`, `mdn.failed`): "due" -> "sending" (claimed atomically by one process) -> "sent"
+(or back to "due" after a failed SMTP attempt, with a delay). A disposition is generated once:
+never while another process holds it, never again once sent. `processed` is due when the message
+is stored; `dispatched` once its delivery request left the outbox (the relay had the broker confirm
+the `board_item.delivery_requested.v1` event, i.e. it is handed to inbox for the boards); `failed`
+when the address has no linked staff or the delivery request was not published within
+CLOUD_DIRECT_DISPATCH_TIMEOUT_S.
+
+The MDN is signed with the agency's Direct identity (detached, SHA-256) and encrypted (AES-256-CBC)
+for the original signer's certificate, then sent through CLOUD_SMTP_RELAY to the original sender.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import smtplib
+import uuid
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+
+REPORTING_UA = "cloud-comms; clinic message board HISP"
+DISPOSITIONS = ("processed", "dispatched", "failed")
+TEXT = {
+    "processed": "Your message was received and processed by the recipient's HISP.",
+    "dispatched": "Your message was delivered to the recipient's message board.",
+    "failed": "Your message could not be delivered to the recipient.",
+}
+
+
+def report(
+    *, disposition: str, recipient: str, original_message_id: str, reporting_host: str, failure: str = ""
+) -> bytes:
+    """The multipart/report MIME entity (CRLF line ends), before signing."""
+    boundary = "mdn_" + uuid.uuid4().hex
+    modifier = "/error" if disposition == "failed" else ""
+    fields = [
+        f"Reporting-UA: {reporting_host}; {REPORTING_UA}",
+        f"Final-Recipient: rfc822; {recipient}",
+        f"Original-Message-ID: {original_message_id}",
+        f"Disposition: automatic-action/MDN-sent-automatically; {disposition}{modifier}",
+    ]
+    if disposition == "failed" and failure:
+        fields.append(f"Failure: {failure}")
+    lines = [
+        f'Content-Type: multipart/report; report-type=disposition-notification; boundary="{boundary}"',
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        TEXT[disposition],
+        "",
+        f"--{boundary}",
+        "Content-Type: message/disposition-notification",
+        "",
+        *fields,
+        "",
+        f"--{boundary}--",
+        "",
+    ]
+    return "\r\n".join(lines).encode("ascii", "replace")
+
+
+def build(
+    *,
+    disposition: str,
+    sender: str,
+    original_from: str,
+    original_message_id: str,
+    original_subject: str,
+    identity_cert: x509.Certificate,
+    identity_key,
+    recipient_cert: x509.Certificate,
+    reporting_host: str,
+    failure: str = "",
+) -> tuple[str, bytes]:
+    """(Message-ID, full message bytes): the report signed by the agency and encrypted for the
+    original sender's certificate, with outer headers."""
+    entity = report(
+        disposition=disposition,
+        recipient=sender,
+        original_message_id=original_message_id,
+        reporting_host=reporting_host,
+        failure=failure,
+    )
+    signed = (
+        pkcs7.PKCS7SignatureBuilder()
+        .set_data(entity)
+        .add_signer(identity_cert, identity_key, hashes.SHA256())
+        .sign(Encoding.SMIME, [pkcs7.PKCS7Options.DetachedSignature])
+    )
+    enveloped = (
+        pkcs7.PKCS7EnvelopeBuilder()
+        .set_data(signed)
+        .add_recipient(recipient_cert)
+        .set_content_encryption_algorithm(pkcs7.algorithms.AES256)  # type: ignore[attr-defined]
+        .encrypt(Encoding.SMIME, [])
+    )
+    message_id = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
+    subject = {"processed": "Processed", "dispatched": "Dispatched", "failed": "Failed"}[disposition]
+    headers = [
+        f"From: {sender}",
+        f"To: {original_from}",
+        f"Subject: {subject}: {original_subject}"[:900].replace("\r", " ").replace("\n", " "),
+        f"Message-ID: {message_id}",
+        f"In-Reply-To: {original_message_id}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+    ]
+    return message_id, ("\r\n".join(headers) + "\r\n").encode("utf-8") + enveloped.replace(b"\r\n", b"\n").replace(
+        b"\n", b"\r\n"
+    )
+
+
+def send(host: str, port: int, *, envelope_from: str, to: str, message: bytes, timeout_s: float = 10.0) -> None:
+    with smtplib.SMTP(host, port, timeout=timeout_s) as client:
+        client.sendmail(envelope_from, [to], message)

@@ -1,0 +1,110 @@
+"""The SMTP listener (aiosmtpd): the agency's HISP edge for inbound Direct.
+
+- RCPT TO: only addresses directory knows as a Direct address (ResolveCloudAddress) AND covered by
+  one of this HISP's agency certificates; anything else is `550 5.1.1` (nothing stored). Directory
+  unreachable: `451 4.4.3` (the sender retries).
+- SIZE: announced (CLOUD_DIRECT_MAX_MESSAGE_BYTES); a larger message is `552` (aiosmtpd refuses
+  both the MAIL SIZE= declaration and the DATA that grows past it).
+- DATA: handed to `receive(envelope_from, recipients, raw, peer)` in a worker thread (blocking
+  database, directory and crypto work stays off the event loop); its reply is the SMTP reply.
+The listener keeps serving after every refusal; an unexpected error is `451 4.3.0`, logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+log = logging.getLogger(__name__)
+
+
+class DirectHandler:
+    def __init__(self, resolve: Callable[[str], Any], receive: Callable[..., str]):
+        self._resolve = resolve
+        self._receive = receive
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        loop = asyncio.get_running_loop()
+        try:
+            resolved = await loop.run_in_executor(None, self._resolve, address)
+        except Exception:
+            log.warning("direct recipient lookup failed", exc_info=True)
+            return "451 4.4.3 directory unavailable, try again later"
+        if resolved is None:
+            return "550 5.1.1 recipient address unknown"
+        if not hasattr(envelope, "cloud_recipients"):
+            envelope.cloud_recipients = []
+        envelope.cloud_recipients.append(resolved)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 recipient ok"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        loop = asyncio.get_running_loop()
+        peer = session.peer[0] if isinstance(session.peer, tuple) and session.peer else ""
+        raw = envelope.original_content or b""
+        try:
+            return await loop.run_in_executor(
+                None,
+                self._receive,
+                envelope.mail_from or "",
+                list(getattr(envelope, "cloud_recipients", [])),
+                raw,
+                peer,
+            )
+        except Exception:
+            log.exception("direct message handling failed")
+            return "451 4.3.0 temporary failure, try again later"
+
+
+class SmtpListener:
+    """The listener as the process runs it: `run(stop_event)` binds, serves until stopped;
+    `ready(timeout)` says it is bound."""
+
+    def __init__(self, handler: DirectHandler, host: str, port: int, *, max_message_bytes: int, hostname: str):
+        self._handler = handler
+        self._host = host
+        self._port = port
+        self._max = max_message_bytes
+        self._hostname = hostname
+        self._ready = threading.Event()
+        self.controller: Controller | None = None
+
+    def _factory(self) -> SMTP:
+        return SMTP(
+            self._handler,
+            data_size_limit=self._max,
+            hostname=self._hostname,
+            ident="cloud-comms Direct HISP",
+            enable_SMTPUTF8=False,
+        )
+
+    def start(self) -> None:
+        controller = Controller(self._handler, hostname=self._host, port=self._port, ready_timeout=10.0)
+        controller.factory = self._factory  # type: ignore[method-assign]
+        controller.start()
+        self.controller = controller
+        self._ready.set()
+        log.info("direct smtp listening", extra={"port": self._port})
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+        self._ready.clear()
+
+    def run(self, stop_event: threading.Event) -> None:
+        self.start()
+        try:
+            stop_event.wait()
+        finally:
+            self.stop()
+
+    def ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
