@@ -54,6 +54,7 @@ class DirectoryClient:
         self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
         self._tokens = service_tokens
         self._addresses: TtlCache[tuple[str, str], CloudAddress | None] = TtlCache(cache_s, clock=clock)
+        self._settings: TtlCache[str, directory_pb2.GetAgencySettingsResponse] = TtlCache(cache_s, clock=clock)
 
     def resolve_address(self, kind: str, address: str) -> CloudAddress | None:
         """The agency and linked staff of `address` ("direct" | "fax"), None when directory knows
@@ -73,6 +74,18 @@ class DirectoryClient:
         if not reply.found:
             return None
         return CloudAddress(kind, address, reply.agency_id, reply.address_id, tuple(reply.staff_ids), reply.label)
+
+    def agency_settings(self, agency_id: str) -> directory_pb2.GetAgencySettingsResponse:
+        """The agency's settings (time zone, terminology), asked as the caller's current identity
+        (acting_as the agency's service identity); cached like addresses."""
+
+        def fetch() -> directory_pb2.GetAgencySettingsResponse:
+            try:
+                return self._stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest())
+            except grpc.RpcError as exc:
+                raise from_grpc_error(exc, "directory") from exc
+
+        return self._settings.get_or_load(agency_id, fetch)
 
     def close(self) -> None:
         self._channel.close()

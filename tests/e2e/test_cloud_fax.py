@@ -62,6 +62,8 @@ def test_an_inbound_fax_reaches_the_intake_staff_and_only_they_can_read_it(inbou
 
     item = wait_until(lambda: fax_item(wilson, caller), timeout=20)
     assert item["summary"].startswith("2 pages · received ")
+    # In the agency's time zone (Riverbend: America/Chicago), not UTC.
+    assert item["summary"].endswith((" CST", " CDT")), item["summary"]
     assert not item["read"]
     assert wait_until(lambda: fax_item(thompson, caller), timeout=20)
     detail = wilson.get(f"/api/v1/board/items/{item['id']}").json()

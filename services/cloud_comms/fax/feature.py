@@ -133,7 +133,7 @@ class Faxes(Feature):
         """The agency's time zone (directory's agency settings) for the board summary; UTC when
         directory does not say."""
         settings_of = getattr(self.components.directory, "agency_settings", None)
-        if settings_of is None:
+        if settings_of is None:  # a stand-in directory without agency settings (tests)
             return dt.UTC
         try:
             with acting_as(self.components.service_tokens.identity(agency_id)):
