@@ -7,16 +7,20 @@ staged through the service's outbox (services.kit.outbox) so it is published at 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from clinic.audit.v1 import audit_pb2
 from services.kit.auth import Identity
+from services.kit.errors import NotFound
 from services.kit.events import Envelope, new_envelope
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import now_ms
 from services.kit.outbox import outbox_fields
+
+log = logging.getLogger(__name__)
 
 EVENT_TYPE = "phi.accessed.v1"
 
@@ -63,3 +67,31 @@ def access_record(caller: Identity, events: Sequence[Envelope], **fields) -> dic
         **fields,
         **outbox_fields(events),
     }
+
+
+def record_resource_access(  # noqa: PLR0913 - who, what, and how it went
+    store,
+    caller: Identity,
+    resource_id: str,
+    *,
+    producer: str,
+    resource_type: str,
+    action: str = "read",
+    outcome: str = "allowed",
+) -> None:
+    """One access to one resource as its own access-record document (`store.record_access(doc)`)."""
+    event = phi_accessed(
+        caller, service=producer, resource_type=resource_type, resource_id=resource_id, action=action, outcome=outcome
+    )
+    store.record_access(access_record(caller, [event], resource_id=resource_id, action=action, outcome=outcome))
+
+
+def refuse_resource_access(
+    store, caller: Identity, resource_id: str, *, producer: str, resource_type: str, code: str
+) -> NotFound:
+    """Record a refused access (who tried what, never whether it exists) and return the 404 to raise."""
+    record_resource_access(
+        store, caller, resource_id, producer=producer, resource_type=resource_type, outcome="denied"
+    )
+    log.info("access refused", extra={"staff_id": caller.subject, "agency_id": caller.agency_id})
+    return NotFound(code, "no such resource")

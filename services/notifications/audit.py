@@ -1,37 +1,15 @@
 """PHI access records: every read of a full result (allowed) and every refused access (denied)
-becomes a `phi.accessed.v1` event, staged in its own access-record document (outbox)."""
+becomes a `phi.accessed.v1` event in its own access-record document (services.kit.audit)."""
 
 from __future__ import annotations
 
-import logging
+import functools
 
-from services.kit.audit import access_record, phi_accessed
-from services.kit.auth import Identity
-from services.kit.errors import NotFound
-from services.notifications.store import NotificationsStore
-
-log = logging.getLogger(__name__)
+from services.kit.audit import record_resource_access, refuse_resource_access
 
 PRODUCER = "notifications"
 
-
-def record(
-    store: NotificationsStore,
-    caller: Identity,
-    resource_id: str,
-    *,
-    resource_type: str,
-    action: str = "read",
-    outcome: str = "allowed",
-) -> None:
-    event = phi_accessed(
-        caller, service=PRODUCER, resource_type=resource_type, resource_id=resource_id, action=action, outcome=outcome
-    )
-    store.record_access(access_record(caller, [event], resource_id=resource_id, action=action, outcome=outcome))
-
-
-def refuse(store: NotificationsStore, caller: Identity, resource_id: str, *, resource_type: str, code: str) -> NotFound:
-    """Record the refused access (who tried what, never whether it exists) and return the 404."""
-    record(store, caller, resource_id, resource_type=resource_type, outcome="denied")
-    log.info("access refused", extra={"staff_id": caller.subject, "agency_id": caller.agency_id})
-    return NotFound(code, "no such resource")
+# record(store, caller, resource_id, *, resource_type, action="read", outcome="allowed")
+record = functools.partial(record_resource_access, producer=PRODUCER)
+# refuse(store, caller, resource_id, *, resource_type, code) -> NotFound to raise
+refuse = functools.partial(refuse_resource_access, producer=PRODUCER)
