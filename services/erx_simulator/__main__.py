@@ -12,7 +12,6 @@ authentication).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from services.erx_simulator.app import create_app
 from services.erx_simulator.data import DEV_CLINIC_KEY, Store
 from services.kit.logs import configure_logging
 from services.kit.runtime import ServiceProcess
-from services.kit.settings import Env, SettingsError
+from services.kit.settings import Env, SettingsError, development_listener
 
 SERVICE = "erx-simulator"
 log = logging.getLogger(__name__)
@@ -39,29 +38,12 @@ class SimulatorSettings:
     threads: int
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def load(environ: Mapping[str, str] | None = None) -> SimulatorSettings:
     env = Env(SERVICE, environ)
-    if env.production:
-        env.problems.append("the eRx simulator is for development and tests only (CLINIC_MODE is production)")
-    host = env.str("ERX_SIMULATOR_HOST", "127.0.0.1")
-    allow_remote = env.str("ERX_SIMULATOR_ALLOW_REMOTE", "0").lower() in ("1", "true", "yes")
-    if not _loopback(host) and not allow_remote:
-        env.problems.append(
-            f"ERX_SIMULATOR_HOST must be a loopback address (its control API has no authentication), got {host!r};"
-            " set ERX_SIMULATOR_ALLOW_REMOTE=1 to bind it elsewhere anyway"
-        )
+    host, port = development_listener(env, "ERX_SIMULATOR", 8190, "eRx simulator")
     settings = SimulatorSettings(
         host=host,
-        port=env.int("ERX_SIMULATOR_PORT", 8190, minimum=0, maximum=65535),
+        port=port,
         clinic_key=env.given_secret("ERX_SIMULATOR_CLINIC_KEY") or DEV_CLINIC_KEY,
         token_ttl_s=env.float("ERX_SIMULATOR_TOKEN_TTL_S", 3600.0, minimum=1.0),
         page_size=env.int("ERX_SIMULATOR_PAGE_SIZE", 20, minimum=1, maximum=1000),

@@ -14,7 +14,6 @@ any address but loopback (its control API has no authentication).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from services.cloud_comms.fax.settings import DEV_API_KEY, DEV_API_SECRET, DEV_C
 from services.fax_simulator.app import Simulator, create_app
 from services.kit.logs import configure_logging
 from services.kit.runtime import ServiceProcess
-from services.kit.settings import Env, SettingsError
+from services.kit.settings import Env, SettingsError, development_listener
 
 SERVICE = "fax-simulator"
 log = logging.getLogger(__name__)
@@ -42,29 +41,12 @@ class SimulatorSettings:
     step_s: float
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def load(environ: Mapping[str, str] | None = None) -> SimulatorSettings:
     env = Env(SERVICE, environ)
-    if env.production:
-        env.problems.append("the fax simulator is for development and tests only (CLINIC_MODE is production)")
-    host = env.str("CLOUD_FAX_SIMULATOR_HOST", "127.0.0.1")
-    allow_remote = env.str("CLOUD_FAX_SIMULATOR_ALLOW_REMOTE", "0").lower() in ("1", "true", "yes")
-    if not _loopback(host) and not allow_remote:
-        env.problems.append(
-            f"CLOUD_FAX_SIMULATOR_HOST must be a loopback address (its control API has no authentication), got"
-            f" {host!r}; set CLOUD_FAX_SIMULATOR_ALLOW_REMOTE=1 to bind it elsewhere anyway"
-        )
+    host, port = development_listener(env, "CLOUD_FAX_SIMULATOR", 8191, "fax simulator")
     settings = SimulatorSettings(
         host=host,
-        port=env.int("CLOUD_FAX_SIMULATOR_PORT", 8191, minimum=0, maximum=65535),
+        port=port,
         callback_token=env.given_secret("CLOUD_FAX_SIMULATOR_CALLBACK_TOKEN") or DEV_CALLBACK_TOKEN,
         api_key=env.given_secret("CLOUD_FAX_SIMULATOR_API_KEY") or DEV_API_KEY,
         api_secret=env.given_secret("CLOUD_FAX_SIMULATOR_API_SECRET") or DEV_API_SECRET,

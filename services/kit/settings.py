@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import os
 import secrets
 import urllib.parse
@@ -270,3 +271,27 @@ def parse_master_keys(raw: str, problems: list[str]) -> dict[str, bytes]:
             continue
         keys[key_id] = key
     return keys
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def development_listener(env: Env, prefix: str, default_port: int, what: str) -> tuple[str, int]:
+    """(host, port) of a development-only process (a vendor simulator): refused in production, and
+    bound to loopback unless `<prefix>_ALLOW_REMOTE=1` (its control API has no authentication)."""
+    if env.production:
+        env.problems.append(f"the {what} is for development and tests only (CLINIC_MODE is production)")
+    host = env.str(f"{prefix}_HOST", "127.0.0.1")
+    allow_remote = env.str(f"{prefix}_ALLOW_REMOTE", "0").lower() in ("1", "true", "yes")
+    if not _loopback(host) and not allow_remote:
+        env.problems.append(
+            f"{prefix}_HOST must be a loopback address (its control API has no authentication), got {host!r};"
+            f" set {prefix}_ALLOW_REMOTE=1 to bind it elsewhere anyway"
+        )
+    return host, env.int(f"{prefix}_PORT", default_port, minimum=0, maximum=65535)

@@ -46,3 +46,18 @@ def test_urls_with_passwords_are_redacted_in_errors(tmp_path):
     with pytest.raises(SettingsError) as caught:
         env.done()
     assert "secret" not in str(caught.value)
+
+
+def test_a_development_listener_stays_on_loopback_and_out_of_production():
+    from services.kit.settings import Env, development_listener
+
+    env = Env("sim", {"SIM_PORT": "9000"})
+    assert development_listener(env, "SIM", 8000, "simulator") == ("127.0.0.1", 9000) and not env.problems
+    remote = Env("sim", {"SIM_HOST": "0.0.0.0"})
+    development_listener(remote, "SIM", 8000, "simulator")
+    assert any("SIM_HOST must be a loopback address" in p for p in remote.problems)
+    allowed = Env("sim", {"SIM_HOST": "0.0.0.0", "SIM_ALLOW_REMOTE": "1"})
+    assert development_listener(allowed, "SIM", 8000, "simulator") == ("0.0.0.0", 8000) and not allowed.problems
+    production = Env("sim", {"CLINIC_MODE": "production"})
+    development_listener(production, "SIM", 8000, "simulator")
+    assert any("development and tests only" in p for p in production.problems)
