@@ -59,7 +59,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (7 services, 17 routes, 5 consumers" in result.stdout
+    assert "OK (7 services, 18 routes, 5 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):
@@ -127,6 +127,26 @@ def test_the_product_kong_yml_limits_bodies_to_one_megabyte(upstream, keys, tmp_
             assert too_big.status_code == 413
             assert too_big.json() == {"message": "Request size limit exceeded",
                                       "request_id": too_big.headers["X-Kong-Request-Id"]}
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_the_product_kong_yml_lets_only_the_two_send_routes_carry_attachments(upstream, keys, tmp_path):
+    gateway = start_gateway(PRODUCT_FILE, product_env(upstream, keys), tmp_path)
+    access = jwt.encode({"iss": "clinic-directory", "sub": "staff-1", "exp": int(time.time()) + 900},
+                        keys.private_pem, algorithm="RS256")
+    staff = {"Authorization": f"Bearer {access}"}
+    body = b"x" * (5 * 2**20)
+    try:
+        with requests.Session() as http:
+            for path in ("/api/v1/cloud/direct/outbound", "/api/v1/cloud/faxes/outbound"):
+                assert http.post(f"{gateway.url}{path}", data=body, headers=staff).json()["body_length"] == len(body)
+                # Still staff only: the larger limit is no way around the token.
+                assert http.post(f"{gateway.url}{path}", data=b"{}").status_code == 401
+                assert http.post(f"{gateway.url}{path}", data=b"x" * (29 * 2**20), headers=staff).status_code == 413
+            # Every other cloud path keeps the one-megabyte limit.
+            other = http.post(f"{gateway.url}/api/v1/cloud/direct/dm_1", data=body, headers=staff)
+            assert other.status_code == 413
     finally:
         assert gateway.stop() == 0
 
