@@ -202,9 +202,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
     def ResolveCloudAddress(
         self, request: directory_pb2.ResolveCloudAddressRequest, context
     ) -> directory_pb2.ResolveCloudAddressResponse:
-        caller = platform_caller()
-        if caller.subject != f"{SERVICE_SUBJECT_PREFIX}{CLOUD_COMMS_CLIENT}":
-            raise Forbidden("cloud_comms_only", "only the cloud-comms service resolves cloud addresses")
+        self._cloud_comms_only()
         kind = domain.check_cloud_kind(request.kind)
         address = domain.normalize_cloud_address(kind, request.address)
         linked = self.store.find_cloud_address(kind, address) if address else None
@@ -218,6 +216,38 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             staff_ids=[i for i in linked.staff_ids if i in staff and staff[i].active],
             label=linked.label,
         )
+
+    def ListLinkedCloudAddresses(
+        self, request: directory_pb2.ListLinkedCloudAddressesRequest, context
+    ) -> directory_pb2.ListLinkedCloudAddressesResponse:
+        self._cloud_comms_only()
+        kind = domain.check_cloud_kind(request.kind)
+        addresses = [
+            a
+            for a in self.store.list_cloud_addresses(request.agency_id)
+            if a.kind == kind and request.staff_id in a.staff_ids
+        ]
+        staff = self.store.staff_by_ids(request.agency_id, [i for a in addresses for i in a.staff_ids])
+        active = {i for i, member in staff.items() if member.active}
+        if request.staff_id not in active:
+            return directory_pb2.ListLinkedCloudAddressesResponse()
+        return directory_pb2.ListLinkedCloudAddressesResponse(
+            addresses=[
+                directory_pb2.LinkedCloudAddress(
+                    address=a.address,
+                    address_id=a.id,
+                    staff_ids=[i for i in a.staff_ids if i in active],
+                    label=a.label,
+                )
+                for a in addresses
+            ]
+        )
+
+    @staticmethod
+    def _cloud_comms_only() -> None:
+        caller = platform_caller()
+        if caller.subject != f"{SERVICE_SUBJECT_PREFIX}{CLOUD_COMMS_CLIENT}":
+            raise Forbidden("cloud_comms_only", "only the cloud-comms service resolves cloud addresses")
 
 
 def binding(store: DirectoryStore, service_clients: ServiceClients) -> ServiceBinding:

@@ -103,6 +103,49 @@ def test_only_cloud_comms_with_a_platform_token_may_resolve(dut, stub):
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+# --- gRPC: ListLinkedCloudAddresses (the addresses a staff member sends from) --------------------
+
+
+def linked(stub, token: str, kind: str, agency_id: str, staff_id: str) -> list[tuple[str, str, list[str]]]:
+    request = directory_pb2.ListLinkedCloudAddressesRequest(kind=kind, agency_id=agency_id, staff_id=staff_id)
+    reply = stub.ListLinkedCloudAddresses(request, metadata=auth(token), timeout=5)
+    return [(a.address, a.address_id, list(a.staff_ids)) for a in reply.addresses]
+
+
+def test_a_staff_members_linked_addresses_of_one_kind(stub):
+    token = service_token(stub, "cloud-comms", "cc-secret")
+    assert linked(stub, token, "fax", "agy_riverbend", WILSON) == [
+        ("+15555550100", "cad_riverbend_fax", [WILSON, THOMPSON])
+    ]
+    assert [a for a, _, _ in linked(stub, token, "direct", "agy_riverbend", WILSON)] == [
+        "intake@direct.riverbend.example"
+    ]
+    # Linked to nothing, unknown, or asked under another agency: nothing.
+    assert linked(stub, token, "fax", "agy_riverbend", KIM) == []
+    assert linked(stub, token, "fax", "agy_riverbend", "stf_nobody") == []
+    assert linked(stub, token, "fax", "agy_lakeside", WILSON) == []
+    with pytest.raises(grpc.RpcError) as caught:
+        linked(stub, token, "email", "agy_riverbend", WILSON)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_deactivated_staff_member_sends_from_nothing_and_drops_out_of_the_others(dut, stub, admin):
+    assert (
+        dut.client.patch(f"/api/v1/directory/staff/{THOMPSON}", json={"active": False}, headers=admin).status_code
+        == 200
+    )
+    token = service_token(stub, "cloud-comms", "cc-secret")
+    assert linked(stub, token, "fax", "agy_riverbend", THOMPSON) == []
+    assert linked(stub, token, "fax", "agy_riverbend", WILSON) == [("+15555550100", "cad_riverbend_fax", [WILSON])]
+
+
+def test_only_cloud_comms_with_a_platform_token_may_list_linked_addresses(dut, stub):
+    for token in (service_token(stub, "inbox", "inbox-secret"), dut.token("admin")):
+        with pytest.raises(grpc.RpcError) as caught:
+            linked(stub, token, "fax", "agy_riverbend", WILSON)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 # --- HTTP: the admin API ------------------------------------------------------------------------
 
 
