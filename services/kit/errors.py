@@ -41,6 +41,18 @@ class NotFound(DomainError):
     grpc_status = grpc.StatusCode.NOT_FOUND
 
 
+class PayloadTooLarge(DomainError):
+    http_status = 413
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unprocessable(DomainError):
+    """Well-formed but not acceptable as it stands (e.g. no certificate for a recipient)."""
+
+    http_status = 422
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Conflict(DomainError):
     http_status = 409
     grpc_status = grpc.StatusCode.ALREADY_EXISTS
