@@ -114,6 +114,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             missing_staff_ids=resolution.missing_staff_ids,
             missing_team_ids=resolution.missing_team_ids,
             missing_npis=[n for n in npis if n not in by_npi],
+            team_names={team_id: teams[team_id].name for team_id in team_ids if team_id in teams},
         )
 
     def GetAgencySettings(

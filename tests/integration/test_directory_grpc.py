@@ -55,6 +55,7 @@ def test_resolve_recipients_combines_people_teams_and_the_whole_agency(stub, riv
         }
     )
     assert not response.missing_staff_ids and not response.missing_team_ids
+    assert dict(response.team_names) == {"team_riverbend_medical": "Medical"}
 
 
 def test_resolve_recipients_leaves_out_deactivated_staff(stub, riverbend):
@@ -94,6 +95,7 @@ def test_another_agencys_ids_come_back_missing(stub, riverbend):
     )
     assert list(response.missing_staff_ids) == ["stf_lakeside_ramirez", "stf_does_not_exist", "not an id!"]
     assert list(response.missing_team_ids) == ["team_lakeside_clinical"]
+    assert dict(response.team_names) == {"team_riverbend_medical": "Medical"}  # not the other agency's name
     assert not any(staff_id.startswith("stf_lakeside_") for staff_id in response.staff_ids)
     assert "stf_riverbend_kim" in response.staff_ids
 
