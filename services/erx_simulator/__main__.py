@@ -12,19 +12,16 @@ authentication).
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.erx_simulator.app import create_app
 from services.erx_simulator.data import DEV_CLINIC_KEY, Store
-from services.kit.logs import configure_logging
-from services.kit.runtime import ServiceProcess
-from services.kit.settings import Env, SettingsError, development_listener
+from services.kit.runtime import ServiceProcess, simulator_main
+from services.kit.settings import Env, development_listener
 
 SERVICE = "erx-simulator"
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,25 +51,19 @@ def load(environ: Mapping[str, str] | None = None) -> SimulatorSettings:
     return settings
 
 
-def main() -> int:
-    configure_logging(SERVICE)
-    try:
-        settings = load()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
-        return exc.code
+def serve(settings: SimulatorSettings, process: ServiceProcess) -> int:
     store = Store(
         clinic_key=settings.clinic_key,
         token_ttl_s=settings.token_ttl_s,
         page_size=settings.page_size,
         subscription_key=settings.subscription_key,
     )
-    process = ServiceProcess(SERVICE)
     process.on_stop("held-requests", store.wake_all)  # requests a slow/timeout fault holds
-    port = process.serve_http(create_app(store), settings.host, settings.port, threads=settings.threads)
-    log.info("eRx vendor simulator ready (development only, fictional data)", extra={"port": port})
-    process.wait()
-    return 0
+    return process.serve_http(create_app(store), settings.host, settings.port, threads=settings.threads)
+
+
+def main() -> int:
+    return simulator_main(SERVICE, load, serve, "eRx vendor simulator ready (development only, fictional data)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from pymongo.errors import PyMongoError
 
 from services.kit.events import failure_summary
 from services.kit.grpc_server import GrpcServer
+from services.kit.logs import configure_logging
+from services.kit.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +145,22 @@ def every(
             run_pass()
         except errors as exc:
             log.warning("%s pass failed (%s)", what, failure_summary(exc), extra={"error_type": type(exc).__name__})
+
+
+def simulator_main(
+    name: str, load: Callable[[], object], serve: Callable[[object, ServiceProcess], int], ready: str
+) -> int:
+    """The process of a development simulator (eRx vendor, fax provider, partner HISP): logging, its
+    settings (printed and exit code 2 when invalid), then `serve(settings, process)` starts what it
+    runs and answers the HTTP port it bound; `ready` is logged with that port; until SIGTERM/SIGINT."""
+    configure_logging(name)
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    process = ServiceProcess(name)
+    port = serve(settings, process)
+    log.info(ready, extra={"port": port})
+    process.wait()
+    return 0
