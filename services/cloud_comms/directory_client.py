@@ -5,6 +5,10 @@ address or a fax number) reaches.
 with this service's platform-scope identity (`service_tokens.identity("")`), which directory grants
 the service client "cloud-comms" only. Answers are cached `cache_s` seconds per (kind, address):
 a staff link changed in directory reaches new messages within that time.
+
+`team` (triage's routing by document type) asks `ResolveRecipients` as the agency's own
+service identity (`service_tokens.identity(agency_id)`), uncached: routing is rare and must reach
+the team as it is now.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ class CloudAddress:
     address_id: str
     staff_ids: tuple[str, ...]
     label: str = ""
+
+
+@dataclass(frozen=True)
+class Team:
+    id: str
+    name: str
+    staff_ids: tuple[str, ...]
 
 
 def normalize(kind: str, address: str) -> str:
@@ -74,6 +85,33 @@ class DirectoryClient:
         if not reply.found:
             return None
         return CloudAddress(kind, address, reply.agency_id, reply.address_id, tuple(reply.staff_ids), reply.label)
+
+    def linked_addresses(self, kind: str, agency_id: str, staff_id: str) -> list[CloudAddress]:
+        """The addresses of `kind` this staff member of the agency is linked to (the ones they may
+        send from), by address; not cached (asked once per send). Raises kit errors when directory
+        cannot answer."""
+        request = directory_pb2.ListLinkedCloudAddressesRequest(kind=kind, agency_id=agency_id, staff_id=staff_id)
+        with acting_as(self._tokens.identity("")):
+            try:
+                reply = self._stub.ListLinkedCloudAddresses(request)
+            except grpc.RpcError as exc:
+                raise from_grpc_error(exc, "directory") from exc
+        return [
+            CloudAddress(kind, a.address, agency_id, a.address_id, tuple(a.staff_ids), a.label) for a in reply.addresses
+        ]
+
+    def team(self, agency_id: str, team_id: str) -> Team | None:
+        """One of the agency's teams: its name and active members (directory's order); None when the
+        agency has no such team. Raises kit errors (Unavailable...) when directory cannot answer."""
+        request = directory_pb2.ResolveRecipientsRequest(team_ids=[team_id])
+        with acting_as(self._tokens.identity(agency_id)):
+            try:
+                reply = self._stub.ResolveRecipients(request)
+            except grpc.RpcError as exc:
+                raise from_grpc_error(exc, "directory") from exc
+        if team_id in reply.missing_team_ids:
+            return None
+        return Team(team_id, reply.team_names.get(team_id, ""), tuple(reply.staff_ids))
 
     def agency_settings(self, agency_id: str) -> directory_pb2.GetAgencySettingsResponse:
         """The agency's settings (time zone, terminology), asked as the caller's current identity
