@@ -14,19 +14,16 @@ any address but loopback (its control API has no authentication).
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.cloud_comms.fax.settings import DEV_API_KEY, DEV_API_SECRET, DEV_CALLBACK_TOKEN, DEV_PUBLIC_CALLBACK_URL
 from services.fax_simulator.app import Simulator, create_app
-from services.kit.logs import configure_logging
-from services.kit.runtime import ServiceProcess
-from services.kit.settings import Env, SettingsError, development_listener
+from services.kit.runtime import ServiceProcess, simulator_main
+from services.kit.settings import Env, development_listener
 
 SERVICE = "fax-simulator"
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,13 +57,7 @@ def load(environ: Mapping[str, str] | None = None) -> SimulatorSettings:
     return settings
 
 
-def main() -> int:
-    configure_logging(SERVICE)
-    try:
-        settings = load()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
-        return exc.code
+def serve(settings: SimulatorSettings, process: ServiceProcess) -> int:
     simulator = Simulator(
         callback_token=settings.callback_token,
         api_key=settings.api_key,
@@ -75,12 +66,12 @@ def main() -> int:
         status_url=settings.status_url,
         step_s=settings.step_s,
     )
-    process = ServiceProcess(SERVICE)
     process.on_stop("status-updates", simulator.stop)
-    port = process.serve_http(create_app(simulator), settings.host, settings.port)
-    log.info("fax provider simulator ready (development only, fictional data)", extra={"port": port})
-    process.wait()
-    return 0
+    return process.serve_http(create_app(simulator), settings.host, settings.port)
+
+
+def main() -> int:
+    return simulator_main(SERVICE, load, serve, "fax provider simulator ready (development only, fictional data)")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 cloud-comms (received faxes, sent-fax status updates), and a control API for tests and demos.
 
     POST /v2/faxes          send a fax (multipart: `to` or `to[]`, `file` or `file[]`, optional
-                            `callback_url`; HTTP basic auth with the API key and secret)
+                            `callback_url`, `caller_id`, `tag[<name>]`; HTTP basic auth with the API
+                            key and secret)
+    GET  /v2/faxes          the faxes, filtered by `direction` and `tag[<name>]` (basic auth)
     GET  /v2/faxes/<id>     one fax (basic auth)
     GET  /healthz
+
+The API is served under /v2 (Phaxio's root is https://api.phaxio.com/v2) and also at the root, so
+CLOUD_FAX_API_URL may be the simulator's address with or without /v2.
 
 Callbacks are multipart POSTs signed as Phaxio signs them (X-Phaxio-Signature; see `sign`). The
 control API (/simulator/..., no authentication: development only, loopback only) is in README.md.
@@ -19,6 +24,7 @@ import hmac
 import itertools
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +38,20 @@ __all__ = ["Simulator", "create_app", "sign"]
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("bad_signature", "duplicate_callback", "no_signature", "not_a_pdf", "send_failure")
+FAULTS = (
+    "bad_signature",
+    "duplicate_callback",
+    "no_signature",
+    "not_a_pdf",
+    "send_failure",
+    "api_unavailable",
+    "api_refuses",
+    "lost_answer",
+)
 SEND_STEPS = ("queued", "inprogress")
+DEFAULT_FAILURE = "Busy signal"
+DEFAULT_REFUSAL = "Phone number is not a valid fax number"
+TAG = re.compile(r"^tag\[([A-Za-z0-9_]{1,64})\]$")
 
 
 def sign(token: str, url: str, params: dict[str, str], files: dict[str, bytes]) -> str:
@@ -54,9 +72,10 @@ def rfc3339(moment: dt.datetime) -> str:
 class Fault:
     kind: str
     times: int = 1
+    reason: str = ""  # send_failure: the error message; api_refuses: the 422's message
 
     def as_json(self) -> dict:
-        return {"fault": self.kind, "times": self.times}
+        return {"fault": self.kind, "times": self.times, **({"reason": self.reason} if self.reason else {})}
 
 
 @dataclass
@@ -67,11 +86,21 @@ class SentFax:
     file_bytes: int
     callback_url: str
     created_at: str
+    caller_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    failure: str = ""  # the error message when it is to fail
     status: str = "queued"
-    callbacks: list[dict] = field(default_factory=list)  # {"status", "answer"}
+    callbacks: list[dict] = field(default_factory=list)  # {"status", "answers"}
 
     def fax_object(self) -> dict:
         done = self.status in ("success", "failure")
+        failed = self.status == "failure"
+        now = rfc3339(dt.datetime.now(dt.UTC)) if done else None
+        error = {
+            "error_type": "lineError" if failed else None,
+            "error_message": self.failure if failed else None,
+            "error_id": 38 if failed else None,
+        }
         return {
             "id": self.fax_id,
             "direction": "sent",
@@ -80,16 +109,15 @@ class SentFax:
             "status": self.status,
             "is_test": True,
             "created_at": self.created_at,
-            "caller_id": None,
+            "caller_id": self.caller_id,
+            "from_number": None,
             "recipients": [
-                {"phone_number": number, "status": self.status, "retry_count": 0, "completed_at": None}
+                {"phone_number": number, "status": self.status, "retry_count": 0, "completed_at": now, **error}
                 for number in self.to
             ],
-            "tags": {},
-            "error_type": "lineError" if self.status == "failure" else None,
-            "error_message": "The line was busy (simulated)" if self.status == "failure" else None,
-            "error_id": 38 if self.status == "failure" else None,
-            "completed_at": rfc3339(dt.datetime.now(dt.UTC)) if done else None,
+            "tags": dict(self.tags),
+            **error,
+            "completed_at": now,
         }
 
 
@@ -131,13 +159,18 @@ class Simulator:
             self.faults.append(fault)
 
     def take_fault(self, kinds: tuple[str, ...]) -> str | None:
+        taken = self.take(kinds)
+        return taken.kind if taken else None
+
+    def take(self, kinds: tuple[str, ...]) -> Fault | None:
+        """The first waiting fault of one of `kinds`, used once."""
         with self._lock:
             for fault in self.faults:
                 if fault.kind in kinds:
                     fault.times -= 1
                     if fault.times <= 0:
                         self.faults.remove(fault)
-                    return fault.kind
+                    return fault
         return None
 
     def reset(self) -> None:
@@ -166,11 +199,13 @@ class Simulator:
             if fault == "bad_signature":
                 signed = sign(self.callback_token + "-wrong", url, params, files)
             headers["X-Phaxio-Signature"] = signed
-        multipart = {name: (f"{name}.pdf", data, "application/pdf") for name, data in files.items()}
+        # Always multipart, as Phaxio posts callbacks: the fields as parts without a file name.
+        multipart = {name: (None, value) for name, value in params.items()}
+        multipart.update({name: (f"{name}.pdf", data, "application/pdf") for name, data in files.items()})
         answers = []
         for _ in range(2 if fault == "duplicate_callback" else 1):
             try:
-                reply = self._post(url, data=params, files=multipart or None, headers=headers, timeout=30)
+                reply = self._post(url, files=multipart, headers=headers, timeout=30)
                 answers.append(reply.status_code)
             except requests.RequestException as exc:
                 log.warning("callback failed (%s)", type(exc).__name__)
@@ -211,7 +246,17 @@ class Simulator:
         return record
 
     # -- sending -----------------------------------------------------------------------------------
-    def send(self, to: list[str], pages: int, file_bytes: int, callback_url: str) -> SentFax:
+    def send(
+        self,
+        to: list[str],
+        pages: int,
+        file_bytes: int,
+        callback_url: str,
+        *,
+        caller_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> SentFax:
+        failing = self.take(("send_failure",))
         fax = SentFax(
             fax_id=next(self._ids),
             to=to,
@@ -219,18 +264,31 @@ class Simulator:
             file_bytes=file_bytes,
             callback_url=callback_url or self.status_url,
             created_at=rfc3339(dt.datetime.now(dt.UTC)),
+            caller_id=caller_id,
+            tags=dict(tags or {}),
+            failure=(failing.reason or DEFAULT_FAILURE) if failing else "",
         )
-        fails = self.take_fault(("send_failure",)) is not None
         with self._lock:
             self.sent[fax.fax_id] = fax
-        thread = threading.Thread(target=self._progress, args=(fax, fails), name=f"fax-{fax.fax_id}", daemon=True)
+        thread = threading.Thread(target=self._progress, args=(fax,), name=f"fax-{fax.fax_id}", daemon=True)
         self._threads.append(thread)
         thread.start()
         return fax
 
-    def _progress(self, fax: SentFax, fails: bool) -> None:
+    def find(self, direction: str | None, tags: dict[str, str]) -> list[dict]:
+        """Sent faxes with every one of `tags` (only sent faxes are kept), as Phaxio lists them."""
+        if direction not in (None, "sent"):
+            return []
+        with self._lock:
+            return [
+                fax.fax_object()
+                for fax in self.sent.values()
+                if all(fax.tags.get(name) == value for name, value in tags.items())
+            ]
+
+    def _progress(self, fax: SentFax) -> None:
         """queued -> inprogress -> success | failure, a signed status callback at each step."""
-        for status in (*SEND_STEPS, "failure" if fails else "success"):
+        for status in (*SEND_STEPS, "failure" if fax.failure else "success"):
             if self._stop.wait(self.step_s):
                 return
             with self._lock:
@@ -264,6 +322,7 @@ def create_app(simulator: Simulator) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
     app.extensions["fax_simulator"] = simulator
     app.register_blueprint(api, url_prefix="/v2")
+    app.register_blueprint(api, url_prefix="", name="phaxio_api_at_root")
     app.register_blueprint(control, url_prefix="/simulator")
 
     @app.get("/healthz")
@@ -289,10 +348,21 @@ def _authorized() -> bool:
     return hmac.compare_digest(key, sim.api_key) and hmac.compare_digest(secret, sim.api_secret)
 
 
+def _tags(values) -> dict[str, str]:
+    """`tag[<name>]` parameters as {name: value}."""
+    return {match.group(1): value for key, value in values.items() if (match := TAG.fullmatch(key))}
+
+
 @api.post("/faxes")
 def send_fax():
     if not _authorized():
         return _phaxio_error(401, "Invalid API credentials")
+    sim = _sim()
+    if sim.take_fault(("api_unavailable",)):
+        return _phaxio_error(503, "Service temporarily unavailable (simulated)")
+    refusal = sim.take(("api_refuses",))
+    if refusal:
+        return _phaxio_error(422, refusal.reason or DEFAULT_REFUSAL)
     to = [n.strip() for n in request.form.getlist("to") + request.form.getlist("to[]") if n.strip()]
     files = request.files.getlist("file") + request.files.getlist("file[]")
     if not to:
@@ -301,8 +371,30 @@ def send_fax():
         return _phaxio_error(422, "You must provide a file or content_url")
     contents = [f.read() for f in files]
     pages = sum(max(1, data.count(b"/Type /Page") - data.count(b"/Type /Pages")) for data in contents) or 1
-    fax = _sim().send(to, pages, sum(len(d) for d in contents), request.form.get("callback_url", ""))
+    fax = sim.send(
+        to,
+        pages,
+        sum(len(d) for d in contents),
+        request.form.get("callback_url", ""),
+        caller_id=request.form.get("caller_id") or None,
+        tags=_tags(request.form),
+    )
+    if sim.take_fault(("lost_answer",)):  # accepted, but the answer never reaches the sender
+        return _phaxio_error(502, "Bad gateway (simulated: the fax was queued)")
     return jsonify(success=True, message="Fax queued for sending", data={"id": fax.fax_id})
+
+
+@api.get("/faxes")
+def list_faxes():
+    if not _authorized():
+        return _phaxio_error(401, "Invalid API credentials")
+    found = _sim().find(request.args.get("direction"), _tags(request.args))
+    return jsonify(
+        success=True,
+        message="Retrieved faxes successfully",
+        data=found,
+        paging={"total": len(found), "per_page": max(len(found), 20), "page": 1},
+    )
 
 
 @api.get("/faxes/<int:fax_id>")
@@ -351,11 +443,13 @@ def inbound():
 @control.post("/faults")
 def add_fault():
     body = _body()
-    times = body.get("times", 1)
+    times, reason = body.get("times", 1), body.get("reason", "")
     if isinstance(times, bool) or not isinstance(times, int) or times < 1:
         return jsonify(error="times must be a positive whole number"), 400
+    if not isinstance(reason, str) or len(reason) > 200:
+        return jsonify(error="reason must be a string of at most 200 characters"), 400
     try:
-        _sim().add_fault(Fault(str(body.get("fault", "")), times))
+        _sim().add_fault(Fault(str(body.get("fault", "")), times, reason))
     except ValueError as exc:
         return jsonify(error=str(exc)), 400
     return jsonify(faults=_sim().state()["faults"]), 201

@@ -4,21 +4,29 @@ to the intake staff Chris Wilson and Dana Thompson) through the gateway's unauth
 route; cloud-comms checks its signature, stores it sealed and stages its delivery; inbox puts it on
 the intake staff's boards (folder "cloud"), and its PDF opens for them only.
 
+Send Fax from the board: an intake staff member sends a PDF (uploaded, or a fax they received) from
+the main fax number through the gateway; cloud-comms hands it to the simulator, whose signed status
+callbacks come back through the gateway and move the sender's board item on (sent, or failed and
+unread again).
+
 Needs the launcher to run cloud-comms and the fax simulator (`python -m services.fax_simulator`) and
-the gateway to route /api/v1/fax/callbacks (no gateway auth) and /api/v1/cloud (staff JWT).
+the gateway to route /api/v1/fax/callbacks (no gateway auth) and /api/v1/cloud (staff JWT), with
+the larger body limit of /api/v1/cloud/faxes/outbound.
 """
 
 from __future__ import annotations
 
+import base64
 import random
 
 import pytest
 import requests
 
+from services.fax_simulator.pdf import sample_pdf
 from tests.waits import wait_until
 
 RIVERBEND_FAX = "+15555550100"
-SAMPLE_TEXT = b"Referral for JOHN SAMPLE DOB 1970-01-01"
+REFERRAL_LINES = (b"REFERRAL FOR CONSULTATION", b"Patient: Maria Lopez", b"DOB: 03/12/1984", b"MRN: RB100234")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +83,7 @@ def test_an_inbound_fax_reaches_the_intake_staff_and_only_they_can_read_it(inbou
     assert view.json()["from_number"] == caller and view.json()["pages"] == 2
     pdf = wilson.get(view.json()["pdf_url"])
     assert pdf.status_code == 200 and pdf.headers["Content-Type"].startswith("application/pdf")
-    assert pdf.content.startswith(b"%PDF-") and SAMPLE_TEXT in pdf.content
+    assert pdf.content.startswith(b"%PDF-") and all(line in pdf.content for line in REFERRAL_LINES)
 
     for other in (admin, outsider):  # same agency, not linked to the number; another agency
         assert fax_item(other, caller) is None
@@ -103,3 +111,95 @@ def test_the_callback_route_needs_no_token_but_the_staff_routes_do(stack, fax_si
     unsigned = requests.post(f"{stack.gateway_url}/api/v1/fax/callbacks/received", files={"x": b"y"}, timeout=10)
     assert unsigned.status_code == 401 and unsigned.json()["code"] == "invalid_signature"
     assert requests.get(f"{stack.gateway_url}/api/v1/cloud/faxes/fax_x", timeout=10).status_code == 401
+
+
+# --- Send Fax ------------------------------------------------------------------------------------------
+
+
+def new_number() -> str:
+    return f"+1555{random.randrange(10**6, 10**7)}"
+
+
+def sent_item(client, number: str, status: str):
+    for item in client.items(folder="cloud", limit=100)["items"]:
+        if item.get("title") == f"Fax to {number}" and item.get("status") == status:
+            return item
+    return None
+
+
+def simulator_sent(fax_simulator: str, fid: str) -> list[dict]:
+    sent = requests.get(f"{fax_simulator}/simulator/state", timeout=10).json()["sent"]
+    return [fax for fax in sent if fax["tags"].get("outbound_id") == fid]
+
+
+def test_an_uploaded_pdf_is_faxed_and_the_senders_item_follows(login, admin, outsider, fax_simulator):
+    wilson, thompson = login("intake.wilson"), login("intake.thompson")
+    to = new_number()
+    # Larger than the gateway's usual 1 MB body limit: the upload route allows a 20 MiB PDF.
+    pdf = sample_pdf(1)
+    pdf = pdf[:-6] + b"%" + b"x" * (2 * 1024 * 1024) + b"\n%%EOF\n"
+    body = {"to": to, "from_number": RIVERBEND_FAX, "pdf_base64": base64.b64encode(pdf).decode(), "filename": "a.pdf"}
+    reply = wilson.post("/api/v1/cloud/faxes/outbound", json=body)
+    assert reply.status_code == 202, reply.text
+    fid = reply.json()["id"]
+    assert reply.json()["status"] == "queued" and reply.json()["to_number"] == to
+
+    item = wait_until(lambda: sent_item(wilson, to, "sent"), timeout=30)
+    assert item["summary"] == "Sent · 1 page"
+    link = wilson.get(f"/api/v1/board/items/{item['id']}").json()["links"][0]["url"]
+    view = wilson.get(link[link.index("/api/v1/cloud/faxes/outbound/") :]).json()
+    assert view["id"] == fid and [h["status"] for h in view["history"]] == [
+        "queued",
+        "sending",
+        "inprogress",
+        "success",
+    ]
+    assert wilson.get(view["pdf_url"]).content == pdf
+
+    (provided,) = simulator_sent(fax_simulator, fid)
+    assert provided["caller_id"] == RIVERBEND_FAX and provided["recipients"][0]["phone_number"] == to
+    assert [c["answers"] for c in provided["callbacks"]] == [[200], [200], [200]]  # through the gateway, signed
+
+    assert thompson.get(f"/api/v1/cloud/faxes/outbound/{fid}").status_code == 200  # linked to the number
+    assert sent_item(thompson, to, "sent") is None  # the item is the sender's
+    for other in (admin, outsider):
+        assert other.get(f"/api/v1/cloud/faxes/outbound/{fid}").status_code == 404
+    refused = admin.post(
+        "/api/v1/cloud/faxes/outbound", json={**body, "pdf_base64": base64.b64encode(sample_pdf()).decode()}
+    )
+    assert refused.status_code == 403 and refused.json()["code"] == "not_linked"
+
+
+def test_a_received_fax_is_sent_on_and_a_failure_comes_back_unread(inbound, login, fax_simulator):
+    wilson = login("intake.wilson")
+    caller, delivered = inbound(pages=1)
+    assert delivered["answers"] == [200]
+    received = wait_until(lambda: fax_item(wilson, caller), timeout=20)
+    link = wilson.get(f"/api/v1/board/items/{received['id']}").json()["links"][0]["url"]
+    fax_id = link.rsplit("/", 1)[1]
+
+    reply = requests.post(
+        f"{fax_simulator}/simulator/faults", json={"fault": "send_failure", "reason": "No answer"}, timeout=10
+    )
+    assert reply.status_code == 201
+    to = new_number()
+    document = {"kind": "fax", "id": fax_id}
+    reply = wilson.post(
+        "/api/v1/cloud/faxes/outbound", json={"to": to, "from_number": RIVERBEND_FAX, "document": document}
+    )
+    assert reply.status_code == 202, reply.text
+    item = wait_until(lambda: sent_item(wilson, to, "failed"), timeout=30)
+    assert item["summary"] == "Failed: No answer" and not item["read"]
+    view = wilson.get(f"/api/v1/cloud/faxes/outbound/{reply.json()['id']}").json()
+    assert (view["status"], view["failure_reason"]) == ("failure", "No answer")
+    assert wilson.get(view["pdf_url"]).content == wilson.get(f"/api/v1/cloud/faxes/{fax_id}/pdf").content
+
+
+def test_a_forged_status_callback_is_refused_at_cloud_comms(stack):
+    forged = requests.post(
+        f"{stack.gateway_url}/api/v1/fax/callbacks/status",
+        files={"fax": (None, '{"id": 1, "direction": "sent", "status": "success"}'), "direction": (None, "sent")},
+        headers={"X-Phaxio-Signature": "0" * 40},
+        timeout=10,
+    )
+    assert forged.status_code == 401 and forged.json()["code"] == "invalid_signature"

@@ -24,7 +24,7 @@ from services.cloud_comms.fax.feature import FAX_CHUNKS, FAXES, Faxes, fax_doc_i
 from services.cloud_comms.http_api import create_app
 from services.cloud_comms.store import CloudCommsStore
 from services.fax_simulator.app import sign
-from services.fax_simulator.pdf import SAMPLE_TEXT, sample_pdf
+from services.fax_simulator.pdf import SAMPLE_LINES, sample_pdf
 from services.kit.auth import Identity, current_identity
 from services.kit.bootstrap import phi_cipher
 
@@ -178,7 +178,7 @@ def test_a_signed_callback_is_stored_sealed_with_its_delivery_staged(setup):
     # nothing of the fax is readable at rest (the caller is in the board title, as asked, nowhere else)
     raw = repr({k: v for k, v in doc.items() if k != "_outbox"}).encode()
     raw += b"".join(bytes(c["data"]) for c in db[FAX_CHUNKS].find())
-    assert CALLER.encode() not in raw and b"JOHN SAMPLE" not in raw and b"%PDF" not in raw
+    assert CALLER.encode() not in raw and b"Maria Lopez" not in raw and b"%PDF" not in raw
     assert db[FAX_CHUNKS].count_documents({"fax_id": fid}) == doc["pdf_chunks"] == 1
 
     ((event_id, envelope, item),) = deliveries(doc)
@@ -324,7 +324,7 @@ def test_the_fax_and_its_pdf_are_shown_to_the_staff_it_reached_only(setup):
     pdf = client.get(body["pdf_url"], headers={"Authorization": "Bearer patel"})
     assert pdf.status_code == 200
     assert pdf.mimetype == "application/pdf"
-    assert pdf.data == sample_pdf(2) and SAMPLE_TEXT.encode() in pdf.data
+    assert pdf.data == sample_pdf(2) and all(line.encode() in pdf.data for line in SAMPLE_LINES)
     assert pdf.headers["Cache-Control"] == "no-store"
 
     for who in ("hall", "baker"):  # same agency but not linked; another agency

@@ -35,15 +35,19 @@ class InProcess:
         self.status_callbacks: list[tuple[str, dict, dict]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, url, data=None, files=None, headers=None, timeout=None):
+    def __call__(self, url, files=None, headers=None, timeout=None):
         path = urllib.parse.urlsplit(url).path
+        # the simulator posts multipart, as Phaxio does: fields are parts without a file name
+        fields = {name: part[1] for name, part in files.items() if part[0] is None}
         if path.endswith("/status"):
             with self.lock:
-                self.status_callbacks.append((url, dict(data), dict(headers)))
+                self.status_callbacks.append((url, fields, dict(headers)))
             return type("Answer", (), {"status_code": 200})()
-        body = dict(data)
-        for name, (filename, content, ctype) in (files or {}).items():
-            body[name] = (BytesIO(content), filename, ctype)
+        body = dict(fields)
+        for name, part in files.items():
+            if part[0] is not None:
+                filename, content, ctype = part
+                body[name] = (BytesIO(content), filename, ctype)
         answer = self.client.post(path, data=body, headers=headers, content_type="multipart/form-data")
         return type("Answer", (), {"status_code": answer.status_code})()
 
@@ -75,12 +79,15 @@ def test_an_inbound_fax_from_the_simulator_is_stored(simulator):
     assert control.get("/simulator/state").get_json()["inbound"][0]["answers"] == [200]
 
 
-@pytest.mark.parametrize(("fault", "answers", "stored"), [
-    ("bad_signature", [401], 0),
-    ("no_signature", [401], 0),
-    ("duplicate_callback", [200, 200], 1),
-    ("not_a_pdf", [400], 0),
-])
+@pytest.mark.parametrize(
+    ("fault", "answers", "stored"),
+    [
+        ("bad_signature", [401], 0),
+        ("no_signature", [401], 0),
+        ("duplicate_callback", [200, 200], 1),
+        ("not_a_pdf", [400], 0),
+    ],
+)
 def test_faults(simulator, fault, answers, stored):
     db, _, _, control = simulator
     assert control.post("/simulator/faults", json={"fault": fault}).status_code == 201
@@ -150,3 +157,54 @@ def test_faults_are_kept_in_order_and_listed(simulator):
     assert control.get("/simulator/state").get_json()["faults"] == [{"fault": "bad_signature", "times": 2}]
     sim.add_fault(Fault("duplicate_callback"))
     assert control.delete("/simulator/faults").get_json() == {"faults": []}
+
+
+def test_sends_carry_tags_and_are_listed_by_them(simulator):
+    _, _, transport, api = simulator
+    data = {
+        "to": "+15555550177",
+        "caller_id": "+15555550100",
+        "tag[outbound_id]": "fxo_1",
+        "file": (BytesIO(sample_pdf(1)), "out.pdf", "application/pdf"),
+    }
+    sent = api.post("/faxes", data=data, headers=basic(), content_type="multipart/form-data")  # the API at the root too
+    assert sent.status_code == 200
+    fax_id = sent.get_json()["data"]["id"]
+    listed = api.get("/v2/faxes?direction=sent&tag[outbound_id]=fxo_1", headers=basic()).get_json()
+    assert [f["id"] for f in listed["data"]] == [fax_id]
+    assert listed["data"][0]["caller_id"] == "+15555550100" and listed["data"][0]["tags"] == {"outbound_id": "fxo_1"}
+    assert api.get("/v2/faxes?tag[outbound_id]=fxo_2", headers=basic()).get_json()["data"] == []
+    assert api.get("/v2/faxes?direction=received&tag[outbound_id]=fxo_1", headers=basic()).get_json()["data"] == []
+    assert api.get("/v2/faxes", headers=basic(secret="wrong")).status_code == 401
+    wait_until(lambda: len(transport.status_callbacks) == 3, 5.0, 0.02, "three status callbacks")
+    assert all(json.loads(p["fax"])["tags"] == {"outbound_id": "fxo_1"} for _, p, _ in transport.status_callbacks)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "message"),
+    [
+        ({"fault": "api_unavailable"}, 503, "Service temporarily unavailable (simulated)"),
+        ({"fault": "api_refuses", "reason": "Invalid recipient"}, 422, "Invalid recipient"),
+        ({"fault": "lost_answer"}, 502, "Bad gateway (simulated: the fax was queued)"),
+    ],
+)
+def test_send_faults(simulator, fault, status, message):
+    _, _, _, api = simulator
+    assert api.post("/simulator/faults", json=fault).status_code == 201
+    data = {"to": "+15555550177", "file": (BytesIO(sample_pdf(1)), "out.pdf", "application/pdf")}
+    answer = api.post("/v2/faxes", data=data, headers=basic(), content_type="multipart/form-data")
+    assert (answer.status_code, answer.get_json()) == (status, {"success": False, "message": message})
+    # only a lost answer queued the fax
+    assert len(api.get("/simulator/state").get_json()["sent"]) == (1 if fault["fault"] == "lost_answer" else 0)
+
+
+def test_a_failing_send_reports_the_reason_asked_for(simulator):
+    _, _, transport, api = simulator
+    api.post("/simulator/faults", json={"fault": "send_failure", "reason": "No answer"})
+    data = {"to": "+15555550177", "file": (BytesIO(sample_pdf(1)), "out.pdf", "application/pdf")}
+    api.post("/v2/faxes", data=data, headers=basic(), content_type="multipart/form-data")
+    wait_until(lambda: len(transport.status_callbacks) == 3, 5.0, 0.02, "three status callbacks")
+    final = json.loads(transport.status_callbacks[-1][1]["fax"])
+    assert final["status"] == "failure" and final["error_type"] == "lineError"
+    assert final["recipients"][0]["error_message"] == "No answer" == final["error_message"]
+    assert api.post("/simulator/faults", json={"fault": "send_failure", "reason": 5}).status_code == 400

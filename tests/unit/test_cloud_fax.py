@@ -14,8 +14,8 @@ import pytest
 from services.cloud_comms.fax import phaxio
 from services.cloud_comms.fax import settings as fax_settings
 from services.fax_simulator import app as simulator_app
-from services.fax_simulator.pdf import SAMPLE_TEXT, sample_pdf
-from services.kit.errors import InvalidInput
+from services.fax_simulator.pdf import SAMPLE_LINES, sample_pdf
+from services.kit.errors import InvalidInput, PayloadTooLarge
 from services.kit.settings import Env
 
 TOKEN = "33333"
@@ -157,7 +157,7 @@ def test_the_fax_field_must_be_a_json_object(raw):
 
 def test_pdf_checks():
     phaxio.check_pdf(PDF, 1024)
-    with pytest.raises(phaxio.TooLarge) as too_large:
+    with pytest.raises(PayloadTooLarge) as too_large:
         phaxio.check_pdf(PDF + b"x" * 2000, 1024)
     assert too_large.value.http_status == 413
     for not_pdf in (b"GIF89a", b"", b"%PDF-1.4 but cut off", b"<html>%PDF-\n%%EOF"):
@@ -223,7 +223,10 @@ def test_bad_values_are_reported():
 def test_the_sample_pdf_is_well_formed(pages):
     data = sample_pdf(pages)
     phaxio.check_pdf(data, 1024 * 1024)
-    assert SAMPLE_TEXT.encode() in data
+    # the referral's lines, each drawn as text (the PDF's text layer), on every page
+    shown = re.findall(rb"\((.*?)\) Tj", data)
+    for line in SAMPLE_LINES:
+        assert shown.count(line.encode()) == pages
     assert data.count(b"/Type /Page ") == pages
     # every cross-reference entry points at its object, and startxref at the table
     start = int(re.search(rb"startxref\n(\d+)\n", data).group(1))

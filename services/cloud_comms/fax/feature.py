@@ -20,11 +20,15 @@ Answers to the provider (Phaxio retries any non-2xx up to 16 times over about th
   (typically a newly bought number not yet registered); nothing is stored meanwhile because no
   agency key can seal it.
 - 503 when directory cannot answer: a retry delivers it.
+
+Outbound (Send Fax from the board): `POST /api/v1/cloud/faxes/outbound` (compose.py) stores the fax
+to send (outbound.py) and the `fax-sender` worker hands it to the provider (sender.py); the
+provider's signed status callbacks (`POST /api/v1/fax/callbacks/status`, checked like the received
+ones) move it on and update the sender's board item.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import json
@@ -33,12 +37,20 @@ import zoneinfo
 
 from flask import Blueprint, Response, g, request
 from pymongo.errors import DuplicateKeyError
+from werkzeug.http import parse_options_header
 
 from services.cloud_comms import audit
 from services.cloud_comms.components import Feature
 from services.cloud_comms.delivery import SOURCE_FAX, delivery_requested
 from services.cloud_comms.delivery import request as delivery_request
-from services.cloud_comms.fax import phaxio
+from services.cloud_comms.direct.feature import DirectMessaging
+from services.cloud_comms.fax import compose, phaxio
+from services.cloud_comms.fax.outbound import INDEXES as OUTBOUND_INDEXES
+from services.cloud_comms.fax.outbound import OUTBOUND_FAXES, OutboundFaxes, iso
+from services.cloud_comms.fax.pdf_store import FAX_CHUNKS, SealedPdfs
+from services.cloud_comms.fax.pdf_store import INDEXES as PDF_INDEXES
+from services.cloud_comms.fax.phaxio_api import PhaxioApi
+from services.cloud_comms.fax.sender import FaxSender
 from services.cloud_comms.fax.settings import FaxSettings
 from services.kit.auth import Identity
 from services.kit.crypto import DecryptionError
@@ -47,31 +59,24 @@ from services.kit.http import require_staff
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
 from services.kit.service_identity import acting_as
-from services.kit.validation import path_id
+from services.kit.validation import json_body, path_id
+
+__all__ = ["FAXES", "FAX_CHUNKS", "OUTBOUND_FAXES", "Faxes", "fax_doc_id"]
 
 log = logging.getLogger(__name__)
 
 FAXES = "faxes"
-FAX_CHUNKS = "fax_chunks"
 CHANNEL = "fax"
 RESOURCE_TYPE = "fax"
-# PDF bytes per sealed chunk: base64 (x4/3) plus the envelope stay far below MongoDB's 16 MiB.
-CHUNK_BYTES = 3 * 1024 * 1024
-# Room for the multipart framing and the form fields around the PDF.
+# Room for the multipart framing and the form fields around the PDF (and for the JSON around a
+# base64 PDF sent from the board).
 FORM_SLACK_BYTES = 256 * 1024
-INDEXES = [
-    IndexSpec(FAXES, [("agency_id", 1), ("received_at", -1)], name="faxes_by_agency"),
-    IndexSpec(FAX_CHUNKS, [("fax_id", 1), ("n", 1)], name="fax_chunks_by_fax"),
-]
+INDEXES = [IndexSpec(FAXES, [("agency_id", 1), ("received_at", -1)], name="faxes_by_agency")]
 
 
 def fax_doc_id(agency_id: str, provider: str, provider_fax_id: str) -> str:
     """One received fax of one agency, however often the provider calls back about it."""
     return "fax_" + hashlib.sha256(f"{agency_id}\x1f{provider}\x1f{provider_fax_id}".encode()).hexdigest()[:32]
-
-
-def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def board_title(from_number: str) -> str:
@@ -85,29 +90,36 @@ def board_summary(pages: int, received_ms: int, zone: dt.tzinfo) -> str:
 
 
 class Faxes(Feature):
-    outbox_collections = (FAXES,)
+    outbox_collections = (FAXES, OUTBOUND_FAXES)
 
     def __init__(self, components):
         super().__init__(components)
         db = components.store.db
         self.faxes = db[FAXES]
-        self.chunks = db[FAX_CHUNKS]
         self.cipher = components.cipher
+        self.pdfs = SealedPdfs(db[FAX_CHUNKS], components.cipher)
+        self.outbound = OutboundFaxes(components, self.pdfs)
+        settings = self.settings
+        api = PhaxioApi(settings.api_url, settings.api_key, settings.api_secret, settings.send_timeout_s)
+        self.sender = FaxSender(self.outbound, settings, api, settings.status_callback_url)
 
     @property
     def settings(self) -> FaxSettings:
         return self.components.settings.fax
 
     def ensure_indexes(self) -> None:
-        ensure_indexes(self.components.store.db, INDEXES)
+        ensure_indexes(self.components.store.db, [*INDEXES, *PDF_INDEXES, *OUTBOUND_INDEXES])
 
-    # --- inbound ----------------------------------------------------------------------------------
-    def receive(self, params: list[tuple[str, str]], files: list[tuple[str, bytes]], given_signature: str | None):
-        """One received-fax callback: (body, status). Raises kit errors for the refusals."""
-        settings = self.settings
-        if not phaxio.signature_valid(
-            settings.callback_token, settings.received_callback_url, params, files, given_signature
-        ):
+    def background(self):
+        return [("fax-sender", self.sender.run)]
+
+    # --- callbacks --------------------------------------------------------------------------------
+    def verified_form(
+        self, url: str, params: list[tuple[str, str]], files: list[tuple[str, bytes]], given_signature: str | None
+    ) -> dict[str, str]:
+        """The callback's form fields once its signature over `url` holds (401 `invalid_signature`
+        otherwise, recorded as a security event, nothing else read)."""
+        if not phaxio.signature_valid(self.settings.callback_token, url, params, files, given_signature):
             self.components.store.record_security_event(
                 CHANNEL, "invalid_signature", "missing or wrong X-Phaxio-Signature", peer=request.remote_addr or ""
             )
@@ -116,6 +128,19 @@ class Faxes(Feature):
         form: dict[str, str] = {}
         for name, value in params:
             form.setdefault(name, value)
+        return form
+
+    def status_update(self, params: list[tuple[str, str]], files: list[tuple[str, bytes]], given_signature: str | None):
+        """One sent-fax status callback: 200 `{id, status, applied}` (id null: not a fax sent from
+        here, acknowledged so the provider stops retrying; applied false: a repeat or a late one)."""
+        form = self.verified_form(self.settings.status_callback_url, params, files, given_signature)
+        return self.outbound.apply_status(phaxio.parse_sent(form)), 200
+
+    # --- inbound ----------------------------------------------------------------------------------
+    def receive(self, params: list[tuple[str, str]], files: list[tuple[str, bytes]], given_signature: str | None):
+        """One received-fax callback: (body, status). Raises kit errors for the refusals."""
+        settings = self.settings
+        form = self.verified_form(settings.received_callback_url, params, files, given_signature)
         fax = phaxio.parse_received(form)
         pdf = next((content for name, content in files if name in phaxio.PDF_PARTS), None)
         if pdf is None:
@@ -152,16 +177,10 @@ class Faxes(Feature):
         if self.faxes.find_one({"_id": {"$eq": fid}}, projection={"_id": 1}) is not None:
             log.info("fax callback repeated", extra={"agency_id": agency_id, "item_id": fid})
             return fid, False
-        pieces = [pdf[start : start + CHUNK_BYTES] for start in range(0, len(pdf), CHUNK_BYTES)]
-        for n, piece in enumerate(pieces):
-            chunk_id = f"{fid}_{n}"
-            sealed = self.cipher.seal(agency_id, chunk_id, "pdf", base64.b64encode(piece).decode("ascii"))
-            self.chunks.replace_one(
-                {"_id": chunk_id}, {"_id": chunk_id, "fax_id": fid, "agency_id": agency_id, "n": n, "data": sealed},
-                upsert=True,
-            )
+        pieces = self.pdfs.put(agency_id, fid, pdf)
         recipients = list(dict.fromkeys(address.staff_ids))
-        received = fax.received_at_ms or now_ms()
+        stored = now_ms()
+        received = fax.received_at_ms or stored
         caller = {"from_number": fax.from_number, "caller_name": fax.caller_name}
         doc = {
             "_id": fid,
@@ -174,11 +193,13 @@ class Faxes(Feature):
             "caller": self.cipher.seal(agency_id, fid, "caller", json.dumps(caller)),
             "pages": fax.pages,
             "received_at": received,
-            "stored_at": now_ms(),
+            "stored_at": stored,
             "pdf_bytes": len(pdf),
-            "pdf_chunks": len(pieces),
+            "pdf_chunks": pieces,
             "is_test": fax.is_test,
             "recipient_ids": recipients,
+            # Due for automatic triage (the triage worker claims it and removes the field).
+            "triage_due_at": stored,
         }
         events = []
         if recipients:
@@ -214,10 +235,7 @@ class Faxes(Feature):
 
     def view(self, caller: Identity, fid: str) -> dict:
         doc = self._delivered(caller, fid)
-        try:
-            caller_fields = json.loads(self.cipher.open(caller.agency_id, fid, "caller", doc["caller"]))
-        except DecryptionError as exc:
-            raise Unavailable("unreadable", "the fax cannot be opened") from exc
+        caller_fields = self.stored_caller(doc)
         audit.record(self.components.store, caller, fid, resource_type=RESOURCE_TYPE)
         return {
             "id": fid,
@@ -232,20 +250,55 @@ class Faxes(Feature):
             "is_test": doc.get("is_test", False),
         }
 
-    def pdf(self, caller: Identity, fid: str) -> bytes:
+    def pdf(self, caller: Identity, fid: str, action: str = "download") -> bytes:
+        """The received fax's PDF for staff it was delivered to; audited with `action` ("download",
+        or "send" when it is faxed on)."""
         doc = self._delivered(caller, fid)
-        pieces = list(self.chunks.find({"fax_id": {"$eq": fid}}).sort("n", 1))
-        if len(pieces) != doc["pdf_chunks"]:
-            raise Unavailable("unreadable", "the fax cannot be opened")
+        content = self.stored_pdf(doc)
+        audit.record(self.components.store, caller, fid, resource_type=RESOURCE_TYPE, action=action)
+        return content
+
+    def stored_caller(self, doc: dict) -> dict:
+        """A received fax's sealed caller ({from_number, caller_name}); Unavailable when unreadable.
+        For the service's own processing too (not audited here)."""
         try:
-            content = b"".join(
-                base64.b64decode(self.cipher.open(caller.agency_id, piece["_id"], "pdf", piece["data"]))
-                for piece in pieces
-            )
+            return json.loads(self.cipher.open(doc["agency_id"], doc["_id"], "caller", doc["caller"]))
         except DecryptionError as exc:
             raise Unavailable("unreadable", "the fax cannot be opened") from exc
-        audit.record(self.components.store, caller, fid, resource_type=RESOURCE_TYPE, action="download")
-        return content
+
+    def stored_pdf(self, doc: dict) -> bytes:
+        """A received fax's PDF from its `faxes` document, for the service's own processing (no
+        staff read: not audited here)."""
+        return self.pdfs.get(doc["agency_id"], doc["_id"], doc["pdf_chunks"])
+
+    # --- sending --------------------------------------------------------------------------------------
+    def send(self, caller: Identity, body: dict) -> dict:
+        """Send Fax from the board: the request checked, the number to send from resolved, the
+        document read (with its own access check), then queued for the sender."""
+        settings = self.settings
+        wanted = compose.parse(body, settings.max_pdf_bytes)
+        address = compose.sending_number(self.components.directory, caller, wanted.from_number)
+        if wanted.pdf is not None:
+            pdf, filename, field = wanted.pdf, wanted.filename, "pdf_base64"
+        else:
+            pdf, filename = self._document(caller, wanted.document)
+            field = "document"
+        phaxio.check_pdf(pdf, settings.max_pdf_bytes, field)
+        reference = wanted.document or {"kind": "upload"}
+        return self.outbound.create(
+            caller, address, to_number=wanted.to_number, pdf=pdf, filename=filename, document=reference
+        )
+
+    def _document(self, caller: Identity, document: dict) -> tuple[bytes, str]:
+        """(bytes, file name) of a document delivered to the caller; its feature's 404 otherwise."""
+        if document["kind"] == "fax":
+            return self.pdf(caller, document["id"], action="send"), f"{document['id']}.pdf"
+        direct = self.components.feature(DirectMessaging)
+        if direct is None:
+            raise NotFound("direct_message_not_found", "no such resource")
+        attachment = direct.attachment(caller, document["id"], document["index"])
+        _, options = parse_options_header(attachment.headers.get("Content-Disposition", ""))
+        return attachment.get_data(), compose.safe_filename(options.get("filename", ""), "attachment.pdf")
 
     # --- HTTP ---------------------------------------------------------------------------------------
     def blueprints(self) -> list:
@@ -259,7 +312,33 @@ class Faxes(Feature):
             files = [(name, storage.read()) for name, storage in request.files.items(multi=True)]
             return self.receive(params, files, request.headers.get(phaxio.SIGNATURE_HEADER))
 
+        @callbacks.post("/status")
+        def status():
+            params = [(name, value) for name, value in request.form.items(multi=True)]
+            files = [(name, storage.read()) for name, storage in request.files.items(multi=True)]
+            return self.status_update(params, files, request.headers.get(phaxio.SIGNATURE_HEADER))
+
         staff = Blueprint("fax_staff", __name__, url_prefix="/api/v1/cloud/faxes")
+
+        @staff.post("/outbound")
+        @require_staff
+        def send():
+            # A base64 PDF is far larger than the service's other JSON bodies (Flask 3.1: per request).
+            request.max_content_length = 4 * ((self.settings.max_pdf_bytes + 2) // 3) + FORM_SLACK_BYTES
+            return self.send(g.identity, json_body()), 202
+
+        @staff.get("/outbound/<outbound_id>")
+        @require_staff
+        def outbound_view(outbound_id: str):
+            return self.outbound.view(g.identity, path_id(outbound_id, "fax"))
+
+        @staff.get("/outbound/<outbound_id>/pdf")
+        @require_staff
+        def outbound_pdf(outbound_id: str):
+            fid = path_id(outbound_id, "fax")
+            response = Response(self.outbound.pdf(g.identity, fid), mimetype="application/pdf")
+            response.headers["Content-Disposition"] = f'inline; filename="{fid}.pdf"'
+            return response
 
         @staff.get("/<fax_id>")
         @require_staff

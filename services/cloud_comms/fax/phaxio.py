@@ -1,4 +1,5 @@
-"""Phaxio (API v2) callbacks: the X-Phaxio-Signature check and the received-fax callback's fields.
+"""Phaxio (API v2) callbacks: the X-Phaxio-Signature check and the fields of the received-fax and
+sent-fax status callbacks.
 
 The signature, as Phaxio documents it (https://www.phaxio.com/docs/security/callbacks): the
 callback URL exactly as configured at Phaxio (trailing slash included), then every POST parameter
@@ -11,6 +12,11 @@ A received-fax callback (https://www.phaxio.com/docs/api/v2/faxes/receive_callba
 POST: `fax` (the Fax object as JSON: id, direction, num_pages, status, is_test, created_at,
 completed_at, from_number, to_number, caller_name, ...), `direction` = "received", `is_test`,
 `success`, and the PDF as a file part (`filename` in API v2, `file` in v2.1; both accepted).
+A sent fax's status callback (https://www.phaxio.com/docs/api/v2/faxes/send_callback) has the same
+shape with `direction` = "sent" and no file: the Fax object's `status` (queued, inprogress, success,
+failure), `num_pages`, the `tags` given at sending, and on failure `error_type` / `error_message` and
+per recipient `error_message`.
+
 Nothing here touches the database: a value that is not what Phaxio sends (an object where a number
 belongs, an operator document) is refused before any look-up.
 """
@@ -25,7 +31,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.kit.errors import DomainError, InvalidInput
+from services.kit.errors import InvalidInput, PayloadTooLarge
 
 SIGNATURE_HEADER = "X-Phaxio-Signature"
 PDF_PARTS = ("filename", "file")
@@ -33,10 +39,11 @@ E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 FAX_ID = re.compile(r"^[0-9]{1,20}$")
 MAX_PAGES = 10_000
 MAX_FAX_JSON = 64 * 1024
-
-
-class TooLarge(DomainError):
-    http_status = 413
+# The tag every sent fax carries (tag[outbound_id] at sending), naming our outbound fax.
+OUTBOUND_TAG = "outbound_id"
+OUTBOUND_ID = re.compile(r"^fxo_[0-9a-f]{24}$")
+SENT_STATUSES = ("queued", "pendingbatch", "inprogress", "success", "failure")
+MAX_REASON = 200
 
 
 def signature(token: str, url: str, params: Iterable[tuple[str, str]], files: Iterable[tuple[str, bytes]]) -> str:
@@ -94,8 +101,8 @@ def _time_ms(value: object, field: str) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
-def parse_received(form: dict[str, str]) -> ReceivedFax:
-    """The received fax a callback's form fields describe; InvalidInput when they are not Phaxio's."""
+def _fax_object(form: dict[str, str], direction: str) -> dict:
+    """The `fax` field's Fax object of a callback about a fax of `direction` ("received" | "sent")."""
     raw = form.get("fax")
     if not isinstance(raw, str) or not raw.strip():
         raise _refuse("missing_field", "fax is required", "fax")
@@ -107,15 +114,33 @@ def parse_received(form: dict[str, str]) -> ReceivedFax:
         raise _refuse("invalid_fax", "fax must be a JSON object", "fax") from exc
     if not isinstance(fax, dict):
         raise _refuse("invalid_fax", "fax must be a JSON object", "fax")
-    direction = fax.get("direction", form.get("direction", "received"))
-    if direction != "received" or form.get("direction", "received") != "received":
-        raise _refuse("not_received", "this callback takes received faxes only", "direction")
+    if fax.get("direction", direction) != direction or form.get("direction", direction) != direction:
+        raise _refuse(f"not_{direction}", f"this callback takes {direction} faxes only", "direction")
+    return fax
 
+
+def _fax_id(fax: dict) -> str:
     fax_id = fax.get("id")
     if isinstance(fax_id, int) and not isinstance(fax_id, bool) and fax_id > 0:
         fax_id = str(fax_id)
     if not isinstance(fax_id, str) or not FAX_ID.fullmatch(fax_id):
         raise _refuse("invalid_fax", "fax.id must be Phaxio's fax id (a positive number)", "fax.id")
+    return fax_id
+
+
+def _pages(fax: dict) -> int:
+    pages = fax.get("num_pages", 0)
+    if pages is None:
+        return 0
+    if isinstance(pages, bool) or not isinstance(pages, int) or not 0 <= pages <= MAX_PAGES:
+        raise _refuse("invalid_fax", f"fax.num_pages must be a whole number up to {MAX_PAGES}", "fax.num_pages")
+    return pages
+
+
+def parse_received(form: dict[str, str]) -> ReceivedFax:
+    """The received fax a callback's form fields describe; InvalidInput when they are not Phaxio's."""
+    fax = _fax_object(form, "received")
+    fax_id = _fax_id(fax)
 
     to_number = fax.get("to_number")
     if not isinstance(to_number, str) or not E164.fullmatch(to_number.strip()):
@@ -128,9 +153,7 @@ def parse_received(form: dict[str, str]) -> ReceivedFax:
         raise _refuse("invalid_fax", "fax.from_number must be a string", "fax.from_number")
     from_number = from_number.strip() if E164.fullmatch(from_number.strip()) else ""
 
-    pages = fax.get("num_pages", 0)
-    if isinstance(pages, bool) or not isinstance(pages, int) or not 0 <= pages <= MAX_PAGES:
-        raise _refuse("invalid_fax", f"fax.num_pages must be a whole number up to {MAX_PAGES}", "fax.num_pages")
+    pages = _pages(fax)
 
     caller_name = fax.get("caller_name") or ""
     if not isinstance(caller_name, str):
@@ -148,10 +171,56 @@ def parse_received(form: dict[str, str]) -> ReceivedFax:
     )
 
 
-def check_pdf(content: bytes, max_bytes: int) -> None:
-    """A received PDF: at most `max_bytes` (TooLarge, 413), starting with the %PDF- header and with
-    an end-of-file marker in its last 1024 bytes (InvalidInput `not_a_pdf`, 400)."""
+@dataclass(frozen=True)
+class SentStatus:
+    """A status callback of a sent fax."""
+
+    fax_id: str
+    status: str  # one of SENT_STATUSES
+    pages: int
+    failure_reason: str  # "" unless the status is failure
+    outbound_id: str  # the outbound_id tag given at sending, "" when absent
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        return ""
+    return "".join(c if c.isprintable() else " " for c in value).strip()[:MAX_REASON]
+
+
+def failure_reason(fax: dict) -> str:
+    """Why a sent fax failed, in Phaxio's words: the recipient's error message, else the fax's, else
+    its error type."""
+    recipients = fax.get("recipients")
+    first = recipients[0] if isinstance(recipients, list) and recipients and isinstance(recipients[0], dict) else {}
+    for value in (first.get("error_message"), fax.get("error_message"), first.get("error_type"), fax.get("error_type")):
+        if _text(value):
+            return _text(value)
+    return "the provider reported a failure without a reason"
+
+
+def parse_sent(form: dict[str, str]) -> SentStatus:
+    """The sent fax's status a callback's form fields describe; InvalidInput when not Phaxio's."""
+    fax = _fax_object(form, "sent")
+    status = fax.get("status")
+    if not isinstance(status, str) or status not in SENT_STATUSES:
+        raise _refuse("invalid_fax", f"fax.status must be one of {', '.join(SENT_STATUSES)}", "fax.status")
+    tags = fax.get("tags")
+    tag = tags.get(OUTBOUND_TAG) if isinstance(tags, dict) else None
+    return SentStatus(
+        fax_id=_fax_id(fax),
+        status=status,
+        pages=_pages(fax),
+        failure_reason=failure_reason(fax) if status == "failure" else "",
+        outbound_id=tag if isinstance(tag, str) and OUTBOUND_ID.fullmatch(tag) else "",
+    )
+
+
+def check_pdf(content: bytes, max_bytes: int, field: str = "filename") -> None:
+    """A PDF received or to send: at most `max_bytes` (PayloadTooLarge, 413), starting with the %PDF-
+    header and with an end-of-file marker in its last 1024 bytes (InvalidInput `not_a_pdf`, 400,
+    naming `field`)."""
     if len(content) > max_bytes:
-        raise TooLarge("fax_too_large", f"the fax PDF exceeds {max_bytes} bytes", {"max_bytes": max_bytes})
+        raise PayloadTooLarge("fax_too_large", f"the fax PDF exceeds {max_bytes} bytes", {"max_bytes": max_bytes})
     if not content.startswith(b"%PDF-") or b"%%EOF" not in content[-1024:]:
-        raise InvalidInput("not_a_pdf", "the fax file is not a PDF", {"field": "filename"})
+        raise InvalidInput("not_a_pdf", "the fax file is not a PDF", {"field": field})

@@ -1,13 +1,20 @@
 """eFax settings, read from the service's kit `Env` by services/cloud_comms/config.py.
 
-    CLOUD_FAX_PROVIDER                "phaxio" (the only one for now)
-    CLOUD_FAX_CALLBACK_TOKEN (_FILE)  the provider's callback (webhook) token: the HMAC key of every
-                                      callback's X-Phaxio-Signature. Secret; required in production
-    CLOUD_FAX_API_URL                 the provider's API root (development: the fax simulator)
-    CLOUD_FAX_API_KEY / _SECRET       (or _FILE) API credentials for sending; required in production
-    CLOUD_FAX_PUBLIC_CALLBACK_URL     the public root of the callbacks exactly as configured at the
-                                      provider (the signature covers it): <root>/received, <root>/status
-    CLOUD_FAX_MAX_PDF_BYTES           the largest received PDF accepted (20 MiB)
+CLOUD_FAX_PROVIDER                "phaxio" (the only one for now)
+CLOUD_FAX_CALLBACK_TOKEN (_FILE)  the provider's callback (webhook) token: the HMAC key of every
+                                  callback's X-Phaxio-Signature. Secret; required in production
+CLOUD_FAX_API_URL                 the provider's API root (development: the fax simulator)
+CLOUD_FAX_API_KEY / _SECRET       (or _FILE) API credentials for sending; required in production
+CLOUD_FAX_PUBLIC_CALLBACK_URL     the public root of the callbacks exactly as configured at the
+                                  provider (the signature covers it): <root>/received, <root>/status
+CLOUD_FAX_MAX_PDF_BYTES           the largest PDF received or sent (20 MiB)
+CLOUD_FAX_SEND_ATTEMPTS           tries of one send when the provider cannot be reached or
+                                  answers 5xx, before the fax fails (5)
+CLOUD_FAX_SEND_RETRY_S            the wait before the second try, doubled for each next one (10)
+CLOUD_FAX_SEND_PASS_S             how often the sender looks for faxes to send (1)
+CLOUD_FAX_SEND_TIMEOUT_S          the provider's time to answer one upload (60)
+CLOUD_FAX_SEND_LEASE_S            how long a claimed send is left to its sender before another
+                                  replica takes it over; longer than any upload (300)
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ DEV_API_SECRET = "dev-fax-api-secret-not-secret"  # noqa: S105 - development onl
 DEV_API_URL = "http://127.0.0.1:8191"
 DEV_PUBLIC_CALLBACK_URL = "http://127.0.0.1:8000/api/v1/fax/callbacks"
 DEFAULT_MAX_PDF_BYTES = 20 * 1024 * 1024
+UPLOAD_CONNECT_S = 5.0  # the connect timeout of a send (phaxio_api.CONNECT_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,11 @@ class FaxSettings:
     api_secret: str = field(default=DEV_API_SECRET, repr=False)
     public_callback_url: str = DEV_PUBLIC_CALLBACK_URL
     max_pdf_bytes: int = DEFAULT_MAX_PDF_BYTES
+    send_attempts: int = 5
+    send_retry_s: float = 10.0
+    send_pass_s: float = 1.0
+    send_timeout_s: float = 60.0
+    send_lease_s: float = 300.0
 
     @property
     def received_callback_url(self) -> str:
@@ -64,7 +77,7 @@ def load(env: Env) -> FaxSettings:
     ).rstrip("/")
     if env.production and public.startswith("http://"):
         env.problems.append("CLOUD_FAX_PUBLIC_CALLBACK_URL must be https in production (faxes carry PHI)")
-    return FaxSettings(
+    settings = FaxSettings(
         provider=env.choice("CLOUD_FAX_PROVIDER", PROVIDERS, "phaxio"),
         callback_token=_secret(env, "CLOUD_FAX_CALLBACK_TOKEN", DEV_CALLBACK_TOKEN),
         api_url=env.url("CLOUD_FAX_API_URL", None if env.production else DEV_API_URL, ("http", "https")).rstrip("/"),
@@ -74,4 +87,13 @@ def load(env: Env) -> FaxSettings:
         max_pdf_bytes=env.int(
             "CLOUD_FAX_MAX_PDF_BYTES", DEFAULT_MAX_PDF_BYTES, minimum=1024, maximum=100 * 1024 * 1024
         ),
+        send_attempts=env.int("CLOUD_FAX_SEND_ATTEMPTS", 5, minimum=1, maximum=50),
+        send_retry_s=env.float("CLOUD_FAX_SEND_RETRY_S", 10.0),
+        send_pass_s=env.float("CLOUD_FAX_SEND_PASS_S", 1.0, minimum=0.01),
+        send_timeout_s=env.float("CLOUD_FAX_SEND_TIMEOUT_S", 60.0, minimum=1.0),
+        send_lease_s=env.float("CLOUD_FAX_SEND_LEASE_S", 300.0, minimum=1.0),
     )
+    if settings.send_lease_s <= settings.send_timeout_s + UPLOAD_CONNECT_S:
+        # A sender still uploading must never see its fax taken over by another replica.
+        env.problems.append("CLOUD_FAX_SEND_LEASE_S must be longer than CLOUD_FAX_SEND_TIMEOUT_S + 5 s")
+    return settings
