@@ -3,8 +3,14 @@ Direct message, a fax) is a `board_item.delivery_requested.v1` event (kind DELIV
 staged in the same write as the stored message (kit outbox).
 
 inbox keeps one board item per (agency, source, source_ref): source "direct" with the message's
-Message-ID (per recipient address), source "fax" with the fax id. The event id and delivery_id are
-stable for the stored message, so a republished event or a resent message has its effect once.
+Message-ID (per recipient address), source "fax" with the fax id, source "direct-out" with an
+outbound Direct message's id (its sender's item, updated with a higher `source_version` and a new
+`status` at every change). The event id and delivery_id are stable for the state they announce,
+so a republished event or a resent message has its effect once.
+
+`status` is the item's short status; inbox accepts `[A-Za-z0-9_-]{1,40}` ("queued", "failed"...),
+anything else refuses the whole delivery. `mark_unread` (default True) puts an updated item back
+among the unread: only for what needs the owner's attention.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ __all__ = [
     "REQUESTED_EVENT",
     "SEVERITIES",
     "SOURCE_DIRECT",
+    "SOURCE_DIRECT_OUT",
     "SOURCE_FAX",
     "delivery_requested",
     "request",
@@ -28,6 +35,7 @@ __all__ = [
 PRODUCER = "cloud-comms"
 KIND = inbox_pb2.DELIVERED_KIND_CLOUD
 SOURCE_DIRECT = "direct"
+SOURCE_DIRECT_OUT = "direct-out"
 SOURCE_FAX = "fax"
 
 
@@ -43,6 +51,8 @@ def request(
     link_label: str = "Open",
     severity: str = "info",
     source_version: int = 1,
+    status: str = "",
+    mark_unread: bool = True,
 ) -> inbox_pb2.DeliverItemRequest:
     """A DeliverItemRequest of this service (kind CLOUD) to `staff_ids`, linking to `url`."""
     return inbox_pb2.DeliverItemRequest(
@@ -56,7 +66,8 @@ def request(
         source_ref=source_ref,
         source_version=source_version,
         delivery_id=delivery_id,
-        mark_unread=True,
+        status=status,
+        mark_unread=mark_unread,
     )
 
 

@@ -9,6 +9,9 @@ Writes into <dir> (only what is missing; an existing set is kept):
                                                 addresses, SAN DNS = its Direct domain) and key
     partner-hisp.cert.pem / .key.pem            a "partner HISP" sender (sender@direct.partner.example)
                                                 for testers: sign with it, encrypt to Riverbend's cert
+    recipients/partner-hisp.cert.pem            the partner's certificate as a recipient certificate
+                                                (CLOUD_DIRECT_RECIPIENT_CERTS): outbound messages to
+                                                sender@direct.partner.example are encrypted for it
 
 Development only: the keys are unprotected PEM files (0600). Production reads its own
 certificates (CLOUD_DIRECT_CERTS_DIR or CLOUD_DIRECT_ANCHORS_FILE + CLOUD_DIRECT_IDENTITIES).
@@ -140,9 +143,21 @@ def complete(directory: Path) -> bool:
     return all((directory / n).is_file() for n in names)
 
 
+RECIPIENTS_DIR = "recipients"
+
+
+def _ensure_recipients(directory: Path) -> None:
+    """The partner's certificate among the recipient certificates (added to an older set too)."""
+    target = directory / RECIPIENTS_DIR / f"{PARTNER.file_stem}.cert.pem"
+    if not target.is_file():
+        target.parent.mkdir(exist_ok=True)
+        _write(target, (directory / f"{PARTNER.file_stem}.cert.pem").read_bytes())
+
+
 def ensure(directory: Path) -> bool:
     """Generate the development set into `directory` unless complete; True when it generated."""
     if complete(directory):
+        _ensure_recipients(directory)
         return False
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = make_ca()
@@ -153,6 +168,7 @@ def ensure(directory: Path) -> bool:
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     _write(directory / "ca.cert.pem", ca_pem)
     _write(directory / "anchors.pem", ca_pem)  # last: its presence marks a complete set
+    _ensure_recipients(directory)
     return True
 
 

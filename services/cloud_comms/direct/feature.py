@@ -1,5 +1,6 @@
-"""Direct secure messaging, inbound: S/MIME messages from partner HISPs onto the linked staff's
-boards, the audited message view, and MDNs back to the sender.
+"""Direct secure messaging: inbound S/MIME messages from partner HISPs onto the linked staff's
+boards, the audited message view, and MDNs back to the sender; outbound messages composed on the
+board (outbound.py), with the MDNs/DSNs about them recorded instead of stored as messages.
 
 Storage: one `direct_messages` document per (agency, Message-ID, recipient address), `_id`
 derived from the three, so a resent message is stored (and delivered, and acknowledged) once. It
@@ -14,12 +15,16 @@ Refusals (not encrypted, undecryptable, unsigned, bad signature, untrusted/expir
 not matching From, malformed MIME) answer 554 with the reason, store nothing of the message, log
 `direct message refused` and write a `security_events` document (channel, code, reason, peer,
 envelope sender, recipient addresses: never content).
+
+A verified message whose signed content is a report (`multipart/report`, reports.py) is an MDN or
+DSN about one of our outbound messages: it is recorded there (or dropped when it matches none),
+answered 250, never stored as a message, never delivered to a board and never answered with an
+MDN (RFC 3798). Stored messages carry `triage_due_at` (= received_at) for the triage worker.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -29,20 +34,23 @@ from email.message import EmailMessage
 from email.utils import getaddresses, parsedate_to_datetime
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from flask import Blueprint, Response, g
+from flask import Blueprint, Response, g, request
 from pymongo.errors import DuplicateKeyError
 
 from services.cloud_comms import audit, delivery
 from services.cloud_comms.components import Feature
-from services.cloud_comms.direct import mdn, smime
+from services.cloud_comms.direct import compose, mdn, outbound, outgoing, reports, smime
+from services.cloud_comms.direct.outbound import DIRECT_OUTBOUND, OutboundDirect
 from services.cloud_comms.direct.smtp import DirectHandler, SmtpListener
+from services.cloud_comms.direct.views import attachment_response, iso
 from services.kit.crypto import DecryptionError
-from services.kit.errors import NotFound, Unavailable
+from services.kit.errors import NotFound, PayloadTooLarge, Unavailable
 from services.kit.http import require_staff
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
-from services.kit.validation import path_id
+from services.kit.validation import json_body, path_id
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +61,6 @@ MAX_REF = 128
 SENDING_LEASE_MS = 5 * 60 * 1000
 RETRY_MS = 30 * 1000
 MDN_BATCH = 50
-# Attachment types served as-is; anything a browser could run is served as octet-stream.
-ACTIVE_TYPES = {"text/html", "application/xhtml+xml", "image/svg+xml", "text/javascript", "application/javascript"}
 INDEXES = [
     IndexSpec(DIRECT_MESSAGES, [("agency_id", 1), ("received_at", -1)], name="direct_by_agency"),
     IndexSpec(DIRECT_MESSAGES, [("mdn_processed", 1)], name="direct_mdn_processed"),
@@ -78,10 +84,6 @@ def source_ref(message_id: str, address_id: str) -> str:
     if len(ref) <= MAX_REF and re.fullmatch(r"[\x21-\x7e]+", ref):
         return ref
     return "mid_" + digest(message_id, address_id)
-
-
-def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _is_attachment(part: EmailMessage) -> bool:
@@ -117,7 +119,8 @@ def extract(inner: EmailMessage) -> tuple[str, list[tuple[str, str, bytes]], str
 
 
 class DirectMessaging(Feature):
-    outbox_collections = (DIRECT_MESSAGES,)
+    outbox_collections = (DIRECT_MESSAGES, DIRECT_OUTBOUND)
+    resource_type = RESOURCE_TYPE
 
     def __init__(self, components):
         super().__init__(components)
@@ -137,15 +140,16 @@ class DirectMessaging(Feature):
             max_message_bytes=self.direct.max_message_bytes,
             hostname=self.hostname,
         )
+        self.outbound = OutboundDirect(self)
 
     def ensure_indexes(self) -> None:
-        ensure_indexes(self.components.store.db, INDEXES)
+        ensure_indexes(self.components.store.db, INDEXES + outbound.INDEXES)
 
     def listeners(self):
         return [("direct-smtp", self.smtp.run, self.smtp.ready)]
 
     def background(self):
-        return [("direct-mdn", self.run_mdn)]
+        return [("direct-mdn", self.run_mdn), ("direct-outbound", self.outbound.run)]
 
     def identity_for(self, address: str) -> smime.Identity | None:
         return next((i for i in self.identities if i.covers(address)), None)
@@ -168,11 +172,15 @@ class DirectMessaging(Feature):
             if not message_id or len(message_id) > 998:
                 raise smime.Malformed("a Message-ID header is required")
             opened = smime.open_message(outer, self.identities, self.anchors, addresses)
-            text, attachments, inner_subject = extract(opened.inner)
+            report = reports.parse(opened.inner)
+            if report is None:
+                text, attachments, inner_subject = extract(opened.inner)
         except smime.Refused as refused:
             self._refused(refused, peer, mail_from, recipients)
             return refused.reply
         sender = smime.from_address(outer)
+        if report is not None:
+            return self.outbound.record_report(report, sender, recipients)
         subject = inner_subject or str(outer.get("Subject") or "")
         to = [a for _, a in getaddresses([str(v) for v in outer.get_all("To") or []]) if a]
         date = str(outer.get("Date") or "")
@@ -236,6 +244,7 @@ class DirectMessaging(Feature):
             "message_id": message_id,
             "sender": sender,
             "received_at": received,
+            "triage_due_at": received,
             "attachment_count": len(attachments),
             "content": self.cipher.seal(agency_id, doc_id, "content", json.dumps(content)),
             "attachments": [
@@ -331,27 +340,27 @@ class DirectMessaging(Feature):
                 ]
             except (DecryptionError, KeyError, ValueError):
                 pass
-            from cryptography import x509
-
             message_id, message = mdn.build(
                 disposition=disposition,
                 sender=doc["address"],
                 original_from=doc["sender"],
                 original_message_id=doc["message_id"],
                 original_subject=subject,
-                identity_cert=identity.cert,
-                identity_key=identity.key,
+                identity=identity,
                 recipient_cert=x509.load_pem_x509_certificate(doc["signer_cert"].encode()),
                 reporting_host=self.hostname,
                 failure=doc.get("failure", ""),
             )
-            mdn.send(
+            refused = outgoing.send(
                 self.direct.relay_host,
                 self.direct.relay_port,
                 envelope_from=doc["address"],
-                to=doc["sender"],
+                to=[doc["sender"]],
                 message=message,
+                local_hostname=self.hostname,
             )
+            if refused:
+                raise RuntimeError("the relay refused the MDN's recipient")
         except Exception as exc:
             log.warning("mdn not sent", extra={"error_type": type(exc).__name__, "code": disposition})
             self.messages.update_one(
@@ -367,7 +376,8 @@ class DirectMessaging(Feature):
         return 1
 
     # --- the message view -------------------------------------------------------------------------
-    def _readable(self, caller, doc_id: str) -> dict:
+    def readable(self, caller, doc_id: str) -> dict:
+        """The message, if it was delivered to the caller; else 404 (the refusal audited)."""
         doc = self.messages.find_one(
             {"_id": {"$eq": doc_id}, "agency_id": {"$eq": caller.agency_id}}, projection={"_outbox": 0}
         )
@@ -377,15 +387,16 @@ class DirectMessaging(Feature):
             )
         return doc
 
-    def _content(self, doc: dict) -> dict:
+    def opened(self, doc: dict) -> dict:
+        """The sealed content of a stored message."""
         try:
             return json.loads(self.cipher.open(doc["agency_id"], doc["_id"], "content", doc["content"]))
         except DecryptionError as exc:
             raise Unavailable("unreadable", "the message cannot be opened") from exc
 
     def view(self, caller, doc_id: str) -> dict:
-        doc = self._readable(caller, doc_id)
-        content = self._content(doc)
+        doc = self.readable(caller, doc_id)
+        content = self.opened(doc)
         audit.record(self.components.store, caller, doc_id, resource_type=RESOURCE_TYPE)
         return {
             "id": doc_id,
@@ -400,37 +411,73 @@ class DirectMessaging(Feature):
                 {**a, "index": n, "url": f"/api/v1/cloud/direct/{doc_id}/attachments/{n}"}
                 for n, a in enumerate(content["attachments"])
             ],
+            "reply": {
+                "from": doc["address"],
+                "to": [content["from"] or doc["sender"]],
+                "subject": compose.reply_subject(content["subject"]),
+            },
         }
 
-    def attachment(self, caller, doc_id: str, index: int) -> Response:
-        doc = self._readable(caller, doc_id)
-        content = self._content(doc)
+    def attachment_data(self, caller, doc_id: str, index: int, *, action: str = "download") -> tuple[str, str, bytes]:
+        """(filename, content type, bytes) of one attachment of a message delivered to the caller
+        (404 otherwise); audited with `action` ("download", or "forward" when sent on)."""
+        doc = self.readable(caller, doc_id)
+        content = self.opened(doc)
         if not 0 <= index < len(doc.get("attachments", [])):
             raise NotFound("attachment_not_found", "no such attachment")
         meta = content["attachments"][index]
         try:
-            data = base64.b64decode(
-                self.cipher.open(doc["agency_id"], doc_id, f"attachment.{index}", doc["attachments"][index])
-            )
+            data = self._attachment_bytes(doc, index)
         except DecryptionError as exc:
             raise Unavailable("unreadable", "the attachment cannot be opened") from exc
-        audit.record(self.components.store, caller, f"{doc_id}/attachments/{index}", resource_type=RESOURCE_TYPE)
-        ctype = meta["content_type"] if re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", meta["content_type"]) else ""
-        if not ctype or ctype in ACTIVE_TYPES:
-            ctype = "application/octet-stream"
-        filename = re.sub(r"[^A-Za-z0-9._-]", "_", meta["filename"])[:128] or "attachment"
-        return Response(
-            data,
-            mimetype=ctype,
-            headers={
-                "Content-Disposition": f'attachment; filename="{filename}"',
-                "X-Content-Type-Options": "nosniff",
-                "Cache-Control": "no-store",
-            },
+        audit.record(
+            self.components.store, caller, f"{doc_id}/attachments/{index}", resource_type=RESOURCE_TYPE, action=action
         )
+        return meta["filename"], meta["content_type"], data
+
+    def _attachment_bytes(self, doc: dict, index: int) -> bytes:
+        return base64.b64decode(
+            self.cipher.open(doc["agency_id"], doc["_id"], f"attachment.{index}", doc["attachments"][index])
+        )
+
+    def stored_attachments(self, doc: dict) -> list[tuple[str, str, bytes]]:
+        """[(filename, content type, bytes)] of a stored message, for work no person asked for (the
+        triage worker): not audited here. Raises DecryptionError / Unavailable when unreadable."""
+        content = self.opened(doc)
+        return [
+            (meta["filename"], meta["content_type"], self._attachment_bytes(doc, n))
+            for n, meta in enumerate(content["attachments"])
+        ]
+
+    def attachment(self, caller, doc_id: str, index: int) -> Response:
+        filename, content_type, data = self.attachment_data(caller, doc_id, index)
+        return attachment_response(data, filename, content_type)
+
+    def compose(self, caller) -> dict:
+        """POST outbound: the body may be far larger than the service's JSON bodies."""
+        limit = self.outbound.max_body_bytes
+        if (request.content_length or 0) > limit:
+            raise PayloadTooLarge("payload_too_large", f"the request body exceeds {limit} bytes")
+        request.max_content_length = limit
+        return self.outbound.compose(caller, json_body())
 
     def blueprint(self):
         staff = Blueprint("cloud_direct", __name__, url_prefix="/api/v1/cloud/direct")
+
+        @staff.post("/outbound")
+        @require_staff
+        def compose():
+            return self.compose(g.identity), 202
+
+        @staff.get("/outbound/<message>")
+        @require_staff
+        def outbound_view(message: str):
+            return self.outbound.view(g.identity, path_id(message, "message"))
+
+        @staff.get("/outbound/<message>/attachments/<int:index>")
+        @require_staff
+        def outbound_attachment(message: str, index: int):
+            return self.outbound.attachment(g.identity, path_id(message, "message"), index)
 
         @staff.get("/<message>")
         @require_staff

@@ -10,18 +10,20 @@ when the address has no linked staff or the delivery request was not published w
 CLOUD_DIRECT_DISPATCH_TIMEOUT_S.
 
 The MDN is signed with the agency's Direct identity (detached, SHA-256) and encrypted (AES-256-CBC)
-for the original signer's certificate, then sent through CLOUD_SMTP_RELAY to the original sender.
+for the original signer's certificate (outgoing.py, the path outbound messages take too), then sent
+through CLOUD_SMTP_RELAY to the original sender. A report this HISP receives (an MDN or DSN about
+one of our outbound messages, reports.py) never gets an MDN back (RFC 3798).
 """
 
 from __future__ import annotations
 
 import email.utils
-import smtplib
 import uuid
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+
+from services.cloud_comms.direct import outgoing
+from services.cloud_comms.direct.smime import Identity
 
 REPORTING_UA = "cloud-comms; clinic message board HISP"
 DISPOSITIONS = ("processed", "dispatched", "failed")
@@ -72,8 +74,7 @@ def build(
     original_from: str,
     original_message_id: str,
     original_subject: str,
-    identity_cert: x509.Certificate,
-    identity_key,
+    identity: Identity,
     recipient_cert: x509.Certificate,
     reporting_host: str,
     failure: str = "",
@@ -87,34 +88,15 @@ def build(
         reporting_host=reporting_host,
         failure=failure,
     )
-    signed = (
-        pkcs7.PKCS7SignatureBuilder()
-        .set_data(entity)
-        .add_signer(identity_cert, identity_key, hashes.SHA256())
-        .sign(Encoding.SMIME, [pkcs7.PKCS7Options.DetachedSignature])
-    )
-    enveloped = (
-        pkcs7.PKCS7EnvelopeBuilder()
-        .set_data(signed)
-        .add_recipient(recipient_cert)
-        .set_content_encryption_algorithm(pkcs7.algorithms.AES256)  # type: ignore[attr-defined]
-        .encrypt(Encoding.SMIME, [])
-    )
+    body = outgoing.sign_and_encrypt(entity, identity, [recipient_cert])
     message_id = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
     subject = {"processed": "Processed", "dispatched": "Dispatched", "failed": "Failed"}[disposition]
     headers = [
-        f"From: {sender}",
-        f"To: {original_from}",
-        f"Subject: {subject}: {original_subject}"[:900].replace("\r", " ").replace("\n", " "),
-        f"Message-ID: {message_id}",
-        f"In-Reply-To: {original_message_id}",
-        f"Date: {email.utils.formatdate(usegmt=True)}",
+        ("From", sender),
+        ("To", original_from),
+        ("Subject", f"{subject}: {original_subject}"),
+        ("Message-ID", message_id),
+        ("In-Reply-To", original_message_id),
+        ("Date", email.utils.formatdate(usegmt=True)),
     ]
-    return message_id, ("\r\n".join(headers) + "\r\n").encode("utf-8") + enveloped.replace(b"\r\n", b"\n").replace(
-        b"\n", b"\r\n"
-    )
-
-
-def send(host: str, port: int, *, envelope_from: str, to: str, message: bytes, timeout_s: float = 10.0) -> None:
-    with smtplib.SMTP(host, port, timeout=timeout_s) as client:
-        client.sendmail(envelope_from, [to], message)
+    return message_id, outgoing.message(headers, body)

@@ -11,9 +11,13 @@ The HISP's certificates and keys are files:
 - or explicitly: CLOUD_DIRECT_ANCHORS_FILE and CLOUD_DIRECT_IDENTITIES ("cert.pem=key.pem,...")
   and/or one identity as CLOUD_DIRECT_CERT_FILE + CLOUD_DIRECT_KEY_FILE (compose secrets, Kubernetes
   Secret volumes).
+- CLOUD_DIRECT_RECIPIENT_CERTS (default <certs dir>/recipients): a directory of PEM certificates of
+  the partners we send to, each covering the addresses (SAN rfc822Name) or domains (SAN dNSName) it
+  names; a file may carry the certificate's intermediates after it. Read at each send (a partner
+  added there needs no restart); one that does not chain to an anchor or is not valid now is skipped.
 
 Production refuses to start without anchors and at least one identity (certificate and key that
-load and match). CLOUD_SMTP_RELAY (host:port) is where MDNs (and later outbound Direct) are sent.
+load and match). CLOUD_SMTP_RELAY (host:port) is where MDNs and outbound Direct messages are sent.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ class DirectSettings:
     # A stored message still not dispatched after this long gets a `failed` MDN.
     dispatch_timeout_s: float = 600.0
     smtp_max_connections: int = 64
+    # Certificates of the partners outbound messages are encrypted for ("" = none configured).
+    recipient_certs_dir: str = ""
+    # An outbound recipient without a processed (or, final delivery asked, dispatched) MDN this long
+    # after sending is failed.
+    mdn_timeout_s: float = 3600.0
+    # Attachments of one outbound message, decoded bytes (the request body is about 4/3 of it).
+    max_outbound_attachment_bytes: int = 10 * 1024 * 1024
 
 
 def _identities_in(directory: Path) -> list[tuple[str, str]]:
@@ -80,6 +91,13 @@ def _parse_relay(raw: str, problems: list[str]) -> tuple[str, int]:
         problems.append(f"CLOUD_SMTP_RELAY must be host:port, got {raw!r}")
         return "", 25
     return host, int(port)
+
+
+def _recipient_certs_dir(env: Env, certs_dir: str) -> str:
+    explicit = env.str("CLOUD_DIRECT_RECIPIENT_CERTS", "")
+    if explicit and not Path(explicit).is_dir():
+        env.problems.append(f"CLOUD_DIRECT_RECIPIENT_CERTS must be a directory of PEM certificates, got {explicit!r}")
+    return explicit or (str(Path(certs_dir) / "recipients") if certs_dir else "")
 
 
 def load(env: Env) -> DirectSettings:
@@ -133,4 +151,9 @@ def load(env: Env) -> DirectSettings:
         mdn_pass_s=env.float("CLOUD_DIRECT_MDN_PASS_S", 1.0, minimum=0.05),
         dispatch_timeout_s=env.float("CLOUD_DIRECT_DISPATCH_TIMEOUT_S", 600.0, minimum=1.0),
         smtp_max_connections=env.int("CLOUD_SMTP_MAX_CONNECTIONS", 64, minimum=1, maximum=4096),
+        recipient_certs_dir=_recipient_certs_dir(env, certs_dir),
+        mdn_timeout_s=env.float("CLOUD_DIRECT_MDN_TIMEOUT_S", 3600.0, minimum=1.0),
+        max_outbound_attachment_bytes=env.int(
+            "CLOUD_DIRECT_MAX_OUTBOUND_ATTACHMENT_BYTES", 10 * 1024 * 1024, minimum=1024, maximum=12 * 1024 * 1024
+        ),
     )

@@ -16,6 +16,9 @@ Inbound: `open_message(raw, identities, anchors)`:
    when it has a key usage, and (Direct) names the message's From address: a SAN rfc822Name equal
    to it (case-insensitive) or a SAN dNSName equal to its domain (organizational certificate).
 Any failure raises a `Refused` subclass with an SMTP reply code and a reason a sender may read.
+
+Outbound messages and MDNs are signed and encrypted by `outgoing.py`; the certificates they are
+encrypted for pass the same `check_trust` (usage "encrypt").
 """
 
 from __future__ import annotations
@@ -382,15 +385,21 @@ def check_trust(
     intermediates: list[x509.Certificate],
     anchors: list[x509.Certificate],
     now: dt.datetime | None = None,
+    *,
+    usage: str = "sign",
 ) -> None:
-    """The signer chains to an anchor, every certificate on the path within its validity."""
+    """The certificate chains to an anchor, every certificate on the path within its validity, and
+    its key usage (when it has one) allows `usage`: "sign" (a signer) or "encrypt" (a recipient's
+    certificate outbound messages are encrypted for: keyEncipherment)."""
     now = now or dt.datetime.now(dt.UTC)
     if not _within(signer, now):
         raise UntrustedSigner("signer certificate is expired or not yet valid")
     try:
         ku = signer.extensions.get_extension_for_class(x509.KeyUsage).value
-        if not ku.digital_signature:
+        if usage == "sign" and not ku.digital_signature:
             raise UntrustedSigner("signer certificate may not sign (key usage)")
+        if usage == "encrypt" and not ku.key_encipherment:
+            raise UntrustedSigner("certificate may not be encrypted for (key usage)")
     except x509.ExtensionNotFound:
         pass
     anchor_ders = {a.public_bytes(serialization.Encoding.DER) for a in anchors}

@@ -8,6 +8,8 @@
 - DATA: handed to `receive(envelope_from, recipients, raw, peer)` in a worker thread (blocking
   database, directory and crypto work stays off the event loop); its reply is the SMTP reply.
 The listener keeps serving after every refusal; an unexpected error is `451 4.3.0`, logged.
+aiosmtpd's own `mail.log` logger (every command line at INFO: peers and addresses) is raised to
+WARNING: the listener logs its outcomes itself.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 log = logging.getLogger(__name__)
+
+
+def quiet_smtp_log() -> None:
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 class DirectHandler:
@@ -86,6 +92,7 @@ class SmtpListener:
         )
 
     def start(self) -> None:
+        quiet_smtp_log()
         controller = Controller(self._handler, hostname=self._host, port=self._port, ready_timeout=10.0)
         controller.factory = self._factory  # type: ignore[method-assign]
         controller.start()

@@ -1,0 +1,1 @@
+"""A development-only partner HISP for Direct (see README.md)."""
