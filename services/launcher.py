@@ -28,7 +28,7 @@ import pika
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from services.kit.embedded_mongo import EmbeddedMongo
+from services.kit.embedded_mongo import EmbeddedMongo, free_port
 from services.kit.settings import REPO_ROOT, dev_secret
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -60,6 +60,8 @@ class Ports:
     erx_bridge_grpc: int = 50056
     erx_simulator: int = 8190
     fax_simulator: int = 8191
+    direct_simulator: int = 8192
+    direct_simulator_smtp: int = 2526
     cloud_comms_http: int = 8107
     cloud_comms_grpc: int = 50057
     cloud_comms_smtp: int = 2525
@@ -78,7 +80,7 @@ class StackConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     gateway_env: dict[str, str] = field(default_factory=dict)
     seed_demo: bool = True
-    # The eRx vendor simulator (development only: never started with CLINIC_MODE=production).
+    # The vendor simulators: eRx, fax, partner HISP (development only: never with CLINIC_MODE=production).
     erx_simulator: bool = True
 
 
@@ -89,6 +91,7 @@ class Stack:
         "directory",
         "erx-simulator",
         "fax-simulator",
+        "direct-simulator",
         "inbox",
         "notifications",
         "auto-reply",
@@ -157,8 +160,12 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.fax_simulator}"
 
     @property
-    def runs_erx_simulator(self) -> bool:
-        """The vendor simulators (eRx, fax) run in development only, and only when the stack is asked to."""
+    def direct_simulator_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.direct_simulator}"
+
+    @property
+    def runs_simulators(self) -> bool:
+        """The vendor simulators (eRx, fax, partner HISP) run in development only, when the stack asks."""
         mode = self.config.extra_env.get("CLINIC_MODE", os.environ.get("CLINIC_MODE", "development"))
         return self.config.erx_simulator and mode != "production"
 
@@ -211,6 +218,18 @@ class Stack:
                 "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
             }
         )
+        if self.runs_simulators:
+            # The partner HISP simulator: cloud-comms relays outbound Direct (and MDNs) to it, and it
+            # answers with MDNs to cloud-comms' listener. A test's own sink (extra_env) wins.
+            env.update(
+                {
+                    "CLOUD_SMTP_RELAY": f"127.0.0.1:{p.direct_simulator_smtp}",
+                    "DIRECT_SIMULATOR_PORT": str(p.direct_simulator),
+                    "DIRECT_SIMULATOR_SMTP_PORT": str(p.direct_simulator_smtp),
+                    "DIRECT_SIMULATOR_CERTS_DIR": str(self.cloud_direct_certs),
+                    "DIRECT_SIMULATOR_HISP": f"127.0.0.1:{p.cloud_comms_smtp}",
+                }
+            )
         env.update(self.config.extra_env)
         return env
 
@@ -241,7 +260,7 @@ class Stack:
         env = self.service_env()
         directory = self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
         simulator = fax_simulator = None
-        if self.runs_erx_simulator:
+        if self.runs_simulators:
             simulator = self._spawn("erx-simulator", [sys.executable, "-m", "services.erx_simulator"], env)
             fax_simulator = self._spawn("fax-simulator", [sys.executable, "-m", "services.fax_simulator"], env)
         wait_http(f"{self.directory_url}/healthz", "directory", self.logs / "directory.log", directory)
@@ -258,6 +277,9 @@ class Stack:
         erx_bridge = self._spawn("erx-bridge", [sys.executable, "-m", "services.erx_bridge"], env)
         if env.get("CLINIC_MODE", "development") != "production" and "CLOUD_DIRECT_CERTS_DIR" not in env:
             self._devcerts(env)
+        direct_simulator = None
+        if self.runs_simulators:
+            direct_simulator = self._spawn("direct-simulator", [sys.executable, "-m", "services.direct_simulator"], env)
         cloud_comms = self._spawn("cloud-comms", [sys.executable, "-m", "services.cloud_comms"], env)
         web = self._spawn("web", [sys.executable, "-m", "services.web"], env)
         self.patient_portal_api_key = dev_secret(self.run_dir, "patient-portal-api-key", lambda: os.urandom(24).hex())
@@ -274,6 +296,9 @@ class Stack:
         # Ready = consuming message.delivered.v1 (its queue exists, so no delivery is missed).
         wait_http(f"{self.auto_reply_url}/readyz", "auto-reply", self.logs / "auto-reply.log", auto_reply)
         wait_http(f"{self.erx_bridge_url}/readyz", "erx-bridge", self.logs / "erx-bridge.log", erx_bridge)
+        if direct_simulator is not None:
+            log = self.logs / "direct-simulator.log"
+            wait_http(f"{self.direct_simulator_url}/healthz", "direct-simulator", log, direct_simulator)
         wait_http(f"{self.cloud_comms_url}/readyz", "cloud-comms", self.logs / "cloud-comms.log", cloud_comms)
         wait_http(f"{self.web_url}/healthz", "web", self.logs / "web.log", web)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
@@ -296,9 +321,11 @@ class Stack:
         ports = vars(self.config.ports).copy()
         if self.config.mongo_uri is not None:
             ports.pop("mongo")
-        if not self.runs_erx_simulator:
+        if not self.runs_simulators:
             ports.pop("erx_simulator")
             ports.pop("fax_simulator")
+            ports.pop("direct_simulator")
+            ports.pop("direct_simulator_smtp")
         taken = []
         for name, port in ports.items():
             with socket.socket() as probe:
@@ -384,7 +411,7 @@ class Stack:
     def status(self) -> dict[str, bool]:
         result = {}
         for name in (*self.SERVICES, "nx-27017"):
-            if name in ("erx-simulator", "fax-simulator") and not self.runs_erx_simulator:
+            if name in ("erx-simulator", "fax-simulator", "direct-simulator") and not self.runs_simulators:
                 continue
             pid_file = self.pids / f"{name}.pid"
             try:
@@ -395,12 +422,6 @@ class Stack:
 
 
 # --- helpers ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -571,9 +592,13 @@ def print_welcome(stack: Stack) -> None:
         f"Direct secure messaging SMTP listener (S/MIME, the agency's HISP edge): "
         f"127.0.0.1:{stack.config.ports.cloud_comms_smtp}   certificates: {stack.cloud_direct_certs}/"
     )
-    if stack.runs_erx_simulator:
+    if stack.runs_simulators:
         print(f"eRx vendor simulator (development only, fictional data): {stack.erx_simulator_url}/simulator/state")
         print(f"Fax provider simulator (development only): {stack.fax_simulator_url}/simulator/state")
+        print(
+            f"Partner HISP simulator (development only; outbound Direct is relayed to it and it answers with MDNs): "
+            f"{stack.direct_simulator_url}/simulator/state   SMTP 127.0.0.1:{stack.config.ports.direct_simulator_smtp}"
+        )
     print("Try it:")
     print(
         f"  curl -s -X POST {stack.gateway_url}/api/v1/auth/token -H 'Content-Type: application/json' "

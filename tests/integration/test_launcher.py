@@ -46,6 +46,7 @@ def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
         "erx-bridge",
         "erx-simulator",
         "fax-simulator",
+        "direct-simulator",
         "cloud-comms",
         "notifications",
         "auto-reply",
