@@ -1,7 +1,8 @@
 """cloud-comms settings: the only reader of the environment for this service.
 
 Each channel has its own settings block, read by its own package from the same kit `Env`:
-`direct` (services/cloud_comms/direct/settings.py) and `fax` (services/cloud_comms/fax/settings.py).
+`direct` (services/cloud_comms/direct/settings.py), `fax` (services/cloud_comms/fax/settings.py) and
+`triage` (services/cloud_comms/triage/settings.py).
 Every problem of every block is reported in one pass (an invalid configuration exits 2).
 """
 
@@ -14,6 +15,8 @@ from services.cloud_comms.direct import settings as direct_settings
 from services.cloud_comms.direct.settings import DirectSettings
 from services.cloud_comms.fax import settings as fax_settings
 from services.cloud_comms.fax.settings import FaxSettings
+from services.cloud_comms.triage import settings as triage_settings
+from services.cloud_comms.triage.settings import TriageSettings
 from services.kit.settings import CommonSettings, Env, common_settings
 
 SERVICE = "cloud-comms"
@@ -34,6 +37,7 @@ class CloudCommsSettings:
     relay_batch_size: int
     direct: DirectSettings
     fax: FaxSettings
+    triage: TriageSettings
     # How long a resolved cloud address (Direct address, fax number) is cached.
     address_cache_s: float = 30.0
 
@@ -55,6 +59,7 @@ def load(environ: Mapping[str, str] | None = None) -> CloudCommsSettings:
         address_cache_s=env.float("CLOUD_ADDRESS_CACHE_S", 30.0, minimum=0.0),
         direct=direct_settings.load(env),
         fax=fax_settings.load(env),
+        triage=triage_settings.load(env),
     )
     env.done()
     return settings

@@ -19,13 +19,14 @@ from services.cloud_comms.direct.feature import DirectMessaging
 from services.cloud_comms.directory_client import DirectoryClient
 from services.cloud_comms.fax.feature import Faxes
 from services.cloud_comms.store import OUTBOX_COLLECTIONS, CloudCommsStore
+from services.cloud_comms.triage.feature import Triage
 from services.kit.bootstrap import phi_cipher
 from services.kit.crypto import PhiCipher
 from services.kit.features import Assembled, Worker, background_of
 from services.kit.outbox import outbox_collections
 
 # Every channel of the service, in start order.
-FEATURES: tuple[Callable[[Components], Feature], ...] = (DirectMessaging, Faxes)
+FEATURES: tuple[Callable[[Components], Feature], ...] = (DirectMessaging, Faxes, Triage)
 
 
 @dataclass
