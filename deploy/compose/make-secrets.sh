@@ -19,6 +19,8 @@
 #                                partners' anchor bundle (services/cloud_comms/README.md)
 #   secrets/fax_callback_token   eFax callback HMAC token (random); secrets/fax_api_key, fax_api_secret:
 #                                "REPLACE-..." until you write your provider's credentials in
+#   secrets/triage_index_key     cloud-comms' key of the patient roster's blind indexes (random; changing
+#                                it needs the roster imported again)
 #   secrets/erx_practices.json   erx-bridge's practices at the ePrescribing vendor (ERX_PRACTICES_FILE):
 #                                "{}" (none) until you write them in (services/erx_bridge/README.md)
 #                                public key; docker compose reads it for ${...} substitution
@@ -40,6 +42,8 @@ command -v openssl >/dev/null || { echo "openssl is required (apt-get install op
 
 umask 077
 mkdir -p secrets
+# Partners' Direct certificates for outbound Direct (cloud-comms' CLOUD_DIRECT_RECIPIENT_CERTS): public, not secret.
+mkdir -p direct-recipients
 chmod 700 secrets
 if [ "$force" = 1 ]; then
   rm -f secrets/* .env
@@ -110,6 +114,7 @@ replace_me() {
 }
 create fax_api_key replace_me
 create fax_api_secret replace_me
+create triage_index_key openssl rand -hex 32
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {

@@ -222,6 +222,12 @@ def test_compose_gives_each_service_what_production_requires(compose, generated_
             secret = value.removeprefix("/run/secrets/")
             assert value.startswith("/run/secrets/") and secret in spec["secrets"], key
             env[key] = str(workdir / compose["secrets"][secret]["file"])
+    # A setting naming a folder the service mounts (partners' Direct certificates) gets an empty one.
+    mounted = {volume.split(":")[1] for volume in spec.get("volumes", [])}
+    for key, value in list(env.items()):
+        if value in mounted:
+            env[key] = str(tmp_path / key)
+            (tmp_path / key).mkdir()
     env["CLINIC_RUN_DIR"] = str(tmp_path)
     assert d.production_problems(service, env) == []
 
@@ -513,6 +519,12 @@ def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
             file = tmp_path / key
             file.write_text(stand_ins[key])
             env[name] = str(file)
+    # A setting naming a mounted ConfigMap folder (partners' Direct certificates) gets an empty one.
+    mounted = {mount["mountPath"] for mount in container.get("volumeMounts", [])}
+    for name, value in list(env.items()):
+        if value in mounted and not name.endswith("_FILE"):
+            env[name] = str(tmp_path / name)
+            (tmp_path / name).mkdir()
     if "PHI_MASTER_KEY_ID" in env:
         env["PHI_MASTER_KEY_ID"] = key_id
     env["CLINIC_RUN_DIR"] = str(tmp_path)
