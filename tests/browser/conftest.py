@@ -50,7 +50,13 @@ def browser_amqp_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def web_stack(tmp_path_factory, mongo_uri, browser_amqp_url) -> Iterator[Stack]:
+def stack_env() -> dict[str, str]:
+    """Settings a test module adds to its stack's (a module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, mongo_uri, browser_amqp_url, stack_env) -> Iterator[Stack]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (see the Makefile)")
     if not AXE_SOURCE.exists():
@@ -62,7 +68,12 @@ def web_stack(tmp_path_factory, mongo_uri, browser_amqp_url) -> Iterator[Stack]:
         mongo_uri=mongo_uri,
         amqp_url=browser_amqp_url,
         # Short heartbeats: streams of pages the tests closed are noticed (and freed) within seconds.
-        extra_env={"MONGO_DB_PREFIX": prefix, "PASSWORD_HASH_PROFILE": "fast", "WEB_EVENTS_HEARTBEAT_S": "2"},
+        extra_env={
+            "MONGO_DB_PREFIX": prefix,
+            "PASSWORD_HASH_PROFILE": "fast",
+            "WEB_EVENTS_HEARTBEAT_S": "2",
+            **stack_env,
+        },
     )
     system = Stack(config)
     try:

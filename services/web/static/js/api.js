@@ -114,6 +114,13 @@ export async function getText(path, options = {}) {
   return { text: await response.text(), type: response.headers.get("Content-Type") || "" };
 }
 
+// A file (an attachment, a fax PDF) fetched with the bearer token: a plain link to the API would
+// carry no token. Answers the Blob (its type from the answer's Content-Type).
+export async function getBlob(path, options = {}) {
+  const response = await authorized("GET", path, undefined, options);
+  return response.blob();
+}
+
 export const get = (path) => api("GET", path);
 export const post = (path, body) => api("POST", path, body === undefined ? {} : body);
 export const put = (path, body) => api("PUT", path, body);

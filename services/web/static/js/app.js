@@ -2,6 +2,7 @@
 // textContent (dom.h), links only for http/https (dom.safeLink).
 import { ApiError, del, get, onSignedOut, post, put, refresh, signIn, signOut } from "./api.js";
 import { $, announce, fullTime, h, isoToLocalInput, localInputToIso, safeLink, when } from "./dom.js";
+import { cloudPanel, showCloudFolderActions, stopCloud, wireCloud } from "./cloud.js";
 import { showCloudAddresses, stopCloudAddresses, wireCloudAddresses } from "./cloud_addresses.js";
 import { erxLinkButton, isErxLink, showErx, stopErx, wireErx } from "./erx.js";
 import { watchIdle } from "./idle.js";
@@ -51,6 +52,7 @@ function teardown() {
   state.idle = null;
   stopErx();
   stopCloudAddresses();
+  stopCloud();
   document.querySelectorAll("dialog[open]").forEach((d) => d.close());
   Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null, staff: [], teams: [] });
   // Answers still on their way for the signed-out person are dropped when they arrive.
@@ -207,6 +209,7 @@ async function openView(view) {
   listNote("Loading…");
   renderFolders();
   renderPane(null);
+  showCloudFolderActions(view.type === "folder" && view.id === "cloud");
   await loadList();
   $("#main").focus();
 }
@@ -450,6 +453,10 @@ function paneFor(d) {
   if (d.severity === "urgent") badges.push(h("span", { class: "badge urgent", text: "Urgent" }));
   if (d.severity === "abnormal") badges.push(h("span", { class: "badge abnormal", text: "Abnormal" }));
   if (d.overdue) badges.push(h("span", { class: "badge overdue", text: "Overdue" }));
+  // Direct messages and faxes: cloud.js draws the message or fax itself (its times in the agency's
+  // zone, its status kept up to date, its own actions).
+  const cloud = cloudPanel(d);
+  if (cloud) return h("article", { "aria-label": d.title || "Notification" }, h("h2", { text: d.title }), h("p", {}, ...badges), cloud, genericActions(d));
   body.push(h("h2", { text: d.title }), h("p", {}, ...badges), meta("From", d.sender && d.sender.name), meta("Received", fullTime(d.sent_at)),
     meta("Due", fullTime(d.due_at)), meta("Status", d.status), h("div", { class: "body", text: d.summary || "" }));
   // eRx items: their erx-sso: link is the "Open in ePrescribing" button; other links stay links.
@@ -827,6 +834,10 @@ function wireStatic() {
     if (state.idle && !$("#idle-dialog").open) state.idle.reset();
   });
   wireCloudAddresses();
+  wireCloud({
+    me: () => state.me, agency: () => state.agency, term,
+    refreshBoard: () => { if (state.board) refreshBoard(); },
+  });
   wireErx({
     erxFolderOpen: () => state.view.type === "folder" && state.view.id === "erx",
     refreshBoard: () => { if (state.board) refreshBoard(); },
