@@ -1,10 +1,17 @@
 """cloud-comms HTTP edge: the application factory and the health blueprint; each feature brings its
 own blueprints (Feature.blueprints()).
 
-Routes:
-- /healthz, /readyz                                     process and dependency checks
-- /api/v1/cloud/direct/<id>                  (staff)    a Direct message (text, attachments list); audited
-- /api/v1/cloud/direct/<id>/attachments/<n>  (staff)    one attachment's bytes; audited
+Routes (each feature's README has the details):
+- /healthz, /readyz                                          process and dependency checks
+- GET  /api/v1/cloud/direct/<id>[/attachments/<n>]    (staff)    a received Direct message; audited
+- POST /api/v1/cloud/direct/outbound                  (staff)    send a Direct message (new, reply, forward)
+- GET  /api/v1/cloud/direct/outbound/<id>[/attachments/<n>] (staff) a sent one with its MDN states
+- GET  /api/v1/cloud/faxes/<id>[/pdf]                 (staff)    a received fax; audited
+- POST /api/v1/cloud/faxes/outbound                   (staff)    Send Fax
+- GET  /api/v1/cloud/faxes/outbound/<id>[/pdf]        (staff)    a sent fax with its status history
+- POST /api/v1/fax/callbacks/received | /status       (provider, signed)  the eFax provider's callbacks
+- GET  /api/v1/cloud/triage/<document id>, POST .../confirm, GET|PUT /api/v1/cloud/triage/settings,
+  GET|POST /api/v1/cloud/patients                     (staff / admins)  triage and the patient roster
 """
 
 from __future__ import annotations
