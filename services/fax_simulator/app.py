@@ -47,6 +47,8 @@ FAULTS = (
     "api_unavailable",
     "api_refuses",
     "lost_answer",
+    "api_unauthorized",
+    "test_mode",
 )
 SEND_STEPS = ("queued", "inprogress")
 DEFAULT_FAILURE = "Busy signal"
@@ -62,6 +64,10 @@ def sign(token: str, url: str, params: dict[str, str], files: dict[str, bytes]) 
     parts += [name + value for name, value in sorted(params.items())]
     parts += [name + hashlib.sha1(data).hexdigest() for name, data in sorted(files.items())]  # noqa: S324
     return hmac.new(token.encode("utf-8"), "".join(parts).encode("utf-8"), hashlib.sha1).hexdigest()
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def rfc3339(moment: dt.datetime) -> str:
@@ -89,6 +95,7 @@ class SentFax:
     caller_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     failure: str = ""  # the error message when it is to fail
+    is_test: bool = False  # sent as with Phaxio's test API keys: reported, never transmitted
     status: str = "queued"
     callbacks: list[dict] = field(default_factory=list)  # {"status", "answers"}
 
@@ -107,7 +114,7 @@ class SentFax:
             "num_pages": self.pages,
             "cost": 7 * self.pages,
             "status": self.status,
-            "is_test": True,
+            "is_test": self.is_test,
             "created_at": self.created_at,
             "caller_id": self.caller_id,
             "from_number": None,
@@ -212,7 +219,9 @@ class Simulator:
                 answers.append(0)
         return answers
 
-    def inbound_fax(self, from_number: str, to_number: str, pages: int, text: str = SAMPLE_TEXT) -> dict:
+    def inbound_fax(  # noqa: PLR0913 - the fax's fields
+        self, from_number: str, to_number: str, pages: int, text: str = SAMPLE_TEXT, *, is_test: bool = False
+    ) -> dict:
         """Deliver a received fax to the received-fax callback URL, as Phaxio does; what happened."""
         fax_id = next(self._ids)
         now = dt.datetime.now(dt.UTC)
@@ -225,7 +234,7 @@ class Simulator:
             "num_pages": pages,
             "cost": 7 * pages,
             "status": "success",
-            "is_test": True,
+            "is_test": is_test,
             "created_at": rfc3339(now - dt.timedelta(seconds=40)),
             "caller_id": None,
             "from_number": from_number,
@@ -237,7 +246,7 @@ class Simulator:
             "error_id": None,
             "completed_at": rfc3339(now),
         }
-        params = {"fax": json.dumps(fax), "direction": "received", "is_test": "true", "success": "true"}
+        params = {"fax": json.dumps(fax), "direction": "received", "is_test": _flag(is_test), "success": "true"}
         answers = self._deliver(self.received_url, params, {"filename": pdf})
         record = {"fax_id": fax_id, "from": from_number, "to": to_number, "pages": pages, "answers": answers}
         with self._lock:
@@ -267,6 +276,7 @@ class Simulator:
             caller_id=caller_id,
             tags=dict(tags or {}),
             failure=(failing.reason or DEFAULT_FAILURE) if failing else "",
+            is_test=self.take_fault(("test_mode",)) is not None,
         )
         with self._lock:
             self.sent[fax.fax_id] = fax
@@ -297,8 +307,8 @@ class Simulator:
             params = {
                 "fax": json.dumps(body),
                 "direction": "sent",
-                "is_test": "true",
-                "success": "true" if status == "success" else "false",
+                "is_test": _flag(fax.is_test),
+                "success": _flag(status == "success"),
             }
             answers = self._deliver(fax.callback_url, params, {})
             with self._lock:
@@ -358,6 +368,8 @@ def send_fax():
     if not _authorized():
         return _phaxio_error(401, "Invalid API credentials")
     sim = _sim()
+    if sim.take_fault(("api_unauthorized",)):
+        return _phaxio_error(401, "Invalid API credentials (simulated)")
     if sim.take_fault(("api_unavailable",)):
         return _phaxio_error(503, "Service temporarily unavailable (simulated)")
     refusal = sim.take(("api_refuses",))
@@ -428,7 +440,7 @@ def reset():
 @control.post("/inbound")
 def inbound():
     body = _body()
-    unknown = sorted(set(body) - {"from", "to", "pages", "text"})
+    unknown = sorted(set(body) - {"from", "to", "pages", "text", "is_test"})
     if unknown:
         return jsonify(error=f"unknown field {unknown[0]!r}"), 400
     from_number, to_number = body.get("from", "+15555550123"), body.get("to")
@@ -437,7 +449,10 @@ def inbound():
         return jsonify(error="from, to and text must be strings; to is required"), 400
     if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= 200:
         return jsonify(error="pages must be a whole number from 1 to 200"), 400
-    return jsonify(_sim().inbound_fax(from_number, to_number, pages, text)), 201
+    is_test = body.get("is_test", False)
+    if not isinstance(is_test, bool):
+        return jsonify(error="is_test must be true or false"), 400
+    return jsonify(_sim().inbound_fax(from_number, to_number, pages, text, is_test=is_test)), 201
 
 
 @control.post("/faults")

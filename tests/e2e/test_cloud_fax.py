@@ -117,7 +117,9 @@ def test_the_callback_route_needs_no_token_but_the_staff_routes_do(stack, fax_si
 
 
 def new_number() -> str:
-    return f"+1555{random.randrange(10**6, 10**7)}"
+    """A destination Send Fax allows: NPA 555 (unassigned), an exchange neither N11 nor 555."""
+    exchange = random.choice([n for n in range(200, 1000) if n % 100 != 11 and n != 555])
+    return f"+1555{exchange}{random.randrange(10**4):04d}"
 
 
 def sent_item(client, number: str, status: str):
@@ -136,8 +138,8 @@ def test_an_uploaded_pdf_is_faxed_and_the_senders_item_follows(login, admin, out
     wilson, thompson = login("intake.wilson"), login("intake.thompson")
     to = new_number()
     # Larger than the gateway's usual 1 MB body limit: the upload route allows a 20 MiB PDF.
-    pdf = sample_pdf(1)
-    pdf = pdf[:-6] + b"%" + b"x" * (2 * 1024 * 1024) + b"\n%%EOF\n"
+    pdf = sample_pdf(1, "\n".join(["A line of text making the page over two megabytes large."] * 40_000))
+    assert len(pdf) > 2 * 1024 * 1024
     body = {"to": to, "from_number": RIVERBEND_FAX, "pdf_base64": base64.b64encode(pdf).decode(), "filename": "a.pdf"}
     reply = wilson.post("/api/v1/cloud/faxes/outbound", json=body)
     assert reply.status_code == 202, reply.text
@@ -193,6 +195,34 @@ def test_a_received_fax_is_sent_on_and_a_failure_comes_back_unread(inbound, logi
     view = wilson.get(f"/api/v1/cloud/faxes/outbound/{reply.json()['id']}").json()
     assert (view["status"], view["failure_reason"]) == ("failure", "No answer")
     assert wilson.get(view["pdf_url"]).content == wilson.get(f"/api/v1/cloud/faxes/{fax_id}/pdf").content
+
+
+def test_a_fax_sent_in_test_mode_is_not_shown_as_sent(login, fax_simulator):
+    wilson = login("intake.wilson")
+    reply = requests.post(f"{fax_simulator}/simulator/faults", json={"fault": "test_mode"}, timeout=10)
+    assert reply.status_code == 201
+    to = new_number()
+    body = {"to": to, "from_number": RIVERBEND_FAX, "pdf_base64": base64.b64encode(sample_pdf()).decode()}
+    reply = wilson.post("/api/v1/cloud/faxes/outbound", json=body)
+    assert reply.status_code == 202, reply.text
+    item = wait_until(lambda: sent_item(wilson, to, "test"), timeout=30)
+    assert item["summary"] == "Test mode: not transmitted" and not item["read"]
+    assert sent_item(wilson, to, "sent") is None
+    assert wilson.get(f"/api/v1/cloud/faxes/outbound/{reply.json()['id']}").json()["status"] == "test"
+
+
+def test_an_idempotency_key_through_the_gateway_sends_once(login, fax_simulator):
+    wilson = login("intake.wilson")
+    to, key = new_number(), f"e2e-{random.randrange(10**12)}"
+    body = {"to": to, "from_number": RIVERBEND_FAX, "pdf_base64": base64.b64encode(sample_pdf()).decode()}
+    first = wilson.post("/api/v1/cloud/faxes/outbound", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 202, first.text
+    again = wilson.post("/api/v1/cloud/faxes/outbound", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    wait_until(lambda: sent_item(wilson, to, "sent"), timeout=30)
+    assert len(simulator_sent(fax_simulator, first.json()["id"])) == 1
+    premium = wilson.post("/api/v1/cloud/faxes/outbound", json={**body, "to": "+19005550177"})
+    assert premium.status_code == 400 and premium.json()["code"] == "destination_not_allowed"
 
 
 def test_a_forged_status_callback_is_refused_at_cloud_comms(stack):

@@ -8,11 +8,14 @@ the callbacks are built and signed by the fax simulator's own code (services/fax
 from __future__ import annotations
 
 import base64
+import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from io import BytesIO
 
+import pypdf
 import pytest
 
 from clinic.audit.v1 import audit_pb2
@@ -27,6 +30,7 @@ from services.fax_simulator.app import sign
 from services.fax_simulator.pdf import SAMPLE_LINES, sample_pdf
 from services.kit.auth import Identity, current_identity
 from services.kit.bootstrap import phi_cipher
+from tests.waits import Worker
 
 RIVERBEND, LAKESIDE = "agy_riverbend", "agy_lakeside"
 INTAKE_NUMBER, LAKESIDE_NUMBER = "+15555550199", "+15555550288"
@@ -35,6 +39,18 @@ TOKEN = "test-callback-token"
 PUBLIC = "https://clinic.example/api/v1/fax/callbacks"
 RECEIVED_URL = f"{PUBLIC}/received"
 CALLBACK_PATH = "/api/v1/fax/callbacks/received"
+
+
+def _encrypted_pdf() -> bytes:
+    writer = pypdf.PdfWriter()
+    writer.add_blank_page(612, 792)
+    writer.encrypt("secret")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+ENCRYPTED_PDF = _encrypted_pdf()
 
 
 @dataclass(frozen=True)
@@ -217,7 +233,35 @@ def test_a_wrong_or_missing_signature_is_refused_and_nothing_stored(setup, direc
     assert answer.get_json()["code"] == "invalid_signature"
     assert stored(db) == [] and db[FAX_CHUNKS].count_documents({}) == 0
     assert directory.calls == [], "nothing is looked up before the signature holds"
-    assert db["security_events"].count_documents({"channel": "fax", "code": "invalid_signature"}) == 1
+    (event,) = db["security_events"].find({"channel": "fax", "code": "invalid_signature"})
+    assert (event["count"], event["peer"]) == (1, "127.0.0.1")
+    assert event["first_at"] == event["last_at"] == event["at"]
+
+
+def test_a_burst_of_unsigned_callbacks_is_one_counted_security_event(setup, caplog):
+    db, client = setup
+    data, _ = callback()
+    fields = {k: v for k, v in data.items() if k != "filename"}
+    app = client.application
+
+    def burst() -> list[int]:
+        local = app.test_client()
+        return [
+            local.post(CALLBACK_PATH, data=fields, content_type="multipart/form-data").status_code for _ in range(50)
+        ]
+
+    caplog.set_level(logging.WARNING, logger="services.cloud_comms.store")
+    workers = [Worker(burst).start() for _ in range(8)]
+    answers = [status for worker in workers for status in worker.finish(120)]
+    assert answers == [401] * 400
+    events = list(db["security_events"].find({"channel": "fax"}))
+    # one document per peer and minute (two when the burst straddles a minute), counting every refusal
+    assert 1 <= len(events) <= 2 and sum(e["count"] for e in events) == 400
+    assert all(e["first_at"] <= e["last_at"] and e["code"] == "invalid_signature" for e in events)
+    assert len({e["minute"] for e in events}) == len(events)
+    logged = [r for r in caplog.records if "inbound refused" in r.getMessage()]
+    assert len(logged) == len(events), "one log line per peer and minute"
+    assert stored(db) == []
 
 
 def test_a_retried_callback_is_one_item(setup):
@@ -238,12 +282,22 @@ def test_one_provider_id_at_two_agencies_is_two_faxes(setup):
     assert sorted(d["agency_id"] for d in stored(db)) == [LAKESIDE, RIVERBEND]
 
 
-@pytest.mark.parametrize("content", [b"GIF89a not a pdf", b"%PDF-1.4 cut off before its end", b""])
-def test_a_file_that_is_not_a_pdf_is_refused(setup, content):
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b"GIF89a not a pdf", "not_a_pdf"),
+        (b"%PDF-1.4 cut off before its end", "not_a_pdf"),
+        (b"", "not_a_pdf"),
+        (b"%PDF-1.4\n<html><body>Pay here</body></html>\n%%EOF", "not_a_pdf"),
+        (b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", "not_a_pdf"),  # no page
+        (ENCRYPTED_PDF, "encrypted_pdf"),
+    ],
+)
+def test_a_file_that_is_not_a_pdf_is_refused(setup, content, code):
     db, client = setup
     answer = post(client, callback(pdf=content))
     assert answer.status_code == 400
-    assert answer.get_json()["code"] == "not_a_pdf"
+    assert answer.get_json()["code"] == code
     assert stored(db) == [] and db[FAX_CHUNKS].count_documents({}) == 0
 
 
@@ -280,8 +334,8 @@ def test_a_body_far_over_the_limit_is_refused_before_it_is_read(setup):
 
 def test_a_pdf_larger_than_the_services_json_limit_is_taken(setup):
     db, client = setup
-    pdf = sample_pdf(1)
-    pdf = pdf[:-6] + b"%" + b"x" * (40 * 1024) + b"\n%%EOF\n"  # over the 16 KiB JSON limit, under the 64 KiB fax one
+    pdf = sample_pdf(1, "\n".join(["A long line of text that makes the page larger."] * 800))
+    assert 16 * 1024 < len(pdf) < 64 * 1024  # over the 16 KiB JSON limit, under the 64 KiB fax one
     answer = post(client, callback(pdf=pdf))
     assert answer.status_code == 200, answer.get_json()
 

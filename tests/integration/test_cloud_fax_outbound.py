@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -43,8 +44,7 @@ from services.kit.embedded_mongo import free_port
 from services.kit.outbox import OutboxRelay
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import IssuedToken, ServiceTokens
-from tests.cloud_direct_helpers import PDF as DIRECT_PDF
-from tests.cloud_direct_helpers import RIVERBEND_INTAKE, direct_message, send
+from tests.cloud_direct_helpers import CCDA, RIVERBEND_INTAKE, direct_message, send
 from tests.integration.conftest import own_inbox
 from tests.integration.inbox_fixtures import AgencyTable
 from tests.integration.inbox_fixtures import staff as inbox_staff
@@ -55,6 +55,7 @@ MAIN, BILLING, LAKE = "+15555550100", "+15555550111", "+15555550288"
 TO = "+15555550177"
 TOKEN, KEY, SECRET = "test-callback-token", "test-api-key", "test-api-secret"
 MAX_PDF = 64 * 1024
+NO_PAGE_PDF = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"  # parses, but has no page
 
 
 def documented_signature(token: str, url: str, params: dict[str, str], files: dict[str, bytes]) -> str:
@@ -125,10 +126,9 @@ class Place:
     def faxes(self) -> Faxes:
         return self.comms.components.feature(Faxes)
 
-    def post(self, who: str, body: dict) -> requests.Response:
-        return requests.post(
-            f"{self.url}/api/v1/cloud/faxes/outbound", json=body, headers={"Authorization": f"Bearer {who}"}, timeout=30
-        )
+    def post(self, who: str, body: dict, key: str | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {who}"} | ({"Idempotency-Key": key} if key is not None else {})
+        return requests.post(f"{self.url}/api/v1/cloud/faxes/outbound", json=body, headers=headers, timeout=30)
 
     def get(self, who: str, path: str) -> requests.Response:
         return requests.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {who}"}, timeout=30)
@@ -177,7 +177,9 @@ def place_factory(mongo_client, db_name, certs):
     servers: list[Served] = []
     simulators: list[Simulator] = []
 
-    def make(*, step_s: float = 0.05, api_url: str | None = None, sender: bool = True, attempts: int = 3) -> Place:
+    def make(
+        *, step_s: float = 0.05, api_url: str | None = None, sender: bool = True, attempts: int = 3, api_key: str = KEY
+    ) -> Place:
         comms_port, smtp_port = free_port(), free_port()
         public = f"http://127.0.0.1:{comms_port}/api/v1/fax/callbacks"
         simulator = Simulator(
@@ -205,7 +207,7 @@ def place_factory(mongo_client, db_name, certs):
                 "CLOUD_COMMS_PUBLIC_URL": "https://clinic.example",
                 "CLOUD_FAX_CALLBACK_TOKEN": TOKEN,
                 "CLOUD_FAX_API_URL": api_url or f"http://127.0.0.1:{simulator_port}/v2",
-                "CLOUD_FAX_API_KEY": KEY,
+                "CLOUD_FAX_API_KEY": api_key,
                 "CLOUD_FAX_API_SECRET": SECRET,
                 "CLOUD_FAX_PUBLIC_CALLBACK_URL": public,
                 "CLOUD_FAX_MAX_PDF_BYTES": str(MAX_PDF),
@@ -350,25 +352,55 @@ def test_a_received_fax_is_faxed_on_by_staff_it_reached(place):
     assert ("stf_baker", received["_id"], "read", "denied") in accesses(place.db)
 
 
+def direct_inner(*attachments: tuple[str, str, bytes]) -> bytes:
+    """A Direct message's inner MIME with these attachments (name, content type, bytes)."""
+    boundary = "inner_" + os.urandom(8).hex()
+    lines = [f'Content-Type: multipart/mixed; boundary="{boundary}"', "", f"--{boundary}"]
+    lines += ["Content-Type: text/plain; charset=utf-8", "", "Please see the attached documents.", ""]
+    for name, ctype, data in attachments:
+        lines += [f"--{boundary}", f"Content-Type: {ctype}", f'Content-Disposition: attachment; filename="{name}"']
+        lines += ["Content-Transfer-Encoding: base64", "", base64.encodebytes(data).decode().strip(), ""]
+    lines.append(f"--{boundary}--")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
 def test_a_direct_attachment_is_faxed(place, certs):
-    code, _ = send(place.smtp_port, direct_message(certs))
+    note = sample_pdf(1, "Referral note\nPatient: Maria Lopez")
+    inner = direct_inner(
+        ("referral.xml", "application/xml", CCDA),
+        ("note.pdf", "application/pdf", note),
+        ("empty.pdf", "application/pdf", NO_PAGE_PDF),
+    )
+    code, _ = send(place.smtp_port, direct_message(certs, inner=inner))
     assert code == 250
     (message,) = place.db["direct_messages"].find()
     document = {"kind": "direct", "id": message["_id"], "index": 1}  # 0 is the C-CDA, 1 the PDF
+    attachment = f"{message['_id']}/attachments"
 
     xml = place.post("stf_patel", {"to": TO, "document": {**document, "index": 0}})
     assert xml.status_code == 400 and xml.json()["code"] == "not_a_pdf"
+    assert accesses(place.db) == [], "a refused request leaves no record of an allowed read"
+    empty = place.post("stf_patel", {"to": TO, "document": {**document, "index": 2}})
+    assert empty.status_code == 400 and empty.json()["code"] == "not_a_pdf"
     missing = place.post("stf_patel", {"to": TO, "document": {**document, "index": 7}})
     assert missing.status_code == 404 and missing.json()["code"] == "attachment_not_found"
     not_mine = place.post("stf_davis", {"to": TO, "from_number": MAIN, "document": document})
     assert not_mine.status_code == 404 and not_mine.json()["code"] == "direct_message_not_found"
+    # the refused requests left no record of an allowed read (the stranger's refusal is recorded as denied)
+    assert [a for a in accesses(place.db) if a[3] == "allowed"] == []
+    assert ("stf_davis", message["_id"], "read", "denied") in accesses(place.db)
 
     answer = place.post("stf_patel", {"to": TO, "document": document})
     assert answer.status_code == 202, answer.text
     assert answer.json()["filename"] == "note.pdf"
     fid = answer.json()["id"]
     wait_until(lambda: place.status_of(fid) == "success", 10, 0.05, "the fax sent")
-    assert place.get("stf_patel", f"/api/v1/cloud/faxes/outbound/{fid}/pdf").content == DIRECT_PDF
+    assert place.get("stf_patel", f"/api/v1/cloud/faxes/outbound/{fid}/pdf").content == note
+    allowed = [a for a in accesses(place.db) if a[3] == "allowed"]
+    assert ("stf_patel", f"{attachment}/1", "send", "allowed") in allowed
+    assert ("stf_patel", fid, "send", "allowed") in allowed
+    assert not any(a[1] in (f"{attachment}/0", f"{attachment}/2") for a in allowed)
+    assert not any(a[2] == "download" and a[1].startswith(attachment) for a in accesses(place.db))
 
 
 def test_the_number_to_send_from_must_be_the_callers(place):
@@ -396,6 +428,13 @@ def test_the_number_to_send_from_must_be_the_callers(place):
         (upload(from_number="fax me"), 400, "invalid_number"),
         (upload(b"GIF89a, not a PDF"), 400, "not_a_pdf"),
         (upload(b"%PDF-1.4 cut off before its end"), 400, "not_a_pdf"),
+        (upload(b"%PDF-1.4\n<html><body>Not a fax</body></html>\n%%EOF"), 400, "not_a_pdf"),
+        (upload(NO_PAGE_PDF), 400, "not_a_pdf"),
+        (upload(to="+1 900 555 0177"), 400, "destination_not_allowed"),
+        (upload(to="+19765550177"), 400, "destination_not_allowed"),
+        (upload(to="+14115550177"), 400, "destination_not_allowed"),
+        (upload(to="+15555551212"), 400, "destination_not_allowed"),
+        (upload(to="+442079460958"), 400, "destination_not_allowed"),
         ({"to": TO, "pdf_base64": "not base64!"}, 400, "invalid_base64"),
         ({"to": TO}, 400, "one_document_required"),
         (upload(document={"kind": "fax", "id": "fax_x"}), 400, "one_document_required"),
@@ -409,8 +448,9 @@ def test_the_number_to_send_from_must_be_the_callers(place):
 def test_bad_requests_are_refused_and_nothing_is_stored_or_sent(place, body, status, code):
     answer = place.post("stf_patel", body)
     assert (answer.status_code, answer.json()["code"]) == (status, code), answer.text
+    assert answer.json()["message"]
     assert place.db[OUTBOUND_FAXES].count_documents({}) == 0 and place.db[FAX_CHUNKS].count_documents({}) == 0
-    assert place.sent() == []
+    assert place.sent() == [] and accesses(place.db) == []
 
 
 def test_a_body_far_over_the_limit_is_refused_and_staff_routes_need_a_token(place):
@@ -434,18 +474,20 @@ def test_the_fax_is_shown_to_its_sender_and_the_staff_of_its_number_only(place):
 # --- status callbacks ------------------------------------------------------------------------------
 
 
-def sent_fax_params(fax_id: int, status: str, fid: str, **fields) -> dict[str, str]:
+def sent_fax_params(fax_id: int, status: str, fid: str, *, is_test: bool = False, **fields) -> dict[str, str]:
+    recipient_status = fields.pop("recipient_status", status)
     fax = {
         "id": fax_id,
         "direction": "sent",
         "num_pages": 3,
         "status": status,
-        "is_test": True,
+        "is_test": is_test,
         "tags": {"outbound_id": fid},
-        "recipients": [{"phone_number": TO, "status": status, "error_message": fields.pop("reason", None)}],
+        "recipients": [{"phone_number": TO, "status": recipient_status, "error_message": fields.pop("reason", None)}],
         **fields,
     }
-    return {"fax": json.dumps(fax), "direction": "sent", "is_test": "true", "success": str(status == "success").lower()}
+    success = str(status == "success").lower()
+    return {"fax": json.dumps(fax), "direction": "sent", "is_test": str(is_test).lower(), "success": success}
 
 
 @pytest.fixture
@@ -499,7 +541,8 @@ def test_a_tampered_or_unsigned_callback_is_refused_and_changes_nothing(accepted
         assert answer.status_code == 401 and answer.json()["code"] == "invalid_signature"
     after = place.db[OUTBOUND_FAXES].find_one({"_id": fid})
     assert (after["version"], after["status"], after["history"]) == (before["version"], "sending", before["history"])
-    assert place.db["security_events"].count_documents({"channel": "fax", "code": "invalid_signature"}) == 4
+    events = list(place.db["security_events"].find({"channel": "fax", "code": "invalid_signature"}))
+    assert sum(e["count"] for e in events) == 4 and 1 <= len(events) <= 2  # aggregated per peer and minute
 
 
 def test_callbacks_that_are_not_about_our_faxes(accepted):
@@ -651,3 +694,137 @@ def test_the_senders_board_item_follows_the_fax(place_factory, board, relayed):
     assert failed["summary"] == "Failed: Busy signal" and not failed["read"], "a failure is unread again"
     davis = board.board.page(inbox_staff(RIVERBEND, "stf_davis"), domain.FOLDER_CLOUD, ItemFilter(), None, 50)
     assert davis["items"] == []  # the sender's item only
+
+
+# --- test mode, partial success ------------------------------------------------------------------------------
+
+
+def test_a_fax_sent_with_test_keys_is_never_shown_as_sent(place):
+    place.fault(fault="test_mode")  # the provider reports success, is_test true: nothing was transmitted
+    fid = place.post("stf_patel", upload()).json()["id"]
+    wait_until(lambda: place.status_of(fid) == "test", 10, 0.05, "the test-mode outcome")
+    view = place.view(fid)
+    assert view["status"] == "test" and history(view) == ["queued", "sending", "inprogress", "test"]
+    assert view["history"][-1]["detail"] == "test mode: the provider's test API keys transmit nothing"
+    (sent,) = place.sent()
+    assert sent["is_test"] is True and [c["answers"] for c in sent["callbacks"]] == [[200], [200], [200]]
+    last = items(place.db[OUTBOUND_FAXES].find_one({"_id": fid}))[-1]
+    assert (last.status, last.summary, last.mark_unread) == ("test", "Test mode: not transmitted", True)
+    assert not any(u.status == "sent" for u in items(place.db[OUTBOUND_FAXES].find_one({"_id": fid})))
+
+
+def test_a_test_mode_success_callback_is_the_test_outcome(accepted):
+    place, fid, fax_id = accepted
+    answer = place.callback(sent_fax_params(fax_id, "success", fid, is_test=True))
+    assert answer.json() == {"id": fid, "status": "test", "applied": True}
+    # Phaxio's retry of it, or a live success after it, changes nothing: the first final stays
+    assert place.callback(sent_fax_params(fax_id, "success", fid, is_test=True)).json()["applied"] is False
+    assert place.callback(sent_fax_params(fax_id, "success", fid)).json()["applied"] is False
+    assert place.view(fid)["status"] == "test"
+
+
+def test_test_mode_is_read_from_the_form_too(accepted):
+    place, fid, fax_id = accepted
+    params = sent_fax_params(fax_id, "success", fid)
+    params["is_test"] = "true"  # the fax object says nothing of test mode, the form does
+    assert place.callback(params).json() == {"id": fid, "status": "test", "applied": True}
+
+
+def test_a_partial_success_follows_our_recipients_status(place_factory):
+    place = place_factory(step_s=60)
+    failed_fid = place.post("stf_patel", upload()).json()["id"]
+    sent_fid = place.post("stf_patel", upload()).json()["id"]
+    for fid in (failed_fid, sent_fid):
+        wait_until(lambda fid=fid: place.status_of(fid) == "sending", 10, 0.05, "accepted by the provider")
+    failed_id, sent_id = (
+        int(place.db[OUTBOUND_FAXES].find_one({"_id": f})["provider_fax_id"]) for f in (failed_fid, sent_fid)
+    )
+
+    partial = sent_fax_params(failed_id, "partialsuccess", failed_fid, recipient_status="failure", reason="No answer")
+    answer = place.callback(partial)
+    assert answer.status_code == 200 and answer.json() == {"id": failed_fid, "status": "failure", "applied": True}
+    assert place.view(failed_fid)["failure_reason"] == "No answer"
+    answer = place.callback(sent_fax_params(sent_id, "partialsuccess", sent_fid, recipient_status="success"))
+    assert answer.json() == {"id": sent_fid, "status": "success", "applied": True}
+
+
+# --- our credentials refused -------------------------------------------------------------------------------------
+
+
+def test_refused_credentials_keep_the_fax_queued_then_it_goes(place):
+    place.fault(fault="api_unauthorized", times=2)
+    fid = place.post("stf_patel", upload()).json()["id"]
+    wait_until(lambda: place.status_of(fid) == "success", 10, 0.05, "the fax sent once the provider took our keys")
+    view = place.view(fid)
+    retries = [h["detail"] for h in view["history"] if h["status"] == "queued"][1:]
+    assert len(retries) == 2 and all("the fax provider refused our credentials (HTTP 401)" in r for r in retries)
+    assert view["failure_reason"] is None and len(place.sent()) == 1
+
+
+def test_credentials_refused_for_good_fail_every_fax_after_the_tries(place_factory, caplog):
+    place = place_factory(api_key="not-our-key", sender=False)
+    fids = [place.post("stf_patel", upload()).json()["id"] for _ in range(2)]
+    caplog.set_level(logging.INFO, logger="services.cloud_comms.fax.sender")
+
+    def refused_in_a_pass() -> int:
+        place.faxes.sender.send_pass()
+        return sum(place.status_of(f) == "failure" for f in fids)
+
+    wait_until(lambda: refused_in_a_pass() == 2, 10, 0.05, "both faxes failed")
+    for fid in fids:
+        view = place.view(fid)
+        assert view["failure_reason"] == "the fax provider refused our credentials"
+        assert history(view) == ["queued", "queued", "queued", "failure"]  # the 3 tries of the normal budget
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and all(r.getMessage().startswith("the fax provider refused our credentials") for r in errors)
+    # one error per pass, however many faxes it stopped: the first pass tried both
+    assert errors[0].count == 2 and len(errors) < 6
+    assert all(TO not in r.getMessage() and "not-our-key" not in r.getMessage() for r in caplog.records)
+    assert place.sent() == []
+
+
+# --- Idempotency-Key -----------------------------------------------------------------------------------------------
+
+
+def test_a_repeated_idempotency_key_returns_the_first_fax(place):
+    first = place.post("stf_patel", upload(), key="referral-0042")
+    assert first.status_code == 202, first.text
+    fid = first.json()["id"]
+    wait_until(lambda: place.status_of(fid) == "success", 10, 0.05, "the fax sent")
+    again = place.post("stf_patel", upload(to="+15555550188"), key="referral-0042")  # the key names the fax
+    assert again.status_code == 200 and again.json()["id"] == fid and again.json()["to_number"] == TO
+    assert again.json()["status"] == "success"
+    other = place.post("stf_patel", upload(), key="referral-0043")
+    davis = place.post("stf_davis", upload(from_number=MAIN), key="referral-0042")  # another sender's key
+    assert (other.status_code, davis.status_code) == (202, 202)
+    assert len({fid, other.json()["id"], davis.json()["id"]}) == 3
+    wait_until(lambda: len(place.sent()) == 3, 10, 0.05, "three faxes sent")
+    assert place.db[OUTBOUND_FAXES].count_documents({}) == 3
+    assert ("stf_patel", fid, "read", "allowed") in accesses(place.db)  # the repeat showed it
+
+
+def test_concurrent_repeats_of_a_key_store_and_send_one_fax(place_factory):
+    place = place_factory(sender=False)
+    start = threading.Barrier(6)
+
+    def post() -> requests.Response:
+        start.wait(5)
+        return place.post("stf_patel", upload(), key="burst-1")
+
+    answers = [w.finish(30) for w in [Worker(post).start() for _ in range(6)]]
+    assert sorted(a.status_code for a in answers) == [200] * 5 + [202]
+    (fid,) = {a.json()["id"] for a in answers}
+    (doc,) = place.db[OUTBOUND_FAXES].find()
+    assert doc["_id"] == fid
+    wait_until(lambda: place.faxes.sender.send_pass() == 0 and place.status_of(fid) != "queued", 10, 0.05)
+    assert place.db[FAX_CHUNKS].count_documents({}) == doc["pdf_chunks"], "the losers' pieces are removed"
+    assert place.get("stf_patel", f"/api/v1/cloud/faxes/outbound/{fid}/pdf").content == sample_pdf(2)
+    assert len(place.sent()) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 129, "caf\u00e9"])
+def test_a_bad_idempotency_key_is_refused(place, key):
+    headers = {"Authorization": "Bearer stf_patel", "Idempotency-Key": key.encode("utf-8")}
+    answer = requests.post(f"{place.url}/api/v1/cloud/faxes/outbound", json=upload(), headers=headers, timeout=30)
+    assert answer.status_code == 400 and answer.json()["code"] == "invalid_idempotency_key"
+    assert place.db[OUTBOUND_FAXES].count_documents({}) == 0 and place.sent() == []

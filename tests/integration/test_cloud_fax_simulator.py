@@ -76,7 +76,17 @@ def test_an_inbound_fax_from_the_simulator_is_stored(simulator):
     assert answer.get_json()["answers"] == [200]
     (doc,) = db[FAXES].find()
     assert doc["pages"] == 3 and doc["provider_fax_id"] == str(answer.get_json()["fax_id"])
+    assert doc["is_test"] is False, "the simulator plays live API keys unless asked"
     assert control.get("/simulator/state").get_json()["inbound"][0]["answers"] == [200]
+
+
+def test_an_inbound_test_fax_is_stored_as_one(simulator):
+    db, _, _, control = simulator
+    answer = control.post("/simulator/inbound", json={"to": INTAKE_NUMBER, "is_test": True})
+    assert answer.get_json()["answers"] == [200]
+    (doc,) = db[FAXES].find()
+    assert doc["is_test"] is True
+    assert control.post("/simulator/inbound", json={"to": INTAKE_NUMBER, "is_test": "yes"}).status_code == 400
 
 
 @pytest.mark.parametrize(
@@ -186,6 +196,7 @@ def test_sends_carry_tags_and_are_listed_by_them(simulator):
         ({"fault": "api_unavailable"}, 503, "Service temporarily unavailable (simulated)"),
         ({"fault": "api_refuses", "reason": "Invalid recipient"}, 422, "Invalid recipient"),
         ({"fault": "lost_answer"}, 502, "Bad gateway (simulated: the fax was queued)"),
+        ({"fault": "api_unauthorized"}, 401, "Invalid API credentials (simulated)"),
     ],
 )
 def test_send_faults(simulator, fault, status, message):
@@ -208,3 +219,17 @@ def test_a_failing_send_reports_the_reason_asked_for(simulator):
     assert final["status"] == "failure" and final["error_type"] == "lineError"
     assert final["recipients"][0]["error_message"] == "No answer" == final["error_message"]
     assert api.post("/simulator/faults", json={"fault": "send_failure", "reason": 5}).status_code == 400
+
+
+@pytest.mark.parametrize("test_mode", [False, True])
+def test_a_send_in_test_mode_says_so_in_its_callbacks(simulator, test_mode):
+    _, _, transport, api = simulator
+    if test_mode:
+        assert api.post("/simulator/faults", json={"fault": "test_mode"}).status_code == 201
+    data = {"to": "+15555550177", "file": (BytesIO(sample_pdf(1)), "out.pdf", "application/pdf")}
+    api.post("/v2/faxes", data=data, headers=basic(), content_type="multipart/form-data")
+    wait_until(lambda: len(transport.status_callbacks) == 3, 5.0, 0.02, "three status callbacks")
+    for _, fields, _ in transport.status_callbacks:
+        assert fields["is_test"] == ("true" if test_mode else "false")
+        assert json.loads(fields["fax"])["is_test"] is test_mode
+    assert json.loads(transport.status_callbacks[-1][1]["fax"])["status"] == "success"

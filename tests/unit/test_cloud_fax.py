@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import re
 
+import pypdf
 import pytest
 
 from services.cloud_comms.fax import phaxio
@@ -155,15 +157,53 @@ def test_the_fax_field_must_be_a_json_object(raw):
         phaxio.parse_received(fields)
 
 
+def written_pdf(pages: int, password: str | None = None, owner: str | None = None) -> bytes:
+    writer = pypdf.PdfWriter()
+    for _ in range(pages):
+        writer.add_blank_page(612, 792)
+    if password is not None:
+        writer.encrypt(password, owner)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
 def test_pdf_checks():
-    phaxio.check_pdf(PDF, 1024)
+    assert phaxio.check_pdf(sample_pdf(1), 64 * 1024) == 1
+    assert phaxio.check_pdf(sample_pdf(3), 64 * 1024, "document") == 3  # the pages, counted by pypdf
+    assert phaxio.check_pdf(written_pdf(2), 64 * 1024) == 2
     with pytest.raises(PayloadTooLarge) as too_large:
-        phaxio.check_pdf(PDF + b"x" * 2000, 1024)
+        phaxio.check_pdf(sample_pdf(1) + b"x" * 64 * 1024, 64 * 1024)
     assert too_large.value.http_status == 413
     for not_pdf in (b"GIF89a", b"", b"%PDF-1.4 but cut off", b"<html>%PDF-\n%%EOF"):
         with pytest.raises(InvalidInput) as refused:
             phaxio.check_pdf(not_pdf, 1024)
         assert refused.value.code == "not_a_pdf"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        PDF,  # header and end marker only
+        b"%PDF-1.4\n<html><body><script>alert(1)</script></body></html>\n%%EOF",  # HTML in a PDF's clothes
+        b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n",  # parses, no page
+        written_pdf(0),  # a real PDF of no pages
+        sample_pdf(1)[: len(sample_pdf(1)) // 2] + b"\n%%EOF\n",  # cut in the middle, end marker added
+        b"%PDF-1.4\n" + b"[" * 5000 + b"\ntrailer << /Root 1 0 R >>\n%%EOF",  # deep nesting: pypdf raises
+    ],
+)
+def test_only_a_pdf_that_opens_with_pages_is_a_pdf(content):
+    with pytest.raises(InvalidInput) as refused:
+        phaxio.check_pdf(content, 1024 * 1024, "document")
+    assert (refused.value.code, refused.value.details) == ("not_a_pdf", {"field": "document"})
+
+
+@pytest.mark.parametrize("owner", [None, "owner-only"])
+def test_an_encrypted_pdf_is_refused_with_its_own_code(owner):
+    content = written_pdf(1, password="" if owner else "secret", owner=owner)
+    with pytest.raises(InvalidInput) as refused:
+        phaxio.check_pdf(content, 1024 * 1024)
+    assert refused.value.code == "encrypted_pdf" and refused.value.http_status == 400
 
 
 # --- settings ---------------------------------------------------------------------------------------
@@ -222,7 +262,7 @@ def test_bad_values_are_reported():
 @pytest.mark.parametrize("pages", [1, 3])
 def test_the_sample_pdf_is_well_formed(pages):
     data = sample_pdf(pages)
-    phaxio.check_pdf(data, 1024 * 1024)
+    assert phaxio.check_pdf(data, 1024 * 1024) == pages
     # the referral's lines, each drawn as text (the PDF's text layer), on every page
     shown = re.findall(rb"\((.*?)\) Tj", data)
     for line in SAMPLE_LINES:

@@ -10,11 +10,12 @@ import pytest
 
 from services.cloud_comms.fax import compose, phaxio
 from services.cloud_comms.fax import settings as fax_settings
-from services.cloud_comms.fax.outbound import ITEM_STATUS, PROVIDER_STATUS, RANK, summary
+from services.cloud_comms.fax.outbound import ATTENTION, ITEM_STATUS, PROVIDER_STATUS, RANK, idempotent_id, summary
+from services.fax_simulator.pdf import sample_pdf
 from services.kit.errors import InvalidInput, PayloadTooLarge, Unprocessable
 from services.kit.settings import Env
 
-PDF = b"%PDF-1.4\nsample\n%%EOF\n"
+PDF = sample_pdf(1)
 
 
 @pytest.mark.parametrize(
@@ -53,13 +54,13 @@ def body(**fields) -> dict:
 
 
 def test_an_upload_is_parsed():
-    wanted = compose.parse(body(from_number="(555) 555-0100", filename="lab results.pdf"), 1024)
+    wanted = compose.parse(body(from_number="(555) 555-0100", filename="lab results.pdf"), 4096)
     assert (wanted.to_number, wanted.from_number, wanted.pdf) == ("+15555550177", "+15555550100", PDF)
     assert (wanted.document, wanted.filename) == (None, "lab_results.pdf")
 
 
 def test_a_document_is_parsed():
-    wanted = compose.parse({"to": "5555550177", "document": {"kind": "direct", "id": "dm_1", "index": 2}}, 1024)
+    wanted = compose.parse({"to": "5555550177", "document": {"kind": "direct", "id": "dm_1", "index": 2}}, 4096)
     assert wanted.document == {"kind": "direct", "id": "dm_1", "index": 2} and wanted.pdf is None
     assert wanted.from_number is None
 
@@ -77,8 +78,88 @@ def test_a_document_is_parsed():
 )
 def test_bad_bodies_are_refused(fields, code):
     with pytest.raises(InvalidInput) as refused:
-        compose.parse(body(**fields), 1024)
+        compose.parse(body(**fields), 4096)
     assert refused.value.code == code
+
+
+# --- destinations --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        "+15555550100",  # the demo's fictional range (555-0100 to 555-0199)
+        "+15555550199",
+        "(555) 555-0177",
+        "+12125550143",
+        "+13127005555",  # 555 as the line, not the exchange
+        "+18005550100",  # toll-free
+        "+12129001234",  # 900 as an exchange: an ordinary number
+    ],
+)
+def test_ordinary_destinations_are_allowed(to):
+    compose.check_destination(compose.normalize_number(to, "to"), ("1",))
+
+
+@pytest.mark.parametrize(
+    ("to", "why"),
+    [
+        ("+19005550100", "premium-rate"),
+        ("(900) 555-0177", "premium-rate"),
+        ("+19765550100", "premium-rate"),
+        ("+19115550100", "N11"),
+        ("+14115550100", "N11"),
+        ("+12124115555", "N11"),  # N11 as the exchange
+        ("+15555551212", "555 service"),  # directory assistance
+        ("+15555550200", "555 service"),
+        ("+442079460958", "country"),  # the UK, not allowed by default
+        ("+5215555550100", "country"),
+    ],
+)
+def test_premium_special_and_foreign_destinations_are_refused(to, why):
+    with pytest.raises(InvalidInput) as refused:
+        compose.parse(body(to=to), 4096)
+    assert refused.value.code == "destination_not_allowed" and refused.value.details == {"field": "to"}
+    assert why in refused.value.message
+
+
+def test_countries_follow_the_setting():
+    compose.check_destination("+442079460958", ("1", "44"))
+    with pytest.raises(InvalidInput):
+        compose.check_destination("+15555550177", ("44",))
+    with pytest.raises(InvalidInput):  # the NANP rules hold whatever the countries
+        compose.check_destination("+19005550100", ("1", "44"))
+    env = Env("cloud-comms", {"CLOUD_FAX_ALLOWED_COUNTRY_CODES": " 1, +44 ,49"})
+    assert fax_settings.load(env).allowed_country_codes == ("1", "44", "49")
+    env.done()
+    assert fax_settings.load(Env("cloud-comms", {})).allowed_country_codes == ("1",)
+    for bad in ("uk", "0", "1,44x", "1234", ","):
+        env = Env("cloud-comms", {"CLOUD_FAX_ALLOWED_COUNTRY_CODES": bad})
+        fax_settings.load(env)
+        assert any("CLOUD_FAX_ALLOWED_COUNTRY_CODES" in p for p in env.problems), bad
+
+
+# --- Idempotency-Key ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["a", "order-2026-03-04/17 #1", "~" * 128, "550e8400-e29b-41d4-a716-446655440000"])
+def test_idempotency_keys_are_printable_ascii(key):
+    assert compose.idempotency_key(key) == key
+    assert compose.idempotency_key(None) is None
+
+
+@pytest.mark.parametrize("key", ["", "x" * 129, "caf\u00e9", "tab\there", "nul\x00", "line\nbreak"])
+def test_bad_idempotency_keys_are_refused(key):
+    with pytest.raises(InvalidInput) as refused:
+        compose.idempotency_key(key)
+    assert refused.value.code == "invalid_idempotency_key"
+
+
+def test_the_key_names_one_fax_per_agency_and_sender():
+    first = idempotent_id("agy_1", "stf_a", "k1")
+    assert first == idempotent_id("agy_1", "stf_a", "k1") and phaxio.OUTBOUND_ID.fullmatch(first)
+    others = {idempotent_id("agy_1", "stf_b", "k1"), idempotent_id("agy_2", "stf_a", "k1")}
+    assert first not in others and len(others) == 2 and idempotent_id("agy_1", "stf_a", "k2") != first
 
 
 @pytest.mark.parametrize(
@@ -190,6 +271,30 @@ def test_status_callbacks_that_are_not_phaxios_are_refused(fax):
         phaxio.parse_sent(status_form(**fax))
 
 
+def test_test_mode_is_read_from_the_fax_or_the_form():
+    assert phaxio.parse_sent(status_form(status="success")).is_test is True  # the form's is_test=true
+    live = {**status_form(status="success"), "is_test": "false"}
+    assert phaxio.parse_sent(live).is_test is False
+    assert phaxio.parse_sent({**status_form(status="success", is_test=True), "is_test": "false"}).is_test is True
+    assert phaxio.parse_sent({k: v for k, v in live.items() if k != "is_test"}).is_test is False
+
+
+@pytest.mark.parametrize(
+    ("recipients", "status", "reason"),
+    [
+        ([{"phone_number": "+15555550177", "status": "success"}], "success", ""),
+        ([{"status": "failure", "error_message": "No answer", "error_type": "lineError"}], "failure", "No answer"),
+        ([{"status": "failure", "error_type": "lineError"}], "failure", "lineError"),
+        ([{"status": "success"}, {"status": "failure", "error_message": "Busy signal"}], "failure", "Busy signal"),
+        ([], "failure", "the provider reported a partial success without the recipient's status"),
+        ("x", "failure", "the provider reported a partial success without the recipient's status"),
+    ],
+)
+def test_a_partial_success_is_read_by_the_recipients_status(recipients, status, reason):
+    sent = phaxio.parse_sent(status_form(status="partialsuccess", recipients=recipients))
+    assert (sent.status, sent.failure_reason) == (status, reason)
+
+
 def test_a_tag_that_is_not_ours_is_ignored():
     assert phaxio.parse_sent(status_form(tags={"outbound_id": {"$ne": ""}})).outbound_id == ""
     assert phaxio.parse_sent(status_form(tags={"outbound_id": "fax_1"})).outbound_id == ""
@@ -206,7 +311,8 @@ def test_a_received_callback_on_the_status_route_is_refused():
 
 
 def test_statuses_rank_and_map():
-    assert RANK["queued"] < RANK["sending"] < RANK["inprogress"] < RANK["success"] == RANK["failure"]
+    assert RANK["queued"] < RANK["sending"] < RANK["inprogress"] < RANK["success"] == RANK["failure"] == RANK["test"]
+    assert ITEM_STATUS["test"] == "test" and "test" in ATTENTION and "success" not in ATTENTION
     assert set(PROVIDER_STATUS) == set(phaxio.SENT_STATUSES)
     assert all(s.replace("-", "").isalnum() for s in ITEM_STATUS.values())  # inbox's status pattern
 
@@ -221,6 +327,7 @@ def test_statuses_rank_and_map():
         ({"status": "success", "pages": 3}, "Sent · 3 pages"),
         ({"status": "success", "pages": None}, "Sent"),
         ({"status": "failure", "failure_reason": "No answer"}, "Failed: No answer"),
+        ({"status": "test", "pages": 2}, "Test mode: not transmitted"),
     ],
 )
 def test_the_items_summary(doc, text):

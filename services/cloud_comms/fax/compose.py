@@ -10,6 +10,14 @@ spaces, dots, dashes and parentheses allowed around the digits; anything else is
 `invalid_number`. Exactly one document: a received fax or a Direct attachment delivered to the
 caller (checked by their own features), or an uploaded PDF (base64). The number to send from is
 one of the agency's fax numbers the caller is linked to in directory (403 `not_linked`).
+
+Destinations (400 `destination_not_allowed`): only the country codes of
+CLOUD_FAX_ALLOWED_COUNTRY_CODES, and in the NANP no premium-rate area code (900, 976), no N11
+service code (as area code or exchange), no 555 exchange number but the fictional 555-0100 to
+555-0199 (the demo's and the simulator's).
+
+An `Idempotency-Key` header (1-128 printable ASCII characters, else 400
+`invalid_idempotency_key`) makes a repeat of the request return the first one's fax.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from services.kit.validation import Choice, Fields, Id, Int, Str, validate
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 NUMBER_PUNCTUATION = re.compile(r"[\s().-]")
 MAX_NUMBER_TEXT = 40
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
+PREMIUM_AREA_CODES = ("900", "976")
+FICTIONAL_LINES = range(100, 200)  # 555-0100 to 555-0199
 MAX_ATTACHMENT_INDEX = 999
 MAX_REQUEST_TEXT = 2**31
 DOCUMENT_KINDS = ("fax", "direct")
@@ -52,15 +63,48 @@ def normalize_number(text: str, field: str) -> str:
     return digits
 
 
+def _refuse_destination(reason: str) -> InvalidInput:
+    return InvalidInput("destination_not_allowed", f"faxes cannot be sent to {reason}", {"field": "to"})
+
+
+def check_destination(number: str, allowed_country_codes: tuple[str, ...]) -> None:
+    """400 `destination_not_allowed` for an E.164 `number` outside the allowed country codes or,
+    in the NANP, a premium-rate or special number."""
+    if not any(number[1:].startswith(code) for code in allowed_country_codes):
+        raise _refuse_destination(f"this country (allowed country codes: {', '.join(allowed_country_codes)})")
+    if not number.startswith("+1") or len(number) != 12:
+        return
+    area, exchange, line = number[2:5], number[5:8], number[8:]
+    if area in PREMIUM_AREA_CODES:
+        raise _refuse_destination(f"premium-rate numbers (area code {area})")
+    if area[1:] == "11" or exchange[1:] == "11":
+        raise _refuse_destination("N11 service codes")
+    if exchange == "555" and int(line) not in FICTIONAL_LINES:
+        raise _refuse_destination("555 service numbers (only the fictional 555-0100 to 555-0199)")
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """The Idempotency-Key header's value (None when absent); 400 `invalid_idempotency_key`."""
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidInput(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 128 printable ASCII characters",
+            {"field": "Idempotency-Key"},
+        )
+    return value
+
+
 def safe_filename(name: str, default: str) -> str:
     """A file name safe to pass to the provider and to show: [A-Za-z0-9._-], ending in .pdf."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._")[:100] or default
     return stem if stem.lower().endswith(".pdf") else f"{stem}.pdf"
 
 
-def parse(body: dict, max_pdf_bytes: int) -> SendRequest:
-    """The request body, checked (400 for any field that is not as documented, 413 for a PDF
-    larger than `max_pdf_bytes`)."""
+def parse(body: dict, max_pdf_bytes: int, allowed_country_codes: tuple[str, ...] = ("1",)) -> SendRequest:
+    """The request body, checked (400 for any field that is not as documented or a destination not
+    allowed, 413 for a PDF larger than `max_pdf_bytes`)."""
     cleaned = validate(
         body,
         {
@@ -87,8 +131,10 @@ def parse(body: dict, max_pdf_bytes: int) -> SendRequest:
         _check_document(document, cleaned)
     pdf = None if encoded is None else decode_pdf(encoded, max_pdf_bytes)
     from_number = cleaned.get("from_number")
+    to_number = normalize_number(cleaned["to"], "to")
+    check_destination(to_number, allowed_country_codes)
     return SendRequest(
-        to_number=normalize_number(cleaned["to"], "to"),
+        to_number=to_number,
         from_number=None if from_number is None else normalize_number(from_number, "from_number"),
         document=document,
         pdf=pdf,

@@ -4,7 +4,7 @@ audited staff view of each fax and its PDF.
 Inbound (`POST /api/v1/fax/callbacks/received`, routed by the gateway without authentication: the
 signature is the authentication): the provider's callback is checked (X-Phaxio-Signature, phaxio.py)
 before anything else is read; the receiving number is resolved through directory (agency, linked
-staff); the PDF is checked (PDF header and end marker, size limit) and stored sealed with the
+staff); the PDF is checked (size limit, then it must open with pypdf with a page) and stored sealed with the
 agency's key in `fax_chunks` (pieces well under the 16 MiB document limit), then ONE insert of the
 `faxes` document stores the fax's metadata together with its `board_item.delivery_requested.v1`
 event (kit outbox). The document's `_id` is derived from (agency, provider, provider fax id): the
@@ -24,7 +24,8 @@ Answers to the provider (Phaxio retries any non-2xx up to 16 times over about th
 Outbound (Send Fax from the board): `POST /api/v1/cloud/faxes/outbound` (compose.py) stores the fax
 to send (outbound.py) and the `fax-sender` worker hands it to the provider (sender.py); the
 provider's signed status callbacks (`POST /api/v1/fax/callbacks/status`, checked like the received
-ones) move it on and update the sender's board item.
+ones) move it on and update the sender's board item. A document faxed on is read without
+recording, checked, and its access recorded (action "send") only once the fax is stored.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ import zoneinfo
 
 from flask import Blueprint, Response, g, request
 from pymongo.errors import DuplicateKeyError
-from werkzeug.http import parse_options_header
 
 from services.cloud_comms import audit
 from services.cloud_comms.components import Feature
 from services.cloud_comms.delivery import SOURCE_FAX, delivery_requested
 from services.cloud_comms.delivery import request as delivery_request
+from services.cloud_comms.direct.feature import RESOURCE_TYPE as DIRECT_RESOURCE_TYPE
 from services.cloud_comms.direct.feature import DirectMessaging
 from services.cloud_comms.fax import compose, phaxio
 from services.cloud_comms.fax.outbound import INDEXES as OUTBOUND_INDEXES
 from services.cloud_comms.fax.outbound import OUTBOUND_FAXES, OutboundFaxes, iso
+from services.cloud_comms.fax.outbound import RESOURCE_TYPE as OUTBOUND_RESOURCE_TYPE
+from services.cloud_comms.fax.outbound import idempotent_id as outbound_id
 from services.cloud_comms.fax.pdf_store import FAX_CHUNKS, SealedPdfs
 from services.cloud_comms.fax.pdf_store import INDEXES as PDF_INDEXES
 from services.cloud_comms.fax.phaxio_api import PhaxioApi
@@ -71,6 +74,7 @@ RESOURCE_TYPE = "fax"
 # Room for the multipart framing and the form fields around the PDF (and for the JSON around a
 # base64 PDF sent from the board).
 FORM_SLACK_BYTES = 256 * 1024
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 INDEXES = [IndexSpec(FAXES, [("agency_id", 1), ("received_at", -1)], name="faxes_by_agency")]
 
 
@@ -120,10 +124,10 @@ class Faxes(Feature):
         """The callback's form fields once its signature over `url` holds (401 `invalid_signature`
         otherwise, recorded as a security event, nothing else read)."""
         if not phaxio.signature_valid(self.settings.callback_token, url, params, files, given_signature):
+            # Aggregated per peer and minute, and logged there once a minute (a flood is one line).
             self.components.store.record_security_event(
                 CHANNEL, "invalid_signature", "missing or wrong X-Phaxio-Signature", peer=request.remote_addr or ""
             )
-            log.warning("fax callback refused: invalid signature")
             raise Unauthenticated("invalid_signature", "the callback signature does not match")
         form: dict[str, str] = {}
         for name, value in params:
@@ -250,12 +254,11 @@ class Faxes(Feature):
             "is_test": doc.get("is_test", False),
         }
 
-    def pdf(self, caller: Identity, fid: str, action: str = "download") -> bytes:
-        """The received fax's PDF for staff it was delivered to; audited with `action` ("download",
-        or "send" when it is faxed on)."""
+    def pdf(self, caller: Identity, fid: str) -> bytes:
+        """The received fax's PDF for staff it was delivered to; audited with action `download`."""
         doc = self._delivered(caller, fid)
         content = self.stored_pdf(doc)
-        audit.record(self.components.store, caller, fid, resource_type=RESOURCE_TYPE, action=action)
+        audit.record(self.components.store, caller, fid, resource_type=RESOURCE_TYPE, action="download")
         return content
 
     def stored_caller(self, doc: dict) -> dict:
@@ -272,33 +275,68 @@ class Faxes(Feature):
         return self.pdfs.get(doc["agency_id"], doc["_id"], doc["pdf_chunks"])
 
     # --- sending --------------------------------------------------------------------------------------
-    def send(self, caller: Identity, body: dict) -> dict:
-        """Send Fax from the board: the request checked, the number to send from resolved, the
-        document read (with its own access check), then queued for the sender."""
+    def send(self, caller: Identity, body: dict, key: str | None = None) -> tuple[dict, int]:
+        """Send Fax from the board: (the sent fax's view, 202), or (the first fax's view, 200) for a
+        repeat of an Idempotency-Key (`key`, checked by compose.idempotency_key). The request
+        checked, the number to send from resolved, the document read (with its own access check)
+        and checked as a PDF; only then stored, queued for the sender and the accesses recorded (a
+        refused request leaves no `allowed` record)."""
         settings = self.settings
-        wanted = compose.parse(body, settings.max_pdf_bytes)
+        fid = None if key is None else outbound_id(caller.agency_id, caller.staff_id, key)
+        if fid is not None and (first := self.outbound.sent_by(caller, fid)) is not None:
+            return self._repeat(caller, first), 200
+        wanted = compose.parse(body, settings.max_pdf_bytes, settings.allowed_country_codes)
         address = compose.sending_number(self.components.directory, caller, wanted.from_number)
         if wanted.pdf is not None:
-            pdf, filename, field = wanted.pdf, wanted.filename, "pdf_base64"
+            phaxio.check_pdf(wanted.pdf, settings.max_pdf_bytes, "pdf_base64")
+            pdf, filename, read = wanted.pdf, wanted.filename, None
         else:
-            pdf, filename = self._document(caller, wanted.document)
-            field = "document"
-        phaxio.check_pdf(pdf, settings.max_pdf_bytes, field)
-        reference = wanted.document or {"kind": "upload"}
-        return self.outbound.create(
-            caller, address, to_number=wanted.to_number, pdf=pdf, filename=filename, document=reference
+            pdf, filename, read = self._document(caller, wanted.document)
+        view, created = self.outbound.create(
+            caller,
+            address,
+            to_number=wanted.to_number,
+            pdf=pdf,
+            filename=filename,
+            document=wanted.document or {"kind": "upload"},
+            fid=fid,
         )
+        if not created:  # a concurrent repeat of the same Idempotency-Key stored it first
+            return self._repeat(caller, view), 200
+        if read is not None:
+            audit.record(self.components.store, caller, read[1], resource_type=read[0], action="send")
+        audit.record(self.components.store, caller, view["id"], resource_type=OUTBOUND_RESOURCE_TYPE, action="send")
+        return view, 202
 
-    def _document(self, caller: Identity, document: dict) -> tuple[bytes, str]:
-        """(bytes, file name) of a document delivered to the caller; its feature's 404 otherwise."""
+    def _repeat(self, caller: Identity, view: dict) -> dict:
+        audit.record(self.components.store, caller, view["id"], resource_type=OUTBOUND_RESOURCE_TYPE)
+        log.info("fax request repeated", extra={"agency_id": caller.agency_id, "item_id": view["id"]})
+        return view
+
+    def _document(self, caller: Identity, document: dict) -> tuple[bytes, str, tuple[str, str]]:
+        """(bytes, file name, (resource type, id) read) of a document delivered to the caller, checked
+        as a PDF; its feature's 404 otherwise (refusals audited there). The read itself is recorded
+        by the caller once the fax is stored."""
+        limit = self.settings.max_pdf_bytes
         if document["kind"] == "fax":
-            return self.pdf(caller, document["id"], action="send"), f"{document['id']}.pdf"
+            doc = self._delivered(caller, document["id"])
+            content = self.stored_pdf(doc)
+            phaxio.check_pdf(content, limit, "document")
+            return content, f"{document['id']}.pdf", (RESOURCE_TYPE, document["id"])
         direct = self.components.feature(DirectMessaging)
         if direct is None:
             raise NotFound("direct_message_not_found", "no such resource")
-        attachment = direct.attachment(caller, document["id"], document["index"])
-        _, options = parse_options_header(attachment.headers.get("Content-Disposition", ""))
-        return attachment.get_data(), compose.safe_filename(options.get("filename", ""), "attachment.pdf")
+        doc = direct.readable(caller, document["id"])
+        index = document["index"]
+        if not 0 <= index < len(doc.get("attachments", [])):
+            raise NotFound("attachment_not_found", "no such attachment")
+        try:
+            name, _, content = direct.stored_attachments(doc)[index]
+        except DecryptionError as exc:
+            raise Unavailable("unreadable", "the attachment cannot be opened") from exc
+        phaxio.check_pdf(content, limit, "document")
+        filename = compose.safe_filename(name or "", "attachment.pdf")
+        return content, filename, (DIRECT_RESOURCE_TYPE, f"{document['id']}/attachments/{index}")
 
     # --- HTTP ---------------------------------------------------------------------------------------
     def blueprints(self) -> list:
@@ -325,7 +363,8 @@ class Faxes(Feature):
         def send():
             # A base64 PDF is far larger than the service's other JSON bodies (Flask 3.1: per request).
             request.max_content_length = 4 * ((self.settings.max_pdf_bytes + 2) // 3) + FORM_SLACK_BYTES
-            return self.send(g.identity, json_body()), 202
+            key = compose.idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))  # refused before the body
+            return self.send(g.identity, json_body(), key)
 
         @staff.get("/outbound/<outbound_id>")
         @require_staff

@@ -7,7 +7,7 @@ name), the agency number it goes from (`from_number`, `address_id`: the agency's
 and a document is PHI, and nothing looks a fax up by its destination), the PDF sealed in
 `fax_chunks` (pdf_store.py), what it was made from (`document`: ids only), and its state:
 
-    status          queued -> sending -> inprogress -> success | failure
+    status          queued -> sending -> inprogress -> success | failure | test
     history         [{status, at, detail}]: every change, retries included
     version         +1 with every write; the board item's source_version
     send_due_at     when the sender should take it (absent once the provider has it or it failed)
@@ -16,25 +16,36 @@ and a document is PHI, and nothing looks a fax up by its destination), the PDF s
 
 `queued`: waiting for the sender (also between retries). `sending`: the provider accepted it.
 `inprogress`, `success`, `failure`: as the provider reports them (failure also when the provider
-refused it or could not be reached). A status only moves up in rank (queued < sending <
-inprogress < success | failure); a callback of a lower or equal rank is ignored, and the first
+refused it or could not be reached). `test`: the provider reported success for a fax sent with its
+test API keys (`is_test`): nothing was transmitted, and it is never shown as sent. A status only
+moves up in rank (queued < sending < inprogress < success | failure | test); a callback of a
+lower or equal rank is ignored, and the first
 final status stays (but a failure of ours, for a fax the provider never acknowledged, gives way to
 what the provider then reports).
 
 Every write is conditional on the version read, so a status callback and the sender (or two
 replicas) never overwrite each other; each status change stages the sender's board item update
 (`board_item.delivery_requested.v1`, source "fax-out", source_ref the id, source_version the
-version) in the same write (kit outbox). A failure puts the item back into the unread counts.
+version) in the same write (kit outbox). A failure (or a test-mode "success") puts the item back
+into the unread counts.
+
+`_id` is random, or derived from (agency, sender, Idempotency-Key) when the request carried one:
+a repeat of the request collides on the primary key and gets the first fax back. The PDF's pieces
+are then written under an owner id of their own (`pdf_owner`), so a concurrent repeat never
+overwrites the pieces of the fax that won.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pymongo.errors import DuplicateKeyError
 
 from clinic.events.v1.envelope_pb2 import Envelope
 from services.cloud_comms import audit
@@ -54,7 +65,9 @@ OUTBOUND_FAXES = "outbound_faxes"
 RESOURCE_TYPE = "outbound_fax"
 SOURCE_FAX_OUT = "fax-out"
 WRITE_ATTEMPTS = 8
-RANK = {"queued": 0, "sending": 1, "inprogress": 2, "success": 3, "failure": 3}
+RANK = {"queued": 0, "sending": 1, "inprogress": 2, "success": 3, "failure": 3, "test": 3}
+# Final statuses that ask for the sender's attention (the item is unread again).
+ATTENTION = ("failure", "test")
 # The provider's statuses of a sent fax, in ours.
 PROVIDER_STATUS = {
     "queued": "sending",
@@ -70,12 +83,15 @@ ITEM_STATUS = {
     "inprogress": "in-progress",
     "success": "sent",
     "failure": "failed",
+    "test": "test",
 }
+TEST_SUMMARY = "Test mode: not transmitted"
 DETAIL = {
     "queued": "queued for sending",
     "sending": "accepted by the fax provider",
     "inprogress": "the provider is dialing",
     "success": "sent",
+    "test": "test mode: the provider's test API keys transmit nothing",
 }
 INDEXES = [
     IndexSpec(OUTBOUND_FAXES, [("provider_fax_id", 1)], name="outbound_by_provider_fax_id"),
@@ -88,11 +104,18 @@ def iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def idempotent_id(agency_id: str, staff_id: str, key: str) -> str:
+    """The one fax a sender's Idempotency-Key names."""
+    return "fxo_" + hashlib.sha256(f"{agency_id}\x1f{staff_id}\x1f{key}".encode()).hexdigest()[:24]
+
+
 def summary(doc: dict) -> str:
     """The board item's summary for the document's state: never the document's content."""
     status = doc["status"]
     if status == "failure":
         return f"Failed: {doc.get('failure_reason') or 'unknown reason'}"
+    if status == "test":
+        return TEST_SUMMARY
     if status == "success":
         pages = doc.get("pages") or 0
         return f"Sent · {pages} page{'' if pages == 1 else 's'}" if pages else "Sent"
@@ -118,11 +141,25 @@ class OutboundFaxes:
         self.cipher = components.cipher
 
     # --- creating ---------------------------------------------------------------------------------
-    def create(self, caller: Identity, address, *, to_number: str, pdf: bytes, filename: str, document: dict) -> dict:
-        """Store a fax to send (queued, due now) with the sender's board item; its view."""
-        fid = "fxo_" + secrets.token_hex(12)
+    def create(  # noqa: PLR0913 - who, from where, to whom, what
+        self,
+        caller: Identity,
+        address,
+        *,
+        to_number: str,
+        pdf: bytes,
+        filename: str,
+        document: dict,
+        fid: str | None = None,
+    ) -> tuple[dict, bool]:
+        """Store a fax to send (queued, due now) with the sender's board item: (its view, created).
+        `fid` given (an Idempotency-Key's): a fax stored under it already is returned instead
+        (created False). Not audited here: the caller records the accesses once it is stored."""
+        owner = fid + "_" + secrets.token_hex(4) if fid else None
+        fid = fid or "fxo_" + secrets.token_hex(12)
+        owner = owner or fid
         agency_id = caller.agency_id
-        chunks = self.pdfs.put(agency_id, fid, pdf)
+        chunks = self.pdfs.put(agency_id, owner, pdf)
         now = now_ms()
         recipient = {"to_number": to_number, "filename": filename}
         doc = {
@@ -138,6 +175,7 @@ class OutboundFaxes:
             "document": document,
             "pdf_bytes": len(pdf),
             "pdf_chunks": chunks,
+            "pdf_owner": owner,
             "pages": None,
             "status": "queued",
             "status_at": now,
@@ -150,10 +188,24 @@ class OutboundFaxes:
             "provider_fax_id": "",
             "created_at": now,
         }
-        self.faxes.insert_one({**doc, **outbox_fields([self._item(doc, to_number)])})
-        audit.record(self.components.store, caller, fid, resource_type=RESOURCE_TYPE, action="send")
+        try:
+            self.faxes.insert_one({**doc, **outbox_fields([self._item(doc, to_number)])})
+        except DuplicateKeyError:  # a concurrent repeat with the same Idempotency-Key won
+            self.pdfs.delete(owner)
+            first = self.sent_by(caller, fid)
+            if first is None:
+                raise
+            return first, False
         log.info("fax queued for sending", extra={"agency_id": agency_id, "item_id": fid})
-        return self._view(doc, recipient)
+        return self._view(doc, recipient), True
+
+    def sent_by(self, caller: Identity, fid: str) -> dict | None:
+        """The view of the fax `fid` if the caller sent it (an Idempotency-Key's repeat), else None."""
+        doc = self.faxes.find_one(
+            {"_id": {"$eq": fid}, "agency_id": {"$eq": caller.agency_id}, "created_by": {"$eq": caller.staff_id}},
+            projection={"_outbox": 0},
+        )
+        return None if doc is None else self._view(doc, self.recipient(doc))
 
     def _item(self, doc: dict, to_number: str) -> Envelope:
         """The sender's board item in the document's state, for its version."""
@@ -170,7 +222,7 @@ class OutboundFaxes:
             source_version=version,
         )
         item.status = ITEM_STATUS[doc["status"]]
-        item.mark_unread = doc["status"] == "failure"
+        item.mark_unread = doc["status"] in ATTENTION
         return delivery_requested(doc["agency_id"], item, f"{fid}_v{version}")
 
     def recipient(self, doc: dict) -> dict:
@@ -181,7 +233,7 @@ class OutboundFaxes:
             raise Unavailable("unreadable", "the fax cannot be opened") from exc
 
     def stored_pdf(self, doc: dict) -> bytes:
-        return self.pdfs.get(doc["agency_id"], doc["_id"], doc["pdf_chunks"])
+        return self.pdfs.get(doc["agency_id"], doc.get("pdf_owner") or doc["_id"], doc["pdf_chunks"])
 
     # --- changing ---------------------------------------------------------------------------------
     def find(self, fid: str) -> dict | None:
@@ -235,6 +287,8 @@ class OutboundFaxes:
             log.warning("status callback for a fax not sent from here", extra={"code": "unknown_fax"})
             return {"id": None, "status": None, "applied": False}
         status = PROVIDER_STATUS[sent.status]
+        if status == "success" and sent.is_test:
+            status = "test"  # the provider's test keys: nothing was transmitted
 
         def decide(doc: dict) -> Change | None:
             if doc.get("provider_fax_id") not in ("", sent.fax_id):

@@ -46,6 +46,10 @@ class SealedPdfs:
             )
         return len(pieces)
 
+    def delete(self, owner_id: str) -> None:
+        """Remove the pieces of `owner_id` (a PDF written for a document that was never stored)."""
+        self.chunks.delete_many({"fax_id": {"$eq": owner_id}})
+
     def get(self, agency_id: str, owner_id: str, expected_pieces: int) -> bytes:
         """The PDF of `owner_id`; Unavailable `unreadable` when a piece is missing or does not open."""
         pieces = list(self.chunks.find({"fax_id": {"$eq": owner_id}}).sort("n", 1))

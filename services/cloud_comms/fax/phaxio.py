@@ -14,8 +14,13 @@ completed_at, from_number, to_number, caller_name, ...), `direction` = "received
 `success`, and the PDF as a file part (`filename` in API v2, `file` in v2.1; both accepted).
 A sent fax's status callback (https://www.phaxio.com/docs/api/v2/faxes/send_callback) has the same
 shape with `direction` = "sent" and no file: the Fax object's `status` (queued, inprogress, success,
-failure), `num_pages`, the `tags` given at sending, and on failure `error_type` / `error_message` and
-per recipient `error_message`.
+failure, and partialsuccess for a fax to several numbers), `num_pages`, `is_test` (sent with test
+API keys: nothing was transmitted), the `tags` given at sending, and on failure `error_type` /
+`error_message` and per recipient `status` and `error_message`. We send to one number, so a
+partialsuccess is read by that recipient's status.
+
+A PDF (received or to send) must open with pypdf and have at least one page; an encrypted one is
+refused (`encrypted_pdf`): the provider cannot render it either.
 
 Nothing here touches the database: a value that is not what Phaxio sends (an object where a number
 belongs, an operator document) is refused before any look-up.
@@ -26,10 +31,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import io
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import pypdf
 
 from services.kit.errors import InvalidInput, PayloadTooLarge
 
@@ -43,7 +52,12 @@ MAX_FAX_JSON = 64 * 1024
 OUTBOUND_TAG = "outbound_id"
 OUTBOUND_ID = re.compile(r"^fxo_[0-9a-f]{24}$")
 SENT_STATUSES = ("queued", "pendingbatch", "inprogress", "success", "failure")
+# Accepted in a callback besides SENT_STATUSES: read by the recipient's own status.
+PARTIAL_SUCCESS = "partialsuccess"
 MAX_REASON = 200
+PDF_TAIL = 1024
+
+log = logging.getLogger(__name__)
 
 
 def signature(token: str, url: str, params: Iterable[tuple[str, str]], files: Iterable[tuple[str, bytes]]) -> str:
@@ -180,6 +194,7 @@ class SentStatus:
     pages: int
     failure_reason: str  # "" unless the status is failure
     outbound_id: str  # the outbound_id tag given at sending, "" when absent
+    is_test: bool = False  # sent with the provider's test API keys: nothing was transmitted
 
 
 def _text(value: object) -> str:
@@ -188,39 +203,76 @@ def _text(value: object) -> str:
     return "".join(c if c.isprintable() else " " for c in value).strip()[:MAX_REASON]
 
 
-def failure_reason(fax: dict) -> str:
-    """Why a sent fax failed, in Phaxio's words: the recipient's error message, else the fax's, else
-    its error type."""
+def _recipients(fax: dict) -> list[dict]:
     recipients = fax.get("recipients")
-    first = recipients[0] if isinstance(recipients, list) and recipients and isinstance(recipients[0], dict) else {}
+    return [r for r in recipients if isinstance(r, dict)] if isinstance(recipients, list) else []
+
+
+def failure_reason(fax: dict, recipient: dict | None = None) -> str:
+    """Why a sent fax failed, in Phaxio's words: the recipient's error message (`recipient`, else
+    the first), else the fax's, else their error types."""
+    first = recipient if recipient is not None else next(iter(_recipients(fax)), {})
     for value in (first.get("error_message"), fax.get("error_message"), first.get("error_type"), fax.get("error_type")):
         if _text(value):
             return _text(value)
     return "the provider reported a failure without a reason"
 
 
+def _partial_outcome(fax: dict) -> tuple[str, str]:
+    """(status, failure reason) of a partialsuccess, by the recipients' own statuses: any failed
+    recipient is our (one) recipient failing; else a successful one is success."""
+    recipients = _recipients(fax)
+    failed = next((r for r in recipients if r.get("status") == "failure"), None)
+    if failed is not None:
+        return "failure", failure_reason(fax, failed)
+    if any(r.get("status") == "success" for r in recipients):
+        return "success", ""
+    return "failure", "the provider reported a partial success without the recipient's status"
+
+
 def parse_sent(form: dict[str, str]) -> SentStatus:
     """The sent fax's status a callback's form fields describe; InvalidInput when not Phaxio's."""
     fax = _fax_object(form, "sent")
     status = fax.get("status")
-    if not isinstance(status, str) or status not in SENT_STATUSES:
-        raise _refuse("invalid_fax", f"fax.status must be one of {', '.join(SENT_STATUSES)}", "fax.status")
+    if not isinstance(status, str) or status not in (*SENT_STATUSES, PARTIAL_SUCCESS):
+        allowed = ", ".join((*SENT_STATUSES, PARTIAL_SUCCESS))
+        raise _refuse("invalid_fax", f"fax.status must be one of {allowed}", "fax.status")
+    reason = failure_reason(fax) if status == "failure" else ""
+    if status == PARTIAL_SUCCESS:
+        status, reason = _partial_outcome(fax)
     tags = fax.get("tags")
     tag = tags.get(OUTBOUND_TAG) if isinstance(tags, dict) else None
     return SentStatus(
         fax_id=_fax_id(fax),
         status=status,
         pages=_pages(fax),
-        failure_reason=failure_reason(fax) if status == "failure" else "",
+        failure_reason=reason,
         outbound_id=tag if isinstance(tag, str) and OUTBOUND_ID.fullmatch(tag) else "",
+        is_test=_flag(fax.get("is_test")) or _flag(form.get("is_test")),
     )
 
 
-def check_pdf(content: bytes, max_bytes: int, field: str = "filename") -> None:
-    """A PDF received or to send: at most `max_bytes` (PayloadTooLarge, 413), starting with the %PDF-
-    header and with an end-of-file marker in its last 1024 bytes (InvalidInput `not_a_pdf`, 400,
-    naming `field`)."""
+def check_pdf(content: bytes, max_bytes: int, field: str = "filename") -> int:
+    """A PDF received or to send, and its page count: at most `max_bytes` (PayloadTooLarge, 413,
+    checked first so pypdf never reads more), starting with the %PDF- header, an end-of-file
+    marker in its last 1024 bytes, opening with pypdf with at least one page (InvalidInput
+    `not_a_pdf`, 400, naming `field`) and not encrypted (`encrypted_pdf`, 400)."""
     if len(content) > max_bytes:
         raise PayloadTooLarge("fax_too_large", f"the fax PDF exceeds {max_bytes} bytes", {"max_bytes": max_bytes})
-    if not content.startswith(b"%PDF-") or b"%%EOF" not in content[-1024:]:
-        raise InvalidInput("not_a_pdf", "the fax file is not a PDF", {"field": field})
+    not_a_pdf = InvalidInput("not_a_pdf", "the fax file is not a PDF with at least one page", {"field": field})
+    if not content.startswith(b"%PDF-") or b"%%EOF" not in content[-PDF_TAIL:]:
+        raise not_a_pdf
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(content), strict=False)
+        encrypted = reader.is_encrypted
+        pages = 0 if encrypted else len(reader.pages)
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed file makes pypdf raise, it is not a PDF
+        log.info("pdf refused", extra={"error_type": type(exc).__name__})
+        raise not_a_pdf from None
+    if encrypted:
+        raise InvalidInput(
+            "encrypted_pdf", "the PDF is password-protected: save it without a password and retry", {"field": field}
+        )
+    if pages < 1:
+        raise not_a_pdf
+    return pages

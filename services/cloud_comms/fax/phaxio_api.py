@@ -6,9 +6,11 @@ was sent with. HTTP basic auth with the API key and secret; `api_url` is the API
                        tag[outbound_id] = our outbound fax id   -> {"success", "message", "data": {"id"}}
     GET  <api>/faxes?direction=sent&tag[outbound_id]=<id>       -> {"success", "data": [Fax, ...]}
 
-Every outcome is one of three: `accepted` (the provider's fax id), `Refused` (a 4xx: retrying the
-same request cannot succeed; carries the provider's message) or `Transient` (no answer, a timeout,
-a 5xx or 429: worth another try later). No PDF byte, number or credential is logged here.
+Every outcome is one of four: `accepted` (the provider's fax id), `Refused` (a 4xx: retrying the
+same request cannot succeed; carries the provider's message), `CredentialsRefused` (401/403: our
+API key or secret is wrong, a fault of our configuration, not of the fax: worth retrying once it
+is fixed) or `Transient` (no answer, a timeout, a 5xx or 429: worth another try later). No PDF
+byte, number or credential is logged here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from services.cloud_comms.fax.settings import UPLOAD_CONNECT_S
 
 CONNECT_TIMEOUT_S = UPLOAD_CONNECT_S
 MAX_MESSAGE = 200
+CREDENTIAL_STATUSES = (401, 403)
 
 
 class Refused(Exception):
@@ -31,6 +34,10 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class CredentialsRefused(Refused):
+    """The provider refused our API credentials (401/403): a configuration fault, not the fax's."""
 
 
 class Transient(Exception):
@@ -60,7 +67,8 @@ class PhaxioApi:
             raise Transient(f"the provider answered HTTP {reply.status_code}")
         if reply.status_code >= 400 or body.get("success") is False:
             message = body.get("message") if isinstance(body.get("message"), str) else ""
-            raise Refused(reply.status_code, (message or f"HTTP {reply.status_code}")[:MAX_MESSAGE])
+            refused = CredentialsRefused if reply.status_code in CREDENTIAL_STATUSES else Refused
+            raise refused(reply.status_code, (message or f"HTTP {reply.status_code}")[:MAX_MESSAGE])
         return body
 
     def send(self, *, to: str, caller_id: str, pdf: bytes, filename: str, callback_url: str, tag: str) -> str:

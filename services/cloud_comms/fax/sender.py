@@ -12,6 +12,9 @@ Then, as the holder of that token:
   (its callbacks then move it on). Refused (4xx): `failure` with the provider's message. Not
   reachable, timed out, 5xx or 429: back to `queued`, due again after CLOUD_FAX_SEND_RETRY_S
   doubled per try (capped at 15 minutes), until CLOUD_FAX_SEND_ATTEMPTS tries: then `failure`.
+  Our credentials refused (401/403): a configuration fault, not the fax's: retried the same way
+  (the same tries and waits), one error logged per pass however many faxes it stopped, then
+  `failure` "the fax provider refused our credentials".
 
 The lease (CLOUD_FAX_SEND_LEASE_S, 5 min) is longer than an upload may take (connect 5 s + the
 answer CLOUD_FAX_SEND_TIMEOUT_S), so a claimed fax is only taken over when its sender is gone. A
@@ -30,7 +33,7 @@ import secrets
 import threading
 
 from services.cloud_comms.fax.outbound import Change, OutboundFaxes
-from services.cloud_comms.fax.phaxio_api import PhaxioApi, Refused, Transient
+from services.cloud_comms.fax.phaxio_api import CredentialsRefused, PhaxioApi, Refused, Transient
 from services.cloud_comms.fax.settings import FaxSettings
 from services.kit.errors import Unavailable
 from services.kit.mongo import now_ms
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 20
 MAX_RETRY_MS = 15 * 60 * 1000
+CREDENTIALS_REFUSED = "the fax provider refused our credentials"
 
 
 class FaxSender:
@@ -62,12 +66,17 @@ class FaxSender:
         due = self.outbound.faxes.find(
             {"send_due_at": {"$lte": now}}, projection={"_id": 1, "send_due_at": 1, "version": 1}
         )
-        tried = 0
+        tried = refused = 0
         for doc in list(due.sort("send_due_at", 1).limit(BATCH)):
             token = self._claim(doc, now)
             if token is not None:
-                self._attempt(doc["_id"], token)
+                refused += self._attempt(doc["_id"], token) == CREDENTIALS_REFUSED
                 tried += 1
+        if refused:
+            log.error(
+                "the fax provider refused our credentials: check CLOUD_FAX_API_KEY and CLOUD_FAX_API_SECRET",
+                extra={"code": "credentials_refused", "count": refused},
+            )
         return tried
 
     def _claim(self, doc: dict, now: int) -> str | None:
@@ -89,10 +98,11 @@ class FaxSender:
         )
         return token if claimed.modified_count == 1 else None
 
-    def _attempt(self, fid: str, token: str) -> None:
+    def _attempt(self, fid: str, token: str) -> str:
+        """One try of a claimed fax; CREDENTIALS_REFUSED when the provider refused our credentials."""
         doc = self.outbound.find(fid)
         if doc is None or doc.get("send_claim") != token:
-            return
+            return ""
         try:
             provider_id = self.api.find_sent(fid) if doc["send_attempts"] > 1 else None
             if provider_id is None:
@@ -105,6 +115,10 @@ class FaxSender:
                     callback_url=self.callback_url,
                     tag=fid,
                 )
+        except CredentialsRefused as exc:
+            reason = f"{CREDENTIALS_REFUSED} (HTTP {exc.status})"
+            self._retry_or_fail(fid, token, doc["send_attempts"], reason, final=CREDENTIALS_REFUSED)
+            return CREDENTIALS_REFUSED
         except Refused as exc:
             self._finish(fid, token, failure=f"the fax provider refused it: {exc.message}")
         except Unavailable:
@@ -113,6 +127,7 @@ class FaxSender:
             self._retry_or_fail(fid, token, doc["send_attempts"], str(exc))
         else:
             self._finish(fid, token, provider_id=provider_id)
+        return ""
 
     def _finish(self, fid: str, token: str, *, provider_id: str = "", failure: str = "") -> None:
         """The provider has it (its id), or it failed for good (the reason)."""
@@ -130,10 +145,14 @@ class FaxSender:
         if doc is not None:
             log.info("fax handed to the provider" if provider_id else "fax not sent", extra={"item_id": fid})
 
-    def _retry_or_fail(self, fid: str, token: str, attempts: int, reason: str) -> None:
+    def _retry_or_fail(self, fid: str, token: str, attempts: int, reason: str, *, final: str = "") -> None:
+        """Due again after the backoff, or (the tries used up) failed with `final` (default: the
+        provider could not be reached)."""
         limit = self.settings.send_attempts
         if attempts >= limit:
-            self._finish(fid, token, failure=f"the fax provider could not be reached ({attempts} tries): {reason}")
+            self._finish(
+                fid, token, failure=final or f"the fax provider could not be reached ({attempts} tries): {reason}"
+            )
             return
         delay_ms = min(int(self.settings.send_retry_s * 1000) * 2 ** (attempts - 1), MAX_RETRY_MS)
 

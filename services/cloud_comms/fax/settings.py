@@ -15,10 +15,13 @@ CLOUD_FAX_SEND_PASS_S             how often the sender looks for faxes to send (
 CLOUD_FAX_SEND_TIMEOUT_S          the provider's time to answer one upload (60)
 CLOUD_FAX_SEND_LEASE_S            how long a claimed send is left to its sender before another
                                   replica takes it over; longer than any upload (300)
+CLOUD_FAX_ALLOWED_COUNTRY_CODES   the E.164 country codes Send Fax may dial, comma-separated ("1":
+                                  the NANP only); other destinations are 400 destination_not_allowed
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from services.kit.settings import Env
@@ -32,6 +35,8 @@ DEV_API_URL = "http://127.0.0.1:8191"
 DEV_PUBLIC_CALLBACK_URL = "http://127.0.0.1:8000/api/v1/fax/callbacks"
 DEFAULT_MAX_PDF_BYTES = 20 * 1024 * 1024
 UPLOAD_CONNECT_S = 5.0  # the connect timeout of a send (phaxio_api.CONNECT_TIMEOUT_S)
+DEFAULT_COUNTRY_CODES = ("1",)
+COUNTRY_CODE = re.compile(r"^[1-9][0-9]{0,2}$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class FaxSettings:
     send_pass_s: float = 1.0
     send_timeout_s: float = 60.0
     send_lease_s: float = 300.0
+    allowed_country_codes: tuple[str, ...] = DEFAULT_COUNTRY_CODES
 
     @property
     def received_callback_url(self) -> str:
@@ -68,6 +74,15 @@ def _secret(env: Env, name: str, dev_value: str) -> str:
         env.problems.append(f"{name} (or {name}_FILE) is required in production")
         return ""
     return dev_value
+
+
+def _country_codes(env: Env) -> tuple[str, ...]:
+    text = env.str("CLOUD_FAX_ALLOWED_COUNTRY_CODES", ",".join(DEFAULT_COUNTRY_CODES))
+    codes = tuple(dict.fromkeys(code.strip().lstrip("+") for code in text.split(",") if code.strip()))
+    if not codes or not all(COUNTRY_CODE.fullmatch(code) for code in codes):
+        env.problems.append("CLOUD_FAX_ALLOWED_COUNTRY_CODES must be a comma list of E.164 country codes (e.g. 1,44)")
+        return DEFAULT_COUNTRY_CODES
+    return codes
 
 
 def load(env: Env) -> FaxSettings:
@@ -92,6 +107,7 @@ def load(env: Env) -> FaxSettings:
         send_pass_s=env.float("CLOUD_FAX_SEND_PASS_S", 1.0, minimum=0.01),
         send_timeout_s=env.float("CLOUD_FAX_SEND_TIMEOUT_S", 60.0, minimum=1.0),
         send_lease_s=env.float("CLOUD_FAX_SEND_LEASE_S", 300.0, minimum=1.0),
+        allowed_country_codes=_country_codes(env),
     )
     if settings.send_lease_s <= settings.send_timeout_s + UPLOAD_CONNECT_S:
         # A sender still uploading must never see its fax taken over by another replica.
