@@ -13,11 +13,13 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
+from services.fax_simulator.pdf import text_pdf
+
 RIVERBEND_INTAKE = "intake@direct.riverbend.example"
 RIVERBEND_REYES = "dr.reyes@direct.riverbend.example"
 PARTNER = "sender@direct.partner.example"
 CCDA = b'<?xml version="1.0"?><ClinicalDocument xmlns="urn:hl7-org:v3"><title>Referral note</title></ClinicalDocument>'
-PDF = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
+PDF = text_pdf(["Consult note", "Please see the attached referral."])  # one page: Send Fax takes it
 
 
 def openssl(*args: str, data: bytes | None = None) -> bytes:
@@ -51,14 +53,24 @@ def encrypt(content: bytes, recipient_cert: Path) -> bytes:
     return openssl("cms", "-encrypt", "-aes256", str(recipient_cert), data=content)
 
 
+FINAL_DELIVERY_OPTION = "X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true"
+
+
 def with_headers(
-    body: bytes, *, to: str, sender: str = PARTNER, subject: str = "Referral", message_id: str = ""
+    body: bytes,
+    *,
+    to: str,
+    sender: str = PARTNER,
+    subject: str = "Referral",
+    message_id: str = "",
+    extra: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     message_id = message_id or f"<{uuid.uuid4().hex}@direct.partner.example>"
     head = (
         f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n"
         "Date: Mon, 2 Mar 2026 10:00:00 +0000\r\n"
     )
+    head += "".join(f"{name}: {value}\r\n" for name, value in extra)
     return head.encode() + body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
@@ -72,14 +84,19 @@ def direct_message(
     opaque: bool = False,
     subject: str = "Referral",
     inner: bytes | None = None,
+    options: str = "",
 ) -> bytes:
+    """`options`: a Disposition-Notification-Options value (with Disposition-Notification-To), as a
+    sender asking for final delivery adds (FINAL_DELIVERY_OPTION)."""
     signed = sign(inner if inner is not None else inner_mime(), certs, signer, opaque=opaque)
     enveloped = encrypt(signed, certs / "agency-riverbend.cert.pem")
-    return with_headers(enveloped, to=to, sender=sender, subject=subject, message_id=message_id)
+    extra = (("Disposition-Notification-To", sender), ("Disposition-Notification-Options", options)) if options else ()
+    return with_headers(enveloped, to=to, sender=sender, subject=subject, message_id=message_id, extra=extra)
 
 
 def send(port: int, message: bytes, *, to: list[str] | None = None, sender: str = PARTNER) -> tuple[int, bytes]:
-    """(code, text) of the DATA reply (or of the first refusal)."""
+    """(code, text) of the DATA reply (or of the first refusal); `sender` "" is the null sender
+    (`MAIL FROM:<>`) of a bounce."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         try:
             client.sendmail(sender, to or [RIVERBEND_INTAKE], message)
@@ -94,12 +111,20 @@ def send(port: int, message: bytes, *, to: list[str] | None = None, sender: str 
 
 
 class Sink:
-    """The partner HISP's inbound SMTP (a real aiosmtpd server) collecting MDNs."""
+    """The partner HISP's inbound SMTP (a real aiosmtpd server) collecting MDNs; it refuses the
+    recipients in `refuse` with `550 5.1.1`."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, refuse: tuple[str, ...] = ()):
         self.messages: list[bytes] = []
+        self.refuse = refuse
         self._lock = threading.Lock()
         self.controller = Controller(self, hostname="127.0.0.1", port=port)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if address.lower() in self.refuse:
+            return "550 5.1.1 no such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
         with self._lock:
@@ -141,3 +166,24 @@ def open_mdn(raw: bytes, certs: Path) -> dict:
     fields["_to"] = str(outer["To"])
     fields["_from"] = str(outer["From"])
     return fields
+
+
+def openssl_identity(certs: Path, stem: str, address: str, *, ec: bool = False, key_usage: str = "") -> None:
+    """`<stem>.cert.pem` / `.key.pem` issued by the development CA with the openssl CLI: SAN email
+    `address`, an EC (P-256) or RSA key, keyUsage `key_usage` (default: digitalSignature, plus
+    keyEncipherment for RSA)."""
+    key, csr, ext = certs / f"{stem}.key.pem", certs / f"{stem}.csr.pem", certs / f"{stem}.ext"
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"] if ec else ["-newkey", "rsa:2048"]
+    openssl("req", "-new", *new_key, "-nodes", "-keyout", str(key), "-subj", f"/CN={stem}", "-out", str(csr))
+    usage = key_usage or ("digitalSignature" if ec else "digitalSignature,keyEncipherment")
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        f"keyUsage=critical,{usage}\n"
+        "extendedKeyUsage=emailProtection\n"
+        f"subjectAltName=email:{address}\n"
+    )
+    openssl(
+        *("x509", "-req", "-in", str(csr), "-CA", str(certs / "ca.cert.pem"), "-CAkey", str(certs / "ca.key.pem")),
+        *("-set_serial", str(uuid.uuid4().int >> 64), "-days", "30", "-sha256", "-extfile", str(ext)),
+        *("-out", str(certs / f"{stem}.cert.pem")),
+    )

@@ -8,14 +8,16 @@ and domain `direct.partner.example`).
   (`554 ...`). A report (an MDN cloud-comms sends for a message a tester sent "from the partner")
   is recorded and never answered. A message is accepted (250) and then answered, per recipient,
   with MDNs signed by the partner and encrypted for our signer's certificate, sent to cloud-comms'
-  Direct listener (DIRECT_SIMULATOR_HISP):
+  Direct listener (DIRECT_SIMULATOR_HISP). As an IG-conformant receiving HISP it sends `dispatched`
+  (carrying the `X-DIRECT-FINAL-DESTINATION-DELIVERY` field, mdn.py) only when the message asked
+  for final delivery (`Disposition-Notification-Options`; cloud-comms' messages always do):
 
   | recipient local part | MDNs, each `step_s` after the previous |
   |---|---|
   | `fail...` | `failed` |
   | `silent...` | none (the sender's timeout fails it) |
   | `nodispatch...` | `processed` only (timeout: no dispatched notification) |
-  | anything else | `processed`, then `dispatched` |
+  | anything else | `processed`, then `dispatched` (`processed` only when not asked) |
 
 `state()` lists what happened (addresses, Message-IDs, dispositions; never content).
 """
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from services.cloud_comms.direct import mdn, outgoing, reports, smime
+from services.cloud_comms.direct import compose, mdn, outgoing, reports, smime
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,13 @@ class Original:
     signer: x509.Certificate
 
 
-def plan(address: str) -> tuple[str, ...]:
+def plan(address: str, final_delivery: bool = True) -> tuple[str, ...]:
     local = address.partition("@")[0].lower()
     if local.startswith("fail"):
         return ("failed",)
     if local.startswith("silent"):
         return ()
-    if local.startswith("nodispatch"):
+    if local.startswith("nodispatch") or not final_delivery:
         return ("processed",)
     return ("processed", "dispatched")
 
@@ -102,11 +104,15 @@ class PartnerHisp:
             outcomes = [o.state for o in report.outcomes]
             self._record("report", sender=sender, original=report.original_message_id, states=outcomes)
             return "250 2.0.0 notification received"
-        self._record("message", sender=sender, recipients=recipients, message_id=message_id)
+        options = [str(v) for m in (outer, opened.inner) for v in m.get_all("Disposition-Notification-Options") or []]
+        final_delivery = compose.asks_final_delivery(*options)
+        self._record(
+            "message", sender=sender, recipients=recipients, message_id=message_id, final_delivery=final_delivery
+        )
         subject = str(opened.inner.get("Subject") or outer.get("Subject") or "")
         original = Original(sender, message_id, subject, opened.signer)
         for recipient in recipients:
-            for step, disposition in enumerate(plan(recipient), start=1):
+            for step, disposition in enumerate(plan(recipient, final_delivery), start=1):
                 self._later(step * self.step_s, recipient, disposition, original)
         return "250 2.0.0 message accepted"
 

@@ -14,6 +14,7 @@ import requests
 from services.cloud_comms import devcerts
 from tests.cloud_direct_helpers import (
     CCDA,
+    FINAL_DELIVERY_OPTION,
     PDF,
     RIVERBEND_INTAKE,
     Sink,
@@ -64,7 +65,7 @@ def test_a_direct_message_reaches_the_linked_staff_sealed_and_acknowledged(
 ):
     subject = f"Referral {uuid.uuid4().hex[:8]}"
     message_id = f"<{uuid.uuid4().hex}@direct.partner.example>"
-    message = direct_message(certs, subject=subject, message_id=message_id)
+    message = direct_message(certs, subject=subject, message_id=message_id, options=FINAL_DELIVERY_OPTION)
     assert send(smtp_port, message) == (250, b"ok")
     assert send(smtp_port, message) == (250, b"ok")  # resent: still one item
 
@@ -98,6 +99,8 @@ def test_a_direct_message_reaches_the_linked_staff_sealed_and_acknowledged(
     mdns = wait_until(lambda: (m := mdns_for(sink, certs, message_id)) and len(m) >= 2 and m, timeout=20)
     dispositions = sorted(m["disposition"].rpartition("; ")[2] for m in mdns)
     assert dispositions == ["dispatched", "processed"]
+    final = {m["disposition"].rpartition("; ")[2]: "x-direct-final-destination-delivery" in m for m in mdns}
+    assert final == {"dispatched": True, "processed": False}
     assert all(m["final-recipient"] == f"rfc822; {RIVERBEND_INTAKE}" for m in mdns)
 
 
@@ -148,3 +151,18 @@ def test_refused_messages_and_the_listener_keeps_serving(stack, certs, sink, smt
     assert code == 552
     assert cloud_db.direct_messages.count_documents({}) == before
     assert send(smtp_port, direct_message(certs))[0] == 250
+
+
+def test_a_sender_not_asking_for_final_delivery_gets_processed_only(stack, certs, sink, smtp_port, wilson, cloud_db):
+    subject = f"Referral {uuid.uuid4().hex[:8]}"
+    message_id = f"<{uuid.uuid4().hex}@direct.partner.example>"
+    assert send(smtp_port, direct_message(certs, subject=subject, message_id=message_id)) == (250, b"ok")
+    wait_until(lambda: cloud_item(wilson, f"Direct: {subject}"), timeout=20)
+    mdns = wait_until(lambda: mdns_for(sink, certs, message_id), timeout=20)
+    # Delivered to the board and its outbox relayed: dispatched would be due now, were it asked for.
+    wait_until(
+        lambda: cloud_db.direct_messages.find_one({"message_id": {"$eq": message_id}, "mdn_dispatched": "none"}),
+        timeout=20,
+    )
+    assert [m["disposition"].rpartition("; ")[2] for m in mdns_for(sink, certs, message_id)] == ["processed"]
+    assert mdns[0]["final-recipient"] == f"rfc822; {RIVERBEND_INTAKE}"

@@ -20,9 +20,11 @@ from tests.integration.test_cloud_direct_outbound import (
     b64,
     opened_by_partner,
     parts,
+    postfix_bounce,
     report_entity,
     report_message,
 )
+from tests.integration.test_cloud_direct_outbound import PARTNER_COLLEAGUE as COLLEAGUE
 from tests.waits import wait_until
 
 
@@ -78,6 +80,7 @@ def test_a_composed_message_is_sent_sealed_and_its_mdns_shown_on_the_item(
     assert (mail_from, rcpt_tos) == (RIVERBEND_INTAKE, [PARTNER])
     outer, entity = opened_by_partner(raw, certs)
     assert outer["Subject"] == subject and outer["Disposition-Notification-Options"] == FINAL_DELIVERY
+    assert outer["Disposition-Notification-To"] == RIVERBEND_INTAKE
     text, files = parts(entity)
     assert text.strip() == "Please see the attached referral." and files == [("referral.pdf", "application/pdf", PDF)]
 
@@ -87,6 +90,10 @@ def test_a_composed_message_is_sent_sealed_and_its_mdns_shown_on_the_item(
     detail = wilson.get(f"/api/v1/board/items/{item['id']}").json()
     assert detail["links"][0]["url"].endswith(f"{OUTBOUND_PATH}/{view['id']}")
 
+    # A dispatched without the final-delivery field is not a delivery; with it, it is.
+    unconfirmed = report_message(certs, report_entity("mdn", view["message_id"], "dispatched", final=False))
+    assert send(smtp_port, unconfirmed) == (250, b"ok")
+    wait_until(lambda: item_with_status(wilson, view["subject"], "processed"), timeout=20)
     for disposition in ("processed", "dispatched"):
         mdn = report_message(certs, report_entity("mdn", view["message_id"], disposition))
         assert send(smtp_port, mdn) == (250, b"ok")
@@ -94,6 +101,7 @@ def test_a_composed_message_is_sent_sealed_and_its_mdns_shown_on_the_item(
     shown = wilson.get(f"{OUTBOUND_PATH}/{view['id']}").json()
     assert shown["status"] == "dispatched"
     assert [t["state"] for t in shown["trail"]] == ["queued", "sent", "processed", "dispatched"]
+    assert shown["trail"][2]["detail"] == "dispatched notification received without final-delivery confirmation"
     attachment = wilson.get(shown["attachments"][0]["url"])
     assert attachment.status_code == 200 and attachment.content == PDF
 
@@ -156,3 +164,20 @@ def test_refusals_through_the_gateway(stack, certs, smtp_port, wilson, reyes, ou
     )
     code, text = send(smtp_port, forged)
     assert code == 554 and b"trusted anchor" in text
+
+
+def test_a_plain_bounce_from_the_relay_fails_the_message(stack, certs, relay, smtp_port, wilson, cloud_db):
+    subject = f"Referral {uuid.uuid4().hex[:8]}"
+    body = {"from": RIVERBEND_INTAKE, "to": [PARTNER, COLLEAGUE], "subject": subject, "text": "Hello."}
+    answer = wilson.post(OUTBOUND_PATH, json=body)
+    assert answer.status_code == 202, answer.text
+    view = answer.json()
+    _, _, raw = wait_until(lambda: relayed(relay, view["message_id"]), timeout=20)
+    wait_until(lambda: item_with_status(wilson, subject, "sent"), timeout=20)
+    before = cloud_db.security_events.count_documents({})
+    assert send(smtp_port, postfix_bounce(raw), sender="") == (250, b"ok")  # MAIL FROM:<>
+    item = wait_until(lambda: item_with_status(wilson, subject, "failed"), timeout=20)
+    assert item["read"] is False
+    shown = wilson.get(f"{OUTBOUND_PATH}/{view['id']}").json()
+    assert [(r["address"], r["status"]) for r in shown["recipients"]] == [(PARTNER, "sent"), (COLLEAGUE, "failed")]
+    assert cloud_db.security_events.count_documents({}) == before

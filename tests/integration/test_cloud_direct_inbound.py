@@ -23,6 +23,8 @@ from services.kit.embedded_mongo import free_port
 from services.kit.errors import NotFound
 from tests.cloud_direct_helpers import (
     CCDA,
+    FINAL_DELIVERY_OPTION,
+    PARTNER,
     PDF,
     RIVERBEND_INTAKE,
     Sink,
@@ -30,6 +32,7 @@ from tests.cloud_direct_helpers import (
     encrypt,
     inner_mime,
     open_mdn,
+    openssl_identity,
     send,
     sign,
     with_headers,
@@ -37,6 +40,9 @@ from tests.cloud_direct_helpers import (
 from tests.waits import wait_until
 
 STAFF = ("stf_reyes", "stf_nurse")
+EC_PARTNER = "ec-sender@direct.partner.example"  # covered by the configured partner certificate
+EC_ELSEWHERE = "ec-sender@direct.ecclinic.example"  # no configured certificate
+SIGN_ONLY = "signer@direct.signonly.example"  # no configured certificate
 
 
 class Directory:
@@ -76,37 +82,62 @@ def certs(tmp_path_factory) -> Path:
     other = devcerts.DevIdentity("other", "Other sender", ("someone@elsewhere.example",), "elsewhere.example")
     cert, key = devcerts.issue(ca, ca_key, other)
     devcerts.write_identity(directory, "other", cert, key)
+    # Signers an MDN cannot be encrypted for (openssl): EC keys, an RSA key that may only sign.
+    openssl_identity(directory, "ec-partner", EC_PARTNER, ec=True)
+    openssl_identity(directory, "ec-elsewhere", EC_ELSEWHERE, ec=True)
+    openssl_identity(directory, "sign-only", SIGN_ONLY, key_usage="digitalSignature")
     return directory
 
 
 @pytest.fixture
-def direct(mongo_client, db_name, certs):
-    smtp_port, sink_port = free_port(), free_port()
-    master = base64.b64encode(os.urandom(32)).decode()
-    settings = config.load(
-        {
-            "MONGO_URI": "mongodb://unused:1",
-            "PHI_MASTER_KEYS": f"m:{master}",
-            "AMQP_URL": "amqp://unused/",
-            "CLOUD_DIRECT_CERTS_DIR": str(certs),
-            "CLOUD_SMTP_PORT": str(smtp_port),
-            "CLOUD_SMTP_RELAY": f"127.0.0.1:{sink_port}",
-            "CLOUD_DIRECT_MAX_MESSAGE_BYTES": str(200 * 1024),
-            "CLINIC_RUN_DIR": str(certs.parent),
-        }
-    )
-    db = mongo_client[db_name]
-    comms = build(settings, db, directory=Directory(), service_tokens=ServiceIdentities(), features=(DirectMessaging,))
-    feature = comms.features[0]
-    stop = threading.Event()
-    ((name, run, ready),) = comms.listeners()
-    thread = threading.Thread(target=run, args=(stop,), daemon=True)
-    thread.start()
-    assert ready(10)
-    with Sink(sink_port) as sink:
-        yield feature, smtp_port, sink, db
-    stop.set()
-    thread.join(10)
+def directs(mongo_client, db_name, certs):
+    """cloud-comms (Direct only) with its listener, and the partner HISP's sink as its relay
+    (refusing the addresses in `refuse`); `env`: more settings."""
+    started = []
+
+    def make(refuse: tuple[str, ...] = (), relay_running: bool = True, **env: str):
+        smtp_port, sink_port = free_port(), free_port()
+        master = base64.b64encode(os.urandom(32)).decode()
+        settings = config.load(
+            {
+                "MONGO_URI": "mongodb://unused:1",
+                "PHI_MASTER_KEYS": f"m:{master}",
+                "AMQP_URL": "amqp://unused/",
+                "CLOUD_DIRECT_CERTS_DIR": str(certs),
+                "CLOUD_SMTP_PORT": str(smtp_port),
+                "CLOUD_SMTP_RELAY": f"127.0.0.1:{sink_port}",
+                "CLOUD_DIRECT_MAX_MESSAGE_BYTES": str(200 * 1024),
+                "CLINIC_RUN_DIR": str(certs.parent),
+                **env,
+            }
+        )
+        db = mongo_client[db_name]
+        comms = build(
+            settings, db, directory=Directory(), service_tokens=ServiceIdentities(), features=(DirectMessaging,)
+        )
+        feature = comms.features[0]
+        stop = threading.Event()
+        ((name, run, ready),) = comms.listeners()
+        thread = threading.Thread(target=run, args=(stop,), daemon=True)
+        thread.start()
+        assert ready(10)
+        sink = Sink(sink_port, refuse)
+        if relay_running:
+            sink.__enter__()
+        started.append((stop, thread, sink if relay_running else None))
+        return feature, smtp_port, sink, db
+
+    yield make
+    for stop, thread, sink in started:
+        if sink is not None:
+            sink.__exit__()
+        stop.set()
+        thread.join(10)
+
+
+@pytest.fixture
+def direct(directs):
+    return directs()
 
 
 def staff(staff_id: str, agency: str = "agy_riverbend") -> Identity:
@@ -132,8 +163,10 @@ def deliveries(doc: dict) -> list[inbox_pb2.DeliverItemRequest]:
 
 def test_a_signed_encrypted_message_is_stored_sealed_delivered_viewable_and_acknowledged(direct, certs):
     feature, port, sink, db = direct
-    assert send(port, direct_message(certs, message_id="<m1@direct.partner.example>")) == (250, b"ok")
+    message = direct_message(certs, message_id="<m1@direct.partner.example>", options=FINAL_DELIVERY_OPTION)
+    assert send(port, message) == (250, b"ok")
     (doc,) = list(db[DIRECT_MESSAGES].find({}))
+    assert doc["final_delivery_requested"] is True
     raw = repr(doc).encode()
     assert b"ClinicalDocument" not in raw and b"%PDF" not in raw and b"attached referral" not in raw
     assert base64.b64encode(CCDA)[:40] not in raw
@@ -173,6 +206,30 @@ def test_a_signed_encrypted_message_is_stored_sealed_delivered_viewable_and_ackn
     assert first["original-message-id"] == "<m1@direct.partner.example>"
     assert first["final-recipient"] == f"rfc822; {RIVERBEND_INTAKE}"
     assert first["_to"] == "sender@direct.partner.example" and first["_from"] == RIVERBEND_INTAKE
+    # Direct IG: only the dispatched MDN carries the final-delivery extension field.
+    assert "x-direct-final-destination-delivery" in second and "x-direct-final-destination-delivery" not in first
+
+
+@pytest.mark.parametrize(
+    ("options", "dispositions"),
+    [
+        ("", ["processed"]),
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,false", ["processed"]),
+        ("signed-receipt-protocol=optional,pkcs7-signature", ["processed"]),
+        ("x-direct-final-destination-delivery=Required,TRUE", ["dispatched", "processed"]),
+    ],
+)
+def test_dispatched_is_sent_only_when_the_sender_asked_for_final_delivery(direct, certs, options, dispositions):
+    feature, port, sink, db = direct
+    assert send(port, direct_message(certs, options=options)) == (250, b"ok")
+    assert feature.mdn_pass() == 1
+    relay_published(db)
+    assert feature.mdn_pass() == len(dispositions) - 1
+    assert feature.mdn_pass() == 0
+    wait_until(lambda: len(sink.messages) == len(dispositions))
+    assert sorted(open_mdn(m, certs)["disposition"].rpartition("; ")[2] for m in sink.messages) == dispositions
+    (doc,) = list(db[DIRECT_MESSAGES].find({}))
+    assert doc["mdn_dispatched"] == ("sent" if len(dispositions) == 2 else "none")
 
 
 def test_the_same_message_id_twice_is_one_item_and_one_set_of_mdns(direct, certs):
@@ -181,6 +238,17 @@ def test_the_same_message_id_twice_is_one_item_and_one_set_of_mdns(direct, certs
         assert send(port, direct_message(certs, message_id="<same@direct.partner.example>"))[0] == 250
     assert db[DIRECT_MESSAGES].count_documents({}) == 1
     assert feature.mdn_pass() == 1
+
+
+def test_another_sender_reusing_a_message_id_is_a_message_of_its_own(direct, certs):
+    feature, port, sink, db = direct
+    same = "<reused@direct.partner.example>"
+    assert send(port, direct_message(certs, message_id=same))[0] == 250
+    elsewhere = direct_message(certs, message_id=same, signer="other", sender="someone@elsewhere.example")
+    assert send(port, elsewhere, sender="someone@elsewhere.example")[0] == 250
+    docs = list(db[DIRECT_MESSAGES].find({}))
+    assert sorted(d["sender"] for d in docs) == sorted(["someone@elsewhere.example", PARTNER])
+    assert len({d["_id"] for d in docs}) == 2 and all(deliveries(d) for d in docs)
 
 
 def test_opaque_signed_data_is_accepted(direct, certs):
@@ -203,6 +271,14 @@ def test_an_address_with_no_linked_staff_gets_a_failed_mdn(direct, certs):
 
 def refused(db) -> list[dict]:
     return list(db["security_events"].find({}))
+
+
+def refusal_counts(db) -> dict[str, int]:
+    """Refusals by code (the store counts repeats of a minute in one document)."""
+    counts: dict[str, int] = {}
+    for event in refused(db):
+        counts[event["code"]] = counts.get(event["code"], 0) + event.get("count", 1)
+    return counts
 
 
 def test_refusals_store_nothing_and_the_listener_keeps_serving(direct, certs):
@@ -242,17 +318,76 @@ def test_refusals_store_nothing_and_the_listener_keeps_serving(direct, certs):
     code, _ = send(port, big)
     assert code == 552
     assert db[DIRECT_MESSAGES].count_documents({}) == 0
-    kinds = [e["code"] for e in refused(db)]
-    assert kinds == [
-        "not_encrypted",
-        "bad_signature",
-        "untrusted_signer",
-        "untrusted_signer",
-        "signer_mismatch",
-        "not_signed",
-        "malformed",
-    ]
+    assert refusal_counts(db) == {
+        "not_encrypted": 1,
+        "bad_signature": 1,
+        "untrusted_signer": 2,
+        "signer_mismatch": 1,
+        "not_signed": 1,
+        "malformed": 1,
+    }
     assert all("Referral" not in repr(e) for e in refused(db))
     # and still serving
     assert send(port, direct_message(certs))[0] == 250
     assert db[DIRECT_MESSAGES].count_documents({}) == 1
+
+
+def mdn_states(db) -> dict:
+    (doc,) = list(db[DIRECT_MESSAGES].find({}))
+    return {k: v for k, v in doc.items() if k.startswith("mdn_") and not k.endswith("_at")}
+
+
+def test_an_mdn_goes_encrypted_for_the_configured_certificate_when_the_signer_is_ec(direct, certs):
+    feature, port, sink, db = direct
+    message = direct_message(certs, signer="ec-partner", sender=EC_PARTNER, options=FINAL_DELIVERY_OPTION)
+    assert send(port, message, sender=EC_PARTNER) == (250, b"ok")
+    assert feature.mdn_pass() == 1
+    relay_published(db)
+    assert feature.mdn_pass() == 1
+    wait_until(lambda: len(sink.messages) == 2)
+    opened = [open_mdn(m, certs) for m in sink.messages]  # the partner's configured key decrypts them
+    assert [m["_to"] for m in opened] == [EC_PARTNER, EC_PARTNER]
+    assert mdn_states(db)["mdn_processed"] == "sent"
+
+
+@pytest.mark.parametrize(("signer", "sender"), [("ec-elsewhere", EC_ELSEWHERE), ("sign-only", SIGN_ONLY)])
+def test_without_a_certificate_to_encrypt_for_the_mdns_are_abandoned_not_retried(direct, certs, signer, sender):
+    feature, port, sink, db = direct
+    message = direct_message(certs, signer=signer, sender=sender, options=FINAL_DELIVERY_OPTION)
+    assert send(port, message, sender=sender) == (250, b"ok")
+    assert feature.mdn_pass() == 0
+    relay_published(db)
+    for _ in range(3):
+        assert feature.mdn_pass() == 0
+    states = mdn_states(db)
+    assert states["mdn_processed"] == "abandoned" and states["mdn_dispatched"] == "abandoned"
+    assert states["mdn_processed_error"] == "no certificate of the original sender can be encrypted for"
+    assert sink.messages == []
+
+
+def test_a_permanent_relay_refusal_abandons_the_mdns_at_once(directs, certs):
+    feature, port, sink, db = directs(refuse=("sender@direct.partner.example",))
+    assert send(port, direct_message(certs, options=FINAL_DELIVERY_OPTION)) == (250, b"ok")
+    assert feature.mdn_pass() == 0
+    relay_published(db)
+    assert feature.mdn_pass() == 0
+    states = mdn_states(db)
+    assert (states["mdn_processed"], states["mdn_dispatched"]) == ("abandoned", "abandoned")
+    assert states["mdn_processed_error"] == "the relay refused it (550)"
+    assert sink.messages == []
+
+
+def test_an_unreachable_relay_is_retried_up_to_the_attempts_limit(directs, certs):
+    feature, port, sink, db = directs(relay_running=False, CLOUD_DIRECT_MDN_MAX_ATTEMPTS="2")
+    assert send(port, direct_message(certs)) == (250, b"ok")
+    assert feature.mdn_pass() == 0
+    states = mdn_states(db)
+    assert (states["mdn_processed"], states["mdn_processed_attempts"]) == ("due", 1)
+    assert feature.mdn_pass() == 0  # not before its time
+    # 30 s later (the retry delay, moved back here instead of waited for):
+    db[DIRECT_MESSAGES].update_many({}, {"$inc": {"mdn_processed_at": -31_000}})
+    assert feature.mdn_pass() == 0
+    states = mdn_states(db)
+    assert states["mdn_processed"] == "abandoned"
+    assert states["mdn_processed_error"] == "not sent after 2 attempts (ConnectionRefusedError)"
+    assert feature.mdn_pass() == 0

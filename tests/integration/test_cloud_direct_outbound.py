@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from cryptography.hazmat.primitives import serialization
 
 from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
@@ -50,8 +51,14 @@ from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
 PARTNER_COLLEAGUE = "colleague@direct.partner.example"
+NORTHSIDE_DOMAIN = "direct.northside.example"
+NORTHSIDE_DOCTOR = f"dr.north@{NORTHSIDE_DOMAIN}"
+EASTSIDE_DOMAIN = "direct.eastside.example"
+EASTSIDE_NURSE = f"nurse@{EASTSIDE_DOMAIN}"
+NORTH_HISP_DOMAIN = "mail.northhisp.example"
 OUTBOUND_PATH = "/api/v1/cloud/direct/outbound"
 FINAL_DELIVERY = "X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true"
+FINAL_DELIVERY_FIELD = "X-DIRECT-FINAL-DESTINATION-DELIVERY:"
 MASTER_KEYS: dict[str, str] = {}
 
 
@@ -102,15 +109,8 @@ class Relay(Sink):
     refuses the recipients in `refuse` with 550."""
 
     def __init__(self, port: int, refuse: tuple[str, ...] = ()):
-        super().__init__(port)
+        super().__init__(port, refuse)
         self.envelopes: list[tuple[str, list[str], bytes]] = []
-        self.refuse = refuse
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
-        if address.lower() in self.refuse:
-            return "550 5.1.1 no such user here"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
@@ -124,7 +124,48 @@ def certs(tmp_path_factory) -> Path:
     rogue_ca, rogue_key = devcerts.make_ca("Rogue CA")
     cert, key = devcerts.issue(rogue_ca, rogue_key, devcerts.PARTNER)
     devcerts.write_identity(directory, "rogue", cert, key)
+    # Northside's organizational certificate also covers its HISP's mail domain; Eastside's names
+    # one address. Two signers at that HISP: one covering its own domain, one Eastside's too.
+    ca_cert, ca_key = load_ca(directory)
+    parties = [
+        ("recipients/northside", devcerts.DevIdentity("n", "Northside", (), NORTHSIDE_DOMAIN), (NORTH_HISP_DOMAIN,)),
+        ("recipients/eastside", devcerts.DevIdentity("e", "Eastside", (EASTSIDE_NURSE,), ""), ()),
+        ("north-hisp", devcerts.DevIdentity("h", "North HISP", (), NORTH_HISP_DOMAIN), ()),
+        ("north-hisp-east", devcerts.DevIdentity("x", "North HISP", (), NORTH_HISP_DOMAIN), (EASTSIDE_DOMAIN,)),
+    ]
+    for stem, identity, more_domains in parties:
+        cert, key = issue_with_domains(ca_cert, ca_key, identity, more_domains)
+        if stem.startswith("recipients/"):  # their certificates only: what we encrypt for
+            (directory / f"{stem}.cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        else:
+            devcerts.write_identity(directory, stem, cert, key)
     return directory
+
+
+def issue_with_domains(ca_cert, ca_key, identity, more_domains: tuple[str, ...]):
+    """A development certificate whose SAN also names `more_domains` (dNSName)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert, key = devcerts.issue(ca_cert, ca_key, identity)
+    if not more_domains:
+        return cert, key
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for ext in cert.extensions:
+        value = ext.value
+        if isinstance(value, x509.SubjectAlternativeName):
+            value = x509.SubjectAlternativeName([*san, *(x509.DNSName(d) for d in more_domains)])
+        builder = builder.add_extension(value, ext.critical)
+    return builder.sign(ca_key, hashes.SHA256()), key
 
 
 class Stack:
@@ -286,8 +327,11 @@ def parts(entity: bytes) -> tuple[str, list[tuple[str, str, bytes]]]:
     return text, files
 
 
-def report_entity(kind: str, original: str, value: str, recipient: str = PARTNER, header: str = "") -> bytes:
-    """A multipart/report (MDN: `value` = the disposition type; DSN: `value` = the Status code)."""
+def report_entity(
+    kind: str, original: str, value: str, recipient: str = PARTNER, header: str = "", *, final: bool | None = None
+) -> bytes:
+    """A multipart/report (MDN: `value` = the disposition type; DSN: `value` = the Status code).
+    A dispatched MDN carries the IG's final-delivery field unless `final` is False."""
     boundary = "rep_" + uuid.uuid4().hex
     if kind == "mdn":
         fields = [
@@ -296,6 +340,8 @@ def report_entity(kind: str, original: str, value: str, recipient: str = PARTNER
             f"Original-Message-ID: {original}",
             f"Disposition: automatic-action/MDN-sent-automatically; {value}",
         ]
+        if final or (final is None and value == "dispatched"):
+            fields.append(FINAL_DELIVERY_FIELD)
         report_type, part_type = "disposition-notification", "message/disposition-notification"
     else:
         fields = [
@@ -326,10 +372,12 @@ def report_entity(kind: str, original: str, value: str, recipient: str = PARTNER
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
-def report_message(certs: Path, entity: bytes, *, sender: str = PARTNER, signer: str = "partner-hisp") -> bytes:
+def report_message(
+    certs: Path, entity: bytes, *, sender: str = PARTNER, signer: str = "partner-hisp", extra: tuple = ()
+) -> bytes:
     """The report signed by `signer` and encrypted for Riverbend's certificate (openssl CLI)."""
     enveloped = encrypt(sign(entity, certs, signer), certs / "agency-riverbend.cert.pem")
-    return with_headers(enveloped, to=RIVERBEND_INTAKE, sender=sender, subject="Notification")
+    return with_headers(enveloped, to=RIVERBEND_INTAKE, sender=sender, subject="Notification", extra=extra)
 
 
 def composed_and_sent(direct: Stack, **overrides) -> dict:
@@ -372,6 +420,7 @@ def test_a_composed_message_is_sealed_queued_then_signed_encrypted_and_sent_once
     assert (outer["From"], outer["To"], outer["Subject"]) == (RIVERBEND_INTAKE, PARTNER, "Referral for Maria Lopez")
     assert outer["Message-ID"] == view["message_id"]
     assert outer["Disposition-Notification-Options"] == FINAL_DELIVERY
+    assert outer["Disposition-Notification-To"] == RIVERBEND_INTAKE
     assert outer.get_content_type() == "application/pkcs7-mime"
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"Maria Lopez" in head and b"Maria Lopez" not in body  # only the outer Subject is in clear
@@ -479,7 +528,6 @@ def test_unmatched_foreign_and_forged_reports(direct, certs):
 
 def load_ca(certs: Path):
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 
     ca = x509.load_pem_x509_certificate((certs / "ca.cert.pem").read_bytes())
     return ca, serialization.load_pem_private_key((certs / "ca.key.pem").read_bytes(), None)
@@ -526,6 +574,49 @@ def test_a_reply_defaults_to_the_original_and_forwards_its_attachments(direct, c
     # Replying to a message not delivered to the caller.
     refused = direct.post("reyes", {"in_reply_to": inbound["_id"], "text": "x", "from": RIVERBEND_REYES})
     assert refused.status_code == 404 and refused.get_json()["code"] == "direct_message_not_found"
+
+
+def test_a_partners_line_breaks_in_names_are_kept_out_and_refused_sends_record_no_reads(direct, certs):
+    boundary = "b_" + uuid.uuid4().hex
+    inner = (
+        f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n'
+        "Subject: =?utf-8?q?Lab=0D=0ABcc=3A_x=40y.example?=\r\n\r\n"
+        f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+        f"--{boundary}\r\nContent-Type: application/pdf\r\n"
+        "Content-Disposition: attachment; filename*=utf-8''..%2F..%2Fevil%0D%0AX-Evil%3A%201.pdf\r\n"
+        f"Content-Transfer-Encoding: base64\r\n\r\n{base64.b64encode(PDF).decode()}\r\n--{boundary}--\r\n"
+    ).encode()
+    assert send(direct.smtp_port, direct_message(certs, inner=inner)) == (250, b"ok")
+    (inbound,) = direct.db[DIRECT_MESSAGES].find({})
+    view = direct.get("wilson", f"/api/v1/cloud/direct/{inbound['_id']}").get_json()
+    assert view["subject"] == "Lab Bcc: x@y.example"
+    assert view["attachments"][0]["filename"] == ".._.._evil X-Evil: 1.pdf"
+    (item,) = [request for _, request in items(inbound)]
+    assert "\r" not in item.title and "\n" not in item.title
+
+    # A reply that is refused (no certificate for the address) records no read of the original
+    # nor of the forwarded attachment; the forward that is sent does, once.
+    forward = {"message": inbound["_id"], "index": 0}
+    refused = direct.post(
+        "wilson",
+        {
+            "in_reply_to": inbound["_id"],
+            "to": ["nobody@unknown.example"],
+            "text": "x",
+            "forward_attachments": [forward],
+        },
+    )
+    assert refused.status_code == 422
+    assert direct.db["access_records"].count_documents({"action": {"$in": ["reply", "forward"]}}) == 0
+    sent = direct.post("wilson", {"in_reply_to": inbound["_id"], "text": "x", "forward_attachments": [forward]})
+    assert sent.status_code == 202, sent.get_json()
+    assert sorted(a["action"] for a in direct.db["access_records"].find({"action": {"$in": ["reply", "forward"]}})) == [
+        "forward",
+        "reply",
+    ]
+    assert direct.outbound.send_pass() == 1
+    _, entity = opened_by_partner(direct.relay.envelopes[-1][2], certs)
+    assert [name for name, _, _ in parts(entity)[1]] == [".._.._evil X-Evil: 1.pdf"]
 
 
 def test_a_new_message_without_from_goes_from_the_callers_one_linked_address(direct):
@@ -627,6 +718,164 @@ def test_without_a_relay_messages_stay_queued(stacks):
     assert direct.doc(answer.get_json()["id"])["status"] == "queued"
 
 
+def recipient_states(direct: Stack, oid: str) -> list[tuple[str, str]]:
+    return [(r["state"], r["detail"]) for r in direct.doc(oid)["recipients"]]
+
+
+def test_a_dispatched_mdn_without_the_final_delivery_field_is_not_delivered(stacks, certs):
+    direct = stacks(CLOUD_DIRECT_MDN_TIMEOUT_S="1")
+    doc = composed_and_sent(direct)
+    unconfirmed = report_entity("mdn", doc["message_id"], "dispatched", final=False)
+    assert send(direct.smtp_port, report_message(certs, unconfirmed)) == (250, b"ok")
+    assert recipient_states(direct, doc["_id"]) == [
+        ("processed", "dispatched notification received without final-delivery confirmation")
+    ]
+    assert direct.doc(doc["_id"])["status"] == "processed"
+    assert wait_until(direct.outbound.timeout_pass, timeout=10) == 1
+    assert recipient_states(direct, doc["_id"]) == [("failed", "no dispatched notification within 1 s")]
+
+
+def test_mdns_as_other_hisps_write_them_are_read(direct, certs):
+    """A base64-encoded notification part naming our message without angle brackets; one with no
+    Original-Message-ID, naming it by the MDN's In-Reply-To; `processed/warning,error` fails."""
+    first = composed_and_sent(direct)
+    bare = first["message_id"].strip("<>")
+    fields = (
+        f"Reporting-UA: mx.direct.partner.example; HISP\r\nFinal-Recipient: rfc822;{PARTNER}\r\n"
+        f"Original-Message-ID: {bare}\r\nDisposition: automatic-action/MDN-sent-automatically;"
+        f" processed (ok); x-note=1\r\n"
+    )
+    entity = (
+        'Content-Type: multipart/report; report-type=disposition-notification; boundary="r"\r\n\r\n'
+        "--r\r\nContent-Type: text/plain\r\n\r\nProcessed.\r\n"
+        "--r\r\nContent-Type: message/disposition-notification\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        f"{base64.encodebytes(fields.encode()).decode()}\r\n--r--\r\n"
+    ).encode()
+    assert send(direct.smtp_port, report_message(certs, entity)) == (250, b"ok")
+    assert recipient_states(direct, first["_id"]) == [("processed", "processed notification received")]
+
+    second = composed_and_sent(direct)
+    no_original = report_entity("mdn", "", "processed/warning,error").replace(b"Original-Message-ID: \r\n", b"")
+    answer = report_message(certs, no_original, extra=(("In-Reply-To", second["message_id"]),))
+    assert send(direct.smtp_port, answer) == (250, b"ok")
+    assert recipient_states(direct, second["_id"]) == [
+        ("failed", "failure notification received (processed/warning,error)")
+    ]
+
+
+def postfix_bounce(original: bytes, *, status: str = "5.1.1", action: str = "failed") -> bytes:
+    """What Postfix sends back (MAIL FROM:<>): its Final-Recipient rewritten to the internal
+    mailbox, the address we sent to in Original-Recipient, the whole message returned."""
+    b = "3F1A2B3C4D.1772445600/relay.riverbend.example"
+    return (
+        (
+            "From: MAILER-DAEMON@relay.riverbend.example (Mail Delivery System)\r\n"
+            f"Subject: Undelivered Mail Returned to Sender\r\nTo: {RIVERBEND_INTAKE}\r\n"
+            "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{b}"\r\n'
+            "Content-Transfer-Encoding: 8bit\r\nMessage-Id: <20260302100000.3F1A2B3C4D@relay.riverbend.example>\r\n"
+            "Date: Mon,  2 Mar 2026 10:00:00 +0000 (UTC)\r\n\r\nThis is a MIME-encapsulated message.\r\n\r\n"
+            f"--{b}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            "This is the mail system at host relay.riverbend.example.\r\n\r\nI'm sorry to have to inform you"
+            " that your message could not\r\nbe delivered to one or more recipients.\r\n\r\n"
+            f"--{b}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"
+            "Reporting-MTA: dns; relay.riverbend.example\r\nX-Postfix-Queue-ID: 3F1A2B3C4D\r\n"
+            f"X-Postfix-Sender: rfc822; {RIVERBEND_INTAKE}\r\n"
+            "Arrival-Date: Mon,  2 Mar 2026 09:59:58 +0000 (UTC)\r\n\r\n"
+            "Final-Recipient: rfc822; colleague@mailstore.partner.internal\r\n"
+            f"Original-Recipient: rfc822;{PARTNER_COLLEAGUE}\r\nAction: {action}\r\nStatus: {status}\r\n"
+            "Remote-MTA: dns; mx.direct.partner.example\r\nDiagnostic-Code: smtp; 550 5.1.1"
+            " <colleague@mailstore.partner.internal>: Recipient address rejected: User unknown\r\n\r\n"
+            f"--{b}\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        ).encode()
+        + original
+        + f"\r\n--{b}--\r\n".encode()
+    )
+
+
+def exchange_ndr(original_headers: bytes) -> bytes:
+    """An Exchange non-delivery report (MAIL FROM:<>) returning the original headers only."""
+    b = "_000_NDR_EXCH01"
+    return (
+        (
+            f"From: postmaster@exchange.partner.example\r\nTo: {RIVERBEND_INTAKE}\r\n"
+            "Subject: Undeliverable: Referral\r\n"
+            "Message-ID: <ndr-1@EXCH01.exchange.partner.example>\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/report; report-type=delivery-status; boundary="{b}"\r\n\r\n'
+            f'--{b}\r\nContent-Type: multipart/alternative; boundary="alt"\r\n\r\n'
+            "--alt\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nYour message couldn't be delivered.\r\n"
+            "--alt\r\nContent-Type: text/html; charset=us-ascii\r\n\r\n<p>Your message couldn't be delivered.</p>\r\n"
+            "--alt--\r\n\r\n"
+            f"--{b}\r\nContent-Type: message/delivery-status\r\n\r\n"
+            "Reporting-MTA: dns;EXCH01.exchange.partner.example\r\nReceived-From-MTA: dns;relay.riverbend.example\r\n"
+            "Arrival-Date: Mon, 2 Mar 2026 10:00:00 +0000\r\n\r\n"
+            f"Original-Recipient: rfc822;{PARTNER.upper()}\r\nFinal-Recipient: rfc822;{PARTNER.upper()}\r\n"
+            "Action: failed\r\nStatus: 5.1.10\r\nDiagnostic-Code: smtp;550 5.1.10 RESOLVER.ADR.RecipientNotFound;"
+            " Recipient not found by SMTP address lookup\r\nX-Display-Name: Sender\r\n\r\n"
+            f"--{b}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        ).encode()
+        + original_headers
+        + f"\r\n--{b}--\r\n".encode()
+    )
+
+
+def security_event_count(direct: Stack, code: str) -> int:
+    return sum(e.get("count", 1) for e in direct.db["security_events"].find({"code": code}))
+
+
+def test_plain_bounces_from_the_null_sender_fail_their_recipients(direct, certs):
+    doc = composed_and_sent(direct, to=[PARTNER, PARTNER_COLLEAGUE])
+    original = direct.relay.envelopes[0][2]
+    # A delay (4.x.x) changes nothing; a hard bounce fails the recipient Postfix named originally.
+    assert send(direct.smtp_port, postfix_bounce(original, status="4.4.7", action="delayed"), sender="")[0] == 250
+    assert send(direct.smtp_port, postfix_bounce(original, status="4.4.7"), sender="")[0] == 250
+    assert [s for s, _ in recipient_states(direct, doc["_id"])] == ["sent", "sent"]
+    assert send(direct.smtp_port, postfix_bounce(original), sender="") == (250, b"ok")
+    assert recipient_states(direct, doc["_id"])[1] == ("failed", "delivery status notification: failed (5.1.1)")
+    headers = original.partition(b"\r\n\r\n")[0] + b"\r\n"
+    assert send(direct.smtp_port, exchange_ndr(headers), sender="") == (250, b"ok")
+    assert recipient_states(direct, doc["_id"])[0] == ("failed", "delivery status notification: failed (5.1.10)")
+    assert direct.db["security_events"].count_documents({}) == 0
+    assert direct.db[DIRECT_MESSAGES].count_documents({}) == 0
+
+
+def test_other_plain_reports_stay_refused(direct, certs):
+    doc = composed_and_sent(direct, to=[PARTNER, PARTNER_COLLEAGUE])
+    original = direct.relay.envelopes[0][2]
+    # Not from the null sender.
+    code, text = send(direct.smtp_port, postfix_bounce(original), sender="postmaster@direct.partner.example")
+    assert code == 554 and b"not encrypted" in text
+    # Naming no message of ours.
+    unknown = original.replace(doc["message_id"].encode(), b"<someone-else@direct.riverbend.example>")
+    code, _ = send(direct.smtp_port, postfix_bounce(unknown), sender="")
+    assert code == 554
+    # An unsigned MDN, even from the null sender.
+    plain_mdn = with_headers(report_entity("mdn", doc["message_id"], "failed/error"), to=RIVERBEND_INTAKE)
+    code, _ = send(direct.smtp_port, plain_mdn, sender="")
+    assert code == 554
+    assert security_event_count(direct, "not_encrypted") == 3
+    assert [s for s, _ in recipient_states(direct, doc["_id"])] == ["sent", "sent"]
+
+
+def test_a_signed_dsn_speaks_for_recipients_its_certificates_cover(direct, certs):
+    doc = composed_and_sent(direct, to=[NORTHSIDE_DOCTOR, EASTSIDE_NURSE])
+    postmaster = f"postmaster@{NORTH_HISP_DOMAIN}"
+    both = [report_entity("dsn", doc["message_id"], "5.1.1", recipient=r) for r in (NORTHSIDE_DOCTOR, EASTSIDE_NURSE)]
+
+    # Signed by the HISP for its own domain only: the doctor's (Northside's) certificate covers
+    # the HISP's domain, the nurse's does not.
+    for entity in both:
+        message = report_message(certs, entity, sender=postmaster, signer="north-hisp")
+        assert send(direct.smtp_port, message, sender=postmaster)[0] == 250
+    assert [s for s, _ in recipient_states(direct, doc["_id"])] == ["failed", "sent"]
+
+    # Signed by a certificate covering Eastside's domain too: it speaks for the nurse.
+    message = report_message(certs, both[1], sender=postmaster, signer="north-hisp-east")
+    assert send(direct.smtp_port, message, sender=postmaster)[0] == 250
+    assert [s for s, _ in recipient_states(direct, doc["_id"])] == ["failed", "failed"]
+
+
 # --- the development partner HISP ---------------------------------------------------------------
 FAILING = "fail-desk@direct.partner.example"
 NO_DISPATCH = "nodispatch@direct.partner.example"
@@ -657,7 +906,7 @@ def test_the_simulator_answers_each_recipient_with_mdns(looped):
     wait_until(lambda: states(direct, oid) == ["dispatched", "failed", "processed"], timeout=20)
     assert direct.doc(oid)["status"] == "failed"
     events = hisp.state()
-    assert [e["kind"] for e in events][0] == "message"
+    assert [e["kind"] for e in events][0] == "message" and events[0]["final_delivery"] is True
     mdns = sorted((e["recipient"], e["state"], e["outcome"]) for e in events if e["kind"] == "mdn")
     assert mdns == [
         (FAILING, "failed", "sent"),

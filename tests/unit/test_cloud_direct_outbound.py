@@ -10,6 +10,7 @@ import email.policy
 import pytest
 
 from services.cloud_comms.direct import compose, outgoing, reports, tracking
+from services.cloud_comms.direct import mdn as mdns
 from services.cloud_comms.direct.outbound_request import PayloadTooLarge, parse
 from services.kit.errors import InvalidInput
 
@@ -70,38 +71,110 @@ def report(content_type: str, body: str) -> email.message.EmailMessage:
     return email.message_from_bytes(raw.encode(), policy=email.policy.default)
 
 
-def mdn(disposition: str) -> email.message.EmailMessage:
+FINAL = "X-DIRECT-FINAL-DESTINATION-DELIVERY:\r\n"
+
+
+def mdn(disposition: str, extra: str = "", *, original: str = "Original-Message-ID: <m1@riverbend>\r\n"):
     return report(
         "multipart/report; report-type=disposition-notification",
         "--b\r\nContent-Type: message/disposition-notification\r\n\r\n"
-        f"Final-Recipient: rfc822; {A}\r\nOriginal-Message-ID: <m1@riverbend>\r\nDisposition: {disposition}\r\n\r\n",
+        f"Final-Recipient: rfc822; {A}\r\n{original}Disposition: {disposition}\r\n{extra}\r\n",
     )
 
 
+AUTO = "automatic-action/MDN-sent-automatically"
+
+
 @pytest.mark.parametrize(
-    ("disposition", "state"),
+    ("disposition", "extra", "state"),
     [
-        ("automatic-action/MDN-sent-automatically; processed", "processed"),
-        ("automatic-action/MDN-sent-automatically;dispatched", "dispatched"),
-        ("manual-action/MDN-sent-manually; displayed", "dispatched"),
-        ("automatic-action/MDN-sent-automatically; failed/error", "failed"),
-        ("automatic-action/MDN-sent-automatically; processed/error", "failed"),
-        ("automatic-action/MDN-sent-automatically; deleted", "failed"),
-        ("automatic-action/MDN-sent-automatically; denied", "failed"),
+        (f"{AUTO}; processed", "", "processed"),
+        (f"{AUTO};dispatched", FINAL, "dispatched"),
+        (f"{AUTO}; dispatched", "", "processed"),  # final delivery not confirmed
+        (f"{AUTO}; dispatched", "X-Other: 1\r\n", "processed"),
+        ("manual-action/MDN-sent-manually; displayed", "", "processed"),
+        (f"{AUTO}; failed/error", "", "failed"),
+        (f"{AUTO}; processed/error", "", "failed"),
+        (f"{AUTO}; processed/warning,error", "", "failed"),
+        (f"{AUTO}; processed/ warning , ERROR", "", "failed"),
+        (f"{AUTO}; processed/warning", "", "processed"),
+        (f"{AUTO}; deleted", "", "failed"),
+        (f"{AUTO}; denied", "", "failed"),
+        (f"{AUTO} (sent by the HISP); processed (all good)", "", "processed"),
+        (f"{AUTO}; dispatched; x-hisp-extension=1", FINAL, "dispatched"),
+        (f"{AUTO}; processed; x-note=failed", "", "processed"),
+        (f"{AUTO};\r\n dispatched", "x-direct-final-destination-delivery: \r\n", "dispatched"),
     ],
 )
-def test_mdn_dispositions(disposition, state):
-    found = reports.parse(mdn(disposition))
+def test_mdn_dispositions(disposition, extra, state):
+    found = reports.parse(mdn(disposition, extra))
     assert found is not None and found.kind == "mdn" and found.original_message_id == "<m1@riverbend>"
     ((outcome,),) = [found.outcomes]
     assert (outcome.recipient, outcome.state) == ("", state)
 
 
+def test_a_dispatched_without_the_final_delivery_field_says_so():
+    (outcome,) = reports.parse(mdn(f"{AUTO}; dispatched")).outcomes
+    assert outcome.detail == "dispatched notification received without final-delivery confirmation"
+    (outcome,) = reports.parse(mdn(f"{AUTO}; dispatched", FINAL)).outcomes
+    assert outcome.detail == "dispatched notification received (final delivery)"
+
+
+@pytest.mark.parametrize(
+    ("original", "fallback", "found"),
+    [
+        ("Original-Message-ID: m1@riverbend\r\n", "", "<m1@riverbend>"),
+        ("Original-Message-ID:  <m1@riverbend> (ours)\r\n", "", "<m1@riverbend>"),
+        ("", "<m2@riverbend>", "<m2@riverbend>"),
+        ("", "m2@riverbend", "<m2@riverbend>"),
+        ("Original-Message-ID: <m1@riverbend>\r\n", "<m2@riverbend>", "<m1@riverbend>"),
+        ("", "", ""),
+    ],
+)
+def test_the_original_message_id_is_read_leniently_and_in_reply_to_is_the_fallback(original, fallback, found):
+    assert reports.parse(mdn(f"{AUTO}; processed", original=original), fallback).original_message_id == found
+
+
+def encoded_mdn(body: bytes, encoding: str) -> email.message.EmailMessage:
+    raw = (
+        b'Content-Type: multipart/report; report-type=disposition-notification; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: message/disposition-notification\r\n"
+        + (f"Content-Transfer-Encoding: {encoding}\r\n".encode() if encoding else b"")
+        + b"\r\n"
+        + body
+        + b"\r\n--b--\r\n"
+    )
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+FIELDS = (
+    f"Reporting-UA: mx.partner.example; HISP\r\nFinal-Recipient: rfc822; {A}\r\n"
+    f"Original-Message-ID: <m1@riverbend>\r\nDisposition: {AUTO}; dispatched\r\n{FINAL}"
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding"),
+    [
+        (base64.encodebytes(FIELDS), "base64"),
+        (base64.encodebytes(FIELDS), "BASE64"),
+        (b"\r\n" + FIELDS, ""),
+        (b"\r\n\r\n" + FIELDS, "7bit"),
+        (FIELDS.replace(b"mx.partner", b"mx=2Epartner"), "quoted-printable"),
+    ],
+)
+def test_an_encoded_or_blank_led_disposition_part_parses(body, encoding):
+    found = reports.parse(encoded_mdn(body, encoding))
+    assert found.original_message_id == "<m1@riverbend>"
+    assert [o.state for o in found.outcomes] == ["dispatched"]
+
+
 def test_an_unknown_disposition_is_a_report_with_no_news_and_a_message_is_not_a_report():
-    assert reports.parse(mdn("automatic-action/MDN-sent-automatically; wondering")).outcomes == ()
+    assert reports.parse(mdn(f"{AUTO}; wondering")).outcomes == ()
     plain = email.message_from_bytes(b"Content-Type: text/plain\r\n\r\nhello\r\n", policy=email.policy.default)
     assert reports.parse(plain) is None
     assert reports.parse(report("multipart/report; report-type=disposition-notification", "")).original_message_id == ""
+    assert reports.parse(encoded_mdn(b"!!not base64!!", "base64")).outcomes == ()
 
 
 def test_a_dsn_fails_its_failed_recipients_only():
@@ -114,7 +187,21 @@ def test_a_dsn_fails_its_failed_recipients_only():
     )
     found = reports.parse(dsn)
     assert found.kind == "dsn" and found.original_message_id == "<m2@riverbend>"
-    assert found.outcomes == (reports.Outcome(A, "failed", "delivery status notification: failed (5.1.1)"),)
+    assert found.outcomes == (reports.Outcome(A, "failed", "delivery status notification: failed (5.1.1)", "5.1.1"),)
+
+
+def test_a_dsn_prefers_the_original_recipient_postfix_rewrote():
+    dsn = report(
+        "multipart/report; report-type=delivery-status",
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.partner.example\r\n"
+        "X-Postfix-Queue-ID: 4Bx1\r\nX-Original-Message-ID: <m2@riverbend>\r\n\r\n"
+        "Final-Recipient: rfc822; b.internal@mailstore.partner.local\r\n"
+        f"Original-Recipient: rfc822;<{B.upper()}>\r\nAction: FAILED\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 unknown\r\n\r\n"
+        f"Final-Recipient: RFC822; <{A}> (the recipient)\r\nAction: failed\r\nStatus: 5.2.2\r\n\r\n",
+    )
+    found = reports.parse(dsn)
+    assert [(o.recipient, o.status) for o in found.outcomes] == [(B, "5.1.1"), (A, "5.2.2")]
 
 
 def test_a_dsn_names_our_message_by_the_returned_headers_too():
@@ -196,6 +283,7 @@ def test_headers_cannot_be_injected_and_are_encoded_when_not_ascii():
     assert parsed["Bcc"] is None and parsed["Subject"] == "Café Bcc: evil@x.example"
     assert parsed["To"] == f"{A}, {B}" and parsed["References"] == "<0@y>"
     assert parsed["Disposition-Notification-Options"] == compose.FINAL_DELIVERY_OPTION
+    assert parsed["Disposition-Notification-To"] == "a@x.example"
     assert raw.isascii() and b"\r\n\r\nbody\r\n" in raw
 
 
@@ -210,3 +298,35 @@ def test_the_signature_type_is_renamed_outside_the_signed_content_only():
     assert b'protocol="application/pkcs7-signature"' in renamed
     assert b"mentions Content-Type: application/x-pkcs7-signature\r\n" in renamed
     assert b"--s\r\nContent-Type: application/pkcs7-signature; name=smime.p7s" in renamed
+
+
+@pytest.mark.parametrize(
+    ("values", "asked"),
+    [
+        (("X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true",), True),
+        (("x-direct-final-destination-delivery=Required,TRUE",), True),
+        (("  X-DIRECT-FINAL-DESTINATION-DELIVERY = optional , true ",), True),
+        (
+            ("signed-receipt-protocol=optional,pkcs7-signature; X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true",),
+            True,
+        ),
+        (("", "X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true"), True),
+        (("X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,false",), False),
+        (("X-DIRECT-FINAL-DESTINATION-DELIVERY",), False),
+        (("X-DIRECT-FINAL-DESTINATION-DELIVERY=sometimes,true",), False),
+        (("X-OTHER=optional,true",), False),
+        ((), False),
+    ],
+)
+def test_the_final_delivery_request_is_read_from_the_options_header(values, asked):
+    assert compose.asks_final_delivery(*values) is asked
+
+
+@pytest.mark.parametrize(("disposition", "has_field"), [("processed", False), ("dispatched", True), ("failed", False)])
+def test_only_our_dispatched_mdns_carry_the_final_delivery_field(disposition, has_field):
+    entity = mdns.report(
+        disposition=disposition, recipient=A, original_message_id="<m1@x>", reporting_host="hisp.example"
+    )
+    assert (b"\r\nX-DIRECT-FINAL-DESTINATION-DELIVERY:\r\n" in entity) is has_field
+    parsed = reports.parse(email.message_from_bytes(entity, policy=email.policy.default))
+    assert [o.state for o in parsed.outcomes] == [disposition]

@@ -6,9 +6,10 @@ name), or the text part alone. Its `Subject` is repeated inside, where a receivi
 protected headers (ours does) finds it.
 
 Outer headers: From, To, Subject, Date, Message-ID, for a reply In-Reply-To and References (the
-original's Message-ID), and `Disposition-Notification-Options:
-X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true` (Direct IG for Delivery Notification: timely
-and reliable delivery, so the receiving HISP sends `processed` and then `dispatched`).
+original's Message-ID), `Disposition-Notification-To: <from>` (RFC 3798: where MDNs go) and
+`Disposition-Notification-Options: X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true` (Direct IG
+for Delivery Notification: timely and reliable delivery, so the receiving HISP sends `processed` and
+then a `dispatched` carrying the `X-DIRECT-FINAL-DESTINATION-DELIVERY` field).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import email.utils
 from collections.abc import Sequence
 from email.message import EmailMessage
 
-FINAL_DELIVERY_OPTION = "X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true"
+FINAL_DELIVERY_FIELD = "X-DIRECT-FINAL-DESTINATION-DELIVERY"
+FINAL_DELIVERY_OPTION = f"{FINAL_DELIVERY_FIELD}=optional,true"
 
 
 def reply_subject(subject: str, limit: int = 200) -> str:
@@ -57,5 +59,21 @@ def headers(
     ]
     if in_reply_to:
         fields += [("In-Reply-To", in_reply_to), ("References", in_reply_to)]
+    fields.append(("Disposition-Notification-To", sender))
     fields.append(("Disposition-Notification-Options", FINAL_DELIVERY_OPTION))
     return fields
+
+
+def asks_final_delivery(*values: str) -> bool:
+    """Whether `Disposition-Notification-Options` values ask for final delivery (RFC 3798 syntax
+    `name=importance,value[,value]; ...`): the Direct option with the value true, names and
+    values case-insensitive, importance required or optional."""
+    for value in values:
+        for option in (value or "").split(";"):
+            name, _, rest = option.partition("=")
+            importance, _, given = rest.partition(",")
+            wanted = name.strip().lower() == FINAL_DELIVERY_FIELD.lower()
+            if wanted and importance.strip().lower() in ("required", "optional"):
+                if "true" in (v.strip().lower() for v in given.split(",")):
+                    return True
+    return False

@@ -2,14 +2,16 @@
 boards, the audited message view, and MDNs back to the sender; outbound messages composed on the
 board (outbound.py), with the MDNs/DSNs about them recorded instead of stored as messages.
 
-Storage: one `direct_messages` document per (agency, Message-ID, recipient address), `_id`
-derived from the three, so a resent message is stored (and delivered, and acknowledged) once. It
+Storage: one `direct_messages` document per (agency, Message-ID, recipient address, sender), `_id`
+derived from the four, so a resent message is stored (and delivered, and acknowledged) once. It
 holds, sealed with the agency's key (kit PhiCipher, AAD = agency|id|field): `content` (subject,
 from, to, date, text body, attachment list) and each attachment's bytes (`attachments[n]`,
 base64 inside the seal). In clear: agency, recipient address and its directory id, linked staff,
 the Message-ID, the sender address (MDN recipient), the signer's certificate (public; MDNs are
-encrypted for it), sizes and the MDN states. Its `board_item.delivery_requested.v1` event rides
-in the same insert (kit outbox).
+encrypted for it when no configured recipient certificate covers the sender), whether the sender
+asked for final delivery (`final_delivery_requested`: then a `dispatched` MDN is sent), sizes and
+the MDN states (mdn_worker.py). Its `board_item.delivery_requested.v1` event rides in the same
+insert (kit outbox).
 
 Refusals (not encrypted, undecryptable, unsigned, bad signature, untrusted/expired signer, signer
 not matching From, malformed MIME) answer 554 with the reason, store nothing of the message, log
@@ -19,7 +21,10 @@ envelope sender, recipient addresses: never content).
 A verified message whose signed content is a report (`multipart/report`, reports.py) is an MDN or
 DSN about one of our outbound messages: it is recorded there (or dropped when it matches none),
 answered 250, never stored as a message, never delivered to a board and never answered with an
-MDN (RFC 3798). Stored messages carry `triage_due_at` (= received_at) for the triage worker.
+MDN (RFC 3798). The one unencrypted message taken: a plain bounce from a mail server (an unsigned
+`multipart/report; report-type=delivery-status` from the null sender `MAIL FROM:<>`) naming one
+of our outbound messages; it may only fail recipients (outbound.record_bounce). Any other
+unencrypted message is refused as above. Stored messages carry `triage_due_at` (= received_at) for the triage worker.
 """
 
 from __future__ import annotations
@@ -34,14 +39,14 @@ from email.message import EmailMessage
 from email.utils import getaddresses, parsedate_to_datetime
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response, g, request
 from pymongo.errors import DuplicateKeyError
 
 from services.cloud_comms import audit, delivery
 from services.cloud_comms.components import Feature
-from services.cloud_comms.direct import compose, mdn, outbound, outgoing, reports, smime
+from services.cloud_comms.direct import compose, outbound, reports, smime
+from services.cloud_comms.direct.mdn_worker import MdnWorker
 from services.cloud_comms.direct.outbound import DIRECT_OUTBOUND, OutboundDirect
 from services.cloud_comms.direct.smtp import DirectHandler, SmtpListener
 from services.cloud_comms.direct.views import attachment_response, iso
@@ -57,10 +62,6 @@ log = logging.getLogger(__name__)
 DIRECT_MESSAGES = "direct_messages"
 RESOURCE_TYPE = "direct_message"
 ADDRESS = re.compile(r"^[^@\s<>]{1,64}@[A-Za-z0-9.-]{1,253}$")
-MAX_REF = 128
-SENDING_LEASE_MS = 5 * 60 * 1000
-RETRY_MS = 30 * 1000
-MDN_BATCH = 50
 INDEXES = [
     IndexSpec(DIRECT_MESSAGES, [("agency_id", 1), ("received_at", -1)], name="direct_by_agency"),
     IndexSpec(DIRECT_MESSAGES, [("mdn_processed", 1)], name="direct_mdn_processed"),
@@ -73,17 +74,26 @@ def digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
-def message_doc_id(agency_id: str, message_id: str, address: str) -> str:
-    return "dm_" + digest(agency_id, message_id, address.lower())
+def message_doc_id(agency_id: str, message_id: str, address: str, sender: str) -> str:
+    """One stored message per (agency, Message-ID, recipient address, sender): a resent message is
+    the same document, and another sender reusing a Message-ID (a sloppy or hostile partner) is a
+    message of its own, never silently taken for a repeat. Also the board item's source_ref."""
+    return "dm_" + digest(agency_id, message_id, address.lower(), sender.lower())
 
 
-def source_ref(message_id: str, address_id: str) -> str:
-    """The board item's source_ref: the Message-ID (without <>) and the recipient address's
-    directory id, printable ASCII <= 128 (else a digest of them)."""
-    ref = f"{message_id.strip('<>')}/{address_id}"
-    if len(ref) <= MAX_REF and re.fullmatch(r"[\x21-\x7e]+", ref):
-        return ref
-    return "mid_" + digest(message_id, address_id)
+# Characters a partner could use to break a line where a subject or file name is shown or reused
+# (C0/C1 controls, DEL, the Unicode line and paragraph separators).
+LINE_BREAKERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of control characters and line separators made one space."""
+    return LINE_BREAKERS.sub(" ", text).strip()
+
+
+def safe_filename(name: str) -> str:
+    """A partner's file name fit to show and to send on: one line, no path separators."""
+    return one_line(name).replace("/", "_").replace("\\", "_")[:255] or "attachment"
 
 
 def _is_attachment(part: EmailMessage) -> bool:
@@ -109,13 +119,13 @@ def extract(inner: EmailMessage) -> tuple[str, list[tuple[str, str, bytes]], str
         except Exception as exc:
             raise smime.Malformed("a MIME part cannot be decoded") from exc
         if _is_attachment(part):
-            name = part.get_filename() or f"attachment-{len(attachments) + 1}"
-            attachments.append((name[:255], ctype, data))
+            name = safe_filename(part.get_filename() or f"attachment-{len(attachments) + 1}")
+            attachments.append((name, ctype, data))
         elif ctype == "text/plain" and not text:
             text = data.decode(part.get_content_charset() or "utf-8", "replace")
         elif ctype == "text/html" and not html:
             html = data.decode(part.get_content_charset() or "utf-8", "replace")
-    return text or html, attachments, str(entity.get("Subject") or "")
+    return text or html, attachments, one_line(str(entity.get("Subject") or ""))
 
 
 class DirectMessaging(Feature):
@@ -141,6 +151,7 @@ class DirectMessaging(Feature):
             hostname=self.hostname,
         )
         self.outbound = OutboundDirect(self)
+        self.mdn_worker = MdnWorker(self)
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.components.store.db, INDEXES + outbound.INDEXES)
@@ -172,16 +183,24 @@ class DirectMessaging(Feature):
             if not message_id or len(message_id) > 998:
                 raise smime.Malformed("a Message-ID header is required")
             opened = smime.open_message(outer, self.identities, self.anchors, addresses)
-            report = reports.parse(opened.inner)
+            report = reports.parse(opened.inner, str(outer.get("In-Reply-To") or ""))
             if report is None:
                 text, attachments, inner_subject = extract(opened.inner)
+        except smime.NotEncrypted as refused:
+            bounce = self._bounce(mail_from, outer, recipients)
+            if bounce:
+                return bounce
+            self._refused(refused, peer, mail_from, recipients)
+            return refused.reply
         except smime.Refused as refused:
             self._refused(refused, peer, mail_from, recipients)
             return refused.reply
         sender = smime.from_address(outer)
         if report is not None:
-            return self.outbound.record_report(report, sender, recipients)
-        subject = inner_subject or str(outer.get("Subject") or "")
+            return self.outbound.record_report(report, sender, recipients, opened.signer)
+        options = [str(v) for m in (outer, opened.inner) for v in m.get_all("Disposition-Notification-Options") or []]
+        final_delivery = compose.asks_final_delivery(*options)
+        subject = inner_subject or one_line(str(outer.get("Subject") or ""))
         to = [a for _, a in getaddresses([str(v) for v in outer.get_all("To") or []]) if a]
         date = str(outer.get("Date") or "")
         try:
@@ -201,6 +220,7 @@ class DirectMessaging(Feature):
                 text=text,
                 attachments=attachments,
                 signer_pem=signer_pem,
+                final_delivery=final_delivery,
             )
         log.info(
             "direct message stored" if created else "direct message repeated",
@@ -208,10 +228,19 @@ class DirectMessaging(Feature):
         )
         return "250 2.0.0 message accepted for delivery"
 
+    def _bounce(self, mail_from: str, outer: EmailMessage, recipients: list) -> str:
+        """The reply to a plain (unsigned, unencrypted) DSN from the null sender naming one of our
+        outbound messages (it may only fail recipients); "" for anything else (refused)."""
+        if mail_from.strip() not in ("", "<>"):
+            return ""
+        report = reports.parse(outer)
+        if report is None or report.kind != "dsn" or not report.original_message_id:
+            return ""
+        return self.outbound.record_bounce(report, recipients)
+
     def _refused(self, refused: smime.Refused, peer: str, mail_from: str, recipients: list) -> None:
         agencies = sorted({r.agency_id for r in recipients})
-        log.warning("direct message refused", extra={"code": refused.kind, "address": peer})
-        self.components.store.record_security_event(
+        first = self.components.store.record_security_event(
             "direct",
             refused.kind,
             refused.reason,
@@ -221,10 +250,14 @@ class DirectMessaging(Feature):
             recipients=[r.address for r in recipients],
             agency_ids=agencies,
         )
+        if first:  # once per (code, peer) and minute, like the security_events document
+            log.warning("direct message refused", extra={"code": refused.kind, "address": peer})
 
-    def _store(self, recipient, message_id, *, sender, to, subject, date, text, attachments, signer_pem) -> int:
+    def _store(
+        self, recipient, message_id, *, sender, to, subject, date, text, attachments, signer_pem, final_delivery
+    ) -> int:
         agency_id = recipient.agency_id
-        doc_id = message_doc_id(agency_id, message_id, recipient.address)
+        doc_id = message_doc_id(agency_id, message_id, recipient.address, sender)
         received = now_ms()
         staff_ids = list(recipient.staff_ids)
         content = {
@@ -252,6 +285,7 @@ class DirectMessaging(Feature):
                 for n, (_, _, data) in enumerate(attachments)
             ],
             "signer_cert": signer_pem,
+            "final_delivery_requested": final_delivery,
             "mdn_processed": "due",
             "mdn_dispatched": "waiting" if staff_ids else "none",
             "mdn_failed": "none" if staff_ids else "due",
@@ -262,7 +296,7 @@ class DirectMessaging(Feature):
             count = len(attachments)
             request = delivery.request(
                 source=delivery.SOURCE_DIRECT,
-                source_ref=source_ref(message_id, recipient.address_id or recipient.address),
+                source_ref=doc_id,
                 delivery_id=doc_id,
                 staff_ids=staff_ids,
                 title=f"Direct: {subject or '(no subject)'}"[:200],
@@ -277,103 +311,12 @@ class DirectMessaging(Feature):
             return 0
         return 1
 
-    # --- MDNs -------------------------------------------------------------------------------------
+    # --- MDNs (mdn_worker.py) -----------------------------------------------------------------------
     def run_mdn(self, stop_event: threading.Event) -> None:
-        if not self.direct.relay_host:
-            log.warning("no CLOUD_SMTP_RELAY: MDNs stay due until one is configured")
-            return
-        while not stop_event.is_set():
-            try:
-                self.mdn_pass()
-            except Exception:
-                log.exception("mdn pass failed")
-            stop_event.wait(self.direct.mdn_pass_s)
+        self.mdn_worker.run(stop_event)
 
     def mdn_pass(self) -> int:
-        """Promote, claim and send what is due; the number of MDNs sent."""
-        now = now_ms()
-        for doc in self.messages.find({"mdn_dispatched": {"$eq": "waiting"}}, projection={"_outbox": 0}).limit(500):
-            if doc.get("mdn_processed") != "sent":
-                continue
-            if "_outbox_at" not in doc:
-                self.messages.update_one(
-                    {"_id": {"$eq": doc["_id"]}, "mdn_dispatched": {"$eq": "waiting"}},
-                    {"$set": {"mdn_dispatched": "due"}},
-                )
-            elif now - doc["received_at"] > self.direct.dispatch_timeout_s * 1000:
-                self.messages.update_one(
-                    {"_id": {"$eq": doc["_id"]}, "mdn_dispatched": {"$eq": "waiting"}},
-                    {"$set": {"mdn_dispatched": "none", "mdn_failed": "due", "failure": "not delivered in time"}},
-                )
-        sent = 0
-        for disposition in mdn.DISPOSITIONS:
-            field = f"mdn_{disposition}"
-            for state in ("due", "sending"):
-                for doc in self.messages.find({field: {"$eq": state}}, projection={"_outbox": 0}).limit(MDN_BATCH):
-                    if disposition == "dispatched" and doc.get("mdn_processed") != "sent":
-                        continue
-                    at = doc.get(f"{field}_at", 0)
-                    if state == "due" and at > now or state == "sending" and now - at < SENDING_LEASE_MS:
-                        continue
-                    claimed = self.messages.update_one(
-                        {
-                            "_id": {"$eq": doc["_id"]},
-                            field: {"$eq": state},
-                            f"{field}_at": {"$eq": doc.get(f"{field}_at")},
-                        },
-                        {"$set": {field: "sending", f"{field}_at": now}},
-                    )
-                    if claimed.modified_count != 1:
-                        continue
-                    sent += self._send_mdn(doc, disposition, field)
-        return sent
-
-    def _send_mdn(self, doc: dict, disposition: str, field: str) -> int:
-        identity = self.identity_for(doc["address"])
-        try:
-            if identity is None:
-                raise RuntimeError("no Direct identity for the address any more")
-            subject = ""
-            try:
-                subject = json.loads(self.cipher.open(doc["agency_id"], doc["_id"], "content", doc["content"]))[
-                    "subject"
-                ]
-            except (DecryptionError, KeyError, ValueError):
-                pass
-            message_id, message = mdn.build(
-                disposition=disposition,
-                sender=doc["address"],
-                original_from=doc["sender"],
-                original_message_id=doc["message_id"],
-                original_subject=subject,
-                identity=identity,
-                recipient_cert=x509.load_pem_x509_certificate(doc["signer_cert"].encode()),
-                reporting_host=self.hostname,
-                failure=doc.get("failure", ""),
-            )
-            refused = outgoing.send(
-                self.direct.relay_host,
-                self.direct.relay_port,
-                envelope_from=doc["address"],
-                to=[doc["sender"]],
-                message=message,
-                local_hostname=self.hostname,
-            )
-            if refused:
-                raise RuntimeError("the relay refused the MDN's recipient")
-        except Exception as exc:
-            log.warning("mdn not sent", extra={"error_type": type(exc).__name__, "code": disposition})
-            self.messages.update_one(
-                {"_id": {"$eq": doc["_id"]}, field: {"$eq": "sending"}},
-                {"$set": {field: "due", f"{field}_at": now_ms() + RETRY_MS}},
-            )
-            return 0
-        self.messages.update_one(
-            {"_id": {"$eq": doc["_id"]}},
-            {"$set": {field: "sent", f"{field}_at": now_ms(), f"{field}_message_id": message_id}},
-        )
-        log.info("mdn sent", extra={"code": disposition, "agency_id": doc["agency_id"]})
-        return 1
+        return self.mdn_worker.run_pass()
 
     # --- the message view -------------------------------------------------------------------------
     def readable(self, caller, doc_id: str) -> dict:
@@ -418,9 +361,12 @@ class DirectMessaging(Feature):
             },
         }
 
-    def attachment_data(self, caller, doc_id: str, index: int, *, action: str = "download") -> tuple[str, str, bytes]:
+    def attachment_data(
+        self, caller, doc_id: str, index: int, *, action: str | None = "download"
+    ) -> tuple[str, str, bytes]:
         """(filename, content type, bytes) of one attachment of a message delivered to the caller
-        (404 otherwise); audited with `action` ("download", or "forward" when sent on)."""
+        (404 otherwise, audited); the read is audited with `action`, or not at all with None (a
+        caller that records it once its own checks have passed: a forward)."""
         doc = self.readable(caller, doc_id)
         content = self.opened(doc)
         if not 0 <= index < len(doc.get("attachments", [])):
@@ -430,10 +376,15 @@ class DirectMessaging(Feature):
             data = self._attachment_bytes(doc, index)
         except DecryptionError as exc:
             raise Unavailable("unreadable", "the attachment cannot be opened") from exc
-        audit.record(
-            self.components.store, caller, f"{doc_id}/attachments/{index}", resource_type=RESOURCE_TYPE, action=action
-        )
-        return meta["filename"], meta["content_type"], data
+        if action is not None:
+            audit.record(
+                self.components.store,
+                caller,
+                f"{doc_id}/attachments/{index}",
+                resource_type=RESOURCE_TYPE,
+                action=action,
+            )
+        return safe_filename(meta["filename"]), meta["content_type"], data
 
     def _attachment_bytes(self, doc: dict, index: int) -> bytes:
         return base64.b64decode(

@@ -1,18 +1,24 @@
 """Message Disposition Notifications (RFC 3798, Direct Implementation Guide for Delivery Notification).
 
-Each stored message has one state per disposition in its document (`mdn.processed`,
-`mdn.dispatched`, `mdn.failed`): "due" -> "sending" (claimed atomically by one process) -> "sent"
-(or back to "due" after a failed SMTP attempt, with a delay). A disposition is generated once:
-never while another process holds it, never again once sent. `processed` is due when the message
-is stored; `dispatched` once its delivery request left the outbox (the relay had the broker confirm
-the `board_item.delivery_requested.v1` event, i.e. it is handed to inbox for the boards); `failed`
-when the address has no linked staff or the delivery request was not published within
-CLOUD_DIRECT_DISPATCH_TIMEOUT_S.
+Each stored message has one state per disposition in its document (`mdn_processed`,
+`mdn_dispatched`, `mdn_failed`): "due" -> "sending" (claimed atomically by one process) -> "sent",
+or back to "due" after a failed attempt (with a delay), or "abandoned" (terminal: the attempts
+ran out, the relay refused it permanently, or no certificate can be encrypted for). A disposition
+is generated once: never while another process holds it, never again once sent.
+
+`processed` is due when the message is stored (always: the Applicability Statement requires it).
+`dispatched` only when the sender asked for it (`Disposition-Notification-Options:
+X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true`, compose.asks_final_delivery), once its delivery
+request left the outbox (the relay had the broker confirm the `board_item.delivery_requested.v1`
+event, i.e. it is handed to inbox for the boards); it then carries the
+`X-DIRECT-FINAL-DESTINATION-DELIVERY` extension field. `failed` when the address has no linked
+staff or the delivery request was not published within CLOUD_DIRECT_DISPATCH_TIMEOUT_S.
 
 The MDN is signed with the agency's Direct identity (detached, SHA-256) and encrypted (AES-256-CBC)
-for the original signer's certificate (outgoing.py, the path outbound messages take too), then sent
-through CLOUD_SMTP_RELAY to the original sender. A report this HISP receives (an MDN or DSN about
-one of our outbound messages, reports.py) never gets an MDN back (RFC 3798).
+for the original sender (`encryption_certificate`: a configured recipient certificate first, else
+the original signer's if it may be encrypted for), through outgoing.py (the path outbound messages
+take too), then sent through CLOUD_SMTP_RELAY. A report this HISP receives (an MDN or DSN about one
+of our outbound messages, reports.py) never gets an MDN back (RFC 3798).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import uuid
 from cryptography import x509
 
 from services.cloud_comms.direct import outgoing
+from services.cloud_comms.direct.compose import FINAL_DELIVERY_FIELD
+from services.cloud_comms.direct.recipients import RecipientCertificates, encryption_problem
 from services.cloud_comms.direct.smime import Identity
 
 REPORTING_UA = "cloud-comms; clinic message board HISP"
@@ -46,6 +54,8 @@ def report(
         f"Original-Message-ID: {original_message_id}",
         f"Disposition: automatic-action/MDN-sent-automatically; {disposition}{modifier}",
     ]
+    if disposition == "dispatched":
+        fields.append(f"{FINAL_DELIVERY_FIELD}:")
     if disposition == "failed" and failure:
         fields.append(f"Failure: {failure}")
     lines = [
@@ -65,6 +75,18 @@ def report(
         "",
     ]
     return "\r\n".join(lines).encode("ascii", "replace")
+
+
+def encryption_certificate(
+    recipient: str, signer: x509.Certificate, configured: RecipientCertificates
+) -> x509.Certificate | None:
+    """The certificate an MDN to `recipient` is encrypted for: the configured recipient
+    certificate covering it, else the original signer's when it may be encrypted for (RSA,
+    keyEncipherment or no key usage, valid now); None when neither can be used."""
+    found = configured.for_address(recipient)
+    if found is not None:
+        return found
+    return None if encryption_problem(signer) else signer
 
 
 def build(

@@ -29,9 +29,13 @@ minutes with the same Message-ID (a receiving HISP that deduplicates by Message-
 stores it once). Without CLOUD_SMTP_RELAY nothing is sent: messages stay `queued`.
 
 Tracking: reports.py reads an inbound MDN/DSN, `record_report` matches it to our message (same
-agency, `Original-Message-ID`, sent from the address the report was sent to, and reported by one
-of its recipients) and tracking.py moves the recipients. `timeout_pass` fails recipients without
-their MDNs CLOUD_DIRECT_MDN_TIMEOUT_S after sending.
+agency, `Original-Message-ID`, sent to the address the message was sent from) and the recipients
+it may speak for (an MDN: its verified sender; a signed DSN: a recipient that is its sender or in
+its sender's domain, or covered by its signer's certificate, or whose pinned certificate covers
+the DSN's sender), and tracking.py moves the recipients. `record_bounce` does the same for a plain
+bounce from the null sender (feature.py), which may only fail recipients (`Action: failed`, status
+5.x.x). `timeout_pass` fails recipients without their MDNs CLOUD_DIRECT_MDN_TIMEOUT_S after
+sending.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from cryptography.hazmat.primitives import serialization
 from flask import Response
 
 from services.cloud_comms import audit, delivery
-from services.cloud_comms.direct import compose, outgoing, tracking
+from services.cloud_comms.direct import compose, outgoing, smime, tracking
 from services.cloud_comms.direct.outbound_request import ComposeRequest, parse, too_large
 from services.cloud_comms.direct.recipients import RecipientCertificates, candidate
 from services.cloud_comms.direct.reports import Report
@@ -120,14 +124,24 @@ class OutboundDirect:
         doc = self._store(
             caller, req, sender=sender, to=to, subject=subject, attachments=attachments, certs=certs, original=original
         )
+        self._record_reads(caller, req)
         log.info("direct outbound queued", extra={"agency_id": caller.agency_id, "count": len(to)})
         return self._view(doc, {"subject": subject, "text": req.text, "attachments": self._meta(attachments)})
 
     def _original(self, caller, doc_id: str) -> tuple[dict, dict]:
+        """The message replied to (404 when not delivered to the caller, that refusal audited); the
+        read itself is recorded by _record_reads once the reply is stored."""
         doc = self.inbound.readable(caller, doc_id)
-        content = self.inbound.opened(doc)
-        audit.record(self.components.store, caller, doc_id, resource_type=self.inbound.resource_type, action="reply")
-        return doc, content
+        return doc, self.inbound.opened(doc)
+
+    def _record_reads(self, caller, req: ComposeRequest) -> None:
+        """The received messages and attachments a stored message read: only after every check
+        passed and it was stored, so a refused send leaves no "allowed" access record."""
+        store, kind = self.components.store, self.inbound.resource_type
+        if req.in_reply_to:
+            audit.record(store, caller, req.in_reply_to, resource_type=kind, action="reply")
+        for message, index in req.forwards:
+            audit.record(store, caller, f"{message}/attachments/{index}", resource_type=kind, action="forward")
 
     def _sender(self, caller, address: str):
         """Directory's entry for `address`, which the caller must be linked to (403 otherwise)."""
@@ -153,7 +167,7 @@ class OutboundDirect:
 
     def _forwards(self, caller, req: ComposeRequest) -> list[tuple[str, str, bytes]]:
         return [
-            self.inbound.attachment_data(caller, message, index, action="forward") for message, index in req.forwards
+            self.inbound.attachment_data(caller, message, index, action=None) for message, index in req.forwards
         ]
 
     def _certificates(self, to: tuple[str, ...], original: dict | None) -> list[x509.Certificate]:
@@ -420,38 +434,49 @@ class OutboundDirect:
             return [], {}, []
         return tracking.overdue(doc["recipients"], self.direct.mdn_timeout_s), {}, ["mdn_due_at"]
 
-    def record_report(self, report: Report, sender: str, recipients: list) -> str:
-        """Apply an MDN/DSN received at one of our addresses; the SMTP reply (250 matched or not)."""
+    def _reported(self, report: Report, recipients: list) -> dict | None:
+        """Our message a report names: same agency, its Message-ID, sent from the address the
+        report came to."""
         for recipient in recipients if report.original_message_id else []:
             doc = self.docs.find_one(
                 {"message_id": {"$eq": report.original_message_id}, "agency_id": {"$eq": recipient.agency_id}},
-                projection={"_id": 1, "from": 1, "to": 1},
+                projection={"_id": 1, "from": 1, "to": 1, "recipient_certs": 1},
             )
-            if doc is None or doc["from"] != recipient.address:
-                continue
-            changes = self._report_changes(report, sender, doc["to"])
-            self._change(doc["_id"], lambda _doc, found=changes: (found, {}, []))
-            log.info("direct report recorded", extra={"code": report.kind, "count": len(changes)})
-            return "250 2.0.0 notification recorded"
-        log.info("direct report unmatched", extra={"code": report.kind})
-        return "250 2.0.0 notification accepted"
+            if doc is not None and doc["from"] == recipient.address:
+                return doc
+        return None
 
-    @staticmethod
-    def _report_changes(report: Report, sender: str, to: list[str]) -> list[tuple[str, str, str]]:
-        """The recipients a report may speak for: an MDN for its (verified) sender only; a DSN for
-        a recipient that is its sender or in its sender's domain."""
-        domain = sender.rpartition("@")[2]
-        changes = []
-        for outcome in report.outcomes:
-            address = outcome.recipient or sender
-            if address not in to:
-                continue
-            if report.kind == "dsn" and address != sender and address.rpartition("@")[2] != domain:
-                continue
-            if report.kind == "mdn" and address != sender:
-                continue
-            changes.append((address, outcome.state, outcome.detail))
-        return changes
+    def _apply_report(self, doc: dict, changes: list, kind: str) -> None:
+        self._change(doc["_id"], lambda _doc: (changes, {}, []))
+        log.info("direct report recorded", extra={"code": kind, "count": len(changes)})
+
+    def record_report(
+        self, report: Report, sender: str, recipients: list, signer: x509.Certificate | None = None
+    ) -> str:
+        """Apply a verified MDN/DSN received at one of our addresses (`signer`: its verified
+        signer certificate); the SMTP reply (250 matched or not)."""
+        doc = self._reported(report, recipients)
+        if doc is None:
+            log.info("direct report unmatched", extra={"code": report.kind})
+            return "250 2.0.0 notification accepted"
+        self._apply_report(doc, report_changes(report, sender, doc, signer), report.kind)
+        return "250 2.0.0 notification recorded"
+
+    def record_bounce(self, report: Report, recipients: list) -> str:
+        """Apply a plain (unsigned) DSN from the null sender: only its permanent failures (`Action:
+        failed`, status 5.x.x) of the named message's recipients. "" when it names none of our
+        messages (the caller refuses it)."""
+        doc = self._reported(report, recipients)
+        if doc is None:
+            return ""
+        to = [a.lower() for a in doc["to"]]
+        changes = [
+            (doc["to"][to.index(o.recipient)], "failed", o.detail)
+            for o in report.outcomes
+            if o.state == "failed" and o.status.startswith("5.") and o.recipient in to
+        ]
+        self._apply_report(doc, changes, "bounce")
+        return "250 2.0.0 delivery status notification recorded"
 
     # --- the views --------------------------------------------------------------------------------
     def readable(self, caller, oid: str) -> dict:
@@ -537,3 +562,43 @@ class OutboundDirect:
             except Exception:
                 log.exception("direct outbound pass failed")
             stop_event.wait(self.direct.mdn_pass_s)
+
+
+def _covers(cert_names: tuple[frozenset[str], frozenset[str]], address: str) -> bool:
+    emails, domains = cert_names
+    return address in emails or address.rpartition("@")[2] in domains
+
+
+def _dsn_may_speak_for(address: str, sender: str, pinned_pem: str, signer: x509.Certificate | None) -> bool:
+    """A signed DSN speaks for a recipient when its sender is that recipient or in its domain, or
+    the sender is covered by the certificate we encrypted for that recipient, or its signer's
+    certificate covers the recipient."""
+    if address == sender or address.rpartition("@")[2] == sender.rpartition("@")[2]:
+        return True
+    if pinned_pem and _covers(smime.cert_names(x509.load_pem_x509_certificate(pinned_pem.encode())), sender):
+        return True
+    return signer is not None and _covers(smime.cert_names(signer), address)
+
+
+def report_changes(
+    report: Report, sender: str, doc: dict, signer: x509.Certificate | None
+) -> list[tuple[str, str, str]]:
+    """The changes a verified report makes to `doc`'s recipients: an MDN for its (verified)
+    sender only; a DSN for the recipients it may speak for (_dsn_may_speak_for)."""
+    sender = sender.lower()
+    to = [a.lower() for a in doc["to"]]
+    pinned = doc.get("recipient_certs") or []
+    changes = []
+    for outcome in report.outcomes:
+        address = (outcome.recipient or sender).lower()
+        if address not in to:
+            continue
+        n = to.index(address)
+        if report.kind == "mdn" and address != sender:
+            continue
+        if report.kind == "dsn" and not _dsn_may_speak_for(
+            address, sender, pinned[n] if n < len(pinned) else "", signer
+        ):
+            continue
+        changes.append((doc["to"][n], outcome.state, outcome.detail))
+    return changes

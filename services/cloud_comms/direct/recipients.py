@@ -5,8 +5,10 @@ LDAP is not done).
 Each `*.pem` / `*.crt` file holds a partner's certificate, optionally followed by its
 intermediates. It covers the addresses of its SAN rfc822Names (and subject emailAddress) and the
 domains of its SAN dNSNames (an organizational certificate). A certificate is used only while it
-chains to one of our trust anchors, is valid now and may be encrypted for (keyEncipherment when it
-has a key usage); otherwise it is skipped (logged with the reason, never the certificate).
+chains to one of our trust anchors, is valid now and may be encrypted for (an RSA key: key
+transport is RSA only; keyEncipherment when it has a key usage); otherwise it is skipped (logged
+with the reason, never the certificate). `encryption_problem` applies the last two checks (and the
+validity) alone, to an original signer's certificate an MDN may be encrypted for.
 
 The directory is read again when its listing changes (names, sizes, modification times), so a
 partner added there needs no restart. An address-bound certificate wins over a domain one.
@@ -14,6 +16,7 @@ partner added there needs no restart. An address-bound certificate wins over a d
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections.abc import Sequence
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.cloud_comms.direct import smime
 
@@ -44,11 +48,30 @@ def candidate(pem: bytes) -> Candidate:
     return Candidate(certs[0], tuple(certs[1:]), emails, domains)
 
 
+def encryption_problem(cert: x509.Certificate) -> str:
+    """Why `cert` cannot be encrypted for (not RSA, no keyEncipherment, not valid now), or ""."""
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return "certificate is expired or not yet valid"
+    if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+        return "certificate key is not RSA (key transport needs RSA)"
+    try:
+        if not cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment:
+            return "certificate may not be encrypted for (key usage)"
+    except x509.ExtensionNotFound:
+        pass
+    return ""
+
+
 def usable(found: Candidate, anchors: list[x509.Certificate]) -> bool:
     try:
         smime.check_trust(found.cert, list(found.intermediates), anchors, usage="encrypt")
     except smime.UntrustedSigner as exc:
         log.warning("direct recipient certificate not used: %s", exc.reason, extra={"code": exc.kind})
+        return False
+    problem = encryption_problem(found.cert)
+    if problem:
+        log.warning("direct recipient certificate not used: %s", problem, extra={"code": "not_encryptable"})
         return False
     return True
 

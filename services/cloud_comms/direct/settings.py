@@ -43,6 +43,8 @@ class DirectSettings:
     mdn_from: str = ""
     # Seconds between passes of the MDN sender (processed/dispatched/failed not yet sent).
     mdn_pass_s: float = 1.0
+    # Attempts at one MDN before it is abandoned (each failed attempt waits 30 s).
+    mdn_max_attempts: int = 10
     # A stored message still not dispatched after this long gets a `failed` MDN.
     dispatch_timeout_s: float = 600.0
     smtp_max_connections: int = 64
@@ -149,6 +151,7 @@ def load(env: Env) -> DirectSettings:
         relay_port=relay_port,
         mdn_from=env.str("CLOUD_DIRECT_MDN_FROM", "postmaster@hisp.clinic.example"),
         mdn_pass_s=env.float("CLOUD_DIRECT_MDN_PASS_S", 1.0, minimum=0.05),
+        mdn_max_attempts=env.int("CLOUD_DIRECT_MDN_MAX_ATTEMPTS", 10, minimum=1, maximum=1000),
         dispatch_timeout_s=env.float("CLOUD_DIRECT_DISPATCH_TIMEOUT_S", 600.0, minimum=1.0),
         smtp_max_connections=env.int("CLOUD_SMTP_MAX_CONNECTIONS", 64, minimum=1, maximum=4096),
         recipient_certs_dir=_recipient_certs_dir(env, certs_dir),

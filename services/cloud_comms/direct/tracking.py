@@ -4,8 +4,9 @@ Each recipient moves forward only: queued -> sent -> processed -> dispatched, or
 is final (a failure notification overrides any earlier state; nothing changes a failed recipient).
 A late or repeated notification that would not move a recipient forward changes nothing.
 
-Every message asks for final delivery (`X-DIRECT-FINAL-DESTINATION-DELIVERY`), so `dispatched` is
-the success every recipient must reach: after the timeout, a recipient still `sent` failed ("no
+Every message asks for final delivery (`X-DIRECT-FINAL-DESTINATION-DELIVERY`), so `dispatched` (a
+dispatched MDN carrying that field: reports.py reads one without it as `processed`) is the success
+every recipient must reach: after the timeout, a recipient still `sent` failed ("no
 processed notification"), one still `processed` failed too ("no dispatched notification").
 
 The message's status aggregates its recipients: failed if any failed; else the least advanced
