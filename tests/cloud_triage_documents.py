@@ -80,3 +80,30 @@ REFERRAL_LINES = [
     "MRN: RB100234",
     "Reason for referral: evaluation of anxiety and sleep",
 ]
+
+FOREIGN_MRN_ROOT = "2.16.840.1.113883.3.7777.1"  # a partner hospital's own MRNs
+
+# A reference lab's multi-patient results fax: one page per patient, as lab interfaces batch them
+# when a clinic's orders come back together (header repeated on every page).
+LAB_PAGE_LOPEZ = [
+    "QUEST REFERENCE LABORATORY          LABORATORY REPORT",
+    "Patient Name: LOPEZ, MARIA E  DOB: 3/12/84  MRN: RB100234",
+    "Collected: 03/02/2026 08:14   Received: 03/02/2026 11:20",
+    "Test            Result     Reference Range",
+    "TSH             2.1        0.4-4.0 mIU/L",
+]
+LAB_PAGE_CARTER = [
+    "QUEST REFERENCE LABORATORY          LABORATORY REPORT",
+    "Patient Name: CARTER, JAMES  DOB: 11/2/75  MRN: RB100871",
+    "Collected: 03/02/2026 09:02   Received: 03/02/2026 11:20",
+    "Test            Result     Reference Range",
+    "HbA1c           6.1        4.0-5.6 %",
+]
+# A hospital registration face sheet: the son (Jr.) is the patient, his father the guarantor.
+FACE_SHEET_JUNIOR = [
+    "REFERRAL FOR CONSULTATION",
+    "Patient Name: CARTER, JAMES JR.",
+    "Guarantor: CARTER, JAMES    Guarantor DOB: 11/02/1975",
+    "Insurance: Riverbend Health Plan   Subscriber DOB: 11/02/1975",
+    "Reason for referral: evaluation of anxiety",
+]

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.cloud_direct_helpers import direct_message, send
-from tests.cloud_triage_documents import ccda
+from tests.cloud_triage_documents import LAB_PAGE_CARTER, LAB_PAGE_LOPEZ, ccda
 from tests.waits import wait_until
 
 RIVERBEND_FAX = "+15555550100"
@@ -112,7 +112,7 @@ def test_a_routed_referral_fax_reaches_the_medical_team(stack, routes, wilson, l
     document_id = path.rsplit("/", 1)[1]
 
     view = triaged(wilson, document_id)
-    assert view["state"] == "confirmed" and view["confirmed"]["automatic"] is True
+    assert view["state"] == "confirmed" and view["confirmed"]["automatic"] is True, view
     assert view["confirmed"]["patient"]["name"] == "Maria Lopez"
     assert view["routed_to"]["team_id"] == "team_riverbend_medical"
 
@@ -136,3 +136,27 @@ def test_triage_settings_and_the_roster_import_are_for_admins(admin, wilson):
     found = wilson.get("/api/v1/cloud/patients", params={"q": "lopez"}).json()["patients"]
     assert {p["name"] for p in found} >= {"Maria Lopez", "Ana Lopez"}
     assert wilson.get("/api/v1/cloud/patients", params={"q": '{"$gt": ""}'}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"text": "\n".join([*LAB_PAGE_LOPEZ, *LAB_PAGE_CARTER[1:]])}, "multiple_patients"),
+        ({"is_test": True}, "test_fax"),  # the sample referral, sent with the provider's test flag
+    ],
+)
+def test_a_fax_about_two_patients_or_a_test_fax_is_left_for_a_person(stack, routes, wilson, body, reason):
+    assert routes(referral="team_riverbend_medical", lab_report="team_riverbend_medical").status_code == 200
+    caller = f"+1555{random.randrange(10**6, 10**7)}"
+    reply = requests.post(
+        f"{stack.fax_simulator_url}/simulator/inbound",
+        json={"from": caller, "to": RIVERBEND_FAX, **body},
+        timeout=60,
+    )
+    assert reply.status_code == 201 and reply.json()["answers"] == [200], reply.text
+    item = wait_until(lambda: item_titled(wilson, f"Fax from {caller}"), timeout=20)
+    view = triaged(wilson, document_path(wilson, item).rsplit("/", 1)[1])
+    assert view["state"] == "suggested" and view["confirmed"] is None and view["routed_to"] is None
+    assert view["suggestion"]["patient"]["name"] == "Maria Lopez"
+    assert reason in view["suggestion"]["reasons"]
+    assert (view["suggestion"]["confidence"] < 0.9) is (reason == "multiple_patients")

@@ -39,7 +39,16 @@ from services.kit.errors import Unavailable
 from services.kit.mongo import now_ms
 from services.kit.outbox import OutboxRelay
 from services.kit.service_identity import ServiceTokens
-from tests.cloud_triage_documents import REFERRAL_LINES, ccda, xdm_zip
+from tests.cloud_triage_documents import (
+    FACE_SHEET_JUNIOR,
+    FOREIGN_MRN_ROOT,
+    LAB_PAGE_CARTER,
+    LAB_PAGE_LOPEZ,
+    REFERRAL_LINES,
+    RIVERBEND_MRN_ROOT,
+    ccda,
+    xdm_zip,
+)
 from tests.waits import background, together, wait_until
 
 RIVERBEND = "agy_riverbend"
@@ -105,11 +114,12 @@ class Rig:
             text=text,
             attachments=attachments,
             signer_pem=SIGNER,
+            final_delivery=False,
         )
         doc = self.db[DIRECT_MESSAGES].find_one({"message_id": message_id})
         return mark_due(self.db[DIRECT_MESSAGES], doc)
 
-    def store_fax(self, pdf: bytes, fax_id: int | None = None) -> str:
+    def store_fax(self, pdf: bytes, fax_id: int | None = None, is_test: bool = False) -> str:
         """A received fax through the provider's signed callback (cloud-comms' HTTP route), due for triage."""
         fax = {
             "id": fax_id or int.from_bytes(os.urandom(3), "big"),
@@ -121,8 +131,10 @@ class Rig:
             "from_number": "+15555550123",
             "to_number": INTAKE_FAX,
             "caller_name": "",
+            "is_test": is_test,
         }
-        params = {"fax": json.dumps(fax), "direction": "received", "is_test": "false", "success": "true"}
+        flag = "true" if is_test else "false"
+        params = {"fax": json.dumps(fax), "direction": "received", "is_test": flag, "success": "true"}
         headers = {"X-Phaxio-Signature": sign(FAX_TOKEN, f"{PUBLIC}/received", params, {"filename": pdf})}
         answer = self.http.post(
             "/api/v1/fax/callbacks/received",
@@ -290,12 +302,15 @@ def test_a_document_that_names_nobody_is_no_match(rig, content):
         "broken": b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n",
         "nobody": text_pdf(["LAB REPORT", "Patient: Minh Nguyen", "DOB: 01/01/2001"]),
     }[content]
-    doc_id = rig.store_fax(pdf)
+    if content == "broken":  # the fax callback refuses it (not_a_pdf); a Direct attachment may be anything
+        doc_id, collection = rig.store_direct("Labs", [("labs.pdf", "application/pdf", pdf)]), DIRECT_MESSAGES
+    else:
+        doc_id, collection = rig.store_fax(pdf), FAXES
     assert rig.triage.triage_pass() == 1
     view = rig.view(doc_id).get_json()
     assert view["state"] == "no_match" and view["suggestion"]["patient"] is None
     assert view["candidates"] == [] and view["history"][0]["action"] == "no_match"
-    assert "triage_due_at" not in rig.db[FAXES].find_one({"_id": doc_id})
+    assert "triage_due_at" not in rig.db[collection].find_one({"_id": doc_id})
 
 
 def test_a_document_that_cannot_be_opened_is_no_match_at_once(rig):
@@ -522,9 +537,17 @@ def test_a_team_deleted_since_it_was_chosen_routes_nothing_and_says_so(rig):
 # --- settings ---------------------------------------------------------------------------------------
 def test_triage_settings_are_for_admins(rig):
     default = rig.http.get("/api/v1/cloud/triage/settings", headers=bearer("admin"))
-    assert default.get_json() == {"routes": {}, "auto_file_confidence": 0.95}
-    changed = rig.settings(routes={"lab_report": "team_riverbend_medical"}, auto_file_confidence=0.98)
-    assert changed.get_json() == {"routes": {"lab_report": "team_riverbend_medical"}, "auto_file_confidence": 0.98}
+    assert default.get_json() == {"routes": {}, "auto_file_confidence": 0.95, "mrn_assigning_authorities": []}
+    changed = rig.settings(
+        routes={"lab_report": "team_riverbend_medical"},
+        auto_file_confidence=0.98,
+        mrn_assigning_authorities=[RIVERBEND_MRN_ROOT],
+    )
+    assert changed.get_json() == {
+        "routes": {"lab_report": "team_riverbend_medical"},
+        "auto_file_confidence": 0.98,
+        "mrn_assigning_authorities": [RIVERBEND_MRN_ROOT],
+    }
     assert rig.http.get("/api/v1/cloud/triage/settings", headers=bearer("admin")).get_json() == changed.get_json()
     assert rig.http.get("/api/v1/cloud/triage/settings", headers=bearer("lakeside_admin")).get_json()["routes"] == {}
     for who in ("wilson", "reyes"):
@@ -545,6 +568,11 @@ def test_triage_settings_are_for_admins(rig):
         ({"auto_file_confidence": True}, "invalid_type"),
         ({"auto_file_confidence": "0.99"}, "invalid_type"),
         ({"threshold": 0.99}, "unknown_field"),
+        ({"mrn_assigning_authorities": ["riverbend"]}, "invalid_value"),
+        ({"mrn_assigning_authorities": ["2.16.840.1.113883.19.05"]}, "invalid_value"),  # no leading zeros
+        ({"mrn_assigning_authorities": ["urn:oid:2.16.840.1"]}, "invalid_value"),
+        ({"mrn_assigning_authorities": RIVERBEND_MRN_ROOT}, "invalid_type"),
+        ({"mrn_assigning_authorities": [{"$gt": ""}]}, "invalid_type"),
     ],
 )
 def test_bad_settings_are_400_and_keep_the_old_ones(rig, body, code):
@@ -643,3 +671,105 @@ def test_bad_imports_are_refused_and_store_nothing(rig, who, body, status, code)
     answer = rig.http.post("/api/v1/cloud/patients", json=body, headers=bearer(who))
     assert answer.status_code == status and answer.get_json()["code"] == code
     assert rig.db[PATIENTS].count_documents({}) == before
+
+
+# --- documents that must not be filed without a person ----------------------------------------------
+def suggested_only(rig, doc_id: str) -> dict:
+    """The document's suggestion, after asserting it was neither filed nor routed."""
+    view = rig.view(doc_id).get_json()
+    assert view["state"] == "suggested", view
+    assert view["confirmed"] is None and view["routed_to"] is None
+    assert [h["action"] for h in view["history"]] == ["suggested"]
+    assert not rig.db["triage"].find_one({"_id": doc_id}).get("_outbox")
+    return view["suggestion"]
+
+
+def test_a_lab_fax_about_two_patients_is_never_filed_under_the_first(rig):
+    assert rig.settings(routes={"lab_report": "team_riverbend_medical"}, auto_file_confidence=0.9).status_code == 200
+    doc_id = rig.store_fax(text_pdf(LAB_PAGE_LOPEZ, LAB_PAGE_CARTER))
+    rig.triage.triage_pass()
+    suggestion = suggested_only(rig, doc_id)
+    assert suggestion["patient"]["name"] == "Maria Lopez" and suggestion["confidence"] < 0.9
+    assert suggestion["multiple_patients"] is True and "multiple_patients" in suggestion["reasons"]
+    assert suggestion["document_type"] == "lab_report"
+    assert "James Carter" in [c["name"] for c in rig.view(doc_id).get_json()["candidates"]]
+
+
+def test_a_direct_ccda_for_one_patient_with_a_pdf_about_another_is_not_filed(rig):
+    assert rig.settings(routes={"referral": "team_riverbend_medical"}).status_code == 200
+    carter = text_pdf(["LAB REPORT", "Patient: James Carter", "DOB: 11/02/1975", "MRN: RB100871"])
+    doc_id = rig.store_direct(
+        "Referral", [("referral.xml", "application/xml", ccda()), ("labs.pdf", "application/pdf", carter)]
+    )
+    rig.triage.triage_pass()
+    suggestion = suggested_only(rig, doc_id)
+    assert suggestion["patient"]["name"] == "Maria Lopez" and suggestion["confidence"] < 0.9
+    assert suggestion["reasons"] == ["multiple_patients"]
+
+
+def test_a_fax_longer_than_the_pages_read_is_not_filed(rig):
+    assert rig.settings(routes={"referral": "team_riverbend_medical"}).status_code == 200
+    pages = [REFERRAL_LINES, *([f"Progress note page {n}"] for n in range(2, 32))]  # 31 pages; 30 are read
+    doc_id = rig.store_fax(text_pdf(*pages))
+    rig.triage.triage_pass()
+    suggestion = suggested_only(rig, doc_id)
+    assert suggestion["patient"]["name"] == "Maria Lopez" and suggestion["confidence"] < 0.9
+    assert suggestion["reasons"] == ["partly_read"]
+
+
+def test_a_juniors_referral_with_his_fathers_dob_as_guarantor_is_not_matched_to_the_father(rig):
+    assert rig.settings(routes={"referral": "team_riverbend_medical"}, auto_file_confidence=0.9).status_code == 200
+    doc_id = rig.store_fax(text_pdf(FACE_SHEET_JUNIOR))
+    rig.triage.triage_pass()
+    suggestion = suggested_only(rig, doc_id)
+    assert suggestion["confidence"] < 0.9 and "birth_date" not in suggestion["matched_on"]
+    assert "suffix_not_in_roster" in suggestion["reasons"]
+
+
+def test_a_test_fax_is_suggested_but_never_filed_or_routed(rig):
+    assert rig.settings(routes={"referral": "team_riverbend_medical"}).status_code == 200
+    doc_id = rig.store_fax(text_pdf(REFERRAL_LINES), is_test=True)
+    assert rig.db[FAXES].find_one({"_id": doc_id})["is_test"] is True
+    rig.triage.triage_pass()
+    suggestion = suggested_only(rig, doc_id)
+    assert suggestion["confidence"] == 0.99 and suggestion["reasons"] == ["test_fax"]
+    confirmed = rig.confirm(doc_id, patient_id=suggestion["patient"]["id"], document_type="referral").get_json()
+    assert confirmed["state"] == "confirmed" and confirmed["routed_to"] is None
+    assert [h["action"] for h in confirmed["history"]] == ["suggested", "confirmed", "not_routed"]
+    assert not rig.db["triage"].find_one({"_id": doc_id}).get("_outbox")
+    assert rig.cloud_items("stf_riverbend_chen") == []
+
+
+def test_a_partner_hospitals_mrn_equal_to_another_patients_does_not_demote_the_right_one(rig):
+    foreign = ccda(ids=[(FOREIGN_MRN_ROOT, "RB100871")])  # Maria's C-CDA; the partner's number = Carter's MRN
+    unset = rig.store_direct("Referral", [("r.xml", "application/xml", foreign)])
+    rig.triage.triage_pass()
+    suggestion = rig.view(unset).get_json()["suggestion"]
+    assert suggestion["patient"]["name"] == "Maria Lopez" and suggestion["confidence"] == 0.9
+    assert suggestion["reasons"] == []
+
+    assert rig.settings(routes={"referral": "team_riverbend_medical"}).status_code == 200
+    named = rig.settings(mrn_assigning_authorities=[RIVERBEND_MRN_ROOT]).get_json()
+    assert named["mrn_assigning_authorities"] == [RIVERBEND_MRN_ROOT]
+    both = ccda(ids=[(RIVERBEND_MRN_ROOT, "RB100234"), (FOREIGN_MRN_ROOT, "RB100871")])
+    filed = rig.store_direct("Referral", [("r.xml", "application/xml", both)])
+    only_foreign = rig.store_direct(
+        "Referral", [("r.xml", "application/xml", ccda(ids=[(FOREIGN_MRN_ROOT, "RB100234")]))]
+    )
+    rig.triage.triage_pass()
+    view = rig.view(filed).get_json()
+    assert view["state"] == "confirmed" and view["suggestion"]["confidence"] == 0.99
+    assert view["confirmed"]["patient"]["name"] == "Maria Lopez"
+    ignored = rig.view(only_foreign).get_json()["suggestion"]  # another authority's id is not an MRN here
+    assert ignored["confidence"] == 0.9 and "mrn" not in ignored["matched_on"]
+
+
+def test_a_ccd_is_never_routed_as_a_referral_by_its_code(rig):
+    assert rig.settings(routes={"referral": "team_riverbend_medical"}).status_code == 200
+    doc_id = rig.store_direct(
+        "Summary of care", [("ccd.xml", "application/xml", ccda(code="34133-9", title="Summarization of Episode Note"))]
+    )
+    rig.triage.triage_pass()
+    view = rig.view(doc_id).get_json()
+    assert view["state"] == "suggested" and view["confirmed"] is None
+    assert view["suggestion"]["document_type"] != "referral" or view["suggestion"]["document_type_confidence"] < 0.9

@@ -6,18 +6,19 @@ from __future__ import annotations
 import pytest
 
 from services.cloud_comms import config
-from services.cloud_comms.triage import classify, match
+from services.cloud_comms.triage import classify, extract, match
 from services.cloud_comms.triage.roster import BlindIndex, valid_birth_date
 from services.kit.settings import SettingsError
 
 
-def patient(pid, mrn, family, given, birth):
+def patient(pid, mrn, family, given, birth, suffix=""):
     return match.Candidate(
         pid,
         match.normalize_mrn(mrn),
         birth,
         frozenset(match.family_forms(family)),
         frozenset(match.name_tokens(given)),
+        suffix,
     )
 
 
@@ -29,12 +30,14 @@ ROSTER = [
 ]
 
 
-def probe(mrn="", family="", given="", birth=""):
+def probe(mrn="", family="", given="", birth="", *, mrns=(), weak=(), suffix=""):
     return match.Probe(
-        mrns=frozenset([match.normalize_mrn(mrn)] if mrn else []),
+        mrns=frozenset(match.normalize_mrn(m) for m in ([mrn] if mrn else []) + list(mrns)),
         birth_date=birth,
         family=frozenset(match.family_forms(family)),
         given=(match.name_tokens(given) or [""])[0],
+        suffix=suffix,
+        weak_mrns=frozenset(match.normalize_mrn(m) for m in weak),
     )
 
 
@@ -127,6 +130,13 @@ def test_roster_birth_dates(value, valid):
         ({"text": "Dear colleague, hello"}, ("other", 0.3)),
         ({"text": "Lab Report\nPatient: Ana Lopez"}, ("lab_report", 0.95)),
         ({"text": "please refill\nPatient: Ana Lopez"}, ("prescription_request", 0.6)),  # not a heading
+        # A CCD (summarization of episode note) is about anything: never a referral by its code.
+        ({"code": "34133-9", "title": "Continuity of Care Document"}, ("other", 0.3)),
+        ({"code": "34133-9", "title": "Referral Summary"}, ("referral", 0.8)),
+        (
+            {"code": "34133-9", "title": "Summary of Care", "text": "referral; referred to cardiology"},
+            ("referral", 0.8),
+        ),
     ],
 )
 def test_document_types(kwargs, expected):
@@ -158,3 +168,46 @@ def test_the_index_key_can_come_from_a_file(base_env, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("k" * 40 + "\n")
     assert config.load({**base_env, "CLOUD_TRIAGE_INDEX_KEY_FILE": str(key_file)}).triage.index_key == "k" * 40
+
+
+# --- several patients, foreign MRNs, suffixes, name order -------------------------------------------------
+def test_a_document_carrying_two_roster_patients_mrns_is_capped_for_review():
+    ranked = match.rank(probe("", "Lopez", "Maria", "1984-03-12", mrns=("RB100234", "RB100871")), ROSTER)
+    assert ranked[0].patient_id == "maria"
+    assert ranked[0].confidence == match.REVIEW_CAP < 0.9
+    assert all(match.MULTIPLE_PATIENTS in m.flags for m in ranked)
+
+
+def test_an_id_of_an_unknown_assigning_authority_matches_but_never_conflicts():
+    # A partner hospital's own number equal to James Carter's MRN, on Maria's C-CDA.
+    found = best(probe("", "Lopez", "Maria", "1984-03-12", weak=("RB100871",)))
+    assert (found.patient_id, found.confidence, found.flags) == ("maria", 0.9, ())
+    found = best(probe("", "Lopez", "Maria", "1984-03-12", weak=("RB100234", "RB100871")))
+    assert (found.patient_id, found.confidence, found.flags) == ("maria", 0.99, ())
+
+
+def test_a_suffix_the_roster_lacks_is_never_filed_and_a_different_one_conflicts():
+    # "James Carter Jr." with his father's name and birth date on the roster (no suffix there).
+    found = best(probe("", "Carter", "James", "1975-11-02", suffix="JR"))
+    assert found.patient_id == "james" and found.confidence < 0.9
+    assert found.flags == (match.SUFFIX_NOT_IN_ROSTER,)
+    roster = [patient("sr", "RB1", "Carter", "James", "1975-11-02", suffix="SR")]
+    assert match.rank(probe("", "Carter", "James", "1975-11-02", suffix="JR"), roster)[0].confidence == 0.45
+    assert match.rank(probe("", "Carter", "James", "1975-11-02", suffix="SR"), roster)[0].confidence == 0.9
+    assert match.rank(probe("", "Carter", "James", "1975-11-02"), roster)[0].confidence == 0.9
+
+
+def test_an_order_unsure_name_is_tried_both_ways_at_a_lower_confidence():
+    written = probe("", "James", "Carter", "1975-11-02")
+    unsure = match.Probe(**{**written.__dict__, "swapped": probe("", "Carter", "James", "1975-11-02")})
+    found = best(unsure)
+    assert found.patient_id == "james" and found.confidence == pytest.approx(0.9 * match.ORDER_UNSURE)
+    assert best(written).confidence < 0.5  # read one way only: the family name conflicts
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("Carter Jr.", ("Carter", "JR")), ("Carter III", ("Carter", "III")), ("Carter", ("Carter", ""))],
+)
+def test_roster_names_keep_their_suffix_apart(name, expected):
+    assert extract.suffix_of(name) == expected

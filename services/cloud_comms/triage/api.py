@@ -5,7 +5,8 @@ operator objects are 400 before any database access) and the views it answers wi
     POST /api/v1/cloud/triage/<document id>/confirm  {"patient_id": id | null, "document_type": type}
     GET  /api/v1/cloud/patients?q=<MRN or name>      {"patients": [{"id", "name", "birth_date", "mrn"}]}
     POST /api/v1/cloud/patients                      {"patients": [{"mrn", "family", "given", "birth_date"}]}
-    GET|PUT /api/v1/cloud/triage/settings            {"routes": {type: team id}, "auto_file_confidence"}
+    GET|PUT /api/v1/cloud/triage/settings            {"routes": {type: team id}, "auto_file_confidence",
+                                                      "mrn_assigning_authorities": [OID]}
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ MAX_QUERY = 100
 QUERY = re.compile(r"[\w .,'#/-]+")
 MRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/-]*")
 SHOWN_CANDIDATES = 3
+OID = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+")
+MAX_AUTHORITIES = 20
 
 
 def body() -> dict:
@@ -80,7 +83,11 @@ class Routes(Spec):
 
 
 CONFIRMATION = {"patient_id": Id(required=False), "document_type": Choice(DOCUMENT_TYPES, required=True)}
-SETTINGS = {"routes": Routes(), "auto_file_confidence": Confidence()}
+SETTINGS = {
+    "routes": Routes(),
+    "auto_file_confidence": Confidence(),
+    "mrn_assigning_authorities": ListOf(Str(max_len=64, pattern=OID), max_items=MAX_AUTHORITIES),
+}
 PATIENT = {
     "mrn": Str(max_len=32, pattern=MRN),
     "family": Str(max_len=100),
@@ -100,6 +107,7 @@ def settings_change(payload: dict, current: AgencySettings) -> AgencySettings:
     return AgencySettings(
         routes=cleaned.get("routes", current.routes),
         auto_file_confidence=cleaned.get("auto_file_confidence", current.auto_file_confidence),
+        mrn_assigning_authorities=tuple(cleaned.get("mrn_assigning_authorities", current.mrn_assigning_authorities)),
     )
 
 
@@ -146,6 +154,8 @@ def no_suggestion(reason: str) -> dict:
         "candidates": [],
         "read_from": "none",
         "reason": reason,
+        "reasons": [],
+        "multiple_patients": False,
     }
 
 
@@ -195,6 +205,8 @@ def view(kind: str, doc_id: str, record: dict | None, suggestion: dict | None, p
             "matched_on": suggestion["matched_on"],
             "document_type": suggestion["document_type"],
             "document_type_confidence": suggestion["document_type_confidence"],
+            "multiple_patients": suggestion.get("multiple_patients", False),
+            "reasons": suggestion.get("reasons", []),
         },
         "candidates": [
             {**patients[c["id"]].view(), "confidence": c["confidence"], "matched_on": c["matched_on"]}

@@ -3,6 +3,7 @@
 | signal | confidence |
 |---|---|
 | a C-CDA document code (LOINC) in CODES | 0.97 |
+| a generic C-CDA code (GENERIC_CODES: CCD 34133-9, note, progress note) | by title and words, at most 0.8 |
 | a title naming one type: the C-CDA title, or a heading (below) | 0.95 |
 | words in the text: 2 or more hits of one type | 0.8 |
 | words in the text: 1 hit | 0.6 |
@@ -43,7 +44,6 @@ CODES = {
     "18719-5": LAB_REPORT,  # Chemistry studies (set)
     "57133-1": REFERRAL,  # Referral note
     "18761-7": REFERRAL,  # Provider-unspecified transfer summary
-    "34133-9": REFERRAL,  # Summarization of episode note (CCD sent with a transition of care)
     "57833-6": PRESCRIPTION_REQUEST,  # Prescription for medication
 }
 
@@ -81,6 +81,14 @@ KEYWORDS = {
     ),
 }
 PATTERNS = {kind: [re.compile(rf"\b(?:{w})\b", re.IGNORECASE) for w in words] for kind, words in KEYWORDS.items()}
+# Codes of documents about anything (a CCD, a generic note): classified by title and words instead,
+# and never sure enough to be filed without a person.
+GENERIC_CODES = {
+    "34133-9",  # Summarization of episode note (the CCD)
+    "34109-9",  # Note
+    "11506-3",  # Progress note
+}
+GENERIC_CAP = 0.8
 HEADING_LINES = 3
 HEADING_WORDS = 8
 
@@ -116,6 +124,13 @@ def _titled(title: str) -> str:
 def classify(code: str = "", title: str = "", text: str = "") -> DocumentType:
     if code in CODES:
         return DocumentType(CODES[code], 0.97)
+    found = _by_words(title, text)
+    if code in GENERIC_CODES:
+        return DocumentType(found.document_type, min(found.confidence, GENERIC_CAP))
+    return found
+
+
+def _by_words(title: str, text: str) -> DocumentType:
     for heading in (title, _heading(text)):
         if heading and (kind := _titled(heading)):
             return DocumentType(kind, 0.95)

@@ -10,7 +10,9 @@ be read is `no_match`; a try that fails otherwise is retried when its lease ends
 CLOUD_TRIAGE_MAX_ATTEMPTS times, then `no_match`.
 
 Filing: a suggestion whose patient confidence and document-type confidence both reach the agency's
-auto-file threshold, of a type the agency routes, is confirmed automatically (by nobody) and routed.
+auto-file threshold, of a type the agency routes, with no reason for review (several patients, a
+part not read, a suffix the roster lacks, a test fax), is confirmed automatically (by nobody) and
+routed. A test fax is never routed, even when staff confirm it.
 Anything else waits for a staff member it was delivered to. Routing delivers one board item per
 member of the team (source "triage", source_ref the document id, the original's title and link) and
 adds the members to the document's recipients; a document is routed once per team: a correction to
@@ -27,7 +29,7 @@ from flask import Blueprint, g, request
 
 from services.cloud_comms import audit, delivery
 from services.cloud_comms.components import Feature
-from services.cloud_comms.triage import api, classify
+from services.cloud_comms.triage import api, classify, match
 from services.cloud_comms.triage.extract import document
 from services.cloud_comms.triage.match import MIN_SUGGESTED
 from services.cloud_comms.triage.records import TRIAGE, AgencySettings, Records
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = "triage"
 RESOURCE_TRIAGE, RESOURCE_PATIENT = "triage", "patient"
+PARTLY_READ, TEST_FAX = "partly_read", "test_fax"
 BATCH = 20
 WRITE_TRIES = 5
 
@@ -123,11 +126,27 @@ class Triage(Feature):
         self._maybe_file(source, record, suggestion, content.title)
 
     def analyse(self, agency_id: str, content) -> dict:
-        """The suggestion for one document's content (patient candidates and document type)."""
+        """The suggestion for one document's content (patient candidates and document type). It is
+        capped below any auto-file threshold, with its reasons, when the document names several
+        patients or was not read whole; a test fax is flagged (it is never filed or routed)."""
         found = document(content.body, content.files)
         kind = classify.classify(found.code, found.title, found.text)
-        matches = self.roster.candidates(agency_id, found.patient)
+        authorities = self.agency_settings(agency_id).mrn_assigning_authorities
+        matches = self.roster.candidates(agency_id, found, authorities)
+        document_flags = [
+            flag
+            for flag, present in (
+                (match.MULTIPLE_PATIENTS, match.several_patients(found.patients)),
+                (PARTLY_READ, not found.complete),
+            )
+            if present
+        ]
+        for flag in document_flags:
+            matches = match.capped(matches, match.REVIEW_CAP, flag)
         best = matches[0] if matches and matches[0].confidence >= MIN_SUGGESTED else None
+        reasons = list(dict.fromkeys([*(matches[0].flags if matches else ()), *document_flags]))
+        if content.is_test:
+            reasons.append(TEST_FAX)
         return {
             "patient_id": best.patient_id if best else None,
             "confidence": best.confidence if best else 0.0,
@@ -138,6 +157,8 @@ class Triage(Feature):
                 {"id": m.patient_id, "confidence": m.confidence, "matched_on": list(m.matched_on)} for m in matches
             ],
             "read_from": found.source,
+            "multiple_patients": match.MULTIPLE_PATIENTS in reasons,
+            "reasons": reasons,
         }
 
     def _suggest(self, record: dict, suggestion: dict) -> dict:
@@ -164,7 +185,7 @@ class Triage(Feature):
     def _maybe_file(self, source: Source, record: dict, suggestion: dict, title: str) -> None:
         settings = self.agency_settings(record["agency_id"])
         threshold = settings.auto_file_confidence
-        if record.get("confirmed_at") or not suggestion["patient_id"]:
+        if record.get("confirmed_at") or not suggestion["patient_id"] or suggestion.get("reasons"):
             return
         if suggestion["confidence"] < threshold or suggestion["document_type_confidence"] < threshold:
             return
@@ -208,6 +229,8 @@ class Triage(Feature):
         routed = record.get("routed") or {}
         if not team_id or routed.get("team_id") == team_id:
             return None, [], []
+        if self.sources.is_test(source, document_id):
+            return None, [], [api.history_entry("not_routed", by, None, document_type, team_id=team_id)]
         with acting_as(self.components.service_tokens.identity(agency_id)):
             team = self.components.directory.team(agency_id, team_id)
         members = list(team.staff_ids) if team else []

@@ -12,7 +12,7 @@
 A routing's `board_item.delivery_requested.v1` event rides in the same write (kit outbox).
 
 `triage_settings` (`_id` = agency id): `routes` {document type: team id}, `auto_file_confidence`,
-`updated_at`, `updated_by`.
+`mrn_assigning_authorities` (OIDs whose C-CDA ids are the agency's MRNs), `updated_at`, `updated_by`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,14 @@ HISTORY_LIMIT = 100
 class AgencySettings:
     routes: dict[str, str] = field(default_factory=dict)
     auto_file_confidence: float = 0.95
+    mrn_assigning_authorities: tuple[str, ...] = ()
 
     def view(self) -> dict:
-        return {"routes": dict(self.routes), "auto_file_confidence": self.auto_file_confidence}
+        return {
+            "routes": dict(self.routes),
+            "auto_file_confidence": self.auto_file_confidence,
+            "mrn_assigning_authorities": list(self.mrn_assigning_authorities),
+        }
 
 
 class Records:
@@ -60,7 +65,11 @@ class Records:
         doc = self.agency_settings.find_one({"_id": {"$eq": agency_id}})
         if doc is None:
             return AgencySettings(auto_file_confidence=default_confidence)
-        return AgencySettings(dict(doc.get("routes") or {}), float(doc.get("auto_file_confidence", default_confidence)))
+        return AgencySettings(
+            dict(doc.get("routes") or {}),
+            float(doc.get("auto_file_confidence", default_confidence)),
+            tuple(doc.get("mrn_assigning_authorities") or ()),
+        )
 
     def save_settings(self, agency_id: str, settings: AgencySettings, by: str) -> None:
         self.agency_settings.replace_one(
@@ -69,6 +78,7 @@ class Records:
                 "_id": agency_id,
                 "routes": dict(settings.routes),
                 "auto_file_confidence": settings.auto_file_confidence,
+                "mrn_assigning_authorities": list(settings.mrn_assigning_authorities),
                 "updated_at": now_ms(),
                 "updated_by": by,
             },

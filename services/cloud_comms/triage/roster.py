@@ -26,13 +26,13 @@ import hmac
 import json
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
 
 from services.cloud_comms.triage import match
-from services.cloud_comms.triage.extract import PatientFields
+from services.cloud_comms.triage.extract import Extracted, PatientFields, suffix_of, swapped
 from services.kit.crypto import DecryptionError, PhiCipher
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 
@@ -149,13 +149,16 @@ class Roster:
         mrn_key = self._mrn_key(agency_id, record["mrn"])
         pid = self.patient_id(agency_id, mrn_key)
         fields = {k: record[k] for k in ("mrn", "family", "given", "birth_date")}
+        (family, family_suffix), (given, given_suffix) = suffix_of(fields["family"]), suffix_of(fields["given"])
+        suffix = family_suffix or given_suffix
         doc = {
             "_id": pid,
             "agency_id": agency_id,
             "mrn_key": mrn_key,
             "dob_key": self.index.key(agency_id, "dob", fields["birth_date"]),
-            "family_keys": self._keys(agency_id, "family", match.family_forms(fields["family"])),
-            "given_keys": self._keys(agency_id, "given", match.name_tokens(fields["given"])),
+            "family_keys": self._keys(agency_id, "family", match.family_forms(family)),
+            "given_keys": self._keys(agency_id, "given", match.name_tokens(given)),
+            "suffix_key": self.index.key(agency_id, "suffix", suffix) if suffix else "",
             "name_keys": self._name_prefix_keys(agency_id, fields["family"], fields["given"]),
         }
         existing = self.patients.find_one({"_id": {"$eq": pid}})
@@ -243,28 +246,48 @@ class Roster:
         return sorted(patients.values(), key=lambda p: (p.family.lower(), p.given.lower(), p.mrn))[:limit]
 
     # --- matching ---------------------------------------------------------------------------------
-    def probe(self, agency_id: str, fields: PatientFields) -> match.Probe:
+    def _probe(self, agency_id: str, fields: PatientFields, strong: list[str], weak: list[str]) -> match.Probe:
         given = match.name_tokens(fields.given[0]) if fields.given else []
         return match.Probe(
-            mrns=frozenset(k for k in (self._mrn_key(agency_id, m) for m in fields.mrns) if k),
+            mrns=frozenset(k for k in (self._mrn_key(agency_id, m) for m in strong) if k),
             birth_date=self.index.key(agency_id, "dob", fields.birth_date) if fields.birth_date else "",
             family=frozenset(self._keys(agency_id, "family", match.family_forms(fields.family))),
             given=self.index.key(agency_id, "given", given[0]) if given else "",
+            suffix=self.index.key(agency_id, "suffix", fields.suffix) if fields.suffix else "",
+            weak_mrns=frozenset(k for k in (self._mrn_key(agency_id, m) for m in weak) if k),
         )
 
-    def candidates(self, agency_id: str, fields: PatientFields) -> list[match.Match]:
+    def probe(self, agency_id: str, found: Extracted, authorities: Iterable[str] = ()) -> match.Probe:
+        """The document's patient as blind keys. Its MRNs are every labelled MRN of every mention
+        and the C-CDA ids of the agency's `authorities` (they can conflict); with no authorities
+        named, every C-CDA id is a weak MRN (matches, never conflicts); with some, other ids are
+        ignored."""
+        authorities = frozenset(authorities)
+        everyone = (found.patient, *found.patients)
+        strong = [m for p in everyone for m in p.mrns]
+        strong += [ext for p in everyone for root, ext in p.ids if root in authorities]
+        weak = [] if authorities else [ext for p in everyone for _, ext in p.ids]
+        probe = self._probe(agency_id, found.patient, strong, weak)
+        if found.patient.order_unsure:
+            other = self._probe(agency_id, swapped(found.patient), strong, weak)
+            probe = replace(probe, swapped=other)
+        return probe
+
+    def candidates(self, agency_id: str, found: Extracted, authorities: Iterable[str] = ()) -> list[match.Match]:
         """The likeliest patients for what a document says (match.rank), found by blind index only."""
-        if not fields:
+        fields = found.patient
+        if not fields and not found.patients:
             return []
-        probe = self.probe(agency_id, fields)
+        probe = self.probe(agency_id, found, authorities)
         agency = {"agency_id": {"$eq": agency_id}}
         docs: dict[str, dict] = {}
-        for key in probe.mrns:
+        for key in probe.mrns | probe.weak_mrns:
             docs.update((d["_id"], d) for d in self.patients.find({**agency, "mrn_key": {"$eq": key}}))
         if probe.birth_date:
-            found = self.patients.find({**agency, "dob_key": {"$eq": probe.birth_date}}).limit(CANDIDATES_PER_KEY)
-            docs.update((d["_id"], d) for d in found)
-        for word in (t for t in dict.fromkeys(match.name_tokens(fields.family)) if len(t) >= MIN_PREFIX):
+            found_dob = self.patients.find({**agency, "dob_key": {"$eq": probe.birth_date}}).limit(CANDIDATES_PER_KEY)
+            docs.update((d["_id"], d) for d in found_dob)
+        words = [fields.family, *(fields.given[:1] if fields.order_unsure else ())]
+        for word in (t for t in dict.fromkeys(match.name_tokens(" ".join(words))) if len(t) >= MIN_PREFIX):
             for pid in self._ids_with_name_key(agency_id, self.index.key(agency_id, "name", word), CANDIDATES_PER_KEY):
                 if pid not in docs and (doc := self._doc(agency_id, pid)) is not None:
                     docs[pid] = doc
@@ -278,6 +301,7 @@ class Roster:
             birth_date=doc["dob_key"],
             family=frozenset(doc.get("family_keys", [])),
             given=frozenset(doc.get("given_keys", [])),
+            suffix=doc.get("suffix_key", ""),
         )
 
     def seed_demo(self) -> dict[str, int]:

@@ -6,6 +6,7 @@ Triage reads them through their features only (DirectMessaging.opened and .store
 a message; Faxes.stored_caller and .stored_pdf for a fax). A source whose feature is not attached
 is not read.
 
+Triage reads a fax's `is_test` (the provider's test flag) and never files or routes a test fax.
 Triage writes two things on them: it moves `triage_due_at` forward (the worker's lease, a
 conditional update) and removes it when done; and it adds the members of the team a document was
 routed to to its recipients (`staff_ids` / `recipient_ids`), so that the document's own view opens
@@ -47,6 +48,7 @@ class Content:
     title: str  # the board item title its feature gave it
     body: str
     files: list[tuple[str, str, bytes]]  # (filename, content type, bytes)
+    is_test: bool = False  # a provider's test fax (`faxes.is_test`): suggested, never filed or routed
 
 
 class Sources:
@@ -93,10 +95,18 @@ class Sources:
         if source.kind == "fax":
             caller = feature.stored_caller(doc)
             pdf = feature.stored_pdf(doc)
-            return Content(board_title(caller.get("from_number", "")), "", [("fax.pdf", "application/pdf", pdf)])
+            title = board_title(caller.get("from_number", ""))
+            return Content(title, "", [("fax.pdf", "application/pdf", pdf)], is_test=bool(doc.get("is_test")))
         content = feature.opened(doc)
         title = f"Direct: {content.get('subject') or '(no subject)'}"[:200]
         return Content(title, content.get("text", ""), feature.stored_attachments(doc))
+
+    def is_test(self, source: Source, document_id: str) -> bool:
+        """A provider's test fax (`is_test` of `faxes`, read only): never filed automatically or routed."""
+        if source.kind != "fax":
+            return False
+        doc = source.collection.find_one({"_id": {"$eq": document_id}}, projection={"is_test": 1})
+        return bool((doc or {}).get("is_test"))
 
     def due(self, source: Source, now: int, limit: int) -> list[dict]:
         found = source.collection.find({DUE: {"$lte": now}}, projection={"_id": 1, "agency_id": 1, DUE: 1})
