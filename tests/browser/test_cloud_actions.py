@@ -76,6 +76,8 @@ def no_raw_times(page: Page) -> None:
 def mdn(certs, original_message_id: str, disposition: str) -> bytes:
     """The partner HISP's MDN for our message, signed with its certificate and encrypted for Riverbend."""
     boundary = f"report_{uuid.uuid4().hex}"
+    # A final-delivery dispatched carries the Direct IG's extension field (else it is not Delivered).
+    final = "X-DIRECT-FINAL-DESTINATION-DELIVERY:\r\n" if disposition == "dispatched" else ""
     report = (
         f'Content-Type: multipart/report; report-type=disposition-notification; boundary="{boundary}"\r\n\r\n'
         f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nYour message was {disposition}.\r\n"
@@ -83,7 +85,7 @@ def mdn(certs, original_message_id: str, disposition: str) -> bytes:
         "Reporting-UA: direct.partner.example; partner HISP\r\n"
         f"Original-Recipient: rfc822;{PARTNER}\r\nFinal-Recipient: rfc822;{PARTNER}\r\n"
         f"Original-Message-ID: {original_message_id}\r\n"
-        f"Disposition: automatic-action/MDN-sent-automatically; {disposition}\r\n\r\n"
+        f"Disposition: automatic-action/MDN-sent-automatically; {disposition}\r\n{final}\r\n"
         f"--{boundary}--\r\n"
     ).encode()
     enveloped = encrypt(sign(report, certs), certs / "agency-riverbend.cert.pem")
@@ -231,7 +233,7 @@ def test_a_pdf_attachment_of_a_direct_message_is_faxed(people, web_stack):
     page.locator("#pane").get_by_role("button", name="Send Fax").click()
     dialog = page.locator("#fax-dialog")
     expect(dialog.get_by_label("note.pdf")).to_be_checked()
-    to = f"+1555{random.randrange(10**6, 10**7)}"
+    to = f"+1555200{random.randrange(10**4):04d}"  # an exchange Send Fax allows (not N11, not 555)
     dialog.get_by_label("To (fax number)").fill(to)
     dialog.get_by_role("button", name="Send fax").click()
     expect(dialog).to_be_hidden()
@@ -241,11 +243,11 @@ def test_a_pdf_attachment_of_a_direct_message_is_faxed(people, web_stack):
 
 
 # --- faxes -------------------------------------------------------------------------------------------
-def inbound_fax(web_stack, pages: int = 1) -> str:
+def inbound_fax(web_stack, pages: int = 1, **fields) -> str:
     caller = f"+1555{random.randrange(10**6, 10**7)}"
     reply = requests.post(
         f"{web_stack.fax_simulator_url}/simulator/inbound",
-        json={"from": caller, "to": RIVERBEND_FAX, "pages": pages},
+        json={"from": caller, "to": RIVERBEND_FAX, "pages": pages, **fields},
         timeout=60,
     )
     assert reply.status_code == 201 and reply.json()["answers"] == [200], reply.text
@@ -276,7 +278,7 @@ def test_a_received_fax_is_viewed_and_sent_on_until_delivered(people, web_stack)
     page.keyboard.type("12")
     dialog.get_by_role("button", name="Send fax").click()
     expect(dialog.locator("#fax-error")).to_contain_text("not a valid fax number")
-    to = f"+1555{random.randrange(10**6, 10**7)}"
+    to = f"+1555200{random.randrange(10**4):04d}"  # an exchange Send Fax allows (not N11, not 555)
     dialog.get_by_label("To (fax number)").fill(to)
     assert axe_violations(page) == []
     screenshot(page, "cloud-fax-send")
@@ -343,6 +345,19 @@ def test_a_triage_suggestion_is_confirmed_with_one_click_and_corrected(people, a
     assert (view["confirmed"]["patient"]["mrn"], view["confirmed"]["document_type"]) == ("RB100871", "lab_report")
     assert view["confirmed"]["by"]["name"] == "Dana Thompson" and view["confirmed"]["automatic"] is False
     assert person.csp_violations() == []
+
+
+def test_a_fax_naming_two_patients_says_so_before_anyone_confirms(people, web_stack):
+    text = "LAB REPORT\nPatient: Maria Lopez\nDOB: 03/12/1984\nMRN: RB100234\n\nPatient: James Carter\nDOB: 11/02/1975"
+    caller = inbound_fax(web_stack, text=text)
+    person = sign_in(people, "intake.wilson")
+    page = person.page
+    open_item(person, f"Fax from {caller}")
+    triage = page.locator("#pane section.triage")
+    reasons = triage.get_by_role("list", name="Check before confirming")
+    expect(reasons).to_contain_text("More than one patient is named in this document", timeout=STATUS_S)
+    expect(triage.locator(".triage-suggestion")).to_contain_text("Suggested client:")
+    assert axe_violations(page) == []
 
 
 def test_an_uploaded_pdf_is_faxed_from_the_folder(people, web_stack):

@@ -18,7 +18,10 @@ const VIEWS = [
 const POLL_MS = 3000;
 const POLL_TIMES = 40;  // about two minutes; the item's own status keeps changing on the board after that
 const DIRECT_WORDS = { queued: "Queued", sent: "Sent", processed: "Received by their system", dispatched: "Delivered", failed: "Failed" };
-const FAX_WORDS = { queued: "Queued", sending: "Sending", inprogress: "Sending", success: "Delivered", failure: "Failed" };
+const FAX_WORDS = {
+  queued: "Queued", sending: "Sending", inprogress: "Sending", success: "Delivered", failure: "Failed",
+  test: "Test mode: not transmitted",
+};
 const DIRECT_OPEN = ["queued", "sent", "processed"];
 const FAX_OPEN = ["queued", "sending", "inprogress"];
 const NAMES = { direct: "Direct message", "direct-out": "Sent Direct message", fax: "Fax", "fax-out": "Sent fax" };

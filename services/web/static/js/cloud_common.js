@@ -67,6 +67,8 @@ const WORDS = {
   attachment_not_found: "That attachment is no longer available.",
   invalid_number: "That is not a valid fax number: type +1 and 10 digits, or a 10-digit US number.",
   not_a_pdf: "Only PDF documents can be faxed.",
+  encrypted_pdf: "That PDF is password-protected: save it without a password, then fax it.",
+  destination_not_allowed: "That number cannot be faxed from here (premium-rate, service or international numbers are blocked).",
   from_number_required: "Choose the fax number to send from.",
   payload_too_large: "Too large to send: attachments may be 10 MB in all, a faxed PDF 20 MB.",
   fax_too_large: "That PDF is too large to fax (20 MB at most).",

@@ -60,6 +60,20 @@ function typeLine(type, confidence) {
   return h("p", { class: "triage-type" }, h("strong", { text: "Document type: " }), `${TYPES[type] || type}${sure}`);
 }
 
+// Why a suggestion waits for a person (triage/README.md, "Review reasons"), in words.
+const REASONS = {
+  multiple_patients: "More than one patient is named in this document: check which one it is about.",
+  partly_read: "Part of this document could not be read: check the pages before confirming.",
+  suffix_not_in_roster: "The document gives a Jr./Sr. suffix that the record lacks: it may be a parent or child.",
+  test_fax: "This is a test fax from the provider: it is not filed or routed.",
+};
+
+function reasonsNote(reasons) {
+  const said = (reasons || []).map((r) => REASONS[r] || r);
+  return said.length ? h("ul", { class: "triage-reasons", "aria-label": "Check before confirming" },
+    ...said.map((text) => h("li", { text }))) : null;
+}
+
 function button(text, run, primary = false) {
   return h("button", { type: "button", class: primary ? "primary" : null, text, onclick: (event) => run(event.currentTarget) });
 }
@@ -100,6 +114,7 @@ function render(section, view, generation, polls) {
       h("p", { class: "triage-suggestion" }, h("strong", { text: `Suggested ${word}: ` }),
         `${patientText(s.patient)} — ${percent}% match${on ? ` (${on})` : ""}`),
       typeLine(s.document_type, s.document_type_confidence),
+      reasonsNote(s.reasons),
       h("div", { class: "pane-actions" },
         button("Confirm", (b) => confirm(section, id, { patient_id: s.patient.id, document_type: s.document_type || "other" }, b)
           .catch(() => { /* said beside the button */ }), true),
