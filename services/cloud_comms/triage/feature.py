@@ -122,8 +122,24 @@ class Triage(Feature):
             self._suggest(record, api.no_suggestion("unreadable"))
             return
         suggestion = self.analyse(agency_id, content)
-        record = self._suggest(record, suggestion)
-        self._maybe_file(source, record, suggestion, content.title)
+        if self._files_automatically(record, suggestion):
+            # The suggestion and the filing in one write: no reader sees it suggested in between.
+            try:
+                self.file(
+                    source,
+                    record,
+                    suggestion["patient_id"],
+                    suggestion["document_type"],
+                    by=None,
+                    title=content.title,
+                    suggested=suggestion,
+                )
+            except Exception:
+                self._suggest(record, suggestion)  # kept for staff while the filing is retried
+                raise
+            log.info("triage filed automatically", extra={"item_id": record["_id"], "agency_id": agency_id})
+        else:
+            self._suggest(record, suggestion)
 
     def analyse(self, agency_id: str, content) -> dict:
         """The suggestion for one document's content (patient candidates and document type). It is
@@ -162,56 +178,70 @@ class Triage(Feature):
         }
 
     def _suggest(self, record: dict, suggestion: dict) -> dict:
-        outcome = "suggested" if suggestion["patient_id"] else "no_match"
         for _ in range(WRITE_TRIES):
-            changes = {
-                "suggestion": self.records.seal(record["agency_id"], record["_id"], suggestion),
-                "candidate_ids": [c["id"] for c in suggestion["candidates"]],
-                "outcome": outcome,
-                "suggested_at": now_ms(),
-            }
-            entry = api.history_entry(
-                outcome,
-                None,
-                suggestion["patient_id"],
-                suggestion["document_type"],
-                confidence=suggestion["confidence"],
-            )
+            changes, entry = self._suggestion_changes(record, suggestion)
             if self.records.change(record, changes, [entry]):
                 return self.records.get(record["agency_id"], record["_id"]) or record
             record = self.records.get(record["agency_id"], record["_id"]) or record
         raise Conflict("triage_changed", "the triage record kept changing")
 
-    def _maybe_file(self, source: Source, record: dict, suggestion: dict, title: str) -> None:
+    def _suggestion_changes(self, record: dict, suggestion: dict) -> tuple[dict, dict]:
+        outcome = "suggested" if suggestion["patient_id"] else "no_match"
+        changes = {
+            "suggestion": self.records.seal(record["agency_id"], record["_id"], suggestion),
+            "candidate_ids": [c["id"] for c in suggestion["candidates"]],
+            "outcome": outcome,
+            "suggested_at": now_ms(),
+        }
+        entry = api.history_entry(
+            outcome, None, suggestion["patient_id"], suggestion["document_type"], confidence=suggestion["confidence"]
+        )
+        return changes, entry
+
+    def _files_automatically(self, record: dict, suggestion: dict) -> bool:
+        """Nobody confirmed it yet, no review reason, both confidences at the agency's threshold and
+        its type routed to a team."""
         settings = self.agency_settings(record["agency_id"])
         threshold = settings.auto_file_confidence
         if record.get("confirmed_at") or not suggestion["patient_id"] or suggestion.get("reasons"):
-            return
+            return False
         if suggestion["confidence"] < threshold or suggestion["document_type_confidence"] < threshold:
-            return
-        if suggestion["document_type"] not in settings.routes:
-            return
-        self.file(source, record, suggestion["patient_id"], suggestion["document_type"], by=None, title=title)
-        log.info("triage filed automatically", extra={"item_id": record["_id"], "agency_id": record["agency_id"]})
+            return False
+        return suggestion["document_type"] in settings.routes
 
     # --- filing (confirm, correct, automatic) -----------------------------------------------------
     def file(
-        self, source: Source, record: dict, patient_id: str | None, document_type: str, *, by: dict | None, title=None
+        self,
+        source: Source,
+        record: dict,
+        patient_id: str | None,
+        document_type: str,
+        *,
+        by: dict | None,
+        title=None,
+        suggested: dict | None = None,
     ) -> dict:
         """Confirm `patient_id` and `document_type` for the document (by a staff member `by`, or
-        automatically when None) and route it if its type is routed to a team it was not yet
-        routed to; the triage document after the write."""
+        automatically when None, then with the worker's new suggestion `suggested` in the same
+        write) and route it if its type is routed to a team it was not yet routed to; the triage
+        document after the write."""
         agency_id, document_id = record["agency_id"], record["_id"]
         for _ in range(WRITE_TRIES):
-            suggestion = self.records.suggestion(record) or {}
+            suggestion = suggested or self.records.suggestion(record) or {}
             same = suggestion.get("patient_id") == patient_id and suggestion.get("document_type") == document_type
             action = "filed_automatically" if by is None else "confirmed" if same else "corrected"
             at = now_ms()
-            changes = {
-                "confirmed": {"patient_id": patient_id, "document_type": document_type, "by": by, "at": at},
-                "confirmed_at": at,
-            }
-            history = [api.history_entry(action, by, patient_id, document_type)]
+            changes, history = {}, []
+            if suggested is not None:
+                changes, entry = self._suggestion_changes(record, suggested)
+                history.append(entry)
+            changes.update(
+                {
+                    "confirmed": {"patient_id": patient_id, "document_type": document_type, "by": by, "at": at},
+                    "confirmed_at": at,
+                }
+            )
+            history.append(api.history_entry(action, by, patient_id, document_type))
             routed, events, entries = self._route(source, record, document_type, by, title)
             if routed is not None:
                 changes["routed"] = routed
