@@ -14,9 +14,10 @@ the MDN states (mdn_worker.py). Its `board_item.delivery_requested.v1` event rid
 insert (kit outbox).
 
 Refusals (not encrypted, undecryptable, unsigned, bad signature, untrusted/expired signer, signer
-not matching From, malformed MIME) answer 554 with the reason, store nothing of the message, log
-`direct message refused` and write a `security_events` document (channel, code, reason, peer,
-envelope sender, recipient addresses: never content).
+not matching From, malformed MIME) answer 554 with the reason, store nothing of the message and
+are recorded by the store's `record_security_event` (one document and one log line per channel,
+code, peer and minute, counting repeats: channel, code, reason, peer, envelope sender, recipient
+addresses; never content).
 
 A verified message whose signed content is a report (`multipart/report`, reports.py) is an MDN or
 DSN about one of our outbound messages: it is recorded there (or dropped when it matches none),
@@ -240,7 +241,7 @@ class DirectMessaging(Feature):
 
     def _refused(self, refused: smime.Refused, peer: str, mail_from: str, recipients: list) -> None:
         agencies = sorted({r.agency_id for r in recipients})
-        first = self.components.store.record_security_event(
+        self.components.store.record_security_event(
             "direct",
             refused.kind,
             refused.reason,
@@ -250,8 +251,6 @@ class DirectMessaging(Feature):
             recipients=[r.address for r in recipients],
             agency_ids=agencies,
         )
-        if first:  # once per (code, peer) and minute, like the security_events document
-            log.warning("direct message refused", extra={"code": refused.kind, "address": peer})
 
     def _store(
         self, recipient, message_id, *, sender, to, subject, date, text, attachments, signer_pem, final_delivery
