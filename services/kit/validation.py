@@ -239,3 +239,22 @@ class Fields(Spec):
             inner = exc.details.get("field")
             details = {**exc.details, "field": f"{path}.{inner}"} if inner else exc.details
             raise InvalidInput(exc.code, f"{path}: {exc.message}", details) from exc
+
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
+
+
+def idempotency_key_header() -> str | None:
+    """The request's `Idempotency-Key` (None when absent): 1-128 printable ASCII characters, else
+    400 `invalid_idempotency_key`. A create repeated with the same key by the same caller returns
+    what the first one made instead of making it again."""
+    value = request.headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidInput(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 128 printable ASCII characters",
+            {"field": "Idempotency-Key"},
+        )
+    return value

@@ -2,7 +2,19 @@ import pytest
 from flask import Flask
 
 from services.kit.errors import InvalidInput, UnsupportedMediaType
-from services.kit.validation import Bool, Choice, Id, Int, Link, ListOf, Str, json_body, query_int, validate
+from services.kit.validation import (
+    Bool,
+    Choice,
+    Id,
+    Int,
+    Link,
+    ListOf,
+    Str,
+    idempotency_key_header,
+    json_body,
+    query_int,
+    validate,
+)
 
 SPEC = {
     "to": ListOf(Id(), max_items=3),
@@ -90,3 +102,19 @@ def test_query_numbers_must_be_ascii_digits():
         assert caught.value.code == "invalid_query"
     with app.test_request_context("/?limit=7"):
         assert query_int("limit", 20, 1, 100) == 7
+
+
+@pytest.mark.parametrize("key", ["a", "order-2026-03-04/17 #1", "~" * 128, "550e8400-e29b-41d4-a716-446655440000"])
+def test_idempotency_keys_are_printable_ascii(key):
+    with Flask(__name__).test_request_context(headers={"Idempotency-Key": key}):
+        assert idempotency_key_header() == key
+    with Flask(__name__).test_request_context():
+        assert idempotency_key_header() is None
+
+
+@pytest.mark.parametrize("key", ["", "x" * 129, "caf\u00e9", "tab\there"])
+def test_bad_idempotency_keys_are_refused(key):
+    with Flask(__name__).test_request_context(headers={"Idempotency-Key": key}):
+        with pytest.raises(InvalidInput) as refused:
+            idempotency_key_header()
+    assert refused.value.code == "invalid_idempotency_key"

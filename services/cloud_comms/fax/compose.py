@@ -34,7 +34,6 @@ from services.kit.validation import Choice, Fields, Id, Int, Str, validate
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 NUMBER_PUNCTUATION = re.compile(r"[\s().-]")
 MAX_NUMBER_TEXT = 40
-IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
 PREMIUM_AREA_CODES = ("900", "976")
 FICTIONAL_LINES = range(100, 200)  # 555-0100 to 555-0199
 MAX_ATTACHMENT_INDEX = 999
@@ -81,19 +80,6 @@ def check_destination(number: str, allowed_country_codes: tuple[str, ...]) -> No
         raise _refuse_destination("N11 service codes")
     if exchange == "555" and int(line) not in FICTIONAL_LINES:
         raise _refuse_destination("555 service numbers (only the fictional 555-0100 to 555-0199)")
-
-
-def idempotency_key(value: str | None) -> str | None:
-    """The Idempotency-Key header's value (None when absent); 400 `invalid_idempotency_key`."""
-    if value is None:
-        return None
-    if not IDEMPOTENCY_KEY.fullmatch(value):
-        raise InvalidInput(
-            "invalid_idempotency_key",
-            "Idempotency-Key must be 1 to 128 printable ASCII characters",
-            {"field": "Idempotency-Key"},
-        )
-    return value
 
 
 def safe_filename(name: str, default: str) -> str:

@@ -62,7 +62,7 @@ from services.kit.http import require_staff
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
 from services.kit.service_identity import acting_as
-from services.kit.validation import json_body, path_id
+from services.kit.validation import idempotency_key_header, json_body, path_id
 
 __all__ = ["FAXES", "FAX_CHUNKS", "OUTBOUND_FAXES", "Faxes", "fax_doc_id"]
 
@@ -74,7 +74,6 @@ RESOURCE_TYPE = "fax"
 # Room for the multipart framing and the form fields around the PDF (and for the JSON around a
 # base64 PDF sent from the board).
 FORM_SLACK_BYTES = 256 * 1024
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 INDEXES = [IndexSpec(FAXES, [("agency_id", 1), ("received_at", -1)], name="faxes_by_agency")]
 
 
@@ -277,7 +276,7 @@ class Faxes(Feature):
     # --- sending --------------------------------------------------------------------------------------
     def send(self, caller: Identity, body: dict, key: str | None = None) -> tuple[dict, int]:
         """Send Fax from the board: (the sent fax's view, 202), or (the first fax's view, 200) for a
-        repeat of an Idempotency-Key (`key`, checked by compose.idempotency_key). The request
+        repeat of an Idempotency-Key (`key`, checked by the kit's idempotency_key_header). The request
         checked, the number to send from resolved, the document read (with its own access check)
         and checked as a PDF; only then stored, queued for the sender and the accesses recorded (a
         refused request leaves no `allowed` record)."""
@@ -363,7 +362,7 @@ class Faxes(Feature):
         def send():
             # A base64 PDF is far larger than the service's other JSON bodies (Flask 3.1: per request).
             request.max_content_length = 4 * ((self.settings.max_pdf_bytes + 2) // 3) + FORM_SLACK_BYTES
-            key = compose.idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))  # refused before the body
+            key = idempotency_key_header()  # refused before the body
             return self.send(g.identity, json_body(), key)
 
         @staff.get("/outbound/<outbound_id>")
