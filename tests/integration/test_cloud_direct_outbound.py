@@ -47,7 +47,7 @@ from tests.cloud_direct_helpers import (
     sign,
     with_headers,
 )
-from tests.waits import wait_until
+from tests.waits import together, wait_until
 
 RIVERBEND = "agy_riverbend"
 PARTNER_COLLEAGUE = "colleague@direct.partner.example"
@@ -231,8 +231,8 @@ class Stack:
         self._stop.set()
         self._thread.join(10)
 
-    def post(self, who: str, body: dict):
-        return self.http.post(OUTBOUND_PATH, json=body, headers={"Authorization": f"Bearer {who}"})
+    def post(self, who: str, body: dict, **headers: str):
+        return self.http.post(OUTBOUND_PATH, json=body, headers={"Authorization": f"Bearer {who}", **headers})
 
     def get(self, who: str, path: str):
         return self.http.get(path, headers={"Authorization": f"Bearer {who}"})
@@ -617,6 +617,28 @@ def test_a_partners_line_breaks_in_names_are_kept_out_and_refused_sends_record_n
     assert direct.outbound.send_pass() == 1
     _, entity = opened_by_partner(direct.relay.envelopes[-1][2], certs)
     assert [name for name, _, _ in parts(entity)[1]] == [".._.._evil X-Evil: 1.pdf"]
+
+
+def test_an_idempotency_key_makes_a_repeated_send_return_the_first_message(direct):
+    key = {"Idempotency-Key": "page-retry-0001"}
+    first = direct.post("wilson", new_message(), **key)
+    assert first.status_code == 202, first.get_json()
+    again = direct.post("wilson", new_message(subject="Changed on retry"), **key)
+    assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
+    assert again.get_json()["subject"] == "Referral for Maria Lopez"
+    # Concurrent repeats: one message, the others answered with it.
+    answers = together(*[lambda: direct.post("wilson", new_message(), **{"Idempotency-Key": "burst"})] * 3)
+    assert sorted(a.status_code for a in answers) == [200, 200, 202]
+    assert len({a.get_json()["id"] for a in answers}) == 1
+    # The same key from someone else is their own message; a bad key is refused before anything.
+    other = direct.post("thompson", new_message(), **key)
+    assert other.status_code == 202 and other.get_json()["id"] != first.get_json()["id"]
+    bad = direct.post("wilson", new_message(), **{"Idempotency-Key": "x" * 129})
+    assert bad.status_code == 400 and bad.get_json()["code"] == "invalid_idempotency_key"
+    assert direct.db[DIRECT_OUTBOUND].count_documents({}) == 3
+    assert direct.outbound.send_pass() == 3
+    view = direct.get("wilson", f"{OUTBOUND_PATH}/{first.get_json()['id']}/attachments/1")
+    assert view.status_code == 200 and view.data == PDF
 
 
 def test_a_new_message_without_from_goes_from_the_callers_one_linked_address(direct):

@@ -31,7 +31,6 @@ unencrypted message is refused as above. Stored messages carry `triage_due_at` (
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import re
@@ -50,13 +49,13 @@ from services.cloud_comms.direct import compose, outbound, reports, smime
 from services.cloud_comms.direct.mdn_worker import MdnWorker
 from services.cloud_comms.direct.outbound import DIRECT_OUTBOUND, OutboundDirect
 from services.cloud_comms.direct.smtp import DirectHandler, SmtpListener
-from services.cloud_comms.direct.views import attachment_response, iso
+from services.cloud_comms.direct.views import attachment_response, digest, iso
 from services.kit.crypto import DecryptionError
 from services.kit.errors import NotFound, PayloadTooLarge, Unavailable
 from services.kit.http import require_staff
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
-from services.kit.validation import json_body, path_id
+from services.kit.validation import idempotency_key_header, json_body, path_id
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +68,6 @@ INDEXES = [
     IndexSpec(DIRECT_MESSAGES, [("mdn_dispatched", 1)], name="direct_mdn_dispatched"),
     IndexSpec(DIRECT_MESSAGES, [("mdn_failed", 1)], name="direct_mdn_failed"),
 ]
-
-
-def digest(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 def message_doc_id(agency_id: str, message_id: str, address: str, sender: str) -> str:
@@ -403,13 +398,16 @@ class DirectMessaging(Feature):
         filename, content_type, data = self.attachment_data(caller, doc_id, index)
         return attachment_response(data, filename, content_type)
 
-    def compose(self, caller) -> dict:
-        """POST outbound: the body may be far larger than the service's JSON bodies."""
+    def compose(self, caller) -> tuple[dict, int]:
+        """POST outbound: the body may be far larger than the service's JSON bodies; 202 with the new
+        message, 200 with the first one for a repeated Idempotency-Key."""
         limit = self.outbound.max_body_bytes
         if (request.content_length or 0) > limit:
             raise PayloadTooLarge("payload_too_large", f"the request body exceeds {limit} bytes")
         request.max_content_length = limit
-        return self.outbound.compose(caller, json_body())
+        key = idempotency_key_header()  # refused before the body is read
+        view, created = self.outbound.compose(caller, json_body(), key)
+        return view, 202 if created else 200
 
     def blueprint(self):
         staff = Blueprint("cloud_direct", __name__, url_prefix="/api/v1/cloud/direct")
@@ -417,7 +415,7 @@ class DirectMessaging(Feature):
         @staff.post("/outbound")
         @require_staff
         def compose():
-            return self.compose(g.identity), 202
+            return self.compose(g.identity)
 
         @staff.get("/outbound/<message>")
         @require_staff

@@ -51,13 +51,14 @@ from collections.abc import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Response
+from pymongo.errors import DuplicateKeyError
 
 from services.cloud_comms import audit, delivery
 from services.cloud_comms.direct import compose, outgoing, smime, tracking
 from services.cloud_comms.direct.outbound_request import ComposeRequest, parse, too_large
 from services.cloud_comms.direct.recipients import RecipientCertificates, candidate
 from services.cloud_comms.direct.reports import Report
-from services.cloud_comms.direct.views import attachment_response, iso
+from services.cloud_comms.direct.views import attachment_response, digest, iso
 from services.kit.crypto import DecryptionError
 from services.kit.errors import Forbidden, NotFound, Unavailable, Unprocessable
 from services.kit.mongo import IndexSpec, now_ms
@@ -88,6 +89,11 @@ def _refusal(reply: tuple[int, bytes]) -> str:
     return f"the relay refused it ({reply[0]})"
 
 
+def keyed_id(caller, key: str) -> str:
+    """The message id an Idempotency-Key names: one per (agency, sender, key)."""
+    return "dmo_" + digest(caller.agency_id, caller.staff_id, key)
+
+
 class OutboundDirect:
     """Outbound messages of the DirectMessaging feature (`inbound`: identities, anchors, the
     inbound messages a reply or forward reads)."""
@@ -104,8 +110,14 @@ class OutboundDirect:
         self.max_body_bytes = self.direct.max_outbound_attachment_bytes * 4 // 3 + BODY_SLACK_BYTES
 
     # --- composing --------------------------------------------------------------------------------
-    def compose(self, caller, body: dict) -> dict:
-        """Check, seal and queue a message (202 view); nothing is written when anything is refused."""
+    def compose(self, caller, body: dict, key: str | None = None) -> tuple[dict, bool]:
+        """Check, seal and queue a message: (its view, True); nothing is written when anything is
+        refused. With an Idempotency-Key `key` already used by the caller: (the first message's
+        view, False), nothing sent again."""
+        oid = keyed_id(caller, key) if key else "dmo_" + uuid.uuid4().hex
+        first = self._sent_before(caller, oid) if key else None
+        if first is not None:
+            return first, False
         req = parse(body, self.direct.max_outbound_attachment_bytes)
         original = self._original(caller, req.in_reply_to) if req.in_reply_to else None
         if req.sender:
@@ -121,12 +133,35 @@ class OutboundDirect:
         total = sum(len(data) for _, _, data in attachments)
         if total > self.direct.max_outbound_attachment_bytes:
             raise too_large(total, self.direct.max_outbound_attachment_bytes)
-        doc = self._store(
-            caller, req, sender=sender, to=to, subject=subject, attachments=attachments, certs=certs, original=original
-        )
+        try:
+            doc = self._store(
+                caller,
+                req,
+                oid,
+                sender=sender,
+                to=to,
+                subject=subject,
+                attachments=attachments,
+                certs=certs,
+                original=original,
+            )
+        except DuplicateKeyError:  # a concurrent repeat of the same Idempotency-Key stored it first
+            first = self._sent_before(caller, oid)
+            if first is None:
+                raise
+            return first, False
         self._record_reads(caller, req)
         log.info("direct outbound queued", extra={"agency_id": caller.agency_id, "count": len(to)})
-        return self._view(doc, {"subject": subject, "text": req.text, "attachments": self._meta(attachments)})
+        return self._view(doc, {"subject": subject, "text": req.text, "attachments": self._meta(attachments)}), True
+
+    def _sent_before(self, caller, oid: str) -> dict | None:
+        """The view of message `oid` when the caller sent it (an Idempotency-Key's repeat), audited
+        as a read; else None."""
+        doc = self.docs.find_one({"_id": {"$eq": oid}, "agency_id": {"$eq": caller.agency_id}}, projection=NOT_OUTBOX)
+        if doc is None or doc["created_by"]["id"] != caller.staff_id:
+            return None
+        audit.record(self.components.store, caller, oid, resource_type=RESOURCE_TYPE)
+        return self._view(doc, self._opened(doc))
 
     def _original(self, caller, doc_id: str) -> tuple[dict, dict]:
         """The message replied to (404 when not delivered to the caller, that refusal audited); the
@@ -166,9 +201,7 @@ class OutboundDirect:
         return ours[0]
 
     def _forwards(self, caller, req: ComposeRequest) -> list[tuple[str, str, bytes]]:
-        return [
-            self.inbound.attachment_data(caller, message, index, action=None) for message, index in req.forwards
-        ]
+        return [self.inbound.attachment_data(caller, message, index, action=None) for message, index in req.forwards]
 
     def _certificates(self, to: tuple[str, ...], original: dict | None) -> list[x509.Certificate]:
         certs = []
@@ -190,8 +223,10 @@ class OutboundDirect:
     def _meta(attachments) -> list[dict]:
         return [{"filename": n, "content_type": t, "size": len(d)} for n, t, d in attachments]
 
-    def _store(self, caller, req, *, sender, to, subject, attachments, certs, original) -> dict:
-        oid = "dmo_" + uuid.uuid4().hex
+    def _store(self, caller, req, oid: str, *, sender, to, subject, attachments, certs, original) -> dict:
+        # The attachments' pieces are stored under an owner id of their own, so a concurrent repeat
+        # of an Idempotency-Key never overwrites (nor, losing, removes) the first one's pieces.
+        owner = f"{oid}-{uuid.uuid4().hex[:8]}"
         now = now_ms()
         agency_id = caller.agency_id
         content = {"subject": subject, "text": req.text, "attachments": self._meta(attachments)}
@@ -209,7 +244,8 @@ class OutboundDirect:
             "created_at": now,
             "created_by": {"id": caller.staff_id, "name": caller.name},
             "content": self.cipher.seal(agency_id, oid, "content", json.dumps(content)),
-            "attachment_chunks": self._store_chunks(agency_id, oid, attachments),
+            "attachment_chunks": self._store_chunks(agency_id, owner, attachments),
+            "chunk_owner": owner,
             "recipient_certs": [c.public_bytes(serialization.Encoding.PEM).decode() for c in certs],
             "recipients": recipients,
             "trail": [{"at": now, "recipient": "", "state": "queued", "detail": "queued for sending"}],
@@ -225,7 +261,7 @@ class OutboundDirect:
         except Exception:
             for n, count in enumerate(doc["attachment_chunks"]):
                 for piece in range(count):
-                    self.chunks.delete_one({"_id": {"$eq": f"{oid}.{n}.{piece}"}})
+                    self.chunks.delete_one({"_id": {"$eq": f"{owner}.{n}.{piece}"}})
             raise
         return doc
 
@@ -244,13 +280,14 @@ class OutboundDirect:
         return counts
 
     def _attachment_bytes(self, doc: dict, n: int) -> bytes:
+        owner = doc.get("chunk_owner", doc["_id"])
         pieces = []
         for piece in range(doc["attachment_chunks"][n]):
-            chunk = self.chunks.find_one({"_id": {"$eq": f"{doc['_id']}.{n}.{piece}"}})
+            chunk = self.chunks.find_one({"_id": {"$eq": f"{owner}.{n}.{piece}"}})
             if chunk is None:
                 raise DecryptionError("an attachment piece is missing")
             field = f"attachment.{n}.{piece}"
-            pieces.append(base64.b64decode(self.cipher.open(doc["agency_id"], doc["_id"], field, chunk["data"])))
+            pieces.append(base64.b64decode(self.cipher.open(doc["agency_id"], owner, field, chunk["data"])))
         return b"".join(pieces)
 
     def _content(self, doc: dict) -> dict:

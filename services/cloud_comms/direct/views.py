@@ -1,16 +1,23 @@
-"""What the Direct message views share: times as ISO-8601 UTC, and an attachment served safely
+"""What the Direct message code shares: stable ids from their parts, times as ISO-8601 UTC, and an
+attachment served safely
 (its declared type unless a browser could run it, then `application/octet-stream`; always a
 download, `nosniff`, `no-store`)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 
 from flask import Response
 
 # Attachment types served as-is; anything a browser could run is served as octet-stream.
 ACTIVE_TYPES = {"text/html", "application/xhtml+xml", "image/svg+xml", "text/javascript", "application/javascript"}
+
+
+def digest(*parts: str) -> str:
+    """A stable 32-hex-digit id of `parts` (the parts joined by a unit separator, SHA-256)."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 def iso(ms: int) -> str:
