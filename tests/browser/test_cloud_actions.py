@@ -130,7 +130,11 @@ def test_a_direct_message_is_answered_from_the_page_and_its_delivery_followed(pe
     assert axe_violations(page) == []
     page.keyboard.type("Thank you, we will schedule the intake this week.")
     screenshot(page, "cloud-direct-reply")
-    dialog.get_by_role("button", name="Send").click()
+    outbound = lambda r: r.method == "POST" and r.url.endswith("/api/v1/cloud/direct/outbound")  # noqa: E731
+    with page.expect_request(outbound) as sending:
+        dialog.get_by_role("button", name="Send").click()
+    # A retry after a lost answer is safe: the page names each send with an Idempotency-Key.
+    assert re.fullmatch(r"[0-9a-f]{32}", sending.value.headers.get("idempotency-key", ""))
     expect(dialog).to_be_hidden()
     expect(page.locator("#status")).to_contain_text(f"Direct message to {PARTNER} queued for sending")
 

@@ -68,9 +68,10 @@ export function token() { return accessToken; }
 
 // One request with the bearer token, refreshed and tried once more on a 401. `timeoutMs`: give up
 // (ApiError status 0, code "timeout") when no answer has come by then. Answers the Response.
-async function authorized(method, path, body, { timeoutMs = 0, accept } = {}) {
+async function authorized(method, path, body, { timeoutMs = 0, accept, idempotencyKey } = {}) {
   for (let attempt = 0; attempt < 2; attempt += 1) {
     const headers = { Authorization: `Bearer ${accessToken}` };
+    if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (accept) headers.Accept = accept;
     const controller = timeoutMs ? new AbortController() : null;
@@ -122,6 +123,6 @@ export async function getBlob(path, options = {}) {
 }
 
 export const get = (path) => api("GET", path);
-export const post = (path, body) => api("POST", path, body === undefined ? {} : body);
+export const post = (path, body, options) => api("POST", path, body === undefined ? {} : body, options);
 export const put = (path, body) => api("PUT", path, body);
 export const del = (path) => api("DELETE", path);

@@ -11,8 +11,13 @@ const MAX_PDF_BYTES = 20 * 1024 * 1024;
 const MAX_RECIPIENTS = 10;
 const ADDRESS = /^[^\s@,;<>]+@[^\s@,;<>]+\.[^\s@,;<>]+$/;
 
-let direct = null;   // { mode, original, files: File[] } of the open Direct dialog
-let fax = null;      // { documents } of the open fax dialog
+// The open dialogs. Each has one Idempotency-Key for as long as it is open: sending again after a
+// lost answer (a timeout, a dropped connection) returns the message already sent, never a second.
+let direct = null;   // { mode, original, files: File[], key } of the open Direct dialog
+let fax = null;      // { documents, key } of the open fax dialog
+
+// 128 random bits in hex (crypto.getRandomValues works outside secure contexts too).
+const newKey = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 let sending = false;
 const opens = {};    // dialog name -> fills it from its template
 
@@ -58,7 +63,7 @@ export async function openDirectCompose(context) {
   if (!addresses.length) throw new Error("You are not linked to a Direct address. An administrator links staff to addresses.");
   const { mode, original: m } = context;
   const reply = (m && m.reply) || {};
-  direct = { mode, original: m || null, files: [] };
+  direct = { mode, original: m || null, files: [], key: newKey() };
   opens.direct();
   const from = mode === "reply" ? (reply.from || (m.to || [])[0]) : null;
   $("#direct-from").replaceChildren(...addresses.map((a) => addressOption(a, from)));
@@ -127,7 +132,7 @@ async function submitDirect(event) {
   const generation = ctx.generation;
   await sendWith($("#direct-send"), async () => {
     try {
-      await post("/api/v1/cloud/direct/outbound", await directBody(to, subject, text));
+      await post("/api/v1/cloud/direct/outbound", await directBody(to, subject, text), { idempotencyKey: direct.key });
     } catch (error) {
       if (generation === ctx.generation) showError("#direct-error", trouble(error, "Not sent"));
       return;
@@ -145,7 +150,7 @@ export async function openFaxDialog(context) {
   const numbers = await linkedAddresses("fax");
   if (generation !== ctx.generation) return;
   if (!numbers.length) throw new Error("You are not linked to a fax number. An administrator links staff to fax numbers.");
-  fax = { documents: context.documents || [] };
+  fax = { documents: context.documents || [], key: newKey() };
   opens.fax();
   $("#fax-from").replaceChildren(...numbers.map((a) => addressOption(a, numbers[0].address)));
   const choices = fax.documents.map((d, n) => h("label", { class: "inline" },
@@ -182,7 +187,8 @@ async function submitFax(event) {
   await sendWith($("#fax-send"), async () => {
     try {
       const document = await faxDocument();
-      await post("/api/v1/cloud/faxes/outbound", { to, from_number: $("#fax-from").value, ...document });
+      await post("/api/v1/cloud/faxes/outbound", { to, from_number: $("#fax-from").value, ...document },
+        { idempotencyKey: fax.key });
     } catch (error) {
       if (generation === ctx.generation) showError("#fax-error", trouble(error, "Not sent"));
       return;
