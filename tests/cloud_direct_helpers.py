@@ -139,17 +139,15 @@ class Sink:
         self.controller.stop()
 
 
+def partner_decrypts(raw: bytes, certs: Path) -> bytes:
+    """What we relayed (a message or an MDN), decrypted with the partner HISP's key by the openssl CLI."""
+    recip, key = str(certs / "partner-hisp.cert.pem"), str(certs / "partner-hisp.key.pem")
+    return openssl("cms", "-decrypt", "-recip", recip, "-inkey", key, data=raw)
+
+
 def open_mdn(raw: bytes, certs: Path) -> dict:
     """Decrypt (partner key) and verify (dev anchors) an MDN with openssl; its disposition fields."""
-    decrypted = openssl(
-        "cms",
-        "-decrypt",
-        "-recip",
-        str(certs / "partner-hisp.cert.pem"),
-        "-inkey",
-        str(certs / "partner-hisp.key.pem"),
-        data=raw,
-    )
+    decrypted = partner_decrypts(raw, certs)
     verified = openssl("cms", "-verify", "-CAfile", str(certs / "anchors.pem"), "-purpose", "any", data=decrypted)
     report = email.message_from_bytes(verified, policy=email.policy.default)
     assert report.get_content_type() == "multipart/report"

@@ -57,3 +57,20 @@ def msa(ack: bytes | str | hl7.Message) -> Ack:
         ack = hl7.parse(ack)
     segment = ack.segment("MSA")
     return Ack(str(segment(1)), str(segment(2)), str(segment(3)) if len(segment) > 3 else "")
+
+
+def staged_accesses(db):
+    """Every phi.accessed.v1 event staged in `db.access_records` (kit audit's outbox documents), as
+    (envelope, PhiAccessed) pairs."""
+    from clinic.audit.v1 import audit_pb2
+    from clinic.events.v1.envelope_pb2 import Envelope
+
+    found = []
+    for record in db["access_records"].find():
+        for entry in record["_outbox"].values():
+            envelope = Envelope()
+            envelope.ParseFromString(entry["env"])
+            accessed = audit_pb2.PhiAccessed()
+            accessed.ParseFromString(envelope.payload)
+            found.append((envelope, accessed))
+    return found

@@ -43,6 +43,7 @@ from tests.cloud_direct_helpers import (
     direct_message,
     encrypt,
     openssl,
+    partner_decrypts,
     send,
     sign,
     with_headers,
@@ -297,15 +298,7 @@ def latest_item(doc: dict) -> inbox_pb2.DeliverItemRequest:
 def opened_by_partner(raw: bytes, certs: Path) -> tuple[email.message.EmailMessage, bytes]:
     """(outer headers, verified inner entity) with the openssl CLI: decrypted with the partner's key,
     the signature checked against the anchors (S/MIME signing purpose)."""
-    decrypted = openssl(
-        "cms",
-        "-decrypt",
-        "-recip",
-        str(certs / "partner-hisp.cert.pem"),
-        "-inkey",
-        str(certs / "partner-hisp.key.pem"),
-        data=raw,
-    )
+    decrypted = partner_decrypts(raw, certs)
     verified = openssl("cms", "-verify", "-CAfile", str(certs / "anchors.pem"), data=decrypted)
     outer = email.message_from_bytes(raw, policy=email.policy.default)
     signed = email.message_from_bytes(decrypted, policy=email.policy.default)

@@ -18,7 +18,6 @@ from io import BytesIO
 import pypdf
 import pytest
 
-from clinic.audit.v1 import audit_pb2
 from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
 from services.cloud_comms import config
@@ -30,6 +29,7 @@ from services.fax_simulator.app import sign
 from services.fax_simulator.pdf import SAMPLE_LINES, sample_pdf
 from services.kit.auth import Identity, current_identity
 from services.kit.bootstrap import phi_cipher
+from tests.helpers import staged_accesses
 from tests.waits import Worker
 
 RIVERBEND, LAKESIDE = "agy_riverbend", "agy_lakeside"
@@ -389,14 +389,9 @@ def test_the_fax_and_its_pdf_are_shown_to_the_staff_it_reached_only(setup):
     assert client.get("/api/v1/cloud/faxes/fax_nope", headers={"Authorization": "Bearer patel"}).status_code == 404
 
     outcomes = []
-    for record in db["access_records"].find():
-        for entry in record["_outbox"].values():
-            envelope = Envelope()
-            envelope.ParseFromString(entry["env"])
-            accessed = audit_pb2.PhiAccessed()
-            accessed.ParseFromString(envelope.payload)
-            assert envelope.event_type == "phi.accessed.v1" and accessed.service == "cloud-comms"
-            outcomes.append((accessed.actor_id, accessed.resource_id, accessed.action, accessed.outcome))
+    for envelope, accessed in staged_accesses(db):
+        assert envelope.event_type == "phi.accessed.v1" and accessed.service == "cloud-comms"
+        outcomes.append((accessed.actor_id, accessed.resource_id, accessed.action, accessed.outcome))
     assert ("stf_davis", fid, "read", "allowed") in outcomes
     assert ("stf_patel", fid, "download", "allowed") in outcomes
     assert ("stf_hall", fid, "read", "denied") in outcomes

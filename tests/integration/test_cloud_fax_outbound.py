@@ -24,7 +24,6 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from clinic.audit.v1 import audit_pb2
 from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
 from services.cloud_comms import config, devcerts
@@ -45,6 +44,7 @@ from services.kit.outbox import OutboxRelay
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import IssuedToken, ServiceTokens
 from tests.cloud_direct_helpers import CCDA, RIVERBEND_INTAKE, direct_message, send
+from tests.helpers import staged_accesses
 from tests.integration.conftest import own_inbox
 from tests.integration.inbox_fixtures import AgencyTable
 from tests.integration.inbox_fixtures import staff as inbox_staff
@@ -262,15 +262,7 @@ def items(doc: dict) -> list[inbox_pb2.DeliverItemRequest]:
 
 
 def accesses(db) -> list[tuple[str, str, str, str]]:
-    found = []
-    for record in db["access_records"].find():
-        for entry in record["_outbox"].values():
-            envelope = Envelope()
-            envelope.ParseFromString(entry["env"])
-            accessed = audit_pb2.PhiAccessed()
-            accessed.ParseFromString(envelope.payload)
-            found.append((accessed.actor_id, accessed.resource_id, accessed.action, accessed.outcome))
-    return found
+    return [(a.actor_id, a.resource_id, a.action, a.outcome) for _, a in staged_accesses(db)]
 
 
 def history(view: dict) -> list[str]:

@@ -17,8 +17,6 @@ from io import BytesIO
 
 import pytest
 
-from clinic.audit.v1 import audit_pb2
-from clinic.events.v1.envelope_pb2 import Envelope
 from services.cloud_comms import config
 from services.cloud_comms.direct.feature import DIRECT_MESSAGES, DirectMessaging
 from services.cloud_comms.directory_client import DirectoryClient
@@ -49,6 +47,7 @@ from tests.cloud_triage_documents import (
     ccda,
     xdm_zip,
 )
+from tests.helpers import staged_accesses
 from tests.waits import background, together, wait_until
 
 RIVERBEND = "agy_riverbend"
@@ -228,17 +227,7 @@ def rig(dut, mongo_client, db_name, tmp_path, event_bus):
 
 def audited(db) -> list[tuple[str, str, str, str, str]]:
     """(actor, resource type, resource id, action, outcome) of every phi.accessed.v1 staged."""
-    found = []
-    for record in db["access_records"].find():
-        for entry in record["_outbox"].values():
-            envelope = Envelope()
-            envelope.ParseFromString(entry["env"])
-            accessed = audit_pb2.PhiAccessed()
-            accessed.ParseFromString(envelope.payload)
-            found.append(
-                (accessed.actor_id, accessed.resource_type, accessed.resource_id, accessed.action, accessed.outcome)
-            )
-    return found
+    return [(a.actor_id, a.resource_type, a.resource_id, a.action, a.outcome) for _, a in staged_accesses(db)]
 
 
 # --- suggestions ------------------------------------------------------------------------------------
