@@ -28,7 +28,7 @@ import pika
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from services.kit.embedded_mongo import EmbeddedMongo, free_port
+from services.kit.embedded_mongo import EmbeddedMongo, free_port, pid_alive
 from services.kit.settings import REPO_ROOT, dev_secret
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -422,21 +422,6 @@ class Stack:
 
 
 # --- helpers ------------------------------------------------------------------
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
-
-
 def stop_process_group(pid: int, timeout_s: float = 15.0) -> bool:
     """SIGTERM the process group (graceful drain), SIGKILL whatever is left after the timeout."""
     if not pid_alive(pid):

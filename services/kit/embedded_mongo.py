@@ -6,6 +6,7 @@ MongoDB replica set instead; nothing else in the code changes.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,9 @@ import pymongo
 
 class EmbeddedMongoError(RuntimeError):
     pass
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class EmbeddedMongo:
         pid_file = self.pid_file or self.data_dir / "nx-27017.pid"
         if answers(self.uri, timeout=0.5):
             return self.uri
+        clear_stale_pid_file(pid_file)
         exe = Path(sys.executable).with_name("nx-27017")
         cmd = [
             str(exe),
@@ -80,6 +85,36 @@ class EmbeddedMongo:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid runs (a zombie, exited but not yet reaped by its parent, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def clear_stale_pid_file(pid_file: Path) -> None:
+    """Remove a pid file naming a process that is gone or a zombie. nx-27017 0.8.1 refuses to start
+    while its pid file names a pid that exists, and counts an unreaped predecessor (a zombie, e.g.
+    after a kill -9 under a supervisor that has not reaped it yet) as running; the server is not
+    answering here, so the file can only be stale."""
+    try:
+        pid = int(pid_file.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if not pid_alive(pid):
+        pid_file.unlink(missing_ok=True)
+        log.warning("removed a stale nx-27017 pid file", extra={"pid": pid, "pid_file": str(pid_file)})
 
 
 def answers(uri: str, timeout: float = 1.0) -> bool:

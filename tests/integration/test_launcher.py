@@ -6,13 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from services.kit.embedded_mongo import free_port
+from services.kit.embedded_mongo import EmbeddedMongo, free_port
 from services.launcher import AlreadyRunning, LaunchError, Ports, Stack, StackConfig, pid_alive, wait_http
 from tests.helpers import DEMO_PASSWORD
+from tests.waits import wait_until
 
 
 def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
@@ -71,3 +73,33 @@ def test_a_service_that_exits_during_start_fails_at_once_with_its_log(tmp_path):
         wait_http(f"http://127.0.0.1:{free_port()}/healthz", "svc", log_file, process, timeout_s=30)
     assert time.monotonic() - started < 10
     assert "exited with status 3" in str(caught.value) and "boom: settings are wrong" in str(caught.value)
+
+
+def zombie() -> subprocess.Popen:
+    """A child that has exited and is not reaped yet: its pid still exists, as a zombie."""
+    child = subprocess.Popen(["true"])
+    wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().split()[2] == "Z", timeout=10)
+    return child
+
+
+def test_the_embedded_database_starts_next_to_an_unreaped_predecessor(tmp_path):
+    child = zombie()
+    try:
+        assert not pid_alive(child.pid)
+        # nx-27017 on its own counts the zombie named in its pid file as running and will not start.
+        pid_file = tmp_path / "nx.pid"
+        pid_file.write_text(str(child.pid))
+        port = free_port()
+        exe = Path(sys.executable).with_name("nx-27017")
+        alone = [str(exe), "--data-dir", str(tmp_path / "alone"), "--port", str(port), "--pid-file", str(pid_file)]
+        refused = subprocess.run(alone, check=False, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0
+        # The launcher's start clears that stale file (and says so in the log), then starts.
+        mongo = EmbeddedMongo(data_dir=tmp_path / "data", port=port, pid_file=pid_file)
+        try:
+            assert mongo.start() == f"mongodb://127.0.0.1:{port}/"
+            assert int(pid_file.read_text()) == mongo.process.pid
+        finally:
+            mongo.stop()
+    finally:
+        child.wait()
