@@ -89,6 +89,11 @@ OUTBOX_AT = "_outbox_at"
 OUTBOX_TRIES = "_outbox_tries"
 OUTBOX_FAILED = "_outbox_failed"
 LEASES = "outbox_leases"
+# A relay that stopped renewing (a killed process) is replaced by a waiting one within this plus
+# LEASE_POLL_S; short, so events flow again within seconds of a replacement starting. A holder
+# paused for longer than this only causes duplicates (consumers deduplicate), never a loss.
+LEASE_TTL_S = 5.0
+LEASE_POLL_S = 0.5
 
 
 def _entry(envelope: Envelope) -> dict:
@@ -207,7 +212,7 @@ class OutboxRelay:
     pipelined passes until stopped. With `lease_ttl_s` set, relays sharing `lease_name` (default:
     derived from the collection names) take turns through a lease document in `outbox_leases`
     (the holder renews it every pass; a stopped holder releases it, a dead one loses it after
-    the TTL); set it to None to let every instance work at once (more duplicates, same
+    the TTL, LEASE_TTL_S = 5 s by default); set it to None to let every instance work at once (more duplicates, same
     guarantees). Documents with unconfirmed events are retried after a backoff that doubles
     from 0.5 s up to `max_backoff_s`. `rescan_s` bounds how long a long backlog may delay a
     document staged with an earlier `_outbox_at` than the scan position (clock skew).
@@ -220,7 +225,7 @@ class OutboxRelay:
         publisher: BatchPublishing,
         batch_size: int = 500,
         *,
-        lease_ttl_s: float | None = 30.0,
+        lease_ttl_s: float | None = LEASE_TTL_S,
         lease_name: str | None = None,
         relay_id: str | None = None,
         poll_interval_s: float = 0.2,
@@ -251,7 +256,7 @@ class OutboxRelay:
     def run_once(self) -> int:
         """One pass; returns how many events were confirmed (0 when another relay holds the lease)."""
         now = now_ms()
-        if not self._hold_lease(now):
+        if not self.hold_lease(now):
             return 0
         docs = self._due_documents(now)
         if not docs:
@@ -280,9 +285,9 @@ class OutboxRelay:
             try:
                 while not stop_event.is_set():
                     try:
-                        if not self._hold_lease(now_ms()):
+                        if not self.hold_lease(now_ms()):
                             settling, ahead = _finish(settling), None
-                            self._idle(stop_event, 1.0)
+                            self._idle(stop_event, LEASE_POLL_S)
                             continue
                         now = now_ms()
                         if ahead is None:
@@ -469,8 +474,11 @@ class OutboxRelay:
 
     # -- lease ----------------------------------------------------------------------------------
 
-    def _hold_lease(self, now: int) -> bool:
-        """Hold (take or renew) the relay group's lease; True when this relay may work."""
+    def hold_lease(self, now: int) -> bool:
+        """Hold (take or renew) the relay group's lease at `now` (epoch ms); True when this relay may
+        work. The holder renews it once a third of the TTL has passed (every pass checks), so a
+        holder that stopped renewing (killed) is replaced within one TTL plus a waiting relay's
+        poll, and a holder that finds the lease taken meanwhile stops."""
         ttl = self._lease_ttl_ms
         if ttl is None:
             return True

@@ -10,7 +10,14 @@ import pytest
 from clinic.inbox.v1.inbox_pb2 import MessageDelivered
 from services.kit.bus import BatchPublisher
 from services.kit.events import new_envelope
-from services.kit.outbox import OutboxRelay, outbox_fields, outbox_update, release_update, with_outbox
+from services.kit.outbox import (
+    LEASE_TTL_S,
+    OutboxRelay,
+    outbox_fields,
+    outbox_update,
+    release_update,
+    with_outbox,
+)
 from tests.waits import Worker, background, finish_all, wait_until
 
 DELIVERED = "message.delivered.v1"
@@ -205,6 +212,22 @@ def test_only_the_lease_holder_relays_until_it_lets_go(items, sink, publisher):
     stopped.set()
     first.run_forever(stopped)  # returns at once and releases the lease
     assert second.run_once() == 1
+
+
+def test_a_relay_that_stopped_renewing_is_replaced_within_the_lease_ttl(items, sink, publisher):
+    """A killed holder never releases its lease: a waiting relay takes over once LEASE_TTL_S has
+    passed since the holder's last renewal, and the old holder, if it comes back, stands down."""
+    assert LEASE_TTL_S <= 5.0  # events flow again within seconds of a replacement starting
+    ttl = int(LEASE_TTL_S * 1000)
+    first, second = relay_for(items, publisher), relay_for(items, publisher)
+    t = 1_000_000_000_000
+    assert first.hold_lease(t)
+    assert first.hold_lease(t + ttl // 2)  # renewed once a third of the TTL has passed
+    assert not second.hold_lease(t + ttl)  # still held: renewed at t + ttl/2
+    # first is killed here: it never renews again.
+    assert not second.hold_lease(t + ttl // 2 + ttl - 1)
+    assert second.hold_lease(t + ttl // 2 + ttl + 1)
+    assert not first.hold_lease(t + ttl // 2 + ttl + 2)  # the old holder stands down
 
 
 def test_concurrent_relays_without_a_lease_lose_nothing(items, sink, event_bus):
