@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -130,15 +131,34 @@ def answers(uri: str, timeout: float = 1.0) -> bool:
 
 
 _HANDED_OUT: set[int] = set()
+LOWEST_PORT = 20000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux: 32768 by default)."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    """A port nothing listens on now, and never one this process handed out before: a port picked
-    for later use (a test's SMTP sink) is not given again to a stack started in between."""
-    while True:
+    """A port nothing listens on now, below the kernel's range for outgoing connections (so no
+    client connection takes it as its own port before a server binds it), and never one this
+    process handed out before (a port picked for later use, a test's SMTP sink, is not given again
+    to a stack started in between)."""
+    low = _ephemeral_low()
+    candidates = range(LOWEST_PORT, low) if low - LOWEST_PORT >= 1000 else range(1024, 65536)
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.choice(candidates)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port found")

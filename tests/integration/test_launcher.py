@@ -103,3 +103,12 @@ def test_the_embedded_database_starts_next_to_an_unreaped_predecessor(tmp_path):
             mongo.stop()
     finally:
         child.wait()
+
+
+def test_free_ports_are_never_ones_an_outgoing_connection_could_take_nor_repeated():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == 200
+    # Below the kernel's range for outgoing connections: a client's own port never lands on one
+    # before the server it was picked for binds it.
+    assert all(port < low for port in ports)
