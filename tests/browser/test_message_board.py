@@ -61,6 +61,34 @@ def count_of(person, folder: str) -> int:
     return int(text) if text.strip() else 0
 
 
+def test_send_pressed_again_after_a_lost_answer_sends_the_message_once(people, api):
+    """The stored send answered 502 (inbox died before answering): Send again is safe."""
+    reyes = people().sign_in("dr.reyes")
+    page = reyes.page
+    subject = unique("Lost answer")
+    compose_message(reyes, ["Jordan Kim, RN"], subject, "Are you free at 4?")
+    keys = []
+
+    def lose_the_answer(route) -> None:  # inbox stores the message, then the page gets a 502 instead
+        keys.append(route.request.headers.get("idempotency-key", ""))
+        route.fetch()
+        route.fulfill(status=502, json={"message": "An invalid response was received from the upstream server"})
+
+    page.route("**/api/v1/messages", lose_the_answer)
+    page.locator("#compose-send").click()
+    # The page says it was not sent and keeps the dialog; the message is stored all the same.
+    expect(page.locator("#compose-error")).to_contain_text("invalid response", timeout=15_000)
+    expect(page.locator("#compose-dialog")).to_be_visible()
+    assert len(keys) == 1
+    page.unroute("**/api/v1/messages")
+    send(reyes)  # pressed again: the same Idempotency-Key
+    kim_items = api("nurse.kim").items(folder="messages", limit=100)["items"]
+    assert sum(1 for item in kim_items if item["title"] == subject) == 1
+    sent = api("dr.reyes").items(folder="sent", limit=100)["items"]
+    assert sum(1 for item in sent if item["title"] == subject) == 1
+    assert re.fullmatch(r"[0-9a-f]{32}", keys[0])
+
+
 def test_a_message_arrives_live_is_read_and_answered_and_the_sender_sees_the_reply(people, api):
     reyes = people().sign_in("dr.reyes")
     kim = people().sign_in("nurse.kim")

@@ -123,6 +123,12 @@ export async function getBlob(path, options = {}) {
 }
 
 export const get = (path) => api("GET", path);
+// A fresh Idempotency-Key: 128 random bits in hex (crypto.getRandomValues works outside secure
+// contexts too). A dialog keeps one for as long as it is open, so sending again after a lost
+// answer (a timeout, a dropped connection) returns what was already made, never a second one.
+export const newIdempotencyKey = () =>
+  Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+
 export const post = (path, body, options) => api("POST", path, body === undefined ? {} : body, options);
 export const put = (path, body) => api("PUT", path, body);
 export const del = (path) => api("DELETE", path);

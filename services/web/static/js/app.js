@@ -1,6 +1,6 @@
 // The Message Board page. Plain modules, no build step. Every text from the API is set with
 // textContent (dom.h), links only for http/https (dom.safeLink).
-import { ApiError, del, get, onSignedOut, post, put, refresh, signIn, signOut } from "./api.js";
+import { ApiError, del, get, newIdempotencyKey, onSignedOut, post, put, refresh, signIn, signOut } from "./api.js";
 import { $, announce, fullTime, h, isoToLocalInput, localInputToIso, safeLink, when } from "./dom.js";
 import { cloudPanel, showCloudFolderActions, stopCloud, wireCloud } from "./cloud.js";
 import { showCloudAddresses, stopCloudAddresses, wireCloudAddresses } from "./cloud_addresses.js";
@@ -648,7 +648,8 @@ function setComposeKind(kind) {
 }
 
 function openCompose(context = { mode: "new" }) {
-  composeContext = context;
+  // One Idempotency-Key per opened dialog: Send pressed again after a lost answer sends once.
+  composeContext = { ...context, key: newIdempotencyKey() };
   recipients = [];
   const form = $("#compose-form");
   form.reset();
@@ -692,23 +693,24 @@ async function submitCompose(event) {
   const urgent = $("#compose-urgent").checked ? "urgent" : "normal";
   const links = linksFrom($("#compose-links").value);
   let call;
+  const once = { idempotencyKey: composeContext.key };
   if (mode === "reply" || mode === "reply-all") {
     if (!body.trim()) return showComposeError("Write a reply.");
     const path = `/api/v1/messages/${composeContext.message.message_id}/${mode}`;
-    call = () => post(path, { body, priority: urgent, links });
+    call = () => post(path, { body, priority: urgent, links }, once);
   } else if (mode === "forward") {
     if (!staffIds.length && !teamIds.length && !wholeAgency) return showComposeError("Add at least one recipient.");
     const path = `/api/v1/messages/${composeContext.message.message_id}/forward`;
-    call = () => post(path, { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, ...(body.trim() ? { body } : {}) });
+    call = () => post(path, { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, ...(body.trim() ? { body } : {}) }, once);
   } else if (kind === "message") {
     if (!staffIds.length && !teamIds.length && !wholeAgency) return showComposeError("Add at least one recipient, or choose the whole agency.");
     if (!subject) return showComposeError("Write a subject.");
-    call = () => post("/api/v1/messages", { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, subject, body, priority: urgent, links });
+    call = () => post("/api/v1/messages", { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, subject, body, priority: urgent, links }, once);
   } else if (kind === "reminder") {
     const remindAt = localInputToIso($("#compose-remind-at").value);
     if (!body.trim() || !remindAt) return showComposeError("Write what to remember and when.");
     const link = $("#compose-reminder-link").value.trim();
-    call = () => post("/api/v1/reminders", { text: body, remind_at: remindAt, ...(link ? { link } : {}) });
+    call = () => post("/api/v1/reminders", { text: body, remind_at: remindAt, ...(link ? { link } : {}) }, once);
   } else if (kind === "signature_request") {
     if (!staffIds.length) return showComposeError("Add at least one signer.");
     if (!subject || !$("#compose-doc-ref").value.trim()) return showComposeError("Give a title and the document reference.");
@@ -716,11 +718,11 @@ async function submitCompose(event) {
     call = () => post("/api/v1/signature-requests", {
       document_kind: $("#compose-doc-kind").value, title: subject, document_ref: $("#compose-doc-ref").value.trim(),
       signer_ids: staffIds, ...(due ? { due_at: due } : {}),
-    });
+    }, once);
   } else if (kind === "announcement") {
     if (!subject || !body.trim()) return showComposeError("Give the announcement a title and a text.");
     const expires = localInputToIso($("#compose-expires").value);
-    call = () => post("/api/v1/announcements", { title: subject, body, acknowledgement_required: $("#compose-ack").checked, ...(expires ? { expires_at: expires } : {}) });
+    call = () => post("/api/v1/announcements", { title: subject, body, acknowledgement_required: $("#compose-ack").checked, ...(expires ? { expires_at: expires } : {}) }, once);
   }
   if (wholeAgency && (kind === "message" || mode === "forward")) {
     const count = state.staff.length;

@@ -1,7 +1,7 @@
 // Sending from the board: the Direct message dialog (new, Reply, Forward; POST
 // /api/v1/cloud/direct/outbound) and the Send Fax dialog (this fax, a PDF attachment, or an uploaded
 // PDF; POST /api/v1/cloud/faxes/outbound). From lists only the caller's linked addresses and numbers.
-import { post } from "./api.js";
+import { newIdempotencyKey, post } from "./api.js";
 import { $, announce, h } from "./dom.js";
 import { ctx, linkedAddresses, readBase64, size, templateDialog, trouble } from "./cloud_common.js";
 
@@ -11,13 +11,9 @@ const MAX_PDF_BYTES = 20 * 1024 * 1024;
 const MAX_RECIPIENTS = 10;
 const ADDRESS = /^[^\s@,;<>]+@[^\s@,;<>]+\.[^\s@,;<>]+$/;
 
-// The open dialogs. Each has one Idempotency-Key for as long as it is open: sending again after a
-// lost answer (a timeout, a dropped connection) returns the message already sent, never a second.
+// The open dialogs, each with one Idempotency-Key for as long as it is open (api.js).
 let direct = null;   // { mode, original, files: File[], key } of the open Direct dialog
 let fax = null;      // { documents, key } of the open fax dialog
-
-// 128 random bits in hex (crypto.getRandomValues works outside secure contexts too).
-const newKey = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 let sending = false;
 const opens = {};    // dialog name -> fills it from its template
 
@@ -63,7 +59,7 @@ export async function openDirectCompose(context) {
   if (!addresses.length) throw new Error("You are not linked to a Direct address. An administrator links staff to addresses.");
   const { mode, original: m } = context;
   const reply = (m && m.reply) || {};
-  direct = { mode, original: m || null, files: [], key: newKey() };
+  direct = { mode, original: m || null, files: [], key: newIdempotencyKey() };
   opens.direct();
   const from = mode === "reply" ? (reply.from || (m.to || [])[0]) : null;
   $("#direct-from").replaceChildren(...addresses.map((a) => addressOption(a, from)));
@@ -150,7 +146,7 @@ export async function openFaxDialog(context) {
   const numbers = await linkedAddresses("fax");
   if (generation !== ctx.generation) return;
   if (!numbers.length) throw new Error("You are not linked to a fax number. An administrator links staff to fax numbers.");
-  fax = { documents: context.documents || [], key: newKey() };
+  fax = { documents: context.documents || [], key: newIdempotencyKey() };
   opens.fax();
   $("#fax-from").replaceChildren(...numbers.map((a) => addressOption(a, numbers[0].address)));
   const choices = fax.documents.map((d, n) => h("label", { class: "inline" },
