@@ -236,6 +236,18 @@ def inbox_db(stack, mongo_client):
 
 
 @pytest.fixture(scope="session")
+def certs(stack):
+    """The stack's development Direct certificates (CA, agencies, the partner HISP)."""
+    return stack.cloud_direct_certs
+
+
+@pytest.fixture(scope="session")
+def smtp_port(stack) -> int:
+    """cloud-comms' Direct SMTP listener in the stack."""
+    return stack.config.ports.cloud_comms_smtp
+
+
+@pytest.fixture(scope="session")
 def cloud_db(stack, mongo_client):
     """cloud-comms' database in the stack."""
     return mongo_client[f"{stack.db_prefix}cloud-comms"]

@@ -32,19 +32,9 @@ from tests.waits import wait_until
 
 
 @pytest.fixture(scope="module")
-def certs(stack):
-    return stack.cloud_direct_certs
-
-
-@pytest.fixture(scope="module")
 def sink(stack):
     with Sink(CLOUD_SMTP_SINK_PORT) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def smtp_port(stack) -> int:
-    return stack.config.ports.cloud_comms_smtp
 
 
 def cloud_item(client, title: str) -> dict | None:

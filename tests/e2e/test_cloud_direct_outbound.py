@@ -29,19 +29,9 @@ from tests.waits import wait_until
 
 
 @pytest.fixture(scope="module")
-def certs(stack):
-    return stack.cloud_direct_certs
-
-
-@pytest.fixture(scope="module")
 def relay(stack):
     with Relay(CLOUD_SMTP_SINK_PORT) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def smtp_port(stack) -> int:
-    return stack.config.ports.cloud_comms_smtp
 
 
 def relayed(relay: Relay, message_id: str) -> tuple[str, list[str], bytes] | None:

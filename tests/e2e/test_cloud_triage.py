@@ -20,11 +20,6 @@ from tests.waits import wait_until
 RIVERBEND_FAX = "+15555550100"
 
 
-@pytest.fixture(scope="module")
-def certs(stack):
-    return stack.cloud_direct_certs
-
-
 @pytest.fixture
 def routes(admin):
     """Riverbend's triage settings, put back to none after the test (the stack is shared)."""
