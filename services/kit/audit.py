@@ -33,6 +33,7 @@ def phi_accessed(
     resource_id: str,
     action: str = "read",
     outcome: str = "allowed",
+    patient_id: str = "",
 ) -> Envelope:
     """The event for `caller` reading (or being refused) one resource, in the caller's agency and the
     current request's correlation chain."""
@@ -48,6 +49,7 @@ def phi_accessed(
         outcome=outcome,
         accessed_at=accessed_at,
         service=service,
+        patient_id=patient_id,
     )
     return new_envelope(
         EVENT_TYPE, payload, agency_id=caller.agency_id, producer=service, correlation_id=correlation_id_var.get()

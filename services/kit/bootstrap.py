@@ -13,13 +13,15 @@
         service.grpc([inbox.grpc_binding()], settings.grpc_port)
         service.workers(inbox.background())
 
-`serve` configures JSON logging, reads the settings and the service's client credentials (an
-invalid configuration exits 2, every problem listed on stderr), calls `wire`, then `run()`.
+`serve` configures JSON logging, reads the settings, the service's client credentials and its bus
+signing keys (an invalid configuration exits 2, every problem listed on stderr), makes those keys
+the process's (services.kit.bus.signing: every publisher signs with them, every consumer checks
+with them and records what it refuses as a security event), calls `wire`, then `run()`.
 
 `wire` builds the service's domain (its `build()` factory) from the shared parts, made on first
 use and each made once: `database()` (waits until it answers; exits 1 when it never does),
 `cipher()`, `service_tokens()`, `verifier()` (which also listens to session revocations,
-`revocations()`), `topology()`; and declares what runs: `relay(...)`, `http(...)`, `grpc(...)`,
+`revocations()`), `topology()`, `signing()`; and declares what runs: `relay(...)`, `http(...)`, `grpc(...)`,
 `listener(...)` (MLLP, consumers), `worker(s)(...)`, `client(...)` (closed last), `on_stop(...)`.
 Nothing starts before `run()`.
 
@@ -51,9 +53,10 @@ from typing import Any, Generic, TypeVar
 from flask import Flask
 from pymongo.database import Database
 
-from services.kit import mongo
+from services.kit import mongo, sealing
 from services.kit.auth import JwksKeySource, RevokedSessions, TokenVerifier
 from services.kit.bus import BatchPublisher, Topology
+from services.kit.bus import signing as bus_signing
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.features import Worker
 from services.kit.grpc_server import GrpcServer, ServiceBinding
@@ -61,8 +64,16 @@ from services.kit.logs import configure_logging
 from services.kit.outbox import OutboxRelay
 from services.kit.revocations import RevocationListener
 from services.kit.runtime import ServiceProcess, Stage
+from services.kit.security_events import COLLECTION as SECURITY_COLLECTION
+from services.kit.security_events import SecurityLog
 from services.kit.service_identity import ServiceTokens
-from services.kit.settings import ServiceClientCredentials, SettingsError, redact_url, service_client_credentials
+from services.kit.settings import (
+    Env,
+    ServiceClientCredentials,
+    SettingsError,
+    redact_url,
+    service_client_credentials,
+)
 
 __all__ = ["ServiceWiring", "StartupFailed", "Stage", "command", "phi_cipher", "serve"]
 
@@ -116,14 +127,17 @@ class ServiceWiring(Generic[S]):
         *,
         credentials: ServiceClientCredentials | None = None,
         process: ServiceProcess | None = None,
+        signing: bus_signing.Signing | None = None,
     ):
         self.name = name
         self.settings = settings
         self.common: Any = getattr(settings, "common", settings)
         self.process = process or ServiceProcess(name)
         self._credentials = credentials
+        self._signing = signing
         self._db: Database | None = None
         self._cipher: PhiCipher | None = None
+        self._security_log: SecurityLog | None = None
         self._service_tokens: ServiceTokens | None = None
         self._revoked: RevokedSessions | None = None
         self._verifier: TokenVerifier | None = None
@@ -162,6 +176,24 @@ class ServiceWiring(Generic[S]):
         if self._cipher is None:
             self._cipher = phi_cipher(self.database(), self.common)
         return self._cipher
+
+    def security_log(self) -> SecurityLog:
+        """Where this service records security events (services.kit.security_events); every relay
+        of the service publishes them."""
+        if self._security_log is None:
+            self._security_log = SecurityLog(self.database(), service=self.name)
+        return self._security_log
+
+    def signing(self) -> bus_signing.Signing:
+        """The bus keys this service signs with and checks producers against (services.kit.bus.signing):
+        the ones `serve` loaded, else the process's (`current()`)."""
+        return self._signing or bus_signing.current()
+
+    def record_refused_event(self, refusal: bus_signing.Refusal) -> None:
+        """A bus consumer refused a message: an `event_refused` security event, when this service has
+        a database (one without still parks and logs the message)."""
+        if self._db is not None:
+            bus_signing.record_refusal(self.security_log(), refusal)
 
     def service_tokens(self) -> ServiceTokens:
         """This service's own identity for work no user started (services.kit.service_identity)."""
@@ -205,9 +237,15 @@ class ServiceWiring(Generic[S]):
 
     def relay(self, collections: Sequence[str], **options) -> OutboxRelay:
         """The outbox relay over `collections` (services.kit.outbox), with a publisher of its own
-        (a pika connection belongs to the one thread that uses it)."""
-        publisher = BatchPublisher(self.setting("amqp_url"), self.topology(), connection_name=f"{self.name}-outbox")
-        relay = OutboxRelay(self.database(), list(collections), publisher, **options)
+        (a pika connection belongs to the one thread that uses it), signing with `signing()`."""
+        publisher = BatchPublisher(
+            self.setting("amqp_url"), self.topology(), connection_name=f"{self.name}-outbox",
+            signer=self.signing().signer,
+        )
+        watched = list(collections)
+        if SECURITY_COLLECTION not in watched:
+            watched.append(SECURITY_COLLECTION)  # security events of every service (security_log())
+        relay = OutboxRelay(self.database(), watched, publisher, **options)
         relay.ensure_indexes()
         self._relays.append(relay)
         return relay
@@ -319,21 +357,48 @@ def _relaying(relay: OutboxRelay) -> Callable[[threading.Event], None]:
 
 
 def _load(
-    name: str, load: Callable[[], S], client_id: str | None, *, logs_to_stderr: bool = False
-) -> tuple[S, ServiceClientCredentials | None]:
-    """Logging first (so a refusal is logged too), then the settings and the client credentials;
-    StartupFailed (code 2) listing every problem when they are invalid."""
+    name: str, load: Callable[[], S], client_id: str | None, *, logs_to_stderr: bool = False, signs: bool = False
+) -> tuple[S, ServiceClientCredentials | None, bus_signing.Signing | None]:
+    """Logging first (so a refusal is logged too), then the settings, the client credentials and
+    (`signs`) the bus signing keys; StartupFailed (code 2) listing every problem when they are invalid."""
     configure_logging(name)
     if logs_to_stderr:
         logging.getLogger().handlers[0].setStream(sys.stderr)
-    try:
-        settings = load()
-        credentials = service_client_credentials(client_id) if client_id else None
-    except SettingsError as exc:
+    problems: list[str] = []
+    settings = _checked(load, problems)
+    credentials = _checked(lambda: service_client_credentials(client_id), problems) if client_id else None
+    signing = _checked(lambda: _signing(name), problems) if signs else None
+    if problems:
+        exc = SettingsError(name, problems)
         log.error("invalid configuration: %s", "; ".join(exc.problems))
         print(exc.text, file=sys.stderr)
-        raise StartupFailed(exc.text, exc.code) from None
-    return settings, credentials
+        raise StartupFailed(exc.text, exc.code)
+    return settings, credentials, signing  # type: ignore[return-value] - set when there are no problems
+
+
+def _configure_sealing(service: ServiceWiring) -> None:
+    """Event payloads carrying PHI are sealed and opened with keys derived from the service's master
+    keys (services.kit.sealing); a service whose settings hold none keeps the default."""
+    keys, active = getattr(service.common, "phi_master_keys", None), getattr(service.common, "phi_master_key_id", "")
+    if keys and active:
+        sealing.configure(keys, active)
+
+
+def _checked(read: Callable[[], T], problems: list[str]) -> T | None:
+    """`read()`, or None with its SettingsError's problems added to `problems` (all are reported at once)."""
+    try:
+        return read()
+    except SettingsError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def _signing(name: str) -> bus_signing.Signing | None:
+    """BUS_SIGNING_KEY and BUS_PRODUCER_KEYS of the service `name`; SettingsError listing what is wrong."""
+    env = Env(name)
+    signing = bus_signing.load_signing(env, name)
+    env.done()
+    return signing
 
 
 def _refused(failed: StartupFailed) -> int:
@@ -353,10 +418,15 @@ def serve(
     of `client_id` (default: the service's name; None for a service that needs none), `wire`
     declaring its parts, then `ServiceWiring.run()`. Returns the process's exit code."""
     try:
-        settings, credentials = _load(name, load, name if client_id == SAME_AS_NAME else client_id)
+        settings, credentials, signing = _load(
+            name, load, name if client_id == SAME_AS_NAME else client_id, signs=True
+        )
     except StartupFailed as failed:
         return failed.code
-    service = ServiceWiring(name, settings, credentials=credentials)
+    service = ServiceWiring(name, settings, credentials=credentials, signing=signing)
+    _configure_sealing(service)
+    if signing is not None:
+        bus_signing.configure(bus_signing.with_hook(signing, service.record_refused_event))
     configure_logging(name, service.setting("log_level"))
     try:
         wire(service)
@@ -376,7 +446,7 @@ def command(
     stderr): settings as `serve` reads them, then `run(service)` with the same shared parts; nothing
     is served. Returns `run`'s exit code."""
     try:
-        settings, credentials = _load(name, load, client_id, logs_to_stderr=True)
+        settings, credentials, _ = _load(name, load, client_id, logs_to_stderr=True)
     except StartupFailed as failed:
         return failed.code
     try:

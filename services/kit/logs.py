@@ -21,6 +21,7 @@ SAFE_EXTRA_KEYS = frozenset(
     {
         "event_id",
         "event_type",
+        "security_kind",
         "correlation_id",
         "agency_id",
         "staff_id",

@@ -161,7 +161,7 @@ def dev_secret(run_dir: Path, file_name: str, generate: Callable[[], str]) -> st
 
 
 # Service clients directory knows in development (one dev secret each in <run dir>/secrets/).
-SERVICE_CLIENT_NAMES = ("inbox", "notifications", "erx-bridge", "cloud-comms", "auto-reply", "web")
+SERVICE_CLIENT_NAMES = ("inbox", "notifications", "erx-bridge", "cloud-comms", "auto-reply", "web", "audit")
 
 
 def service_secret_file(client_id: str) -> str:

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.bus import Publisher, Topology
+from services.kit.bus.signing import development_keyring
 from services.kit.events import decode_envelope, new_envelope, unpack
 from tests.e2e.conftest import error_code
 from tests.helpers import auth
@@ -126,7 +127,7 @@ def requested(kim, title: str):
 
 def test_a_requested_delivery_event_lands_and_is_announced(stack, kim, events, inbox_db):
     title, marker = f"Intake moved to 3pm {uuid.uuid4().hex[:6]}", f"Marker {uuid.uuid4().hex[:6]}"
-    publisher = Publisher(stack.config.amqp_url, Topology())
+    publisher = Publisher(stack.config.amqp_url, Topology(), signer=development_keyring(stack.run_dir).signer)
     try:
         with events.listen("board_item.delivered.v1") as heard:
             event = requested(kim, title)
@@ -253,7 +254,7 @@ def parked(amqp_url: str, event_ids: set[str]) -> dict[str, str]:
 
 def test_a_requested_erx_delivery_for_staff_without_eprescribing_is_parked(stack, kim, reyes, inbox_db):
     kim_before = kim.counts("erx")
-    publisher = Publisher(stack.config.amqp_url, Topology())
+    publisher = Publisher(stack.config.amqp_url, Topology(), signer=development_keyring(stack.run_dir).signer)
     nurse = new_envelope(
         "board_item.delivery_requested.v1", erx_request([kim.staff_id]), agency_id=RIVERBEND, producer="erx-bridge"
     )

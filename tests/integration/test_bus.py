@@ -97,7 +97,12 @@ def test_message_properties_carry_ids_and_no_payload(event_bus):
     assert properties.delivery_mode == 2
     assert properties.content_type == "application/x-protobuf"
     assert properties.correlation_id == "corr-1"
-    assert properties.headers == {"x-producer": "inbox", "x-agency-id": "agency-1"}
+    assert properties.headers == {
+        "x-producer": "inbox",
+        "x-agency-id": "agency-1",
+        "x-signer": "inbox",  # signed by the producer it names (services.kit.bus.signing)
+        "x-signature": properties.headers["x-signature"],
+    }
     assert decode_envelope(body) == event
 
 

@@ -131,12 +131,13 @@ def test_bad_events_are_parked_and_the_consumer_keeps_serving(consuming, event_b
     components, publisher, consumer = consuming
     event_bus.publish_raw(delivery_module.REQUESTED_EVENT, b"\xff\x00 not an envelope")
     wrong_payload = new_envelope(
-        delivery_module.REQUESTED_EVENT, inbox_pb2.SendMessageRequest(subject="x"), agency_id=AGENCY, producer="x"
+        delivery_module.REQUESTED_EVENT, inbox_pb2.SendMessageRequest(subject="x"), agency_id=AGENCY,
+        producer="notifications",
     )
     publisher.publish(
         [
             wrong_payload,
-            envelope(request("order-9"), producer="auto-reply"),  # not allowed to deliver lab items
+            envelope(request("order-9"), producer="erx-bridge"),  # not allowed to deliver lab items
             envelope(request("order-8", recipients=inbox_pb2.Recipients(staff_ids=["stf_x"]))),  # other agency
             envelope(request("order-7", title="")),  # invalid
         ]

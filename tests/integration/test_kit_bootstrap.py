@@ -82,7 +82,7 @@ def test_a_service_stops_intake_then_workers_then_relay_then_clients(
 
     relay.run_forever = run_forever  # type: ignore[method-assign]
     payload = MessageDelivered(message_id=uuid.uuid4().hex)
-    last_event = new_envelope(DELIVERED, payload, agency_id="agy_a", producer="test")
+    last_event = new_envelope(DELIVERED, payload, agency_id="agy_a", producer="inbox")  # signed as inbox
 
     def listener(stop: threading.Event) -> None:
         stop.wait()

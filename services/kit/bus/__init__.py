@@ -5,7 +5,10 @@
 - `messages`: message properties and headers (retry and parking ones included), `event_context`.
 - `publisher`: `Publisher`, one confirmed message at a time, one connection per thread.
 - `batch_publisher`: `BatchPublisher`, a batch with pipelined confirms (the outbox relay's).
-- `consumer`: `Consumer`, manual acks, bounded retries, parking, an optional batch handler.
+- `consumer`: `Consumer`, manual acks, bounded retries, parking, an optional batch handler; it
+  refuses (parks, reports) what its producer did not sign or may not publish.
+- `signing`: Ed25519 signatures of every message, the producers' public keys, which producer may
+  publish which event type, and the process's keys (`load_signing`, `configure`, `current`).
 
 Processed-event idempotency lives in `services.kit.processed_events`; the consumer is given it.
 pika is not thread-safe: `Publisher` keeps one connection per thread; `BatchPublisher` and
@@ -27,6 +30,15 @@ from services.kit.bus.messages import (
     message_properties,
 )
 from services.kit.bus.publisher import Publisher, PublishError
+from services.kit.bus.signing import (
+    HEADER_SIGNATURE,
+    HEADER_SIGNER,
+    EventRefused,
+    ProducerKeys,
+    Refusal,
+    Signer,
+    Signing,
+)
 from services.kit.bus.topology import DEFAULT_EXCHANGE, Topology, connection_parameters
 from services.kit.events import MalformedEvent, PermanentError
 
@@ -40,12 +52,19 @@ __all__ = [
     "HEADER_PARKED_BY",
     "HEADER_PRODUCER",
     "HEADER_RETRY_COUNT",
+    "HEADER_SIGNATURE",
+    "HEADER_SIGNER",
     "BatchPublisher",
     "Consumer",
+    "EventRefused",
     "MalformedEvent",
     "PermanentError",
+    "ProducerKeys",
     "PublishError",
     "Publisher",
+    "Refusal",
+    "Signer",
+    "Signing",
     "Topology",
     "connection_parameters",
     "event_context",

@@ -1,6 +1,7 @@
 """Publishing a batch with pipelined confirms: `BatchPublisher`, the outbox relay's publisher.
 
 It drives a pika SelectConnection in the calling thread, so an instance belongs to one thread.
+Every message is signed (services.kit.bus.signing).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pika import spec
 from pika.adapters.select_connection import IOLoop
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit.bus import signing
 from services.kit.bus.messages import message_properties
 from services.kit.bus.topology import Topology, connection_parameters
 
@@ -33,7 +35,8 @@ class BatchPublisher:
 
     It drives a pika SelectConnection's I/O loop in the calling thread, only while one of its
     methods runs (as pika's BlockingConnection does), so an instance belongs to one thread.
-    Call `idle()` instead of sleeping between batches so heartbeats are answered.
+    Call `idle()` instead of sleeping between batches so heartbeats are answered. Each message is
+    signed by `signer` (default: the process's, `signing.current()`).
     """
 
     def __init__(
@@ -45,8 +48,10 @@ class BatchPublisher:
         connection_name: str = "clinic-outbox-relay",
         confirm_timeout_s: float = 30.0,
         connect_timeout_s: float = 10.0,
+        signer: signing.Signer | signing.Keyring | None = None,
     ):
         self.topology = topology or Topology()
+        self._signer = signer or signing.current().signer
         self._params = connection_parameters(amqp_url, connection_name)
         self._declare = declare_topology
         self._confirm_timeout_s = confirm_timeout_s
@@ -88,9 +93,10 @@ class BatchPublisher:
             for envelope in envelopes:
                 self._pending[self._next_tag] = envelope.event_id
                 self._next_tag += 1
+                body = envelope.SerializeToString()
+                signature = self._signer.headers(envelope.event_type, body, envelope.producer)
                 self._channel.basic_publish(
-                    exchange, envelope.event_type, envelope.SerializeToString(),
-                    message_properties(envelope), mandatory=True,
+                    exchange, envelope.event_type, body, message_properties(envelope, signature), mandatory=True,
                 )
         except pika.exceptions.AMQPError as exc:
             logger.warning("publishing a batch failed", extra={"error_type": type(exc).__name__})

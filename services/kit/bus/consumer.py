@@ -20,6 +20,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit.bus import signing
 from services.kit.bus.messages import (
     event_context,
     log_extra,
@@ -47,13 +48,18 @@ class _Reconnect(Exception):
 class Consumer:
     """Consumes a durable queue bound to routing keys with manual acks, bounded retries and parking.
 
-    For each delivery: bytes that are not an envelope go to `<queue>.parking`; an event already
-    in `processed` is acked and skipped; otherwise `handler(envelope)` runs. On success the event
-    id is recorded and the message acked. A PermanentError (MalformedEvent included) parks the
-    event; any other exception republishes it (confirmed) to `<queue>.retry` with
-    `x-retry-count` + 1, or parks it once `max_retries` retries have failed. The delivery is
-    acked only after that republish was confirmed; if it cannot be, the connection is dropped
-    and the broker redelivers the message.
+    For each delivery: bytes that are not an envelope go to `<queue>.parking`; so does a message
+    whose producer is not proven (services.kit.bus.signing: unsigned, signed by another producer
+    than the envelope names, a bad signature, a producer that may not publish its event type, or
+    an event type this queue is not bound to), parked with that reason, never handled nor retried,
+    and reported to `on_refused` (default: the configured process's hook, which records an
+    `event_refused` security event); an event already in `processed` is acked and skipped;
+    otherwise `handler(envelope)` runs. On success the event id is recorded and the message
+    acked. A PermanentError (MalformedEvent included) parks the event; any other exception
+    republishes it (confirmed) to `<queue>.retry` with `x-retry-count` + 1, or parks it once
+    `max_retries` retries have failed. The delivery is acked only after that republish was
+    confirmed; if it cannot be, the connection is dropped and the broker redelivers the message.
+    Retrying and parking keep the body and headers, so the signature of a good event stays valid.
 
     `run()` blocks, reconnecting with backoff (and redeclaring everything) when the connection
     drops; `stop()` (any thread, or a signal handler) lets the in-flight message finish, then
@@ -84,6 +90,8 @@ class Consumer:
         connection_name: str | None = None,
         queue_expires_ms: int | None = None,
         batch_handler: Callable[[list[Envelope]], list[Envelope]] | None = None,
+        producers: signing.ProducerKeys | None = None,
+        on_refused: Callable[[signing.Refusal], None] | None = None,
     ):
         if queue_expires_ms is not None and queue_expires_ms <= 0:
             raise ValueError("queue_expires_ms must be positive")
@@ -100,6 +108,8 @@ class Consumer:
         self.queue_expires_ms = queue_expires_ms
         self._handler = handler
         self._batch_handler = batch_handler
+        self._producers = producers or signing.current().producers
+        self._on_refused = on_refused or signing.refusal_hook()
         self._batch: list[tuple] = []  # deliveries of one pump, when batch_handler is set
         self._processed = processed
         self._prefetch = prefetch
@@ -234,6 +244,9 @@ class Consumer:
             except MalformedEvent:
                 one_by_one.append(delivery)  # parked there
                 continue
+            if self._refusal(delivery[0], delivery[1], delivery[2], envelope) is not None:
+                one_by_one.append(delivery)  # refused there
+                continue
             if any(e.event_id == envelope.event_id for _, e in decoded):
                 one_by_one.append(delivery)  # a repeat within the batch: found processed there
             else:
@@ -273,6 +286,11 @@ class Consumer:
             self._park(properties, body, exc, exc.reason, retries)
             channel.basic_ack(method.delivery_tag)
             return
+        refusal = self._refusal(method, properties, body, envelope)
+        if refusal is not None:
+            self._refuse(properties, body, envelope, refusal, retries)
+            channel.basic_ack(method.delivery_tag)
+            return
         extra = log_extra(envelope, queue=self.queue, attempt=retries + 1)
         try:
             if self._processed is not None and self._processed.seen(envelope.event_id):
@@ -294,6 +312,41 @@ class Consumer:
                 logger.warning("event failed (%s); will retry", failure_summary(exc), extra=extra)
                 self._retry(properties, body, retries + 1)
         channel.basic_ack(method.delivery_tag)
+
+    def _refusal(self, method, properties, body: bytes, envelope: Envelope) -> str | None:
+        """Why this message's producer is not proven, or None. A message from the exchange was routed
+        by its routing key, which the signature covers; one that reached the queue otherwise (back
+        from `.retry`, or published straight to the queue) is checked against its event type."""
+        from_exchange = method.exchange == self.topology.exchange_name
+        routing_key = method.routing_key if from_exchange else envelope.event_type
+        reason = self._producers.refusal(
+            routing_key, body, properties.headers, producer=envelope.producer, event_type=envelope.event_type
+        )
+        if reason is None and not any(signing.topic_matches(k, envelope.event_type) for k in self.routing_keys):
+            reason = "unexpected_event_type"
+        return reason
+
+    def _refuse(self, properties, body: bytes, envelope: Envelope, reason: str, retries: int) -> None:
+        """Park it with the reason and report it; nothing it claims is logged unless safely shaped."""
+        refusal = signing.Refusal(
+            reason=reason,
+            queue=self.queue,
+            event_id=envelope.event_id,
+            event_type=signing.safe_type(envelope.event_type),
+            agency_id=signing.safe_id(envelope.agency_id),
+            producer=signing.safe_name(envelope.producer),
+            signer=signing.safe_name(signing.header_text(properties.headers or {}, signing.HEADER_SIGNER)),
+        )
+        extra = {"queue": self.queue, "code": reason, "event_id": refusal.event_id, "event_type": refusal.event_type}
+        logger.warning("event refused: producer not proven; parked", extra=extra)
+        self._park(properties, body, signing.EventRefused(reason), reason, retries)
+        if self._on_refused is None:
+            return
+        try:
+            self._on_refused(refusal)
+        except Exception as exc:  # the message is parked already; a failed report must not undo that
+            logger.error("refused event not reported (%s)", failure_summary(exc),
+                         extra={**extra, "error_type": type(exc).__name__})
 
     def _retry(self, properties, body: bytes, retry_count: int) -> None:
         self._republish(self.retry_queue, properties, body, retry_headers(properties, retry_count))

@@ -2,9 +2,10 @@
 
 Body = serialized Envelope, persistent, content type `application/x-protobuf`, message_id =
 event id, type = event type, correlation_id, timestamp (s), app_id = producer and headers
-`x-producer`, `x-agency-id`. Retries add `x-retry-count`; parking adds `x-error-type`,
-`x-error-reason`, `x-parked-at` (epoch ms) and `x-parked-by` (queue). No payload content is ever
-put in headers or logs.
+`x-producer`, `x-agency-id`, and the signature `x-signer`, `x-signature` (services.kit.bus.signing;
+kept unchanged by retries and parking, so a good event stays valid). Retries add `x-retry-count`;
+parking adds `x-error-type`, `x-error-reason`, `x-parked-at` (epoch ms) and `x-parked-by` (queue).
+No payload content is ever put in headers or logs.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ _BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "
                    "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
 
-def message_properties(envelope: Envelope) -> pika.BasicProperties:
+def message_properties(envelope: Envelope, signature: dict[str, str] | None = None) -> pika.BasicProperties:
+    """The properties of `envelope`'s message; `signature` adds the signing headers (services.kit.bus.signing)."""
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
         delivery_mode=pika.DeliveryMode.Persistent,
@@ -55,7 +57,7 @@ def message_properties(envelope: Envelope) -> pika.BasicProperties:
         correlation_id=envelope.correlation_id or None,
         timestamp=envelope.occurred_at.seconds or int(time.time()),
         app_id=envelope.producer or None,
-        headers={HEADER_PRODUCER: envelope.producer, HEADER_AGENCY: envelope.agency_id},
+        headers={HEADER_PRODUCER: envelope.producer, HEADER_AGENCY: envelope.agency_id, **(signature or {})},
     )
 
 

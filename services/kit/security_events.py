@@ -1,0 +1,114 @@
+"""`security_event.recorded.v1`: the record a security-relevant happening leaves (a sign-in, a
+lockout, a revoked session, a refused access or identity, a settings change, a key rotation),
+built the same way by every service and staged through the service's outbox so the audit
+service receives it at least once.
+
+    log = SecurityLog(db, service="directory")          # or ServiceWiring.security_log()
+    log.record("sign_in_failed", agency_id=a, actor_id=staff_id, actor_kind="staff",
+               outcome="refused", reason="bad_password", source=remote_addr)
+
+The record names who, what, how it went and why (a stable code); it never carries PHI, a
+password, a token or free text from a request. Every service's relay watches `COLLECTION`
+(services.kit.bootstrap adds it), so recording is one insert and never waits for the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from clinic.audit.v1 import security_pb2
+from services.kit.events import Envelope, new_envelope
+from services.kit.logs import correlation_id_var
+from services.kit.mongo import now_ms
+from services.kit.outbox import outbox_fields
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPE = "security_event.recorded.v1"
+COLLECTION = "security_outbox"
+
+# The kinds an auditor can ask for; a record of any other kind is refused where it is built.
+KINDS = frozenset(
+    {
+        "sign_in_succeeded",
+        "sign_in_failed",
+        "sign_in_throttled",
+        "account_locked",
+        "signed_out",
+        "session_revoked",
+        "session_idle_expired",
+        "access_refused",
+        "settings_changed",
+        "key_rotated",
+        "forged_identity_refused",
+        "event_refused",
+    }
+)
+ACTOR_KINDS = frozenset({"staff", "service", "partner", "anonymous", ""})
+OUTCOMES = frozenset({"succeeded", "refused"})
+_MAX_FIELD = 200
+
+
+def _clip(value: str) -> str:
+    return (value or "")[:_MAX_FIELD]
+
+
+def security_event(  # noqa: PLR0913 - one keyword per field of the record
+    kind: str,
+    *,
+    service: str,
+    agency_id: str = "",
+    actor_id: str = "",
+    actor_kind: str = "",
+    outcome: str = "refused",
+    reason: str = "",
+    target_type: str = "",
+    target_id: str = "",
+    source: str = "",
+) -> Envelope:
+    """The event for one security happening, in the current request's correlation chain."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown security event kind {kind!r}")
+    if actor_kind not in ACTOR_KINDS:
+        raise ValueError(f"unknown actor kind {actor_kind!r}")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}")
+    payload = security_pb2.SecurityEvent(
+        agency_id=_clip(agency_id),
+        kind=kind,
+        actor_id=_clip(actor_id),
+        actor_kind=actor_kind,
+        outcome=outcome,
+        reason=_clip(reason),
+        target_type=_clip(target_type),
+        target_id=_clip(target_id),
+        source=_clip(source),
+        service=service,
+    )
+    payload.occurred_at.GetCurrentTime()
+    return new_envelope(
+        EVENT_TYPE, payload, agency_id=payload.agency_id, producer=service, correlation_id=correlation_id_var.get()
+    )
+
+
+class SecurityLog:
+    """Records security events of one service into its outbox collection `COLLECTION`."""
+
+    def __init__(self, db, *, service: str):
+        self.collection = db[COLLECTION]
+        self.service = service
+
+    def record(self, kind: str, **fields: str) -> Envelope:
+        """Stage one security event (see `security_event` for the fields); returns it."""
+        envelope = security_event(kind, service=self.service, **fields)
+        self.collection.insert_one(
+            {
+                "_id": envelope.event_id,
+                "kind": kind,
+                "agency_id": envelope.agency_id,
+                "at": now_ms(),
+                **outbox_fields([envelope]),
+            }
+        )
+        log.info("security event recorded", extra={"event_type": EVENT_TYPE, "security_kind": kind})
+        return envelope
