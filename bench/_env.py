@@ -57,9 +57,22 @@ def running_stack(name: str):
         )
         try:
             stack.start()
+            use_stack_keys(stack)
             yield stack
         finally:
             stack.stop()
+
+
+def use_stack_keys(stack) -> None:
+    """Make the stack's development keys this process's: what a benchmark publishes is signed as its
+    producer (services.kit.bus.signing) and sealed (services.kit.sealing) as the stack's services do."""
+    from services.kit import sealing
+    from services.kit.bus import signing
+    from services.kit.settings import Env, common_settings
+
+    signing.configure(signing.development_keyring(stack.run_dir))
+    common = common_settings(Env("bench", {"CLINIC_RUN_DIR": str(stack.run_dir)}))
+    sealing.configure(common.phi_master_keys, common.phi_master_key_id)
 
 
 def _rabbitmqctl(*args: str) -> None:

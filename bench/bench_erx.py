@@ -31,7 +31,7 @@ from pathlib import Path
 import pika
 import requests
 
-from bench._env import machine, private_vhost, write_report
+from bench._env import machine, private_vhost, use_stack_keys, write_report
 from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.bus import BatchPublisher, Topology
@@ -186,6 +186,7 @@ def main() -> int:
         )
         try:
             stack.start()
+            use_stack_keys(stack)
             report = run(stack, amqp_url)
         finally:
             stack.stop()

@@ -18,7 +18,9 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit import sealing
 from services.kit.logs import accept_correlation_id
+from services.kit.sealing import PayloadSealer, SealError
 
 __all__ = [
     "Envelope",
@@ -110,15 +112,23 @@ def decode_envelope(data: bytes) -> Envelope:
     return envelope
 
 
-def unpack(envelope: Envelope, message_cls: type[M]) -> M:
-    """The envelope's payload as `message_cls`; MalformedEvent on a type mismatch or bad bytes."""
+def unpack(envelope: Envelope, message_cls: type[M], sealer: PayloadSealer | None = None) -> M:
+    """The envelope's payload as `message_cls`, opened first when it is sealed (with `sealer`, by
+    default the process's, services.kit.sealing); MalformedEvent on a type mismatch, bad bytes or a
+    sealed payload that does not open."""
     expected = message_cls.DESCRIPTOR.full_name
     if envelope.payload_type != expected:
         found = envelope.payload_type[:120] or "nothing"
         raise MalformedEvent(f"payload type is {found}, expected {expected}")
+    payload = envelope.payload
+    if envelope.payload_key_id:
+        try:
+            payload = (sealer or sealing.sealer()).open(envelope)
+        except SealError as exc:
+            raise MalformedEvent("sealed payload does not open") from exc
     message = message_cls()
     try:
-        message.ParseFromString(envelope.payload)
+        message.ParseFromString(payload)
     except (DecodeError, TypeError, ValueError) as exc:
         raise MalformedEvent(f"payload does not parse as {expected}") from exc
     return message

@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pika
@@ -18,7 +19,9 @@ from clinic.audit.v1 import audit_pb2
 from clinic.events.v1 import envelope_pb2
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.events import decode_envelope, unpack
+from services.kit.sealing import PayloadSealer
 from services.kit.service_identity import ServiceTokens
+from services.kit.settings import Env, common_settings
 from services.launcher import Ports, Stack, StackConfig, free_port
 from tests.helpers import DEMO_PASSWORD
 from tests.waits import wait_until
@@ -335,8 +338,9 @@ class Event:
 class EventListener:
     """The events published with the listened-to routing keys since the listener's queue was bound."""
 
-    def __init__(self, channel, queue: str, routing_keys: tuple[str, ...]):
+    def __init__(self, channel, queue: str, routing_keys: tuple[str, ...], sealer: PayloadSealer):
         self.channel = channel
+        self.sealer = sealer
         self.queue = queue
         self.routing_keys = routing_keys
         self.received: list[Event] = []
@@ -348,7 +352,7 @@ class EventListener:
             if method is None:
                 return list(self.received)
             envelope = decode_envelope(body)
-            self.received.append(Event(envelope, unpack(envelope, EVENT_PAYLOADS[envelope.event_type])))
+            self.received.append(Event(envelope, unpack(envelope, EVENT_PAYLOADS[envelope.event_type], self.sealer)))
 
     def wait_for(self, predicate: Callable[[Event], object], timeout: float = 10.0) -> Event:
         """The first received event matching `predicate`; fails the test when none arrives within `timeout` s."""
@@ -362,8 +366,11 @@ class EventListener:
 class EventBus:
     """The stack's event exchange, listened to from a test."""
 
-    def __init__(self, amqp_url: str):
+    def __init__(self, amqp_url: str, run_dir: Path):
         self.amqp_url = amqp_url
+        # The stack's master keys open the sealed payloads its producers publish (services.kit.sealing).
+        common = common_settings(Env("e2e", {"CLINIC_RUN_DIR": str(run_dir)}))
+        self.sealer = PayloadSealer(common.phi_master_keys, common.phi_master_key_id)
 
     @contextlib.contextmanager
     def listen(self, *routing_keys: str) -> Iterator[EventListener]:
@@ -376,7 +383,7 @@ class EventBus:
             queue = channel.queue_declare(queue="", exclusive=True).method.queue
             for routing_key in routing_keys:
                 channel.queue_bind(queue, EVENTS_EXCHANGE, routing_key=routing_key)
-            yield EventListener(channel, queue, routing_keys)
+            yield EventListener(channel, queue, routing_keys, self.sealer)
         finally:
             connection.close()
 
@@ -384,4 +391,4 @@ class EventBus:
 @pytest.fixture(scope="session")
 def events(stack) -> EventBus:
     """Listen to the stack's events: `with events.listen("message.delivered.v1") as heard: heard.wait_for(...)`."""
-    return EventBus(stack.config.amqp_url)
+    return EventBus(stack.config.amqp_url, stack.run_dir)

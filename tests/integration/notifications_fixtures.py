@@ -18,6 +18,7 @@ from clinic.events.v1.envelope_pb2 import Envelope
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.auth import Identity, current_identity
 from services.kit.errors import NotFound
+from services.kit.events import unpack
 from services.notifications import config
 from services.notifications.components import Components
 from services.notifications.directory_client import split_provider_refs
@@ -157,7 +158,6 @@ def staged_deliveries(doc: dict) -> list[tuple[str, inbox_pb2.DeliverItemRequest
         envelope.ParseFromString(entry["env"])
         assert envelope.event_type == "board_item.delivery_requested.v1"
         assert envelope.producer == "notifications"
-        request = inbox_pb2.DeliverItemRequest()
-        request.ParseFromString(envelope.payload)
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)  # opens the sealed payload
         found.append((event_id, request))
     return found

@@ -21,6 +21,7 @@ from services.cloud_comms.service import build
 from services.kit.auth import Identity
 from services.kit.embedded_mongo import free_port
 from services.kit.errors import NotFound
+from services.kit.events import unpack
 from tests.cloud_direct_helpers import (
     CCDA,
     FINAL_DELIVERY_OPTION,
@@ -155,8 +156,7 @@ def deliveries(doc: dict) -> list[inbox_pb2.DeliverItemRequest]:
         envelope = Envelope()
         envelope.ParseFromString(entry["env"])
         assert envelope.event_type == "board_item.delivery_requested.v1" and envelope.producer == "cloud-comms"
-        request = inbox_pb2.DeliverItemRequest()
-        request.ParseFromString(envelope.payload)
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)  # opens the sealed payload
         found.append(request)
     return found
 

@@ -32,6 +32,7 @@ from services.cloud_comms.service import build
 from services.direct_simulator.__main__ import SimulatorSettings, load, partner
 from services.kit.auth import Identity
 from services.kit.embedded_mongo import free_port
+from services.kit.events import unpack
 from services.kit.settings import SettingsError
 from tests.cloud_direct_helpers import (
     CCDA,
@@ -285,8 +286,7 @@ def items(doc: dict) -> list[tuple[str, inbox_pb2.DeliverItemRequest]]:
         envelope = Envelope()
         envelope.ParseFromString(entry["env"])
         assert envelope.event_type == "board_item.delivery_requested.v1"
-        request = inbox_pb2.DeliverItemRequest()
-        request.ParseFromString(envelope.payload)
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)  # opens the sealed payload
         found.append((event_id, request))
     return sorted(found, key=lambda pair: pair[1].source_version)
 

@@ -29,6 +29,7 @@ from services.fax_simulator.app import sign
 from services.fax_simulator.pdf import SAMPLE_LINES, sample_pdf
 from services.kit.auth import Identity, current_identity
 from services.kit.bootstrap import phi_cipher
+from services.kit.events import unpack
 from tests.helpers import staged_accesses
 from tests.waits import Worker
 
@@ -173,8 +174,7 @@ def deliveries(doc) -> list[tuple[str, Envelope, inbox_pb2.DeliverItemRequest]]:
     for event_id, entry in (doc.get("_outbox") or {}).items():
         envelope = Envelope()
         envelope.ParseFromString(entry["env"])
-        request = inbox_pb2.DeliverItemRequest()
-        request.ParseFromString(envelope.payload)
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)  # opens the sealed payload
         found.append((event_id, envelope, request))
     return found
 

@@ -40,6 +40,7 @@ from services.inbox.delivery import Delivery
 from services.kit.auth import Identity
 from services.kit.bus import BatchPublisher
 from services.kit.embedded_mongo import free_port
+from services.kit.events import unpack
 from services.kit.outbox import OutboxRelay
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import IssuedToken, ServiceTokens
@@ -254,8 +255,7 @@ def items(doc: dict) -> list[inbox_pb2.DeliverItemRequest]:
         envelope = Envelope()
         envelope.ParseFromString(entry["env"])
         assert envelope.event_type == "board_item.delivery_requested.v1" and envelope.producer == "cloud-comms"
-        request = inbox_pb2.DeliverItemRequest()
-        request.ParseFromString(envelope.payload)
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)  # opens the sealed payload
         assert envelope.event_id == request.delivery_id
         found.append(request)
     return sorted(found, key=lambda r: r.source_version)

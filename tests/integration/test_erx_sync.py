@@ -36,6 +36,7 @@ from services.erx_bridge.vendors.base import (
     VendorUnavailable,
 )
 from services.kit.auth import Identity, current_identity
+from services.kit.events import unpack
 from services.kit.mongo import database
 from services.kit.service_identity import acting_as
 from tests.waits import wait_until
@@ -223,8 +224,7 @@ def staged(doc: dict) -> list[tuple[str, Envelope, inbox_pb2.DeliverItemRequest]
     for event_id, entry in (doc.get("_outbox") or {}).items():
         envelope = Envelope()
         envelope.ParseFromString(entry["env"])
-        request = inbox_pb2.DeliverItemRequest()
-        request.ParseFromString(envelope.payload)
+        request = unpack(envelope, inbox_pb2.DeliverItemRequest)  # opens the sealed payload
         found.append((event_id, envelope, request))
     return sorted(found, key=lambda f: f[2].source_version)
 
