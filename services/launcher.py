@@ -29,7 +29,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 
 from services.kit.embedded_mongo import EmbeddedMongo, free_port, pid_alive
-from services.kit.settings import REPO_ROOT, dev_secret
+from services.kit.settings import REPO_ROOT, SettingsError, dev_secret
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -65,6 +65,8 @@ class Ports:
     cloud_comms_http: int = 8107
     cloud_comms_grpc: int = 50057
     cloud_comms_smtp: int = 2525
+    audit_http: int = 8108
+    audit_grpc: int = 50058
 
     @classmethod
     def free(cls) -> Ports:
@@ -87,8 +89,10 @@ class StackConfig:
 class Stack:
     """The processes of the system, started in dependency order."""
 
+    # Stopped in reverse: audit goes after every producer, so it still records their last events.
     SERVICES = (
         "directory",
+        "audit",
         "erx-simulator",
         "fax-simulator",
         "direct-simulator",
@@ -145,6 +149,10 @@ class Stack:
     @property
     def cloud_comms_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.cloud_comms_http}"
+
+    @property
+    def audit_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.audit_http}"
 
     @property
     def cloud_direct_certs(self) -> Path:
@@ -204,6 +212,8 @@ class Stack:
                 "CLOUD_COMMS_GRPC_PORT": str(p.cloud_comms_grpc),
                 "CLOUD_SMTP_PORT": str(p.cloud_comms_smtp),
                 "CLOUD_COMMS_PUBLIC_URL": self.gateway_url,
+                "AUDIT_HTTP_PORT": str(p.audit_http),
+                "AUDIT_GRPC_PORT": str(p.audit_grpc),
                 # The fax provider: its API (the simulator in development) and the callback address
                 # it signs, which is the gateway's route to cloud-comms.
                 "CLOUD_FAX_API_URL": self.fax_simulator_url,
@@ -249,6 +259,8 @@ class Stack:
 
     def _start_processes(self) -> None:
         ensure_broker(self.config.amqp_url)
+        env = self.service_env()
+        declare_audit_queue(env)
         if self.config.mongo_uri is None:
             self.mongo = EmbeddedMongo(
                 data_dir=self.run_dir / "mongo",
@@ -257,7 +269,6 @@ class Stack:
                 pid_file=self.pids / "nx-27017.pid",
             )
             self.mongo.start()
-        env = self.service_env()
         directory = self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
         simulator = fax_simulator = None
         if self.runs_simulators:
@@ -266,6 +277,7 @@ class Stack:
         wait_http(f"{self.directory_url}/healthz", "directory", self.logs / "directory.log", directory)
         if self.config.seed_demo:
             self.demo_logins = self._seed(env)
+        audit = self._spawn("audit", [sys.executable, "-m", "services.audit"], env)
         inbox = self._spawn("inbox", [sys.executable, "-m", "services.inbox"], env)
         notifications = self._spawn("notifications", [sys.executable, "-m", "services.notifications"], env)
         auto_reply = self._spawn("auto-reply", [sys.executable, "-m", "services.auto_reply"], env)
@@ -291,6 +303,8 @@ class Stack:
             self.run_dir, "compliance-tracker-api-key", lambda: os.urandom(24).hex()
         )
         gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
+        # Ready = consuming the audit stream (its queue was declared before any service started).
+        wait_http(f"{self.audit_url}/readyz", "audit", self.logs / "audit.log", audit)
         wait_http(f"{self.inbox_url}/healthz", "inbox", self.logs / "inbox.log", inbox)
         wait_http(f"{self.notifications_url}/readyz", "notifications", self.logs / "notifications.log", notifications)
         # Ready = consuming message.delivered.v1 (its queue exists, so no delivery is missed).
@@ -349,6 +363,7 @@ class Stack:
             "DECK_WEB_URL": self.web_url,
             "DECK_ERX_BRIDGE_URL": self.erx_bridge_url,
             "DECK_CLOUD_COMMS_URL": self.cloud_comms_url,
+            "DECK_AUDIT_URL": self.audit_url,
             "DECK_DIRECTORY_JWT_PUBLIC_KEY": jwks_public_pem(f"{self.directory_url}/api/v1/auth/jwks"),
             "DECK_PATIENT_PORTAL_API_KEY": self.patient_portal_api_key,
             "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,
@@ -422,6 +437,23 @@ class Stack:
 
 
 # --- helpers ------------------------------------------------------------------
+def declare_audit_queue(env: dict[str, str]) -> None:
+    """Declare the audit service's queue before any service starts, so no audit event published
+    before the audit process first consumes is left unrouted. Settings the audit process itself
+    would refuse are left for it to report."""
+    from services.audit import config as audit_config
+    from services.audit.ingest import declare_queues
+
+    try:
+        settings = audit_config.load(env)
+    except SettingsError:
+        return
+    try:
+        declare_queues(settings)
+    except pika.exceptions.AMQPError as exc:
+        raise LaunchError(f"declaring the audit queue failed ({type(exc).__name__})") from exc
+
+
 def stop_process_group(pid: int, timeout_s: float = 15.0) -> bool:
     """SIGTERM the process group (graceful drain), SIGKILL whatever is left after the timeout."""
     if not pid_alive(pid):
@@ -584,6 +616,10 @@ def print_welcome(stack: Stack) -> None:
             f"Partner HISP simulator (development only; outbound Direct is relayed to it and it answers with MDNs): "
             f"{stack.direct_simulator_url}/simulator/state   SMTP 127.0.0.1:{stack.config.ports.direct_simulator_smtp}"
         )
+    print(
+        f"Audit trail (agency admins, compliance officers): {stack.gateway_url}/api/v1/audit/records   "
+        "chain check: python -m services.audit verify"
+    )
     print("Try it:")
     print(
         f"  curl -s -X POST {stack.gateway_url}/api/v1/auth/token -H 'Content-Type: application/json' "

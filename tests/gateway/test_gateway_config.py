@@ -45,6 +45,7 @@ def product_env(upstream, keys) -> dict[str, str]:
         "DECK_WEB_URL": upstream.url,
         "DECK_ERX_BRIDGE_URL": upstream.url,
         "DECK_CLOUD_COMMS_URL": upstream.url,
+        "DECK_AUDIT_URL": upstream.url,
         "DECK_DIRECTORY_JWT_PUBLIC_KEY": keys.public_pem,
         "DECK_PATIENT_PORTAL_API_KEY": PORTAL_KEY,
         "DECK_LAB_INTERFACE_API_KEY": "lab-interface-test-key",
@@ -59,7 +60,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (7 services, 18 routes, 5 consumers" in result.stdout
+    assert "OK (8 services, 19 routes, 5 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):

@@ -50,6 +50,7 @@ def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
         "fax-simulator",
         "direct-simulator",
         "cloud-comms",
+        "audit",
         "notifications",
         "auto-reply",
         "web",

@@ -1,0 +1,109 @@
+"""audit settings: the only reader of the environment for this service.
+
+The audit service holds no PHI and decrypts nothing, so unlike the other services it reads no
+PHI master keys: only its database, the broker, directory's keys (to check callers' tokens) and
+its own checkpoint signing key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.audit.signing import SigningKey, TrustedKeys, generate_private_pem, load_public_keys
+from services.kit.settings import EMBEDDED_MONGO_URI, Env
+
+SERVICE = "audit"
+DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    mode: str
+    run_dir: Path
+    mongo_uri: str
+    mongo_db: str
+    amqp_url: str
+    events_exchange: str
+    log_level: str
+    http_host: str
+    grpc_host: str
+    http_port: int
+    grpc_port: int  # health and reflection only (native probes)
+    directory_grpc_target: str
+    directory_jwks_url: str
+    queue: str
+    max_retries: int
+    retry_delay_ms: int
+    prefetch: int
+    # A signed checkpoint every `checkpoint_every` records of a chain, and at least every
+    # `checkpoint_interval_s` for a chain that grew since its last one.
+    checkpoint_every: int
+    checkpoint_interval_s: float
+    page_max: int
+    export_max_rows: int
+    max_request_bytes: int
+    signing_key: SigningKey | None = field(repr=False)
+    # The public keys a verification accepts: the signing key's and retired ones.
+    trusted_keys: TrustedKeys = field(repr=False)
+
+    @property
+    def production(self) -> bool:
+        return self.mode == "production"
+
+
+def _signing_key(env: Env) -> SigningKey | None:
+    pem = env.secret("AUDIT_SIGNING_KEY", "audit-signing-key.pem", generate_private_pem)
+    if not pem:
+        return None  # already reported (required in production, or its file unreadable)
+    try:
+        return SigningKey.from_pem(pem)
+    except ValueError:
+        env.problems.append("AUDIT_SIGNING_KEY must be an unencrypted Ed25519 private key in PEM (PKCS#8)")
+        return None
+
+
+def _retired_keys(env: Env) -> list:
+    pem = env.given_secret("AUDIT_TRUSTED_PUBLIC_KEYS")
+    try:
+        return load_public_keys(pem or "")
+    except ValueError:
+        env.problems.append("AUDIT_TRUSTED_PUBLIC_KEYS must hold Ed25519 public keys in PEM")
+        return []
+
+
+def load(environ: Mapping[str, str] | None = None) -> AuditSettings:
+    env = Env(SERVICE, environ)
+    mongo_uri = env.url("MONGO_URI", None if env.production else EMBEDDED_MONGO_URI, ("mongodb", "mongodb+srv"))
+    signing_key = _signing_key(env)
+    retired = _retired_keys(env)
+    trusted = TrustedKeys([*([signing_key.public_key] if signing_key else []), *retired])
+    settings = AuditSettings(
+        mode=env.mode,
+        run_dir=env.run_dir,
+        mongo_uri=mongo_uri,
+        mongo_db=f"{env.str('MONGO_DB_PREFIX', 'clinic_')}{SERVICE}",
+        amqp_url=env.url("AMQP_URL", None if env.production else DEV_AMQP_URL, ("amqp", "amqps")),
+        events_exchange=env.str("EVENTS_EXCHANGE", "clinic.events"),
+        log_level=env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        http_host=env.str("HTTP_HOST", "127.0.0.1"),
+        grpc_host=env.str("GRPC_HOST", "127.0.0.1"),
+        http_port=env.int("AUDIT_HTTP_PORT", 8108, minimum=0, maximum=65535),
+        grpc_port=env.int("AUDIT_GRPC_PORT", 50058, minimum=0, maximum=65535),
+        directory_grpc_target=env.str("DIRECTORY_GRPC_TARGET", "127.0.0.1:50051"),
+        directory_jwks_url=env.url("DIRECTORY_JWKS_URL", "http://127.0.0.1:8101/api/v1/auth/jwks", ("http", "https")),
+        queue=env.str("AUDIT_QUEUE", "audit.records"),
+        max_retries=env.int("AUDIT_MAX_RETRIES", 10, minimum=0, maximum=100),
+        retry_delay_ms=env.int("AUDIT_RETRY_DELAY_MS", 5_000, minimum=10, maximum=3_600_000),
+        prefetch=env.int("AUDIT_PREFETCH", 64, minimum=1, maximum=1000),
+        checkpoint_every=env.int("AUDIT_CHECKPOINT_EVERY", 1000, minimum=1, maximum=1_000_000),
+        checkpoint_interval_s=env.float("AUDIT_CHECKPOINT_INTERVAL_S", 300.0, minimum=0.1),
+        page_max=env.int("AUDIT_PAGE_MAX", 200, minimum=1, maximum=1000),
+        export_max_rows=env.int("AUDIT_EXPORT_MAX_ROWS", 10_000, minimum=1, maximum=1_000_000),
+        max_request_bytes=env.int("AUDIT_MAX_REQUEST_BYTES", 16 * 1024, minimum=1024, maximum=1024 * 1024),
+        signing_key=signing_key,
+        trusted_keys=trusted,
+    )
+    env.done()
+    return settings

@@ -1,0 +1,27 @@
+"""The `Recording` feature: the audit stream's consumer (services.audit.ingest) and the timed
+checkpoint pass (services.audit.checkpoints)."""
+
+from __future__ import annotations
+
+from services.audit.components import Feature, Listener
+from services.audit.config import SERVICE
+from services.audit.ingest import Recorder, build_consumer
+from services.kit.features import Worker
+from services.kit.processed_events import ProcessedEvents
+
+
+class Recording(Feature):
+    def __init__(self, components):
+        super().__init__(components)
+        self.recorder = Recorder(components.store, components.checkpointer)
+        self.consumer = build_consumer(
+            components.settings, self.recorder, ProcessedEvents(components.store.db, SERVICE)
+        )
+
+    def listeners(self) -> list[Listener]:
+        # Stopping lets the batch in hand finish; unacked prefetched events go back to the queue.
+        consumer = self.consumer
+        return [("audit-consumer", lambda _stop: consumer.run(), consumer.stop, consumer.wait_until_consuming)]
+
+    def background(self) -> list[Worker]:
+        return [("checkpoints", self.components.checkpointer.run)]
