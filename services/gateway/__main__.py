@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.SERVICE, settings.log_level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     try:
-        model = load_file(settings.config_path, settings.deck_env)
+        model = load_file(settings.config_path, settings.deck_env, settings.vault_env)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         log.error("configuration refused", extra={"count": len(exc.problems)})

@@ -5,14 +5,20 @@ GATEWAY_CONFIG (default gateway/kong.yml) say where to listen and what to
 serve; GATEWAY_DRAIN_SECONDS bounds the wait for in-flight requests on
 SIGTERM; GATEWAY_ACCESS_LOG=off silences the per-request log line. The DECK_*
 variables are handed to the decK template renderer untouched.
+
+Vault references in plugin configuration (`{vault://env/NAME}`) read the environment, as Kong's
+env vault does; GATEWAY_IDENTITY_KEY (clinic-identity-signer's key) may also come from
+GATEWAY_IDENTITY_KEY_FILE and, in development, from the run folder, where the services read the
+same key (services.kit.gateway_identity).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.kit import gateway_identity
 from services.kit.settings import REPO_ROOT, Env
 
 SERVICE = "gateway"
@@ -28,6 +34,8 @@ class GatewaySettings:
     access_log: bool
     log_level: str
     deck_env: Mapping[str, str]
+    # What `{vault://env/...}` references read: the environment, with the gateway identity key.
+    vault_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 def load(environ: Mapping[str, str] | None = None, config_path: str | None = None) -> GatewaySettings:
@@ -39,6 +47,8 @@ def load(environ: Mapping[str, str] | None = None, config_path: str | None = Non
     drain = env.float("GATEWAY_DRAIN_SECONDS", 30.0)
     access_log = env.choice("GATEWAY_ACCESS_LOG", ("on", "off"), "on") == "on"
     level = env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+    identity_key = gateway_identity.read_keys(env)[:1]
     env.done()
     deck_env = {k: v for k, v in env.environ.items() if k.startswith("DECK_")}
-    return GatewaySettings(host, port, path, drain, access_log, level, deck_env)
+    vault_env = {**env.environ, gateway_identity.KEY_ENV: identity_key[0] if identity_key else ""}
+    return GatewaySettings(host, port, path, drain, access_log, level, deck_env, vault_env)

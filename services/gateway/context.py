@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class RequestContext:
                  "route", "service", "consumer", "credential", "upstream_headers",
                  "cleared_query_args", "response_header_ops", "plugin_state", "buffer_body_limit",
                  "size_limit_status", "proxy_started", "connection_serial", "connection_requests", "status",
-                 "upstream_ms")
+                 "upstream_ms", "body_signers")
 
     def __init__(self, request: IncomingRequest, request_id: str, client_ip: str, *, server_port: int = 0,
                  connection_serial: int = 0, connection_requests: int = 0):
@@ -107,6 +108,9 @@ class RequestContext:
         self.connection_requests = connection_requests
         self.status = 0
         self.upstream_ms: int | None = None
+        # Plugins that must see the whole body and the final upstream target before the request is
+        # sent (Kong: kong.request.get_raw_body() in the access phase): called as f(ctx, target, body).
+        self.body_signers: list[Callable[[RequestContext, str, bytes], None]] = []
 
     # kong.service.request.*
     def set_upstream_header(self, name: str, value: str) -> None:
@@ -114,6 +118,17 @@ class RequestContext:
 
     def clear_upstream_header(self, name: str) -> None:
         self.upstream_headers[name.lower()] = (name, None)
+
+    def upstream_header(self, name: str) -> str | None:
+        """The value the service will get for `name`: a plugin's, else the client's (wire text)."""
+        lower = name.lower()
+        if lower in self.upstream_headers:
+            return self.upstream_headers[lower][1]
+        return self.request.header(lower)
+
+    def keep_upstream_header(self, name: str, value: str | None) -> None:
+        """Send exactly `value` (already wire text, as upstream_header returns it), or nothing."""
+        self.upstream_headers[name.lower()] = (name, value or None)
 
     def clear_query_arg(self, name: str) -> None:
         self.cleared_query_args.add(name)

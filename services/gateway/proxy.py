@@ -233,7 +233,7 @@ class Gateway:
         if exit_ is not None:
             return await self.send_exit(ctx, conn, exit_, filters)
         body = None
-        if ctx.buffer_body_limit is not None and request.chunked:
+        if ctx.buffer_body_limit is not None and request.has_body and (request.chunked or ctx.body_signers):
             assert request.body is not None
             if request.body.received == 0 and request.expects_continue:
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -242,6 +242,14 @@ class Gateway:
                 exit_ = error(ctx.size_limit_status, ctx.request_id, request.header("accept"),
                               "Request size limit exceeded")
                 return await self.send_exit(ctx, conn, exit_, filters)
+        if ctx.body_signers:
+            try:
+                target = self.upstream_uri(ctx)
+                for signer in ctx.body_signers:
+                    signer(ctx, target, body or b"")
+            except Exception:
+                log.exception("plugin body phase failed", extra={"request_id": ctx.request_id})
+                return await self.send_exit(ctx, conn, error(500, ctx.request_id, request.header("accept")), filters)
         return await self._proxy(ctx, conn, filters, body)
 
     def _keep_alive(self, request: IncomingRequest) -> bool:

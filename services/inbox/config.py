@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.kit import gateway_identity
 from services.kit.settings import CommonSettings, Env, common_settings
 
 
@@ -20,6 +21,8 @@ class InboxSettings:
     max_request_bytes: int
     relay_batch_size: int
     recipients_cache_s: float
+    # Keys that prove a partner identity came from the gateway (current first; services.kit.gateway_identity).
+    gateway_identity_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
 def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
@@ -37,6 +40,7 @@ def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
         relay_batch_size=env.int("OUTBOX_BATCH_SIZE", 500, minimum=1, maximum=5000),
         # How long a delivery may rely on directory's word that a staff member is active (0: always ask).
         recipients_cache_s=env.float("INBOX_RECIPIENTS_CACHE_S", 10.0, minimum=0.0),
+        gateway_identity_keys=gateway_identity.read_keys(env),
     )
     env.done()
     return settings

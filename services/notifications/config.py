@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.kit import gateway_identity
 from services.kit.settings import CommonSettings, Env, common_settings
 from services.notifications.registrations import Facility
 
@@ -41,6 +42,8 @@ class NotificationsSettings:
     compliance_pass_interval_s: float = 15.0
     # This interface's MSH-11: messages with another processing id (training, debugging) are refused.
     processing_id: str = "P"
+    # Keys that prove a partner identity came from the gateway (current first; services.kit.gateway_identity).
+    gateway_identity_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
 def parse_facilities(raw: str, problems: list[str]) -> dict[str, Facility]:
@@ -97,6 +100,7 @@ def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
         partners=parse_partners(partners_raw, env.problems),
         compliance_pass_interval_s=env.float("NOTIFICATIONS_COMPLIANCE_PASS_S", 15.0, minimum=0.1),
         processing_id=env.choice("NOTIFICATIONS_PROCESSING_ID", ("P", "T", "D"), "P"),
+        gateway_identity_keys=gateway_identity.read_keys(env),
     )
     env.done()
     return settings

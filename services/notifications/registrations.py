@@ -3,7 +3,8 @@
 - HL7 v2 over MLLP: the receiving facility (MSH-6, first component) names the clinic a message is
   addressed to; NOTIFICATIONS_FACILITIES maps it to an agency. An unknown facility is refused (AR).
 - Partner HTTP APIs (FHIR through the gateway): the request names the agency in its path; the
-  gateway consumer that sent it (X-Consumer-Username, set by key-auth) must be registered for that
+  gateway consumer that sent it (X-Consumer-Username, set by key-auth and trusted only with the
+  gateway's signed X-Gateway-Identity, services.kit.gateway_identity) must be registered for that
   agency in NOTIFICATIONS_PARTNERS, else 404 agency_not_found (whether or not the agency exists).
 
 Both come from configuration at start (development: the two demo agencies), kept in memory.
@@ -18,9 +19,10 @@ from __future__ import annotations
 import zoneinfo
 from dataclasses import dataclass
 
-from flask import request
+from flask import current_app
 
-from services.kit.errors import NotFound, Unauthenticated
+from services.kit import gateway_identity
+from services.kit.errors import NotFound
 from services.kit.validation import ID_PATTERN
 
 
@@ -76,9 +78,10 @@ class Registrations:
 
 
 def gateway_consumer() -> str:
-    """The partner the gateway authenticated (key-auth sets X-Consumer-Username and strips any
-    client-sent copy). Trusted because the service's HTTP port is reachable from the gateway only."""
-    consumer = request.headers.get("X-Consumer-Username", "").strip()
-    if not consumer or request.headers.get("X-Anonymous-Consumer", "").lower() == "true":
-        raise Unauthenticated("unauthenticated", "partner requests must come through the gateway with an API key")
-    return consumer
+    """The partner the gateway authenticated: X-Consumer-Username, believed only when the gateway's
+    X-Gateway-Identity token proves it for this very request (anyone reaching this port can send the
+    header). 401 otherwise, and a forged one is recorded as a security event."""
+    components = current_app.extensions["notifications"]
+    return gateway_identity.verified_partner(
+        components.settings.gateway_identity_keys, db=components.store.db, service="notifications"
+    ).username

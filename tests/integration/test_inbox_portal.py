@@ -15,6 +15,7 @@ from services.inbox.portal import Portal
 from services.kit.auth import Identity
 from services.kit.errors import Conflict
 from tests.integration.inbox_fixtures import staff
+from tests.integration.test_gateway_identity import signing_client
 
 AGENCY = "agy_1"
 OTHER = "agy_2"
@@ -45,7 +46,8 @@ def portal(inbox):
     table.staff.update({s: AGENCY for s in (*TEAM_STAFF, "stf_d")})
     table.staff["stf_other"] = OTHER
     table.patients.update({"jane": JANE, "john": JOHN})
-    return components, table, build_app(components, None).test_client()
+    # The gateway signs each partner request (X-Gateway-Identity); this client does it in its place.
+    return components, table, signing_client(build_app(components, None), components.settings.gateway_identity_keys[0])
 
 
 def partner(consumer: str = CONSUMER, **headers) -> dict:

@@ -7,6 +7,7 @@ then resolve references and uniqueness as Kong's declarative loader does.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from services.gateway.declarative import entities as e
 from services.gateway.declarative.schema import MISSING, Problems, Record, join
 from services.gateway.declarative.template import TemplateError, render
+from services.gateway.declarative.vault import resolve_references
 from services.gateway.model import (
     Consumer,
     GatewayModel,
@@ -72,15 +74,18 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def load_file(path: Path, environ: Mapping[str, str]) -> GatewayModel:
+def load_file(path: Path, environ: Mapping[str, str], vault: Mapping[str, str] | None = None) -> GatewayModel:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
-    return load_text(text, environ, str(path))
+    return load_text(text, environ, str(path), vault)
 
 
-def load_text(text: str, environ: Mapping[str, str], source: str = "kong.yml") -> GatewayModel:
+def load_text(text: str, environ: Mapping[str, str], source: str = "kong.yml",
+              vault: Mapping[str, str] | None = None) -> GatewayModel:
+    """`environ`: the DECK_* variables of the template; `vault`: what `{vault://env/...}` references
+    read (Kong's env vault reads the process environment; so does this one by default)."""
     try:
         rendered = render(text, environ)
     except TemplateError as exc:
@@ -91,7 +96,7 @@ def load_text(text: str, environ: Mapping[str, str], source: str = "kong.yml") -
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(source, [f"{where}{getattr(exc, 'problem', None) or exc}"]) from None
-    builder = _Builder()
+    builder = _Builder(os.environ if vault is None else vault)
     model = builder.build(document)
     if builder.problems:
         raise ConfigError(source, [str(p) for p in builder.problems])
@@ -122,7 +127,8 @@ def _items(document: dict, key: str, problems: Problems, path: str = "") -> list
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, vault: Mapping[str, str] | None = None) -> None:
+        self.vault: Mapping[str, str] = {} if vault is None else vault
         self.problems = Problems()
         self.services: list[Service] = []
         self.services_by_ref: dict[str, Service] = {}
@@ -374,6 +380,11 @@ class _Builder:
             if nested is not None and record.get(key) is not None:
                 self.problems.add(join(path, key), f"a nested plugin takes its {key} from where it is declared")
                 return
+        before = len(self.problems.items)
+        record["config"] = resolve_references(spec.config, record["config"], join(path, "config"), self.vault,
+                                              self.problems)
+        if len(self.problems.items) > before:
+            return
         self.pending_plugins.append((path, record, route_ref, service_ref))
 
     def resolve_plugins(self) -> None:

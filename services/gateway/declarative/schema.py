@@ -111,14 +111,27 @@ def _copy(value: Any) -> Any:
     return value
 
 
+def is_reference(value: Any) -> bool:
+    """Kong's test for a vault reference (`{vault://...}`), kong/pdk/vault.lua `is_reference`."""
+    return isinstance(value, str) and value.startswith("{vault://") and value.endswith("}")
+
+
 @dataclass
 class String(Field):
     len_min: int = 1
     starts_with: str | None = None
     match: str | None = None
     match_err: str | None = None
+    # Kong's `referenceable`: a vault reference is accepted as it is and resolved after validation
+    # (services.gateway.declarative.vault); Kong checks nothing else about it.
+    referenceable: bool = False
 
     type_name = "a string"
+
+    def validate(self, value: Any, path: str, problems: Problems) -> Any:
+        if self.referenceable and is_reference(value):
+            return value
+        return super().validate(value, path, problems)
 
     def check_type(self, value: Any, path: str, problems: Problems) -> Any:
         if not isinstance(value, str):

@@ -1,8 +1,17 @@
-"""The Kong plugins the local gateway reproduces, by name."""
+"""The Kong plugins the local gateway reproduces, by name (and the project's own, clinic-identity-signer)."""
 
 from __future__ import annotations
 
-from services.gateway.plugins import acl, correlation_id, cors, jwt, key_auth, prometheus, rate_limiting
+from services.gateway.plugins import (
+    acl,
+    correlation_id,
+    cors,
+    identity_signer,
+    jwt,
+    key_auth,
+    prometheus,
+    rate_limiting,
+)
 from services.gateway.plugins import request_size_limiting as size_limiting
 from services.gateway.plugins.base import Plugin, PluginSpec
 
@@ -12,6 +21,7 @@ REGISTRY: dict[str, PluginSpec] = {
         acl.SPEC,
         correlation_id.SPEC,
         cors.SPEC,
+        identity_signer.SPEC,
         jwt.SPEC,
         key_auth.SPEC,
         prometheus.SPEC,
