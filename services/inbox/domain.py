@@ -346,14 +346,20 @@ LABEL_MAX_CHARS = 40
 
 
 def label_name(raw: str) -> tuple[str, str]:
-    """(display name, uniqueness key): trimmed, inner white space collapsed, 1..40 characters,
-    unique per owner without regard to case."""
+    """(display name, normalised name): trimmed, inner white space collapsed, 1..40 characters,
+    unique per owner without regard to case. The normalised name is only ever stored as a keyed
+    hash (services/inbox/label_names.py)."""
     name = " ".join(raw.split())
     if not name:
         raise InvalidInput("invalid_label_name", "a label needs a name")
     if len(name) > LABEL_MAX_CHARS:
         raise InvalidInput("invalid_label_name", f"a label name is at most {LABEL_MAX_CHARS} characters")
-    return name, name.casefold()
+    return name, label_key(name)
+
+
+def label_key(name: str) -> str:
+    """The form two names share when they are the same label's (case aside)."""
+    return " ".join(name.split()).casefold()
 
 
 def new_label_id() -> str:

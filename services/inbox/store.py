@@ -6,7 +6,8 @@ Query shapes (all served from an index on nx-27017 and on MongoDB; see docs/stor
 - one item:     {"_id": {"$eq": ...}}
 - urgent page:  {"urgent_board": {"$eq": ...}} same sort
 - label page:   label_items {"label_board": {"$eq": "<agency>|<staff>|label:<id>"}} same sort, then items by _id $in
-- labels:       {"owner": {"$eq": "<agency>|<staff>"}} sort name_key
+- labels:       {"owner": {"$eq": "<agency>|<staff>"}} sort name_key (a keyed hash: sorted by name after opening)
+- label rewrite: update_one({"_id": {"$eq": id}, "name_key": {"$eq": old}}, {"$set": sealed name and keys})
 - fan-out repair: {"fanout_pending_at": {"$lte": t}} sort fanout_pending_at
 - one item change: update_one({"_id": {"$eq": id}, "version": {"$eq": v}}, {"$set": ...}) (optimistic)
 - counters:     update_one({"_id": {"$eq": "<agency>|<staff>"}}, {"$inc": delta}, upsert=True)
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from pymongo import DESCENDING, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from services.inbox import domain
 from services.inbox.fanout import pending_records, repair_index
@@ -256,6 +257,8 @@ class InboxStore:
                 before = page[-1]["sort_key"]
 
     # --- labels ---------------------------------------------------------------
+    # A label's `name` is sealed and `name_key` / `owner_name` are keyed hashes
+    # (services/inbox/label_names.py); nothing here sees a name in clear.
     def insert_label(self, doc: dict) -> bool:
         try:
             self.labels.insert_one(doc)
@@ -270,18 +273,34 @@ class InboxStore:
         return self.labels.find_one({"owner_name": {"$eq": f"{owner}|{name_key}"}})
 
     def owner_labels(self, owner: str, limit: int = 500) -> list[dict]:
+        """At most `limit` of the owner's labels, in an order that is stable but not by name (the
+        key is a hash): callers sort by name once the names are opened."""
         return list(self.labels.find({"owner": {"$eq": owner}}).sort("name_key", 1).limit(limit))
 
-    def rename_label(self, label_id: str, owner: str, name: str, name_key: str) -> bool:
-        """False when another label of the owner has that name."""
+    def rename_label(self, label_id: str, owner: str, fields: dict) -> bool:
+        """Write the label's new name fields; False when another label of the owner has that name."""
+        return self._write_label_name({"_id": {"$eq": label_id}, "owner": {"$eq": owner}}, fields)
+
+    def rewrite_label_name(self, label_id: str, old_name_key: str | None, fields: dict) -> bool:
+        """Store a label's name in today's shape (sealed, hashed with the active key) unless it
+        changed since it was read (a rename wrote a new key). False when it was not written: it
+        changed meanwhile, or another label of the owner already holds that key."""
+        return self._write_label_name({"_id": {"$eq": label_id}, "name_key": {"$eq": old_name_key}}, fields)
+
+    def _write_label_name(self, guard: dict, fields: dict) -> bool:
+        """One $set of a label's sealed name and its keys; False when nothing matched `guard` or the
+        owner's unique key is another label's. nx-27017 answers a unique-key clash of a write that
+        holds bytes with a serialisation error (the document unchanged) instead of a duplicate-key
+        one: such an error counts as the clash only when another label does hold the key."""
         try:
-            result = self.labels.update_one(
-                {"_id": {"$eq": label_id}, "owner": {"$eq": owner}},
-                {"$set": {"name": name, "name_key": name_key, "owner_name": f"{owner}|{name_key}"}},
-            )
+            return self.labels.update_one(guard, {"$set": fields}).matched_count == 1
         except DuplicateKeyError:
             return False
-        return result.matched_count == 1
+        except WriteError:
+            holder = self.labels.find_one({"owner_name": {"$eq": fields["owner_name"]}}, projection={"_id": 1})
+            if holder is not None and holder["_id"] != guard["_id"]["$eq"]:
+                return False
+            raise
 
     def delete_label(self, label_id: str) -> None:
         self.labels.delete_one({"_id": {"$eq": label_id}})
