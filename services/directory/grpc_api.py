@@ -17,9 +17,21 @@ service tokens only, and ResolveCloudAddress answers only the platform-scope
 token of the `cloud-comms` service client (an inbound Direct message or fax
 names an address, not an agency: the address says which agency it is for); a
 platform-scope token, in turn, is refused by every agency-scoped method.
+
+Role rules are those of each method's HTTP twin (docs/audit-coverage.md lists
+them): GetPortalPatient, like GET /api/v1/directory/patients/<id>, answers
+admins, and the service that serves the patient portal (inbox); any other staff
+member or service is PERMISSION_DENIED `admin_only`. A staff record's vendor
+clinician id is shown to admins and services, and to the staff member
+themself (erx-bridge signs a prescriber in with it on their own token); the
+agency's portal consumer to admins and services. Every GetPortalPatient leaves
+a `phi.accessed.v1` record (allowed, or denied for a refusal or an unknown
+patient), and every refusal an `access_refused` security event.
 """
 
 from __future__ import annotations
+
+import functools
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.directory import domain, events
@@ -27,18 +39,22 @@ from services.directory.domain import Agency, StaffMember
 from services.directory.service_clients import ServiceClients
 from services.directory.store import DirectoryStore
 from services.kit.auth import (
+    KIND_SERVICE,
     ROLE_ADMIN,
     ROLE_COMPLIANCE_OFFICER,
     ROLE_PRESCRIBER,
     ROLE_STAFF,
     SERVICE_SUBJECT_PREFIX,
+    Identity,
     agency_caller,
+    current_identity,
     platform_caller,
 )
 from services.kit.errors import Forbidden, InvalidInput, NotFound
 from services.kit.grpc_server import ServiceBinding
 from services.kit.mongo import now_ms
 from services.kit.revocations import BOOTSTRAP_WINDOW_MS, LIST_PAGE_LIMIT
+from services.kit.security_events import SecurityLog
 
 ROLE_TO_PROTO = {
     ROLE_STAFF: directory_pb2.ROLE_STAFF,
@@ -51,10 +67,59 @@ SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].ful
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/IssueServiceToken"})
 # The one service client that may resolve cloud addresses (with a platform-scope token).
 CLOUD_COMMS_CLIENT = "cloud-comms"
+# The service clients that read portal patients (inbox serves the patient portal's requests).
+PORTAL_PATIENT_CLIENTS = frozenset({"inbox"})
 
 
-def staff_message(member: StaffMember, team_ids: list[str], agency: Agency | None) -> directory_pb2.Staff:
-    """A staff member for another service; `agency` is the member's (None if unknown: no ePrescribing)."""
+def is_service(caller: Identity) -> bool:
+    return caller.kind == KIND_SERVICE
+
+
+def sees_admin_fields(caller: Identity) -> bool:
+    """What the HTTP edge shows admins only (a partner integration's name, vendor ids) is for admins
+    and services here too."""
+    return is_service(caller) or caller.is_admin
+
+
+def may_read_portal_patients(caller: Identity) -> bool:
+    """Admins (as on GET /api/v1/directory/patients), and the services that serve the portal."""
+    if is_service(caller):
+        return caller.subject.removeprefix(SERVICE_SUBJECT_PREFIX) in PORTAL_PATIENT_CLIENTS
+    return caller.is_admin
+
+
+def refusals_recorded(method):
+    """Each refusal (Forbidden, PERMISSION_DENIED) of the method leaves an `access_refused` security
+    event naming the caller, the method and the refusal's code, before it is answered."""
+
+    @functools.wraps(method)
+    def recorded(self, request, context):
+        try:
+            return method(self, request, context)
+        except Forbidden as exc:
+            if self.security is not None:
+                caller = current_identity.get()
+                self.security.record(
+                    "access_refused",
+                    agency_id=caller.agency_id if caller else "",
+                    actor_id=caller.subject if caller else "",
+                    actor_kind=caller.kind if caller else "anonymous",
+                    reason=exc.code,
+                    target_type="grpc_method",
+                    target_id=f"{SERVICE_NAME}/{method.__name__}",
+                    source=context.peer() if context is not None else "",
+                )
+            raise
+
+    return recorded
+
+
+def staff_message(
+    member: StaffMember, team_ids: list[str], agency: Agency | None, *, admin_fields: bool = True
+) -> directory_pb2.Staff:
+    """A staff member for another service; `agency` is the member's (None if unknown: no ePrescribing).
+    Without `admin_fields` the vendor clinician id is left out (GET /api/v1/directory/staff shows it
+    to admins only)."""
     return directory_pb2.Staff(
         staff_id=member.id,
         agency_id=member.agency_id,
@@ -67,26 +132,35 @@ def staff_message(member: StaffMember, team_ids: list[str], agency: Agency | Non
         team_ids=team_ids,
         supervisor_id=member.supervisor_id,
         npi=member.npi,
-        erx_clinician_id=member.erx_clinician_id,
+        erx_clinician_id=member.erx_clinician_id if admin_fields else "",
     )
 
 
 class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
-    def __init__(self, store: DirectoryStore, service_clients: ServiceClients):
+    def __init__(self, store: DirectoryStore, service_clients: ServiceClients, security: SecurityLog | None = None):
         self.store = store
         self.service_clients = service_clients
+        self.security = security
 
+    @refusals_recorded
     def GetStaff(self, request: directory_pb2.GetStaffRequest, context) -> directory_pb2.GetStaffResponse:
-        agency_id = agency_caller().agency_id
+        caller = agency_caller()
+        agency_id = caller.agency_id
         staff_ids = domain.distinct_ids(request.staff_ids, "staff ids")
         found = self.store.staff_by_ids(agency_id, [i for i in staff_ids if domain.is_well_formed_id(i)])
         teams_of = self.store.team_ids_of(agency_id, found) if found else {}
         agency = self.store.get_agency(agency_id) if found else None
+        full = sees_admin_fields(caller)
         return directory_pb2.GetStaffResponse(
-            staff=[staff_message(found[i], teams_of[i], agency) for i in staff_ids if i in found],
+            staff=[
+                staff_message(found[i], teams_of[i], agency, admin_fields=full or i == caller.subject)
+                for i in staff_ids
+                if i in found
+            ],
             missing_staff_ids=[i for i in staff_ids if i not in found],
         )
 
+    @refusals_recorded
     def ResolveRecipients(
         self, request: directory_pb2.ResolveRecipientsRequest, context
     ) -> directory_pb2.ResolveRecipientsResponse:
@@ -117,10 +191,12 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             team_names={team_id: teams[team_id].name for team_id in team_ids if team_id in teams},
         )
 
+    @refusals_recorded
     def GetAgencySettings(
         self, request: directory_pb2.GetAgencySettingsRequest, context
     ) -> directory_pb2.GetAgencySettingsResponse:
-        agency = self.store.get_agency(agency_caller().agency_id)
+        caller = agency_caller()
+        agency = self.store.get_agency(caller.agency_id)
         if agency is None:
             raise NotFound("agency_not_found", "the caller's agency is not in the directory")
         return directory_pb2.GetAgencySettingsResponse(
@@ -132,7 +208,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
                 patient_plural=agency.terminology.patient_plural,
             ),
             time_zone=agency.time_zone,
-            portal_consumer=agency.portal_consumer,
+            portal_consumer=agency.portal_consumer if sees_admin_fields(caller) else "",
             compliance_escalation_minutes=agency.compliance_escalation_minutes,
             idle_signout_minutes=agency.idle_signout_minutes,
             notify_ordering_provider_of_results=agency.notify_ordering_provider_of_results,
@@ -141,8 +217,10 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             erx_clinic_id=agency.erx_clinic_id,
         )
 
+    @refusals_recorded
     def ListStaff(self, request: directory_pb2.ListStaffRequest, context) -> directory_pb2.ListStaffResponse:
-        agency_id = agency_caller().agency_id
+        caller = agency_caller()
+        agency_id = caller.agency_id
         role = PROTO_TO_ROLE.get(request.role) if request.role else None
         if request.role and role is None:
             raise InvalidInput("unknown_role", "unknown role")
@@ -155,17 +233,26 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             and (member.lab_result_notification or not request.lab_result_notification_only)
             and (domain.has_eprescribing(member, agency) or not request.eprescribing_only)
         ]
+        full = sees_admin_fields(caller)
         return directory_pb2.ListStaffResponse(
-            staff=[staff_message(member, [], agency) for member in sorted(chosen, key=lambda m: m.id)]
+            staff=[
+                staff_message(member, [], agency, admin_fields=full or member.id == caller.subject)
+                for member in sorted(chosen, key=lambda m: m.id)
+            ]
         )
 
+    @refusals_recorded
     def GetPortalPatient(
         self, request: directory_pb2.GetPortalPatientRequest, context
     ) -> directory_pb2.GetPortalPatientResponse:
-        agency_id = agency_caller().agency_id
+        caller = agency_caller()
+        agency_id = caller.agency_id
         if bool(request.patient_id) == bool(request.portal_user_id):
             raise InvalidInput("invalid_request", "give exactly one of patient_id and portal_user_id")
         wanted = request.patient_id or request.portal_user_id
+        if not may_read_portal_patients(caller):
+            self._refused_patient(caller, request)
+            raise Forbidden("admin_only", "reading portal patients needs the admin role")
         patient = None
         if domain.is_well_formed_id(wanted):
             if request.patient_id:
@@ -173,7 +260,9 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             else:
                 patient = self.store.patient_by_portal_user(agency_id, wanted)
         if patient is None:
+            self._refused_patient(caller, request)
             raise NotFound("patient_not_found", "no such patient in the caller's agency")
+        self.store.record_patient_access(caller, [patient.id])
         return directory_pb2.GetPortalPatientResponse(
             patient_id=patient.id,
             agency_id=patient.agency_id,
@@ -181,12 +270,24 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             display_name=patient.display_name,
         )
 
+    def _refused_patient(self, caller: Identity, request: directory_pb2.GetPortalPatientRequest) -> None:
+        """A denied record of the patient (or portal user) asked for; an id that is not well formed
+        is recorded as "" (free text never goes into the audit trail)."""
+        wanted = request.patient_id or request.portal_user_id
+        asked = wanted if domain.is_well_formed_id(wanted) else ""
+        if request.patient_id:
+            self.store.record_patient_access(caller, [asked], outcome="denied")
+        else:
+            self.store.record_patient_access(caller, [], outcome="denied", portal_user_id=asked)
+
+    @refusals_recorded
     def IssueServiceToken(
         self, request: directory_pb2.IssueServiceTokenRequest, context
     ) -> directory_pb2.IssueServiceTokenResponse:
         access = self.service_clients.issue(request.client_id, request.client_secret, request.agency_id)
         return directory_pb2.IssueServiceTokenResponse(access_token=access.token, expires_in=access.expires_in)
 
+    @refusals_recorded
     def ListRevokedSessions(
         self, request: directory_pb2.ListRevokedSessionsRequest, context
     ) -> directory_pb2.ListRevokedSessionsResponse:
@@ -200,6 +301,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             ]
         )
 
+    @refusals_recorded
     def ResolveCloudAddress(
         self, request: directory_pb2.ResolveCloudAddressRequest, context
     ) -> directory_pb2.ResolveCloudAddressResponse:
@@ -218,6 +320,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             label=linked.label,
         )
 
+    @refusals_recorded
     def ListLinkedCloudAddresses(
         self, request: directory_pb2.ListLinkedCloudAddressesRequest, context
     ) -> directory_pb2.ListLinkedCloudAddressesResponse:
@@ -252,8 +355,10 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
 
 
 def binding(store: DirectoryStore, service_clients: ServiceClients) -> ServiceBinding:
+    """The servicer, recording its refusals in the directory's security outbox (relayed like every
+    service's, services.kit.security_events)."""
     return ServiceBinding(
         add=directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
-        servicer=DirectoryServicer(store, service_clients),
+        servicer=DirectoryServicer(store, service_clients, SecurityLog(store.db, service="directory")),
         full_name=SERVICE_NAME,
     )

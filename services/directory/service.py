@@ -13,11 +13,13 @@ from services.directory.config import DirectorySettings
 from services.directory.passwords import PasswordHasher
 from services.directory.service_clients import ServiceClients
 from services.directory.sessions import SessionRevocations, Sessions
-from services.directory.store import SESSIONS, DirectoryStore
+from services.directory.store import ACCESS_RECORDS, SESSIONS, DirectoryStore
 from services.kit.auth import StaticKeySource, TokenVerifier
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.grpc_server import GrpcServer
 from services.kit.outbox import BatchPublishing, OutboxRelay
+from services.kit.runtime import every
+from services.kit.security_events import SecurityLog
 
 
 @dataclass
@@ -38,8 +40,15 @@ class Directory:
             open_methods=grpc_api.OPEN_METHODS,
         )
 
-    # The collections whose documents carry outbox events: sessions (`session.revoked.v1`).
-    outbox_collections = (SESSIONS,)
+    # The collections whose documents carry outbox events: sessions (`session.revoked.v1`) and
+    # access records (`phi.accessed.v1` of patient reads). The security events' collection is added
+    # to every service's relay by services.kit.bootstrap.
+    outbox_collections = (SESSIONS, ACCESS_RECORDS)
+
+    def idle_sweep(self, stop) -> None:
+        """The background worker ending idle sessions (sessions.Sessions.sweep_idle), every
+        SESSION_IDLE_SWEEP_S until `stop` is set."""
+        every(stop, self.settings.idle_sweep_s, self.sessions.sweep_idle, "idle session sweep")
 
     def outbox_relay(self, publisher: BatchPublishing, **options) -> OutboxRelay:
         """Publishes the events staged in session documents (`session.revoked.v1`)."""
@@ -48,7 +57,8 @@ class Directory:
         return relay
 
 
-def build(settings: DirectorySettings, db: Database) -> Directory:
+def build(settings: DirectorySettings, db: Database, *, security_log: SecurityLog | None = None) -> Directory:
+    """`security_log`: where sign-ins, sign-outs and ended sessions are recorded (default: one over `db`)."""
     common = settings.common
     cipher = PhiCipher(KeyRing(db, common.phi_master_keys, common.phi_master_key_id))
     store = DirectoryStore(db, cipher)
@@ -61,6 +71,7 @@ def build(settings: DirectorySettings, db: Database) -> Directory:
         session_ttl_s=settings.refresh_token_ttl_s,
         policy=settings.login_policy,
         attempt_key_secret=settings.login_attempt_key,
+        security_log=security_log,
     )
     # The directory checks tokens with its own keys, in process (no JWKS fetch from itself), and
     # revocation against its own sessions store, the source of truth (no bus round trip). The keys

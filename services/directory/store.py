@@ -48,7 +48,8 @@ from services.directory.domain import (
     team_ids_by_member,
     team_name_key,
 )
-from services.kit.auth import ROLE_ADMIN
+from services.kit.audit import access_record, phi_accessed
+from services.kit.auth import ROLE_ADMIN, Identity
 from services.kit.crypto import PhiCipher
 from services.kit.errors import Conflict
 from services.kit.mongo import IndexSpec, ensure_indexes, eq, now_ms
@@ -61,7 +62,12 @@ PORTAL_PATIENTS = "portal_patients"
 SESSIONS = "sessions"
 REFRESH_TOKENS = "refresh_tokens"
 LOGIN_ATTEMPTS = "login_attempts"
+# Per client address: sign-in attempts per minute and failures per window (sessions.SignInLimits).
+SIGN_IN_LIMITS = "sign_in_limits"
 CLOUD_ADDRESSES = "cloud_addresses"
+# Reads of PHI (portal patients) with their `phi.accessed.v1` events: an outbox collection.
+ACCESS_RECORDS = "access_records"
+PRODUCER = "directory"
 
 INDEXES = [
     IndexSpec(STAFF, [("username", 1)], unique=True, name="staff_username_unique"),
@@ -75,6 +81,9 @@ INDEXES = [
     IndexSpec(SESSIONS, [("revoked_at", 1)], name="sessions_by_revoked_at"),
     IndexSpec(REFRESH_TOKENS, [("session_id", 1)], name="refresh_tokens_by_session"),
     IndexSpec(LOGIN_ATTEMPTS, [("expires_at", 1)], name="login_attempts_by_expiry"),
+    # Open sessions carry `idle_expires_at` (removed when they end): the idle sweep's range.
+    IndexSpec(SESSIONS, [("idle_expires_at", 1)], name="sessions_by_idle_deadline"),
+    IndexSpec(SIGN_IN_LIMITS, [("expires_at", 1)], name="sign_in_limits_by_expiry"),
     # An address belongs to one agency: unique across all of them (ResolveCloudAddress looks it up here).
     IndexSpec(CLOUD_ADDRESSES, [("kind", 1), ("address", 1)], unique=True, name="cloud_address_unique"),
     IndexSpec(CLOUD_ADDRESSES, [("agency_id", 1), ("kind", 1), ("address", 1)], name="cloud_addresses_by_agency"),
@@ -97,6 +106,8 @@ SESSION_FIELDS = {
     "revoked_at": 1,
     "revoked_reason": 1,
     "password_changed_at": 1,
+    "last_activity_at": 1,
+    "idle_expires_at": 1,
 }
 REVOKED_SESSION_FIELDS = {"staff_id": 1, "agency_id": 1, "revoked_at": 1, "revoked_reason": 1}
 REFRESH_TOKEN_FIELDS = {"session_id": 1, "staff_id": 1, "agency_id": 1, "expires_at": 1}
@@ -595,6 +606,49 @@ class DirectoryStore:
             created_at=doc.get("created_at", 0),
         )
 
+    def record_patient_access(
+        self,
+        caller: Identity,
+        patient_ids: Iterable[str],
+        *,
+        action: str = "read",
+        outcome: str = "allowed",
+        listing: str = "",
+        portal_user_id: str | None = None,
+    ) -> None:
+        """One access-record document (services.kit.audit) for portal patients read or refused: an
+        event per patient, naming them as `patient_id`, after a first event for the listing when
+        `listing` names one, or for the portal user asked about when `portal_user_id` is given (a
+        refused or unknown one: no patient is known). One insert however many patients were shown;
+        the directory's outbox relay publishes the events (collection ACCESS_RECORDS)."""
+        patient_ids = list(patient_ids)
+        named = {"patient_list": listing} if listing else {}
+        if portal_user_id is not None:
+            named["portal_user"] = portal_user_id
+        events = [
+            phi_accessed(
+                caller, service=PRODUCER, resource_type=kind, resource_id=rid, action=action, outcome=outcome
+            )
+            for kind, rid in named.items()
+        ]
+        events += [
+            phi_accessed(
+                caller,
+                service=PRODUCER,
+                resource_type="portal_patient",
+                resource_id=patient_id,
+                action=action,
+                outcome=outcome,
+                patient_id=patient_id,
+            )
+            for patient_id in patient_ids
+        ]
+        if not events:
+            return
+        resource_id = next(iter(named.values())) if named else patient_ids[0]
+        record = access_record(caller, events, resource_id=resource_id, action=action, outcome=outcome)
+        self.db[ACCESS_RECORDS].insert_one({**record, "count": len(patient_ids)})
+
     # --- cloud addresses (Direct addresses and fax numbers linked to staff) ----------------------
     # Addresses are stored normalised (domain.normalize_cloud_address); linked staff are written whole
     # and never queried by element: an agency has a handful of addresses, filtered in Python.
@@ -648,9 +702,17 @@ class DirectoryStore:
     # --- sessions and refresh tokens --------------------------------------------------------
 
     def create_session(
-        self, session_id: str, member: StaffMember, now: int, expires_at: int, password_changed_at: int
+        self,
+        session_id: str,
+        member: StaffMember,
+        now: int,
+        expires_at: int,
+        password_changed_at: int,
+        *,
+        idle_expires_at: int | None = None,
     ) -> dict:
-        """A new session; `password_changed_at` is the password version the sign-in checked."""
+        """A new session; `password_changed_at` is the password version the sign-in checked, and
+        `idle_expires_at` when it ends unless activity is reported (sign-in is activity)."""
         session = {
             "_id": session_id,
             "staff_id": member.id,
@@ -661,6 +723,8 @@ class DirectoryStore:
             "revoked_reason": "",
             "password_changed_at": password_changed_at,
         }
+        if idle_expires_at is not None:
+            session.update(last_activity_at=now, idle_expires_at=idle_expires_at)
         self.sessions.insert_one(dict(session))
         return session
 
@@ -738,6 +802,54 @@ class DirectoryStore:
             return doc, True
         return self.find_refresh_token(token_hash), False
 
+    # --- idle sessions ---------------------------------------------------------------------------
+    # An open session carries `last_activity_at` (the page's last report of its user's activity) and
+    # `idle_expires_at` (when it ends without more); the field is removed when it ends, so the idle
+    # sweep's range `idle_expires_at <= now` on its own index holds only sessions still to end.
+
+    def record_activity(self, session_id: str, now: int, idle_expires_at: int) -> bool:
+        """Move an open session's idle deadline; False when it has ended or its deadline has passed.
+        A session stored before sessions had a deadline gets one here."""
+        update = {"$set": {"last_activity_at": now, "idle_expires_at": idle_expires_at}}
+        live = {"_id": eq(session_id), "revoked_at": eq(0), "expires_at": {"$gt": now}}
+        if self.sessions.update_one({**live, "idle_expires_at": {"$gt": now}}, update).matched_count:
+            return True
+        return bool(self.sessions.update_one({**live, "idle_expires_at": {"$exists": False}}, update).matched_count)
+
+    def start_idle_clock(self, session_id: str, now: int, idle_expires_at: int) -> None:
+        """Give a session stored before sessions had an idle deadline one, counted from now."""
+        self.sessions.update_one(
+            {"_id": eq(session_id), "revoked_at": eq(0), "idle_expires_at": {"$exists": False}},
+            {"$set": {"last_activity_at": now, "idle_expires_at": idle_expires_at}},
+        )
+
+    def idle_sessions(self, now: int, limit: int) -> list[dict]:
+        """Sessions whose idle deadline has passed, earliest first (ended ones too, until cleared)."""
+        cursor = (
+            self.sessions.find(
+                {"idle_expires_at": {"$lte": now}},
+                {"staff_id": 1, "agency_id": 1, "expires_at": 1, "revoked_at": 1, "idle_expires_at": 1},
+            )
+            .sort("idle_expires_at", pymongo.ASCENDING)
+            .limit(limit)
+        )
+        return list(cursor)
+
+    def end_idle_session(self, session: dict, reason: str, now: int, *, announce: bool) -> bool:
+        """Revoke an open session whose idle deadline has passed, staging its `session.revoked.v1` in the
+        same update; False when it ended meanwhile or activity moved its deadline."""
+        update = {"$set": {"revoked_at": now, "revoked_reason": reason}, "$unset": {"idle_expires_at": ""}}
+        if announce:
+            update = with_outbox(update, [events.session_revoked(session, reason, now)])
+        guard = {"_id": eq(session["_id"]), "revoked_at": eq(0), "idle_expires_at": {"$lte": now}}
+        return self.sessions.update_one(guard, update).modified_count == 1
+
+    def clear_idle_deadline(self, session_id: str) -> None:
+        """An ended session leaves the idle sweep's range."""
+        self.sessions.update_one(
+            {"_id": eq(session_id), "revoked_at": {"$gt": 0}}, {"$unset": {"idle_expires_at": ""}}
+        )
+
     # --- failed sign-ins ---------------------------------------------------------------------
     # Keyed by domain.login_attempt_key (a keyed hash: what was typed is never stored). Each document
     # lives until its window and its lock have both passed (`expires_at`); expired ones are ignored
@@ -784,3 +896,30 @@ class DirectoryStore:
 
     def clear_login_failures(self, key: str) -> None:
         self.login_attempts.delete_one({"_id": eq(key)})
+
+    # --- sign-in limits per client address ------------------------------------------------------
+    # Fixed-window counters keyed by the caller (a keyed hash of the address and the window's start):
+    # one upsert with $inc per count, so every replica spends the same budget. A document lives until
+    # its window has passed (`expires_at`); spent ones are deleted by the idle sweep's pass.
+
+    def count_in_window(self, key: str, expires_at: int) -> int:
+        """Add one to the window's counter; returns the count including this one."""
+        try:
+            doc = self.db[SIGN_IN_LIMITS].find_one_and_update(
+                {"_id": eq(key)},
+                # $max, not $setOnInsert (which nx-27017 ignores): the same value for every count.
+                {"$inc": {"count": 1}, "$max": {"expires_at": expires_at}},
+                projection={"count": 1},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:  # two first counts at once: the other one created it
+            return self.count_in_window(key, expires_at)
+        return int(doc["count"])
+
+    def window_count(self, key: str) -> int:
+        doc = self.db[SIGN_IN_LIMITS].find_one({"_id": eq(key)}, {"count": 1})
+        return int(doc["count"]) if doc else 0
+
+    def delete_spent_windows(self, now: int) -> int:
+        return self.db[SIGN_IN_LIMITS].delete_many({"expires_at": {"$lte": now}}).deleted_count

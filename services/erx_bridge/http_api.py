@@ -186,7 +186,12 @@ def single_sign_on(context: str, *, patient_id: str = "", item_id: str = ""):
     if context == SSO_PATIENT:
         resource = item_id or "pat_" + domain.digest(caller.agency_id, patient_id)[:32]
         audit.record(
-            bridge().store, caller, [resource], action="sso", resource_type="erx_item" if item_id else "erx_patient"
+            bridge().store,
+            caller,
+            [resource],
+            action="sso",
+            resource_type="erx_item" if item_id else "erx_patient",
+            patients={resource: patient_id},
         )
     body = {"url": link.url, "expires_at": iso(link.expires_at)}
     response = current_app.json.response(body)
@@ -233,12 +238,14 @@ def pending_rx():
             for d in store.open_items(domain.open_key(caller.agency_id, caller.staff_id, kind))
         ]
         names = {member.staff_id: member.display_name}
-    rows = [report_row(doc, agency, names) for doc in docs if doc.get("agency_id") == caller.agency_id]
+    opened = {doc["_id"]: open_content(doc) for doc in docs if doc.get("agency_id") == caller.agency_id}
+    rows = [report_row(doc, agency, names, opened[doc["_id"]]) for doc in docs if doc["_id"] in opened]
     rows.sort(key=lambda r: (r["requested_at"] or "9999", r["item_id"]))
     truncated = len(rows) > limit
     rows = rows[:limit]
     if rows:
-        audit.record(store, caller, [r["item_id"] for r in rows], action="report")
+        patients = {r["item_id"]: opened[r["item_id"]].get("patient_id", "") for r in rows}
+        audit.record(store, caller, [r["item_id"] for r in rows], action="report", patients=patients)
     if form == "csv":
         return csv_answer(rows, agency)
     return {
@@ -252,8 +259,9 @@ def pending_rx():
     }
 
 
-def report_row(doc: dict, agency: AgencyErx, names: dict[str, str]) -> dict:
-    content = open_content(doc)
+def report_row(doc: dict, agency: AgencyErx, names: dict[str, str], content: dict | None = None) -> dict:
+    """One row of the report; `content` is the item's opened content when the caller has it."""
+    content = open_content(doc) if content is None else content
     return {
         "item_id": doc["_id"],
         "kind": doc["kind"],

@@ -192,17 +192,18 @@ class Announcements(Feature):
 
     # --- everyone: list, read, acknowledge ------------------------------------------------
     def page(self, caller: Identity, cursor: str | None, limit: int, include_expired: bool = False) -> dict:
-        """Newest first, each with the caller's read and acknowledgement state."""
+        """Newest first, each with the caller's read and acknowledgement state; recorded as one
+        listing (audit)."""
         if include_expired:
             self.components.board.require_compose(caller, domain.COMPOSE_ANNOUNCEMENT)
         before = domain.decode_cursor(cursor) if cursor else None
         field = "agency_key" if include_expired else "active_key"
         docs, next_key = self._collect(caller.agency_id, field, before, limit, include_expired)
         states = self._states([doc["_id"] for doc in docs], caller.staff_id)
-        return {
-            "items": [self._view(caller, doc, states) for doc in docs],
-            "next_cursor": domain.encode_cursor(next_key) if next_key else None,
-        }
+        shown = [self._view(caller, doc, states) for doc in docs]
+        store = self.components.store
+        audit.record_list(store, caller, "announcement_list", domain.FOLDER_ANNOUNCEMENTS, len(shown))
+        return {"items": shown, "next_cursor": domain.encode_cursor(next_key) if next_key else None}
 
     def _collect(self, agency: str, field: str, before: str | None, limit: int, include_expired: bool):
         """Fill a page from the index, skipping (and retiring) announcements whose time ran out."""

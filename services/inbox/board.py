@@ -5,6 +5,11 @@ Every item change is one optimistic single-document write (InboxStore.change_ite
 matching $inc of the owner's counters, so the tree is two primary-key reads and a short label list
 whatever the size of the board. Anything that is not the caller's answers 404 (and is audited as a
 refused access), never 403.
+
+Listings show PHI (subjects, titles, summaries, label names), so every page and every answer that
+names labels is recorded as one `phi.accessed.v1` event in one insert (services/inbox/audit.py).
+Label names are stored sealed, unique through a keyed hash (services/inbox/label_names.py), so the
+label list is sorted by name here, once the names are opened.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from services.inbox import audit, domain
+from services.inbox.label_names import LabelNames
 from services.inbox.store import REMOVE, InboxStore
 from services.kit.auth import Identity
 from services.kit.crypto import PhiCipher
@@ -102,6 +109,7 @@ class Board:
                 entry["total"] = total
             folders.append(entry)
         labels = self._labels(owner, counters)
+        self._record_labels_shown(caller, labels)
         sections = {section: bool(prefs.get(f"x_{section}", 1)) for section in SECTION_IDS}
         return {
             "folders": folders,
@@ -126,7 +134,18 @@ class Board:
         return {"section": section, "expanded": expanded}
 
     # --- pages ----------------------------------------------------------------
-    def page(self, caller: Identity, folder: str, filters: ItemFilter, cursor: str | None, limit: int) -> dict:
+    def page(
+        self,
+        caller: Identity,
+        folder: str,
+        filters: ItemFilter,
+        cursor: str | None,
+        limit: int,
+        *,
+        audit_as: str = "board_list",
+    ) -> dict:
+        """One page of a folder (or of a label), recorded as a listing of that folder (resource type
+        `audit_as`) or of that label (`label_items`)."""
         if folder not in domain.ITEM_FOLDERS:
             raise InvalidInput("invalid_query", f"folder must be one of: {', '.join(domain.ITEM_FOLDERS)}")
         before = domain.decode_cursor(cursor) if cursor else None
@@ -143,10 +162,12 @@ class Board:
         # A label listing is across folders only when asked for without a folder; with one, it is narrowed.
         narrow = None if filters.label_id and folder == domain.FOLDER_MESSAGES else folder
         items, next_key = self._collect(fetch, filters, narrow, before, limit)
-        return {
-            "items": [self.summary(caller, item) for item in items],
-            "next_cursor": domain.encode_cursor(next_key) if next_key else None,
-        }
+        shown = [self.summary(caller, item) for item in items]
+        if filters.label_id:
+            audit.record_list(self.store, caller, "label_items", filters.label_id, len(shown))
+        else:
+            audit.record_list(self.store, caller, audit_as, folder, len(shown))
+        return {"items": shown, "next_cursor": domain.encode_cursor(next_key) if next_key else None}
 
     def label_page(self, caller: Identity, label_id: str, cursor: str | None, limit: int, unread: bool) -> dict:
         label = self._own_label(caller, label_id)
@@ -158,9 +179,11 @@ class Board:
             before,
             limit,
         )
+        shown = [self.summary(caller, item) for item in items]
+        audit.record_list(self.store, caller, "label_items", label["_id"], len(shown))
         return {
-            "label": {"id": label["_id"], "name": label["name"]},
-            "items": [self.summary(caller, item) for item in items],
+            "label": {"id": label["_id"], "name": self._label_name(label)},
+            "items": shown,
             "next_cursor": domain.encode_cursor(next_key) if next_key else None,
         }
 
@@ -302,36 +325,69 @@ class Board:
     # --- labels -------------------------------------------------------------------
     def labels(self, caller: Identity) -> list[dict]:
         owner = domain.owner_key(caller.agency_id, caller.staff_id)
-        return self._labels(owner, self.store.counter_doc(owner))
+        labels = self._labels(owner, self.store.counter_doc(owner))
+        self._record_labels_shown(caller, labels)
+        return labels
+
+    def _record_labels_shown(self, caller: Identity, labels: list[dict]) -> None:
+        """Label names are PHI (a patient's name can be one): an answer naming any is a listing."""
+        if labels:
+            audit.record_list(self.store, caller, "label_list", "labels", len(labels))
 
     def _labels(self, owner: str, counters: dict) -> list[dict]:
-        """The owner's labels with their counts, by name."""
+        """The owner's labels with their counts, by name regardless of case (sorted here: the stored
+        key is a hash)."""
+        named = [(self._label_name(label), label["_id"]) for label in self.store.owner_labels(owner)]
+        named.sort(key=lambda pair: (domain.label_key(pair[0]), pair[0], pair[1]))
         return [
             {
-                "id": label["_id"],
-                "name": label["name"],
-                "unread": max(0, int(counters.get(domain.label_unread_field(label["_id"]), 0))),
-                "total": max(0, int(counters.get(domain.label_total_field(label["_id"]), 0))),
+                "id": label_id,
+                "name": name,
+                "unread": max(0, int(counters.get(domain.label_unread_field(label_id), 0))),
+                "total": max(0, int(counters.get(domain.label_total_field(label_id), 0))),
             }
-            for label in self.store.owner_labels(owner)
+            for name, label_id in named
         ]
 
+    @cached_property
+    def label_names(self) -> LabelNames:
+        """Sealing and keyed hashes of label names (made on first use: the recount tool has no cipher)."""
+        return LabelNames(self.cipher)
+
+    def _label_name(self, label: dict) -> str:
+        """A stored label's name in clear. A document not in today's shape (a name stored in clear,
+        or a key made with a previous master key) is rewritten, unless it changed meanwhile."""
+        opened = self.label_names.open(label)
+        if opened.rewrite is not None:
+            self.store.rewrite_label_name(label["_id"], label.get("name_key"), opened.rewrite)
+        return opened.name
+
+    def _settle_labels(self, owner: str) -> None:
+        """Bring the owner's labels to today's shape before a name is looked up or claimed, so the
+        unique key of every one of them is comparable with the new one."""
+        for label in self.store.owner_labels(owner):
+            if self.label_names.stale(label):
+                self._label_name(label)
+
     def create_label(self, caller: Identity, raw_name: str) -> dict:
-        name, key = domain.label_name(raw_name)
+        name, _ = domain.label_name(raw_name)
         owner = domain.owner_key(caller.agency_id, caller.staff_id)
+        self._settle_labels(owner)
+        return self._insert_label(caller, owner, name)
+
+    def _insert_label(self, caller: Identity, owner: str, name: str) -> dict:
+        label_id = domain.new_label_id()
         label = {
-            "_id": domain.new_label_id(),
+            "_id": label_id,
             "agency_id": caller.agency_id,
             "owner_id": caller.staff_id,
             "owner": owner,
-            "name": name,
-            "name_key": key,
-            "owner_name": f"{owner}|{key}",
+            **self.label_names.fields(caller.agency_id, owner, label_id, name),
             "created_at": now_ms(),
         }
         if not self.store.insert_label(label):
             raise Conflict("label_exists", "you already have a label with that name")
-        return {"id": label["_id"], "name": name, "unread": 0, "total": 0}
+        return {"id": label_id, "name": name, "unread": 0, "total": 0}
 
     def _own_label(self, caller: Identity, label_id: str) -> dict:
         label = self.store.label(label_id)
@@ -341,8 +397,10 @@ class Board:
 
     def rename_label(self, caller: Identity, label_id: str, raw_name: str) -> dict:
         label = self._own_label(caller, label_id)
-        name, key = domain.label_name(raw_name)
-        if not self.store.rename_label(label["_id"], label["owner"], name, key):
+        name, _ = domain.label_name(raw_name)
+        self._settle_labels(label["owner"])
+        fields = self.label_names.fields(caller.agency_id, label["owner"], label["_id"], name)
+        if not self.store.rename_label(label["_id"], label["owner"], fields):
             raise Conflict("label_exists", "you already have a label with that name")
         return {"id": label["_id"], "name": name}
 
@@ -370,15 +428,19 @@ class Board:
         item = self.own_item(caller, item_id, "label")
         if label_id:
             label = self._own_label(caller, label_id)
+            name = self._label_name(label)
         else:
             name, key = domain.label_name(new_name)
             owner = domain.owner_key(caller.agency_id, caller.staff_id)
-            label = self.store.label_by_name(owner, key)
+            self._settle_labels(owner)
+            label = self.store.label_by_name(owner, self.label_names.index.key(caller.agency_id, key))
             if label is None:
-                created = self.create_label(caller, name)
+                created = self._insert_label(caller, owner, name)
                 label = self._own_label(caller, created["id"])
+            else:
+                name = self._label_name(label)
         item = self._apply_label(caller, item, label)
-        return {**self.summary(caller, item), "label": {"id": label["_id"], "name": label["name"]}}
+        return {**self.summary(caller, item), "label": {"id": label["_id"], "name": name}}
 
     def remove_label(self, caller: Identity, item_id: str, label_id: str) -> dict:
         item = self.own_item(caller, item_id, "unlabel")

@@ -14,6 +14,7 @@ import grpc
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.inbox.domain import Addressing
 from services.kit import grpc_client
+from services.kit.auth import KIND_SERVICE, current_identity
 from services.kit.cache import TtlCache
 from services.kit.errors import Forbidden, InvalidInput, from_grpc_error
 
@@ -167,7 +168,7 @@ class DirectoryClient:
     def __init__(self, target: str, deadline_s: float = 3.0):
         self._channel = grpc_client.channel(target, default_deadline_s=deadline_s)
         self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
-        self._settings: TtlCache[str, AgencySettings] = TtlCache(SETTINGS_TTL_S)
+        self._settings: TtlCache[tuple[str, bool], AgencySettings] = TtlCache(SETTINGS_TTL_S)
 
     def _call(self, method: str, request):
         try:
@@ -176,8 +177,14 @@ class DirectoryClient:
             raise from_grpc_error(exc, "directory") from exc
 
     def agency_settings(self, agency_id: str) -> AgencySettings:
-        """The caller's agency settings (terminology, time zone, portal), cached for a minute."""
-        return self._settings.get_or_load(agency_id, self._fetch_agency_settings)
+        """The caller's agency settings (terminology, time zone, portal), cached for a minute.
+
+        Directory names the agency's portal consumer to services and admins only (as its HTTP twin
+        does), so answers are cached apart for them and for other staff: a staff member's answer
+        must never be the one the portal check reads."""
+        caller = current_identity.get()
+        sees_all = caller is not None and (caller.kind == KIND_SERVICE or caller.is_admin)
+        return self._settings.get_or_load((agency_id, sees_all), self._fetch_agency_settings)
 
     def _fetch_agency_settings(self) -> AgencySettings:
         reply = self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())

@@ -1,22 +1,38 @@
 """Inbox gRPC servicer: protobuf <-> mailbox for other services.
 
-SendMessage sends as the caller (a staff token forwarded by a service), or, for the services
-allowed to (auto-reply), as a named staff member of the token's agency; with
-`in_reply_to_message_id` it is a Reply to that message, in its thread. DeliverItem is the
-delivery API (services/inbox/delivery.py).
+The same role rules as the HTTP twins (docs/audit-coverage.md lists them):
+- SendMessage (twin: POST /api/v1/messages and its reply route) sends as the caller, a staff member
+  whose roles allow composing a message; a service token sends only as a named staff member of the
+  token's agency, and only the services allowed to (auto-reply), which may also mark the message
+  automatic. With `in_reply_to_message_id` it is a Reply to that message, in its thread.
+- DeliverItem is the delivery API (services/inbox/delivery.py): service tokens only.
+Every refusal answers PERMISSION_DENIED with a stable `error-code` and leaves an `access_refused`
+security event; a message the caller may not reply to is the audited 404 of the HTTP edge.
 """
 
 from __future__ import annotations
+
+import functools
 
 from clinic.directory.v1 import directory_pb2
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.inbox import domain
 from services.inbox.mailbox import Mailbox
 from services.inbox.schemas import IDEMPOTENCY_KEY, PRIORITY_TO_PB, draft_from, reply_spec, require_body, send_spec
-from services.kit.auth import KIND_SERVICE, KIND_STAFF, ROLES, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
+from services.kit.auth import (
+    KIND_SERVICE,
+    KIND_STAFF,
+    ROLES,
+    SERVICE_SUBJECT_PREFIX,
+    Identity,
+    agency_caller,
+    current_identity,
+)
 from services.kit.errors import Forbidden, InvalidInput
+from services.kit.security_events import SecurityLog
 from services.kit.validation import Id, validate
 
+SERVICE_NAME = inbox_pb2.DESCRIPTOR.services_by_name["InboxService"].full_name
 PRIORITY_NAMES = {pb: name for name, pb in PRIORITY_TO_PB.items()} | {inbox_pb2.PRIORITY_UNSPECIFIED: "normal"}
 # Services that may send as a staff member of their token's agency, and mark messages automatic.
 SEND_AS_SERVICES = frozenset({"auto-reply"})
@@ -28,14 +44,51 @@ def may_send_as_staff(caller: Identity) -> bool:
     return caller.kind == KIND_SERVICE and caller.subject.removeprefix(SERVICE_SUBJECT_PREFIX) in SEND_AS_SERVICES
 
 
+def refusals_recorded(method):
+    """Each refusal (Forbidden, PERMISSION_DENIED) of the method leaves an `access_refused` security
+    event naming the caller, the method and the refusal's code, before it is answered."""
+
+    @functools.wraps(method)
+    def recorded(self, request, context):
+        try:
+            return method(self, request, context)
+        except Forbidden as exc:
+            if self.security is not None:
+                caller = current_identity.get()
+                self.security.record(
+                    "access_refused",
+                    agency_id=caller.agency_id if caller else "",
+                    actor_id=caller.subject if caller else "",
+                    actor_kind=caller.kind if caller else "anonymous",
+                    reason=exc.code,
+                    target_type="grpc_method",
+                    target_id=f"{SERVICE_NAME}/{method.__name__}",
+                    source=context.peer() if context is not None else "",
+                )
+            raise
+
+    return recorded
+
+
 class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
-    def __init__(self, mailbox: Mailbox, max_subject: int, max_body: int, delivery, directory):
+    def __init__(  # noqa: PLR0913 - the parts the two methods use
+        self,
+        mailbox: Mailbox,
+        max_subject: int,
+        max_body: int,
+        delivery,
+        directory,
+        *,
+        security: SecurityLog | None = None,
+    ):
         self.mailbox = mailbox
         self.delivery = delivery
         self.directory = directory
+        self.security = security
         self.spec = send_spec(max_subject, max_body)
         self.replies = reply_spec(max_body)
 
+    @refusals_recorded
     def SendMessage(self, request: inbox_pb2.SendMessageRequest, context) -> inbox_pb2.SendMessageResponse:  # noqa: N802
         if request.priority not in PRIORITY_NAMES:
             raise InvalidInput("invalid_value", "priority is not a known value")
@@ -68,11 +121,14 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
         )
 
     def _sender(self, caller: Identity, request: inbox_pb2.SendMessageRequest) -> Identity:
-        """Who the message is from: the caller, or the named staff member for a service allowed to."""
+        """Who the message is from: the caller (a staff member), or the named staff member for a
+        service allowed to. A service never sends as itself: the HTTP twin serves staff only."""
         named = request.sender_staff_id
         if (named and named != caller.subject) or request.auto_reply:
             if not may_send_as_staff(caller):
                 raise Forbidden("send_as_not_allowed", "this caller may not send as someone else or automatically")
+        if caller.kind != KIND_STAFF and (not named or named == caller.subject):
+            raise Forbidden("staff_only", "a service sends only as a named staff member")
         if not named or named == caller.subject:
             return caller
         Id().clean("sender_staff_id", named)
@@ -107,5 +163,6 @@ class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):
             auto_reply=request.auto_reply,
         )
 
+    @refusals_recorded
     def DeliverItem(self, request: inbox_pb2.DeliverItemRequest, context) -> inbox_pb2.DeliverItemResponse:  # noqa: N802
         return self.delivery.deliver_grpc(request)

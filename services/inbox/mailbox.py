@@ -219,7 +219,7 @@ class Mailbox:
 
     # --- read -------------------------------------------------------------
     def page(self, caller: Identity, folder: str, unread_only: bool, cursor: str | None, limit: int) -> dict:
-        page = self.board.page(caller, folder, ItemFilter(unread=unread_only), cursor, limit)
+        page = self.board.page(caller, folder, ItemFilter(unread=unread_only), cursor, limit, audit_as="message_list")
         # The messages API names messages by message id; the board item id rides along.
         for item in page["items"]:
             item["item_id"], item["id"] = item["id"], item.get("message_id") or item["ref_id"]
@@ -259,7 +259,7 @@ class Mailbox:
         item, message = self._visible_message(caller, message_id, "read")
         # Open everything first: a read is marked and audited only once its content can be shown.
         content = self.open_content(caller, message)
-        event = audit.accessed_event(caller, message_id)
+        event = audit.accessed_event(caller, message_id, patient_id=message.get("patient_id", ""))
         changed = self.store.change_item(
             item["_id"],
             lambda it: {"read_at": it.get("read_at") or now_ms(), "unread_board": None},
@@ -304,7 +304,7 @@ class Mailbox:
         if message is None or message["agency_id"] != caller.agency_id:
             raise audit.refuse(self.store, caller, item["ref_id"], "read")
         content = self.open_content(caller, message)
-        audit.record_read(self.store, caller, message["_id"])
+        audit.record_read(self.store, caller, message["_id"], patient_id=message.get("patient_id", ""))
         return self._message_fields(item, message, content)
 
     def mark_unread(self, caller: Identity, message_id: str) -> dict:
@@ -349,7 +349,10 @@ class Mailbox:
                 }
             )
         # One audit event per message body shown, recorded in one write.
-        events = [audit.accessed_event(caller, m["_id"], action="read_thread") for m in visible]
+        events = [
+            audit.accessed_event(caller, m["_id"], action="read_thread", patient_id=m.get("patient_id", ""))
+            for m in visible
+        ]
         audit.record_access(self.store, events, thread_id, "read_thread", caller)
         return {"thread_id": thread_id, "messages": out}
 
@@ -424,7 +427,7 @@ class Mailbox:
         )
         audit.record_access(
             self.store,
-            audit.accessed_event(caller, original["_id"], action="forward"),
+            audit.accessed_event(caller, original["_id"], action="forward", patient_id=original.get("patient_id", "")),
             original["_id"],
             "forward",
             caller,

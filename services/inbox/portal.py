@@ -4,9 +4,9 @@ reads on behalf of a patient.
 Trust boundary: the portal holds no staff token. It calls /api/v1/partner/portal through the
 gateway, whose key-auth plugin authenticates its API key and whose acl plugin checks the partners
 group; Kong then replaces any client-sent X-Consumer-* / X-Credential-Identifier headers with the
-authenticated consumer's. This service trusts X-Consumer-Username only because its HTTP port is
-reachable from the gateway alone (bound to the internal network, never published); a route
-exposed without key-auth would make the header forgeable.
+authenticated consumer's and signs them per request in X-Gateway-Identity (docs/gateway-identity.md).
+This service believes X-Consumer-Username only when that token verifies for this very request
+(services.kit.gateway_identity); otherwise 401 and a forged_identity_refused security event.
 
 Each request names the agency and the patient (the portal's own user id). The agency must name
 this consumer as its portal (directory's `portal_consumer` setting), else 404 whether or not the
@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError
 
@@ -45,8 +45,9 @@ from services.inbox.components import Feature
 from services.inbox.directory_client import AgencySettings, PortalPatient
 from services.inbox.http_api import idempotency_key, only_query
 from services.inbox.mailbox import SendResult
+from services.kit import gateway_identity
 from services.kit.auth import Identity
-from services.kit.errors import InvalidInput, NotFound, Unauthenticated
+from services.kit.errors import InvalidInput, NotFound
 from services.kit.mongo import IndexSpec, ensure_indexes
 from services.kit.service_identity import acting_as
 from services.kit.validation import ID_PATTERN, Id, Str, json_body, query_int, validate
@@ -93,11 +94,13 @@ def _agency_not_found() -> NotFound:
 
 
 def gateway_consumer() -> str:
-    """The consumer the gateway authenticated; anything else is not a partner request."""
-    consumer = request.headers.get("X-Consumer-Username", "").strip()
-    if not consumer or request.headers.get("X-Anonymous-Consumer", "").lower() == "true":
-        raise Unauthenticated("unauthenticated", "partner requests must come through the gateway with an API key")
-    return consumer
+    """The consumer the gateway authenticated, believed only when the gateway's X-Gateway-Identity
+    token proves it for this very request (services.kit.gateway_identity); anything else is not a
+    partner request (401, and a forged identity is recorded as a security event)."""
+    components = current_app.extensions["inbox"]
+    return gateway_identity.verified_partner(
+        components.settings.gateway_identity_keys, db=components.store.db, service="inbox"
+    ).username
 
 
 class Portal(Feature):
@@ -303,13 +306,19 @@ class Portal(Feature):
         return thread
 
     def list_threads(self, who: PortalCaller, cursor: str | None, limit: int) -> dict:
-        """The patient's threads, most recent activity first."""
+        """The patient's threads, most recent activity first; recorded as one listing of the patient's
+        threads (their subjects are PHI)."""
         query: dict = {"patient_key": {"$eq": patient_key(who.agency_id, who.patient.patient_id)}}
         if cursor:
             query["sort_key"] = {"$lt": domain.decode_cursor(cursor)}
         docs = list(self.threads.find(query).sort("sort_key", DESCENDING).limit(limit + 1))
         next_cursor = domain.encode_cursor(docs[limit - 1]["sort_key"]) if len(docs) > limit else None
-        return {"threads": [self._thread_view(doc) for doc in docs[:limit]], "next_cursor": next_cursor}
+        shown = [self._thread_view(doc) for doc in docs[:limit]]
+        patient_id = who.patient.patient_id
+        audit.record_list(
+            self.components.store, who.identity, "thread_list", patient_id, len(shown), patient_id=patient_id
+        )
+        return {"threads": shown, "next_cursor": next_cursor}
 
     def _thread_view(self, thread: dict) -> dict:
         return {
@@ -326,7 +335,13 @@ class Portal(Feature):
         docs = self.components.store.thread_messages(thread["_id"], THREAD_MESSAGES_MAX)
         mine = [d for d in docs if d["agency_id"] == who.agency_id and d.get("patient_id") == who.patient.patient_id]
         messages = [self._portal_message_view(who, doc) for doc in mine]
-        event = audit.accessed_event(who.identity, thread["_id"], resource_type="thread", action="read_thread")
+        event = audit.accessed_event(
+            who.identity,
+            thread["_id"],
+            resource_type="thread",
+            action="read_thread",
+            patient_id=who.patient.patient_id,
+        )
         audit.record_access(self.components.store, event, thread["_id"], "read_thread", who.identity)
         return {**self._thread_view(thread), "messages": messages}
 

@@ -203,7 +203,7 @@ class Reminders(Feature):
         return self.view(caller, item)
 
     def page(self, caller: Identity, cursor: str | None, limit: int) -> dict:
-        """The caller's reminders in every state, newest first."""
+        """The caller's reminders in every state, newest first; recorded as one listing (audit)."""
         query: dict = {"reminder_owner": {"$eq": domain.owner_key(caller.agency_id, caller.staff_id)}}
         if cursor:
             query["created_key"] = {"$lt": domain.decode_cursor(cursor)}
@@ -215,8 +215,10 @@ class Reminders(Feature):
         docs = list(found)
         more = len(docs) > limit
         docs = docs[:limit]
+        shown = [self.view(caller, doc) for doc in docs]
+        audit.record_list(self.components.store, caller, "reminder_list", domain.FOLDER_REMINDERS, len(shown))
         return {
-            "reminders": [self.view(caller, doc) for doc in docs],
+            "reminders": shown,
             "next_cursor": domain.encode_cursor(docs[-1]["created_key"]) if more else None,
         }
 

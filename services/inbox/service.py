@@ -14,15 +14,15 @@ from typing import Any
 
 from pymongo.database import Database
 
-from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
-from services.inbox import store
+from clinic.inbox.v1 import inbox_pb2_grpc
+from services.inbox import audit, store
 from services.inbox.announcements import Announcements
 from services.inbox.board import Board
 from services.inbox.components import Components, Feature
 from services.inbox.config import InboxSettings
 from services.inbox.delivery import Delivery
 from services.inbox.directory_client import DirectoryClient
-from services.inbox.grpc_api import InboxServicer
+from services.inbox.grpc_api import SERVICE_NAME, InboxServicer
 from services.inbox.mailbox import Mailbox
 from services.inbox.portal import Portal
 from services.inbox.reminders import Reminders
@@ -32,6 +32,7 @@ from services.kit.crypto import PhiCipher
 from services.kit.features import Assembled, Worker, background_of
 from services.kit.grpc_server import ServiceBinding
 from services.kit.outbox import outbox_collections
+from services.kit.security_events import SecurityLog
 
 # Every feature of the mailbox, in start order.
 FEATURES: tuple[Callable[[Components], Feature], ...] = (Announcements, Reminders, Signatures, Portal, Delivery)
@@ -63,17 +64,13 @@ class Inbox(Assembled):
             settings.max_body_chars,
             self.delivery,
             self.components.directory,
+            security=SecurityLog(self.components.store.db, service=audit.PRODUCER),
         )
-        return ServiceBinding(
-            inbox_pb2_grpc.add_InboxServiceServicer_to_server,
-            servicer,
-            inbox_pb2.DESCRIPTOR.services_by_name["InboxService"].full_name,
-        )
+        return ServiceBinding(inbox_pb2_grpc.add_InboxServiceServicer_to_server, servicer, SERVICE_NAME)
 
     def background(self) -> list[Worker]:
         """The mailbox's own repair loop, then every feature's workers."""
         return [("fanout-repair", self.components.mailbox.repair_fanouts), *background_of(self.features)]
-
 
 
 def build(

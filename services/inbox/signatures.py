@@ -367,7 +367,7 @@ class Signatures(Feature):
         return {"signature_request": shown}
 
     def page(self, caller: Identity, cursor: str | None, limit: int) -> dict:
-        """Requests the caller made, newest first."""
+        """Requests the caller made, newest first; recorded as one listing (audit)."""
         query: dict = {"requester_key": {"$eq": domain.owner_key(caller.agency_id, caller.staff_id)}}
         if cursor:
             query["sort_key"] = {"$lt": domain.decode_cursor(cursor)}
@@ -375,8 +375,11 @@ class Signatures(Feature):
         docs = list(found)
         more = len(docs) > limit
         docs = docs[:limit]
+        shown = [self.summary(caller, doc) for doc in docs]
+        store = self.components.store
+        audit.record_list(store, caller, "signature_request_list", domain.FOLDER_SIGNATURES, len(shown))
         return {
-            "requests": [self.summary(caller, doc) for doc in docs],
+            "requests": shown,
             "next_cursor": domain.encode_cursor(docs[-1]["sort_key"]) if more else None,
         }
 

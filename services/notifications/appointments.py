@@ -27,7 +27,7 @@ from services.kit.validation import json_body
 from services.notifications import fhir_appointment, hl7v2, schedule, siu
 from services.notifications.components import Feature
 from services.notifications.delivery import delivery_requested
-from services.notifications.fhir_errors import answer_errors_in_fhir
+from services.notifications.fhir_errors import MAX_DEPTH, answer_errors_in_fhir
 from services.notifications.registrations import gateway_consumer
 from services.notifications.schedule import AgencyView, Appointment, AppointmentChange
 
@@ -204,6 +204,6 @@ class ScheduleNotifications(Feature):
             consumer = gateway_consumer()
             if not fhir_appointment.FHIR_ID.fullmatch(appointment_id):
                 raise NotFound("not_found", "no such appointment")
-            return self.receive_fhir(consumer, agency_id, appointment_id, json_body())
+            return self.receive_fhir(consumer, agency_id, appointment_id, json_body(max_depth=MAX_DEPTH))
 
         return [partner]

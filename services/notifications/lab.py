@@ -39,7 +39,7 @@ from services.notifications import audit, hl7v2
 from services.notifications.components import Feature
 from services.notifications.delivery import SEVERITIES, delivery_requested
 from services.notifications.fhir import body_digest, parse_report
-from services.notifications.fhir_errors import answer_errors_in_fhir
+from services.notifications.fhir_errors import MAX_DEPTH, answer_errors_in_fhir
 from services.notifications.lab_domain import LabReport, board_summary, board_title
 from services.notifications.lab_hl7 import reports_from_oru
 from services.notifications.registrations import gateway_consumer
@@ -215,7 +215,9 @@ class LabResults(Feature):
             report = LabReport.from_json(self.cipher.open(caller.agency_id, doc["_id"], "report", doc["report"]))
         except DecryptionError as exc:
             raise Unavailable("unreadable", "the result cannot be opened") from exc
-        audit.record(self.components.store, caller, oid, resource_type=RESOURCE_TYPE)
+        audit.record_patient_read(
+            self.components.store, caller, oid, resource_type=RESOURCE_TYPE, patient_id=report.patient_ref
+        )
         return {
             "id": oid,
             "result_id": doc["_id"],
@@ -262,6 +264,6 @@ class LabResults(Feature):
         @partner.post("/<agency_id>/DiagnosticReport")
         def diagnostic_report(agency_id: str):
             consumer = gateway_consumer()
-            return self.receive_fhir(consumer, agency_id, json_body())
+            return self.receive_fhir(consumer, agency_id, json_body(max_depth=MAX_DEPTH))
 
         return [staff, partner]

@@ -13,6 +13,7 @@ import threading
 import uuid
 import zoneinfo
 
+import grpc
 import pika
 import pytest
 import requests
@@ -22,10 +23,12 @@ from services.auto_reply.clients import InboxClient
 from services.auto_reply.replier import AutoReplier
 from services.auto_reply.store import AutoReplyStore
 from services.kit.bus import Publisher, Topology
+from services.kit.bus.signing import development_keyring
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.service_identity import ServiceTokens
 from services.kit.settings import REPO_ROOT, parse_master_keys
 from services.launcher import free_port, wait_http
+from tests.e2e.conftest import error_code
 from tests.helpers import auth
 from tests.waits import Worker, finish_all, wait_until
 
@@ -390,7 +393,7 @@ def test_the_same_event_delivered_again_and_again_to_two_instances_answers_once(
     process, log_path = second_process
     oconnor, white = login("casemgr.oconnor"), login("nurse.white")
     ortiz = away("compliance.ortiz")
-    publisher = Publisher(stack.config.amqp_url, Topology())
+    publisher = Publisher(stack.config.amqp_url, Topology(), signer=development_keyring(stack.run_dir).signer)
     try:
         with events.listen("message.delivered.v1") as heard:
             message_id = send(oconnor, ortiz)
@@ -474,16 +477,17 @@ def test_no_answer_to_an_announcement_a_whole_agency_message_a_lab_notification_
         metadata=auth(service_token("auto-reply")),
         timeout=10,
     )
-    # A service that sends a message as itself (no person behind it) is never answered.
-    machine = inbox_stub.SendMessage(
-        inbox_pb2.SendMessageRequest(to_staff_ids=[oconnor.staff_id], subject="Fax received", body="2 pages."),
-        metadata=auth(service_token("cloud-comms")),
-        timeout=10,
-    )
+    # A service never sends a message as itself (the HTTP twin serves staff only), so there is no
+    # machine-sent message to answer.
+    with pytest.raises(grpc.RpcError) as machine:
+        inbox_stub.SendMessage(
+            inbox_pb2.SendMessageRequest(to_staff_ids=[oconnor.staff_id], subject="Fax received", body="2 pages."),
+            metadata=auth(service_token("cloud-comms")),
+            timeout=10,
+        )
+    assert (machine.value.code(), error_code(machine.value)) == (grpc.StatusCode.PERMISSION_DENIED, "staff_only")
     processed(auto_db, everyone.json()["id"], oconnor.staff_id)
     processed(auto_db, automatic.message_id, oconnor.staff_id)
-    processed(auto_db, machine.message_id, oconnor.staff_id)
-    assert auto_db.reply_slots.find_one({"sender_id": {"$eq": "svc:cloud-comms"}}) is None
     # The marker: an ordinary message is answered, after everything above was delivered.
     marker = send(brooks, oconnor)
     processed(auto_db, marker, oconnor.staff_id)
@@ -539,7 +543,7 @@ def test_an_answer_sent_but_not_marked_before_a_crash_is_not_sent_again(stack, l
     [slot] = list(auto_db.reply_slots.find({"in_reply_to": {"$eq": message_id}}))
     auto_db.reply_slots.update_one({"_id": {"$eq": slot["_id"]}}, {"$set": {"sent_at": 0}})
     auto_db.processed_events.delete_one({"_id": {"$eq": f"auto-reply:{event.envelope.event_id}"}})
-    publisher = Publisher(stack.config.amqp_url, Topology())
+    publisher = Publisher(stack.config.amqp_url, Topology(), signer=development_keyring(stack.run_dir).signer)
     try:
         publisher.publish([event.envelope])
     finally:

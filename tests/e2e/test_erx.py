@@ -19,6 +19,7 @@ import requests
 from services.erx_bridge import domain
 from services.inbox.delivery_rules import notice_id
 from services.kit.bus import Publisher, Topology
+from services.kit.bus.signing import development_keyring
 from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
@@ -175,7 +176,7 @@ def test_repeated_syncs_and_redelivered_events_never_duplicate_an_item(stack, re
         assert run_sync(reyes)["added"] == 0
     counts = reyes.counts("erx")
 
-    publisher = Publisher(stack.config.amqp_url, Topology())
+    publisher = Publisher(stack.config.amqp_url, Topology(), signer=development_keyring(stack.run_dir).signer)
     try:
         publisher.publish([event.envelope, event.envelope])  # the relay published it again, twice
     finally:
@@ -366,6 +367,7 @@ def test_the_pending_rx_report_as_csv_and_json_is_audited(reyes, admin, erx_simu
         seen = heard.wait_for(lambda e: e.payload.resource_id == body[0][7], timeout=15)
         assert seen.payload.actor_id == reyes.staff_id and seen.payload.action == "report"
         assert seen.payload.resource_type == "erx_item" and seen.payload.service == "erx-bridge"
+        assert seen.payload.patient_id.isdigit()  # the vendor's patient of the item
 
     report = reyes.get("/api/v1/erx/reports/pending-rx").json()
     assert report["count"] == len(body) and report["scope"] == "self" and not report["truncated"]

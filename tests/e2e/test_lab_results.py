@@ -300,6 +300,7 @@ def test_the_full_result_is_shown_to_allowed_staff_audited_and_hidden_from_other
         )
         assert (allowed.payload.outcome, allowed.payload.resource_type) == ("allowed", "lab_result")
         assert allowed.payload.service == "notifications"
+        assert allowed.payload.patient_id == mrn  # whose result it is, for "who looked at this patient"
 
         for other in (admin, login("therapist.patel"), outsider, login("dr.ramirez")):
             refused = other.get(f"/api/v1/lab/results/{order_id}")

@@ -77,7 +77,7 @@ def test_riverbend_subscribes_and_lakeside_does_not(dut, stub):
 
 
 def test_riverbends_prescribers_have_eprescribing_with_their_clinician_ids(dut, stub):
-    token = dut.token("dr.reyes")
+    token = dut.token("admin")
     assert eprescribers(stub, token) == RIVERBEND_PRESCRIBERS
     found = staff_of(stub, token, *RIVERBEND_PRESCRIBERS, "stf_riverbend_kim")
     assert {s: found[s].erx_clinician_id for s in RIVERBEND_PRESCRIBERS} == {
@@ -88,6 +88,11 @@ def test_riverbends_prescribers_have_eprescribing_with_their_clinician_ids(dut, 
     assert all(found[s].eprescribing_enabled for s in RIVERBEND_PRESCRIBERS)
     kim = found["stf_riverbend_kim"]
     assert not kim.eprescribing_enabled and kim.erx_clinician_id == ""
+    # A prescriber's own token reads their own clinician id (erx-bridge signs them in with it), not a
+    # colleague's: like the HTTP directory, that is for admins (and services).
+    own = staff_of(stub, dut.token("dr.reyes"), "stf_riverbend_reyes", "stf_riverbend_chen")
+    assert own["stf_riverbend_reyes"].erx_clinician_id == "2001" and own["stf_riverbend_chen"].erx_clinician_id == ""
+    assert own["stf_riverbend_chen"].eprescribing_enabled
     me = dut.client.get(ME, headers=dut.as_user("dr.reyes")).get_json()
     assert me["eprescribing_enabled"] is True
     assert dut.client.get(ME, headers=dut.as_user("nurse.kim")).get_json()["eprescribing_enabled"] is False
@@ -136,7 +141,7 @@ def test_admin_sets_changes_and_clears_a_clinician_id(dut, admin, stub):
     body = created.get_json()
     assert body["erx_clinician_id"] == "3001" and body["eprescribing_enabled"] is True
     path = f"{STAFF}/{body['id']}"
-    token = dut.token("dr.reyes")
+    token = dut.token("admin")
     assert staff_of(stub, token, body["id"])[body["id"]].erx_clinician_id == "3001"
     assert body["id"] in eprescribers(stub, token)
 

@@ -1,4 +1,5 @@
-"""Directory's side of the patient portal: GetPortalPatient and the agency's portal_consumer setting."""
+"""Directory's side of the patient portal: GetPortalPatient (admins and inbox, like the HTTP route;
+tests/integration/test_grpc_roles.py has the refusals) and the agency's portal_consumer setting."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def refusal(stub, metadata, **request) -> tuple[grpc.StatusCode, str]:
 
 
 def test_a_portal_patient_is_found_by_portal_user_or_directory_id(dut, stub):
-    riverbend = auth(dut.token("dr.reyes"))
+    riverbend = auth(dut.token("admin"))
     by_portal_user = portal_patient(stub, riverbend, portal_user_id="portal_riverbend_0001")
     assert by_portal_user.patient_id == "pat_riverbend_demo"
     assert by_portal_user.agency_id == "agy_riverbend"
@@ -42,7 +43,7 @@ def test_a_portal_patient_is_found_by_portal_user_or_directory_id(dut, stub):
 
 
 def test_another_agencys_or_an_unknown_patient_is_not_found(dut, stub):
-    lakeside = auth(dut.token("dr.ramirez"))
+    lakeside = auth(dut.token("lakeside.admin"))
     assert portal_patient(stub, lakeside, portal_user_id="portal_lakeside_0001").patient_id == "pat_lakeside_demo"
     for request in (
         {"portal_user_id": "portal_riverbend_0001"},
@@ -54,7 +55,7 @@ def test_another_agencys_or_an_unknown_patient_is_not_found(dut, stub):
 
 
 def test_exactly_one_of_the_two_ids_is_asked_for(dut, stub):
-    riverbend = auth(dut.token("dr.reyes"))
+    riverbend = auth(dut.token("admin"))
     both = refusal(stub, riverbend, patient_id="pat_riverbend_demo", portal_user_id="portal_riverbend_0001")
     assert both[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert refusal(stub, riverbend)[0] == grpc.StatusCode.INVALID_ARGUMENT
@@ -65,9 +66,14 @@ def test_get_portal_patient_needs_a_token(stub):
 
 
 def test_agency_settings_name_the_portal_consumer_the_admin_chose(dut, stub):
-    riverbend = auth(dut.token("dr.reyes"))
+    riverbend = auth(dut.token("admin"))
     settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=riverbend, timeout=5)
     assert settings.portal_consumer == "patient-portal"
+    # Like GET /api/v1/directory/agency, other staff are not told which partner serves the portal.
+    staff_settings = stub.GetAgencySettings(
+        directory_pb2.GetAgencySettingsRequest(), metadata=auth(dut.token("dr.reyes")), timeout=5
+    )
+    assert staff_settings.portal_consumer == "" and staff_settings.time_zone == settings.time_zone
     admin = dut.as_user("admin")
     assert dut.client.get("/api/v1/directory/agency", headers=admin).get_json()["options"]["portal_consumer"] == (
         "patient-portal"
@@ -92,7 +98,7 @@ def test_agency_settings_name_the_portal_consumer_the_admin_chose(dut, stub):
     settings = stub.GetAgencySettings(directory_pb2.GetAgencySettingsRequest(), metadata=riverbend, timeout=5)
     assert settings.portal_consumer == "other-portal"
     lakeside = stub.GetAgencySettings(
-        directory_pb2.GetAgencySettingsRequest(), metadata=auth(dut.token("dr.ramirez")), timeout=5
+        directory_pb2.GetAgencySettingsRequest(), metadata=auth(dut.token("lakeside.admin")), timeout=5
     )
     assert lakeside.portal_consumer == "patient-portal"
 

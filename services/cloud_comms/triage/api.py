@@ -135,10 +135,17 @@ def search_text(q: str) -> str:
 
 
 def record_search(store, caller: Identity, patient_ids: list[str]) -> None:
-    """One access record for a roster search: an event for the search and one per patient shown."""
-    events = [
-        kit_audit.phi_accessed(caller, service=PRODUCER, resource_type="patient", resource_id=rid, action="search")
-        for rid in ["patients", *patient_ids]
+    """One access record for a roster search: an event for the search and one per patient shown
+    (naming them as `patient_id`)."""
+    search = kit_audit.phi_accessed(
+        caller, service=PRODUCER, resource_type="patient", resource_id="patients", action="search"
+    )
+    events = [search]
+    events += [
+        kit_audit.phi_accessed(
+            caller, service=PRODUCER, resource_type="patient", resource_id=rid, action="search", patient_id=rid
+        )
+        for rid in patient_ids
     ]
     store.record_access(kit_audit.access_record(caller, events, resource_id="patients", action="search"))
 

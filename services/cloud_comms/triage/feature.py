@@ -306,13 +306,28 @@ class Triage(Feature):
         return source
 
     def view(self, caller: Identity, document_id: str) -> dict:
+        """The document's triage with the patients it shows; recorded in one access record: the
+        document, naming the patient it is filed to (or suggested for), and each patient shown."""
         source = self._delivered(caller, document_id)
         record = self.records.get(caller.agency_id, document_id)
-        audit.record(self.components.store, caller, document_id, resource_type=RESOURCE_TRIAGE)
-        return self._render(source, record, document_id, caller.agency_id)
-
-    def _render(self, source: Source, record: dict | None, document_id: str, agency_id: str) -> dict:
         suggestion = self.records.suggestion(record) if record else None
+        shown = self._render(source, record, document_id, caller.agency_id, suggestion)
+        filed = ((record or {}).get("confirmed") or {}).get("patient_id") or (suggestion or {}).get("patient_id")
+        audit.record_with_patients(
+            self.components.store,
+            caller,
+            document_id,
+            resource_type=RESOURCE_TRIAGE,
+            patient_id=filed or "",
+            shown=api.patient_ids(record, suggestion),
+        )
+        return shown
+
+    def _render(
+        self, source: Source, record: dict | None, document_id: str, agency_id: str, suggestion: dict | None = None
+    ) -> dict:
+        if suggestion is None and record:
+            suggestion = self.records.suggestion(record)
         ids = api.patient_ids(record, suggestion)
         patients = self.roster.get(agency_id, ids)
         return api.view(source.kind, document_id, record, suggestion, patients)
