@@ -26,9 +26,10 @@ Wiring = ServiceWiring[config.DirectorySettings]
 def wire(service: Wiring) -> None:
     """Directory issues the tokens everyone else checks: its own verifier, no service identity."""
     settings = service.settings
-    directory = build(settings, service.database())
+    directory = build(settings, service.database(), security_log=service.security_log())
     directory.store.ensure_indexes()
     service.relay(directory.outbox_collections)
+    service.worker("idle-sessions", directory.idle_sweep)
     service.http(create_directory_app(directory), settings.http_port)
     service.grpc_server(directory.grpc_server(settings.common.grpc_host, settings.grpc_port))
     log.info("signing keys loaded", extra={"count": len(settings.signing_keys.keys)})

@@ -18,6 +18,11 @@ LOGIN_ATTEMPT_KEY (optional, at least 32 characters) keys the hash under which
 failed sign-ins are counted. Without it the key is derived (HKDF) from the
 active signing key, a secret only the directory holds; rotating that key then
 merely restarts the failure counts.
+
+TRUSTED_PROXIES lists the addresses or networks of the hops that call the
+directory's HTTP port on a client's behalf (the gateway, the web service): the
+X-Real-IP they state names the client whose sign-in budget is spent
+(services.kit.http.client_address). Loopback only by default.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from services.directory import tokens
 from services.directory.passwords import PROFILES
+from services.kit import gateway_identity
 from services.kit.auth import ACCESS_TOKEN_TTL_S
+from services.kit.http import Network, parse_networks
 from services.kit.settings import (
     SERVICE_CLIENT_NAMES,
     CommonSettings,
@@ -52,11 +59,20 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass(frozen=True)
 class LoginPolicy:
-    """N failed logins for one username within the window lock it for lockout_s."""
+    """Sign-in limits (docs/sessions.md). max_failures failed sign-ins to one username from one client
+    address within window_s lock that username for that address (only) for lockout_s;
+    source_max_failures failures from one address, whatever the usernames, within a window refuse
+    its sign-ins until that window ends; source_attempts_per_minute is every address's sign-in
+    budget, whichever way it signs in."""
 
     max_failures: int = 10
     window_s: int = 15 * 60
     lockout_s: int = 15 * 60
+    source_max_failures: int = 50
+    source_attempts_per_minute: int = 60
+
+
+LOOPBACK_PROXIES = "127.0.0.1/32,::1/128"
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,12 @@ class DirectorySettings:
     service_clients: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     # keys the hash failed sign-ins are counted under (domain.login_attempt_key)
     login_attempt_key: bytes = field(default=b"", repr=False)
+    # the hops whose X-Real-IP is believed (services.kit.http.client_address)
+    trusted_proxies: tuple[Network, ...] = field(default_factory=lambda: parse_networks(LOOPBACK_PROXIES))
+    # how often sessions past their idle limit are looked for and revoked
+    idle_sweep_s: float = 20.0
+    # keys that prove a partner identity came from the gateway (current first; services.kit.gateway_identity)
+    gateway_identity_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def production(self) -> bool:
@@ -101,9 +123,24 @@ def load(environ: Mapping[str, str] | None = None) -> DirectorySettings:
         max_failures=env.int("LOGIN_MAX_FAILURES", LoginPolicy.max_failures, minimum=1, maximum=1000),
         window_s=env.int("LOGIN_FAILURE_WINDOW_S", LoginPolicy.window_s, minimum=1, maximum=24 * 3600),
         lockout_s=env.int("LOGIN_LOCKOUT_S", LoginPolicy.lockout_s, minimum=1, maximum=24 * 3600),
+        source_max_failures=env.int(
+            "LOGIN_SOURCE_MAX_FAILURES", LoginPolicy.source_max_failures, minimum=1, maximum=100_000
+        ),
+        source_attempts_per_minute=env.int(
+            "LOGIN_SOURCE_ATTEMPTS_PER_MINUTE", LoginPolicy.source_attempts_per_minute, minimum=1, maximum=100_000
+        ),
     )
     service_clients = load_service_clients(env)
     attempt_key = load_login_attempt_key(env, signing_keys)
+    gateway_identity_keys = gateway_identity.read_keys(env)
+    trusted_proxies: tuple[Network, ...] = ()
+    try:
+        trusted_proxies = parse_networks(env.str("TRUSTED_PROXIES", LOOPBACK_PROXIES))
+    except ValueError as exc:
+        env.problems.append(f"TRUSTED_PROXIES: {exc}")
+    idle_sweep_s = env.float("SESSION_IDLE_SWEEP_S", 20.0, minimum=0.2)
+    if idle_sweep_s > 30:
+        env.problems.append("SESSION_IDLE_SWEEP_S must be at most 30 (idle sessions must end within a minute)")
     env.done()
     assert signing_keys is not None  # env.done() raised otherwise
     return DirectorySettings(
@@ -117,6 +154,9 @@ def load(environ: Mapping[str, str] | None = None) -> DirectorySettings:
         login_policy=policy,
         service_clients=service_clients,
         login_attempt_key=attempt_key,
+        trusted_proxies=trusted_proxies,
+        idle_sweep_s=idle_sweep_s,
+        gateway_identity_keys=gateway_identity_keys,
     )
 
 

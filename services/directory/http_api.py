@@ -11,9 +11,11 @@ Trust boundary for /api/v1/partner/*: partner systems do not hold staff tokens.
 They come through the gateway, whose key-auth plugin authenticates the API key
 and whose acl plugin checks the partner's group; Kong then replaces any
 client-sent X-Consumer-* / X-Credential-Identifier headers with the
-authenticated consumer's. This service trusts those headers only because its
-HTTP port is reachable from the gateway alone (bound to the internal network,
-never published); a route exposed without key-auth would make them forgeable.
+authenticated consumer's and signs them, per request, in X-Gateway-Identity
+(the clinic-identity-signer plugin, docs/gateway-identity.md). This service
+believes those headers only when that token verifies for this very request
+(services.kit.gateway_identity); otherwise 401 and a forged_identity_refused
+security event, whoever reaches the port.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from services.directory import domain
 from services.directory.domain import Agency, CloudAddress, PortalPatient, StaffMember, Team, Terminology
 from services.directory.sessions import Grant, TooManyAttempts
+from services.kit import gateway_identity
 from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput, NotFound
-from services.kit.http import create_app, error_response, readiness, require_auth
+from services.kit.http import client_address, create_app, error_response, readiness, require_auth
 from services.kit.validation import Bool, Fields, Id, Int, ListOf, Str, json_body, path_id, query_int, validate
 
 if TYPE_CHECKING:
@@ -292,23 +295,39 @@ def _created(body: dict, location: str):
 # --- sign-in ---------------------------------------------------------------------------------
 
 
+def _client() -> str:
+    """The caller's address, as a trusted hop states it (config TRUSTED_PROXIES) or as seen: the
+    sign-in budget it spends and the source its security events name."""
+    return client_address(_components().settings.trusted_proxies)
+
+
 @auth.post("/token")
 def sign_in():
     body = validate(json_body(), LOGIN)
-    grant = _components().sessions.login(body["username"], body["password"])
+    grant = _components().sessions.login(body["username"], body["password"], source=_client())
     return grant_view(grant)
 
 
 @auth.post("/refresh")
 def refresh():
+    """Not activity: a refresh past the session's idle deadline is refused (`session_idle_expired`)."""
     body = validate(json_body(), REFRESH)
-    return grant_view(_components().sessions.refresh(body["refresh_token"]))
+    return grant_view(_components().sessions.refresh(body["refresh_token"], source=_client()))
 
 
 @auth.post("/logout")
 def sign_out():
     body = validate(json_body(), REFRESH)
-    _components().sessions.logout(body["refresh_token"])
+    _components().sessions.logout(body["refresh_token"], source=_client())
+    return "", 204
+
+
+@auth.post("/activity")
+@for_staff
+def activity(caller: Identity):
+    """The page's report that its user is active (no body): the token's session gets a full idle
+    period from now; 401 `session_idle_expired` when it was already past its deadline."""
+    _components().sessions.activity(caller)
     return "", 204
 
 
@@ -420,8 +439,18 @@ def update_staff(admin: Identity, staff_id: str):
         password_hash = components.hasher.hash(domain.check_password(body["password"], member.username))
     components.store.save_staff(updated, password_hash)  # 409 last_admin, atomically
     reason = domain.session_end_reason(member, updated, password_hash is not None)
-    if reason is not None:
-        components.store.revoke_staff_sessions(updated.id, reason)
+    if reason is not None and components.store.revoke_staff_sessions(updated.id, reason):
+        components.sessions.security.record(
+            "session_revoked",
+            agency_id=admin.agency_id,
+            actor_id=admin.subject,
+            actor_kind="staff",
+            outcome="succeeded",
+            reason=reason,
+            target_type="staff",
+            target_id=updated.id,
+            source=_client(),
+        )
     return _staff_detail(updated, for_admin=True)
 
 
@@ -505,23 +534,40 @@ def create_patient(admin: Identity):
 
 
 @directory.get("/patients")
-@for_admins
-def list_patients(admin: Identity):
+@for_staff
+def list_patients(caller: Identity):
+    """A page of the agency's portal patients (admins): recorded as one access record with an event
+    for the listing and one per patient shown (services/directory/store.py record_patient_access)."""
+    store = _components().store
+    if not caller.is_admin:
+        store.record_patient_access(caller, [], action="list", outcome="denied", listing="patients")
+        raise Forbidden("forbidden", "this action needs the admin role")
     limit = query_int("limit", 50, 1, 200)
     before = request.args.get("before") or None
     if before is not None and not domain.is_patient_cursor(before):
         raise InvalidInput("invalid_query", "before must be a cursor returned by an earlier page", {"field": "before"})
-    patients, cursor = _components().store.list_patients(admin.agency_id, limit, before)
-    return {"patients": [patient_view(p) for p in patients], "next_before": cursor or None}
+    patients, cursor = store.list_patients(caller.agency_id, limit, before)
+    shown = [patient_view(p) for p in patients]
+    store.record_patient_access(caller, [p.id for p in patients], action="list", listing="patients")
+    return {"patients": shown, "next_before": cursor or None}
 
 
 @directory.get("/patients/<patient_id>")
-@for_admins
-def get_patient(admin: Identity, patient_id: str):
-    patient = _components().store.get_patient(admin.agency_id, path_id(patient_id, "patient"))
+@for_staff
+def get_patient(caller: Identity, patient_id: str):
+    """One portal patient (admins); recorded, and so is a refusal or an unknown id (denied)."""
+    store = _components().store
+    asked = patient_id if domain.is_well_formed_id(patient_id) else ""
+    if not caller.is_admin:
+        store.record_patient_access(caller, [asked], outcome="denied")
+        raise Forbidden("forbidden", "this action needs the admin role")
+    patient = store.get_patient(caller.agency_id, path_id(patient_id, "patient"))
     if patient is None:
+        store.record_patient_access(caller, [asked], outcome="denied")
         raise NotFound("not_found", "no such patient")
-    return patient_view(patient)
+    shown = patient_view(patient)
+    store.record_patient_access(caller, [patient.id])
+    return shown
 
 
 # --- cloud addresses: Direct addresses and fax numbers linked to staff ---------------------------
@@ -587,10 +633,13 @@ def delete_cloud_address(admin: Identity, address_id: str):
 
 @partner.get("/whoami")
 def whoami():
-    consumer = request.headers.get("X-Consumer-Username", "").strip()
-    if not consumer or request.headers.get("X-Anonymous-Consumer", "").lower() == "true":
-        return error_response(401, "unauthenticated", "partner requests must come through the gateway with an API key")
-    return {"consumer": consumer, "credential": request.headers.get("X-Credential-Identifier")}
+    """The partner the gateway vouches for: its consumer headers, believed only with the gateway's
+    X-Gateway-Identity token for this request (services.kit.gateway_identity); 401 otherwise."""
+    components = _components()
+    caller = gateway_identity.verified_partner(
+        components.settings.gateway_identity_keys, db=components.store.db, service="directory"
+    )
+    return {"consumer": caller.username, "credential": caller.credential or None}
 
 
 # --- lookups that answer 404 or 400 ------------------------------------------------------------

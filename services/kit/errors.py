@@ -58,6 +58,17 @@ class Conflict(DomainError):
     grpc_status = grpc.StatusCode.ALREADY_EXISTS
 
 
+class TooManyRequests(DomainError):
+    """Refused for now; the HTTP edge answers 429 with `Retry-After: retry_after_s`."""
+
+    http_status = 429
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, code: str, message: str, retry_after_s: int, details: dict | None = None):
+        super().__init__(code, message, details)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
 class Unavailable(DomainError):
     http_status = 503
     grpc_status = grpc.StatusCode.UNAVAILABLE

@@ -2,22 +2,30 @@
 
 JSON errors only: every error has a stable `code` and a human `message`; no
 stack trace and no HTML page ever leaves a service. Request bodies are parsed
-strictly (see services.kit.validation).
+strictly (see services.kit.validation), and so is the address: a path or query
+string that is not UTF-8 or holds a NUL is 400 `invalid_text` before any route
+reads it (a NUL reaches file names and C strings; Werkzeug would turn bad
+UTF-8 into replacement characters that then look like ordinary text).
+
+`client_address(trusted)` is the client a request came from: the connection's
+peer, or the `X-Real-IP` a trusted peer (the gateway, the web service) states.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import time
+import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from services.kit.auth import KIND_STAFF, AuthError, TokenVerifier, bearer_token, current_identity
-from services.kit.errors import DomainError, Forbidden
+from services.kit.errors import DomainError, Forbidden, InvalidInput
 from services.kit.logs import accept_correlation_id, correlation_id_var
 
 log = logging.getLogger("http")
@@ -58,6 +66,7 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
         g.started = time.perf_counter()
         g.correlation_id = accept_correlation_id(request.headers.get("X-Correlation-ID")) or uuid.uuid4().hex
         request.environ["clinic.correlation_token"] = correlation_id_var.set(g.correlation_id)
+        check_address_text(request.environ)
 
     @app.after_request
     def _finish(response):
@@ -88,7 +97,11 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
 
     @app.errorhandler(DomainError)
     def _domain_error(exc: DomainError):
-        return error_response(exc.http_status, exc.code, exc.message, exc.details)
+        response = error_response(exc.http_status, exc.code, exc.message, exc.details)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s:
+            response.headers["Retry-After"] = str(retry_after_s)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -168,3 +181,67 @@ def require_staff(view: Callable) -> Callable:
         return view(*args, **kwargs)
 
     return wrapper
+
+
+def check_address_text(environ: Mapping) -> None:
+    """400 `invalid_text` unless the path and the query string decode as UTF-8 without a NUL. The
+    WSGI path holds the raw bytes as Latin-1 characters (PEP 3333), the query string is still
+    percent-encoded; neither is ever echoed back."""
+    try:
+        path = str(environ.get("PATH_INFO", "")).encode("latin-1").decode("utf-8")
+        query = urllib.parse.unquote_to_bytes(str(environ.get("QUERY_STRING", ""))).decode("utf-8")
+    except UnicodeError as exc:
+        raise InvalidInput("invalid_text", "the request's path or query string is not UTF-8 text") from exc
+    if "\x00" in path or "\x00" in query:
+        raise InvalidInput("invalid_text", "the request's path or query string holds a NUL character")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """`10.0.0.0/8, 127.0.0.1, ::1` -> networks (a bare address is a /32 or /128); ValueError names
+    the first entry that is neither."""
+    networks = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{item!r} is not an IP address or network") from exc
+    return tuple(networks)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address, trusted: Iterable[Network]) -> bool:
+    return any(address.version == network.version and address in network for network in trusted)
+
+
+REAL_IP = "X-Real-IP"
+
+
+def client_address(trusted: Sequence[Network]) -> str:
+    """The address of the client this request is for. A peer in `trusted` (the gateway, which sets
+    `X-Real-IP` to the address it was connected from, replacing whatever the client sent, as Kong
+    does; the web service, which passes on the address it was given) states it in `X-Real-IP`; from
+    any other peer that header is the client's own claim and is ignored: the peer is the client.
+    (`X-Forwarded-For` is not read: waitress drops it from requests of peers it does not trust, and
+    one stated address per hop is all a hop can vouch for.)"""
+    peer = _address(request.remote_addr or "")
+    if peer is None:
+        return ""
+    if _trusted(peer, trusted):
+        stated = _address(request.headers.get(REAL_IP, ""))
+        if stated is not None:
+            return stated.compressed
+    return peer.compressed

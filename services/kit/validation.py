@@ -4,11 +4,18 @@ A body must be a JSON object of known fields with the declared types. Anything
 else (malformed JSON, an unknown field, a wrong type, an operator object such
 as {"$gt": ""} where a string belongs) is rejected with a stable code before
 any code touches the database.
+
+Every JSON body also passes `check_json_text` first, whatever route reads it: JSON may
+carry what no later step can handle, so the edge refuses it once, for every service.
+Nesting deeper than MAX_JSON_DEPTH is 400 `too_deep` (parsers and validators recurse);
+a lone UTF-16 surrogate ("\ud800", which UTF-8, BSON and protobuf cannot encode) or a
+NUL character in any string or name is 400 `invalid_text`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -20,19 +27,84 @@ from werkzeug.exceptions import BadRequest
 from services.kit.errors import InvalidInput, UnsupportedMediaType
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Above what any request body here nests (a few levels; FHIR routes, whose resources nest deeper,
+# pass their own limit), far below what exhausts a recursive parser or validator.
+MAX_JSON_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_PATH = 200
 
 
-def json_body() -> dict:
+def json_body(max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """The request's JSON object, checked by `check_json_text` (module docstring)."""
     if not request.is_json:
         raise UnsupportedMediaType("unsupported_media_type", "the request body must be application/json")
     try:
         body = request.get_json(force=False, silent=False)
-    except (BadRequest, RecursionError, ValueError) as exc:
-        # RecursionError: deeply nested arrays or objects exhaust the parser's stack before it fails.
+    except RecursionError as exc:
+        # Nesting deep enough to exhaust the parser's stack: the only way JSON makes it recurse that far.
+        raise too_deep(max_depth, "") from exc
+    except (BadRequest, ValueError) as exc:
         raise InvalidInput("malformed_json", "the request body is not valid JSON") from exc
+    check_json_text(body, max_depth)
     if not isinstance(body, dict):
         raise InvalidInput("invalid_body", "the request body must be a JSON object")
     return body
+
+
+def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, *, allow_nul: bool = False) -> Any:
+    """JSON a route reads itself (e.g. a form field holding JSON), refused as `json_body` refuses it.
+    `allow_nul`: the caller cleans control characters out of the text itself (NUL is then let
+    through; unpaired surrogates never are)."""
+    try:
+        value = json.loads(text)
+    except RecursionError as exc:
+        raise too_deep(max_depth, "") from exc
+    except ValueError as exc:
+        raise InvalidInput("malformed_json", "the text is not valid JSON") from exc
+    check_json_text(value, max_depth, allow_nul=allow_nul)
+    return value
+
+
+def too_deep(max_depth: int, path: str) -> InvalidInput:
+    return InvalidInput("too_deep", f"the JSON nests more than {max_depth} levels", {"field": path} if path else None)
+
+
+def _unclean(message: str, path: str) -> InvalidInput:
+    return InvalidInput("invalid_text", message, {"field": path} if path else None)
+
+
+def is_clean_text(text: str, *, allow_nul: bool = False) -> bool:
+    """No NUL and no lone surrogate (text UTF-8 can encode and C strings do not cut short)."""
+    if "\x00" in text and not allow_nul:
+        return False
+    return text.isascii() or _SURROGATE.search(text) is None
+
+
+def _json_path(parent: str, key: object) -> str:
+    path = f"{parent}[{key}]" if isinstance(key, int) else (f"{parent}.{key}" if parent else str(key))
+    return path[:_MAX_PATH]
+
+
+def check_json_text(value: Any, max_depth: int = MAX_JSON_DEPTH, *, allow_nul: bool = False) -> None:
+    """Refuse a parsed JSON value nesting deeper than `max_depth` (`too_deep`) or holding a string or
+    a name that is not clean text (`invalid_text`, see `is_clean_text`). Iterative, so no value can
+    exhaust the stack here; `details.field` is the path of the element, never its text."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        current, path, depth = stack.pop()
+        if isinstance(current, str):
+            if not is_clean_text(current, allow_nul=allow_nul):
+                raise _unclean(f"{path or 'the body'} holds a NUL or an unpaired surrogate", path)
+            continue
+        if not isinstance(current, dict | list):
+            continue
+        if depth > max_depth:
+            raise too_deep(max_depth, path)
+        items = current.items() if isinstance(current, dict) else enumerate(current)
+        for key, item in items:
+            if isinstance(key, str) and not is_clean_text(key, allow_nul=allow_nul):
+                raise _unclean(f"a name in {path or 'the body'} holds a NUL or an unpaired surrogate", path)
+            stack.append((item, _json_path(path, key), depth + 1))
 
 
 class Spec:
@@ -64,6 +136,8 @@ class Str(Spec):
             raise InvalidInput("too_long", f"{path} must be at most {self.max_len} characters", {"field": path})
         if "\x00" in text:
             raise InvalidInput("invalid_value", f"{path} must not contain NUL characters", {"field": path})
+        if not text.isascii() and _SURROGATE.search(text):
+            raise InvalidInput("invalid_text", f"{path} holds an unpaired surrogate", {"field": path})
         if self.pattern is not None and not self.pattern.fullmatch(text):
             raise InvalidInput("invalid_value", f"{path} has an invalid format", {"field": path})
         return text

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.kit.http import Network, parse_networks
 from services.kit.settings import Env
 
 DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+LOOPBACK_PROXIES = "127.0.0.1/32,::1/128"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class WebSettings:
     events_heartbeat_s: float
     max_streams: int
     max_streams_per_staff: int
+    # The hops in front (the gateway) whose X-Real-IP names the client; passed on to directory so the
+    # page's sign-ins spend the client's budget (docs/sessions.md).
+    trusted_proxies: tuple[Network, ...] = field(default_factory=lambda: parse_networks(LOOPBACK_PROXIES))
 
 
 def load(environ: Mapping[str, str] | None = None) -> WebSettings:
@@ -62,6 +67,15 @@ def load(environ: Mapping[str, str] | None = None) -> WebSettings:
         events_heartbeat_s=env.float("WEB_EVENTS_HEARTBEAT_S", 15.0, minimum=0.2),
         max_streams=max_streams,
         max_streams_per_staff=env.int("WEB_MAX_EVENT_STREAMS_PER_STAFF", 6, minimum=1, maximum=100),
+        trusted_proxies=trusted_proxies(env),
     )
     env.done()
     return settings
+
+
+def trusted_proxies(env: Env) -> tuple[Network, ...]:
+    try:
+        return parse_networks(env.str("TRUSTED_PROXIES", LOOPBACK_PROXIES))
+    except ValueError as exc:
+        env.problems.append(f"TRUSTED_PROXIES: {exc}")
+        return ()

@@ -95,6 +95,14 @@ def sign_out():
     return _web("sessions").sign_out()
 
 
+@session.post("/activity")
+def activity():
+    """The page's user is active (keyboard, pointer, the page shown again); the page reports it at
+    most twice a minute. Only this moves the session's idle deadline at directory: token refreshes,
+    API reads and this event stream do not. Bearer token, so no cookie and no CSRF check."""
+    return _web("sessions").activity()
+
+
 @session.get("/events")
 @require_auth
 def events():

@@ -38,5 +38,7 @@ def build(
     board_events = BoardEvents(hub, settings.amqp_url, topology, instance or instance_id())
     if sessions is None:
         https_only = all(origin.startswith("https://") for origin in settings.allowed_origins)
-        sessions = DirectorySessions(settings.directory_http_url, settings.refresh_cookie_max_age_s, https_only)
+        sessions = DirectorySessions(
+            settings.directory_http_url, settings.refresh_cookie_max_age_s, https_only, settings.trusted_proxies
+        )
     return Web(settings, hub, board_events, sessions)

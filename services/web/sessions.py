@@ -9,12 +9,13 @@ carry the X-Clinic-CSRF header (a cross-site form cannot set it) and come from a
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Sequence
 
 import requests
 from flask import Response, jsonify, request
 
 from services.kit.errors import Forbidden, Unavailable
-from services.kit.http import error_response
+from services.kit.http import REAL_IP, Network, client_address, error_response
 
 REFRESH_COOKIE = "clinic_refresh"
 COOKIE_PATH = "/app/session"
@@ -44,19 +45,28 @@ def is_https() -> bool:
 class DirectorySessions:
     """Calls directory's /api/v1/auth endpoints on the page's behalf."""
 
-    def __init__(self, directory_url: str, cookie_max_age_s: int, https_only: bool = False):
+    def __init__(
+        self,
+        directory_url: str,
+        cookie_max_age_s: int,
+        https_only: bool = False,
+        trusted_proxies: Sequence[Network] = (),
+    ):
         """`https_only`: the page is only ever served over https (every allowed origin is https), so
-        the cookie is Secure whatever a forwarded header says about this one request."""
+        the cookie is Secure whatever a forwarded header says about this one request.
+        `trusted_proxies`: the hops whose X-Real-IP names the client (the gateway)."""
         self.directory_url = directory_url
         self.cookie_max_age_s = cookie_max_age_s
         self.https_only = https_only
+        self.trusted_proxies = tuple(trusted_proxies)
         self.http = requests.Session()
 
-    def _call(self, path: str, body: dict) -> requests.Response:
-        headers = {}
-        forwarded = request.headers.get("X-Forwarded-For")
-        if forwarded:
-            headers["X-Forwarded-For"] = forwarded
+    def _call(self, path: str, body: dict | None, authorization: str | None = None) -> requests.Response:
+        # The client's address, as this service was told it by a trusted hop or saw it: directory
+        # trusts this service to state it, and spends that address's sign-in budget.
+        headers = {REAL_IP: client_address(self.trusted_proxies)}
+        if authorization:
+            headers["Authorization"] = authorization
         try:
             return self.http.post(
                 urllib.parse.urljoin(self.directory_url + "/", path.lstrip("/")),
@@ -66,6 +76,24 @@ class DirectorySessions:
             )
         except requests.RequestException as exc:
             raise Unavailable("directory_unavailable", "sign-in is unavailable; try again shortly") from exc
+
+    def activity(self) -> Response:
+        """The page's report of its user's activity, passed on with its bearer token (directory
+        moves the session's idle deadline); 204, or directory's refusal."""
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith("Bearer "):
+            return error_response(401, "unauthenticated", "a bearer access token is required")
+        answer = self._call("/api/v1/auth/activity", None, authorization)
+        if answer.status_code == 204:
+            return Response(status=204)
+        if answer.status_code >= 500:
+            return error_response(503, "directory_unavailable", "activity could not be recorded; try again shortly")
+        try:
+            body = answer.json()
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        return error_response(answer.status_code, body.get("code", "error"), body.get("message", ""))
 
     def sign_in(self, username: object, password: object) -> Response:
         if not isinstance(username, str) or not isinstance(password, str):

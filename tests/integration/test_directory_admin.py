@@ -10,6 +10,7 @@ import pytest
 from pymongo.errors import DuplicateKeyError
 
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
+from services.kit import gateway_identity
 from services.kit.auth import Identity
 from services.kit.mongo import now_ms
 from services.kit.outbox import OUTBOX
@@ -202,6 +203,9 @@ def test_removing_a_role_ends_the_members_sessions_and_announces_it(dut, admin):
 
     session = dut.store.sessions.find_one({"_id": sid})
     assert session["revoked_reason"] == "roles_changed" and list(session[OUTBOX]) == [f"{sid}-revoked"]
+    recorded = list(dut.store.db["security_outbox"].find({"kind": {"$eq": "session_revoked"}}))
+    assert len(recorded) == 1  # the admin's act is a security event naming the member, not the session
+    assert recorded[0]["agency_id"] == "agy_riverbend"
     refreshed = dut.client.post("/api/v1/auth/refresh", json={"refresh_token": grant["refresh_token"]})
     assert refreshed.status_code == 401
     # A role added, or other changes, end nothing.
@@ -480,7 +484,10 @@ def test_portal_patients_are_listed_newest_first_in_pages(dut, admin):
 
 
 def test_partner_whoami_reports_the_gateway_consumer(dut):
-    headers = {"X-Consumer-Username": "patient-portal", "X-Credential-Identifier": "cred-123"}
+    headers = gateway_identity.partner_headers(
+        dut.directory.settings.gateway_identity_keys[0], "GET", "/api/v1/partner/whoami",
+        username="patient-portal", credential="cred-123",
+    )
     response = dut.client.get("/api/v1/partner/whoami", headers=headers)
     assert response.status_code == 200
     assert response.get_json() == {"consumer": "patient-portal", "credential": "cred-123"}
@@ -491,7 +498,11 @@ def test_partner_whoami_without_a_gateway_consumer_is_401(dut):
     assert missing.status_code == 401
     assert missing.get_json()["code"] == "unauthenticated"
     anonymous = dut.client.get(
-        "/api/v1/partner/whoami", headers={"X-Consumer-Username": "anonymous", "X-Anonymous-Consumer": "true"}
+        "/api/v1/partner/whoami",
+        headers=gateway_identity.partner_headers(
+            dut.directory.settings.gateway_identity_keys[0], "GET", "/api/v1/partner/whoami",
+            username="anonymous", anonymous=True,
+        ),
     )
     assert anonymous.status_code == 401
 

@@ -69,6 +69,7 @@ def test_production_starts_with_its_keys(tmp_path):
             MONGO_URI="mongodb://db.internal:27017/",
             JWT_SIGNING_KEYS=pem(),
             SERVICE_CLIENTS="inbox:" + "0" * 64,
+            GATEWAY_IDENTITY_KEY="k" * 40,
         )
     )
     assert settings.production and settings.password_hash_profile == "standard"

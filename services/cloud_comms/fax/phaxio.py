@@ -32,7 +32,6 @@ import datetime as dt
 import hashlib
 import hmac
 import io
-import json
 import logging
 import re
 from collections.abc import Iterable
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 import pypdf
 
 from services.kit.errors import InvalidInput, PayloadTooLarge
+from services.kit.validation import parse_json
 
 SIGNATURE_HEADER = "X-Phaxio-Signature"
 PDF_PARTS = ("filename", "file")
@@ -123,9 +123,13 @@ def _fax_object(form: dict[str, str], direction: str) -> dict:
     if len(raw) > MAX_FAX_JSON:
         raise _refuse("invalid_fax", "fax is too long", "fax")
     try:
-        fax = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise _refuse("invalid_fax", "fax must be a JSON object", "fax") from exc
+        # Too deep or unpaired surrogates: refused as in any JSON body (control characters in the
+        # provider's texts are cleaned below, so NUL is let through).
+        fax = parse_json(raw, allow_nul=True)
+    except InvalidInput as exc:
+        if exc.code == "malformed_json":
+            raise _refuse("invalid_fax", "fax must be a JSON object", "fax") from exc
+        raise _refuse(exc.code, f"fax: {exc.message}", "fax") from exc
     if not isinstance(fax, dict):
         raise _refuse("invalid_fax", "fax must be a JSON object", "fax")
     if fax.get("direction", direction) != direction or form.get("direction", direction) != direction:

@@ -89,8 +89,9 @@ async function authorized(method, path, body, { timeoutMs = 0, accept, idempoten
       clearTimeout(timer);
     }
     if (response.status === 401 && attempt === 0) {
-      try { await refresh(); continue; } catch {
-        listeners.signedOut.forEach((fn) => fn("expired"));
+      try { await refresh(); continue; } catch (error) {
+        // The reason directory gave (e.g. "session_idle_expired"), for the sign-in page to say.
+        listeners.signedOut.forEach((fn) => fn((error && error.code) || "expired"));
         throw new ApiError(401, "unauthenticated", "signed out");
       }
     }
@@ -123,6 +124,13 @@ export async function getBlob(path, options = {}) {
 }
 
 export const get = (path) => api("GET", path);
+
+// The user is active (idle.js decides when to say so): the server moves the session's idle
+// deadline. A failure is not the user's concern; an ended session is noticed like any 401.
+export async function reportActivity() {
+  if (!accessToken) return;
+  try { await api("POST", "/app/activity"); } catch { /* offline, or signed out: handled elsewhere */ }
+}
 // A fresh Idempotency-Key: 128 random bits in hex (crypto.getRandomValues works outside secure
 // contexts too). A dialog keeps one for as long as it is open, so sending again after a lost
 // answer (a timeout, a dropped connection) returns what was already made, never a second one.

@@ -1,6 +1,8 @@
 // The Message Board page. Plain modules, no build step. Every text from the API is set with
 // textContent (dom.h), links only for http/https (dom.safeLink).
-import { ApiError, del, get, newIdempotencyKey, onSignedOut, post, put, refresh, signIn, signOut } from "./api.js";
+import {
+  ApiError, del, get, newIdempotencyKey, onSignedOut, post, put, refresh, reportActivity, signIn, signOut,
+} from "./api.js";
 import { $, announce, fullTime, h, isoToLocalInput, localInputToIso, safeLink, when } from "./dom.js";
 import { cloudPanel, showCloudFolderActions, stopCloud, wireCloud } from "./cloud.js";
 import { showCloudAddresses, stopCloudAddresses, wireCloudAddresses } from "./cloud_addresses.js";
@@ -24,14 +26,24 @@ const term = () => (state.agency && state.agency.terminology.patient_singular) |
 // --- start ---------------------------------------------------------------------------------
 async function start() {
   wireStatic();
-  onSignedOut(() => showSignIn("Your session ended. Please sign in again."));
+  onSignedOut((why) => showSignIn(signedOutNote(why)));
   try {
     await refresh();
-  } catch {
-    showSignIn();
+  } catch (error) {
+    showSignIn(error && error.code === IDLE_ENDED ? signedOutNote(IDLE_ENDED) : undefined);
     return;
   }
   await enter();
+}
+
+// Directory's answer when it ended the session for inactivity (the page was closed, asleep or
+// elsewhere while the agency's idle time passed).
+const IDLE_ENDED = "session_idle_expired";
+
+function signedOutNote(why) {
+  return why === IDLE_ENDED
+    ? "You were signed out because of inactivity. Please sign in again."
+    : "Your session ended. Please sign in again.";
 }
 
 function showSignIn(note) {
@@ -89,6 +101,7 @@ async function enter() {
       if (!$("#idle-dialog").open) $("#idle-dialog").showModal();
     },
     onActiveElsewhere: () => { if ($("#idle-dialog").open) $("#idle-dialog").close(); },
+    report: reportActivity,
     onIdle: async () => {
       await signOut();
       showSignIn(`You were signed out after ${agency.options.idle_signout_minutes || 15} minutes without activity.`);
