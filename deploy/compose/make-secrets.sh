@@ -5,6 +5,8 @@
 #   secrets/jwt_signing_keys.pem RSA-3072 private key that signs access tokens (JWT_SIGNING_KEYS_FILE)
 #   secrets/jwt_public_key.pem   its public key, derived from the FIRST key of the PEM file (the active one)
 #   secrets/mongo_keyfile        shared key of the replica set members (internal authentication)
+#   secrets/gateway_identity_key the key Kong signs partner identities with and the services check
+#                                (GATEWAY_IDENTITY_KEY_FILE; Kong: docs/gateway-identity.md)
 #   secrets/service_inbox_secret, secrets/service_auto-reply_secret  the service-client secrets of inbox
 #                                and auto-reply (SERVICE_CLIENT_SECRET_FILE); directory
 #                                gets only its SHA-256, as SERVICE_CLIENTS in .env
@@ -13,6 +15,9 @@
 #   secrets/service_web_secret   web's, likewise
 #   secrets/service_erx-bridge_secret  erx-bridge's, likewise
 #   secrets/service_cloud-comms_secret  cloud-comms', likewise
+#   secrets/service_audit_secret  audit's, likewise
+#   secrets/audit_signing_key.pem  the Ed25519 key that signs the audit chain's checkpoints (AUDIT_SIGNING_KEY_FILE);
+#                                give auditors its public key: openssl pkey -in secrets/audit_signing_key.pem -pubout
 #   secrets/direct_cert.pem, direct_key.pem, direct_anchors.pem  cloud-comms' Direct identity and trust
 #                                anchors: a self-signed STAND-IN (CN "REPLACE ME") so the stack starts;
 #                                replace them with your HISP-issued certificate + key and your
@@ -23,10 +28,17 @@
 #                                it needs the roster imported again)
 #   secrets/erx_practices.json   erx-bridge's practices at the ePrescribing vendor (ERX_PRACTICES_FILE):
 #                                "{}" (none) until you write them in (services/erx_bridge/README.md)
+#   secrets/bus_signing_<service>.pem  each service's own Ed25519 key (PKCS#8 PEM) that signs what it
+#                                publishes on the bus (BUS_SIGNING_KEY_FILE; docs/bus-security.md), mounted
+#                                into that service alone
+#   secrets/bus_producer_keys    every service's public key, "<service>:<base64 of the raw 32-byte key>" a line,
+#                                derived from those keys every run, then the lines of
+#                                secrets/bus_producer_keys.retired if you keep one (replaced keys still
+#                                accepted while old messages may be queued); BUS_PRODUCER_KEYS_FILE of all
 #                                public key; docker compose reads it for ${...} substitution
 #
-# Re-running keeps what exists (only the derived public key and .env are refreshed from the
-# secrets), so rotation is: edit the files as docs/deploy.md says, run this again, `docker compose up -d`.
+# Re-running keeps what exists (only the derived public keys, bus_producer_keys and .env are refreshed
+# from the secrets), so rotation is: edit the files as docs/deploy.md says, run this again, `docker compose up -d`.
 # --force throws everything away and starts over (existing data becomes unreadable).
 set -euo pipefail
 
@@ -74,6 +86,8 @@ phi_key_ring() {
   printf 'phi-%s:%s\n' "$(date -u +%Y%m%d)" "$(openssl rand -base64 32)"
 }
 create phi_master_keys phi_key_ring
+# Kong signs each partner request's identity with it; directory, inbox and notifications check it.
+create gateway_identity_key openssl rand -hex 32
 rsa_private_key() {
   # -quiet (OpenSSL 3) hides the progress dots; older versions print them to stderr.
   if openssl genpkey -help 2>&1 | grep -q -- '-quiet'; then
@@ -115,12 +129,34 @@ replace_me() {
 create fax_api_key replace_me
 create fax_api_secret replace_me
 create triage_index_key openssl rand -hex 32
+create service_audit_secret openssl rand -hex 32
+create audit_signing_key.pem openssl genpkey -algorithm ED25519
+
+# One bus signing key per service (the producer names of services/kit/bus/signing.py), and the list of
+# their public keys every consumer checks signatures against.
+bus_producers="directory inbox notifications erx-bridge cloud-comms auto-reply web audit"
+for producer in $bus_producers; do
+  create "bus_signing_${producer}.pem" openssl genpkey -algorithm ED25519
+done
+bus_producer_keys() {
+  local producer
+  for producer in $bus_producers; do
+    # The raw key is the last 32 bytes of the Ed25519 SubjectPublicKeyInfo.
+    printf '%s:%s\n' "$producer" \
+      "$(openssl pkey -in "secrets/bus_signing_${producer}.pem" -pubout -outform DER | tail -c 32 | openssl base64 -A)"
+  done
+  if [ -f secrets/bus_producer_keys.retired ]; then
+    grep -Ev '^[[:space:]]*(#|$)' secrets/bus_producer_keys.retired || true
+  fi
+}
+bus_producer_keys > secrets/.bus_producer_keys.tmp
+mv secrets/.bus_producer_keys.tmp secrets/bus_producer_keys
 
 # directory registers each service client by the SHA-256 (hex) of its secret, never the secret.
 service_digest() {
   printf '%s' "$(cat "secrets/service_$1_secret")" | openssl dgst -sha256 -r | cut -d' ' -f1
 }
-service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply),erx-bridge:$(service_digest erx-bridge),web:$(service_digest web),cloud-comms:$(service_digest cloud-comms)"
+service_clients="inbox:$(service_digest inbox),notifications:$(service_digest notifications),auto-reply:$(service_digest auto-reply),erx-bridge:$(service_digest erx-bridge),web:$(service_digest web),cloud-comms:$(service_digest cloud-comms),audit:$(service_digest audit)"
 
 # The gateway verifies tokens with the public half of the active (first) signing key.
 openssl pkey -in secrets/jwt_signing_keys.pem -pubout -out secrets/jwt_public_key.pem
@@ -138,6 +174,7 @@ mongo_notifications_password="$(password MONGO_NOTIFICATIONS_PASSWORD)"
 mongo_auto_reply_password="$(password MONGO_AUTO_REPLY_PASSWORD)"
 mongo_erx_bridge_password="$(password MONGO_ERX_BRIDGE_PASSWORD)"
 mongo_cloud_comms_password="$(password MONGO_CLOUD_COMMS_PASSWORD)"
+mongo_audit_password="$(password MONGO_AUDIT_PASSWORD)"
 rabbitmq_password="$(password RABBITMQ_PASSWORD)"
 patient_portal_api_key="$(password PATIENT_PORTAL_API_KEY)"
 lab_interface_api_key="$(password LAB_INTERFACE_API_KEY)"
@@ -161,6 +198,7 @@ MONGO_NOTIFICATIONS_PASSWORD=${mongo_notifications_password}
 MONGO_AUTO_REPLY_PASSWORD=${mongo_auto_reply_password}
 MONGO_ERX_BRIDGE_PASSWORD=${mongo_erx_bridge_password}
 MONGO_CLOUD_COMMS_PASSWORD=${mongo_cloud_comms_password}
+MONGO_AUDIT_PASSWORD=${mongo_audit_password}
 RABBITMQ_PASSWORD=${rabbitmq_password}
 PATIENT_PORTAL_API_KEY=${patient_portal_api_key}
 LAB_INTERFACE_API_KEY=${lab_interface_api_key}
@@ -170,7 +208,7 @@ JWT_PUBLIC_KEY_PEM="${public_key_escaped}"
 SERVICE_CLIENTS=${service_clients}
 ENV
 # Settings you added yourself (CORS_ORIGIN=..., RATE_LIMIT_MINUTE=...) are kept.
-managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|MONGO_AUTO_REPLY_PASSWORD|MONGO_ERX_BRIDGE_PASSWORD|MONGO_CLOUD_COMMS_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
+managed='PHI_MASTER_KEY_ID|MONGO_ROOT_PASSWORD|MONGO_DIRECTORY_PASSWORD|MONGO_INBOX_PASSWORD|MONGO_NOTIFICATIONS_PASSWORD|MONGO_AUTO_REPLY_PASSWORD|MONGO_ERX_BRIDGE_PASSWORD|MONGO_CLOUD_COMMS_PASSWORD|MONGO_AUDIT_PASSWORD|RABBITMQ_PASSWORD|PATIENT_PORTAL_API_KEY|LAB_INTERFACE_API_KEY|PRACTICE_MANAGEMENT_API_KEY|COMPLIANCE_TRACKER_API_KEY|JWT_PUBLIC_KEY_PEM|SERVICE_CLIENTS'
 if [ -f .env ]; then
   grep -Ev "^(#|(${managed})=)" .env >> .env.tmp || true
 fi

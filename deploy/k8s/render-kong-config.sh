@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Renders gateway/kong.yml into deploy/k8s/kong/kong.rendered.yml (git-ignored), the declarative
-# configuration that kustomization.yaml packs into the `kong-declarative-config` Secret.
+# configuration that kustomization.yaml packs into the `kong-declarative-config` Secret, and copies
+# Kong's clinic-identity-signer plugin (gateway/kong-plugins/) into deploy/k8s/kong/plugins/
+# (git-ignored) for the `kong-plugin-clinic-identity-signer` ConfigMap.
 #
 #   export DECK_DIRECTORY_JWT_PUBLIC_KEY="$(kubectl -n clinic exec deploy/directory -- python -m services.directory public-key)"
 #   export DECK_PATIENT_PORTAL_API_KEY="$(cat /path/to/patient-portal-api-key)"
@@ -54,3 +56,9 @@ fi
 mv "$tmp" "$output"
 trap - EXIT
 echo "rendered $output"
+
+plugins="$here/kong/plugins"
+rm -rf "$plugins/clinic-identity-signer"
+mkdir -p "$plugins"
+cp -R "$repo/gateway/kong-plugins/clinic-identity-signer" "$plugins/"
+echo "copied the clinic-identity-signer plugin into $plugins"

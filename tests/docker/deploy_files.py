@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from services.kit.settings import SettingsError
+from services.kit.bus.signing import KNOWN_PRODUCERS, load_signing, raw_public_b64
+from services.kit.settings import Env, SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -91,13 +94,18 @@ def env_prefix(service: str) -> str:
 
 
 def production_problems(service: str, environ: Mapping[str, str]) -> list[str]:
-    """What the service's own config.load() refuses in `environ` (production mode unless it says otherwise)."""
+    """What the service refuses at start in `environ` (production mode unless it says otherwise): its own
+    config.load(), then its bus keys as services.kit.bootstrap.serve loads them (load_signing)."""
+    environ = {"CLINIC_MODE": "production", **environ}
     module = importlib.import_module(f"services.{package(service)}.config")
+    problems: list[str] = []
     try:
-        module.load({"CLINIC_MODE": "production", **environ})
+        module.load(environ)
     except SettingsError as exc:
-        return list(exc.problems)
-    return []
+        problems += exc.problems
+    env = Env(service, environ)
+    load_signing(env, service)
+    return problems + env.problems
 
 
 def required_in_production(service: str) -> list[frozenset[str]]:
@@ -114,6 +122,12 @@ def required_in_production(service: str) -> list[frozenset[str]]:
 # --- Docker Compose ---------------------------------------------------------------------------
 def load_compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def run_make_secrets(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """make-secrets.sh of the compose folder `workdir` (a copy of deploy/compose), run for real."""
+    command = ["bash", str(workdir / "make-secrets.sh"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
 def interpolate(value: object, variables: Mapping[str, str]) -> object:
@@ -200,6 +214,50 @@ def parse_env_file(path: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             values[key.strip()] = value.strip()
     return values
+
+
+def k8s_environment(container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet builds it from the manifests and the secret template."""
+    config_maps = k8s_objects("ConfigMap")
+    secrets = secret_template()
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(config_maps[source["configMapRef"]["name"]]["data"])
+        else:
+            env.update(secrets[source["secretRef"]["name"]])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:
+            ref = item["valueFrom"].get("secretKeyRef") or item["valueFrom"]["configMapKeyRef"]
+            table = secrets if "secretKeyRef" in item["valueFrom"] else {k: v["data"] for k, v in config_maps.items()}
+            env[item["name"]] = table[ref["name"]][ref["key"]]
+    return env
+
+
+def mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, str]:
+    """(secret name, key) of the file at `path` in the container, from its volume mounts."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(directory):
+            secret = volumes[mount["name"]]["secret"]
+            file_name = path[len(directory) :]
+            for item in secret.get("items", []):
+                if item["path"] == file_name:
+                    return secret["secretName"], item["key"]
+            return secret["secretName"], file_name
+    raise AssertionError(f"{path} is not on a mounted volume")
+
+
+def bus_key_stand_ins(service: str) -> dict[str, str]:
+    """The bus keys a Kubernetes Secret would hold for `service` (its own private key as a PKCS#8 PEM,
+    as `openssl genpkey -algorithm ED25519` writes it) and the public key of every known producer."""
+    private = {name: Ed25519PrivateKey.generate() for name in KNOWN_PRODUCERS}
+    pem = private[service].private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode("ascii")
+    producers = "".join(f"{name}:{raw_public_b64(key.public_key())}\n" for name, key in private.items())
+    return {"bus_signing_key.pem": pem, "bus_producer_keys": producers}
 
 
 # --- Kong (decK) ------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Every YAML file parses; the image is built and run the way the house style asks; every
 Deployment is probed, limited, non-root and read-only; Kong's upstreams (gateway/kong.yml as decK
 renders it) are hosts that exist in compose and in the Kubernetes Services; and each service's own
-config.load() accepts in production what compose and the Kubernetes ConfigMap and Secret template
-give it.
+config.load() and its bus keys accept in production what compose and the Kubernetes ConfigMap and
+Secret template give it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.audit.signing import generate_private_pem as generate_audit_signing_key
 from services.directory.tokens import generate_private_key_pem
 from services.kit.settings import random_key_b64
 from tests.docker import deploy_files as d
@@ -110,31 +111,6 @@ def test_build_context_ignores_everything_but_the_sources():
 
 
 # --- Docker Compose -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def compose():
-    return d.load_compose()
-
-
-@pytest.fixture(scope="module")
-def generated_secrets(tmp_path_factory):
-    """make-secrets.sh run for real in a copy of deploy/compose: its .env and secret files (it needs
-    openssl, and no Docker engine: missing openssl fails these tests instead of skipping them)."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is not installed; make-secrets.sh needs it (apt-get install openssl)")
-    workdir = tmp_path_factory.mktemp("compose") / "compose"
-    shutil.copytree(d.COMPOSE_DIR, workdir, ignore=shutil.ignore_patterns("secrets", ".env"))
-    for run in range(2):  # the second run must keep what the first made
-        result = subprocess.run(
-            ["bash", str(workdir / "make-secrets.sh")], capture_output=True, text=True, timeout=120, check=False
-        )
-        assert result.returncode == 0, result.stderr
-        if run == 0:
-            first = {p.name: p.read_text() for p in (workdir / "secrets").iterdir()}, (workdir / ".env").read_text()
-    second = {p.name: p.read_text() for p in (workdir / "secrets").iterdir()}, (workdir / ".env").read_text()
-    assert first == second, "running make-secrets.sh again changed the secrets"
-    return workdir, d.parse_dotenv((workdir / ".env").read_text())
-
-
 def compose_service_env(compose: dict, name: str, variables: dict[str, str]) -> dict[str, str]:
     return d.interpolate(d.environment_of(compose["services"][name]), variables)
 
@@ -341,6 +317,9 @@ def render_kong_for_k8s(workdir: Path) -> Path:
     variables["DECK_COMPLIANCE_TRACKER_API_KEY"] = "c"
     rendered = workdir / "kong" / "kong.rendered.yml"
     rendered.write_text(render(d.KONG_FILE.read_text(), variables))
+    plugin = workdir / "kong" / "plugins" / "clinic-identity-signer"  # what render-kong-config.sh copies
+    plugin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(d.REPO / "gateway" / "kong-plugins" / "clinic-identity-signer", plugin)
     return rendered
 
 
@@ -438,41 +417,6 @@ def test_each_deployment_has_a_service_autoscaler_and_disruption_budget(name):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def k8s_environment(container: dict) -> dict[str, str]:
-    """The container's environment as the kubelet builds it from the manifests and the secret template."""
-    config_maps = d.k8s_objects("ConfigMap")
-    secrets = d.secret_template()
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        if "configMapRef" in source:
-            env.update(config_maps[source["configMapRef"]["name"]]["data"])
-        else:
-            env.update(secrets[source["secretRef"]["name"]])
-    for item in container.get("env", []):
-        if "value" in item:
-            env[item["name"]] = str(item["value"])
-        else:
-            ref = item["valueFrom"].get("secretKeyRef") or item["valueFrom"]["configMapKeyRef"]
-            table = secrets if "secretKeyRef" in item["valueFrom"] else {k: v["data"] for k, v in config_maps.items()}
-            env[item["name"]] = table[ref["name"]][ref["key"]]
-    return env
-
-
-def mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, str]:
-    """(secret name, key) of the file at `path` in the container, from its volume mounts."""
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    for mount in container["volumeMounts"]:
-        directory = mount["mountPath"].rstrip("/") + "/"
-        if path.startswith(directory):
-            secret = volumes[mount["name"]]["secret"]
-            file_name = path[len(directory) :]
-            for item in secret.get("items", []):
-                if item["path"] == file_name:
-                    return secret["secretName"], item["key"]
-            return secret["secretName"], file_name
-    raise AssertionError(f"{path} is not on a mounted volume")
-
-
 def direct_stand_ins() -> dict[str, str]:
     """cloud-comms' Direct identity and anchors (the cloud-comms-direct Secret's keys), made with its
     development CA."""
@@ -496,7 +440,7 @@ def direct_stand_ins() -> dict[str, str]:
 def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
     pod = DEPLOYMENTS[service]["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    env = k8s_environment(container)
+    env = d.k8s_environment(container)
     groups = d.required_in_production(service)
     assert groups
     for group in groups:
@@ -511,10 +455,12 @@ def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
         "jwt_signing_keys.pem": generate_private_key_pem(2048),
         "service_clients": "inbox:" + "0" * 64,
         **direct_stand_ins(),
+        "audit_signing_key.pem": generate_audit_signing_key(),
+        **d.bus_key_stand_ins(service),
     }
     for name, value in list(env.items()):
         if name.endswith("_FILE"):
-            secret, key = mounted_secret_file(pod, container, value)
+            secret, key = d.mounted_secret_file(pod, container, value)
             assert key in secrets[secret], f"{value}: secret {secret} has no key {key}"
             file = tmp_path / key
             file.write_text(stand_ins[key])
@@ -580,7 +526,7 @@ def test_kong_runs_db_less_from_the_generated_secret():
     container = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KONG_DATABASE"] == "off"
-    secret, key = mounted_secret_file(pod, container, env["KONG_DECLARATIVE_CONFIG"])
+    secret, key = d.mounted_secret_file(pod, container, env["KONG_DECLARATIVE_CONFIG"])
     assert (secret, key) == ("kong-declarative-config", "kong.yml")
     assert container["image"].startswith("kong:3.9")
     prefix = env["KONG_PREFIX"]

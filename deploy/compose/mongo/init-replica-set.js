@@ -26,6 +26,33 @@ for (let waited = 0; !db.hello().isWritablePrimary; waited += 1) {
 }
 
 const prefix = env("MONGO_DB_PREFIX");
+
+// The audit service's user may read and append its records, chains and checkpoints but never change or
+// remove one (services/audit/store.py has no such code path; this makes it so for the database too).
+// Its other collections (outbox of its reads, processed events, relay lease) are ordinary.
+function auditRole() {
+  const name = "clinicAuditAppendOnly";
+  const database = `${prefix}audit`;
+  const appendOnly = ["find", "insert", "createIndex", "listIndexes", "createCollection"];
+  const ordinary = [...appendOnly, "update", "remove"];
+  const privileges = [
+    ...["audit_records", "audit_checkpoints", "audit_chains"].map((collection) => ({
+      resource: { db: database, collection },
+      actions: appendOnly,
+    })),
+    ...["access_records", "security_outbox", "processed_events", "outbox_leases"].map((collection) => ({
+      resource: { db: database, collection },
+      actions: ordinary,
+    })),
+    { resource: { db: database, collection: "" }, actions: ["listCollections"] },
+  ];
+  if (admin.getRole(name)) {
+    admin.updateRole(name, { privileges, roles: [] });
+  } else {
+    admin.createRole({ role: name, privileges, roles: [] });
+  }
+  return name;
+}
 for (const [service, passwordVariable] of [
   ["directory", "MONGO_DIRECTORY_PASSWORD"],
   ["inbox", "MONGO_INBOX_PASSWORD"],
@@ -33,13 +60,15 @@ for (const [service, passwordVariable] of [
   ["auto-reply", "MONGO_AUTO_REPLY_PASSWORD"],
   ["erx-bridge", "MONGO_ERX_BRIDGE_PASSWORD"],
   ["cloud-comms", "MONGO_CLOUD_COMMS_PASSWORD"],
+  ["audit", "MONGO_AUDIT_PASSWORD"],
 ]) {
-  const roles = [{ role: "readWrite", db: `${prefix}${service}` }];
+  const roles =
+    service === "audit" ? [{ role: auditRole(), db: "admin" }] : [{ role: "readWrite", db: `${prefix}${service}` }];
   const pwd = env(passwordVariable);
   if (admin.getUser(service)) {
     admin.updateUser(service, { pwd, roles });
   } else {
     admin.createUser({ user: service, pwd, roles });
   }
-  print(`user ${service}: readWrite on ${prefix}${service}`);
+  print(`user ${service}: ${roles[0].role} on ${prefix}${service}`);
 }
