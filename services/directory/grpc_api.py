@@ -31,8 +31,6 @@ patient), and every refusal an `access_refused` security event.
 
 from __future__ import annotations
 
-import functools
-
 from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.directory import domain, events
 from services.directory.domain import Agency, StaffMember
@@ -47,14 +45,13 @@ from services.kit.auth import (
     SERVICE_SUBJECT_PREFIX,
     Identity,
     agency_caller,
-    current_identity,
     platform_caller,
 )
 from services.kit.errors import Forbidden, InvalidInput, NotFound
 from services.kit.grpc_server import ServiceBinding
 from services.kit.mongo import now_ms
 from services.kit.revocations import BOOTSTRAP_WINDOW_MS, LIST_PAGE_LIMIT
-from services.kit.security_events import SecurityLog
+from services.kit.security_events import SecurityLog, grpc_refusals_recorded
 
 ROLE_TO_PROTO = {
     ROLE_STAFF: directory_pb2.ROLE_STAFF,
@@ -88,30 +85,7 @@ def may_read_portal_patients(caller: Identity) -> bool:
     return caller.is_admin
 
 
-def refusals_recorded(method):
-    """Each refusal (Forbidden, PERMISSION_DENIED) of the method leaves an `access_refused` security
-    event naming the caller, the method and the refusal's code, before it is answered."""
-
-    @functools.wraps(method)
-    def recorded(self, request, context):
-        try:
-            return method(self, request, context)
-        except Forbidden as exc:
-            if self.security is not None:
-                caller = current_identity.get()
-                self.security.record(
-                    "access_refused",
-                    agency_id=caller.agency_id if caller else "",
-                    actor_id=caller.subject if caller else "",
-                    actor_kind=caller.kind if caller else "anonymous",
-                    reason=exc.code,
-                    target_type="grpc_method",
-                    target_id=f"{SERVICE_NAME}/{method.__name__}",
-                    source=context.peer() if context is not None else "",
-                )
-            raise
-
-    return recorded
+refusals_recorded = grpc_refusals_recorded(SERVICE_NAME)
 
 
 def staff_message(

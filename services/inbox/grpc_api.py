@@ -12,8 +12,6 @@ security event; a message the caller may not reply to is the audited 404 of the 
 
 from __future__ import annotations
 
-import functools
-
 from clinic.directory.v1 import directory_pb2
 from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.inbox import domain
@@ -26,10 +24,9 @@ from services.kit.auth import (
     SERVICE_SUBJECT_PREFIX,
     Identity,
     agency_caller,
-    current_identity,
 )
 from services.kit.errors import Forbidden, InvalidInput
-from services.kit.security_events import SecurityLog
+from services.kit.security_events import SecurityLog, grpc_refusals_recorded
 from services.kit.validation import Id, validate
 
 SERVICE_NAME = inbox_pb2.DESCRIPTOR.services_by_name["InboxService"].full_name
@@ -44,30 +41,7 @@ def may_send_as_staff(caller: Identity) -> bool:
     return caller.kind == KIND_SERVICE and caller.subject.removeprefix(SERVICE_SUBJECT_PREFIX) in SEND_AS_SERVICES
 
 
-def refusals_recorded(method):
-    """Each refusal (Forbidden, PERMISSION_DENIED) of the method leaves an `access_refused` security
-    event naming the caller, the method and the refusal's code, before it is answered."""
-
-    @functools.wraps(method)
-    def recorded(self, request, context):
-        try:
-            return method(self, request, context)
-        except Forbidden as exc:
-            if self.security is not None:
-                caller = current_identity.get()
-                self.security.record(
-                    "access_refused",
-                    agency_id=caller.agency_id if caller else "",
-                    actor_id=caller.subject if caller else "",
-                    actor_kind=caller.kind if caller else "anonymous",
-                    reason=exc.code,
-                    target_type="grpc_method",
-                    target_id=f"{SERVICE_NAME}/{method.__name__}",
-                    source=context.peer() if context is not None else "",
-                )
-            raise
-
-    return recorded
+refusals_recorded = grpc_refusals_recorded(SERVICE_NAME)
 
 
 class InboxServicer(inbox_pb2_grpc.InboxServiceServicer):

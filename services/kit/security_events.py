@@ -14,9 +14,13 @@ password, a token or free text from a request. Every service's relay watches `CO
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 from clinic.audit.v1 import security_pb2
+from services.kit.auth import current_identity
+from services.kit.errors import Forbidden
 from services.kit.events import Envelope, new_envelope
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import now_ms
@@ -112,3 +116,33 @@ class SecurityLog:
         )
         log.info("security event recorded", extra={"event_type": EVENT_TYPE, "security_kind": kind})
         return envelope
+
+
+def grpc_refusals_recorded(service_name: str) -> Callable:
+    """A decorator for the methods of a gRPC servicer holding `self.security` (a SecurityLog or None):
+    each refusal (Forbidden, answered PERMISSION_DENIED) leaves an `access_refused` security event
+    naming the caller, the method and the refusal's code before it is answered."""
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def recorded(self, request, context):
+            try:
+                return method(self, request, context)
+            except Forbidden as exc:
+                if self.security is not None:
+                    caller = current_identity.get()
+                    self.security.record(
+                        "access_refused",
+                        agency_id=caller.agency_id if caller else "",
+                        actor_id=caller.subject if caller else "",
+                        actor_kind=caller.kind if caller else "anonymous",
+                        reason=exc.code,
+                        target_type="grpc_method",
+                        target_id=f"{service_name}/{method.__name__}",
+                        source=context.peer() if context is not None else "",
+                    )
+                raise
+
+        return recorded
+
+    return decorate
