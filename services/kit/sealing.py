@@ -15,8 +15,10 @@ Layout: `Envelope.payload` = nonce (12 bytes) | ciphertext and tag; `payload_key
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -94,6 +96,20 @@ def configure(master_keys: dict[str, bytes], active_id: str) -> PayloadSealer:
     with _sealer_lock:
         _sealer = PayloadSealer(master_keys, active_id)
         return _sealer
+
+
+@contextlib.contextmanager
+def configured(master_keys: dict[str, bytes], active_id: str) -> Iterator[PayloadSealer]:
+    """This process seals and opens with these keys inside the block (a test or benchmark building a
+    replica of another stack's service), then with what it had before."""
+    global _sealer  # noqa: PLW0603
+    with _sealer_lock:
+        before = _sealer
+    try:
+        yield configure(master_keys, active_id)
+    finally:
+        with _sealer_lock:
+            _sealer = before
 
 
 def sealer() -> PayloadSealer:

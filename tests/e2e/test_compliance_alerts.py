@@ -12,8 +12,9 @@ import pytest
 import requests
 
 from services.inbox.delivery_rules import notice_id
-from services.kit import mongo
+from services.kit import mongo, sealing
 from services.kit.service_identity import ServiceTokens
+from services.kit.transport import use_grpc_tls
 from services.notifications import config
 from services.notifications.compliance_alerts import ComplianceAlerts
 from services.notifications.service import build
@@ -183,9 +184,12 @@ def second_replica(stack, service_secret):
     service identity as the stack's process (built as it builds itself), run from the test alongside it."""
     settings = config.load(stack.service_env())
     db = mongo.database(settings.common.mongo_uri, settings.common.mongo_db)
-    tokens = ServiceTokens(settings.directory_grpc_target, "notifications", service_secret("notifications"))
-    replica = build(settings, db, service_tokens=tokens, features=(ComplianceAlerts,))
-    yield replica.features[0]
+    with use_grpc_tls(stack.grpc_tls):  # its channels to the stack, as the stack's process opens them
+        tokens = ServiceTokens(settings.directory_grpc_target, "notifications", service_secret("notifications"))
+        replica = build(settings, db, service_tokens=tokens, features=(ComplianceAlerts,))
+    # It seals its delivery requests with the stack's keys, as the stack's process does (kit sealing).
+    with sealing.configured(settings.common.phi_master_keys, settings.common.phi_master_key_id):
+        yield replica.features[0]
     replica.close()  # its directory client
     tokens.close()  # the database client is the process-wide one (kit mongo.client): it stays open
 
