@@ -6,6 +6,8 @@
 
 Every process is started in its own session with its log in <run dir>/logs and
 its pid in <run dir>/pids, so `stop` finds them after the launcher has exited.
+The run folder holds development secrets, certificates, the embedded database and
+logs: its directories are 0700, the logs 0600, and every process runs with umask 077.
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ import pika
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from services.kit.embedded_mongo import EmbeddedMongo, free_port, pid_alive
+from services.kit.bus.topology import connection_parameters
+from services.kit.embedded_mongo import (
+    PRIVATE_UMASK,
+    EmbeddedMongo,
+    free_port,
+    open_private_log,
+    pid_alive,
+    private_dir,
+    restrict_tree,
+)
 from services.kit.settings import REPO_ROOT, SettingsError, dev_secret
+from services.kit.transport import GRPC_TLS_VARIABLES, GrpcTls, development_grpc_tls, grpc_tls_from
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -174,8 +186,32 @@ class Stack:
     @property
     def runs_simulators(self) -> bool:
         """The vendor simulators (eRx, fax, partner HISP) run in development only, when the stack asks."""
-        mode = self.config.extra_env.get("CLINIC_MODE", os.environ.get("CLINIC_MODE", "development"))
-        return self.config.erx_simulator and mode != "production"
+        return self.config.erx_simulator and self.mode != "production"
+
+    @property
+    def mode(self) -> str:
+        return self.config.extra_env.get("CLINIC_MODE", os.environ.get("CLINIC_MODE", "development"))
+
+    @property
+    def grpc_tls_dir(self) -> Path:
+        """The development service CA and certificate, made by `start` (development only)."""
+        return self.run_dir / "grpc-tls"
+
+    @property
+    def grpc_tls(self) -> GrpcTls | None:
+        """The gRPC mTLS certificates the services use: the operator's (GRPC_TLS_* in the environment
+        or extra_env), else in development the ones `start` generates; None: plaintext (production
+        without certificates, which the services refuse unless the network is declared trusted)."""
+        given = {**os.environ, **self.config.extra_env}
+        if any(given.get(name) for name in GRPC_TLS_VARIABLES):
+            try:
+                return grpc_tls_from(given)
+            except ValueError:
+                return None  # passed on as given: each service reports what is wrong with it
+        if self.mode == "production":
+            return None
+        folder = self.grpc_tls_dir
+        return GrpcTls(folder / "service.pem", folder / "service.key", folder / "ca.pem")
 
     @property
     def mongo_uri(self) -> str:
@@ -228,6 +264,9 @@ class Stack:
                 "DIRECTORY_JWKS_URL": f"{self.directory_url}/api/v1/auth/jwks",
             }
         )
+        tls = self.grpc_tls
+        if tls is not None:
+            env.update(tls.environ())  # gRPC between the services over mutual TLS
         if self.runs_simulators:
             # The partner HISP simulator: cloud-comms relays outbound Direct (and MDNs) to it, and it
             # answers with MDNs to cloud-comms' listener. A test's own sink (extra_env) wins.
@@ -249,7 +288,8 @@ class Stack:
         if running:
             raise AlreadyRunning(f"already running: {', '.join(running)}; use `make stop` first")
         for folder in (self.run_dir, self.logs, self.pids):
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(folder)
+        restrict_tree(self.logs)  # logs an earlier start left readable
         self._check_ports_free()
         try:
             self._start_processes()
@@ -259,6 +299,9 @@ class Stack:
 
     def _start_processes(self) -> None:
         ensure_broker(self.config.amqp_url)
+        given = {**os.environ, **self.config.extra_env}
+        if self.mode != "production" and not any(given.get(name) for name in GRPC_TLS_VARIABLES):
+            development_grpc_tls(self.grpc_tls_dir)
         env = self.service_env()
         declare_audit_queue(env)
         if self.config.mongo_uri is None:
@@ -327,6 +370,7 @@ class Stack:
             text=True,
             timeout=120,
             check=False,
+            umask=PRIVATE_UMASK,
         )
         if result.returncode != 0:
             raise LaunchError(f"development Direct certificates failed:\n{result.stderr[-2000:]}")
@@ -385,6 +429,7 @@ class Stack:
             text=True,
             timeout=120,
             check=False,
+            umask=PRIVATE_UMASK,
         )
         if result.returncode != 0:
             raise LaunchError(f"seeding demo data failed:\n{result.stderr[-2000:]}")
@@ -394,7 +439,7 @@ class Stack:
         pid_file = self.pids / f"{name}.pid"
         if pid_file.exists() and pid_alive(int(pid_file.read_text() or 0)):
             raise LaunchError(f"{name} is already running (pid {pid_file.read_text()}); run `make stop` first")
-        log_file = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        log_file = open_private_log(self.logs / f"{name}.log")  # handed to the child
         process = subprocess.Popen(
             cmd,
             cwd=REPO_ROOT,
@@ -403,6 +448,7 @@ class Stack:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            umask=PRIVATE_UMASK,  # what a service writes into the run folder is its owner's only
         )
         log_file.close()
         pid_file.write_text(str(process.pid))
@@ -504,7 +550,7 @@ def jwks_public_pem(jwks_url: str) -> str:
 
 
 def broker_answers(amqp_url: str, timeout_s: float = 3.0) -> bool:
-    params = pika.URLParameters(amqp_url)
+    params = connection_parameters(amqp_url, "clinic-launcher")  # amqps as the services speak it
     params.socket_timeout = timeout_s
     params.blocked_connection_timeout = timeout_s
     params.connection_attempts = 1
@@ -592,6 +638,8 @@ def print_welcome(stack: Stack) -> None:
     print(f"  Message Board (open in a browser): {stack.gateway_url}/")
     print(f"  Gateway (the one address to use): {stack.gateway_url}")
     print(f"  Logs: {stack.logs}/   Stop with: make stop")
+    tls = stack.grpc_tls
+    print(f"  gRPC between services: {'mutual TLS, CA ' + str(tls.ca_file) if tls else 'plaintext'}")
     if stack.config.mongo_uri is None:
         print(f"  Embedded database (nx-27017): {stack.mongo_uri}")
     print()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.audit.signing import SigningKey, TrustedKeys, generate_private_pem, load_public_keys
-from services.kit.settings import EMBEDDED_MONGO_URI, Env
+from services.kit.settings import EMBEDDED_MONGO_URI, Env, TransportPolicy, transport_policy
 
 SERVICE = "audit"
 DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -47,6 +47,8 @@ class AuditSettings:
     signing_key: SigningKey | None = field(repr=False)
     # The public keys a verification accepts: the signing key's and retired ones.
     trusted_keys: TrustedKeys = field(repr=False)
+    # Its links in plaintext (production refuses them unless the network is trusted).
+    transport: TransportPolicy | None = None
 
     @property
     def production(self) -> bool:
@@ -79,12 +81,13 @@ def load(environ: Mapping[str, str] | None = None) -> AuditSettings:
     signing_key = _signing_key(env)
     retired = _retired_keys(env)
     trusted = TrustedKeys([*([signing_key.public_key] if signing_key else []), *retired])
+    amqp_url = env.url("AMQP_URL", None if env.production else DEV_AMQP_URL, ("amqp", "amqps"))
     settings = AuditSettings(
         mode=env.mode,
         run_dir=env.run_dir,
         mongo_uri=mongo_uri,
         mongo_db=f"{env.str('MONGO_DB_PREFIX', 'clinic_')}{SERVICE}",
-        amqp_url=env.url("AMQP_URL", None if env.production else DEV_AMQP_URL, ("amqp", "amqps")),
+        amqp_url=amqp_url,
         events_exchange=env.str("EVENTS_EXCHANGE", "clinic.events"),
         log_level=env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         http_host=env.str("HTTP_HOST", "127.0.0.1"),
@@ -104,6 +107,7 @@ def load(environ: Mapping[str, str] | None = None) -> AuditSettings:
         max_request_bytes=env.int("AUDIT_MAX_REQUEST_BYTES", 16 * 1024, minimum=1024, maximum=1024 * 1024),
         signing_key=signing_key,
         trusted_keys=trusted,
+        transport=transport_policy(env, mongo_uri=mongo_uri, amqp_url=amqp_url),
     )
     env.done()
     return settings

@@ -401,6 +401,17 @@ def _signing(name: str) -> bus_signing.Signing | None:
     return signing
 
 
+def _warn_plaintext(service: ServiceWiring) -> None:
+    """CLINIC_TRUSTED_NETWORK=1 lets links run without TLS (production refuses them otherwise):
+    say at every start which ones, so the override is never silent."""
+    transport = getattr(service.common, "transport", None) or getattr(service.settings, "transport", None)
+    if transport is not None and transport.trusted_network and transport.plaintext:
+        log.warning(
+            "CLINIC_TRUSTED_NETWORK=1: running without TLS on a network declared trusted: %s",
+            "; ".join(transport.plaintext),
+        )
+
+
 def _refused(failed: StartupFailed) -> int:
     log.error("cannot start: %s", failed.message)
     print(failed.message, file=sys.stderr)
@@ -428,6 +439,7 @@ def serve(
     if signing is not None:
         bus_signing.configure(bus_signing.with_hook(signing, service.record_refused_event))
     configure_logging(name, service.setting("log_level"))
+    _warn_plaintext(service)
     try:
         wire(service)
         return service.run()

@@ -2,6 +2,10 @@
 
 Started by the project when MONGO_URI is unset. Production points MONGO_URI at a
 MongoDB replica set instead; nothing else in the code changes.
+
+The database files hold PHI (encrypted fields, but also ids, timestamps and who wrote to whom) and
+its log names collections and clients, so the data directory is 0700, its files and the log 0600,
+and the server runs with umask 077: readable by their owner only, whatever the caller's umask.
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ class EmbeddedMongo:
 
     def start(self, timeout: float = 20.0) -> str:
         """Start the server (if this port is not already served by one) and wait until it answers."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         log_file = self.log_file or self.data_dir / "nx-27017.log"
         pid_file = self.pid_file or self.data_dir / "nx-27017.pid"
         if answers(self.uri, timeout=0.5):
             return self.uri
+        restrict_tree(self.data_dir)  # files an earlier run (or an older version) left readable
         clear_stale_pid_file(pid_file)
         exe = Path(sys.executable).with_name("nx-27017")
         cmd = [
@@ -63,9 +68,14 @@ class EmbeddedMongo:
             str(pid_file),
         ]
         # nx-27017 writes its own pid file (and refuses to start if it names a live process).
-        with open(log_file, "ab") as log:
+        with open_private_log(log_file) as log:
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                umask=PRIVATE_UMASK,  # the SQLite files and the pid file it creates: owner only
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -86,6 +96,36 @@ class EmbeddedMongo:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+
+PRIVATE_UMASK = 0o077
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) as 0700, and make an existing one 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def restrict_tree(path: Path) -> None:
+    """Owner-only modes below `path`: directories 0700, files 0600 (symbolic links are left alone)."""
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            child = Path(root, name)
+            if not child.is_symlink():
+                child.chmod(0o700)
+        for name in files:
+            child = Path(root, name)
+            if not child.is_symlink():
+                child.chmod(0o600)
+
+
+def open_private_log(path: Path):
+    """Open a log file for appending, created 0600 (an existing one is made 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def pid_alive(pid: int) -> bool:

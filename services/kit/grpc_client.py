@@ -3,6 +3,7 @@
 The identity is `current_identity`: the user whose request is being handled, or, for work no
 user started (event handlers, background jobs), a service identity set with
 services.kit.service_identity.acting_as. A call with neither is refused before it leaves.
+The channel is mTLS or plaintext as services.kit.transport decides (GRPC_TLS_*).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import grpc
 
 from services.kit.auth import current_identity
 from services.kit.logs import correlation_id_var
+from services.kit.transport import FROM_ENVIRONMENT, GrpcTls, open_channel
 
 DEFAULT_DEADLINE_S = 3.0
 
@@ -66,13 +68,16 @@ class _OutgoingInterceptor(grpc.UnaryUnaryClientInterceptor):
 def channel(
     target: str,
     default_deadline_s: float = DEFAULT_DEADLINE_S,
+    *,
+    tls: GrpcTls | None | object = FROM_ENVIRONMENT,
 ) -> grpc.Channel:
-    raw = grpc.insecure_channel(
+    raw = open_channel(
         target,
         options=[
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
+        tls=tls,
     )
     return grpc.intercept_channel(raw, _OutgoingInterceptor(default_deadline_s))

@@ -11,6 +11,9 @@ IssueServiceToken: they skip token verification (no identity is set) but still
 get the correlation id, safe decoding and error mapping. Token failures answer
 UNAUTHENTICATED (UNAVAILABLE when the keys cannot be had) with the reason in the
 `error-code` trailer: `invalid_token`, `token_expired`, `session_revoked`.
+
+The port is bound by services.kit.transport: mutual TLS (a client certificate from the
+service CA required) when GRPC_TLS_* are set, plaintext otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
 from services.kit.errors import DomainError
 from services.kit.logs import accept_correlation_id, correlation_id_var
+from services.kit.transport import FROM_ENVIRONMENT, GrpcTls, add_port
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,7 @@ class GrpcServer:
         *,
         max_workers: int = 16,
         open_methods: Iterable[str] = (),
+        tls: GrpcTls | None | object = FROM_ENVIRONMENT,
     ):
         self.bindings = list(bindings)
         open_methods = frozenset(open_methods)
@@ -145,14 +150,15 @@ class GrpcServer:
             binding.add(binding.servicer, self.server)
             names.append(binding.full_name)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port, self.secure = add_port(self.server, f"{host}:{port}", tls=tls)
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {host}:{port}")
 
     def start(self) -> None:
         self.server.start()
         self._set_all(health_pb2.HealthCheckResponse.SERVING)
-        log.info("gRPC server listening", extra={"port": self.port})
+        log.info("gRPC server listening (mTLS)" if self.secure else "gRPC server listening (plaintext)",
+                 extra={"port": self.port})
 
     def _set_all(self, status) -> None:
         self.health.set("", status)

@@ -37,6 +37,7 @@ from clinic.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.kit.auth import KIND_SERVICE, ROLE_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, current_identity
 from services.kit.errors import from_grpc_error
 from services.kit.logs import correlation_id_var
+from services.kit.transport import FROM_ENVIRONMENT, GrpcTls, open_channel
 
 __all__ = ["IssuedToken", "ServiceTokens", "acting_as"]
 
@@ -56,8 +57,9 @@ Issuer = Callable[[str, str, str], IssuedToken]
 class _GrpcIssuer:
     """Calls directory's IssueServiceToken (an open method: no bearer token is sent)."""
 
-    def __init__(self, target: str, deadline_s: float):
-        self._channel = grpc.insecure_channel(target, options=[("grpc.keepalive_time_ms", 30_000)])
+    def __init__(self, target: str, deadline_s: float, tls: GrpcTls | None | object = FROM_ENVIRONMENT):
+        # mTLS or plaintext as services.kit.transport decides, like every other channel.
+        self._channel = open_channel(target, options=[("grpc.keepalive_time_ms", 30_000)], tls=tls)
         self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
         self._deadline_s = deadline_s
 
@@ -98,6 +100,7 @@ class ServiceTokens:
         deadline_s: float = 3.0,
         issuer: Issuer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tls: GrpcTls | None | object = FROM_ENVIRONMENT,
     ):
         if not client_id or not client_secret:
             raise ValueError("a service client needs an id and a secret")
@@ -105,7 +108,7 @@ class ServiceTokens:
         self._secret = client_secret
         self._refresh_margin_s = refresh_margin_s
         self._clock = clock
-        self._own_issuer = _GrpcIssuer(directory_target, deadline_s) if issuer is None else None
+        self._own_issuer = _GrpcIssuer(directory_target, deadline_s, tls) if issuer is None else None
         self._issue: Issuer = issuer or self._own_issuer  # type: ignore[assignment]
         self._cache: dict[str, _Cached] = {}
         self._locks: dict[str, threading.Lock] = {}

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.kit.transport import GRPC_TLS_VARIABLES, GrpcTls, grpc_tls_from
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODES = ("development", "production")
 
@@ -204,6 +206,55 @@ def redact_url(url: str) -> str:
     return url
 
 
+TRUSTED_NETWORK = "CLINIC_TRUSTED_NETWORK"
+
+
+@dataclass(frozen=True)
+class TransportPolicy:
+    """How this process reaches MongoDB, RabbitMQ and the other services: `plaintext` names each
+    link without TLS. Production refuses any unless CLINIC_TRUSTED_NETWORK=1 says the network
+    itself is protected; that override is logged as a warning at every start (services.kit.bootstrap)."""
+
+    grpc_tls: GrpcTls | None = None
+    plaintext: tuple[str, ...] = ()
+    trusted_network: bool = False
+
+
+def mongo_uses_tls(uri: str) -> bool:
+    """mongodb+srv is TLS unless told otherwise; mongodb:// only with tls=true or ssl=true."""
+    parts = urllib.parse.urlsplit(uri)
+    options = {k.lower(): v.lower() for k, v in urllib.parse.parse_qsl(parts.query)}
+    flag = options.get("tls", options.get("ssl"))
+    if parts.scheme == "mongodb+srv":
+        return flag not in ("false", "0")
+    return flag in ("true", "1")
+
+
+def transport_policy(env: Env, *, mongo_uri: str | None, amqp_url: str | None, grpc: bool = True) -> TransportPolicy:
+    """Check the transport settings of one process (what it uses: a None URL is not used; `grpc`
+    False for a process with no gRPC). GRPC_TLS_* are all or none in every mode; in production
+    each plaintext link is a problem unless CLINIC_TRUSTED_NETWORK=1."""
+    tls = grpc_tls_from(env.environ, env.problems) if grpc else None
+    trusted = env.str(TRUSTED_NETWORK, "0").lower() in ("1", "true", "yes")
+    plaintext = []
+    if mongo_uri and not mongo_uses_tls(mongo_uri):
+        plaintext.append("MongoDB (MONGO_URI without tls=true)")
+    if amqp_url and urllib.parse.urlsplit(amqp_url).scheme != "amqps":
+        plaintext.append("RabbitMQ (AMQP_URL is not amqps://)")
+    ca_file = env.str("AMQP_CA_FILE", "")
+    if ca_file and not os.access(ca_file, os.R_OK):
+        env.problems.append(f"AMQP_CA_FILE cannot be read: {ca_file}")
+    if grpc and tls is None and not any(env._raw(name) for name in GRPC_TLS_VARIABLES):  # (a partial set: above)
+        plaintext.append("gRPC (GRPC_TLS_CERT_FILE, GRPC_TLS_KEY_FILE, GRPC_TLS_CA_FILE unset)")
+    if env.production and not trusted:
+        for link in plaintext:
+            env.problems.append(
+                f"{link} would carry PHI in plaintext, which production refuses; configure TLS"
+                f" (docs/transport-security.md), or set {TRUSTED_NETWORK}=1 if the network itself is protected"
+            )
+    return TransportPolicy(grpc_tls=tls, plaintext=tuple(plaintext), trusted_network=trusted)
+
+
 @dataclass(frozen=True)
 class CommonSettings:
     """What every service process needs."""
@@ -220,6 +271,7 @@ class CommonSettings:
     log_level: str
     grpc_host: str
     http_host: str
+    transport: TransportPolicy = field(default_factory=TransportPolicy)
 
     @property
     def production(self) -> bool:
@@ -239,19 +291,21 @@ def common_settings(env: Env) -> CommonSettings:
     active = env.str("PHI_MASTER_KEY_ID", default_id) if keys else ""
     if keys and active not in keys:
         env.problems.append(f"PHI_MASTER_KEY_ID {active!r} is not one of the ids in PHI_MASTER_KEYS")
+    amqp_url = env.url("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", ("amqp", "amqps"))
     return CommonSettings(
         service=service,
         mode=env.mode,
         run_dir=env.run_dir,
         mongo_uri=mongo_uri,
         mongo_db=f"{prefix}{service}",
-        amqp_url=env.url("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", ("amqp", "amqps")),
+        amqp_url=amqp_url,
         events_exchange=env.str("EVENTS_EXCHANGE", "clinic.events"),
         phi_master_keys=keys,
         phi_master_key_id=active,
         log_level=env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         grpc_host=env.str("GRPC_HOST", "127.0.0.1"),
         http_host=env.str("HTTP_HOST", "127.0.0.1"),
+        transport=transport_policy(env, mongo_uri=mongo_uri, amqp_url=amqp_url),
     )
 
 

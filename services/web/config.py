@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.kit.http import Network, parse_networks
-from services.kit.settings import Env
+from services.kit.settings import Env, TransportPolicy, transport_policy
 
 DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LOOPBACK_PROXIES = "127.0.0.1/32,::1/128"
@@ -36,6 +36,9 @@ class WebSettings:
     # The hops in front (the gateway) whose X-Real-IP names the client; passed on to directory so the
     # page's sign-ins spend the client's budget (docs/sessions.md).
     trusted_proxies: tuple[Network, ...] = field(default_factory=lambda: parse_networks(LOOPBACK_PROXIES))
+    # Its links in plaintext (production refuses them unless the network is trusted; the broker and
+    # directory's gRPC are all it uses).
+    transport: TransportPolicy | None = None
 
 
 def load(environ: Mapping[str, str] | None = None) -> WebSettings:
@@ -50,9 +53,10 @@ def load(environ: Mapping[str, str] | None = None) -> WebSettings:
     max_streams = env.int("WEB_MAX_EVENT_STREAMS", 32, minimum=1, maximum=10_000)
     if max_streams > http_threads - 4:
         env.problems.append("WEB_MAX_EVENT_STREAMS must leave at least 4 of WEB_HTTP_THREADS for pages and sign-in")
+    amqp_url = env.url("AMQP_URL", None if env.production else DEV_AMQP_URL, ("amqp", "amqps"))
     settings = WebSettings(
         mode=env.mode,
-        amqp_url=env.url("AMQP_URL", None if env.production else DEV_AMQP_URL, ("amqp", "amqps")),
+        amqp_url=amqp_url,
         events_exchange=env.str("EVENTS_EXCHANGE", "clinic.events"),
         log_level=env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         http_host=env.str("HTTP_HOST", "127.0.0.1"),
@@ -68,6 +72,7 @@ def load(environ: Mapping[str, str] | None = None) -> WebSettings:
         max_streams=max_streams,
         max_streams_per_staff=env.int("WEB_MAX_EVENT_STREAMS_PER_STAFF", 6, minimum=1, maximum=100),
         trusted_proxies=trusted_proxies(env),
+        transport=transport_policy(env, mongo_uri=None, amqp_url=amqp_url, grpc=True),
     )
     env.done()
     return settings

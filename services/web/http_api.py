@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from flask import Blueprint, Flask, Response, current_app, g, send_from_directory
+from flask import Blueprint, Flask, Response, current_app, g, request, send_from_directory
 
 from services.kit.auth import AuthError, TokenVerifier
-from services.kit.http import create_app, error_response, readiness, require_auth
+from services.kit.http import Network, create_app, error_response, readiness, require_auth
 from services.kit.validation import json_body
 from services.web.live import Hub, Subscription, TooManyStreams
 from services.web.sessions import DirectorySessions, check_same_origin
@@ -40,6 +41,30 @@ PAGE_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
 
+# Sent only on a response to a request that reached the system over HTTPS: a browser ignores it over
+# HTTP, and sending it there would pin a development host name that only speaks HTTP.
+STRICT_TRANSPORT_SECURITY = "max-age=31536000; includeSubDomains"
+
+
+def reached_over_https(trusted: Sequence[Network]) -> bool:
+    """The client's connection was HTTPS: to this process itself, or, as a trusted hop (the gateway,
+    which sets it from the connection it accepted, as Kong does) states in X-Forwarded-Proto. From
+    any other peer the header is the client's own claim and is ignored."""
+    if request.scheme == "https":
+        return True
+    try:
+        peer = ipaddress.ip_address((request.remote_addr or "").strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    if not any(peer.version == network.version and peer in network for network in trusted):
+        return False
+    # The hop's own statement is the last one: earlier values came from whoever connected to it.
+    stated = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip().lower()
+    return stated == "https"
+
+
 page = Blueprint("page", __name__)
 session = Blueprint("session", __name__, url_prefix="/app")
 
@@ -56,6 +81,8 @@ def build_app(sessions: DirectorySessions, hub: Hub, verifier: TokenVerifier, se
     def _page_headers(response: Response) -> Response:
         for name, value in PAGE_HEADERS.items():
             response.headers.setdefault(name, value)
+        if reached_over_https(settings.trusted_proxies):
+            response.headers["Strict-Transport-Security"] = STRICT_TRANSPORT_SECURITY
         return response
 
     @app.get("/readyz")

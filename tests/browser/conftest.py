@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
@@ -193,8 +192,11 @@ def deliver(web_stack):
     from services.kit.service_identity import ServiceTokens
 
     secret = (web_stack.run_dir / "secrets" / "service-notifications.secret").read_text().strip()
-    tokens = ServiceTokens(f"127.0.0.1:{web_stack.config.ports.directory_grpc}", "notifications", secret)
-    channel = grpc.insecure_channel(f"127.0.0.1:{web_stack.config.ports.inbox_grpc}")
+    from services.kit.transport import open_channel
+
+    tls = web_stack.grpc_tls  # the stack's service certificate: its gRPC is mutual TLS
+    tokens = ServiceTokens(f"127.0.0.1:{web_stack.config.ports.directory_grpc}", "notifications", secret, tls=tls)
+    channel = open_channel(f"127.0.0.1:{web_stack.config.ports.inbox_grpc}", tls=tls)
     stub = inbox_pb2_grpc.InboxServiceStub(channel)
 
     def _deliver(request):

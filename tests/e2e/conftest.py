@@ -22,6 +22,7 @@ from services.kit.events import decode_envelope, unpack
 from services.kit.sealing import PayloadSealer
 from services.kit.service_identity import ServiceTokens
 from services.kit.settings import Env, common_settings
+from services.kit.transport import open_channel
 from services.launcher import Ports, Stack, StackConfig, free_port
 from tests.helpers import DEMO_PASSWORD
 from tests.waits import wait_until
@@ -268,9 +269,15 @@ def directory_target(stack) -> str:
     return f"127.0.0.1:{stack.config.ports.directory_grpc}"
 
 
+def stack_channel(stack: Stack, target: str) -> grpc.Channel:
+    """A channel to one of the stack's gRPC ports, with the stack's service certificate (mutual TLS),
+    as the stack's own services open theirs."""
+    return open_channel(target, tls=stack.grpc_tls)
+
+
 @pytest.fixture(scope="session")
-def directory_channel(directory_target):
-    channel = grpc.insecure_channel(directory_target)
+def directory_channel(stack, directory_target):
+    channel = stack_channel(stack, directory_target)
     yield channel
     channel.close()
 
@@ -288,18 +295,18 @@ def service_secret(stack):
 @pytest.fixture(scope="session")
 def inbox_stub(stack):
     """inbox's gRPC InboxService in the stack."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
+    channel = stack_channel(stack, f"127.0.0.1:{stack.config.ports.inbox_grpc}")
     yield inbox_pb2_grpc.InboxServiceStub(channel)
     channel.close()
 
 
 @pytest.fixture(scope="session")
-def service_token(directory_target, service_secret):
+def service_token(stack, directory_target, service_secret):
     """A registered service client's agency-scoped token, issued by directory (client credentials)."""
     issued: list[ServiceTokens] = []
 
     def _token(client_id: str, agency_id: str = "agy_riverbend") -> str:
-        tokens = ServiceTokens(directory_target, client_id, service_secret(client_id))
+        tokens = ServiceTokens(directory_target, client_id, service_secret(client_id), tls=stack.grpc_tls)
         issued.append(tokens)
         return tokens.token(agency_id)
 

@@ -27,6 +27,7 @@ from services.kit.bus.signing import development_keyring
 from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.service_identity import ServiceTokens
 from services.kit.settings import REPO_ROOT, parse_master_keys
+from services.kit.transport import use_grpc_tls
 from services.launcher import free_port, wait_http
 from tests.e2e.conftest import error_code
 from tests.helpers import auth
@@ -380,8 +381,11 @@ def in_process_replier(stack, auto_db, service_secret):
     """The handler of a third copy, called directly from the test."""
     keys = parse_master_keys((stack.run_dir / "secrets" / "phi-master-keys").read_text().strip(), [])
     store = AutoReplyStore(auto_db, PhiCipher(KeyRing(auto_db, keys, next(iter(keys)))))
-    tokens = ServiceTokens(f"127.0.0.1:{stack.config.ports.directory_grpc}", "auto-reply", service_secret("auto-reply"))
-    inbox = InboxClient(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
+    with use_grpc_tls(stack.grpc_tls):  # its channels to the stack, as the stack's services open theirs
+        tokens = ServiceTokens(
+            f"127.0.0.1:{stack.config.ports.directory_grpc}", "auto-reply", service_secret("auto-reply")
+        )
+        inbox = InboxClient(f"127.0.0.1:{stack.config.ports.inbox_grpc}")
     yield AutoReplier(store, inbox, tokens)
     tokens.close()
     inbox.close()

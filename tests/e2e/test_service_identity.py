@@ -12,7 +12,7 @@ from clinic.inbox.v1 import inbox_pb2, inbox_pb2_grpc
 from services.kit.auth import JwksKeySource, TokenVerifier
 from services.kit.grpc_client import channel as service_channel
 from services.kit.service_identity import ServiceTokens, acting_as
-from tests.e2e.conftest import Client, error_code
+from tests.e2e.conftest import Client, error_code, stack_channel
 from tests.helpers import auth
 
 RIVERBEND, LAKESIDE = "agy_riverbend", "agy_lakeside"
@@ -120,7 +120,7 @@ def test_platform_token_reaches_platform_methods_only(stub, stack, service_secre
     for base in (stack.inbox_url, stack.gateway_url):
         reply = requests.get(f"{base}/api/v1/messages", headers={"Authorization": f"Bearer {platform}"}, timeout=5)
         assert reply.status_code == 403 and reply.json()["code"] == "agency_scope_required"
-    with grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.inbox_grpc}") as inbox_channel:
+    with stack_channel(stack, f"127.0.0.1:{stack.config.ports.inbox_grpc}") as inbox_channel:
         send = inbox_pb2_grpc.InboxServiceStub(inbox_channel).SendMessage
         error = refused(
             lambda: send(
@@ -157,9 +157,9 @@ def test_list_revoked_sessions_lists_a_sign_out(stub, stack, service_secret):
     assert len(stamps) >= 2 and stamps == sorted(stamps)
 
 
-def test_service_tokens_and_acting_as_against_directory(directory_target, service_secret):
-    tokens = ServiceTokens(directory_target, "inbox", service_secret("inbox"))
-    channel = service_channel(directory_target)
+def test_service_tokens_and_acting_as_against_directory(stack, directory_target, service_secret):
+    tokens = ServiceTokens(directory_target, "inbox", service_secret("inbox"), tls=stack.grpc_tls)
+    channel = service_channel(directory_target, tls=stack.grpc_tls)
     try:
         riverbend = tokens.identity(RIVERBEND)
         assert tokens.identity(RIVERBEND) is riverbend  # cached

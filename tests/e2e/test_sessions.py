@@ -20,7 +20,8 @@ from services.kit.bus import Topology
 from services.kit.revocations import start_revocation_listener
 from services.kit.runtime import ServiceProcess
 from services.kit.service_identity import ServiceTokens
-from tests.e2e.conftest import Client, error_code
+from services.kit.transport import use_grpc_tls
+from tests.e2e.conftest import Client, error_code, stack_channel
 from tests.helpers import bearer
 from tests.waits import wait_until
 
@@ -63,7 +64,7 @@ def assert_refused_everywhere(stack, token: str, directory_channel, inbox_target
     # Inbox: as soon as the event arrives (polled, a few seconds at most), direct and via the gateway.
     wait_until(lambda: refused_with(inbox_direct(stack, token), "session_revoked"), timeout=5)
     assert refused_with(inbox_via_gateway(stack, token), "session_revoked")
-    with grpc.insecure_channel(inbox_target) as channel, pytest.raises(grpc.RpcError) as caught:
+    with stack_channel(stack, inbox_target) as channel, pytest.raises(grpc.RpcError) as caught:
         inbox_pb2_grpc.InboxServiceStub(channel).SendMessage(
             inbox_pb2.SendMessageRequest(to_staff_ids=["stf_riverbend_kim"], subject="s", body="b"),
             metadata=[("authorization", f"Bearer {token}")],
@@ -163,12 +164,13 @@ def test_a_listener_started_after_the_revocation_learns_it_from_directory(
     assert TokenVerifier(keys, revoked=RevokedSessions()).verify(session.token).session_id
 
     revoked = RevokedSessions()
-    tokens = ServiceTokens(directory_target, "inbox", service_secret("inbox"))
+    tokens = ServiceTokens(directory_target, "inbox", service_secret("inbox"), tls=stack.grpc_tls)
     process = ServiceProcess("bootstrap-test")
     try:
-        listener = start_revocation_listener(
-            process, stack.config.amqp_url, Topology(), "e2e-bootstrap", revoked, tokens, directory_target
-        )
+        with use_grpc_tls(stack.grpc_tls):  # the listener's channel to directory, as a replica opens it
+            listener = start_revocation_listener(
+                process, stack.config.amqp_url, Topology(), "e2e-bootstrap", revoked, tokens, directory_target
+            )
         assert listener.wait_ready(15), "the listener did not consume and bootstrap"
         verifier = TokenVerifier(keys, revoked=revoked)
         with pytest.raises(AuthError) as caught:

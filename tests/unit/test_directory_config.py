@@ -70,6 +70,7 @@ def test_production_starts_with_its_keys(tmp_path):
             JWT_SIGNING_KEYS=pem(),
             SERVICE_CLIENTS="inbox:" + "0" * 64,
             GATEWAY_IDENTITY_KEY="k" * 40,
+            CLINIC_TRUSTED_NETWORK="1",  # plaintext links accepted (test_transport_settings.py covers them)
         )
     )
     assert settings.production and settings.password_hash_profile == "standard"

@@ -153,7 +153,11 @@ def test_development_registers_every_known_client_with_its_dev_secret(tmp_path):
 
 def test_service_clients_are_required_in_production(tmp_path):
     production = directory_environ(
-        tmp_path, CLINIC_MODE="production", MONGO_URI="mongodb://db.internal:27017/", GATEWAY_IDENTITY_KEY="k" * 40
+        tmp_path,
+        CLINIC_MODE="production",
+        MONGO_URI="mongodb://db.internal:27017/",
+        GATEWAY_IDENTITY_KEY="k" * 40,
+        CLINIC_TRUSTED_NETWORK="1",  # plaintext links accepted (test_transport_settings.py covers them)
     )
     with pytest.raises(SettingsError) as caught:
         config.load(production)

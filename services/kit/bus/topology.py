@@ -18,7 +18,9 @@ Names get `Topology.prefix + "."` in front when a prefix is set:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pika
@@ -110,9 +112,18 @@ class ConsumerQueues:
         return {} if self.expires_ms is None else {"x-expires": int(self.expires_ms)}
 
 
-def connection_parameters(amqp_url: str, connection_name: str) -> pika.URLParameters:
-    """URL parameters plus a client-provided connection name (shown by rabbitmqctl and the UI)."""
+def connection_parameters(
+    amqp_url: str, connection_name: str, environ: Mapping[str, str] | None = None
+) -> pika.URLParameters:
+    """URL parameters plus a client-provided connection name (shown by rabbitmqctl and the UI).
+
+    amqps:// is TLS with the broker's certificate verified and its host name checked: against
+    AMQP_CA_FILE when set (a private CA), else the system's CAs. An `ssl_options` query argument
+    in the URL (pika's own) is left as given."""
     params = pika.URLParameters(amqp_url)
+    if params.ssl_options is not None and "ssl_options=" not in amqp_url:
+        ca_file = (os.environ if environ is None else environ).get("AMQP_CA_FILE", "").strip() or None
+        params.ssl_options = pika.SSLOptions(ssl.create_default_context(cafile=ca_file), server_hostname=params.host)
     params.client_properties = {"connection_name": connection_name}
     if params.blocked_connection_timeout is None:
         # A broker under a resource alarm blocks publishers; fail instead of hanging forever.
