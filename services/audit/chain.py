@@ -19,7 +19,13 @@ integers only, so any language reproduces it. `chain` and `seq` are part of it, 
 to another place of the trail no longer matches its hash.
 
 `at_key` = "<occurred_at, 13 digits>.<seq, 12 digits>" is the indexed, unique sort key that
-queries page by (newest first) and that time ranges are ranges of.
+queries page by (newest first) and that time ranges are ranges of; `rec_key`, the same built on
+`recorded_at`, is the key of questions about when records were recorded (version 2 on).
+
+Versions (`v`, inside the hashed content, so a record cannot be passed off as another version):
+1 is the first form; 2 adds `clock_skew_ms` (how far the producer's `occurred_at` was from the
+audit service's receipt time, 0 when within AUDIT_MAX_CLOCK_SKEW_S) and the `rec_key` column. New
+records are written in `CONTENT_VERSION`; verification checks every version it knows.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-CONTENT_VERSION = 1
+CONTENT_VERSION = 2
+CHECKPOINT_VERSION = 1  # the form of a checkpoint's signed text, independent of the records'
 GENESIS = "0" * 64
 SYSTEM_CHAIN = "_system"
 # Agency ids are [A-Za-z0-9_-]; one that starts with "_" could pass for the system chain.
@@ -61,8 +68,13 @@ ENTRY_TEXT_FIELDS = (
     "source",
     "correlation_id",
 )
-INT_FIELDS = ("v", "seq", "occurred_at", "recorded_at")
-CONTENT_FIELDS = ("chain", *ENTRY_TEXT_FIELDS, *INT_FIELDS)
+INT_FIELDS_V1 = ("v", "seq", "occurred_at", "recorded_at")
+# The hashed fields of each record version; a record of another version is malformed.
+CONTENT_FIELDS_BY_VERSION = {
+    1: ("chain", *ENTRY_TEXT_FIELDS, *INT_FIELDS_V1),
+    2: ("chain", *ENTRY_TEXT_FIELDS, *INT_FIELDS_V1, "clock_skew_ms"),
+}
+CONTENT_FIELDS = CONTENT_FIELDS_BY_VERSION[CONTENT_VERSION]
 
 
 def text(value: str, limit: int = MAX_TEXT) -> str:
@@ -91,6 +103,8 @@ class Entry:
     reason: str = ""
     source: str = ""
     correlation_id: str = ""
+    # occurred_at minus the audit service's receipt time, when beyond AUDIT_MAX_CLOCK_SKEW_S; else 0.
+    clock_skew_ms: int = 0
 
     @property
     def chain(self) -> str:
@@ -115,6 +129,10 @@ def at_key(occurred_at: int, seq: int) -> str:
     return f"{occurred_at:013d}.{seq:012d}"
 
 
+def rec_key(recorded_at: int, seq: int) -> str:
+    return f"{recorded_at:013d}.{seq:012d}"
+
+
 def time_bound(ms: int) -> str:
     """The `at_key` prefix of an instant: every key of a record at or after it sorts at or after this."""
     return f"{ms:013d}"
@@ -124,18 +142,28 @@ def plausible_ms(ms: int) -> bool:
     return EARLIEST_MS <= ms <= LATEST_MS
 
 
+def _is_int(value: object) -> bool:
+    # MongoDB drivers may hand back int subclasses (bson.Int64); a bool is no integer here.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def content_of(fields: Mapping) -> dict:
-    """The content fields of a record (or of an entry placed with chain, seq, v and recorded_at);
-    KeyError when one is missing, TypeError when one has the wrong type."""
-    content = {name: fields[name] for name in CONTENT_FIELDS}
-    for name in INT_FIELDS:
-        # MongoDB drivers may hand back int subclasses (bson.Int64); a bool is no integer here.
-        if not isinstance(content[name], int) or isinstance(content[name], bool):
+    """The content fields of a record (or of an entry placed with chain, seq, v and recorded_at), as
+    its version `v` defines them; KeyError when one is missing, TypeError when one has the wrong type
+    or the version is unknown."""
+    version = fields["v"]
+    if not _is_int(version) or int(version) not in CONTENT_FIELDS_BY_VERSION:
+        raise TypeError("v must be a known record version")
+    names = CONTENT_FIELDS_BY_VERSION[int(version)]
+    content = {name: fields[name] for name in names}
+    for name in names:
+        if name == "chain" or name in ENTRY_TEXT_FIELDS:
+            if type(content[name]) is not str:
+                raise TypeError(f"{name} must be a string")
+        elif _is_int(content[name]):
+            content[name] = int(content[name])
+        else:
             raise TypeError(f"{name} must be an integer")
-        content[name] = int(content[name])
-    for name in ("chain", *ENTRY_TEXT_FIELDS):
-        if type(content[name]) is not str:
-            raise TypeError(f"{name} must be a string")
     return content
 
 
@@ -157,6 +185,7 @@ def new_record(entry: Entry, seq: int, prev_hash: str, recorded_at: int) -> dict
         "_id": record_id(chain, seq),
         **fields,
         "at_key": at_key(entry.occurred_at, seq),
+        "rec_key": rec_key(recorded_at, seq),
         "content": content_text,
         "prev_hash": prev_hash,
         "hash": link_hash(prev_hash, content_text),
@@ -174,7 +203,7 @@ def record_problem(doc: Mapping, chain: str, seq: int, prev_hash: str) -> str | 
         content_text = canonical(content_of(doc))
     except (KeyError, TypeError):
         return "fields_missing_or_malformed"
-    if content_text != doc.get("content") or doc.get("at_key") != at_key(doc["occurred_at"], seq):
+    if content_text != doc.get("content") or not _keys_match(doc, seq):
         return "fields_differ_from_content"
     if not isinstance(doc.get("prev_hash"), str) or link_hash(doc["prev_hash"], content_text) != doc.get("hash"):
         return "hash_mismatch"
@@ -183,6 +212,13 @@ def record_problem(doc: Mapping, chain: str, seq: int, prev_hash: str) -> str | 
     return None
 
 
+def _keys_match(doc: Mapping, seq: int) -> bool:
+    """The derived sort keys match the content (version 1 records have no `rec_key`)."""
+    if doc.get("at_key") != at_key(doc["occurred_at"], seq):
+        return False
+    return doc["v"] == 1 or doc.get("rec_key") == rec_key(doc["recorded_at"], seq)
+
+
 def checkpoint_text(chain: str, seq: int, hash_: str, at: int, key_id: str) -> str:
     """What a checkpoint's signature covers: canonical JSON of its fields (ASCII)."""
-    return canonical({"v": CONTENT_VERSION, "chain": chain, "seq": seq, "hash": hash_, "at": at, "key_id": key_id})
+    return canonical({"v": CHECKPOINT_VERSION, "chain": chain, "seq": seq, "hash": hash_, "at": at, "key_id": key_id})

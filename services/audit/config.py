@@ -1,8 +1,8 @@
 """audit settings: the only reader of the environment for this service.
 
 The audit service holds no PHI and decrypts nothing, so unlike the other services it reads no
-PHI master keys: only its database, the broker, directory's keys (to check callers' tokens) and
-its own checkpoint signing key.
+PHI master keys: only its database, the broker, directory's keys (to check callers' tokens),
+its own checkpoint signing key and where its witness file goes.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ class AuditSettings:
     # `checkpoint_interval_s` for a chain that grew since its last one.
     checkpoint_every: int
     checkpoint_interval_s: float
+    # The append-only witness file outside the database (services.audit.witness): a signed line of
+    # every chain's head at each checkpoint pass. Required in production.
+    witness_file: Path | None
+    # An event whose occurred_at is further than this from its receipt is recorded with its skew.
+    max_clock_skew_ms: int
     page_max: int
     export_max_rows: int
     max_request_bytes: int
@@ -75,6 +80,23 @@ def _retired_keys(env: Env) -> list:
         return []
 
 
+def _witness_file(env: Env) -> Path | None:
+    """AUDIT_WITNESS_PATH, an absolute path; in development `<run dir>/audit/witness.jsonl`."""
+    given = env.str("AUDIT_WITNESS_PATH", "")
+    if not given:
+        if env.production:
+            env.problems.append(
+                "AUDIT_WITNESS_PATH is required in production (append-only storage outside the database)"
+            )
+            return None
+        return env.run_dir / "audit" / "witness.jsonl"
+    path = Path(given)
+    if not path.is_absolute():
+        env.problems.append("AUDIT_WITNESS_PATH must be an absolute path")
+        return None
+    return path
+
+
 def load(environ: Mapping[str, str] | None = None) -> AuditSettings:
     env = Env(SERVICE, environ)
     mongo_uri = env.url("MONGO_URI", None if env.production else EMBEDDED_MONGO_URI, ("mongodb", "mongodb+srv"))
@@ -102,6 +124,8 @@ def load(environ: Mapping[str, str] | None = None) -> AuditSettings:
         prefetch=env.int("AUDIT_PREFETCH", 64, minimum=1, maximum=1000),
         checkpoint_every=env.int("AUDIT_CHECKPOINT_EVERY", 1000, minimum=1, maximum=1_000_000),
         checkpoint_interval_s=env.float("AUDIT_CHECKPOINT_INTERVAL_S", 300.0, minimum=0.1),
+        witness_file=_witness_file(env),
+        max_clock_skew_ms=env.int("AUDIT_MAX_CLOCK_SKEW_S", 300, minimum=1, maximum=86_400) * 1000,
         page_max=env.int("AUDIT_PAGE_MAX", 200, minimum=1, maximum=1000),
         export_max_rows=env.int("AUDIT_EXPORT_MAX_ROWS", 10_000, minimum=1, maximum=1_000_000),
         max_request_bytes=env.int("AUDIT_MAX_REQUEST_BYTES", 16 * 1024, minimum=1024, maximum=1024 * 1024),

@@ -3,7 +3,8 @@
 - GET /api/v1/audit/records      a page of the caller's agency's records, newest first (json | csv)
 - GET /api/v1/audit/export       every matching record, up to AUDIT_EXPORT_MAX_ROWS, as a download
 - GET /api/v1/audit/checkpoints  the agency chain's signed checkpoints, newest first
-- GET /api/v1/audit/verify       the agency chain checked now (services.audit.verify)
+- GET /api/v1/audit/verify       the agency chain checked now (services.audit.verify; the witness file is
+                                 checked by `python -m services.audit verify`, outside the request path)
 - GET /api/v1/audit/keys         the public keys checkpoints are signed with (any staff member)
 
 Who: agency admins and compliance officers (roles `admin`, `compliance_officer`); anyone else gets
@@ -25,11 +26,12 @@ from services.audit import export, query
 from services.audit.components import Components, Feature
 from services.audit.config import SERVICE
 from services.audit.signing import public_jwk, public_pem
-from services.audit.verify import verify_chain
+from services.audit.verify import overdue_after_ms, verify_chain
 from services.kit.audit import access_record, phi_accessed
 from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, Identity
 from services.kit.errors import Forbidden, InvalidInput
 from services.kit.http import require_staff
+from services.kit.mongo import now_ms
 from services.kit.validation import query_int
 
 AUDITOR_ROLES = (ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER)
@@ -154,8 +156,14 @@ def verify():
         raise InvalidInput("invalid_query", "verify takes no parameters", {"field": sorted(request.args)[0][:64]})
     components = _components()
     store, chain = components.store, caller.agency_id
+    settings = components.settings
     report = verify_chain(
-        chain, store.chain_records(chain), store.checkpoints_of(chain), components.settings.trusted_keys
+        chain,
+        store.chain_records(chain),
+        store.checkpoints_of(chain),
+        settings.trusted_keys,
+        now=now_ms(),
+        overdue_ms=overdue_after_ms(settings.checkpoint_interval_s),
     )
     record_read(caller, "verify")
     return report.as_dict()

@@ -4,8 +4,11 @@ becomes a database operator, and the agency is never a parameter (it is the call
 
     patient_id, actor, action, resource_type, outcome   exact ids (letters, digits and _ . : @ | + -)
     category                                            phi_access | security
-    from, to                                            ISO-8601 with offset, or a UTC date YYYY-MM-DD;
-                                                        from inclusive, to exclusive
+    from, to                                            when it happened (the producer's clock): ISO-8601
+                                                        with offset, or a UTC date YYYY-MM-DD; from
+                                                        inclusive, to exclusive
+    recorded_from, recorded_to                          when the audit service recorded it (its own clock),
+                                                        the same forms; pages are then newest recorded first
     limit, cursor                                       page size; the next page's cursor
     format                                              json | csv
 """
@@ -32,7 +35,11 @@ ID_PARAMETERS = {
     "resource_type": "resource_type",
     "outcome": "outcome",
 }
-PARAMETERS = frozenset({*ID_PARAMETERS, "category", "from", "to", "limit", "cursor", "format"})
+# (from, to) pairs of time parameters and the Filters fields they fill.
+TIME_RANGES = (("from", "to", "since", "until"), ("recorded_from", "recorded_to", "recorded_since", "recorded_until"))
+PARAMETERS = frozenset(
+    {*ID_PARAMETERS, "category", *(name for pair in TIME_RANGES for name in pair[:2]), "limit", "cursor", "format"}
+)
 CATEGORIES = (CATEGORY_PHI, CATEGORY_SECURITY)
 FORMATS = ("json", "csv")
 
@@ -87,10 +94,12 @@ def parse(args: Mapping[str, Sequence[str]], *, default_limit: int, max_limit: i
         if values["category"] not in CATEGORIES:
             raise _refuse("category", f"category must be one of: {', '.join(CATEGORIES)}")
         fields["category"] = values["category"]
-    since = _instant("from", values["from"]) if "from" in values else None
-    until = _instant("to", values["to"]) if "to" in values else None
-    if since is not None and until is not None and since >= until:
-        raise _refuse("from", "from must be before to")
+    for lower, upper, since_field, until_field in TIME_RANGES:
+        since = _instant(lower, values[lower]) if lower in values else None
+        until = _instant(upper, values[upper]) if upper in values else None
+        if since is not None and until is not None and since >= until:
+            raise _refuse(lower, f"{lower} must be before {upper}")
+        fields[since_field], fields[until_field] = since, until
     limit = default_limit
     if "limit" in values:
         raw = values["limit"]
@@ -103,4 +112,4 @@ def parse(args: Mapping[str, Sequence[str]], *, default_limit: int, max_limit: i
     form = values.get("format", "json")
     if form not in FORMATS:
         raise _refuse("format", f"format must be one of: {', '.join(FORMATS)}")
-    return Query(Filters(**fields, since=since, until=until), limit, cursor, form)
+    return Query(Filters(**fields), limit, cursor, form)

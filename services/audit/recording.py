@@ -1,5 +1,6 @@
 """The `Recording` feature: the audit stream's consumer (services.audit.ingest) and the timed
-checkpoint pass (services.audit.checkpoints)."""
+checkpoint pass (services.audit.checkpoints), which also appends the witness line
+(services.audit.witness)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from services.kit.processed_events import ProcessedEvents
 class Recording(Feature):
     def __init__(self, components):
         super().__init__(components)
-        self.recorder = Recorder(components.store, components.checkpointer)
+        settings = components.settings
+        self.recorder = Recorder(
+            components.store,
+            components.checkpointer,
+            max_skew_ms=settings.max_clock_skew_ms,
+            security_log=components.security_log,
+            queue=settings.queue,
+        )
         self.consumer = build_consumer(
             components.settings, self.recorder, ProcessedEvents(components.store.db, SERVICE)
         )

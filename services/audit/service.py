@@ -18,6 +18,7 @@ from services.audit.config import SERVICE, AuditSettings
 from services.audit.queries import Queries
 from services.audit.recording import Recording
 from services.audit.store import OUTBOX_COLLECTIONS, AuditStore
+from services.audit.witness import Witness
 from services.kit.features import Assembled, Worker, background_of
 from services.kit.outbox import outbox_collections
 from services.kit.security_events import SecurityLog
@@ -63,11 +64,15 @@ def build(
     """The service over `db`: indexes created, `features` constructed, indexed and attached."""
     store = AuditStore(db)
     store.ensure_indexes()
+    witness = None
+    if settings.witness_file is not None and settings.signing_key is not None:
+        witness = Witness(settings.witness_file, settings.signing_key, db.name)
     checkpointer = Checkpointer(
         store,
         settings.signing_key,
         every_records=settings.checkpoint_every,
         interval_s=settings.checkpoint_interval_s,
+        witness=witness,
     )
     components = Components(
         settings=settings,

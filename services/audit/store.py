@@ -49,6 +49,7 @@ INDEXES = [
     IndexSpec(RECORDS, [("event_id", ASCENDING)], unique=True, name="audit_event_once"),
     IndexSpec(RECORDS, [("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="audit_chain_seq"),
     IndexSpec(RECORDS, [("chain", ASCENDING), ("at_key", ASCENDING)], name="audit_by_time"),
+    IndexSpec(RECORDS, [("chain", ASCENDING), ("rec_key", ASCENDING)], name="audit_by_recorded_time"),
     *(
         IndexSpec(RECORDS, [("chain", ASCENDING), (field, ASCENDING), ("at_key", ASCENDING)], name=f"audit_by_{field}")
         for field in INDEXED_FILTERS
@@ -74,7 +75,8 @@ GENESIS_HEAD = Head(0, chains.GENESIS)
 
 @dataclass(frozen=True)
 class Filters:
-    """What an auditor asks for; every field is an exact match except the time range [since, until)."""
+    """What an auditor asks for; every field is an exact match except the time ranges: when it
+    happened [since, until) and when it was recorded [recorded_since, recorded_until)."""
 
     patient_id: str = ""
     actor_id: str = ""
@@ -84,24 +86,43 @@ class Filters:
     outcome: str = ""
     since: int | None = None
     until: int | None = None
+    recorded_since: int | None = None
+    recorded_until: int | None = None
+
+    @property
+    def sort_key(self) -> str:
+        """The indexed key pages are sorted and cursored by: the recorded time's (`rec_key`) when the
+        question is about recording time, else the occurred time's (`at_key`)."""
+        return "rec_key" if self.recorded_since is not None or self.recorded_until is not None else "at_key"
 
     def query(self, chain: str, before: str | None = None) -> dict:
         """The filter on one chain (never another: the chain is always part of it), newest first
-        from `before` (an at_key cursor)."""
+        from `before` (a cursor on `sort_key`)."""
         query: dict = {"chain": {"$eq": chain}}
         for field in ("patient_id", "actor_id", "action", "resource_type", "category", "outcome"):
             value = getattr(self, field)
             if value:
                 query[field] = {"$eq": value}
-        at: dict = {}
-        if self.since is not None:
-            at["$gte"] = chains.time_bound(self.since)
-        upper = [bound for bound in (before, None if self.until is None else chains.time_bound(self.until)) if bound]
-        if upper:
-            at["$lt"] = min(upper)
-        if at:
-            query["at_key"] = at
+        sort_key = self.sort_key
+        for key, since, until in (
+            ("at_key", self.since, self.until),
+            ("rec_key", self.recorded_since, self.recorded_until),
+        ):
+            bound = _range(since, until, before if key == sort_key else None)
+            if bound:
+                query[key] = bound
         return query
+
+
+def _range(since: int | None, until: int | None, before: str | None) -> dict:
+    """A key range [since, min(until, before)) as a query operator (empty: no bound)."""
+    bound: dict = {}
+    if since is not None:
+        bound["$gte"] = chains.time_bound(since)
+    upper = [value for value in (before, None if until is None else chains.time_bound(until)) if value]
+    if upper:
+        bound["$lt"] = min(upper)
+    return bound
 
 
 class AuditStore:
@@ -205,9 +226,10 @@ class AuditStore:
     ) -> tuple[list[dict], str | None]:
         """Up to `limit` records of `chain` matching `filters`, newest first, and the cursor of the
         next page (None on the last)."""
-        found = list(self.records.find(filters.query(chain, before)).sort("at_key", DESCENDING).limit(limit + 1))
+        key = filters.sort_key
+        found = list(self.records.find(filters.query(chain, before)).sort(key, DESCENDING).limit(limit + 1))
         if len(found) > limit:
-            return found[:limit], found[limit - 1]["at_key"]
+            return found[:limit], found[limit - 1][key]
         return found, None
 
     def record_access(self, doc: dict) -> None:

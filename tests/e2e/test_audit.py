@@ -1,9 +1,11 @@
 """The audit trail through the gateway, as an auditor uses it: a staff member reads a message and the
-admin's query shows who read what; others are refused; another agency sees nothing; and after one
-stored record is changed in the database, `python -m services.audit verify` names it."""
+admin's query shows who read what; others are refused; another agency sees nothing; after one
+stored record is changed in the database, `python -m services.audit verify` names it; and `verify`
+checks the chains against the stack's witness file."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -107,3 +109,23 @@ def test_verify_names_a_record_changed_in_the_database(stack, mongo_client, admi
     finally:
         stored.update_one({"_id": read["id"]}, {"$set": {"actor_id": kim.staff_id}})
     assert verify(stack, "--agency", kim.agency_id).returncode == 0
+
+
+def test_verify_checks_the_stacks_witness_file(stack, mongo_client, admin, kim, read_message):
+    """A checkpoint pass (here of a second replica over the stack's database, as a scaled-out audit
+    service runs it) appends the heads to the witness file in the run folder; `verify` reads that
+    file by default and the reader's chain is found there."""
+    from services.audit import config
+    from services.audit.service import build
+
+    wait_until(lambda: the_read(admin, kim, read_message), timeout=20, message="the read in the audit trail")
+    settings = config.load(stack.service_env())
+    replica = build(settings, mongo_client[settings.mongo_db], features=())
+    replica.components.checkpointer.run_pass()
+    assert settings.witness_file == stack.run_dir / "audit" / "witness.jsonl" and settings.witness_file.exists()
+    checked = verify(stack, "--agency", kim.agency_id, "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    report = json.loads(checked.stdout)
+    assert report["witness"]["files"] == [str(settings.witness_file)] and report["witness"]["lines"] >= 1
+    assert report["witness"]["problems"] == [] and [c["chain"] for c in report["chains"]] == [kim.agency_id]
+    assert report["intact"] and report["chains"][0]["intact"]

@@ -5,6 +5,7 @@ recorded, the chain verified on request and the public keys."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import functools
 import io
 import uuid
@@ -288,3 +289,33 @@ def test_keys_and_checkpoints_let_an_auditor_check_signatures_themselves(audit):
     stored = list(audit.db.audit_checkpoints.find({"chain": {"$eq": RIVERBEND}}))
     assert verify_chain(RIVERBEND, records, stored, trusted).intact
     assert get(audit, "/checkpoints", OUTSIDER).get_json()["items"] == []
+
+
+def test_records_are_asked_for_by_when_they_were_recorded_as_well_as_when_they_happened(audit):
+    # The trail's events happened in March (the producers' clocks); the service recorded them today.
+    yesterday = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).date().isoformat()
+    everything = ["stf_riverbend_kim", "=1+1", "msg_2", "lr_2", "lr_1", "msg_1"]
+    assert ids(get(audit, "/records", ADMIN, recorded_from=yesterday)) == everything
+    assert ids(get(audit, "/records", ADMIN, recorded_to="2026-03-10")) == []
+    assert ids(get(audit, "/records", ADMIN, to="2026-03-10")) == everything
+    both = {"recorded_from": yesterday, "from": "2026-03-02", "to": "2026-03-04"}
+    assert ids(get(audit, "/records", ADMIN, **both)) == ["lr_2", "lr_1"]
+    seen, cursor = [], None
+    while True:
+        reply = get(
+            audit, "/records", OFFICER, recorded_from=yesterday, limit="4", **({"cursor": cursor} if cursor else {})
+        )
+        seen += ids(reply)
+        cursor = reply.get_json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == everything
+    bad = get(audit, "/records", ADMIN, recorded_from=yesterday, recorded_to=yesterday)
+    assert bad.status_code == 400 and bad.get_json()["details"]["field"] == "recorded_from"
+
+
+def test_items_carry_the_clock_skew_measured_at_receipt(audit):
+    items = get(audit, "/records", ADMIN).get_json()["items"]
+    assert {item["clock_skew_ms"] for item in items} == {0}
+    rows = list(csv.DictReader(io.StringIO(get(audit, "/records", ADMIN, format="csv").get_data(as_text=True))))
+    assert {row["clock_skew_ms"] for row in rows} == {"0"}

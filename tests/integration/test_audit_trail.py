@@ -24,7 +24,7 @@ from services.audit.service import build
 from services.audit.store import AuditStore
 from services.audit.verify import verify_store
 from services.kit.bus import Publisher, Topology
-from services.kit.events import new_envelope
+from services.kit.events import decode_envelope, new_envelope, unpack
 from services.kit.mongo import now_ms
 from services.kit.settings import REPO_ROOT
 from tests.waits import Worker, wait_until
@@ -100,8 +100,7 @@ def phi_read(agency: str = AGENCY, resource_id: str = "msg_1", actor: str = "stf
         action="read",
         outcome="allowed",
         service="inbox",
-        accessed_at=stamp(now_ms()),
-        **fields,
+        **{"accessed_at": stamp(now_ms()), **fields},
     )
     return new_envelope("phi.accessed.v1", payload, agency_id=agency, producer="inbox")
 
@@ -339,3 +338,75 @@ def test_verify_trusts_only_the_keys_it_is_given(environ, settings, db, tmp_path
     result = run_verify(environ, "--public-key", str(stranger))
     assert result.returncode == 1 and "checkpoint_signature_invalid" in result.stdout
     assert run_verify(environ, "--agency", "_bad").returncode == 2
+
+
+def parked(settings, consumer, count: int) -> dict[str, str]:
+    """The parking queue's first `count` messages: event id -> the reason they were parked for."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    found = {}
+    try:
+        channel = connection.channel()
+        for _ in range(count):
+            method, properties, body = channel.basic_get(consumer.parking_queue, auto_ack=True)
+            assert method is not None, "fewer parked messages than expected"
+            event_id = decode_envelope(body).event_id
+            reason = properties.headers["x-error-reason"]
+            found[event_id] = reason.decode() if isinstance(reason, bytes) else reason
+    finally:
+        connection.close()
+    return found
+
+
+def staged_refusals(db) -> list:
+    events = []
+    for doc in db.security_outbox.find({}):
+        for staged in doc["_outbox"].values():
+            events.append(unpack(decode_envelope(bytes(staged["env"])), security_pb2.SecurityEvent))
+    return events
+
+
+def test_a_service_cannot_speak_for_another_in_the_audit_stream(settings, db, broker):
+    """inbox signs (the bus authenticates it as inbox) events that claim to come from the directory:
+    a read attributed to it, and a sign-in only the directory could have seen. Both are parked, never
+    recorded, and each refusal is itself a security event of the audit service."""
+    audit = build(settings, db)
+    read = audit_pb2.PhiAccessed(agency_id=AGENCY, actor_id="stf_riverbend_kim", action="read", service="directory")
+    claims_directory = new_envelope("phi.accessed.v1", read, agency_id=AGENCY, producer="inbox")
+    sign_in = security_pb2.SecurityEvent(
+        agency_id=AGENCY, kind="sign_in_succeeded", outcome="succeeded", service="inbox", occurred_at=stamp(now_ms())
+    )
+    inbox_sign_in = new_envelope("security_event.recorded.v1", sign_in, agency_id=AGENCY, producer="inbox")
+    consumer = audit.recording.consumer
+    with consumer.running():
+        publish(settings, claims_directory, inbox_sign_in, phi_read(resource_id="msg_fine"), security())
+        wait_until(lambda: len(records(db)) == 2, message="the two genuine events recorded")
+    assert parked(settings, consumer, 2) == {
+        claims_directory.event_id: "service_not_producer",
+        inbox_sign_in.event_id: "security_kind_not_allowed",
+    }
+    assert {r["resource_id"] for r in records(db)} == {"msg_fine", ""}
+    assert [r["action"] for r in records(db) if r["category"] == "security"] == ["sign_in_failed"]
+    refusals = {e.target_id: e for e in staged_refusals(db)}
+    assert {e.kind for e in refusals.values()} == {"event_refused"}
+    assert (refusals[inbox_sign_in.event_id].reason, refusals[inbox_sign_in.event_id].actor_id) == (
+        "security_kind_not_allowed",
+        "inbox",
+    )
+    assert refusals[claims_directory.event_id].reason == "service_not_producer"
+    assert refusals[claims_directory.event_id].service == "audit"
+
+
+def test_an_event_from_a_skewed_clock_is_recorded_with_its_skew(settings, db, broker):
+    audit = build(settings, db)
+    hour = 3_600_000
+    late = phi_read(resource_id="msg_behind", accessed_at=stamp(now_ms() - hour))
+    ahead = phi_read(resource_id="msg_ahead", accessed_at=stamp(now_ms() + hour))
+    with audit.recording.consumer.running():
+        publish(settings, late, ahead, phi_read(resource_id="msg_on_time"))
+        wait_until(lambda: len(records(db)) == 3, message="three records")
+    skew = {r["resource_id"]: r["clock_skew_ms"] for r in records(db)}
+    assert skew["msg_on_time"] == 0
+    assert -hour - 60_000 < skew["msg_behind"] < -hour + 60_000
+    assert hour - 60_000 < skew["msg_ahead"] < hour + 60_000
+    assert all(r["v"] == 2 and f'"clock_skew_ms":{r["clock_skew_ms"]}' in r["content"] for r in records(db))
+    assert intact(settings, db)

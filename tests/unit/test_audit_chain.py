@@ -4,6 +4,7 @@ changed record, a gap, a removed tail and a forged checkpoint (services/audit/ch
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 
@@ -69,7 +70,8 @@ def test_content_is_sorted_compact_ascii_json_of_strings_and_integers():
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     content = json.loads(text)
     assert set(content) == set(chains.CONTENT_FIELDS)
-    assert (content["chain"], content["seq"], content["v"], content["resource_id"]) == (AGENCY, 1, 1, "msg_é")
+    assert (content["chain"], content["seq"], content["v"], content["resource_id"]) == (AGENCY, 1, 2, "msg_é")
+    assert content["clock_skew_ms"] == 0
     assert all(type(v) in (str, int) for v in content.values())
 
 
@@ -214,3 +216,83 @@ def test_signing_keys_name_themselves_and_load_from_pem(key):
         SigningKey.from_pem("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----")
     with pytest.raises(ValueError):
         load_public_keys("no key here")
+
+
+# --- record versions --------------------------------------------------------------------------------
+
+
+def v1_record(n: int, prev: str) -> dict:
+    """Record `n` as a version 1 writer stored it: no clock_skew_ms in its content, no rec_key."""
+    fields = {**dataclasses.asdict(entry(n)), "chain": AGENCY, "seq": n, "v": 1, "recorded_at": T0 + n * 1000 + 5}
+    del fields["clock_skew_ms"]
+    content = chains.canonical({name: fields[name] for name in chains.CONTENT_FIELDS_BY_VERSION[1]})
+    return {
+        "_id": chains.record_id(AGENCY, n),
+        **fields,
+        "at_key": chains.at_key(fields["occurred_at"], n),
+        "content": content,
+        "prev_hash": prev,
+        "hash": chains.link_hash(prev, content),
+    }
+
+
+def test_new_records_are_version_2_with_the_clock_skew_in_their_hashed_content():
+    record = chains.new_record(entry(1, clock_skew_ms=-3_600_000), 1, chains.GENESIS, T0)
+    content = json.loads(record["content"])
+    assert (content["v"], content["clock_skew_ms"]) == (2, -3_600_000)
+    assert record["rec_key"] == f"{T0}.000000000001"
+
+
+def test_version_1_records_keep_verifying_and_a_chain_may_go_on_in_version_2(trusted):
+    first = v1_record(1, chains.GENESIS)
+    second = v1_record(2, first["hash"])
+    third = chains.new_record(entry(3), 3, second["hash"], T0 + 9000)
+    report = verify_chain(AGENCY, [first, second, third], [], trusted)
+    assert report.intact and report.head_seq == 3
+
+
+def test_a_record_passed_off_as_another_version_is_named(trusted):
+    records = build_chain(3)
+    downgraded = {**records[1], "v": 1}
+    del downgraded["clock_skew_ms"]
+    broken = verify_chain(AGENCY, [records[0], downgraded, records[2]], [], trusted).broken
+    assert (broken.seq, broken.problem) == (2, "fields_differ_from_content")
+    unknown = {**records[1], "v": 7}
+    assert verify_chain(AGENCY, [records[0], unknown], [], trusted).broken.problem == "fields_missing_or_malformed"
+
+
+@pytest.mark.parametrize(("column", "value"), [("clock_skew_ms", 12_345), ("rec_key", "9999999999999.000000000002")])
+def test_a_changed_clock_skew_or_recorded_time_key_is_named(trusted, column, value):
+    records = build_chain(3)
+    records[1][column] = value
+    broken = verify_chain(AGENCY, records, [], trusted).broken
+    assert (broken.seq, broken.problem) == (2, "fields_differ_from_content")
+
+
+# --- malformed checkpoints -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seq": "3"},  # the seq turned into a string: it must not be skipped
+        {"seq": True},
+        {"at": "1767225600000"},
+        {"hash": None},
+        {"signature": 12},
+        {"key_id": None},
+    ],
+)
+def test_a_checkpoint_with_fields_of_the_wrong_type_is_a_problem_not_ignored(trusted, key, change):
+    records = build_chain(4)
+    checkpoint = signed_checkpoint(key, AGENCY, 3, records[2]["hash"], T0)
+    report = verify_chain(AGENCY, records, [{**checkpoint, **change}], trusted)
+    assert not report.intact
+    assert (report.broken.seq, report.broken.problem) == (3, "checkpoint_malformed")
+    assert report.checkpoints == 1
+
+
+def test_a_checkpoint_without_fields_is_malformed(trusted):
+    records = build_chain(2)
+    broken = verify_chain(AGENCY, records, [{"_id": f"{AGENCY}:000000000002", "chain": AGENCY}], trusted).broken
+    assert (broken.seq, broken.problem) == (2, "checkpoint_malformed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -13,11 +14,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clinic.audit.v1 import audit_pb2, security_pb2
 from clinic.inbox.v1 import inbox_pb2
 from services.audit import chain as chains
-from services.audit import export, query
+from services.audit import export, producers, query
 from services.audit.ingest import entry_from
 from services.audit.store import Filters
+from services.kit.bus.signing import KNOWN_PRODUCERS
 from services.kit.errors import InvalidInput
 from services.kit.events import PermanentError, new_envelope
+from services.kit.security_events import KINDS
 
 AGENCY = "agy_riverbend"
 
@@ -97,6 +100,26 @@ def test_anything_but_known_single_well_formed_parameters_is_refused(args, field
     assert refused(**args) == field
 
 
+def test_recorded_time_is_asked_apart_from_occurred_time():
+    asked = parse(**{"recorded_from": "2026-12-01", "recorded_to": "2026-12-02T00:00:00Z", "from": "2026-11-01"})
+    assert asked.filters == Filters(
+        since=ms(2026, 11, 1), recorded_since=ms(2026, 12, 1), recorded_until=ms(2026, 12, 2)
+    )
+    assert asked.filters.sort_key == "rec_key" and parse(to="2026-12-01").filters.sort_key == "at_key"
+    assert refused(recorded_from="2026-12-02", recorded_to="2026-12-01") == "recorded_from"
+    assert refused(recorded_to="today") == "recorded_to"
+    assert refused(recorded_from=["2026-12-01", "2026-12-02"]) == "recorded_from"
+
+
+def test_a_recorded_time_question_pages_by_the_recorded_key_and_filters_the_occurred_one():
+    filters = Filters(since=1_000_000_000_000, recorded_since=1_100_000_000_000, recorded_until=1_200_000_000_000)
+    assert filters.query(AGENCY, before="1150000000000.000000000009") == {
+        "chain": {"$eq": AGENCY},
+        "at_key": {"$gte": "1000000000000"},
+        "rec_key": {"$gte": "1100000000000", "$lt": "1150000000000.000000000009"},
+    }
+
+
 def test_the_mongo_filter_is_always_the_callers_chain_with_explicit_eq():
     filters = Filters(patient_id="pat_7", since=1_000_000_000_000, until=2_000_000_000_000)
     built = filters.query(AGENCY, before="1500000000000.000000000003")
@@ -135,7 +158,7 @@ def test_a_phi_read_becomes_an_entry_of_ids_and_actions():
     envelope = new_envelope(
         "phi.accessed.v1", payload, agency_id=AGENCY, producer="notifications", correlation_id="corr-1"
     )
-    got = entry_from(envelope)
+    got = entry_from(envelope, received_at=1_772_323_200_123 + 299_000)  # within the allowed clock skew
     assert got == chains.Entry(
         event_id=envelope.event_id,
         event_type="phi.accessed.v1",
@@ -179,29 +202,140 @@ def test_a_security_event_becomes_an_entry_and_one_of_no_agency_goes_to_the_syst
 
 
 @pytest.mark.parametrize(
-    "envelope",
+    ("envelope", "reason"),
     [
         # the envelope says one agency, the payload another
-        new_envelope(
-            "phi.accessed.v1", audit_pb2.PhiAccessed(agency_id="agy_lakeside"), agency_id=AGENCY, producer="inbox"
+        (
+            new_envelope(
+                "phi.accessed.v1",
+                audit_pb2.PhiAccessed(agency_id="agy_lakeside", service="inbox"),
+                agency_id=AGENCY,
+                producer="inbox",
+            ),
+            "agency_mismatch",
         ),
         # an agency id that could pass for the system chain
-        new_envelope(
-            "phi.accessed.v1", audit_pb2.PhiAccessed(agency_id="_system"), agency_id="_system", producer="inbox"
+        (
+            new_envelope(
+                "phi.accessed.v1",
+                audit_pb2.PhiAccessed(agency_id="_system", service="inbox"),
+                agency_id="_system",
+                producer="inbox",
+            ),
+            "agency_id_invalid",
         ),
         # not the payload its type names
-        new_envelope(
-            "phi.accessed.v1", inbox_pb2.MessageDelivered(agency_id=AGENCY), agency_id=AGENCY, producer="inbox"
+        (
+            new_envelope(
+                "phi.accessed.v1", inbox_pb2.MessageDelivered(agency_id=AGENCY), agency_id=AGENCY, producer="inbox"
+            ),
+            "payload_malformed",
         ),
         # not an event of the audit stream
-        new_envelope(
-            "message.delivered.v1", inbox_pb2.MessageDelivered(agency_id=AGENCY), agency_id=AGENCY, producer="inbox"
+        (
+            new_envelope(
+                "message.delivered.v1", inbox_pb2.MessageDelivered(agency_id=AGENCY), agency_id=AGENCY, producer="inbox"
+            ),
+            "not_audit_stream_event",
         ),
     ],
 )
-def test_events_that_cannot_be_recorded_as_they_stand_are_parked(envelope):
-    with pytest.raises(PermanentError):
+def test_events_that_cannot_be_recorded_as_they_stand_are_parked(envelope, reason):
+    with pytest.raises(PermanentError) as caught:
         entry_from(envelope)
+    assert caught.value.reason == reason
+
+
+# --- who may say what --------------------------------------------------------------------------------
+
+
+def phi(service: str, producer: str):
+    payload = audit_pb2.PhiAccessed(agency_id=AGENCY, actor_id="stf_kim", action="read", service=service)
+    return new_envelope("phi.accessed.v1", payload, agency_id=AGENCY, producer=producer)
+
+
+def security(kind: str, producer: str, service: str | None = None):
+    payload = security_pb2.SecurityEvent(
+        agency_id=AGENCY, kind=kind, outcome="succeeded", service=producer if service is None else service
+    )
+    return new_envelope("security_event.recorded.v1", payload, agency_id=AGENCY, producer=producer)
+
+
+def parked_reason(envelope) -> str:
+    with pytest.raises(PermanentError) as caught:
+        entry_from(envelope)
+    return caught.value.reason
+
+
+def test_an_event_naming_another_service_than_its_authenticated_producer_is_parked():
+    # inbox's key signed it (the bus checked that), but the payload claims the directory read it.
+    assert parked_reason(phi("directory", "inbox")) == "service_not_producer"
+    assert parked_reason(security("access_refused", "inbox", service="directory")) == "service_not_producer"
+    assert entry_from(phi("inbox", "inbox")).service == "inbox"
+
+
+@pytest.mark.parametrize(
+    ("kind", "producer"),
+    [
+        ("sign_in_succeeded", "inbox"),  # a sign-in that only the directory could have seen
+        ("sign_in_failed", "erx-bridge"),
+        ("account_locked", "notifications"),
+        ("session_revoked", "cloud-comms"),
+        ("forged_identity_refused", "erx-bridge"),
+        ("forged_identity_refused", "auto-reply"),
+    ],
+)
+def test_a_security_kind_its_producer_may_not_report_is_parked(kind, producer):
+    assert parked_reason(security(kind, producer)) == "security_kind_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("kind", "producer"),
+    [
+        ("sign_in_succeeded", "directory"),
+        ("sign_in_failed", "web"),
+        ("forged_identity_refused", "notifications"),
+        ("forged_identity_refused", "audit"),
+        ("event_refused", "erx-bridge"),
+        ("access_refused", "auto-reply"),
+        ("settings_changed", "inbox"),
+        ("key_rotated", "cloud-comms"),
+    ],
+)
+def test_a_security_kind_its_producer_may_report_is_recorded(kind, producer):
+    assert entry_from(security(kind, producer)).action == kind
+
+
+def test_an_unknown_security_kind_is_parked():
+    assert parked_reason(security("admin_granted", "directory")) == "security_kind_unknown"
+
+
+def test_the_table_names_every_kind_services_record_and_only_known_producers():
+    assert set(producers.SECURITY_KINDS) == KINDS
+    assert all(allowed <= set(KNOWN_PRODUCERS) and allowed for allowed in producers.SECURITY_KINDS.values())
+
+
+# --- time ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offset_ms", "skew"),
+    [
+        (0, 0),
+        (-300_000, 0),  # exactly the tolerance: not recorded
+        (300_000, 0),
+        (-300_001, -300_001),  # an hour-old clock, or a delivery delay
+        (3_600_000, 3_600_000),  # a clock an hour ahead
+    ],
+)
+def test_an_event_time_far_from_its_receipt_is_recorded_with_its_clock_skew(offset_ms, skew):
+    received = 1_796_601_600_000
+    payload = audit_pb2.PhiAccessed(agency_id=AGENCY, service="inbox", accessed_at=stamp(received + offset_ms))
+    envelope = new_envelope("phi.accessed.v1", payload, agency_id=AGENCY, producer="inbox")
+    got = entry_from(envelope, received_at=received, max_skew_ms=300_000)
+    assert (got.occurred_at, got.clock_skew_ms) == (received + offset_ms, skew)
+    record = chains.new_record(got, 1, chains.GENESIS, received)
+    assert json.loads(record["content"])["clock_skew_ms"] == skew  # part of what the hash covers
 
 
 # --- export -----------------------------------------------------------------------------------------
