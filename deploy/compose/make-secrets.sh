@@ -26,6 +26,10 @@
 #                                "REPLACE-..." until you write your provider's credentials in
 #   secrets/triage_index_key     cloud-comms' key of the patient roster's blind indexes (random; changing
 #                                it needs the roster imported again)
+#   secrets/patient_ref_key      the key audit records name patients by (PATIENT_REF_KEY_FILE; random): an MRN
+#                                or a vendor's patient id becomes a keyed pseudonym (docs/audit-coverage.md);
+#                                mounted into notifications, erx-bridge and audit. Never replace it casually:
+#                                earlier records are then found only with the old key (PATIENT_REF_PREVIOUS_KEYS)
 #   secrets/erx_practices.json   erx-bridge's practices at the ePrescribing vendor (ERX_PRACTICES_FILE):
 #                                "{}" (none) until you write them in (services/erx_bridge/README.md)
 #   secrets/bus_signing_<service>.pem  each service's own Ed25519 key (PKCS#8 PEM) that signs what it
@@ -129,6 +133,8 @@ replace_me() {
 create fax_api_key replace_me
 create fax_api_secret replace_me
 create triage_index_key openssl rand -hex 32
+# notifications and erx-bridge name patients in audit records with it; audit searches with the same one.
+create patient_ref_key openssl rand -hex 32
 create service_audit_secret openssl rand -hex 32
 create audit_signing_key.pem openssl genpkey -algorithm ED25519
 

@@ -11,6 +11,7 @@ from services.erx_bridge.http_api import create_app
 from services.erx_bridge.service import build
 from services.kit import bootstrap
 from services.kit.bootstrap import ServiceWiring
+from services.kit.http import record_refusals
 
 
 def wire(service: ServiceWiring[config.ErxBridgeSettings]) -> None:
@@ -18,7 +19,8 @@ def wire(service: ServiceWiring[config.ErxBridgeSettings]) -> None:
     bridge = build(settings, service.database(), cipher=service.cipher(), service_tokens=service.service_tokens())
     service.client("erx-bridge-clients", bridge)  # the directory client and vendor adapters build() opened
     service.relay(bridge.outbox_collections, batch_size=settings.relay_batch_size)
-    service.http(create_app(bridge, service.verifier()), settings.http_port)
+    app = create_app(bridge, service.verifier())
+    service.http(record_refusals(app, service.security_log()), settings.http_port)
     # Health and reflection only (probes): the bridge serves no gRPC API of its own.
     service.grpc([], settings.grpc_port)
     # The sync pools stop with the workers (a sync in hand gives up at its next vendor call and is

@@ -1,24 +1,27 @@
 """PHI access records: every read of eRx item content (the Pending Rx report, single sign-on into
 a patient's chart) leaves `phi.accessed.v1` events, staged in access-record documents (outbox).
 
-One event per item shown (resource type `erx_item`, the item id), with the vendor's patient id of
-the item as `patient_id` when the item names one, so an auditor can tell which patients'
-prescriptions a staff member saw; a report's events ride in documents of at most
-`EVENTS_PER_RECORD`, one insert each.
+One event per item shown (resource type `erx_item`, the item id), with the patient of the item as
+`patient_id` when the item names one, so an auditor can tell which patients' prescriptions a staff
+member saw; a report's events ride in documents of at most `EVENTS_PER_RECORD`, one insert each.
+
+The vendor's patient id is an identifier of the patient (PHI), so the trail holds its reference
+instead (services.kit.patient_ref, system `erx:<vendor>`, the agency's practice vendor): never the
+vendor's id itself; `record` drops anything that is not a reference.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 from services.erx_bridge.delivery import PRODUCER
 from services.erx_bridge.store import ErxStore
 from services.kit.audit import access_record, phi_accessed
 from services.kit.auth import Identity
+from services.kit.patient_ref import erx_system, is_patient_ref
+from services.kit.patient_ref import patient_ref as reference_of
 
 RESOURCE_TYPE = "erx_item"
-PATIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 EVENTS_PER_RECORD = 200
 
 
@@ -32,7 +35,7 @@ def record(
     resource_type: str = RESOURCE_TYPE,
     patients: Mapping[str, str] | None = None,
 ) -> None:
-    """`patients` maps an item id to the vendor's patient id of that item (already opened)."""
+    """`patients` maps an item id to the reference of its patient (`patient_refs`)."""
     patients = patients or {}
     for start in range(0, len(item_ids), EVENTS_PER_RECORD):
         chunk = item_ids[start : start + EVENTS_PER_RECORD]
@@ -44,7 +47,7 @@ def record(
                 resource_id=iid,
                 action=action,
                 outcome=outcome,
-                patient_id=patient_ref(patients.get(iid, "")),
+                patient_id=_reference(patients.get(iid, "")),
             )
             for iid in chunk
         ]
@@ -53,8 +56,15 @@ def record(
         )
 
 
-def patient_ref(vendor_patient_id) -> str:
-    """The vendor's patient id as the audit trail names it: `<vendor id>` when it is a plain id (a
-    vendor's number), "" otherwise (free text never goes into the trail)."""
-    text = str(vendor_patient_id or "")
-    return text if PATIENT_ID.fullmatch(text) else ""
+def _reference(value: str) -> str:
+    return value if is_patient_ref(value) else ""
+
+
+def patient_ref(key: str, agency_id: str, vendor: str, vendor_patient_id) -> str:
+    """The reference of the patient the vendor names `vendor_patient_id` ("" when it names none)."""
+    return reference_of(agency_id, erx_system(vendor), str(vendor_patient_id or ""), key=key)
+
+
+def patient_refs(key: str, agency_id: str, vendor: str, patients: Mapping[str, str]) -> dict[str, str]:
+    """Item id -> the reference of its patient, from item id -> the vendor's patient id."""
+    return {iid: patient_ref(key, agency_id, vendor, pid) for iid, pid in patients.items()}

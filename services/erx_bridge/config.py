@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.erx_bridge.vendors.base import PracticeCredentials
+from services.kit import patient_ref
 from services.kit.settings import CommonSettings, Env, common_settings
 
 SERVICE = "erx-bridge"
@@ -70,6 +71,8 @@ class ErxBridgeSettings:
     vendor_read_timeout_s: float = 10.0
     # DoseSpot's API subscription key (a secret), when the vendor's gateway asks for one.
     dosespot_subscription_key: str = field(default="", repr=False)
+    # The key a vendor's patient id is pseudonymised with in audit records (services.kit.patient_ref).
+    patient_ref_keys: patient_ref.PatientRefKeys = field(default=patient_ref.PatientRefKeys(), repr=False)
 
 
 def _dev_practices(env: Env) -> dict:
@@ -168,6 +171,7 @@ def load(environ: Mapping[str, str] | None = None) -> ErxBridgeSettings:
         vendor_connect_timeout_s=env.float("ERX_VENDOR_CONNECT_TIMEOUT_S", 3.05, minimum=0.1),
         vendor_read_timeout_s=env.float("ERX_VENDOR_READ_TIMEOUT_S", 10.0, minimum=0.1),
         dosespot_subscription_key=env.given_secret("ERX_DOSESPOT_SUBSCRIPTION_KEY") or "",
+        patient_ref_keys=patient_ref.read_keys(env),
     )
     env.done()
     return settings

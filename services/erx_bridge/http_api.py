@@ -184,20 +184,32 @@ def single_sign_on(context: str, *, patient_id: str = "", item_id: str = ""):
     except VendorError as exc:
         raise Unavailable("vendor_unavailable", "the ePrescribing vendor cannot be reached; try again") from exc
     if context == SSO_PATIENT:
-        resource = item_id or "pat_" + domain.digest(caller.agency_id, patient_id)[:32]
+        ref = audit.patient_ref(patient_ref_key(), caller.agency_id, target.practice.vendor, patient_id)
+        resource = item_id or ref
         audit.record(
             bridge().store,
             caller,
             [resource],
             action="sso",
             resource_type="erx_item" if item_id else "erx_patient",
-            patients={resource: patient_id},
+            patients={resource: ref},
         )
     body = {"url": link.url, "expires_at": iso(link.expires_at)}
     response = current_app.json.response(body)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"
     return response
+
+
+def patient_ref_key() -> str:
+    """The key audit records name patients with (services.kit.patient_ref), read at start."""
+    return bridge().settings.patient_ref_keys.current
+
+
+def practice_vendor(agency: AgencyErx) -> str:
+    """The vendor whose patient ids the agency's items carry: its configured practice's, else directory's."""
+    practice = bridge().settings.practices.get(agency.agency_id)
+    return practice.vendor if practice else agency.vendor
 
 
 def item_patient(item_id: str) -> str:
@@ -245,7 +257,8 @@ def pending_rx():
     rows = rows[:limit]
     if rows:
         patients = {r["item_id"]: opened[r["item_id"]].get("patient_id", "") for r in rows}
-        audit.record(store, caller, [r["item_id"] for r in rows], action="report", patients=patients)
+        refs = audit.patient_refs(patient_ref_key(), caller.agency_id, practice_vendor(agency), patients)
+        audit.record(store, caller, [r["item_id"] for r in rows], action="report", patients=refs)
     if form == "csv":
         return csv_answer(rows, agency)
     return {

@@ -7,6 +7,7 @@ import sys
 
 from services.kit import bootstrap
 from services.kit.bootstrap import ServiceWiring
+from services.kit.http import record_refusals
 from services.notifications import config
 from services.notifications.http_api import create_app
 from services.notifications.service import build
@@ -20,7 +21,7 @@ def wire(service: ServiceWiring[config.NotificationsSettings]) -> None:
     service.client("notifications-clients", notifications)  # the directory client build() opened
     service.relay(notifications.outbox_collections, batch_size=settings.relay_batch_size)
     app = create_app(notifications.components, service.verifier(), ready_checks={"mllp": service.accepting})
-    service.http(app, settings.http_port)
+    service.http(record_refusals(app, service.security_log()), settings.http_port)
     # Health and reflection only for now (probes); a feature needing a gRPC API adds a binding here.
     service.grpc([], settings.grpc_port)
     service.listener("mllp-listener", notifications.mllp_listener().run)

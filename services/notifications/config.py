@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.kit import gateway_identity
+from services.kit import gateway_identity, patient_ref
 from services.kit.settings import CommonSettings, Env, common_settings
 from services.notifications.registrations import Facility
 
@@ -44,6 +44,8 @@ class NotificationsSettings:
     processing_id: str = "P"
     # Keys that prove a partner identity came from the gateway (current first; services.kit.gateway_identity).
     gateway_identity_keys: tuple[str, ...] = field(default=(), repr=False)
+    # The key a lab patient's identifier is pseudonymised with in audit records (services.kit.patient_ref).
+    patient_ref_keys: patient_ref.PatientRefKeys = field(default=patient_ref.PatientRefKeys(), repr=False)
 
 
 def parse_facilities(raw: str, problems: list[str]) -> dict[str, Facility]:
@@ -101,6 +103,7 @@ def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
         compliance_pass_interval_s=env.float("NOTIFICATIONS_COMPLIANCE_PASS_S", 15.0, minimum=0.1),
         processing_id=env.choice("NOTIFICATIONS_PROCESSING_ID", ("P", "T", "D"), "P"),
         gateway_identity_keys=gateway_identity.read_keys(env),
+        patient_ref_keys=patient_ref.read_keys(env),
     )
     env.done()
     return settings

@@ -215,9 +215,13 @@ class LabResults(Feature):
             report = LabReport.from_json(self.cipher.open(caller.agency_id, doc["_id"], "report", doc["report"]))
         except DecryptionError as exc:
             raise Unavailable("unreadable", "the result cannot be opened") from exc
-        audit.record_patient_read(
-            self.components.store, caller, oid, resource_type=RESOURCE_TYPE, patient_id=report.patient_ref
+        reference = audit.lab_patient_ref(
+            self.components.registrations,
+            self.components.settings.patient_ref_keys.current,
+            caller.agency_id,
+            report.patient_ref,
         )
+        audit.record_patient_read(self.components.store, caller, oid, resource_type=RESOURCE_TYPE, reference=reference)
         return {
             "id": oid,
             "result_id": doc["_id"],

@@ -20,6 +20,8 @@ from services.erx_bridge import domain
 from services.inbox.delivery_rules import notice_id
 from services.kit.bus import Publisher, Topology
 from services.kit.bus.signing import development_keyring
+from services.kit.patient_ref import erx_system, is_patient_ref, patient_ref, read_keys
+from services.kit.settings import Env
 from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
@@ -38,6 +40,24 @@ def brooks(login):
 def ramirez(login):
     """Lakeside's prescriber: flagged for ePrescribing, but Lakeside does not subscribe."""
     return login("dr.ramirez")
+
+
+@pytest.fixture(scope="module")
+def erx_patient_ref(stack):
+    """The reference audit records name a Riverbend patient of the vendor by: the stack's
+    PATIENT_REF_KEY (its run folder), in the vendor's id space (erx:dosespot)."""
+    key = read_keys(Env("e2e", {"CLINIC_RUN_DIR": str(stack.run_dir)})).current
+    return lambda vendor_patient_id: patient_ref(RIVERBEND, erx_system("dosespot"), str(vendor_patient_id), key=key)
+
+
+def names_the_patient_by_reference_only(event, vendor_patient_id, erx_patient_ref) -> bool:
+    """The event's patient is the reference of the vendor's patient id, which is no value of the event."""
+    values = [value for _, value in event.payload.ListFields() if isinstance(value, str)]
+    return (
+        is_patient_ref(event.payload.patient_id)
+        and event.payload.patient_id == erx_patient_ref(vendor_patient_id)
+        and str(vendor_patient_id) not in values
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -327,14 +347,17 @@ def test_single_sign_on_is_for_the_caller_and_the_vendor_accepts_it(stack, reyes
     assert notifications["RefillsErrors"] == "1"
 
 
-def test_single_sign_on_to_the_patient_of_ones_own_item(reyes, chen, erx_db, erx_simulator):
+def test_single_sign_on_to_the_patient_of_ones_own_item(reyes, chen, erx_db, erx_simulator, events, erx_patient_ref):
     run_sync(reyes)
     doc = erx_db.erx_items.find_one({"open_key": {"$eq": f"{RIVERBEND}|{reyes.staff_id}|{REFILL}"}})
     assert doc is not None
 
-    reply = reyes.post("/api/v1/erx/sso", json={"context": "patient", "item_id": doc["_id"]})
-    assert reply.status_code == 200, reply.text
-    query = sso_query(reply.json()["url"])
+    with events.listen("phi.accessed.v1") as heard:
+        reply = reyes.post("/api/v1/erx/sso", json={"context": "patient", "item_id": doc["_id"]})
+        assert reply.status_code == 200, reply.text
+        query = sso_query(reply.json()["url"])
+        seen = heard.wait_for(lambda e: e.payload.resource_id == doc["_id"] and e.payload.action == "sso")
+        assert names_the_patient_by_reference_only(seen, query["PatientId"], erx_patient_ref)
     assert query["SingleSignOnUserId"] == REYES and query["PatientId"].isdigit()
     opened = requests.get(reply.json()["url"], timeout=10)
     assert opened.status_code == 200 and f"patient {query['PatientId']}" in opened.text
@@ -347,8 +370,24 @@ def test_single_sign_on_to_the_patient_of_ones_own_item(reyes, chen, erx_db, erx
     assert refused.status_code == 404 and refused.json()["code"] == "erx_item_not_found"
 
 
+def test_single_sign_on_to_a_patient_by_the_vendors_id_records_the_reference_only(
+    reyes, erx_simulator, events, erx_patient_ref
+):
+    [added] = erx_simulator.add(REYES, REFILL)
+    vendor_patient = str(added["patient_id"])
+    with events.listen("phi.accessed.v1") as heard:
+        reply = reyes.post("/api/v1/erx/sso", json={"context": "patient", "patient_id": vendor_patient})
+        assert reply.status_code == 200, reply.text
+        assert sso_query(reply.json()["url"])["PatientId"] == vendor_patient
+        seen = heard.wait_for(lambda e: e.payload.resource_type == "erx_patient" and e.payload.action == "sso")
+    assert names_the_patient_by_reference_only(seen, vendor_patient, erx_patient_ref)
+    assert seen.payload.resource_id == seen.payload.patient_id  # the patient asked for is the resource
+
+
 # --- the Pending Rx report -------------------------------------------------------------------------
-def test_the_pending_rx_report_as_csv_and_json_is_audited(reyes, admin, erx_simulator, events):
+def test_the_pending_rx_report_as_csv_and_json_is_audited(reyes, admin, erx_simulator, events, erx_patient_ref):
+    [added] = erx_simulator.add(REYES, PENDING)
+    added_item = domain.item_id(RIVERBEND, "dosespot", added["vendor_item_id"])
     run_sync(reyes)
     held = settled(reyes, erx_simulator, REYES)
     with events.listen("phi.accessed.v1") as heard:
@@ -367,7 +406,10 @@ def test_the_pending_rx_report_as_csv_and_json_is_audited(reyes, admin, erx_simu
         seen = heard.wait_for(lambda e: e.payload.resource_id == body[0][7], timeout=15)
         assert seen.payload.actor_id == reyes.staff_id and seen.payload.action == "report"
         assert seen.payload.resource_type == "erx_item" and seen.payload.service == "erx-bridge"
-        assert seen.payload.patient_id.isdigit()  # the vendor's patient of the item
+        assert is_patient_ref(seen.payload.patient_id)  # the item's patient, by reference
+        # The row added above: its patient is the reference of the vendor's id, never the id itself.
+        row = heard.wait_for(lambda e: e.payload.resource_id == added_item and e.payload.action == "report")
+        assert names_the_patient_by_reference_only(row, added["patient_id"], erx_patient_ref)
 
     report = reyes.get("/api/v1/erx/reports/pending-rx").json()
     assert report["count"] == len(body) and report["scope"] == "self" and not report["truncated"]

@@ -16,6 +16,8 @@ import hl7
 import pytest
 from hl7.client import MLLPClient
 
+from services.kit.patient_ref import mrn_system, patient_ref, read_keys
+from services.kit.settings import Env
 from tests.e2e.lab_messages import POTASSIUM_CRITICAL, POTASSIUM_TEST, as_bundle, diagnostic_report, oru
 from tests.helpers import msa
 from tests.waits import wait_until
@@ -43,6 +45,20 @@ def mllp(stack):
 @pytest.fixture(scope="module")
 def notifications_db(stack, mongo_client):
     return mongo_client[f"{stack.db_prefix}notifications"]
+
+
+@pytest.fixture(scope="module")
+def lab_patient_ref(stack):
+    """The reference audit records name a Riverbend lab patient by: the stack's PATIENT_REF_KEY (its
+    run folder), in the agency's MRN space (its development facility registration, RIVERBEND)."""
+    key = read_keys(Env("e2e", {"CLINIC_RUN_DIR": str(stack.run_dir)})).current
+    return lambda mrn: patient_ref("agy_riverbend", mrn_system("RIVERBEND"), mrn, key=key)
+
+
+def holds_no_mrn(event, mrn: str) -> bool:
+    """Neither the event's payload nor its envelope on the wire carries the MRN, in any case."""
+    wire = event.envelope.SerializeToString().lower()
+    return mrn.lower().encode() not in wire and mrn.lower() not in str(event.payload).lower()
 
 
 def ack_of(raw: bytes) -> hl7.Message:
@@ -277,7 +293,7 @@ def brooks(login):
 
 
 def test_the_full_result_is_shown_to_allowed_staff_audited_and_hidden_from_others(
-    mllp, reyes, admin, outsider, login, events
+    mllp, reyes, admin, outsider, login, events, lab_patient_ref
 ):
     mrn = patient()
     assert msa(send(mllp, oru(patient=mrn)))[0] == "AA"
@@ -300,13 +316,15 @@ def test_the_full_result_is_shown_to_allowed_staff_audited_and_hidden_from_other
         )
         assert (allowed.payload.outcome, allowed.payload.resource_type) == ("allowed", "lab_result")
         assert allowed.payload.service == "notifications"
-        assert allowed.payload.patient_id == mrn  # whose result it is, for "who looked at this patient"
+        # Whose result it is, for "who looked at this patient": by reference, never the MRN (PHI).
+        assert allowed.payload.patient_id == lab_patient_ref(mrn)
+        assert holds_no_mrn(allowed, mrn)
 
         for other in (admin, login("therapist.patel"), outsider, login("dr.ramirez")):
             refused = other.get(f"/api/v1/lab/results/{order_id}")
             assert refused.status_code == 404 and refused.json()["code"] == "lab_result_not_found"
         denied = heard.wait_for(lambda e: e.payload.resource_id == order_id and e.payload.outcome == "denied")
-        assert denied.payload.actor_id == "stf_riverbend_admin"
+        assert denied.payload.actor_id == "stf_riverbend_admin" and holds_no_mrn(denied, mrn)
     unknown = reyes.get("/api/v1/lab/results/lab_00000000000000000000000000000000")
     assert unknown.status_code == 404
     assert reyes.get("/api/v1/lab/results/%7B%22$gt%22:%22%22%7D").status_code == 404
@@ -357,6 +375,38 @@ def test_a_fhir_diagnostic_report_reaches_the_flagged_staff_and_is_viewable(lab_
     corrected = lab_interface(as_bundle({**body, "status": "corrected", "issued": "2026-11-26T10:00:00Z"}))
     assert corrected.status_code == 201 and corrected.json()["id"] == created["id"]
     wait_until(lambda: lab_item(kim, mrn)["status"] == "corrected", timeout=15)
+
+
+def test_one_patient_is_one_reference_in_the_audit_trail_over_hl7_and_fhir(
+    mllp, lab_interface, reyes, events, lab_patient_ref, stack, mongo_client
+):
+    """The same MRN sent over MLLP and as a FHIR DiagnosticReport is one patient to an auditor: both
+    reads carry the same reference, and the audit service stores it, never the MRN."""
+    mrn = patient()
+    assert msa(send(mllp, oru(patient=mrn)))[0] == "AA"
+    hl7_order = open_item(reyes, wait_until(lambda: lab_item(reyes, mrn), timeout=15))["source_ref"]
+    fhir = lab_interface(diagnostic_report(patient=mrn))
+    assert fhir.status_code == 201, fhir.text
+    fhir_order = fhir.json()["id"]
+    assert hl7_order != fhir_order
+    with events.listen("phi.accessed.v1") as heard:
+        for order in (hl7_order, fhir_order):
+            assert reyes.get(f"/api/v1/lab/results/{order}").status_code == 200
+        reads = [heard.wait_for(lambda e, o=order: e.payload.resource_id == o) for order in (hl7_order, fhir_order)]
+    assert [r.payload.patient_id for r in reads] == [lab_patient_ref(mrn)] * 2
+    assert all(holds_no_mrn(r, mrn) for r in reads)
+    assert lab_patient_ref(patient()) != lab_patient_ref(mrn)  # another patient, another reference
+
+    trail = mongo_client[f"{stack.db_prefix}audit"].audit_records
+
+    def recorded() -> list[dict] | None:
+        found = trail.find({"patient_id": {"$eq": lab_patient_ref(mrn)}, "service": {"$eq": "notifications"}})
+        found = list(found)
+        return found if len(found) >= 2 else None
+
+    stored = wait_until(recorded, timeout=20, message="both reads in the audit trail")
+    assert {d["resource_id"] for d in stored} == {hl7_order, fhir_order}
+    assert all(mrn.lower() not in repr(d).lower() for d in stored)
 
 
 def test_the_lakeside_lab_staff_get_lakeside_results_only(lab_interface, login):
