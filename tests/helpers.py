@@ -3,9 +3,12 @@ a settable clock, and reading an HL7 ACK's MSA segment."""
 
 from __future__ import annotations
 
+import uuid
 from typing import NamedTuple
 
 import hl7
+import requests
+from requests.adapters import HTTPAdapter
 
 from services.directory.demo import DEMO_PASSWORD
 
@@ -74,3 +77,28 @@ def staged_accesses(db):
             accessed.ParseFromString(envelope.payload)
             found.append((envelope, accessed))
     return found
+
+
+class FromAddress(HTTPAdapter):
+    """Connections made from one local address: a client of its own, as a server sees it."""
+
+    def __init__(self, address: str):
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def loopback_address() -> str:
+    """A loopback address of its own (none of a stack's hops uses it): a distinct client."""
+    return f"127.{uuid.uuid4().int % 200 + 20}.{uuid.uuid4().int % 250 + 1}.{uuid.uuid4().int % 250 + 2}"
+
+
+def client_from(address: str | None = None) -> requests.Session:
+    """A requests session whose connections come from `address` (default: a fresh loopback one), so a
+    test's requests are a client of their own whatever other tests did from 127.0.0.1."""
+    session = requests.Session()
+    session.mount("http://", FromAddress(address or loopback_address()))
+    return session

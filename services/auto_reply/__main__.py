@@ -10,6 +10,7 @@ from services.auto_reply.http_api import build_app
 from services.auto_reply.service import build
 from services.kit import bootstrap
 from services.kit.bootstrap import ServiceWiring
+from services.kit.http import record_refusals
 
 
 def wire(service: ServiceWiring[config.AutoReplySettings]) -> None:
@@ -26,7 +27,7 @@ def wire(service: ServiceWiring[config.AutoReplySettings]) -> None:
         ready=auto_reply.ready,
         max_body_bytes=settings.max_request_bytes,
     )
-    service.http(app, settings.http_port)
+    service.http(record_refusals(app, service.security_log()), settings.http_port)
     # gRPC health (NOT_SERVING from the start of a drain) and reflection, for the platform's probes.
     service.grpc([], settings.grpc_port)
     # Stopping lets the message in hand finish; unacked prefetched ones go back to the queue.

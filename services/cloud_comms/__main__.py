@@ -10,6 +10,7 @@ from services.cloud_comms.http_api import create_app
 from services.cloud_comms.service import build
 from services.kit import bootstrap
 from services.kit.bootstrap import ServiceWiring
+from services.kit.http import record_refusals
 
 
 def wire(service: ServiceWiring[config.CloudCommsSettings]) -> None:
@@ -18,7 +19,7 @@ def wire(service: ServiceWiring[config.CloudCommsSettings]) -> None:
     service.client("cloud-comms-clients", comms)  # the directory client build() opened
     service.relay(comms.outbox_collections, batch_size=settings.relay_batch_size)
     app = create_app(comms.components, service.verifier(), ready_checks={"listeners": service.accepting})
-    service.http(app, settings.http_port)
+    service.http(record_refusals(app, service.security_log()), settings.http_port)
     # Health and reflection only (probes): cloud-comms serves no gRPC API of its own yet.
     service.grpc([], settings.grpc_port)
     for name, run, ready in comms.listeners():  # the Direct SMTP listener (and any fax one)

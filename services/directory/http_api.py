@@ -120,7 +120,12 @@ partner = Blueprint("partner", __name__, url_prefix="/api/v1/partner")
 
 
 def create_directory_app(components: Directory) -> Flask:
-    app = create_app("directory", components.verifier)
+    app = create_app(
+        "directory",
+        components.verifier,
+        security_log=components.sessions.security,
+        trusted_proxies=components.settings.trusted_proxies,
+    )
     app.extensions["directory"] = components
     app.register_blueprint(auth)
     app.register_blueprint(directory)
@@ -385,6 +390,42 @@ def get_agency(caller: Identity):
 
 # --- administration --------------------------------------------------------------------------
 
+# The staff fields whose change matters for security: what the member may do and see (roles,
+# active, supervisor, the lab flag, ePrescribing) and how they sign in (password).
+SECURITY_STAFF_FIELDS = (
+    "roles",
+    "active",
+    "password",
+    "supervisor_id",
+    "lab_result_notification",
+    "eprescribing_enabled",
+    "npi",
+    "erx_clinician_id",
+)
+
+
+def _settings_changed(admin: Identity, target_type: str, target_id: str, fields: list[str]) -> None:
+    """One `settings_changed` security event for this request: the admin, what was changed and the
+    NAMES of the fields changed (`reason`, comma-joined), never their values. Nothing changed:
+    nothing recorded."""
+    if not fields:
+        return
+    _components().sessions.security.record(
+        "settings_changed",
+        agency_id=admin.agency_id,
+        actor_id=admin.subject,
+        actor_kind="staff",
+        outcome="succeeded",
+        reason=",".join(fields),
+        target_type=target_type,
+        target_id=target_id,
+        source=_client(),
+    )
+
+
+def _changed(before: object, after: object, names: list[str], prefix: str = "") -> list[str]:
+    return [f"{prefix}{name}" for name in names if getattr(before, name) != getattr(after, name)]
+
 
 @directory.post("/staff")
 @for_admins
@@ -408,6 +449,7 @@ def create_staff(admin: Identity):
     member = replace(member, supervisor_id=_supervisor(member, body.get("supervisor_id", "")))
     components = _components()
     components.store.create_staff(member, components.hasher.hash(password))
+    _settings_changed(admin, "staff", member.id, ["created", *(f for f in SECURITY_STAFF_FIELDS if f in body)])
     agency = components.store.get_agency(admin.agency_id)
     return _created(staff_detail_view(member, [], agency, for_admin=True), f"/api/v1/directory/staff/{member.id}")
 
@@ -438,6 +480,12 @@ def update_staff(admin: Identity, staff_id: str):
     if "password" in body:
         password_hash = components.hasher.hash(domain.check_password(body["password"], member.username))
     components.store.save_staff(updated, password_hash)  # 409 last_admin, atomically
+    changed = [
+        name
+        for name in SECURITY_STAFF_FIELDS
+        if (password_hash is not None if name == "password" else getattr(member, name) != getattr(updated, name))
+    ]
+    _settings_changed(admin, "staff", updated.id, changed)
     reason = domain.session_end_reason(member, updated, password_hash is not None)
     if reason is not None and components.store.revoke_staff_sessions(updated.id, reason):
         components.sessions.security.record(
@@ -461,6 +509,7 @@ def create_team(admin: Identity):
     member_ids = _known_members(admin.agency_id, body.get("member_ids", []))
     team = Team(domain.new_id(domain.TEAM_PREFIX), admin.agency_id, body["name"], member_ids)
     _components().store.create_team(team)
+    _settings_changed(admin, "team", team.id, ["created", "name", *(["member_ids"] if member_ids else [])])
     return _created(team_view(team), f"/api/v1/directory/teams/{team.id}")
 
 
@@ -468,20 +517,23 @@ def create_team(admin: Identity):
 @for_admins
 def update_team(admin: Identity, team_id: str):
     body = validate(json_body(), TEAM_CHANGES)
-    team = _existing_team(admin.agency_id, team_id)
+    before = team = _existing_team(admin.agency_id, team_id)
     if "name" in body:
         team = replace(team, name=body["name"])
     if "member_ids" in body:
         team = replace(team, member_ids=_known_members(admin.agency_id, body["member_ids"]))
     _components().store.save_team(team)
+    _settings_changed(admin, "team", team.id, _changed(before, team, ["name", "member_ids"]))
     return team_view(team)
 
 
 @directory.delete("/teams/<team_id>")
 @for_admins
 def delete_team(admin: Identity, team_id: str):
-    if not _components().store.delete_team(admin.agency_id, path_id(team_id, "team")):
+    team_id = path_id(team_id, "team")
+    if not _components().store.delete_team(admin.agency_id, team_id):
         raise NotFound("not_found", "no such team")
+    _settings_changed(admin, "team", team_id, ["deleted"])
     return "", 204
 
 
@@ -489,7 +541,7 @@ def delete_team(admin: Identity, team_id: str):
 @for_admins
 def update_agency(admin: Identity):
     body = validate(json_body(), AGENCY_CHANGES)
-    agency = _existing_agency(admin.agency_id)
+    before = agency = _existing_agency(admin.agency_id)
     if "name" in body:
         agency = replace(agency, name=body["name"])
     if "time_zone" in body:
@@ -516,6 +568,10 @@ def update_agency(admin: Identity):
     terminology: Terminology = replace(agency.terminology, **body.get("terminology", {}))
     agency = replace(agency, terminology=terminology)
     _components().store.save_agency(agency)
+    changed = _changed(before, agency, ["name", "time_zone"])
+    changed += _changed(before, agency, list(AGENCY_CHANGES["options"].specs), "options.")
+    changed += _changed(before.terminology, terminology, list(AGENCY_CHANGES["terminology"].specs), "terminology.")
+    _settings_changed(admin, "agency", agency.id, changed)
     return agency_view(agency, for_admin=True)
 
 

@@ -12,6 +12,11 @@ or on the service's own port) spends the same budget:
 - `source_max_failures` failures from one address, whatever the usernames, within a window
   refuse that address's sign-ins until the window ends (guessing across many accounts).
 
+An address is counted with its neighbours where one holder has many: an IPv6 address by its /64
+network (services.kit.http.address_group), the block one subscriber or host is given, so an
+attacker cannot buy a fresh budget by moving to the next address of its own block; an IPv4
+address by itself.
+
 A locked or throttled attempt is refused before the password is checked, with the same answer
 whether or not the password was right (429 `too_many_attempts` with `Retry-After`). Counters are
 keyed by keyed hashes (LOGIN_ATTEMPT_KEY) of the normalised username and the address, so the
@@ -30,6 +35,7 @@ from services.directory.config import LoginPolicy
 from services.directory.domain import LoginAttempts, StaffMember
 from services.directory.store import DirectoryStore
 from services.kit.errors import TooManyRequests
+from services.kit.http import address_group
 from services.kit.security_events import SecurityLog
 
 MINUTE_MS = 60_000
@@ -44,7 +50,8 @@ class TooManyAttempts(TooManyRequests):
 
 @dataclass(frozen=True)
 class Attempt:
-    """One sign-in attempt's counters: (username, address) and address, as keyed hashes."""
+    """One sign-in attempt's counters: (username, address group) and address group, as keyed hashes;
+    `source` is the address itself, for the security events."""
 
     account_key: str
     source_key: str
@@ -68,7 +75,8 @@ class SignInLimits:
 
     def admit(self, username: str, source: str, now: int) -> Attempt:
         """Spend the address's budget for this attempt; TooManyAttempts when a limit refuses it."""
-        source_key = self._hash("source", source)
+        group = address_group(source)
+        source_key = self._hash("source", group)
         minute_end = (now // MINUTE_MS + 1) * MINUTE_MS
         tried = self.store.count_in_window(f"rate:{source_key}:{minute_end}", minute_end)
         if tried > self.policy.source_attempts_per_minute:
@@ -79,7 +87,7 @@ class SignInLimits:
         if self.store.window_count(f"fail:{source_key}:{window_end}") >= self.policy.source_max_failures:
             self._throttled(source, "source_failure_limit")
             raise TooManyAttempts(_ceil_s(window_end - now))
-        account_key = self._hash("account", domain.username_key(username), source)
+        account_key = self._hash("account", domain.username_key(username), group)
         attempts = self.store.get_login_attempts(account_key, now)
         if domain.is_locked_out(attempts, now):
             self._throttled(source, "account_locked_for_source")

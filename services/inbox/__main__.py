@@ -10,6 +10,7 @@ from services.inbox.http_api import build_app
 from services.inbox.service import build
 from services.kit import bootstrap
 from services.kit.bootstrap import ServiceWiring
+from services.kit.http import record_refusals
 
 log = logging.getLogger("inbox")
 
@@ -22,7 +23,8 @@ def wire(service: ServiceWiring[config.InboxSettings]) -> None:
     if migrated:
         log.info("board items rewritten in the current shape", extra={"count": migrated})
     service.relay(inbox.outbox_collections, batch_size=settings.relay_batch_size)
-    service.http(build_app(inbox.components, service.verifier()), settings.http_port)
+    app = build_app(inbox.components, service.verifier())
+    service.http(record_refusals(app, service.security_log()), settings.http_port)
     service.grpc([inbox.grpc_binding()], settings.grpc_port)
     service.workers(inbox.background())
 

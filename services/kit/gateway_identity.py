@@ -16,7 +16,10 @@ over the canonical text (fields joined by "\\n", header values as sent, "" when 
 A service trusts the consumer headers only when the token verifies with its key, is at most
 `MAX_SKEW_S` seconds from its own clock and covers exactly this method, target, body and headers;
 it answers 401 otherwise (`gateway_identity_required` without a token, `gateway_identity_invalid`
-with a bad one) and records a `forged_identity_refused` security event. The local gateway
+with a bad one) and records a `forged_identity_refused` security event: the first of each minute
+per (address, reason, route) in a process, the others counted in the log only, since anyone who
+reaches the port can send them by the thousand. The event names no agency (a path's agency is the
+attacker's choice; the record goes to the system's chain). The local gateway
 (services/gateway/plugins/identity_signer.py) and Kong (gateway/kong-plugins/clinic-identity-signer)
 sign the same way; docs/gateway-identity.md has the test vector both are checked against.
 
@@ -66,7 +69,8 @@ SECURITY_KIND = "forged_identity_refused"
 _TOKEN = re.compile(r"^v1\.([0-9]{1,12})\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})$")
 # A claimed consumer name is written to the security event only when it looks like one.
 _NAME = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
-_AGENCY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Where an app keeps the refusals it already recorded this minute (services.kit.security_events.OncePerWindow).
+_WINDOW = "clinic.forged_identity_window"
 
 
 def new_key() -> str:
@@ -234,26 +238,32 @@ _MESSAGES = {
 
 
 def _refuse(code: str, reason: str, claimed: str, *, db, service: str) -> NoReturn:
-    """Record the forged identity, then answer 401 with `code` (never the precise reason)."""
-    from flask import request
+    """Record the forged identity (the first of the minute for this address, reason and route),
+    then answer 401 with `code` (never the precise reason)."""
+    from flask import current_app, request
 
-    from services.kit.security_events import SecurityLog
+    from services.kit.http import address_group, request_source
+    from services.kit.security_events import OncePerWindow, SecurityLog, log_suppressed
 
-    agency = (request.view_args or {}).get("agency_id") or ""
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    source = request_source()
+    window = current_app.extensions.setdefault(_WINDOW, OncePerWindow())
+    suppressed = window.admit((address_group(source), reason, route))
+    if suppressed:
+        log_suppressed(SECURITY_KIND, suppressed, code=reason, route=route)
+        raise Unauthenticated(code, _MESSAGES[code])
     try:
         SecurityLog(db, service=service).record(
             SECURITY_KIND,
-            agency_id=agency if _AGENCY.fullmatch(agency) else "",
             actor_id=claimed if _NAME.fullmatch(claimed) else "",
             actor_kind="partner",
             outcome="refused",
             reason=reason,
             target_type="http_route",
-            target_id=request.url_rule.rule if request.url_rule else "",
-            source=request.remote_addr or "",
+            target_id=route,
+            source=source,
         )
     except Exception:  # noqa: BLE001 - the refusal stands even when it cannot be recorded
         log.error("forged identity refused but not recorded", extra={"code": reason})
-    log.warning("partner identity refused", extra={"code": reason, "route": request.url_rule.rule
-                                                   if request.url_rule else "unmatched"})
+    log.warning("partner identity refused", extra={"code": reason, "route": route})
     raise Unauthenticated(code, _MESSAGES[code])

@@ -9,6 +9,14 @@ UTF-8 into replacement characters that then look like ordinary text).
 
 `client_address(trusted)` is the client a request came from: the connection's
 peer, or the `X-Real-IP` a trusted peer (the gateway, the web service) states.
+
+Refusals are security events: given the service's `SecurityLog` (`create_app(...,
+security_log=...)` or `record_refusals(app, log)`), every 403 the edge answers records
+`access_refused` (the caller, `target_type` `http_route`, `target_id` the route's template, never
+the concrete path, `reason` the error's code, `source` the client address), and so does a revoked
+session's token presented again (401 `session_revoked`, at most once a minute per caller, route
+and address: a page left open after sign-out keeps polling). Other 401s are not recorded: a
+missing or expired token is everyday traffic, not an incident.
 """
 
 from __future__ import annotations
@@ -16,17 +24,20 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import re
 import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import jwt
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from services.kit.auth import KIND_STAFF, AuthError, TokenVerifier, bearer_token, current_identity
-from services.kit.errors import DomainError, Forbidden, InvalidInput
+from services.kit.auth import KIND_STAFF, AuthError, Identity, TokenVerifier, bearer_token, current_identity
+from services.kit.errors import DomainError, Forbidden, InvalidInput, Unauthenticated
 from services.kit.logs import accept_correlation_id, correlation_id_var
+from services.kit.security_events import OncePerWindow, SecurityLog, log_suppressed
 
 log = logging.getLogger("http")
 
@@ -55,11 +66,24 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
     return response
 
 
-def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int = 256 * 1024) -> Flask:
+def create_app(
+    service: str,
+    verifier: TokenVerifier | None,
+    max_body_bytes: int = 256 * 1024,
+    *,
+    security_log: SecurityLog | None = None,
+    trusted_proxies: Sequence[Network] = (),
+) -> Flask:
+    """The kit's Flask app. `security_log`: where refusals are recorded (none: not recorded; see
+    `record_refusals`). `trusted_proxies`: the hops whose `X-Real-IP` names the client in those
+    records (`client_address`)."""
     app = Flask(service)
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, JSON_SORT_KEYS=False, PROPAGATE_EXCEPTIONS=False)
     app.json.sort_keys = False
     app.extensions["clinic.verifier"] = verifier
+    app.extensions[TRUSTED_PROXIES] = tuple(trusted_proxies)
+    if security_log is not None:
+        record_refusals(app, security_log)
 
     @app.before_request
     def _start():
@@ -97,6 +121,10 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
 
     @app.errorhandler(DomainError)
     def _domain_error(exc: DomainError):
+        if isinstance(exc, Forbidden):
+            record_refusal(exc.code)
+        elif isinstance(exc, Unauthenticated) and exc.code == SESSION_REVOKED:
+            _record_revoked_token(_caller())
         response = error_response(exc.http_status, exc.code, exc.message, exc.details)
         retry_after_s = getattr(exc, "retry_after_s", None)
         if retry_after_s:
@@ -107,6 +135,8 @@ def create_app(service: str, verifier: TokenVerifier | None, max_body_bytes: int
     def _http_error(exc: HTTPException):
         status = exc.code or 500
         code = HTTP_CODES.get(status, "http_error")
+        if status == 403:
+            record_refusal(code)
         message = {
             404: "no such resource",
             405: "method not allowed on this resource",
@@ -158,9 +188,12 @@ def require_auth(view: Callable) -> Callable:
         try:
             identity = verifier.verify(token)
         except AuthError as exc:
+            if exc.code == SESSION_REVOKED:
+                _record_revoked_token(_revoked_token_caller(token))
             status = 503 if exc.code == "auth_unavailable" else 401
             return error_response(status, exc.code, exc.message)
         if not identity.agency_id:  # HTTP edges serve agency data only
+            record_refusal("agency_scope_required", _identity_fields(identity))
             return error_response(403, "agency_scope_required", "a platform-scope token cannot read agency data")
         g.identity = identity
         request.environ["clinic.identity_token"] = current_identity.set(identity)
@@ -245,3 +278,112 @@ def client_address(trusted: Sequence[Network]) -> str:
         if stated is not None:
             return stated.compressed
     return peer.compressed
+
+
+def address_group(text: str) -> str:
+    """The unit a per-address limit counts: an IPv4 address itself, an IPv6 address's /64 network
+    (`2001:db8:1:2::/64`). One IPv6 subscriber or host is routinely given a whole /64, so counting
+    its 2**64 addresses one by one would give it unlimited tries. Text that is not an address is
+    its own group."""
+    address = _address(text)
+    if address is None:
+        return text
+    if address.version == 6:
+        return ipaddress.ip_network((address, 64), strict=False).compressed
+    return address.compressed
+
+
+# --- refusals recorded as security events ------------------------------------------------------
+
+SECURITY_LOG = "clinic.security_log"
+TRUSTED_PROXIES = "clinic.trusted_proxies"
+_REVOKED_REPLAYS = "clinic.revoked_token_replays"
+SESSION_REVOKED = "session_revoked"
+_AGENCY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def record_refusals(app: Flask, security_log: SecurityLog, trusted_proxies: Sequence[Network] | None = None) -> Flask:
+    """Record `app`'s refusals (403, a revoked session's token) in `security_log`, the service's
+    own (`ServiceWiring.security_log()`); `trusted_proxies`, when given, replaces the hops whose
+    `X-Real-IP` is believed. Returns `app`."""
+    app.extensions[SECURITY_LOG] = security_log
+    app.extensions[_REVOKED_REPLAYS] = OncePerWindow()
+    if trusted_proxies is not None:
+        app.extensions[TRUSTED_PROXIES] = tuple(trusted_proxies)
+    return app
+
+
+def request_source() -> str:
+    """The client address of this request, through the app's trusted proxies (none: the peer)."""
+    return client_address(current_app.extensions.get(TRUSTED_PROXIES, ()))
+
+
+def _route() -> str:
+    return request.url_rule.rule if request.url_rule else "unmatched"
+
+
+def _identity_fields(identity: Identity) -> dict[str, str]:
+    return {"agency_id": identity.agency_id, "actor_id": identity.subject, "actor_kind": identity.kind}
+
+
+def _caller() -> dict[str, str]:
+    """Who the refused request came from: the verified token's holder, else the partner the gateway
+    vouched for (services.kit.gateway_identity), else nobody known."""
+    identity = g.get("identity") or current_identity.get()
+    if identity is not None:
+        return _identity_fields(identity)
+    partner = g.get("clinic_gateway_partner")
+    if partner is not None:
+        agency = (request.view_args or {}).get("agency_id")
+        known = isinstance(agency, str) and _AGENCY_ID.fullmatch(agency) is not None
+        return {"agency_id": agency if known else "", "actor_id": partner.username, "actor_kind": "partner"}
+    return {"actor_kind": "anonymous"}
+
+
+def record_refusal(reason: str, caller: Mapping[str, str] | None = None) -> None:
+    """Record one `access_refused` for this request when the app has a security log. A refusal
+    stands even when it cannot be recorded (the failure is logged)."""
+    security: SecurityLog | None = current_app.extensions.get(SECURITY_LOG)
+    if security is None:
+        return
+    try:
+        security.record(
+            "access_refused",
+            **(caller if caller is not None else _caller()),
+            outcome="refused",
+            reason=reason,
+            target_type="http_route",
+            target_id=_route(),
+            source=request_source(),
+        )
+    except Exception:  # noqa: BLE001 - the answer is a refusal either way
+        log.error("access refused but not recorded", extra={"code": reason, "route": _route()})
+
+
+def _revoked_token_caller(token: str) -> dict[str, str]:
+    """The holder a revoked session's token names. Its claims are read without checking the
+    signature again because the verifier answers `session_revoked` only after the signature,
+    issuer, audience, expiry and every claim's shape have held."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return {"actor_kind": "anonymous"}
+    agency, subject = claims.get("agency_id"), claims.get("sub")
+    return {
+        "agency_id": agency if isinstance(agency, str) else "",
+        "actor_id": subject if isinstance(subject, str) else "",
+        "actor_kind": KIND_STAFF if claims.get("kind", KIND_STAFF) == KIND_STAFF else "service",
+    }
+
+
+def _record_revoked_token(caller: Mapping[str, str]) -> None:
+    """A revoked session's token used again: recorded once a minute per (caller, route, address)."""
+    replays: OncePerWindow | None = current_app.extensions.get(_REVOKED_REPLAYS)
+    if current_app.extensions.get(SECURITY_LOG) is None or replays is None:
+        return
+    route = _route()
+    suppressed = replays.admit((caller.get("actor_id", ""), route, address_group(request_source())))
+    if suppressed:
+        log_suppressed("access_refused", suppressed, code=SESSION_REVOKED, route=route)
+        return
+    record_refusal(SESSION_REVOKED, caller)

@@ -7,16 +7,25 @@
 active one (PHI_MASTER_KEY_ID) and prints how many; run it until it prints 0
 before removing an old master key. `rotate` starts a new data key for one
 agency: new writes use it, old ciphertexts keep naming the key that sealed them.
+
+Both leave a `key_rotated` security event in the service's own database (its `security_outbox`,
+which the service's relay publishes when it runs): `rotate` one for the agency (reason
+`data_key_rotated`), `rewrap` one per agency whose data keys it re-wrapped (reason
+`master_key_rewrapped`; nothing when there was nothing to re-wrap). The actor is the operator:
+the account the command ran as, on the host named as the source.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import socket
 import sys
 
 from services.kit import mongo
 from services.kit.crypto import KeyRing
+from services.kit.security_events import SecurityLog
 from services.kit.settings import Env, SettingsError, common_settings
 
 PHI_SERVICES = ("directory", "inbox", "auto-reply")
@@ -37,14 +46,47 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    keyring = KeyRing(
-        mongo.database(common.mongo_uri, common.mongo_db), common.phi_master_keys, common.phi_master_key_id
-    )
+    db = mongo.database(common.mongo_uri, common.mongo_db)
+    keyring = KeyRing(db, common.phi_master_keys, common.phi_master_key_id)
+    security = SecurityLog(db, service=args.service)
     if args.command == "rewrap":
-        print(json.dumps({"service": args.service, "rewrapped": keyring.rewrap_all()}))
+        agencies = _agencies_to_rewrap(keyring)
+        rewrapped = keyring.rewrap_all()
+        for agency_id in agencies if rewrapped else ():
+            _record(security, agency_id, "master_key_rewrapped")
+        print(json.dumps({"service": args.service, "rewrapped": rewrapped}))
     else:
-        print(json.dumps({"service": args.service, "agency_id": args.agency, "key_id": keyring.rotate(args.agency)}))
+        key_id = keyring.rotate(args.agency)
+        _record(security, args.agency, "data_key_rotated")
+        print(json.dumps({"service": args.service, "agency_id": args.agency, "key_id": key_id}))
     return 0
+
+
+def _agencies_to_rewrap(keyring: KeyRing) -> list[str]:
+    """The agencies with a data key not wrapped by the active master key (what `rewrap_all` changes)."""
+    stale = keyring.collection.find({"master_key_id": {"$ne": keyring.active_master_id}}, {"agency_id": 1})
+    return sorted({doc["agency_id"] for doc in stale})
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's arbitrary user)
+        return ""
+
+
+def _record(security: SecurityLog, agency_id: str, reason: str) -> None:
+    security.record(
+        "key_rotated",
+        agency_id=agency_id,
+        actor_id=_operator(),
+        actor_kind="operator",
+        outcome="succeeded",
+        reason=reason,
+        target_type="agency",
+        target_id=agency_id,
+        source=socket.gethostname(),
+    )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Hashable
 
 from clinic.audit.v1 import security_pb2
 from services.kit.auth import current_identity
+from services.kit.cache import TtlCache
 from services.kit.errors import Forbidden
 from services.kit.events import Envelope, new_envelope
 from services.kit.logs import correlation_id_var
@@ -48,7 +51,8 @@ KINDS = frozenset(
         "event_refused",
     }
 )
-ACTOR_KINDS = frozenset({"staff", "service", "partner", "anonymous", ""})
+# `operator`: someone running a maintenance command where the service runs (services.kit.keys).
+ACTOR_KINDS = frozenset({"staff", "service", "partner", "anonymous", "operator", ""})
 OUTCOMES = frozenset({"succeeded", "refused"})
 _MAX_FIELD = 200
 
@@ -116,6 +120,59 @@ class SecurityLog:
         )
         log.info("security event recorded", extra={"event_type": EVENT_TYPE, "security_kind": kind})
         return envelope
+
+
+class OncePerWindow:
+    """At most one record per key and window, for refusals anyone can provoke without credentials
+    (a forged partner identity, a revoked token replayed): each would otherwise be one insert, one
+    published event and one record in the hash-chained trail, so a burst of requests would flood
+    the trail. `admit(key)` is 0 for the first occurrence of `key` in its window (record it), else
+    how many occurrences the window has kept out, this one included (log it, do not record it).
+
+    In memory, per process. However many keys a flood brings (an attacker with many addresses),
+    at most `max_records` are admitted per window of the whole table, and at most `max_keys` keys
+    are remembered (a full table forgets the oldest, which can only let one more through within
+    the `max_records` bound)."""
+
+    def __init__(
+        self,
+        window_s: float = 60.0,
+        *,
+        max_keys: int = 4096,
+        max_records: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._windows: TtlCache[Hashable, list[int]] = TtlCache(window_s, max_entries=max_keys, clock=clock)
+        self._window_s = window_s
+        self._max_records = max_records
+        self._clock = clock
+        self._period = (clock(), 0, 0)  # (started, admitted, kept out for want of budget)
+        self._lock = threading.Lock()
+
+    def admit(self, key: Hashable) -> int:
+        with self._lock:
+            seen = self._windows.get(key)
+            if seen is not None:
+                seen[0] += 1
+                return seen[0]
+            started, admitted, over = self._period
+            now = self._clock()
+            if now - started >= self._window_s:
+                started, admitted, over = now, 0, 0
+            if admitted >= self._max_records:
+                self._period = (started, admitted, over + 1)
+                return over + 1
+            self._period = (started, admitted + 1, over)
+            self._windows.put(key, [0])
+            return 0
+
+
+def log_suppressed(kind: str, suppressed: int, **extra: str) -> None:
+    """Log the occurrences `OncePerWindow` kept out of the trail, at 1, 10, 100, ... in a window: a
+    flood leaves a few log lines with its size, not one line per request."""
+    if suppressed > 0 and str(suppressed).rstrip("0") == "1":
+        log.warning("security event not recorded again this window", extra={
+            "security_kind": kind, "count": suppressed, **extra})
 
 
 def grpc_refusals_recorded(service_name: str) -> Callable:

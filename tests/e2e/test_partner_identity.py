@@ -19,6 +19,7 @@ from clinic.audit.v1 import security_pb2
 from services.kit import gateway_identity as gi
 from services.kit.events import decode_envelope, unpack
 from tests.e2e.lab_messages import diagnostic_report
+from tests.helpers import client_from, loopback_address
 from tests.waits import wait_until
 
 RIVERBEND = "agy_riverbend"
@@ -84,12 +85,14 @@ def test_a_forged_patient_message_straight_to_inbox_is_refused_recorded_and_neve
     body = message(subject)
     url = stack.inbox_url + portal_path("messages")
     json_type = {"Content-Type": "application/json"}
+    address = loopback_address()  # a client of its own: refusals are recorded once a minute per source
+    attacker = client_from(address)
     with security_events(stack) as drain:
-        unsigned = requests.post(url, data=body, headers={**json_type, "X-Consumer-Username": "patient-portal"},
+        unsigned = attacker.post(url, data=body, headers={**json_type, "X-Consumer-Username": "patient-portal"},
                                  timeout=10)
         assert unsigned.status_code == 401 and unsigned.json()["code"] == "gateway_identity_required"
         event = refused_event(drain, "inbox", "gateway_identity_required", "patient-portal")
-        assert event.actor_kind == "partner" and event.agency_id == RIVERBEND and event.source == "127.0.0.1"
+        assert event.actor_kind == "partner" and event.agency_id == "" and event.source == address
         assert event.outcome == "refused" and JANE not in event.target_id  # the route, not the patient
         attempts = {
             "gateway_identity_bad_signature": gi.partner_headers(WRONG_KEY, "POST", portal_path("messages"), body,
@@ -102,10 +105,10 @@ def test_a_forged_patient_message_straight_to_inbox_is_refused_recorded_and_neve
         captured = gi.partner_headers(gateway_key, "POST", portal_path("messages"), message("harmless"),
                                       username="patient-portal")
         for reason, headers in attempts.items():
-            reply = requests.post(url, data=body, headers={**json_type, **headers}, timeout=10)
+            reply = attacker.post(url, data=body, headers={**json_type, **headers}, timeout=10)
             assert reply.status_code == 401 and reply.json()["code"] == "gateway_identity_invalid", reason
             refused_event(drain, "inbox", reason, "patient-portal")
-        replayed = requests.post(url, data=body, headers={**json_type, **captured}, timeout=10)
+        replayed = attacker.post(url, data=body, headers={**json_type, **captured}, timeout=10)
         assert replayed.status_code == 401 and replayed.json()["code"] == "gateway_identity_invalid"
     assert subject not in {t["subject"] for t in portal_threads(stack)}
 
@@ -126,14 +129,15 @@ def test_forged_lab_results_and_compliance_items_on_notifications_port_are_refus
     item = {"kind": "treatment_plan_review", "title": "Forged review", "assignee_ids": ["stf_riverbend_patel"],
             "due_at": "2030-01-01T00:00:00+00:00"}
     compliance_path = f"/api/v1/partner/compliance/{RIVERBEND}/items/{ref}"
+    attacker = client_from()  # a client of its own: refusals are recorded once a minute per source
     with security_events(stack) as drain:
-        lab = requests.post(stack.notifications_url + lab_path, json=report,
+        lab = attacker.post(stack.notifications_url + lab_path, json=report,
                             headers={"X-Consumer-Username": "lab-interface"}, timeout=10)
         assert lab.status_code == 401 and lab.json()["code"] == "gateway_identity_required"
         refused_event(drain, "notifications", "gateway_identity_required", "lab-interface")
         signed_elsewhere = gi.partner_headers(WRONG_KEY, "PUT", compliance_path, json.dumps(item).encode(),
                                               username="compliance-tracker")
-        compliance = requests.put(stack.notifications_url + compliance_path, data=json.dumps(item).encode(),
+        compliance = attacker.put(stack.notifications_url + compliance_path, data=json.dumps(item).encode(),
                                   headers={"Content-Type": "application/json", **signed_elsewhere}, timeout=10)
         assert compliance.status_code == 401 and compliance.json()["code"] == "gateway_identity_invalid"
         refused_event(drain, "notifications", "gateway_identity_bad_signature", "compliance-tracker")

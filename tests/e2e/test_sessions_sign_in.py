@@ -10,28 +10,15 @@ import uuid
 
 import pytest
 import requests
-from requests.adapters import HTTPAdapter
 
 from clinic.audit.v1 import security_pb2
 from tests.e2e.conftest import EVENT_PAYLOADS
-from tests.helpers import DEMO_PASSWORD
+from tests.helpers import DEMO_PASSWORD, FromAddress, loopback_address
 
 SECURITY_EVENT = "security_event.recorded.v1"
 EVENT_PAYLOADS.setdefault(SECURITY_EVENT, security_pb2.SecurityEvent)
 PASSWORD = "Lockout-Test-Password-26"
 WRONG = "not-the-password!"
-
-
-class FromAddress(HTTPAdapter):
-    """Connections made from one local address: a client of its own, as the gateway sees it."""
-
-    def __init__(self, address: str):
-        self.address = address
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["source_address"] = (self.address, 0)
-        super().init_poolmanager(*args, **kwargs)
 
 
 class Person:
@@ -58,11 +45,6 @@ class Person:
             headers={"X-Clinic-CSRF": "1", "Origin": self.gateway_url, **headers},
             timeout=10,
         )
-
-
-def loopback_address() -> str:
-    """A loopback address of its own (none of the stack's hops uses it)."""
-    return f"127.{uuid.uuid4().int % 200 + 20}.{uuid.uuid4().int % 250 + 1}.{uuid.uuid4().int % 250 + 2}"
 
 
 @pytest.fixture
