@@ -9,10 +9,12 @@ Every problem of every block is reported in one pass (an invalid configuration e
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from services.cloud_comms.direct import settings as direct_settings
+from services.cloud_comms.direct import smtp_tls
 from services.cloud_comms.direct.settings import DirectSettings
+from services.cloud_comms.direct.smtp_tls import SmtpTls
 from services.cloud_comms.fax import settings as fax_settings
 from services.cloud_comms.fax.settings import FaxSettings
 from services.cloud_comms.triage import settings as triage_settings
@@ -40,11 +42,16 @@ class CloudCommsSettings:
     triage: TriageSettings
     # How long a resolved cloud address (Direct address, fax number) is cached.
     address_cache_s: float = 30.0
+    # STARTTLS on the SMTP listener and towards the relay (services/cloud_comms/direct/smtp_tls.py).
+    smtp_tls: SmtpTls = field(default_factory=SmtpTls)
 
 
 def load(environ: Mapping[str, str] | None = None) -> CloudCommsSettings:
     env = Env(SERVICE, environ)
     common = common_settings(env)
+    direct = direct_settings.load(env)
+    tls = smtp_tls.load(env, trusted_network=common.transport.trusted_network, relay_configured=bool(direct.relay_host))
+    common = replace(common, transport=replace(common.transport, plaintext=common.transport.plaintext + tls.plaintext))
     settings = CloudCommsSettings(
         common=common,
         http_port=env.int("CLOUD_COMMS_HTTP_PORT", 8107, minimum=0, maximum=65535),
@@ -57,9 +64,10 @@ def load(environ: Mapping[str, str] | None = None) -> CloudCommsSettings:
         max_request_bytes=env.int("CLOUD_COMMS_MAX_REQUEST_BYTES", 256 * 1024, minimum=1024, maximum=8 * 1024 * 1024),
         relay_batch_size=env.int("OUTBOX_BATCH_SIZE", 500, minimum=1, maximum=5000),
         address_cache_s=env.float("CLOUD_ADDRESS_CACHE_S", 30.0, minimum=0.0),
-        direct=direct_settings.load(env),
+        direct=direct,
         fax=fax_settings.load(env),
         triage=triage_settings.load(env),
+        smtp_tls=tls,
     )
     env.done()
     return settings

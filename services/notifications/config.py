@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from services.kit import gateway_identity, patient_ref
-from services.kit.settings import CommonSettings, Env, common_settings
+from services.kit.settings import TRUSTED_NETWORK, CommonSettings, Env, common_settings
+from services.notifications.mllp import MllpTls
 from services.notifications.registrations import Facility
 
 # Development registrations for the demo agencies (services/directory/demo.py); production names its own.
@@ -46,6 +49,8 @@ class NotificationsSettings:
     gateway_identity_keys: tuple[str, ...] = field(default=(), repr=False)
     # The key a lab patient's identifier is pseudonymised with in audit records (services.kit.patient_ref).
     patient_ref_keys: patient_ref.PatientRefKeys = field(default=patient_ref.PatientRefKeys(), repr=False)
+    # MLLP over TLS (None: plaintext MLLP, which production refuses unless the network is declared trusted).
+    mllp_tls: MllpTls | None = None
 
 
 def parse_facilities(raw: str, problems: list[str]) -> dict[str, Facility]:
@@ -78,9 +83,54 @@ def parse_partners(raw: str, problems: list[str]) -> dict[str, frozenset[str]]:
     return partners
 
 
+MLLP_TLS_CERT = "NOTIFICATIONS_MLLP_TLS_CERT_FILE"
+MLLP_TLS_KEY = "NOTIFICATIONS_MLLP_TLS_KEY_FILE"
+MLLP_TLS_CLIENT_CA = "NOTIFICATIONS_MLLP_TLS_CLIENT_CA_FILE"
+MLLP_PLAINTEXT = f"MLLP listener ({MLLP_TLS_CERT}, {MLLP_TLS_KEY} unset)"
+
+
+def read_mllp_tls(env: Env, common: CommonSettings) -> tuple[MllpTls | None, CommonSettings]:
+    """The listener's TLS from NOTIFICATIONS_MLLP_TLS_* (certificate and key both or neither, an
+    optional client CA), and `common` with plaintext MLLP named among its plaintext links so the
+    start-up warning under CLINIC_TRUSTED_NETWORK=1 names it too. Lab results arrive over this link,
+    so production refuses it in plaintext like any other PHI link (services.kit.settings.transport_policy)."""
+    cert, key, client_ca = (env.str(name, "") for name in (MLLP_TLS_CERT, MLLP_TLS_KEY, MLLP_TLS_CLIENT_CA))
+    if not cert and not key:
+        if client_ca:
+            env.problems.append(f"{MLLP_TLS_CLIENT_CA} needs {MLLP_TLS_CERT} and {MLLP_TLS_KEY} (the listener's TLS)")
+        transport = common.transport
+        if env.production and not transport.trusted_network:
+            env.problems.append(
+                f"{MLLP_PLAINTEXT} would carry PHI in plaintext, which production refuses; configure TLS"
+                f" (docs/transport-security.md), or set {TRUSTED_NETWORK}=1 if the network itself is protected"
+            )
+        return None, replace(common, transport=replace(transport, plaintext=(*transport.plaintext, MLLP_PLAINTEXT)))
+    if not cert or not key:
+        given, missing = (MLLP_TLS_CERT, MLLP_TLS_KEY) if cert else (MLLP_TLS_KEY, MLLP_TLS_CERT)
+        env.problems.append(f"{missing} must be set with {given} (MLLP TLS takes both or neither)")
+        return None, common
+    unreadable = [f"{name} cannot be read: {value}" for name, value in (
+        (MLLP_TLS_CERT, cert), (MLLP_TLS_KEY, key), (MLLP_TLS_CLIENT_CA, client_ca)
+    ) if value and not os.access(value, os.R_OK)]
+    if unreadable:
+        env.problems.extend(unreadable)
+        return None, common
+    tls = MllpTls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+    try:
+        tls.server_context()
+    except (OSError, ValueError):
+        env.problems.append(
+            f"{MLLP_TLS_CERT}, {MLLP_TLS_KEY} and {MLLP_TLS_CLIENT_CA} must hold a PEM certificate, its private"
+            " key and (when set) PEM CA certificates"
+        )
+        return None, common
+    return tls, common
+
+
 def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
     env = Env("notifications", environ)
     common = common_settings(env)
+    mllp_tls, common = read_mllp_tls(env, common)
     facilities_raw = env.str("NOTIFICATIONS_FACILITIES", "" if env.production else DEV_FACILITIES)
     partners_raw = env.str("NOTIFICATIONS_PARTNERS", "" if env.production else DEV_PARTNERS)
     settings = NotificationsSettings(
@@ -104,6 +154,7 @@ def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
         processing_id=env.choice("NOTIFICATIONS_PROCESSING_ID", ("P", "T", "D"), "P"),
         gateway_identity_keys=gateway_identity.read_keys(env),
         patient_ref_keys=patient_ref.read_keys(env),
+        mllp_tls=mllp_tls,
     )
     env.done()
     return settings

@@ -8,15 +8,24 @@ How to add a message type: in your feature's `attach()`,
 The handler gets an `hl7v2.InboundMessage`, returns when the message is durably stored (the ACK is
 AA), or raises `hl7v2.Hl7Rejection` (AE/AR with its reason). Outages (the database, directory)
 become AR 207 "try again"; any other exception is logged (never the message) and answered the same.
+
+With `tls` (an `MllpTls`) the listener speaks TLS 1.2 or later, the same framing inside the TLS
+stream (MLLP over TLS, as interface engines do it), optionally requiring a client certificate from
+one CA. The handshake runs on the connection's own thread under a deadline, so a client that never
+finishes it holds its slot no longer than `handshake_timeout_s`.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from pymongo.errors import PyMongoError
 
@@ -29,6 +38,7 @@ START_BLOCK = 0x0B
 END_BLOCK = 0x1C
 CARRIAGE_RETURN = 0x0D
 READ_SIZE = 64 * 1024
+HANDSHAKE_TIMEOUT_S = 10.0
 
 Handler = Callable[[hl7v2.InboundMessage], None]
 
@@ -175,11 +185,33 @@ class MessageTypes:
         return ack if sent else None
 
 
+@dataclass(frozen=True)
+class MllpTls:
+    """The listener's certificate and key, and the CA its clients' certificates must come from
+    (None: no client certificate asked for)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        """TLS 1.2 minimum; with `client_ca_file`, a client certificate from that CA is required
+        (mutual TLS). Raises OSError/ssl.SSLError when the files do not hold what they should."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            context.load_verify_locations(cafile=self.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
 class MllpServer:
     """A threaded MLLP listener: one thread per connection up to `max_connections` (a connection
     beyond that is closed at once), each closed after `idle_timeout_s` without a byte. On stop it
     accepts no more connections; each connection finishes the message it is handling, sends its
-    ACK and closes."""
+    ACK and closes. With `tls` each connection first completes a TLS handshake within
+    `handshake_timeout_s` or is closed without an answer."""
 
     def __init__(  # noqa: PLR0913 - the listener's limits, each a setting
         self,
@@ -190,8 +222,12 @@ class MllpServer:
         max_message_bytes: int,
         max_connections: int,
         idle_timeout_s: float,
+        tls: MllpTls | None = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ):
         self.acknowledge = acknowledge
+        self._tls_context = tls.server_context() if tls is not None else None
+        self.handshake_timeout_s = handshake_timeout_s
         self.max_message_bytes = max_message_bytes
         self.idle_timeout_s = idle_timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -203,7 +239,8 @@ class MllpServer:
 
     def run(self, stop: threading.Event) -> None:
         """Accept connections until `stop` is set, then wait for open connections to finish."""
-        log.info("MLLP listener listening", extra={"port": self.port})
+        secure = self._tls_context is not None
+        log.info("MLLP listener listening over TLS" if secure else "MLLP listener listening", extra={"port": self.port})
         try:
             while not stop.is_set():
                 try:
@@ -229,11 +266,43 @@ class MllpServer:
             for thread in threads:
                 thread.join(timeout=10)
 
+    def _handshake(self, conn: socket.socket, stop: threading.Event) -> ssl.SSLSocket | None:
+        """`conn` wrapped in TLS once the handshake completes; None (the caller closes `conn`) when it
+        fails, the deadline passes or the listener stops first. Non-blocking with one deadline: a
+        client trickling bytes cannot stretch the handshake past `handshake_timeout_s`."""
+        assert self._tls_context is not None
+        conn.setblocking(False)
+        tls = self._tls_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        deadline = time.monotonic() + self.handshake_timeout_s
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except ssl.SSLWantReadError:
+                waiting = ([tls], [])
+            except ssl.SSLWantWriteError:
+                waiting = ([], [tls])
+            except (ssl.SSLError, OSError) as exc:
+                log.info("MLLP TLS handshake failed, connection closed", extra={"error_type": type(exc).__name__})
+                tls.close()
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop.is_set():
+                log.info("MLLP TLS handshake not completed in time, connection closed")
+                tls.close()
+                return None
+            select.select(*waiting, [], min(remaining, 0.5))
+
     def _serve(self, conn: socket.socket, stop: threading.Event) -> None:
         decoder = FrameDecoder(self.max_message_bytes)
-        conn.settimeout(0.5)
-        last_byte = time.monotonic()
         try:
+            if self._tls_context is not None:
+                secured = self._handshake(conn, stop)
+                if secured is None:
+                    return
+                conn = secured
+            conn.settimeout(0.5)
+            last_byte = time.monotonic()
             while not stop.is_set():
                 try:
                     data = conn.recv(READ_SIZE)

@@ -56,6 +56,7 @@ class Notifications(Assembled):
             max_message_bytes=settings.mllp_max_message_bytes,
             max_connections=settings.mllp_max_connections,
             idle_timeout_s=settings.mllp_idle_timeout_s,
+            tls=settings.mllp_tls,
         )
 
     def background(self) -> list[Worker]:

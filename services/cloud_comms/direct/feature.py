@@ -145,6 +145,7 @@ class DirectMessaging(Feature):
             settings.smtp_port,
             max_message_bytes=self.direct.max_message_bytes,
             hostname=self.hostname,
+            tls=settings.smtp_tls,
         )
         self.outbound = OutboundDirect(self)
         self.mdn_worker = MdnWorker(self)

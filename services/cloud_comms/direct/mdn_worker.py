@@ -143,6 +143,7 @@ class MdnWorker:
                 to=[doc["sender"]],
                 message=message,
                 local_hostname=self.feature.hostname,
+                tls=self.feature.components.settings.smtp_tls.relay,
             )
         except smtplib.SMTPRecipientsRefused as exc:
             refused = exc.recipients

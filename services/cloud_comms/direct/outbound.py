@@ -411,6 +411,7 @@ class OutboundDirect:
                 to=to,
                 message=self._wire(doc),
                 local_hostname=self.inbound.hostname,
+                tls=self.inbound.components.settings.smtp_tls.relay,
             )
         except smtplib.SMTPRecipientsRefused as exc:
             return self._refused(oid, to, exc.recipients)

@@ -7,6 +7,9 @@
 - `message(headers, body)`: the outer RFC 5322 headers (values on one line each) and that body,
   CRLF line ends;
 - `send(...)`: one SMTP transaction through the relay; the recipients it refused, by address.
+  STARTTLS first whenever the relay offers it, the relay's certificate verified; with
+  `tls.required` (production) nothing is sent to a relay that does not offer it
+  (services/cloud_comms/direct/smtp_tls.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from services.cloud_comms.direct.smime import Identity
+from services.cloud_comms.direct.smtp_tls import RelayTls, starttls
 
 LEGACY_SIGNATURE_TYPE = b"application/x-pkcs7-signature"
 SIGNATURE_TYPE = b"application/pkcs7-signature"
@@ -84,8 +88,11 @@ def send(
     message: bytes,
     local_hostname: str | None = None,
     timeout_s: float = 30.0,
+    tls: RelayTls | None = None,
 ) -> dict[str, tuple[int, bytes]]:
     """Hand `message` to the relay. Returns the recipients it refused ({} = all accepted); raises
-    smtplib.SMTPException / OSError when the transaction failed as a whole."""
+    smtplib.SMTPException / OSError (ssl.SSLError among them: the relay's certificate did not
+    verify) when the transaction failed as a whole."""
     with smtplib.SMTP(host, port, local_hostname=local_hostname, timeout=timeout_s) as client:
+        starttls(client, tls or RelayTls())
         return client.sendmail(envelope_from, list(to), message)

@@ -7,6 +7,9 @@
   both the MAIL SIZE= declaration and the DATA that grows past it).
 - DATA: handed to `receive(envelope_from, recipients, raw, peer)` in a worker thread (blocking
   database, directory and crypto work stays off the event loop); its reply is the SMTP reply.
+- STARTTLS (services/cloud_comms/direct/smtp_tls.py): offered when the listener has a certificate;
+  with `require_starttls`, MAIL (any command but EHLO/NOOP/QUIT/STARTTLS) before it is
+  `530 5.7.0` (RFC 3207), so nothing is received in plaintext.
 The listener keeps serving after every refusal; an unexpected error is `451 4.3.0`, logged.
 aiosmtpd's own `mail.log` logger (every command line at INFO: peers and addresses) is raised to
 WARNING: the listener logs its outcomes itself.
@@ -22,6 +25,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
+
+from services.cloud_comms.direct.smtp_tls import MUST_STARTTLS, SmtpTls
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +74,32 @@ class DirectHandler:
             return "451 4.3.0 temporary failure, try again later"
 
 
+class DirectSMTP(SMTP):
+    """aiosmtpd's session, its STARTTLS refusal carrying the enhanced status code (RFC 3207: 5.7.0)."""
+
+    async def push(self, status):
+        if status == "530 Must issue a STARTTLS command first":
+            status = MUST_STARTTLS
+        await super().push(status)
+
+
 class SmtpListener:
     """The listener as the process runs it: `run(stop_event)` binds, serves until stopped;
     `ready(timeout)` says it is bound."""
 
-    def __init__(self, handler: DirectHandler, host: str, port: int, *, max_message_bytes: int, hostname: str):
+    def __init__(
+        self,
+        handler: DirectHandler,
+        host: str,
+        port: int,
+        *,
+        max_message_bytes: int,
+        hostname: str,
+        tls: SmtpTls | None = None,
+    ):
         self._handler = handler
+        self._tls = tls or SmtpTls()
+        self._tls_context = None
         self._host = host
         self._port = port
         self._max = max_message_bytes
@@ -83,8 +108,10 @@ class SmtpListener:
         self.controller: Controller | None = None
 
     def _factory(self) -> SMTP:
-        return SMTP(
+        return DirectSMTP(
             self._handler,
+            tls_context=self._tls_context,
+            require_starttls=self._tls.require_starttls,
             data_size_limit=self._max,
             hostname=self._hostname,
             ident="cloud-comms Direct HISP",
@@ -93,12 +120,15 @@ class SmtpListener:
 
     def start(self) -> None:
         quiet_smtp_log()
+        listener_tls = self._tls.listener
+        self._tls_context = listener_tls.context() if listener_tls is not None else None
         controller = Controller(self._handler, hostname=self._host, port=self._port, ready_timeout=10.0)
         controller.factory = self._factory  # type: ignore[method-assign]
         controller.start()
         self.controller = controller
         self._ready.set()
-        log.info("direct smtp listening", extra={"port": self._port})
+        offered = "starttls offered" if self._tls_context is not None else "plaintext only"
+        log.info(f"direct smtp listening ({offered})", extra={"port": self._port})
 
     def stop(self) -> None:
         if self.controller is not None:
