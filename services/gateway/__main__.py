@@ -20,6 +20,7 @@ from services.gateway.declarative.loader import ConfigError, load_file
 from services.gateway.model import GatewayModel
 from services.gateway.proxy import Gateway, new_request_id
 from services.gateway.server import GatewayServer
+from services.gateway.tls import route_problems
 from services.gateway.upstream import UpstreamPool
 from services.kit.logs import configure_logging
 from services.kit.settings import SettingsError
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         log.error("configuration refused", extra={"count": len(exc.problems)})
         return 1
+    if settings.tls is not None and (problems := route_problems(model)):
+        print("\n".join(problems), file=sys.stderr)
+        log.error("configuration refused", extra={"count": len(problems)})
+        return 1
     if args.check:
         print(f"{settings.config_path}: OK ({summary(model)})")
         return 0
@@ -60,15 +65,17 @@ def summary(model: GatewayModel) -> str:
 async def serve(model: GatewayModel, settings: config.GatewaySettings) -> int:
     loop = asyncio.get_running_loop()
     pool = UpstreamPool(loop)
-    gateway = Gateway(model, settings.port, pool, settings.access_log)
+    gateway = Gateway(model, settings.port, pool, settings.access_log, settings.scheme)
     server = GatewayServer(loop, gateway.handle, new_request_id)
-    port = await server.start(settings.host, settings.port)
+    ssl_context = settings.tls.server_context() if settings.tls is not None else None
+    port = await server.start(settings.host, settings.port, ssl_context)
     gateway.server_port = port
     for level, note in gateway.startup_notes():
         log.log(level, note)
     log.info("gateway listening", extra={"address": f"{settings.host}:{port}", "port": port,
                                          "count": len(model.routes)})
-    print(json.dumps({"event": "listening", "host": settings.host, "port": port}), flush=True)
+    print(json.dumps({"event": "listening", "host": settings.host, "port": port, "scheme": settings.scheme}),
+          flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,6 +10,10 @@ Vault references in plugin configuration (`{vault://env/NAME}`) read the environ
 env vault does; GATEWAY_IDENTITY_KEY (clinic-identity-signer's key) may also come from
 GATEWAY_IDENTITY_KEY_FILE and, in development, from the run folder, where the services read the
 same key (services.kit.gateway_identity).
+
+GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE (both or neither) make the listener HTTPS only; production
+refuses a plain HTTP listener unless GATEWAY_BEHIND_TLS_PROXY=1 or CLINIC_TRUSTED_NETWORK=1
+(services.gateway.tls).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.gateway.tls import ListenerTls, read_listener_tls
 from services.kit import gateway_identity
 from services.kit.settings import REPO_ROOT, Env
 
@@ -36,6 +41,11 @@ class GatewaySettings:
     deck_env: Mapping[str, str]
     # What `{vault://env/...}` references read: the environment, with the gateway identity key.
     vault_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tls: ListenerTls | None = None  # None: plain HTTP
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
 
 def load(environ: Mapping[str, str] | None = None, config_path: str | None = None) -> GatewaySettings:
@@ -48,7 +58,8 @@ def load(environ: Mapping[str, str] | None = None, config_path: str | None = Non
     access_log = env.choice("GATEWAY_ACCESS_LOG", ("on", "off"), "on") == "on"
     level = env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
     identity_key = gateway_identity.read_keys(env)[:1]
+    tls = read_listener_tls(env)
     env.done()
     deck_env = {k: v for k, v in env.environ.items() if k.startswith("DECK_")}
     vault_env = {**env.environ, gateway_identity.KEY_ENV: identity_key[0] if identity_key else ""}
-    return GatewaySettings(host, port, path, drain, access_log, level, deck_env, vault_env)
+    return GatewaySettings(host, port, path, drain, access_log, level, deck_env, vault_env, tls)

@@ -59,11 +59,12 @@ def strip_query_args(query: str, names: set[str]) -> str:
     return "&".join(kept)
 
 
-def plugins_for_route(route: Route, instances: list[PluginInstance]) -> list[PluginInstance]:
-    """Kong's precedence: for each plugin name, the instance of the most specific scope applies."""
+def plugins_for_route(route: Route, instances: list[PluginInstance], scheme: str = "http") -> list[PluginInstance]:
+    """Kong's precedence: for each plugin name, the instance of the most specific scope applies; only
+    instances whose `protocols` include the listener's scheme run."""
     best: dict[str, tuple[int, PluginInstance]] = {}
     for instance in instances:
-        if not instance.enabled or "http" not in instance.protocols:
+        if not instance.enabled or scheme not in instance.protocols:
             continue
         if instance.route is not None and instance.route is not route:
             continue
@@ -78,9 +79,11 @@ def plugins_for_route(route: Route, instances: list[PluginInstance]) -> list[Plu
 
 
 class Gateway:
-    def __init__(self, model: GatewayModel, server_port: int, pool: UpstreamPool, access_log_enabled: bool = True):
+    def __init__(self, model: GatewayModel, server_port: int, pool: UpstreamPool, access_log_enabled: bool = True,
+                 scheme: str = "http"):
         self.model = model
         self.server_port = server_port
+        self.scheme = scheme  # the listener's: "https" with GATEWAY_TLS_*, as Kong's `ssl` listener
         self.pool = pool
         self.router = Router(model.routes)
         self.access_log_enabled = access_log_enabled
@@ -91,7 +94,7 @@ class Gateway:
         self.handlers = handlers
         self.by_route: dict[str, tuple[list[Plugin], list[Plugin]]] = {}
         for route in model.routes:
-            plugins = [handlers[i.id] for i in plugins_for_route(route, model.plugins)]
+            plugins = [handlers[i.id] for i in plugins_for_route(route, model.plugins, scheme)]
             self.by_route[route.id] = ([p for p in plugins if p.has_access],
                                        [p for p in plugins if p.has_header_filter])
 
@@ -99,9 +102,9 @@ class Gateway:
         """What to tell the operator at start: (log level, text)."""
         notes = [(logging.INFO, note) for h in self.handlers.values() if (note := h.describe())]
         for instance in self.model.plugins:
-            if instance.enabled and "http" not in instance.protocols:
+            if instance.enabled and self.scheme not in instance.protocols:
                 notes.append((logging.WARNING, f"{instance.path} ({instance.name}): protocols {instance.protocols} "
-                                               "exclude http, so it never runs on the local gateway (plain http)"))
+                                               f"exclude {self.scheme}, so it never runs on this listener"))
         return notes
 
     # --- the phases of one request, apart from the wire -------------------------------------------
@@ -162,7 +165,7 @@ class Gateway:
         forwarded_for = request.header_values("x-forwarded-for")
         headers += [
             ("X-Forwarded-For", ", ".join([*forwarded_for, ctx.client_ip])),
-            ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Proto", self.scheme),
             ("X-Forwarded-Host", strip_port((client_host or "kong").lower())),
             ("X-Forwarded-Port", str(self.server_port)),
             ("X-Forwarded-Path", request.raw_path),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -398,9 +399,11 @@ class GatewayServer:
         self._server: asyncio.base_events.Server | None = None
         self._all_idle: asyncio.Event | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen; with `ssl_context`, HTTPS only (a client that does not complete a TLS handshake is
+        dropped before any of its bytes are parsed as a request)."""
         self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
+            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024, ssl=ssl_context
         )
         return self._server.sockets[0].getsockname()[1]
 
