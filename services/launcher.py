@@ -128,6 +128,8 @@ class Stack:
         self.lab_interface_api_key = ""
         self.practice_management_api_key = ""
         self.compliance_tracker_api_key = ""
+        self._env: dict[str, str] = {}
+        self._processes: dict[str, subprocess.Popen] = {}
 
     # --- addresses ----------------------------------------------------------
     @property
@@ -312,6 +314,7 @@ class Stack:
                 pid_file=self.pids / "nx-27017.pid",
             )
             self.mongo.start()
+        self._env = env
         directory = self._spawn("directory", [sys.executable, "-m", "services.directory"], env)
         simulator = fax_simulator = None
         if self.runs_simulators:
@@ -359,6 +362,70 @@ class Stack:
         wait_http(f"{self.cloud_comms_url}/readyz", "cloud-comms", self.logs / "cloud-comms.log", cloud_comms)
         wait_http(f"{self.web_url}/healthz", "web", self.logs / "web.log", web)
         wait_http(f"{self.gateway_url}/api/v1/auth/jwks", "gateway", self.logs / "gateway.log", gateway)
+
+    # --- faults: what the fault tests and bench/bench_faults.py do to a running stack -------------
+    MODULES = {
+        "directory": "services.directory",
+        "audit": "services.audit",
+        "erx-simulator": "services.erx_simulator",
+        "fax-simulator": "services.fax_simulator",
+        "direct-simulator": "services.direct_simulator",
+        "inbox": "services.inbox",
+        "notifications": "services.notifications",
+        "auto-reply": "services.auto_reply",
+        "erx-bridge": "services.erx_bridge",
+        "cloud-comms": "services.cloud_comms",
+        "web": "services.web",
+        "gateway": "services.gateway",
+    }
+
+    def ready_url(self, name: str) -> str:
+        """The URL that answers 200 once `name` serves (what `start` waits for)."""
+        if name == "gateway":
+            return f"{self.gateway_url}/api/v1/auth/jwks"
+        base = getattr(self, f"{name.replace('-', '_')}_url")
+        plain_health = ("directory", "inbox", "web", "erx-simulator", "fax-simulator", "direct-simulator")
+        return f"{base}/healthz" if name in plain_health else f"{base}/readyz"
+
+    def pid(self, name: str) -> int:
+        try:
+            return int((self.pids / f"{name}.pid").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def kill(self, name: str, timeout_s: float = 10.0) -> None:
+        """SIGKILL `name`'s process group (kill -9: no drain, no goodbye) and wait until it is gone.
+        `name` is a service of SERVICES or `nx-27017` (the embedded database)."""
+        pid = self.pid(name)
+        if not pid or not pid_alive(pid):
+            raise LaunchError(f"{name} is not running")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} (pid {pid}) outlived SIGKILL for {timeout_s} s")
+            time.sleep(0.05)
+        child = self.mongo.process if name == "nx-27017" and self.mongo else self._processes.get(name)
+        if child is not None and child.pid == pid:
+            child.wait(timeout=timeout_s)  # reap it: a zombie holds its pid (and nx-27017's pid file)
+
+    def restart(self, name: str, *, wait: bool = True, timeout_s: float = 60.0) -> subprocess.Popen | None:
+        """Start `name` again with the settings it first ran with (after `kill` or a crash); with
+        `wait`, return once it answers its readiness URL. `nx-27017` restarts the embedded database."""
+        if name == "nx-27017":
+            if self.mongo is None:
+                raise LaunchError("this stack does not run the embedded database")
+            self.mongo.start()
+            return None
+        env = self._env if name != "gateway" else {**self._env, **self.gateway_env()}
+        (self.pids / f"{name}.pid").unlink(missing_ok=True)
+        process = self._spawn(name, [sys.executable, "-m", self.MODULES[name]], env)
+        if wait:
+            wait_http(self.ready_url(name), name, self.logs / f"{name}.log", process, timeout_s=timeout_s)
+        return process
 
     def _devcerts(self, env: dict[str, str]) -> None:
         """Development Direct certificates into the run folder when it lacks them."""
@@ -452,6 +519,7 @@ class Stack:
         )
         log_file.close()
         pid_file.write_text(str(process.pid))
+        self._processes[name] = process
         return process
 
     def stop(self) -> list[str]:
