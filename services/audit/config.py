@@ -2,7 +2,9 @@
 
 The audit service holds no PHI and decrypts nothing, so unlike the other services it reads no
 PHI master keys: only its database, the broker, directory's keys (to check callers' tokens),
-its own checkpoint signing key and where its witness file goes.
+its own checkpoint signing key, where its witness file goes, and the patient reference keys
+(services.kit.patient_ref) that turn a record number an auditor searches by into the reference
+the trail holds.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.audit.signing import SigningKey, TrustedKeys, generate_private_pem, load_public_keys
+from services.kit.patient_ref import PatientRefKeys, read_keys
 from services.kit.settings import EMBEDDED_MONGO_URI, Env, TransportPolicy, transport_policy
 
 SERVICE = "audit"
@@ -54,6 +57,8 @@ class AuditSettings:
     trusted_keys: TrustedKeys = field(repr=False)
     # Its links in plaintext (production refuses them unless the network is trusted).
     transport: TransportPolicy | None = None
+    # PATIENT_REF_KEY and PATIENT_REF_PREVIOUS_KEYS: a search by record number tries each.
+    patient_ref_keys: PatientRefKeys = field(default_factory=PatientRefKeys, repr=False)
 
     @property
     def production(self) -> bool:
@@ -132,6 +137,7 @@ def load(environ: Mapping[str, str] | None = None) -> AuditSettings:
         signing_key=signing_key,
         trusted_keys=trusted,
         transport=transport_policy(env, mongo_uri=mongo_uri, amqp_url=amqp_url),
+        patient_ref_keys=read_keys(env),
     )
     env.done()
     return settings

@@ -42,6 +42,7 @@ from services.kit.bus import signing as bus_signing
 from services.kit.bus.topology import ConsumerQueues
 from services.kit.events import Envelope, MalformedEvent, PermanentError, occurred_at_ms, unpack
 from services.kit.mongo import now_ms
+from services.kit.patient_ref import is_patient_ref, normalise_system
 from services.kit.processed_events import ProcessedEvents
 from services.kit.security_events import SecurityLog
 
@@ -53,6 +54,7 @@ SECURITY_EVENT = "security_event.recorded.v1"
 ROUTING_KEYS = (PHI_ACCESSED, SECURITY_EVENT)
 DEFAULT_MAX_CLOCK_SKEW_MS = 300_000
 SKEW_LOG_EVERY_MS = 60_000  # one warning a minute per producer whose clock is off
+MAX_REF_SYSTEM = 200
 
 
 def _when(stamp: Timestamp, envelope: Envelope) -> int:
@@ -93,6 +95,13 @@ def clock_skew(occurred_at: int, received_at: int, max_skew_ms: int) -> int:
     """occurred_at - received_at when they are more than `max_skew_ms` apart, either way; else 0."""
     skew = occurred_at - received_at
     return skew if abs(skew) > max_skew_ms else 0
+
+
+def ref_system(value: str) -> str:
+    """An identifier space as producers name it ("mrn:riverbend", "erx:dosespot"), normalised; ""
+    for none or for anything that cannot be one (control characters, over 200 characters)."""
+    system = normalise_system(value or "")
+    return system if 0 < len(system) <= MAX_REF_SYSTEM and system.isprintable() else ""
 
 
 def entry_from(
@@ -168,12 +177,24 @@ class Recorder:
         self.security_log = security_log
         self.queue = queue
         self._skew_logged: dict[str, int] = {}
+        self._ref_systems: set[tuple[str, str]] = set()
 
     def entry(self, envelope: Envelope) -> Entry:
         entry = entry_from(envelope, max_skew_ms=self.max_skew_ms)
         if entry.clock_skew_ms:
             self._log_skew(entry)
+        self._note_ref_system(envelope, entry)
         return entry
+
+    def _note_ref_system(self, envelope: Envelope, entry: Entry) -> None:
+        """A keyed patient reference's identifier space, kept once per chain (a search by record
+        number tries every space the chain has used)."""
+        if entry.category != CATEGORY_PHI or not is_patient_ref(entry.patient_id):
+            return
+        system = ref_system(_payload(envelope, audit_pb2.PhiAccessed).patient_ref_system)
+        if system and (entry.chain, system) not in self._ref_systems:
+            self.store.note_ref_system(entry.chain, system)
+            self._ref_systems.add((entry.chain, system))
 
     def _log_skew(self, entry: Entry) -> None:
         now = now_ms()

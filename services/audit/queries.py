@@ -1,6 +1,12 @@
 """The `Queries` feature: auditors read the trail through the gateway (route `audit`, jwt).
 
 - GET /api/v1/audit/records      a page of the caller's agency's records, newest first (json | csv)
+- POST /api/v1/audit/records/search
+                                 the same, for a patient named by a record number (or an eRx vendor's
+                                 patient id) in the JSON body, never in the address: the trail holds
+                                 keyed references (services.kit.patient_ref), so the identifier is
+                                 turned into the reference of each identifier space the agency's
+                                 records have used (or the one given) under every patient reference key
 - GET /api/v1/audit/export       every matching record, up to AUDIT_EXPORT_MAX_ROWS, as a download
 - GET /api/v1/audit/checkpoints  the agency chain's signed checkpoints, newest first
 - GET /api/v1/audit/verify       the agency chain checked now (services.audit.verify; the witness file is
@@ -19,12 +25,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from dataclasses import replace
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from services.audit import export, query
 from services.audit.components import Components, Feature
 from services.audit.config import SERVICE
+from services.audit.ingest import ref_system
 from services.audit.signing import public_jwk, public_pem
 from services.audit.verify import overdue_after_ms, verify_chain
 from services.kit.audit import access_record, phi_accessed
@@ -32,9 +40,11 @@ from services.kit.auth import ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER, Identity
 from services.kit.errors import Forbidden, InvalidInput
 from services.kit.http import require_staff
 from services.kit.mongo import now_ms
-from services.kit.validation import query_int
+from services.kit.patient_ref import search_refs
+from services.kit.validation import Str, json_body, query_int, validate
 
 AUDITOR_ROLES = (ROLE_ADMIN, ROLE_COMPLIANCE_OFFICER)
+MAX_IDENTIFIER = 100
 RESOURCE_TYPE = "audit_trail"
 _SEQ_CURSOR = re.compile(r"^[0-9]{1,12}$")
 
@@ -102,6 +112,71 @@ def records():
     if asked.format == "csv":
         return _csv(items, next_cursor)
     return {"items": items, "next_cursor": next_cursor}
+
+
+SEARCH_FIELDS = {
+    "patient_identifier": Str(max_len=MAX_IDENTIFIER),
+    "identifier_system": Str(max_len=200, required=False),
+    **{name: Str(max_len=200, required=False) for name in query.PARAMETERS if name != "patient_id"},
+}
+
+
+def patient_search_refs(chain: str, agency_id: str, identifier: str, system: str | None) -> list[str]:
+    """Every reference the patient `identifier` may be recorded under in `chain`: per identifier
+    space (the one given, else each the chain's records have used) and per key."""
+    keys = _components().settings.patient_ref_keys
+    systems = [ref_system(system)] if system is not None else _components().store.ref_systems_of(chain)
+    refs: list[str] = []
+    for space in (space for space in systems if space):
+        refs.extend(search_refs(agency_id, space, identifier, keys))
+    return list(dict.fromkeys(refs))
+
+
+@api.post("/records/search")
+@require_staff
+def search_records():
+    """Records about a patient named by an identifier that is PHI (JSON body, module docstring)."""
+    caller = auditor()
+    body = validate(json_body(), SEARCH_FIELDS)
+    identifier, system = body.pop("patient_identifier"), body.pop("identifier_system", None)
+    if system is not None and not ref_system(system):
+        raise InvalidInput(
+            "invalid_value", "identifier_system is not an identifier space", {"field": "identifier_system"}
+        )
+    settings = _components().settings
+    asked = query.parse(
+        {name: [value] for name, value in body.items()},
+        default_limit=min(50, settings.page_max),
+        max_limit=settings.page_max,
+    )
+    refs = patient_search_refs(caller.agency_id, caller.agency_id, identifier, system)
+    items: list[dict] = []
+    next_cursor = None
+    if refs:
+        filters = replace(asked.filters, patient_ids=tuple(refs))
+        docs, next_cursor = _components().store.page(caller.agency_id, filters, asked.limit, asked.cursor)
+        items = [export.item(doc) for doc in docs]
+    record_search(caller, refs)
+    if asked.format == "csv":
+        return _csv(items, next_cursor)
+    return {"items": items, "next_cursor": next_cursor, "patient_refs": refs}
+
+
+def record_search(caller: Identity, refs: list[str]) -> None:
+    """A search by identifier is recorded against each reference it tried (one event each), or
+    once with no patient when the agency's records use no identifier space yet."""
+    events = [
+        phi_accessed(
+            caller,
+            service=SERVICE,
+            resource_type=RESOURCE_TYPE,
+            resource_id=caller.agency_id,
+            action="search",
+            patient_id=ref,
+        )
+        for ref in refs or [""]
+    ]
+    _components().store.record_access(access_record(caller, events, action="search"))
 
 
 @api.get("/export")

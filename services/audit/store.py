@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
@@ -39,6 +39,8 @@ RECORDS = "audit_records"
 CHECKPOINTS = "audit_checkpoints"
 CHAINS = "audit_chains"
 ACCESS_RECORDS = "access_records"
+# The identifier spaces each chain's patient references were made in (services.kit.patient_ref).
+REF_SYSTEMS = "patient_ref_systems"
 OUTBOX_COLLECTIONS = (ACCESS_RECORDS,)
 # Query filters with an index of their own: (chain, <field>, at_key).
 INDEXED_FILTERS = ("patient_id", "actor_id", "action", "resource_type")
@@ -55,6 +57,7 @@ INDEXES = [
         for field in INDEXED_FILTERS
     ),
     IndexSpec(CHECKPOINTS, [("chain", ASCENDING), ("seq", ASCENDING)], unique=True, name="checkpoint_chain_seq"),
+    IndexSpec(REF_SYSTEMS, [("chain", ASCENDING)], name="ref_systems_by_chain"),
 ]
 
 _HEAD = {"_id": 1, "seq": 1, "hash": 1}
@@ -79,6 +82,8 @@ class Filters:
     happened [since, until) and when it was recorded [recorded_since, recorded_until)."""
 
     patient_id: str = ""
+    # Any of these patients (a search by record number: one reference per identifier space and key).
+    patient_ids: tuple[str, ...] = ()
     actor_id: str = ""
     action: str = ""
     resource_type: str = ""
@@ -132,6 +137,7 @@ class AuditStore:
         self.checkpoints = db[CHECKPOINTS]
         self.chains = db[CHAINS]
         self.access_records = db[ACCESS_RECORDS]
+        self.ref_systems = db[REF_SYSTEMS]
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.db, INDEXES)
@@ -225,12 +231,33 @@ class AuditStore:
         self, chain: str, filters: Filters, limit: int, before: str | None = None
     ) -> tuple[list[dict], str | None]:
         """Up to `limit` records of `chain` matching `filters`, newest first, and the cursor of the
-        next page (None on the last)."""
+        next page (None on the last). `filters.patient_ids`: one indexed query per patient (equality
+        each, no `$in`), merged by the sort key, which is unique within a chain."""
         key = filters.sort_key
-        found = list(self.records.find(filters.query(chain, before)).sort(key, DESCENDING).limit(limit + 1))
+        if filters.patient_ids:
+            merged: dict = {}
+            for patient_id in dict.fromkeys(filters.patient_ids):
+                one = replace(filters, patient_id=patient_id, patient_ids=())
+                for doc in self.records.find(one.query(chain, before)).sort(key, DESCENDING).limit(limit + 1):
+                    merged[doc[key]] = doc
+            found = [merged[k] for k in sorted(merged, reverse=True)[: limit + 1]]
+        else:
+            found = list(self.records.find(filters.query(chain, before)).sort(key, DESCENDING).limit(limit + 1))
         if len(found) > limit:
             return found[:limit], found[limit - 1][key]
         return found, None
+
+    # --- patient identifier spaces ----------------------------------------------------------------
+    def note_ref_system(self, chain: str, system: str) -> None:
+        """Remember that `chain`'s records name patients by references made in `system` (kept once)."""
+        try:
+            self.ref_systems.insert_one({"_id": f"{chain}|{system}", "chain": chain, "system": system, "at": now_ms()})
+        except DuplicateKeyError:
+            pass
+
+    def ref_systems_of(self, chain: str) -> list[str]:
+        """The identifier spaces `chain`'s patient references were made in (a handful per agency)."""
+        return sorted(doc["system"] for doc in self.ref_systems.find({"chain": {"$eq": chain}}, {"system": 1}))
 
     def record_access(self, doc: dict) -> None:
         self.access_records.insert_one(doc)

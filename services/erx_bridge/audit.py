@@ -34,8 +34,11 @@ def record(
     outcome: str = "allowed",
     resource_type: str = RESOURCE_TYPE,
     patients: Mapping[str, str] | None = None,
+    vendor: str = "",
 ) -> None:
-    """`patients` maps an item id to the reference of its patient (`patient_refs`)."""
+    """`patients` maps an item id to the reference of its patient (`patient_refs`), made for the
+    practice's `vendor` (its identifier space goes with each reference)."""
+    system = erx_system(vendor) if vendor else ""
     patients = patients or {}
     for start in range(0, len(item_ids), EVENTS_PER_RECORD):
         chunk = item_ids[start : start + EVENTS_PER_RECORD]
@@ -48,6 +51,7 @@ def record(
                 action=action,
                 outcome=outcome,
                 patient_id=_reference(patients.get(iid, "")),
+                patient_ref_system=system if _reference(patients.get(iid, "")) else "",
             )
             for iid in chunk
         ]

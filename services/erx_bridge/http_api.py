@@ -193,6 +193,7 @@ def single_sign_on(context: str, *, patient_id: str = "", item_id: str = ""):
             action="sso",
             resource_type="erx_item" if item_id else "erx_patient",
             patients={resource: ref},
+            vendor=target.practice.vendor,
         )
     body = {"url": link.url, "expires_at": iso(link.expires_at)}
     response = current_app.json.response(body)
@@ -257,8 +258,9 @@ def pending_rx():
     rows = rows[:limit]
     if rows:
         patients = {r["item_id"]: opened[r["item_id"]].get("patient_id", "") for r in rows}
-        refs = audit.patient_refs(patient_ref_key(), caller.agency_id, practice_vendor(agency), patients)
-        audit.record(store, caller, [r["item_id"] for r in rows], action="report", patients=refs)
+        vendor = practice_vendor(agency)
+        refs = audit.patient_refs(patient_ref_key(), caller.agency_id, vendor, patients)
+        audit.record(store, caller, [r["item_id"] for r in rows], action="report", patients=refs, vendor=vendor)
     if form == "csv":
         return csv_answer(rows, agency)
     return {

@@ -34,9 +34,11 @@ def phi_accessed(
     action: str = "read",
     outcome: str = "allowed",
     patient_id: str = "",
+    patient_ref_system: str = "",
 ) -> Envelope:
     """The event for `caller` reading (or being refused) one resource, in the caller's agency and the
-    current request's correlation chain."""
+    current request's correlation chain. `patient_ref_system`: the identifier space of a keyed
+    patient reference in `patient_id` (services.kit.patient_ref), so the trail can be searched by it."""
     accessed_at = Timestamp()
     accessed_at.GetCurrentTime()
     payload = audit_pb2.PhiAccessed(
@@ -50,6 +52,7 @@ def phi_accessed(
         accessed_at=accessed_at,
         service=service,
         patient_id=patient_id,
+        patient_ref_system=patient_ref_system,
     )
     return new_envelope(
         EVENT_TYPE, payload, agency_id=caller.agency_id, producer=service, correlation_id=correlation_id_var.get()

@@ -44,13 +44,17 @@ def lab_patient_ref(registrations: Registrations, key: str, agency_id: str, iden
     return patient_ref(agency_id, patient_system(registrations, agency_id), identifier, key=key)
 
 
-def record_patient_read(store, caller: Identity, resource_id: str, *, resource_type: str, reference: str) -> None:
-    """One allowed read of a resource about one patient (its reference), as its own access-record document."""
+def record_patient_read(
+    store, caller: Identity, resource_id: str, *, resource_type: str, reference: str, reference_system: str = ""
+) -> None:
+    """One allowed read of a resource about one patient (its reference, made in `reference_system`),
+    as its own access-record document."""
     event = phi_accessed(
         caller,
         service=PRODUCER,
         resource_type=resource_type,
         resource_id=resource_id,
         patient_id=reference,
+        patient_ref_system=reference_system if reference else "",
     )
     store.record_access(access_record(caller, [event], resource_id=resource_id, action="read", outcome="allowed"))

@@ -221,7 +221,14 @@ class LabResults(Feature):
             caller.agency_id,
             report.patient_ref,
         )
-        audit.record_patient_read(self.components.store, caller, oid, resource_type=RESOURCE_TYPE, reference=reference)
+        audit.record_patient_read(
+            self.components.store,
+            caller,
+            oid,
+            resource_type=RESOURCE_TYPE,
+            reference=reference,
+            reference_system=audit.patient_system(self.components.registrations, caller.agency_id),
+        )
         return {
             "id": oid,
             "result_id": doc["_id"],

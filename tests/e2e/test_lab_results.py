@@ -542,3 +542,52 @@ def test_the_ordering_provider_named_by_npi_is_told_only_when_the_agency_asks(ml
     finally:
         admin.patch("/api/v1/directory/agency", json={"options": {"notify_ordering_provider_of_results": False}})
         assert admin.patch(member, json={"npi": ""}).status_code == 200
+
+
+def test_a_compliance_officer_finds_every_read_of_a_patient_by_record_number(mllp, reyes, login, lab_patient_ref):
+    """The trail names lab patients by reference only; an officer searching by the MRN (in the
+    body, never the address) finds the reads, any spelling of it, and nothing of another patient."""
+    mrn, other = patient(), patient()
+    for number in (mrn, other):
+        assert msa(send(mllp, oru(patient=number)))[0] == "AA"
+    for number in (mrn, other):
+        order_id = open_item(reyes, wait_until(lambda n=number: lab_item(reyes, n), timeout=15))["source_ref"]
+        assert reyes.get(f"/api/v1/lab/results/{order_id}").status_code == 200
+    officer = login("compliance.ortiz")
+
+    def reads_of(identifier: str, **extra) -> list[dict]:
+        reply = officer.post("/api/v1/audit/records/search", json={"patient_identifier": identifier, **extra})
+        assert reply.status_code == 200, reply.text
+        return [r for r in reply.json()["items"] if r["resource_type"] == "lab_result" and r["action"] == "read"]
+
+    found = wait_until(lambda: reads_of(mrn) or None, timeout=20)
+    assert {r["patient_id"] for r in found} == {lab_patient_ref(mrn)}
+    assert found[0]["actor_id"] == "stf_riverbend_reyes"
+    # The way a person types it: case and spaces do not matter; the identifier space may be named.
+    assert reads_of(f"  {mrn.lower()} ") == found
+    assert reads_of(mrn, identifier_system="mrn:RIVERBEND") == found
+    assert reads_of(mrn, identifier_system="mrn:elsewhere") == []
+    assert reads_of("MRN-00000000") == []
+    assert {r["patient_id"] for r in reads_of(other)} == {lab_patient_ref(other)}
+    # Other filters combine with it; bad input is refused with a stable code.
+    assert reads_of(mrn, actor="stf_riverbend_kim") == []
+    for body, code in (
+        ({"patient_identifier": {"$gt": ""}}, "invalid_type"),
+        ({"patient_identifier": mrn, "patient_id": lab_patient_ref(mrn)}, "unknown_field"),
+        ({}, "missing_field"),
+        ({"patient_identifier": mrn, "limit": "0"}, "invalid_query"),
+    ):
+        refused = officer.post("/api/v1/audit/records/search", json=body)
+        assert (refused.status_code, refused.json()["code"]) == (400, code), refused.text
+    # Staff without an auditor role are refused; the search itself is in the trail, by reference.
+    assert reyes.post("/api/v1/audit/records/search", json={"patient_identifier": mrn}).status_code == 403
+    searched = wait_until(
+        lambda: [
+            r
+            for r in officer.get("/api/v1/audit/records", params={"action": "search"}).json()["items"]
+            if r["patient_id"] == lab_patient_ref(mrn)
+        ]
+        or None,
+        timeout=20,
+    )
+    assert searched[0]["actor_id"] == officer.staff_id

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import replace
 
 import pika
 import pytest
@@ -21,7 +22,7 @@ from services.audit import config
 from services.audit.chain import Entry
 from services.audit.ingest import declare_queues
 from services.audit.service import build
-from services.audit.store import AuditStore
+from services.audit.store import AuditStore, Filters
 from services.audit.verify import verify_store
 from services.kit.bus import Publisher, Topology
 from services.kit.events import decode_envelope, new_envelope, unpack
@@ -410,3 +411,28 @@ def test_an_event_from_a_skewed_clock_is_recorded_with_its_skew(settings, db, br
     assert hour - 60_000 < skew["msg_ahead"] < hour + 60_000
     assert all(r["v"] == 2 and f'"clock_skew_ms":{r["clock_skew_ms"]}' in r["content"] for r in records(db))
     assert intact(settings, db)
+
+
+def test_a_search_over_several_patient_references_pages_newest_first_without_gaps(settings, db):
+    """A record-number search asks for several references (one per identifier space and key): the
+    pages merge them newest first, each record once, and the cursor continues where a page ended."""
+    store = AuditStore(db)
+    store.ensure_indexes()
+    refs = ("pref_" + "a" * 32, "pref_" + "b" * 32, "pref_" + "c" * 32)
+    written = [
+        store.append(replace(entry(n), occurred_at=1_800_000_000_000 + n, patient_id=refs[n % 3])) for n in range(11)
+    ]
+    wanted = [r["_id"] for r in sorted(written, key=lambda r: r["at_key"], reverse=True) if r["patient_id"] != refs[2]]
+    filters = Filters(patient_ids=refs[:2])
+    seen, cursor = [], None
+    while True:
+        page, cursor = store.page(AGENCY, filters, 3, cursor)
+        seen.extend(r["_id"] for r in page)
+        if cursor is None:
+            break
+    assert seen == wanted
+    store.note_ref_system(AGENCY, "mrn:riverbend")
+    store.note_ref_system(AGENCY, "mrn:riverbend")
+    store.note_ref_system(AGENCY, "erx:dosespot")
+    assert store.ref_systems_of(AGENCY) == ["erx:dosespot", "mrn:riverbend"]
+    assert store.ref_systems_of("agy_lakeside") == []
