@@ -4,7 +4,8 @@
         ...
 
 Both are removed on exit. AMQP_URL names the broker (default the local one); the vhost is created
-with rabbitmqctl, so the broker must be local and rabbitmqctl on PATH.
+with rabbitmqctl, so the broker must be local and rabbitmqctl on PATH. A stack started on it gives
+each service a broker user of its own (services.launcher); those are deleted with the vhost.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from services.kit.bus.users import delete_vhost_users
 from services.kit.embedded_mongo import EmbeddedMongo, free_port
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -91,8 +93,10 @@ def private_vhost(base_url: str | None = None) -> Iterator[str]:
         _rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
         yield urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
     finally:
-        _rabbitmqctl("delete_vhost", vhost)
-
+        try:
+            delete_vhost_users(vhost)  # a stack's services' own broker users (they outlive the vhost)
+        finally:
+            _rabbitmqctl("delete_vhost", vhost)
 
 
 def machine() -> dict:

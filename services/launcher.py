@@ -8,13 +8,24 @@ Every process is started in its own session with its log in <run dir>/logs and
 its pid in <run dir>/pids, so `stop` finds them after the launcher has exited.
 The run folder holds development secrets, certificates, the embedded database and
 logs: its directories are 0700, the logs 0600, and every process runs with umask 077.
+
+Each service connects to RabbitMQ as its own broker user (services.kit.bus.users,
+docs/bus-security.md): `start` creates them on the vhost of AMQP_URL with rabbitmqctl, named
+`<vhost>.<stack id>.<service>` (`clinic.<service>` on `/`), with passwords kept in <run dir>/secrets, and
+gives each service process its own AMQP_URL; `stop` deletes them. AMQP_URL itself (an
+administrator of the vhost) is the launcher's: it declares the shared exchange and the audit
+queue before any service starts. Where the users cannot be made (no rabbitmqctl, a remote
+broker) every service shares AMQP_URL, said in one line; production mode refuses that unless
+AMQP_SERVICE_USERS=shared says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +41,8 @@ import pika
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from services.kit.bus.topology import connection_parameters
+from services.kit.bus import users as broker_users
+from services.kit.bus.topology import DEFAULT_EXCHANGE, connection_parameters
 from services.kit.embedded_mongo import (
     PRIVATE_UMASK,
     EmbeddedMongo,
@@ -44,6 +56,9 @@ from services.kit.settings import REPO_ROOT, SettingsError, dev_secret
 from services.kit.transport import GRPC_TLS_VARIABLES, GrpcTls, development_grpc_tls, grpc_tls_from
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# "per-service" (the default): each service its own broker user; "shared": every service AMQP_URL's.
+SERVICE_USERS_SETTING = "AMQP_SERVICE_USERS"
 
 
 class LaunchError(RuntimeError):
@@ -129,6 +144,7 @@ class Stack:
         self.practice_management_api_key = ""
         self.compliance_tracker_api_key = ""
         self._env: dict[str, str] = {}
+        self._amqp_urls: dict[str, str] = {}  # service -> its own AMQP URL (empty: all share AMQP_URL)
         self._processes: dict[str, subprocess.Popen] = {}
 
     # --- addresses ----------------------------------------------------------
@@ -219,6 +235,27 @@ class Stack:
     def mongo_uri(self) -> str:
         return self.config.mongo_uri or f"mongodb://127.0.0.1:{self.config.ports.mongo}/"
 
+    @property
+    def broker_users_file(self) -> Path:
+        """The broker users `start` created (vhost and names), for `stop` to delete, in any process."""
+        return self.run_dir / "broker-users.json"
+
+    def amqp_url_of(self, service: str) -> str:
+        """The AMQP URL `service` connects with: its own broker user's, or the shared AMQP_URL."""
+        return self._amqp_urls.get(service, self.config.amqp_url)
+
+    @property
+    def broker_stack_id(self) -> str:
+        """What sets this stack's broker users apart from another stack's on the vhost: from the run
+        folder; none on `/` (`make run`: `clinic.<service>`)."""
+        if broker_users.vhost_of(self.config.amqp_url) == "/":
+            return ""
+        return hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
+
+    def broker_user(self, service: str) -> str:
+        """`service`'s own broker user: `<vhost>.<stack id>.<service>` (`clinic.<service>` on `/`)."""
+        return broker_users.user_name(broker_users.vhost_of(self.config.amqp_url), service, self.broker_stack_id)
+
     def service_env(self) -> dict[str, str]:
         p = self.config.ports
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DECK_", "GATEWAY_"))}
@@ -306,6 +343,7 @@ class Stack:
             development_grpc_tls(self.grpc_tls_dir)
         env = self.service_env()
         declare_audit_queue(env)
+        self._amqp_urls = self._broker_users(env)
         if self.config.mongo_uri is None:
             self.mongo = EmbeddedMongo(
                 data_dir=self.run_dir / "mongo",
@@ -431,7 +469,7 @@ class Stack:
         """Development Direct certificates into the run folder when it lacks them."""
         result = subprocess.run(
             [sys.executable, "-m", "services.cloud_comms.devcerts", str(self.cloud_direct_certs)],
-            env=env,
+            env=self._process_env("cloud-comms", env),
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -490,7 +528,7 @@ class Stack:
     def _seed(self, env: dict[str, str]) -> list[dict]:
         result = subprocess.run(
             [sys.executable, "-m", "services.directory", "seed-demo"],
-            env=env,
+            env=self._process_env("directory", env),
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -510,7 +548,7 @@ class Stack:
         process = subprocess.Popen(
             cmd,
             cwd=REPO_ROOT,
-            env=env,
+            env=self._process_env(name, env),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -535,7 +573,78 @@ class Stack:
             if pid and stop_process_group(pid):
                 stopped.append(name)
             pid_file.unlink(missing_ok=True)
+        self._delete_broker_users()  # after the services: deleting a user closes its connections
         return stopped
+
+    # --- broker users ---------------------------------------------------------
+    def _process_env(self, name: str, env: dict[str, str]) -> dict[str, str]:
+        """`env` for process `name`: its own AMQP URL when it has a broker user; none for a process
+        that does not use the bus (the gateway, the simulators) while the services have their own."""
+        if not self._amqp_urls:
+            return env
+        env = dict(env)
+        if name in self._amqp_urls:
+            env["AMQP_URL"] = self._amqp_urls[name]
+        else:
+            env.pop("AMQP_URL", None)
+        return env
+
+    def _broker_users(self, env: dict[str, str]) -> dict[str, str]:
+        """Create each service's broker user on AMQP_URL's vhost; service -> its AMQP URL. Empty
+        (every service shares AMQP_URL) when asked to (AMQP_SERVICE_USERS=shared), or in development
+        when they cannot be made; production refuses that unless asked to."""
+        admin = self.config.amqp_url
+        who = urllib.parse.unquote(urllib.parse.urlsplit(admin).username or "guest")
+        choice = env.get(SERVICE_USERS_SETTING, "per-service").strip().lower()
+        if choice not in ("per-service", "shared"):
+            raise LaunchError(f"{SERVICE_USERS_SETTING} must be per-service or shared, not {choice!r}")
+        if choice == "shared":
+            print(f"broker: every service connects as {who!r} ({SERVICE_USERS_SETTING}=shared)", flush=True)
+            return {}
+        vhost = broker_users.vhost_of(admin)
+        host = urllib.parse.urlsplit(admin).hostname
+        if host not in LOCAL_HOSTS:
+            reason = f"the broker at {host} is not on this machine"
+        elif not broker_users.rabbitmqctl_available():
+            reason = "rabbitmqctl is not installed"
+        else:
+            passwords = {
+                service: dev_secret(self.run_dir, f"amqp-{service}.password", lambda: secrets.token_urlsafe(24))
+                for service in broker_users.SERVICES
+            }
+            names = {service: self.broker_user(service) for service in broker_users.SERVICES}
+            # Recorded first: a stop after a failure half-way still deletes whatever was made.
+            self.broker_users_file.write_text(json.dumps({"vhost": vhost, "users": sorted(names.values())}))
+            exchange = env.get("EVENTS_EXCHANGE", DEFAULT_EXCHANGE)
+            try:
+                broker_users.create_users(vhost, passwords, exchange, self.broker_stack_id)
+            except broker_users.BrokerCtlError as exc:
+                reason = str(exc)
+                self.broker_users_file.unlink(missing_ok=True)  # nothing rabbitmqctl could make, nor delete
+            else:
+                return {s: broker_users.service_url(admin, names[s], passwords[s]) for s in broker_users.SERVICES}
+        if self.mode == "production":
+            raise LaunchError(
+                f"per-service broker users cannot be created ({reason}). Production gives each service its own "
+                f"broker user (docs/bus-security.md); set {SERVICE_USERS_SETTING}=shared to let every service "
+                f"connect as {who!r} instead."
+            )
+        print(f"broker: per-service users not created ({reason}); every service connects as {who!r}", flush=True)
+        return {}
+
+    def _delete_broker_users(self) -> None:
+        """Delete the broker users `start` made (recorded in the run folder, so `make stop` finds them)."""
+        try:
+            recorded = json.loads(self.broker_users_file.read_text())
+        except (OSError, ValueError):
+            return
+        try:
+            broker_users.delete_users(list(recorded.get("users", [])))
+        except (broker_users.BrokerCtlError, ValueError) as exc:
+            print(f"broker: users of this stack not deleted ({exc}); the next stop tries again", flush=True)
+            return
+        self.broker_users_file.unlink(missing_ok=True)
+        self._amqp_urls = {}
 
     def status(self) -> dict[str, bool]:
         result = {}
@@ -552,20 +661,25 @@ class Stack:
 
 # --- helpers ------------------------------------------------------------------
 def declare_audit_queue(env: dict[str, str]) -> None:
-    """Declare the audit service's queue before any service starts, so no audit event published
-    before the audit process first consumes is left unrouted. Settings the audit process itself
-    would refuse are left for it to report."""
+    """Declare the events exchange and the audit service's queue before any service starts (as
+    AMQP_URL's user: a service's own broker user may not declare the shared exchange), so no audit
+    event published before the audit process first consumes is left unrouted. Settings the audit
+    process itself would refuse are left for it to report."""
     from services.audit import config as audit_config
-    from services.audit.ingest import declare_queues
+    from services.audit.ingest import consumer_queues
 
     try:
         settings = audit_config.load(env)
     except SettingsError:
         return
     try:
-        declare_queues(settings)
+        connection = pika.BlockingConnection(connection_parameters(settings.amqp_url, "clinic-launcher", env))
+        try:
+            consumer_queues(settings).open(connection)
+        finally:
+            connection.close()
     except pika.exceptions.AMQPError as exc:
-        raise LaunchError(f"declaring the audit queue failed ({type(exc).__name__})") from exc
+        raise LaunchError(f"declaring the audit queue failed ({type(exc).__name__}: {exc})") from exc
 
 
 def stop_process_group(pid: int, timeout_s: float = 15.0) -> bool:
@@ -708,6 +822,11 @@ def print_welcome(stack: Stack) -> None:
     print(f"  Logs: {stack.logs}/   Stop with: make stop")
     tls = stack.grpc_tls
     print(f"  gRPC between services: {'mutual TLS, CA ' + str(tls.ca_file) if tls else 'plaintext'}")
+    if stack.amqp_url_of("inbox") != stack.config.amqp_url:
+        print(
+            f"  RabbitMQ: each service its own user ({stack.broker_user('<service>')}), passwords in "
+            f"{stack.run_dir / 'secrets'}/amqp-<service>.password"
+        )
     if stack.config.mongo_uri is None:
         print(f"  Embedded database (nx-27017): {stack.mongo_uri}")
     print()

@@ -60,9 +60,22 @@ def vhost_url(vhost: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
 
 
+def delete_vhost(vhost: str) -> None:
+    """Delete the vhost and the broker users stacks made for it (services.kit.bus.users: users are
+    broker-wide, so deleting the vhost leaves them; a stack deletes its own at stop, this catches
+    any a failed stop left)."""
+    from services.kit.bus.users import delete_vhost_users
+
+    try:
+        delete_vhost_users(vhost)
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
 @pytest.fixture(scope="session")
 def amqp_url():
-    """A RabbitMQ vhost private to this test session, deleted at the end."""
+    """A RabbitMQ vhost private to this test session (the URL is an administrator's of it: a stack
+    started on it gives its services users of their own), deleted at the end with those users."""
     if not shutil.which("rabbitmqctl"):
         pytest.fail("rabbitmqctl not found: the integration suite needs a local RabbitMQ (see README)")
     vhost = f"clinic-test-{uuid.uuid4().hex[:8]}"
@@ -72,7 +85,7 @@ def amqp_url():
     url = vhost_url(vhost)
     pika.BlockingConnection(pika.URLParameters(url)).close()
     yield url
-    _rabbitmqctl("delete_vhost", vhost)
+    delete_vhost(vhost)
 
 
 @pytest.fixture

@@ -279,6 +279,6 @@ def declare_queues(settings: AuditSettings, connect: Callable = pika.BlockingCon
     audit service first runs are kept for it."""
     connection = connect(connection_parameters(settings.amqp_url, f"{SERVICE}-declare"))
     try:
-        consumer_queues(settings).declare(connection.channel())
+        consumer_queues(settings).open(connection)
     finally:
         connection.close()

@@ -14,7 +14,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sy
 
 from services.launcher import Ports, Stack, StackConfig
 from tests.browser.chromium import CHROMIUM, launch
-from tests.conftest import AMQP_BASE, _rabbitmqctl, vhost_url
+from tests.conftest import AMQP_BASE, _rabbitmqctl, delete_vhost, vhost_url
 from tests.e2e.conftest import signed_in_once
 from tests.helpers import DEMO_PASSWORD
 
@@ -45,7 +45,7 @@ def browser_amqp_url() -> Iterator[str]:
     _rabbitmqctl("add_vhost", vhost)
     _rabbitmqctl("set_permissions", "-p", vhost, urllib.parse.urlsplit(AMQP_BASE).username or "guest", ".*", ".*", ".*")
     yield vhost_url(vhost)
-    _rabbitmqctl("delete_vhost", vhost)
+    delete_vhost(vhost)  # and the broker users the stack made for it
 
 
 @pytest.fixture(scope="module")

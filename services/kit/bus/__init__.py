@@ -9,6 +9,8 @@
   refuses (parks, reports) what its producer did not sign or may not publish.
 - `signing`: Ed25519 signatures of every message, the producers' public keys, which producer may
   publish which event type, and the process's keys (`load_signing`, `configure`, `current`).
+- `users`: each service's own broker user and what the broker lets it do (permissions, topic
+  permissions, the deployment's broker definitions, and rabbitmqctl for development stacks).
 
 Processed-event idempotency lives in `services.kit.processed_events`; the consumer is given it.
 pika is not thread-safe: `Publisher` keeps one connection per thread; `BatchPublisher` and

@@ -1,15 +1,25 @@
-"""python -m services.kit.bus new-keys [NAME...]
+"""python -m services.kit.bus new-keys [NAME...] | broker-definitions [--vhost V] [--passwords DIR]
 
-Prints a new Ed25519 key pair per producer (default: every known producer): one
+new-keys: prints a new Ed25519 key pair per producer (default: every known producer): one
 `<name> BUS_SIGNING_KEY=...` line each (the private key, for that service alone), then the
 `BUS_PRODUCER_KEYS=...` line every service is given. See services/kit/bus/signing.py.
+
+broker-definitions: prints the RabbitMQ definitions (JSON, for `rabbitmqctl import_definitions` or
+`load_definitions`) of a deployment's vhost: the vhost, one user per service (named as the
+service) with its permissions and topic permissions, the events exchange, its alternate and the
+audit queue. With `--passwords DIR`, each user's password hash is made from the file DIR/<service>
+(a user without one cannot sign in until given a password). deploy/rabbitmq/definitions.json is
+its output with the defaults. See services/kit/bus/users.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+from services.kit.bus import users
 from services.kit.bus.signing import (
     KNOWN_PRODUCERS,
     is_producer_name,
@@ -17,23 +27,52 @@ from services.kit.bus.signing import (
     parse_private_key,
     raw_public_b64,
 )
+from services.kit.bus.topology import DEFAULT_EXCHANGE
+
+DEPLOY_VHOST = "clinic"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.kit.bus", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("new-keys",))
-    parser.add_argument("names", nargs="*", default=list(KNOWN_PRODUCERS))
-    args = parser.parse_args(argv)
-    bad = [name for name in args.names if not is_producer_name(name)]
+def new_keys(names: list[str]) -> int:
+    bad = [name for name in names if not is_producer_name(name)]
     if bad:
         print(f"not producer names: {', '.join(bad)} (lower case letters, digits and '-')", file=sys.stderr)
         return 2
     public = []
-    for name in args.names:
+    for name in names:
         private = new_private_key_b64()
         print(f"{name} BUS_SIGNING_KEY={private}")
         public.append(f"{name}:{raw_public_b64(parse_private_key(private).public_key())}")
     print("BUS_PRODUCER_KEYS=" + ",".join(public))
+    return 0
+
+
+def deployment_definitions(
+    vhost: str = DEPLOY_VHOST, exchange: str = DEFAULT_EXCHANGE, passwords: Path | None = None
+) -> dict:
+    """The definitions `broker-definitions` prints (deploy/rabbitmq/definitions.json with the defaults)."""
+    hashes = {}
+    if passwords is not None:
+        for service in users.SERVICES:
+            path = passwords / service
+            if path.is_file():
+                hashes[service] = users.password_hash(path.read_text().strip())
+    names = {service: service for service in users.SERVICES}
+    return users.definitions(vhost, names, hashes, exchange=exchange, shared_topology=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.kit.bus", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    keys = commands.add_parser("new-keys", help="new Ed25519 signing keys")
+    keys.add_argument("names", nargs="*", default=list(KNOWN_PRODUCERS))
+    defs = commands.add_parser("broker-definitions", help="the broker's users, permissions and shared topology")
+    defs.add_argument("--vhost", default=DEPLOY_VHOST)
+    defs.add_argument("--exchange", default=DEFAULT_EXCHANGE)
+    defs.add_argument("--passwords", type=Path, help="a folder with one file per service holding its password")
+    args = parser.parse_args(argv)
+    if args.command == "new-keys":
+        return new_keys(args.names)
+    print(json.dumps(deployment_definitions(args.vhost, args.exchange, args.passwords), indent=2))
     return 0
 
 

@@ -18,7 +18,7 @@ from pika.adapters.select_connection import IOLoop
 
 from clinic.events.v1.envelope_pb2 import Envelope
 from services.kit.bus import signing
-from services.kit.bus.messages import message_properties
+from services.kit.bus.messages import broker_user, message_properties
 from services.kit.bus.topology import Topology, connection_parameters
 
 __all__ = ["BatchPublisher"]
@@ -36,7 +36,8 @@ class BatchPublisher:
     It drives a pika SelectConnection's I/O loop in the calling thread, only while one of its
     methods runs (as pika's BlockingConnection does), so an instance belongs to one thread.
     Call `idle()` instead of sleeping between batches so heartbeats are answered. Each message is
-    signed by `signer` (default: the process's, `signing.current()`).
+    signed by `signer` (default: the process's, `signing.current()`) and carries the connection's
+    broker user as user_id (which the broker checks).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class BatchPublisher:
         self.topology = topology or Topology()
         self._signer = signer or signing.current().signer
         self._params = connection_parameters(amqp_url, connection_name)
+        self._user_id = broker_user(self._params)
         self._declare = declare_topology
         self._confirm_timeout_s = confirm_timeout_s
         self._connect_timeout_s = connect_timeout_s
@@ -96,7 +98,8 @@ class BatchPublisher:
                 body = envelope.SerializeToString()
                 signature = self._signer.headers(envelope.event_type, body, envelope.producer)
                 self._channel.basic_publish(
-                    exchange, envelope.event_type, body, message_properties(envelope, signature), mandatory=True,
+                    exchange, envelope.event_type, body, message_properties(envelope, signature, self._user_id),
+                    mandatory=True,
                 )
         except pika.exceptions.AMQPError as exc:
             logger.warning("publishing a batch failed", extra={"error_type": type(exc).__name__})
@@ -135,7 +138,7 @@ class BatchPublisher:
         try:
             if self._declare:
                 with pika.BlockingConnection(self._params) as declaring:
-                    self.topology.declare(declaring.channel())
+                    self.topology.ensure(declaring)
             self._open_failed = False
             self._closed = False
             self._connection = pika.SelectConnection(

@@ -25,6 +25,7 @@ from services.kit.bus.messages import (
     event_context,
     log_extra,
     parking_headers,
+    published_by,
     republished_properties,
     retries_of,
     retry_headers,
@@ -60,6 +61,8 @@ class Consumer:
     `max_retries` retries have failed. The delivery is acked only after that republish was
     confirmed; if it cannot be, the connection is dropped and the broker redelivers the message.
     Retrying and parking keep the body and headers, so the signature of a good event stays valid.
+    Both go through the consumer's own exchange `<queue>.republish` (never the default exchange,
+    which a service's broker user may not write to: services.kit.bus.topology).
 
     `run()` blocks, reconnecting with backoff (and redeclaring everything) when the connection
     drops; `stop()` (any thread, or a signal handler) lets the in-flight message finish, then
@@ -173,7 +176,9 @@ class Consumer:
             thread.join(timeout)
 
     def declare(self, channel: BlockingChannel) -> None:
-        """Declare the exchange topology and this consumer's three queues (idempotent)."""
+        """Declare the exchange topology and this consumer's three queues (idempotent; needs
+        configure permission on the shared exchange, which a service's own broker user lacks: the
+        consumer itself declares with `ConsumerQueues.open`)."""
         self.queues.declare(channel)
 
     # -- one connection's life ----------------------------------------------------------------------
@@ -181,8 +186,7 @@ class Consumer:
     def _consume_once(self) -> None:
         connection = pika.BlockingConnection(self._params)
         try:
-            channel = connection.channel()
-            self.declare(channel)
+            channel = self.queues.open(connection)
             publish_channel = connection.channel()
             publish_channel.confirm_delivery()
             self._publish_channel = publish_channel
@@ -337,7 +341,8 @@ class Consumer:
             producer=signing.safe_name(envelope.producer),
             signer=signing.safe_name(signing.header_text(properties.headers or {}, signing.HEADER_SIGNER)),
         )
-        extra = {"queue": self.queue, "code": reason, "event_id": refusal.event_id, "event_type": refusal.event_type}
+        extra = {"queue": self.queue, "code": reason, "event_id": refusal.event_id, "event_type": refusal.event_type,
+                 "broker_user": published_by(properties)}
         logger.warning("event refused: producer not proven; parked", extra=extra)
         self._park(properties, body, signing.EventRefused(reason), reason, retries)
         if self._on_refused is None:
@@ -356,12 +361,13 @@ class Consumer:
         self._republish(self.parking_queue, properties, body, headers)
 
     def _republish(self, queue: str, properties, body: bytes, headers: dict) -> None:
+        """To `queue` (retry or parking) through this consumer's own exchange, by the queue's name."""
         republished = republished_properties(properties, headers)
         channel = self._publish_channel
         if channel is None:
             raise _Reconnect("no publishing channel")
         try:
-            channel.basic_publish("", queue, body, republished, mandatory=True)
+            channel.basic_publish(self.queues.republish_exchange, queue, body, republished, mandatory=True)
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
             # Not durably stored elsewhere: do not ack; drop the connection so it is redelivered.
             raise _Reconnect(f"republish to {queue} not confirmed") from exc

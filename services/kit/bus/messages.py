@@ -3,13 +3,18 @@
 Body = serialized Envelope, persistent, content type `application/x-protobuf`, message_id =
 event id, type = event type, correlation_id, timestamp (s), app_id = producer and headers
 `x-producer`, `x-agency-id`, and the signature `x-signer`, `x-signature` (services.kit.bus.signing;
-kept unchanged by retries and parking, so a good event stays valid). Retries add `x-retry-count`;
-parking adds `x-error-type`, `x-error-reason`, `x-parked-at` (epoch ms) and `x-parked-by` (queue).
-No payload content is ever put in headers or logs.
+kept unchanged by retries and parking, so a good event stays valid). user_id = the broker user of
+the publishing connection: the broker refuses a message whose user_id is not the user it
+authenticated, so it names who really sent it (the service's own broker user, docs/bus-security.md).
+Retries add `x-retry-count`; parking adds `x-error-type`, `x-error-reason`, `x-parked-at` (epoch
+ms) and `x-parked-by` (queue). A republished message is sent by the consumer's user, so its
+user_id is left out and the first one kept as `x-published-by`. No payload content is ever put in
+headers or logs.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +33,11 @@ __all__ = [
     "HEADER_PARKED_AT",
     "HEADER_PARKED_BY",
     "HEADER_PRODUCER",
+    "HEADER_PUBLISHED_BY",
     "HEADER_RETRY_COUNT",
     "event_context",
     "message_properties",
+    "published_by",
 ]
 
 CONTENT_TYPE = "application/x-protobuf"
@@ -41,14 +48,19 @@ HEADER_ERROR_TYPE = "x-error-type"
 HEADER_ERROR_REASON = "x-error-reason"
 HEADER_PARKED_AT = "x-parked-at"
 HEADER_PARKED_BY = "x-parked-by"
+HEADER_PUBLISHED_BY = "x-published-by"
+_BROKER_USER_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 # Broker-owned dead-letter bookkeeping; carrying it into a republish makes the broker see a
 # dead-letter cycle and drop the message, so it is stripped.
 _BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                    "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
 
-def message_properties(envelope: Envelope, signature: dict[str, str] | None = None) -> pika.BasicProperties:
-    """The properties of `envelope`'s message; `signature` adds the signing headers (services.kit.bus.signing)."""
+def message_properties(
+    envelope: Envelope, signature: dict[str, str] | None = None, user_id: str | None = None
+) -> pika.BasicProperties:
+    """The properties of `envelope`'s message; `signature` adds the signing headers (services.kit.bus.signing);
+    `user_id` must be the connection's broker user (`broker_user`), or the broker refuses the message."""
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
         delivery_mode=pika.DeliveryMode.Persistent,
@@ -57,8 +69,23 @@ def message_properties(envelope: Envelope, signature: dict[str, str] | None = No
         correlation_id=envelope.correlation_id or None,
         timestamp=envelope.occurred_at.seconds or int(time.time()),
         app_id=envelope.producer or None,
+        user_id=user_id or None,
         headers={HEADER_PRODUCER: envelope.producer, HEADER_AGENCY: envelope.agency_id, **(signature or {})},
     )
+
+
+def broker_user(params: pika.ConnectionParameters) -> str | None:
+    """The user a connection with `params` authenticates as, for `user_id`; None when the
+    credentials name none (EXTERNAL: the broker takes it from the client certificate)."""
+    return getattr(params.credentials, "username", None) or None
+
+
+def published_by(properties: pika.BasicProperties) -> str:
+    """The delivery's user_id (the broker checked it against the publishing connection's user),
+    when it has a plain shape; else ''. The `x-published-by` header that republishing adds is, like
+    every header, only for people reading the queues."""
+    value = properties.user_id
+    return value if isinstance(value, str) and _BROKER_USER_RE.match(value) else ""
 
 
 # -- republishing to the retry and parking queues ---------------------------------------------------
@@ -73,14 +100,14 @@ def retries_of(properties: pika.BasicProperties) -> int:
 
 
 def retry_headers(properties: pika.BasicProperties, retries: int) -> dict:
-    headers = _clean_headers(properties.headers)
+    headers = _clean_headers(properties)
     headers[HEADER_RETRY_COUNT] = retries
     return headers
 
 
 def parking_headers(properties: pika.BasicProperties, exc: BaseException, reason: str, retries: int,
                     parked_by: str) -> dict:
-    headers = _clean_headers(properties.headers)
+    headers = _clean_headers(properties)
     headers.update({
         HEADER_RETRY_COUNT: retries,
         HEADER_ERROR_TYPE: type_name(exc),
@@ -105,8 +132,13 @@ def republished_properties(properties: pika.BasicProperties, headers: dict) -> p
     )
 
 
-def _clean_headers(headers: dict | None) -> dict:
-    return {k: v for k, v in (headers or {}).items() if k not in _BROKER_HEADERS}
+def _clean_headers(properties: pika.BasicProperties) -> dict:
+    """The delivery's headers without the broker's dead-letter bookkeeping, with its user_id kept as
+    `x-published-by` (the republish is the consumer's, so it cannot carry the producer's user_id)."""
+    headers = {k: v for k, v in (properties.headers or {}).items() if k not in _BROKER_HEADERS}
+    if properties.user_id:  # checked by the broker: it replaces whatever the header claimed
+        headers[HEADER_PUBLISHED_BY] = properties.user_id
+    return headers
 
 
 def type_name(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from clinic.events.v1.envelope_pb2 import Envelope
 from services.kit.bus import signing
-from services.kit.bus.messages import log_extra, message_properties
+from services.kit.bus.messages import broker_user, log_extra, message_properties
 from services.kit.bus.topology import Topology, connection_parameters
 
 __all__ = ["PublishError", "Publisher"]
@@ -33,7 +33,9 @@ class Publisher:
 
     Thread-safe by keeping one connection and channel per thread. After a lost connection the
     next call reconnects (redeclaring the topology) and carries on with the unconfirmed rest.
-    Each message is signed by `signer` (default: the process's, `signing.current()`).
+    Each message is signed by `signer` (default: the process's, `signing.current()`) and carries
+    the connection's broker user as user_id (which the broker checks). With `declare_topology`
+    the exchange is declared when missing (`Topology.ensure`).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class Publisher:
         self.topology = topology or Topology()
         self._signer = signer or signing.current().signer
         self._params = connection_parameters(amqp_url, connection_name)
+        self._user_id = broker_user(self._params)
         self._declare = declare_topology
         self._local = threading.local()
 
@@ -68,7 +71,7 @@ class Publisher:
                 signature = self._signer.headers(envelope.event_type, body, envelope.producer)
                 channel.basic_publish(
                     self.topology.exchange_name, envelope.event_type, body,
-                    message_properties(envelope, signature), mandatory=True,
+                    message_properties(envelope, signature, self._user_id), mandatory=True,
                 )
                 index += 1
             except pika.exceptions.UnroutableError as exc:
@@ -105,9 +108,7 @@ class Publisher:
         if connection is None or not connection.is_open:
             connection = pika.BlockingConnection(self._params)
             self._local.connection = connection
-        channel = connection.channel()
-        if self._declare:
-            self.topology.declare(channel)
+        channel = self.topology.ensure(connection) if self._declare else connection.channel()
         channel.confirm_delivery()
         self._local.channel = channel
         return channel

@@ -7,28 +7,43 @@ Names get `Topology.prefix + "."` in front when a prefix is set:
   to the durable queue `clinic.events.unrouted`, so an event nobody subscribes to yet is kept.
 - per consumer queue `<queue>` (durable, bound to its routing keys; anything the broker
   dead-letters from it goes to parking), `<queue>.retry` (messages wait `retry_delay_ms`, then
-  dead-letter back to `<queue>` through the default exchange) and `<queue>.parking` (events that
-  failed for good; inspect and re-drive by hand). Retry and parking are reached through the
-  default exchange, by queue name. A consumer of one process instance (e.g. a per-replica
-  queue) sets `queue_expires_ms`: all three queues get `x-expires`, so the broker deletes them
-  once unused for that long after the instance is gone. While it runs, the consumer redeclares
-  the retry and parking queues (which have no consumer of their own) every third of that time,
-  so they, and any parked events in them, live as long as the instance does.
+  dead-letter back to `<queue>`) and `<queue>.parking` (events that failed for good; inspect and
+  re-drive by hand). The three are reached through the consumer's own direct exchange
+  `<queue>.republish` (auto-delete), each bound by its own name: the consumer republishes to
+  retry and parking there, and the broker dead-letters there. Never through the default
+  exchange: writing to it would let a service put messages into any queue of the vhost (the
+  audit service's included), so a service's broker user may not (docs/bus-security.md). A
+  consumer of one process instance (e.g. a per-replica queue) sets `queue_expires_ms`: all
+  three queues get `x-expires`, so the broker deletes them once unused for that long after the
+  instance is gone (and the exchange with its last binding). While it runs, the consumer
+  redeclares the retry and parking queues (which have no consumer of their own) every third of
+  that time, so they, and any parked events in them, live as long as the instance does.
+
+Who declares what: the exchange, its alternate and the unrouted queue are shared, so a service's
+broker user may not configure them (it could delete them); the launcher or the broker
+definitions (deploy/rabbitmq/definitions.json) declare them. `Topology.ensure` declares them only
+when they are missing, and a consumer declares only what it owns (`ConsumerQueues.open`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pika
-from pika.adapters.blocking_connection import BlockingChannel
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 __all__ = ["DEFAULT_EXCHANGE", "ConsumerQueues", "Topology", "connection_parameters"]
 
 DEFAULT_EXCHANGE = "clinic.events"
+NOT_FOUND = 404
+PRECONDITION_FAILED = 406
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,21 @@ class Topology:
             arguments={"alternate-exchange": unrouted},
         )
 
+    def ensure(self, connection: BlockingConnection) -> BlockingChannel:
+        """A channel of `connection` on which the exchange exists: checked passively (no configure
+        permission needed, so a service's own broker user can), declared with `declare` only when
+        missing. Returns the channel to go on with (a failed check closes the one it ran on)."""
+        channel = connection.channel()
+        try:
+            channel.exchange_declare(self.exchange_name, passive=True)
+            return channel
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != NOT_FOUND:
+                raise
+        channel = connection.channel()
+        self.declare(channel)
+        return channel
+
 
 @dataclass(frozen=True)
 class ConsumerQueues:
@@ -79,34 +109,78 @@ class ConsumerQueues:
     def parking_queue(self) -> str:
         return f"{self.queue}.parking"
 
+    @property
+    def republish_exchange(self) -> str:
+        """The direct exchange to the three queues (each bound by its own name)."""
+        return f"{self.queue}.republish"
+
     def declare(self, channel: BlockingChannel) -> None:
-        """Declare the exchange topology and the three queues (idempotent)."""
+        """Declare the exchange topology and the three queues (idempotent; needs configure
+        permission on the shared exchange: the launcher's, a test's)."""
         self.topology.declare(channel)
-        self.declare_side_queues(channel)
-        channel.queue_declare(
-            self.queue, durable=True,
-            # Anything the broker dead-letters (a reject, an expiry policy) is parked, not dropped.
-            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.parking_queue,
-                       **self._expires()},
-        )
-        for routing_key in self.routing_keys:
-            channel.queue_bind(self.queue, self.topology.exchange_name, routing_key=routing_key)
+        self._declare_exchange(channel)
+        for name, arguments in self.declarations():
+            channel.queue_declare(name, durable=True, arguments=arguments)
+        self._bind(channel)
+
+    def open(self, connection: BlockingConnection) -> BlockingChannel:
+        """Declare what this consumer owns on `connection` (the exchange only if missing,
+        `Topology.ensure`) and return the channel to go on with.
+
+        A queue declared before the three were reached through `<queue>.republish` dead-letters
+        through the default exchange; the broker refuses to redeclare it with other arguments.
+        It keeps working as it is (dead-lettering is the broker's own, whoever may write where),
+        so it is used as found, with a warning; recreate it (drained) to finish the change."""
+        channel = self.topology.ensure(connection)
+        self._declare_exchange(channel)
+        for name, arguments in self.declarations():
+            try:
+                channel.queue_declare(name, durable=True, arguments=arguments)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != PRECONDITION_FAILED or "'x-dead-letter-exchange'" not in exc.reply_text:
+                    raise
+                logger.warning("queue declared with the earlier dead-letter arguments; used as it is",
+                               extra={"queue": name})
+                channel = connection.channel()
+                channel.queue_declare(name, passive=True)
+        self._bind(channel)
+        return channel
 
     def declare_side_queues(self, channel: BlockingChannel) -> None:
-        """Parking and retry queues. Nothing consumes them, so with `x-expires` the broker counts
-        them unused from their last declaration: redeclaring renews that lease (and recreates one
-        the broker already removed)."""
+        """Parking and retry queues (and the exchange that reaches them). Nothing consumes them, so
+        with `x-expires` the broker counts them unused from their last declaration: redeclaring
+        renews that lease (and recreates one the broker already removed)."""
+        self._declare_exchange(channel)
+        for name, arguments in self.declarations()[1:]:  # parking, retry
+            channel.queue_declare(name, durable=True, arguments=arguments)
+            channel.queue_bind(name, self.republish_exchange, routing_key=name)
+
+    def declarations(self) -> list[tuple[str, dict | None]]:
+        """(name, arguments) of the queue, its parking and its retry queue. Whatever the broker
+        dead-letters goes through `<queue>.republish`: from the queue (a reject, an expiry policy)
+        to parking, never dropped; from retry, after its delay, back to the queue."""
         expires = self._expires()
-        channel.queue_declare(self.parking_queue, durable=True, arguments=expires or None)
-        channel.queue_declare(
-            self.retry_queue, durable=True,
-            arguments={
-                "x-message-ttl": int(self.retry_delay_ms),
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self.queue,
-                **expires,
-            },
-        )
+        via = {"x-dead-letter-exchange": self.republish_exchange}
+        return [
+            (self.queue, {**via, "x-dead-letter-routing-key": self.parking_queue, **expires}),
+            (self.parking_queue, expires or None),
+            (self.retry_queue,
+             {"x-message-ttl": int(self.retry_delay_ms), **via, "x-dead-letter-routing-key": self.queue, **expires}),
+        ]
+
+    def _declare_exchange(self, channel: BlockingChannel) -> None:
+        # Auto-delete: gone with the last of the three queues (per-instance queues expire).
+        channel.exchange_declare(self.republish_exchange, exchange_type="direct", durable=True, auto_delete=True)
+
+    def bindings(self) -> list[tuple[str, str, str]]:
+        """(exchange, queue, routing key): each queue to the republish exchange by its name, the
+        queue to the events exchange by each of its routing keys."""
+        own = [(self.republish_exchange, name, name) for name in (self.queue, self.parking_queue, self.retry_queue)]
+        return own + [(self.topology.exchange_name, self.queue, key) for key in self.routing_keys]
+
+    def _bind(self, channel: BlockingChannel) -> None:
+        for exchange, queue, routing_key in self.bindings():
+            channel.queue_bind(queue, exchange, routing_key=routing_key)
 
     def _expires(self) -> dict:
         return {} if self.expires_ms is None else {"x-expires": int(self.expires_ms)}
