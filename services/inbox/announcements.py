@@ -33,12 +33,14 @@ import uuid
 from flask import Blueprint, g, request
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import DESCENDING
+from pymongo.errors import DuplicateKeyError
 
 from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
 from services.inbox.board import collect, iso
 from services.inbox.components import Feature
-from services.inbox.http_api import only_query, staff_only
+from services.inbox.http_api import idempotency_key, only_query, staff_only
+from services.inbox.idempotency import IdempotentCreate
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.events import new_envelope
@@ -110,30 +112,79 @@ class Announcements(Feature):
         self, caller: Identity, title: str, body: str, expires_at: int | None = None, ack_required: bool = False
     ) -> dict:
         """One insert: the announcement with its posted event. No staff is resolved or written."""
+        return self.post_once(caller, title, body, expires_at, ack_required)[0]
+
+    def post_once(
+        self,
+        caller: Identity,
+        title: str,
+        body: str,
+        expires_at: int | None = None,
+        ack_required: bool = False,
+        *,
+        idempotency_key: str | None = None,
+    ) -> tuple[dict, bool]:
+        """`post` under the caller's Idempotency-Key (services/inbox/idempotency.py): (the
+        announcement, whether this call posted it). A repeat is answered with the announcement the
+        first one posted, even once its expiry has passed."""
         self.components.board.require_compose(caller, domain.COMPOSE_ANNOUNCEMENT)
-        cipher, agency = self.components.cipher, caller.agency_id
-        announcement_id = new_announcement_id()
+        asked = (title, body, expires_at, bool(ack_required))
+        keyed = IdempotentCreate(self.components.store, caller, idempotency_key, "announcement", *asked)
+        earlier = keyed.earlier()
+        stored = self._stored(earlier) if earlier else None
+        if stored is not None:
+            return self._view(caller, stored, self._states([stored["_id"]], caller.staff_id)), False
         posted_at = now_ms()
+        if expires_at is not None and expires_at <= posted_at:
+            raise InvalidInput("invalid_value", "expires_at must be in the future", {"field": "expires_at"})
+        announcement_id = keyed.claim(new_announcement_id())
+        doc = self._new_announcement(
+            caller, announcement_id, title=title, body=body, expires_at=expires_at, ack=ack_required, at=posted_at
+        )
+        try:
+            self.announcements.insert_one(doc)
+        except DuplicateKeyError:  # a concurrent repeat of the same Idempotency-Key posted it first
+            stored = self._stored(announcement_id)
+            if stored is not None:
+                return self._view(caller, stored, self._states([stored["_id"]], caller.staff_id)), False
+            raise
+        log.info("announcement posted", extra={"staff_id": caller.staff_id, "agency_id": caller.agency_id})
+        return self._view(caller, doc, {}, title), True
+
+    def _stored(self, announcement_id: str) -> dict | None:
+        return self.announcements.find_one({"_id": {"$eq": announcement_id}}, projection={"_outbox": 0})
+
+    def _new_announcement(
+        self,
+        caller: Identity,
+        announcement_id: str,
+        *,
+        title: str,
+        body: str,
+        expires_at: int | None,
+        ack: bool,
+        at: int,
+    ) -> dict:
+        """The announcement's document, with its posted event in the same insert."""
+        cipher, agency = self.components.cipher, caller.agency_id
         doc = {
             "_id": announcement_id,
             "agency_id": agency,
             "agency_key": agency,
             "active_key": agency,
-            "sort_key": domain.sort_key(posted_at, announcement_id),
+            "sort_key": domain.sort_key(at, announcement_id),
             "title": cipher.seal(agency, announcement_id, "title", title),
             "body": cipher.seal(agency, announcement_id, "body", body),
             "posted_by": caller.staff_id,
             "posted_by_name": caller.name,
-            "posted_at": posted_at,
+            "posted_at": at,
             "expires_at": expires_at,
-            "ack_required": int(ack_required),
+            "ack_required": int(ack),
             "edited_at": None,
             "version": 1,
         }
         doc.update(outbox_fields([self._posted_event(doc)]))
-        self.announcements.insert_one(doc)
-        log.info("announcement posted", extra={"staff_id": caller.staff_id, "agency_id": agency})
-        return self._view(caller, doc, {}, title)
+        return doc
 
     def _posted_event(self, doc: dict):
         posted_at = Timestamp()
@@ -364,11 +415,18 @@ class Announcements(Feature):
         @staff_only
         def create():
             self.components.board.require_compose(g.identity, domain.COMPOSE_ANNOUNCEMENT)
+            key = idempotency_key()
             fields = validate(json_body(), create_spec)
             non_blank(fields, "body")
-            expires_at = parse_expiry(fields["expires_at"], now_ms()) if "expires_at" in fields else None
+            # In the future when posted: checked by post_once, after a repeat has been answered.
+            expires_at = (
+                instant_ms("expires_at", fields["expires_at"], code="invalid_value") if "expires_at" in fields else None
+            )
             ack = fields.get("acknowledgement_required", False)
-            return self.post(g.identity, fields["title"], fields["body"], expires_at, ack), 201
+            made, created = self.post_once(
+                g.identity, fields["title"], fields["body"], expires_at, ack, idempotency_key=key
+            )
+            return made, 201 if created else 200
 
         @bp.get("")
         @staff_only

@@ -135,6 +135,13 @@ def draft_digest(draft: Draft) -> str:
     return text_digest(addressing, draft.subject, draft.body, draft.priority, list(draft.links))
 
 
+def create_digest(kind: str, *fields) -> str:
+    """Fingerprint of a create other than a message (a reminder, a signature request, an
+    announcement): its kind and what was asked for, so a key reused for another request, or for
+    another kind of thing, is caught (services/inbox/idempotency.py)."""
+    return text_digest("create", kind, *fields)
+
+
 def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 

@@ -23,7 +23,8 @@ from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
 from services.inbox.delivery_rules import delivered_event
-from services.inbox.http_api import only_query, staff_only
+from services.inbox.http_api import idempotency_key, only_query, staff_only
+from services.inbox.idempotency import IdempotentCreate
 from services.inbox.store import BOARD_ITEMS, REMOVE
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
@@ -167,9 +168,35 @@ class Reminders(Feature):
     # --- create, list, snooze, complete ---------------------------------------------------------
     def create(self, caller: Identity, text: str, remind_at: int, link: str | None = None) -> dict:
         """A new reminder: hidden until `remind_at`, or on the board at once when that has passed."""
+        return self.create_once(caller, text, remind_at, link)[0]
+
+    def create_once(
+        self, caller: Identity, text: str, remind_at: int, link: str | None = None, idempotency_key: str | None = None
+    ) -> tuple[dict, bool]:
+        """`create` under the caller's Idempotency-Key (services/inbox/idempotency.py): (the reminder,
+        whether this call made it). A repeat of the request answers the reminder the first one made."""
         self.components.board.require_compose(caller, domain.COMPOSE_REMINDER)
+        keyed = IdempotentCreate(self.components.store, caller, idempotency_key, "reminder", text, remind_at, link)
+        earlier = keyed.earlier()
+        stored = self._stored(caller, earlier) if earlier else None
+        if stored is not None:
+            return self.view(caller, stored), False
+        reminder_id = keyed.claim(new_reminder_id())
+        item = self._new_item(caller, reminder_id, text, remind_at, link)
+        if not self.components.store.insert_board_items([item]):  # a concurrent repeat wrote it first
+            return self.view(caller, self._stored(caller, reminder_id) or item), False
+        log.info("reminder set", extra={"staff_id": caller.staff_id, "agency_id": caller.agency_id})
+        return self.view(caller, item), True
+
+    def _stored(self, caller: Identity, reminder_id: str) -> dict | None:
+        """The caller's reminder `reminder_id` as stored (its item's id is derived from it)."""
+        item_id = domain.board_item_id(reminder_id, caller.staff_id, domain.FOLDER_REMINDERS)
+        return self.components.store.item(item_id)
+
+    def _new_item(self, caller: Identity, reminder_id: str, text: str, remind_at: int, link: str | None) -> dict:
+        """The reminder's board item: hidden until `remind_at`, or visible and unread (with its
+        delivery event) when that has passed."""
         now = now_ms()
-        reminder_id = new_reminder_id()
         agency, cipher = caller.agency_id, self.components.cipher
         due_now = remind_at <= now
         fields = {
@@ -198,9 +225,7 @@ class Reminders(Feature):
         )
         if due_now:
             item.update(outbox_fields([delivered_event(item, True, now)]))
-        self.components.store.insert_board_items([item])
-        log.info("reminder set", extra={"staff_id": caller.staff_id, "agency_id": agency})
-        return self.view(caller, item)
+        return item
 
     def page(self, caller: Identity, cursor: str | None, limit: int) -> dict:
         """The caller's reminders in every state, newest first; recorded as one listing (audit)."""
@@ -308,8 +333,10 @@ class Reminders(Feature):
         @bp.post("")
         @staff_only
         def create():
+            key = idempotency_key()
             fields = validate(json_body(), CREATE_SPEC)
-            return self.create(g.identity, fields["text"], fields["remind_at"], fields.get("link")), 201
+            made, created = self.create_once(g.identity, fields["text"], fields["remind_at"], fields.get("link"), key)
+            return made, 201 if created else 200
 
         @bp.get("")
         @staff_only

@@ -19,13 +19,15 @@ import uuid
 
 from flask import Blueprint, g, request
 from pymongo import DESCENDING
+from pymongo.errors import DuplicateKeyError
 
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
 from services.inbox.delivery_rules import delivered_event
 from services.inbox.fanout import Fanout, repair_index
-from services.inbox.http_api import only_query, staff_only
+from services.inbox.http_api import idempotency_key, only_query, staff_only
+from services.inbox.idempotency import IdempotentCreate
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
@@ -157,18 +159,51 @@ class Signatures(Feature):
 
     # --- create ------------------------------------------------------------------------------------
     def create(self, caller: Identity, fields: dict) -> dict:
+        return self.create_once(caller, fields)[0]
+
+    def create_once(self, caller: Identity, fields: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """A new request, under the caller's Idempotency-Key when given (services/inbox/idempotency.py):
+        (the request, whether this call made it). A repeat is answered from what is stored, before
+        the signers are looked up again."""
         self.components.board.require_compose(caller, domain.COMPOSE_SIGNATURE_REQUEST)
         signer_ids = fields["signer_ids"]
         if not signer_ids:
             raise InvalidInput("no_recipients", "name at least one signer", {"field": "signer_ids"})
-        now = now_ms()
         due_at = fields.get("due_at")
+        asked = (fields["document_kind"], fields["title"], fields["document_ref"], due_at, signer_ids)
+        keyed = IdempotentCreate(self.components.store, caller, idempotency_key, "signature_request", *asked)
+        earlier = keyed.earlier()
+        stored = self._stored(earlier) if earlier else None
+        if stored is not None:
+            return self.view(caller, stored), False
+        now = now_ms()
         if due_at is not None and due_at <= now:
             raise InvalidInput("invalid_time", "due_at must be in the future", {"field": "due_at"})
         self._check_signers(signer_ids)
-        request_id = new_request_id()
+        request_id = keyed.claim(new_request_id())
+        doc = self._new_request(caller, request_id, fields, now)
+        try:
+            self.requests.insert_one(doc)
+        except DuplicateKeyError:  # a concurrent repeat of the same Idempotency-Key wrote it first
+            stored = self._stored(request_id)
+            if stored is not None:
+                return self.view(caller, stored), False
+            raise
+        self.sync(doc)
+        log.info("signature requested", extra={"staff_id": caller.staff_id, "agency_id": caller.agency_id})
+        return self.view(caller, doc), True
+
+    def _stored(self, request_id: str) -> dict | None:
+        """The request as stored, its board items finished if its creator was interrupted before."""
+        doc = self.requests.find_one({"_id": {"$eq": request_id}}, projection={"_outbox": 0})
+        if doc is not None:
+            self.sync(doc)
+        return doc
+
+    def _new_request(self, caller: Identity, request_id: str, fields: dict, now: int) -> dict:
         agency, cipher = caller.agency_id, self.components.cipher
-        doc = {
+        signer_ids = fields["signer_ids"]
+        return {
             "_id": request_id,
             "agency_id": agency,
             "requester_id": caller.staff_id,
@@ -177,7 +212,7 @@ class Signatures(Feature):
             "document_kind": fields["document_kind"],
             "title": cipher.seal(agency, request_id, "title", fields["title"]),
             "document_ref": cipher.seal(agency, request_id, "document_ref", fields["document_ref"]),
-            "due_at": due_at,
+            "due_at": fields.get("due_at"),
             "signer_ids": signer_ids,
             "signers": {sid: {"responded_at": 0, "outcome": "", "name": ""} for sid in signer_ids},
             "created_at": now,
@@ -185,10 +220,6 @@ class Signatures(Feature):
             "version": 1,
             SYNC_MARKER: now,
         }
-        self.requests.insert_one(doc)
-        self.sync(doc)
-        log.info("signature requested", extra={"staff_id": caller.staff_id, "agency_id": agency})
-        return self.view(caller, doc)
 
     def _check_signers(self, signer_ids: list[str]) -> None:
         """Every signer is an active colleague of the caller's agency (directory answers in the
@@ -428,7 +459,9 @@ class Signatures(Feature):
         @bp.post("")
         @staff_only
         def create():
-            return self.create(g.identity, validate(json_body(), CREATE_SPEC)), 201
+            key = idempotency_key()
+            made, created = self.create_once(g.identity, validate(json_body(), CREATE_SPEC), key)
+            return made, 201 if created else 200
 
         @bp.get("")
         @staff_only
