@@ -82,7 +82,7 @@ class RequestContext:
                  "route", "service", "consumer", "credential", "upstream_headers",
                  "cleared_query_args", "response_header_ops", "plugin_state", "buffer_body_limit",
                  "size_limit_status", "proxy_started", "connection_serial", "connection_requests", "status",
-                 "upstream_ms", "body_signers")
+                 "upstream_ms", "body_signers", "source", "upstream_bytes_received")
 
     def __init__(self, request: IncomingRequest, request_id: str, client_ip: str, *, server_port: int = 0,
                  connection_serial: int = 0, connection_requests: int = 0):
@@ -111,6 +111,11 @@ class RequestContext:
         # Plugins that must see the whole body and the final upstream target before the request is
         # sent (Kong: kong.request.get_raw_body() in the access phase): called as f(ctx, target, body).
         self.body_signers: list[Callable[[RequestContext, str, bytes], None]] = []
+        # kong.response.get_source(): "service" (the upstream answered), "exit" (a plugin or the router
+        # answered) or "error" (the gateway failed: the upstream gave no usable answer, a plugin broke).
+        self.source = "exit"
+        # nginx's $upstream_bytes_received for the last try: 0 when no byte of an answer came back.
+        self.upstream_bytes_received = 0
 
     # kong.service.request.*
     def set_upstream_header(self, name: str, value: str) -> None:
@@ -134,6 +139,10 @@ class RequestContext:
         self.cleared_query_args.add(name)
 
     # kong.response.*
+    def set_status(self, status: int) -> None:
+        """kong.response.set_status in the header_filter phase: the status the client gets."""
+        self.status = status
+
     def set_response_header(self, name: str, value: str) -> None:
         self.response_header_ops.append(("set", name, wire(value)))
 

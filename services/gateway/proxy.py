@@ -96,7 +96,7 @@ class Gateway:
         for route in model.routes:
             plugins = [handlers[i.id] for i in plugins_for_route(route, model.plugins, scheme)]
             self.by_route[route.id] = ([p for p in plugins if p.has_access],
-                                       [p for p in plugins if p.has_header_filter])
+                                       [p for p in plugins if p.has_header_filter or p.has_body_filter])
 
     def startup_notes(self) -> list[tuple[int, str]]:
         """What to tell the operator at start: (log level, text)."""
@@ -124,25 +124,40 @@ class Gateway:
                     return result, filters
         except Exception:
             log.exception("plugin access phase failed", extra={"request_id": ctx.request_id})
+            ctx.source = "error"
             return error(500, ctx.request_id, request.header("accept")), filters
         return None, filters
 
     def run_header_filters(self, ctx: RequestContext, filters: list[Plugin]) -> None:
         for plugin in filters:
+            if not plugin.has_header_filter:
+                continue
             try:
                 plugin.header_filter(ctx)
             except Exception:
                 log.exception("plugin header_filter failed", extra={"request_id": ctx.request_id})
 
+    def run_body_filters(self, ctx: RequestContext, body: bytes, filters: list[Plugin]) -> bytes:
+        """The body of an answer of the gateway's own after the plugins' body_filter phase."""
+        for plugin in filters:
+            if not plugin.has_body_filter:
+                continue
+            try:
+                body = plugin.body_filter(ctx, body)
+            except Exception:
+                log.exception("plugin body_filter failed", extra={"request_id": ctx.request_id})
+        return body
+
     def exit_headers(self, ctx: RequestContext, exit_: Exit, filters: list[Plugin]) -> list[tuple[str, str]]:
-        """The headers of an answer of the gateway's own (framing aside), after the header filters."""
+        """The headers of an answer of the gateway's own (framing aside), after the header filters
+        (which may change `ctx.status`, the status sent)."""
+        ctx.status = exit_.status
         self.run_header_filters(ctx, filters)
         latency = int((time.perf_counter() - ctx.started) * 1000)
         headers = apply_header_ops([("Date", http_date()), *exit_.headers], ctx.response_header_ops)
         if not any(n.lower() == "via" for n, _ in headers):
             headers.append(("Server", SERVER))
         headers += [("X-Kong-Response-Latency", str(latency)), ("X-Kong-Request-Id", ctx.request_id)]
-        ctx.status = exit_.status
         return headers
 
     def upstream_uri(self, ctx: RequestContext) -> str:
@@ -179,7 +194,9 @@ class Gateway:
     def response_headers(self, ctx: RequestContext, status: int, raw_headers, filters: list[Plugin]
                          ) -> tuple[list[tuple[str, str]], bool]:
         """The upstream's response headers as Kong passes them on (hop-by-hop ones dropped, Via and the
-        X-Kong-* latencies added, the header filters applied), framing aside; and whether it had a length."""
+        X-Kong-* latencies added, the header filters applied), framing aside; and whether it had a length.
+        The status sent is then `ctx.status` (a header filter may have changed it)."""
+        ctx.source, ctx.status = "service", status
         self.run_header_filters(ctx, filters)
         drop = set(HOP_BY_HOP)
         headers: list[tuple[str, str]] = []
@@ -207,7 +224,6 @@ class Gateway:
             ("Via", f"{via}, {VIA}" if via else VIA),
             ("X-Kong-Request-Id", ctx.request_id),
         ]
-        ctx.status = status
         return apply_header_ops(headers, ctx.response_header_ops), has_length
 
     def log_request(self, ctx: RequestContext) -> None:
@@ -252,6 +268,7 @@ class Gateway:
                     signer(ctx, target, body or b"")
             except Exception:
                 log.exception("plugin body phase failed", extra={"request_id": ctx.request_id})
+                ctx.source = "error"
                 return await self.send_exit(ctx, conn, error(500, ctx.request_id, request.header("accept")), filters)
         return await self._proxy(ctx, conn, filters, body)
 
@@ -269,10 +286,12 @@ class Gateway:
     async def send_exit(self, ctx: RequestContext, conn: ClientConnection, exit_: Exit, filters: list[Plugin]) -> bool:
         request = ctx.request
         keep_alive = self._keep_alive(request)
-        headers = [("Content-Length", str(len(exit_.body))), ("Connection", "keep-alive" if keep_alive else "close"),
-                   *self.exit_headers(ctx, exit_, filters)]
-        head = _head(exit_.status, headers)
-        conn.write(head if request.method == "HEAD" else head + exit_.body)
+        own_headers = self.exit_headers(ctx, exit_, filters)
+        body = self.run_body_filters(ctx, exit_.body, filters) if filters else exit_.body
+        headers = [("Content-Length", str(len(body))), ("Connection", "keep-alive" if keep_alive else "close"),
+                   *own_headers]
+        head = _head(ctx.status, headers)
+        conn.write(head if request.method == "HEAD" else head + body)
         if not keep_alive and request.body is not None and not request.body.eof:
             request.body.discard()
         try:
@@ -330,6 +349,7 @@ class Gateway:
                     break
                 except UpstreamError as exc:
                     got_bytes = up.got_bytes if up is not None else False
+                    ctx.upstream_bytes_received = up.bytes_received if up is not None else 0
                     if up is not None:
                         up.close()
                         up = None
@@ -342,6 +362,7 @@ class Gateway:
                     if tries_left > 0 and (not exc.sent or (idempotent and not streaming)):
                         tries_left -= 1
                         continue
+                    ctx.source = "error"
                     return await self.send_exit(ctx, conn, error(exc.status, ctx.request_id, request.header("accept")),
                                                 filters)
             ctx.upstream_ms = int((time.perf_counter() - sent_at) * 1000)
@@ -377,7 +398,7 @@ class Gateway:
         request = ctx.request
         status = up.status
         headers, has_length = self.response_headers(ctx, status, up.headers, filters)
-        no_body = request.method == "HEAD" or status in (204, 304)
+        no_body = request.method == "HEAD" or status in (204, 304)  # framed as the upstream's status says
         chunked = False
         keep_alive = self._keep_alive(request)
         if not no_body and not has_length:
@@ -387,7 +408,7 @@ class Gateway:
             else:
                 keep_alive = False
         headers.insert(0, ("Connection", "keep-alive" if keep_alive else "close"))
-        head = _head(status, headers)
+        head = _head(ctx.status, headers)
         if up.complete and not chunked:
             conn.write(head + b"".join(up.pending) if up.pending else head)  # the whole answer in one write
             up.pending = []

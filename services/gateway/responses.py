@@ -34,6 +34,7 @@ DEFAULT_MESSAGES = {
     494: "Request header or cookie too large",
     500: "An unexpected error occurred",
     502: "An invalid response was received from the upstream server",
+    503: "The upstream server is currently unavailable",
     504: "The upstream server is timing out",
 }
 

@@ -62,6 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.until_close = False
         self.got_bytes = False
+        self.bytes_received = 0
         self.is_head = False
         self._name = b""
 
@@ -75,6 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection cannot be trusted any more
             return
         self.got_bytes = True
+        self.bytes_received += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:

@@ -2,6 +2,12 @@
 -- client sent; a request with an authenticated consumer (key-auth, jwt) that is not skipped gets a
 -- fresh token over its method, upstream target, body and X-Consumer-* headers, which the services
 -- verify before they trust those headers. The same as services/gateway/plugins/identity_signer.py.
+--
+-- With upstream_retry_after set, Kong's own answers to a failed upstream are made retryable: a 502
+-- after which no byte came back from the service (connection refused or reset, or closed before an
+-- answer) becomes 503 "The upstream server is currently unavailable" with Retry-After; Kong's own
+-- 503 and 504 (no healthy target, a timeout) gain Retry-After. Kong answers these from its error
+-- handler (kong.response.get_source() == "error"), whose body the body_filter phase rewrites.
 local token = require "kong.plugins.clinic-identity-signer.token"
 local sha256_hex = require("kong.tools.sha256").sha256_hex
 local openssl_mac = require "resty.openssl.mac"
@@ -12,11 +18,19 @@ local encode_base64url = require("ngx.base64").encode_base64url
 local kong = kong
 local ngx = ngx
 local byte = string.byte
+local find = string.find
+local match = string.match
+local sub = string.sub
 local ipairs = ipairs
+local tonumber = tonumber
+local tostring = tostring
 local type = type
 
 local QUESTION_MARK = byte("?")
 local MIN_KEY_CHARS = 32
+-- kong/error_handlers.lua's messages for 502 and 503.
+local INVALID_ANSWER = "An invalid response was received from the upstream server"
+local UNAVAILABLE = "The upstream server is currently unavailable"
 
 
 local crypto = {
@@ -105,6 +119,51 @@ function ClinicIdentitySigner:access(conf)
   local signed = token.token(crypto, key, kong.request.get_method(), upstream_target(), body, values,
                              ngx.time(), nonce)
   set_header(conf.header_name, signed)
+end
+
+
+-- What the last try received from the upstream: nginx lists one figure per try ("0, 0" across
+-- retries, " : " across internal redirects such as the error page's), the last one last.
+local function last_try_received()
+  local received = ngx.var.upstream_bytes_received
+  if type(received) ~= "string" then
+    return 0
+  end
+  return tonumber(match(received, "(%d+)%s*$")) or 0
+end
+
+
+function ClinicIdentitySigner:header_filter(conf)
+  local retry_after = conf.upstream_retry_after -- unset: ngx.null (Kong fills absent fields with it)
+  if type(retry_after) ~= "number" or kong.response.get_source() ~= "error" then
+    return
+  end
+
+  local status = kong.response.get_status()
+  if status == 502 and last_try_received() == 0 then
+    status = 503
+    kong.response.set_status(status)
+    kong.response.clear_header("Content-Length") -- the body changes length (body_filter)
+    kong.ctx.plugin.unavailable = true
+  end
+  if status == 503 or status == 504 then
+    kong.response.set_header("Retry-After", tostring(retry_after))
+  end
+end
+
+
+function ClinicIdentitySigner:body_filter(conf)
+  if not kong.ctx.plugin.unavailable then
+    return
+  end
+  local body = kong.response.get_raw_body() -- nil until the last chunk: the chunks are held
+  if body and body ~= "" then -- "" (a HEAD): left as it is, set_raw_body would send "\n"
+    local first, last = find(body, INVALID_ANSWER, 1, true)
+    if first then
+      body = sub(body, 1, first - 1) .. UNAVAILABLE .. sub(body, last + 1)
+    end
+    kong.response.set_raw_body(body)
+  end
 end
 
 

@@ -31,6 +31,13 @@ return {
               default = {},
               elements = { type = "string" },
           } },
+          { upstream_retry_after = {
+              description = "Seconds a client is told to wait (Retry-After) when the upstream gave no answer "
+                         .. "(503 instead of 502) or timed out (504); unset: Kong's own 502 and 504.",
+              type = "integer",
+              required = false,
+              between = { 1, 3600 },
+          } },
         },
       },
     },

@@ -16,16 +16,19 @@ if TYPE_CHECKING:
 
 
 class Plugin:
-    """One configured plugin instance. Subclasses define `access` and/or `header_filter`.
+    """One configured plugin instance. Subclasses define `access`, `header_filter` and/or `body_filter`.
 
     `access` runs before proxying, in priority order, and may return an Exit to
     answer the client itself (later plugins' `access` then does not run).
     `header_filter` runs for every response of a request the plugin applies to,
     proxied or not, as Kong runs the header_filter phase of every collected plugin.
+    `body_filter` runs on the answers the gateway makes itself (a proxied body streams through
+    untouched), after every header_filter, and returns the body to send.
     """
 
     has_access: ClassVar[bool] = False
     has_header_filter: ClassVar[bool] = False
+    has_body_filter: ClassVar[bool] = False
 
     def __init__(self, instance: PluginInstance, model: GatewayModel):
         self.instance = instance
@@ -37,6 +40,9 @@ class Plugin:
 
     def header_filter(self, ctx: RequestContext) -> None:  # pragma: no cover - overridden
         return None
+
+    def body_filter(self, ctx: RequestContext, body: bytes) -> bytes:  # pragma: no cover - overridden
+        return body
 
     def describe(self) -> str | None:
         """A start-up note when the local gateway accepts the plugin but does less than Kong."""

@@ -13,31 +13,47 @@ verify staff tokens themselves, and their uploads keep streaming unbuffered.
 Signing needs the whole body, so a request that is signed is read in full before it is sent
 (Kong buffers request bodies too); its size is bounded by request-size-limiting where that applies,
 else by MAX_BODY_BYTES (413 beyond).
+
+With `upstream_retry_after` set (seconds), the plugin also makes the gateway's own answers to a
+failed upstream retryable, on every route it applies to (kong.yml: globally): when no byte of an
+answer came back (the connection was refused or reset, or closed before the service answered, so
+the service died or is not running) Kong's 502 becomes 503 "The upstream server is currently
+unavailable" with `Retry-After`; a 503 or 504 of the gateway's own (a timeout) keeps its status and
+gains `Retry-After`. A 502 after which the upstream did send something (an invalid answer) stays
+Kong's 502. Answers from the service itself and plugins' own refusals are never touched.
 """
 
 from __future__ import annotations
 
 from services.gateway.context import RequestContext, wire
 from services.gateway.declarative import typedefs as t
-from services.gateway.declarative.schema import Record, Set, String
+from services.gateway.declarative.schema import Integer, Record, Set, String
 from services.gateway.model import GatewayModel, PluginInstance
 from services.gateway.plugins.base import Plugin, PluginSpec
-from services.gateway.responses import Exit
+from services.gateway.responses import DEFAULT_MESSAGES, Exit
 from services.kit import gateway_identity
 
 NAME = "clinic-identity-signer"
 PRIORITY = 5  # after every auth, acl and limiting plugin (acl 950, rate-limiting 910, prometheus 13)
 MAX_BODY_BYTES = 128 * 2**20  # request-size-limiting's own default limit
+MAX_RETRY_AFTER_S = 3600
+INVALID_ANSWER = DEFAULT_MESSAGES[502].encode()
+UNAVAILABLE = DEFAULT_MESSAGES[503].encode()
+RETRYABLE = (503, 504)
 
 
 class IdentitySignerPlugin(Plugin):
     has_access = True
+    has_header_filter = True
+    has_body_filter = True
 
     def __init__(self, instance: PluginInstance, model: GatewayModel):
         super().__init__(instance, model)
         self.key: str = self.conf["key"]
         self.header: str = self.conf["header_name"]
         self.skip = frozenset(self.conf["skip_consumers"])
+        retry_after = self.conf.get("upstream_retry_after")
+        self.retry_after = str(retry_after) if retry_after is not None else None
 
     def access(self, ctx: RequestContext) -> Exit | None:
         ctx.clear_upstream_header(self.header)  # a client's own token never reaches a service
@@ -65,6 +81,21 @@ class IdentitySignerPlugin(Plugin):
         token = gateway_identity.sign(self.key, ctx.request.method, target, body, headers)
         ctx.keep_upstream_header(self.header, token)
 
+    # --- retryable upstream failures (handler.lua's header_filter and body_filter) -----------------
+    def header_filter(self, ctx: RequestContext) -> None:
+        if self.retry_after is None or ctx.source != "error":
+            return
+        if ctx.status == 502 and ctx.upstream_bytes_received == 0:
+            ctx.set_status(503)
+            ctx.plugin_state[id(self)] = True  # the body says so too (body_filter)
+        if ctx.status in RETRYABLE:
+            ctx.set_response_header("Retry-After", self.retry_after)
+
+    def body_filter(self, ctx: RequestContext, body: bytes) -> bytes:
+        if not ctx.plugin_state.get(id(self)):
+            return body
+        return body.replace(INVALID_ANSWER, UNAVAILABLE, 1)
+
 
 CONFIG = Record(
     fields={
@@ -73,6 +104,9 @@ CONFIG = Record(
         "header_name": t.header_name(required=True, default=gateway_identity.HEADER),
         # Consumers (username or id) whose requests are not signed.
         "skip_consumers": Set(required=True, default=[], elements=String()),
+        # Seconds a client is told to wait (Retry-After) when the upstream gave no answer (503) or timed
+        # out (504); unset: Kong's own 502 and 504, untouched.
+        "upstream_retry_after": Integer(between=(1, MAX_RETRY_AFTER_S)),
     }
 )
 
