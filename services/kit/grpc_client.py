@@ -4,6 +4,11 @@ The identity is `current_identity`: the user whose request is being handled, or,
 user started (event handlers, background jobs), a service identity set with
 services.kit.service_identity.acting_as. A call with neither is refused before it leaves.
 The channel is mTLS or plaintext as services.kit.transport decides (GRPC_TLS_*).
+
+A dependency that cannot answer (UNAVAILABLE: down, or its own database is; DEADLINE_EXCEEDED)
+is the caller's `<dependency>_unavailable`, 503 with Retry-After (services.kit.errors.from_grpc_error).
+While it is down the channel tries to reconnect at most every MAX_RECONNECT_BACKOFF_MS, so calls
+succeed again within seconds of its return, without a restart.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from services.kit.logs import correlation_id_var
 from services.kit.transport import FROM_ENVIRONMENT, GrpcTls, open_channel
 
 DEFAULT_DEADLINE_S = 3.0
+MAX_RECONNECT_BACKOFF_MS = 2_000
 
 
 class NoCallerIdentity(RuntimeError):
@@ -76,6 +82,10 @@ def channel(
         options=[
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.enable_retries", 1),
+            # A dependency back after an outage is reached within seconds (gRPC's default backoff
+            # between reconnection attempts grows to two minutes).
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
         tls=tls,

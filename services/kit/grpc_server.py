@@ -12,6 +12,10 @@ get the correlation id, safe decoding and error mapping. Token failures answer
 UNAUTHENTICATED (UNAVAILABLE when the keys cannot be had) with the reason in the
 `error-code` trailer: `invalid_token`, `token_expired`, `session_revoked`.
 
+A handler's outage (its database or broker cannot be reached, services.kit.errors.dependency_outage)
+is UNAVAILABLE with `database_unavailable` / `broker_unavailable` in the `error-code` trailer, not
+INTERNAL: the caller maps it to `<service>_unavailable` and tries again (from_grpc_error).
+
 The port is bound by services.kit.transport: mutual TLS (a client certificate from the
 service CA required) when GRPC_TLS_* are set, plaintext otherwise.
 """
@@ -30,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
-from services.kit.errors import DomainError
+from services.kit.errors import DomainError, dependency_outage
 from services.kit.logs import accept_correlation_id, correlation_id_var
 from services.kit.transport import FROM_ENVIRONMENT, GrpcTls, add_port
 
@@ -79,13 +83,14 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
                     try:
                         identity = self.verifier.verify(token)
                     except AuthError as exc:
-                        status = (
-                            grpc.StatusCode.UNAVAILABLE
-                            if exc.code == "auth_unavailable"
-                            else grpc.StatusCode.UNAUTHENTICATED
-                        )
+                        if exc.code == "auth_unavailable":
+                            # The check could not be made: named after its database when that is why.
+                            outage = dependency_outage(exc)
+                            code = outage.code if outage is not None else exc.code
+                            context.set_trailing_metadata((("error-code", code),))
+                            context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
                         context.set_trailing_metadata((("error-code", exc.code),))
-                        context.abort(status, exc.message)
+                        context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
                     except Exception:
                         log.exception("token verification failed", extra={"grpc_method": method})
                         context.set_trailing_metadata((("error-code", "auth_unavailable"),))
@@ -102,9 +107,15 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
                 except DomainError as exc:
                     context.set_trailing_metadata((("error-code", exc.code),))
                     context.abort(exc.grpc_status, exc.message)
-                except Exception:
+                except Exception as exc:
                     if context.code() is not None:  # an abort from the handler itself
                         raise
+                    outage = dependency_outage(exc)
+                    if outage is not None:
+                        extra = {"grpc_method": method, "code": outage.code, "error_type": type(exc).__name__}
+                        log.warning("dependency unavailable", extra=extra)
+                        context.set_trailing_metadata((("error-code", outage.code),))
+                        context.abort(outage.grpc_status, outage.message)
                     log.exception("unhandled error in gRPC handler", extra={"grpc_method": method})
                     context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
@@ -157,8 +168,10 @@ class GrpcServer:
     def start(self) -> None:
         self.server.start()
         self._set_all(health_pb2.HealthCheckResponse.SERVING)
-        log.info("gRPC server listening (mTLS)" if self.secure else "gRPC server listening (plaintext)",
-                 extra={"port": self.port})
+        log.info(
+            "gRPC server listening (mTLS)" if self.secure else "gRPC server listening (plaintext)",
+            extra={"port": self.port},
+        )
 
     def _set_all(self, status) -> None:
         self.health.set("", status)

@@ -17,6 +17,11 @@ the concrete path, `reason` the error's code, `source` the client address), and 
 session's token presented again (401 `session_revoked`, at most once a minute per caller, route
 and address: a page left open after sign-out keeps polling). Other 401s are not recorded: a
 missing or expired token is everyday traffic, not an incident.
+
+Outages are 503 with `Retry-After`, never 500: a database or broker that cannot be reached
+(`services.kit.errors.dependency_outage`) is 503 `database_unavailable` / `broker_unavailable`, a
+dependency's `Unavailable` (`directory_unavailable`, ...) is 503 with its code, and every 503 the
+kit writes carries `Retry-After` (seconds). The catch-all 500 `internal_error` is left for bugs.
 """
 
 from __future__ import annotations
@@ -35,7 +40,15 @@ from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from services.kit.auth import KIND_STAFF, AuthError, Identity, TokenVerifier, bearer_token, current_identity
-from services.kit.errors import DomainError, Forbidden, InvalidInput, Unauthenticated
+from services.kit.errors import (
+    RETRY_AFTER_S,
+    DomainError,
+    Forbidden,
+    InvalidInput,
+    Unauthenticated,
+    Unavailable,
+    dependency_outage,
+)
 from services.kit.logs import accept_correlation_id, correlation_id_var
 from services.kit.security_events import OncePerWindow, SecurityLog, log_suppressed
 
@@ -56,6 +69,8 @@ HTTP_CODES = {
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None):
+    """The kit's error body. A 401 says how to authenticate; a 503 says when to try again
+    (`Retry-After`, RETRY_AFTER_S unless the caller sets its own)."""
     body = {"code": code, "message": message}
     if details:
         body["details"] = details
@@ -63,7 +78,26 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
     response.status_code = status
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="clinic"'
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
+
+
+class _KitFlask(Flask):
+    """Flask, with outages told apart from bugs before any error handler runs: a database or broker
+    that cannot be reached (services.kit.errors.dependency_outage) reaches the handlers as the
+    `Unavailable` it means (503 `database_unavailable` / `broker_unavailable`), so the kit's handler
+    and a blueprint's own (a FHIR route's OperationOutcome) answer it alike, and it is logged as one
+    warning, not as an unhandled error with a stack trace."""
+
+    def handle_user_exception(self, e: Exception):
+        if not isinstance(e, DomainError):
+            outage = dependency_outage(e)
+            if outage is not None:
+                extra = {"route": _route(), "code": outage.code, "error_type": type(e).__name__}
+                log.warning("dependency unavailable", extra=extra)
+                e = outage
+        return super().handle_user_exception(e)
 
 
 def create_app(
@@ -77,7 +111,7 @@ def create_app(
     """The kit's Flask app. `security_log`: where refusals are recorded (none: not recorded; see
     `record_refusals`). `trusted_proxies`: the hops whose `X-Real-IP` names the client in those
     records (`client_address`)."""
-    app = Flask(service)
+    app = _KitFlask(service)
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, JSON_SORT_KEYS=False, PROPAGATE_EXCEPTIONS=False)
     app.json.sort_keys = False
     app.extensions["clinic.verifier"] = verifier
@@ -190,8 +224,11 @@ def require_auth(view: Callable) -> Callable:
         except AuthError as exc:
             if exc.code == SESSION_REVOKED:
                 _record_revoked_token(_revoked_token_caller(token))
-            status = 503 if exc.code == "auth_unavailable" else 401
-            return error_response(status, exc.code, exc.message)
+            if exc.code == AUTH_UNAVAILABLE:
+                # The check itself could not be made: 503, naming the database when that is why.
+                unavailable = dependency_outage(exc) or Unavailable(AUTH_UNAVAILABLE, exc.message)
+                return error_response(503, unavailable.code, unavailable.message)
+            return error_response(401, exc.code, exc.message)
         if not identity.agency_id:  # HTTP edges serve agency data only
             record_refusal("agency_scope_required", _identity_fields(identity))
             return error_response(403, "agency_scope_required", "a platform-scope token cannot read agency data")
@@ -299,6 +336,7 @@ SECURITY_LOG = "clinic.security_log"
 TRUSTED_PROXIES = "clinic.trusted_proxies"
 _REVOKED_REPLAYS = "clinic.revoked_token_replays"
 SESSION_REVOKED = "session_revoked"
+AUTH_UNAVAILABLE = "auth_unavailable"
 _AGENCY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
