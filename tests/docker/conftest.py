@@ -1,4 +1,5 @@
-"""Fixtures shared by the deploy/ tests: the compose file, and make-secrets.sh run once for real."""
+"""Fixtures shared by the deploy/ tests: the compose file, and make-secrets.sh run once for real (in a copy of
+deploy/compose, next to a copy of deploy/rabbitmq, as in the repository)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def generated_secrets(tmp_path_factory):
         pytest.fail("openssl is not installed; make-secrets.sh needs it (apt-get install openssl)")
     workdir = tmp_path_factory.mktemp("compose") / "compose"
     shutil.copytree(d.COMPOSE_DIR, workdir, ignore=shutil.ignore_patterns("secrets", ".env"))
+    shutil.copytree(d.BROKER_DIR, workdir.parent / d.BROKER_DIR.name)  # make-secrets.sh reads ../rabbitmq
     for run in range(2):  # the second run must keep what the first made
         result = d.run_make_secrets(workdir)
         assert result.returncode == 0, result.stderr
@@ -37,4 +39,5 @@ def compose_copy(generated_secrets, tmp_path):
     """A private copy of the generated compose folder, for a test that changes its secrets."""
     workdir = tmp_path / "compose"
     shutil.copytree(generated_secrets[0], workdir)
+    shutil.copytree(d.BROKER_DIR, tmp_path / d.BROKER_DIR.name)
     return workdir

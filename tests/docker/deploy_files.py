@@ -28,6 +28,10 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 MAKE_SECRETS = COMPOSE_DIR / "make-secrets.sh"
+# The broker's users, permissions and shared topology (services.kit.bus broker-definitions); make-secrets.sh
+# fills in the users' password hashes for compose.
+BROKER_DIR = DEPLOY / "rabbitmq"
+BROKER_DEFINITIONS = BROKER_DIR / "definitions.json"
 K8S = DEPLOY / "k8s"
 DECK_ENV = K8S / "kong" / "deck.env"
 KONG_FILE = REPO / "gateway" / "kong.yml"
@@ -174,6 +178,42 @@ def environment_of(service: dict) -> dict[str, str]:
     return {str(k): "" if v is None else str(v) for k, v in env.items()}
 
 
+def compose_secret_names(service: dict) -> list[str]:
+    """The compose secrets a service mounts (at /run/secrets/<name>)."""
+    return [s if isinstance(s, str) else s["source"] for s in service.get("secrets") or []]
+
+
+_SECRET_PATH = re.compile(r"/run/secrets/([A-Za-z0-9_.-]+)")
+
+
+def compose_environment_on_host(
+    compose: dict, service: str, workdir: Path, variables: Mapping[str, str], scratch: Path
+) -> dict[str, str]:
+    """The environment compose gives `service`, made loadable on this machine: every /run/secrets/<name> in
+    it (the *_FILE settings, tlsCAFile= in MONGO_URI) becomes the file make-secrets.sh wrote in `workdir`
+    (a copy of deploy/compose), a folder the service mounts becomes an empty one in `scratch`, and
+    CLINIC_RUN_DIR is `scratch`. Naming a secret the service does not mount is an AssertionError."""
+    spec = compose["services"][service]
+    env = interpolate(environment_of(spec), variables)
+    mounted = compose_secret_names(spec)
+    for key, value in list(env.items()):
+        assert not key.endswith("_FILE") or value.startswith("/run/secrets/"), f"{service}: {key}={value}"
+
+        def on_host(match: re.Match, key: str = key) -> str:
+            name = match.group(1)
+            assert name in mounted, f"{service}: {key} names /run/secrets/{name}, a secret it does not mount"
+            return str(workdir / compose["secrets"][name]["file"])
+
+        env[key] = _SECRET_PATH.sub(on_host, value)
+    folders = {volume.split(":")[1] for volume in spec.get("volumes", [])}
+    for key, value in list(env.items()):
+        if value in folders:
+            (scratch / key).mkdir()
+            env[key] = str(scratch / key)
+    env["CLINIC_RUN_DIR"] = str(scratch)
+    return env
+
+
 def long_running(services: dict) -> dict[str, dict]:
     return {name: s for name, s in services.items() if str(s.get("restart", "")) != "no"}
 
@@ -205,6 +245,28 @@ def secret_template() -> dict[str, dict]:
         assert doc["kind"] == "Secret"
         secrets[doc["metadata"]["name"]] = {**(doc.get("stringData") or {}), **(doc.get("data") or {})}
     return secrets
+
+
+def certificate_secrets() -> dict[str, dict[str, str]]:
+    """The kubernetes.io/tls Secrets that cert-manager makes from certificates.yaml, by name: the keys it
+    writes (a CA issuer's Secrets carry ca.crt too), with placeholder values."""
+    return {
+        certificate["spec"]["secretName"]: {"tls.crt": "", "tls.key": "", "ca.crt": ""}
+        for certificate in k8s_objects("Certificate").values()
+    }
+
+
+def tls_stand_ins(folder: Path) -> dict[str, str]:
+    """A CA and a certificate signed by it (serverAuth + clientAuth), by the keys of a kubernetes.io/tls
+    Secret: what a Certificate's Secret holds, for tests that load them."""
+    from services.kit.transport import development_grpc_tls
+
+    tls = development_grpc_tls(folder)
+    return {
+        "tls.crt": tls.cert_file.read_text(),
+        "tls.key": tls.key_file.read_text(),
+        "ca.crt": tls.ca_file.read_text(),
+    }
 
 
 def parse_env_file(path: Path) -> dict[str, str]:
@@ -249,6 +311,74 @@ def mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, str
                     return secret["secretName"], item["key"]
             return secret["secretName"], file_name
     raise AssertionError(f"{path} is not on a mounted volume")
+
+
+STAND_IN_PHI_KEY_ID = "phi-test"
+
+
+def direct_stand_ins() -> dict[str, str]:
+    """cloud-comms' Direct identity and anchors (the cloud-comms-direct Secret's keys), made with its
+    development CA."""
+    from cryptography.hazmat.primitives import serialization
+
+    from services.cloud_comms import devcerts
+
+    ca, ca_key = devcerts.make_ca()
+    cert, key = devcerts.issue(ca, ca_key, devcerts.AGENCIES[0])
+    pem = serialization.Encoding.PEM
+    return {
+        "direct_anchors.pem": ca.public_bytes(pem).decode(),
+        "direct_cert.pem": cert.public_bytes(pem).decode(),
+        "direct_key.pem": key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+    }
+
+
+def k8s_file_stand_ins(service: str, folder: Path) -> dict[str, str]:
+    """Values with the right shape for every Secret key a Deployment mounts as a file, by key: the template's
+    placeholders (PHI key ring with the id STAND_IN_PHI_KEY_ID) and the certificates cert-manager issues."""
+    from services.audit.signing import generate_private_pem as generate_audit_signing_key
+    from services.directory.tokens import generate_private_key_pem
+    from services.kit.settings import random_key_b64
+
+    return {
+        "phi_master_keys": f"{STAND_IN_PHI_KEY_ID}:{random_key_b64()}",
+        "jwt_signing_keys.pem": generate_private_key_pem(2048),
+        "service_clients": "inbox:" + "0" * 64,
+        **direct_stand_ins(),
+        "audit_signing_key.pem": generate_audit_signing_key(),
+        **bus_key_stand_ins(service),
+        **tls_stand_ins(folder / "tls"),
+    }
+
+
+def k8s_environment_on_host(service: str, scratch: Path, stand_ins: Mapping[str, str]) -> dict[str, str]:
+    """The environment of `service`'s container as the kubelet builds it, made loadable on this machine:
+    every *_FILE setting names a file on a mounted Secret (an AssertionError otherwise), written into
+    `scratch` from `stand_ins` (by the Secret's key, e.g. k8s_file_stand_ins); a mounted folder that is not
+    a file setting (partners' Direct certificates) becomes an empty one; PHI_MASTER_KEY_ID, when set, is
+    STAND_IN_PHI_KEY_ID; CLINIC_RUN_DIR is `scratch`."""
+    pod = k8s_objects("Deployment")[service]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = k8s_environment(container)
+    secrets = {**secret_template(), **certificate_secrets()}
+    for name, value in list(env.items()):
+        if name.endswith("_FILE"):
+            secret, key = mounted_secret_file(pod, container, value)
+            assert key in secrets[secret], f"{value}: secret {secret} has no key {key}"
+            file = scratch / key
+            file.write_text(stand_ins[key])
+            env[name] = str(file)
+    mounted = {mount["mountPath"] for mount in container.get("volumeMounts", [])}
+    for name, value in list(env.items()):
+        if value in mounted and not name.endswith("_FILE"):
+            env[name] = str(scratch / name)
+            (scratch / name).mkdir()
+    if "PHI_MASTER_KEY_ID" in env:
+        env["PHI_MASTER_KEY_ID"] = STAND_IN_PHI_KEY_ID
+    env["CLINIC_RUN_DIR"] = str(scratch)
+    return env
 
 
 def bus_key_stand_ins(service: str) -> dict[str, str]:

@@ -174,3 +174,22 @@ def test_service_containers_run_as_uid_10001_on_a_read_only_root(stack, service)
     options = stack("exec", "-T", service, "python", "-c", root_mount)
     assert options.returncode == 0, options.stderr
     assert "ro" in options.stdout.strip().split(",")
+
+
+def test_internal_links_refuse_plaintext_and_answer_over_tls(stack):
+    """What the deployed files promise, asked of the running stack: mongod answers TLS clients only, the
+    broker listens on amqps (5671) alone, and a service's gRPC port takes mutual TLS only."""
+    ping = ["mongosh", "--quiet", "--norc", "--host", "localhost", "--eval", "quit(db.adminCommand('ping').ok ? 0 : 1)"]
+    plain = stack("exec", "-T", "mongo", *ping, timeout=120)
+    assert plain.returncode != 0, plain.stdout
+    over_tls = stack("exec", "-T", "mongo", *ping[:3], "--tls", "--tlsCAFile", "/run/secrets/clinic_ca", *ping[3:])
+    assert over_tls.returncode == 0, over_tls.stderr
+    listeners = stack("exec", "-T", "rabbitmq", "rabbitmq-diagnostics", "-q", "listeners")
+    assert listeners.returncode == 0, listeners.stderr
+    assert "5671" in listeners.stdout and "5672" not in listeners.stdout, listeners.stdout
+    # The same health check as the container's, with the certificates taken away: plaintext, refused.
+    health = ["python", "-m", "services.kit.transport", "health", "127.0.0.1:50052"]
+    assert stack("exec", "-T", "inbox", *health).returncode == 0
+    no_tls = ["-e", "GRPC_TLS_CERT_FILE=", "-e", "GRPC_TLS_KEY_FILE=", "-e", "GRPC_TLS_CA_FILE="]
+    refused = stack("exec", "-T", *no_tls, "inbox", *health)
+    assert refused.returncode == 1 and "not healthy" in refused.stderr, refused.stderr

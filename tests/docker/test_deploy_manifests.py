@@ -19,9 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.audit.signing import generate_private_pem as generate_audit_signing_key
-from services.directory.tokens import generate_private_key_pem
-from services.kit.settings import random_key_b64
 from tests.docker import deploy_files as d
 
 SERVICES = d.deployed_services()
@@ -170,7 +167,7 @@ def test_compose_healthchecks_and_dependency_conditions(compose):
     assert set(services) - set(running) <= adopted
 
 
-def test_compose_healthchecks_ask_the_services_grpc_health(compose):
+def test_compose_healthchecks_ask_the_services_grpc_health_over_their_mtls(compose):
     for name in SERVICES:
         service = compose["services"][name]
         if name in d.HTTP_ONLY:
@@ -178,33 +175,23 @@ def test_compose_healthchecks_ask_the_services_grpc_health(compose):
             assert f"127.0.0.1:{port}/healthz" in " ".join(service["healthcheck"]["test"])
             continue
         port = d.environment_of(service)[f"{d.env_prefix(name)}_GRPC_PORT"]
-        probe = " ".join(service["healthcheck"]["test"])
-        assert "grpc_health.v1" in probe and f"127.0.0.1:{port}" in probe
-        assert "SERVING" in probe
+        # services.kit.transport's health check: the service's own GRPC_TLS_* (mutual TLS), at 127.0.0.1.
+        assert service["healthcheck"]["test"] == [
+            "CMD", "python", "-m", "services.kit.transport", "health", f"127.0.0.1:{port}"
+        ]  # fmt: skip
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_compose_gives_each_service_what_production_requires(compose, generated_secrets, service, tmp_path):
     workdir, variables = generated_secrets
-    spec = compose["services"][service]
     env = compose_service_env(compose, service, variables)
     groups = d.required_in_production(service)
     assert groups, f"{service}: expected load() to refuse an empty production environment"
     for group in groups:
         assert group & set(env), f"{service} gets none of {sorted(group)} in compose"
-    # *_FILE settings point at compose secrets this service mounts; then load() must accept it all.
-    for key, value in list(env.items()):
-        if key.endswith("_FILE"):
-            secret = value.removeprefix("/run/secrets/")
-            assert value.startswith("/run/secrets/") and secret in spec["secrets"], key
-            env[key] = str(workdir / compose["secrets"][secret]["file"])
-    # A setting naming a folder the service mounts (partners' Direct certificates) gets an empty one.
-    mounted = {volume.split(":")[1] for volume in spec.get("volumes", [])}
-    for key, value in list(env.items()):
-        if value in mounted:
-            env[key] = str(tmp_path / key)
-            (tmp_path / key).mkdir()
-    env["CLINIC_RUN_DIR"] = str(tmp_path)
+    # *_FILE settings point at compose secrets this service mounts (the files make-secrets.sh wrote), a mounted
+    # folder (partners' Direct certificates) gets an empty one; then load() must accept it all.
+    env = d.compose_environment_on_host(compose, service, workdir, variables, tmp_path)
     assert d.production_problems(service, env) == []
 
 
@@ -380,7 +367,7 @@ def test_every_deployment_is_probed_limited_non_root_and_read_only(name):
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_python_services_use_native_grpc_probes_on_their_grpc_port(service):
+def test_python_services_probe_grpc_health_over_mtls_on_their_grpc_port(service):
     config = d.k8s_objects("ConfigMap")["clinic-config"]["data"]
     container = DEPLOYMENTS[service]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == [f"services.{d.package(service)}"]
@@ -394,8 +381,12 @@ def test_python_services_use_native_grpc_probes_on_their_grpc_port(service):
     else:
         grpc_port = int(config[f"{d.env_prefix(service)}_GRPC_PORT"])
         assert ports["grpc"] == grpc_port
+        # The kubelet's native gRPC probe speaks plaintext, which the mTLS-only server refuses: the container
+        # asks itself with its own certificate instead.
+        health = ["python", "-m", "services.kit.transport", "health", f"127.0.0.1:{grpc_port}"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == grpc_port, probe
+            assert container[probe]["exec"]["command"] == health, probe
+            assert container[probe]["timeoutSeconds"] >= 5, f"{probe}: a Python process needs time to start"
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     grace = DEPLOYMENTS[service]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert pre_stop[0] == "sleep" and grace >= int(pre_stop[1]) + 10
@@ -417,25 +408,6 @@ def test_each_deployment_has_a_service_autoscaler_and_disruption_budget(name):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def direct_stand_ins() -> dict[str, str]:
-    """cloud-comms' Direct identity and anchors (the cloud-comms-direct Secret's keys), made with its
-    development CA."""
-    from cryptography.hazmat.primitives import serialization
-
-    from services.cloud_comms import devcerts
-
-    ca, ca_key = devcerts.make_ca()
-    cert, key = devcerts.issue(ca, ca_key, devcerts.AGENCIES[0])
-    pem = serialization.Encoding.PEM
-    return {
-        "direct_anchors.pem": ca.public_bytes(pem).decode(),
-        "direct_cert.pem": cert.public_bytes(pem).decode(),
-        "direct_key.pem": key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode(),
-    }
-
-
 @pytest.mark.parametrize("service", SERVICES)
 def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
     pod = DEPLOYMENTS[service]["spec"]["template"]["spec"]
@@ -447,33 +419,9 @@ def test_k8s_gives_each_service_what_production_requires(service, tmp_path):
         assert group & set(env), f"{service} gets none of {sorted(group)} from the ConfigMap and Secrets"
     assert env["CLINIC_MODE"] == "production"
     assert env["GRPC_HOST"] == env["HTTP_HOST"] == "0.0.0.0"
-    # Stand-ins with the right shape replace the template's placeholders, then load() must accept it all.
-    secrets = d.secret_template()
-    key_id = "phi-test"
-    stand_ins = {
-        "phi_master_keys": f"{key_id}:{random_key_b64()}",
-        "jwt_signing_keys.pem": generate_private_key_pem(2048),
-        "service_clients": "inbox:" + "0" * 64,
-        **direct_stand_ins(),
-        "audit_signing_key.pem": generate_audit_signing_key(),
-        **d.bus_key_stand_ins(service),
-    }
-    for name, value in list(env.items()):
-        if name.endswith("_FILE"):
-            secret, key = d.mounted_secret_file(pod, container, value)
-            assert key in secrets[secret], f"{value}: secret {secret} has no key {key}"
-            file = tmp_path / key
-            file.write_text(stand_ins[key])
-            env[name] = str(file)
-    # A setting naming a mounted ConfigMap folder (partners' Direct certificates) gets an empty one.
-    mounted = {mount["mountPath"] for mount in container.get("volumeMounts", [])}
-    for name, value in list(env.items()):
-        if value in mounted and not name.endswith("_FILE"):
-            env[name] = str(tmp_path / name)
-            (tmp_path / name).mkdir()
-    if "PHI_MASTER_KEY_ID" in env:
-        env["PHI_MASTER_KEY_ID"] = key_id
-    env["CLINIC_RUN_DIR"] = str(tmp_path)
+    # Stand-ins with the right shape replace the template's placeholders (and the certificates cert-manager
+    # issues), then load() must accept it all.
+    env = d.k8s_environment_on_host(service, tmp_path, d.k8s_file_stand_ins(service, tmp_path))
     assert d.production_problems(service, env) == []
 
 
