@@ -450,9 +450,22 @@ class Stack:
         if child is not None and child.pid == pid:
             child.wait(timeout=timeout_s)  # reap it: a zombie holds its pid (and nx-27017's pid file)
 
-    def restart(self, name: str, *, wait: bool = True, timeout_s: float = 60.0) -> subprocess.Popen | None:
+    def restart(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        timeout_s: float = 60.0,
+        env_overrides: dict[str, str | None] | None = None,
+    ) -> subprocess.Popen | None:
         """Start `name` again with the settings it first ran with (after `kill` or a crash); with
-        `wait`, return once it answers its readiness URL. `nx-27017` restarts the embedded database."""
+        `wait`, return once it answers its readiness URL. `nx-27017` restarts the embedded database.
+        `env_overrides`: settings changed from now on for every later start (None removes one)."""
+        for key, value in (env_overrides or {}).items():
+            if value is None:
+                self._env.pop(key, None)
+            else:
+                self._env[key] = value
         if name == "nx-27017":
             if self.mongo is None:
                 raise LaunchError("this stack does not run the embedded database")

@@ -22,7 +22,7 @@ from functools import cached_property
 
 from services.inbox import audit, domain
 from services.inbox.label_names import LabelNames
-from services.inbox.store import REMOVE, InboxStore
+from services.inbox.store import REMOVE, SEQ, InboxStore, counts_of, tokens_of
 from services.kit.auth import Identity
 from services.kit.crypto import PhiCipher
 from services.kit.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
@@ -30,6 +30,8 @@ from services.kit.mongo import now_ms
 
 log = logging.getLogger(__name__)
 
+# What counting an item reads (a recount reads whole boards: only the fields its contribution needs).
+COUNT_PROJECTION = {"folder": 1, "board": 1, "unread_board": 1, "labels": 1, "sort_key": 1}
 MAX_SCAN_BATCHES = 10  # a filtered page reads at most this many index batches, then returns a cursor
 # Sections of the folder tree that can be expanded or collapsed: the label list under Messages,
 # the notification folders as a group, and any folder.
@@ -59,6 +61,26 @@ def collect(fetch, accept, before: str | None, limit: int, batch: int) -> tuple[
         if len(docs) < batch:
             return out, None
     return out, cursor
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One board's stored counters beside a recount of its items (Board.observe). `busy`: a count
+    moved while the items were read (no conclusion); `recounted` None: more items than allowed."""
+
+    seq: int | None
+    stored: dict[str, int]
+    recounted: dict[str, int] | None
+    items_read: int
+    busy: bool
+    tokens: dict[str, int]
+
+    @property
+    def drift(self) -> dict[str, int]:
+        """stored - recounted (empty when they agree, or when nothing can be concluded)."""
+        if self.busy or self.recounted is None:
+            return {}
+        return domain.add_deltas(self.stored, {k: -v for k, v in self.recounted.items()})
 
 
 @dataclass
@@ -480,24 +502,49 @@ class Board:
     # --- recount (operations) ----------------------------------------------------------
     def recount(self, agency_id: str, owner_id: str) -> dict[str, int]:
         """The counters as the items say they should be (reads the whole board: a maintenance
-        tool, never a request path)."""
+        tool and the drift check, never a request path)."""
+        counts, _ = self.recount_within(agency_id, owner_id, None)
+        return counts or {}
+
+    def recount_within(self, agency_id: str, owner_id: str, max_items: int | None) -> tuple[dict[str, int] | None, int]:
+        """(the recount, items read); the recount is None when the board holds more than
+        `max_items` visible items (reading stops there)."""
         counts: dict[str, int] = {}
-        for item in self.store.owner_items(agency_id, owner_id, domain.ITEM_FOLDERS):
-            counts = domain.add_deltas(counts, domain.contribution(item))
-        return counts
+        read = 0
+        for item in self.store.owner_items(agency_id, owner_id, domain.ITEM_FOLDERS, projection=COUNT_PROJECTION):
+            read += 1
+            if max_items is not None and read > max_items:
+                return None, read
+            for key, value in domain.contribution(item).items():
+                counts[key] = counts.get(key, 0) + value
+        return {key: value for key, value in counts.items() if value}, read
 
     def stored_counts(self, agency_id: str, owner_id: str) -> dict[str, int]:
-        doc = self.store.counter_doc(domain.owner_key(agency_id, owner_id))
-        return {k: int(v) for k, v in doc.items() if k != "_id" and int(v)}
+        return counts_of(self.store.counter_doc(domain.owner_key(agency_id, owner_id)))
 
-    def repair_counts(self, agency_id: str, owner_id: str) -> dict[str, int]:
-        """Replace the stored counters with a recount; returns what differed (stored - recounted)."""
-        recounted = self.recount(agency_id, owner_id)
-        stored = self.stored_counts(agency_id, owner_id)
-        drift = domain.add_deltas(stored, {k: -v for k, v in recounted.items()})
-        if drift:
-            self.store.reset_counters(domain.owner_key(agency_id, owner_id), recounted)
-        return drift
+    def observe(self, agency_id: str, owner_id: str, max_items: int | None = None) -> Observation:
+        """The stored counters, a recount, and the counters again: when no count moved meanwhile
+        (`seq` the same before and after), the two can be compared."""
+        owner = domain.owner_key(agency_id, owner_id)
+        before = self.store.counter_doc(owner)
+        recounted, read = self.recount_within(agency_id, owner_id, max_items)
+        after = self.store.counter_doc(owner) if recounted is not None else before
+        busy = before.get(SEQ) != after.get(SEQ)
+        return Observation(after.get(SEQ), counts_of(after), recounted, read, busy, tokens_of(after))
+
+    def repair_counts(self, agency_id: str, owner_id: str, attempts: int = 8) -> dict[str, int]:
+        """Move the stored counters to a recount; returns what differed (stored - recounted). The
+        correction is one $inc guarded by `seq`, so a count moved meanwhile is never overwritten
+        (the board is observed again)."""
+        owner = domain.owner_key(agency_id, owner_id)
+        for _ in range(attempts):
+            observed = self.observe(agency_id, owner_id)
+            if observed.busy:
+                continue
+            drift = observed.drift
+            if not drift or self.store.correct_counters(owner, observed.seq, {k: -v for k, v in drift.items()}):
+                return drift
+        raise Conflict("busy", "the board's counters kept moving during the recount; try again")
 
     # --- compose permissions ----------------------------------------------------------
     @staticmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.kit import gateway_identity
+from services.kit import faults, gateway_identity
 from services.kit.settings import CommonSettings, Env, common_settings
 
 
@@ -23,6 +23,14 @@ class InboxSettings:
     recipients_cache_s: float
     # Keys that prove a partner identity came from the gateway (current first; services.kit.gateway_identity).
     gateway_identity_keys: tuple[str, ...] = field(default=(), repr=False)
+    # The counter drift check (services/inbox/counter_check.py): how often a pass runs (0: never), how
+    # many boards and items one pass may read, and how long a drift must stay unchanged to be repaired.
+    counter_check_interval_s: float = 600.0
+    counter_check_boards: int = 100
+    counter_check_max_items: int = 50_000
+    counter_check_confirm_s: float = 60.0
+    # Fault injection (services.kit.faults): points where this process kills itself; tests only.
+    crash_points: frozenset[str] = frozenset()
 
 
 def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
@@ -41,6 +49,11 @@ def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
         # How long a delivery may rely on directory's word that a staff member is active (0: always ask).
         recipients_cache_s=env.float("INBOX_RECIPIENTS_CACHE_S", 10.0, minimum=0.0),
         gateway_identity_keys=gateway_identity.read_keys(env),
+        counter_check_interval_s=env.float("INBOX_COUNTER_CHECK_INTERVAL_S", 600.0),
+        counter_check_boards=env.int("INBOX_COUNTER_CHECK_BOARDS", 100, minimum=1, maximum=10_000),
+        counter_check_max_items=env.int("INBOX_COUNTER_CHECK_MAX_ITEMS", 50_000, minimum=100, maximum=10_000_000),
+        counter_check_confirm_s=env.float("INBOX_COUNTER_CHECK_CONFIRM_S", 60.0),
+        crash_points=faults.crash_points(env),
     )
     env.done()
     return settings

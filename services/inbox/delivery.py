@@ -9,9 +9,10 @@ resolved, withdrawn, recipients added or removed) instead of creating a second i
 
 Written as a send is (services/inbox/fanout.py): the notice first, guarded by its revision
 (`rev`), with its held `board_item.delivered.v1` events and `fanout_pending_at` set; then the board
-items are inserted, changed through InboxStore.change_item (counters stay exact) or deleted; then
-one write releases the events and clears the marker. A crash in between is finished by the
-repair worker.
+items are inserted (each new one counted once by the revision's pass, whoever inserted it),
+changed through InboxStore.change_item (counters stay exact) or deleted; then one write releases
+the events and clears the marker. A crash in between is finished by the repair worker, counters
+included.
 
 Repeats have their effect once: the consumer records processed event ids, and every notice keeps
 its last delivery ids (a gRPC `delivery_id`, or the event id), so a repeat answers applied=false.
@@ -54,7 +55,7 @@ from services.inbox.delivery_rules import (
     unfinished_removals,
 )
 from services.inbox.directory_client import EprescriberCache, RecipientCache
-from services.inbox.fanout import MARKER, Fanout, held_events, hold_events, repair_index
+from services.inbox.fanout import COUNTED_AT, MARKER, Fanout, held_events, hold_events, repair_index
 from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity, agency_caller
 from services.kit.bus import Consumer, Topology
 from services.kit.errors import Forbidden, InvalidInput, NotFound, Unavailable
@@ -113,10 +114,13 @@ class Delivery(Feature):
             what="delivery",
             revision="rev",
             on_rewritten=self.after_newer_revision,
+            counters=components.store,
+            owners=lambda notice: [domain.owner_key(notice["agency_id"], s) for s in notice["recipient_ids"]],
+            point="inbox.delivery",
         )
 
     def ensure_indexes(self) -> None:
-        ensure_indexes(self.store.db, [repair_index(NOTICES)])
+        ensure_indexes(self.store.db, [repair_index(NOTICES), repair_index(NOTICES, COUNTED_AT)])
 
     def attach(self) -> None:
         self.components.board.details[domain.KIND_NOTICE] = self.detail
@@ -362,16 +366,23 @@ class Delivery(Feature):
         self._fan_out_all([notice])
 
     def _fan_out_all(self, notices: list[dict]) -> None:
-        """Board items in line with each notice: the new ones of all of them in one insert (and one
-        counter write per owner), the existing ones changed one by one."""
+        """Board items in line with each notice: the new ones of all of them in one insert, counted
+        by their revision's pass (one counter write per owner), the existing ones changed one by one."""
         for notice in notices:
             for staff_id in notice.get("removed_ids") or []:
                 self.store.delete_item(domain.board_item_id(notice["_id"], staff_id, notice["folder"]), staff_id)
-        items = [(notice, notice_item(notice, staff_id)) for notice in notices for staff_id in notice["recipient_ids"]]
-        inserted = {item["_id"] for item in self.store.insert_board_items([item for _, item in items])}
-        for notice, item in items:
-            if item["_id"] not in inserted:
-                self.store.change_item(item["_id"], lambda it, notice=notice: item_patch(it, notice))
+        passes = {
+            self.fanout.pass_key(notice): [notice_item(notice, staff_id) for staff_id in notice["recipient_ids"]]
+            for notice in notices
+        }
+        placement = self.store.place_items(passes)
+        self.fanout.count(placement.placed)
+        for notice in notices:
+            for staff_id in notice["recipient_ids"]:
+                item_id = domain.board_item_id(notice["_id"], staff_id, notice["folder"])
+                if item_id not in placement.inserted:
+                    current = placement.existing.get(item_id)
+                    self.store.change_item(item_id, lambda it, notice=notice: item_patch(it, notice), current=current)
 
     def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
         """Finish deliveries interrupted between the notice write and the board items."""

@@ -2,9 +2,11 @@
 
 A send is one message document (encrypted subject and body, recipients and the
 held `message.delivered` events) followed by a repeatable fan-out of board
-items; the events are released only once every board item exists. A crash in
-between leaves `fanout_pending_at` set, and the repair loop finishes the job
-(services/inbox/fanout.py).
+items, counted on their owners' boards once per send (the pass's token); the
+events are released only once every board item exists and is counted. A crash
+in between leaves `fanout_pending_at` set, and the repair loop finishes the job,
+counters included (services/inbox/fanout.py). Replies, forwards and
+patient-portal messages are sends too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from services.kit.auth import Identity
 from services.kit.crypto import PhiCipher
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.events import new_envelope
+from services.kit.faults import crash_point
 from services.kit.logs import correlation_id_var
 from services.kit.mongo import now_ms
 
@@ -60,6 +63,9 @@ class Mailbox:
             what="fan-out",
             # Looked up per call: tests stand in for the store's query.
             find_pending=lambda older_than_ms, limit: self.store.pending_fanouts(older_than_ms, limit),  # noqa: PLW0108
+            counters=store,
+            owners=self.owners,
+            point="inbox.fanout",
         )
 
     # --- send -------------------------------------------------------------
@@ -106,6 +112,7 @@ class Mailbox:
             self.complete_fanout(existing)
             return self._existing(existing)
         self.complete_fanout(doc)
+        crash_point("inbox.send.before_answer")
         log.info(
             "message sent",
             extra={
@@ -207,11 +214,21 @@ class Mailbox:
         self.fanout.complete(doc)
 
     def _place_items(self, doc: dict) -> None:
+        """Every board item of the message, inserted where missing, then counted once per send
+        (whether this attempt or an earlier one inserted them)."""
         folder = doc.get("recipient_folder", domain.FOLDER_MESSAGES)
         items = [domain.board_item(doc, staff_id, folder) for staff_id in doc["recipient_ids"]]
         if doc.get("sender_kind", "staff") == "staff":
             items.append(domain.board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
-        self.store.insert_board_items(items)
+        self.fanout.count(self.store.place_items({self.fanout.pass_key(doc): items}).placed)
+
+    @staticmethod
+    def owners(doc: dict) -> list[str]:
+        """The boards a message is counted on (its recipients', and its staff sender's Sent)."""
+        staff_ids = list(doc.get("recipient_ids") or [])
+        if doc.get("sender_kind", "staff") == "staff":
+            staff_ids.append(doc["sender_id"])
+        return [domain.owner_key(doc["agency_id"], staff_id) for staff_id in dict.fromkeys(staff_ids)]
 
     def repair_fanouts(self, stop: threading.Event, interval_s: float = 5.0) -> None:
         """Finish sends interrupted between the message write and the board items."""

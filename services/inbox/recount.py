@@ -3,10 +3,14 @@
     python -m services.inbox.recount --agency agy_riverbend --staff stf_riverbend_kim
     python -m services.inbox.recount --all          # every board that has counters
 
-Counters are moved by every item change right after the item's own write; a process killed
-between the two leaves that board's counts off by the change. This tool recounts (reading
-the whole board, so it is maintenance, never a request path), replaces counters that differ and
-prints one JSON line per board with the drift it found ({} when none).
+Counters are moved by every item change right after the item's own write. A fan-out pass (a send,
+a delivered notice) counts what it placed exactly once even across a crash (services/inbox/fanout.py),
+and inbox's periodic drift check (services/inbox/counter_check.py) finds and repairs what a process
+killed between an item's write and its $inc left off; this tool does the same at once, for one board
+or all (reading whole boards, so it is maintenance, never a request path). It moves counters that
+differ by the difference, guarded so that a count moved meanwhile is never overwritten, and prints
+one JSON line per board with the drift it found ({} when none). Run it when no send is being
+repaired (a crashed one is finished within seconds of inbox running again).
 """
 
 from __future__ import annotations

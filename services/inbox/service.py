@@ -20,6 +20,7 @@ from services.inbox.announcements import Announcements
 from services.inbox.board import Board
 from services.inbox.components import Components, Feature
 from services.inbox.config import InboxSettings
+from services.inbox.counter_check import CounterCheck
 from services.inbox.delivery import Delivery
 from services.inbox.directory_client import DirectoryClient
 from services.inbox.grpc_api import SERVICE_NAME, InboxServicer
@@ -27,6 +28,7 @@ from services.inbox.mailbox import Mailbox
 from services.inbox.portal import Portal
 from services.inbox.reminders import Reminders
 from services.inbox.signatures import Signatures
+from services.kit import faults
 from services.kit.bootstrap import phi_cipher
 from services.kit.crypto import PhiCipher
 from services.kit.features import Assembled, Worker, background_of
@@ -34,8 +36,15 @@ from services.kit.grpc_server import ServiceBinding
 from services.kit.outbox import outbox_collections
 from services.kit.security_events import SecurityLog
 
-# Every feature of the mailbox, in start order.
-FEATURES: tuple[Callable[[Components], Feature], ...] = (Announcements, Reminders, Signatures, Portal, Delivery)
+# Every feature of the mailbox, in start order (the counter drift check, with the /metrics route, last).
+FEATURES: tuple[Callable[[Components], Feature], ...] = (
+    Announcements,
+    Reminders,
+    Signatures,
+    Portal,
+    Delivery,
+    CounterCheck,
+)
 
 
 @dataclass
@@ -87,6 +96,8 @@ def build(
     `directory` defaults to a DirectoryClient of settings.directory_grpc_target (a stand-in with
     its methods in tests); `service_tokens` (ServiceTokens, or anything with `identity(agency)`)
     is what work no user started acts as; `cipher` defaults to one over `db`'s data keys."""
+    if settings.crash_points:  # fault tests only (production refuses the setting)
+        faults.arm(settings.crash_points)
     inbox_store = store.InboxStore(db)
     inbox_store.ensure_indexes()
     cipher = cipher or phi_cipher(db, settings.common)

@@ -10,19 +10,25 @@ Query shapes (all served from an index on nx-27017 and on MongoDB; see docs/stor
 - label rewrite: update_one({"_id": {"$eq": id}, "name_key": {"$eq": old}}, {"$set": sealed name and keys})
 - fan-out repair: {"fanout_pending_at": {"$lte": t}} sort fanout_pending_at
 - one item change: update_one({"_id": {"$eq": id}, "version": {"$eq": v}}, {"$set": ...}) (optimistic)
-- counters:     update_one({"_id": {"$eq": "<agency>|<staff>"}}, {"$inc": delta}, upsert=True)
+- counters:     update_one({"_id": {"$eq": "<agency>|<staff>"}}, {"$inc": delta + seq}, upsert=True)
+- a fan-out pass's counters: update_one({"_id": {"$eq": owner}, "c_<pass>": {"$exists": False}},
+                {"$inc": delta + seq, "$set": {"c_<pass>": t}}, upsert=True) (11000: counted already)
+- pass tokens swept: update_one({"_id": {"$eq": owner}}, {"$unset": {"c_<pass>": ""}})
+- drift repaired: update_one({"_id": {"$eq": owner}, "seq": {"$eq": s}}, {"$inc": correction + seq})
+- boards in turn: counters {"_id": {"$gt": after}} sort _id, limit n (projection _id)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pymongo import DESCENDING, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from services.inbox import domain
-from services.inbox.fanout import pending_records, repair_index
+from services.inbox.fanout import COUNTED_AT, pending_records, repair_index
 from services.kit.errors import Conflict
 from services.kit.events import Envelope
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
@@ -39,6 +45,14 @@ PREFS = "board_prefs"
 MIGRATIONS = "migrations"
 REMOVE = object()  # in a patch: unset this field
 INSERT_BATCH = 1000
+COUNTER_BATCH = 1000
+# A counter document holds, beside the counts (u_, t_, l_, lt_ fields: services/inbox/domain.py), `seq`,
+# moved by every write that moves a count (the drift check's proof that nothing moved meanwhile),
+# and one token `c_<pass>` per fan-out pass whose counts it holds, until that pass is swept.
+SEQ = "seq"
+TOKEN_PREFIX = "c_"  # noqa: S105 - a field name, not a secret
+COUNT_PREFIXES = ("u_", "t_", "l_", "lt_")
+PLACED_BY = "placed_by"  # on a board item: the fan-out pass that inserted it (and counts it)
 # Collections whose documents carry outbox events (the relay scans these).
 OUTBOX_COLLECTIONS = (MESSAGES, BOARD_ITEMS, ACCESS_DENIALS)
 
@@ -48,11 +62,22 @@ INDEXES = [
     IndexSpec(BOARD_ITEMS, [("urgent_board", 1), ("sort_key", -1)], name="urgent_board_sort"),
     IndexSpec(BOARD_ITEMS, [("due_pending_at", 1)], name="due_pending"),
     repair_index(MESSAGES),
+    repair_index(MESSAGES, COUNTED_AT),
     IndexSpec(MESSAGES, [("thread_id", 1), ("sent_at", 1)], name="thread_order"),
     IndexSpec(LABELS, [("owner", 1), ("name_key", 1)], name="owner_labels"),
     IndexSpec(LABELS, [("owner_name", 1)], name="owner_name_unique", unique=True),
     IndexSpec(LABEL_ITEMS, [("label_board", 1), ("sort_key", -1)], name="label_board_sort"),
 ]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What `place_items` found: the items it inserted, the ones that were there already (as
+    stored), and per pass the items whose count is that pass's (placed by it, now or before)."""
+
+    inserted: set[str]
+    existing: dict[str, dict]
+    placed: dict[str, list[dict]]
 
 
 class InboxStore:
@@ -95,9 +120,10 @@ class InboxStore:
     def message(self, message_id: str) -> dict | None:
         return self.messages.find_one({"_id": {"$eq": message_id}}, projection={"_outbox": 0})
 
-    def insert_board_items(self, items: list[dict]) -> list[dict]:
+    def insert_board_items(self, items: list[dict], *, count: bool = True) -> list[dict]:
         """Insert board items (in batches), skipping ones that exist (fan-out is repeatable), and count
-        the new ones. Returns the items this call inserted."""
+        the new ones. Returns the items this call inserted. `count=False`: a fan-out pass counts its
+        items itself, once whoever inserted them (`count_passes`)."""
         inserted: list[dict] = []
         for start in range(0, len(items), INSERT_BATCH):
             batch = items[start : start + INSERT_BATCH]
@@ -110,8 +136,28 @@ class InboxStore:
                     raise
                 failed = {err["index"] for err in errors}
             inserted += [item for index, item in enumerate(batch) if index not in failed]
-        self.apply_deltas([(item, domain.counter_delta(None, item)) for item in inserted])
+        if count:
+            self.apply_deltas([(item, domain.counter_delta(None, item)) for item in inserted])
         return inserted
+
+    def place_items(self, passes: dict[str, list[dict]]) -> Placement:
+        """Insert the items of fan-out passes (pass key -> items) where missing, each marked with
+        the pass that placed it, in one insert; the items that were there already are read back
+        (one `_id $in` read, none when every item is new) to tell which of them an earlier attempt
+        of the same pass placed. Nothing is counted here: the pass counts what it placed
+        (`count_passes`)."""
+        marked = [(key, {**item, PLACED_BY: key}) for key, items in passes.items() for item in items]
+        inserted = {item["_id"] for item in self.insert_board_items([item for _, item in marked], count=False)}
+        missing = [item["_id"] for _, item in marked if item["_id"] not in inserted]
+        existing: dict[str, dict] = {}
+        for start in range(0, len(missing), INSERT_BATCH):
+            existing.update(self.items(missing[start : start + INSERT_BATCH]))
+        placed: dict[str, list[dict]] = {}
+        for key, item in marked:
+            stored = existing.get(item["_id"])
+            if item["_id"] in inserted or (stored is not None and stored.get(PLACED_BY) == key):
+                placed.setdefault(key, []).append(item)
+        return Placement(inserted, existing, placed)
 
     def pending_fanouts(self, older_than_ms: int, limit: int = 100) -> list[dict]:
         """Messages whose fan-out was interrupted (services/inbox/fanout.py), oldest first."""
@@ -233,24 +279,102 @@ class InboxStore:
             if delta:
                 key = domain.owner_key(item["agency_id"], item["owner_id"])
                 per_owner[key] = domain.add_deltas(per_owner.get(key, {}), delta)
-        ops = [UpdateOne({"_id": {"$eq": key}}, {"$inc": delta}, upsert=True) for key, delta in per_owner.items()]
-        for start in range(0, len(ops), 1000):
-            self.counters.bulk_write(ops[start : start + 1000], ordered=False)
+        ops = [
+            UpdateOne({"_id": {"$eq": key}}, {"$inc": {**delta, SEQ: 1}}, upsert=True)
+            for key, delta in per_owner.items()
+        ]
+        for start in range(0, len(ops), COUNTER_BATCH):
+            self.counters.bulk_write(ops[start : start + COUNTER_BATCH], ordered=False)
+
+    def count_passes(self, passes: dict[str, list[dict]]) -> None:
+        """Count the items of fan-out passes (pass key -> the items it places) on their owners'
+        boards, once per (pass, board) whoever calls it and however often: each board's $inc sets
+        the pass's token in the same write and only applies while the token is absent. One write
+        per board for all the passes together; a board that already holds some of them (a
+        repair, or a race creating its document) is done pass by pass."""
+        per_owner: dict[str, dict[str, dict[str, int]]] = {}  # owner -> token -> delta
+        for key, items in passes.items():
+            token = count_token(key)
+            for item in items:
+                delta = domain.counter_delta(None, item)
+                if delta:
+                    tokens = per_owner.setdefault(domain.owner_key(item["agency_id"], item["owner_id"]), {})
+                    tokens[token] = domain.add_deltas(tokens.get(token, {}), delta)
+        plan = list(per_owner.items())
+        now = now_ms()
+        failed = self._bulk_counters(
+            [UpdateOne(*_token_update(owner, tokens, now), upsert=True) for owner, tokens in plan]
+        )
+        for index in failed:
+            self._count_one_by_one(*plan[index], now)
+
+    def _count_one_by_one(self, owner: str, tokens: dict[str, dict[str, int]], now: int) -> None:
+        """A board whose guarded write found a token (or lost the race to create its document):
+        apply the passes it does not hold yet, one write each."""
+        for _ in range(8):
+            held = self.counter_doc(owner)
+            missing = {token: delta for token, delta in tokens.items() if token not in held}
+            if not missing:
+                return
+            token, delta = next(iter(missing.items()))
+            try:
+                self.counters.update_one(*_token_update(owner, {token: delta}, now), upsert=True)
+            except DuplicateKeyError:
+                continue
+        raise Conflict("busy", "the board's counters are being changed by another request; try again")
+
+    def _bulk_counters(self, ops: list[UpdateOne]) -> list[int]:
+        """Run guarded counter upserts; the indexes of those whose guard failed (duplicate key)."""
+        failed: list[int] = []
+        for start in range(0, len(ops), COUNTER_BATCH):
+            try:
+                self.counters.bulk_write(ops[start : start + COUNTER_BATCH], ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(err.get("code") != 11000 for err in errors):
+                    raise
+                failed += [start + err["index"] for err in errors]
+        return failed
+
+    def sweep_passes(self, passes_by_owner: dict[str, list[str]]) -> None:
+        """Drop the tokens of released passes (owner key -> pass keys) from their boards."""
+        self.sweep_tokens({owner: [count_token(key) for key in keys] for owner, keys in passes_by_owner.items()})
+
+    def sweep_tokens(self, tokens_by_owner: dict[str, list[str]]) -> None:
+        """Drop pass tokens (they hold no count, so `seq` stays)."""
+        ops = [
+            UpdateOne({"_id": {"$eq": owner}}, {"$unset": dict.fromkeys(tokens, "")})
+            for owner, tokens in tokens_by_owner.items()
+            if tokens
+        ]
+        for start in range(0, len(ops), COUNTER_BATCH):
+            self.counters.bulk_write(ops[start : start + COUNTER_BATCH], ordered=False)
 
     def counter_doc(self, owner: str) -> dict:
         return self.counters.find_one({"_id": {"$eq": owner}}) or {}
 
-    def reset_counters(self, owner: str, values: dict[str, int]) -> None:
-        """Replace an owner's counters (the recount tool)."""
-        self.counters.replace_one({"_id": {"$eq": owner}}, {"_id": owner, **values}, upsert=True)
+    def correct_counters(self, owner: str, seq: int | None, correction: dict[str, int]) -> bool:
+        """Move an owner's counts by `correction` unless any count moved since `seq` was read
+        (False then: nothing written)."""
+        guard = {"_id": {"$eq": owner}, SEQ: {"$eq": seq}}
+        return bool(self.counters.update_one(guard, {"$inc": {**correction, SEQ: 1}}).matched_count)
 
-    def owner_items(self, agency_id: str, owner_id: str, folders, batch: int = 1000):
-        """Every visible item of one board, folder by folder (the recount tool; not a request path)."""
+    def counter_owners(self, after: str, limit: int) -> list[str]:
+        """Owner keys of counter documents after `after`, in key order (the drift check's turn)."""
+        found = self.counters.find({"_id": {"$gt": after}}, projection={"_id": 1}).sort("_id", 1).limit(limit)
+        return [doc["_id"] for doc in found]
+
+    def owner_items(self, agency_id: str, owner_id: str, folders, batch: int = 1000, projection: dict | None = None):
+        """Every visible item of one board, folder by folder (counting; not a request path)."""
         for folder in folders:
             board = domain.owner_folder(agency_id, owner_id, folder)
             before = None
             while True:
-                page = self.page(board, before, batch)
+                query: dict = {"board": {"$eq": board}}
+                if before is not None:
+                    query["sort_key"] = {"$lt": before}
+                found = self.board_items.find(query, projection=projection or {"_outbox": 0})
+                page = list(found.sort("sort_key", DESCENDING).limit(batch))
                 yield from page
                 if len(page) < batch:
                     break
@@ -335,3 +459,27 @@ class InboxStore:
 
 def label_entry_id(label_id: str, item_id: str) -> str:
     return f"{label_id}|{item_id}"
+
+
+def count_token(pass_key: str) -> str:
+    """The counter-document field that says a fan-out pass's counts are in (flat, fixed length)."""
+    return TOKEN_PREFIX + domain.digest(pass_key)[:16]
+
+
+def counts_of(doc: dict) -> dict[str, int]:
+    """The counts of a counter document (no `_id`, `seq` or tokens), zeros left out."""
+    return {k: int(v) for k, v in doc.items() if k.startswith(COUNT_PREFIXES) and int(v)}
+
+
+def tokens_of(doc: dict) -> dict[str, int]:
+    """The pass tokens a counter document holds, with when each was set."""
+    return {k: int(v or 0) for k, v in doc.items() if k.startswith(TOKEN_PREFIX)}
+
+
+def _token_update(owner: str, tokens: dict[str, dict[str, int]], now: int) -> tuple[dict, dict]:
+    """(filter, update): one board's counts for passes it holds no token of, with those tokens, in
+    one write (an upsert: 11000 when a token is there already)."""
+    guard: dict = {"_id": {"$eq": owner}}
+    guard.update({token: {"$exists": False} for token in tokens})
+    delta = domain.add_deltas(*tokens.values())
+    return guard, {"$inc": {**delta, SEQ: 1}, "$set": dict.fromkeys(tokens, now)}
