@@ -100,6 +100,11 @@ def new_id() -> str:
     return "cmp_" + secrets.token_urlsafe(18)
 
 
+def keyed_id(agency_id: str, staff_id: str, idempotency_key: str) -> str:
+    """The id a staff member's create with this Idempotency-Key makes: a retry finds it again."""
+    return "cmp_" + hashlib.sha256(f"{agency_id}|staff:{staff_id}|{idempotency_key}".encode()).hexdigest()[:32]
+
+
 def partner_item_id(agency_id: str, consumer: str, external_ref: str) -> str:
     """The compliance system's own id names the item: a repeated PUT finds it again."""
     return "cmp_" + hashlib.sha256(f"{agency_id}|{consumer}|{external_ref}".encode()).hexdigest()[:32]

@@ -29,7 +29,7 @@ from services.kit.mongo import IndexSpec, ensure_indexes, eq, now_ms
 from services.kit.outbox import outbox_fields, with_outbox
 from services.kit.runtime import every
 from services.kit.service_identity import acting_as
-from services.kit.validation import Id, Instant, Link, ListOf, Str, json_body, path_id, validate
+from services.kit.validation import Id, Instant, Link, ListOf, Str, idempotency_key_header, json_body, path_id, validate
 from services.notifications import audit, compliance
 from services.notifications.compliance import Assignee, ComplianceItem
 from services.notifications.components import Feature
@@ -322,6 +322,24 @@ class ComplianceAlerts(Feature):
         return 1
 
     # --- reading --------------------------------------------------------------------------------
+    def _repeated(self, officer: Identity, item_id: str, fields: dict) -> ComplianceItem:
+        """The item an earlier create with the same Idempotency-Key made, if this is the same
+        request again; else 409 `idempotency_key_reused`."""
+        existing = self.load(officer.agency_id, item_id)
+        if existing is None:
+            raise _busy()  # the earlier create is still being written: a retry finds it
+        asked = compliance.changed(
+            existing,
+            kind=fields["kind"],
+            title=fields["title"],
+            link=fields.get("link", ""),
+            assignee_ids=self._check_assignees(fields["assignee_ids"]),
+            due_at=fields["due_at"],
+        )
+        if existing.created_by != officer.staff_id or not compliance.same_content(existing, asked):
+            raise Conflict("idempotency_key_reused", "this Idempotency-Key was used for another compliance item")
+        return existing
+
     def view(self, caller: Identity, item_id: str) -> dict:
         """The item in full (PHI) for officers, assignees and escalation recipients; audited."""
         item = self.load(caller.agency_id, item_id)
@@ -346,14 +364,13 @@ class ComplianceAlerts(Feature):
         def create():
             officer = _officer()
             fields = validate(json_body(), NEW_ITEM)
+            key = idempotency_key_header()
+            item_id = compliance.keyed_id(officer.agency_id, officer.staff_id, key) if key else compliance.new_id()
             item = self.create(
-                officer.agency_id,
-                compliance.new_id(),
-                fields,
-                origin="staff",
-                external_ref="",
-                created_by=officer.staff_id,
+                officer.agency_id, item_id, fields, origin="staff", external_ref="", created_by=officer.staff_id
             )
+            if item is None and key:
+                return item_view(self._repeated(officer, item_id, fields), now_ms()), 200
             if item is None:
                 raise _busy()
             response = item_view(item, now_ms())

@@ -235,3 +235,21 @@ def test_an_officer_reassigns_an_item_and_a_read_of_it_is_audited(ortiz, login, 
     ortiz.post(f"/api/v1/compliance/items/{item_id}/resolve")
     again = ortiz.patch(f"/api/v1/compliance/items/{item_id}", json={"title": "Reopened?"})
     assert again.status_code == 409 and again.json()["code"] == "compliance_item_resolved"
+
+
+def test_a_create_retried_with_its_idempotency_key_makes_one_item(ortiz, login):
+    patel = login("therapist.patel")
+    before = {i["ref_id"] for i in patel.items(folder="compliance", limit=100)["items"]}
+    key = uuid.uuid4().hex
+    body = item_body(title=f"Consent renewal {key[:6]}")
+    first = ortiz.post("/api/v1/compliance/items", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    again = ortiz.post("/api/v1/compliance/items", json=body, headers={"Idempotency-Key": key})
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+    other = ortiz.post("/api/v1/compliance/items", json={**body, "title": "Another"}, headers={"Idempotency-Key": key})
+    assert (other.status_code, other.json()["code"]) == (409, "idempotency_key_reused")
+    wait_until(lambda: alert(patel, first.json()["id"]), timeout=15)
+    after = {i["ref_id"] for i in patel.items(folder="compliance", limit=100)["items"]}
+    assert after - before == {alert(patel, first.json()["id"])["ref_id"]}
+    bad = ortiz.post("/api/v1/compliance/items", json=body, headers={"Idempotency-Key": "é" * 3})
+    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_idempotency_key")
