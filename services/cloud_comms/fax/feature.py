@@ -77,6 +77,15 @@ FORM_SLACK_BYTES = 256 * 1024
 INDEXES = [IndexSpec(FAXES, [("agency_id", 1), ("received_at", -1)], name="faxes_by_agency")]
 
 
+def callback_parts() -> tuple[list[tuple[str, str]], list[tuple[str, bytes]]]:
+    """The request's form fields and file parts, as the callback signature covers them. A part whose
+    name cannot be read (Werkzeug names it None) is named "": the provider never sends one, so the
+    signature check refuses the callback (401) rather than failing on it."""
+    params = [(name or "", value) for name, value in request.form.items(multi=True)]
+    files = [(name or "", storage.read()) for name, storage in request.files.items(multi=True)]
+    return params, files
+
+
 def fax_doc_id(agency_id: str, provider: str, provider_fax_id: str) -> str:
     """One received fax of one agency, however often the provider calls back about it."""
     return "fax_" + hashlib.sha256(f"{agency_id}\x1f{provider}\x1f{provider_fax_id}".encode()).hexdigest()[:32]
@@ -345,14 +354,12 @@ class Faxes(Feature):
         def received():
             # The PDF may be far larger than the service's JSON bodies (Flask 3.1: per request).
             request.max_content_length = self.settings.max_pdf_bytes + FORM_SLACK_BYTES
-            params = [(name, value) for name, value in request.form.items(multi=True)]
-            files = [(name, storage.read()) for name, storage in request.files.items(multi=True)]
+            params, files = callback_parts()
             return self.receive(params, files, request.headers.get(phaxio.SIGNATURE_HEADER))
 
         @callbacks.post("/status")
         def status():
-            params = [(name, value) for name, value in request.form.items(multi=True)]
-            files = [(name, storage.read()) for name, storage in request.files.items(multi=True)]
+            params, files = callback_parts()
             return self.status_update(params, files, request.headers.get(phaxio.SIGNATURE_HEADER))
 
         staff = Blueprint("fax_staff", __name__, url_prefix="/api/v1/cloud/faxes")
