@@ -111,7 +111,8 @@ def create_app(
     """The kit's Flask app. `security_log`: where refusals are recorded (none: not recorded; see
     `record_refusals`). `trusted_proxies`: the hops whose `X-Real-IP` names the client in those
     records (`client_address`)."""
-    app = _KitFlask(service)
+    # No static route: a service answers JSON only (the web service adds its own for the page's assets).
+    app = _KitFlask(service, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, JSON_SORT_KEYS=False, PROPAGATE_EXCEPTIONS=False)
     app.json.sort_keys = False
     app.extensions["clinic.verifier"] = verifier
@@ -176,7 +177,10 @@ def create_app(
             405: "method not allowed on this resource",
             413: f"request body exceeds {max_body_bytes} bytes",
         }.get(status, exc.description or exc.name)
-        return error_response(status, code, message)
+        response = error_response(status, code, message)
+        if status == 405 and getattr(exc, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))  # RFC 9110 §15.5.6
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -1,21 +1,26 @@
-"""The web service's HTTP edge: the Message Board page, its sign-in endpoints and its event stream."""
+"""The web service's HTTP edge: the Message Board page, its sign-in endpoints, its event stream, and
+the published OpenAPI documents (docs/api.md)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from flask import Blueprint, Flask, Response, current_app, g, request, send_from_directory
 
 from services.kit.auth import AuthError, TokenVerifier
+from services.kit.errors import NotFound
 from services.kit.http import Network, create_app, error_response, readiness, require_auth
 from services.kit.validation import json_body
 from services.web.live import Hub, Subscription, TooManyStreams
 from services.web.sessions import DirectorySessions, check_same_origin
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Every service's OpenAPI document: services/<service>/openapi.yaml.
+SERVICES_DIR = Path(__file__).resolve().parents[1]
+OPENAPI_MEDIA_TYPE = "application/yaml"
 # No inline script or style anywhere in the page: everything comes from this origin's files.
 CONTENT_SECURITY_POLICY = "; ".join(
     [
@@ -67,15 +72,38 @@ def reached_over_https(trusted: Sequence[Network]) -> bool:
 
 page = Blueprint("page", __name__)
 session = Blueprint("session", __name__, url_prefix="/app")
+openapi = Blueprint("openapi", __name__, url_prefix="/api/v1/openapi")
 
 
-def build_app(sessions: DirectorySessions, hub: Hub, verifier: TokenVerifier, settings, live_ready=None) -> Flask:
-    """`live_ready()` says whether delivery events are being consumed (readiness); None: always."""
+def published_documents(root: Path = SERVICES_DIR) -> dict[str, bytes]:
+    """service name (its folder, e.g. `auto_reply`) -> its OpenAPI document, read once at start:
+    requests never name a file, they pick one of these."""
+    return {path.parent.name: path.read_bytes() for path in sorted(root.glob("*/openapi.yaml"))}
+
+
+def build_app(
+    sessions: DirectorySessions,
+    hub: Hub,
+    verifier: TokenVerifier,
+    settings,
+    live_ready=None,
+    *,
+    documents: Mapping[str, bytes] | None = None,
+) -> Flask:
+    """`live_ready()` says whether delivery events are being consumed (readiness); None: always.
+    `documents`: the OpenAPI documents served (default `published_documents()`)."""
     app = create_app("web", verifier, max_body_bytes=16 * 1024)
-    app.static_folder = str(STATIC_DIR)  # Flask's own /static/<path> route serves the page's assets
-    app.extensions["web"] = {"sessions": sessions, "hub": hub, "settings": settings}
+    app.static_folder = str(STATIC_DIR)  # the page's assets, served by Flask's own static view
+    app.add_url_rule("/static/<path:filename>", endpoint="static", view_func=app.send_static_file)
+    app.extensions["web"] = {
+        "sessions": sessions,
+        "hub": hub,
+        "settings": settings,
+        "openapi": dict(published_documents() if documents is None else documents),
+    }
     app.register_blueprint(page)
     app.register_blueprint(session)
+    app.register_blueprint(openapi)
 
     @app.after_request
     def _page_headers(response: Response) -> Response:
@@ -161,6 +189,21 @@ def events():
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Accel-Buffering"] = "no"
     return response
+
+
+@openapi.get("")
+def openapi_index():
+    """The published documents, one per service (public: they describe the API, not its data)."""
+    names = sorted(_web("openapi"))
+    return {"documents": [{"service": name, "url": f"{openapi.url_prefix}/{name}.yaml"} for name in names]}
+
+
+@openapi.get("/<service>.yaml")
+def openapi_document(service: str):
+    documents: dict[str, bytes] = _web("openapi")
+    if service not in documents:
+        raise NotFound("not_found", "no such document")
+    return Response(documents[service], content_type=f"{OPENAPI_MEDIA_TYPE}; charset=utf-8")
 
 
 def event_stream(subscription: Subscription, still_signed_in: Callable[[], bool], heartbeat_s: float) -> Iterator[str]:

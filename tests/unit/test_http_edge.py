@@ -64,6 +64,12 @@ def test_routing_errors_are_json(client, method, path, status, code):
     assert reply.get_json()["code"] == code
 
 
+def test_a_method_not_allowed_names_the_allowed_ones(client):
+    reply = client.get("/boom")
+    assert reply.status_code == 405
+    assert "GET" not in reply.headers["Allow"] and reply.headers["Allow"]
+
+
 def test_oversize_bodies_are_refused_with_413_json(client):
     reply = client.post("/echo", data=b"x" * 2048, content_type="application/octet-stream")
     assert reply.status_code == 413
