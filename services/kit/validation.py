@@ -15,6 +15,7 @@ NUL character in any string or name is 400 `invalid_text`.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 import urllib.parse
@@ -24,7 +25,7 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import BadRequest
 
-from services.kit.errors import InvalidInput, UnsupportedMediaType
+from services.kit.errors import Conflict, InvalidInput, UnsupportedMediaType
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Above what any request body here nests (a few levels; FHIR routes, whose resources nest deeper,
@@ -316,6 +317,17 @@ class Fields(Spec):
 
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
+
+
+def request_digest(body: object) -> str:
+    """A fingerprint of what a create asked for (its JSON, keys sorted), kept with what an
+    Idempotency-Key made, so the same key with another request is told apart from a repeat."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def idempotency_key_reused() -> Conflict:
+    return Conflict("idempotency_key_reused", "this Idempotency-Key was used for another request")
 
 
 def idempotency_key_header() -> str | None:

@@ -616,9 +616,12 @@ def test_an_idempotency_key_makes_a_repeated_send_return_the_first_message(direc
     key = {"Idempotency-Key": "page-retry-0001"}
     first = direct.post("wilson", new_message(), **key)
     assert first.status_code == 202, first.get_json()
-    again = direct.post("wilson", new_message(subject="Changed on retry"), **key)
+    again = direct.post("wilson", new_message(), **key)
     assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
     assert again.get_json()["subject"] == "Referral for Maria Lopez"
+    # The same key with another request is not a repeat: refused, nothing sent.
+    changed = direct.post("wilson", new_message(subject="Changed on retry"), **key)
+    assert changed.status_code == 409 and changed.get_json()["code"] == "idempotency_key_reused"
     # Concurrent repeats: one message, the others answered with it.
     answers = together(*[lambda: direct.post("wilson", new_message(), **{"Idempotency-Key": "burst"})] * 3)
     assert sorted(a.status_code for a in answers) == [200, 200, 202]

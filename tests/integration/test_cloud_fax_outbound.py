@@ -783,9 +783,11 @@ def test_a_repeated_idempotency_key_returns_the_first_fax(place):
     assert first.status_code == 202, first.text
     fid = first.json()["id"]
     wait_until(lambda: place.status_of(fid) == "success", 10, 0.05, "the fax sent")
-    again = place.post("stf_patel", upload(to="+15555550188"), key="referral-0042")  # the key names the fax
+    again = place.post("stf_patel", upload(), key="referral-0042")
     assert again.status_code == 200 and again.json()["id"] == fid and again.json()["to_number"] == TO
     assert again.json()["status"] == "success"
+    changed = place.post("stf_patel", upload(to="+15555550188"), key="referral-0042")  # not a repeat
+    assert changed.status_code == 409 and changed.json()["code"] == "idempotency_key_reused"
     other = place.post("stf_patel", upload(), key="referral-0043")
     davis = place.post("stf_davis", upload(from_number=MAIN), key="referral-0042")  # another sender's key
     assert (other.status_code, davis.status_code) == (202, 202)

@@ -63,6 +63,7 @@ from services.kit.crypto import DecryptionError
 from services.kit.errors import Forbidden, NotFound, Unavailable, Unprocessable
 from services.kit.mongo import IndexSpec, now_ms
 from services.kit.outbox import outbox_fields, with_outbox
+from services.kit.validation import idempotency_key_reused, request_digest
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class OutboundDirect:
         refused. With an Idempotency-Key `key` already used by the caller: (the first message's
         view, False), nothing sent again."""
         oid = keyed_id(caller, key) if key else "dmo_" + uuid.uuid4().hex
-        first = self._sent_before(caller, oid) if key else None
+        digest = request_digest(body) if key else ""
+        first = self._sent_before(caller, oid, digest) if key else None
         if first is not None:
             return first, False
         req = parse(body, self.direct.max_outbound_attachment_bytes)
@@ -144,9 +146,10 @@ class OutboundDirect:
                 attachments=attachments,
                 certs=certs,
                 original=original,
+                digest=digest,
             )
         except DuplicateKeyError:  # a concurrent repeat of the same Idempotency-Key stored it first
-            first = self._sent_before(caller, oid)
+            first = self._sent_before(caller, oid, digest)
             if first is None:
                 raise
             return first, False
@@ -154,12 +157,14 @@ class OutboundDirect:
         log.info("direct outbound queued", extra={"agency_id": caller.agency_id, "count": len(to)})
         return self._view(doc, {"subject": subject, "text": req.text, "attachments": self._meta(attachments)}), True
 
-    def _sent_before(self, caller, oid: str) -> dict | None:
+    def _sent_before(self, caller, oid: str, digest: str) -> dict | None:
         """The view of message `oid` when the caller sent it (an Idempotency-Key's repeat), audited
-        as a read; else None."""
+        as a read; else None. 409 `idempotency_key_reused` when the key was sent with another request."""
         doc = self.docs.find_one({"_id": {"$eq": oid}, "agency_id": {"$eq": caller.agency_id}}, projection=NOT_OUTBOX)
         if doc is None or doc["created_by"]["id"] != caller.staff_id:
             return None
+        if doc.get("request_digest", digest) != digest:
+            raise idempotency_key_reused()
         audit.record(self.components.store, caller, oid, resource_type=RESOURCE_TYPE)
         return self._view(doc, self._opened(doc))
 
@@ -223,7 +228,7 @@ class OutboundDirect:
     def _meta(attachments) -> list[dict]:
         return [{"filename": n, "content_type": t, "size": len(d)} for n, t, d in attachments]
 
-    def _store(self, caller, req, oid: str, *, sender, to, subject, attachments, certs, original) -> dict:
+    def _store(self, caller, req, oid: str, *, sender, to, subject, attachments, certs, original, digest) -> dict:
         # The attachments' pieces are stored under an owner id of their own, so a concurrent repeat
         # of an Idempotency-Key never overwrites (nor, losing, removes) the first one's pieces.
         owner = f"{oid}-{uuid.uuid4().hex[:8]}"
@@ -254,6 +259,7 @@ class OutboundDirect:
             "version": 1,
             "send_due_at": now,
             "send_attempts": 0,
+            "request_digest": digest,  # what an Idempotency-Key sent ("" without one)
         }
         event = self._item_event(doc, subject, mark_unread=False)
         try:

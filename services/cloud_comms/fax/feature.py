@@ -62,7 +62,7 @@ from services.kit.http import require_staff
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
 from services.kit.service_identity import acting_as
-from services.kit.validation import idempotency_key_header, json_body, path_id
+from services.kit.validation import idempotency_key_header, json_body, path_id, request_digest
 
 __all__ = ["FAXES", "FAX_CHUNKS", "OUTBOUND_FAXES", "Faxes", "fax_doc_id"]
 
@@ -291,7 +291,8 @@ class Faxes(Feature):
         refused request leaves no `allowed` record)."""
         settings = self.settings
         fid = None if key is None else outbound_id(caller.agency_id, caller.staff_id, key)
-        if fid is not None and (first := self.outbound.sent_by(caller, fid)) is not None:
+        digest = request_digest(body) if key is not None else ""
+        if fid is not None and (first := self.outbound.sent_by(caller, fid, digest)) is not None:
             return self._repeat(caller, first), 200
         wanted = compose.parse(body, settings.max_pdf_bytes, settings.allowed_country_codes)
         address = compose.sending_number(self.components.directory, caller, wanted.from_number)
@@ -308,6 +309,7 @@ class Faxes(Feature):
             filename=filename,
             document=wanted.document or {"kind": "upload"},
             fid=fid,
+            digest=digest,
         )
         if not created:  # a concurrent repeat of the same Idempotency-Key stored it first
             return self._repeat(caller, view), 200

@@ -58,6 +58,7 @@ from services.kit.crypto import DecryptionError
 from services.kit.errors import Unavailable
 from services.kit.mongo import IndexSpec, now_ms
 from services.kit.outbox import outbox_fields, with_outbox
+from services.kit.validation import idempotency_key_reused
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class OutboundFaxes:
         filename: str,
         document: dict,
         fid: str | None = None,
+        digest: str = "",
     ) -> tuple[dict, bool]:
         """Store a fax to send (queued, due now) with the sender's board item: (its view, created).
         `fid` given (an Idempotency-Key's): a fax stored under it already is returned instead
@@ -187,25 +189,31 @@ class OutboundFaxes:
             "send_attempts": 0,
             "provider_fax_id": "",
             "created_at": now,
+            "request_digest": digest,  # what an Idempotency-Key sent ("" without one)
         }
         try:
             self.faxes.insert_one({**doc, **outbox_fields([self._item(doc, to_number)])})
         except DuplicateKeyError:  # a concurrent repeat with the same Idempotency-Key won
             self.pdfs.delete(owner)
-            first = self.sent_by(caller, fid)
+            first = self.sent_by(caller, fid, digest)
             if first is None:
                 raise
             return first, False
         log.info("fax queued for sending", extra={"agency_id": agency_id, "item_id": fid})
         return self._view(doc, recipient), True
 
-    def sent_by(self, caller: Identity, fid: str) -> dict | None:
-        """The view of the fax `fid` if the caller sent it (an Idempotency-Key's repeat), else None."""
+    def sent_by(self, caller: Identity, fid: str, digest: str | None = None) -> dict | None:
+        """The view of the fax `fid` if the caller sent it (an Idempotency-Key's repeat), else None;
+        409 `idempotency_key_reused` when `digest` is given and the key was sent with another request."""
         doc = self.faxes.find_one(
             {"_id": {"$eq": fid}, "agency_id": {"$eq": caller.agency_id}, "created_by": {"$eq": caller.staff_id}},
             projection={"_outbox": 0},
         )
-        return None if doc is None else self._view(doc, self.recipient(doc))
+        if doc is None:
+            return None
+        if digest is not None and doc.get("request_digest", digest) != digest:
+            raise idempotency_key_reused()
+        return self._view(doc, self.recipient(doc))
 
     def _item(self, doc: dict, to_number: str) -> Envelope:
         """The sender's board item in the document's state, for its version."""
