@@ -151,7 +151,8 @@ def listed(client: Client, path: str, **params) -> list[dict]:
 class LiveStream:
     """The staff member's live event stream (`GET /app/events` through the gateway), read in a thread:
     every `board` event with the monotonic time it arrived. Proves web's consumer heard an event
-    that inbox's relay published."""
+    that inbox's relay published. Like the page, it opens the stream again whenever it ends (web or
+    the gateway restarted); `connected` is set while a stream is open."""
 
     def __init__(self, client: Client):
         self.client = client
@@ -177,23 +178,26 @@ class LiveStream:
             try:
                 with self.client.get("/app/events", stream=True, timeout=(10, 60)) as response:
                     self._response = response
-                    if response.status_code != 200:
-                        time.sleep(0.5)
-                        continue
-                    event = ""
-                    for line in response.iter_lines(decode_unicode=True):
-                        if self._stop.is_set():
-                            return
-                        if line == ": connected":
-                            self.connected.set()
-                        elif line.startswith("event: "):
-                            event = line.removeprefix("event: ")
-                        elif line.startswith("data: ") and event == "board":
-                            self.events.append((time.monotonic(), json.loads(line.removeprefix("data: "))["folder"]))
+                    if response.status_code == 200:
+                        self._take(response)
             except (requests.RequestException, AttributeError, ValueError):
-                if self._stop.is_set():
-                    return
+                pass
+            finally:
+                self.connected.clear()
+            if not self._stop.is_set():
                 time.sleep(0.5)
+
+    def _take(self, response: requests.Response) -> None:
+        event = ""
+        for line in response.iter_lines(decode_unicode=True):
+            if self._stop.is_set():
+                return
+            if line == ": connected":
+                self.connected.set()
+            elif line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event == "board":
+                self.events.append((time.monotonic(), json.loads(line.removeprefix("data: "))["folder"]))
 
     def board_events_since(self, since: float, folder: str) -> int:
         return sum(1 for at, changed in self.events if at >= since and changed == folder)
