@@ -61,7 +61,7 @@ from services.kit.crypto import KeyRing, PhiCipher
 from services.kit.features import Worker
 from services.kit.grpc_server import GrpcServer, ServiceBinding
 from services.kit.logs import configure_logging
-from services.kit.outbox import OutboxRelay
+from services.kit.outbox import LEASE_TTL_S, OutboxRelay
 from services.kit.revocations import RevocationListener
 from services.kit.runtime import ServiceProcess, Stage
 from services.kit.security_events import COLLECTION as SECURITY_COLLECTION
@@ -237,10 +237,12 @@ class ServiceWiring(Generic[S]):
 
     def relay(self, collections: Sequence[str], **options) -> OutboxRelay:
         """The outbox relay over `collections` (services.kit.outbox), with a publisher of its own
-        (a pika connection belongs to the one thread that uses it), signing with `signing()`."""
+        (a pika connection belongs to the one thread that uses it), signing with `signing()`. The
+        relay waits for confirms no longer than its lease lasts: a stalled connection is dropped
+        and the batch published again before another replica could take the lease over."""
         publisher = BatchPublisher(
             self.setting("amqp_url"), self.topology(), connection_name=f"{self.name}-outbox",
-            signer=self.signing().signer,
+            signer=self.signing().signer, confirm_timeout_s=LEASE_TTL_S,
         )
         watched = list(collections)
         if SECURITY_COLLECTION not in watched:
