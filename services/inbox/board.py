@@ -140,6 +140,10 @@ class Board:
             "compose": domain.composable(caller.roles),
         }
 
+    def patient_term(self, caller: Identity) -> str:
+        """The caller's agency's word for a patient ("Patient" when directory cannot say)."""
+        return self._patient_term(caller)
+
     def _patient_term(self, caller: Identity) -> str:
         if self.terminology is None:
             return "Patient"
@@ -271,6 +275,8 @@ class Board:
             out["resolved_at"] = iso(item["resolved_at"])
         if item.get("folder") == domain.FOLDER_ARCHIVE:
             out["archived_from"] = item.get("origin_folder")
+        if item.get("recalled_at"):
+            out["recalled_at"] = iso(item["recalled_at"])
         return out
 
     # --- one item ---------------------------------------------------------------

@@ -63,8 +63,7 @@ def build_app(components: Components, verifier) -> Flask:
     for blueprint in (messages, threads, board_routes, labels, health):
         app.register_blueprint(blueprint)
     for feature in components.features:
-        blueprint = feature.blueprint()
-        if blueprint is not None:
+        for blueprint in feature.blueprints():
             app.register_blueprint(blueprint)
     return app
 

@@ -78,7 +78,9 @@ class Mailbox:
         thread_id: str | None = None,
         in_reply_to: str | None = None,
         auto_reply: bool = False,
+        about: dict | None = None,
     ) -> SendResult:
+        """`about`: the message this one answers or forwards, whose patient it keeps (if any)."""
         if draft.addressing.is_empty():
             raise InvalidInput("no_recipients", "address the message to a colleague, a team or the whole agency")
         message_id = domain.new_message_id()
@@ -105,7 +107,14 @@ class Mailbox:
             message_id = claimed["message_id"]
 
         doc = self.compose(
-            caller, draft, recipients, message_id, thread_id=thread_id, in_reply_to=in_reply_to, auto_reply=auto_reply
+            caller,
+            draft,
+            recipients,
+            message_id,
+            thread_id=thread_id,
+            in_reply_to=in_reply_to,
+            auto_reply=auto_reply,
+            extra=self.patient_fields(caller.agency_id, about, message_id),
         )
         if not self.store.insert_message(doc):  # a concurrent retry wrote it first
             existing = self.store.message(message_id)
@@ -180,6 +189,32 @@ class Mailbox:
         }
         doc.update(held_events([self.delivered_event(doc, staff_id) for staff_id in recipients]))
         return doc
+
+    def patient_fields(self, agency_id: str, original: dict | None, message_id: str) -> dict:
+        """The patient a message is about, carried from `original` (a reply or forward keeps it):
+        the id, and the name sealed anew under the new message (None when the original has none)."""
+        if not original or not original.get("patient_id"):
+            return {}
+        fields = {"patient_id": original["patient_id"]}
+        name = self.patient_name(agency_id, original)
+        if name is not None:
+            fields["patient_name"] = self.cipher.seal(agency_id, message_id, "patient_name", name)
+        return fields
+
+    def patient_name(self, agency_id: str, message: dict) -> str | None:
+        sealed = message.get("patient_name")
+        return None if sealed is None else self.cipher.open(agency_id, message["_id"], "patient_name", sealed)
+
+    def patient_view(self, caller: Identity, message: dict) -> dict | None:
+        """Whom a message is about, for the reading pane and threads: the patient's id and name; None
+        for a message about no patient."""
+        if not message.get("patient_id"):
+            return None
+        patient = {"id": message["patient_id"]}
+        name = self.patient_name(caller.agency_id, message)
+        if name is not None:
+            patient["name"] = name
+        return patient
 
     def delivered_event(self, doc: dict, recipient_id: str):
         sent_at = Timestamp()
@@ -290,15 +325,15 @@ class Mailbox:
     def _view(self, caller: Identity, item: dict, message: dict, content: dict) -> dict:
         return {
             **self.board.summary(caller, item),
-            **self._message_fields(item, message, content),
+            **self._message_fields(caller, item, message, content),
             "id": message["_id"],
             "read_at": iso(item.get("read_at")),
         }
 
-    @staticmethod
-    def _message_fields(item: dict, message: dict, content: dict) -> dict:
-        """What a message shows beyond its board item's summary."""
-        return {
+    def _message_fields(self, caller: Identity, item: dict, message: dict, content: dict) -> dict:
+        """What a message shows beyond its board item's summary: its content, addressing, the
+        patient it is about and (to its sender) whether it was recalled."""
+        fields = {
             "item_id": item["_id"],
             "subject": content["subject"],
             "body": content["body"],
@@ -310,7 +345,13 @@ class Mailbox:
             },
             "in_reply_to": message.get("in_reply_to"),
             "auto_reply": bool(message.get("auto_reply")),
+            "patient": self.patient_view(caller, message),
         }
+        if fields["patient"] is not None:  # how the agency names the patient field ("Client")
+            fields["patient_term"] = self.board.patient_term(caller)
+        if message.get("sender_id") == caller.staff_id and message.get("recall"):
+            fields["recall"] = recall_summary(message["recall"])
+        return fields
 
     def detail(self, caller: Identity, item: dict) -> dict:
         """The reading-pane content of a message item (Board.open_item); audited."""
@@ -322,7 +363,7 @@ class Mailbox:
             raise audit.refuse(self.store, caller, item["ref_id"], "read")
         content = self.open_content(caller, message)
         audit.record_read(self.store, caller, message["_id"], patient_id=message.get("patient_id", ""))
-        return self._message_fields(item, message, content)
+        return self._message_fields(caller, item, message, content)
 
     def mark_unread(self, caller: Identity, message_id: str) -> dict:
         item = self._find_item(caller, message_id)
@@ -340,7 +381,7 @@ class Mailbox:
             d
             for d in docs
             if d["agency_id"] == caller.agency_id
-            and (d["sender_id"] == caller.staff_id or caller.staff_id in d.get("recipient_ids", []))
+            and (d["sender_id"] == caller.staff_id or _still_received(d, caller.staff_id))
         ]
         if not visible:
             raise audit.refuse(
@@ -363,6 +404,8 @@ class Mailbox:
                     "sent_at": iso(message["sent_at"]),
                     "in_reply_to": message.get("in_reply_to"),
                     "auto_reply": bool(message.get("auto_reply")),
+                    "patient": self.patient_view(caller, message),
+                    "recalled_at": iso((message.get("recall") or {}).get("at")),
                 }
             )
         # One audit event per message body shown, recorded in one write.
@@ -412,6 +455,7 @@ class Mailbox:
             thread_id=original["thread_id"],
             in_reply_to=original["_id"],
             auto_reply=auto_reply,
+            about=original,
         )
 
     def forward(
@@ -449,4 +493,20 @@ class Mailbox:
             "forward",
             caller,
         )
-        return self.send(caller, draft, idempotency_key)
+        return self.send(caller, draft, idempotency_key, about=original)
+
+
+def _still_received(message: dict, staff_id: str) -> bool:
+    """A recipient sees a message in its thread unless it was recalled from them."""
+    if staff_id not in message.get("recipient_ids", []):
+        return False
+    return staff_id not in ((message.get("recall") or {}).get("recalled") or [])
+
+
+def recall_summary(recall: dict) -> dict:
+    """A recall as its sender sees it on the message: when, and how many it reached in time."""
+    return {
+        "recalled_at": iso(recall.get("at")),
+        "recalled": len(recall.get("recalled") or []),
+        "already_read": len(recall.get("already_read") or []),
+    }

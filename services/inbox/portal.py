@@ -418,6 +418,7 @@ class Portal(Feature):
             in_reply_to=original["_id"],
             auto_reply=auto_reply,
             extra={
+                **self.components.mailbox.patient_fields(caller.agency_id, original, message_id),
                 "kind": domain.KIND_PORTAL_MESSAGE,
                 "patient_id": thread["patient_id"],
                 "to_patient_id": thread["patient_id"],
@@ -427,15 +428,9 @@ class Portal(Feature):
 
     # --- staff read ---------------------------------------------------------------------------------
     def detail(self, caller: Identity, item: dict) -> dict:
-        """The reading pane of a portal message: the message (audited by the mailbox) and the patient."""
-        message = self.components.store.message(item["ref_id"])
-        view = self.components.mailbox.detail_of(caller, item, message)
-        patient = {"id": message.get("patient_id", "")}
-        if message.get("patient_name") is not None:
-            patient["name"] = self.components.cipher.open(
-                caller.agency_id, message["_id"], "patient_name", message["patient_name"]
-            )
-        return {**view, "patient": patient}
+        """The reading pane of a portal message: the message with the patient it is about (audited by
+        the mailbox)."""
+        return self.components.mailbox.detail_of(caller, item, self.components.store.message(item["ref_id"]))
 
     # --- HTTP ---------------------------------------------------------------------------------------
     def blueprint(self):

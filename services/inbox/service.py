@@ -26,6 +26,7 @@ from services.inbox.directory_client import DirectoryClient
 from services.inbox.grpc_api import SERVICE_NAME, InboxServicer
 from services.inbox.mailbox import Mailbox
 from services.inbox.portal import Portal
+from services.inbox.recall import Receipts
 from services.inbox.reminders import Reminders
 from services.inbox.signatures import Signatures
 from services.kit import faults
@@ -42,6 +43,7 @@ FEATURES: tuple[Callable[[Components], Feature], ...] = (
     Reminders,
     Signatures,
     Portal,
+    Receipts,
     Delivery,
     CounterCheck,
 )

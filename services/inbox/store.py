@@ -16,6 +16,8 @@ Query shapes (all served from an index on nx-27017 and on MongoDB; see docs/stor
 - pass tokens swept: update_one({"_id": {"$eq": owner}}, {"$unset": {"c_<pass>": ""}})
 - drift repaired: update_one({"_id": {"$eq": owner}, "seq": {"$eq": s}}, {"$inc": correction + seq})
 - boards in turn: counters {"_id": {"$gt": after}} sort _id, limit n (projection _id)
+- first read (receipts): update_one({"_id": {"$eq": message}}, {"$set": {"read_by.<staff>": t}}), once per item
+- recall: find_one_and_delete({"_id": {"$eq": item}, "version": {"$eq": v}}) (a read of the same version loses)
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ SEQ = "seq"
 TOKEN_PREFIX = "c_"  # noqa: S105 - a field name, not a secret
 COUNT_PREFIXES = ("u_", "t_", "l_", "lt_")
 PLACED_BY = "placed_by"  # on a board item: the fan-out pass that inserted it (and counts it)
+# On a received message's item: when its owner first read it (never cleared by "mark unread"); the
+# message's `read_by.<owner>` (read receipts) is written once, after the write that sets it.
+FIRST_READ_AT = "first_read_at"
+READ_BY = "read_by"
 # Collections whose documents carry outbox events (the relay scans these).
 OUTBOX_COLLECTIONS = (MESSAGES, BOARD_ITEMS, ACCESS_DENIALS)
 
@@ -213,6 +219,9 @@ class InboxStore:
             patch = change(before)
             if not patch:
                 return before, before
+            first_read = _first_read(before, patch)
+            if first_read:
+                patch = {**patch, FIRST_READ_AT: first_read}
             after = {k: v for k, v in before.items() if patch.get(k) is not REMOVE}
             after.update({k: v for k, v in patch.items() if v is not REMOVE})
             after["version"] = before.get("version", 0) + 1
@@ -227,6 +236,8 @@ class InboxStore:
             guard = {"_id": {"$eq": item_id}, "version": {"$eq": before.get("version")}}
             if self.board_items.update_one(guard, update).matched_count:
                 self.apply_deltas([(after, domain.counter_delta(before, after))])
+                if first_read:
+                    self.note_read(before["message_id"], before["owner_id"], first_read)
                 return before, after
             before = None  # changed meanwhile: read it again
         raise Conflict("busy", "the item is being changed by another request; try again")
@@ -244,6 +255,31 @@ class InboxStore:
                 {"_id": {"$in": [label_entry_id(label_id, item_id) for label_id in before["labels"]]}}
             )
         return before
+
+    def note_read(self, message_id: str, staff_id: str, at_ms: int) -> None:
+        """The message's read receipt of one recipient (written once: after the item's first read)."""
+        self.messages.update_one({"_id": {"$eq": message_id}}, {"$set": {f"{READ_BY}.{staff_id}": at_ms}})
+
+    def recall_item(self, item: dict, attempts: int = 8) -> str:
+        """Take a recipient's unread item off their board, unless it was read first: one delete
+        guarded by the version read, so of a read and a recall racing exactly one wins. Returns
+        "recalled", "read" (left in place) or "gone" (not on the board)."""
+        current: dict | None = item
+        for _ in range(attempts):
+            if current is None:
+                return "gone"
+            if current.get("read_at") or current.get(FIRST_READ_AT):
+                return "read"
+            guard = {"_id": {"$eq": current["_id"]}, "version": {"$eq": current.get("version")}}
+            removed = self.board_items.find_one_and_delete(guard, projection={"_outbox": 0})
+            if removed is not None:
+                self.apply_deltas([(removed, domain.counter_delta(removed, None))])
+                if removed.get("labels"):
+                    entries = [label_entry_id(label_id, removed["_id"]) for label_id in removed["labels"]]
+                    self.label_items.delete_many({"_id": {"$in": entries}})
+                return "recalled"
+            current = self.item(current["_id"])  # changed meanwhile: decide on what it is now
+        raise Conflict("busy", "the item is being changed by another request; try again")
 
     def migrate_legacy_items(self) -> int:
         """Rewrite board items from before item kinds, versions and counters (ids
@@ -455,6 +491,16 @@ class InboxStore:
 
     def set_section(self, owner: str, section: str, expanded: bool) -> None:
         self.prefs_col.update_one({"_id": {"$eq": owner}}, {"$set": {f"x_{section}": int(expanded)}}, upsert=True)
+
+
+def _first_read(before: dict, patch: dict) -> int | None:
+    """When a patch is the first read of a received message item, its time (receipts); else None."""
+    read_at = patch.get("read_at")
+    if not read_at or read_at is REMOVE or before.get("read_at") or before.get(FIRST_READ_AT):
+        return None
+    if before.get("kind") != domain.KIND_MESSAGE or before.get("origin_folder") == domain.FOLDER_SENT:
+        return None
+    return read_at if before.get("message_id") and before.get("owner_id") else None
 
 
 def label_entry_id(label_id: str, item_id: str) -> str:

@@ -9,6 +9,7 @@ import { showCloudAddresses, stopCloudAddresses, wireCloudAddresses } from "./cl
 import { erxLinkButton, isErxLink, showErx, stopErx, wireErx } from "./erx.js";
 import { watchIdle } from "./idle.js";
 import { connectLive } from "./live.js";
+import { hasReceipts, receiptsPanel } from "./receipts.js";
 
 const PAGE_SIZE = 50;
 const MAX_PAGE_SIZE = 100; // the most the board API answers in one page
@@ -394,6 +395,8 @@ function renderPane(content) {
 
 function meta(label, value) { return value ? h("p", { class: "meta" }, h("strong", { text: `${label}: ` }), value) : null; }
 
+function staffName(id) { return (state.staff.find((s) => s.id === id) || { display_name: id }).display_name; }
+
 function recipientsText(to) {
   if (!to) return "";
   if (to.whole_agency) return "Everyone in the agency";
@@ -418,8 +421,9 @@ function paneFor(d) {
     body.push(h("h2", { text: d.subject || d.title || "(no subject)" }));
     if (d.priority === "urgent" || d.urgent) body.push(h("p", {}, h("span", { class: "badge urgent", text: "Urgent" })));
     body.push(meta("From", d.sender && d.sender.name), meta("To", recipientsText(d.to)), meta("Sent", fullTime(d.sent_at)));
-    if (d.patient && d.patient.display_name) body.push(meta(term(), d.patient.display_name));
+    if (d.patient && (d.patient.name || d.patient.display_name)) body.push(meta(d.patient_term || term(), d.patient.name || d.patient.display_name));
     body.push(messageActions(d), h("div", { class: "body", text: d.body || "" }));
+    if (hasReceipts(d)) body.push(receiptsPanel(d, { nameOf: staffName, confirm: confirmDialog, changed: refreshBoard }));
     if ((d.links || []).length) body.push(h("ul", { class: "links", "aria-label": "Links" }, d.links.map((l) => h("li", {}, safeLink(l)))));
     return h("article", { "aria-label": d.subject || "Message" }, body);
   }
