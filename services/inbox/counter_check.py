@@ -21,7 +21,7 @@ a cursor all replicas share, wrapping around) and at most INBOX_COUNTER_CHECK_MA
 a board larger than what is left of that budget is left for the recount tool
 (`python -m services.inbox.recount`). Never a full scan: each board is one index range per folder.
 
-Metrics (GET /metrics on inbox's own HTTP port, never routed by the gateway):
+Metrics (GET /metrics on inbox's own HTTP port, the kit's route, never routed by the gateway):
 - inbox_counter_drift_repaired_total{folder}  boards whose counts of that folder were repaired
   (label counts as folder="label");
 - inbox_counter_check_boards_total{outcome}    boards looked at: ok, repaired, drifting (seen,
@@ -101,7 +101,7 @@ class PassReport:
 
 
 class CounterCheck(Feature):
-    """The drift check's worker and the service's /metrics route."""
+    """The drift check's worker; its metrics are served by the kit's /metrics route."""
 
     def __init__(self, components, *, clock: Callable[[], float] = time.monotonic):
         super().__init__(components)
@@ -118,6 +118,7 @@ class CounterCheck(Feature):
         self.stop = threading.Event()  # set: a pass in progress ends after the board in hand
 
     def blueprint(self):
+        """The metrics route, for an app without one (every kit app has it: services.kit.http)."""
         return metrics_blueprint("inbox_metrics")
 
     def background(self):

@@ -14,7 +14,8 @@
         service.workers(inbox.background())
 
 `serve` configures JSON logging, reads the settings, the service's client credentials and its bus
-signing keys (an invalid configuration exits 2, every problem listed on stderr), makes those keys
+signing keys (an invalid configuration exits 2, every problem listed on stderr), names the process's
+metrics after the service (services.kit.metrics; every HTTP app serves them at /metrics), makes those keys
 the process's (services.kit.bus.signing: every publisher signs with them, every consumer checks
 with them and records what it refuses as a security event), calls `wire`, then `run()`.
 
@@ -53,7 +54,7 @@ from typing import Any, Generic, TypeVar
 from flask import Flask
 from pymongo.database import Database
 
-from services.kit import mongo, sealing
+from services.kit import metrics, mongo, sealing
 from services.kit.auth import JwksKeySource, RevokedSessions, TokenVerifier
 from services.kit.bus import BatchPublisher, Topology
 from services.kit.bus import signing as bus_signing
@@ -259,6 +260,7 @@ class ServiceWiring(Generic[S]):
         """A gRPC server of these bindings (none: health and reflection only), checking tokens with
         `verifier()`; built and bound at `run()`."""
         verifier, bindings = self.verifier(), list(bindings)
+        options.setdefault("service", self.name)
         self._grpc.append(
             lambda: GrpcServer(bindings, verifier, host=self.setting("grpc_host"), port=port, **options)
         )
@@ -436,6 +438,7 @@ def serve(
         )
     except StartupFailed as failed:
         return failed.code
+    metrics.configure(name)  # the `service` label of what the process counts (services.kit.metrics)
     service = ServiceWiring(name, settings, credentials=credentials, signing=signing)
     _configure_sealing(service)
     if signing is not None:

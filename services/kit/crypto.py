@@ -10,6 +10,9 @@ ciphertext to its agency, record and field, so a sealed value copied to another
 record or agency fails to open.
 
 Ciphertext layout (bytes): version 0x01 | key-id length (1 byte) | key id (utf-8) | nonce (12) | ciphertext+tag
+
+Every field opened is counted (services.kit.metrics `clinic_phi_decryptions_total`) by the field's
+kind (`attachment.2.0` counts as `attachment`) and outcome, never by agency or record.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
+from services.kit import metrics
 from services.kit.mongo import now_ms
 
 VERSION = 1
@@ -150,6 +154,15 @@ class PhiCipher:
         return bytes([VERSION, len(encoded_id)]) + encoded_id + nonce + sealed
 
     def open(self, agency_id: str, record_id: str, field: str, blob: bytes) -> str:
+        try:
+            plain = self._open(agency_id, record_id, field, blob)
+        except DecryptionError:
+            metrics.phi_decryption(field, "failed")
+            raise
+        metrics.phi_decryption(field, "ok")
+        return plain
+
+    def _open(self, agency_id: str, record_id: str, field: str, blob: bytes) -> str:
         blob = bytes(blob)
         if len(blob) < 2 or blob[0] != VERSION:
             raise DecryptionError("unknown ciphertext format")

@@ -18,11 +18,16 @@ INTERNAL: the caller maps it to `<service>_unavailable` and tries again (from_gr
 
 The port is bound by services.kit.transport: mutual TLS (a client certificate from the
 service CA required) when GRPC_TLS_* are set, plaintext otherwise.
+
+Every call of a service's own methods (not health nor reflection) is counted by the same
+interceptor, by full method name and status code, with its latency (services.kit.metrics:
+`clinic_grpc_server_calls_total`, `clinic_grpc_server_call_duration_seconds`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterable
 from concurrent import futures
@@ -33,6 +38,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.kit import metrics
 from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
 from services.kit.errors import DomainError, dependency_outage
 from services.kit.logs import accept_correlation_id, correlation_id_var
@@ -53,9 +59,10 @@ class ServiceBinding:
 
 
 class _EdgeInterceptor(grpc.ServerInterceptor):
-    def __init__(self, verifier: TokenVerifier, open_methods: Collection[str] = frozenset()):
+    def __init__(self, verifier: TokenVerifier, open_methods: Collection[str] = frozenset(), service: str = ""):
         self.verifier = verifier
         self.open_methods = frozenset(open_methods)
+        self.service = service or metrics.service_name()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -124,8 +131,28 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
                 correlation_id_var.reset(correlation)
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=None, response_serializer=handler.response_serializer
+            _measured(guarded, self.service, method),
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
         )
+
+
+def _measured(call: Callable, service: str, method: str) -> Callable:
+    """`call`, counted with its status code (OK unless the context says otherwise; an exception
+    that set none is UNKNOWN, as grpcio answers it) and timed."""
+
+    def measured(raw: bytes, context: grpc.ServicerContext):
+        started = time.perf_counter()
+        unset = grpc.StatusCode.UNKNOWN
+        try:
+            response = call(raw, context)
+            unset = grpc.StatusCode.OK
+            return response
+        finally:
+            code = context.code() or unset
+            metrics.observe_grpc(service, method, code.name, time.perf_counter() - started)
+
+    return measured
 
 
 def _unimplemented_streaming(_request, context: grpc.ServicerContext):
@@ -143,6 +170,7 @@ class GrpcServer:
         max_workers: int = 16,
         open_methods: Iterable[str] = (),
         tls: GrpcTls | None | object = FROM_ENVIRONMENT,
+        service: str = "",
     ):
         self.bindings = list(bindings)
         open_methods = frozenset(open_methods)
@@ -151,7 +179,7 @@ class GrpcServer:
                 raise ValueError(f"open method {method!r} is not a full method name (/package.Service/Method)")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-            interceptors=[_EdgeInterceptor(verifier, open_methods)],
+            interceptors=[_EdgeInterceptor(verifier, open_methods, service)],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
         self.health = health.HealthServicer()

@@ -22,6 +22,9 @@ Outages are 503 with `Retry-After`, never 500: a database or broker that cannot 
 (`services.kit.errors.dependency_outage`) is 503 `database_unavailable` / `broker_unavailable`, a
 dependency's `Unavailable` (`directory_unavailable`, ...) is 503 with its code, and every 503 the
 kit writes carries `Retry-After` (seconds). The catch-all 500 `internal_error` is left for bugs.
+
+Every app serves `GET /metrics` (Prometheus, services.kit.metrics) and counts each request there by
+route template (`unmatched` when no rule matched), method and status, with its latency.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from services.kit.errors import (
     dependency_outage,
 )
 from services.kit.logs import accept_correlation_id, correlation_id_var
+from services.kit.metrics import UNMATCHED, install_metrics_route, observe_http
 from services.kit.security_events import OncePerWindow, SecurityLog, log_suppressed
 
 log = logging.getLogger("http")
@@ -132,14 +136,17 @@ def create_app(
         response.headers["X-Correlation-ID"] = g.get("correlation_id", "")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
-        route = request.url_rule.rule if request.url_rule else "unmatched"
+        route = request.url_rule.rule if request.url_rule else UNMATCHED
+        started = g.get("started")
+        seconds = None if started is None else time.perf_counter() - started
+        observe_http(service, request.method, route, response.status_code, seconds)
         log.info(
             "request",
             extra={
                 "method": request.method,
                 "route": route,
                 "status": response.status_code,
-                "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
+                "duration_ms": round((seconds or 0.0) * 1000, 2),
             },
         )
         return response
@@ -191,6 +198,7 @@ def create_app(
     def _healthz():
         return {"status": "ok", "service": service}
 
+    install_metrics_route(app)  # Prometheus, on the service's own port only (services.kit.metrics)
     return app
 
 

@@ -42,6 +42,13 @@ Why nothing is lost, on nx-27017 and on a MongoDB replica set alike:
 Events of one document are published in the order they were staged; across documents, roughly
 in `_outbox_at` order. Consumers must not rely on a total order.
 
+The backlog is sampled by the relay every `backlog_sample_s` (15 s), holder of the lease or not,
+into two gauges per collection (services.kit.metrics): the documents pending, counted by reading
+up to OUTBOX_COUNT_CAP (1,000) of their ids from the `_outbox_at` index (never count_documents:
+about a second on nx-27017), and the age of the oldest `_outbox_at` (one indexed limit(1) query). A
+document retried after a failure is due again later, so its age restarts at its next attempt;
+held events (no `_outbox_at`) are not pending.
+
 Rules for producers: stage through these helpers only (event ids are map keys, so they must be
 `[A-Za-z0-9_-]`, and every staging write must bump `_outbox_seq`); never replace, or delete and
 re-create, a document that has pending events (its events would go with it, and a restarted
@@ -67,6 +74,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit import metrics
 from services.kit.events import MalformedEvent, decode_envelope, failure_summary, is_valid_event_id
 from services.kit.mongo import now_ms
 
@@ -94,6 +102,7 @@ LEASES = "outbox_leases"
 # paused for longer than this only causes duplicates (consumers deduplicate), never a loss.
 LEASE_TTL_S = 5.0
 LEASE_POLL_S = 0.5
+BACKLOG_SAMPLE_S = 15.0
 
 
 def _entry(envelope: Envelope) -> dict:
@@ -231,6 +240,7 @@ class OutboxRelay:
         poll_interval_s: float = 0.2,
         max_backoff_s: float = 60.0,
         rescan_s: float = 2.0,
+        backlog_sample_s: float = BACKLOG_SAMPLE_S,
     ):
         if not collection_names:
             raise ValueError("the relay needs at least one collection")
@@ -246,10 +256,40 @@ class OutboxRelay:
         self._max_backoff_ms = int(max_backoff_s * 1000)
         self._next_collection = 0
         self._rescan_s = rescan_s
+        self._backlog_sample_s = backlog_sample_s
+        self._sampled_at: float | None = None
 
     def ensure_indexes(self) -> None:
         for collection in self._collections:
             collection.create_index([(OUTBOX_AT, pymongo.ASCENDING)], name="outbox_due")
+
+    # -- backlog --------------------------------------------------------------------------------
+
+    def sample_backlog(self, now: int | None = None) -> dict[str, tuple[int, float]]:
+        """Per collection: (documents pending, counted up to OUTBOX_COUNT_CAP; seconds the oldest has
+        been due, 0 when none is), also set into the gauges (module docstring)."""
+        now = now_ms() if now is None else now
+        sampled = {}
+        for collection in self._collections:
+            pending = {OUTBOX_AT: {"$gte": 0}}
+            oldest = list(collection.find(pending, {OUTBOX_AT: 1}).sort(OUTBOX_AT, pymongo.ASCENDING).limit(1))
+            count = len(list(collection.find(pending, {"_id": 1}).limit(metrics.OUTBOX_COUNT_CAP))) if oldest else 0
+            age_s = max(0, now - int(oldest[0][OUTBOX_AT])) / 1000 if oldest else 0.0
+            metrics.outbox_backlog(collection.name, count, age_s)
+            sampled[collection.name] = (count, age_s)
+        return sampled
+
+    def _sample_when_due(self) -> None:
+        """`sample_backlog` once every `backlog_sample_s`; Mongo trouble leaves the last sample."""
+        if self._sampled_at is not None and time.monotonic() - self._sampled_at < self._backlog_sample_s:
+            return
+        self._sampled_at = time.monotonic()
+        try:
+            self.sample_backlog()
+        except pymongo.errors.PyMongoError as exc:
+            logger.info(
+                "outbox backlog not sampled (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__}
+            )
 
     # -- passes ---------------------------------------------------------------------------------
 
@@ -284,6 +324,7 @@ class OutboxRelay:
             ahead: list[tuple[Collection, dict]] | None = None
             try:
                 while not stop_event.is_set():
+                    self._sample_when_due()
                     try:
                         if not self.hold_lease(now_ms()):
                             settling, ahead = _finish(settling), None

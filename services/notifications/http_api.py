@@ -3,8 +3,9 @@ its own blueprints (Feature.blueprints()), e.g. lab results for staff and the FH
 
 Routes:
 - /healthz, /readyz                                  process and dependency checks
-- /metrics                                           Prometheus text (HL7 interface counters); the
-                                                     service port only, never routed by the gateway
+- /metrics                                           Prometheus text (the kit's, services.kit.metrics,
+                                                     with the HL7 interface counters); the service port
+                                                     only, never routed by the gateway
 - /api/v1/lab/results/<order_id>          (staff)    a lab result in full; audited
 - /api/v1/partner/lab/<agency_id>/DiagnosticReport   (partner key) a FHIR R4 DiagnosticReport
 """
@@ -13,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flask import Blueprint, Flask, Response, current_app
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from flask import Blueprint, Flask, current_app
 
 from services.kit.http import create_app as create_flask_app
 from services.kit.http import readiness
@@ -32,13 +32,8 @@ def readyz():
     return readiness({"database": lambda: components.store.db.command("ping"), **ready_checks})
 
 
-@health.get("/metrics")
-def metrics():
-    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
-
-
 def create_app(components: Components, verifier, ready_checks: dict | None = None) -> Flask:
-    """The Flask app: kit error handling and /healthz, /readyz, then every feature's blueprints."""
+    """The Flask app: kit error handling, /healthz and /metrics, /readyz, then every feature's blueprints."""
     app = create_flask_app("notifications", verifier, max_body_bytes=components.settings.max_request_bytes)
     app.extensions["notifications"] = components
     app.extensions["notifications.ready_checks"] = dict(ready_checks or {})

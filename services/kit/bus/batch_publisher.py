@@ -1,7 +1,8 @@
 """Publishing a batch with pipelined confirms: `BatchPublisher`, the outbox relay's publisher.
 
 It drives a pika SelectConnection in the calling thread, so an instance belongs to one thread.
-Every message is signed (services.kit.bus.signing).
+Every message is signed (services.kit.bus.signing). Each confirmed event is counted by routing key
+(services.kit.metrics).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pika
@@ -17,6 +19,7 @@ from pika import spec
 from pika.adapters.select_connection import IOLoop
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit import metrics
 from services.kit.bus import signing
 from services.kit.bus.messages import broker_user, message_properties
 from services.kit.bus.topology import Topology, connection_parameters
@@ -114,6 +117,8 @@ class BatchPublisher:
             self._pending.clear()
             self._reset()
         self._confirmed, self._returned = set(), set()
+        if confirmed:
+            metrics.published(Counter(e.event_type for e in envelopes if e.event_id in confirmed))
         return confirmed
 
     def idle(self, seconds: float) -> None:

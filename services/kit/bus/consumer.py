@@ -3,6 +3,13 @@
 Processed-event idempotency is not the bus's: the consumer is given it (`processed=`, a
 `services.kit.processed_events.ProcessedEvents`). pika is not thread-safe: a `Consumer` belongs to
 the one thread that runs it.
+
+Metrics (services.kit.metrics), by queue (a per-instance queue without its instance part): every
+delivery finished, by outcome (handled, duplicate, retried, parked), and every parked one by reason
+(malformed, a refusal's code, permanent_error, retries_exhausted). The depth of its three queues
+and the consumers on the main one are sampled by the consumer itself every `depth_sample_s`
+(15 s), with a passive queue.declare on a channel of its own: off any request path, one round
+trip per queue.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit import metrics
 from services.kit.bus import signing
 from services.kit.bus.messages import (
     event_context,
@@ -40,6 +48,12 @@ if TYPE_CHECKING:
 __all__ = ["Consumer"]
 
 logger = logging.getLogger(__name__)
+
+DEPTH_SAMPLE_S = 15.0  # how often a consumer samples its queues' depth (a scrape reads the last sample)
+# Why a message was parked, as counted (a refusal counts under its own code, services.kit.bus.signing).
+PARK_MALFORMED = "malformed"
+PARK_PERMANENT = "permanent_error"
+PARK_RETRIES_EXHAUSTED = "retries_exhausted"
 
 
 class _Reconnect(Exception):
@@ -95,6 +109,7 @@ class Consumer:
         batch_handler: Callable[[list[Envelope]], list[Envelope]] | None = None,
         producers: signing.ProducerKeys | None = None,
         on_refused: Callable[[signing.Refusal], None] | None = None,
+        depth_sample_s: float = DEPTH_SAMPLE_S,
     ):
         if queue_expires_ms is not None and queue_expires_ms <= 0:
             raise ValueError("queue_expires_ms must be positive")
@@ -109,6 +124,9 @@ class Consumer:
         self.max_retries = max_retries
         self.retry_delay_ms = retry_delay_ms
         self.queue_expires_ms = queue_expires_ms
+        self.metric_queue = metrics.queue_label(self.queue, per_instance=queue_expires_ms is not None)
+        self._depth_sample_s = depth_sample_s
+        self._sample_channel: BlockingChannel | None = None
         self._handler = handler
         self._batch_handler = batch_handler
         self._producers = producers or signing.current().producers
@@ -202,6 +220,7 @@ class Consumer:
             # a live instance.
             renew_every_s = None if self.queue_expires_ms is None else self.queue_expires_ms / 3000
             renewed_at = time.monotonic()
+            sampled_at = None
             while not self._stopping.is_set():
                 connection.process_data_events(time_limit=min(0.2, renew_every_s or 0.2))
                 if self._batch:
@@ -211,9 +230,13 @@ class Consumer:
                 if renew_every_s is not None and time.monotonic() - renewed_at >= renew_every_s:
                     self.queues.declare_side_queues(channel)
                     renewed_at = time.monotonic()
+                if sampled_at is None or time.monotonic() - sampled_at >= self._depth_sample_s:
+                    self.sample_depth(connection)
+                    sampled_at = time.monotonic()
         finally:
             self._consuming.clear()
             self._publish_channel = None
+            self._sample_channel = None
             self._batch = []  # unacked: the broker redelivers them
             if connection.is_open:
                 try:
@@ -224,6 +247,22 @@ class Consumer:
 
     def _on_cancelled_by_broker(self, _frame) -> None:
         self._cancelled_by_broker = True
+
+    def sample_depth(self, connection: pika.BlockingConnection) -> None:
+        """Ready messages of the three queues and consumers of the main one, into the gauges. On a
+        channel of its own: a queue that is gone (404) closes only that channel, reopened next time."""
+        try:
+            channel = self._sample_channel
+            if channel is None or not channel.is_open:
+                channel = self._sample_channel = connection.channel()
+            for kind, queue in (("main", self.queue), ("retry", self.retry_queue), ("parking", self.parking_queue)):
+                declared = channel.queue_declare(queue, passive=True).method
+                metrics.queue_depth(self.metric_queue, kind, declared.message_count)
+                if kind == "main":
+                    metrics.queue_consumers(self.metric_queue, declared.consumer_count)
+        except pika.exceptions.AMQPChannelError as exc:
+            self._sample_channel = None
+            logger.info("queue depth not sampled (%s)", type(exc).__name__, extra={"queue": self.queue})
 
     # -- one delivery ---------------------------------------------------------------------------------
 
@@ -261,6 +300,7 @@ class Consumer:
             if envelope.event_id in seen:
                 logger.info("event already processed; skipped", extra=log_extra(envelope, queue=self.queue))
                 channel.basic_ack(delivery[0].delivery_tag)
+                metrics.consumed(self.metric_queue, "duplicate")
         done: set[str] = set()
         if fresh:
             try:
@@ -274,6 +314,7 @@ class Consumer:
         for delivery, envelope in fresh:
             if envelope.event_id in done:
                 channel.basic_ack(delivery[0].delivery_tag)
+                metrics.consumed(self.metric_queue, "handled")
             else:
                 one_by_one.append(delivery)
         for method, properties, body in sorted(one_by_one, key=lambda d: d[0].delivery_tag):
@@ -287,7 +328,7 @@ class Consumer:
             envelope = decode_envelope(body)
         except MalformedEvent as exc:
             logger.warning("malformed message parked", extra={"queue": self.queue, "error_type": "MalformedEvent"})
-            self._park(properties, body, exc, exc.reason, retries)
+            self._park(properties, body, exc, exc.reason, retries, kind=PARK_MALFORMED)
             channel.basic_ack(method.delivery_tag)
             return
         refusal = self._refusal(method, properties, body, envelope)
@@ -296,26 +337,32 @@ class Consumer:
             channel.basic_ack(method.delivery_tag)
             return
         extra = log_extra(envelope, queue=self.queue, attempt=retries + 1)
+        outcome = None  # counted once acked; retried and parked are counted where they happen
         try:
             if self._processed is not None and self._processed.seen(envelope.event_id):
                 logger.info("event already processed; skipped", extra=extra)
+                outcome = "duplicate"
             else:
                 with event_context(envelope):  # the handler's logs and outgoing calls carry the event's ids
                     self._handler(envelope)
                 if self._processed is not None:
                     self._processed.record(envelope.event_id)
+                outcome = "handled"
         except PermanentError as exc:
             logger.warning("event failed permanently; parked", extra={**extra, "error_type": type_name(exc)})
-            self._park(properties, body, exc, exc.reason, retries)
+            self._park(properties, body, exc, exc.reason, retries, kind=PARK_PERMANENT)
         except Exception as exc:  # any handler failure is retried, never dropped
             extra["error_type"] = type(exc).__name__
             if retries >= self.max_retries:
                 logger.error("event failed (%s) after %d retries; parked", failure_summary(exc), retries, extra=extra)
-                self._park(properties, body, exc, f"failed after {retries} retries", retries)
+                reason = f"failed after {retries} retries"
+                self._park(properties, body, exc, reason, retries, kind=PARK_RETRIES_EXHAUSTED)
             else:
                 logger.warning("event failed (%s); will retry", failure_summary(exc), extra=extra)
                 self._retry(properties, body, retries + 1)
         channel.basic_ack(method.delivery_tag)
+        if outcome is not None:
+            metrics.consumed(self.metric_queue, outcome)
 
     def _refusal(self, method, properties, body: bytes, envelope: Envelope) -> str | None:
         """Why this message's producer is not proven, or None. A message from the exchange was routed
@@ -344,7 +391,7 @@ class Consumer:
         extra = {"queue": self.queue, "code": reason, "event_id": refusal.event_id, "event_type": refusal.event_type,
                  "broker_user": published_by(properties)}
         logger.warning("event refused: producer not proven; parked", extra=extra)
-        self._park(properties, body, signing.EventRefused(reason), reason, retries)
+        self._park(properties, body, signing.EventRefused(reason), reason, retries, kind=reason)
         if self._on_refused is None:
             return
         try:
@@ -355,10 +402,13 @@ class Consumer:
 
     def _retry(self, properties, body: bytes, retry_count: int) -> None:
         self._republish(self.retry_queue, properties, body, retry_headers(properties, retry_count))
+        metrics.consumed(self.metric_queue, "retried")
 
-    def _park(self, properties, body: bytes, exc: BaseException, reason: str, retries: int) -> None:
+    def _park(self, properties, body: bytes, exc: BaseException, reason: str, retries: int, *, kind: str) -> None:
+        """To `.parking` with `reason` in its headers; counted by `kind`, a code from a fixed set."""
         headers = parking_headers(properties, exc, reason, retries, parked_by=self.queue)
         self._republish(self.parking_queue, properties, body, headers)
+        metrics.parked(self.metric_queue, kind)
 
     def _republish(self, queue: str, properties, body: bytes, headers: dict) -> None:
         """To `queue` (retry or parking) through this consumer's own exchange, by the queue's name."""

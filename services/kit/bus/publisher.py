@@ -1,13 +1,14 @@
 """Publishing, one confirmed message at a time: `Publisher`, for simple callers.
 
 pika is not thread-safe: `Publisher` keeps one connection per thread. Every message is signed
-(services.kit.bus.signing).
+(services.kit.bus.signing). Each confirmed event is counted by routing key (services.kit.metrics).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterable
 
 import pika
@@ -15,6 +16,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit import metrics
 from services.kit.bus import signing
 from services.kit.bus.messages import broker_user, log_extra, message_properties
 from services.kit.bus.topology import Topology, connection_parameters
@@ -61,6 +63,13 @@ class Publisher:
         safe because consumers deduplicate on event id.
         """
         pending = list(envelopes)
+        confirmed: Counter[str] = Counter()
+        try:
+            self._publish(pending, confirmed)
+        finally:
+            metrics.published(confirmed)
+
+    def _publish(self, pending: list[Envelope], confirmed: Counter[str]) -> None:
         index = 0
         reconnected = False
         while index < len(pending):
@@ -73,6 +82,7 @@ class Publisher:
                     self.topology.exchange_name, envelope.event_type, body,
                     message_properties(envelope, signature, self._user_id), mandatory=True,
                 )
+                confirmed[envelope.event_type] += 1
                 index += 1
             except pika.exceptions.UnroutableError as exc:
                 raise PublishError(f"event {envelope.event_id} was returned as unroutable") from exc
