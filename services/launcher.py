@@ -83,6 +83,7 @@ class Ports:
     auto_reply_http: int = 8104
     auto_reply_grpc: int = 50054
     web_http: int = 8105
+    web_events: int = 8109
     erx_bridge_http: int = 8106
     erx_bridge_grpc: int = 50056
     erx_simulator: int = 8190
@@ -171,6 +172,11 @@ class Stack:
     @property
     def web_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.web_http}"
+
+    @property
+    def web_events_url(self) -> str:
+        """web's event stream server (`/app/events`), a port of its own."""
+        return f"http://127.0.0.1:{self.config.ports.web_events}"
 
     @property
     def erx_bridge_url(self) -> str:
@@ -276,6 +282,7 @@ class Stack:
                 "AUTO_REPLY_HTTP_PORT": str(p.auto_reply_http),
                 "AUTO_REPLY_GRPC_PORT": str(p.auto_reply_grpc),
                 "WEB_HTTP_PORT": str(p.web_http),
+                "WEB_EVENTS_PORT": str(p.web_events),
                 "ERX_BRIDGE_HTTP_PORT": str(p.erx_bridge_http),
                 "ERX_BRIDGE_GRPC_PORT": str(p.erx_bridge_grpc),
                 # Board items link to the gateway's address (the page signs in to the vendor from there).
@@ -523,6 +530,7 @@ class Stack:
             "DECK_NOTIFICATIONS_URL": self.notifications_url,
             "DECK_AUTO_REPLY_URL": self.auto_reply_url,
             "DECK_WEB_URL": self.web_url,
+            "DECK_WEB_EVENTS_URL": self.web_events_url,
             "DECK_ERX_BRIDGE_URL": self.erx_bridge_url,
             "DECK_CLOUD_COMMS_URL": self.cloud_comms_url,
             "DECK_AUDIT_URL": self.audit_url,

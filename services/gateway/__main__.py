@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import resource
 import signal
 import sys
 
@@ -62,8 +63,24 @@ def summary(model: GatewayModel) -> str:
             f"{len(model.plugins)} plugins")
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit: every open event stream holds two sockets
+    here (the page's and web's), so a few thousand pages need more than a usual soft limit of 1,024.
+    Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 async def serve(model: GatewayModel, settings: config.GatewaySettings) -> int:
     loop = asyncio.get_running_loop()
+    open_files = raise_open_files_limit()
     pool = UpstreamPool(loop)
     gateway = Gateway(model, settings.port, pool, settings.access_log, settings.scheme)
     server = GatewayServer(loop, gateway.handle, new_request_id)
@@ -74,6 +91,7 @@ async def serve(model: GatewayModel, settings: config.GatewaySettings) -> int:
         log.log(level, note)
     log.info("gateway listening", extra={"address": f"{settings.host}:{port}", "port": port,
                                          "count": len(model.routes)})
+    log.info("open files limit", extra={"count": open_files})
     print(json.dumps({"event": "listening", "host": settings.host, "port": port, "scheme": settings.scheme}),
           flush=True)
 

@@ -55,7 +55,16 @@ class ServiceProcess:
 
     def serve_http(self, app: Flask, host: str, port: int, threads: int = 8) -> int:
         server = waitress.create_server(
-            app, host=host, port=port, threads=threads, ident="", channel_timeout=60, connection_limit=1000
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            ident="",
+            channel_timeout=60,
+            connection_limit=1000,
+            # poll(), not select(): a process holding many sockets (web's event streams) has descriptors
+            # above 1023, which select() cannot watch.
+            asyncore_use_poll=True,
         )
         bound = server.effective_port
         thread = threading.Thread(target=server.run, name=f"{self.name}-http", daemon=True)

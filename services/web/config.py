@@ -24,6 +24,8 @@ class WebSettings:
     http_host: str
     http_port: int
     http_threads: int
+    # The event stream server's port (services.web.event_server): the gateway routes /app/events there.
+    events_port: int
     directory_http_url: str
     directory_grpc_target: str
     directory_jwks_url: str
@@ -49,10 +51,6 @@ def load(environ: Mapping[str, str] | None = None) -> WebSettings:
     for origin in origins:
         if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
             env.problems.append(f"WEB_ALLOWED_ORIGINS entries must be scheme://host[:port], got {origin!r}")
-    http_threads = env.int("WEB_HTTP_THREADS", 48, minimum=4, maximum=512)
-    max_streams = env.int("WEB_MAX_EVENT_STREAMS", 32, minimum=1, maximum=10_000)
-    if max_streams > http_threads - 4:
-        env.problems.append("WEB_MAX_EVENT_STREAMS must leave at least 4 of WEB_HTTP_THREADS for pages and sign-in")
     amqp_url = env.url("AMQP_URL", None if env.production else DEV_AMQP_URL, ("amqp", "amqps"))
     settings = WebSettings(
         mode=env.mode,
@@ -61,7 +59,9 @@ def load(environ: Mapping[str, str] | None = None) -> WebSettings:
         log_level=env.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         http_host=env.str("HTTP_HOST", "127.0.0.1"),
         http_port=env.int("WEB_HTTP_PORT", 8105, minimum=0, maximum=65535),
-        http_threads=http_threads,
+        # The page, sign-in, activity reports and the documents: no thread is held by an open page.
+        http_threads=env.int("WEB_HTTP_THREADS", 48, minimum=4, maximum=512),
+        events_port=env.int("WEB_EVENTS_PORT", 8109, minimum=0, maximum=65535),
         directory_http_url=env.url("DIRECTORY_HTTP_URL", "http://127.0.0.1:8101", ("http", "https")).rstrip("/"),
         directory_grpc_target=env.str("DIRECTORY_GRPC_TARGET", "127.0.0.1:50051"),
         directory_jwks_url=env.url("DIRECTORY_JWKS_URL", "http://127.0.0.1:8101/api/v1/auth/jwks", ("http", "https")),
@@ -69,7 +69,8 @@ def load(environ: Mapping[str, str] | None = None) -> WebSettings:
         refresh_cookie_max_age_s=env.int("WEB_REFRESH_COOKIE_MAX_AGE_S", 8 * 3600, minimum=300, maximum=30 * 24 * 3600),
         # Below the gateway's read_timeout (30 s), so an idle stream is never cut as a stalled upstream.
         events_heartbeat_s=env.float("WEB_EVENTS_HEARTBEAT_S", 15.0, minimum=0.2),
-        max_streams=max_streams,
+        # An open stream is a connection and a few small objects on the event stream server's loop.
+        max_streams=env.int("WEB_MAX_EVENT_STREAMS", 5_000, minimum=1, maximum=100_000),
         max_streams_per_staff=env.int("WEB_MAX_EVENT_STREAMS_PER_STAFF", 6, minimum=1, maximum=100),
         trusted_proxies=trusted_proxies(env),
         transport=transport_policy(env, mongo_uri=None, amqp_url=amqp_url, grpc=True),

@@ -1,20 +1,20 @@
-"""The web service's HTTP edge: the Message Board page, its sign-in endpoints, its event stream, and
-the published OpenAPI documents (docs/api.md)."""
+"""The web service's HTTP edge: the Message Board page, its sign-in endpoints and the published
+OpenAPI documents (docs/api.md). The page's event stream has a server of its own
+(services.web.event_server)."""
 
 from __future__ import annotations
 
 import ipaddress
-import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flask import Blueprint, Flask, Response, current_app, g, request, send_from_directory
+from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
 
-from services.kit.auth import AuthError, TokenVerifier
+from services.kit.auth import TokenVerifier
 from services.kit.errors import NotFound
-from services.kit.http import Network, create_app, error_response, readiness, require_auth
+from services.kit.http import Network, create_app, readiness
 from services.kit.validation import json_body
-from services.web.live import Hub, Subscription, TooManyStreams
+from services.web.live import Hub
 from services.web.sessions import DirectorySessions, check_same_origin
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -52,13 +52,19 @@ STRICT_TRANSPORT_SECURITY = "max-age=31536000; includeSubDomains"
 
 
 def reached_over_https(trusted: Sequence[Network]) -> bool:
-    """The client's connection was HTTPS: to this process itself, or, as a trusted hop (the gateway,
-    which sets it from the connection it accepted, as Kong does) states in X-Forwarded-Proto. From
-    any other peer the header is the client's own claim and is ignored."""
+    """The client's connection was HTTPS: to this process itself, or as a trusted hop states it
+    (`forwarded_https`)."""
     if request.scheme == "https":
         return True
+    return forwarded_https(request.remote_addr or "", request.headers.get("X-Forwarded-Proto", ""), trusted)
+
+
+def forwarded_https(peer_address: str, forwarded_proto: str, trusted: Sequence[Network]) -> bool:
+    """A trusted hop (the gateway, which sets it from the connection it accepted, as Kong does)
+    states in X-Forwarded-Proto that the client's connection was HTTPS. From any other peer the
+    header is the client's own claim and is ignored."""
     try:
-        peer = ipaddress.ip_address((request.remote_addr or "").strip("[]"))
+        peer = ipaddress.ip_address(peer_address.strip("[]"))
     except ValueError:
         return False
     if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
@@ -66,8 +72,7 @@ def reached_over_https(trusted: Sequence[Network]) -> bool:
     if not any(peer.version == network.version and peer in network for network in trusted):
         return False
     # The hop's own statement is the last one: earlier values came from whoever connected to it.
-    stated = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip().lower()
-    return stated == "https"
+    return forwarded_proto.rsplit(",", maxsplit=1)[-1].strip().lower() == "https"
 
 
 page = Blueprint("page", __name__)
@@ -158,39 +163,6 @@ def activity():
     return _web("sessions").activity()
 
 
-@session.get("/events")
-@require_auth
-def events():
-    """Server-sent events for the caller's board, read with fetch() and the bearer token (EventSource
-    cannot send one). `board` events name the folder that changed; comments are heartbeats. The
-    stream ends when the token expires or its session is revoked; the page then reconnects."""
-    identity = g.identity
-    if identity.kind != "staff":
-        return error_response(403, "forbidden", "the event stream is for staff")
-    hub: Hub = _web("hub")
-    try:
-        subscription = hub.subscribe(identity.agency_id, identity.staff_id)
-    except TooManyStreams:
-        response = error_response(503, "too_many_streams", "too many open pages; close one and reload")
-        response.headers["Retry-After"] = "30"
-        return response
-    verifier: TokenVerifier = current_app.extensions["clinic.verifier"]
-    token = identity.token
-
-    def still_signed_in() -> bool:
-        try:
-            verifier.verify(token)
-        except AuthError:  # expired, revoked, or keys unavailable: the page signs in again
-            return False
-        return True
-
-    stream = event_stream(subscription, still_signed_in, _web("settings").events_heartbeat_s)
-    response = Response(stream, mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
-
-
 @openapi.get("")
 def openapi_index():
     """The published documents, one per service (public: they describe the API, not its data)."""
@@ -204,24 +176,3 @@ def openapi_document(service: str):
     if service not in documents:
         raise NotFound("not_found", "no such document")
     return Response(documents[service], content_type=f"{OPENAPI_MEDIA_TYPE}; charset=utf-8")
-
-
-def event_stream(subscription: Subscription, still_signed_in: Callable[[], bool], heartbeat_s: float) -> Iterator[str]:
-    """The text of one page's event stream. The token is checked before every line sent after the
-    first (a change or a heartbeat), so a busy board's stream ends on expiry or sign-out as an idle
-    one does, within one heartbeat at most."""
-    try:
-        yield "retry: 2000\n: connected\n\n"
-        while not subscription.ended.is_set():
-            change = subscription.next(heartbeat_s)
-            if subscription.ended.is_set():
-                break
-            if not still_signed_in():  # the page refreshes its token and reconnects
-                yield "event: reauthenticate\ndata: {}\n\n"
-                return
-            if change is None:
-                yield ": heartbeat\n\n"
-                continue
-            yield f"event: board\ndata: {json.dumps({'folder': change.folder})}\n\n"
-    finally:
-        subscription.close()

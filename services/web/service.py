@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.kit import metrics
 from services.kit.bus import Topology
 from services.kit.revocations import instance_id
 from services.web.config import WebSettings
@@ -34,6 +35,7 @@ def build(
     """The page's sign-in (`sessions`, forwarding to directory), the live streams' `hub` and the
     board events consumer feeding it from a queue of this instance (`instance`: a fresh id)."""
     hub = hub or Hub(settings.max_streams, settings.max_streams_per_staff)
+    metrics.track_live_streams(lambda: hub.streams)  # clinic_live_streams_open, read at each scrape
     topology = Topology(exchange=settings.events_exchange)
     board_events = BoardEvents(hub, settings.amqp_url, topology, instance or instance_id())
     if sessions is None:

@@ -240,7 +240,8 @@ def test_kong_routes_reach_services_that_exist_in_compose(compose, generated_sec
     for upstream in upstreams:
         assert upstream.host in compose["services"], upstream
         assert upstream.host in SERVICES, upstream
-        http_port = d.environment_of(compose["services"][upstream.host])[f"{d.env_prefix(upstream.host)}_HTTP_PORT"]
+        key = "WEB_EVENTS_PORT" if upstream.kong_service == "web-events" else f"{d.env_prefix(upstream.host)}_HTTP_PORT"
+        http_port = d.environment_of(compose["services"][upstream.host])[key]
         assert upstream.port == int(http_port), upstream
     # The multi-line public key survives .env -> compose -> decK's indent.
     keys = [s["rsa_public_key"] for c in config["consumers"] for s in c.get("jwt_secrets") or []]
@@ -462,7 +463,8 @@ def test_kong_routes_reach_services_that_exist_in_kubernetes():
         assert name in K8S_SERVICES and name in SERVICES, upstream
         assert upstream.port in {p["port"] for p in K8S_SERVICES[name]["spec"]["ports"]}, upstream
         config_map = d.k8s_objects("ConfigMap")["clinic-config"]["data"]
-        assert upstream.port == int(config_map[f"{d.env_prefix(name)}_HTTP_PORT"]), upstream
+        key = "WEB_EVENTS_PORT" if upstream.kong_service == "web-events" else f"{d.env_prefix(name)}_HTTP_PORT"
+        assert upstream.port == int(config_map[key]), upstream
 
 
 def test_kong_runs_db_less_from_the_generated_secret():

@@ -43,6 +43,7 @@ def product_env(upstream, keys) -> dict[str, str]:
         "DECK_NOTIFICATIONS_URL": upstream.url,
         "DECK_AUTO_REPLY_URL": upstream.url,
         "DECK_WEB_URL": upstream.url,
+        "DECK_WEB_EVENTS_URL": upstream.url,
         "DECK_ERX_BRIDGE_URL": upstream.url,
         "DECK_CLOUD_COMMS_URL": upstream.url,
         "DECK_AUDIT_URL": upstream.url,
@@ -60,7 +61,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (8 services, 19 routes, 5 consumers" in result.stdout
+    assert "OK (10 services, 21 routes, 5 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):

@@ -12,10 +12,8 @@ from tests.waits import wait_until
 
 
 def changes(subscription) -> list[str]:
-    seen = []
-    while (change := subscription.next(0.01)) is not None:
-        seen.append(change.folder)
-    return seen
+    """The changes pushed to the page since the last look (the hub pushes in the consumer's thread)."""
+    return [change.folder for change in subscription.take()]
 
 
 def test_each_replica_hears_every_delivery_and_tells_only_its_recipients_pages(event_bus):

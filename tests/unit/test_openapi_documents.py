@@ -275,15 +275,30 @@ def flask_routes(app: Flask) -> set[tuple[str, str]]:
     return routes
 
 
+def other_routes(service: str) -> set[tuple[str, str]]:
+    """Routes a service serves beside its Flask app: web's event stream has a server of its own."""
+    if service == "web":
+        from services.web.event_server import ROUTES
+
+        return set(ROUTES)
+    return set()
+
+
 def test_the_document_has_exactly_the_services_routes(document):
     service, raw = document
-    served = flask_routes(APPS[service]())
+    served = flask_routes(APPS[service]()) | other_routes(service)
     documented = {(path, method) for path, method, _ in operations(raw)}
     assert sorted(served - documented) == [], f"{service}: routes without an operation"
     assert sorted(documented - served) == [], f"{service}: operations without a route"
 
 
-KONG_SERVICE = {"auto_reply": "auto-reply", "erx_bridge": "erx-bridge", "cloud_comms": "cloud-comms"}
+# The gateway's services in front of each service's routes (when not the service's own name).
+KONG_SERVICES = {
+    "auto_reply": {"auto-reply"},
+    "erx_bridge": {"erx-bridge"},
+    "cloud_comms": {"cloud-comms"},
+    "web": {"web", "web-events"},  # web-events: its event stream server's port
+}
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +307,7 @@ def gateway_router() -> Router:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     services = ["directory", "inbox", "notifications", "auto_reply", "erx_bridge", "cloud_comms", "audit", "web"]
+    services.append("web_events")  # web's event stream server
     environ = {f"DECK_{name.upper()}_URL": f"http://{name}.invalid:8000" for name in services}
     environ |= {
         "DECK_DIRECTORY_JWT_PUBLIC_KEY": pem.decode(),
@@ -314,7 +330,7 @@ def test_x_clinic_gateway_says_whether_the_gateway_routes_the_operation_here(doc
     wrong = []
     for path, method, op in operations(raw):
         match = gateway_router.match(method.upper(), re.sub(r"{[^}]+}", "x1", path))
-        routed_here = match is not None and match.route.service.name == KONG_SERVICE.get(service, service)
+        routed_here = match is not None and match.route.service.name in KONG_SERVICES.get(service, {service})
         if op.get("x-clinic-gateway", True) != routed_here:
             wrong.append(f"{method.upper()} {path}: routed here {routed_here}")
     assert wrong == [], f"{service}: {wrong}"

@@ -1,5 +1,6 @@
 """The web service's own rules: which page hears which delivery, stream limits, sign-in CSRF
-checks, the event stream's authentication and the security headers on every answer."""
+checks and the security headers on every answer (the event stream's own server:
+tests/unit/test_web_event_server.py)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,7 @@ def envelope(event_type: str, payload, agency: str = "agy_a"):
 
 
 def drain(subscription) -> list[str]:
-    seen = []
-    while (change := subscription.next(0.01)) is not None:
-        seen.append(change.folder)
-    return seen
+    return [change.folder for change in subscription.take()]
 
 
 def test_a_delivery_reaches_only_the_recipients_pages_in_the_events_agency():
@@ -83,7 +81,7 @@ def test_a_person_over_their_limit_loses_their_oldest_stream_and_the_process_lim
     hub = Hub(max_streams=3, max_streams_per_staff=2)
     first, second = hub.subscribe("agy_a", "stf_1"), hub.subscribe("agy_a", "stf_1")
     third = hub.subscribe("agy_a", "stf_1")
-    assert first.ended.is_set() and not second.ended.is_set() and not third.ended.is_set()
+    assert first.ended and not second.ended and not third.ended
     assert hub.streams == 2
     hub.subscribe("agy_a", "stf_2")
     with pytest.raises(TooManyStreams):
@@ -95,22 +93,50 @@ def test_a_person_over_their_limit_loses_their_oldest_stream_and_the_process_lim
 
 
 def test_closing_the_hub_ends_every_stream_and_waits_for_them_to_finish():
-    hub = Hub(10, 3)
+    """Pushes run where the hub delivers (the event stream server's loop): here a thread standing in
+    for it, so `close` has to wait for the streams to finish there."""
+    jobs: list = []
+    delivered = threading.Event()
+    hub = Hub(10, 3, deliver=jobs.append)
     streams = [hub.subscribe("agy_a", f"stf_{i}") for i in range(3)]
+    for subscription in streams:  # what the stream does once ended: lets go of its place
+        subscription.listener = lambda s=subscription: s.close() if s.ended else None
 
-    def page_stream(subscription):  # what the HTTP stream does: waits for changes, closes when ended
-        while not subscription.ended.is_set():
-            subscription.next(5.0)
-        subscription.close()
+    def loop():
+        while not jobs:
+            delivered.wait(0.01)
+        jobs.pop()()
 
-    workers = [threading.Thread(target=page_stream, args=(s,)) for s in streams]
-    for worker in workers:
-        worker.start()
+    worker = threading.Thread(target=loop)
+    worker.start()
     hub.close(wait_s=10.0)
-    assert all(s.ended.is_set() for s in streams)
+    worker.join(5)
+    assert all(s.ended for s in streams)
     assert hub.streams == 0  # returned once the last stream had finished, not after the 10 s
-    for worker in workers:
-        worker.join(1)
+
+
+def test_a_publish_reaches_the_streams_in_one_delivery_whatever_their_number():
+    jobs: list = []
+    hub = Hub(100, 3, deliver=jobs.append)
+    pages = [hub.subscribe("agy_a", f"stf_{i}") for i in range(50)]
+    assert hub.publish_to_agency("agy_a", BoardChange("announcements")) == 50
+    assert hub.publish_to_staff("agy_a", "stf_7", BoardChange("messages")) == 1
+    assert hub.publish_to_staff("agy_a", "stf_nobody", BoardChange("messages")) == 0
+    assert len(jobs) == 2 and all(drain(page) == [] for page in pages)  # nothing pushed before it runs
+    for job in jobs:
+        job()
+    assert drain(pages[7]) == ["announcements", "messages"]
+    assert all(drain(page) == ["announcements"] for page in pages[:7] + pages[8:])
+
+
+def test_a_page_far_behind_keeps_only_the_backlog():
+    from services.web.live import SUBSCRIBER_BACKLOG
+
+    hub = Hub(10, 3)
+    page = hub.subscribe("agy_a", "stf_1")
+    for _ in range(SUBSCRIBER_BACKLOG + 10):
+        hub.publish_to_staff("agy_a", "stf_1", BoardChange("messages"))
+    assert len(drain(page)) == SUBSCRIBER_BACKLOG
 
 
 @pytest.fixture
@@ -164,10 +190,10 @@ def test_sign_in_with_wrong_types_is_400_and_malformed_json_is_400(client):
     assert broken.status_code == 400 and broken.get_json()["code"] == "malformed_json"
 
 
-def test_the_event_stream_needs_a_bearer_token(client):
+def test_the_event_stream_is_not_served_by_the_flask_app(client):
+    """It has a server of its own (services.web.event_server, tests/unit/test_web_event_server.py)."""
     response = client.get("/app/events")
-    assert response.status_code == 401
-    assert response.get_json()["code"] == "unauthenticated"
+    assert response.status_code == 404 and response.get_json()["code"] == "not_found"
 
 
 def test_the_page_and_its_assets_carry_the_security_headers(client):
@@ -202,7 +228,14 @@ def test_production_needs_the_page_origin_and_the_broker():
     with pytest.raises(SettingsError):
         config.load({"WEB_ALLOWED_ORIGINS": "127.0.0.1:8000"})
     with pytest.raises(SettingsError):
-        config.load({"WEB_HTTP_THREADS": "8", "WEB_MAX_EVENT_STREAMS": "8"})
+        config.load({"WEB_EVENTS_PORT": "http"})
+
+
+def test_streams_no_longer_count_against_the_http_threads():
+    settings = config.load({"WEB_HTTP_THREADS": "8", "WEB_MAX_EVENT_STREAMS": "2000", "CLINIC_RUN_DIR": "/tmp"})
+    assert settings.max_streams == 2000 and settings.http_threads == 8
+    defaults = config.load({"CLINIC_RUN_DIR": "/tmp"})
+    assert defaults.max_streams >= 2000 and defaults.events_port == 8109
 
 
 def test_readiness_follows_the_delivery_event_consumer():
@@ -214,25 +247,6 @@ def test_readiness_follows_the_delivery_event_consumer():
     assert client.get("/healthz").status_code == 200
     consuming["now"] = True
     assert client.get("/readyz").get_json()["status"] == "ready"
-
-
-def test_a_busy_stream_ends_once_the_token_expires_or_is_revoked():
-    """Changes arriving faster than the heartbeat must not keep a signed-out page's stream open."""
-    from services.web.http_api import event_stream
-
-    hub = Hub(4, 2)
-    subscription = hub.subscribe("agy_a", "stf_1")
-    signed_in = {"now": True}
-    stream = event_stream(subscription, lambda: signed_in["now"], heartbeat_s=60.0)
-    assert next(stream).startswith("retry:")
-    hub.publish_to_staff("agy_a", "stf_1", BoardChange("messages"))
-    assert next(stream) == 'event: board\ndata: {"folder": "messages"}\n\n'
-    signed_in["now"] = False  # the session was revoked; changes keep coming
-    hub.publish_to_staff("agy_a", "stf_1", BoardChange("lab"))
-    assert next(stream) == "event: reauthenticate\ndata: {}\n\n"
-    with pytest.raises(StopIteration):
-        next(stream)
-    assert hub.streams == 0  # the stream let go of its place
 
 
 @pytest.mark.parametrize(
