@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import logging
-import resource
 import signal
 import sys
 
@@ -24,6 +23,7 @@ from services.gateway.server import GatewayServer
 from services.gateway.tls import route_problems
 from services.gateway.upstream import UpstreamPool
 from services.kit.logs import configure_logging
+from services.kit.runtime import raise_open_files_limit
 from services.kit.settings import SettingsError
 
 log = logging.getLogger("services.gateway")
@@ -61,21 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 def summary(model: GatewayModel) -> str:
     return (f"{len(model.services)} services, {len(model.routes)} routes, {len(model.consumers)} consumers, "
             f"{len(model.plugins)} plugins")
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft limit on open files to the hard limit: every open event stream holds two sockets
-    here (the page's and web's), so a few thousand pages need more than a usual soft limit of 1,024.
-    Returns the limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65_536)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 async def serve(model: GatewayModel, settings: config.GatewaySettings) -> int:

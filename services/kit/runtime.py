@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -173,3 +174,18 @@ def simulator_main(
     log.info(ready, extra={"port": port})
     process.wait()
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit: a process holding thousands
+    of open event streams (web's stream server, the gateway in front of it: two sockets each) needs
+    more than the usual soft limit of 1,024. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft

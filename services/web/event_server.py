@@ -27,7 +27,6 @@ import asyncio
 import functools
 import json
 import logging
-import resource
 import threading
 import time
 import urllib.parse
@@ -43,6 +42,7 @@ from services.kit.auth import KIND_STAFF, AuthError, Identity, TokenVerifier, be
 from services.kit.errors import RETRY_AFTER_S, Unavailable, dependency_outage
 from services.kit.http import AUTH_UNAVAILABLE
 from services.kit.logs import accept_correlation_id
+from services.kit.runtime import raise_open_files_limit
 from services.web.http_api import PAGE_HEADERS, STRICT_TRANSPORT_SECURITY, forwarded_https
 from services.web.live import BoardChange, Hub, Subscription, TooManyStreams
 
@@ -75,20 +75,6 @@ def board_event(folder: str) -> bytes:
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def raise_open_files_limit() -> int:
-    """Raise this process's soft limit on open files to its hard limit (every stream holds a socket);
-    returns the limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65_536)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 class Caller:
