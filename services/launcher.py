@@ -478,6 +478,8 @@ class Stack:
                 raise LaunchError("this stack does not run the embedded database")
             self.mongo.start()
             return None
+        if pid_alive(self.pid(name)):
+            raise LaunchError(f"{name} is still running (pid {self.pid(name)}); kill it first")
         env = self._env if name != "gateway" else {**self._env, **self.gateway_env()}
         (self.pids / f"{name}.pid").unlink(missing_ok=True)
         process = self._spawn(name, [sys.executable, "-m", self.MODULES[name]], env)

@@ -137,6 +137,9 @@ def patient_search_refs(chain: str, agency_id: str, identifier: str, system: str
 def search_records():
     """Records about a patient named by an identifier that is PHI (JSON body, module docstring)."""
     caller = auditor()
+    if request.args:  # an identifier in the address would end up in logs: the body only
+        name = sorted(request.args)[0][:64]
+        raise InvalidInput("invalid_query", f"the search takes no query parameters ({name})", {"field": name})
     body = validate(json_body(), SEARCH_FIELDS)
     identifier, system = body.pop("patient_identifier"), body.pop("identifier_system", None)
     if system is not None and not ref_system(system):

@@ -20,11 +20,23 @@ from services.inbox.board import Board, ItemFilter
 from services.inbox.components import Components
 from services.inbox.config import InboxSettings
 from services.inbox.mailbox import Mailbox
-from services.inbox.schemas import IDEMPOTENCY_KEY, addressing_from, draft_from, reply_spec, require_body, send_spec
+from services.inbox.schemas import addressing_from, draft_from, reply_spec, require_body, send_spec
 from services.kit.errors import InvalidInput
 from services.kit.http import create_app, readiness
 from services.kit.http import require_staff as staff_only
-from services.kit.validation import ID_PATTERN, Bool, Id, Spec, Str, json_body, path_id, query_bool, query_int, validate
+from services.kit.validation import (
+    ID_PATTERN,
+    Bool,
+    Id,
+    Spec,
+    Str,
+    idempotency_key_header,
+    json_body,
+    path_id,
+    query_bool,
+    query_int,
+    validate,
+)
 
 SECTION_SPEC = {"expanded": Bool(required=True)}
 LABEL_SPEC = {"label_id": Id(required=False), "name": Str(max_len=200, required=False)}
@@ -85,8 +97,9 @@ def _specs() -> MessageSpecs:
 
 
 def idempotency_key() -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    return IDEMPOTENCY_KEY.clean("Idempotency-Key", key) if key is not None else None
+    """The request's Idempotency-Key, by the kit's one rule for every service (1-128 printable ASCII
+    characters, else 400 `invalid_idempotency_key`)."""
+    return idempotency_key_header()
 
 
 def only_query(*allowed: str) -> None:

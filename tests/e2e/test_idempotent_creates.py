@@ -171,3 +171,14 @@ def test_a_repeat_is_answered_even_once_the_request_would_no_longer_be_accepted(
     assert again.status_code == 200, again.text
     assert again.json()["id"] == first.json()["id"]
     assert inbox_db.signature_requests.count_documents({"_id": {"$eq": first.json()["id"]}}) == 1
+
+
+@pytest.mark.parametrize("key", [b"caf\xc3\xa9", b"tab\there", b"x" * 129])
+def test_an_idempotency_key_outside_the_one_rule_is_refused_on_every_inbox_create(reyes, key):
+    """1-128 printable ASCII characters, as on every other service (docs/api.md)."""
+    for path, body in (
+        ("/api/v1/messages", {"to_staff_ids": ["stf_riverbend_kim"], "subject": "Key rule", "body": "x"}),
+        ("/api/v1/reminders", {"text": "Key rule", "remind_at": "2030-01-01T09:00:00+00:00"}),
+    ):
+        answer = reyes.post(path, json=body, headers={"Idempotency-Key": key})
+        assert (answer.status_code, answer.json()["code"]) == (400, "invalid_idempotency_key"), (path, answer.text)

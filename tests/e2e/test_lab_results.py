@@ -582,6 +582,11 @@ def test_a_compliance_officer_finds_every_read_of_a_patient_by_record_number(mll
     ):
         refused = officer.post("/api/v1/audit/records/search", json=body)
         assert (refused.status_code, refused.json()["code"]) == (400, code), refused.text
+    # Never the identifier in the address (it would reach logs): a query string is refused.
+    in_address = officer.post(
+        f"/api/v1/audit/records/search?patient_identifier={mrn}", json={"patient_identifier": mrn}
+    )
+    assert (in_address.status_code, in_address.json()["code"]) == (400, "invalid_query")
     # Staff without an auditor role are refused; the search itself is in the trail, by reference.
     assert reyes.post("/api/v1/audit/records/search", json={"patient_identifier": mrn}).status_code == 403
     searched = wait_until(

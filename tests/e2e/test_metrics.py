@@ -101,7 +101,9 @@ def test_every_service_answers_metrics_on_its_own_port(stack, service):
         assert ("clinic_live_streams_open", (("service", "web"),)) in scrape(stack, service)
 
 
-@pytest.mark.parametrize("path", ["/metrics", "/metrics/", "//metrics", "/%6Detrics", "/Metrics", "/metrics?x=1"])
+@pytest.mark.parametrize(
+    "path", ["/metrics", "/metrics/", "//metrics", "/%6Detrics", "/Metrics", "/metrics?x=1", "/healthz", "/readyz"]
+)
 def test_metrics_are_never_reachable_through_the_gateway(stack, path):
     reply = requests.get(f"{stack.gateway_url}{path}", timeout=10, allow_redirects=False)
     assert reply.status_code == 404, f"{path}: {reply.status_code}"
