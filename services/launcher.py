@@ -543,6 +543,11 @@ class Stack:
             "DECK_COMPLIANCE_TRACKER_API_KEY": self.compliance_tracker_api_key,
             "DECK_RATE_LIMIT_MINUTE": "6000",
             "DECK_AUTH_RATE_LIMIT_MINUTE": "120",
+            # Per partner (the lab tests post hundreds of results a minute through lab-interface).
+            "DECK_PATIENT_PORTAL_RATE_LIMIT_MINUTE": "60000",
+            "DECK_LAB_INTERFACE_RATE_LIMIT_MINUTE": "60000",
+            "DECK_PRACTICE_MANAGEMENT_RATE_LIMIT_MINUTE": "60000",
+            "DECK_COMPLIANCE_TRACKER_RATE_LIMIT_MINUTE": "60000",
             "DECK_CORS_ORIGIN": self.gateway_url,
         }
         env.update(self.config.gateway_env)

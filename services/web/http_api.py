@@ -8,13 +8,15 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
+from flask import Blueprint, Flask, Response, current_app, g, request
 
 from services.kit.auth import TokenVerifier
 from services.kit.errors import NotFound
 from services.kit.http import Network, create_app, readiness
 from services.kit.validation import json_body
+from services.web.assets import Assets, asset_response, page_response
 from services.web.live import Hub
+from services.web.openapi_merge import merge, reference_page
 from services.web.sessions import DirectorySessions, check_same_origin
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -78,6 +80,8 @@ def forwarded_https(peer_address: str, forwarded_proto: str, trusted: Sequence[N
 page = Blueprint("page", __name__)
 session = Blueprint("session", __name__, url_prefix="/app")
 openapi = Blueprint("openapi", __name__, url_prefix="/api/v1/openapi")
+# The one document for the whole API: `/api/v1/openapi.json`, beside the per-service ones.
+openapi_merged = Blueprint("openapi_merged", __name__)
 
 
 def published_documents(root: Path = SERVICES_DIR) -> dict[str, bytes]:
@@ -94,13 +98,18 @@ def build_app(
     live_ready=None,
     *,
     documents: Mapping[str, bytes] | None = None,
+    assets: Assets | None = None,
 ) -> Flask:
     """`live_ready()` says whether delivery events are being consumed (readiness); None: always.
-    `documents`: the OpenAPI documents served (default `published_documents()`)."""
+    `documents`: the OpenAPI documents served (default `published_documents()`); `assets`: the
+    page's files (default: read from STATIC_DIR now)."""
     app = create_app("web", verifier, max_body_bytes=16 * 1024)
-    app.static_folder = str(STATIC_DIR)  # the page's assets, served by Flask's own static view
-    app.add_url_rule("/static/<path:filename>", endpoint="static", view_func=app.send_static_file)
+    app.add_url_rule("/static/<path:filename>", endpoint="static", view_func=static_file)
+    # Runs after the kit's own hook (Flask runs them last-registered first), which sets no-store on
+    # every answer: only an asset's answer says otherwise.
+    app.after_request_funcs.setdefault(None, []).insert(0, _asset_cache_control)
     app.extensions["web"] = {
+        "assets": Assets(STATIC_DIR) if assets is None else assets,
         "sessions": sessions,
         "hub": hub,
         "settings": settings,
@@ -109,6 +118,7 @@ def build_app(
     app.register_blueprint(page)
     app.register_blueprint(session)
     app.register_blueprint(openapi)
+    app.register_blueprint(openapi_merged)
 
     @app.after_request
     def _page_headers(response: Response) -> Response:
@@ -133,7 +143,27 @@ def _web(name: str):
 
 @page.get("/")
 def index():
-    return send_from_directory(STATIC_DIR, "index.html", max_age=0)
+    """The page naming its assets by their hashes (never cached itself: it is what names them)."""
+    assets: Assets = _web("assets")
+    response = page_response(assets, request)
+    response.headers["Content-Security-Policy"] = assets.page_policy(CONTENT_SECURITY_POLICY)
+    return response
+
+
+def static_file(filename: str):
+    """An asset by its hashed name (cached for a year) or its plain one (revalidated), gzip when accepted."""
+    found = _web("assets").find(filename)
+    if found is None:
+        raise NotFound("not_found", "no such file")
+    response, g.asset_cache_control = asset_response(*found, request)
+    return response
+
+
+def _asset_cache_control(response: Response) -> Response:
+    cache_control = g.get("asset_cache_control")
+    if cache_control is not None:
+        response.headers["Cache-Control"] = cache_control
+    return response
 
 
 @session.post("/session")
@@ -176,3 +206,26 @@ def openapi_document(service: str):
     if service not in documents:
         raise NotFound("not_found", "no such document")
     return Response(documents[service], content_type=f"{OPENAPI_MEDIA_TYPE}; charset=utf-8")
+
+
+def _merged_document() -> dict:
+    """The published documents merged into one (services.web.openapi_merge), made once per app."""
+    web = current_app.extensions["web"]
+    if "openapi_merged" not in web:
+        web["openapi_merged"] = merge(web["openapi"])
+    return web["openapi_merged"]
+
+
+@openapi_merged.get("/api/v1/openapi.json")
+def openapi_merged_document():
+    """Every operation the gateway routes, from every service's document, as one OpenAPI 3.1 document."""
+    return _merged_document()
+
+
+@openapi.get("/reference")
+def openapi_reference():
+    """The merged document as a page: every operation by service, with no script or style of its own."""
+    web = current_app.extensions["web"]
+    if "openapi_reference" not in web:
+        web["openapi_reference"] = reference_page(_merged_document())
+    return Response(web["openapi_reference"], content_type="text/html; charset=utf-8")

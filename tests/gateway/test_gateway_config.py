@@ -54,6 +54,10 @@ def product_env(upstream, keys) -> dict[str, str]:
         "DECK_COMPLIANCE_TRACKER_API_KEY": "compliance-tracker-test-key",
         "DECK_RATE_LIMIT_MINUTE": "600",
         "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
+        "DECK_PATIENT_PORTAL_RATE_LIMIT_MINUTE": "500",
+        "DECK_LAB_INTERFACE_RATE_LIMIT_MINUTE": "500",
+        "DECK_PRACTICE_MANAGEMENT_RATE_LIMIT_MINUTE": "500",
+        "DECK_COMPLIANCE_TRACKER_RATE_LIMIT_MINUTE": "500",
         "DECK_CORS_ORIGIN": "http://127.0.0.1:8000",
     })
 
@@ -81,7 +85,7 @@ def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path)
                 assert re.fullmatch(r"[0-9a-f]{32}", refused.headers["X-Kong-Request-Id"])
             partner = http.get(f"{gateway.url}/api/v1/partner/x", headers={"apikey": PORTAL_KEY})
             assert partner.status_code == 200
-            assert partner.headers["X-RateLimit-Limit-Minute"] == "600"
+            assert partner.headers["X-RateLimit-Limit-Minute"] == "500"  # the partner's own quota
             assert "X-Correlation-ID" in partner.headers
             assert "apikey" not in {k.lower() for k, _ in partner.json()["headers"]}  # hide_credentials
     finally:

@@ -317,6 +317,10 @@ def gateway_router() -> Router:
         "DECK_COMPLIANCE_TRACKER_API_KEY": "compliance-key",
         "DECK_RATE_LIMIT_MINUTE": "600",
         "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
+        "DECK_PATIENT_PORTAL_RATE_LIMIT_MINUTE": "600",
+        "DECK_LAB_INTERFACE_RATE_LIMIT_MINUTE": "600",
+        "DECK_PRACTICE_MANAGEMENT_RATE_LIMIT_MINUTE": "600",
+        "DECK_COMPLIANCE_TRACKER_RATE_LIMIT_MINUTE": "600",
         "DECK_CORS_ORIGIN": "http://127.0.0.1:8000",
     }
     model = load_file(ROOT / "gateway" / "kong.yml", environ, {"GATEWAY_IDENTITY_KEY": "k" * 32})
