@@ -25,6 +25,9 @@ class Components:
     service_tokens: Any = None
     # Feature modules (see Feature below), registered by the HTTP edge and run by the process.
     features: list[Any] = field(default_factory=list)
+    # The agency's message options (services/inbox/agency_options.AgencyOptions: `.get(agency_id)`),
+    # set by that feature, which is constructed first.
+    options: Any = None
 
 
 class Feature(kit_features.Feature[Components]):

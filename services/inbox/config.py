@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.kit import faults, gateway_identity
+from services.kit import clock, faults, gateway_identity
 from services.kit.settings import CommonSettings, Env, common_settings
 
 
@@ -31,6 +31,8 @@ class InboxSettings:
     counter_check_confirm_s: float = 60.0
     # Fault injection (services.kit.faults): points where this process kills itself; tests only.
     crash_points: frozenset[str] = frozenset()
+    # A deadline clock tests may move forward (services.kit.clock); tests only.
+    test_clock: bool = False
 
 
 def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
@@ -54,6 +56,7 @@ def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
         counter_check_max_items=env.int("INBOX_COUNTER_CHECK_MAX_ITEMS", 50_000, minimum=100, maximum=10_000_000),
         counter_check_confirm_s=env.float("INBOX_COUNTER_CHECK_CONFIRM_S", 60.0),
         crash_points=faults.crash_points(env),
+        test_clock=clock.test_clock_setting(env),
     )
     env.done()
     return settings

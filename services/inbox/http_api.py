@@ -21,6 +21,7 @@ from services.inbox.components import Components
 from services.inbox.config import InboxSettings
 from services.inbox.mailbox import Mailbox
 from services.inbox.schemas import addressing_from, draft_from, reply_spec, require_body, send_spec
+from services.kit import clock
 from services.kit.errors import InvalidInput
 from services.kit.http import create_app, readiness
 from services.kit.http import require_staff as staff_only
@@ -72,7 +73,7 @@ def build_app(components: Components, verifier) -> Flask:
     app = create_app("inbox", verifier, max_body_bytes=components.settings.max_request_bytes)
     app.extensions["inbox"] = components
     app.extensions["inbox.specs"] = MessageSpecs.of(components.settings)
-    for blueprint in (messages, threads, board_routes, labels, health):
+    for blueprint in (messages, threads, board_routes, labels, health, clock.control_blueprint()):
         app.register_blueprint(blueprint)
     for feature in components.features:
         for blueprint in feature.blueprints():

@@ -18,9 +18,8 @@ window; the outcome (`recall`: when, by whom, recalled and already-read recipien
 every item was handled, and the sender's Sent item is marked recalled. A recall is recorded as a
 `phi.accessed.v1` event (action "recall") and logged without PHI.
 
-Agency options (`message_options`, one document per agency, read by primary key): `receipts`
-(default on: off hides read state from senders) and `recall_window_minutes` (default 10, 0 turns
-recall off), set by the agency's admins.
+Agency options (services/inbox/agency_options.py): `receipts` (default on: off hides read state
+from senders) and `recall_window_minutes` (default 10, 0 turns recall off).
 """
 
 from __future__ import annotations
@@ -36,53 +35,25 @@ from services.inbox.fanout import MARKER
 from services.inbox.mailbox import recall_summary
 from services.inbox.store import READ_BY
 from services.kit.auth import Identity
-from services.kit.errors import Conflict, Forbidden, InvalidInput
+from services.kit.errors import Conflict, InvalidInput
 from services.kit.http import require_staff as staff_only
 from services.kit.mongo import now_ms
-from services.kit.validation import Bool, Int, json_body, path_id, query_int, validate
+from services.kit.validation import path_id, query_int
 
 log = logging.getLogger(__name__)
 
-OPTIONS = "message_options"
-DEFAULT_RECALL_WINDOW_MINUTES = 10
-MAX_RECALL_WINDOW_MINUTES = 1440
 RECEIPTS_PAGE_MAX = 500
 RECALL_BATCH = 500
-OPTIONS_SPEC = {
-    "receipts": Bool(),
-    "recall_window_minutes": Int(minimum=0, maximum=MAX_RECALL_WINDOW_MINUTES),
-}
 
 
 class Receipts(Feature):
-    """Receipts, recall and the agency's message options, with their routes."""
+    """Receipts and recall, with their routes."""
 
     def __init__(self, components):
         super().__init__(components)
-        self.options_col = components.store.db[OPTIONS]
 
-    # --- agency options ---------------------------------------------------------------------------
     def options(self, agency_id: str) -> dict:
-        doc = self.options_col.find_one({"_id": {"$eq": agency_id}}) or {}
-        return {
-            "receipts": bool(doc.get("receipts", 1)),
-            "recall_window_minutes": int(doc.get("recall_window_minutes", DEFAULT_RECALL_WINDOW_MINUTES)),
-        }
-
-    def set_options(self, caller: Identity, changes: dict) -> dict:
-        if not caller.is_admin:
-            raise Forbidden("forbidden", "this action needs the admin role")
-        fields: dict = {"updated_at": now_ms(), "updated_by": caller.staff_id}
-        if "receipts" in changes:
-            fields["receipts"] = int(changes["receipts"])
-        if "recall_window_minutes" in changes:
-            fields["recall_window_minutes"] = changes["recall_window_minutes"]
-        self.options_col.update_one({"_id": {"$eq": caller.agency_id}}, {"$set": fields}, upsert=True)
-        log.info(
-            "message options changed",
-            extra={"agency_id": caller.agency_id, "staff_id": caller.staff_id, "fields": sorted(changes)},
-        )
-        return self.options(caller.agency_id)
+        return self.components.options.get(agency_id)
 
     # --- the sender's message -----------------------------------------------------------------------
     def _own_sent(self, caller: Identity, message_id: str, action: str) -> dict:
@@ -222,7 +193,6 @@ class Receipts(Feature):
     # --- HTTP ------------------------------------------------------------------------------------------
     def blueprints(self) -> list:
         messages = Blueprint("receipts", __name__, url_prefix="/api/v1/messages")
-        options = Blueprint("message_options", __name__, url_prefix="/api/v1/board")
 
         @messages.get("/<message_id>/receipts")
         @staff_only
@@ -238,17 +208,7 @@ class Receipts(Feature):
         def recall(message_id: str):
             return self.recall(g.identity, path_id(message_id, "message"))
 
-        @options.get("/agency-options")
-        @staff_only
-        def get_options():
-            return self.options(g.identity.agency_id)
-
-        @options.patch("/agency-options")
-        @staff_only
-        def patch_options():
-            return self.set_options(g.identity, validate(json_body(), OPTIONS_SPEC))
-
-        return [messages, options]
+        return [messages]
 
 
 def _entry(staff_id: str, read_by: dict, recalled: set, delivered_at: str | None, enabled: bool) -> dict:

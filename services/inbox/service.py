@@ -16,6 +16,7 @@ from pymongo.database import Database
 
 from clinic.inbox.v1 import inbox_pb2_grpc
 from services.inbox import audit, store
+from services.inbox.agency_options import AgencyOptions
 from services.inbox.announcements import Announcements
 from services.inbox.board import Board
 from services.inbox.components import Components, Feature
@@ -29,7 +30,7 @@ from services.inbox.portal import Portal
 from services.inbox.recall import Receipts
 from services.inbox.reminders import Reminders
 from services.inbox.signatures import Signatures
-from services.kit import faults
+from services.kit import clock, faults
 from services.kit.bootstrap import phi_cipher
 from services.kit.crypto import PhiCipher
 from services.kit.features import Assembled, Worker, background_of
@@ -37,8 +38,10 @@ from services.kit.grpc_server import ServiceBinding
 from services.kit.outbox import outbox_collections
 from services.kit.security_events import SecurityLog
 
-# Every feature of the mailbox, in start order (the counter drift check, with the /metrics route, last).
+# Every feature of the mailbox, in start order (the agency options first: others read them; the counter
+# drift check, with the /metrics route, last).
 FEATURES: tuple[Callable[[Components], Feature], ...] = (
+    AgencyOptions,
     Announcements,
     Reminders,
     Signatures,
@@ -100,6 +103,7 @@ def build(
     is what work no user started acts as; `cipher` defaults to one over `db`'s data keys."""
     if settings.crash_points:  # fault tests only (production refuses the setting)
         faults.arm(settings.crash_points)
+    clock.enable(settings.test_clock)  # tests only (production refuses the setting)
     inbox_store = store.InboxStore(db)
     inbox_store.ensure_indexes()
     cipher = cipher or phi_cipher(db, settings.common)

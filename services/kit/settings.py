@@ -94,6 +94,19 @@ class Env:
             self.problems.append(f"{name} must be at least {minimum}, got {value}")
         return value
 
+    def bool(self, name: str, default: bool) -> bool:
+        """1/true/yes/on or 0/false/no/off (any case)."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name} must be true or false, got {raw!r}")
+        return default
+
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self._raw(name) or default
         if value not in choices:

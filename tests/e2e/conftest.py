@@ -56,6 +56,9 @@ def stack(tmp_path_factory, mongo_uri, amqp_url):
             "CLOUD_SMTP_RELAY": f"127.0.0.1:{CLOUD_SMTP_SINK_PORT}",
             "CLOUD_DIRECT_MDN_PASS_S": "0.2",
             "CLOUD_ADDRESS_CACHE_S": "1",
+            # Deadlines (escalations, due dates, coverage windows, retention) follow a clock the
+            # tests move forward: POST /internal/v1/test-clock on inbox's own port (services.kit.clock).
+            "CLINIC_TEST_CLOCK": "1",
         },
     )
     system = Stack(config)
@@ -399,3 +402,21 @@ class EventBus:
 def events(stack) -> EventBus:
     """Listen to the stack's events: `with events.listen("message.delivered.v1") as heard: heard.wait_for(...)`."""
     return EventBus(stack.config.amqp_url, stack.run_dir)
+
+
+@pytest.fixture
+def advance_clock(stack):
+    """Move inbox's deadline clock forward by `minutes` and run its deadline passes at once
+    (services.kit.clock); the answer names what each pass did. The clock never moves back, so a test
+    that moves it puts its own deadlines after any earlier test's."""
+
+    def _advance(minutes: float) -> dict:
+        reply = requests.post(
+            f"http://127.0.0.1:{stack.config.ports.inbox_http}/internal/v1/test-clock",
+            json={"advance_ms": int(minutes * 60_000)},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    return _advance

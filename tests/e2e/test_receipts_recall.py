@@ -119,7 +119,9 @@ def test_a_team_message_shows_counts_and_a_paged_list(reyes, login):
 
 def test_with_receipts_off_the_sender_sees_delivery_only(reyes, kim, admin, options):
     assert kim.patch(OPTIONS, json={"receipts": False}).status_code == 403
-    assert options(receipts=False) == {"receipts": False, "recall_window_minutes": 10}
+    changed = options(receipts=False)
+    assert (changed["receipts"], changed["recall_window_minutes"]) == (False, 10)
+    assert changed["critical_result_escalation_minutes"] == 30 and changed["escalation_team_id"] == ""
     assert kim.get(OPTIONS).json()["receipts"] is False
     message_id = send(reyes, to_staff_ids=[kim.staff_id])
     assert kim.get(f"/api/v1/messages/{message_id}").status_code == 200
