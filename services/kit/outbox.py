@@ -39,6 +39,17 @@ Why nothing is lost, on nx-27017 and on a MongoDB replica set alike:
   on a replica set use `w="majority"` for the producers' writes so an acknowledged change (with
   its events) survives a failover.
 
+Waking up: a relay idles between passes (`poll_interval_s`, 0.2 s), but a staging helper called
+with due events (`outbox_fields`, `outbox_update`, `with_outbox` ready, `release_update`) also tells
+every relay of its own process at once (a process-wide generation counter under a condition
+variable), so an event staged here is looked for within milliseconds instead of at the next poll.
+The helpers run before the producer's write, so a pass that follows a wake-up may come too early:
+while this process staged something less than a poll interval ago, a pass that finds nothing is
+retried after 2, 4, 8 ... ms (RECHECK_FIRST_S, doubling) up to the poll interval. Only when passes
+run changes; the poll stays the fallback for documents staged by other processes, and the lease,
+the `_outbox_seq` guards and the order of events are untouched. OUTBOX_RELAY_WAKE_UP=false (or
+`wake=False`) turns it off: the relay then only polls, as before (for comparing the two in bench/).
+
 Events of one document are published in the order they were staged; across documents, roughly
 in `_outbox_at` order. Consumers must not rely on a total order.
 
@@ -64,7 +75,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
-from threading import Event
+from threading import Condition, Event
 from typing import Protocol
 
 import pymongo
@@ -77,6 +88,7 @@ from clinic.events.v1.envelope_pb2 import Envelope
 from services.kit import metrics
 from services.kit.events import MalformedEvent, decode_envelope, failure_summary, is_valid_event_id
 from services.kit.mongo import now_ms
+from services.kit.settings import Env
 
 __all__ = [
     "BatchPublishing",
@@ -103,6 +115,38 @@ LEASES = "outbox_leases"
 LEASE_TTL_S = 5.0
 LEASE_POLL_S = 0.5
 BACKLOG_SAMPLE_S = 15.0
+# Waking up (module docstring): a pass that finds nothing right after this process staged something
+# is retried after RECHECK_FIRST_S, doubling; an idle relay waits for a wake-up in slices of IDLE_SLICE_S
+# and services its broker connection for SERVICE_S between them (heartbeats, a closed connection).
+RECHECK_FIRST_S = 0.002
+IDLE_SLICE_S = 0.1
+SERVICE_S = 0.002
+
+
+class _Staged:
+    """What the staging helpers tell the relays of this process: a generation counter bumped by every
+    staging of due events, and when that last happened (time.monotonic())."""
+
+    def __init__(self) -> None:
+        self._condition = Condition()
+        self.generation = 0
+        self.at = float("-inf")
+
+    def notify(self) -> None:
+        with self._condition:
+            self.generation += 1
+            self.at = time.monotonic()
+            self._condition.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """The generation, once it differs from `seen` or `timeout` s have passed."""
+        with self._condition:
+            if self.generation == seen and timeout > 0:
+                self._condition.wait(timeout)
+            return self.generation
+
+
+_staged = _Staged()
 
 
 def _entry(envelope: Envelope) -> dict:
@@ -122,6 +166,7 @@ def outbox_fields(envelopes: Iterable[Envelope], ready: bool = True, *, now: int
     fields: dict = {OUTBOX: outbox, OUTBOX_SEQ: 1}
     if ready and outbox:
         fields[OUTBOX_AT] = now_ms() if now is None else now
+        _staged.notify()
     return fields
 
 
@@ -136,6 +181,7 @@ def outbox_update(envelopes: Iterable[Envelope], ready: bool = True, *, now: int
         return {}
     if ready:
         to_set[OUTBOX_AT] = now_ms() if now is None else now
+        _staged.notify()
     return {"$set": to_set, "$inc": {OUTBOX_SEQ: 1}}
 
 
@@ -167,6 +213,7 @@ def with_outbox(update: Mapping, envelopes: Iterable[Envelope], ready: bool = Tr
 
 def release_update(now: int | None = None) -> dict:
     """Make a document's held events due."""
+    _staged.notify()
     return {"$set": {OUTBOX_AT: now_ms() if now is None else now}}
 
 
@@ -224,7 +271,9 @@ class OutboxRelay:
     the TTL, LEASE_TTL_S = 5 s by default); set it to None to let every instance work at once (more duplicates, same
     guarantees). Documents with unconfirmed events are retried after a backoff that doubles
     from 0.5 s up to `max_backoff_s`. `rescan_s` bounds how long a long backlog may delay a
-    document staged with an earlier `_outbox_at` than the scan position (clock skew).
+    document staged with an earlier `_outbox_at` than the scan position (clock skew). An idle
+    relay wakes up at once when its own process stages due events, unless `wake` is False (None:
+    the OUTBOX_RELAY_WAKE_UP environment variable, default true; module docstring).
     """
 
     def __init__(
@@ -241,6 +290,7 @@ class OutboxRelay:
         max_backoff_s: float = 60.0,
         rescan_s: float = 2.0,
         backlog_sample_s: float = BACKLOG_SAMPLE_S,
+        wake: bool | None = None,
     ):
         if not collection_names:
             raise ValueError("the relay needs at least one collection")
@@ -258,6 +308,11 @@ class OutboxRelay:
         self._rescan_s = rescan_s
         self._backlog_sample_s = backlog_sample_s
         self._sampled_at: float | None = None
+        # Woken by this process's stagings (module docstring); None: OUTBOX_RELAY_WAKE_UP (default on).
+        self._wake = Env("outbox").bool("OUTBOX_RELAY_WAKE_UP", True) if wake is None else wake
+        self._seen = _staged.generation  # the staging generation the last pass started after
+        self._recheck_s = RECHECK_FIRST_S
+        self._serviced_at = time.monotonic()
 
     def ensure_indexes(self) -> None:
         for collection in self._collections:
@@ -338,8 +393,9 @@ class OutboxRelay:
                         else:
                             docs, ahead = ahead, None
                         if not docs:
-                            self._idle(stop_event, self._poll_interval_s)
+                            self._idle(stop_event, self._quiet_idle_s(), wake=True)
                             continue
+                        self._recheck_s = RECHECK_FIRST_S
                         envelopes = self._envelopes(docs)
                         next_docs = None
                         if len(docs) >= self.batch_size:
@@ -359,12 +415,15 @@ class OutboxRelay:
                         if next_docs is not None:
                             ahead = next_docs.result()
                         else:
-                            self._idle(stop_event, self._poll_interval_s)
+                            self._idle(stop_event, self._poll_interval_s, wake=True)
                     except Exception as exc:  # Mongo or broker trouble: keep going, with backoff
                         failures += 1
                         if not isinstance(exc, _NothingConfirmed):
-                            logger.warning("outbox relay pass failed (%s)", failure_summary(exc),
-                                           extra={"attempt": failures, "error_type": type(exc).__name__})
+                            logger.warning(
+                                "outbox relay pass failed (%s)",
+                                failure_summary(exc),
+                                extra={"attempt": failures, "error_type": type(exc).__name__},
+                            )
                         settling, ahead = _finish(settling), None
                         self._idle(stop_event, min(self._max_backoff_ms / 1000, 0.5 * 2 ** min(failures, 10)))
             finally:
@@ -381,14 +440,15 @@ class OutboxRelay:
             while time.monotonic() < deadline and self.run_once():
                 pass
         except Exception as exc:  # Mongo or broker trouble: the next relay publishes it
-            logger.warning("outbox drain stopped (%s)", failure_summary(exc),
-                           extra={"error_type": type(exc).__name__})
+            logger.warning("outbox drain stopped (%s)", failure_summary(exc), extra={"error_type": type(exc).__name__})
 
     def _publish(self, envelopes: list[Envelope]) -> set[str]:
         confirmed = self._publisher.publish_batch(envelopes) if envelopes else set()
         if len(confirmed) < len(envelopes):
-            logger.warning("outbox events not confirmed; will retry",
-                           extra={"count": len(envelopes) - len(confirmed), "batch": len(envelopes)})
+            logger.warning(
+                "outbox events not confirmed; will retry",
+                extra={"count": len(envelopes) - len(confirmed), "batch": len(envelopes)},
+            )
         return confirmed
 
     def _envelopes(self, docs: list[tuple[Collection, dict]]) -> list[Envelope]:
@@ -432,11 +492,7 @@ class OutboxRelay:
                 # Of the documents in flight only those due exactly at the resume point come back.
                 due["$gte"], skipped = resume[collection.name]
             # Whole documents: on nx-27017 an inclusion projection costs more than the bytes it saves.
-            cursor = (
-                collection.find({OUTBOX_AT: due})
-                .sort(OUTBOX_AT, pymongo.ASCENDING)
-                .limit(remaining + skipped)
-            )
+            cursor = collection.find({OUTBOX_AT: due}).sort(OUTBOX_AT, pymongo.ASCENDING).limit(remaining + skipped)
             docs = [doc for doc in cursor if (collection.name, doc["_id"]) not in skip]
             found.extend((collection, doc) for doc in docs[:remaining])
         return found
@@ -493,8 +549,7 @@ class OutboxRelay:
 
     def _set_aside(self, collection: Collection, doc: dict, event_id: str) -> None:
         """An entry that cannot be published at all is moved to `_outbox_failed` for a human."""
-        logger.error("unreadable outbox entry set aside",
-                     extra={"event_id": event_id, "collection": collection.name})
+        logger.error("unreadable outbox entry set aside", extra={"event_id": event_id, "collection": collection.name})
         entry = (doc.get(OUTBOX) or {}).get(event_id)
         collection.update_one(
             {"_id": doc["_id"]},
@@ -505,13 +560,35 @@ class OutboxRelay:
     def _backoff_ms(self, tries: int) -> int:
         return min(self._max_backoff_ms, 500 * 2 ** min(tries - 1, 20))
 
-    def _idle(self, stop_event: Event, seconds: float) -> None:
+    def _quiet_idle_s(self) -> float:
+        """How long to idle after a pass that found nothing: the poll interval, or, while this process
+        staged something less than a poll interval ago (its write may not have landed when the pass
+        looked), the next recheck delay (2, 4, 8 ... ms)."""
+        recent = time.monotonic() - _staged.at < self._poll_interval_s
+        if self._wake and recent and self._recheck_s < self._poll_interval_s:
+            seconds, self._recheck_s = self._recheck_s, self._recheck_s * 2
+            return seconds
+        return self._poll_interval_s
+
+    def _idle(self, stop_event: Event, seconds: float, *, wake: bool = False) -> None:
+        """Wait `seconds` (servicing the broker connection); with `wake`, return as soon as this process
+        stages due events (module docstring)."""
         deadline = time.monotonic() + seconds
         while not stop_event.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            self._publisher.idle(min(remaining, 0.1))
+            if not (wake and self._wake):
+                self._publisher.idle(min(remaining, 0.1))
+                continue
+            generation = _staged.wait(self._seen, min(remaining, IDLE_SLICE_S))
+            if generation != self._seen:
+                self._seen = generation
+                self._recheck_s = RECHECK_FIRST_S
+                return
+            if time.monotonic() - self._serviced_at >= IDLE_SLICE_S:
+                self._publisher.idle(SERVICE_S)
+                self._serviced_at = time.monotonic()
 
     # -- lease ----------------------------------------------------------------------------------
 
