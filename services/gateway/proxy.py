@@ -25,6 +25,7 @@ from services.gateway.responses import SERVER, VIA, Exit, error, reason
 from services.gateway.router import Router, strip_port
 from services.gateway.server import ClientConnection, ClientGone
 from services.gateway.upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamTimeout
+from services.kit import tracing
 
 log = logging.getLogger("services.gateway")
 access_log = logging.getLogger("services.gateway.access")
@@ -241,10 +242,38 @@ class Gateway:
     async def handle(self, request: IncomingRequest, conn: ClientConnection) -> bool:
         ctx = RequestContext(request, new_request_id(), conn.client_ip, server_port=self.server_port,
                              connection_serial=conn.serial, connection_requests=conn.requests_seen)
+        traced = self._start_span(ctx) if tracing.enabled() else None
         try:
             return await self._handle(ctx, conn)
         finally:
             self.log_request(ctx)
+            if traced is not None:
+                self._finish_span(ctx, traced)
+
+    def _start_span(self, ctx: RequestContext) -> tracing.Activation | None:
+        """The request's SERVER span (services.kit.tracing), continuing a client's `traceparent`;
+        the service is sent this span's `traceparent` in place of the client's."""
+        request = ctx.request
+        carrier = {name: request.header(name) for name in (tracing.TRACEPARENT, tracing.TRACESTATE)}
+        carrier = {name: value for name, value in carrier.items() if value}
+        attributes = {"http.request.method": request.method, "kong.request_id": ctx.request_id}
+        traced = tracing.start(f"gateway {request.method}", "SERVER", carrier=carrier, activate=False,
+                               attributes=attributes)
+        if traced is not None:
+            outgoing: dict[str, str] = {}
+            tracing.inject(outgoing, traced)
+            for name in (tracing.TRACEPARENT, tracing.TRACESTATE):
+                ctx.upstream_headers[name] = (name, outgoing.get(name))
+        return traced
+
+    @staticmethod
+    def _finish_span(ctx: RequestContext, traced: tracing.Activation) -> None:
+        route = ctx.route.name or ctx.route.id if ctx.route else None
+        if route:
+            traced.span.update_name(f"gateway {ctx.request.method} {route}")
+        attributes = {"http.response.status_code": ctx.status or 0, "kong.route": route or "",
+                      "kong.source": ctx.source}
+        traced.finish(error=f"HTTP {ctx.status}" if ctx.status >= 500 else None, attributes=attributes)
 
     async def _handle(self, ctx: RequestContext, conn: ClientConnection) -> bool:
         request = ctx.request

@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.kit import metrics
+from services.kit import metrics, tracing
 from services.kit.auth import AuthError, TokenVerifier, bearer_token, current_identity
 from services.kit.errors import DomainError, dependency_outage
 from services.kit.logs import accept_correlation_id, correlation_id_var
@@ -78,7 +78,13 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
 
         def guarded(raw: bytes, context: grpc.ServicerContext):
             metadata = dict(context.invocation_metadata())
-            incoming = accept_correlation_id(metadata.get("x-correlation-id"))
+            traced = None
+            if tracing.enabled():  # the call's span, continuing the caller's traceparent
+                attributes = {"rpc.system": "grpc", "rpc.method": method, "service.name": self.service}
+                traced = tracing.start(method.lstrip("/"), "SERVER", carrier=metadata, attributes=attributes)
+            incoming = (
+                traced.trace_id if traced is not None else accept_correlation_id(metadata.get("x-correlation-id"))
+            )
             correlation = correlation_id_var.set(incoming or uuid.uuid4().hex)
             identity_token = None
             try:
@@ -129,6 +135,13 @@ class _EdgeInterceptor(grpc.ServerInterceptor):
                 if identity_token is not None:
                     current_identity.reset(identity_token)
                 correlation_id_var.reset(correlation)
+                if traced is not None:
+                    code = context.code()
+                    failed = code is not None and code != grpc.StatusCode.OK
+                    traced.finish(
+                        error=code.name if failed else None,
+                        attributes={"rpc.grpc.status_code": code.value[0] if code is not None else 0},
+                    )
 
         return grpc.unary_unary_rpc_method_handler(
             _measured(guarded, self.service, method),

@@ -42,6 +42,7 @@ import jwt
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from services.kit import tracing
 from services.kit.auth import KIND_STAFF, AuthError, Identity, TokenVerifier, bearer_token, current_identity
 from services.kit.errors import (
     RETRY_AFTER_S,
@@ -127,7 +128,19 @@ def create_app(
     @app.before_request
     def _start():
         g.started = time.perf_counter()
-        g.correlation_id = accept_correlation_id(request.headers.get("X-Correlation-ID")) or uuid.uuid4().hex
+        traced = None
+        if tracing.enabled():  # the request's span; its trace id is the correlation id
+            route = request.url_rule.rule if request.url_rule else UNMATCHED
+            attributes = {"http.request.method": request.method, "http.route": route, "service.name": service}
+            traced = tracing.start(
+                f"{request.method} {route}", "SERVER", carrier=request.headers, attributes=attributes
+            )
+            request.environ["clinic.trace"] = traced
+        g.correlation_id = (
+            (traced.trace_id if traced is not None else None)
+            or accept_correlation_id(request.headers.get("X-Correlation-ID"))
+            or uuid.uuid4().hex
+        )
         request.environ["clinic.correlation_token"] = correlation_id_var.set(g.correlation_id)
         check_address_text(request.environ)
 
@@ -140,6 +153,10 @@ def create_app(
         started = g.get("started")
         seconds = None if started is None else time.perf_counter() - started
         observe_http(service, request.method, route, response.status_code, seconds)
+        traced = request.environ.get("clinic.trace")
+        if traced is not None:
+            traced.span.set_attribute("http.response.status_code", response.status_code)
+            request.environ["clinic.trace_status"] = response.status_code
         log.info(
             "request",
             extra={
@@ -157,6 +174,11 @@ def create_app(
         token = request.environ.pop("clinic.correlation_token", None)
         if token is not None:
             correlation_id_var.reset(token)
+        traced = request.environ.pop("clinic.trace", None)
+        if traced is not None:
+            status = request.environ.get("clinic.trace_status", 500)
+            error = type(_exc).__name__ if _exc is not None else (f"HTTP {status}" if status >= 500 else None)
+            traced.finish(error=error)
         identity_token = request.environ.pop("clinic.identity_token", None)
         if identity_token is not None:
             current_identity.reset(identity_token)

@@ -100,6 +100,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
+    """JSON logs for `service`; also turns tracing on when the environment asks for it
+    (services.kit.tracing: while it is on, correlation ids are trace ids)."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
@@ -107,3 +109,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("pika", "waitress", "werkzeug", "pymongo"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("opentelemetry").setLevel(logging.ERROR)  # an exporter retrying is not our log
+    from services.kit import tracing
+
+    tracing.configure(service)

@@ -9,6 +9,7 @@ from services.gateway.plugins import (
     identity_signer,
     jwt,
     key_auth,
+    opentelemetry,
     prometheus,
     rate_limiting,
 )
@@ -24,6 +25,7 @@ REGISTRY: dict[str, PluginSpec] = {
         identity_signer.SPEC,
         jwt.SPEC,
         key_auth.SPEC,
+        opentelemetry.SPEC,
         prometheus.SPEC,
         rate_limiting.SPEC,
         size_limiting.SPEC,
@@ -36,7 +38,7 @@ KONG_BUNDLED = frozenset({
     "acme", "ai-azure-content-safety", "ai-prompt-decorator", "ai-prompt-guard", "ai-prompt-template",
     "ai-proxy", "ai-request-transformer", "ai-response-transformer", "aws-lambda", "azure-functions",
     "basic-auth", "bot-detection", "datadog", "file-log", "grpc-gateway", "grpc-web", "hmac-auth", "http-log",
-    "ip-restriction", "ldap-auth", "loggly", "oauth2", "opentelemetry", "post-function", "pre-function",
+    "ip-restriction", "ldap-auth", "loggly", "oauth2", "post-function", "pre-function",
     "proxy-cache", "redirect", "request-termination", "request-transformer", "response-ratelimiting",
     "response-transformer", "session", "standard-webhooks", "statsd", "syslog", "tcp-log", "udp-log", "zipkin",
 })

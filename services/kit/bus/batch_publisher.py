@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pika
 import pika.exceptions
@@ -21,7 +21,7 @@ from pika.adapters.select_connection import IOLoop
 from clinic.events.v1.envelope_pb2 import Envelope
 from services.kit import metrics
 from services.kit.bus import signing
-from services.kit.bus.messages import broker_user, message_properties
+from services.kit.bus.messages import broker_user, message_properties, publish_span
 from services.kit.bus.topology import Topology, connection_parameters
 
 __all__ = ["BatchPublisher"]
@@ -78,8 +78,14 @@ class BatchPublisher:
 
     # -- public ------------------------------------------------------------------------------
 
-    def publish_batch(self, envelopes: Sequence[Envelope], timeout_s: float | None = None) -> set[str]:
+    def publish_batch(
+        self,
+        envelopes: Sequence[Envelope],
+        timeout_s: float | None = None,
+        traceparents: Mapping[str, str] | None = None,
+    ) -> set[str]:
         """Publish all envelopes, await their confirms; return the event ids the broker confirmed.
+        `traceparents` (event id -> W3C traceparent) continues the traces that staged them.
 
         Nacked, returned (unroutable) and unanswered ones are left out: the caller keeps them and
         tries again later. Never raises for broker trouble; an unreachable broker yields an empty set.
@@ -100,10 +106,16 @@ class BatchPublisher:
                 self._next_tag += 1
                 body = envelope.SerializeToString()
                 signature = self._signer.headers(envelope.event_type, body, envelope.producer)
-                self._channel.basic_publish(
-                    exchange, envelope.event_type, body, message_properties(envelope, signature, self._user_id),
-                    mandatory=True,
-                )
+                # (None, {}) while tracing is off
+                traced, trace = publish_span(envelope, (traceparents or {}).get(envelope.event_id))
+                try:
+                    self._channel.basic_publish(
+                        exchange, envelope.event_type, body,
+                        message_properties(envelope, signature, self._user_id, trace), mandatory=True,
+                    )
+                finally:
+                    if traced is not None:
+                        traced.finish()
         except pika.exceptions.AMQPError as exc:
             logger.warning("publishing a batch failed", extra={"error_type": type(exc).__name__})
             self._pending.clear()

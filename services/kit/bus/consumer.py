@@ -15,6 +15,7 @@ trip per queue.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -30,6 +31,7 @@ from clinic.events.v1.envelope_pb2 import Envelope
 from services.kit import metrics
 from services.kit.bus import signing
 from services.kit.bus.messages import (
+    consume_span,
     event_context,
     log_extra,
     parking_headers,
@@ -39,7 +41,13 @@ from services.kit.bus.messages import (
     retry_headers,
     type_name,
 )
-from services.kit.bus.topology import ConsumerQueues, Topology, connection_parameters
+from services.kit.bus.topology import (
+    ConsumerQueues,
+    QueueHeldByAnotherDeployment,
+    Topology,
+    connection_parameters,
+    deployment_name,
+)
 from services.kit.events import MalformedEvent, PermanentError, decode_envelope, failure_summary
 
 if TYPE_CHECKING:
@@ -110,6 +118,7 @@ class Consumer:
         producers: signing.ProducerKeys | None = None,
         on_refused: Callable[[signing.Refusal], None] | None = None,
         depth_sample_s: float = DEPTH_SAMPLE_S,
+        deployment: str | None = None,
     ):
         if queue_expires_ms is not None and queue_expires_ms <= 0:
             raise ValueError("queue_expires_ms must be positive")
@@ -142,6 +151,10 @@ class Consumer:
         self._publish_channel: BlockingChannel | None = None
         self._thread: threading.Thread | None = None
         self.sessions = 0  # broker connections that reached consuming (reconnections show as > 1)
+        # Which copy of the system this is (CLINIC_DEPLOYMENT): a shared queue another deployment's
+        # consumers hold is not consumed (ConsumerQueues.claim). '' (unset): not checked.
+        self.deployment = deployment_name(os.environ.get("CLINIC_DEPLOYMENT") if deployment is None else deployment)
+        self.held_by: str | None = None  # the deployment holding the queue while this one is refused
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -205,6 +218,7 @@ class Consumer:
         connection = pika.BlockingConnection(self._params)
         try:
             channel = self.queues.open(connection)
+            self._claim(connection)
             publish_channel = connection.channel()
             publish_channel.confirm_delivery()
             self._publish_channel = publish_channel
@@ -244,6 +258,24 @@ class Consumer:
                     connection.close()
                 except pika.exceptions.AMQPError:
                     pass
+
+    def _claim(self, connection: pika.BlockingConnection) -> None:
+        """Refuse to consume a shared queue another deployment's consumers hold (raises, so `run`
+        tries again with its backoff and takes the queue over once they are gone). A per-instance
+        queue (queue_expires_ms) is this process's alone and is not checked."""
+        if not self.deployment or self.queue_expires_ms is not None:
+            return
+        try:
+            previous = self.queues.claim(connection, self.deployment)
+        except QueueHeldByAnotherDeployment as exc:
+            self.held_by = exc.holder
+            extra = {"queue": self.queue, "code": "queue_held_by_another_deployment", "count": exc.consumers}
+            logger.error("queue held by another deployment (%s); not consuming", exc.holder, extra=extra)
+            raise
+        self.held_by = None
+        if previous is not None:
+            logger.warning("queue taken over from deployment %s (it had no consumer)", previous,
+                           extra={"queue": self.queue})
 
     def _on_cancelled_by_broker(self, _frame) -> None:
         self._cancelled_by_broker = True
@@ -338,12 +370,14 @@ class Consumer:
             return
         extra = log_extra(envelope, queue=self.queue, attempt=retries + 1)
         outcome = None  # counted once acked; retried and parked are counted where they happen
+        traced = consume_span(envelope, properties, self.metric_queue)  # None while tracing is off
         try:
             if self._processed is not None and self._processed.seen(envelope.event_id):
                 logger.info("event already processed; skipped", extra=extra)
                 outcome = "duplicate"
             else:
-                with event_context(envelope):  # the handler's logs and outgoing calls carry the event's ids
+                # The handler's logs and outgoing calls carry the event's ids (and its trace).
+                with event_context(envelope, traced.trace_id if traced is not None else None):
                     self._handler(envelope)
                 if self._processed is not None:
                     self._processed.record(envelope.event_id)
@@ -360,6 +394,9 @@ class Consumer:
             else:
                 logger.warning("event failed (%s); will retry", failure_summary(exc), extra=extra)
                 self._retry(properties, body, retries + 1)
+        finally:
+            if traced is not None:
+                traced.finish(error=None if outcome is not None else "not handled", attributes={"attempt": retries + 1})
         channel.basic_ack(method.delivery_tag)
         if outcome is not None:
             metrics.consumed(self.metric_queue, outcome)

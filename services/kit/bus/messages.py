@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import pika
 
 from clinic.events.v1.envelope_pb2 import Envelope
+from services.kit import tracing
 from services.kit.logs import accept_correlation_id, correlation_id_var, event_id_var
 from services.kit.mongo import now_ms
 
@@ -57,10 +58,12 @@ _BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "
 
 
 def message_properties(
-    envelope: Envelope, signature: dict[str, str] | None = None, user_id: str | None = None
+    envelope: Envelope, signature: dict[str, str] | None = None, user_id: str | None = None,
+    trace: dict[str, str] | None = None,
 ) -> pika.BasicProperties:
     """The properties of `envelope`'s message; `signature` adds the signing headers (services.kit.bus.signing);
-    `user_id` must be the connection's broker user (`broker_user`), or the broker refuses the message."""
+    `user_id` must be the connection's broker user (`broker_user`), or the broker refuses the message;
+    `trace` adds the W3C `traceparent` (`publish_span`)."""
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
         delivery_mode=pika.DeliveryMode.Persistent,
@@ -70,8 +73,55 @@ def message_properties(
         timestamp=envelope.occurred_at.seconds or int(time.time()),
         app_id=envelope.producer or None,
         user_id=user_id or None,
-        headers={HEADER_PRODUCER: envelope.producer, HEADER_AGENCY: envelope.agency_id, **(signature or {})},
+        headers={
+            HEADER_PRODUCER: envelope.producer, HEADER_AGENCY: envelope.agency_id, **(signature or {}), **(trace or {}),
+        },
     )
+
+
+def publish_span(
+    envelope: Envelope, traceparent: str | None = None
+) -> tuple[tracing.Activation | None, dict[str, str]]:
+    """A PRODUCER span for publishing `envelope` and the `traceparent` header that continues it;
+    (None, {}) while tracing is off. Its parent is `traceparent` when given (what the request that
+    staged the event kept, `tracing.current_traceparent`), else the current span (a request
+    publishing), else the trace the envelope's correlation id names (services.kit.tracing)."""
+    if not tracing.enabled():
+        return None, {}
+    parent = None
+    if traceparent:
+        parent = tracing.context_of(traceparent)
+    elif not tracing.has_current_span():
+        parent = tracing.correlation_context(envelope.correlation_id, envelope.event_id)
+    attributes = {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": "publish",
+        "messaging.destination.name": envelope.event_type,
+        "messaging.message.id": envelope.event_id,
+    }
+    traced = tracing.start(f"publish {envelope.event_type}", "PRODUCER", parent=parent, activate=False,
+                           attributes=attributes)
+    headers: dict[str, str] = {}
+    tracing.inject(headers, traced)
+    return traced, headers
+
+
+def consume_span(envelope: Envelope, properties: pika.BasicProperties, queue: str) -> tracing.Activation | None:
+    """A CONSUMER span, made current, for handling `envelope`: continues the `traceparent` in its
+    headers (else the trace its correlation id names); None while tracing is off."""
+    if not tracing.enabled():
+        return None
+    headers = properties.headers or {}
+    parent = None if tracing.TRACEPARENT in headers else tracing.correlation_context(
+        envelope.correlation_id, envelope.event_id)
+    attributes = {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": queue,
+        "messaging.message.id": envelope.event_id,
+    }
+    return tracing.start(f"consume {envelope.event_type}", "CONSUMER", carrier=headers, parent=parent,
+                         attributes=attributes)
 
 
 def broker_user(params: pika.ConnectionParameters) -> str | None:
@@ -159,10 +209,11 @@ def log_extra(envelope: Envelope | None, **more: object) -> dict:
 
 
 @contextmanager
-def event_context(envelope: Envelope) -> Iterator[None]:
-    """Logs and outgoing calls made while handling `envelope` carry its correlation and event ids."""
+def event_context(envelope: Envelope, trace_id: str | None = None) -> Iterator[None]:
+    """Logs and outgoing calls made while handling `envelope` carry its correlation and event ids
+    (the correlation id is `trace_id` while the handling is traced, services.kit.tracing)."""
     tokens = (
-        correlation_id_var.set(accept_correlation_id(envelope.correlation_id) or envelope.event_id),
+        correlation_id_var.set(trace_id or accept_correlation_id(envelope.correlation_id) or envelope.event_id),
         event_id_var.set(envelope.event_id),
     )
     try:

@@ -18,7 +18,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from clinic.events.v1.envelope_pb2 import Envelope
 from services.kit import metrics
 from services.kit.bus import signing
-from services.kit.bus.messages import broker_user, log_extra, message_properties
+from services.kit.bus.messages import broker_user, log_extra, message_properties, publish_span
 from services.kit.bus.topology import Topology, connection_parameters
 
 __all__ = ["PublishError", "Publisher"]
@@ -78,10 +78,15 @@ class Publisher:
                 channel = self._channel()
                 body = envelope.SerializeToString()
                 signature = self._signer.headers(envelope.event_type, body, envelope.producer)
-                channel.basic_publish(
-                    self.topology.exchange_name, envelope.event_type, body,
-                    message_properties(envelope, signature, self._user_id), mandatory=True,
-                )
+                traced, trace = publish_span(envelope)  # (None, {}) while tracing is off
+                try:
+                    channel.basic_publish(
+                        self.topology.exchange_name, envelope.event_type, body,
+                        message_properties(envelope, signature, self._user_id, trace), mandatory=True,
+                    )
+                finally:
+                    if traced is not None:
+                        traced.finish()
                 confirmed[envelope.event_type] += 1
                 index += 1
             except pika.exceptions.UnroutableError as exc:
