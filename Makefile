@@ -92,4 +92,4 @@ lock:
 	$(PY) -m pip freeze --exclude-editable | sed '1i # Full pinned dependency tree for pyproject.toml (dev extras included). Regenerate with: make lock' > requirements.lock
 
 clean: stop
-	rm -rf clinic .run .tools $(VENV) artifacts
+	rm -rf clinic .run .run-* .tools $(VENV) artifacts

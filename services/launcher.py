@@ -17,6 +17,16 @@ administrator of the vhost) is the launcher's: it declares the shared exchange a
 queue before any service starts. Where the users cannot be made (no rabbitmqctl, a remote
 broker) every service shares AMQP_URL, said in one line; production mode refuses that unless
 AMQP_SERVICE_USERS=shared says so.
+
+A second copy beside the first (docs/runbook.md, "A second copy on one machine"): `PORT_BASE=9000 make
+run` gives that copy every port from 9000 up (`Ports.from_environment`; each port variable, e.g.
+`GATEWAY_PORT` or `INBOX_HTTP_PORT`, still wins for its own port), its own run folder
+(`.run-9000`, unless CLINIC_RUN_DIR says), its own RabbitMQ vhost (`clinic-9000` on the local broker,
+made when missing, unless AMQP_URL says) and so its own embedded database; `PORT_BASE=9000 make stop`
+stops it. Every service is told which copy it belongs to (CLINIC_DEPLOYMENT, default `local-<hash of
+the run folder>`): a consumer refuses a shared queue another copy's consumers hold
+(services.kit.bus.topology.ConsumerQueues.claim), so two copies on one vhost never split each other's
+events silently.
 """
 
 from __future__ import annotations
@@ -100,6 +110,55 @@ class Ports:
     def free(cls) -> Ports:
         return cls(**{f.name: free_port() for f in fields(cls)})
 
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> Ports:
+        """The ports `make run` uses: the defaults; with PORT_BASE every port from PORT_BASE up, in the
+        order of `PORT_VARIABLES` (the gateway at PORT_BASE itself); then each port variable that is
+        set (`port_variable`). LaunchError names every bad value and every port given twice."""
+        env = os.environ if environ is None else environ
+        problems = []
+        values = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+        raw_base = env.get("PORT_BASE", "").strip()
+        if raw_base:
+            base = _port_number("PORT_BASE", raw_base, problems, top=65535 - len(values))
+            if base is not None:
+                values = {name: base + offset for offset, name in enumerate(values)}
+        for name in values:
+            variable = port_variable(name)
+            raw = env.get(variable, "").strip()
+            if raw:
+                number = _port_number(variable, raw, problems)
+                if number is not None:
+                    values[name] = number
+        taken: dict[int, str] = {}
+        for name, port in values.items():
+            if port in taken:
+                problems.append(f"{port_variable(name)} and {port_variable(taken[port])} are both {port}")
+            taken.setdefault(port, name)
+        if problems:
+            raise LaunchError("bad port settings: " + "; ".join(problems))
+        return cls(**values)
+
+
+# A port's variable is <FIELD>_PORT, as the services read it, but for these two.
+_PORT_VARIABLE_NAMES = {"fax_simulator": "CLOUD_FAX_SIMULATOR_PORT", "cloud_comms_smtp": "CLOUD_SMTP_PORT"}
+
+
+def port_variable(name: str) -> str:
+    """The environment variable that sets the port `name` of `Ports` (e.g. INBOX_HTTP_PORT)."""
+    return _PORT_VARIABLE_NAMES.get(name, f"{name.upper()}_PORT")
+
+
+def _port_number(variable: str, raw: str, problems: list[str], top: int = 65535) -> int | None:
+    try:
+        number = int(raw)
+    except ValueError:
+        number = -1
+    if not 1024 <= number <= top:
+        problems.append(f"{variable} must be a port number from 1024 to {top}, got {raw!r}")
+        return None
+    return number
+
 
 @dataclass
 class StackConfig:
@@ -144,6 +203,7 @@ class Stack:
         self.lab_interface_api_key = ""
         self.practice_management_api_key = ""
         self.compliance_tracker_api_key = ""
+        self.dashboards_api_key = ""
         self._env: dict[str, str] = {}
         self._amqp_urls: dict[str, str] = {}  # service -> its own AMQP URL (empty: all share AMQP_URL)
         self._processes: dict[str, subprocess.Popen] = {}
@@ -258,6 +318,13 @@ class Stack:
             return ""
         return hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
 
+    @property
+    def deployment(self) -> str:
+        """Which copy of the system this stack is (CLINIC_DEPLOYMENT for every service): the
+        environment's CLINIC_DEPLOYMENT, else `local-<hash of the run folder>`."""
+        given = self.config.extra_env.get("CLINIC_DEPLOYMENT") or os.environ.get("CLINIC_DEPLOYMENT", "")
+        return given.strip() or "local-" + hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
+
     def broker_user(self, service: str) -> str:
         """`service`'s own broker user: `<vhost>.<stack id>.<service>` (`clinic.<service>` on `/`)."""
         return broker_users.user_name(broker_users.vhost_of(self.config.amqp_url), service, self.broker_stack_id)
@@ -269,6 +336,7 @@ class Stack:
             {
                 "PYTHONUNBUFFERED": "1",
                 "CLINIC_RUN_DIR": str(self.run_dir),
+                "CLINIC_DEPLOYMENT": self.deployment,
                 "MONGO_URI": self.mongo_uri,
                 "AMQP_URL": self.config.amqp_url,
                 "DIRECTORY_HTTP_PORT": str(p.directory_http),
@@ -393,6 +461,7 @@ class Stack:
         self.compliance_tracker_api_key = dev_secret(
             self.run_dir, "compliance-tracker-api-key", lambda: os.urandom(24).hex()
         )
+        self.dashboards_api_key = dev_secret(self.run_dir, "dashboards-api-key", lambda: os.urandom(24).hex())
         gateway = self._spawn("gateway", [sys.executable, "-m", "services.gateway"], {**env, **self.gateway_env()})
         # Ready = consuming the audit stream (its queue was declared before any service started).
         wait_http(f"{self.audit_url}/readyz", "audit", self.logs / "audit.log", audit)
@@ -541,6 +610,7 @@ class Stack:
             "DECK_LAB_INTERFACE_API_KEY": self.lab_interface_api_key,
             "DECK_PRACTICE_MANAGEMENT_API_KEY": self.practice_management_api_key,
             "DECK_COMPLIANCE_TRACKER_API_KEY": self.compliance_tracker_api_key,
+            "DECK_DASHBOARDS_API_KEY": self.dashboards_api_key,
             "DECK_RATE_LIMIT_MINUTE": "6000",
             "DECK_AUTH_RATE_LIMIT_MINUTE": "120",
             # Per partner (the lab tests post hundreds of results a minute through lab-interface).
@@ -772,7 +842,39 @@ def broker_answers(amqp_url: str, timeout_s: float = 3.0) -> bool:
 
 
 def ensure_broker(amqp_url: str) -> None:
-    """Make sure RabbitMQ answers: start the local server, or install it, or say exactly what to do."""
+    """Make sure RabbitMQ answers: start the local server, or install it, or say exactly what to do.
+    A vhost that the local broker lacks (a second copy's, `clinic-<PORT_BASE>`) is made."""
+    if broker_answers(amqp_url):
+        return
+    _ensure_broker_running(_root_url(amqp_url))
+    if broker_answers(amqp_url):
+        return
+    vhost = broker_users.vhost_of(amqp_url)
+    host = urllib.parse.urlsplit(amqp_url).hostname
+    if host in LOCAL_HOSTS and shutil.which("rabbitmqctl"):
+        print(f"RabbitMQ has no vhost {vhost!r}; adding it ...", flush=True)
+        user = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).username or "guest")
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=False, capture_output=True, timeout=120)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+            check=False,
+            capture_output=True,
+            timeout=120,
+        )
+        if broker_answers(amqp_url):
+            return
+    raise LaunchError(
+        f"RabbitMQ answers but not on the vhost {vhost!r} of AMQP_URL: add it (rabbitmqctl add_vhost {vhost}) and give"
+        " AMQP_URL's user its permissions, or point AMQP_URL elsewhere"
+    )
+
+
+def _root_url(amqp_url: str) -> str:
+    """`amqp_url` on the vhost `/` (to tell a broker that is down from a vhost that is missing)."""
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(amqp_url)._replace(path="/"))
+
+
+def _ensure_broker_running(amqp_url: str) -> None:
     if broker_answers(amqp_url):
         return
     host = urllib.parse.urlsplit(amqp_url).hostname
@@ -801,20 +903,26 @@ def ensure_broker(amqp_url: str) -> None:
     )
 
 
-def _default_config() -> StackConfig:
-    run_dir = Path(os.environ.get("CLINIC_RUN_DIR", REPO_ROOT / ".run")).resolve()
-    return StackConfig(
-        run_dir=run_dir,
-        mongo_uri=os.environ.get("MONGO_URI") or None,
-        amqp_url=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
-    )
+def _default_config(environ: dict[str, str] | None = None) -> StackConfig:
+    """What `make run` / `make stop` / `make status` act on. With PORT_BASE (a second copy), the run
+    folder defaults to `.run-<PORT_BASE>` and the broker to the local one's vhost `clinic-<PORT_BASE>`."""
+    env = os.environ if environ is None else environ
+    ports = Ports.from_environment(env)
+    base = env.get("PORT_BASE", "").strip()
+    run_dir = Path(env.get("CLINIC_RUN_DIR") or REPO_ROOT / (f".run-{base}" if base else ".run")).resolve()
+    amqp_url = env.get("AMQP_URL") or (f"{DEFAULT_AMQP_URL}clinic-{base}" if base else DEFAULT_AMQP_URL)
+    return StackConfig(run_dir=run_dir, ports=ports, mongo_uri=env.get("MONGO_URI") or None, amqp_url=amqp_url)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.launcher")
     parser.add_argument("command", choices=("start", "stop", "status", "ensure-broker"))
     args = parser.parse_args(argv)
-    stack = Stack(_default_config())
+    try:
+        stack = Stack(_default_config())
+    except LaunchError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if args.command == "ensure-broker":
         try:
             ensure_broker(stack.config.amqp_url)
@@ -847,7 +955,8 @@ def print_welcome(stack: Stack) -> None:
     print("Clinic Message Board is running.")
     print(f"  Message Board (open in a browser): {stack.gateway_url}/")
     print(f"  Gateway (the one address to use): {stack.gateway_url}")
-    print(f"  Logs: {stack.logs}/   Stop with: make stop")
+    base = os.environ.get("PORT_BASE", "").strip()
+    print(f"  Logs: {stack.logs}/   Stop with: {f'PORT_BASE={base} ' if base else ''}make stop")
     tls = stack.grpc_tls
     print(f"  gRPC between services: {'mutual TLS, CA ' + str(tls.ca_file) if tls else 'plaintext'}")
     if stack.amqp_url_of("inbox") != stack.config.amqp_url:
@@ -867,6 +976,7 @@ def print_welcome(stack: Stack) -> None:
     print(f"Partner API key for the lab interface consumer:  {stack.lab_interface_api_key}")
     print(f"Partner API key for the practice-management consumer: {stack.practice_management_api_key}")
     print(f"Partner API key for the compliance-tracker consumer:  {stack.compliance_tracker_api_key}")
+    print(f"API key for the internal-dashboard consumer:  {stack.dashboards_api_key}")
     print(f"HL7 v2 MLLP listener (lab results, schedule changes): 127.0.0.1:{stack.config.ports.notifications_mllp}")
     print(
         f"Direct secure messaging SMTP listener (S/MIME, the agency's HISP edge): "

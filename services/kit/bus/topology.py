@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-__all__ = ["DEFAULT_EXCHANGE", "ConsumerQueues", "Topology", "connection_parameters"]
+__all__ = ["DEFAULT_EXCHANGE", "ConsumerQueues", "QueueHeldByAnotherDeployment", "Topology", "connection_parameters"]
 
 DEFAULT_EXCHANGE = "clinic.events"
 NOT_FOUND = 404
@@ -91,6 +92,30 @@ class Topology:
         return channel
 
 
+class QueueHeldByAnotherDeployment(Exception):
+    """Another deployment's consumers are on this queue (ConsumerQueues.claim): consuming it too
+    would silently split that deployment's events with this one."""
+
+    def __init__(self, queue: str, holder: str, consumers: int):
+        self.queue, self.holder, self.consumers = queue, holder, consumers
+        super().__init__(
+            f"queue {queue} is held by deployment {holder!r} ({consumers} consumer(s)); run this deployment on a"
+            " vhost of its own (AMQP_URL) or with another CLINIC_DEPLOYMENT only once that one is gone"
+        )
+
+
+_DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def deployment_name(value: str | None) -> str:
+    """A CLINIC_DEPLOYMENT value as used (stripped), '' when unset; ValueError for one that is not
+    1-64 letters, digits, '.', '_' or '-'."""
+    name = (value or "").strip()
+    if name and not _DEPLOYMENT_RE.match(name):
+        raise ValueError(f"CLINIC_DEPLOYMENT must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class ConsumerQueues:
     """One consumer's queue (already prefixed), its retry and parking queues and their arguments."""
@@ -113,6 +138,46 @@ class ConsumerQueues:
     def republish_exchange(self) -> str:
         """The direct exchange to the three queues (each bound by its own name)."""
         return f"{self.queue}.republish"
+
+    @property
+    def owner_queue(self) -> str:
+        """`<queue>.owner`: one message, the name of the deployment whose consumers hold the queue."""
+        return f"{self.queue}.owner"
+
+    def claim(self, connection: BlockingConnection, deployment: str) -> str | None:
+        """Hold the queue for `deployment`, or raise QueueHeldByAnotherDeployment.
+
+        Two deployments (two copies of the system) on one vhost must not consume one queue: each
+        would get part of the other's events. The queue's owner is the message in `<queue>.owner`
+        (a durable queue of at most one message, reached through `<queue>.republish`). Free (no
+        owner) or ours: claimed. Another deployment's, with consumers on the queue: refused. Another
+        deployment's without a consumer (it was stopped or removed): taken over, with a warning.
+        Returns the previous owner when it was another deployment. On a channel of its own."""
+        channel = connection.channel()
+        try:
+            channel.confirm_delivery()
+            channel.queue_declare(self.owner_queue, durable=True, arguments={"x-max-length": 1})
+            channel.queue_bind(self.owner_queue, self.republish_exchange, routing_key=self.owner_queue)
+            method, _properties, body = channel.basic_get(self.owner_queue, auto_ack=False)
+            holder = body.decode("utf-8", "replace") if method is not None else None
+            if method is not None:
+                channel.basic_nack(method.delivery_tag, requeue=True)
+            if holder == deployment:
+                return None
+            if holder is not None:
+                consumers = channel.queue_declare(self.queue, passive=True).method.consumer_count
+                if consumers > 0:
+                    raise QueueHeldByAnotherDeployment(self.queue, holder, consumers)
+                logger.warning("queue taken over from a deployment with no consumer on it",
+                               extra={"queue": self.queue, "code": "queue_taken_over"})
+            properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="text/plain")
+            # x-max-length 1 drops the older owner (drop-head) when the new one is queued.
+            channel.basic_publish(self.republish_exchange, self.owner_queue, deployment.encode(), properties,
+                                  mandatory=True)
+            return holder
+        finally:
+            if channel.is_open:
+                channel.close()
 
     def declare(self, channel: BlockingChannel) -> None:
         """Declare the exchange topology and the three queues (idempotent; needs configure
