@@ -9,6 +9,7 @@
 #   export DECK_LAB_INTERFACE_API_KEY="$(cat /path/to/lab-interface-api-key)"
 #   export DECK_PRACTICE_MANAGEMENT_API_KEY="$(cat /path/to/practice-management-api-key)"
 #   export DECK_COMPLIANCE_TRACKER_API_KEY="$(cat /path/to/compliance-tracker-api-key)"
+#   export DECK_DASHBOARDS_API_KEY="$(cat /path/to/dashboards-api-key)"
 #   deploy/k8s/render-kong-config.sh && kubectl apply -k deploy/k8s
 #
 # The other DECK_* values come from kong/deck.env (a value already exported wins). Uses a local
@@ -30,7 +31,7 @@ while IFS='=' read -r name value; do
 done < "$here/kong/deck.env"
 
 for name in DECK_DIRECTORY_JWT_PUBLIC_KEY DECK_PATIENT_PORTAL_API_KEY DECK_LAB_INTERFACE_API_KEY \
-  DECK_PRACTICE_MANAGEMENT_API_KEY DECK_COMPLIANCE_TRACKER_API_KEY; do
+  DECK_PRACTICE_MANAGEMENT_API_KEY DECK_COMPLIANCE_TRACKER_API_KEY DECK_DASHBOARDS_API_KEY; do
   if [ -z "${!name:-}" ]; then
     echo "$name is not set (see the top of $0)" >&2
     exit 2

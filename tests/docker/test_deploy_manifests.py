@@ -303,6 +303,7 @@ def render_kong_for_k8s(workdir: Path) -> Path:
     variables["DECK_LAB_INTERFACE_API_KEY"] = "l"
     variables["DECK_PRACTICE_MANAGEMENT_API_KEY"] = "p"
     variables["DECK_COMPLIANCE_TRACKER_API_KEY"] = "c"
+    variables["DECK_DASHBOARDS_API_KEY"] = "d"
     rendered = workdir / "kong" / "kong.rendered.yml"
     rendered.write_text(render(d.KONG_FILE.read_text(), variables))
     plugin = workdir / "kong" / "plugins" / "clinic-identity-signer"  # what render-kong-config.sh copies
@@ -445,6 +446,7 @@ def test_kong_routes_reach_services_that_exist_in_kubernetes():
         "DECK_LAB_INTERFACE_API_KEY",
         "DECK_PRACTICE_MANAGEMENT_API_KEY",
         "DECK_COMPLIANCE_TRACKER_API_KEY",
+        "DECK_DASHBOARDS_API_KEY",
     }
     secret_stand_ins = {
         "DECK_DIRECTORY_JWT_PUBLIC_KEY": PEM_STAND_IN,
@@ -452,6 +454,7 @@ def test_kong_routes_reach_services_that_exist_in_kubernetes():
         "DECK_LAB_INTERFACE_API_KEY": "l",
         "DECK_PRACTICE_MANAGEMENT_API_KEY": "p",
         "DECK_COMPLIANCE_TRACKER_API_KEY": "c",
+        "DECK_DASHBOARDS_API_KEY": "d",
     }
     config = d.render_kong({**variables, **secret_stand_ins})
     namespace = d.load_kustomization()["namespace"]
