@@ -51,6 +51,9 @@ class NotificationsSettings:
     patient_ref_keys: patient_ref.PatientRefKeys = field(default=patient_ref.PatientRefKeys(), repr=False)
     # MLLP over TLS (None: plaintext MLLP, which production refuses unless the network is declared trusted).
     mllp_tls: MllpTls | None = None
+    # Dashboard consumers (gateway API keys) -> the agencies whose lab feed each may read
+    # (services/notifications/dashboards.py; same form as `partners`).
+    dashboard_consumers: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def parse_facilities(raw: str, problems: list[str]) -> dict[str, Facility]:
@@ -155,6 +158,10 @@ def load(environ: Mapping[str, str] | None = None) -> NotificationsSettings:
         gateway_identity_keys=gateway_identity.read_keys(env),
         patient_ref_keys=patient_ref.read_keys(env),
         mllp_tls=mllp_tls,
+        dashboard_consumers=parse_partners(
+            env.str("NOTIFICATIONS_DASHBOARD_CONSUMERS", "" if env.production else "internal-dashboard=agy_riverbend"),
+            env.problems,
+        ),
     )
     env.done()
     return settings

@@ -23,13 +23,19 @@ from services.notifications.appointments import ScheduleNotifications
 from services.notifications.compliance_alerts import ComplianceAlerts
 from services.notifications.components import Components, Feature
 from services.notifications.config import NotificationsSettings
+from services.notifications.dashboards import LabFeedDashboard
 from services.notifications.directory_client import DirectoryClient
 from services.notifications.lab import LabResults
 from services.notifications.mllp import MessageTypes, MllpServer
 from services.notifications.registrations import Registrations
 
 # Every feature of the service, in start order. Add yours here (see README.md, "Extending the service").
-FEATURES: tuple[Callable[[Components], Feature], ...] = (LabResults, ScheduleNotifications, ComplianceAlerts)
+FEATURES: tuple[Callable[[Components], Feature], ...] = (
+    LabResults,
+    ScheduleNotifications,
+    ComplianceAlerts,
+    LabFeedDashboard,
+)
 
 
 @dataclass

@@ -52,6 +52,7 @@ def product_env(upstream, keys) -> dict[str, str]:
         "DECK_LAB_INTERFACE_API_KEY": "lab-interface-test-key",
         "DECK_PRACTICE_MANAGEMENT_API_KEY": "practice-management-test-key",
         "DECK_COMPLIANCE_TRACKER_API_KEY": "compliance-tracker-test-key",
+        "DECK_DASHBOARDS_API_KEY": "dashboards-test-key",
         "DECK_RATE_LIMIT_MINUTE": "600",
         "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
         "DECK_PATIENT_PORTAL_RATE_LIMIT_MINUTE": "500",
@@ -65,7 +66,7 @@ def product_env(upstream, keys) -> dict[str, str]:
 def test_the_product_kong_yml_validates(upstream, keys):
     result = run_check(REPO_ROOT / "gateway" / "kong.yml", product_env(upstream, keys))
     assert result.returncode == 0, result.stderr
-    assert "OK (10 services, 21 routes, 5 consumers" in result.stdout
+    assert "OK (10 services, 25 routes, 6 consumers" in result.stdout
 
 
 def test_the_product_kong_yml_serves_the_clinic_routes(upstream, keys, tmp_path):

@@ -315,6 +315,7 @@ def gateway_router() -> Router:
         "DECK_LAB_INTERFACE_API_KEY": "lab-key",
         "DECK_PRACTICE_MANAGEMENT_API_KEY": "practice-key",
         "DECK_COMPLIANCE_TRACKER_API_KEY": "compliance-key",
+        "DECK_DASHBOARDS_API_KEY": "dashboards-key",
         "DECK_RATE_LIMIT_MINUTE": "600",
         "DECK_AUTH_RATE_LIMIT_MINUTE": "30",
         "DECK_PATIENT_PORTAL_RATE_LIMIT_MINUTE": "600",
