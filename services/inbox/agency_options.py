@@ -31,6 +31,7 @@ from typing import Any
 from flask import Blueprint, g
 
 from services.inbox.components import Feature
+from services.inbox.domain import Addressing
 from services.kit.auth import Identity
 from services.kit.errors import Forbidden, InvalidInput
 from services.kit.http import require_staff as staff_only
@@ -101,11 +102,29 @@ class AgencyOptions(Feature):
         doc = self.collection.find_one({"_id": {"$eq": agency_id}}) or {}
         return {name: _value(option, doc.get(name)) for name, option in OPTIONS.items()}
 
-    def set(self, caller: Identity, changes: dict) -> dict:
+    def set(self, caller: Identity, body: dict) -> dict:
+        """Change the options `body` names (admins only): each checked on its own, then together."""
         if not caller.is_admin:
             raise Forbidden("forbidden", "this action needs the admin role")
+        for name, value in body.items():
+            if value is None and name in SPECS:
+                raise InvalidInput("invalid_type", f"{name} must not be null", {"field": name})
+        changes = validate(body, SPECS)
         if not changes:
-            raise InvalidInput("invalid_value", "name at least one option to change")
+            raise InvalidInput("missing_field", "name at least one option to change")
+        merged = {**self.get(caller.agency_id), **changes}
+        first, second = "critical_result_escalation_minutes", "critical_result_second_escalation_minutes"
+        if merged[second] <= merged[first]:
+            raise InvalidInput(
+                "invalid_value",
+                f"{second} ({merged[second]}) must be later than {first} ({merged[first]})",
+                {"field": second if second in changes else first},
+            )
+        team_id = changes.get("escalation_team_id")
+        if team_id and self.components.directory.resolve(Addressing(team_ids=(team_id,))).missing_team_ids:
+            raise InvalidInput(
+                "unknown_team", "escalation_team_id is not a team of your agency", {"field": "escalation_team_id"}
+            )
         fields: dict = {"updated_at": now_ms(), "updated_by": caller.staff_id}
         for name, value in changes.items():
             fields[name] = int(value) if isinstance(value, bool) else value
@@ -137,6 +156,6 @@ class AgencyOptions(Feature):
         @options.patch("/agency-options")
         @staff_only
         def patch_options():
-            return self.set(g.identity, validate(json_body(), SPECS))
+            return self.set(g.identity, json_body())
 
         return options

@@ -19,6 +19,10 @@ ones the caller has read, found by one `_id $in` lookup of the caller's state do
 depends on neither the agency's size nor the caller's board. An author's own announcement counts
 as read for them.
 
+An announcement that asks for acknowledgement may name an `acknowledge_by` time (in the future, at or
+before its expiry): who has not acknowledged by then is reminded, and the author later gets the list
+(services/inbox/deadlines.py, which reads the state documents through the `ack_key` index).
+
 Only agency admins (compose permission "announcement") create, edit, expire and see who has
 acknowledged; everyone in the agency lists and reads the active ones. Announcements are not
 messages: there is no reply route here, and /api/v1/messages/<announcement id>/reply (or
@@ -39,8 +43,10 @@ from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
 from services.inbox.board import collect, iso
 from services.inbox.components import Feature
+from services.inbox.deadlines import first_step
 from services.inbox.http_api import idempotency_key, only_query, staff_only
 from services.inbox.idempotency import IdempotentCreate
+from services.kit import clock
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.events import new_envelope
@@ -86,6 +92,21 @@ def parse_expiry(text: str, at_ms: int) -> int:
     return ms
 
 
+def check_acknowledge_by(acknowledge_by: int | None, ack_required: bool, expires_at: int | None) -> None:
+    """An acknowledge-by time needs an announcement that asks for acknowledgement, lies in the
+    future by the deadline clock, and not after the announcement expires."""
+    if acknowledge_by is None:
+        return
+    if not ack_required:
+        raise InvalidInput(
+            "invalid_value", "acknowledge_by needs acknowledgement_required", {"field": "acknowledge_by"}
+        )
+    if acknowledge_by <= clock.now_ms():
+        raise InvalidInput("invalid_value", "acknowledge_by must be in the future", {"field": "acknowledge_by"})
+    if expires_at is not None and acknowledge_by > expires_at:
+        raise InvalidInput("invalid_value", "acknowledge_by must not be after expires_at", {"field": "acknowledge_by"})
+
+
 def non_blank(fields: dict, name: str) -> None:
     if name in fields and not fields[name].strip():
         raise InvalidInput("invalid_value", f"{name} must not be empty", {"field": name})
@@ -123,12 +144,15 @@ class Announcements(Feature):
         ack_required: bool = False,
         *,
         idempotency_key: str | None = None,
+        acknowledge_by: int | None = None,
     ) -> tuple[dict, bool]:
         """`post` under the caller's Idempotency-Key (services/inbox/idempotency.py): (the
         announcement, whether this call posted it). A repeat is answered with the announcement the
         first one posted, even once its expiry has passed."""
         self.components.board.require_compose(caller, domain.COMPOSE_ANNOUNCEMENT)
         asked = (title, body, expires_at, bool(ack_required))
+        if acknowledge_by is not None:  # (the digest of a request without one stays what it was)
+            asked = (*asked, acknowledge_by)
         keyed = IdempotentCreate(self.components.store, caller, idempotency_key, "announcement", *asked)
         earlier = keyed.earlier()
         stored = self._stored(earlier) if earlier else None
@@ -137,10 +161,13 @@ class Announcements(Feature):
         posted_at = now_ms()
         if expires_at is not None and expires_at <= posted_at:
             raise InvalidInput("invalid_value", "expires_at must be in the future", {"field": "expires_at"})
+        check_acknowledge_by(acknowledge_by, bool(ack_required), expires_at)
         announcement_id = keyed.claim(new_announcement_id())
         doc = self._new_announcement(
             caller, announcement_id, title=title, body=body, expires_at=expires_at, ack=ack_required, at=posted_at
         )
+        if acknowledge_by is not None:
+            doc.update({"acknowledge_by": acknowledge_by, **first_step(acknowledge_by)})
         try:
             self.announcements.insert_one(doc)
         except DuplicateKeyError:  # a concurrent repeat of the same Idempotency-Key posted it first
@@ -388,6 +415,7 @@ class Announcements(Feature):
             "expires_at": iso(doc.get("expires_at")),
             "expired": not is_active(doc, now_ms()),
             "acknowledgement_required": bool(doc.get("ack_required")),
+            "acknowledge_by": iso(doc.get("acknowledge_by")),
             "read": self._read(caller, doc, states),
             "read_at": iso(state.get("read_at")),
             "acknowledged": bool(state.get("acknowledged_at")),
@@ -402,6 +430,7 @@ class Announcements(Feature):
             "body": Str(max_len=settings.max_body_chars, strip=False),
             "expires_at": Str(max_len=64, required=False),
             "acknowledgement_required": Bool(),
+            "acknowledge_by": Str(max_len=64, required=False),
         }
         edit_spec = {
             "title": Str(max_len=settings.max_subject_chars, required=False),
@@ -423,8 +452,19 @@ class Announcements(Feature):
                 instant_ms("expires_at", fields["expires_at"], code="invalid_value") if "expires_at" in fields else None
             )
             ack = fields.get("acknowledgement_required", False)
+            acknowledge_by = (
+                instant_ms("acknowledge_by", fields["acknowledge_by"], code="invalid_value")
+                if "acknowledge_by" in fields
+                else None
+            )
             made, created = self.post_once(
-                g.identity, fields["title"], fields["body"], expires_at, ack, idempotency_key=key
+                g.identity,
+                fields["title"],
+                fields["body"],
+                expires_at,
+                ack,
+                idempotency_key=key,
+                acknowledge_by=acknowledge_by,
             )
             return made, 201 if created else 200
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from pymongo import ASCENDING
+
 from services.inbox import audit, domain
 from services.inbox.label_names import LabelNames
 from services.inbox.store import REMOVE, SEQ, InboxStore, counts_of, tokens_of
@@ -83,17 +85,28 @@ class Observation:
         return domain.add_deltas(self.stored, {k: -v for k, v in self.recounted.items()})
 
 
+ORDERS = ("newest", "oldest", "urgent")
+# Urgent first is two passes over indexes, each newest first: the urgent items (urgent_board), then
+# the rest (board, urgent ones skipped). Its cursor names the pass: "u" or "r" + a key cursor ("r"
+# alone: the rest from its start).
+URGENT_PASS, REST_PASS = "u", "r"
+
+
 @dataclass
 class ItemFilter:
     unread: bool = False
     urgent: bool = False
     label_id: str | None = None
     kind: str | None = None
+    order: str = "newest"
+    not_urgent: bool = False  # the second pass of "urgent first"
 
     def accepts(self, item: dict) -> bool:
         if self.unread and not item.get("unread_board"):
             return False
         if self.urgent and not item.get("urgent_board"):
+            return False
+        if self.not_urgent and item.get("urgent_board"):
             return False
         if self.kind and item.get("kind") != self.kind:
             return False
@@ -174,26 +187,67 @@ class Board:
         `audit_as`) or of that label (`label_items`)."""
         if folder not in domain.ITEM_FOLDERS:
             raise InvalidInput("invalid_query", f"folder must be one of: {', '.join(domain.ITEM_FOLDERS)}")
-        before = domain.decode_cursor(cursor) if cursor else None
+        if filters.order not in ORDERS:
+            raise InvalidInput("invalid_query", f"order must be one of: {', '.join(ORDERS)}")
         board = domain.owner_folder(caller.agency_id, caller.staff_id, folder)
-        if filters.label_id:
-            label = self._own_label(caller, filters.label_id)
-            fetch = self._label_fetch(caller, label["_id"])
-        else:
-            field_name = "urgent_board" if filters.urgent else "unread_board" if filters.unread else "board"
+        label_id = self._own_label(caller, filters.label_id)["_id"] if filters.label_id else None
 
-            def fetch(after, n):
-                return self.store.page(board, after, n, field=field_name)
+        def fetcher(field_name: str, ascending: bool = False):
+            if label_id:
+                return self._label_fetch(caller, label_id, ascending)
+            return self._board_fetch(board, field_name, ascending)
 
         # A label listing is across folders only when asked for without a folder; with one, it is narrowed.
         narrow = None if filters.label_id and folder == domain.FOLDER_MESSAGES else folder
-        items, next_key = self._collect(fetch, filters, narrow, before, limit)
+        field_name = "urgent_board" if filters.urgent else "unread_board" if filters.unread else "board"
+        if filters.order == "urgent" and not filters.urgent:
+            items, next_cursor = self._urgent_first(fetcher, filters, narrow, cursor, limit)
+        else:
+            before = domain.decode_cursor(cursor) if cursor else None
+            fetch = fetcher(field_name, ascending=filters.order == "oldest")
+            items, next_key = self._collect(fetch, filters, narrow, before, limit)
+            next_cursor = domain.encode_cursor(next_key) if next_key else None
         shown = [self.summary(caller, item) for item in items]
         if filters.label_id:
             audit.record_list(self.store, caller, "label_items", filters.label_id, len(shown))
         else:
             audit.record_list(self.store, caller, audit_as, folder, len(shown))
-        return {"items": shown, "next_cursor": domain.encode_cursor(next_key) if next_key else None}
+        return {"items": shown, "next_cursor": next_cursor}
+
+    def _urgent_first(self, fetcher, filters: ItemFilter, folder: str | None, cursor: str | None, limit: int):
+        """Urgent items newest first, then the others newest first; (items, next cursor)."""
+        phase, before = URGENT_PASS, None
+        if cursor:
+            phase, rest = cursor[:1], cursor[1:]
+            if phase not in (URGENT_PASS, REST_PASS) or (phase == URGENT_PASS and not rest):
+                raise InvalidInput("invalid_cursor", "the cursor is not valid")
+            before = domain.decode_cursor(rest) if rest else None
+        items: list[dict] = []
+        if phase == URGENT_PASS:
+            urgent = ItemFilter(unread=filters.unread, urgent=True, label_id=filters.label_id, kind=filters.kind)
+            items, next_key = self._collect(fetcher("urgent_board"), urgent, folder, before, limit)
+            if next_key:
+                return items, URGENT_PASS + domain.encode_cursor(next_key)
+            before = None
+            if len(items) >= limit:
+                return items, REST_PASS
+        rest = ItemFilter(unread=filters.unread, label_id=filters.label_id, kind=filters.kind, not_urgent=True)
+        field_name = "unread_board" if filters.unread else "board"
+        more, next_key = self._collect(fetcher(field_name), rest, folder, before, limit - len(items))
+        return items + more, REST_PASS + domain.encode_cursor(next_key) if next_key else None
+
+    def _board_fetch(self, board: str, field_name: str, ascending: bool):
+        if not ascending:
+            return lambda after, n: self.store.page(board, after, n, field=field_name)
+
+        def fetch(after, n):
+            query: dict = {field_name: {"$eq": board}}
+            if after is not None:
+                query["sort_key"] = {"$gt": after}
+            found = self.store.board_items.find(query, projection={"_outbox": 0})
+            return list(found.sort("sort_key", ASCENDING).limit(n))
+
+        return fetch
 
     def label_page(self, caller: Identity, label_id: str, cursor: str | None, limit: int, unread: bool) -> dict:
         label = self._own_label(caller, label_id)
@@ -213,11 +267,19 @@ class Board:
             "next_cursor": domain.encode_cursor(next_key) if next_key else None,
         }
 
-    def _label_fetch(self, caller: Identity, label_id: str):
+    def _label_fetch(self, caller: Identity, label_id: str, ascending: bool = False):
         key = domain.label_board(caller.agency_id, caller.staff_id, label_id)
 
+        def entries_after(after, n):
+            if not ascending:
+                return self.store.label_page(key, after, n)
+            query: dict = {"label_board": {"$eq": key}}
+            if after is not None:
+                query["sort_key"] = {"$gt": after}
+            return list(self.store.label_items.find(query).sort("sort_key", ASCENDING).limit(n))
+
         def fetch(after, n):
-            entries = self.store.label_page(key, after, n)
+            entries = entries_after(after, n)
             found = self.store.items([e["item_id"] for e in entries])
             # Keep the entry order and page by the entry's key (an item's own key can move later, as a
             # reminder's does when it comes due); an entry whose item is gone still advances the cursor.
@@ -233,7 +295,7 @@ class Board:
     @staticmethod
     def _collect(fetch, filters: ItemFilter, folder: str | None, before: str | None, limit: int):
         """A page of visible items in `folder` (None: any) that pass the filters the index does not."""
-        sparse = filters.kind or filters.label_id or (filters.unread and filters.urgent)
+        sparse = filters.kind or filters.label_id or (filters.unread and filters.urgent) or filters.not_urgent
 
         def accept(doc: dict) -> bool:
             if doc.get("_gone") or not doc.get("board"):
@@ -262,7 +324,15 @@ class Board:
             "read": bool(item.get("read_at")),
             "labels": sorted(item.get("labels") or {}),
             "sent_at": iso(item["sent_at"]),
+            "auto_reply": bool(item.get("auto_reply")),
         }
+        if item.get("origin_folder") == domain.FOLDER_SENT or item.get("to_whole_agency"):
+            # Whom a Sent copy went to (a row names them, not its sender), and a whole-agency mark.
+            out["to"] = {
+                "staff_ids": list(item.get("to_staff_ids") or []),
+                "team_ids": list(item.get("to_team_ids") or []),
+                "whole_agency": bool(item.get("to_whole_agency")),
+            }
         for key in ("thread_id", "message_id", "priority", "severity", "status", "recipient_count", "sender_kind"):
             if item.get(key) is not None:
                 out[key] = item[key]
@@ -277,6 +347,12 @@ class Board:
             out["archived_from"] = item.get("origin_folder")
         if item.get("recalled_at"):
             out["recalled_at"] = iso(item["recalled_at"])
+        if item.get("queue_state"):  # a team's shared item (services/inbox/team_queue.py)
+            claimer = item.get("queue_claimed_by") or ""
+            out["queue"] = {
+                "state": item["queue_state"],
+                "claimed_by": {"id": claimer, "name": item.get("queue_claimed_by_name") or ""} if claimer else None,
+            }
         return out
 
     # --- one item ---------------------------------------------------------------
@@ -290,9 +366,12 @@ class Board:
         resource_type: str = "board_item",
         code: str = "item_not_found",
         message: str = "no such item",
+        current: dict | None = None,
     ) -> dict:
-        """The caller's own item (of `kind`, when given); anything else is a 404, audited as refused."""
-        item = self.store.item(item_id)
+        """The caller's own item (of `kind`, when given); anything else is a 404, audited as refused.
+        `current`: the item as just read with others (bulk actions; a stale copy only costs a retry
+        of the guarded write)."""
+        item = current if current is not None else self.store.item(item_id)
         if (
             item is None
             or item["agency_id"] != caller.agency_id
@@ -311,11 +390,16 @@ class Board:
         detail = provider(caller, item) if provider else {}
         if not item.get("read_at"):
             changed = self.store.change_item(item["_id"], read_patch, current=item)
-            item = changed[1] if changed else item
-        return {**detail, **self.summary(caller, item)}
+            # Not changed: read meanwhile (shown as it is now), or taken back by a recall racing this
+            # read, which the recall won: then it is gone, and so is the answer (404).
+            item = changed[1] if changed else self.own_item(caller, item_id, "read")
+        out = {**detail, **self.summary(caller, item)}
+        if "queue" in detail:  # the queue's own record says more than the item's copy of it
+            out["queue"] = detail["queue"]
+        return out
 
-    def set_read(self, caller: Identity, item_id: str, read: bool) -> dict:
-        item = self.own_item(caller, item_id, "mark_read" if read else "mark_unread")
+    def set_read(self, caller: Identity, item_id: str, read: bool, current: dict | None = None) -> dict:
+        item = self.own_item(caller, item_id, "mark_read" if read else "mark_unread", current=current)
         if not read and item.get("origin_folder") == domain.FOLDER_SENT:
             # Unread is a recipient's state (as for POST /messages/<id>/unread); Sent counts none.
             raise Conflict("not_received", "only a message you received can be marked unread")
@@ -324,8 +408,8 @@ class Board:
             raise NotFound("item_not_found", "no such item")
         return self.summary(caller, changed[1])
 
-    def archive(self, caller: Identity, item_id: str) -> dict:
-        item = self.own_item(caller, item_id, "archive")
+    def archive(self, caller: Identity, item_id: str, current: dict | None = None) -> dict:
+        item = self.own_item(caller, item_id, "archive", current=current)
         if not item.get("board"):
             raise Conflict("not_on_board", "the item is not on the board yet (a reminder before its time)")
         changed = self.store.change_item(item["_id"], lambda it: _move_patch(it, domain.FOLDER_ARCHIVE), current=item)

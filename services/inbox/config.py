@@ -33,6 +33,13 @@ class InboxSettings:
     crash_points: frozenset[str] = frozenset()
     # A deadline clock tests may move forward (services.kit.clock); tests only.
     test_clock: bool = False
+    # How often the signature/announcement deadline pass runs (services/inbox/deadlines.py; 0: never)
+    # and the retention job (services/inbox/retention.py; 0: never, default a day).
+    deadline_interval_s: float = 2.0
+    retention_interval_s: float = 86_400.0
+    # Dashboard consumers (gateway API keys) and the agencies each may read: "consumer=agy_a+agy_b,..."
+    # (services/inbox/dashboards.py).
+    dashboard_consumers: str = ""
 
 
 def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
@@ -57,6 +64,11 @@ def load(environ: Mapping[str, str] | None = None) -> InboxSettings:
         counter_check_confirm_s=env.float("INBOX_COUNTER_CHECK_CONFIRM_S", 60.0),
         crash_points=faults.crash_points(env),
         test_clock=clock.test_clock_setting(env),
+        deadline_interval_s=env.float("INBOX_DEADLINE_INTERVAL_S", 2.0, minimum=0.0),
+        retention_interval_s=env.float("INBOX_RETENTION_INTERVAL_S", 86_400.0, minimum=0.0),
+        dashboard_consumers=env.str(
+            "INBOX_DASHBOARD_CONSUMERS", "" if env.production else "internal-dashboard=agy_riverbend"
+        ),
     )
     env.done()
     return settings

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pymongo.errors import DuplicateKeyError
@@ -108,6 +109,11 @@ class Delivery(Feature):
         self.recipients = RecipientCache(self._ask_directory, components.settings.recipients_cache_s)
         # Who has ePrescribing (the only staff an eRx item may reach), trusted as long.
         self.eprescribers = EprescriberCache(self._ask_eprescribers, components.settings.recipients_cache_s)
+        # Other features' fields on a notice as a delivery writes it: hook(agency_id, wanted, notice
+        # before, fields) -> more fields (None unsets) (critical-result escalation, services/inbox/escalation.py).
+        self.compose_hooks: list[Callable[[str, DeliveryRequest, dict | None, dict], dict]] = []
+        # Other features' parts of a notice's reading pane: extra(caller, notice) -> fields.
+        self.detail_extras: list[Callable[[Identity, dict], dict]] = []
         self.fanout = Fanout(
             self.notices,
             lambda notice: self._fan_out(notice),  # noqa: PLW0108 - looked up per call: tests stand in for it
@@ -188,7 +194,19 @@ class Delivery(Feature):
         self, agency_id: str, producer: str, request: inbox_pb2.DeliverItemRequest, delivery_key: str | None
     ) -> Outcome:
         wanted = parse_request(request)
-        policy = policy_for(producer, wanted.folder)
+        return self.deliver_checked(agency_id, producer, policy_for(producer, wanted.folder), wanted, delivery_key)
+
+    def deliver_checked(  # noqa: PLR0913, PLR0917 - a checked delivery and what it is written with
+        self,
+        agency_id: str,
+        producer: str,
+        policy: ProducerPolicy,
+        wanted: DeliveryRequest,
+        delivery_key: str | None,
+        extra: dict | None = None,
+    ) -> Outcome:
+        """A delivery already checked (a producer's, or one the inbox makes itself: an escalation),
+        written with `extra` fields on its notice."""
         nid = notice_id(agency_id, wanted.source, wanted.source_ref)
         resolved: list[str] | None = None
         for _ in range(WRITE_ATTEMPTS):
@@ -203,7 +221,7 @@ class Delivery(Feature):
             if resolved is None and not wanted.withdrawn:
                 resolved = self._resolved(agency_id, wanted)
             recipients = [] if wanted.withdrawn else self._final(wanted, resolved or [], notice)
-            doc = self._write(agency_id, nid, producer, policy, wanted, recipients, notice, delivery_key)
+            doc = self._write(agency_id, nid, producer, policy, wanted, recipients, notice, delivery_key, extra)
             if doc is not None:
                 self.complete_fanout(doc)
                 log.info(
@@ -264,10 +282,13 @@ class Delivery(Feature):
         recipients: list[str],
         notice: dict | None,
         delivery_key: str | None,
+        extra: dict | None = None,
     ) -> dict | None:
         """Write the notice (insert, or update guarded by its revision) with its held events;
         the written document, or None when another delivery wrote it first."""
-        doc, fields, events = self.compose(agency_id, nid, producer, policy, wanted, recipients, notice, delivery_key)
+        doc, fields, events = self.compose(
+            agency_id, nid, producer, policy, wanted, recipients, notice, delivery_key, extra=extra
+        )
         if notice is None:
             try:
                 self.notices.insert_one({**doc, **held_events(events)})
@@ -293,8 +314,11 @@ class Delivery(Feature):
         recipients: list[str],
         notice: dict | None,
         delivery_key: str | None,
+        *,
+        extra: dict | None = None,
     ) -> tuple[dict, dict, list[Envelope]]:
-        """(the notice as it will be, the fields this delivery writes, its held events)."""
+        """(the notice as it will be, the fields this delivery writes, its held events). `extra` and
+        the compose hooks add fields (None unsets one)."""
         at = now_ms()
         before = list((notice or {}).get("recipient_ids") or [])
         added, removed = recipient_changes(before, recipients)
@@ -319,6 +343,9 @@ class Delivery(Feature):
             fields["withdrawn_at"] = at
         else:
             fields.update(self._content(agency_id, nid, wanted, notice, at))
+        fields.update(extra or {})
+        for hook in self.compose_hooks:
+            fields.update(hook(agency_id, wanted, notice, fields))
         fields["rev"] = int((notice or {}).get("rev") or 0) + 1
         merged = {"created_at": at, **(notice or {}), "_id": nid, **fields}
         doc = {k: v for k, v in merged.items() if v is not None}
@@ -395,7 +422,9 @@ class Delivery(Feature):
         if (
             notice is None
             or notice["agency_id"] != caller.agency_id
-            or caller.staff_id not in notice.get("recipient_ids", [])
+            # The caller's own item: theirs, or a coverer's copy of a recipient's (services/inbox/coverage.py).
+            or not {caller.staff_id, (item.get("covering_for") or {}).get("staff_id")}
+            & set(notice.get("recipient_ids", []))
         ):
             raise audit.refuse(
                 self.store,
@@ -418,5 +447,7 @@ class Delivery(Feature):
             "source": notice["source"],
             "source_ref": notice["source_ref"],
         }
+        for extra in self.detail_extras:
+            content.update(extra(caller, notice))
         audit.record_read(self.store, caller, nid, resource_type="notice")
         return content

@@ -208,6 +208,22 @@ class DirectoryClient:
         reply = self._call("ListStaff", directory_pb2.ListStaffRequest(eprescribing_only=True))
         return frozenset(member.staff_id for member in reply.staff if member.eprescribing_enabled and member.active)
 
+    def admin_ids(self) -> list[str]:
+        """The caller's agency's active admins, sorted."""
+        reply = self._call("ListStaff", directory_pb2.ListStaffRequest(role=directory_pb2.ROLE_ADMIN))
+        return sorted(member.staff_id for member in reply.staff if member.active)
+
+    def supervisors(self, staff_ids: list[str]) -> dict[str, str]:
+        """staff id -> their supervisor's id, for the members of the caller's agency among `staff_ids`
+        whose supervisor is set and active ("" when a member has none, or an inactive one)."""
+        if not staff_ids:
+            return {}
+        members, _ = self.staff(list(dict.fromkeys(staff_ids)))
+        named = {m.staff_id: m.supervisor_id for m in members if m.supervisor_id}
+        wanted = sorted(set(named.values()))
+        active = {m.staff_id for m in self.staff(wanted)[0] if m.active} if wanted else set()
+        return {m.staff_id: (named.get(m.staff_id, "") if named.get(m.staff_id) in active else "") for m in members}
+
     def portal_patient(self, *, patient_id: str = "", portal_user_id: str = "") -> PortalPatient:
         """One portal patient of the caller's agency; NotFound when unknown there."""
         reply = self._call(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import json
 import uuid
@@ -246,7 +247,23 @@ def board_item(message: dict, owner: str, folder: str) -> dict:
         recipient_count=len(message["recipient_ids"]),
         priority=message["priority"],
         subject=message["subject"],
+        **list_marks(message, folder),
     )
+
+
+def list_marks(message: dict, folder: str) -> dict:
+    """What a list row shows of a message beyond its sender: an automatic answer is marked, a
+    whole-agency message too, and the sender's Sent copy names its addressees (ids: the page
+    names them from the directory) instead of the sender."""
+    marks: dict = {}
+    if message.get("auto_reply"):
+        marks["auto_reply"] = 1
+    if message.get("to_whole_agency"):
+        marks["to_whole_agency"] = 1
+    if folder == FOLDER_SENT:
+        marks["to_staff_ids"] = list(message.get("to_staff_ids") or [])
+        marks["to_team_ids"] = list(message.get("to_team_ids") or [])
+    return marks
 
 
 # --- counters ---------------------------------------------------------------------------------
@@ -332,6 +349,12 @@ def prefixed_subject(prefix: str, subject: str) -> str:
     if stripped.lower().startswith(prefix.lower()):
         return stripped
     return f"{prefix} {stripped}".strip()
+
+
+def quoted_time(at_ms: int) -> str:
+    """A time inside stored text (a forward's "Sent:" line): ISO 8601 in UTC to the second, the
+    same for every reader and zone; the page shows it in the agency's time zone and style."""
+    return dt.datetime.fromtimestamp(at_ms // 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def quoted_forward(note: str, sender_name: str, sent_at_iso: str, subject: str, body: str) -> str:

@@ -229,7 +229,7 @@ def set_section(section: str):
 @board_routes.get("/items")
 @staff_only
 def items():
-    only_query("folder", "unread", "urgent", "label", "kind", "cursor", "limit")
+    only_query("folder", "unread", "urgent", "label", "kind", "order", "cursor", "limit")
     label = request.args.get("label") or None
     if label is not None and not ID_PATTERN.fullmatch(label):
         raise InvalidInput("invalid_query", "label is not a label id")
@@ -237,6 +237,7 @@ def items():
     if kind is not None and kind not in domain.ITEM_KINDS:
         raise InvalidInput("invalid_query", f"kind must be one of: {', '.join(domain.ITEM_KINDS)}")
     filters = ItemFilter(unread=query_bool("unread"), urgent=query_bool("urgent"), label_id=label, kind=kind)
+    filters.order = request.args.get("order") or "newest"
     return _board().page(
         g.identity,
         request.args.get("folder", domain.FOLDER_MESSAGES),

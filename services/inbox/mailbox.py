@@ -56,6 +56,10 @@ class Mailbox:
         # kind -> reply(caller, original_message, body, links, priority, idempotency_key, *, auto_reply)
         # -> SendResult.
         self.reply_handlers: dict = {}
+        # The team queues (services/inbox/team_queue.py), when that feature is attached: the queue
+        # fields of members' items, the queue state shown with a message, the thread messages shared
+        # with fellow members, and a member's reply handling the item for all.
+        self.queue = None
         self.board.details[domain.KIND_MESSAGE] = self.detail
         self.fanout = Fanout(
             store.messages,
@@ -252,7 +256,8 @@ class Mailbox:
         """Every board item of the message, inserted where missing, then counted once per send
         (whether this attempt or an earlier one inserted them)."""
         folder = doc.get("recipient_folder", domain.FOLDER_MESSAGES)
-        items = [domain.board_item(doc, staff_id, folder) for staff_id in doc["recipient_ids"]]
+        queued = self.queue.placed_fields(doc) if self.queue is not None else {}
+        items = [{**domain.board_item(doc, staff_id, folder), **queued} for staff_id in doc["recipient_ids"]]
         if doc.get("sender_kind", "staff") == "staff":
             items.append(domain.board_item(doc, doc["sender_id"], domain.FOLDER_SENT))
         self.fanout.count(self.store.place_items({self.fanout.pass_key(doc): items}).placed)
@@ -351,6 +356,9 @@ class Mailbox:
             fields["patient_term"] = self.board.patient_term(caller)
         if message.get("sender_id") == caller.staff_id and message.get("recall"):
             fields["recall"] = recall_summary(message["recall"])
+        queue = self.queue.view(message) if self.queue is not None else None
+        if queue is not None:  # a team's shared item: open, claimed (by whom) or done
+            fields["queue"] = queue
         return fields
 
     def detail(self, caller: Identity, item: dict) -> dict:
@@ -377,11 +385,13 @@ class Mailbox:
     def thread(self, caller: Identity, thread_id: str, limit: int = 500) -> dict:
         """Every message of a thread the caller sent or received, oldest first."""
         docs = self.store.thread_messages(thread_id, limit)
+        # A member of a team queue in the thread also sees what fellow members wrote there.
+        shared = self.queue.shared_in_thread(caller, docs) if self.queue is not None else set()
         visible = [
             d
             for d in docs
             if d["agency_id"] == caller.agency_id
-            and (d["sender_id"] == caller.staff_id or _still_received(d, caller.staff_id))
+            and (d["sender_id"] == caller.staff_id or _still_received(d, caller.staff_id) or d["_id"] in shared)
         ]
         if not visible:
             raise audit.refuse(
@@ -433,7 +443,8 @@ class Mailbox:
         if handler is not None:
             if reply_all:
                 raise Conflict("reply_all_not_allowed", "Reply All is not available for this message; use Reply")
-            return handler(caller, original, body, links, priority, idempotency_key, auto_reply=auto_reply)
+            result = handler(caller, original, body, links, priority, idempotency_key, auto_reply=auto_reply)
+            return self._replied(caller, original, result, auto_reply)
         subject = self.cipher.open(caller.agency_id, original["_id"], "subject", original["subject"])
         if reply_all:
             addressing = domain.reply_all_addressing(original, caller.staff_id)
@@ -448,7 +459,7 @@ class Mailbox:
             priority=priority,
             links=links,
         )
-        return self.send(
+        result = self.send(
             caller,
             draft,
             idempotency_key,
@@ -457,6 +468,14 @@ class Mailbox:
             auto_reply=auto_reply,
             about=original,
         )
+        return self._replied(caller, original, result, auto_reply)
+
+    def _replied(self, caller: Identity, original: dict, result: SendResult, auto_reply: bool) -> SendResult:
+        """A member's own reply to a team's item handles it for every member (an automatic answer
+        does not)."""
+        if self.queue is not None and not auto_reply:
+            self.queue.replied(caller, original, result.message_id)
+        return result
 
     def forward(
         self,
@@ -473,7 +492,11 @@ class Mailbox:
         _, original = self._visible_message(caller, message_id, "forward")
         content = self.open_content(caller, original)
         body = domain.quoted_forward(
-            note, original.get("sender_name", ""), iso(original["sent_at"]), content["subject"], content["body"]
+            note,
+            original.get("sender_name", ""),
+            domain.quoted_time(original["sent_at"]),
+            content["subject"],
+            content["body"],
         )
         if len(body) > max_body:
             raise InvalidInput(
@@ -486,14 +509,18 @@ class Mailbox:
             priority=priority,
             links=tuple(dict.fromkeys([*links, *content["links"]]))[:10],
         )
-        audit.record_access(
-            self.store,
-            audit.accessed_event(caller, original["_id"], action="forward", patient_id=original.get("patient_id", "")),
-            original["_id"],
-            "forward",
-            caller,
-        )
-        return self.send(caller, draft, idempotency_key, about=original)
+        result = self.send(caller, draft, idempotency_key, about=original)
+        if result.created:  # once per forward made: not for one refused (unknown recipients) or replayed
+            audit.record_access(
+                self.store,
+                audit.accessed_event(
+                    caller, original["_id"], action="forward", patient_id=original.get("patient_id", "")
+                ),
+                original["_id"],
+                "forward",
+                caller,
+            )
+        return result
 
 
 def _still_received(message: dict, staff_id: str) -> bool:

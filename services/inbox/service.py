@@ -19,17 +19,24 @@ from services.inbox import audit, store
 from services.inbox.agency_options import AgencyOptions
 from services.inbox.announcements import Announcements
 from services.inbox.board import Board
+from services.inbox.bulk import Bulk
 from services.inbox.components import Components, Feature
 from services.inbox.config import InboxSettings
 from services.inbox.counter_check import CounterCheck
+from services.inbox.coverage import Coverage
+from services.inbox.dashboards import Dashboards
+from services.inbox.deadlines import Deadlines
 from services.inbox.delivery import Delivery
 from services.inbox.directory_client import DirectoryClient
+from services.inbox.escalation import Escalation
 from services.inbox.grpc_api import SERVICE_NAME, InboxServicer
 from services.inbox.mailbox import Mailbox
 from services.inbox.portal import Portal
 from services.inbox.recall import Receipts
 from services.inbox.reminders import Reminders
+from services.inbox.retention import Retention
 from services.inbox.signatures import Signatures
+from services.inbox.team_queue import TeamQueue
 from services.kit import clock, faults
 from services.kit.bootstrap import phi_cipher
 from services.kit.crypto import PhiCipher
@@ -45,9 +52,16 @@ FEATURES: tuple[Callable[[Components], Feature], ...] = (
     Announcements,
     Reminders,
     Signatures,
+    Deadlines,
+    Retention,
     Portal,
     Receipts,
+    TeamQueue,
+    Bulk,
+    Coverage,
     Delivery,
+    Escalation,
+    Dashboards,
     CounterCheck,
 )
 
@@ -116,6 +130,8 @@ def build(
     mailbox = Mailbox(inbox_store, cipher, directory.resolve, board)
     components = Components(settings, inbox_store, cipher, board, mailbox, directory, service_tokens)
     components.features = [feature(components) for feature in features]
+    if components.options is None:  # built without its routes (tests): the options still apply
+        AgencyOptions(components)
     for feature in components.features:
         feature.ensure_indexes()
         feature.attach()

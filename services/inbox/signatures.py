@@ -9,6 +9,10 @@ deterministic ids, duplicates skipped, each new item carrying its own `board_ite
 event (so the request holds none), status patches applied only from a newer version of the
 request; then the marker is cleared unless the request changed meanwhile. A crash in between
 leaves `sync_pending_at` set and the repair loop finishes the job.
+
+An optional `due_at` (in the future by services/kit/clock.py) also sets `deadline_step_at`: at the
+due time each signer who has not responded gets a reminder, and `overdue_report_minutes` later the
+requester gets the names of who has not (services/inbox/deadlines.py).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from pymongo.errors import DuplicateKeyError
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
+from services.inbox.deadlines import first_step
 from services.inbox.delivery_rules import delivered_event
 from services.inbox.fanout import Fanout, repair_index
 from services.inbox.http_api import idempotency_key, only_query, staff_only
 from services.inbox.idempotency import IdempotentCreate
+from services.kit import clock
 from services.kit.auth import Identity
 from services.kit.errors import Conflict, InvalidInput
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
@@ -177,7 +183,8 @@ class Signatures(Feature):
         if stored is not None:
             return self.view(caller, stored), False
         now = now_ms()
-        if due_at is not None and due_at <= now:
+        # Judged by the deadline clock (services/kit/clock.py), as the due reminders are.
+        if due_at is not None and due_at <= clock.now_ms():
             raise InvalidInput("invalid_time", "due_at must be in the future", {"field": "due_at"})
         self._check_signers(signer_ids)
         request_id = keyed.claim(new_request_id())
@@ -219,6 +226,8 @@ class Signatures(Feature):
             "sort_key": domain.sort_key(now, request_id),
             "version": 1,
             SYNC_MARKER: now,
+            # Reminders at the due time, the requester's list later (services/inbox/deadlines.py).
+            **first_step(fields.get("due_at")),
         }
 
     def _check_signers(self, signer_ids: list[str]) -> None:
@@ -364,14 +373,22 @@ class Signatures(Feature):
         return self.fanout.repair_pending(older_than_ms, limit)
 
     # --- reads ---------------------------------------------------------------------------------------
-    def _visible(self, caller: Identity, request_id: str, action: str, signers_only: bool = False) -> dict:
+    def _visible(
+        self,
+        caller: Identity,
+        request_id: str,
+        action: str,
+        signers_only: bool = False,
+        on_behalf_of: str | None = None,
+    ) -> dict:
         """The request if the caller is one of its signers (or, unless `signers_only`, its requester);
         anything else is the same audited 404."""
         doc = self.requests.find_one({"_id": {"$eq": request_id}}, projection={"_outbox": 0})
         allowed = doc is not None and doc["agency_id"] == caller.agency_id
         if allowed:
-            is_signer = caller.staff_id in doc["signers"]
-            allowed = is_signer or (not signers_only and doc["requester_id"] == caller.staff_id)
+            viewers = {caller.staff_id, on_behalf_of} - {None}
+            is_signer = bool(viewers & set(doc["signers"]))
+            allowed = is_signer or (not signers_only and doc["requester_id"] in viewers)
         if not allowed:
             raise audit.refuse(
                 self.components.store,
@@ -392,7 +409,9 @@ class Signatures(Feature):
 
     def item_detail(self, caller: Identity, item: dict) -> dict:
         """The reading pane of a request or outcome item (Board.open_item); audited."""
-        doc = self._visible(caller, item["request_id"], "read")
+        # A coverer's copy shows the request as its covered signer or requester would see it.
+        covered = (item.get("covering_for") or {}).get("staff_id")
+        doc = self._visible(caller, item["request_id"], "read", on_behalf_of=covered)
         shown = self.view(caller, doc)
         audit.record_read(self.components.store, caller, doc["_id"], resource_type="signature_request")
         return {"signature_request": shown}

@@ -97,6 +97,11 @@ class InboxStore:
         self.labels = db[LABELS]
         self.label_items = db[LABEL_ITEMS]
         self.prefs_col = db[PREFS]
+        # Items that arrive with items for someone else (coverage while away: services/inbox/coverage.py):
+        # `copies(items) -> extra items`, inserted and counted after `items` by every insert of board
+        # items (so messages, portal messages, deliveries and signature requests alike); None: none.
+        self.copies: Callable[[list[dict]], list[dict]] | None = None
+        self.on_copies: Callable[[list[dict]], None] | None = None  # told which copies were inserted
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.db, INDEXES)
@@ -129,7 +134,22 @@ class InboxStore:
     def insert_board_items(self, items: list[dict], *, count: bool = True) -> list[dict]:
         """Insert board items (in batches), skipping ones that exist (fan-out is repeatable), and count
         the new ones. Returns the items this call inserted. `count=False`: a fan-out pass counts its
-        items itself, once whoever inserted them (`count_passes`)."""
+        items itself, once whoever inserted them (`count_passes`). Then the copies `copies` asks for
+        (coverage), inserted where missing and counted as they are inserted."""
+        inserted = self._insert_missing(items)
+        if count:
+            self.apply_deltas([(item, domain.counter_delta(None, item)) for item in inserted])
+        if self.copies is not None and items:
+            copies = self.copies(items)
+            if copies:
+                placed = self._insert_missing(copies)
+                self.apply_deltas([(item, domain.counter_delta(None, item)) for item in placed])
+                if placed and self.on_copies is not None:
+                    self.on_copies(placed)
+        return inserted
+
+    def _insert_missing(self, items: list[dict]) -> list[dict]:
+        """Insert board items in batches, skipping those that exist; the ones inserted."""
         inserted: list[dict] = []
         for start in range(0, len(items), INSERT_BATCH):
             batch = items[start : start + INSERT_BATCH]
@@ -142,8 +162,6 @@ class InboxStore:
                     raise
                 failed = {err["index"] for err in errors}
             inserted += [item for index, item in enumerate(batch) if index not in failed]
-        if count:
-            self.apply_deltas([(item, domain.counter_delta(None, item)) for item in inserted])
         return inserted
 
     def place_items(self, passes: dict[str, list[dict]]) -> Placement:

@@ -420,3 +420,22 @@ def advance_clock(stack):
         return reply.json()
 
     return _advance
+
+
+@pytest.fixture(scope="session")
+def fault_stack(tmp_path_factory, mongo_uri):
+    """The stack the fault tests kill, restart and cut off (tests/e2e/test_faults_*.py), shared by
+    them so it starts once: a private one (its own vhost, database prefix and processes), never the
+    suite's `stack`. Its counter drift check runs every second and repairs a drift that stayed 10 s,
+    so a crash's leftovers are found within a test's wait. Every fault test leaves every process
+    running when it ends; test_faults_broker.py, which counts whole folders, runs first (file order)
+    and the others count what they add."""
+    from tests.e2e.fault_stack import private_stack
+
+    with private_stack(
+        tmp_path_factory.mktemp("faults"),
+        mongo_uri,
+        INBOX_COUNTER_CHECK_INTERVAL_S="1",
+        INBOX_COUNTER_CHECK_CONFIRM_S="10",
+    ) as stack:
+        yield stack

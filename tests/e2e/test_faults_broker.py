@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 import uuid
 
-import pytest
-
 from tests.e2e.conftest import Client
 from tests.e2e.fault_stack import (
     LAB_STAFF,
@@ -25,7 +23,6 @@ from tests.e2e.fault_stack import (
     lab_patients,
     lab_results,
     listed,
-    private_stack,
     rabbitmqctl,
     send_once,
 )
@@ -38,12 +35,6 @@ LAB_RESULTS = 40
 DROPS = 2
 RECOVER_S = 30.0  # reconnection backoff starts at 0.5 s; a busy machine
 WAIT_S = 90.0
-
-
-@pytest.fixture(scope="module")
-def fault_stack(tmp_path_factory, mongo_uri):
-    with private_stack(tmp_path_factory.mktemp("faults-broker"), mongo_uri) as stack:
-        yield stack
 
 
 def parked(vhost: str) -> dict[str, int]:

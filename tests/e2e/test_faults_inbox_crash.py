@@ -22,24 +22,13 @@ from services.inbox.board import Board
 from services.inbox.store import InboxStore
 from services.kit.embedded_mongo import pid_alive
 from tests.e2e.conftest import Client
-from tests.e2e.fault_stack import RETRYABLE, listed, private_stack
+from tests.e2e.fault_stack import RETRYABLE, listed
 from tests.waits import wait_until
 
 SENDER = "therapist.patel"
 RECIPIENTS = ("therapist.nguyen", "casemgr.garcia", "intake.wilson", "billing.lee")
 CRASH_SETTING = "CLINIC_FAULT_CRASH_AT"
 WAIT_S = 90.0  # the repair waits 10 s for a writer, passes every 5 s; a busy 2-core machine
-
-
-@pytest.fixture(scope="module")
-def fault_stack(tmp_path_factory, mongo_uri):
-    with private_stack(
-        tmp_path_factory.mktemp("faults-inbox"),
-        mongo_uri,
-        INBOX_COUNTER_CHECK_INTERVAL_S="1",
-        INBOX_COUNTER_CHECK_CONFIRM_S="10",
-    ) as stack:
-        yield stack
 
 
 def restart_inbox(stack, crash_at: str | None) -> None:

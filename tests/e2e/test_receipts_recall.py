@@ -133,6 +133,29 @@ def test_with_receipts_off_the_sender_sees_delivery_only(reyes, kim, admin, opti
     assert bad.status_code == 400 and bad.json()["code"] == "out_of_range"
 
 
+def test_agency_options_are_checked_together_and_only_for_admins(kim, admin, outsider, options):
+    """The options are checked one by one, then together; anyone but an admin is refused first."""
+    assert kim.patch(OPTIONS, json={"nope": 1}).status_code == 403  # not told what would be wrong
+    bad = admin.patch(
+        OPTIONS, json={"critical_result_escalation_minutes": 50, "critical_result_second_escalation_minutes": 10}
+    )
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_value"
+    assert admin.patch(OPTIONS, json={"critical_result_escalation_minutes": 60}).json()["code"] == "invalid_value"
+    for team in ("team_lakeside_clinical", "team_nope"):  # another agency's, and nobody's
+        refused = admin.patch(OPTIONS, json={"escalation_team_id": team})
+        assert refused.status_code == 400 and refused.json()["code"] == "unknown_team", refused.text
+    null = admin.patch(OPTIONS, json={"receipts": None})
+    assert null.status_code == 400 and null.json()["code"] == "invalid_type"
+    assert admin.patch(OPTIONS, json={}).json()["code"] == "missing_field"
+    injected = admin.patch(OPTIONS, json={"recall_window_minutes": {"$gt": ""}})
+    assert injected.status_code == 400 and injected.json()["code"] == "invalid_type"
+    assert options(critical_result_second_escalation_minutes=90)["critical_result_second_escalation_minutes"] == 90
+    assert options(critical_result_second_escalation_minutes=60)["critical_result_second_escalation_minutes"] == 60
+    assert options(escalation_team_id="team_riverbend_intake")["escalation_team_id"] == "team_riverbend_intake"
+    assert options(escalation_team_id="")["escalation_team_id"] == ""
+    assert outsider.get(OPTIONS).json()["critical_result_second_escalation_minutes"] == 60  # its own agency's
+
+
 def test_recall_takes_back_unread_copies_and_lists_who_read_it(reyes, kim, chen, wilson):
     before = {client.staff_id: client.counts("messages") for client in (kim, chen, wilson)}
     sent_before = reyes.counts("sent")

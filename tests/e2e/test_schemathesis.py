@@ -74,7 +74,7 @@ MIN_REQUESTS = 1000
 # Examples per operation: this many requests shared by every operation (at least MIN_EXAMPLES
 # each), 60 % positive and 40 % negative. Operations with little to vary run out of distinct
 # examples sooner, so the budget is set above MIN_REQUESTS.
-REQUEST_BUDGET = 1500
+REQUEST_BUDGET = 1150
 MIN_EXAMPLES = 8
 # The whole run's budget on this machine (the target is about three minutes).
 TIME_LIMIT_S = 420

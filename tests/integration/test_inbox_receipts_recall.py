@@ -13,7 +13,7 @@ from services.inbox.board import read_patch, unread_patch
 from services.inbox.recall import Receipts
 from services.inbox.store import FIRST_READ_AT, READ_BY
 from services.kit.auth import current_identity
-from services.kit.errors import Conflict
+from services.kit.errors import Conflict, NotFound
 from services.kit.mongo import now_ms
 from tests.integration.inbox_fixtures import staff
 
@@ -80,6 +80,26 @@ def test_a_read_and_a_recall_of_the_same_version_exactly_one_wins(team):
     assert store.recall_item(stale) == "recalled" or store.item(stale["_id"]) is None
     counts = components.board.stored_counts(AGENCY, c.staff_id)
     assert counts.get("u_messages", 0) == 0 and counts.get("t_messages", 0) == 0
+
+
+def test_opening_an_item_a_recall_took_back_meanwhile_is_404_not_its_content(team, monkeypatch):
+    """The reading pane reads the item, then marks it read: a recall that deletes it between the two
+    wins, and the pane answers 404 instead of the content it had already read."""
+    components, sender, (b, *_), _ = team
+    store = components.store
+    sent = send(components, sender, domain.Addressing(staff_ids=(b.staff_id,)))
+    target = item_id(sent.message_id, b.staff_id)
+    change_item = store.change_item
+
+    def recalled_first(item_id_, change, *args, **kwargs):
+        if item_id_ == target:
+            assert store.recall_item(store.item(target)) == "recalled"
+        return change_item(item_id_, change, *args, **kwargs)
+
+    monkeypatch.setattr(store, "change_item", recalled_first)
+    with pytest.raises(NotFound):
+        as_caller(b, lambda: components.board.open_item(b, target))
+    assert store.item(target) is None
 
 
 def test_concurrent_reads_and_recall_leave_each_item_either_read_or_gone(team):
