@@ -176,7 +176,8 @@ def sign_in():
 @session.post("/session/refresh")
 def refresh():
     check_same_origin(_web("settings").allowed_origins)
-    return _web("sessions").refresh()
+    # ?probe=1: the page's check on load; no session is then an answer (204), not an error.
+    return _web("sessions").refresh(probe=request.args.get("probe") == "1")
 
 
 @session.post("/session/logout")

@@ -100,10 +100,11 @@ class DirectorySessions:
             return error_response(400, "invalid_type", "username and password must be strings")
         return self._grant(self._call("/api/v1/auth/token", {"username": username, "password": password}))
 
-    def refresh(self) -> Response:
+    def refresh(self, probe: bool = False) -> Response:
         token = request.cookies.get(REFRESH_COOKIE)
         if not token:
-            return error_response(401, "not_signed_in", "no session to resume")
+            # The page's check on load (`probe`) finding no session is no failure: 204, nothing to resume.
+            return Response(status=204) if probe else error_response(401, "not_signed_in", "no session to resume")
         response = self._grant(self._call("/api/v1/auth/refresh", {"refresh_token": token}))
         if response.status_code == 401:
             self._clear(response)

@@ -182,6 +182,12 @@ def test_refresh_without_a_cookie_is_401_not_signed_in(client):
     assert response.get_json()["code"] == "not_signed_in"
 
 
+def test_the_pages_check_on_load_without_a_cookie_is_204_not_an_error(client):
+    response = client.post("/app/session/refresh?probe=1", headers={"X-Clinic-CSRF": "1", "Origin": ORIGIN})
+    assert response.status_code == 204
+    assert response.data == b""
+
+
 def test_sign_in_with_wrong_types_is_400_and_malformed_json_is_400(client):
     headers = {"X-Clinic-CSRF": "1", "Origin": ORIGIN}
     typed = client.post("/app/session", json={"username": {"$gt": ""}, "password": "p"}, headers=headers)

@@ -47,11 +47,16 @@ export async function signIn(username, password) {
 // the session; so tabs take turns (the second then sends the cookie the first just received).
 const REFRESH_LOCK = "clinic-session-refresh";
 
-export function refresh() {
+// `probe`: the check on load, which finding no session answers 204 (no error in the console), and
+// this then throws ApiError 401 "not_signed_in" like a refusal.
+export function refresh({ probe = false } = {}) {
   if (!refreshing) {
-    const call = () => sessionCall("/refresh");
+    const call = () => sessionCall(probe ? "/refresh?probe=1" : "/refresh");
     const turn = navigator.locks ? navigator.locks.request(REFRESH_LOCK, call) : call();
-    refreshing = turn.then(adopt).finally(() => { refreshing = null; });
+    refreshing = turn.then((grant) => {
+      if (!grant) throw new ApiError(401, "not_signed_in", "no session to resume");
+      return adopt(grant);
+    }).finally(() => { refreshing = null; });
   }
   return refreshing;
 }

@@ -3,23 +3,37 @@
 import {
   ApiError, del, get, newIdempotencyKey, onSignedOut, post, put, refresh, reportActivity, signIn, signOut,
 } from "./api.js";
-import { $, announce, fullTime, h, isoToLocalInput, localInputToIso, safeLink, when } from "./dom.js";
+import {
+  $, announce, displayTimeZone, fullTime, h, humanizeTimes, isoToLocalInput, localInputToIso, safeLink, setTimeZone, when,
+} from "./dom.js";
 import { cloudPanel, showCloudFolderActions, stopCloud, wireCloud } from "./cloud.js";
 import { showCloudAddresses, stopCloudAddresses, wireCloudAddresses } from "./cloud_addresses.js";
 import { erxLinkButton, isErxLink, showErx, stopErx, wireErx } from "./erx.js";
 import { watchIdle } from "./idle.js";
 import { connectLive } from "./live.js";
 import { hasReceipts, receiptsPanel } from "./receipts.js";
+import { criticalResultPanel, hasCriticalResult, hasUrgentUnread, urgentUnreadPanel } from "./escalation.js";
+import { coverageBadge, coveragePanel } from "./coverage.js";
+import { retentionPanel } from "./retention.js";
+import { hasQueue, queueBadge, queuePanel } from "./team_queue.js";
+import { showTeamOverview, stopTeamOverview, wireTeamOverview } from "./team_overview.js";
 
 const PAGE_SIZE = 50;
 const MAX_PAGE_SIZE = 100; // the most the board API answers in one page
+const BULK_MAX = 500; // the most one bulk request names (and "Select all in folder" selects)
 const NOTIFICATION_FOLDERS = ["schedule", "erx", "compliance", "lab", "cloud"];
 const KIND_NAMES = { message: "Message", reminder: "Reminder", signature_request: "Signature request", announcement: "Announcement" };
+// Who a delivered notification comes from, by its folder (the API names them all "Notifications").
+const SOURCE_NAMES = {
+  lab: "Lab", schedule: "Practice management system", compliance: "Compliance tracker", erx: "ePrescribing",
+};
+// A lab result's link to its full view (the notifications service's staff route).
+const LAB_RESULT_PATH = /^\/api\/v1\/lab\/results\/([A-Za-z0-9_-]{1,100})$/;
 
 const state = {
   me: null, agency: null, board: null, staff: [], teams: [],
   view: { type: "folder", id: "messages" }, items: [], cursor: null, selected: null, opened: null,
-  unreadOnly: false, stopLive: null, idle: null, directoryLoaded: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
+  unreadOnly: false, order: "newest", picked: new Set(), lastPick: null, stopLive: null, idle: null, directoryLoaded: null, firstPaint: false, loadSeq: 0, signedInSeq: 0,
 };
 
 const term = () => (state.agency && state.agency.terminology.patient_singular) || "Patient";
@@ -29,7 +43,7 @@ async function start() {
   wireStatic();
   onSignedOut((why) => showSignIn(signedOutNote(why)));
   try {
-    await refresh();
+    await refresh({ probe: true });
   } catch (error) {
     showSignIn(error && error.code === IDLE_ENDED ? signedOutNote(IDLE_ENDED) : undefined);
     return;
@@ -65,6 +79,7 @@ function teardown() {
   state.idle = null;
   stopErx();
   stopCloudAddresses();
+  stopTeamOverview();
   stopCloud();
   document.querySelectorAll("dialog[open]").forEach((d) => d.close());
   Object.assign(state, { board: null, items: [], cursor: null, selected: null, opened: null, staff: [], teams: [] });
@@ -88,12 +103,18 @@ async function enter() {
     get("/api/v1/directory/me"), get("/api/v1/directory/agency"), get("/api/v1/board"),
   ]);
   Object.assign(state, { me, agency, board });
+  state.picked.clear();
+  showListTools();
+  setTimeZone(agency.time_zone);
   renderPane(null);
   listNote("Loading…");
   const listed = loadList();
   renderChrome();
   renderFolders();
   await listed;
+  // The board, not Sign out, has the keyboard first (unless something else took it meanwhile).
+  const active = document.activeElement;
+  if (!active || active === document.body || $("#signin").contains(active)) $("#main").focus();
   state.idle = watchIdle({
     minutes: agency.options.idle_signout_minutes || 15,
     warnSeconds: 60,
@@ -117,6 +138,7 @@ async function enter() {
       state.staff = staff.staff.filter((s) => s.active);
       state.teams = teams.teams;
       $("#recipient-options").replaceChildren(...recipientChoices().map((c) => h("option", { value: c.label })));
+      if (state.items.some((i) => i.to)) renderList();  // Sent rows name their recipients now
     })
     .catch(() => {});
 }
@@ -129,6 +151,8 @@ function renderChrome() {
   $("#compose").hidden = !(state.board.compose || []).length;
   showErx(!!state.me.eprescribing_enabled);
   showCloudAddresses(state.me);
+  showTeamOverview(state.me);
+  $("#retention").hidden = !isAdmin();
 }
 
 // --- folders -------------------------------------------------------------------------------
@@ -217,13 +241,17 @@ async function openView(view) {
   state.selected = null;
   state.items = [];
   state.cursor = null;
+  state.picked.clear();
+  state.lastPick = null;
   $("#items").replaceChildren();
   $("#items").setAttribute("aria-busy", "true");
   $("#more").hidden = true;
   listNote("Loading…");
   renderFolders();
   renderPane(null);
+  showFolders(false);
   showCloudFolderActions(view.type === "folder" && view.id === "cloud");
+  showListTools();
   await loadList();
   $("#main").focus();
 }
@@ -233,12 +261,15 @@ function listPath(cursor, limit = PAGE_SIZE) {
   const q = new URLSearchParams({ limit: String(limit) });
   if (cursor) q.set("cursor", cursor);
   if (state.unreadOnly) q.set("unread", "true");
-  if (state.view.type === "label") return `/api/v1/labels/${encodeURIComponent(state.view.id)}/items?${q}`;
+  const ordered = state.order !== "newest";
+  if (state.view.type === "label" && !ordered) return `/api/v1/labels/${encodeURIComponent(state.view.id)}/items?${q}`;
   if (state.view.id === "announcements") {
     q.delete("unread");
     return `/api/v1/announcements?${q}`;
   }
-  q.set("folder", state.view.id);
+  if (ordered) q.set("order", state.order);
+  if (state.view.type === "label") q.set("label", state.view.id);  // across folders, in the chosen order
+  else q.set("folder", state.view.id);
   return `/api/v1/board/items?${q}`;
 }
 
@@ -282,10 +313,41 @@ async function loadList(append = false, keep = false) {
   }
 }
 
+// Who a row names: the poster of an announcement, the recipients of my own sent message, the
+// source of a delivered notification, else the sender.
+function rowWho(item) {
+  if (state.view.type === "folder" && state.view.id === "announcements") return item.posted_by && item.posted_by.name;
+  const mine = item.sender && state.me && item.sender.id === state.me.id;
+  if (item.folder === "sent" || (mine && state.view.type === "folder" && state.view.id === "sent")) {
+    if (item.to) return `To: ${recipientsText(item.to)}`;
+    const n = item.recipient_count;
+    return n ? `To: ${n} ${n === 1 ? "recipient" : "recipients"}` : "To: (recipients)";
+  }
+  const source = SOURCE_NAMES[item.folder] || SOURCE_NAMES[item.archived_from];
+  if (source) return source;
+  return item.sender && item.sender.name;
+}
+
+// The one fact of a lab result a list row shows, without its values: "1 critical", "2 abnormal".
+function rowFact(item) {
+  const lab = item.folder === "lab" || item.archived_from === "lab";
+  if (!lab || !item.summary) return null;
+  const cut = item.summary.indexOf(": ");
+  return cut >= 0 ? item.summary.slice(cut + 2) : null;
+}
+
+// The agency's word for a patient in text written by a delivering service ("Patient 123: ...").
+function termed(text) { return String(text || "").replace(/^Patient\b/, term()); }
+
 function itemRow(item) {
   const isAnnouncement = state.view.id === "announcements" && state.view.type === "folder";
-  const who = isAnnouncement ? (item.posted_by && item.posted_by.name) : (item.sender && item.sender.name);
+  const who = rowWho(item);
   const badges = [];
+  if (item.auto_reply) badges.push(h("span", { class: "badge auto", text: "Automatic reply" }));
+  if (item.to && item.to.whole_agency) badges.push(h("span", { class: "badge agency", text: "Whole agency" }));
+  const queued = queueBadge(item, state.me && state.me.id);
+  if (queued) badges.push(queued);
+  if (item.covering_for) badges.push(coverageBadge(item));
   if (item.urgent || item.priority === "urgent") badges.push(h("span", { class: "badge urgent", text: "Urgent" }));
   if (item.overdue) badges.push(h("span", { class: "badge overdue", text: "Overdue" }));
   if (item.severity === "abnormal") badges.push(h("span", { class: "badge abnormal", text: "Abnormal" }));
@@ -298,9 +360,17 @@ function itemRow(item) {
     if (label) badges.push(h("span", { class: "badge label", text: label.name }));
   }
   const unread = !item.read;
-  const classes = [unread ? "unread" : "", item.overdue ? "overdue" : ""].join(" ");
+  const urgent = item.urgent || item.priority === "urgent" || item.severity === "urgent";
+  const classes = [unread ? "unread" : "", item.overdue ? "overdue" : "", urgent ? "urgent" : ""].join(" ");
+  const fact = rowFact(item);
   const stateWords = [unread ? "unread" : "", item.urgent ? "urgent" : "", item.overdue ? "overdue" : ""].filter(Boolean).join(", ");
-  return h("li", { class: classes, dataset: { id: item.id } },
+  const pickable = canPick();
+  return h("li", { class: `${classes}${pickable ? " pickable" : ""}`, dataset: { id: item.id } },
+    pickable ? h("input", {
+      type: "checkbox", class: "pick", checked: state.picked.has(item.id),
+      "aria-label": `Select: ${item.title || "(no subject)"}`,
+      onclick: (event) => pickRow(item.id, event),
+    }) : null,
     h("button", {
       type: "button", class: "row", "aria-current": state.selected === item.id ? "true" : "false",
       onclick: () => openItem(item),
@@ -308,7 +378,8 @@ function itemRow(item) {
     stateWords ? h("span", { class: "sr-only", text: `${stateWords}: ` }) : null,
     h("span", { class: "line1" }, h("span", { class: "who", text: who || "" }),
       h("span", { class: "when", text: when(item.sent_at || item.posted_at) })),
-    h("span", { class: "title" }, ...badges, h("span", { class: "subject", text: item.title || "(no subject)" }))));
+    h("span", { class: "title" }, ...badges, h("span", { class: "subject", text: item.title || "(no subject)" })),
+    fact ? h("span", { class: "fact", text: fact }) : null));
 }
 
 function listNote(text, error = false) {
@@ -335,6 +406,138 @@ function renderList() {
   if (state.items.length) $("#list-empty").hidden = true;
   else listNote(`${state.unreadOnly ? "No unread items" : "Nothing"} in ${viewName()}.`);
   $("#more").hidden = !state.cursor;
+  renderBulkBar();
+}
+
+// --- sorting and bulk actions ----------------------------------------------------------------
+// Item folders and labels can be sorted, selected and marked read in bulk (announcements cannot).
+function canPick() { return Boolean(state.board) && !(state.view.type === "folder" && state.view.id === "announcements"); }
+
+function showListTools() {
+  const pickable = canPick();
+  $("#list-tools").hidden = !pickable;
+  $("#bulk-bar").hidden = !pickable;
+  $("#mark-all-read").hidden = state.view.type !== "folder";
+  $("#sort-order").value = state.order;
+}
+
+// A click selects or clears one row; with Shift, every row between it and the row clicked last.
+function pickRow(id, event) {
+  const checked = event.target.checked;
+  const ids = state.items.map((i) => i.id);
+  const at = ids.indexOf(id);
+  const from = state.lastPick === null ? -1 : ids.indexOf(state.lastPick);
+  if (event.shiftKey && from >= 0 && at >= 0) {
+    const [lo, hi] = from < at ? [from, at] : [at, from];
+    for (const other of ids.slice(lo, hi + 1)) {
+      if (checked) state.picked.add(other); else state.picked.delete(other);
+    }
+    $("#items").querySelectorAll("li").forEach((li) => {
+      const box = li.querySelector(".pick");
+      if (box) box.checked = state.picked.has(li.dataset.id);
+    });
+  } else if (checked) {
+    state.picked.add(id);
+  } else {
+    state.picked.delete(id);
+  }
+  state.lastPick = id;
+  renderBulkBar();
+}
+
+function renderBulkBar() {
+  if (!canPick()) return;
+  const shown = new Set(state.items.map((i) => i.id));
+  for (const id of [...state.picked]) if (!shown.has(id)) state.picked.delete(id);
+  const n = state.picked.size;
+  $("#bulk-count").textContent = n ? `${n} selected` : "";
+  $("#bulk-actions").hidden = n === 0;
+  const all = $("#select-all");
+  all.checked = n > 0 && n === state.items.length && !state.cursor;
+  all.indeterminate = n > 0 && !all.checked;
+  const labels = state.board.labels || [];
+  const select = $("#bulk-label");
+  const kept = select.value;
+  select.replaceChildren(...labels.map((l) => h("option", { value: l.id, text: l.name })));
+  if (labels.some((l) => l.id === kept)) select.value = kept;
+  select.hidden = !labels.length;
+  $("#bulk-label-apply").hidden = !labels.length;
+}
+
+// "Select all in folder": every item of the folder (the pages not loaded yet are loaded first, up
+// to what one bulk request names); cleared again when everything was selected.
+async function selectAll(checked) {
+  if (!checked) {
+    state.picked.clear();
+    renderList();
+    return;
+  }
+  while (state.cursor && state.items.length < BULK_MAX) {
+    const before = state.items.length;
+    await loadList(true);
+    if (state.items.length === before) break;
+  }
+  for (const item of state.items.slice(0, BULK_MAX)) state.picked.add(item.id);
+  renderList();
+  if (state.items.length > BULK_MAX) announce(`The first ${BULK_MAX} items are selected.`);
+}
+
+const BULK_DONE = { mark_read: "marked read", mark_unread: "marked unread", archive: "archived", label: "labelled" };
+
+async function runBulk(action) {
+  const ids = [...state.picked];
+  if (!ids.length) return;
+  const body = { action, item_ids: ids.slice(0, BULK_MAX) };
+  if (action === "label") body.label_id = $("#bulk-label").value;
+  $("#items").setAttribute("aria-busy", "true");
+  let answer;
+  try {
+    answer = await post("/api/v1/board/items/bulk", body);
+  } catch (error) {
+    $("#items").removeAttribute("aria-busy");
+    announce(`Not done: ${error.message}`, { error: true });
+    return;
+  }
+  const refused = answer.results.filter((r) => r.outcome !== "done");
+  if (action === "archive") for (const r of answer.results) if (r.outcome === "done") forget(r.id);
+  state.picked = new Set(refused.map((r) => r.id));
+  const note = refused.length ? ` ${refused.length} could not be changed (${refusedWords(refused)}).` : "";
+  announce(`${answer.done} ${answer.done === 1 ? "item" : "items"} ${BULK_DONE[action]}.${note}`, { error: refused.length > 0 });
+  await refreshBoard();
+  if (state.selected && state.picked.size === 0 && !state.items.some((i) => i.id === state.selected)) renderPane(null);
+}
+
+function refusedWords(refused) {
+  const words = new Set(refused.map((r) => (r.outcome === "not_found" ? "no longer there" : r.message || "not allowed")));
+  return [...words].join("; ");
+}
+
+async function markAllRead() {
+  const folder = state.board.folders.find((f) => f.id === state.view.id);
+  if (!folder) return;
+  const unread = folder.unread || 0;
+  if (!unread) {
+    announce(`Nothing unread in ${folder.name}.`);
+    return;
+  }
+  const many = unread === 1 ? "1 unread item" : `${unread} unread items`;
+  if (!(await confirmDialog(`Mark all read in ${folder.name}?`, `${many} in ${folder.name} will be marked read.`, "Mark all read"))) {
+    $("#mark-all-read").focus();
+    return;
+  }
+  let marked = 0;
+  try {
+    for (let round = 0; round < 20; round += 1) {
+      const answer = await post(`/api/v1/board/folders/${encodeURIComponent(folder.id)}/mark-all-read`);
+      marked += answer.marked;
+      if (!answer.more) break;
+    }
+  } catch (error) {
+    announce(`Not done: ${error.message}`, { error: true });
+  }
+  announce(`${marked} ${marked === 1 ? "item" : "items"} marked read in ${folder.name}.`);
+  await refreshBoard();
+  $("#mark-all-read").focus();
 }
 
 async function refreshBoard() {
@@ -408,9 +611,13 @@ function recipientsText(to) {
 function paneFor(d) {
   const body = [];
   if (d.kind === "announcement") {
-    body.push(h("h2", { text: d.title }), meta("Posted by", d.posted_by && d.posted_by.name), meta("Posted", fullTime(d.posted_at)),
-      h("div", { class: "body", text: d.body || "" }));
-    if (d.acknowledgement_required) {
+    body.push(h("h2", { text: d.title }), h("p", {}, h("span", { class: "badge agency", text: "Whole agency" })),
+      meta("Posted by", d.posted_by && d.posted_by.name), meta("Posted", fullTime(d.posted_at)),
+      h("div", { class: "body", text: humanizeTimes(d.body) }));
+    const ownPost = d.posted_by && state.me && d.posted_by.id === state.me.id;
+    if (d.acknowledgement_required && ownPost) {
+      body.push(acknowledgementsPanel(d));
+    } else if (d.acknowledgement_required) {
       body.push(d.acknowledged
         ? h("p", { class: "meta", text: `Acknowledged ${fullTime(d.acknowledged_at)}` })
         : h("div", { class: "pane-actions" }, h("button", { type: "button", class: "primary", onclick: () => act(() => post(`/api/v1/announcements/${d.id}/acknowledge`), "Acknowledged") }, "Acknowledge")));
@@ -419,17 +626,24 @@ function paneFor(d) {
   }
   if (d.kind === "message" || d.kind === "portal_message") {
     body.push(h("h2", { text: d.subject || d.title || "(no subject)" }));
-    if (d.priority === "urgent" || d.urgent) body.push(h("p", {}, h("span", { class: "badge urgent", text: "Urgent" })));
+    const marks = [];
+    if (d.priority === "urgent" || d.urgent) marks.push(h("span", { class: "badge urgent", text: "Urgent" }));
+    if (d.auto_reply) marks.push(h("span", { class: "badge auto", text: "Automatic reply" }));
+    if (d.to && d.to.whole_agency) marks.push(h("span", { class: "badge agency", text: "Whole agency" }));
+    if (d.covering_for) marks.push(coverageBadge(d));
+    if (marks.length) body.push(h("p", {}, ...marks));
     body.push(meta("From", d.sender && d.sender.name), meta("To", recipientsText(d.to)), meta("Sent", fullTime(d.sent_at)));
     if (d.patient && (d.patient.name || d.patient.display_name)) body.push(meta(d.patient_term || term(), d.patient.name || d.patient.display_name));
-    body.push(messageActions(d), h("div", { class: "body", text: d.body || "" }));
+    if (hasQueue(d)) body.push(queuePanel(d, { meId: state.me.id, act }));
+    body.push(messageActions(d), h("div", { class: "body", text: humanizeTimes(d.body) }));
+    if (d.thread_id) body.push(threadPanel(d));
     if (hasReceipts(d)) body.push(receiptsPanel(d, { nameOf: staffName, confirm: confirmDialog, changed: refreshBoard }));
     if ((d.links || []).length) body.push(h("ul", { class: "links", "aria-label": "Links" }, d.links.map((l) => h("li", {}, safeLink(l)))));
     return h("article", { "aria-label": d.subject || "Message" }, body);
   }
   if (d.kind === "reminder") {
     body.push(h("h2", { text: d.title || d.text }), meta("Remind at", fullTime(d.remind_at)), meta("State", d.state),
-      h("div", { class: "body", text: d.text || "" }));
+      h("div", { class: "body", text: humanizeTimes(d.text) }));
     if (d.link) body.push(h("p", {}, /^https?:/i.test(d.link) ? safeLink(d.link) : h("span", { text: d.link })));
     if (d.state !== "completed") {
       const minutes = h("select", { id: "snooze-minutes" },
@@ -446,6 +660,7 @@ function paneFor(d) {
   if (d.kind === "signature_request" || d.kind === "signature_outcome") {
     const r = d.signature_request || {};
     const docKind = r.document_kind === "patient" ? `${term()} document` : "Staff document";
+    if (d.covering_for) body.push(h("p", {}, coverageBadge(d)));
     body.push(h("h2", { text: r.title || d.title }), meta("Requested by", r.requester && r.requester.name), meta("Document", `${docKind}: ${r.document_ref || ""}`),
       meta("Status", (r.status || "").replace("_", " ")), meta("Due", fullTime(r.due_at)));
     body.push(h("ul", { "aria-label": "Signers" }, (r.signers || []).map((s) => h("li", { text: `${s.name}: ${s.state}${s.reason ? ` (${s.reason})` : ""}` }))));
@@ -470,17 +685,24 @@ function paneFor(d) {
   if (d.severity === "urgent") badges.push(h("span", { class: "badge urgent", text: "Urgent" }));
   if (d.severity === "abnormal") badges.push(h("span", { class: "badge abnormal", text: "Abnormal" }));
   if (d.overdue) badges.push(h("span", { class: "badge overdue", text: "Overdue" }));
+  if (d.covering_for) badges.push(coverageBadge(d));
   // Direct messages and faxes: cloud.js draws the message or fax itself (its times in the agency's
   // zone, its status kept up to date, its own actions).
   const cloud = cloudPanel(d);
   if (cloud) return h("article", { "aria-label": d.title || "Notification" }, h("h2", { text: d.title }), h("p", {}, ...badges), cloud, genericActions(d));
-  body.push(h("h2", { text: d.title }), h("p", {}, ...badges), meta("From", d.sender && d.sender.name), meta("Received", fullTime(d.sent_at)),
-    meta("Due", fullTime(d.due_at)), meta("Status", d.status), h("div", { class: "body", text: d.summary || "" }));
-  // eRx items: their erx-sso: link is the "Open in ePrescribing" button; other links stay links.
+  body.push(h("h2", { text: d.title }), h("p", {}, ...badges), meta("From", SOURCE_NAMES[d.folder] || SOURCE_NAMES[d.archived_from] || (d.sender && d.sender.name)), meta("Received", fullTime(d.sent_at)),
+    meta("Due", fullTime(d.due_at)), meta("Status", d.status), h("div", { class: "body", text: humanizeTimes(termed(d.summary)) }));
+  if (hasCriticalResult(d)) body.push(criticalResultPanel(d, { nameOf: staffName, changed: refreshBoard }));
+  if (hasUrgentUnread(d)) body.push(urgentUnreadPanel(d, { nameOf: staffName, changed: refreshBoard }));
+  // eRx items: their erx-sso: link is the "Open in ePrescribing" button; a lab result's own link
+  // opens the full result here; other links stay links.
   const links = d.links || [];
   const erxButtons = links.map(erxLinkButton).filter(Boolean);
-  if (erxButtons.length) body.push(h("div", { class: "pane-actions" }, erxButtons));
-  const plain = links.filter((l) => !isErxLink(l));
+  const labLinks = links.filter((l) => labResultId(l));
+  const inline = erxButtons.concat(labLinks.map((l) => labResultButton(l)));
+  if (inline.length) body.push(h("div", { class: "pane-actions" }, inline));
+  if (labLinks.length) body.push(h("section", { id: "lab-result", class: "lab-result", "aria-label": "Full result", hidden: true }));
+  const plain = links.filter((l) => !isErxLink(l) && !labResultId(l));
   if (plain.length) body.push(h("ul", { "aria-label": "Links" }, plain.map((l) => h("li", {}, safeLink(l)))));
   body.push(genericActions(d));
   return h("article", { "aria-label": d.title || "Notification" }, body);
@@ -545,13 +767,154 @@ function readEntries(d) {
   return entries;
 }
 
-function messageActions(d) {
+// What answering the open message can do: [name, shortcut key, run] (none for my own copy's Reply).
+function answerEntries(d) {
   const entries = [];
   const mine = d.sender && d.sender.id === state.me.id;  // my own copy in Sent: answer the others
-  if (!mine) entries.push(["Reply", () => openCompose({ mode: "reply", message: d })]);
-  if (d.kind === "message") entries.push(["Reply All", () => openCompose({ mode: "reply-all", message: d })]);
-  entries.push(["Forward", () => openCompose({ mode: "forward", message: d })]);
-  return optionsMenu(d, entries.concat(readEntries(d), labelEntries(d)));
+  if (!mine) entries.push(["Reply", "r", () => openCompose({ mode: "reply", message: d })]);
+  if (d.kind === "message") entries.push(["Reply All", "a", () => openCompose({ mode: "reply-all", message: d })]);
+  entries.push(["Forward", "f", () => openCompose({ mode: "forward", message: d })]);
+  return entries;
+}
+
+// Reply, Reply All and Forward in plain view; More options keeps the rest.
+function messageActions(d) {
+  const menu = optionsMenu(d, readEntries(d).concat(labelEntries(d)));
+  const buttons = answerEntries(d).map(([name, key, run]) => h("button", {
+    type: "button", class: name === "Reply" ? "primary" : "", "aria-keyshortcuts": key, dataset: { answer: key }, onclick: run,
+  }, name));
+  menu.prepend(...buttons);
+  return menu;
+}
+
+// The conversation an open message belongs to: the earlier (and later) messages collapsed, each
+// opened on demand; the open message itself is the one shown above.
+function threadPanel(d) {
+  const panel = h("section", { class: "thread", "aria-label": "Conversation" });
+  const signedIn = state.signedInSeq;
+  get(`/api/v1/threads/${encodeURIComponent(d.thread_id)}`).then((thread) => {
+    if (signedIn !== state.signedInSeq || !panel.isConnected) return;
+    const others = (thread.messages || []).filter((m) => m.id !== d.message_id && m.id !== d.ref_id);
+    if (!others.length) { panel.remove(); return; }
+    panel.append(h("h3", { text: `Conversation (${others.length + 1} messages)` }),
+      ...others.map((m) => h("details", { class: "thread-message", dataset: { id: m.id } },
+        h("summary", {},
+          h("span", { class: "who", text: m.sender && m.sender.name }),
+          m.auto_reply ? h("span", { class: "badge auto", text: "Automatic reply" }) : null,
+          h("span", { class: "when", text: fullTime(m.sent_at) }),
+          h("span", { class: "subject", text: m.subject || "(no subject)" })),
+        h("p", { class: "thread-body", text: m.recalled_at ? "(recalled)" : humanizeTimes(m.body) }))));
+  }).catch((error) => {
+    if (signedIn !== state.signedInSeq || !panel.isConnected) return;
+    if (error instanceof ApiError && error.status === 404) { panel.remove(); return; }
+    panel.append(h("p", { class: "meta", text: `The conversation could not be loaded: ${error.message}` }));
+  });
+  return panel;
+}
+
+// The author of an announcement sees who acknowledged it and who has not yet.
+function acknowledgementsPanel(d) {
+  const panel = h("section", { class: "acks", "aria-label": "Acknowledgements" }, h("h3", { text: "Acknowledgements" }),
+    h("p", { class: "meta", text: "Loading…" }));
+  const signedIn = state.signedInSeq;
+  Promise.all([get(`/api/v1/announcements/${encodeURIComponent(d.id)}/acknowledgements`), state.directoryLoaded])
+    .then(([acks]) => {
+      if (signedIn !== state.signedInSeq || !panel.isConnected) return;
+      const done = acks.acknowledged || [];
+      const pending = acks.pending || [];
+      panel.replaceChildren(h("h3", { text: "Acknowledgements" }),
+        h("p", { class: "meta", text: `${done.length} acknowledged, ${pending.length} not yet` }),
+        h("h4", { text: "Acknowledged" }),
+        done.length ? h("ul", { "aria-label": "Acknowledged" }, done.map((a) => h("li", { text: `${staffName(a.staff_id)}, ${fullTime(a.at)}` })))
+          : h("p", { class: "meta", text: "No one yet." }),
+        h("h4", { text: "Not yet" }),
+        pending.length ? h("ul", { "aria-label": "Not yet acknowledged" }, pending.map((id) => h("li", { text: staffName(id) })))
+          : h("p", { class: "meta", text: "Everyone has acknowledged." }));
+    })
+    .catch((error) => {
+      if (signedIn !== state.signedInSeq || !panel.isConnected) return;
+      panel.replaceChildren(h("h3", { text: "Acknowledgements" }),
+        h("p", { class: "meta", text: `The acknowledgement list could not be loaded: ${error.message}` }));
+    });
+  return panel;
+}
+
+// --- lab results ---------------------------------------------------------------------------
+function labResultId(link) {
+  const url = typeof link === "string" ? link : String((link && link.url) || "");
+  let parsed;
+  try { parsed = new URL(url, location.origin); } catch { return null; }
+  const match = LAB_RESULT_PATH.exec(parsed.pathname);
+  return match ? match[1] : null;
+}
+
+function labResultButton(link) {
+  const id = labResultId(link);
+  const label = (typeof link === "object" && link && link.label) || "Full result";
+  return h("button", { type: "button", "aria-controls": "lab-result", "aria-expanded": "false", onclick: (event) => showLabResult(id, event.currentTarget) }, label);
+}
+
+async function showLabResult(id, button) {
+  const section = $("#lab-result");
+  if (!section) return;
+  if (!section.hidden && section.dataset.id === id) {
+    section.hidden = true;
+    button.setAttribute("aria-expanded", "false");
+    return;
+  }
+  section.hidden = false;
+  section.dataset.id = id;
+  button.setAttribute("aria-expanded", "true");
+  section.replaceChildren(h("p", { class: "meta", text: "Loading the full result…" }));
+  const signedIn = state.signedInSeq;
+  let result;
+  try {
+    result = await get(`/api/v1/lab/results/${encodeURIComponent(id)}`);
+  } catch (error) {
+    if (signedIn !== state.signedInSeq || !section.isConnected) return;
+    section.replaceChildren(h("p", { class: "error", role: "alert", text: `The full result could not be loaded: ${error.message}` }));
+    return;
+  }
+  if (signedIn !== state.signedInSeq || !section.isConnected) return;
+  section.replaceChildren(...labResultView(result));
+  section.querySelector("h3").focus();
+}
+
+const SEVERITY_WORDS = { urgent: "Critical", abnormal: "Abnormal", info: "" };
+
+// When the sample was taken: an ISO time in the display zone, or the lab's own HL7 time
+// (YYYYMMDD[HHMM[SS]], the lab's local wall time) in the same date style, without a zone.
+function observedTime(value) {
+  const text = String(value || "");
+  if (/^\d{4}-\d{2}-\d{2}T/.test(text)) return fullTime(text);
+  const m = /^(\d{4})(\d{2})(\d{2})(?:(\d{2})(\d{2})(\d{2})?)?/.exec(text);
+  if (!m) return text;
+  const wall = new Date(Date.UTC(Number(m[1]), Number(m[2]) - 1, Number(m[3]), Number(m[4] || 0), Number(m[5] || 0)));
+  if (Number.isNaN(wall.getTime())) return text;
+  const options = { timeZone: "UTC", year: "numeric", month: "short", day: "numeric", ...(m[4] ? { hour: "numeric", minute: "2-digit" } : {}) };
+  return new Intl.DateTimeFormat([], options).format(wall);
+}
+
+function labResultView(r) {
+  const test = (r.test && (r.test.name || r.test.code)) || "Lab result";
+  const out = [h("h3", { tabindex: "-1", text: `Full result: ${test}` })];
+  if (r.retracted) out.push(h("p", { class: "retraction", role: "note", text: `Withdrawn: ${r.retracted}` }));
+  out.push(meta(term(), r.patient_name || r.patient_ref), meta("Order", r.order_number), meta("Status", r.status),
+    meta("Observed", observedTime(r.observed_at)),
+    meta("Received", fullTime(r.received_at)));
+  const rows = (r.observations || []).map((o) => h("tr", { class: o.retracted ? "retracted" : o.severity || "" },
+    h("th", { scope: "row", text: o.name || o.code }),
+    h("td", { text: o.value || o.absent_reason || "" }),
+    h("td", { text: o.units || "" }),
+    h("td", { text: o.reference_range || "" }),
+    h("td", { text: [SEVERITY_WORDS[o.severity] || "", ...(o.flags || [])].filter(Boolean).join(", ") }),
+    h("td", { text: [o.retracted ? `Withdrawn: ${o.retracted}` : "", ...(o.comments || [])].filter(Boolean).join(" ") })));
+  out.push(h("table", {},
+    h("caption", { class: "sr-only", text: `Observations of ${test}` }),
+    h("thead", {}, h("tr", {}, ["Test", "Value", "Units", "Reference range", "Flags", "Comments"].map((c) => h("th", { scope: "col", text: c })))),
+    h("tbody", {}, rows)));
+  if ((r.comments || []).length) out.push(h("h4", { text: "Comments" }), h("ul", {}, r.comments.map((c) => h("li", { text: c }))));
+  return out;
 }
 
 function genericActions(d) { return optionsMenu(d, readEntries(d).concat(labelEntries(d))); }
@@ -636,18 +999,64 @@ async function addRecipientFromInput() {
   const choices = recipientChoices();
   const match = choices.find((c) => c.label.toLowerCase() === text)
     || choices.filter((c) => c.label.toLowerCase().includes(text)).sort((a, b) => a.label.length - b.label.length)[0];
-  if (!match) { showComposeError(`No colleague or team matches “${typed.trim()}”.`); return true; }
+  if (!match) { fieldError("recipient-input", `No colleague or team is called “${typed.trim()}”. Check the spelling, or pick a name from the list.`); return true; }
   if (!recipients.some((r) => r.type === match.type && r.id === match.id)) recipients.push(match);
   if (input.value === typed) input.value = "";  // not a next name typed while this one waited
   renderChips();
-  $("#compose-error").hidden = true;
+  clearComposeErrors();
   return true;
 }
 
+// A problem the whole dialog has (the server's answer), above the fields.
 function showComposeError(text) {
   const error = $("#compose-error");
   error.hidden = false;
   error.textContent = text;
+}
+
+function clearComposeErrors() {
+  $("#compose-error").hidden = true;
+  document.querySelectorAll("#compose-form .field-error").forEach((e) => e.remove());
+  document.querySelectorAll("#compose-form [aria-invalid]").forEach((field) => {
+    field.removeAttribute("aria-invalid");
+    field.removeAttribute("aria-describedby");
+  });
+}
+
+// A problem with one field, in plain words right below it; the field gets the focus.
+function fieldError(id, text) {
+  clearComposeErrors();
+  const field = $(`#${id}`);
+  const note = h("p", { class: "field-error", id: `${id}-error`, text });
+  field.after(note);
+  field.setAttribute("aria-invalid", "true");
+  field.setAttribute("aria-describedby", note.id);
+  field.focus();
+}
+
+// The server's refusals that concern one field, by error code.
+const FIELD_OF_CODE = {
+  no_recipients: "recipient-input", unknown_recipients: "recipient-input", invalid_link: "compose-links",
+  body_too_long: "compose-body", invalid_time: "compose-remind-at",
+};
+
+// Who a reply or forward goes to, and the original quoted below, in the dialog.
+function composeContextView(context) {
+  const box = $("#compose-context");
+  const m = context.message;
+  box.hidden = !m;
+  if (!m) return;
+  let to;
+  if (context.mode === "reply") to = (m.sender && m.sender.name) || "the sender";
+  else if (context.mode === "reply-all") {
+    const others = { ...(m.to || {}), staff_ids: ((m.to && m.to.staff_ids) || []).filter((id) => id !== state.me.id) };
+    const names = [m.sender && m.sender.id !== state.me.id ? m.sender.name : null, recipientsText(others)].filter(Boolean);
+    to = names.join(", ") || "the other recipients";
+  } else to = "the colleagues or teams you add below";
+  $("#compose-to").replaceChildren(h("strong", { text: "To: " }), to);
+  $("#compose-original").replaceChildren(
+    h("span", { class: "quoted-head", text: `On ${fullTime(m.sent_at)}, ${(m.sender && m.sender.name) || "the sender"} wrote:` }),
+    "\n", humanizeTimes(m.body || ""));
 }
 
 function setComposeKind(kind) {
@@ -671,7 +1080,8 @@ function openCompose(context = { mode: "new" }) {
   const form = $("#compose-form");
   form.reset();
   renderChips();
-  $("#compose-error").hidden = true;
+  clearComposeErrors();
+  composeContextView(composeContext);
   const kinds = state.board.compose || [];
   const select = $("#compose-kind");
   select.replaceChildren(...kinds.map((k) => h("option", { value: k, text: KIND_NAMES[k] || k })));
@@ -712,49 +1122,70 @@ async function submitCompose(event) {
   let call;
   const once = { idempotencyKey: composeContext.key };
   if (mode === "reply" || mode === "reply-all") {
-    if (!body.trim()) return showComposeError("Write a reply.");
+    if (!body.trim()) return fieldError("compose-body", "Write your reply before sending.");
     const path = `/api/v1/messages/${composeContext.message.message_id}/${mode}`;
     call = () => post(path, { body, priority: urgent, links }, once);
   } else if (mode === "forward") {
-    if (!staffIds.length && !teamIds.length && !wholeAgency) return showComposeError("Add at least one recipient.");
+    if (!staffIds.length && !teamIds.length && !wholeAgency) return fieldError("recipient-input", "Add at least one colleague or team to forward it to.");
     const path = `/api/v1/messages/${composeContext.message.message_id}/forward`;
     call = () => post(path, { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, ...(body.trim() ? { body } : {}) }, once);
   } else if (kind === "message") {
-    if (!staffIds.length && !teamIds.length && !wholeAgency) return showComposeError("Add at least one recipient, or choose the whole agency.");
-    if (!subject) return showComposeError("Write a subject.");
+    if (!staffIds.length && !teamIds.length && !wholeAgency) return fieldError("recipient-input", "Add at least one colleague or team, or choose Whole agency.");
+    if (!subject) return fieldError("compose-subject", "Write a subject, so the message can be found later.");
     call = () => post("/api/v1/messages", { to_staff_ids: staffIds, to_team_ids: teamIds, to_whole_agency: wholeAgency, subject, body, priority: urgent, links }, once);
   } else if (kind === "reminder") {
     const remindAt = localInputToIso($("#compose-remind-at").value);
-    if (!body.trim() || !remindAt) return showComposeError("Write what to remember and when.");
+    if (!body.trim()) return fieldError("compose-body", "Write what you want to be reminded of.");
+    if (!remindAt) return fieldError("compose-remind-at", "Choose the date and time of the reminder.");
     const link = $("#compose-reminder-link").value.trim();
     call = () => post("/api/v1/reminders", { text: body, remind_at: remindAt, ...(link ? { link } : {}) }, once);
   } else if (kind === "signature_request") {
-    if (!staffIds.length) return showComposeError("Add at least one signer.");
-    if (!subject || !$("#compose-doc-ref").value.trim()) return showComposeError("Give a title and the document reference.");
+    if (!staffIds.length) return fieldError("recipient-input", "Add at least one person who is to sign.");
+    if (!subject) return fieldError("compose-subject", "Give the request a title.");
+    if (!$("#compose-doc-ref").value.trim()) return fieldError("compose-doc-ref", "Give the document reference.");
     const due = localInputToIso($("#compose-due").value);
     call = () => post("/api/v1/signature-requests", {
       document_kind: $("#compose-doc-kind").value, title: subject, document_ref: $("#compose-doc-ref").value.trim(),
       signer_ids: staffIds, ...(due ? { due_at: due } : {}),
     }, once);
   } else if (kind === "announcement") {
-    if (!subject || !body.trim()) return showComposeError("Give the announcement a title and a text.");
+    if (!subject) return fieldError("compose-subject", "Give the announcement a title.");
+    if (!body.trim()) return fieldError("compose-body", "Write the text of the announcement.");
     const expires = localInputToIso($("#compose-expires").value);
-    call = () => post("/api/v1/announcements", { title: subject, body, acknowledgement_required: $("#compose-ack").checked, ...(expires ? { expires_at: expires } : {}) }, once);
+    const ackBy = localInputToIso($("#compose-ack-by").value);
+    if (ackBy && !$("#compose-ack").checked) return fieldError("compose-ack-by", "An acknowledge-by time needs \"Acknowledgement required\".");
+    call = () => post("/api/v1/announcements", {
+      title: subject, body, acknowledgement_required: $("#compose-ack").checked,
+      ...(expires ? { expires_at: expires } : {}), ...(ackBy ? { acknowledge_by: ackBy } : {}),
+    }, once);
   }
   if (wholeAgency && (kind === "message" || mode === "forward")) {
     const count = state.staff.length;
     const ok = await confirmDialog("Send to the whole agency?", `This goes to everyone at ${state.agency.name}${count ? ` (${count} staff)` : ""}.`, "Send to everyone");
     if (!ok) return;
   }
+  clearComposeErrors();
   try {
     await call();
   } catch (error) {
-    showComposeError(error.message);
+    const field = error instanceof ApiError && FIELD_OF_CODE[error.code];
+    if (field && !$(`#${field}`).closest("[hidden]")) fieldError(field, error.message);
+    else showComposeError(error.status === 0 ? `Not sent: ${error.message}. Try again.` : `Not sent: ${error.message}`);
     return;
   }
   $("#compose-dialog").close();
-  announce(mode === "new" && kind === "reminder" ? "Reminder saved" : "Sent");
+  announce(mode === "new" && kind === "reminder" ? "Reminder saved" : mode === "new" && kind === "announcement" ? "Posted" : "Sent");
   await refreshBoard();
+}
+
+// --- retention (admins) -------------------------------------------------------------------
+function isAdmin() { return !!(state.me && (state.me.roles || []).includes("admin")); }
+
+function openRetention() {
+  const body = $("#retention-body");
+  body.replaceChildren(retentionPanel({ staff: state.staff }));
+  $("#retention-dialog").showModal();
+  $("#retention-dialog-title").focus();
 }
 
 // --- auto-reply ----------------------------------------------------------------------------
@@ -786,6 +1217,8 @@ async function openAutoReply(kind) {
   note.textContent = s.active ? "On now: messages are answered automatically." : "Off now.";
   fields.hidden = false;
   $("#auto-reply-save").hidden = false;
+  $("#auto-reply-dialog section.coverage")?.remove();
+  if (kind === "staff") $("#auto-reply-form").after(coveragePanel({ staff: state.staff, me: state.me.id }));
   $("#auto-reply-enabled").focus();
 }
 
@@ -797,7 +1230,7 @@ async function saveAutoReply(event) {
     message: $("#auto-reply-message").value,
     starts_at: localInputToIso($("#auto-reply-starts").value),
     ends_at: localInputToIso($("#auto-reply-ends").value),
-    time_zone: Intl.DateTimeFormat().resolvedOptions().timeZone || null,
+    time_zone: displayTimeZone(), // the zone the times above were entered in (the agency's)
   };
   try {
     const saved = await put(`/api/v1/auto-replies/me/${autoReplyKind}`, payload);
@@ -808,6 +1241,53 @@ async function saveAutoReply(event) {
       ? "Auto-reply is not available yet on this system."
       : `Not saved: ${error.message}`;
   }
+}
+
+// --- narrow windows: the folder list behind a menu button ------------------------------------
+function showFolders(open) {
+  $("#folders").classList.toggle("open", open);
+  $("#folders-toggle").setAttribute("aria-expanded", String(open));
+  if (open && window.matchMedia("(max-width: 600px)").matches) $("#folders button")?.focus();
+}
+
+// --- keyboard shortcuts --------------------------------------------------------------------
+// j/k: next/previous item; r, a, f: Reply, Reply All, Forward; ?: the list of shortcuts. Not while
+// typing in a field, with a modifier held, or with a dialog open.
+function shortcut(event) {
+  if (event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey || $("#app").hidden) return;
+  const target = event.target;
+  if (target instanceof HTMLElement && (target.isContentEditable || target.closest("input, textarea, select, [contenteditable]"))) return;
+  if (document.querySelector("dialog[open]")) return;
+  const key = event.key;
+  if (key === "?") {
+    event.preventDefault();
+    $("#help-dialog").showModal();
+  } else if (key === "j" || key === "k") {
+    event.preventDefault();
+    stepItem(key === "j" ? 1 : -1);
+  } else if (key === "x") {
+    // Select (or clear) the open item's row for a bulk action.
+    const box = state.selected && [...$("#items").children].find((li) => li.dataset.id === state.selected)?.querySelector(".pick");
+    if (!box) return;
+    event.preventDefault();
+    box.click();
+  } else if (key === "r" || key === "a" || key === "f") {
+    const button = $(`#pane [data-answer="${key}"]`);
+    if (!button || $("#pane").getAttribute("aria-busy") === "true") return;
+    event.preventDefault();
+    button.click();
+  }
+}
+
+function stepItem(step) {
+  if (!state.items.length) return;
+  const at = state.items.findIndex((i) => i.id === state.selected);
+  const next = at < 0 ? 0 : Math.min(state.items.length - 1, Math.max(0, at + step));
+  if (at === next) return;
+  const item = state.items[next];
+  const row = [...$("#items").children].find((li) => li.dataset.id === item.id);
+  if (row) row.querySelector(".row").focus();
+  openItem(item);
 }
 
 // --- wiring --------------------------------------------------------------------------------
@@ -841,6 +1321,13 @@ function wireStatic() {
     if (event.key === "Enter") { event.preventDefault(); addRecipientFromInput(); }
   });
   $("#recipient-input").addEventListener("change", () => addRecipientFromInput());
+  // Enter in a one-line field (the subject, a reference) does not send: only the Send button does.
+  $("#compose-form").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && event.target instanceof HTMLInputElement && event.target.id !== "recipient-input") event.preventDefault();
+  });
+  $("#help").addEventListener("click", () => $("#help-dialog").showModal());
+  $("#folders-toggle").addEventListener("click", () => showFolders(!$("#folders").classList.contains("open")));
+  document.addEventListener("keydown", shortcut);
   $("#label-form").addEventListener("submit", submitLabel);
   $("#label-cancel").addEventListener("click", () => $("#label-dialog").close());
   // "Stay signed in" restarts the idle timers the moment it is pressed: the dialog's close event
@@ -853,6 +1340,9 @@ function wireStatic() {
     if (state.idle && !$("#idle-dialog").open) state.idle.reset();
   });
   wireCloudAddresses();
+  wireTeamOverview();
+  $("#retention").addEventListener("click", openRetention);
+  $("#retention-close").addEventListener("click", () => $("#retention-dialog").close());
   wireCloud({
     me: () => state.me, agency: () => state.agency, term,
     refreshBoard: () => { if (state.board) refreshBoard(); },
@@ -862,6 +1352,17 @@ function wireStatic() {
     refreshBoard: () => { if (state.board) refreshBoard(); },
   });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
+  $("#sort-order").addEventListener("change", (e) => {
+    state.order = e.target.value;
+    state.cursor = null;
+    loadList();
+  });
+  $("#select-all").addEventListener("change", (e) => selectAll(e.target.checked));
+  $("#bulk-actions").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-bulk]");
+    if (button) runBulk(button.dataset.bulk);
+  });
+  $("#mark-all-read").addEventListener("click", markAllRead);
   $("#more").addEventListener("click", () => loadList(true));
   // Arrow keys move between the rows of the list (Tab leaves it; Enter or Space opens a row).
   $("#items").addEventListener("keydown", (event) => {
