@@ -65,6 +65,9 @@ from services.inbox.components import Feature
 from services.inbox.delivery import NOTICES, Delivery
 from services.inbox.delivery_request import MAX_SUMMARY, MAX_TITLE, DeliveryRequest, ProducerPolicy
 from services.inbox.store import MESSAGES, READ_BY
+from services.inbox.team_queue import CLAIMED as QUEUE_CLAIMED
+from services.inbox.team_queue import DONE as QUEUE_DONE
+from services.inbox.team_queue import QUEUES as TEAM_QUEUES
 from services.kit import clock
 from services.kit.auth import KIND_SERVICE, SERVICE_SUBJECT_PREFIX, Identity
 from services.kit.errors import Conflict, DomainError, InvalidInput
@@ -550,6 +553,10 @@ class Escalation(Feature):
         if not recipients or any(r in read_by for r in recipients):
             finish("read")
             return 0
+        queue = self.store.messages.database[TEAM_QUEUES].find_one({"_id": {"$eq": watched["_id"]}}, {"state": 1})
+        if queue is not None and queue.get("state") in (QUEUE_CLAIMED, QUEUE_DONE):
+            finish("claimed")  # a team member took it on: somebody is acting, nothing to tell
+            return 0
         agency_id = message["agency_id"]
         minutes = int(watched.get("minutes") or 0)
         with acting_as(self._service_identity(agency_id)):
@@ -646,8 +653,9 @@ class Escalation(Feature):
             idempotency_key="reroute:" + domain.digest(notice["_id"], *sorted(staff_ids), note)[:40],
             max_body=self.components.settings.max_body_chars,
         )
-        entry = {"at": now_ms(), "staff_ids": list(result.recipient_ids), "by": caller.staff_id}
-        self.notices.update_one({"_id": {"$eq": notice["_id"]}}, {"$set": {f"rerouted.{result.message_id}": entry}})
+        if result.created:  # a repeat keeps the first re-route's entry (and its time)
+            entry = {"at": now_ms(), "staff_ids": list(result.recipient_ids), "by": caller.staff_id}
+            self.notices.update_one({"_id": {"$eq": notice["_id"]}}, {"$set": {f"rerouted.{result.message_id}": entry}})
         log.info(
             "urgent message re-routed",
             extra={
@@ -673,7 +681,8 @@ class Escalation(Feature):
         @staff_only
         def reroute(item_id: str):
             body = validate(json_body(), REROUTE_SPEC)
-            return self.reroute(g.identity, path_id(item_id, "item"), body), 201
+            made = self.reroute(g.identity, path_id(item_id, "item"), body)
+            return made, 201 if made["created"] else 200  # a repeated re-route answers the same message
 
         return items
 

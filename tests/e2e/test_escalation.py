@@ -263,6 +263,8 @@ def test_an_unread_urgent_message_comes_back_to_its_sender_who_reroutes_it(advan
     assert reply.status_code == 201, reply.text
     rerouted = reply.json()
     assert rerouted["recipient_ids"] == [REYES]  # Kim's supervisor
+    again = wilson.post(f"/api/v1/board/items/{alert['id']}/reroute", json={"to": "supervisors"})
+    assert again.status_code == 200 and again.json()["message_id"] == rerouted["message_id"]  # nothing new sent
     opened = reyes.get(f"/api/v1/messages/{rerouted['message_id']}")
     assert opened.status_code == 200, opened.text
     assert opened.json()["subject"] == f"Fwd: {subject}" and opened.json()["priority"] == "urgent"

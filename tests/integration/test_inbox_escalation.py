@@ -15,6 +15,7 @@ from services.inbox.agency_options import AgencyOptions
 from services.inbox.delivery import NOTICES, Delivery
 from services.inbox.delivery_rules import notice_id
 from services.inbox.escalation import Escalation
+from services.inbox.team_queue import TeamQueue
 from services.kit import clock
 from services.kit.auth import Identity, current_identity
 from services.kit.errors import NotFound
@@ -181,3 +182,30 @@ def test_an_unread_urgent_message_is_reported_once(place):
     assert len(items_of(components, "stf_b", ref)) == 1
     watched = components.store.db["urgent_watch"].find_one({"_id": sent.message_id})
     assert watched["outcome"] == "told" and "due_at" not in watched
+
+
+def test_an_urgent_team_message_a_member_claimed_is_not_reported(place):
+    components, _, escalation = place
+    queue = TeamQueue(components)
+    queue.ensure_indexes()
+    queue.attach()
+    sender, member = staff(AGENCY, "stf_b"), staff(AGENCY, "stf_t1")
+    draft = domain.Draft(
+        addressing=domain.Addressing(team_ids=("team_esc",)), subject="Call", body="x", priority="urgent"
+    )
+    token = current_identity.set(sender)
+    try:
+        sent = components.mailbox.send(sender, draft)
+    finally:
+        current_identity.reset(token)
+    clock.advance(0)
+    token = current_identity.set(member)
+    try:
+        assert queue.act(member, sent.message_id, "claim")["state"] == "claimed"
+    finally:
+        current_identity.reset(token)
+    clock.advance(61 * MINUTE)
+    ref = notice_id(AGENCY, "inbox.urgent-unread", sent.message_id)
+    assert items_of(components, "stf_b", ref) == []
+    watched = components.store.db["urgent_watch"].find_one({"_id": sent.message_id})
+    assert watched["outcome"] == "claimed" and "due_at" not in watched
