@@ -44,6 +44,7 @@ SECURITY_KINDS: Mapping[str, frozenset[str]] = {
     "access_refused": ANY_PRODUCER,
     "settings_changed": ANY_PRODUCER,
     "key_rotated": ANY_PRODUCER,
+    "retention_applied": frozenset({"inbox"}),
 }
 
 REASON_SERVICE_NOT_PRODUCER = "service_not_producer"

@@ -12,7 +12,8 @@ Policy (agency options, services/inbox/agency_options.py):
   id and when the content was deleted (`content_deleted_at`). Board listings and the reading pane
   show the stub as the subject and body.
 
-Legal holds (admins, audited as `settings_changed` security events):
+Legal holds (admins, audited as `settings_changed` security events; a run that changed something,
+and every run asked for, is a `retention_applied` security event with its counts):
 
     POST   /api/v1/board/legal-holds               {"staff_id": ...} or {"patient_id": ...}, "reason"
     GET    /api/v1/board/legal-holds               the agency's holds
@@ -41,6 +42,7 @@ write that changes nothing for an item already archived, a deletion writes the s
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import sys
@@ -158,10 +160,21 @@ def empty_report(agency_id: str, options: dict, dry_run: bool) -> dict:
 class RetentionJob:
     """The policy applied to one agency at a time; used by the feature and by the command line."""
 
-    def __init__(self, store: InboxStore, cipher, options: Callable[[str], dict]):
+    def __init__(
+        self,
+        store: InboxStore,
+        cipher,
+        options: Callable[[str], dict],
+        security: SecurityLog | None = None,
+        actor: tuple[str, str] = (PRODUCER, "service"),
+    ):
         self.store = store
         self.cipher = cipher
         self.options = options
+        # A run that changed something is a `retention_applied` security event of `actor` (id, kind):
+        # the service for the scheduled job, the operator for the command line, the admin on demand.
+        self.security = security
+        self.actor = actor
         self.holds = store.db[HOLDS]
         self.state = store.db[STATE]
 
@@ -184,7 +197,13 @@ class RetentionJob:
                 )
         return reports
 
-    def run(self, agency_id: str, dry_run: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    def run(
+        self,
+        agency_id: str,
+        dry_run: bool = False,
+        progress: Callable[[str], None] | None = None,
+        actor: tuple[str, str] | None = None,
+    ) -> dict:
         """Apply (or, dry, count) the agency's policy: archived/deleted say what was (or would be)
         changed, held how many messages past the horizon a legal hold keeps whole."""
         now = clock.now_ms()
@@ -211,6 +230,19 @@ class RetentionJob:
             log.info(
                 "retention applied",
                 extra={"agency_id": agency_id, "archived": report["archived"], "deleted": report["deleted"]},
+            )
+        # Recorded when it changed something, and always for a run someone asked for (`actor`).
+        if not dry_run and self.security is not None and (actor or report["archived"] or report["deleted"]):
+            actor_id, actor_kind = actor or self.actor
+            self.security.record(
+                "retention_applied",
+                agency_id=agency_id,
+                actor_id=actor_id,
+                actor_kind=actor_kind,
+                outcome="succeeded",
+                reason=applied_reason(report),
+                target_type="agency",
+                target_id=agency_id,
             )
         return report
 
@@ -257,7 +289,8 @@ class RetentionJob:
                 continue
             if not dry_run:
                 try:
-                    self.delete_content(agency_id, message, coverers)
+                    if not self.delete_content(agency_id, message, coverers):
+                        continue  # another run deleted it meanwhile: counted there
                 except Conflict:
                     first_held = message["sent_at"] if first_held is None else min(first_held, message["sent_at"])
                     continue
@@ -275,10 +308,10 @@ class RetentionJob:
             found.setdefault(doc["owner_id"], set()).add(doc["coverer_id"])
         return found
 
-    def delete_content(self, agency_id: str, message: dict, coverers: dict[str, set[str]] | None = None) -> None:
+    def delete_content(self, agency_id: str, message: dict, coverers: dict[str, set[str]] | None = None) -> bool:
         """Replace the message's content with the stub: its board items first (coverers' copies
         included), then the message, so an interrupted deletion is finished by the next run (the
-        message still has its content)."""
+        message still has its content). True when this call deleted it (of two runs at once, one)."""
         at = now_ms()
         stub = stub_text(at)
         message_id = message["_id"]
@@ -299,7 +332,11 @@ class RetentionJob:
             "content_deleted_at": at,
             "retention_stub": stub,
         }
-        self.store.messages.update_one({"_id": {"$eq": message_id}}, {"$set": fields, "$unset": {"patient_name": ""}})
+        done = self.store.messages.update_one(
+            {"_id": {"$eq": message_id}, "content_deleted_at": {"$exists": False}},
+            {"$set": fields, "$unset": {"patient_name": ""}},
+        )
+        return done.modified_count == 1
 
     # --- legal holds -----------------------------------------------------------------------------
     def hold_sets(self, agency_id: str) -> tuple[set[str], set[str]]:
@@ -356,8 +393,8 @@ class Retention(Feature):
         super().__init__(components)
         configured = getattr(components.settings, "retention_interval_s", float(DAY_MS // 1000))
         self.interval_s = configured if interval_s is None else interval_s
-        self.job = RetentionJob(components.store, components.cipher, components.options.get)
         self.security = SecurityLog(components.store.db, service=PRODUCER)
+        self.job = RetentionJob(components.store, components.cipher, components.options.get, self.security)
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.components.store.db, INDEXES)
@@ -469,7 +506,7 @@ class Retention(Feature):
     # --- on demand -------------------------------------------------------------------------------
     def run_for(self, caller: Identity, dry_run: bool) -> dict:
         _require_admin(caller)
-        report = self.job.run(caller.agency_id, dry_run)
+        report = self.job.run(caller.agency_id, dry_run, actor=(caller.staff_id, "staff"))
         log.info(
             "retention run on demand",
             extra={"agency_id": caller.agency_id, "staff_id": caller.staff_id, "dry_run": dry_run},
@@ -508,6 +545,11 @@ class Retention(Feature):
         return bp
 
 
+def applied_reason(report: dict) -> str:
+    """A run's security event says what it changed, in counts only."""
+    return f"archived={report['archived']},deleted={report['deleted']},held={report['held']}"
+
+
 def _require_admin(caller: Identity) -> None:
     if not caller.is_admin:
         raise Forbidden("forbidden", "this action needs the admin role")
@@ -536,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     store = InboxStore(db)
     ensure_indexes(db, INDEXES)
     options = AgencyOptions(SimpleNamespace(store=store))
-    job = RetentionJob(store, phi_cipher(db, settings.common), options.get)
+    try:
+        operator = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's arbitrary user)
+        operator = ""
+    security = SecurityLog(db, service=PRODUCER)
+    job = RetentionJob(store, phi_cipher(db, settings.common), options.get, security, actor=(operator, "operator"))
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

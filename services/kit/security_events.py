@@ -47,6 +47,7 @@ KINDS = frozenset(
         "access_refused",
         "settings_changed",
         "key_rotated",
+        "retention_applied",
         "forged_identity_refused",
         "event_refused",
     }
@@ -171,8 +172,9 @@ def log_suppressed(kind: str, suppressed: int, **extra: str) -> None:
     """Log the occurrences `OncePerWindow` kept out of the trail, at 1, 10, 100, ... in a window: a
     flood leaves a few log lines with its size, not one line per request."""
     if suppressed > 0 and str(suppressed).rstrip("0") == "1":
-        log.warning("security event not recorded again this window", extra={
-            "security_kind": kind, "count": suppressed, **extra})
+        log.warning(
+            "security event not recorded again this window", extra={"security_kind": kind, "count": suppressed, **extra}
+        )
 
 
 def grpc_refusals_recorded(service_name: str) -> Callable:
