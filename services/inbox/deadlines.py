@@ -86,9 +86,9 @@ def deadline_ref(target_id: str, staff_id: str, stage: str) -> str:
 
 def pending_signers(doc: dict) -> list[str]:
     """The signers who have not responded, in request order; none once the request is closed."""
-    from services.inbox.signatures import CLOSED, request_status
+    from services.inbox.signatures import CLOSED, doc_status
 
-    if request_status(doc["signers"]) in CLOSED:
+    if doc_status(doc) in CLOSED:
         return []
     return [sid for sid in doc["signer_ids"] if not doc["signers"][sid].get("responded_at")]
 

@@ -28,6 +28,7 @@ from pymongo.errors import DuplicateKeyError
 from services.inbox import audit, domain
 from services.inbox.board import iso
 from services.inbox.components import Components, Feature
+from services.inbox.deadlines import STEP_AT as DEADLINE_STEP
 from services.inbox.deadlines import first_step
 from services.inbox.delivery_rules import delivered_event
 from services.inbox.fanout import Fanout, repair_index
@@ -35,7 +36,7 @@ from services.inbox.http_api import idempotency_key, only_query, staff_only
 from services.inbox.idempotency import IdempotentCreate
 from services.kit import clock
 from services.kit.auth import Identity
-from services.kit.errors import Conflict, InvalidInput
+from services.kit.errors import Conflict, Forbidden, InvalidInput
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
 from services.kit.validation import Choice, Id, Instant, ListOf, Str, json_body, path_id, query_int, validate
@@ -59,7 +60,8 @@ STATUS_PENDING = "pending"
 STATUS_PARTIAL = "partially_signed"
 STATUS_COMPLETE = "complete"
 STATUS_DECLINED = "declined"
-CLOSED = (STATUS_COMPLETE, STATUS_DECLINED)
+STATUS_CANCELLED = "cancelled"
+CLOSED = (STATUS_COMPLETE, STATUS_DECLINED, STATUS_CANCELLED)
 SIGNED = "signed"
 DECLINED = "declined"
 
@@ -88,9 +90,21 @@ def request_status(signers: dict[str, dict]) -> str:
     return STATUS_PENDING
 
 
+def doc_status(doc: dict) -> str:
+    """The request's status: cancelled by its requester, else by its signers' answers."""
+    return STATUS_CANCELLED if doc.get("cancelled_at") else request_status(doc["signers"])
+
+
 def closed_at(signers: dict[str, dict]) -> int:
     """When the request closed: its last answer."""
     return max((entry.get("responded_at") or 0 for entry in signers.values()), default=0)
+
+
+def check_may_cancel(doc: dict) -> None:
+    """Only an open request (pending or partially signed) can be cancelled."""
+    status = doc_status(doc)
+    if status in CLOSED:
+        raise Conflict("request_closed", f"this request is already {status.replace('_', ' ')}")
 
 
 def check_may_respond(signers: dict[str, dict], signer_id: str) -> None:
@@ -107,7 +121,7 @@ def status_patch(item: dict, doc: dict, now: int) -> dict | None:
     closed."""
     if item.get("kind") != domain.KIND_SIGNATURE_REQUEST or item.get("request_version", 0) >= doc["version"]:
         return None
-    status = request_status(doc["signers"])
+    status = doc_status(doc)
     patch: dict = {"request_version": doc["version"], "status": status}
     if status in CLOSED and not item.get("resolved_at"):
         patch["resolved_at"] = now
@@ -132,6 +146,7 @@ CREATE_SPEC = {
     "signer_ids": ListOf(Id(), max_items=MAX_SIGNERS, required=True),
 }
 SIGN_SPEC = {"attestation": Str(max_len=NOTE_MAX_CHARS)}
+CANCEL_SPEC = {"reason": Str(max_len=NOTE_MAX_CHARS, required=False)}
 DECLINE_SPEC = {"reason": Str(max_len=NOTE_MAX_CHARS)}
 
 
@@ -252,6 +267,8 @@ class Signatures(Feature):
         for _ in range(ATTEMPTS):
             doc = self._visible(caller, request_id, action, signers_only=True)
             check_may_respond(doc["signers"], signer)
+            if doc.get("cancelled_at"):
+                raise Conflict("request_closed", "this request was cancelled by its requester")
             now = now_ms()
             entry = {
                 "responded_at": now,
@@ -275,6 +292,34 @@ class Signatures(Feature):
                 log.info("signature request answered", extra={"staff_id": signer, "agency_id": caller.agency_id})
                 return self.view(caller, doc)
         raise Conflict("busy", "the request is being changed by another response; try again")
+
+    def cancel(self, caller: Identity, request_id: str, reason: str) -> dict:
+        """The requester takes back an open request: every signer's item closes (read, out of the
+        counts, "Cancelled"); answers already given stay on the record. Audited; a repeat is 409."""
+        for _ in range(ATTEMPTS):
+            doc = self._visible(caller, request_id, "cancel")
+            if doc["requester_id"] != caller.staff_id:
+                raise Forbidden("not_requester", "only the person who asked for the signatures can cancel the request")
+            check_may_cancel(doc)
+            now = now_ms()
+            fields = {"cancelled_at": now, "cancelled_by": caller.staff_id, SYNC_MARKER: now}
+            if reason:
+                fields["cancel_reason"] = self.components.cipher.seal(
+                    caller.agency_id, request_id, "cancel_reason", reason
+                )
+            guard = {"_id": {"$eq": request_id}, "version": {"$eq": doc["version"]}}
+            update = {"$set": fields, "$inc": {"version": 1}, "$unset": {DEADLINE_STEP: ""}}
+            if self.requests.update_one(guard, update).matched_count:
+                doc = {**doc, **fields, "version": doc["version"] + 1}
+                doc.pop(DEADLINE_STEP, None)
+                self.sync(doc)
+                event = audit.accessed_event(caller, request_id, resource_type="signature_request", action="cancel")
+                audit.record_access(self.components.store, event, request_id, "cancel", caller)
+                log.info(
+                    "signature request cancelled", extra={"agency_id": caller.agency_id, "staff_id": caller.staff_id}
+                )
+                return self.view(caller, doc)
+        raise Conflict("busy", "the request is being changed by a response; try again")
 
     # --- board items ----------------------------------------------------------------------------------
     def sync(self, doc: dict) -> None:
@@ -317,7 +362,7 @@ class Signatures(Feature):
     def _request_item(self, doc: dict, owner: str, unread: bool) -> dict:
         mine = doc["signers"].get(owner)
         responded = bool(mine and mine.get("responded_at"))
-        status = request_status(doc["signers"])
+        status = doc_status(doc)
         item = domain.new_item(
             agency_id=doc["agency_id"],
             owner_id=owner,
@@ -337,7 +382,7 @@ class Signatures(Feature):
         if doc.get("due_at") is not None:
             item["due_at"] = doc["due_at"]
         if status in CLOSED:
-            item["resolved_at"] = closed_at(doc["signers"])
+            item["resolved_at"] = doc.get("cancelled_at") or closed_at(doc["signers"])
         if responded:
             item["my_response"] = mine["outcome"]
         return item
@@ -439,7 +484,7 @@ class Signatures(Feature):
             "id": doc["_id"],
             "document_kind": doc["document_kind"],
             "title": self.components.cipher.open(caller.agency_id, doc["_id"], "title", doc["title"]),
-            "status": request_status(signers),
+            "status": doc_status(doc),
             "due_at": iso(doc.get("due_at")),
             "created_at": iso(doc["created_at"]),
             "requester": {"id": doc["requester_id"], "name": doc.get("requester_name", "")},
@@ -465,11 +510,16 @@ class Signatures(Feature):
                 key = "attestation" if entry["outcome"] == SIGNED else "reason"
                 shown[key] = cipher.open(agency, doc["_id"], f"note:{sid}", entry["note"])
             signers.append(shown)
-        return {
+        shown = {
             **self.summary(caller, doc),
             "document_ref": cipher.open(agency, doc["_id"], "document_ref", doc["document_ref"]),
             "signers": signers,
         }
+        if doc.get("cancelled_at"):
+            shown["cancelled_at"] = iso(doc["cancelled_at"])
+            if is_requester and doc.get("cancel_reason") is not None:
+                shown["cancel_reason"] = cipher.open(agency, doc["_id"], "cancel_reason", doc["cancel_reason"])
+        return shown
 
     # --- routes ---------------------------------------------------------------------------------------
     def blueprint(self):
@@ -498,6 +548,13 @@ class Signatures(Feature):
         def sign(request_id: str):
             request_id = path_id(request_id, "signature request")
             return self.sign(g.identity, request_id, validate(json_body(), SIGN_SPEC)["attestation"])
+
+        @bp.post("/<request_id>/cancel")
+        @staff_only
+        def cancel(request_id: str):
+            request_id = path_id(request_id, "signature request")
+            body = validate(json_body(), CANCEL_SPEC) if request.get_data() else {}
+            return self.cancel(g.identity, request_id, body.get("reason") or "")
 
         @bp.post("/<request_id>/decline")
         @staff_only

@@ -177,6 +177,51 @@ def test_a_signature_request_collects_answers(reyes, kim, patel, admin, outsider
     assert requester_copy["status"] == "declined"
 
 
+def test_the_requester_cancels_an_open_request_and_its_signers_items_close(reyes, kim, patel, outsider):
+    title = unique("Consent form countersign")
+    created = reyes.post(
+        "/api/v1/signature-requests",
+        json={
+            "document_kind": "staff",
+            "title": title,
+            "document_ref": "hr/77",
+            "signer_ids": [kim.staff_id, patel.staff_id],
+        },
+    )
+    assert created.status_code == 201, created.text
+    request_id = created.json()["id"]
+    signed = kim.post(f"/api/v1/signature-requests/{request_id}/sign", json={"attestation": "Agreed."})
+    assert signed.status_code == 200, signed.text
+    patel_unread = patel.counts("signatures")[0]
+
+    # Only the requester may cancel; a signer is refused, anyone outside sees nothing.
+    refused = patel.post(f"/api/v1/signature-requests/{request_id}/cancel")
+    assert refused.status_code == 403 and code(refused) == "not_requester"
+    assert outsider.post(f"/api/v1/signature-requests/{request_id}/cancel").status_code == 404
+    bad = reyes.post(f"/api/v1/signature-requests/{request_id}/cancel", json={"reason": {"$gt": ""}})
+    assert bad.status_code == 400
+    assert reyes.get(f"/api/v1/signature-requests/{request_id}").json()["status"] == "partially_signed"
+
+    cancelled = reyes.post(f"/api/v1/signature-requests/{request_id}/cancel", json={"reason": "Wrong form version."})
+    assert cancelled.status_code == 200, cancelled.text
+    view = cancelled.json()
+    assert view["status"] == "cancelled" and view["cancelled_at"] and view["cancel_reason"] == "Wrong form version."
+    assert [(s["staff_id"], s["state"]) for s in view["signers"]] == [
+        (kim.staff_id, "signed"),
+        (patel.staff_id, "pending"),
+    ]
+
+    # Patel's item closed: read, out of the unread count, and she can no longer answer.
+    item = next(i for i in patel.items(folder="signatures", limit=100)["items"] if i["ref_id"] == request_id)
+    assert item["status"] == "cancelled" and item["read"] is True
+    assert patel.counts("signatures")[0] == patel_unread - 1
+    late = patel.post(f"/api/v1/signature-requests/{request_id}/sign", json={"attestation": "Now?"})
+    assert late.status_code == 409 and code(late) == "request_closed"
+    assert "cancel_reason" not in patel.get(f"/api/v1/signature-requests/{request_id}").json()  # the requester's note
+    again = reyes.post(f"/api/v1/signature-requests/{request_id}/cancel")
+    assert again.status_code == 409 and code(again) == "request_closed"
+
+
 def test_bad_input_is_refused_and_nothing_is_written(reyes, kim, outsider, inbox_db):
     def mine() -> int:
         return inbox_db.signature_requests.count_documents({"requester_id": {"$eq": reyes.staff_id}})

@@ -42,6 +42,7 @@ def test_pending_signers_are_those_without_an_answer_while_the_request_is_open()
     assert deadlines.pending_signers(signers(a="", b="")) == ["a", "b"]
     assert deadlines.pending_signers(signers(a="declined", b="")) == []  # a decline closes it
     assert deadlines.pending_signers(signers(a="signed", b="signed")) == []
+    assert deadlines.pending_signers({**signers(a="signed", b=""), "cancelled_at": 1}) == []  # cancelled
 
 
 def test_reports_list_names_only_and_cap_long_lists():
