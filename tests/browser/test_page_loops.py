@@ -57,6 +57,12 @@ def test_coverage_set_in_the_auto_reply_dialog_marks_the_coverers_copy(people, a
     screenshot(page, "coverage-set")
     assert axe_violations(page) == []
     page.keyboard.press("Escape")
+    # My own board says so while it lasts, with a way back to the dialog.
+    banner = page.locator("#away-banner")
+    expect(banner).to_contain_text("Dr. Wei Chen covers for you until")
+    expect(banner.get_by_role("button", name="Change")).to_be_visible()
+    screenshot(page, "away-banner")
+    assert axe_violations(page) == []
 
     subject = f"Covered {uuid.uuid4().hex[:6]}"
     sent = api("dr.reyes").send(to_staff_ids=[WHITE], subject=subject, body="Please call the family.")
@@ -68,6 +74,9 @@ def test_coverage_set_in_the_auto_reply_dialog_marks_the_coverers_copy(people, a
     screenshot(coverer.page, "coverage-copy")
     assert axe_violations(coverer.page) == []
     assert api("nurse.white").delete("/api/v1/board/coverage").status_code == 204
+    page.reload()
+    expect(page.locator("#list-title")).to_be_visible()
+    expect(page.locator("#away-banner")).to_be_hidden()
 
 
 def test_a_critical_result_is_acknowledged_in_the_reading_pane(people, deliver):
@@ -94,3 +103,33 @@ def test_a_critical_result_is_acknowledged_in_the_reading_pane(people, deliver):
     expect(chen.page.locator("#pane")).to_contain_text("Acknowledged by")
     screenshot(chen.page, "critical-result-acknowledged")
     assert axe_violations(chen.page) == []
+
+
+def test_the_requester_cancels_a_pending_signature_request_in_the_pane(people, api):
+    title = f"Care plan countersign {uuid.uuid4().hex[:6]}"
+    made = api("dr.reyes").post(
+        "/api/v1/signature-requests",
+        json={"document_kind": "patient", "title": title, "document_ref": "chart/12", "signer_ids": [CHEN, WHITE]},
+    )
+    assert made.status_code == 201, made.text
+    reyes = people().sign_in("dr.reyes")
+    page = reyes.page
+    page.locator('#folders [data-folder="signatures"]').click()
+    reyes.open_row(title)
+    pane = page.locator("#pane")
+    expect(pane).to_contain_text("Waiting for signatures (0 of 2 signed)")
+    expect(pane).to_contain_text("Dr. Wei Chen: not answered yet")
+    page.get_by_role("button", name="Cancel request").click()
+    confirm = page.locator("#confirm-dialog")
+    expect(confirm).to_contain_text("2 signers have not answered yet")
+    confirm.get_by_role("button", name="Cancel request").click()
+    expect(pane).to_contain_text("Cancelled by the requester")
+    expect(page.get_by_role("button", name="Cancel request")).to_have_count(0)
+    screenshot(page, "signature-cancelled")
+    assert axe_violations(page) == []
+
+    chen = people().sign_in("dr.chen")
+    chen.page.locator('#folders [data-folder="signatures"]').click()
+    chen.open_row(title)
+    expect(chen.page.locator("#pane")).to_contain_text("Cancelled by the requester")
+    expect(chen.page.locator("#pane").get_by_role("button", name="Sign", exact=True)).to_have_count(0)

@@ -88,8 +88,10 @@ function teardown() {
   state.loadSeq += 1;
   // Nothing of the signed-out person's board stays in the page, not even hidden: the list, the
   // open item, the folder tree, a draft.
-  ["#items", "#folders", "#pane", "#me", "#recipient-chips", "#recipient-options", "#label-options"]
+  ["#items", "#folders", "#pane", "#me", "#recipient-chips", "#recipient-options", "#label-options", "#away-banner"]
     .forEach((selector) => $(selector).replaceChildren());
+  $("#away-banner").hidden = true;
+  awaySeq += 1;
   $("#pane").removeAttribute("aria-busy");
   ["#compose-form", "#auto-reply-form", "#label-form"].forEach((selector) => $(selector).reset());
   recipients = [];
@@ -129,6 +131,7 @@ async function enter() {
       showSignIn(`You were signed out after ${agency.options.idle_signout_minutes || 15} minutes without activity.`);
     },
   });
+  refreshAwayBanner();
   state.stopLive = connectLive({ onChange: liveChange, onState: (s) => { $("#live-state").textContent = s === "live" ? "Live" : "Reconnecting…"; } });
   // Colleagues and teams arrive after the board is shown; a name typed before then waits for them.
   const signedIn = state.signedInSeq;
@@ -359,7 +362,12 @@ function itemRow(item) {
     const label = state.board.labels.find((l) => l.id === labelId);
     if (label) badges.push(h("span", { class: "badge label", text: label.name }));
   }
-  const unread = !item.read;
+  // A team item another member claimed (or one the team is done with) is out of my unread count:
+  // the row is not bold either.
+  const queue = item.queue;
+  const handled = queue && (queue.state === "done"
+    || (queue.state === "claimed" && !(queue.claimed_by && state.me && queue.claimed_by.id === state.me.id)));
+  const unread = !item.read && !handled;
   const urgent = item.urgent || item.priority === "urgent" || item.severity === "urgent";
   const classes = [unread ? "unread" : "", item.overdue ? "overdue" : "", urgent ? "urgent" : ""].join(" ");
   const fact = rowFact(item);
@@ -662,10 +670,25 @@ function paneFor(d) {
     const docKind = r.document_kind === "patient" ? `${term()} document` : "Staff document";
     if (d.covering_for) body.push(h("p", {}, coverageBadge(d)));
     body.push(h("h2", { text: r.title || d.title }), meta("Requested by", r.requester && r.requester.name), meta("Document", `${docKind}: ${r.document_ref || ""}`),
-      meta("Status", (r.status || "").replace("_", " ")), meta("Due", fullTime(r.due_at)));
-    body.push(h("ul", { "aria-label": "Signers" }, (r.signers || []).map((s) => h("li", { text: `${s.name}: ${s.state}${s.reason ? ` (${s.reason})` : ""}` }))));
+      meta("Status", signatureStatusWords(r)), meta("Due", fullTime(r.due_at)));
+    if (r.cancel_reason) body.push(meta("Reason for cancelling", r.cancel_reason));
+    body.push(h("ul", { "aria-label": "Signers", class: "signers" }, (r.signers || []).map((s) => h("li", { dataset: { state: s.state } }, signerWords(s)))));
     const mine = (r.signers || []).find((s) => s.staff_id === state.me.id);
-    if (d.kind === "signature_request" && mine && mine.state === "pending" && r.status !== "declined") {
+    const open = r.status === "pending" || r.status === "partially_signed";
+    if (r.requester && r.requester.id === state.me.id && open) {
+      body.push(h("div", { class: "pane-actions" },
+        h("button", {
+          type: "button",
+          onclick: async () => {
+            const pending = (r.signers || []).filter((s) => s.state === "pending").length;
+            const ok = await confirmDialog("Cancel signature request",
+              `${pending} ${pending === 1 ? "signer has" : "signers have"} not answered yet. Their request will close and they will not be reminded.`,
+              "Cancel request");
+            if (ok) act(() => post(`/api/v1/signature-requests/${r.id}/cancel`), "Request cancelled");
+          },
+        }, "Cancel request")));
+    }
+    if (d.kind === "signature_request" && mine && mine.state === "pending" && open) {
       const note = h("textarea", { id: "signature-note", rows: "2", maxlength: "1000" });
       const error = h("p", { class: "error", role: "alert", hidden: true });
       const need = (fn) => () => {
@@ -706,6 +729,28 @@ function paneFor(d) {
   if (plain.length) body.push(h("ul", { "aria-label": "Links" }, plain.map((l) => h("li", {}, safeLink(l)))));
   body.push(genericActions(d));
   return h("article", { "aria-label": d.title || "Notification" }, body);
+}
+
+// A signature request's status and each signer's state, in the words people use.
+const SIGNATURE_STATUS = {
+  pending: "Waiting for signatures",
+  partially_signed: "Partly signed",
+  complete: "Signed by everyone",
+  declined: "Declined",
+  cancelled: "Cancelled by the requester",
+};
+
+function signatureStatusWords(r) {
+  const words = SIGNATURE_STATUS[r.status] || r.status || "";
+  if (r.status === "cancelled" && r.cancelled_at) return `${words} ${fullTime(r.cancelled_at)}`;
+  return r.signers_total ? `${words} (${r.signed} of ${r.signers_total} signed)` : words;
+}
+
+function signerWords(signer) {
+  const s = { ...signer, name: signer.name || staffName(signer.staff_id) };
+  if (s.state === "signed") return `${s.name}: signed ${fullTime(s.responded_at)}`;
+  if (s.state === "declined") return `${s.name}: declined ${fullTime(s.responded_at)}${s.reason ? ` (“${s.reason}”)` : ""}`;
+  return `${s.name}: not answered yet`;
 }
 
 async function act(call, done, closePane = false) {
@@ -1243,6 +1288,28 @@ async function saveAutoReply(event) {
   }
 }
 
+// --- my own away state: a banner on my board while an auto-reply or a coverage is on ------------
+let awaySeq = 0;
+async function refreshAwayBanner() {
+  const mine = ++awaySeq;
+  const [replies, coverage] = await Promise.all([
+    get("/api/v1/auto-replies/me").catch(() => null), // auto-reply down: no banner for it
+    get("/api/v1/board/coverage").catch(() => null),
+  ]);
+  if (mine !== awaySeq || $("#app").hidden) return;
+  const until = (iso) => (iso ? ` until ${fullTime(iso)}` : "");
+  const lines = [];
+  if (replies && replies.staff && replies.staff.active) lines.push(`Your Staff Auto-Reply is on${until(replies.staff.ends_at)}.`);
+  if (replies && replies.patient && replies.patient.active) lines.push(`Your ${term()} Auto-Reply is on${until(replies.patient.ends_at)}.`);
+  const c = coverage && coverage.coverage;
+  if (c && c.status === "active") lines.push(`${c.coverer.name} covers for you${until(c.ends_at)}.`);
+  else if (c && c.status === "scheduled") lines.push(`${c.coverer.name} will cover for you from ${fullTime(c.starts_at)}${until(c.ends_at)}.`);
+  const banner = $("#away-banner");
+  banner.replaceChildren(...lines.map((text) => h("p", { text })),
+    lines.length ? h("button", { type: "button", onclick: () => openAutoReply("staff") }, "Change") : null);
+  banner.hidden = lines.length === 0;
+}
+
 // --- narrow windows: the folder list behind a menu button ------------------------------------
 function showFolders(open) {
   $("#folders").classList.toggle("open", open);
@@ -1313,6 +1380,7 @@ function wireStatic() {
   $("#staff-auto-reply").addEventListener("click", () => openAutoReply("staff"));
   $("#patient-auto-reply").addEventListener("click", () => openAutoReply("patient"));
   $("#auto-reply-form").addEventListener("submit", saveAutoReply);
+  $("#auto-reply-dialog").addEventListener("close", () => refreshAwayBanner());
   $("#auto-reply-cancel").addEventListener("click", () => $("#auto-reply-dialog").close());
   $("#compose-form").addEventListener("submit", submitCompose);
   $("#compose-cancel").addEventListener("click", () => $("#compose-dialog").close());
