@@ -300,3 +300,24 @@ def test_at_400_px_the_folders_are_behind_a_menu_button_and_a_first_visit_logs_n
     expect(page.locator("#folders")).to_be_hidden()
     expect(page.locator("#list-title")).to_have_text("Sent")
     assert errors == []
+
+
+def test_at_400_px_the_more_options_menu_stays_on_screen(people, api):
+    subject = unique("Narrow menu")
+    sent(api, "dr.reyes", to_staff_ids=[KIM], subject=subject, body="Check the menu.")
+    person = people({"width": 400, "height": 700})
+    page = person.page
+    person.sign_in("nurse.kim")
+    person.open_row(subject)
+    toggle = page.locator("#pane").get_by_role("button", name="More options")
+    toggle.scroll_into_view_if_needed()
+    toggle.click()
+    menu = page.locator("#more-options-menu")
+    expect(menu).to_be_visible()
+    box, button = menu.bounding_box(), toggle.bounding_box()
+    assert box and button
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 400  # not past either edge
+    assert 0 <= box["y"] and box["y"] + box["height"] <= 700  # within the window, above or below its button
+    assert box["y"] >= button["y"] + button["height"] or box["y"] + box["height"] <= button["y"]  # never over it
+    screenshot(page, "narrow-more-options")
+    assert axe_violations(page) == []

@@ -772,6 +772,21 @@ async function act(call, done, closePane = false) {
   else renderPane(null);
 }
 
+// An open menu sits just below its button (whichever line the button wrapped to), moved left so it
+// does not run past the window's right edge, and above the button when there is no room below.
+function keepOnScreen(menu, toggle) {
+  const margin = 8;
+  menu.style.left = `${toggle.offsetLeft}px`;
+  menu.style.top = `${toggle.offsetTop + toggle.offsetHeight + 4}px`;
+  const box = menu.getBoundingClientRect();
+  const overRight = box.right - (document.documentElement.clientWidth - margin);
+  if (overRight > 0) menu.style.left = `${Math.max(0, toggle.offsetLeft - overRight)}px`;
+  const room = window.innerHeight - toggle.getBoundingClientRect().bottom;
+  if (box.height + margin > room && toggle.getBoundingClientRect().top > box.height + margin) {
+    menu.style.top = `${toggle.offsetTop - box.height - 4}px`;
+  }
+}
+
 function optionsMenu(d, entries) {
   const menu = h("div", { class: "menu", role: "menu", hidden: true, id: "more-options-menu" });
   const toggle = h("button", { type: "button", "aria-haspopup": "menu", "aria-expanded": "false", "aria-controls": "more-options-menu" }, "More options");
@@ -786,7 +801,10 @@ function optionsMenu(d, entries) {
     const opening = menu.hidden;
     menu.hidden = !opening;
     toggle.setAttribute("aria-expanded", String(opening));
-    if (opening) menu.querySelector("button").focus();
+    if (opening) {
+      keepOnScreen(menu, toggle);
+      menu.querySelector("button").focus({ preventScroll: false });
+    }
   });
   menu.addEventListener("keydown", (event) => {
     const buttons = [...menu.querySelectorAll("button")];
