@@ -275,7 +275,7 @@ def test_signature_requests_are_signed_and_declined_from_the_reading_pane(people
     chen.open_row(title)
     chen.page.get_by_label("Attestation or reason").fill("Wrong client on page 2.")
     chen.page.get_by_role("button", name="Decline").click()
-    expect(chen.page.locator("#pane")).to_contain_text("Status: declined")
+    expect(chen.page.locator("#pane")).to_contain_text("Status: Declined")
     mine = api("dr.reyes").get("/api/v1/signature-requests").json()["requests"]
     assert next(r for r in mine if r["title"] == title)["status"] == "declined"
 
