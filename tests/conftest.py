@@ -89,6 +89,20 @@ def amqp_url():
 
 
 @pytest.fixture
+def private_amqp_url():
+    """A vhost of this test's own, for a test that starts a whole stack beside the session's: two
+    deployments on one vhost refuse each other's queues (services/kit/bus/topology.py)."""
+    vhost = f"clinic-test-{uuid.uuid4().hex[:8]}"
+    user = urllib.parse.urlsplit(AMQP_BASE).username or "guest"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield vhost_url(vhost)
+    finally:
+        delete_vhost(vhost)
+
+
+@pytest.fixture
 def directory_overrides() -> dict[str, str]:
     """Settings for `dut` beyond the test defaults; a test module that needs others overrides this fixture."""
     return {}

@@ -17,13 +17,13 @@ from tests.helpers import DEMO_PASSWORD
 from tests.waits import wait_until
 
 
-def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, amqp_url):
+def test_start_twice_is_refused_and_stop_leaves_no_process(tmp_path, private_amqp_url):
     stack = Stack(
         StackConfig(
             run_dir=tmp_path / "run",
             ports=Ports.free(),
             mongo_uri=None,  # the embedded database, as on a fresh machine
-            amqp_url=amqp_url,
+            amqp_url=private_amqp_url,  # not the session's vhost, where the e2e stack may be running
             extra_env={"PASSWORD_HASH_PROFILE": "fast"},
         )
     )
