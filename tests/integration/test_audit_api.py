@@ -43,7 +43,7 @@ def bearer(staff_id: str, agency: str, *roles: str) -> dict:
         roles=["staff", *roles],
         name=staff_id,
         session_id=f"ses_{uuid.uuid4().hex[:8]}",
-        ttl_s=900,
+        ttl_s=12 * 3600,  # minted when the module is collected: it must outlive a long, busy session
     ).token
     return {"Authorization": f"Bearer {token}"}
 
