@@ -32,6 +32,8 @@ from services.kit.mongo import now_ms
 
 VERSION = 1
 DATA_KEYS = "phi_data_keys"
+# One key per agency for blind search tokens (services/inbox/search.py), wrapped like a data key.
+SEARCH_KEYS = "phi_search_keys"
 
 
 class DecryptionError(Exception):
@@ -53,9 +55,11 @@ class KeyRing:
         if active_master_id not in master_keys:
             raise ValueError("the active master key id must be one of the master keys")
         self.collection = db[DATA_KEYS]
+        self.search_keys = db[SEARCH_KEYS]
         self.master_keys = master_keys
         self.active_master_id = active_master_id
         self._plain: dict[str, bytes] = {}
+        self._search: dict[str, bytes] = {}  # agency -> search key (never used as a data key)
         self._active: dict[str, tuple[str, float]] = {}  # agency -> (key id, when it was read)
         self.active_ttl_s = active_ttl_s
         self._clock = clock
@@ -124,15 +128,40 @@ class KeyRing:
             self._active[agency_id] = (key_id, self._clock())
         return key_id
 
+    def search_key(self, agency_id: str) -> bytes:
+        """The agency's key of blind search tokens: random, made on first use and wrapped by the
+        master key like a data key (`_id` `<agency>:search`). Data-key rotation leaves it as it is,
+        so stored tokens stay valid; `rewrap_all` re-wraps it after a master key rotation. Two
+        processes making it at once both end up with the one stored first."""
+        key_id = f"{agency_id}:search"
+        with self._lock:
+            plain = self._search.get(agency_id)
+        if plain is not None:
+            return plain
+        doc = self.search_keys.find_one({"_id": {"$eq": key_id}})
+        if doc is None:
+            made = {"_id": key_id, "agency_id": agency_id, "created_at": now_ms()}
+            made.update(self._wrap(key_id, agency_id, os.urandom(32)))
+            try:
+                self.search_keys.insert_one(made)
+                doc = made
+            except DuplicateKeyError:
+                doc = self.search_keys.find_one({"_id": {"$eq": key_id}})
+        plain = self._unwrap(doc)
+        with self._lock:
+            self._search[agency_id] = plain
+        return plain
+
     def rewrap_all(self) -> int:
-        """Re-wrap every data key with the active master key (master key rotation)."""
+        """Re-wrap every data key (and search key) with the active master key (master key rotation)."""
         count = 0
-        for doc in self.collection.find({"master_key_id": {"$ne": self.active_master_id}}):
-            plain = self._unwrap(doc)
-            self.collection.update_one(
-                {"_id": {"$eq": doc["_id"]}}, {"$set": self._wrap(doc["_id"], doc["agency_id"], plain)}
-            )
-            count += 1
+        for collection in (self.collection, self.search_keys):
+            for doc in collection.find({"master_key_id": {"$ne": self.active_master_id}}):
+                plain = self._unwrap(doc)
+                collection.update_one(
+                    {"_id": {"$eq": doc["_id"]}}, {"$set": self._wrap(doc["_id"], doc["agency_id"], plain)}
+                )
+                count += 1
         return count
 
 

@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _agencies_to_rewrap(keyring: KeyRing) -> list[str]:
-    """The agencies with a data key not wrapped by the active master key (what `rewrap_all` changes)."""
-    stale = keyring.collection.find({"master_key_id": {"$ne": keyring.active_master_id}}, {"agency_id": 1})
-    return sorted({doc["agency_id"] for doc in stale})
+    """The agencies with a data key or a search key not wrapped by the active master key (what
+    `rewrap_all` changes)."""
+    stale = {"master_key_id": {"$ne": keyring.active_master_id}}
+    found = set()
+    for collection in (keyring.collection, keyring.search_keys):
+        found |= {doc["agency_id"] for doc in collection.find(stale, {"agency_id": 1})}
+    return sorted(found)
 
 
 def _operator() -> str:
