@@ -35,6 +35,7 @@ from services.inbox.portal import Portal
 from services.inbox.recall import Receipts
 from services.inbox.reminders import Reminders
 from services.inbox.retention import Retention
+from services.inbox.search import Search
 from services.inbox.signatures import Signatures
 from services.inbox.team_queue import TeamQueue
 from services.kit import clock, faults
@@ -62,6 +63,7 @@ FEATURES: tuple[Callable[[Components], Feature], ...] = (
     Delivery,
     Escalation,
     Dashboards,
+    Search,
     CounterCheck,
 )
 

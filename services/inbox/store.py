@@ -102,6 +102,9 @@ class InboxStore:
         # items (so messages, portal messages, deliveries and signature requests alike); None: none.
         self.copies: Callable[[list[dict]], list[dict]] | None = None
         self.on_copies: Callable[[list[dict]], None] | None = None  # told which copies were inserted
+        # Told of every item an insert was asked for, new or there already, copies included (search
+        # postings, services/inbox/search.py, which are repeatable); None: nobody is told.
+        self.on_items: Callable[[list[dict]], None] | None = None
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.db, INDEXES)
@@ -139,6 +142,7 @@ class InboxStore:
         inserted = self._insert_missing(items)
         if count:
             self.apply_deltas([(item, domain.counter_delta(None, item)) for item in inserted])
+        copies: list[dict] = []
         if self.copies is not None and items:
             copies = self.copies(items)
             if copies:
@@ -146,6 +150,8 @@ class InboxStore:
                 self.apply_deltas([(item, domain.counter_delta(None, item)) for item in placed])
                 if placed and self.on_copies is not None:
                     self.on_copies(placed)
+        if self.on_items is not None and items:
+            self.on_items(items + copies)
         return inserted
 
     def _insert_missing(self, items: list[dict]) -> list[dict]:
