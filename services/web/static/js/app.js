@@ -17,6 +17,7 @@ import { coverageBadge, coveragePanel } from "./coverage.js";
 import { retentionPanel } from "./retention.js";
 import { hasQueue, queueBadge, queuePanel } from "./team_queue.js";
 import { showTeamOverview, stopTeamOverview, wireTeamOverview } from "./team_overview.js";
+import { clearSearch, searchNote, searchPath, searchSummary, showSearching, wireSearch } from "./search.js";
 
 const PAGE_SIZE = 50;
 const MAX_PAGE_SIZE = 100; // the most the board API answers in one page
@@ -95,6 +96,8 @@ function teardown() {
   $("#pane").removeAttribute("aria-busy");
   ["#compose-form", "#auto-reply-form", "#label-form"].forEach((selector) => $(selector).reset());
   recipients = [];
+  clearSearch();
+  showSearching(false);
 }
 
 async function enter() {
@@ -231,6 +234,7 @@ function renderFolders() {
 }
 
 function viewName() {
+  if (state.view.type === "search") return "Search results";
   if (state.view.type === "label") {
     const label = state.board.labels.find((l) => l.id === state.view.id);
     return label ? `Label: ${label.name}` : "Label";
@@ -254,6 +258,7 @@ async function openView(view) {
   renderPane(null);
   showFolders(false);
   showCloudFolderActions(view.type === "folder" && view.id === "cloud");
+  showSearching(view.type === "search");
   showListTools();
   await loadList();
   $("#main").focus();
@@ -261,6 +266,7 @@ async function openView(view) {
 
 // --- the list ------------------------------------------------------------------------------
 function listPath(cursor, limit = PAGE_SIZE) {
+  if (state.view.type === "search") return searchPath(cursor, limit);
   const q = new URLSearchParams({ limit: String(limit) });
   if (cursor) q.set("cursor", cursor);
   if (state.unreadOnly) q.set("unread", "true");
@@ -297,6 +303,7 @@ async function loadList(append = false, keep = false) {
   let items = page.items || [];
   if (state.view.id === "announcements" && state.unreadOnly) items = items.filter((i) => !i.read);
   let cursor = page.next_cursor || null;
+  state.capped = Boolean(page.capped);
   if (append) {
     items = state.items.concat(items);
   } else if (keep && cursor && items.length) {
@@ -310,6 +317,7 @@ async function loadList(append = false, keep = false) {
   state.items = items;
   state.cursor = cursor;
   renderList();
+  if (state.view.type === "search" && !append && !keep) announce(searchSummary(items.length, Boolean(cursor)));
   if (!state.firstPaint) {
     state.firstPaint = true;
     requestAnimationFrame(() => performance.mark("board-first-page"));
@@ -412,6 +420,7 @@ function renderList() {
   }
   $("#items").removeAttribute("aria-busy");
   if (state.items.length) $("#list-empty").hidden = true;
+  else if (state.view.type === "search") listNote(searchNote(state.capped, Boolean(state.cursor)));
   else listNote(`${state.unreadOnly ? "No unread items" : "Nothing"} in ${viewName()}.`);
   $("#more").hidden = !state.cursor;
   renderBulkBar();
@@ -419,7 +428,9 @@ function renderList() {
 
 // --- sorting and bulk actions ----------------------------------------------------------------
 // Item folders and labels can be sorted, selected and marked read in bulk (announcements cannot).
-function canPick() { return Boolean(state.board) && !(state.view.type === "folder" && state.view.id === "announcements"); }
+function canPick() {
+  return Boolean(state.board) && state.view.type !== "search" && !(state.view.type === "folder" && state.view.id === "announcements");
+}
 
 function showListTools() {
   const pickable = canPick();
@@ -1438,6 +1449,11 @@ function wireStatic() {
     refreshBoard: () => { if (state.board) refreshBoard(); },
   });
   $("#unread-only").addEventListener("change", (e) => { state.unreadOnly = e.target.checked; loadList(); });
+  wireSearch({
+    state: () => state, term,
+    open: () => openView({ type: "search" }),
+    back: () => openView({ type: "folder", id: "messages" }),
+  });
   $("#sort-order").addEventListener("change", (e) => {
     state.order = e.target.value;
     state.cursor = null;
