@@ -10,10 +10,16 @@ cache off (every call loads). At most `max_entries` are kept: a full cache drops
 entries, then the least recently stored ones. Thread-safe; a load runs outside the lock, so two
 threads missing the same key at once both load (the later answer is kept), as directory is
 simply asked twice. A load that raises stores nothing.
+
+Refresh ahead (`get_or_load(..., refresh_after_s=r)`): an entry still fresh but older than `r` is
+returned as it is and reloaded once in the background, so a busy key never makes a caller wait
+for a slow load (an agency's whole staff list is one such); what is returned is never older than
+`ttl_s`, as without it. A key not asked for between `r` and `ttl_s` is loaded by its next caller.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +32,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _MISSING = object()
+log = logging.getLogger(__name__)
 
 
 class TtlCache(Generic[K, V]):
@@ -37,21 +44,43 @@ class TtlCache(Generic[K, V]):
         self._clock = clock
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()  # key -> (loaded at, value)
         self._lock = threading.Lock()
+        self._refreshing: set[K] = set()  # keys being reloaded in the background
 
     def get(self, key: K, default: V | None = None) -> V | None:
         """The fresh value for `key`, or `default`."""
         found = self._fresh(key, self._clock())
         return default if found is _MISSING else found  # type: ignore[return-value]
 
-    def get_or_load(self, key: K, load: Callable[[], V]) -> V:
-        """The fresh value for `key`, or `load()`'s answer, stored for `ttl_s` from before the load."""
+    def get_or_load(self, key: K, load: Callable[[], V], *, refresh_after_s: float | None = None) -> V:
+        """The fresh value for `key`, or `load()`'s answer, stored for `ttl_s` from before the load.
+        With `refresh_after_s`, a fresh entry older than that is also reloaded in the background."""
         started = self._clock()
         found = self._fresh(key, started)
         if found is not _MISSING:
+            if refresh_after_s is not None and self._due_for_refresh(key, started, refresh_after_s):
+                threading.Thread(target=self._refresh, args=(key, load), name="cache-refresh", daemon=True).start()
             return found  # type: ignore[return-value]
         value = load()
         self.put(key, value, at=started)
         return value
+
+    def _due_for_refresh(self, key: K, now: float, refresh_after_s: float) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or now - entry[0] < refresh_after_s or key in self._refreshing:
+                return False
+            self._refreshing.add(key)
+            return True
+
+    def _refresh(self, key: K, load: Callable[[], V]) -> None:
+        started = self._clock()
+        try:
+            self.put(key, load(), at=started)
+        except Exception as exc:  # the entry stays until it expires; its next caller loads it
+            log.warning("background cache refresh failed", extra={"error_type": type(exc).__name__})
+        finally:
+            with self._lock:
+                self._refreshing.discard(key)
 
     def put(self, key: K, value: V, *, at: float | None = None) -> None:
         """Remember `value` for `key`, fresh for `ttl_s` from `at` (default: now)."""

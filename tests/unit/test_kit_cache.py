@@ -125,3 +125,56 @@ def test_many_threads_share_one_cache_within_its_bound():
 def test_max_entries_must_allow_one():
     with pytest.raises(ValueError):
         TtlCache(1.0, max_entries=0)
+
+
+def test_refresh_ahead_answers_at_once_and_reloads_once_in_the_background():
+    clock = Clock()
+    cache: TtlCache[str, str] = TtlCache(30.0, clock=clock)
+    release = threading.Event()
+    calls: list[str] = []
+
+    def load() -> str:
+        calls.append("load")
+        if len(calls) > 1:
+            release.wait(5)  # the background reload is slow
+        return f"answer {len(calls)}"
+
+    assert cache.get_or_load("agy_a", load, refresh_after_s=15.0) == "answer 1"
+    clock.now += 14.9
+    assert cache.get_or_load("agy_a", load, refresh_after_s=15.0) == "answer 1"
+    assert calls == ["load"]  # not yet old enough to reload
+    clock.now += 0.2
+    # Old enough: answered from the cache at once, one reload started, a second caller starts none.
+    assert cache.get_or_load("agy_a", load, refresh_after_s=15.0) == "answer 1"
+    assert cache.get_or_load("agy_a", load, refresh_after_s=15.0) == "answer 1"
+    release.set()
+    for _ in range(200):
+        if cache.get("agy_a") == "answer 2":
+            break
+        threading.Event().wait(0.01)
+    assert cache.get("agy_a") == "answer 2" and calls == ["load", "load"]
+    # The reloaded answer is fresh from when its load started: 30 s more, no older answer ever served.
+    clock.now += 29.9
+    assert cache.get("agy_a") == "answer 2"
+
+
+def test_a_failed_background_reload_leaves_the_entry_to_expire_and_load_again():
+    clock = Clock()
+    cache: TtlCache[str, str] = TtlCache(10.0, clock=clock)
+    answers = iter(["first", RuntimeError("directory down"), "third"])
+
+    def load() -> str:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert cache.get_or_load("k", load, refresh_after_s=5.0) == "first"
+    clock.now += 6
+    assert cache.get_or_load("k", load, refresh_after_s=5.0) == "first"  # reload fails in the background
+    for _ in range(200):
+        if not cache._refreshing:
+            break
+        threading.Event().wait(0.01)
+    clock.now += 4
+    assert cache.get_or_load("k", load, refresh_after_s=5.0) == "third"  # expired: its caller loads it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from clinic.directory.v1 import directory_pb2
 from services.notifications.directory_client import DirectoryClient
+from tests.waits import wait_until
 
 
 class Stub:
@@ -50,11 +51,16 @@ def test_the_staff_list_is_cached_per_agency_for_the_configured_time():
     stub = Stub([member("stf_a_flagged", lab=True)])
     client = client_with(stub, now)
     client.lab_recipients("agy_a")
-    now[0] += 29.0
+    now[0] += 14.0
     stub.staff["stf_a_new"] = member("stf_a_new", lab=True)
     assert client.lab_recipients("agy_a") == ["stf_a_flagged"]  # still the cached answer
     assert stub.calls == 1
-    now[0] += 2.0
-    assert client.lab_recipients("agy_a") == ["stf_a_flagged", "stf_a_new"]
+    now[0] += 15.0  # past half its time: answered from the cache, reloaded in the background
+    assert client.lab_recipients("agy_a") == ["stf_a_flagged"]
+    wait_until(lambda: client.lab_recipients("agy_a") == ["stf_a_flagged", "stf_a_new"], timeout=5)
     assert stub.calls == 2
+    now[0] += 31.0  # nobody asked while it aged: its next caller loads it
+    del stub.staff["stf_a_new"]
+    assert client.lab_recipients("agy_a") == ["stf_a_flagged"]
+    assert stub.calls == 3
     client.close()
