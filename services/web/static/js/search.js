@@ -35,10 +35,28 @@ function fillChoices() {
   kind.replaceChildren(...KINDS.map(([value, text]) => h("option", { value, text: text.replace("{term}", term), selected: value === was })));
 }
 
+// The Filters panel is in the page only while it is open (made from its template, removed on
+// closing, which clears the filters): its fields never stand beside the compose dialog's or the
+// list's own ("Kind", "Urgent", "Unread only") for anything that finds fields by their label.
+function filtersOpen() { return Boolean(document.getElementById("search-filters")); }
+
 function showFilters(open) {
-  if (open) fillChoices();
-  $("#search-filters").hidden = !open;
+  if (open && !filtersOpen()) {
+    $("#search-filters-slot").append($("#search-filters-template").content.cloneNode(true));
+    fillChoices();
+  }
+  if (!open) document.getElementById("search-filters")?.remove();
   $("#search-filters-toggle").setAttribute("aria-expanded", String(open));
+}
+
+function value(selector) {
+  const field = document.querySelector(selector);
+  return field ? field.value.trim() : "";
+}
+
+function ticked(selector) {
+  const field = document.querySelector(selector);
+  return Boolean(field && field.checked);
 }
 
 function fromForm() {
@@ -47,13 +65,12 @@ function fromForm() {
   if (text) q.set("q", text);
   const fields = { sender_id: "#search-sender", patient: "#search-patient", kind: "#search-kind", label_id: "#search-label" };
   for (const [name, selector] of Object.entries(fields)) {
-    const value = $(selector).value.trim();
-    if (value) q.set(name, value);
+    if (value(selector)) q.set(name, value(selector));
   }
-  if ($("#search-from").value) q.set("from", dayStart($("#search-from").value));
-  if ($("#search-to").value) q.set("to", dayStart($("#search-to").value, true));
-  if ($("#search-urgent").checked) q.set("urgent", "true");
-  if ($("#search-unread").checked) q.set("unread", "true");
+  if (value("#search-from")) q.set("from", dayStart(value("#search-from")));
+  if (value("#search-to")) q.set("to", dayStart(value("#search-to"), true));
+  if (ticked("#search-urgent")) q.set("urgent", "true");
+  if (ticked("#search-unread")) q.set("unread", "true");
   return q;
 }
 
@@ -96,7 +113,7 @@ export function clearSearch() {
 // `open()`: show the results; `back()`: leave them (the Messages folder).
 export function wireSearch(context) {
   ctx = context;
-  $("#search-filters-toggle").addEventListener("click", () => showFilters($("#search-filters").hidden));
+  $("#search-filters-toggle").addEventListener("click", () => showFilters(!filtersOpen()));
   $("#search-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const q = fromForm();
