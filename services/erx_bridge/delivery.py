@@ -52,6 +52,7 @@ def delivery_request(
         recipients=inbox_pb2.Recipients(staff_ids=[staff_id]),
         title=domain.board_title(content),
         summary=domain.board_summary(content, patient_word, time_zone),
+        patient_name=(content.get("patient_name") or "")[:200],
         severity=SEVERITIES[domain.SEVERITIES[kind]],
         status=domain.RESOLVED_STATUS if resolved else domain.STATUSES[kind],
         links=[inbox_pb2.ActionLink(label=LINK_LABEL, url=sso_link(public_url, iid))],

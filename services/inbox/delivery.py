@@ -361,6 +361,7 @@ class Delivery(Feature):
         return {
             "title": seal(agency_id, nid, "title", wanted.title),
             "summary": seal(agency_id, nid, "summary", wanted.summary) if wanted.summary else None,
+            "patient_name": seal(agency_id, nid, "patient_name", wanted.patient_name) if wanted.patient_name else None,
             "links": seal(agency_id, nid, "links", json.dumps(links)),
             "severity": wanted.severity,
             "status": wanted.status,
@@ -447,6 +448,8 @@ class Delivery(Feature):
             "source": notice["source"],
             "source_ref": notice["source_ref"],
         }
+        if notice.get("patient_name"):  # whom it is about, in the agency's word for them ("Client")
+            content["patient"] = {"name": self.cipher.open(agency, nid, "patient_name", notice["patient_name"])}
         for extra in self.detail_extras:
             content.update(extra(caller, notice))
         audit.record_read(self.store, caller, nid, resource_type="notice")

@@ -13,6 +13,7 @@ from services.kit.validation import Id, Link, ListOf, Str
 
 MAX_TITLE = 200
 MAX_SUMMARY = 1000
+MAX_PATIENT_NAME = 200
 MAX_LINKS = 10
 MAX_LINK_LABEL = 80
 MAX_REF = 128
@@ -54,6 +55,7 @@ SEVERITY_NAMES: dict[int, str] = {
 
 TITLE = Str(max_len=MAX_TITLE)
 SUMMARY = Str(max_len=MAX_SUMMARY, min_len=0, required=False)
+PATIENT_NAME = Str(max_len=MAX_PATIENT_NAME, min_len=0, required=False)
 STATUS = Str(max_len=40, required=False, pattern=STATUS_PATTERN)
 REF = Str(max_len=MAX_REF, pattern=REF_PATTERN)
 LINK_LABEL = Str(max_len=MAX_LINK_LABEL)
@@ -81,6 +83,7 @@ class DeliveryRequest:
     delivery_id: str | None
     mark_unread: bool
     actor_staff_id: str | None
+    patient_name: str | None = field(default=None, repr=False)  # PHI: sealed at rest, never in a repr
 
 
 def folder_for(kind: int) -> str:
@@ -144,6 +147,7 @@ def parse_request(request: inbox_pb2.DeliverItemRequest) -> DeliveryRequest:
         delivery_id=REF.clean("delivery_id", request.delivery_id) if request.delivery_id else None,
         mark_unread=bool(request.mark_unread),
         actor_staff_id=Id().clean("actor_staff_id", request.actor_staff_id) if request.actor_staff_id else None,
+        patient_name=PATIENT_NAME.clean("patient_name", request.patient_name).strip() or None,
     )
 
 

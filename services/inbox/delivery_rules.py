@@ -120,6 +120,7 @@ def item_state(notice: dict) -> dict:
     return {
         "title": notice.get("title"),
         "summary": notice.get("summary"),
+        "patient_name": notice.get("patient_name"),  # sealed; read only by search (services/inbox/search.py)
         "severity": notice["severity"],
         "status": notice.get("status"),
         "due_at": notice.get("due_at"),

@@ -383,7 +383,9 @@ class SearchIndex:
             self._open(agency, ref, "title", item.get("title")),
             self._open(agency, ref, "summary", item.get("summary")),
         ]
-        return Terms(tuple(words(" ".join(parts))))
+        # A delivered item's patient (DeliverItemRequest.patient_name, e.g. a lab result's PID-5).
+        name = self._open(agency, ref, "patient_name", item.get("patient_name"))
+        return Terms(tuple(words(" ".join(parts))), "", "", name)
 
     # --- reading -------------------------------------------------------------------------------------
     def newest(self, pk: str, upper_bk: int | None, n: int) -> list[dict]:

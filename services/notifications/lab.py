@@ -179,6 +179,7 @@ class LabResults(Feature):
             recipients=inbox_pb2.Recipients(staff_ids=recipients),
             title=board_title(report),
             summary=board_summary(report),
+            patient_name=report.patient_name[:200],  # DeliverItemRequest.patient_name holds 200
             severity=SEVERITIES[report.severity],
             status=report.status,
             links=[inbox_pb2.ActionLink(label="Full result", url=url)],

@@ -110,8 +110,8 @@ class LabReport:
     # Who ordered it, as "npi:<10 digits>" or "staff:<directory id>" (OBR-16, ORC-12; FHIR basedOn
     # requester is not read): told of the result when the agency option asks for it.
     ordering_providers: tuple[str, ...] = field(default=(), repr=False)
-    # The patient's name as the sender wrote it (PID-5 "family, given"; FHIR subject.display): full
-    # view only, never on a board.
+    # The patient's name as the sender wrote it (PID-5 "family, given"; FHIR subject.display): the full
+    # view, and the delivery's sealed `patient_name` (the reading pane and search); never in a list row.
     patient_name: str = field(default="", repr=False)
 
     @property

@@ -17,6 +17,7 @@ def oru(
     receiving_facility: str = FACILITY,
     sending_facility: str = "QUEST_LAB",
     patient: str = "MRN48213",
+    patient_name: str = "DOE^JANE^Q",
     test: str = "58410-2^CBC panel - Blood by Automated count^LN",
     separator: str = "\r",
 ) -> str:
@@ -25,7 +26,7 @@ def oru(
     observations = CBC if observations is None else observations
     segments = [
         f"MSH|^~\\&|LABSYS|{sending_facility}|BOARD|{receiving_facility}|{sent_at}||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
-        f"PID|1||{patient}^^^RIVERBEND^MR||DOE^JANE^Q||19800214|F",
+        f"PID|1||{patient}^^^RIVERBEND^MR||{patient_name}||19800214|F",
         f"ORC|RE|PLC{order}|{order}",
         f"OBR|1|PLC{order}|{order}|{test}|||202611260730|||||||||1234^SMITH^ANNA||||||{sent_at}|||{status}",
         *observations,

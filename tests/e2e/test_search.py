@@ -1,6 +1,7 @@
 """Search across the board end to end, through the gateway: a message found by a word of its body
-and a lab result (HL7 v2 over MLLP) by its patient reference, rows as the board lists them, nothing
-of another staff member's or agency's, and bad or hostile parameters refused with stable codes."""
+and a lab result (HL7 v2 over MLLP) by its patient reference and by the patient's name (PID-5),
+rows as the board lists them, nothing of another staff member's or agency's, and bad or hostile
+parameters refused with stable codes."""
 
 from __future__ import annotations
 
@@ -106,3 +107,19 @@ def test_a_lab_result_is_found_by_its_patient_reference(stack, reyes, admin):
     assert results[0]["summary"].startswith(f"Patient {mrn}:")
     assert found(reyes, q=f"{mrn} cbc", kind="notice", urgent=True)  # title words ANDed; the CBC is critical
     assert found(admin, q=mrn.lower()) is None  # not flagged for lab results: not on their board
+
+
+def test_a_lab_result_is_found_by_the_patient_s_name_and_shows_it_only_in_the_pane(stack, reyes):
+    family, given = word(), word()
+    with MLLPClient("127.0.0.1", stack.config.ports.notifications_mllp) as client:
+        raw = client.send_message(oru(patient="MRN" + uuid.uuid4().hex[:8].upper(), patient_name=f"{family}^{given}"))
+    assert msa(hl7.parse(raw[1:-2].decode("ascii")))[0] == "AA"
+    results = wait_until(lambda: found(reyes, patient=f"{given} {family}"), timeout=20)
+    assert [(i["kind"], i["folder"]) for i in results] == [("notice", "lab")]
+    row = results[0]
+    assert family not in str(row).lower()  # never in a list row
+    assert found(reyes, q=family) is None  # a name is a patient term, not a word of a text
+    assert found(reyes, patient=family, kind="notice")
+    detail = reyes.get(f"/api/v1/board/items/{row['id']}")
+    assert detail.status_code == 200, detail.text
+    assert detail.json()["patient"] == {"name": f"{family}, {given}"}

@@ -128,6 +128,34 @@ def test_a_delivered_lab_result_is_found_by_its_title_and_summary(place):
     assert find(finder, a, "hemoglobin", kind=domain.KIND_MESSAGE)["items"] == []
 
 
+def test_a_delivered_item_s_patient_is_a_patient_term_sealed_on_every_copy(place):
+    components, finder = place
+    delivery = components.features[0]
+    request = inbox_pb2.DeliverItemRequest(
+        kind=inbox_pb2.DELIVERED_KIND_LAB,
+        recipients=inbox_pb2.Recipients(staff_ids=["stf_a", "stf_b"]),
+        title="Lab result: Potassium (final)",
+        summary="Patient MRN00418: 1 critical",
+        patient_name="OKAFOR, ADAEZE",
+        source="lab",
+        source_ref="order-418",
+    )
+    token = current_identity.set(Identity(subject="svc:notifications", agency_id=AGENCY, kind="service"))
+    try:
+        delivery.deliver(AGENCY, "notifications", request, None)
+    finally:
+        current_identity.reset(token)
+    raw = json.dumps(list(components.store.db["board_items"].find({})), default=str).lower()
+    raw += json.dumps(list(components.store.db["notices"].find({})), default=str).lower()
+    assert "okafor" not in raw and "adaeze" not in raw  # sealed at rest
+    for owner in ("stf_a", "stf_b"):
+        who = staff(AGENCY, owner)
+        assert titles(find(finder, who, patient="Adaeze Okafor")) == ["Lab result: Potassium (final)"]
+    a = staff(AGENCY, "stf_a")
+    assert find(finder, a, "okafor")["items"] == []  # a name is not a word of the text
+    assert find(finder, staff(AGENCY, "stf_c"), patient="okafor")["items"] == []  # not on their board
+
+
 def test_a_repeated_insert_writes_nothing_twice(place):
     components, finder = place
     a = staff(AGENCY, "stf_a")

@@ -98,9 +98,12 @@ def test_a_full_request_is_read_field_by_field():
             delivery_id="dlv-1",
             mark_unread=True,
             actor_staff_id="stf_b",
+            patient_name=" DOE, JANE ",
         )
     )
     assert parsed.folder == domain.FOLDER_LAB
+    assert parsed.patient_name == "DOE, JANE"
+    assert "DOE" not in repr(parsed)  # PHI never in a repr
     assert parsed.addressing == domain.Addressing(staff_ids=("stf_a",), team_ids=("team_x",), whole_agency=True)
     assert (parsed.title, parsed.summary, parsed.severity, parsed.status) == (
         "CBC ready",
@@ -120,6 +123,7 @@ def test_defaults_of_a_minimal_request():
     assert parsed.severity == "info"
     assert parsed.summary is None and parsed.status is None and parsed.due_at is None
     assert parsed.links == () and parsed.delivery_id is None and parsed.actor_staff_id is None
+    assert parsed.patient_name is None
 
 
 @pytest.mark.parametrize(
@@ -129,6 +133,8 @@ def test_defaults_of_a_minimal_request():
         ("invalid_value", {"title": "   "}),
         ("too_long", {"title": "t" * 201}),
         ("too_long", {"summary": "s" * 1001}),
+        ("too_long", {"patient_name": "n" * 201}),
+        ("invalid_value", {"patient_name": "DOE\x00JANE"}),
         ("invalid_value", {"severity": 7}),
         ("invalid_value", {"status": "not a token"}),
         ("too_long", {"status": "s" * 41}),

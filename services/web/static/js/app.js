@@ -725,6 +725,7 @@ function paneFor(d) {
   const cloud = cloudPanel(d);
   if (cloud) return h("article", { "aria-label": d.title || "Notification" }, h("h2", { text: d.title }), h("p", {}, ...badges), cloud, genericActions(d));
   body.push(h("h2", { text: d.title }), h("p", {}, ...badges), meta("From", SOURCE_NAMES[d.folder] || SOURCE_NAMES[d.archived_from] || (d.sender && d.sender.name)), meta("Received", fullTime(d.sent_at)),
+    meta(term(), d.patient && d.patient.name),
     meta("Due", fullTime(d.due_at)), meta("Status", d.status), h("div", { class: "body", text: humanizeTimes(termed(d.summary)) }));
   if (hasCriticalResult(d)) body.push(criticalResultPanel(d, { nameOf: staffName, changed: refreshBoard }));
   if (hasUrgentUnread(d)) body.push(urgentUnreadPanel(d, { nameOf: staffName, changed: refreshBoard }));
