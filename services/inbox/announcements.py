@@ -37,7 +37,7 @@ import uuid
 from flask import Blueprint, g, request
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import DESCENDING
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from clinic.inbox.v1 import inbox_pb2
 from services.inbox import audit, domain
@@ -176,7 +176,19 @@ class Announcements(Feature):
                 return self._view(caller, stored, self._states([stored["_id"]], caller.staff_id)), False
             raise
         log.info("announcement posted", extra={"staff_id": caller.staff_id, "agency_id": caller.agency_id})
+        self._indexed(doc, title, body)
         return self._view(caller, doc, {}, title), True
+
+    def _indexed(self, doc: dict, title: str, body: str) -> None:
+        """Make the announcement findable by search (services/inbox/search.py) with the words at hand.
+        A failure leaves it posted and unfound until `python -m services.inbox.search reindex`."""
+        hook = self.components.store.on_announcement
+        if hook is None:
+            return
+        try:
+            hook(doc, title, body)
+        except PyMongoError:
+            log.warning("announcement not indexed for search", extra={"agency_id": doc["agency_id"]})
 
     def _stored(self, announcement_id: str) -> dict | None:
         return self.announcements.find_one({"_id": {"$eq": announcement_id}}, projection={"_outbox": 0})
@@ -247,7 +259,11 @@ class Announcements(Feature):
             patch["active_key"] = agency
         if "ack_required" in changes:
             patch["ack_required"] = int(changes["ack_required"])
-        return self._apply(caller, doc, patch)
+        view = self._apply(caller, doc, patch)
+        if "title" in changes or "body" in changes:  # new words are added; the old ones find nothing new
+            texts = {f: changes.get(f) or cipher.open(agency, doc["_id"], f, doc[f]) for f in ("title", "body")}
+            self._indexed(doc, texts["title"], texts["body"])
+        return view
 
     def expire(self, caller: Identity, announcement_id: str) -> dict:
         """Expire now: gone from everyone's folder and count; admins still list it with include_expired."""
@@ -317,6 +333,25 @@ class Announcements(Feature):
         active = [doc for doc in docs if self._still_active(doc, at)]
         states = self._states([doc["_id"] for doc in active], caller.staff_id)
         return sum(1 for doc in active if not self._read(caller, doc, states))
+
+    def active(self, agency_id: str) -> dict[str, int]:
+        """The agency's active announcements (the newest ACTIVE_LIMIT): id -> time posted. Nothing
+        is opened (search, services/inbox/search.py)."""
+        at = now_ms()
+        docs = self._fetch("active_key", agency_id, None, ACTIVE_LIMIT, WITHOUT_CONTENT)
+        return {doc["_id"]: doc["posted_at"] for doc in docs if self._still_active(doc, at)}
+
+    def found(self, caller: Identity, ids: list[str], *, unread: bool) -> list[dict]:
+        """Search results (services/inbox/search.py): the caller's agency's active announcements
+        among `ids`, newest first, as the folder lists them (only those not read with `unread`)."""
+        if not ids:
+            return []
+        at = now_ms()
+        docs = self.announcements.find({"_id": {"$in": ids}}, projection={"_outbox": 0, "body": 0})
+        docs = [d for d in docs if d["agency_id"] == caller.agency_id and d.get("active_key") and is_active(d, at)]
+        docs.sort(key=lambda d: d["sort_key"], reverse=True)
+        states = self._states([doc["_id"] for doc in docs], caller.staff_id)
+        return [self._view(caller, doc, states) for doc in docs if not (unread and self._read(caller, doc, states))]
 
     def read(self, caller: Identity, announcement_id: str) -> dict:
         """The announcement with its body; audited, and read from now on for the caller alone."""

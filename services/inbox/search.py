@@ -39,7 +39,13 @@ message's or notice's text once (one `_id $in` read of the messages), and writes
 is deleted once its postings are written, so a crash only repeats work that is repeatable.
 Items that existed before search are indexed by `python -m services.inbox.search reindex`.
 
-Not indexed: announcements (stored once per agency, not board items); later revisions' new words of
+Announcements are stored once per agency, not on boards: their words and author are posted under the
+agency's ANNOUNCEMENTS_OWNER when an admin posts or edits one (`SearchIndex.index_announcement`,
+through the store's `on_announcement` hook), and the first page of a search lists, beside the board's
+items, the agency's active announcements holding every term (one read of the posting documents of
+the buckets they were posted in, then the announcements themselves as the folder lists them).
+
+Not indexed: later revisions' new words of
 a delivered item are added when the revision's fan-out runs, old ones stay (the item is shown as
 it is now); a reminder is found at the time it was created. Words match whole (no prefixes).
 """
@@ -65,6 +71,7 @@ from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from services.inbox import audit, domain
+from services.inbox.announcements import Announcements
 from services.inbox.components import Feature
 from services.kit.auth import Identity
 from services.kit.crypto import DecryptionError, PhiCipher
@@ -101,6 +108,11 @@ JOB_BATCH = 50  # jobs per indexing pass
 JOB_LEASE_MS = 60_000  # a claimed job left unfinished (a crashed worker) is taken again this much later
 INDEX_INTERVAL_S = 0.5
 WRITE_BATCH = 1000
+# Announcements are stored once per agency, not on boards: their postings belong to this owner,
+# which no staff id can be (ids hold no "~"). A query reads only the documents of the buckets the
+# agency's active announcements were posted in (services/inbox/announcements.py: at most 200).
+ANNOUNCEMENTS_OWNER = "~announcements"
+ANNOUNCEMENT_KIND = "announcement"
 
 # Words too common to say anything (English; the page's own words "re", "fwd" included).
 STOP_WORDS = frozenset(
@@ -387,6 +399,34 @@ class SearchIndex:
         name = self._open(agency, ref, "patient_name", item.get("patient_name"))
         return Terms(tuple(words(" ".join(parts))), "", "", name)
 
+    def index_announcement(self, doc: dict, title: str, body: str) -> None:
+        """An announcement's words and author, under the agency's announcements owner, bucketed by
+        the time it was posted. Repeating it (an edit) adds new words and changes nothing else."""
+        agency = doc["agency_id"]
+        key = self.cipher.keyring.search_key(agency)
+        terms = [*words(f"{title} {body}"), sender_term(doc.get("posted_by") or "")]
+        ms, bk = int(doc["posted_at"]), bucket(int(doc["posted_at"]))
+        groups = {
+            (posting_key(agency, ANNOUNCEMENTS_OWNER, token(key, term)), bk): {ENTRY + doc["_id"]: ms}
+            for term in dict.fromkeys(terms)
+        }
+        self.write(groups)
+
+    def announcements_holding(self, agency_id: str, terms: list[str], candidates: dict[str, int]) -> list[str]:
+        """Which of the `candidates` (announcement id -> time posted) hold every term, newest first:
+        one `_id $in` read of the posting documents of their buckets per term."""
+        buckets = sorted({bucket(ms) for ms in candidates.values()})
+        left = dict(candidates)
+        for tok in self.tokens(agency_id, terms):
+            pk = posting_key(agency_id, ANNOUNCEMENTS_OWNER, tok)
+            held: set[str] = set()
+            for doc in self.by_ids([doc_id(pk, bk) for bk in buckets]).values():
+                held.update(key[len(ENTRY) :] for key in doc if key.startswith(ENTRY))
+            left = {aid: ms for aid, ms in left.items() if aid in held}
+            if not left:
+                return []
+        return sorted(left, key=lambda aid: (left[aid], aid), reverse=True)
+
     # --- reading -------------------------------------------------------------------------------------
     def newest(self, pk: str, upper_bk: int | None, n: int) -> list[dict]:
         query: dict = {"pk": {"$eq": pk}}
@@ -435,6 +475,19 @@ class SearchIndex:
                 progress(f"{agency}|{staff_id}: {count} items indexed ({boards} boards, {items} items so far)")
         return {"boards": boards, "items": items}
 
+    def reindex_announcements(self, agency_id: str | None, progress: Callable[[str], None]) -> int:
+        """Index every announcement (of one agency, or all), expired ones included."""
+        query = {"agency_key": {"$eq": agency_id}} if agency_id else {}
+        count = 0
+        for doc in self.store.db["announcements"].find(query, projection={"_outbox": 0}):
+            agency, aid = doc["agency_id"], doc["_id"]
+            title = self._open(agency, aid, "title", doc.get("title"))
+            body = self._open(agency, aid, "body", doc.get("body"))
+            self.index_announcement(doc, title, body)
+            count += 1
+        progress(f"{count} announcements indexed")
+        return count
+
 
 # --- the query ---------------------------------------------------------------------------------------
 
@@ -476,6 +529,7 @@ class Search(Feature):
 
     def attach(self) -> None:
         self.components.store.on_items = self.index.enqueue
+        self.components.store.on_announcement = self.index.index_announcement
 
     def background(self):
         return [("search-indexer", self.index.run_worker)]
@@ -492,18 +546,43 @@ class Search(Feature):
         if query.until_ms is not None:
             until = f"{query.until_ms:013d}."
             upper = until if upper is None or until < upper else upper
-        scan = self._scan(caller, terms, upper, query, label_id=label_id, limit=limit)
+        if query.kind == ANNOUNCEMENT_KIND:
+            scan = Scan()
+        else:
+            scan = self._scan(caller, terms, upper, query, label_id=label_id, limit=limit)
         shown = [board.summary(caller, item) for _, item in scan.found[:limit]]
         if scan.full:
             next_key: str | None = scan.found[limit - 1][0]
         else:
             next_key = scan.position if scan.capped else None
-        audit.record_list(self.components.store, caller, "board_search", "search", len(shown), patient_id=patient_id)
+        announcements = [] if cursor else self._announcements(caller, terms, query, label_id, limit)
+        count = len(shown) + len(announcements)
+        audit.record_list(self.components.store, caller, "board_search", "search", count, patient_id=patient_id)
         return {
             "items": shown,
+            "announcements": announcements,
             "next_cursor": encode_cursor(next_key) if next_key else None,
             "capped": scan.capped and not scan.full,
         }
+
+    def _announcements(self, caller: Identity, terms: list[str], query: Query, label_id, limit: int) -> list[dict]:
+        """The active announcements of the caller's agency that match, with the first page only:
+        they are few and not board items (no patient, urgency or label; dates by when posted)."""
+        feature = next((f for f in self.components.features if isinstance(f, Announcements)), None)
+        if feature is None or query.patient or query.urgent or label_id:
+            return []
+        if query.kind not in (None, ANNOUNCEMENT_KIND):
+            return []
+        since, until = query.since_ms, query.until_ms
+        active = {
+            aid: ms
+            for aid, ms in feature.active(caller.agency_id).items()
+            if (since is None or ms >= since) and (until is None or ms < until)
+        }
+        if not active:
+            return []
+        ids = self.index.announcements_holding(caller.agency_id, terms, active)
+        return feature.found(caller, ids[:limit], unread=query.unread)
 
     def _terms(self, caller: Identity, query: Query) -> tuple[list[str], str]:
         """The query's terms (ANDed) and the patient id it names, if any. A patient given as an id
@@ -719,8 +798,9 @@ def query_from_request() -> tuple[Query, str | None, int]:
     if q and not found and not (_one("sender_id") or patient):
         raise InvalidInput("missing_search_terms", "q holds no word that can be searched for", {"field": "q"})
     kind = _one("kind") or None
-    if kind is not None and kind not in domain.ITEM_KINDS:
-        raise InvalidInput("invalid_query", f"kind must be one of: {', '.join(domain.ITEM_KINDS)}", {"field": "kind"})
+    kinds = (*domain.ITEM_KINDS, ANNOUNCEMENT_KIND)
+    if kind is not None and kind not in kinds:
+        raise InvalidInput("invalid_query", f"kind must be one of: {', '.join(kinds)}", {"field": "kind"})
     since, until = _time_param("from", end=False), _time_param("to", end=True)
     if since is not None and until is not None and until <= since:
         raise InvalidInput("invalid_query", "to must be after from", {"field": "to"})
@@ -770,10 +850,11 @@ def main(argv: list[str] | None = None) -> int:
     index.ensure_indexes()
     try:
         report = index.reindex(args.agency, lambda line: print(line, file=sys.stderr, flush=True))
+        announcements = index.reindex_announcements(args.agency, lambda line: print(line, file=sys.stderr, flush=True))
     except DuplicateKeyError as exc:  # pragma: no cover - upserts retry their own clashes
         print(f"reindex failed: {exc.code}", file=sys.stderr)
         return 1
-    print(f'{{"boards": {report["boards"]}, "items": {report["items"]}}}')
+    print(f'{{"boards": {report["boards"]}, "items": {report["items"]}, "announcements": {announcements}}}')
     return 0
 
 

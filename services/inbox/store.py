@@ -105,6 +105,8 @@ class InboxStore:
         # Told of every item an insert was asked for, new or there already, copies included (search
         # postings, services/inbox/search.py, which are repeatable); None: nobody is told.
         self.on_items: Callable[[list[dict]], None] | None = None
+        # Told of an announcement's words when it is posted or edited (search; services/inbox/search.py).
+        self.on_announcement: Callable[[dict, str, str], None] | None = None
 
     def ensure_indexes(self) -> None:
         ensure_indexes(self.db, INDEXES)

@@ -1,6 +1,7 @@
 """Search across the board in a real browser, through the gateway: the search field above the list,
 the Filters panel (sender, the agency's word for a patient, dates, kind, urgent, unread, label),
-results drawn and opened like any list's rows, and Clear search back to the folder. axe-core clean."""
+results (the agency's announcements among them) drawn and opened like any list's rows, and Clear
+search back to the folder. axe-core clean."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def test_search_filter_open_a_result_and_clear(people, api):
     sent(api, "dr.reyes", to_staff_ids=[KIM], subject=plain, body=f"Please review the {secret} chart.")
     sent(api, "dr.reyes", to_staff_ids=[KIM], subject=urgent, body=f"{secret} today", priority="urgent")
     sent(api, "dr.chen", to_staff_ids=[KIM], subject="Not this one", body="Nothing to find here.")
+    notice = f"Notice {secret[-4:]}"
+    body = f"The {secret} drill is at noon."
+    posted = api("admin").post("/api/v1/announcements", json={"title": notice, "body": body})
+    assert posted.status_code == 201, posted.text
     indexed(api, "nurse.kim", secret, 2)
 
     kim = people().sign_in("nurse.kim")
@@ -51,9 +56,15 @@ def test_search_filter_open_a_result_and_clear(people, api):
     expect(page.locator("#list-title")).to_have_text("Search results")
     expect(kim.row(plain)).to_be_visible()
     expect(kim.row(urgent)).to_be_visible()
-    expect(page.locator("#items li")).to_have_count(2)
-    expect(page.locator("#status")).to_contain_text("2 results")
+    expect(kim.row(notice)).to_be_visible()  # an announcement of the agency, above the board's results
+    expect(page.locator("#items li")).to_have_count(3)
+    expect(page.locator("#items li").first).to_contain_text(notice)
+    expect(page.locator("#status")).to_contain_text("3 results")
     expect(page.get_by_role("button", name="Clear search")).to_be_visible()
+    kim.open_row(notice)
+    expect(page.locator("#pane")).to_contain_text("drill is at noon")
+    expect(page.locator("#pane")).to_contain_text("Whole agency")
+    screenshot(page, "search-announcement")
 
     # Filters: the agency's word for a patient, the staff list, urgent only.
     page.get_by_role("button", name="Filters").click()

@@ -75,7 +75,7 @@ def test_another_agencys_staff_and_ids_find_nothing(kim, reyes, outsider):
         ('sender_id={"$gt":""}', "invalid_query"),
         ("label_id[$exists]=true&q=insulin", "invalid_query"),
         ("q=" + "x" * 201, "too_long"),
-        ("q=insulin&kind=announcement", "invalid_query"),
+        ("q=insulin&kind=announcements", "invalid_query"),
         ("q=insulin&urgent=perhaps", "invalid_query"),
         ("q=insulin&limit=0", "invalid_query"),
         ("q=insulin&limit=51", "invalid_query"),
@@ -123,3 +123,17 @@ def test_a_lab_result_is_found_by_the_patient_s_name_and_shows_it_only_in_the_pa
     detail = reyes.get(f"/api/v1/board/items/{row['id']}")
     assert detail.status_code == 200, detail.text
     assert detail.json()["patient"] == {"name": f"{family}, {given}"}
+
+
+def test_an_announcement_is_found_by_its_words_on_the_first_page(admin, reyes, outsider):
+    secret = word()
+    posted = admin.post("/api/v1/announcements", json={"title": f"Drill {secret}", "body": "Fire drill at noon."})
+    assert posted.status_code == 201, posted.text
+    answer = search(reyes, q=f"{secret} drill")
+    assert [a["id"] for a in answer["announcements"]] == [posted.json()["id"]]
+    assert answer["announcements"][0]["posted_by"]["name"]
+    assert search(reyes, q=secret, kind="announcement")["items"] == []
+    assert search(reyes, q=secret, kind="message")["announcements"] == []
+    assert search(outsider, q=secret)["announcements"] == []  # another agency's staff
+    assert admin.post(f"/api/v1/announcements/{posted.json()['id']}/expire").status_code == 200
+    assert search(reyes, q=secret)["announcements"] == []

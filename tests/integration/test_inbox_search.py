@@ -13,6 +13,7 @@ import pytest
 
 from clinic.inbox.v1 import inbox_pb2
 from services.inbox import config, domain, search
+from services.inbox.announcements import Announcements
 from services.inbox.board import ItemFilter
 from services.inbox.delivery import Delivery
 from services.inbox.http_api import build_app
@@ -154,6 +155,53 @@ def test_a_delivered_item_s_patient_is_a_patient_term_sealed_on_every_copy(place
     a = staff(AGENCY, "stf_a")
     assert find(finder, a, "okafor")["items"] == []  # a name is not a word of the text
     assert find(finder, staff(AGENCY, "stf_c"), patient="okafor")["items"] == []  # not on their board
+
+
+def post(feature: Announcements, title: str, body: str, agency=AGENCY, **options) -> dict:
+    author = staff(agency, "stf_admin", "staff", "admin", name="Alex Admin")
+    token = current_identity.set(author)
+    try:
+        return feature.post(author, title, body, **options)
+    finally:
+        current_identity.reset(token)
+
+
+def test_active_announcements_are_found_on_the_first_page_only(place):
+    components, finder = place
+    board = Announcements(components)
+    components.features.append(board)
+    board.ensure_indexes()
+    board.attach()
+    a = staff(AGENCY, "stf_a")
+    flu = post(board, "Flu clinic Saturday", "Vaccines in room 4 from nine")
+    post(board, "Parking", "The north lot is closed", agency=OTHER)
+    send(components, staff(AGENCY, "stf_b"), "stf_a", subject="Vaccines", body="Ask about the flu clinic")
+    found = find(finder, a, "flu vaccines")
+    assert [i["id"] for i in found["announcements"]] == [flu["id"]]
+    assert found["announcements"][0]["folder"] == domain.FOLDER_ANNOUNCEMENTS and not found["announcements"][0]["read"]
+    assert titles(found) == ["Vaccines"]  # board items as ever, announcements beside them
+    assert find(finder, a, "flu", kind="announcement") == {**find(finder, a, "flu", kind="announcement"), "items": []}
+    assert find(finder, a, "flu", kind=domain.KIND_MESSAGE)["announcements"] == []
+    assert find(finder, a, "flu", cursor=search.encode_cursor("9999999999999."))["announcements"] == []
+    assert find(finder, a, "flu", urgent=True)["announcements"] == []
+    assert find(finder, a, "flu", sender_id="stf_admin")["announcements"][0]["id"] == flu["id"]
+    assert find(finder, a, "flu", until_ms=1)["announcements"] == []
+    assert find(finder, a, "north")["announcements"] == []  # another agency's
+    assert find(finder, staff(OTHER, "stf_x"), "parking")["announcements"][0]["title"] == "Parking"
+    raw = json.dumps(list(components.store.db[search.POSTINGS].find({})), default=str).lower()
+    assert "vaccines" not in raw and "parking" not in raw
+    # Read: still found, not with unread; edited: found by its new words; expired: not found.
+    token = current_identity.set(a)
+    try:
+        board.read(a, flu["id"])
+    finally:
+        current_identity.reset(token)
+    assert find(finder, a, "flu")["announcements"] and not find(finder, a, "flu", unread=True)["announcements"]
+    admin = staff(AGENCY, "stf_admin", "staff", "admin")
+    board.edit(admin, flu["id"], {"body": "Vaccines in the atrium"})
+    assert find(finder, a, "atrium")["announcements"][0]["id"] == flu["id"]
+    board.expire(admin, flu["id"])
+    assert find(finder, a, "atrium")["announcements"] == []
 
 
 def test_a_repeated_insert_writes_nothing_twice(place):
@@ -374,15 +422,19 @@ def test_reindex_indexes_items_from_before_search(mongo_client, db_name, mongo_u
         before = build(config.load(env), db, directory=table, features=()).components  # no search yet
         send(before, staff(AGENCY, "stf_a"), "stf_b", subject="Old one", body="haloperidol taper")
         notice(before, "stf_x", "haloperidol level", now_ms(), agency=OTHER)
+        Announcements(before).ensure_indexes()
+        posted = post(Announcements(before), "Haloperidol shortage", "Use the liquid form")
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         assert search.main(["reindex", "--agency", AGENCY]) == 0
         out, err = capsys.readouterr()
-        assert json.loads(out) == {"boards": 2, "items": 2}
+        assert json.loads(out) == {"boards": 2, "items": 2, "announcements": 1}
         assert f"{AGENCY}|stf_b: 1 items indexed" in err and "haloperidol" not in out + err
-        after = build(config.load(env), db, directory=table, features=(Search,)).components
+        after = build(config.load(env), db, directory=table, features=(Search, Announcements)).components
         finder = after.features[0]
-        assert titles(find(finder, staff(AGENCY, "stf_b"), "haloperidol")) == ["Old one"]
+        found = find(finder, staff(AGENCY, "stf_b"), "haloperidol")
+        assert titles(found) == ["Old one"]
+        assert [a["id"] for a in found["announcements"]] == [posted["id"]]
         assert find(finder, staff(OTHER, "stf_x"), "haloperidol")["items"] == []  # its agency not reindexed
         assert search.main(["reindex"]) == 0  # every agency; again harmlessly
         assert titles(find(finder, staff(OTHER, "stf_x"), "haloperidol")) == ["haloperidol level"]

@@ -302,6 +302,8 @@ async function loadList(append = false, keep = false) {
   if (seq !== state.loadSeq) return;
   let items = page.items || [];
   if (state.view.id === "announcements" && state.unreadOnly) items = items.filter((i) => !i.read);
+  // A search's first page: the matching announcements above the board's results.
+  if (state.view.type === "search" && !append) items = (page.announcements || []).concat(items);
   let cursor = page.next_cursor || null;
   state.capped = Boolean(page.capped);
   if (append) {
@@ -327,7 +329,7 @@ async function loadList(append = false, keep = false) {
 // Who a row names: the poster of an announcement, the recipients of my own sent message, the
 // source of a delivered notification, else the sender.
 function rowWho(item) {
-  if (state.view.type === "folder" && state.view.id === "announcements") return item.posted_by && item.posted_by.name;
+  if (item.folder === "announcements") return item.posted_by && item.posted_by.name;
   const mine = item.sender && state.me && item.sender.id === state.me.id;
   if (item.folder === "sent" || (mine && state.view.type === "folder" && state.view.id === "sent")) {
     if (item.to) return `To: ${recipientsText(item.to)}`;
@@ -351,7 +353,7 @@ function rowFact(item) {
 function termed(text) { return String(text || "").replace(/^Patient\b/, term()); }
 
 function itemRow(item) {
-  const isAnnouncement = state.view.id === "announcements" && state.view.type === "folder";
+  const isAnnouncement = item.folder === "announcements";
   const who = rowWho(item);
   const badges = [];
   if (item.auto_reply) badges.push(h("span", { class: "badge auto", text: "Automatic reply" }));
@@ -588,7 +590,7 @@ async function openItem(item) {
   $("#items").querySelectorAll(".row").forEach((row) => {
     row.setAttribute("aria-current", row.parentElement.dataset.id === item.id ? "true" : "false");
   });
-  const isAnnouncement = state.view.type === "folder" && state.view.id === "announcements";
+  const isAnnouncement = item.folder === "announcements";  // its folder, or a search result
   const signedIn = state.signedInSeq;
   // Only the answer for the item chosen last is shown, and none after signing out.
   const stale = () => signedIn !== state.signedInSeq || state.selected !== item.id;

@@ -1,11 +1,13 @@
 // Search across the whole board: the search field above the list, its Filters panel, and the
 // request for a page of results (GET /api/v1/board/search, services/inbox/README.md). Results are
-// board items: the list draws and opens them like any folder's rows.
+// board items, and on the first page the matching announcements: the list draws and opens them like
+// any folder's rows.
 import { $, h } from "./dom.js";
 
 const KINDS = [
   ["", "Any kind"], ["message", "Message"], ["portal_message", "{term} portal message"], ["notice", "Notification"],
   ["reminder", "Reminder"], ["signature_request", "Signature request"], ["signature_outcome", "Signature outcome"],
+  ["announcement", "Announcement"],
 ];
 const MAX_LIMIT = 50; // the most the search API answers in one page
 
