@@ -26,7 +26,8 @@ newest first in chunks, the other terms' documents of the same buckets fetched b
 and the live filters applied to the items as they are now: the caller's own, on the board (not
 deleted, recalled or hidden), content not deleted under retention, kind, urgent, unread, label and
 date range. So a stale posting (an item deleted, recalled or whose content was deleted) never shows
-anything; postings are not removed when items leave a board. Each request examines at most
+anything; the request that meets one removes it from the document it read (`SearchIndex.forget`), and
+`python -m services.inbox.search prune` removes the rest (`SearchIndex.prune`). Each request examines at most
 MAX_EXAMINED items and MAX_DOCS driver documents; when that stops it, the answer says `capped` and
 its cursor continues where it stopped.
 
@@ -58,6 +59,7 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import re
 import sys
@@ -112,6 +114,8 @@ WRITE_BATCH = 1000
 # which no staff id can be (ids hold no "~"). A query reads only the documents of the buckets the
 # agency's active announcements were posted in (services/inbox/announcements.py: at most 200).
 ANNOUNCEMENTS_OWNER = "~announcements"
+PRUNE_AFTER_MS = 7 * 86_400_000  # a posting document emptied by `prune` is deleted once this old
+PRUNE_BATCH = 200  # posting documents settled together by `prune`
 ANNOUNCEMENT_KIND = "announcement"
 
 # Words too common to say anything (English; the page's own words "re", "fwd" included).
@@ -427,6 +431,81 @@ class SearchIndex:
                 return []
         return sorted(left, key=lambda aid: (left[aid], aid), reverse=True)
 
+    # --- pruning -------------------------------------------------------------------------------------
+    def forget(self, pk: str, dead: dict[str, int]) -> int:
+        """Remove the postings of items gone for good (deleted, recalled, content deleted) from the
+        term's documents: one `$unset` per bucket, guarded by each entry's time, so an item put back
+        (a notice delivered again, indexed anew at another time) keeps its posting. How many went."""
+        by_bucket: dict[int, dict[str, int]] = {}
+        for item_id, ms in dead.items():
+            by_bucket.setdefault(bucket(ms), {})[ENTRY + item_id] = ms
+        removed = 0
+        for bk, fields in by_bucket.items():
+            guard = {"_id": {"$eq": doc_id(pk, bk)}, **{name: {"$eq": ms} for name, ms in fields.items()}}
+            try:
+                done = self.postings.update_one(guard, {"$unset": {name: "" for name in fields}})
+            except PyMongoError:
+                log.warning("search: stale postings not removed")
+                return removed
+            removed += len(fields) if done.modified_count else 0
+        return removed
+
+    def prune(self, agency_id: str | None, progress: Callable[[str], None], now: int | None = None) -> dict:
+        """Every board's postings (of one agency, or all) without the items gone for good; a document
+        left with none is deleted once its bucket is older than PRUNE_AFTER_MS (a newer one may be
+        written again at any moment, an old one only by `reindex`), guarded by what it held."""
+        horizon = bucket((now or now_ms()) - PRUNE_AFTER_MS)
+        boards = removed = deleted = 0
+        after = f"{agency_id}|" if agency_id else ""
+        while True:
+            owners = self.store.counter_owners(after, 200)
+            if not owners or (agency_id and not owners[0].startswith(f"{agency_id}|")):
+                break
+            for owner in owners:
+                after = owner
+                if agency_id and not owner.startswith(f"{agency_id}|"):
+                    break
+                gone, dropped = self._prune_board(owner, horizon)
+                boards, removed, deleted = boards + 1, removed + gone, deleted + dropped
+                progress(f"{owner}: {gone} postings removed, {dropped} documents deleted ({boards} boards)")
+        return {"boards": boards, "postings_removed": removed, "documents_deleted": deleted}
+
+    def _prune_board(self, owner: str, horizon: int) -> tuple[int, int]:
+        prefix = f"{owner}|"
+        query = {"pk": {"$gte": prefix, "$lt": prefix + "\uffff"}}
+        removed = deleted = 0
+        batch: list[dict] = []
+
+        def settle(docs: list[dict]) -> None:
+            nonlocal removed, deleted
+            ids = sorted({key[len(ENTRY) :] for doc in docs for key in doc if key.startswith(ENTRY)})
+            live: set[str] = set()
+            for start in range(0, len(ids), ITEM_BATCH * 5):
+                found = self.store.board_items.find(
+                    {"_id": {"$in": ids[start : start + ITEM_BATCH * 5]}}, projection={"content_deleted_at": 1}
+                )
+                live |= {item["_id"] for item in found if not item.get("content_deleted_at")}
+            for doc in docs:
+                held = entries(doc)
+                dead = {i: ms for i, ms in held.items() if i not in live}
+                if not dead:
+                    continue
+                if len(dead) == len(held) and doc["bk"] < horizon:
+                    guard = {"_id": {"$eq": doc["_id"]}, **{ENTRY + i: {"$eq": ms} for i, ms in held.items()}}
+                    if self.postings.delete_one(guard).deleted_count:
+                        removed, deleted = removed + len(dead), deleted + 1
+                        continue
+                removed += self.forget(doc["pk"], dead)
+
+        for doc in self.postings.find(query):
+            batch.append(doc)
+            if len(batch) == PRUNE_BATCH:
+                settle(batch)
+                batch = []
+        if batch:
+            settle(batch)
+        return removed, deleted
+
     # --- reading -------------------------------------------------------------------------------------
     def newest(self, pk: str, upper_bk: int | None, n: int) -> list[dict]:
         query: dict = {"pk": {"$eq": pk}}
@@ -515,6 +594,7 @@ class Scan:
     position: str | None = None  # everything at or after this sort key is done
     capped: bool = False
     full: bool = False
+    dead: dict[str, int] = field(default_factory=dict)  # candidates of items gone for good: id -> ms
 
 
 class Search(Feature):
@@ -650,7 +730,10 @@ class Search(Feature):
                     if all(item_id in entry for entry in verify):
                         candidates.append(sk)
             candidates.sort(reverse=True)
-            if self._examine(scan, candidates, accept, limit):
+            stop = self._examine(scan, candidates, accept, limit)
+            self.index.forget(driver, scan.dead)  # what this request met of items gone, the next one will not
+            scan.dead.clear()
+            if stop:
                 return scan
             scan.position = f"{chunk[-1]['bk'] * BUCKET_MS:013d}."
             if last:
@@ -674,6 +757,9 @@ class Search(Feature):
                 item = found.get(split_sort_key(sk)[1])
                 scan.examined += 1
                 scan.position = sk
+                if item is None or item.get("content_deleted_at"):
+                    ms, item_id = split_sort_key(sk)
+                    scan.dead[item_id] = ms
                 if item is not None and accept(item):
                     scan.found.append((sk, item))
                     if len(scan.found) > limit:
@@ -829,7 +915,8 @@ def search_route():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m services.inbox.search reindex [--agency A]: index items from before search."""
+    """python -m services.inbox.search reindex|prune [--agency A]: index items (and announcements)
+    from before search; remove the postings of items gone for good."""
     from services.inbox import config
     from services.inbox.store import InboxStore
     from services.kit import mongo
@@ -837,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.kit.settings import SettingsError
 
     parser = argparse.ArgumentParser(prog="python -m services.inbox.search")
-    parser.add_argument("command", choices=("reindex",))
+    parser.add_argument("command", choices=("reindex", "prune"))
     parser.add_argument("--agency", help="one agency id (default: every board)")
     args = parser.parse_args(argv)
     try:
@@ -848,6 +935,10 @@ def main(argv: list[str] | None = None) -> int:
     db = mongo.database(settings.common.mongo_uri, settings.common.mongo_db)
     index = SearchIndex(InboxStore(db), phi_cipher(db, settings.common))
     index.ensure_indexes()
+    if args.command == "prune":
+        pruned = index.prune(args.agency, lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(pruned))
+        return 0
     try:
         report = index.reindex(args.agency, lambda line: print(line, file=sys.stderr, flush=True))
         announcements = index.reindex_announcements(args.agency, lambda line: print(line, file=sys.stderr, flush=True))

@@ -233,6 +233,47 @@ def test_words_are_anded_and_sender_narrows(place):
     assert find(finder, b, "insulin", sender_id="stf_c")["items"] == []
 
 
+def board_postings(components, owner: str) -> dict[str, set[str]]:
+    """Posting document id -> the item ids it holds, of one board."""
+    prefix = f"{AGENCY}|{owner}|"
+    docs = components.store.db[search.POSTINGS].find({"pk": {"$gte": prefix, "$lt": prefix + "\uffff"}})
+    return {d["_id"]: {k[2:] for k in d if k.startswith(search.ENTRY)} for d in docs}
+
+
+def test_postings_of_items_gone_are_removed_by_the_searches_that_meet_them_and_by_prune(place):
+    components, finder = place
+    a, b = staff(AGENCY, "stf_a"), staff(AGENCY, "stf_b")
+    sent = [
+        send(components, a, "stf_b", subject=f"Clozapine {n}", body=f"Level {n} due") for n in ("one", "two", "three")
+    ]
+    items = [domain.board_item_id(m.message_id, "stf_b", "messages") for m in sent]
+    finder.index.run_pending()
+    components.store.delete_item(items[0], "stf_b")  # deleted for good
+    components.store.board_items.update_one({"_id": items[1]}, {"$set": {"content_deleted_at": now_ms()}})
+    assert titles(find(finder, b, "clozapine")) == ["Clozapine three"]
+    # The search that met them removed them from the term it read (the driver), nowhere else yet.
+    (key,) = finder.index.tokens(AGENCY, ["clozapine"])
+    held = board_postings(components, "stf_b")
+    assert set().union(*(ids for doc, ids in held.items() if f"|{key}|" in doc)) == {items[2]}
+    assert {items[0], items[1]} <= set().union(*held.values())  # "level", "due", "one"... still
+    report = finder.index.prune(AGENCY, lambda line: None, now=now_ms() + 8 * DAY)
+    assert report["boards"] >= 2 and report["postings_removed"] > 0 and report["documents_deleted"] > 0
+    held = board_postings(components, "stf_b")
+    assert set().union(*held.values()) == {items[2]}
+    assert all(held.values())  # no document left empty in a bucket that old
+    assert titles(find(finder, b, "level three")) == ["Clozapine three"]
+    assert find(finder, b, "level one")["items"] == []
+    # A recent bucket keeps its emptied documents (a new item may be posted to them at any moment).
+    c = staff(AGENCY, "stf_c")
+    gone = send(components, a, "stf_c", subject="Lithium", body="Level")
+    finder.index.run_pending()
+    components.store.delete_item(domain.board_item_id(gone.message_id, "stf_c", "messages"), "stf_c")
+    report = finder.index.prune(AGENCY, lambda line: None)
+    assert report["documents_deleted"] == 0 and report["postings_removed"] > 0
+    assert not any(board_postings(components, "stf_c").values())
+    assert find(finder, c, "lithium")["items"] == []
+
+
 def test_a_patient_is_matched_by_name_or_id_never_by_words_of_a_text(place):
     components, finder = place
     a, b = staff(AGENCY, "stf_a"), staff(AGENCY, "stf_b")
@@ -436,6 +477,9 @@ def test_reindex_indexes_items_from_before_search(mongo_client, db_name, mongo_u
         assert titles(found) == ["Old one"]
         assert [a["id"] for a in found["announcements"]] == [posted["id"]]
         assert find(finder, staff(OTHER, "stf_x"), "haloperidol")["items"] == []  # its agency not reindexed
+        assert search.main(["prune", "--agency", AGENCY]) == 0
+        out, _ = capsys.readouterr()
+        assert json.loads(out) == {"boards": 2, "postings_removed": 0, "documents_deleted": 0}
         assert search.main(["reindex"]) == 0  # every agency; again harmlessly
         assert titles(find(finder, staff(OTHER, "stf_x"), "haloperidol")) == ["haloperidol level"]
     finally:

@@ -75,3 +75,28 @@ def test_search_keys_made_once_per_agency(mongo_client, db_name):
     keys.insert_one({"_id": "agy_a:search", "agency_id": "agy_a", "master_key_id": "m", "wrapped": b"x"})
     assert keys.find_one({"_id": {"$eq": "agy_a:search"}})["wrapped"] == b"x"
     assert [d["_id"] for d in keys.find({"master_key_id": {"$ne": "n"}})] == ["agy_a:search"]
+
+
+def test_stale_postings_unset_and_deleted_only_as_they_were_read(mongo_client, db_name):
+    db = mongo_client[db_name]
+    ensure_indexes(db, INDEXES)
+    postings = db[POSTINGS]
+    postings.bulk_write(
+        [
+            upsert("a|s|tok", 1, {"i_x": 100, "i_y": 101}),
+            upsert("a|s|tok", 2, {"i_z": 200}),
+            upsert("a|s2|tok", 1, {"i_w": 100}),  # owner "s2" is not owner "s"
+        ],
+        ordered=False,
+    )
+    # `$unset` guarded by each entry's value: an entry written again (another time) is kept.
+    unset = {"$unset": {"i_x": ""}}
+    assert postings.update_one({"_id": {"$eq": "a|s|tok|1"}, "i_x": {"$eq": 99}}, unset).modified_count == 0
+    assert postings.update_one({"_id": {"$eq": "a|s|tok|1"}, "i_x": {"$eq": 100}}, unset).modified_count == 1
+    assert {k for k in postings.find_one({"_id": {"$eq": "a|s|tok|1"}}) if k.startswith("i_")} == {"i_y"}
+    # Delete guarded the same way.
+    assert postings.delete_one({"_id": {"$eq": "a|s|tok|2"}, "i_z": {"$eq": 1}}).deleted_count == 0
+    assert postings.delete_one({"_id": {"$eq": "a|s|tok|2"}, "i_z": {"$eq": 200}}).deleted_count == 1
+    # One board's documents: a range on the key prefix "<agency>|<owner>|".
+    board = postings.find({"pk": {"$gte": "a|s|", "$lt": "a|s|\uffff"}})
+    assert sorted(d["_id"] for d in board) == ["a|s|tok|1"]
