@@ -96,9 +96,12 @@ class DirectoryClient:
 
     def agency_settings(self, agency_id: str) -> directory_pb2.GetAgencySettingsResponse:
         """The agency's options (notify_linked_staff_on_schedule_change,
-        notify_ordering_provider_of_results, ...), cached like staff."""
+        notify_ordering_provider_of_results, ...), cached like staff (and, like staff, reloaded in the
+        background past half its time, so no lab result waits for directory)."""
         return self._settings.get_or_load(
-            agency_id, lambda: self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())
+            agency_id,
+            lambda: self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest()),
+            refresh_after_s=self._settings.ttl_s / 2,
         )
 
     def staff(self, staff_ids: list[str]) -> list[directory_pb2.Staff]:

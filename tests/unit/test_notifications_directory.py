@@ -22,6 +22,12 @@ class Stub:
     def GetStaff(self, request):  # noqa: N802
         return directory_pb2.GetStaffResponse(staff=[self.staff[i] for i in request.staff_ids])
 
+    def GetAgencySettings(self, request):  # noqa: N802
+        self.calls += 1
+        return directory_pb2.GetAgencySettingsResponse(time_zone=self.zone)
+
+    zone = "America/Chicago"
+
 
 def member(staff_id: str, *, lab: bool, active: bool = True, agency: str = "agy_a") -> directory_pb2.Staff:
     return directory_pb2.Staff(staff_id=staff_id, agency_id=agency, lab_result_notification=lab, active=active)
@@ -63,4 +69,17 @@ def test_the_staff_list_is_cached_per_agency_for_the_configured_time():
     del stub.staff["stf_a_new"]
     assert client.lab_recipients("agy_a") == ["stf_a_flagged"]
     assert stub.calls == 3
+    client.close()
+
+
+def test_agency_settings_are_cached_and_reloaded_in_the_background_past_half_their_time():
+    now = [100.0]
+    stub = Stub([])
+    client = client_with(stub, now)
+    assert client.agency_settings("agy_a").time_zone == "America/Chicago"
+    stub.zone = "America/Denver"
+    now[0] += 16.0  # past half its time: the cached answer at once, the new one soon after
+    assert client.agency_settings("agy_a").time_zone == "America/Chicago"
+    wait_until(lambda: client.agency_settings("agy_a").time_zone == "America/Denver", timeout=5)
+    assert stub.calls == 2
     client.close()
