@@ -19,6 +19,7 @@ for a slow load (an agency's whole staff list is one such); what is returned is 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -58,7 +59,12 @@ class TtlCache(Generic[K, V]):
         found = self._fresh(key, started)
         if found is not _MISSING:
             if refresh_after_s is not None and self._due_for_refresh(key, started, refresh_after_s):
-                threading.Thread(target=self._refresh, args=(key, load), name="cache-refresh", daemon=True).start()
+                # In the caller's context: a load that calls another service needs the identity
+                # (services.kit.service_identity.acting_as) its outgoing calls carry.
+                context = contextvars.copy_context()
+                threading.Thread(
+                    target=context.run, args=(self._refresh, key, load), name="cache-refresh", daemon=True
+                ).start()
             return found  # type: ignore[return-value]
         value = load()
         self.put(key, value, at=started)

@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
+from services.kit.auth import Identity, current_identity
 from services.kit.cache import TtlCache
+from services.kit.service_identity import acting_as
 from tests.helpers import Clock
 
 
@@ -178,3 +180,26 @@ def test_a_failed_background_reload_leaves_the_entry_to_expire_and_load_again():
         threading.Event().wait(0.01)
     clock.now += 4
     assert cache.get_or_load("k", load, refresh_after_s=5.0) == "third"  # expired: its caller loads it
+
+
+def test_a_background_reload_runs_as_its_caller_so_its_outgoing_calls_carry_the_identity():
+    """A load that calls another service needs the caller's identity (the gRPC client refuses a
+    call without one): the background reload sees the context of the call that started it."""
+    clock = Clock()
+    cache: TtlCache[str, str] = TtlCache(30.0, clock=clock)
+    seen: list[str | None] = []
+    reloaded = threading.Event()
+
+    def load() -> str:
+        identity = current_identity.get()
+        seen.append(identity.subject if identity else None)
+        if len(seen) > 1:
+            reloaded.set()
+        return f"answer {len(seen)}"
+
+    with acting_as(Identity(subject="svc:notifications", agency_id="agy_a", kind="service", token="t")):
+        assert cache.get_or_load("agy_a", load, refresh_after_s=15.0) == "answer 1"
+        clock.now += 16
+        assert cache.get_or_load("agy_a", load, refresh_after_s=15.0) == "answer 1"
+    assert reloaded.wait(5)
+    assert seen == ["svc:notifications", "svc:notifications"]
