@@ -85,8 +85,8 @@ class LabFeedDashboard(Feature):
         types = self.components.message_types
         answer = types._answer  # noqa: SLF001 - wrapped, not changed: every frame's answer passes here
 
-        def answer_hook(header, code, ack):
-            sent = answer(header, code, ack)
+        def answer_hook(header, code, ack, seconds):
+            sent = answer(header, code, ack, seconds)
             if header is not None:
                 self._quietly(self.count_mllp, header, code)
             return sent

@@ -129,6 +129,7 @@ class MessageTypes:
     def acknowledge(self, raw: bytes) -> bytes | None:
         """Handle one frame; the acknowledgement to send back, or None when the sender asked for
         none in this case (enhanced mode, MSH-15 NE/ER/SU). Never raises."""
+        started = time.perf_counter()
         try:
             message = hl7v2.read_message(raw, processing_id=self.processing_id)
             self._handle(message)
@@ -136,7 +137,7 @@ class MessageTypes:
         except hl7v2.Hl7Rejection as rejection:
             header, code, ack = rejection.header, rejection.ack_code, hl7v2.rejection_ack(rejection)
             log.info("message refused", extra={"code": f"{rejection.ack_code} {rejection.error_code}"})
-        return self._answer(header, code, ack)
+        return self._answer(header, code, ack, time.perf_counter() - started)
 
     def _handle(self, message: hl7v2.InboundMessage) -> None:
         handler = self.handlers.get((message.header.message_type, message.header.trigger))
@@ -166,7 +167,7 @@ class MessageTypes:
             ).with_header(message.header) from None
 
     @staticmethod
-    def _answer(header: hl7v2.Header | None, code: str, ack: bytes) -> bytes | None:
+    def _answer(header: hl7v2.Header | None, code: str, ack: bytes, seconds: float) -> bytes | None:
         """Trace the message for the interface team (ids and codes, never content) and apply MSH-15."""
         sent = header is None or header.wants_ack(code)
         shown = hl7v2.COMMIT_CODES[code] if header is not None and header.enhanced_mode else code
@@ -179,9 +180,10 @@ class MessageTypes:
                 "control_id": header.control_id if header else "",
                 "message_type": message_type,
                 "ack_code": shown,
+                "duration_ms": round(seconds * 1000, 2),
             },
         )
-        interface_metrics.count_message(header.sending_facility if header else "", message_type, shown)
+        interface_metrics.count_message(header.sending_facility if header else "", message_type, shown, seconds)
         return ack if sent else None
 
 

@@ -769,7 +769,8 @@ def test_an_oversize_message_is_refused_ar_echoing_its_control_id(wire, notifica
 
 
 def hl7_counts(stack, facility: str) -> dict[tuple[str, str], float]:
-    """(message type, ack code) -> hl7_messages_total of one sending facility."""
+    """(message type, ack code) -> hl7_messages_total of one sending facility; ("handled", type) ->
+    hl7_message_handling_seconds_count of every facility."""
     reply = requests.get(f"http://127.0.0.1:{stack.config.ports.notifications_http}/metrics", timeout=10)
     assert reply.status_code == 200, reply.text[:300]
     counts = {}
@@ -780,6 +781,8 @@ def hl7_counts(stack, facility: str) -> dict[tuple[str, str], float]:
                 and sample.labels.get("sending_facility", "").split("^")[0] == facility
             ):
                 counts[(sample.labels["message_type"], sample.labels["ack_code"])] = sample.value
+            if sample.name == "hl7_message_handling_seconds_count":
+                counts[("handled", sample.labels["message_type"])] = sample.value
     return counts
 
 
@@ -795,9 +798,12 @@ def test_messages_are_counted_by_facility_type_and_ack_code(stack, client):
     assert msa(exchange(client, refused))[0] == "AR"
     after = hl7_counts(stack, facility)
     grown = {key: value - before.get(key, 0.0) for key, value in after.items() if value != before.get(key, 0.0)}
+    handled = {key: grown.pop(key) for key in list(grown) if key[0] == "handled"}
     assert set(grown.values()) == {1.0}, grown
     assert {code for _type, code in grown} == {"AA", "AR"}, grown
     assert all("ORU" in message_type for message_type, _code in grown), grown
+    # Both timed until their ACK (other tests may send ORUs meanwhile: at least these two).
+    assert handled.get(("handled", "ORU^R01"), 0.0) >= 2, handled
 
 
 # --- the way real senders write results -------------------------------------------------------------------
