@@ -9,7 +9,8 @@ with sealed subjects and bodies, a fifth of them about a patient, 40 % delivered
 messages, and their postings (computed by SearchIndex.postings_of, as the indexer computes them;
 inserted in bulk, as a fresh index can be), then times, interleaved:
 - the board's first page (Messages, 20 items): the baseline;
-- a rare word (in 30 items), two common words, a sender and a word, a patient by name;
+- a rare word (in 30 items), two common words, a sender and a word, a patient by name; each also
+  looks among the agency's 40 active announcements (posted before, one holding the rare word);
 and then sends with and without the indexing hook (one recipient), and the indexer's job for them.
 Target: every query's p50 under 300 ms.
 """
@@ -28,6 +29,7 @@ import uuid
 
 from bench._env import embedded_mongo, machine, write_report
 from services.inbox import config, domain, search
+from services.inbox.announcements import Announcements
 from services.inbox.board import ItemFilter
 from services.inbox.directory_client import Resolution
 from services.inbox.search import POSTINGS, Query, Search
@@ -42,6 +44,7 @@ TARGET_MS = 300.0
 SPACING_MS = 600_000  # one item every ten minutes: 100,000 items over about two years
 RARE = "zolpidem"
 RARE_COUNT = 30
+ANNOUNCEMENTS = 40  # active announcements of the agency
 FIRST = ("Ana", "Ben", "Carla", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas")
 LAST = ("Smith", "Lopez", "Okafor", "Nguyen", "Kowalski", "Haddad", "Moreau", "Tanaka", "Silva", "Berg")
 CLINICAL = (
@@ -183,6 +186,22 @@ def seed(components, finder: Search, count: int, rng: random.Random) -> dict:
     }
 
 
+def announce(components, rng: random.Random) -> int:
+    """ANNOUNCEMENTS active announcements in the agency (every query also looks among them), one
+    holding the rare word."""
+    feature = next(f for f in components.features if isinstance(f, Announcements))
+    admin = Identity(subject="stf_admin", agency_id=AGENCY, roles=frozenset({"staff", "admin"}), name="Admin")
+    words, weights = vocabulary()
+    token = current_identity.set(admin)
+    try:
+        for n in range(ANNOUNCEMENTS):
+            body = " ".join(rng.choices(words, weights, k=40)) + (f" {RARE}" if n == 0 else "")
+            feature.post(admin, " ".join(rng.choices(words, weights, k=6)), body)
+    finally:
+        current_identity.reset(token)
+    return ANNOUNCEMENTS
+
+
 def timed(call, n: int, warmup: int = 3) -> list[float]:
     for _ in range(warmup):
         call()
@@ -204,6 +223,8 @@ def query_latency(components, finder: Search, seeded: dict, rounds: int) -> dict
         "word, unread only": Query(words=("insulin",), unread=True),
     }
     found = {name: len(finder.search(owner, query, None, 20)["items"]) for name, query in queries.items()}
+    if len(finder.search(owner, queries["rare word"], None, 20)["announcements"]) != 1:
+        raise SystemExit("the announcement holding the rare word was not found")
     if found["rare word"] != min(20, RARE_COUNT) or found["patient by name"] != min(20, seeded["patient_items"]):
         raise SystemExit(f"unexpected results: {found}")
     samples: dict[str, list[float]] = {"board first page (baseline)": [], **{name: [] for name in queries}}
@@ -261,7 +282,9 @@ def main() -> int:
     with embedded_mongo() as uri, tempfile.TemporaryDirectory(prefix="bench-search-") as run_dir:
         master = base64.b64encode(os.urandom(32)).decode()
         settings = config.load({"MONGO_URI": uri, "PHI_MASTER_KEYS": f"m:{master}", "CLINIC_RUN_DIR": run_dir})
-        inbox = build(settings, database(uri, "bench_inbox"), directory=Everyone(), features=(Search,))
+        inbox = build(
+            settings, database(uri, "bench_inbox"), directory=Everyone(), features=(Search, Announcements)
+        )
         components = inbox.components
         finder = components.features[0]
         hook, components.store.on_items = components.store.on_items, None  # seeding indexes in bulk
@@ -269,6 +292,7 @@ def main() -> int:
         seeded = seed(components, finder, args.items, rng)
         seeded["seed_seconds"] = round(time.perf_counter() - started, 1)
         components.store.on_items = hook
+        seeded["announcements"] = announce(components, rng)
         results = {**seeded, **query_latency(components, finder, seeded, args.rounds)}
         results.update(send_cost(components, finder, args.sends))
     return 0 if report(results) else 1
