@@ -14,7 +14,8 @@ simply asked twice. A load that raises stores nothing.
 Refresh ahead (`get_or_load(..., refresh_after_s=r)`): an entry still fresh but older than `r` is
 returned as it is and reloaded once in the background, so a busy key never makes a caller wait
 for a slow load (an agency's whole staff list is one such); what is returned is never older than
-`ttl_s`, as without it. A key not asked for between `r` and `ttl_s` is loaded by its next caller.
+`ttl_s`, as without it. A key not asked for between `r` and `ttl_s` is loaded by its next caller,
+unless its owner keeps it warm (`age` tells a warmer which entries are due; `put` stores the reload).
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class TtlCache(Generic[K, V]):
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()  # key -> (loaded at, value)
         self._lock = threading.Lock()
         self._refreshing: set[K] = set()  # keys being reloaded in the background
+
+    def age(self, key: K) -> float | None:
+        """Seconds since the load of `key`'s entry started; None when there is no fresh entry."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or now - entry[0] >= self.ttl_s:
+            return None
+        return now - entry[0]
 
     def get(self, key: K, default: V | None = None) -> V | None:
         """The fresh value for `key`, or `default`."""

@@ -60,6 +60,9 @@ class DirectoryClient:
         self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
         self._staff: TtlCache[str, list[StaffFlags]] = TtlCache(cache_s, clock=clock)
         self._settings: TtlCache[str, directory_pb2.GetAgencySettingsResponse] = TtlCache(cache_s, clock=clock)
+        self._clock = clock
+        self._used: dict[str, float] = {}  # agency -> when its staff list or settings were last asked for
+        self.cache_s = cache_s
 
     def _call(self, method: str, request):
         try:
@@ -72,6 +75,7 @@ class DirectoryClient:
         flag changed in directory reaches new messages within that time. Reloaded in the background
         once it is older than half of that, so a lab result never waits for the whole list (it takes
         about a second for an agency of a thousand staff on a busy machine)."""
+        self._used[agency_id] = self._clock()
         return self._staff.get_or_load(
             agency_id, lambda: self._fetch_agency_staff(agency_id), refresh_after_s=self._staff.ttl_s / 2
         )
@@ -98,11 +102,36 @@ class DirectoryClient:
         """The agency's options (notify_linked_staff_on_schedule_change,
         notify_ordering_provider_of_results, ...), cached like staff (and, like staff, reloaded in the
         background past half its time, so no lab result waits for directory)."""
+        self._used[agency_id] = self._clock()
         return self._settings.get_or_load(
-            agency_id,
-            lambda: self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest()),
-            refresh_after_s=self._settings.ttl_s / 2,
+            agency_id, self._fetch_settings, refresh_after_s=self._settings.ttl_s / 2
         )
+
+    def _fetch_settings(self) -> directory_pb2.GetAgencySettingsResponse:
+        return self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())
+
+    # --- kept warm ------------------------------------------------------------------------------
+    def recently_used(self, within_s: float) -> list[str]:
+        """Agencies whose staff list or settings were asked for within the last `within_s`."""
+        since = self._clock() - within_s
+        return [agency for agency, at in list(self._used.items()) if at >= since]
+
+    def keep_warm(self, agency_id: str) -> int:
+        """Reload the agency's staff list and settings once past half their cache time, so a lab
+        result arriving after a quiet spell never waits for them (refresh ahead alone reloads only
+        when asked). The caller acts as the agency's service identity. How many were reloaded."""
+        reloaded = 0
+        for cache, load in (
+            (self._staff, lambda: self._fetch_agency_staff(agency_id)),
+            (self._settings, self._fetch_settings),
+        ):
+            age = cache.age(agency_id)
+            if age is not None and age < cache.ttl_s / 2:
+                continue
+            started = self._clock()
+            cache.put(agency_id, load(), at=started)
+            reloaded += 1
+        return reloaded
 
     def staff(self, staff_ids: list[str]) -> list[directory_pb2.Staff]:
         """Staff records of the caller's agency (uncached)."""

@@ -29,10 +29,11 @@ from pymongo.errors import DuplicateKeyError
 from clinic.inbox.v1 import inbox_pb2
 from services.kit.auth import Identity
 from services.kit.crypto import DecryptionError
-from services.kit.errors import Unavailable
+from services.kit.errors import DomainError, Unavailable
 from services.kit.http import require_staff as staff_only
 from services.kit.mongo import IndexSpec, ensure_indexes, now_ms
 from services.kit.outbox import outbox_fields
+from services.kit.runtime import every
 from services.kit.service_identity import acting_as
 from services.kit.validation import json_body, path_id
 from services.notifications import audit, hl7v2
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 LAB_RESULTS = "lab_results"
 SOURCE = "lab"
 RESOURCE_TYPE = "lab_result"
+WARM_IDLE_S = 600.0  # an agency with no result for this long is no longer kept warm
 INDEXES = [
     IndexSpec(
         LAB_RESULTS, [("agency_id", 1), ("order_id", 1), ("version", -1), ("received_at", -1)], name="lab_by_order"
@@ -88,6 +90,26 @@ class LabResults(Feature):
 
     def attach(self) -> None:
         self.components.message_types.register("ORU", "R01", self.handle_oru)
+
+    def background(self):
+        """Keep the staff lists and settings of agencies that received results lately loaded, so
+        the first result after a quiet spell is acknowledged without waiting for directory."""
+        directory, tokens = self.components.directory, self.components.service_tokens
+        if tokens is None or not hasattr(directory, "keep_warm") or directory.cache_s <= 0:
+            return []
+        interval = max(1.0, directory.cache_s / 4)
+
+        def run(stop) -> None:
+            every(stop, interval, self.keep_directory_warm, "directory cache warming", errors=(DomainError,))
+
+        return [("lab-directory-warm", run)]
+
+    def keep_directory_warm(self) -> int:
+        directory, reloaded = self.components.directory, 0
+        for agency_id in directory.recently_used(WARM_IDLE_S):
+            with acting_as(self.components.service_tokens.identity(agency_id)):
+                reloaded += directory.keep_warm(agency_id)
+        return reloaded
 
     # --- the two ways in ----------------------------------------------------------------------
     def handle_oru(self, message: hl7v2.InboundMessage) -> None:

@@ -203,3 +203,14 @@ def test_a_background_reload_runs_as_its_caller_so_its_outgoing_calls_carry_the_
         assert cache.get_or_load("agy_a", load, refresh_after_s=15.0) == "answer 1"
     assert reloaded.wait(5)
     assert seen == ["svc:notifications", "svc:notifications"]
+
+
+def test_age_counts_from_the_load_and_ends_with_the_entry():
+    clock = Clock()
+    cache: TtlCache[str, str] = TtlCache(10.0, clock=clock)
+    assert cache.age("k") is None
+    cache.put("k", "v")
+    clock.now += 4
+    assert cache.age("k") == 4
+    clock.now += 6
+    assert cache.age("k") is None  # expired

@@ -83,3 +83,64 @@ def test_agency_settings_are_cached_and_reloaded_in_the_background_past_half_the
     wait_until(lambda: client.agency_settings("agy_a").time_zone == "America/Denver", timeout=5)
     assert stub.calls == 2
     client.close()
+
+
+def test_an_agency_used_lately_is_kept_warm_so_a_result_after_a_quiet_spell_does_not_wait():
+    now = [100.0]
+    stub = Stub([member("stf_a_flagged", lab=True)])
+    client = client_with(stub, now)
+    assert client.recently_used(600) == []
+    client.lab_recipients("agy_a")
+    client.agency_settings("agy_a")
+    assert stub.calls == 2 and client.recently_used(600) == ["agy_a"]
+    now[0] += 10.0
+    assert client.keep_warm("agy_a") == 0  # not yet half their cache time old
+    now[0] += 6.0
+    stub.staff["stf_a_new"] = member("stf_a_new", lab=True)
+    assert client.keep_warm("agy_a") == 2  # staff list and settings reloaded
+    assert stub.calls == 4
+    # Nobody asks for 40 s (past the cache time): a warmer running every few seconds kept it loaded.
+    for _ in range(8):
+        now[0] += 5.0
+        client.keep_warm("agy_a")
+    assert client.lab_recipients("agy_a") == ["stf_a_flagged", "stf_a_new"]
+    calls = stub.calls
+    assert client.lab_recipients("agy_a") and stub.calls == calls  # answered from the cache
+    now[0] += 601.0
+    assert client.recently_used(600) == []  # no longer used: no longer warmed
+    client.close()
+
+
+def test_the_lab_feature_warms_recently_used_agencies_as_their_service_identity():
+    from types import SimpleNamespace
+
+    from services.kit.auth import Identity, current_identity
+    from services.notifications.lab import LAB_RESULTS, LabResults
+
+    class Directory:
+        cache_s = 30.0
+
+        def __init__(self):
+            self.warmed: list[tuple[str, str]] = []
+
+        def recently_used(self, within_s):
+            return ["agy_a", "agy_b"]
+
+        def keep_warm(self, agency_id):
+            self.warmed.append((agency_id, current_identity.get().agency_id))
+            return 2
+
+    class Tokens:
+        def identity(self, agency_id):
+            return Identity(subject="svc:notifications", agency_id=agency_id, kind="service", token="t")
+
+    directory = Directory()
+    components = SimpleNamespace(
+        store=SimpleNamespace(db={LAB_RESULTS: None}), cipher=None, directory=directory, service_tokens=Tokens()
+    )
+    feature = LabResults(components)
+    assert [name for name, _ in feature.background()] == ["lab-directory-warm"]
+    assert feature.keep_directory_warm() == 4
+    assert directory.warmed == [("agy_a", "agy_a"), ("agy_b", "agy_b")]
+    components.service_tokens = None  # a build without service identities (tests): nothing to run
+    assert feature.background() == []
