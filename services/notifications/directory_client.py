@@ -75,7 +75,7 @@ class DirectoryClient:
         flag changed in directory reaches new messages within that time. Reloaded in the background
         once it is older than half of that, so a lab result never waits for the whole list (it takes
         about a second for an agency of a thousand staff on a busy machine)."""
-        self._used[agency_id] = self._clock()
+        self.mark_used(agency_id)
         return self._staff.get_or_load(
             agency_id, lambda: self._fetch_agency_staff(agency_id), refresh_after_s=self._staff.ttl_s / 2
         )
@@ -102,7 +102,7 @@ class DirectoryClient:
         """The agency's options (notify_linked_staff_on_schedule_change,
         notify_ordering_provider_of_results, ...), cached like staff (and, like staff, reloaded in the
         background past half its time, so no lab result waits for directory)."""
-        self._used[agency_id] = self._clock()
+        self.mark_used(agency_id)
         return self._settings.get_or_load(
             agency_id, self._fetch_settings, refresh_after_s=self._settings.ttl_s / 2
         )
@@ -111,6 +111,10 @@ class DirectoryClient:
         return self._call("GetAgencySettings", directory_pb2.GetAgencySettingsRequest())
 
     # --- kept warm ------------------------------------------------------------------------------
+    def mark_used(self, agency_id: str) -> None:
+        """Count the agency as used now (kept warm from the start: a registered facility's)."""
+        self._used[agency_id] = self._clock()
+
     def recently_used(self, within_s: float) -> list[str]:
         """Agencies whose staff list or settings were asked for within the last `within_s`."""
         since = self._clock() - within_s

@@ -100,6 +100,13 @@ class LabResults(Feature):
         interval = max(1.0, directory.cache_s / 4)
 
         def run(stop) -> None:
+            # The agencies of registered facilities are loaded at once: even the first result is quick.
+            for facility in self.components.registrations.facilities.values():
+                directory.mark_used(facility.agency_id)
+            try:
+                self.keep_directory_warm()
+            except DomainError as exc:
+                log.warning("directory cache warming failed", extra={"error_type": type(exc).__name__})
             every(stop, interval, self.keep_directory_warm, "directory cache warming", errors=(DomainError,))
 
         return [("lab-directory-warm", run)]

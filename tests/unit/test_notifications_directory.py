@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from clinic.directory.v1 import directory_pb2
 from services.notifications.directory_client import DirectoryClient
 from tests.waits import wait_until
@@ -122,9 +124,13 @@ def test_the_lab_feature_warms_recently_used_agencies_as_their_service_identity(
 
         def __init__(self):
             self.warmed: list[tuple[str, str]] = []
+            self.used = ["agy_a", "agy_b"]
+
+        def mark_used(self, agency_id):
+            self.used.append(agency_id)
 
         def recently_used(self, within_s):
-            return ["agy_a", "agy_b"]
+            return list(dict.fromkeys(self.used))
 
         def keep_warm(self, agency_id):
             self.warmed.append((agency_id, current_identity.get().agency_id))
@@ -136,11 +142,22 @@ def test_the_lab_feature_warms_recently_used_agencies_as_their_service_identity(
 
     directory = Directory()
     components = SimpleNamespace(
-        store=SimpleNamespace(db={LAB_RESULTS: None}), cipher=None, directory=directory, service_tokens=Tokens()
+        store=SimpleNamespace(db={LAB_RESULTS: None}),
+        cipher=None,
+        directory=directory,
+        service_tokens=Tokens(),
+        registrations=SimpleNamespace(facilities={"RIVERBEND": SimpleNamespace(agency_id="agy_c")}),
     )
     feature = LabResults(components)
-    assert [name for name, _ in feature.background()] == ["lab-directory-warm"]
     assert feature.keep_directory_warm() == 4
     assert directory.warmed == [("agy_a", "agy_a"), ("agy_b", "agy_b")]
+    # The worker warms the registered facilities' agencies at once, before any result arrives.
+    [(name, run)] = feature.background()
+    assert name == "lab-directory-warm"
+    stop = threading.Event()
+    stop.set()
+    directory.warmed.clear()
+    run(stop)
+    assert directory.warmed == [("agy_a", "agy_a"), ("agy_b", "agy_b"), ("agy_c", "agy_c")]
     components.service_tokens = None  # a build without service identities (tests): nothing to run
     assert feature.background() == []
