@@ -106,9 +106,17 @@ def test_no_plain_word_is_stored_in_postings_or_jobs(place):
         assert word not in raw
 
 
+def deliver_as_notifications(components, request: inbox_pb2.DeliverItemRequest) -> None:
+    """The delivery feature's call as the notifications service makes it."""
+    token = current_identity.set(Identity(subject="svc:notifications", agency_id=AGENCY, kind="service"))
+    try:
+        components.features[0].deliver(AGENCY, "notifications", request, None)
+    finally:
+        current_identity.reset(token)
+
+
 def test_a_delivered_lab_result_is_found_by_its_title_and_summary(place):
     components, finder = place
-    delivery = components.features[0]
     request = inbox_pb2.DeliverItemRequest(
         kind=inbox_pb2.DELIVERED_KIND_LAB,
         recipients=inbox_pb2.Recipients(staff_ids=["stf_a"]),
@@ -118,11 +126,7 @@ def test_a_delivered_lab_result_is_found_by_its_title_and_summary(place):
         source="lab",
         source_ref="order-417",
     )
-    token = current_identity.set(Identity(subject="svc:notifications", agency_id=AGENCY, kind="service"))
-    try:
-        delivery.deliver(AGENCY, "notifications", request, None)
-    finally:
-        current_identity.reset(token)
+    deliver_as_notifications(components, request)
     a = staff(AGENCY, "stf_a")
     assert titles(find(finder, a, "hemoglobin")) == ["Lab result: Hemoglobin A1c (final)"]
     assert titles(find(finder, a, "mrn00417 abnormal")) == ["Lab result: Hemoglobin A1c (final)"]
@@ -131,7 +135,6 @@ def test_a_delivered_lab_result_is_found_by_its_title_and_summary(place):
 
 def test_a_delivered_item_s_patient_is_a_patient_term_sealed_on_every_copy(place):
     components, finder = place
-    delivery = components.features[0]
     request = inbox_pb2.DeliverItemRequest(
         kind=inbox_pb2.DELIVERED_KIND_LAB,
         recipients=inbox_pb2.Recipients(staff_ids=["stf_a", "stf_b"]),
@@ -141,11 +144,7 @@ def test_a_delivered_item_s_patient_is_a_patient_term_sealed_on_every_copy(place
         source="lab",
         source_ref="order-418",
     )
-    token = current_identity.set(Identity(subject="svc:notifications", agency_id=AGENCY, kind="service"))
-    try:
-        delivery.deliver(AGENCY, "notifications", request, None)
-    finally:
-        current_identity.reset(token)
+    deliver_as_notifications(components, request)
     raw = json.dumps(list(components.store.db["board_items"].find({})), default=str).lower()
     raw += json.dumps(list(components.store.db["notices"].find({})), default=str).lower()
     assert "okafor" not in raw and "adaeze" not in raw  # sealed at rest
