@@ -59,6 +59,7 @@ def test_search_filter_open_a_result_and_clear(people, api):
     expect(kim.row(notice)).to_be_visible()  # an announcement of the agency, above the board's results
     expect(page.locator("#items li")).to_have_count(3)
     expect(page.locator("#items li").first).to_contain_text(notice)
+    expect(kim.row(notice).locator(".badge.agency")).to_have_text("Announcement")
     expect(page.locator("#status")).to_contain_text("3 results")
     expect(page.get_by_role("button", name="Clear search")).to_be_visible()
     kim.open_row(notice)

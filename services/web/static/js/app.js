@@ -357,6 +357,8 @@ function itemRow(item) {
   const who = rowWho(item);
   const badges = [];
   if (item.auto_reply) badges.push(h("span", { class: "badge auto", text: "Automatic reply" }));
+  // Among search results an announcement says what it is (its own folder needs no such mark).
+  if (isAnnouncement && state.view.type === "search") badges.push(h("span", { class: "badge agency", text: "Announcement" }));
   if (item.to && item.to.whole_agency) badges.push(h("span", { class: "badge agency", text: "Whole agency" }));
   const queued = queueBadge(item, state.me && state.me.id);
   if (queued) badges.push(queued);
