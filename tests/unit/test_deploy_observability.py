@@ -133,6 +133,16 @@ def test_the_alerts_cover_what_the_issue_asks_with_real_metrics_and_queues():
         assert r["annotations"]["runbook"].split("#", 1)[1] in anchors, r["annotations"]["runbook"]
 
 
+def test_the_compose_prometheus_evaluates_the_same_alerts_as_kubernetes():
+    (rule,) = documents(ALERTS)
+    compose_rules = yaml.safe_load((REPO / "deploy" / "compose" / "prometheus" / "alerts.yml").read_text())
+    assert compose_rules == {"groups": rule["spec"]["groups"]}
+    config = yaml.safe_load((REPO / "deploy" / "compose" / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    compose = yaml.safe_load((REPO / "deploy" / "compose" / "docker-compose.yml").read_text())
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
+
+
 def test_keda_scales_the_queue_consumers_on_their_real_queues_and_replaces_their_hpas():
     deployments = k8s_objects("Deployment")
     hpas = k8s_objects("HorizontalPodAutoscaler")
